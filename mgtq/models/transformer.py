@@ -1,0 +1,509 @@
+"""Meissonic's masked generative transformer on current diffusers.
+
+The official `Transformer2DModel` of Meissonic (arXiv 2410.08261) only runs on diffusers ≈0.32 because
+current diffusers rewrote `Attention`. This is the same network, with exactly the official state-dict
+keys and forward semantics, written as plain torch blocks that read top to bottom, on top of
+diffusers' `ModelMixin`/`ConfigMixin` for `from_pretrained`/`save_pretrained` (sharded safetensors,
+meta-device loading, dtype) and diffusers' embedding/sampling layers where their keys match.
+
+Data flow (B batch, h×w token grid, L text tokens, D = heads·head_dim):
+    token ids (B,h,w) ─ embed ─ [down 2×] ─ (B,N,D) image tokens          N = h·w (÷4 with down)
+    text (B,L,joint) ─ context_embedder ─ RMSNorm ─ (B,L,D) text tokens
+    pooled (B,D) ⊕ micro-conds (B,5·256) ─ cond_embed ─ (B,D) ┐
+    timestep (B,) · 1000 ───────────────────────────────────── time_text_embed ─ temb (B,D)
+    num_layers   × MMDiT block  (text and image streams, joint attention, RoPE)
+    num_single_layers × single-stream block on [text; image]
+    image tokens ─ project_from_hidden ─ [up 2×] ─ mlm_layer ─ logits (B, codebook, h, w)
+
+Token merging (mgtq.merging) hooks into the image stream of the blocks through `TokenMerge`
+objects passed per call; quantization (mgtq.quantization) swaps the `nn.Linear` layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, TimestepEmbedding, get_timestep_embedding
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+# Fixed by the official architecture (inherited from aMUSEd): five micro-conditions, each embedded
+# sinusoidally to 256 channels; norms use eps 1e-6; the conv/projection layers around the
+# transformer have no bias.
+MICRO_COND_ENCODE_DIM = 256
+NUM_MICRO_CONDS = 5
+NORM_EPS = 1e-6
+DEFAULT_MICRO_CONDS = (1024.0, 1024.0, 0.0, 0.0, 6.0)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin tables of FLUX-style multi-axis RoPE.
+
+    ids (N, n_axes) positions per axis → cos, sin (N, sum(axes_dim)) in float32, each frequency
+    repeated twice (interleaved pairs), computed in float64 like the official code.
+    """
+    if ids.shape[-1] != len(axes_dim):
+        raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dims_rope has {len(axes_dim)}")
+    cos_parts, sin_parts = [], []
+    pos = ids.to(torch.float64)
+    for axis, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles = torch.outer(pos[:, axis], freqs)  # (N, dim/2)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos_parts, dim=-1).float(), torch.cat(sin_parts, dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, H, N, Dh) by cos/sin of shape (N, Dh) or (B, N, Dh).
+
+    Per-sample tables (B, N, Dh) are what token merging produces: a merged token carries the mean
+    of its members' tables. Computed in float32 as the official code does.
+    """
+    if cos.dim() == 3:  # (B, N, Dh) → broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    x_real, x_imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    return (x.float() * cos + x_rot * sin).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ token merging hook
+@dataclass
+class TokenMerge:
+    """Merge/unmerge callables for one block's image tokens (see mgtq.merging.tome).
+
+    merge: (B, N, C) → (B, N - r, C); unmerge: (B, N - r, C) → (B, N, C). The block merges the image
+    stream and its RoPE tables with `merge`, and scatters results back with `unmerge`.
+    """
+
+    merge: callable
+    unmerge: callable
+
+
+# ------------------------------------------------------------------------------------ attention
+class Attention(nn.Module):
+    """Multi-head attention with RMS QK-norm and RoPE; optional second (text) stream.
+
+    Keys follow diffusers' FLUX attention: to_q/k/v, norm_q/k, to_out.0; with `context_dim`,
+    add_q/k/v_proj, norm_added_q/k, to_add_out. `pre_only` drops the output projection (the
+    single-stream block fuses it into its proj_out).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool = False, pre_only: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.norm_q = RMSNorm(head_dim, eps=NORM_EPS)
+        self.norm_k = RMSNorm(head_dim, eps=NORM_EPS)
+        self.to_out = None if pre_only else nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.joint = joint
+        if joint:
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.norm_added_q = RMSNorm(head_dim, eps=NORM_EPS)
+            self.norm_added_k = RMSNorm(head_dim, eps=NORM_EPS)
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H·Dh) → (B, H, N, Dh)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+        """x (B, N, D) image (or joint) tokens; context (B, L, D) text tokens for the joint block.
+
+        rope: cos/sin for the concatenated sequence [context; x]. Returns the attended x, and for
+        the joint block also the attended context.
+        """
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        n_ctx = 0
+        if context is not None:
+            cq, ck, cv = self._qkv(
+                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+            )
+            n_ctx = context.shape[1]
+            q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)
+        if context is None:
+            return out if self.to_out is None else self.to_out[0](out)
+        ctx_out, out = out[:, :n_ctx], out[:, n_ctx:]
+        return self.to_out[0](out), self.to_add_out(ctx_out)
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP with the key layout of diffusers' FeedForward: net.0.proj, net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        proj_in = nn.Module()
+        proj_in.proj = nn.Linear(dim, dim * mult)
+        self.net = nn.ModuleList([proj_in, nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class AdaNormZero(nn.Module):
+    """adaLN-Zero: LayerNorm without affine, modulated by chunks of linear(silu(temb)).
+
+    Keys: `linear` (D → n_chunks·D). Returns the chunks (B, D) each; the caller modulates.
+    """
+
+    def __init__(self, dim: int, n_chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_chunks * dim)
+        self.n_chunks = n_chunks
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.n_chunks, dim=1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    # The official blocks clip fp16 activations so a residual overflow cannot turn into inf.
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+# ---------------------------------------------------------------------------------------- blocks
+class MMDiTBlock(nn.Module):
+    """Multi-modal block: separate weights for text and image streams, joint attention.
+
+    Keys: norm1, norm1_context, attn, norm2 (no params), ff, norm2_context, ff_context.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaNormZero(dim, 6)
+        self.norm1_context = AdaNormZero(dim, 6)
+        self.attn = Attention(dim, heads, head_dim, joint=True)
+        self.ff = FeedForward(dim)
+        self.ff_context = FeedForward(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        merge: TokenMerge | None = None,
+        merge_mlp: TokenMerge | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, D) image, context (B, L, D) text → (context, x).
+
+        With `merge`, attention runs on the merged image tokens (and their merged RoPE tables) and
+        its output is unmerged before the residual add; `merge_mlp` does the same for the MLP.
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+
+        h = _modulate(x, shift_msa, scale_msa)
+        c = _modulate(context, c_shift_msa, c_scale_msa)
+        if merge is not None:
+            h, rope = merge.merge(h), _merge_rope(rope, context.shape[1], merge, x.shape[0])
+        attn_out, ctx_attn_out = self.attn(h, rope, context=c)
+        if merge is not None:
+            attn_out = merge.unmerge(attn_out)
+        x = x + gate_msa[:, None] * attn_out
+
+        h = _modulate(x, shift_mlp, scale_mlp)
+        if merge_mlp is not None:
+            x = x + gate_mlp[:, None] * merge_mlp.unmerge(self.ff(merge_mlp.merge(h)))
+        else:
+            x = x + gate_mlp[:, None] * self.ff(h)
+
+        context = context + c_gate_msa[:, None] * ctx_attn_out
+        c = _modulate(context, c_shift_mlp, c_scale_mlp)
+        context = context + c_gate_mlp[:, None] * self.ff_context(c)
+        return _clip_fp16(context), _clip_fp16(x)
+
+
+class SingleStreamBlock(nn.Module):
+    """Single-stream block on [text; image]: parallel attention and MLP, fused output projection.
+
+    Keys: norm, proj_mlp, proj_out, attn (pre_only). With `merge`, the image part of the sequence
+    is merged before attention/MLP and unmerged after proj_out; text tokens never merge.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = AdaNormZero(dim, 3)
+        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
+        self.attn = Attention(dim, heads, head_dim, pre_only=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        n_text: int,
+        merge: TokenMerge | None = None,
+    ) -> torch.Tensor:
+        """x (B, L + N, D) = [text; image] → same shape."""
+        shift, scale, gate = self.norm(temb)
+        h = _modulate(x, shift, scale)
+        if merge is not None:
+            h = torch.cat([h[:, :n_text], merge.merge(h[:, n_text:])], dim=1)
+            rope = _merge_rope(rope, n_text, merge, x.shape[0])
+        out = self.proj_out(torch.cat([self.attn(h, rope), F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
+        if merge is not None:
+            out = torch.cat([out[:, :n_text], merge.unmerge(out[:, n_text:])], dim=1)
+        return _clip_fp16(x + gate[:, None] * out)
+
+
+def _merge_rope(rope: tuple[torch.Tensor, torch.Tensor], n_text: int, merge: TokenMerge, batch: int):
+    """RoPE of merged tokens = mean of the members' cos/sin (paper App. 9.5); text rows kept.
+
+    (L + N, Dh) tables → per-sample (B, L + N - r, Dh) tables, since each sample merges differently.
+    """
+    merged = []
+    for table in rope:
+        text, image = table[:n_text], table[n_text:]
+        image = merge.merge(image.expand(batch, *image.shape))
+        merged.append(torch.cat([text.expand(batch, *text.shape), image], dim=1))
+    return merged[0], merged[1]
+
+
+# ----------------------------------------------------------------------------------------- model
+class MeissonicTransformer(ModelMixin, ConfigMixin):
+    """Meissonic's MGT transformer: (token ids, text, pooled, timestep, ids, micro-conds) → logits.
+
+    Config keys are the official ones, so a Meissonic `transformer/` folder loads unchanged.
+    """
+
+    _supports_gradient_checkpointing = True
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 1,
+        in_channels: int = 64,
+        num_layers: int = 14,
+        num_single_layers: int = 28,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 8,
+        joint_attention_dim: int = 1024,
+        pooled_projection_dim: int = 1024,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        vocab_size: int = 8256,
+        codebook_size: int = 8192,
+        downsample: bool = True,
+        upsample: bool = True,
+    ):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        _validate_config(dim, attention_head_dim, pooled_projection_dim, axes_dims_rope, vocab_size, codebook_size,
+                         downsample, upsample, guidance_embeds, patch_size)
+        self.gradient_checkpointing = False
+
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=dim)
+        self.context_embedder = nn.Linear(joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [MMDiTBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [SingleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)]
+        )
+        self.embed = UVit2DConvEmbed(dim, dim, vocab_size, True, NORM_EPS, False)
+        self.mlm_layer = ConvMlmLayer(dim, dim, False, True, NORM_EPS, codebook_size)
+        self.cond_embed = TimestepEmbedding(
+            MICRO_COND_ENCODE_DIM * NUM_MICRO_CONDS + pooled_projection_dim, dim, sample_proj_bias=False
+        )
+        self.encoder_proj_layer_norm = RMSNorm(dim, NORM_EPS)
+        self.project_to_hidden_norm = RMSNorm(dim, NORM_EPS)
+        self.project_to_hidden = nn.Linear(dim, dim, bias=False)
+        self.project_from_hidden_norm = RMSNorm(dim, NORM_EPS)
+        self.project_from_hidden = nn.Linear(dim, dim, bias=False)
+        self.down_block = _Resample(dim, down=downsample, up=False)
+        self.up_block = _Resample(dim, down=False, up=upsample)
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def mask_token_id(self) -> int:
+        """Id of the [MASK] token: the last id of the vocabulary, as in Meissonic."""
+        return self.config.vocab_size - 1
+
+    @property
+    def grid_factor(self) -> int:
+        """Token-grid side ÷ transformer-grid side: 2 with feature compression, else 1."""
+        return 2 if self.config.downsample else 1
+
+    def image_ids(self, height: int, width: int, device=None) -> torch.Tensor:
+        """img_ids (h'·w', 3) for a token grid of height×width: channel 1 = row, 2 = col."""
+        f = self.grid_factor
+        if height % f or width % f:
+            raise ValueError(f"token grid {height}×{width} must be divisible by {f} (feature compression)")
+        h, w = height // f, width // f
+        ids = torch.zeros(h, w, 3, device=device)
+        ids[..., 1] = torch.arange(h, device=device)[:, None]
+        ids[..., 2] = torch.arange(w, device=device)[None, :]
+        return ids.reshape(h * w, 3)
+
+    @staticmethod
+    def text_ids(length: int, device=None) -> torch.Tensor:
+        """txt_ids (L, 3): all zeros, as in Meissonic."""
+        return torch.zeros(length, 3, device=device)
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        micro_conds: torch.Tensor | None = None,
+        token_merging=None,
+        return_dict: bool = False,
+        **unused,
+    ) -> torch.Tensor:
+        """Logits (B, codebook_size, H, W) for token ids `hidden_states` (B, H, W).
+
+        encoder_hidden_states (B, L, joint_attention_dim); pooled_projections (B, pooled_dim);
+        timestep (B,) or scalar in [0, 1] (multiplied by 1000 inside, as in the official code);
+        img_ids/txt_ids default to the official layout; micro_conds (B, 5) default to
+        [1024, 1024, 0, 0, 6]. `token_merging`: an object with `plan(block_kind, index, x)` that
+        returns `(merge, merge_mlp)` TokenMerge pairs or None (see mgtq.merging).
+        Extra official keyword arguments (guidance, joint_attention_kwargs, controlnet_*) are
+        accepted and ignored when None, so official call sites work unchanged.
+        """
+        _reject_unsupported(unused)
+        batch, height, width = _check_token_ids(hidden_states, self.config.vocab_size)
+        device = hidden_states.device
+        # The token embedding is never quantized, so it tells the model's compute dtype.
+        dtype = self.embed.embeddings.weight.dtype
+
+        if micro_conds is None:
+            micro_conds = torch.tensor(DEFAULT_MICRO_CONDS, device=device).expand(batch, -1)
+        micro = get_timestep_embedding(
+            micro_conds.flatten(), MICRO_COND_ENCODE_DIM, flip_sin_to_cos=True, downscale_freq_shift=0
+        ).reshape(batch, -1)
+        pooled = torch.cat([pooled_projections, micro.to(pooled_projections.dtype)], dim=1).to(dtype)
+        pooled = self.cond_embed(pooled).to(encoder_hidden_states.dtype)
+
+        x = self.embed(hidden_states)  # (B, D, H, W)
+        context = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states.to(dtype)))
+        x = self.down_block(x)
+        _, channels, h, w = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(batch, h * w, channels)
+        x = self.project_to_hidden(self.project_to_hidden_norm(x))
+
+        timestep = torch.as_tensor(timestep, device=device)
+        timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
+        temb = self.time_text_embed(timestep.to(x.dtype) * 1000, pooled)
+
+        txt_ids = self.text_ids(context.shape[1], device) if txt_ids is None else (txt_ids[0] if txt_ids.dim() == 3 else txt_ids)
+        img_ids = self.image_ids(height, width, device) if img_ids is None else (img_ids[0] if img_ids.dim() == 3 else img_ids)
+        if img_ids.shape[0] != h * w or txt_ids.shape[0] != context.shape[1]:
+            raise ValueError(
+                f"img_ids has {img_ids.shape[0]} rows for {h * w} image tokens and txt_ids {txt_ids.shape[0]} rows for "
+                f"{context.shape[1]} text tokens; build them with image_ids()/text_ids() or omit them"
+            )
+        rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), tuple(self.config.axes_dims_rope))
+
+        for index, block in enumerate(self.transformer_blocks):
+            merge, merge_mlp = token_merging.plan("joint", index, x) if token_merging is not None else (None, None)
+            context, x = self._run(block, x, context, temb, rope, merge, merge_mlp)
+
+        n_text = context.shape[1]
+        x = torch.cat([context, x], dim=1)
+        for index, block in enumerate(self.single_transformer_blocks):
+            merge, _ = token_merging.plan("single", index, x[:, n_text:]) if token_merging is not None else (None, None)
+            x = self._run(block, x, temb, rope, n_text, merge)
+        x = x[:, n_text:]
+
+        x = self.project_from_hidden(self.project_from_hidden_norm(x))
+        x = x.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
+        logits = self.mlm_layer(self.up_block(x))
+        return (logits,) if return_dict else logits
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class _Resample(nn.Module):
+    """Feature compression around the transformer: 2×2 conv down / transposed-conv up with RMSNorm.
+
+    Wraps diffusers' Downsample2D/Upsample2D under the official names (`downsample`, `upsample`).
+    """
+
+    def __init__(self, dim: int, down: bool, up: bool):
+        super().__init__()
+        self.downsample = (
+            Downsample2D(dim, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2, norm_type="rms_norm",
+                         eps=NORM_EPS, elementwise_affine=True, bias=False)
+            if down else None
+        )
+        self.upsample = (
+            Upsample2D(dim, use_conv_transpose=True, kernel_size=2, padding=0, name="conv", norm_type="rms_norm",
+                       eps=NORM_EPS, elementwise_affine=True, bias=False, interpolate=False)
+            if up else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------- validation
+def _validate_config(dim, head_dim, pooled_dim, axes_dims_rope, vocab_size, codebook_size, downsample, upsample,
+                     guidance_embeds, patch_size):
+    if pooled_dim != dim:
+        raise ValueError(
+            f"pooled_projection_dim ({pooled_dim}) must equal num_attention_heads·attention_head_dim ({dim}): "
+            "Meissonic feeds the micro-conditioned pooled embedding (width D) into the text projection"
+        )
+    if sum(axes_dims_rope) != head_dim or any(d % 2 for d in axes_dims_rope):
+        raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must be even and sum to attention_head_dim {head_dim}")
+    if vocab_size <= codebook_size:
+        raise ValueError(f"vocab_size ({vocab_size}) must exceed codebook_size ({codebook_size}): the last id is [MASK]")
+    if downsample != upsample:
+        raise ValueError("downsample and upsample must be equal: the logits grid must match the token grid")
+    if guidance_embeds:
+        raise ValueError("guidance_embeds=True is not part of Meissonic (no distilled guidance); set it to false")
+    if patch_size != 1:
+        raise ValueError(f"patch_size {patch_size} is not supported; Meissonic uses 1")
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> tuple[int, int, int]:
+    if ids.dim() != 3 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"hidden_states must be integer token ids (B, H, W); got {tuple(ids.shape)} {ids.dtype}")
+    if not ids.is_meta and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+    return ids.shape[0], ids.shape[1], ids.shape[2]
+
+
+def _reject_unsupported(unused: dict) -> None:
+    ignorable = {"guidance", "joint_attention_kwargs", "controlnet_block_samples", "controlnet_single_block_samples"}
+    for name, value in unused.items():
+        if name not in ignorable:
+            raise TypeError(f"MeissonicTransformer.forward() got an unexpected keyword argument '{name}'")
+        if value is not None:
+            raise ValueError(f"'{name}' is not supported by mgtq's Meissonic transformer; pass None")
+
