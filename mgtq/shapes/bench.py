@@ -1,0 +1,62 @@
+"""ShapeBench: a fixed, code-generated prompt set for the shapes world (GenEval in spirit).
+
+Every prompt carries the seed of the world scene it was captioned from, so the ground-truth image
+of a prompt is ``render(bench_scene(p))``; the same seed is the one a generator should use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .world import CATEGORIES, Scene, caption, render, sample_scene
+
+DEFAULT_PER_CATEGORY = 64  # 5 categories × 64 = 320 prompts
+# Seeds of category k are SEED_STRIDE·k + i: disjoint across categories and stable when
+# per_category changes (prompt i of a category never depends on how many prompts follow it).
+SEED_STRIDE = 100_000
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One benchmark item: the caption, the seed of its scene (and generation), its category."""
+
+    prompt: str
+    seed: int
+    category: str
+
+    def __post_init__(self) -> None:
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown category {self.category!r}; expected one of {CATEGORIES}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+
+
+def bench_scene(item: BenchPrompt) -> Scene:
+    """The world scene a prompt was captioned from (its ground truth)."""
+    return sample_scene(np.random.default_rng(item.seed), item.category)
+
+
+def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, base_seed: int = 0) -> list[BenchPrompt]:
+    """The ShapeBench prompt list, ``per_category`` prompts per category in :data:`CATEGORIES` order.
+
+    Deterministic: the same arguments always give the same list. Captions can repeat across seeds
+    (e.g. 'single' has only 18 distinct captions); each item is still a distinct scene and seed.
+    """
+    if per_category <= 0 or per_category > SEED_STRIDE:
+        raise ValueError(f"per_category must be in [1, {SEED_STRIDE}], got {per_category}")
+    if base_seed < 0:
+        raise ValueError(f"base_seed must be non-negative, got {base_seed}")
+    items = []
+    for k, category in enumerate(CATEGORIES):
+        for i in range(per_category):
+            seed = base_seed + SEED_STRIDE * k + i
+            scene = sample_scene(np.random.default_rng(seed), category)
+            items.append(BenchPrompt(caption(scene), seed, category))
+    return items
+
+
+def render_ground_truth(items: list[BenchPrompt]) -> np.ndarray:
+    """Ground-truth images of ``items``: uint8 (N, 64, 64, 3)."""
+    return np.stack([render(bench_scene(item)) for item in items])
