@@ -1,0 +1,90 @@
+"""`mgtq` command line: a thin layer, each command is one call into the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-shapes"
+
+
+def default_model() -> Path:
+    """The embedded default model (checkpoints/tiny-shapes of the repository)."""
+    if not DEFAULT_MODEL.is_dir():
+        raise SystemExit(
+            f"the embedded default model is not at {DEFAULT_MODEL}; install mgtq from its repository with "
+            "`pip install -e .` or pass --model DIR"
+        )
+    return DEFAULT_MODEL
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the embedded tiny-shapes model)")
+    p.add_argument("--text-encoder", type=Path, default=None,
+                   help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="transformer/text encoder dtype (default: as saved)")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+
+
+def _load_pipe(args):
+    import torch
+
+    from mgtq.pipeline import load
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(args.model or default_model(), text_encoder=args.text_encoder, torch_dtype=dtype, device=device)
+
+
+def cmd_generate(args) -> int:
+    from mgtq.generate import generate_to_files
+
+    pipe = _load_pipe(args)
+    paths = generate_to_files(
+        pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
+        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
+        progress=not args.no_progress,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgtq", description="Compress and run masked generative transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    _add_model_args(g)
+    _add_sampler_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
+                   help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mgtq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

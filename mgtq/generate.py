@@ -1,0 +1,37 @@
+"""Generate images to PNG files (what `mgtq generate` calls)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mgtq.pipeline import MGTPipeline
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    """PNG paths for `count` images: out itself for one image, NAME-i.png for several; a folder gets i.png."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":  # a folder
+        return [out / f"{i}.png" for i in range(count)]
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}.png") for i in range(count)]
+
+
+def generate_to_files(
+    pipe: MGTPipeline, prompt: str, out: Path, negative_prompt: str | None = None, steps: int | None = None,
+    cfg: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+    num_images: int = 1, progress: bool = True, **call_kwargs,
+) -> list[Path]:
+    """Generate `num_images` images of `prompt` (seeds seed, seed+1, …) and write them as PNG."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
+                  height=height, width=width, num_images_per_prompt=num_images, seed=seed, progress=progress,
+                  **call_kwargs)
+    paths = output_paths(out, num_images)
+    for image, path in zip(result.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)  # never leave a half-written PNG behind
+    return paths

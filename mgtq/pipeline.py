@@ -1,0 +1,345 @@
+"""MGTPipeline: text → tokens (MaskGIT sampler over MeissonicTransformer) → image (VQ decoder).
+
+Thin orchestration over real components: a diffusers `VQModel`, a transformers
+`CLIPTextModelWithProjection` + `CLIPTokenizer`, and mgtq's `MeissonicTransformer` (float or
+quantized). Reads the official Meissonic folder layout and mgtq's own checkpoints, offline only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import VQModel
+from PIL import Image
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from mgtq.models.transformer import MeissonicTransformer
+from mgtq.sampling import SamplerConfig, SamplerHooks, sample
+from mgtq.utils import atomic_directory, per_sample_generators, read_json, write_json
+
+COMPONENTS = ("transformer", "vqvae", "text_encoder", "tokenizer")
+
+
+@dataclass
+class PipelineSettings:
+    """What a checkpoint says about how to run it (stored under "mgtq" in model_index.json).
+
+    sampler: default SamplerConfig; resolution: default image side in pixels; image_range: value
+    range of the VQ decoder's output ("0,1" as Meissonic's VQ, or "-1,1"); aesthetic_score: the
+    fifth micro-condition.
+    """
+
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    resolution: int = 1024
+    image_range: str = "0,1"
+    aesthetic_score: float = 6.0
+
+    def __post_init__(self):
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig.from_dict(self.sampler)
+        if self.image_range not in ("0,1", "-1,1"):
+            raise ValueError(f"image_range must be '0,1' or '-1,1', got {self.image_range!r}")
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {self.resolution}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sampler"] = self.sampler.to_dict()
+        return d
+
+
+@dataclass
+class MGTPipelineOutput:
+    images: list[Image.Image]
+    tokens: torch.Tensor  # (B, h, w) VQ token ids
+
+
+class MGTPipeline:
+    """Text-to-image pipeline of a masked generative transformer (Meissonic family)."""
+
+    def __init__(
+        self,
+        transformer: MeissonicTransformer,
+        vqvae: VQModel,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        settings: PipelineSettings | None = None,
+    ):
+        self.transformer, self.vqvae, self.text_encoder, self.tokenizer = transformer, vqvae, text_encoder, tokenizer
+        self.settings = settings or PipelineSettings()
+        _check_compatible(self)
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embed.embeddings.weight.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per VQ token side: 2^(number of VQ encoder blocks − 1) (16 for Meissonic)."""
+        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype=None) -> "MGTPipeline":
+        """Move components; `dtype` applies to the transformer and text encoder (the VQ stays fp32)."""
+        self.transformer.to(device=device, dtype=dtype) if dtype else self.transformer.to(device)
+        self.text_encoder.to(device=device, dtype=dtype) if dtype else self.text_encoder.to(device)
+        self.vqvae.to(device)
+        return self
+
+    # ---------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        text_encoder: str | os.PathLike | CLIPTextModelWithProjection | None = None,
+        tokenizer: str | os.PathLike | CLIPTokenizer | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "MGTPipeline":
+        """Load a pipeline folder: official Meissonic layout or an mgtq checkpoint (float or quantized).
+
+        The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
+        tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
+        folder). Local folders only: nothing is downloaded.
+        """
+        root = _existing_dir(path, "pipeline")
+        index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+        settings = _settings_from(root, index)
+        transformer = load_transformer(root / "transformer", torch_dtype=torch_dtype)
+        vqvae = VQModel.from_pretrained(_existing_dir(root / "vqvae", "vqvae"), local_files_only=True)
+        text_encoder = _load_text_encoder(root, text_encoder, torch_dtype)
+        tokenizer = _load_tokenizer(root, tokenizer)
+        pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
+        for module in (transformer, vqvae, text_encoder):
+            module.eval()
+        return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, path: str | os.PathLike, transformer_saver=None) -> None:
+        """Write the pipeline in diffusers layout (safetensors only), atomically."""
+        with atomic_directory(path) as tmp:
+            if transformer_saver is not None:
+                transformer_saver(self.transformer, tmp / "transformer")
+            else:
+                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)
+            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            write_json(tmp / "scheduler" / "scheduler_config.json", {
+                "_class_name": "Scheduler",
+                "mask_token_id": self.transformer.mask_token_id,
+                "masking_schedule": self.settings.sampler.schedule,
+            })
+            write_json(tmp / "model_index.json", {
+                "_class_name": "MGTPipeline",
+                "transformer": ["mgtq", "MeissonicTransformer"],
+                "vqvae": ["diffusers", "VQModel"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["mgtq", "Scheduler"],
+                "mgtq": self.settings.to_dict(),
+            })
+
+    # ---------------------------------------------------------------------------------- prompts
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text features: (encoder_hidden_states (B, L, C) = hidden_states[-2], pooled (B, P))."""
+        max_len = self.tokenizer.model_max_length
+        for prompt in prompts:
+            n = len(self.tokenizer(prompt, truncation=False)["input_ids"])
+            if n > max_len:
+                warnings.warn(
+                    f"prompt has {n} tokens; CLIP reads at most {max_len}, the rest is cut off: {prompt[:60]!r}…",
+                    stacklevel=3,
+                )
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                             return_tensors="pt").input_ids.to(self.text_encoder.device)
+        out = self.text_encoder(ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    # ------------------------------------------------------------------------------------- call
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | list[int] | None = None,
+        micro_conds: torch.Tensor | None = None,
+        sampler: SamplerConfig | None = None,
+        hooks: SamplerHooks | None = None,
+        token_merging=None,
+        progress: bool = True,
+        output_type: str = "pil",
+    ) -> MGTPipelineOutput:
+        """Generate images. Steps/CFG default to the checkpoint's sampler settings.
+
+        Each image gets its own generator (seed, seed+1, … or the given list), so an image is
+        the same whatever else is in the batch. `output_type="tokens"` skips VQ decoding.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt must be a non-empty string or list of strings")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        batch = len(prompts)
+        config = sampler or self.settings.sampler
+        overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale)) if v is not None}
+        config = config.replace(**overrides) if overrides else config
+        height = height or self.settings.resolution
+        width = width or self.settings.resolution
+        grid = self.token_grid(height, width)
+        generators = per_sample_generators(batch, seed=seed, generator=generator, device=self.device)
+
+        text, pooled = self.encode_prompt(prompts)
+        if config.use_cfg:
+            negatives = _broadcast_negative(negative_prompt, prompts, num_images_per_prompt)
+            neg_text, neg_pooled = self.encode_prompt(negatives)
+            text, pooled = torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled])
+        if micro_conds is None:
+            micro_conds = torch.tensor([width, height, 0, 0, self.settings.aesthetic_score], dtype=torch.float32)
+        micro_conds = micro_conds.to(self.device).reshape(-1, 5).expand(text.shape[0], 5)
+        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging)
+
+        tokens = sample(model_fn, batch, grid, self.transformer.mask_token_id, config, generators,
+                        device=self.device, hooks=hooks, progress=progress)
+        images = self.decode_tokens(tokens) if output_type == "pil" else []
+        return MGTPipelineOutput(images=images, tokens=tokens)
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) for an image of height×width pixels; errors name valid sizes."""
+        f = self.vae_scale_factor * self.transformer.grid_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height and width must be positive multiples of {f} (VQ factor {self.vae_scale_factor} × "
+                f"feature compression {self.transformer.grid_factor}); got {height}×{width}, "
+                f"try {max(f, round(height / f) * f)}×{max(f, round(width / f) * f)}"
+            )
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_merging=None):
+        """model_fn(tokens (B,h,w), timestep (B,)) → CFG-guided logits (B, V, h, w) (batch [uncond, cond])."""
+        transformer = self.transformer
+        dtype = transformer.embed.embeddings.weight.dtype
+        text, pooled = text.to(dtype), pooled.to(dtype)
+
+        def model_fn(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            if config.use_cfg:
+                tokens, timestep = torch.cat([tokens, tokens]), torch.cat([timestep, timestep])
+            logits = transformer(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled,
+                                 timestep=timestep, micro_conds=micro_conds, token_merging=token_merging).float()
+            if not config.use_cfg:
+                return logits
+            uncond, cond = logits.chunk(2)
+            return uncond + config.guidance_scale * (cond - uncond)
+
+        return model_fn
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """VQ-decode token ids (B, h, w) by codebook lookup into PIL images."""
+        b, h, w = tokens.shape
+        shape = (b, h, w, self.vqvae.config.latent_channels)
+        images = self.vqvae.decode(tokens.to(self.vqvae.device), force_not_quantize=True, shape=shape).sample.float()
+        if self.settings.image_range == "-1,1":
+            images = (images + 1) / 2
+        arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arrays]
+
+
+# -------------------------------------------------------------------------------------- loading
+def load_transformer(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> MeissonicTransformer:
+    """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized export."""
+    folder = _existing_dir(folder, "transformer")
+    if (folder / "manifest.json").exists():
+        from mgtq.export import load_quantized_transformer  # quantized checkpoints (SCQ export)
+
+        return load_quantized_transformer(folder, torch_dtype=torch_dtype)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a diffusers-layout transformer folder?")
+    try:
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return MeissonicTransformer.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ValueError(
+            f"could not load the transformer in {folder}: its config.json does not match its weights or the "
+            f"weights are damaged ({str(err).splitlines()[0][:300]}). Re-export the folder or fix config.json."
+        ) from err
+
+
+def _existing_dir(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{what} folder {str(p)!r} does not exist. mgtq loads local folders only (no hub downloads): "
+            "download the model yourself and pass its local path."
+        )
+    return p
+
+
+def _settings_from(root: Path, index: dict) -> PipelineSettings:
+    if "mgtq" in index:
+        return PipelineSettings(**index["mgtq"])
+    # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.
+    sched = root / "scheduler" / "scheduler_config.json"
+    schedule = read_json(sched).get("masking_schedule", "cosine") if sched.exists() else "cosine"
+    return PipelineSettings(sampler=SamplerConfig(schedule=schedule, timestep_convention="step_index"))
+
+
+def _load_text_encoder(root: Path, text_encoder, torch_dtype):
+    if isinstance(text_encoder, torch.nn.Module):
+        return text_encoder
+    folder = Path(text_encoder) if text_encoder is not None else root / "text_encoder"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
+            "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
+        )
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    return CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def _load_tokenizer(root: Path, tokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    folder = Path(tokenizer) if tokenizer is not None else root / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no tokenizer at {folder}; pass tokenizer=PATH to a local CLIPTokenizer folder")
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _broadcast_negative(negative_prompt, prompts: list[str], per_prompt: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * len(prompts)
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * len(prompts)
+    negs = [n for n in negative_prompt for _ in range(per_prompt)]
+    if len(negs) != len(prompts):
+        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts) // per_prompt} prompts")
+    return negs
+
+
+def _check_compatible(pipe: MGTPipeline) -> None:
+    t, te, vq = pipe.transformer.config, pipe.text_encoder.config, pipe.vqvae.config
+    if te.hidden_size != t.joint_attention_dim:
+        raise ValueError(f"text encoder width {te.hidden_size} ≠ transformer joint_attention_dim {t.joint_attention_dim}")
+    if te.projection_dim != t.pooled_projection_dim:
+        raise ValueError(f"text projection {te.projection_dim} ≠ transformer pooled_projection_dim {t.pooled_projection_dim}")
+    if vq.num_vq_embeddings != t.codebook_size:
+        raise ValueError(f"VQ codebook {vq.num_vq_embeddings} ≠ transformer codebook_size {t.codebook_size}")
+    if not vq.lookup_from_codebook:
+        raise ValueError("the VQModel must have lookup_from_codebook=True to decode token ids")
+
+
+def load(path: str | os.PathLike, **kwargs) -> MGTPipeline:
+    """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate."""
+    return MGTPipeline.from_pretrained(path, **kwargs)
+

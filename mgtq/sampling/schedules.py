@@ -1,0 +1,52 @@
+"""Mask schedules and the timestep convention — the one place the sampler, training and QAT agree.
+
+A mask schedule σ(t), t ∈ [0, 1], is the fraction of tokens still masked after a fraction t of the
+steps: σ(0) = 1 (all masked), σ(1) = 0, monotone non-increasing. Paper (arXiv 2411.10781 §3.1,
+Table 2) compares cos(πt/2) (MaskGIT/Meissonic), 1 − t, (1 − t)^ρ and 1 − t^ρ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("cosine", "linear", "pow", "root")
+TIMESTEP_CONVENTIONS = ("mask_ratio", "step_index")
+
+
+def mask_ratio(schedule: str, t: float | torch.Tensor, rho: float = 1.0):
+    """σ(t) for t in [0, 1]: cosine = cos(πt/2); linear = 1 − t; pow = (1 − t)^ρ; root = 1 − t^ρ."""
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    if schedule == "cosine":
+        out = torch.cos(tt * math.pi / 2)
+    elif schedule == "linear":
+        out = 1 - tt
+    elif schedule == "pow":
+        out = (1 - tt).clamp(min=0) ** rho
+    elif schedule == "root":
+        out = 1 - tt.clamp(min=0) ** rho
+    else:
+        raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {SCHEDULES}")
+    out = out.clamp(0.0, 1.0)
+    return float(out) if not isinstance(t, torch.Tensor) else out
+
+
+def num_masked_after_step(schedule: str, step: int, num_steps: int, num_tokens: int, rho: float = 1.0) -> int:
+    """Tokens the schedule leaves masked after step `step` (0-based) of `num_steps`: ⌊N·σ((i+1)/T)⌋."""
+    return math.floor(num_tokens * mask_ratio(schedule, (step + 1) / num_steps, rho))
+
+
+def timestep_value(convention: str, step: int, num_steps: int, current_mask_ratio: float | torch.Tensor):
+    """The `timestep` fed to the transformer at step `step` (the model multiplies it by 1000).
+
+    - "mask_ratio": the fraction of input tokens that are masked (what Meissonic's training used,
+      and what mgtq trains and calibrates with);
+    - "step_index": the official Meissonic pipeline's value, the reversed step index T−1−i.
+    Calibration and QAT must use the same convention as the sampler of the model they serve.
+    """
+    if convention == "mask_ratio":
+        return current_mask_ratio
+    if convention == "step_index":
+        return float(num_steps - 1 - step)
+    raise ValueError(f"unknown timestep convention {convention!r}; choose one of {TIMESTEP_CONVENTIONS}")

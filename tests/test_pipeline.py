@@ -1,0 +1,79 @@
+"""MGTPipeline and `mgtq generate` on a small random pipeline (real VQModel, CLIP, tokenizer classes)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from mgtq.cli import main
+from mgtq.pipeline import MGTPipeline
+
+
+def test_generates_images_and_tokens(random_pipeline):
+    out = random_pipeline(["a red circle", "two blue squares"], seed=0, progress=False)
+    assert out.tokens.shape == (2, 16, 16) and out.tokens.max() < random_pipeline.transformer.config.codebook_size
+    assert len(out.images) == 2 and out.images[0].size == (64, 64)
+
+
+def test_seed_determinism_and_batch_independence(random_pipeline):
+    a = random_pipeline(["a red circle", "a green square"], seed=5, progress=False).tokens
+    b = random_pipeline(["a red circle"], seed=5, progress=False).tokens
+    c = random_pipeline(["a green square"], seed=6, progress=False).tokens
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], c[0])
+
+
+def test_save_load_round_trip_same_images(random_pipeline, random_pipeline_dir):
+    loaded = MGTPipeline.from_pretrained(random_pipeline_dir)
+    kwargs = dict(prompt="a blue triangle", seed=1, progress=False)
+    assert torch.equal(random_pipeline(**kwargs).tokens, loaded(**kwargs).tokens)
+
+
+def test_resolution_not_divisible_is_clear_error(random_pipeline):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        random_pipeline("a red circle", height=60, width=64, progress=False)
+
+
+def test_overlong_prompt_is_truncated_with_warning(random_pipeline):
+    long = " ".join(["red circle"] * 40)
+    with pytest.warns(UserWarning, match="cut off"):
+        text, pooled = random_pipeline.encode_prompt([long])
+    assert text.shape[1] == random_pipeline.tokenizer.model_max_length
+
+
+def test_missing_text_encoder_is_clear_error(tmp_path, random_pipeline_dir):
+    folder = tmp_path / "no-te"
+    shutil.copytree(random_pipeline_dir, folder)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="text_encoder=PATH"):
+        MGTPipeline.from_pretrained(folder)
+
+
+def test_official_layout_without_mgtq_settings_uses_official_sampler(tmp_path, random_pipeline_dir):
+    folder = tmp_path / "official"
+    shutil.copytree(random_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("mgtq")
+    index["transformer"] = ["meissonic.transformer", "Transformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = MGTPipeline.from_pretrained(folder)
+    assert pipe.settings.sampler.timestep_convention == "step_index"
+    assert pipe.settings.sampler.num_steps == 48 and pipe.settings.sampler.guidance_scale == 9.0
+
+
+def test_cli_generate_writes_pngs(tmp_path, random_pipeline_dir):
+    out = tmp_path / "img.png"
+    code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
+                 "--num-images", "2", "--seed", "3", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    files = sorted(tmp_path.glob("img-*.png"))
+    assert [f.name for f in files] == ["img-0.png", "img-1.png"]
+    assert Image.open(files[0]).size == (64, 64)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_cli_missing_model_exits_with_message(tmp_path, capsys):
+    code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--device", "cpu"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""MeissonicTransformer: exact against the official-code fixtures, key manifest, round trips, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES
+from mgtq.models import MeissonicTransformer, build_transformer, preset_config
+from mgtq.models.transformer import apply_rope, rope_tables
+
+FIXTURE_NAMES = ["meissonic-tiny-a", "meissonic-tiny-nodown"]
+
+
+def _load_fixture(name):
+    folder = FIXTURES / name
+    model = MeissonicTransformer.from_pretrained(folder).eval()
+    return model, load_file(folder / "inputs.safetensors"), load_file(folder / "outputs.safetensors")["logits"]
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_reproduces_official_logits(name):
+    model, inputs, expected = _load_fixture(name)
+    with torch.no_grad():
+        logits = model(**inputs)
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_batch_rows_are_independent(name):
+    model, inputs, expected = _load_fixture(name)
+    single = {k: (v[1:2] if k not in ("img_ids", "txt_ids") else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        logits = model(**single)
+    assert (logits - expected[1:2]).abs().max().item() < 1e-4
+
+
+def test_default_ids_and_micro_conds_match_official_layout():
+    model, inputs, expected = _load_fixture("meissonic-tiny-a")
+    inputs = {k: v for k, v in inputs.items() if k not in ("img_ids", "txt_ids")}
+    with torch.no_grad():
+        assert (model(**inputs) - expected).abs().max().item() < 1e-4
+
+
+def test_bf16_close_to_fp32():
+    model, inputs, expected = _load_fixture("meissonic-tiny-a")
+    model = model.to(torch.bfloat16)
+    cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        logits = model(**cast).float()
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    rel = (logits - expected).norm() / expected.norm()
+    assert rel < 0.05
+
+
+def test_full_key_manifest_on_meta_device():
+    model = build_transformer("meissonic-1024", empty=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ref = {}
+    for line in (FIXTURES / "meissonic-1024-keys.tsv").read_text().splitlines():
+        key, shape = line.split("\t")
+        ref[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    assert set(ours) == set(ref), (sorted(set(ours) - set(ref))[:5], sorted(set(ref) - set(ours))[:5])
+    assert ours == ref
+    assert sum(p.numel() for p in model.parameters()) == 1_006_946_304
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 373
+
+
+def test_released_config_matches_preset():
+    official = json.loads((FIXTURES / "meissonic-1024-transformer-config.json").read_text())
+    preset = preset_config("meissonic-1024")
+    for key, value in preset.items():
+        assert official[key] == (list(value) if isinstance(value, tuple) else value), key
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    model, inputs, _ = _load_fixture("meissonic-tiny-a")
+    model.save_pretrained(tmp_path / "t", safe_serialization=True)
+    again = MeissonicTransformer.from_pretrained(tmp_path / "t").eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), again(**inputs))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    model, inputs, expected = _load_fixture("meissonic-tiny-a")
+    model.save_pretrained(tmp_path / "s", safe_serialization=True, max_shard_size="500KB")
+    assert len(list((tmp_path / "s").glob("*.safetensors"))) > 1
+    again = MeissonicTransformer.from_pretrained(tmp_path / "s").eval()
+    with torch.no_grad():
+        assert (again(**inputs) - expected).abs().max().item() < 1e-4
+
+
+def test_config_that_does_not_match_weights_is_a_clear_error(tmp_path):
+    from mgtq.pipeline import load_transformer
+
+    folder = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "meissonic-tiny-a", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["codebook_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match its weights"):
+        load_transformer(folder)
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path):
+    from mgtq.pipeline import load_transformer
+
+    folder = tmp_path / "trunc"
+    shutil.copytree(FIXTURES / "meissonic-tiny-nodown", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not load the transformer"):
+        load_transformer(folder)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    from mgtq.pipeline import load_transformer
+
+    with pytest.raises(FileNotFoundError, match="no hub downloads"):
+        load_transformer(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize("bad", [dict(pooled_projection_dim=48), dict(axes_dims_rope=(4, 6, 8)), dict(vocab_size=32),
+                                 dict(downsample=True, upsample=False)])
+def test_invalid_configs_are_rejected(bad):
+    with pytest.raises(ValueError):
+        build_transformer("test-micro", **bad)
+
+
+def test_out_of_range_token_ids_are_rejected():
+    model = build_transformer("test-micro")
+    ids = torch.full((1, 4, 4), 40)
+    with pytest.raises(ValueError, match="token ids"):
+        model(ids, torch.zeros(1, 3, 32), torch.zeros(1, 32), torch.zeros(1))
+
+
+def test_rope_tables_rotate_pairs():
+    cos, sin = rope_tables(torch.tensor([[0.0, 1.0, 2.0]]), (2, 2, 2))
+    assert cos.shape == (1, 6)
+    x = torch.randn(1, 1, 1, 6)
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y.norm(), x.norm(), atol=1e-6)  # rotations keep the norm
+    assert torch.allclose(y[..., :2], x[..., :2])  # axis 0 has position 0: identity
