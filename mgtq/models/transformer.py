@@ -315,6 +315,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         _validate_config(dim, attention_head_dim, pooled_projection_dim, axes_dims_rope, vocab_size, codebook_size,
                          downsample, upsample, guidance_embeds, patch_size)
         self.gradient_checkpointing = False
+        # Installed by mgtq.merging.apply_tomemgt (tomesd-style patch); None = no token merging.
+        self.token_merging = None
 
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=dim)
         self.context_embedder = nn.Linear(joint_attention_dim, dim)
@@ -384,11 +386,13 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         timestep (B,) or scalar in [0, 1] (multiplied by 1000 inside, as in the official code);
         img_ids/txt_ids default to the official layout; micro_conds (B, 5) default to
         [1024, 1024, 0, 0, 6]. `token_merging`: an object with `plan(block_kind, index, x)` that
-        returns `(merge, merge_mlp)` TokenMerge pairs or None (see mgtq.merging).
+        returns a `(merge, merge_mlp)` pair of TokenMerge or None, called per block with that
+        block's image-token input x (B, N, D); defaults to the one `apply_tomemgt` installed.
         Extra official keyword arguments (guidance, joint_attention_kwargs, controlnet_*) are
         accepted and ignored when None, so official call sites work unchanged.
         """
         _reject_unsupported(unused)
+        token_merging = token_merging if token_merging is not None else self.token_merging
         batch, height, width = _check_token_ids(hidden_states, self.config.vocab_size)
         device = hidden_states.device
         # The token embedding is never quantized, so it tells the model's compute dtype.
