@@ -215,10 +215,10 @@ def check_spec(spec: Spec, detections: Sequence[Detection], config: ScorerConfig
     wanted = Counter((o.colour, o.shape) for o in spec.objects)
     have = Counter((d.colour, d.shape) for d in detections)
     for (colour, shape), n in wanted.items():
-        if have[(colour, shape)] < n:
-            return f"missing: found {have[(colour, shape)]} {colour} {shape}(s), need {n}"
         if spec.category == "counting" and have[(colour, shape)] != n:
             return f"wrong count: found {have[(colour, shape)]} {colour} {shape}s, need {n}"
+        if have[(colour, shape)] < n:
+            return f"missing: found {have[(colour, shape)]} {colour} {shape}(s), need {n}"
     if not config.allow_extra_objects and len(detections) != len(spec.objects):
         return f"extra objects: found {len(detections)}, caption describes {len(spec.objects)}"
 
