@@ -1,0 +1,252 @@
+"""Train mgtq's embedded default: a tiny Meissonic-architecture MGT and its CLIP text encoder.
+
+The shapes world (mgtq.shapes) renders captioned scenes; the trained VQ tokenizer turns them into
+16×16 token grids once (a `datasets` Dataset cached in the run folder); then the text encoder
+(`CLIPTextModelWithProjection`, trained from scratch jointly, with a tokenizer spelling the grammar's
+words) and the `MeissonicTransformer` learn the masked-token objective of mgtq.training.objective
+with the "mask_ratio" timestep convention that the sampler uses. Runs on accelerate; resumable from
+the run folder; the final pipeline is written in diffusers layout.
+
+    python -m mgtq.training.mgt --vq checkpoints/tiny-shapes/vqvae --run runs/mgt --out checkpoints/tiny-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import VQModel
+from tqdm.auto import tqdm
+
+from mgtq.factory import tiny_text_encoder
+from mgtq.models.presets import preset_config
+from mgtq.models.transformer import MeissonicTransformer
+from mgtq.pipeline import MGTPipeline, PipelineSettings
+from mgtq.sampling import SamplerConfig
+from mgtq.text import build_word_tokenizer
+from mgtq.training.objective import mask_tokens, masked_token_loss
+from mgtq.utils import atomic_directory, read_json, write_json
+
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class MGTTrainConfig:
+    """Training settings of the default model. Transformer overrides go on top of the preset."""
+
+    transformer_preset: str = "tiny-shapes"
+    transformer_overrides: dict = field(default_factory=dict)
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_length: int = 32
+    dataset_size: int = 60_000
+    steps: int = 12_000
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup: int = 300
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    cond_drop: float = 0.1  # empty caption this often, so CFG has an unconditional model
+    grad_clip: float = 1.0
+    save_every: int = 500
+    seed: int = 0
+    sampler_steps: int = 16
+    guidance_scale: float = 3.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "dataset_size", "save_every", "text_layers", "text_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 <= self.cond_drop < 1:
+            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+# -------------------------------------------------------------------------------------------- data
+def build_token_dataset(vq: VQModel, size: int, seed: int, batch_size: int = 256):
+    """Render `size` world scenes (scene i from seed·10⁹ + i) and VQ-encode them.
+
+    Returns a `datasets.Dataset` with columns caption (str) and tokens (list of h·w ints).
+    """
+    from datasets import Dataset
+
+    from mgtq.shapes.world import caption, render, sample_scene
+    from mgtq.vq import encode_to_tokens
+
+    captions, token_rows = [], []
+    for start in tqdm(range(0, size, batch_size), desc="encoding scenes"):
+        scenes = [sample_scene(seed * 1_000_000_000 + i) for i in range(start, min(size, start + batch_size))]
+        images = np.stack([render(s) for s in scenes])  # (B, 64, 64, 3) uint8
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            tokens = encode_to_tokens(vq, x)
+        captions += [caption(s) for s in scenes]
+        token_rows += tokens.flatten(1).tolist()
+    return Dataset.from_dict({"caption": captions, "tokens": token_rows})
+
+
+def load_or_build_dataset(run: Path, vq: VQModel, config: MGTTrainConfig):
+    from datasets import load_from_disk
+
+    data_dir = run / "data"
+    meta = {"size": config.dataset_size, "seed": config.seed}
+    if data_dir.exists() and (run / "data.json").exists() and read_json(run / "data.json") == meta:
+        return load_from_disk(str(data_dir))
+    ds = build_token_dataset(vq, config.dataset_size, config.seed)
+    with atomic_directory(data_dir) as tmp:
+        ds.save_to_disk(str(tmp))
+    write_json(run / "data.json", meta)
+    return load_from_disk(str(data_dir))
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_models(config: MGTTrainConfig, tokenizer, codebook_size: int):
+    tconf = preset_config(config.transformer_preset, **config.transformer_overrides)
+    tconf["codebook_size"] = codebook_size
+    tconf["vocab_size"] = codebook_size + 8  # ids ≥ codebook are special; the last is [MASK]
+    transformer = MeissonicTransformer(**tconf)
+    text_encoder = tiny_text_encoder(tokenizer, tconf["joint_attention_dim"], tconf["pooled_projection_dim"],
+                                     layers=config.text_layers, heads=config.text_heads)
+    return transformer, text_encoder
+
+
+def lr_at(step: int, config: MGTTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio·lr."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Joint(torch.nn.Module):
+    """Text encoder + transformer as one module, so accelerate prepares and saves them together."""
+
+    def __init__(self, transformer, text_encoder):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    def forward(self, ids, tokens, generator, micro_conds):
+        out = self.text_encoder(ids, output_hidden_states=True, return_dict=True)
+        masked, mask, timestep = mask_tokens(tokens, self.transformer.mask_token_id, generator)
+        logits = self.transformer(hidden_states=masked, encoder_hidden_states=out.hidden_states[-2],
+                                  pooled_projections=out.text_embeds, timestep=timestep, micro_conds=micro_conds)
+        return masked_token_loss(logits, tokens, mask)
+
+
+# ---------------------------------------------------------------------------------------- training
+def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, config: MGTTrainConfig,
+              progress: bool = True) -> dict:
+    """Train (or resume) in `run`; write the pipeline to `out` when done. Returns a summary."""
+    from mgtq.shapes.world import vocabulary
+
+    run, vq_path = Path(run), Path(vq_path)
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "config.json"
+    if saved.exists() and read_json(saved) != _jsonable(config):
+        raise ValueError(f"{run} was started with a different config ({saved}); use a new --run folder")
+    write_json(saved, _jsonable(config))
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    vq = VQModel.from_pretrained(vq_path, local_files_only=True).eval()
+    data = load_or_build_dataset(run, vq, config)
+    all_tokens = torch.tensor(data["tokens"], dtype=torch.long)
+    side = int(math.isqrt(all_tokens.shape[1]))
+    all_tokens = all_tokens.view(-1, side, side)
+    captions = list(data["caption"])
+
+    tokenizer = build_word_tokenizer(vocabulary(), max_length=config.text_max_length)
+    torch.manual_seed(config.seed)  # module init uses the global generator; make it repeatable
+    transformer, text_encoder = build_models(config, tokenizer, vq.config.num_vq_embeddings)
+    joint = _Joint(transformer, text_encoder)
+    optimizer = torch.optim.AdamW(joint.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
+    joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
+
+    state_dir, start = run / "state", 0
+    if (state_dir / "trainer.json").exists():
+        accelerator.load_state(str(state_dir))
+        start = read_json(state_dir / "trainer.json")["step"]
+    micro = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, 6.0]], device=accelerator.device)
+    log_path = run / "log.jsonl"
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training MGT",
+               disable=not progress)
+    t0, losses = time.time(), []
+    for step in bar:
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # same batches after a resume
+        idx = torch.randint(0, all_tokens.shape[0], (config.batch_size,), generator=gen)
+        drop = torch.rand(config.batch_size, generator=gen) < config.cond_drop
+        texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        ids = tokenizer(texts, padding="max_length", max_length=config.text_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(accelerator.device)
+        tokens = all_tokens[idx].to(accelerator.device)
+        with accelerator.accumulate(joint):
+            loss = joint(ids, tokens, gen, micro.expand(config.batch_size, 5))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good state is in {state_dir}")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(joint.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            _save_state(accelerator, state_dir, step + 1)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-config.save_every:])),
+                                    "elapsed_s": time.time() - t0}) + "\n")
+    summary = {"steps": config.steps, "final_loss": float(np.mean(losses[-200:])) if losses else None}
+    if out is not None:
+        unwrapped = accelerator.unwrap_model(joint)
+        export_pipeline(unwrapped.transformer, vq, unwrapped.text_encoder, tokenizer, config, out)
+        summary["out"] = str(out)
+    return summary
+
+
+def export_pipeline(transformer, vq, text_encoder, tokenizer, config: MGTTrainConfig, out) -> None:
+    settings = PipelineSettings(
+        sampler=SamplerConfig(num_steps=config.sampler_steps, guidance_scale=config.guidance_scale,
+                              timestep_convention="mask_ratio"),
+        resolution=IMAGE_SIZE, image_range="-1,1",
+    )
+    pipe = MGTPipeline(transformer.eval().float(), vq.eval(), text_encoder.eval().float(), tokenizer, settings)
+    pipe.save_pretrained(out)
+
+
+def _save_state(accelerator, state_dir: Path, step: int) -> None:
+    with atomic_directory(state_dir) as tmp:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        write_json(tmp / "trainer.json", {"step": step})
+
+
+def _jsonable(config: MGTTrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vq", required=True, type=Path, help="trained VQModel folder")
+    p.add_argument("--run", required=True, type=Path, help="run folder (state, data cache, log); resumed if present")
+    p.add_argument("--out", type=Path, default=None, help="write the finished pipeline here")
+    p.add_argument("--config", type=Path, default=None, help="JSON of MGTTrainConfig fields")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = read_json(args.config) if args.config else {}
+    print(json.dumps(train_mgt(args.vq, args.run, args.out, MGTTrainConfig(**fields)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
