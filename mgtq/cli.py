@@ -57,6 +57,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from mgtq.evaluation import evaluate_pipeline, summary_line
+    from mgtq.utils import write_json
+
+    pipe = _load_pipe(args)
+    sampler = pipe.settings.sampler
+    overrides = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.cfg)) if v is not None}
+    sampler = sampler.replace(**overrides) if overrides else sampler
+    result = evaluate_pipeline(pipe, limit=args.limit, sampler=sampler, batch_size=args.batch_size,
+                               progress=not args.no_progress)
+    result.pop("tokens")
+    print(summary_line(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgtq", description="Compress and run masked generative transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="score a model on ShapeBench (generated pixels, per category)")
+    _add_model_args(e)
+    _add_sampler_args(e)
+    e.add_argument("--limit", type=int, default=None, help="only the first N prompts (balanced over categories)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -149,7 +149,7 @@ class MGTPipeline:
         """CLIP text features: (encoder_hidden_states (B, L, C) = hidden_states[-2], pooled (B, P))."""
         max_len = self.tokenizer.model_max_length
         for prompt in prompts:
-            n = len(self.tokenizer(prompt, truncation=False)["input_ids"])
+            n = len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
             if n > max_len:
                 warnings.warn(
                     f"prompt has {n} tokens; CLIP reads at most {max_len}, the rest is cut off: {prompt[:60]!r}…",

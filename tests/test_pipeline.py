@@ -77,3 +77,14 @@ def test_cli_missing_model_exits_with_message(tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--device", "cpu"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_writes_json(tmp_path, random_pipeline_dir):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(random_pipeline_dir), "--limit", "5", "--steps", "2", "--json", str(out),
+                 "--no-progress", "--device", "cpu"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 5 and 0.0 <= result["overall"] <= 1.0
+    assert set(result["per_category"]) == {"single", "colour", "position", "two_objects", "counting"}
+    assert result["sampler"]["num_steps"] == 2

@@ -72,7 +72,7 @@ class MGTTrainConfig:
 
 # -------------------------------------------------------------------------------------------- data
 def build_token_dataset(vq: VQModel, size: int, seed: int, batch_size: int = 256):
-    """Render `size` world scenes (scene i from seed·10⁹ + i) and VQ-encode them.
+    """Render `size` world scenes (scene i from (seed + 1)·10⁹ + i, far from ShapeBench seeds) and VQ-encode them.
 
     Returns a `datasets.Dataset` with columns caption (str) and tokens (list of h·w ints).
     """
@@ -83,7 +83,7 @@ def build_token_dataset(vq: VQModel, size: int, seed: int, batch_size: int = 256
 
     captions, token_rows = [], []
     for start in tqdm(range(0, size, batch_size), desc="encoding scenes"):
-        scenes = [sample_scene(seed * 1_000_000_000 + i) for i in range(start, min(size, start + batch_size))]
+        scenes = [sample_scene((seed + 1) * 1_000_000_000 + i) for i in range(start, min(size, start + batch_size))]
         images = np.stack([render(s) for s in scenes])  # (B, 64, 64, 3) uint8
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
