@@ -1,0 +1,60 @@
+"""Quantized tensor formats, modules and passes of mgtq.
+
+Layout (one concept per module):
+
+* :mod:`.packing`    -- two int4 values per byte, fast unpack;
+* :mod:`.qtensor`    -- what a quantized weight / activation is, and the kernels on it;
+* :mod:`.qlinear`    -- ``W4Linear`` (W4A16) and ``W4A8Linear`` (real int8 GEMM);
+* :mod:`.fake_quant` -- ``FakeQuantLinear`` for QAT (torchao-based), exact conversion to the above;
+* :mod:`.api`        -- passes over a model: quantize, prepare/convert QAT, calibrate, count bytes.
+"""
+
+from .api import (
+    ActivationStats,
+    calibrate_activations,
+    convert_qat_,
+    input_scales_from_stats,
+    linear_names,
+    model_weight_nbytes,
+    prepare_qat_,
+    quantize_weights_,
+)
+from .fake_quant import FakeQuantLinear, Int8StaticFakeQuantizer, fake_quantize_int8_per_tensor
+from .packing import pack_int4, unpack_int4, unpack_int4_x16
+from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
+from .qtensor import (
+    PackedInt4Weight,
+    choose_int8_scale,
+    dequantize_int4_weight,
+    int8_int4_linear,
+    int8_mm,
+    quantize_int4_weight,
+    quantize_int8_per_tensor,
+)
+
+__all__ = [
+    "ActivationStats",
+    "FakeQuantLinear",
+    "Int8StaticFakeQuantizer",
+    "PackedInt4Weight",
+    "QuantizedLinear",
+    "W4A8Linear",
+    "W4Linear",
+    "calibrate_activations",
+    "choose_int8_scale",
+    "convert_qat_",
+    "dequantize_int4_weight",
+    "fake_quantize_int8_per_tensor",
+    "input_scales_from_stats",
+    "int8_int4_linear",
+    "int8_mm",
+    "linear_names",
+    "model_weight_nbytes",
+    "pack_int4",
+    "prepare_qat_",
+    "quantize_int4_weight",
+    "quantize_int8_per_tensor",
+    "quantize_weights_",
+    "unpack_int4",
+    "unpack_int4_x16",
+]

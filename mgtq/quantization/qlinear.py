@@ -1,0 +1,337 @@
+"""Quantized ``nn.Linear`` replacements doing real low-bit inference.
+
+* :class:`W4Linear` -- int4 weights (per channel or groupwise), float
+  activations (W4A16): the weight is dequantized to the input dtype at use.
+* :class:`W4A8Linear` -- int4 per-channel weights, int8 activations with a
+  static per-tensor scale: a real int8 x int8 -> int32 GEMM.
+
+State dicts hold tensors only (safetensors-friendly)::
+
+    W4Linear:   weight_packed uint8 (N, K/2), weight_scale fp32 (N, K/group_size), [bias (N,)]
+    W4A8Linear: weight_packed uint8 (N, K/2), weight_scale fp32 (N, 1), input_scale fp32 (), [bias (N,)]
+
+``group_size`` is implied by the shape of ``weight_scale``; use
+:meth:`from_state_dict` to rebuild a module from tensors alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import pack_int4, unpack_int4_x16
+from .qtensor import (
+    INT8_MM_CHUNK_N,
+    MappingType,
+    PackedInt4Weight,
+    dequantize_int4_weight,
+    int8_int4_linear,
+    quantize_int4_weight,
+    quantize_int8_per_tensor,
+    resolve_group_size,
+    tensor_nbytes,
+)
+
+__all__ = ["W4Linear", "W4A8Linear", "QuantizedLinear"]
+
+
+class QuantizedLinear(nn.Module):
+    """Shared storage of packed int4 weights; not used directly.
+
+    Buffers ``weight_scale`` (and ``input_scale``) stay fp32 through
+    ``module.to(torch.bfloat16)``: rounding a scale to bf16 would silently
+    change every output (see :meth:`_apply`).
+    """
+
+    _FP32_BUFFERS: tuple[str, ...] = ("weight_scale",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int | None = None,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if in_features % 2 != 0:
+            raise ValueError(f"int4 packing needs an even in_features, got {in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = resolve_group_size(in_features, group_size)
+        groups = in_features // self.group_size
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        if bias:
+            # A frozen Parameter (not a buffer) so code that walks parameters
+            # (dtype/device probing in diffusers) still sees the module.
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ accounting
+    def weight_nbytes(self) -> int:
+        """Bytes really held for the weight: packed int4 + scales (+ input scale); bias excluded."""
+        total = tensor_nbytes(self.weight_packed) + tensor_nbytes(self.weight_scale)
+        return total + tensor_nbytes(getattr(self, "input_scale", None))
+
+    def quantized_weight(self) -> PackedInt4Weight:
+        """The quantized weight as a :class:`PackedInt4Weight` view (no copy).
+
+        (Deliberately not called ``weight``: code probing ``module.weight.dtype``
+        must not mistake this module for a float linear.)
+        """
+        return PackedInt4Weight(self.weight_packed, self.weight_scale)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float ``(N, K)`` weight this module computes with."""
+        return dequantize_int4_weight(self.weight_packed, self.weight_scale, dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
+
+    # ------------------------------------------------------------------ construction
+    def _load_quantized(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight_packed = pack_int4(q).to(self.weight_packed.device)
+        self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32).contiguous()
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def _shape_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+        try:
+            packed = state_dict[prefix + "weight_packed"]
+            scale = state_dict[prefix + "weight_scale"]
+        except KeyError as err:
+            raise KeyError(f"state dict has no {err.args[0]!r}; is it a {cls.__name__} checkpoint?") from None
+        in_features = packed.shape[1] * 2
+        bias = state_dict.get(prefix + "bias")
+        return dict(
+            in_features=in_features,
+            out_features=packed.shape[0],
+            bias=bias is not None,
+            group_size=in_features // scale.shape[1],
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "", device: torch.device | str | None = None
+    ) -> "QuantizedLinear":
+        """Build a module from its tensors only (no float weight is ever created).
+
+        The module is built on the meta device, then the tensors are assigned
+        (moved to ``device`` if given).
+        """
+        kwargs = cls._shape_from_state_dict(state_dict, prefix)
+        module = cls(**kwargs, device="meta")
+        own = {k: state_dict[prefix + k] for k in module.state_dict().keys()}
+        if device is not None:
+            own = {k: v.to(device) for k, v in own.items()}
+        module.load_state_dict(own, assign=True)
+        return module
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to(dtype) casts every floating buffer; keep scales in fp32
+        # (only follow the device change) so outputs do not silently drift.
+        saved = {name: getattr(self, name) for name in self._FP32_BUFFERS}
+        result = super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return result
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating point input, got {x.dtype}")
+
+    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+
+class W4Linear(QuantizedLinear):
+    """int4-weight, float-activation linear layer (W4A16).
+
+    Forward: ``F.linear(x, dequant(W).to(x.dtype), bias)``; works for fp32 /
+    bf16 / fp16 inputs of shape ``(..., in_features)``.  The float weight
+    exists only during the call.
+
+    DISPATCH POINT (CUDA): torchao's int4 tinygemm (``Int4WeightOnlyConfig``,
+    ``torch.ops.aten._weight_int4pack_mm``) multiplies without materialising
+    the float weight; it needs its own tile-packed layout, converted once at
+    load.  On CPU, ``_weight_int4pack_mm_for_cpu`` exists but measured ~15x
+    slower than dequant + bf16 GEMM at M=2202 (no AMX), so it is not used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        w = dequantize_int4_weight(self.weight_packed, self.weight_scale, x.dtype)
+        return F.linear(x, w, self._bias_as(x.dtype))
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        group_size: int | None = None,
+        mapping_type: MappingType = MappingType.SYMMETRIC,
+    ) -> "W4Linear":
+        """Quantize a float ``nn.Linear`` (weights only)."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            device=weight.device,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+        )
+        q, scale = quantize_int4_weight(weight, module.group_size, mapping_type)
+        module._load_quantized(q, scale, None if linear.bias is None else linear.bias.detach())
+        return module
+
+    @classmethod
+    def from_fake_quant(cls, fq: nn.Module) -> "W4Linear":
+        """Convert a :class:`~mgtq.quantization.fake_quant.FakeQuantLinear`, reproducing its weight exactly.
+
+        Its activation fake quantizer (if any) is ignored: use
+        :meth:`W4A8Linear.from_fake_quant` to keep int8 activations.
+        """
+        from .fake_quant import weight_qparams_of
+
+        group_size, mapping_type = weight_qparams_of(fq)
+        return cls.from_float(fq, group_size=group_size, mapping_type=mapping_type)
+
+
+class W4A8Linear(QuantizedLinear):
+    """int4 per-channel weights x int8 per-tensor static activations (W4A8), real integer GEMM.
+
+    Forward on ``x (..., K)``::
+
+        x_q = clamp(round(x * (1 / input_scale)), -128, 127).to(int8)      # (M, K)
+        acc = x_q @ q_w.T                      (int8 x int8 -> int32, torch._int_mm)
+        y   = (acc * (input_scale * weight_scale) + bias).to(x.dtype)
+
+    Why per-channel only: the int32 accumulator over the full K can only be
+    rescaled by one factor per output column.  Groupwise weight scales would
+    need one GEMM of depth ``group_size`` per group plus a float rescale of
+    each partial sum -- K/group_size epilogues over the (M, N) output, which
+    costs more than the integer GEMM saves.
+
+    The weight stays packed (K/2 bytes per row) and is unpacked per chunk of
+    ``chunk_n`` output channels straight into the (K, N)-shaped int8 operand
+    ``_int_mm`` wants (a transposed view, no copy).  Opt-in
+    :meth:`enable_weight_cache` keeps the unpacked int8 weight instead (2x the
+    int4 memory, saves the unpack).
+    """
+
+    _FP32_BUFFERS = ("weight_scale", "input_scale")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int | None = None,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+        chunk_n: int = INT8_MM_CHUNK_N,
+    ) -> None:
+        if group_size not in (None, in_features):
+            raise ValueError(
+                "W4A8Linear supports per-output-channel weight scales only "
+                f"(group_size=None or {in_features}), got group_size={group_size}"
+            )
+        super().__init__(in_features, out_features, bias, None, device, bias_dtype)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.chunk_n = chunk_n
+        self.register_buffer("_weight_x16", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.4g}"
+        cached = ", int8_weight_cache=True" if self._weight_x16 is not None else ""
+        return f"{super().extra_repr()}, input_scale={scale}{cached}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_q = quantize_int8_per_tensor(x2, self.input_scale)
+        col_scale = self.weight_scale[:, 0] * self.input_scale
+        y = int8_int4_linear(
+            x_q,
+            self.weight_packed,
+            col_scale,
+            self.bias,
+            x.dtype,
+            chunk_n=self.chunk_n,
+            weight_x16=self._weight_x16,
+        )
+        return y.reshape(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ int8 weight cache (opt-in)
+    def enable_weight_cache(self) -> None:
+        """Keep ``16 * q_w`` unpacked as int8 (non-persistent): +1 byte/weight, no per-call unpack."""
+        self._weight_x16 = unpack_int4_x16(self.weight_packed)
+
+    def disable_weight_cache(self) -> None:
+        self._weight_x16 = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        input_scale: torch.Tensor | float,
+        mapping_type: MappingType = MappingType.SYMMETRIC,
+        chunk_n: int = INT8_MM_CHUNK_N,
+    ) -> "W4A8Linear":
+        """Quantize a float ``nn.Linear``; ``input_scale`` is the calibrated int8 step (absmax / 127)."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=weight.device,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+            chunk_n=chunk_n,
+        )
+        q, scale = quantize_int4_weight(weight, None, mapping_type)
+        module._load_quantized(q, scale, None if linear.bias is None else linear.bias.detach())
+        module.input_scale = _as_scale(input_scale, weight.device)
+        return module
+
+    @classmethod
+    def from_fake_quant(cls, fq: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> "W4A8Linear":
+        """Convert a :class:`~mgtq.quantization.fake_quant.FakeQuantLinear` with int8 activation fake quant."""
+        from .fake_quant import input_scale_of, weight_qparams_of
+
+        group_size, mapping_type = weight_qparams_of(fq)
+        if group_size not in (None, fq.in_features):
+            raise ValueError(f"W4A8Linear needs per-channel weights, the fake-quant layer uses group_size={group_size}")
+        scale = input_scale_of(fq)
+        if scale is None:
+            raise ValueError("this FakeQuantLinear has no int8 activation fake quantizer; use W4Linear.from_fake_quant")
+        return cls.from_float(fq, scale, mapping_type=mapping_type, chunk_n=chunk_n)
+
+
+def _as_scale(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone().to(device)
+    if t.numel() != 1:
+        raise ValueError(f"input_scale must be a scalar, got shape {tuple(t.shape)}")
+    if not t.is_meta and float(t) <= 0:
+        raise ValueError(f"input_scale must be positive, got {float(t)}")
+    return t.reshape(())
