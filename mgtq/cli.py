@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from mgtq.scq.calibrate import calibrate
+
+    recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
+    out = args.out or Path("calibration") / Path(recipe).stem
+    report = calibrate(recipe, out, progress=not args.no_progress)
+    print(json.dumps(report, indent=2))
+    print(f"calibration run in {out}; export it with: mgtq export {out} --out checkpoints/<name>")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mgtq.export import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgtq", description="Compress and run masked generative transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
+    c.add_argument("--recipe", type=Path, default=None, help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
+    c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    x = sub.add_parser("export", help="export a calibration run to a packed W4A8 checkpoint")
+    x.add_argument("run", type=Path, help="calibration run folder")
+    x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
@@ -108,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"mgtq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

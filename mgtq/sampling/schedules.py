@@ -50,3 +50,23 @@ def timestep_value(convention: str, step: int, num_steps: int, current_mask_rati
     if convention == "step_index":
         return float(num_steps - 1 - step)
     raise ValueError(f"unknown timestep convention {convention!r}; choose one of {TIMESTEP_CONVENTIONS}")
+
+
+def timestep_for_mask_ratio(convention: str, ratio, num_steps: int, schedule: str = "cosine", rho: float = 1.0):
+    """The timestep the sampler would feed for an input with this masked fraction (training/QAT side).
+
+    "mask_ratio": the fraction itself. "step_index": the step i at which the sampler's input has
+    that masked fraction, σ(i/T) = ratio, inverted numerically on the schedule, fed as T−1−i; this
+    is how training and calibration match the official pipeline, which feeds step indices.
+    """
+    if convention == "mask_ratio":
+        return ratio
+    if convention != "step_index":
+        raise ValueError(f"unknown timestep convention {convention!r}; choose one of {TIMESTEP_CONVENTIONS}")
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64)
+    sigma = mask_ratio(schedule, grid, rho)  # non-increasing
+    idx = torch.searchsorted(-sigma, -r.clamp(0, 1).reshape(-1), right=False).clamp(max=grid.numel() - 1)
+    step = (grid[idx] * num_steps).round().clamp(0, num_steps - 1)
+    out = (num_steps - 1 - step).reshape(r.shape)
+    return out.float() if isinstance(ratio, torch.Tensor) else float(out)
