@@ -82,8 +82,11 @@ def cmd_calibrate(args) -> int:
     recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
     out = args.out or Path("calibration") / Path(recipe).stem
     report = calibrate(recipe, out, progress=not args.no_progress)
-    print(json.dumps(report, indent=2))
-    print(f"calibration run in {out}; export it with: mgtq export {out} --out checkpoints/<name>")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate/torchrun every process gets here
+        print(json.dumps(report, indent=2))
+        print(f"calibration run in {out}; export it with: mgtq export {out} --out checkpoints/<name>")
     return 0
 
 

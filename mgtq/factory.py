@@ -15,8 +15,6 @@ from mgtq.pipeline import MGTPipeline, PipelineSettings
 from mgtq.sampling import SamplerConfig
 from mgtq.text import build_word_tokenizer
 
-SMALL_WORDS = ["a", "an", "the", "red", "green", "blue", "circle", "square", "triangle", "on", "left", "right",
-               "of", "above", "below", "two", "three"]
 
 
 def tiny_vqmodel(codebook_size: int, factor: int = 4, channels: int = 32, latent_channels: int = 16) -> VQModel:
@@ -51,13 +49,15 @@ def build_random_pipeline(
     words: list[str] | None = None,
     seed: int = 0,
     sampler: SamplerConfig | None = None,
-    text_max_length: int = 16,
+    text_max_length: int = 24,
 ) -> MGTPipeline:
     """A complete pipeline with random weights (real component classes), e.g. 64×64 images in seconds."""
     torch.manual_seed(seed)  # module init draws from the global generator; make it repeatable
     transformer = build_transformer(preset)
     cfg = transformer.config
-    tokenizer = build_word_tokenizer(words or SMALL_WORDS, max_length=text_max_length)
+    from mgtq.shapes import vocabulary
+
+    tokenizer = build_word_tokenizer(words or vocabulary(), max_length=text_max_length)
     text_encoder = tiny_text_encoder(tokenizer, cfg.joint_attention_dim, cfg.pooled_projection_dim)
     vqvae = tiny_vqmodel(cfg.codebook_size, factor=vq_factor)
     settings = PipelineSettings(

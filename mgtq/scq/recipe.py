@@ -79,10 +79,13 @@ class QATConfig:
     weight_decay: float = 0.0
     mixed_precision: str = "no"
     cond_drop: float = 0.1
+    save_every: int = 50  # steps between resumable QAT states
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.save_every < 1:
+            raise ValueError(f"qat.save_every must be ≥ 1, got {self.save_every}")
         if self.weight_bits != 4:
             raise ValueError(f"qat.weight_bits must be 4 (mgtq exports int4 weights), got {self.weight_bits}")
         if self.steps < 0 or self.batch_size < 1 or self.gradient_accumulation < 1:

@@ -199,7 +199,7 @@ def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.
 
 
 def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path, state_dir: Path,
-            fingerprint: str, progress: bool = True, save_every: int = 50) -> None:
+            fingerprint: str, progress: bool = True) -> None:
     """Fake-quant int4 weights (STE), trained on the synthesized tokens; resumable; NaN-guarded."""
     from accelerate import Accelerator
 
@@ -243,7 +243,7 @@ def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path,
                 optimizer.zero_grad()
             losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-        if (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 with atomic_directory(state_dir) as tmp:
