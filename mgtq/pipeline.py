@@ -57,6 +57,7 @@ class PipelineSettings:
 class MGTPipelineOutput:
     images: list[Image.Image]
     tokens: torch.Tensor  # (B, h, w) VQ token ids
+    nfe: int = 0  # transformer calls of the sampler (a CFG call, uncond+cond in one batch, counts once)
 
 
 class MGTPipeline:
@@ -199,19 +200,18 @@ class MGTPipeline:
         generators = per_sample_generators(batch, seed=seed, generator=generator, device=self.device)
 
         text, pooled = self.encode_prompt(prompts)
-        if config.use_cfg:
-            negatives = _broadcast_negative(negative_prompt, prompts, num_images_per_prompt)
-            neg_text, neg_pooled = self.encode_prompt(negatives)
-            text, pooled = torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled])
+        negative = None
+        if config.needs_unconditional:  # CFG, or masked Z-sampling's inversion pass
+            negative = self.encode_prompt(_broadcast_negative(negative_prompt, prompts, num_images_per_prompt))
         if micro_conds is None:
             micro_conds = torch.tensor([width, height, 0, 0, self.settings.aesthetic_score], dtype=torch.float32)
-        micro_conds = micro_conds.to(self.device).reshape(-1, 5).expand(text.shape[0], 5)
-        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging)
+        micro_conds = micro_conds.to(self.device).reshape(-1, 5)
+        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging, negative=negative)
 
-        tokens = sample(model_fn, batch, grid, self.transformer.mask_token_id, config, generators,
-                        device=self.device, hooks=hooks, progress=progress)
-        images = self.decode_tokens(tokens) if output_type == "pil" else []
-        return MGTPipelineOutput(images=images, tokens=tokens)
+        result = sample(model_fn, batch, grid, self.transformer.mask_token_id, config, generators,
+                        device=self.device, hooks=hooks, progress=progress, return_info=True)
+        images = self.decode_tokens(result.tokens) if output_type == "pil" else []
+        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe)
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an image of height×width pixels; errors name valid sizes."""
@@ -224,21 +224,44 @@ class MGTPipeline:
             )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_merging=None):
-        """model_fn(tokens (B,h,w), timestep (B,)) → CFG-guided logits (B, V, h, w) (batch [uncond, cond])."""
+    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_merging=None, negative=None):
+        """model_fn(tokens (B,h,w), timestep (B,), guidance_scale=None) → guided logits (B, V, h, w).
+
+        text/pooled: the prompts' features (B, …); negative: the negative prompts' (text, pooled) or
+        None; micro_conds: (1 or B, 5). Without guidance_scale the call is the configured sampler's
+        (CFG when config.use_cfg, batch [uncond, cond]); an explicit guidance_scale s (masked
+        Z-sampling's inversion CFG) is literal, ℓu + s(ℓc − ℓu), and runs only the branches it needs.
+        """
         transformer = self.transformer
         dtype = transformer.embed.embeddings.weight.dtype
-        text, pooled = text.to(dtype), pooled.to(dtype)
+        cond = (text.to(dtype), pooled.to(dtype))
+        uncond = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))
 
-        def model_fn(tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            if config.use_cfg:
-                tokens, timestep = torch.cat([tokens, tokens]), torch.cat([timestep, timestep])
-            logits = transformer(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled,
-                                 timestep=timestep, micro_conds=micro_conds, token_merging=token_merging).float()
-            if not config.use_cfg:
-                return logits
-            uncond, cond = logits.chunk(2)
-            return uncond + config.guidance_scale * (cond - uncond)
+        if micro_conds.shape[0] not in (1, text.shape[0]):
+            raise ValueError(f"micro_conds must have 1 or {text.shape[0]} (one per image) rows of 5, "
+                             f"got {tuple(micro_conds.shape)}")
+
+        def forward(tokens, timestep, features):
+            text_b, pooled_b = features
+            n = text_b.shape[0]  # B, or 2B for [uncond, cond]
+            micro = micro_conds.expand(n, 5) if micro_conds.shape[0] == 1 else micro_conds.repeat(n // micro_conds.shape[0], 1)
+            return transformer(hidden_states=tokens, encoder_hidden_states=text_b, pooled_projections=pooled_b,
+                               timestep=timestep, micro_conds=micro, token_merging=token_merging).float()
+
+        def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+            scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+            guided = config.use_cfg if guidance_scale is None else scale != 1.0
+            if not guided:
+                return forward(tokens, timestep, cond)
+            if uncond is None:
+                raise ValueError(f"guidance scale {scale} needs the unconditional branch, but no negative prompt "
+                                 "features were given to guided_model_fn")
+            if scale == 0.0:  # ℓu + 0·(ℓc − ℓu) = ℓu: skip the conditional branch
+                return forward(tokens, timestep, uncond)
+            both = (torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
+            logits = forward(torch.cat([tokens, tokens]), torch.cat([timestep, timestep]), both)
+            uncond_logits, cond_logits = logits.chunk(2)
+            return uncond_logits + scale * (cond_logits - uncond_logits)
 
         return model_fn
 

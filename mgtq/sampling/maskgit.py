@@ -1,17 +1,24 @@
-"""The MaskGIT sampling loop of Meissonic (official vanilla sampler), open to the paper's tricks.
+"""The MaskGIT sampling loop of Meissonic (official vanilla sampler) and the paper's enhanced tricks.
 
 Each step i of T (DESIGN.md "Sampling"):
-    ℓ = ℓu + s(ℓc − ℓu)                                  CFG on logits, batch [uncond, cond]
-    p = softmax(ℓ);  x̂ ~ p where masked                   multinomial, per-sample generator
+    ℓ = ℓu + s(ℓc − ℓu)                                  CFG on logits (inside model_fn)
+    ℓ ← ℓ + I(t)·ε                                        noise regularization      (tricks/noise.py)
+    p = softmax(ℓ)
+    p ← D = p + c(p − p_{i−1})                            2nd-order momentum solver (tricks/momentum.py)
+    p ← |p − p_{i−1}| on the z% lowest-KL tokens          differential sampling     (tricks/differential.py)
+    x̂ ~ p where masked                                    multinomial, per-sample generator
     n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1)             (the last step decodes everything)
     re-mask the n lowest of log p(x̂) + τ_i·Gumbel,  τ = linspace(2, 0, T); decoded tokens stay.
+and, on a Z-step, the step is run, inverted by re-masking and run again (tricks/zsampling.py).
 
-Random numbers come from one torch.Generator per sample, so a sample's image does not depend on
-what else is in the batch. The enhanced sampler plugs in through `SamplerHooks`.
+With every trick at its neutral setting the loop is the vanilla sampler, token for token. Random
+numbers come from one torch.Generator per sample, so a sample's image does not depend on what else
+is in the batch; the state a trick needs (the previous step's probabilities) lives in one call.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,10 +27,20 @@ from tqdm.auto import tqdm
 
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.schedules import mask_ratio, timestep_value
+from mgtq.sampling.tokens import gumbel_noise, remask_lowest, sample_tokens
+from mgtq.sampling.tricks.differential import differential_probs
+from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
+from mgtq.sampling.tricks.noise import noise_intensity, regularize_logits, step_progress
+from mgtq.sampling.tricks.zsampling import invert_by_remasking, z_step_applies
+
+__all__ = ["ModelFn", "StepState", "SamplerHooks", "SampleResult", "maskgit_step", "sample", "gumbel_noise",
+           "sample_tokens", "remask_lowest", "num_to_mask", "gumbel_temperature"]
 
 # model_fn(tokens (B, H, W), timestep (B,)) → guided logits (B, V, H, W); the pipeline builds it
-# (text conditioning and CFG live there).
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (text conditioning and CFG live there). Masked Z-sampling also calls
+# model_fn(tokens, timestep, guidance_scale=s) for its inversion pass, with s taken literally:
+# ℓu + s(ℓc − ℓu), so s = 0 is the unconditional prediction and s = 1 the conditional one.
+ModelFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -35,11 +52,19 @@ class StepState:
     generators: list[torch.Generator]
 
 
-class SamplerHooks:
-    """Extension points of the loop; the defaults are the vanilla sampler.
+@dataclass
+class SampleResult:
+    """tokens (B, H, W) and nfe: how many times model_fn was called (a CFG call counts once)."""
 
-    adjust_logits: after CFG, before softmax (noise regularization lives here);
-    adjust_probs: before sampling (differential sampling lives here).
+    tokens: torch.Tensor
+    nfe: int
+
+
+class SamplerHooks:
+    """Extension points of the loop; the defaults change nothing.
+
+    adjust_logits: after CFG and noise regularization, before softmax;
+    adjust_probs: after softmax, before the momentum solver and differential sampling.
     """
 
     def adjust_logits(self, logits: torch.Tensor, state: StepState) -> torch.Tensor:  # (B, N, V)
@@ -49,29 +74,7 @@ class SamplerHooks:
         return probs
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
-    """Standard Gumbel noise −log(−log u), u ~ U(0, 1) clamped away from 0 as in the official code."""
-    u = torch.rand(shape, generator=generator, device=generator.device).to(device)
-    return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
-
-
-def sample_tokens(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """x̂ ~ p per token: probs (B, N, V) → ids (B, N), one generator per sample."""
-    rows = []
-    for b, gen in enumerate(generators):
-        p = probs[b].float().to(gen.device)
-        rows.append(torch.multinomial(p, 1, generator=gen)[:, 0].to(probs.device))
-    return torch.stack(rows)
-
-
-def remask_lowest(confidence: torch.Tensor, n_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, N): the n_mask[b] lowest-confidence positions of each row (ties broken by index)."""
-    order = confidence.argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ranks < n_mask[:, None]
-
-
+# ------------------------------------------------------------------------------ vanilla pieces
 def num_to_mask(config: SamplerConfig, step: int, num_tokens: int, num_masked: torch.Tensor) -> torch.Tensor:
     """n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1) per sample (B,); 0 at the last step."""
     if step == config.num_steps - 1:
@@ -86,13 +89,14 @@ def gumbel_temperature(config: SamplerConfig, step: int) -> float:
     return float(torch.linspace(*config.gumbel_temperature, config.num_steps, dtype=torch.float64)[step])
 
 
-def maskgit_step(
-    tokens: torch.Tensor, logits: torch.Tensor, mask_id: int, config: SamplerConfig, state: StepState,
-    hooks: SamplerHooks,
-) -> torch.Tensor:
-    """One step: tokens (B, N), guided logits (B, N, V) → tokens (B, N) with fewer masks."""
+def unmask_step(tokens: torch.Tensor, probs: torch.Tensor, mask_id: int, config: SamplerConfig,
+                state: StepState) -> torch.Tensor:
+    """Sample masked tokens from probs (B, N, V) and re-mask the schedule's count: (B, N) → (B, N).
+
+    This is the first-order step of Eq. 4: N·σ_t tokens stay masked, the most confident of the
+    rest come from the prediction; decoded tokens never change.
+    """
     masked = tokens == mask_id
-    probs = hooks.adjust_probs(hooks.adjust_logits(logits, state).float().softmax(-1), state)
     sampled = torch.where(masked, sample_tokens(probs, state.generators), tokens)
     n_mask = num_to_mask(config, state.step, tokens.shape[1], masked.sum(-1))
     if int(n_mask.max()) == 0:
@@ -107,6 +111,96 @@ def maskgit_step(
     return torch.where(remask, torch.full_like(sampled, mask_id), sampled)
 
 
+# ------------------------------------------------------------------------- composing the tricks
+def step_distribution(
+    logits: torch.Tensor, prev_probs: torch.Tensor | None, config: SamplerConfig, state: StepState,
+    hooks: SamplerHooks,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided logits (B, N, V) → (prediction p_i, distribution to sample from), both (B, N, V).
+
+    p_i (after noise and hooks, before momentum/differential) is what the next step compares
+    against; prev_probs is p_{i−1} of the same sampling call, or None at the first step.
+    """
+    if config.noise.enabled:
+        t = step_progress(state.step, state.num_steps)
+        intensity = noise_intensity(config.noise.curve, t, config.noise.scale, config.noise.knots)
+        logits = regularize_logits(logits, intensity, state.generators)
+    prediction = hooks.adjust_probs(hooks.adjust_logits(logits, state).float().softmax(-1), state)
+    probs = prediction
+    if prev_probs is not None:
+        if config.momentum.order == 2:
+            probs = second_order_probs(probs, prev_probs, momentum_coefficient(config, state.step))
+        if config.differential.enabled:
+            probs = differential_probs(probs, prev_probs, config.differential.percent)
+    return prediction, probs
+
+
+def momentum_coefficient(config: SamplerConfig, step: int) -> float:
+    """c of Eq. 13 at step i from the schedule's σ((i−1)/T), σ(i/T), σ((i+1)/T); 0 at step 0."""
+    if step == 0:
+        return 0.0
+    sigma = [mask_ratio(config.schedule, (step + d) / config.num_steps, config.rho) for d in (-1, 0, 1)]
+    return second_order_coefficient(*sigma)
+
+
+def maskgit_step(
+    tokens: torch.Tensor, logits: torch.Tensor, mask_id: int, config: SamplerConfig, state: StepState,
+    hooks: SamplerHooks, prev_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One step: tokens (B, N), guided logits (B, N, V) → tokens (B, N) with fewer masks."""
+    _, probs = step_distribution(logits, prev_probs, config, state, hooks)
+    return unmask_step(tokens, probs, mask_id, config, state)
+
+
+class _CountedModel:
+    """model_fn seen by the loop: flat tokens (B, N) in, logits (B, N, V) out, calls counted (NFE).
+
+    Lives for one `sample` call, so the count cannot leak into the next one.
+    """
+
+    def __init__(self, model_fn: ModelFn, grid: tuple[int, int], mask_id: int, config: SamplerConfig, device):
+        self.model_fn, self.grid, self.mask_id, self.config, self.device = model_fn, grid, mask_id, config, device
+        self.nfe = 0
+
+    def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None) -> torch.Tensor:
+        batch = tokens.shape[0]
+        ratio = (tokens == self.mask_id).float().mean(-1)
+        timestep = timestep_value(self.config.timestep_convention, step, self.config.num_steps, ratio)
+        timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).expand(batch)
+        kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        logits = self.model_fn(tokens.view(batch, *self.grid), timestep, **kwargs)  # (B, V, H, W)
+        self.nfe += 1
+        return logits.flatten(2).transpose(1, 2)  # (B, N, V)
+
+
+def _accepts_guidance_scale(model_fn: ModelFn) -> bool:
+    try:
+        params = inspect.signature(model_fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # cannot tell (e.g. a C callable): let the call decide
+    return any(p.name == "guidance_scale" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _denoise(model: _CountedModel, tokens, prev_probs, mask_id, config, state, hooks):
+    """One model pass + one step at state.step: → (new tokens (B, N), prediction p_i (B, N, V))."""
+    logits = model(tokens, state.step)
+    prediction, probs = step_distribution(logits, prev_probs, config, state, hooks)
+    return unmask_step(tokens, probs, mask_id, config, state), prediction
+
+
+def _z_step(model: _CountedModel, tokens, prev_probs, mask_id, config, state, hooks):
+    """Masked Z-sampling at step i: step i→i+1, invert to i by re-masking, step i→i+1 again."""
+    z = config.zsampling
+    forward, _ = _denoise(model, tokens, prev_probs, mask_id, config, state, hooks)
+    inversion_logits = None
+    if z.variant == "masked":
+        # z_{i+1} is the input of step i+1: its timestep is that step's (clamped at the last step)
+        inversion_logits = model(forward, min(state.step + 1, config.num_steps - 1), guidance_scale=z.inversion_cfg)
+    back = invert_by_remasking(tokens, forward, mask_id, z.variant, state.generators, inversion_logits)
+    # the re-step compares with the same committed p_{i−1}: the tentative pass is not a step
+    return _denoise(model, back, prev_probs, mask_id, config, state, hooks)
+
+
 @torch.inference_mode()
 def sample(
     model_fn: ModelFn,
@@ -119,24 +213,35 @@ def sample(
     hooks: SamplerHooks | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Run the sampler from an all-mask grid; returns token ids (B, H, W).
+    return_info: bool = False,
+) -> torch.Tensor | SampleResult:
+    """Run the sampler from an all-mask grid; returns token ids (B, H, W), or a SampleResult
+    (tokens and NFE) with return_info=True.
 
-    model_fn receives the token grid and the per-sample timestep of the configured convention.
+    model_fn receives the token grid and the per-sample timestep of the configured convention
+    (and guidance_scale=… for masked Z-sampling's inversion pass). callback(step, tokens (B, H, W))
+    sees every committed step.
     """
     if len(generators) != batch_size:
         raise ValueError(f"need one generator per sample: got {len(generators)} for batch {batch_size}")
+    z = config.zsampling
+    if z.variant == "masked" and z.enabled and not _accepts_guidance_scale(model_fn):
+        raise TypeError(
+            "masked Z-sampling calls model_fn(tokens, timestep, guidance_scale=s) for its inversion pass, but "
+            "this model_fn has no guidance_scale parameter; add one (MGTPipeline's model_fn has it) or use "
+            "zsampling variant 'random'/'recover'"
+        )
     hooks = hooks or SamplerHooks()
     height, width = grid
+    model = _CountedModel(model_fn, grid, mask_id, config, device)
     tokens = torch.full((batch_size, height * width), mask_id, dtype=torch.long, device=device)
+    prev_probs = None  # p_{i−1}: state of this call only
     for step in tqdm(range(config.num_steps), desc="sampling", disable=not progress, leave=False):
-        ratio = (tokens == mask_id).float().mean(-1)
-        timestep = timestep_value(config.timestep_convention, step, config.num_steps, ratio)
-        timestep = torch.as_tensor(timestep, dtype=torch.float32, device=device).expand(batch_size)
-        logits = model_fn(tokens.view(batch_size, height, width), timestep)  # (B, V, H, W)
-        logits = logits.flatten(2).transpose(1, 2)  # (B, N, V)
         state = StepState(step=step, num_steps=config.num_steps, generators=generators)
-        tokens = maskgit_step(tokens, logits, mask_id, config, state, hooks)
+        run = _z_step if z_step_applies(z.variant, z.steps, step, config.num_steps) else _denoise
+        tokens, prediction = run(model, tokens, prev_probs, mask_id, config, state, hooks)
+        prev_probs = prediction if config.keeps_previous_probs else None
         if callback is not None:
             callback(step, tokens.view(batch_size, height, width))
-    return tokens.view(batch_size, height, width)
+    tokens = tokens.view(batch_size, height, width)
+    return SampleResult(tokens=tokens, nfe=model.nfe) if return_info else tokens

@@ -1,0 +1,110 @@
+"""Command-line flags of the enhanced sampler, so `mgtq generate` / `mgtq eval` stay thin:
+
+    add_sampler_arguments(parser)                       # adds the flags below
+    config = sampler_config_from_args(args, base)       # base = the checkpoint's SamplerConfig
+
+Precedence: base → --sampler preset → --sampler-config file → the individual flags. A flag left
+out changes nothing. --steps / --cfg stay with the commands (the pipeline applies them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mgtq.sampling.config import SamplerConfig
+from mgtq.sampling.presets import PRESET_NAMES
+from mgtq.sampling.schedules import SCHEDULES
+from mgtq.sampling.tricks.momentum import MOMENTUM_ORDERS
+from mgtq.sampling.tricks.noise import NOISE_CURVES
+from mgtq.sampling.tricks.zsampling import ZSAMPLING_VARIANTS
+
+
+def parse_steps(spec: str) -> tuple[int, ...] | str:
+    """Z-step spec: "all" (every step but the last) stays "all"; "0:10" → 0…9; "0,2,5" → those steps."""
+    spec = spec.strip()
+    try:
+        if spec == "all":
+            return "all"
+        if ":" in spec:
+            start, stop = (int(x) for x in spec.split(":"))
+            return tuple(range(start, stop))
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--zsampling-steps takes 'all', 'START:STOP' or 'I,J,…', got {spec!r}") from None
+
+
+def load_sampler_file(path: str | Path) -> dict:
+    """A JSON or YAML mapping of SamplerConfig fields (e.g. one point of a benchmark sweep)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sampler config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sampler settings, got {type(data).__name__}")
+    return data
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the sampler flags (all default to None = keep the base config's value)."""
+    g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
+    g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
+                   help="preset: vanilla (official) or enhanced (the paper's best combination)")
+    g.add_argument("--sampler-config", type=Path, default=None, metavar="FILE",
+                   help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="mask schedule: cosine cos(πt/2), linear 1−t, pow (1−t)^ρ, root 1−t^ρ")
+    g.add_argument("--rho", type=float, default=None, help="ρ of the pow/root schedules")
+    g.add_argument("--noise", choices=NOISE_CURVES, default=None, help="noise regularization curve I(t)")
+    g.add_argument("--noise-scale", type=float, default=None, help="α of the noise curve (the demo uses 2)")
+    g.add_argument("--diff-z", type=float, default=None, metavar="PERCENT",
+                   help="differential sampling: percent z of tokens resampled (0 = off, paper: 75)")
+    g.add_argument("--zsampling", choices=ZSAMPLING_VARIANTS, default=None,
+                   help="Z-sampling: masked (paper), random / recover (ablations), off")
+    g.add_argument("--inversion-cfg", type=float, default=None, help="CFG scale of Z-sampling's inversion pass")
+    g.add_argument("--zsampling-steps", type=parse_steps, default=None, metavar="SPEC",
+                   help="Z-steps: 'all' (every step but the last), 'START:STOP', or 'I,J,…'")
+    g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,
+                   help="momentum-based solver order: 0 off, 1 first order (= vanilla), 2 second order")
+    return g
+
+
+# flag attribute → dotted SamplerConfig path
+_FLAG_PATHS = {
+    "schedule": "schedule", "rho": "rho", "noise": "noise.curve", "noise_scale": "noise.scale",
+    "diff_z": "differential.percent", "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg",
+    "momentum": "momentum.order",
+}
+
+
+def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> SamplerConfig:
+    """The SamplerConfig the flags ask for, starting from `base` (flags not given keep base's values)."""
+    config = base
+    if getattr(args, "sampler", None) is not None:
+        config = SamplerConfig.preset(args.sampler, base=config)
+    if getattr(args, "sampler_config", None) is not None:
+        config = config.with_overrides(_flatten(load_sampler_file(args.sampler_config)))
+    overrides = {path: getattr(args, flag) for flag, path in _FLAG_PATHS.items() if getattr(args, flag, None) is not None}
+    steps = getattr(args, "zsampling_steps", None)
+    if steps is not None:
+        overrides["zsampling.steps"] = None if steps == "all" else steps  # None = every step but the last
+    return config.with_overrides(overrides) if overrides else config
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """{"noise": {"scale": 2}} → {"noise.scale": 2}; lists and scalars are leaves."""
+    flat = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat

@@ -1,0 +1,353 @@
+"""The enhanced sampler (arXiv 2411.10781 §3): neutral settings are vanilla, each trick does what
+its equation says, no state leaks, NFE is counted, token bookkeeping follows the schedule."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from mgtq.sampling import SamplerConfig, mask_ratio, sample
+from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
+from mgtq.sampling.maskgit import momentum_coefficient
+from mgtq.sampling.tricks.differential import differential_probs, num_resampled, token_kl
+from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
+from mgtq.sampling.tricks.noise import noise_intensity
+from mgtq.sampling.tricks.zsampling import invert_by_remasking
+
+MASK = 99
+V = 16
+GRID = (4, 4)
+N = GRID[0] * GRID[1]
+
+
+def _toy_model(guidance_scale=1.0, seed=0, calls=None):
+    """Row-wise toy transformer with a cond and an uncond branch and CFG, like MGTPipeline's model_fn."""
+    gen = torch.Generator().manual_seed(seed)
+    table_c, table_u = torch.randn(2, V, 64, generator=gen)
+    emb = torch.randn(V, V, generator=gen)
+
+    def branch(table, tokens, timestep):
+        b, h, w = tokens.shape
+        feats = tokens.clamp(max=V - 1).float().mean(dim=(1, 2), keepdim=True) / V + timestep[:, None, None]
+        per_token = emb[tokens.clamp(max=V - 1)].permute(0, 3, 1, 2) * (tokens < V)[:, None]  # (B, V, H, W)
+        return 3 * table[:, : h * w].reshape(1, V, h, w) * feats[:, None] + per_token
+
+    def model_fn(tokens, timestep, guidance_scale=None):
+        scale = default_scale if guidance_scale is None else guidance_scale
+        if calls is not None:
+            calls.append(guidance_scale)
+        cond = branch(table_c, tokens, timestep)
+        if guidance_scale is None and scale <= 1.0:
+            return cond
+        uncond = branch(table_u, tokens, timestep)
+        return uncond + scale * (cond - uncond)
+
+    default_scale = guidance_scale
+    return model_fn
+
+
+def _config(**kw):
+    base = dict(num_steps=6, guidance_scale=1.0, timestep_convention="mask_ratio")
+    return SamplerConfig(**{**base, **kw})
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _run(config, seeds, cfg=1.0, calls=None, **kw):
+    model = _toy_model(guidance_scale=cfg, calls=calls)
+    return sample(model, len(seeds), GRID, MASK, config, _gens(seeds), progress=False, return_info=True, **kw)
+
+
+TRICKS = {
+    "noise": {"noise": {"curve": "abs_cos", "scale": 2.0}},
+    "noise_piecewise": {"noise": {"curve": "piecewise", "knots": [[0, 1], [0.5, 0], [1, 2]]}},
+    "differential": {"differential": {"percent": 75}},
+    "zsampling_masked": {"zsampling": {"variant": "masked"}},
+    "zsampling_random": {"zsampling": {"variant": "random"}},
+    "zsampling_recover": {"zsampling": {"variant": "recover"}},
+    "momentum2": {"momentum": {"order": 2}, "schedule": "root", "rho": 0.6},
+    "enhanced": None,
+    "everything": {"schedule": "pow", "rho": 2.0, "noise": {"curve": "half_abs_cos"}, "differential": {"percent": 50},
+                   "zsampling": {"variant": "masked", "inversion_cfg": 0.5, "steps": [0, 2]}, "momentum": {"order": 2}},
+}
+
+
+def _trick_config(name, **kw):
+    if TRICKS[name] is None:
+        return SamplerConfig.preset("enhanced", base=_config(**kw))
+    return _config(**kw).with_overrides(_flat(TRICKS[name]))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# ------------------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "pow", "root"])
+@pytest.mark.parametrize("rho", [0.3, 0.6, 1.0, 2.5])
+def test_schedules_monotone_with_right_endpoints(schedule, rho):
+    values = mask_ratio(schedule, torch.linspace(0, 1, 201), rho=rho)
+    assert math.isclose(float(values[0]), 1.0, abs_tol=1e-12) and math.isclose(float(values[-1]), 0.0, abs_tol=1e-12)
+    assert (values[1:] <= values[:-1] + 1e-12).all()
+    if schedule == "root":
+        assert math.isclose(mask_ratio("root", 0.5, rho), 1 - 0.5 ** rho)
+
+
+# ------------------------------------------------------------------------- neutral == vanilla
+NEUTRAL = {
+    "noise_scale_0": {"noise": {"curve": "abs_cos", "scale": 0.0}},
+    "noise_off": {"noise": {"curve": "off", "scale": 5.0}},
+    "differential_0": {"differential": {"percent": 0}},
+    "no_z_step": {"zsampling": {"variant": "masked", "steps": []}},
+    "momentum_0": {"momentum": {"order": 0}},
+    "momentum_1": {"momentum": {"order": 1}},  # Eq. 4: the first-order solver is the MaskGIT step
+}
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("name", NEUTRAL)
+def test_each_trick_at_its_neutral_setting_is_vanilla(name, cfg):
+    vanilla = _run(_config(), [1, 2, 3], cfg=cfg)
+    neutral = _run(_config().with_overrides(_flat(NEUTRAL[name])), [1, 2, 3], cfg=cfg)
+    assert torch.equal(vanilla.tokens, neutral.tokens)
+    assert vanilla.nfe == neutral.nfe == 6
+
+
+def test_vanilla_preset_is_the_default_sampler():
+    base = _config(guidance_scale=4.0)
+    assert SamplerConfig.preset("vanilla", base=base) == base
+    assert SamplerConfig.preset("vanilla") == SamplerConfig()
+
+
+@pytest.mark.parametrize("name", ["noise", "differential", "zsampling_masked", "momentum2"])
+def test_each_trick_changes_something(name):
+    vanilla = _run(_config(schedule="root", rho=0.6), [1, 2, 3])
+    tricked = _run(_trick_config(name, schedule="root", rho=0.6), [1, 2, 3])
+    assert not torch.equal(vanilla.tokens, tricked.tokens)
+
+
+# ------------------------------------------------------------------------------ noise curves
+def test_noise_curves():
+    assert noise_intensity("abs_cos", 0.0, 2.0) == pytest.approx(2.0)
+    assert noise_intensity("abs_cos", 0.5, 2.0) == pytest.approx(0.0, abs=1e-12)
+    assert noise_intensity("abs_cos", 1.0, 2.0) == pytest.approx(2.0)
+    assert noise_intensity("half_abs_cos", 0.0, 2.0) == pytest.approx(1.0)
+    assert noise_intensity("constant", 0.3, 0.7) == pytest.approx(0.7)
+    assert noise_intensity("piecewise_v", 0.25, 1.0) == pytest.approx(0.5)
+    assert [noise_intensity("piecewise_ends", t, 1.0) for t in (0.0, 0.2, 0.5, 0.7, 1.0)] == [1, 1, 0, 1, 1]
+    knots = ((0.0, 0.0), (0.5, 1.0), (0.5, 3.0), (1.0, 3.0))
+    assert noise_intensity("piecewise", 0.25, 2.0, knots) == pytest.approx(1.0)
+    assert noise_intensity("piecewise", 0.5, 2.0, knots) == pytest.approx(6.0)  # at a jump, the later knot wins
+    assert noise_intensity("off", 0.0, 2.0) == 0.0
+
+
+# ----------------------------------------------------------------------- differential sampling
+def test_differential_resamples_exactly_the_lowest_kl_tokens():
+    gen = torch.Generator().manual_seed(0)
+    prev = torch.rand(2, 20, 5, generator=gen).softmax(-1)
+    probs = (torch.rand(2, 20, 5, generator=gen) * 3).softmax(-1)
+    probs[1, 4] = prev[1, 4]  # KL 0 → among the lowest; |Δ| is zero → that row must keep p_i
+    out = differential_probs(probs, prev, percent=75)
+    k = num_resampled(75, 20)
+    assert k == 15
+    kl = token_kl(probs, prev)
+    for b in range(2):
+        lowest = set(kl[b].argsort(stable=True)[:k].tolist())
+        changed = {j for j in range(20) if not torch.equal(out[b, j], probs[b, j])}
+        expected = lowest - ({4} if b == 1 else set())
+        assert changed == expected
+        for j in expected:
+            residual = (probs[b, j] - prev[b, j]).abs()
+            assert torch.allclose(out[b, j], residual / residual.sum())
+    assert torch.allclose(out.sum(-1), torch.ones(2, 20))
+    assert torch.equal(differential_probs(probs, prev, percent=0), probs)
+
+
+def test_differential_counts():
+    assert num_resampled(75, 16) == 12 and num_resampled(75, 4096) == 3072
+    assert num_resampled(100, 7) == 7 and num_resampled(0, 7) == 0 and num_resampled(10, 7) == 0
+
+
+# ------------------------------------------------------------------------------- no state leaks
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("name", TRICKS)
+def test_same_seed_same_tokens_whatever_ran_before_at_any_batch_position(name, cfg):
+    config = _trick_config(name)
+    alone = _run(config, [7], cfg=cfg).tokens[0]
+    _run(_trick_config("everything"), [3, 4, 5], cfg=cfg)  # something else in between
+    _run(config, [1, 2], cfg=cfg)
+    assert torch.equal(_run(config, [5, 7], cfg=cfg).tokens[1], alone)
+    assert torch.equal(_run(config, [7, 1, 2], cfg=cfg).tokens[0], alone)
+    assert torch.equal(_run(config, [7], cfg=cfg).tokens[0], alone)
+
+
+# ------------------------------------------------------------------------------------ Z-sampling
+@pytest.mark.parametrize("variant,steps,nfe", [
+    ("masked", None, 3 * 5 + 1),     # every step but the last: 3T − 2
+    ("masked", [0, 2], 6 + 2 * 2),
+    ("masked", [0, 1, 2, 3, 4, 5], 3 * 6),
+    ("random", None, 2 * 5 + 1),     # no inversion pass
+    ("recover", [1], 6 + 1),
+])
+def test_zsampling_nfe(variant, steps, nfe):
+    calls = []
+    config = _config(zsampling={"variant": variant, "inversion_cfg": 0.25, "steps": steps})
+    result = _run(config, [0, 1], cfg=3.0, calls=calls)
+    assert result.nfe == nfe == len(calls)
+    n_z = 5 if steps is None else len(steps)
+    assert calls.count(0.25) == (n_z if variant == "masked" else 0)  # inversion passes use the inversion CFG
+    assert not (result.tokens == MASK).any()
+
+
+def test_inversion_remasks_back_to_step_i():
+    before = torch.tensor([[MASK, MASK, MASK, MASK, 3, 5], [MASK, MASK, 1, 2, 3, 4]])
+    after = torch.tensor([[MASK, 7, 8, MASK, 3, 5], [MASK, 0, 1, 2, 3, 4]])
+    logits = torch.zeros(2, 6, V)
+    # confidence of the current token at each position: row 0 lowest at positions 4 and 1
+    conf = torch.tensor([[0.0, 1.0, 5.0, 0.0, -2.0, 3.0], [0.0, 9.0, 2.0, -1.0, 4.0, 4.0]])
+    logits.scatter_(-1, after.clamp(max=V - 1)[..., None], conf[..., None])
+    masked = invert_by_remasking(before, after, MASK, "masked", _gens([0, 1]), logits)
+    assert (masked == MASK).sum(-1).tolist() == (before == MASK).sum(-1).tolist()
+    assert masked[0].tolist() == [MASK, MASK, 8, MASK, MASK, 5]  # re-masked: the 2 least confident decoded
+    assert masked[1].tolist() == [MASK, 0, 1, MASK, 3, 4]        # an older token (pos 3) can be re-masked
+    assert torch.equal(invert_by_remasking(before, after, MASK, "recover", _gens([0, 1])), before)
+    rand = invert_by_remasking(before, after, MASK, "random", _gens([0, 1]))
+    assert (rand == MASK).sum(-1).tolist() == [4, 2]
+    assert ((rand == after) | (rand == MASK)).all() and (rand[after == MASK] == MASK).all()
+
+
+def test_masked_zsampling_needs_a_guidance_scale_parameter():
+    def plain(tokens, timestep):
+        return torch.zeros(tokens.shape[0], V, *tokens.shape[1:])
+
+    with pytest.raises(TypeError, match="guidance_scale"):
+        sample(plain, 1, GRID, MASK, _config(zsampling={"variant": "masked"}), _gens([0]), progress=False)
+    sample(plain, 1, GRID, MASK, _config(zsampling={"variant": "random"}), _gens([0]), progress=False)
+
+
+# --------------------------------------------------------------------------------- the solver
+def test_momentum_coefficient_and_projection():
+    config = _config(num_steps=10, schedule="root", rho=0.6)
+    coefs = [momentum_coefficient(config, i) for i in range(10)]
+    assert coefs[0] == 0 and coefs[1] == 0  # no previous step / σ_{s'} = 1 (λ = −inf)
+    assert coefs[-1] == 0                    # σ_t = 0 at the last step: first order
+    assert all(math.isfinite(c) and c > 0 for c in coefs[2:-1])
+    assert second_order_coefficient(0.8, 0.5, 0.2) == pytest.approx(
+        (math.log(4) - 0) / (2 * (0 - math.log(0.25))))
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.rand(2, 2, 8, 5, generator=gen).softmax(-1)
+    d = second_order_probs(p, q, 3.0)
+    assert (d >= 0).all() and torch.allclose(d.sum(-1), torch.ones(2, 8))
+    assert torch.equal(second_order_probs(p, q, 0.0), p)
+
+
+@pytest.mark.parametrize("name", ["momentum2", "differential", "noise", "zsampling_masked", "zsampling_random",
+                                  "enhanced", "everything"])
+def test_token_bookkeeping_follows_the_schedule(name):
+    """Never more tokens decoded than the schedule allows; without Z-steps decoded tokens stay."""
+    config = _trick_config(name, num_steps=8)
+    history = []
+    _run(config, [0, 1, 2], cfg=3.0, callback=lambda step, t: history.append(t.clone().flatten(1)))
+    prev = torch.full((3, N), MASK)
+    rewrites = config.zsampling.variant in ("masked", "random")
+    for step, tokens in enumerate(history):
+        masked, prev_masked = (tokens == MASK).sum(-1), (prev == MASK).sum(-1)
+        if step == config.num_steps - 1:
+            assert (masked == 0).all()
+        else:
+            target = math.floor(N * mask_ratio(config.schedule, (step + 1) / config.num_steps, config.rho))
+            assert torch.equal(masked, torch.clamp(torch.minimum(prev_masked - 1, torch.tensor(target)), min=1))
+        if not rewrites:
+            decoded = prev != MASK
+            assert torch.equal(tokens[decoded], prev[decoded])
+        assert ((tokens == MASK) | (tokens < V)).all()
+        prev = tokens
+
+
+# ------------------------------------------------------------------------------ batches & CFG
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("name", ["noise", "differential", "zsampling_masked", "momentum2", "enhanced"])
+def test_batches_with_and_without_cfg(name, cfg, batch):
+    result = _run(_trick_config(name), list(range(batch)), cfg=cfg)
+    assert result.tokens.shape == (batch, *GRID)
+    assert not (result.tokens == MASK).any() and (result.tokens < V).all()
+
+
+def test_pipeline_enhanced_batch_cfg_nfe_and_independence(random_pipeline):
+    config = SamplerConfig.preset("enhanced", base=random_pipeline.settings.sampler, num_steps=4)
+    prompts = ["a red circle", "two blue squares"]
+    out = random_pipeline(prompts, seed=5, sampler=config, progress=False, output_type="tokens")
+    assert out.nfe == 3 * 4 - 2 and out.tokens.shape == (2, 16, 16)
+    assert out.tokens.max() < random_pipeline.transformer.config.codebook_size
+    alone = random_pipeline(prompts[1:], seed=6, sampler=config, progress=False, output_type="tokens")
+    assert torch.equal(out.tokens[1], alone.tokens[0])
+
+
+def test_pipeline_inversion_cfg_without_main_cfg(random_pipeline):
+    # CFG off for sampling, but the inversion pass is unconditional: the pipeline must encode negatives
+    config = random_pipeline.settings.sampler.replace(num_steps=3, guidance_scale=1.0,
+                                                       zsampling={"variant": "masked", "inversion_cfg": 0.0})
+    out = random_pipeline("a red circle", seed=0, sampler=config, progress=False)
+    assert out.nfe == 3 * 3 - 2 and len(out.images) == 1
+    vanilla = random_pipeline("a red circle", seed=0, sampler=config.replace(zsampling={}), progress=False)
+    assert vanilla.nfe == 3
+
+
+# ------------------------------------------------------------------------------- configuration
+def test_config_round_trips_and_names_unknown_keys():
+    config = SamplerConfig.preset("enhanced", num_steps=12, guidance_scale=4.0)
+    assert config.num_steps == 12 and config.guidance_scale == 4.0 and config.schedule == "root"
+    assert config.rho == 0.6 and config.differential.percent == 75 and config.zsampling.variant == "masked"
+    assert SamplerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert SamplerConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+    with pytest.raises(ValueError, match=r"noise\.scal"):
+        SamplerConfig.from_dict({"noise": {"scal": 2}})
+    with pytest.raises(ValueError, match="zigzag"):
+        SamplerConfig.from_dict({"zigzag": {}})
+    with pytest.raises(ValueError, match=r"differential\.z"):
+        config.with_overrides({"differential.z": 50})
+    assert config.with_overrides({"noise.scale": 2, "momentum.order": 2}).noise.scale == 2.0
+    with pytest.raises(ValueError, match="preset"):
+        SamplerConfig.preset("turbo")
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"differential": {"percent": 120}}, "differential.percent"),
+    ({"zsampling": {"variant": "zigzag"}}, "Z-sampling variant"),
+    ({"zsampling": {"steps": [3, 9]}, "num_steps": 6}, "beyond the last step"),
+    ({"momentum": {"order": 3}}, "momentum.order"),
+    ({"noise": {"curve": "piecewise"}}, "knots"),
+    ({"noise": {"scale": -1}}, "noise.scale"),
+    ({"noise": "loud"}, "mapping"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig.from_dict(bad)
+
+
+def test_cli_flags_map_onto_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    base = _config(num_steps=20, guidance_scale=5.0)
+    assert sampler_config_from_args(parser.parse_args([]), base) == base
+    args = parser.parse_args(["--sampler", "enhanced", "--noise-scale", "2", "--diff-z", "50", "--momentum", "2",
+                              "--zsampling-steps", "0:4", "--inversion-cfg", "1.5", "--rho", "0.5"])
+    config = sampler_config_from_args(args, base)
+    assert (config.num_steps, config.guidance_scale, config.timestep_convention) == (20, 5.0, "mask_ratio")
+    assert config.noise == type(config.noise)(curve="abs_cos", scale=2.0)
+    assert config.differential.percent == 50 and config.momentum.order == 2 and config.rho == 0.5
+    assert config.zsampling.steps == (0, 1, 2, 3) and config.zsampling.inversion_cfg == 1.5
+    path = tmp_path / "sweep.yaml"
+    path.write_text("schedule: linear\nzsampling: {variant: recover, steps: [1, 2]}\n")
+    config = sampler_config_from_args(parser.parse_args(["--sampler-config", str(path), "--zsampling-steps", "all"]),
+                                      base)
+    assert config.schedule == "linear" and config.zsampling.variant == "recover" and config.zsampling.steps is None
