@@ -244,7 +244,8 @@ class MGTPipeline:
         def forward(tokens, timestep, features):
             text_b, pooled_b = features
             n = text_b.shape[0]  # B, or 2B for [uncond, cond]
-            micro = micro_conds.expand(n, 5) if micro_conds.shape[0] == 1 else micro_conds.repeat(n // micro_conds.shape[0], 1)
+            rows = micro_conds.shape[0]
+            micro = micro_conds.expand(n, 5) if rows == 1 else micro_conds.repeat(n // rows, 1)
             return transformer(hidden_states=tokens, encoder_hidden_states=text_b, pooled_projections=pooled_b,
                                timestep=timestep, micro_conds=micro, token_merging=token_merging).float()
 

@@ -32,7 +32,8 @@ def parse_steps(spec: str) -> tuple[int, ...] | str:
             return tuple(range(start, stop))
         return tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--zsampling-steps takes 'all', 'START:STOP' or 'I,J,…', got {spec!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--zsampling-steps takes 'all', 'START:STOP' or 'I,J,…', got {spec!r}") from None
 
 
 def load_sampler_file(path: str | Path) -> dict:
@@ -91,7 +92,8 @@ def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> S
         config = SamplerConfig.preset(args.sampler, base=config)
     if getattr(args, "sampler_config", None) is not None:
         config = config.with_overrides(_flatten(load_sampler_file(args.sampler_config)))
-    overrides = {path: getattr(args, flag) for flag, path in _FLAG_PATHS.items() if getattr(args, flag, None) is not None}
+    overrides = {path: getattr(args, flag) for flag, path in _FLAG_PATHS.items()
+                 if getattr(args, flag, None) is not None}
     steps = getattr(args, "zsampling_steps", None)
     if steps is not None:
         overrides["zsampling.steps"] = None if steps == "all" else steps  # None = every step but the last

@@ -195,8 +195,8 @@ class SamplerConfig:
     @property
     def needs_unconditional(self) -> bool:
         """Whether some model pass needs the unconditional (negative-prompt) branch."""
-        inversion = self.zsampling.variant == "masked" and self.zsampling.enabled and self.zsampling.inversion_cfg != 1.0
-        return self.use_cfg or inversion
+        z = self.zsampling
+        return self.use_cfg or (z.variant == "masked" and z.enabled and z.inversion_cfg != 1.0)
 
     @property
     def keeps_previous_probs(self) -> bool:
