@@ -30,8 +30,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    from mgtq.sampling.cli_args import add_sampler_arguments
+
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    add_sampler_arguments(p)
+
+
+def _sampler(args, pipe):
+    """The checkpoint's sampler settings, then the preset/trick flags, then --steps/--cfg."""
+    from mgtq.sampling.cli_args import sampler_config_from_args
+
+    config = sampler_config_from_args(args, pipe.settings.sampler)
+    overrides = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.cfg)) if v is not None}
+    return config.replace(**overrides) if overrides else config
 
 
 def _load_pipe(args):
@@ -49,9 +61,8 @@ def cmd_generate(args) -> int:
 
     pipe = _load_pipe(args)
     paths = generate_to_files(
-        pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
-        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
-        progress=not args.no_progress,
+        pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, seed=args.seed, height=args.height,
+        width=args.width, num_images=args.num_images, progress=not args.no_progress, sampler=_sampler(args, pipe),
     )
     for path in paths:
         print(path)
@@ -63,10 +74,7 @@ def cmd_eval(args) -> int:
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
-    sampler = pipe.settings.sampler
-    overrides = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.cfg)) if v is not None}
-    sampler = sampler.replace(**overrides) if overrides else sampler
-    result = evaluate_pipeline(pipe, limit=args.limit, sampler=sampler, batch_size=args.batch_size,
+    result = evaluate_pipeline(pipe, limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
                                progress=not args.no_progress)
     result.pop("tokens")
     print(summary_line(result))

@@ -18,37 +18,39 @@ from mgtq.shapes import evaluate, shapebench_prompts
 def generate_bench(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, per_category: int | None = None, **call_kwargs,
-) -> tuple[list, torch.Tensor, list]:
-    """Generate the ShapeBench images (each with its prompt's seed). Returns (items, tokens, images).
+) -> tuple[list, torch.Tensor, list, int]:
+    """Generate the ShapeBench images (each with its prompt's seed). Returns (items, tokens, images, NFE).
 
     `limit` keeps the first `limit` prompts of an interleaved order, so small limits still cover
     every category.
     """
     items = shapebench_prompts(per_category) if per_category else shapebench_prompts()
     items = _interleave(items)[:limit] if limit else _interleave(items)
-    tokens, images = [], []
+    tokens, images, nfe = [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
         chunk = items[start : start + batch_size]
         out = pipe([it.prompt for it in chunk], seed=[it.seed for it in chunk], sampler=sampler, progress=False,
                    **call_kwargs)
         tokens.append(out.tokens.cpu())
         images += out.images
-    return items, torch.cat(tokens), images
+        nfe = out.nfe  # per image: every sample of a batch takes the same transformer calls
+    return items, torch.cat(tokens), images, nfe
 
 
 def evaluate_pipeline(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, reference_tokens: torch.Tensor | None = None, **call_kwargs,
 ) -> dict:
-    """ShapeBench accuracy: {"overall", "per_category", "n", "sampler", "seconds", "per_prompt", ...}.
+    """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "per_prompt", ...}.
 
     With `reference_tokens` (from another model at the same seeds), also the token agreement: the
     fraction of token positions equal to the reference.
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images = generate_bench(pipe, limit, config, batch_size, progress, **call_kwargs)
+    items, tokens, images, nfe = generate_bench(pipe, limit, config, batch_size, progress, **call_kwargs)
     result = evaluate(images, items)
+    result["nfe"] = nfe
     result["seconds"] = time.perf_counter() - t0
     result["sampler"] = config.to_dict()
     result["tokens"] = tokens
@@ -72,4 +74,4 @@ def _interleave(items: list) -> list:
 
 def summary_line(result: dict) -> str:
     cats = "  ".join(f"{c}={v:.3f}" for c, v in result["per_category"].items())
-    return f"ShapeBench overall={result['overall']:.3f} (n={result['n']})  {cats}"
+    return f"ShapeBench overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}"

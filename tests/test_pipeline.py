@@ -88,3 +88,10 @@ def test_cli_eval_writes_json(tmp_path, random_pipeline_dir):
     assert result["n"] == 5 and 0.0 <= result["overall"] <= 1.0
     assert set(result["per_category"]) == {"single", "colour", "position", "two_objects", "counting"}
     assert result["sampler"]["num_steps"] == 2
+
+
+def test_cli_generate_with_enhanced_sampler_flags(tmp_path, random_pipeline_dir):
+    out = tmp_path / "e.png"
+    code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
+                 "--sampler", "enhanced", "--noise-scale", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0 and out.exists()
