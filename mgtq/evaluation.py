@@ -25,7 +25,7 @@ def generate_bench(
     every category.
     """
     items = shapebench_prompts(per_category) if per_category else shapebench_prompts()
-    items = _interleave(items)[:limit] if limit else _interleave(items)
+    items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
     tokens, images, nfe = [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
         chunk = items[start : start + batch_size]
@@ -61,7 +61,7 @@ def evaluate_pipeline(
     return result
 
 
-def _interleave(items: list) -> list:
+def interleave_categories(items: list) -> list:
     """Round-robin over categories, so the first k prompts are balanced."""
     by_cat: dict[str, list] = {}
     for it in items:

@@ -76,11 +76,11 @@ def calibration_prompts(recipe: Recipe) -> list[tuple[str, int]]:
     """(prompt, seed) pairs: prompt i is generated with seed `prompts.seed + i`."""
     cfg = recipe.prompts
     if cfg.source == "shapebench":
-        from mgtq.evaluation import _interleave
+        from mgtq.evaluation import interleave_categories
         from mgtq.shapes import shapebench_prompts
 
         per_cat = -(-cfg.count // 5)
-        texts = [it.prompt for it in _interleave(shapebench_prompts(per_cat))][: cfg.count]
+        texts = [it.prompt for it in interleave_categories(shapebench_prompts(per_cat))][: cfg.count]
     elif cfg.source == "grammar":
         from mgtq.shapes import caption, sample_scene
 

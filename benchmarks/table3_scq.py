@@ -1,0 +1,126 @@
+"""The paper's Table 3 (SCQ ablation) on mgtq's embedded tiny-shapes model.
+
+Rows: fp32, bf16, W4A16 PTQ, W4A8 PTQ (every layer A8, no QAT), W4A8 QAT + a random third on A8,
+W4A8 SCQ (the lowest-magnitude third on A8). Columns: ShapeBench accuracy, token agreement with fp32
+at the same seeds, transformer Linear weight bytes, transformer bytes in all.
+
+    python benchmarks/table3_scq.py                       # full ShapeBench (320 prompts)
+    python benchmarks/table3_scq.py --limit 40            # quick look
+
+The SCQ and QAT+random rows come from `mgtq calibrate` runs of recipes/tiny-shapes-w4a8-scq.yaml
+(the random row re-runs only the secondary stage of a copy of that run); PTQ rows quantize the float
+model directly, with activation scales calibrated on the same synthesized set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mgtq.cli import default_model
+from mgtq.evaluation import evaluate_pipeline
+from mgtq.export import export_run
+from mgtq.pipeline import MGTPipeline
+from mgtq.quantization import linear_names, model_weight_nbytes, prepare_qat_, quantize_weights_, input_scales_from_stats
+from mgtq.scq.calibrate import calibrate
+from mgtq.scq.recipe import load_recipe, recipe_from_dict
+from mgtq.scq.stages import load_calibration_data, record_activation_stats, synthesis_sampler
+from mgtq.utils import write_json
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"
+
+
+def transformer_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    return model_weight_nbytes(model), model_weight_nbytes(model, linear_only=False)
+
+
+def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipeline:
+    """Quantize the float transformer without QAT; A8 scales calibrated on the synthesized set."""
+    pipe = copy.copy(base)
+    model = copy.deepcopy(base.transformer).float()
+    names = linear_names(model, recipe.qat.skip)
+    scales = {}
+    if a8_all:
+        data = load_calibration_data(run / "synth", base)
+        probe = copy.deepcopy(model)
+        prepare_qat_(probe, group_size=recipe.qat.group_size, skip=recipe.qat.skip)  # W4 weights, as deployed
+        stats = record_activation_stats(probe, data, recipe, synthesis_sampler(recipe, base), names, progress=False)
+        scales = input_scales_from_stats(stats, recipe.secondary.scale_method, recipe.secondary.percentile)
+    quantize_weights_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip,
+                      a8_layers=names if a8_all else (), input_scales=scales)
+    pipe.transformer = model.eval()
+    return pipe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--work", type=Path, default=REPO / "calibration" / "table3")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "table3_scq")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    recipe = load_recipe(RECIPE)
+    scq_run = args.work / "scq"
+    calibrate(recipe, scq_run)
+    random_recipe = recipe_from_dict({**recipe.to_dict(), "secondary": {**recipe.to_dict()["secondary"],
+                                                                         "selection": "random"}})
+    random_run = args.work / "qat-random"
+    if not random_run.exists():
+        shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
+    calibrate(random_recipe, random_run)
+    scq_ckpt, random_ckpt = export_run(scq_run, args.work / "ckpt-scq"), export_run(random_run, args.work / "ckpt-rand")
+
+    base = MGTPipeline.from_pretrained(default_model())
+    bf16 = copy.copy(base)
+    bf16.transformer = copy.deepcopy(base.transformer).to(torch.bfloat16)
+    rows = [
+        ("fp32", lambda: base),
+        ("bf16", lambda: bf16),
+        ("W4A16 PTQ", lambda: ptq_pipeline(base, scq_run, recipe, a8_all=False)),
+        ("W4A8 PTQ (all A8)", lambda: ptq_pipeline(base, scq_run, recipe, a8_all=True)),
+        ("W4A8 QAT + random third A8", lambda: MGTPipeline.from_pretrained(random_ckpt)),
+        ("W4A8 SCQ (lowest third A8)", lambda: MGTPipeline.from_pretrained(scq_ckpt)),
+    ]
+    results, reference = [], None
+    for name, make in rows:
+        pipe = make()
+        t0 = time.perf_counter()
+        res = evaluate_pipeline(pipe, limit=args.limit, reference_tokens=reference, progress=True)
+        if reference is None:
+            reference = res["tokens"]
+            res["token_agreement"] = 1.0
+        linear_bytes, all_bytes = transformer_bytes(pipe.transformer)
+        results.append({"row": name, "shapebench": res["overall"], "per_category": res["per_category"],
+                        "token_agreement": res["token_agreement"], "linear_weight_bytes": linear_bytes,
+                        "transformer_bytes": all_bytes, "n": res["n"], "seconds": time.perf_counter() - t0})
+        print(f"{name:30s} acc={res['overall']:.3f} agree={res['token_agreement']:.3f} bytes={all_bytes}")
+
+    sampler = base.settings.sampler.to_dict()
+    payload = {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
+               "rows": results, "command": "python benchmarks/table3_scq.py" + (f" --limit {args.limit}" if args.limit else "")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), payload)
+    fp32_bytes = results[0]["transformer_bytes"]
+    lines = [f"ShapeBench (n={results[0]['n']}), {sampler['num_steps']} steps, CFG {sampler['guidance_scale']}, "
+             "same seeds for every row.", "",
+             "| format | ShapeBench acc. | token agreement vs fp32 | Linear weight bytes | transformer bytes (× fp32) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['shapebench']:.3f} | {r['token_agreement']:.3f} | {r['linear_weight_bytes']:,} | "
+                     f"{r['transformer_bytes']:,} ({r['transformer_bytes'] / fp32_bytes:.3f}×) |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
