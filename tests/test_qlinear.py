@@ -60,7 +60,7 @@ def test_dequant_is_one_rounding_from_fp32(linear):
     m = W4Linear.from_float(linear, group_size=32)
     for dtype in (torch.bfloat16, torch.float16):
         ref = reference_weight(linear, 32).to(dtype)
-        assert torch.equal(dequantize_int4_weight(m.weight_packed, m.weight_scale, dtype, chunk_rows=7), ref)
+        assert torch.equal(dequantize_int4_weight(m.weight_packed, m.weight_scale, dtype, chunk_elems=7 * K), ref)
 
 
 def test_w4a8_matches_integer_reference(linear):
@@ -101,15 +101,40 @@ def test_w4a8_clamps_outliers_and_small_m(linear):
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_w4a8_weight_cache_is_optional_and_equal(linear):
+@pytest.mark.parametrize("backend", ["int8", "onednn"])
+def test_w4a8_weight_cache_is_optional_and_equal(linear, backend):
+    from mgtq.quantization.qtensor import onednn_int8_linear_available
+
+    if backend == "onednn" and not onednn_int8_linear_available():
+        pytest.skip("no oneDNN int8 linear in this build")
     m = W4A8Linear.from_float(linear, 0.02)
     x = torch.randn(9, K)
     y = m(x)
-    m.enable_weight_cache()
-    assert "_weight_x16" not in m.state_dict()
-    assert torch.equal(m(x), y)
+    m.enable_weight_cache(backend)
+    assert m.weight_cache == backend and "_weight_x16" not in m.state_dict()
+    assert m.weight_nbytes() == N * K // 2 + N * 4 + 4 + N * K
+    if backend == "int8":
+        assert torch.equal(m(x), y)  # same kernel, unpack skipped
+    else:
+        torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)  # fused epilogue rounds differently
+        torch.testing.assert_close(m(x.bfloat16()).float(), y, rtol=1e-2, atol=2e-2)
+    import copy
+
+    assert copy.deepcopy(m).weight_cache in (None, "int8")  # oneDNN's opaque tensor is dropped
     m.disable_weight_cache()
-    assert m._weight_x16 is None
+    assert m.weight_cache is None and m.weight_nbytes() == N * K // 2 + N * 4 + 4
+
+
+def test_w4_small_m_path_matches_dequantized(linear):
+    # <= SMALL_M rows take torch._weight_int8pack_mm on CPU; more rows dequantize + GEMM
+    m = W4Linear.from_float(linear)
+    w = reference_weight(linear)
+    for rows in (1, 2, 16, 17):
+        x = torch.randn(rows, K)
+        torch.testing.assert_close(m(x), F.linear(x, w, linear.bias), rtol=1e-5, atol=1e-5)
+        xb = x.bfloat16()
+        ref = F.linear(xb.float(), w, linear.bias)
+        torch.testing.assert_close(m(xb).float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_w4a8_rejects_groups():

@@ -75,6 +75,7 @@ def quantize_weights_(
     a8_layers: Iterable[str] = (),
     input_scales: Mapping[str, torch.Tensor | float] | None = None,
     chunk_n: int = INT8_MM_CHUNK_N,
+    a8_weight_cache: bool = False,
 ) -> dict[str, str]:
     """Replace every ``nn.Linear`` (not matching ``skip``) in place by a real quantized module.
 
@@ -83,6 +84,10 @@ def quantize_weights_(
     the others :class:`W4Linear` with ``group_size`` (``None`` = per channel).
     A :class:`FakeQuantLinear` is converted from its *float* weight like any
     Linear (use :func:`convert_qat_` to keep its own settings).
+
+    ``a8_weight_cache=True`` calls :meth:`W4A8Linear.enable_weight_cache` on
+    the A8 layers (int8 weight copy in memory, oneDNN fused path on CPU: the
+    fast option on AMX CPUs; costs +1 byte per weight of those layers).
 
     Returns:
         ``{qualified_name: "W4Linear" | "W4A8Linear"}`` for the replaced layers.
@@ -93,6 +98,8 @@ def quantize_weights_(
         linear = model.get_submodule(name)
         if name in a8:
             new: nn.Module = W4A8Linear.from_float(linear, _scale_for(name, input_scales), chunk_n=chunk_n)
+            if a8_weight_cache:
+                new.enable_weight_cache()
         else:
             new = W4Linear.from_float(linear, group_size=group_size)
         _set_submodule(model, name, new)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .packing import pack_int4, unpack_int4_x16
@@ -28,7 +27,11 @@ from .qtensor import (
     MappingType,
     PackedInt4Weight,
     dequantize_int4_weight,
+    int4_weight_only_linear,
     int8_int4_linear,
+    onednn_int8_linear,
+    onednn_int8_linear_available,
+    onednn_prepack_int8_weight,
     quantize_int4_weight,
     quantize_int8_per_tensor,
     resolve_group_size,
@@ -168,19 +171,17 @@ class W4Linear(QuantizedLinear):
 
     Forward: ``F.linear(x, dequant(W).to(x.dtype), bias)``; works for fp32 /
     bf16 / fp16 inputs of shape ``(..., in_features)``.  The float weight
-    exists only during the call.
-
-    DISPATCH POINT (CUDA): torchao's int4 tinygemm (``Int4WeightOnlyConfig``,
-    ``torch.ops.aten._weight_int4pack_mm``) multiplies without materialising
-    the float weight; it needs its own tile-packed layout, converted once at
-    load.  On CPU, ``_weight_int4pack_mm_for_cpu`` exists but measured ~15x
-    slower than dequant + bf16 GEMM at M=2202 (no AMX), so it is not used.
+    exists only during the call, built in cache-sized row blocks.  For at
+    most :data:`~mgtq.quantization.qtensor.SMALL_M` rows with per-channel
+    scales (e.g. adaLN projections, M = batch) the CPU path multiplies the
+    int8-unpacked weight directly (``torch._weight_int8pack_mm``) instead.
+    See :func:`~mgtq.quantization.qtensor.int4_weight_only_linear` for the
+    CUDA dispatch point.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        w = dequantize_int4_weight(self.weight_packed, self.weight_scale, x.dtype)
-        return F.linear(x, w, self._bias_as(x.dtype))
+        return int4_weight_only_linear(x, self.weight_packed, self.weight_scale, self.bias)
 
     @classmethod
     def from_float(
@@ -233,9 +234,14 @@ class W4A8Linear(QuantizedLinear):
 
     The weight stays packed (K/2 bytes per row) and is unpacked per chunk of
     ``chunk_n`` output channels straight into the (K, N)-shaped int8 operand
-    ``_int_mm`` wants (a transposed view, no copy).  Opt-in
-    :meth:`enable_weight_cache` keeps the unpacked int8 weight instead (2x the
-    int4 memory, saves the unpack).
+    ``_int_mm`` wants (a transposed view, no copy).
+
+    Opt-in :meth:`enable_weight_cache` trades memory for speed by keeping an
+    int8 copy of the weight (+1 byte per weight, i.e. 3x the int4 bytes in
+    total; still below bf16): on CPU with oneDNN, prepacked for oneDNN's int8
+    linear, which fuses the rescale/bias/cast epilogue (the fastest CPU path);
+    elsewhere as the plain unpacked int8 operand.  The cache is never saved,
+    is dropped on deepcopy/pickle and when the module leaves the CPU.
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
@@ -259,36 +265,83 @@ class W4A8Linear(QuantizedLinear):
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.chunk_n = chunk_n
         self.register_buffer("_weight_x16", None, persistent=False)
+        self._onednn_weight: torch.Tensor | None = None  # opaque MKLDNN tensor, never a buffer
 
     def extra_repr(self) -> str:
         scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.4g}"
-        cached = ", int8_weight_cache=True" if self._weight_x16 is not None else ""
-        return f"{super().extra_repr()}, input_scale={scale}{cached}"
+        return f"{super().extra_repr()}, input_scale={scale}, weight_cache={self.weight_cache}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         x_q = quantize_int8_per_tensor(x2, self.input_scale)
-        col_scale = self.weight_scale[:, 0] * self.input_scale
-        y = int8_int4_linear(
-            x_q,
-            self.weight_packed,
-            col_scale,
-            self.bias,
-            x.dtype,
-            chunk_n=self.chunk_n,
-            weight_x16=self._weight_x16,
-        )
+        if self._onednn_weight is not None and x.device.type == "cpu":
+            y = onednn_int8_linear(
+                x_q, self.input_scale, self._onednn_weight, self.weight_scale[:, 0], self.bias, x.dtype
+            )
+        else:
+            # DISPATCH POINT (CUDA): torchao's int8 dynamic-activation kernels
+            # could replace int8_mm + epilogue; see qtensor.int8_mm.
+            y = int8_int4_linear(
+                x_q,
+                self.weight_packed,
+                self.weight_scale[:, 0] * self.input_scale,
+                self.bias,
+                x.dtype,
+                chunk_n=self.chunk_n,
+                weight_x16=self._weight_x16,
+            )
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ int8 weight cache (opt-in)
-    def enable_weight_cache(self) -> None:
-        """Keep ``16 * q_w`` unpacked as int8 (non-persistent): +1 byte/weight, no per-call unpack."""
-        self._weight_x16 = unpack_int4_x16(self.weight_packed)
+    @property
+    def weight_cache(self) -> str | None:
+        """``"onednn"``, ``"int8"`` or ``None``."""
+        if self._onednn_weight is not None:
+            return "onednn"
+        return None if self._weight_x16 is None else "int8"
+
+    def enable_weight_cache(self, backend: str = "auto") -> None:
+        """Keep an int8 copy of the weight (+1 byte/weight, not saved) to skip per-call unpacking.
+
+        Args:
+            backend: ``"onednn"`` (CPU: prepacked for oneDNN's fused int8
+                linear), ``"int8"`` (plain ``16 * q`` int8 operand for
+                ``_int_mm``), or ``"auto"`` (oneDNN when available).
+        """
+        self.disable_weight_cache()
+        if backend == "auto":
+            backend = "onednn" if onednn_int8_linear_available(self.weight_packed.device) else "int8"
+        if backend == "onednn":
+            if not onednn_int8_linear_available(self.weight_packed.device):
+                raise RuntimeError("oneDNN int8 linear is not available for this device / build")
+            self._onednn_weight = onednn_prepack_int8_weight(self.weight_packed)
+        elif backend == "int8":
+            self._weight_x16 = unpack_int4_x16(self.weight_packed)
+        else:
+            raise ValueError(f"backend must be 'auto', 'onednn' or 'int8', got {backend!r}")
 
     def disable_weight_cache(self) -> None:
         self._weight_x16 = None
+        self._onednn_weight = None
+
+    def weight_nbytes(self) -> int:
+        """Packed int4 + scales + input scale, plus the int8 cache when enabled (N*K bytes)."""
+        cache = 0 if self.weight_cache is None else self.out_features * self.in_features
+        return super().weight_nbytes() + cache
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        if self._onednn_weight is not None and self.weight_packed.device.type != "cpu":
+            self._onednn_weight = None  # oneDNN's layout is CPU-only
+        return result
+
+    def __getstate__(self) -> dict:
+        # The opaque oneDNN tensor can be neither pickled nor deep-copied.
+        state = self.__dict__.copy()
+        state["_onednn_weight"] = None
+        return state
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -14,12 +14,26 @@ quantizer and the real kernels here agree bit for bit.
 Kernels (all device-agnostic torch ops; dispatch points for CUDA kernels are
 marked ``DISPATCH POINT``):
 
-* :func:`dequantize_int4_weight` -- packed int4 -> float weight, chunked over
-  output rows so the int8 intermediate stays in cache;
-* :func:`quantize_int8_per_tensor` -- float activation -> int8;
+* :func:`dequantize_int4_weight` -- packed int4 -> float weight, in row
+  blocks so the int8 / fp32 intermediates stay in cache;
+* :func:`int4_weight_only_linear` -- W4A16: dequantize + ``F.linear``, or
+  ``torch._weight_int8pack_mm`` for a handful of rows;
+* :func:`quantize_int8_per_tensor` -- float activation -> int8, in row blocks;
 * :func:`int8_int4_linear` -- int8 activations x packed int4 weights through a
   real int8 x int8 -> int32 GEMM (``torch._int_mm``), chunked over output
-  columns so the int32 accumulator and the rescale epilogue stay in cache.
+  columns so the int32 accumulator and the rescale epilogue stay in cache;
+* :func:`onednn_int8_linear` -- opt-in CPU path on an int8 weight prepacked
+  for oneDNN, rescale / bias / cast fused into the GEMM.
+
+What the CPU numbers look like (Xeon with AMX, torch 2.13; see
+``benchmarks/bench_linear_kernels.py``): ``F.linear`` in bf16 runs on oneDNN's
+AMX brgemm straight from the plain weight.  ``torch._int_mm`` goes through
+oneDNN's legacy ``gemm_api`` (AVX512-VNNI, no AMX; ONEDNN_VERBOSE shows it), so
+on AMX machines it is *not* faster than the bf16 GEMM and the packed-int4 W4A8
+path costs more than bf16.  oneDNN's AMX int8 matmul needs the weight
+reordered into its blocked VNNI layout (``qlinear_prepack``), which costs more
+than the GEMM itself per call -- hence only as an opt-in cached int8 copy.
+On CPUs with VNNI but no AMX, and on CUDA, the int8 GEMM is the faster one.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchao.quantization.quant_primitives import (
     MappingType,
     choose_qparams_affine,
@@ -47,18 +62,29 @@ __all__ = [
     "to_int8_domain",
     "int8_mm",
     "int8_int4_linear",
+    "int4_weight_only_linear",
+    "onednn_int8_linear_available",
+    "onednn_prepack_int8_weight",
+    "onednn_int8_linear",
 ]
 
 INT8_MIN = -128
 INT8_MAX = 127
 
-# Rows of weight dequantized per step: 256 x 5120 int8 (1.3 MB) + the bf16 rows
-# written stay within a 2 MB L2.  Tuned on Meissonic shapes (benchmarks/).
-DEQUANT_CHUNK_ROWS = 256
-# Output columns per int8 GEMM step: a (2202 x 256) int32 accumulator is 2.2 MB,
-# so the epilogue (int32 -> float, rescale, bias, cast) runs from cache instead
-# of streaming a 36 MB accumulator through memory.  Tuned in benchmarks/.
+# Cache blocking.  Elementwise passes over big tensors are memory-bound (and a
+# >32 MB temporary is mmap'ed afresh by glibc on every call, page faults and
+# all), so the kernels below work on slices of about this many elements, whose
+# temporaries stay within a 2 MB L2.  Tuned on Meissonic shapes (benchmarks/).
+CHUNK_ELEMS = 1 << 18
+# Output columns per int8 GEMM call: a (2202 x 256) int32 accumulator is 2.2 MB,
+# so the rescale epilogue reads it from cache instead of streaming a 36 MB
+# accumulator through memory.
 INT8_MM_CHUNK_N = 256
+# At most this many rows, per-channel W4A16 skips materialising the float
+# weight: torch._weight_int8pack_mm (bf16/fp32 x int8 with per-channel scales)
+# reads the int8 weight once.  At M=2 (adaLN) it runs as fast as the bf16 GEMM
+# while dequantize + GEMM is 4-8x slower.
+SMALL_M = 16
 
 _SUPPORTED_MAPPINGS = (MappingType.SYMMETRIC, MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
@@ -124,37 +150,75 @@ def dequantize_int4_weight(
     packed: torch.Tensor,
     scale: torch.Tensor,
     dtype: torch.dtype = torch.float32,
-    chunk_rows: int = DEQUANT_CHUNK_ROWS,
+    chunk_elems: int = CHUNK_ELEMS,
 ) -> torch.Tensor:
     """Packed int4 ``(N, K/2)`` + scales ``(N, G)`` -> float weight ``(N, K)`` in ``dtype``.
 
-    Equals ``(q.float() * scale).to(dtype)`` exactly: the kernel multiplies
-    ``16 * q`` by ``scale / 16`` (a power-of-two rescale, exact) in fp32 and
-    rounds once to ``dtype``.
+    Equals ``(q.float() * scale).to(dtype)`` exactly: ``16 * q`` times ``scale
+    / 16`` (a power-of-two rescale, exact) in fp32, rounded once to ``dtype``.
+    Works through row blocks of about ``chunk_elems`` elements so the int8 and
+    fp32 intermediates stay in cache.
     """
     _check_weight_pair(packed, scale)
     n, half = packed.shape
     k = 2 * half
     groups = scale.shape[1]
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    if packed.device.type == "meta":
+    if packed.device.type == "meta" or n == 0:
         return out
-    scale16 = scale.to(torch.float32) * (1.0 / 16.0)  # (N, G)
-    rows = max(1, min(chunk_rows, n))
-    buf = torch.empty(rows, k, dtype=torch.int8, device=packed.device)
+    scale16 = (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)  # (N, G, 1)
+    rows = max(1, min(n, chunk_elems // k))
+    buf8 = torch.empty(rows, k, dtype=torch.int8, device=packed.device)
+    # fp32 staging keeps the product exact before the single rounding to dtype.
+    stage = None if dtype == torch.float32 else torch.empty(rows, k, dtype=torch.float32, device=packed.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        w16 = unpack_int4_x16(packed[r0:r1], out=buf[: r1 - r0])
-        dst = out[r0:r1]
-        if groups == 1:
-            torch.mul(w16, scale16[r0:r1], out=dst)
-        else:
-            torch.mul(
-                w16.view(r1 - r0, groups, k // groups),
-                scale16[r0:r1, :, None],
-                out=dst.view(r1 - r0, groups, k // groups),
-            )
+        w16 = unpack_int4_x16(packed[r0:r1], out=buf8[: r1 - r0])
+        f = out[r0:r1] if stage is None else stage[: r1 - r0]
+        f.copy_(w16)
+        f.view(r1 - r0, groups, k // groups).mul_(scale16[r0:r1])
+        if stage is not None:
+            out[r0:r1].copy_(f)
     return out
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W4A16 linear: ``x (..., K)`` float, packed int4 weight ``(N, K/2)``, scales ``(N, G)``.
+
+    DISPATCH POINT (CUDA): torchao's int4 tinygemm (``Int4WeightOnlyConfig``,
+    ``torch.ops.aten._weight_int4pack_mm``) multiplies without materialising
+    the float weight; it needs its own tile-packed layout, converted at load.
+    On CPU ``_weight_int4pack_mm_for_cpu`` exists but measured ~15x slower
+    than dequantize + bf16 GEMM at M=2202 (no AMX use), so it is not used.
+    """
+    k = x.shape[-1]
+    m = x.numel() // max(k, 1)
+    b = None if bias is None else bias.to(x.dtype)
+    if _use_int8pack_mm(x, m, k, scale):
+        x2 = x.reshape(m, k).contiguous()
+        w16 = unpack_int4_x16(packed)
+        # Scales must share x's dtype here (bf16: rounded once more, within bf16 noise).
+        y = torch._weight_int8pack_mm(x2, w16, (scale[:, 0] * (1.0 / 16.0)).to(x.dtype))
+        if b is not None:
+            y.add_(b)
+        return y.reshape(*x.shape[:-1], packed.shape[0])
+    w = dequantize_int4_weight(packed, scale, x.dtype)
+    return F.linear(x, w, b)
+
+
+def _use_int8pack_mm(x: torch.Tensor, m: int, k: int, scale: torch.Tensor) -> bool:
+    # torch._weight_int8pack_mm on CPU: per-channel scales only, and its bf16
+    # kernel crashed (SIGSEGV, torch 2.13) for K not a multiple of 16 -- we
+    # require 32 to stay clear of it.
+    return (
+        x.device.type == "cpu"
+        and m <= SMALL_M
+        and scale.shape[1] == 1
+        and k % 32 == 0
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
 
 
 @dataclass(frozen=True)
@@ -219,16 +283,40 @@ def choose_int8_scale(bound: torch.Tensor | float, eps: float = 1e-8) -> torch.T
     return (bound.reshape(()).clamp(min=eps) / INT8_MAX).to(torch.float32)
 
 
-def quantize_int8_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_int8_per_tensor(
+    x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = CHUNK_ELEMS
+) -> torch.Tensor:
     """``clamp(round(x / scale), -128, 127)`` as int8, same shape as ``x``.
 
-    ``round`` is round-half-to-even (``torch.round``), applied to the fp32
-    value ``x * (1 / scale)``.
+    ``round`` is round-half-to-even (``torch.round``) of the fp32 value ``x *
+    (1 / scale)`` (see :func:`to_int8_domain`).  Row blocks of about
+    ``chunk_elems`` elements go through one reused fp32 buffer: four cheap
+    in-cache passes instead of four passes over a large fresh temporary.
     """
     if not x.is_floating_point():
         raise TypeError(f"expected a floating point activation, got {x.dtype}")
-    v = to_int8_domain(x, scale)
-    return v.round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8)
+    out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if x.numel() == 0 or x.device.type == "meta":
+        return out
+    k = x.shape[-1] if x.dim() else 1
+    x2 = x.reshape(-1, k)
+    o2 = out.view(-1, k)
+    m = x2.shape[0]
+    inv = torch.reciprocal(scale.to(device=x.device, dtype=torch.float32)).reshape(())
+    rows = max(1, min(m, chunk_elems // k))
+    buf = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    with torch.no_grad():  # integer output: nothing to differentiate
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            f = buf[: r1 - r0]
+            if x2.dtype == torch.float32:
+                torch.mul(x2[r0:r1], inv, out=f)
+            else:
+                f.copy_(x2[r0:r1])  # upcast first: the product is rounded in fp32
+                f.mul_(inv)
+            f.round_().clamp_(INT8_MIN, INT8_MAX)
+            o2[r0:r1].copy_(f)
+    return out
 
 
 def to_int8_domain(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -295,52 +383,102 @@ def int8_int4_linear(
         col_scale: fp32 ``(N,)``, ``input_scale * weight_scale`` per output column.
         bias: optional ``(N,)``.
         out_dtype: dtype of the result.
-        chunk_n: output columns per GEMM step (cache blocking).
+        chunk_n: output columns per GEMM call (cache blocking).
         weight_x16: optional cached ``16 * q_w`` int8 ``(N, K)`` to skip unpacking.
 
     Returns:
         ``(M, N)`` tensor of ``out_dtype``.
 
     The GEMM runs on ``16 * q_w`` (one unpack op per half, see
-    :func:`unpack_int4_x16`); the 1/16 is folded into the column scale, which
-    is exact.  The int32 accumulator is exact; the result is rounded once in
-    fp32 then once to ``out_dtype``.
+    :func:`unpack_int4_x16`) straight from a transposed view (the (K, N)
+    operand ``_int_mm`` wants, no copy); the 1/16 is folded into the column
+    scale, which is exact.  The int32 accumulator is exact; the result is
+    rounded once in fp32, then once to ``out_dtype``.
     """
     m, k = x_q.shape
     n = packed.shape[0]
     if packed.shape[1] * 2 != k:
         raise ValueError(f"activation K={k} does not match packed weight K={packed.shape[1] * 2}")
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
-    if x_q.device.type == "meta":
+    if x_q.device.type == "meta" or m == 0:
         return out
     scale16 = col_scale.to(torch.float32) * (1.0 / 16.0)
     bias32 = None if bias is None else bias.to(torch.float32)
     step = max(1, min(chunk_n, n))
-    buf = None if weight_x16 is not None else torch.empty(step, k, dtype=torch.int8, device=x_q.device)
+    w_buf = None if weight_x16 is not None else torch.empty(step, k, dtype=torch.int8, device=x_q.device)
+    # fp32 staging for the epilogue unless the output itself is fp32.
+    stage = None if out_dtype == torch.float32 else torch.empty(m, step, dtype=torch.float32, device=x_q.device)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         if weight_x16 is not None:
             w16 = weight_x16[c0:c1]
         else:
-            w16 = unpack_int4_x16(packed[c0:c1], out=buf[: c1 - c0])
-        acc = int8_mm(x_q, w16.t())  # (M, c) int32
-        _rescale_into(acc, scale16[c0:c1], None if bias32 is None else bias32[c0:c1], out[:, c0:c1])
+            w16 = unpack_int4_x16(packed[c0:c1], out=w_buf[: c1 - c0])
+        acc = int8_mm(x_q, w16.t())  # (M, c) int32, exact
+        dst = out[:, c0:c1]
+        f = dst if stage is None else stage[:, : c1 - c0]
+        f.copy_(acc)
+        if bias32 is None:
+            f.mul_(scale16[c0:c1])
+        else:
+            torch.addcmul(bias32[c0:c1], f, scale16[c0:c1], out=f)
+        if stage is not None:
+            dst.copy_(f)
     return out
 
 
-def _rescale_into(
-    acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dst: torch.Tensor
-) -> None:
-    """``dst = acc * scale + bias`` computed in fp32, rounded once into ``dst``'s dtype."""
-    accf = acc.to(torch.float32)
-    if dst.dtype == torch.float32:
-        if bias is None:
-            torch.mul(accf, scale, out=dst)
-        else:
-            torch.addcmul(bias, accf, scale, out=dst)
-        return
-    if bias is None:
-        accf.mul_(scale)
-    else:
-        torch.addcmul(bias, accf, scale, out=accf)
-    dst.copy_(accf)
+# ------------------------------------------------------- opt-in oneDNN W4A8 (CPU)
+
+
+def onednn_int8_linear_available(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`onednn_prepack_int8_weight` can be used (CPU with oneDNN int8 linear ops)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.onednn, "qlinear_prepack")
+        and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    )
+
+
+def onednn_prepack_int8_weight(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack int4 -> int8 ``(N, K)`` and reorder it into oneDNN's blocked int8 layout (opaque tensor).
+
+    This is an int8 copy of the weight (2x the int4 bytes): opt-in only.  The
+    result is an opaque MKLDNN tensor -- not a state-dict tensor, not
+    deep-copyable, not movable across devices.
+    """
+    return torch.ops.onednn.qlinear_prepack(unpack_int4(packed), None)
+
+
+def onednn_int8_linear(
+    x_q: torch.Tensor,
+    input_scale: torch.Tensor,
+    prepacked: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """W4A8 through oneDNN's int8 linear (AMX/VNNI) with the rescale + bias + cast fused in.
+
+    Same math as :func:`int8_int4_linear` (int32 accumulation, one fp32
+    rescale ``input_scale * weight_scale``, bias, cast) but no int32
+    accumulator round-trips through memory.  ``x_q`` int8 ``(M, K)``
+    contiguous; ``weight_scale`` fp32 ``(N,)``.
+    """
+    n = weight_scale.shape[0]
+    zero_points = torch.zeros(n, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        x_q.contiguous(),
+        float(input_scale),
+        0,
+        prepacked,
+        weight_scale.to(torch.float32).contiguous(),
+        zero_points,
+        None if bias is None else bias.to(torch.float32),
+        1.0,
+        0,
+        out_dtype,
+        "none",
+        [],
+        "",
+    )

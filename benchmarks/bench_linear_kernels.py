@@ -1,0 +1,165 @@
+"""Latency of the quantized linear kernels on Meissonic-1024 shapes (CPU).
+
+One single-stream transformer block of Meissonic-1024 (D = 1024) has these
+Linears; tokens M = 2 x (1024 + 77) = 2202 for the classifier-free-guidance
+batch of 2 (the adaLN projection sees one row per sample):
+
+    norm.linear (adaLN)  1024 -> 3072   M = 2
+    attn.to_q/k/v        1024 -> 1024   M = 2202   (x3)
+    proj_mlp             1024 -> 4096   M = 2202
+    proj_out             5120 -> 1024   M = 2202
+
+Variants: fp32 ``F.linear``, bf16 ``F.linear``, ``W4Linear`` (bf16
+activations), ``W4A8Linear`` (bf16 in/out, int8 GEMM), ``W4A8Linear`` with the
+opt-in oneDNN int8 weight cache.  Variants are timed round-robin (one call of each in
+turn, repeated) so background load hits all of them alike; we report medians.
+
+Usage::
+
+    python benchmarks/bench_linear_kernels.py --threads 2 --repeats 15 [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
+
+D = 1024
+STATS = {"median": statistics.median, "min": min}
+TEXT_TOKENS = 77
+IMAGE_TOKENS = 1024  # 64 x 64 latent downsampled 2x -> 32 x 32
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    in_features: int
+    out_features: int
+    rows: int  # M
+    count: int = 1  # how many such layers per block
+
+
+def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
+    m = batch * tokens
+    return [
+        LayerShape("adaLN 1024->3072", D, 3 * D, batch),
+        LayerShape("to_q/k/v 1024->1024", D, D, m, count=3),
+        LayerShape("proj_mlp 1024->4096", D, 4 * D, m),
+        LayerShape("proj_out 5120->1024", 5 * D, D, m),
+    ]
+
+
+def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(shape.in_features, shape.out_features)
+    with torch.no_grad():
+        linear.weight.normal_(0, shape.in_features**-0.5, generator=g)
+        linear.bias.normal_(0, 0.02, generator=g)
+    x32 = torch.randn(shape.rows, shape.in_features, generator=g)
+    xbf = x32.bfloat16()
+    w32, b32 = linear.weight.detach(), linear.bias.detach()
+    wbf, bbf = w32.bfloat16(), b32.bfloat16()
+    w4 = W4Linear.from_float(linear).to(torch.bfloat16)
+    w4a8 = W4A8Linear.from_float(linear, choose_int8_scale(x32.abs().max())).to(torch.bfloat16)
+    w4a8_cached = W4A8Linear.from_float(linear, choose_int8_scale(x32.abs().max())).to(torch.bfloat16)
+    w4a8_cached.enable_weight_cache("onednn")
+    return {
+        "fp32": lambda: F.linear(x32, w32, b32),
+        "bf16": lambda: F.linear(xbf, wbf, bbf),
+        "W4A16": lambda: w4(xbf),
+        "W4A8": lambda: w4a8(xbf),
+        "W4A8+onednn": lambda: w4a8_cached(xbf),
+    }
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, stat: Callable = statistics.median
+) -> dict[str, float]:
+    """Milliseconds per variant (median by default), variants interleaved call by call."""
+    with torch.inference_mode():
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: stat(v) for k, v in samples.items()}
+
+
+def markdown_table(rows: list[tuple[str, dict[str, float]]], variants: list[str]) -> str:
+    head = "| layer | " + " | ".join(f"{v} ms (x bf16)" for v in variants) + " |"
+    sep = "|---|" + "---|" * len(variants)
+    lines = [head, sep]
+    for name, t in rows:
+        cells = [f"{t[v]:.2f} ({t[v] / t['bf16']:.2f}x)" for v in variants]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2, help="CFG batch (2 = cond + uncond)")
+    ap.add_argument("--tokens", type=int, default=IMAGE_TOKENS + TEXT_TOKENS)
+    ap.add_argument(
+        "--stat", choices=["median", "min"], default="median", help="min = least-disturbed run on a busy machine"
+    )
+    ap.add_argument("--out", type=str, default=None, help="also write the Markdown report here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    variants = ["fp32", "bf16", "W4A16", "W4A8", "W4A8+onednn"]
+    rows: list[tuple[str, dict[str, float]]] = []
+    block = {v: 0.0 for v in variants}
+    for shape in block_shapes(args.batch, args.tokens):
+        t = time_round_robin(make_variants(shape), args.repeats, args.warmup, STATS[args.stat])
+        label = f"{shape.name} (M={shape.rows})" + (f", per layer (x{shape.count} in block)" if shape.count > 1 else "")
+        rows.append((label, t))
+        for v in variants:
+            block[v] += shape.count * t[v]
+    rows.append(("**block total (6 Linears)**", block))
+    # SCQ: 1/3 of the Linears get int8 activations (chosen by activation
+    # magnitude, so which ones varies); expected cost = 1/3 A8 + 2/3 A16.
+    mix = {v: block[v] for v in variants}
+    mix["W4A16"] = mix["W4A8"] = block["W4A8"] / 3 + 2 * block["W4A16"] / 3
+    mix["W4A8+onednn"] = block["W4A8+onednn"] / 3 + 2 * block["W4A16"] / 3
+    rows.append(("**SCQ mix, expected (1/3 A8, 2/3 A16)**", mix))
+
+    report = [
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{args.stat} of {args.repeats} round-robin repeats after {args.warmup} warm-ups, "
+        f"batch {args.batch} x {args.tokens} tokens.",
+        "",
+        markdown_table(rows, variants),
+        "",
+        "W4A16 = W4Linear on bf16 activations (dequantize to bf16 + bf16 GEMM); W4A8 = W4A8Linear "
+        "(int8 quantize + torch._int_mm on packed int4 weights, bf16 out); +onednn = opt-in "
+        "enable_weight_cache('onednn'): int8 weight prepacked for oneDNN's fused int8 linear. "
+        "SCQ-mix row: the W4A16 and W4A8 columns both show 1/3 W4A8 + 2/3 W4A16, "
+        "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16.",
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
