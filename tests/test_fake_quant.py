@@ -166,3 +166,11 @@ def test_calibration_hooks_removed_on_exit(model):
     with pytest.raises(KeyError):
         with calibrate_activations(model, ["missing"]):
             pass
+
+
+def test_passes_validate_before_replacing(model):
+    with pytest.raises(ValueError, match="skip"):
+        prepare_qat_(model, skip=["proj_*"], a8_layers={"proj_in"}, input_scales={"proj_in": 0.1})
+    with pytest.raises(KeyError, match="input_scales"):
+        quantize_weights_(model, a8_layers={"block.0"}, input_scales={})
+    assert type(model.proj_in) is nn.Linear and type(model.block[0]) is nn.Linear  # untouched

@@ -196,3 +196,27 @@ def test_input_errors(linear):
         m(torch.zeros(2, K, dtype=torch.int64))
     with pytest.raises(ValueError, match="divide"):
         W4Linear(K, N, group_size=48)
+
+
+def test_packed_weight_view_and_mappings(linear):
+    from mgtq.quantization import PackedInt4Weight
+    from mgtq.quantization.qtensor import MappingType
+
+    pw = PackedInt4Weight.from_float(linear.weight.detach(), group_size=32)
+    assert pw.shape == (N, K) and pw.group_size == 32 and pw.nbytes() == N * K // 2 + N * 4 * 4
+    assert torch.equal(pw.dequantize(), reference_weight(linear, 32))
+    assert int(pw.int_values().min()) >= -8 and int(pw.int_values().max()) <= 7
+    q, s = quantize_int4_weight(linear.weight.detach(), None, MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+    w = q.float() * s
+    assert (w - linear.weight).abs().max() <= 0.5 * s.max() + 1e-7  # no clipping: error <= half a step
+    with pytest.raises(ValueError, match="symmetric"):
+        quantize_int4_weight(linear.weight.detach(), None, MappingType.ASYMMETRIC)
+
+
+def test_int_mm_cuda_padding_logic_on_cpu():
+    # The CUDA branch zero-pads to M > 16 and K, N multiples of 8; check the padding math on CPU.
+    from mgtq.quantization.qtensor import _int_mm_padded_cuda
+
+    a = torch.randint(-128, 128, (3, 13), dtype=torch.int8)
+    b = torch.randint(-128, 128, (13, 6), dtype=torch.int8)
+    assert torch.equal(_int_mm_padded_cuda(a, b), (a.int() @ b.int()))

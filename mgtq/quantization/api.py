@@ -59,6 +59,16 @@ def _check_names(model: nn.Module, names: Iterable[str], what: str) -> set[str]:
     return names
 
 
+def _plan(model: nn.Module, skip: Iterable[str], a8_layers: Iterable[str]) -> tuple[list[str], set[str]]:
+    """Targets (Linear names not skipped) and the A8 subset, validated before anything is replaced."""
+    a8 = _check_names(model, a8_layers, "a8_layers")
+    targets = linear_names(model, skip)
+    skipped = a8 - set(targets)
+    if skipped:
+        raise ValueError(f"a8_layers also match skip patterns: {sorted(skipped)[:5]}")
+    return targets, a8
+
+
 def _scale_for(name: str, input_scales: Mapping[str, torch.Tensor | float] | None) -> torch.Tensor | float:
     if input_scales is None or name not in input_scales:
         raise KeyError(f"layer {name!r} is in a8_layers but has no entry in input_scales")
@@ -92,9 +102,11 @@ def quantize_weights_(
     Returns:
         ``{qualified_name: "W4Linear" | "W4A8Linear"}`` for the replaced layers.
     """
-    a8 = _check_names(model, a8_layers, "a8_layers")
+    targets, a8 = _plan(model, skip, a8_layers)
+    for name in a8:
+        _scale_for(name, input_scales)  # fail before replacing anything
     done: dict[str, str] = {}
-    for name in linear_names(model, skip):
+    for name in targets:
         linear = model.get_submodule(name)
         if name in a8:
             new: nn.Module = W4A8Linear.from_float(linear, _scale_for(name, input_scales), chunk_n=chunk_n)
@@ -104,9 +116,6 @@ def quantize_weights_(
             new = W4Linear.from_float(linear, group_size=group_size)
         _set_submodule(model, name, new)
         done[name] = type(new).__name__
-    skipped_a8 = a8 - set(done)
-    if skipped_a8:
-        raise ValueError(f"a8_layers also match skip patterns: {sorted(skipped_a8)[:5]}")
     return done
 
 
@@ -125,9 +134,11 @@ def prepare_qat_(
     Returns:
         the qualified names of the prepared layers.
     """
-    a8 = _check_names(model, a8_layers, "a8_layers")
+    targets, a8 = _plan(model, skip, a8_layers)
+    for name in a8:
+        _scale_for(name, input_scales)
     done = []
-    for name in linear_names(model, skip):
+    for name in targets:
         linear = model.get_submodule(name)
         if isinstance(linear, FakeQuantLinear):
             continue
