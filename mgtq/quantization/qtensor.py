@@ -337,20 +337,21 @@ def to_int8_domain(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- int8 GEMM
 
 
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 ``(M, K)`` @ int8 ``(K, N)`` -> exact int32 ``(M, N)``.
+def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 ``(M, K)`` @ int8 ``(K, N)`` -> exact int32 ``(M, N)`` (into ``out`` if given).
 
     DISPATCH POINT: on CPU ``torch._int_mm`` has no shape constraints (checked
     on torch 2.13: any M >= 1, any K, N; strided operands accepted) and runs on
-    oneDNN (AMX / VNNI where available).  On CUDA it needs M > 16 and K, N
+    oneDNN's ``gemm_api`` (AVX512-VNNI).  On CUDA it needs M > 16 and K, N
     multiples of 8, so we zero-pad there; a torchao int8 kernel could be
     plugged in here instead.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
     if a.device.type != "cuda":
-        return torch._int_mm(a, b)
-    return _int_mm_padded_cuda(a, b)
+        return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
+    result = _int_mm_padded_cuda(a, b)
+    return result if out is None else out.copy_(result)
 
 
 def _int_mm_padded_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -406,23 +407,27 @@ def int8_int4_linear(
     bias32 = None if bias is None else bias.to(torch.float32)
     step = max(1, min(chunk_n, n))
     w_buf = None if weight_x16 is not None else torch.empty(step, k, dtype=torch.int8, device=x_q.device)
+    # Reused per-chunk buffers (flat, so a narrower last chunk still gets a
+    # contiguous view): no allocator churn inside the loop.
+    acc_buf = torch.empty(m * step, dtype=torch.int32, device=x_q.device)
     # fp32 staging for the epilogue unless the output itself is fp32.
-    stage = None if out_dtype == torch.float32 else torch.empty(m, step, dtype=torch.float32, device=x_q.device)
+    stage_buf = None if out_dtype == torch.float32 else torch.empty(m * step, dtype=torch.float32, device=x_q.device)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
+        c = c1 - c0
         if weight_x16 is not None:
             w16 = weight_x16[c0:c1]
         else:
-            w16 = unpack_int4_x16(packed[c0:c1], out=w_buf[: c1 - c0])
-        acc = int8_mm(x_q, w16.t())  # (M, c) int32, exact
+            w16 = unpack_int4_x16(packed[c0:c1], out=w_buf[:c])
+        acc = int8_mm(x_q, w16.t(), out=acc_buf[: m * c].view(m, c))  # (M, c) int32, exact
         dst = out[:, c0:c1]
-        f = dst if stage is None else stage[:, : c1 - c0]
+        f = dst if stage_buf is None else stage_buf[: m * c].view(m, c)
         f.copy_(acc)
         if bias32 is None:
             f.mul_(scale16[c0:c1])
         else:
             torch.addcmul(bias32[c0:c1], f, scale16[c0:c1], out=f)
-        if stage is not None:
+        if stage_buf is not None:
             dst.copy_(f)
     return out
 
