@@ -28,6 +28,7 @@ __all__ = [
     "input_scales_from_stats",
     "model_weight_nbytes",
     "linear_names",
+    "load_quantized_",
 ]
 
 
@@ -166,6 +167,33 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
             new = W4Linear.from_fake_quant(mod)
         _set_submodule(model, name, new)
         done[name] = type(new).__name__
+    return done
+
+
+def load_quantized_(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> dict[str, str]:
+    """Load a checkpoint saved from a quantized model into a float (or meta-device) model.
+
+    Every submodule whose prefix has ``weight_packed`` in ``state_dict`` is
+    replaced by :class:`W4A8Linear` (when ``input_scale`` is present) or
+    :class:`W4Linear`, built from its tensors alone (group size from the
+    scale shape); then the whole state dict is loaded with ``assign=True``, so
+    a model built on the meta device never allocates float weights for them.
+
+    Returns:
+        ``{qualified_name: "W4Linear" | "W4A8Linear"}``.
+    """
+    suffix = "weight_packed"
+    prefixes = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
+    done: dict[str, str] = {}
+    for prefix in prefixes:
+        name = prefix[:-1]  # drop the trailing "."
+        cls = W4A8Linear if prefix + "input_scale" in state_dict else W4Linear
+        new = cls.from_state_dict(state_dict, prefix)
+        _set_submodule(model, name, new)
+        done[name] = cls.__name__
+    model.load_state_dict(dict(state_dict), strict=strict, assign=True)
     return done
 
 

@@ -26,6 +26,7 @@ from .qtensor import (
     INT8_MM_CHUNK_N,
     MappingType,
     PackedInt4Weight,
+    compiled_dequantizer,
     dequantize_int4_weight,
     int4_weight_only_linear,
     int8_int4_linear,
@@ -50,6 +51,9 @@ class QuantizedLinear(nn.Module):
     """
 
     _FP32_BUFFERS: tuple[str, ...] = ("weight_scale",)
+    # Opt-in accelerators (compiled functions, opaque oneDNN tensors): neither
+    # picklable nor deep-copyable, so copies come back without them.
+    _TRANSIENT: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -156,6 +160,12 @@ class QuantizedLinear(nn.Module):
                 setattr(self, name, old.to(device=new.device, dtype=torch.float32))
         return result
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._TRANSIENT:
+            state[name] = None
+        return state
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
@@ -179,9 +189,22 @@ class W4Linear(QuantizedLinear):
     CUDA dispatch point.
     """
 
+    _TRANSIENT = ("_dequantize",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._dequantize = None  # opt-in compiled dequantizer (enable_compiled_dequant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return int4_weight_only_linear(x, self.weight_packed, self.weight_scale, self.bias)
+        return int4_weight_only_linear(x, self.weight_packed, self.weight_scale, self.bias, self._dequantize)
+
+    def enable_compiled_dequant(self) -> None:
+        """Opt-in: dequantize with a ``torch.compile``-d fused kernel (see ``qtensor.compiled_dequantizer``)."""
+        self._dequantize = compiled_dequantizer()
+
+    def disable_compiled_dequant(self) -> None:
+        self._dequantize = None
 
     @classmethod
     def from_float(
@@ -245,6 +268,7 @@ class W4A8Linear(QuantizedLinear):
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
+    _TRANSIENT = ("_onednn_weight",)
 
     def __init__(
         self,
@@ -336,12 +360,6 @@ class W4A8Linear(QuantizedLinear):
         if self._onednn_weight is not None and self.weight_packed.device.type != "cpu":
             self._onednn_weight = None  # oneDNN's layout is CPU-only
         return result
-
-    def __getstate__(self) -> dict:
-        # The opaque oneDNN tensor can be neither pickled nor deep-copied.
-        state = self.__dict__.copy()
-        state["_onednn_weight"] = None
-        return state
 
     # ------------------------------------------------------------------ construction
     @classmethod
