@@ -1,6 +1,7 @@
 """Tiny VQ tokenizer: helpers, a few-step training smoke test, resume, export."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,16 @@ def test_no_resume_starts_over(tmp_path):
     fresh = train_vq(tmp_path, steps=2, resume=False, **TRAIN)
     again = train_vq(tmp_path / "other", steps=2, **TRAIN)
     assert torch.allclose(_params(fresh), _params(again), atol=1e-6)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes" / "vqvae"
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="trained VQ not in this checkout")
+def test_shipped_vq_round_trip_keeps_shapebench_accuracy():
+    from mgtq.training.vq import evaluate_roundtrip
+
+    vq = load_vq(str(SHIPPED))
+    assert config_of(vq) == VQConfig()  # the default architecture is the shipped one
+    result = evaluate_roundtrip(vq, per_category=8)
+    assert result["overall"] >= 0.95 and result["ground_truth_overall"] == 1.0

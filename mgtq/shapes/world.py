@@ -347,7 +347,7 @@ def render_pil(scene: Scene):
     """:func:`render` as a ``PIL.Image.Image`` (RGB)."""
     from PIL import Image
 
-    return Image.fromarray(render(scene), mode="RGB")
+    return Image.fromarray(render(scene))
 
 
 # --------------------------------------------------------------------------------------------
