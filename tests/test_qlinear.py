@@ -200,7 +200,7 @@ def test_input_errors(linear):
 
 def test_packed_weight_view_and_mappings(linear):
     from mgtq.quantization import PackedInt4Weight
-    from mgtq.quantization.qtensor import MappingType
+    from torchao.quantization.quant_primitives import MappingType
 
     pw = PackedInt4Weight.from_float(linear.weight.detach(), group_size=32)
     assert pw.shape == (N, K) and pw.group_size == 32 and pw.nbytes() == N * K // 2 + N * 4 * 4
@@ -209,6 +209,8 @@ def test_packed_weight_view_and_mappings(linear):
     q, s = quantize_int4_weight(linear.weight.detach(), None, MappingType.SYMMETRIC_NO_CLIPPING_ERR)
     w = q.float() * s
     assert (w - linear.weight).abs().max() <= 0.5 * s.max() + 1e-7  # no clipping: error <= half a step
+    q2, s2 = quantize_int4_weight(linear.weight.detach(), None, "symmetric_no_clipping_err")  # by name
+    assert torch.equal(q2, q) and torch.equal(s2, s)
     with pytest.raises(ValueError, match="symmetric"):
         quantize_int4_weight(linear.weight.detach(), None, MappingType.ASYMMETRIC)
 

@@ -7,7 +7,14 @@ Layout (one concept per module):
 * :mod:`.qlinear`    -- ``W4Linear`` (W4A16) and ``W4A8Linear`` (real int8 GEMM);
 * :mod:`.fake_quant` -- ``FakeQuantLinear`` for QAT (torchao-based), exact conversion to the above;
 * :mod:`.api`        -- passes over a model: quantize, prepare/convert QAT, calibrate, count bytes.
+
+Importing this package does not import torchao (seconds of start-up): the
+fake-quant names are loaded on first access, and torchao's quant primitives
+when weights are actually quantized.  Running a quantized checkpoint needs
+neither.
 """
+
+from importlib import import_module
 
 from .api import (
     ActivationStats,
@@ -20,7 +27,6 @@ from .api import (
     prepare_qat_,
     quantize_weights_,
 )
-from .fake_quant import FakeQuantLinear, Int8StaticFakeQuantizer, fake_quantize_int8_per_tensor
 from .packing import pack_int4, unpack_int4, unpack_int4_x16
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import (
@@ -60,3 +66,16 @@ __all__ = [
     "unpack_int4",
     "unpack_int4_x16",
 ]
+
+# PEP 562 lazy attributes: the QAT module subclasses torchao's FakeQuantizedLinear.
+_LAZY = {
+    "FakeQuantLinear": ".fake_quant",
+    "Int8StaticFakeQuantizer": ".fake_quant",
+    "fake_quantize_int8_per_tensor": ".fake_quant",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .fake_quant import FakeQuantLinear, input_scale_of
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
 
@@ -135,6 +134,8 @@ def prepare_qat_(
     Returns:
         the qualified names of the prepared layers.
     """
+    from .fake_quant import FakeQuantLinear  # QAT needs torchao; imported only here
+
     targets, a8 = _plan(model, skip, a8_layers)
     for name in a8:
         _scale_for(name, input_scales)
@@ -157,6 +158,8 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
 
     With an activation fake quantizer -> :class:`W4A8Linear`, else :class:`W4Linear`.
     """
+    from .fake_quant import FakeQuantLinear, input_scale_of
+
     done: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, FakeQuantLinear):

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 
-from .qtensor import INT8_MAX, INT8_MIN, MappingType, resolve_group_size, to_int8_domain
+from torchao.quantization.quant_primitives import MappingType
+
+from .qtensor import INT8_MAX, INT8_MIN, resolve_group_size, to_int8_domain
 
 __all__ = [
     "FakeQuantLinear",
@@ -171,12 +173,12 @@ class FakeQuantLinear(FakeQuantizedLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
-def weight_qparams_of(fq: nn.Module) -> tuple[int | None, MappingType]:
+def weight_qparams_of(fq: nn.Module) -> tuple[int | None, str]:
     """``(group_size or None for per-channel, mapping_type)`` of a fake-quant linear."""
     if not isinstance(fq, FakeQuantLinear):
         raise TypeError(f"expected a FakeQuantLinear, got {type(fq).__name__}")
     g = None if fq.group_size == fq.in_features else fq.group_size
-    return g, MappingType.SYMMETRIC
+    return g, "SYMMETRIC"
 
 
 def input_scale_of(fq: nn.Module) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ from torch import nn
 from .packing import pack_int4, unpack_int4_x16
 from .qtensor import (
     INT8_MM_CHUNK_N,
-    MappingType,
+    MappingLike,
     PackedInt4Weight,
     compiled_dequantizer,
     dequantize_int4_weight,
@@ -211,7 +211,7 @@ class W4Linear(QuantizedLinear):
         cls,
         linear: nn.Linear,
         group_size: int | None = None,
-        mapping_type: MappingType = MappingType.SYMMETRIC,
+        mapping_type: MappingLike = "SYMMETRIC",
     ) -> "W4Linear":
         """Quantize a float ``nn.Linear`` (weights only)."""
         weight = linear.weight.detach()
@@ -367,7 +367,7 @@ class W4A8Linear(QuantizedLinear):
         cls,
         linear: nn.Linear,
         input_scale: torch.Tensor | float,
-        mapping_type: MappingType = MappingType.SYMMETRIC,
+        mapping_type: MappingLike = "SYMMETRIC",
         chunk_n: int = INT8_MM_CHUNK_N,
     ) -> "W4A8Linear":
         """Quantize a float ``nn.Linear``; ``input_scale`` is the calibrated int8 step (absmax / 127)."""

@@ -39,22 +39,18 @@ On CPUs with VNNI but no AMX, and on CUDA, the int8 GEMM is the faster one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from enum import Enum
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
-from torchao.quantization.quant_primitives import (
-    MappingType,
-    choose_qparams_affine,
-    quantize_affine,
-)
 
 from .packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4, unpack_int4_x16
 
 __all__ = [
     "INT8_MIN",
     "INT8_MAX",
-    "MappingType",
+    "MappingLike",
     "PackedInt4Weight",
     "quantize_int4_weight",
     "dequantize_int4_weight",
@@ -88,7 +84,20 @@ INT8_MM_CHUNK_N = 256
 # while dequantize + GEMM is 4-8x slower.
 SMALL_M = 16
 
-_SUPPORTED_MAPPINGS = (MappingType.SYMMETRIC, MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+# Weight mappings, by torchao ``MappingType`` name.  Passed around as names (a
+# torchao ``MappingType`` member is accepted too) so that importing mgtq's
+# inference path does not import torchao (~3-6 s); torchao is imported when
+# weights are actually quantized.
+MappingLike = Union[str, Enum]
+_SUPPORTED_MAPPINGS = ("SYMMETRIC", "SYMMETRIC_NO_CLIPPING_ERR")
+
+
+def mapping_name(mapping_type: MappingLike) -> str:
+    """``"SYMMETRIC"`` / ``"SYMMETRIC_NO_CLIPPING_ERR"`` from a name or a torchao ``MappingType``."""
+    name = mapping_type.name if isinstance(mapping_type, Enum) else str(mapping_type).upper()
+    if name not in _SUPPORTED_MAPPINGS:
+        raise ValueError(f"only symmetric mappings {_SUPPORTED_MAPPINGS} are supported, got {mapping_type}")
+    return name
 
 
 # --------------------------------------------------------------------------- weights
@@ -106,15 +115,16 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
 def quantize_int4_weight(
     weight: torch.Tensor,
     group_size: int | None = None,
-    mapping_type: MappingType = MappingType.SYMMETRIC,
+    mapping_type: MappingLike = "SYMMETRIC",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 quantization of a linear weight with torchao's primitives.
 
     Args:
         weight: float tensor ``(N, K)`` (out_features, in_features).
         group_size: K-elements sharing one scale; ``None`` = per output channel.
-        mapping_type: ``MappingType.SYMMETRIC`` (``absmax / 7.5``, same as
-            torchao's int4 QAT fake quantizer) or ``SYMMETRIC_NO_CLIPPING_ERR``.
+        mapping_type: torchao ``MappingType`` (or its name): ``SYMMETRIC``
+            (``absmax / 7.5``, same as torchao's int4 QAT fake quantizer) or
+            ``SYMMETRIC_NO_CLIPPING_ERR``.
 
     Returns:
         ``(q, scale)``: int8 ``(N, K)`` with values in [-8, 7] and fp32 scales
@@ -124,15 +134,16 @@ def quantize_int4_weight(
         raise ValueError(f"expected a 2-D (out_features, in_features) weight, got {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"expected a floating point weight, got {weight.dtype}")
-    if mapping_type not in _SUPPORTED_MAPPINGS:
-        raise ValueError(f"only symmetric mappings are supported, got {mapping_type}")
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    mapping = getattr(MappingType, mapping_name(mapping_type))
     n, k = weight.shape
     g = resolve_group_size(k, group_size)
     block = (1, g)
     # Scales are kept in fp32 whatever the weight dtype: exact agreement with the
     # fake quantizer, and their cost is small (4 bytes per group).
     scale, zero_point = choose_qparams_affine(
-        weight, mapping_type, block, torch.int8, INT4_MIN, INT4_MAX, scale_dtype=torch.float32
+        weight, mapping, block, torch.int8, INT4_MIN, INT4_MAX, scale_dtype=torch.float32
     )
     q = quantize_affine(weight, block, scale, zero_point, torch.int8, INT4_MIN, INT4_MAX)
     return q, scale.reshape(n, k // g)
@@ -276,7 +287,7 @@ class PackedInt4Weight:
         cls,
         weight: torch.Tensor,
         group_size: int | None = None,
-        mapping_type: MappingType = MappingType.SYMMETRIC,
+        mapping_type: MappingLike = "SYMMETRIC",
     ) -> "PackedInt4Weight":
         q, scale = quantize_int4_weight(weight, group_size, mapping_type)
         return cls(pack_int4(q), scale)
