@@ -59,7 +59,7 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
     ]
 
 
-def make_variants(shape: LayerShape, seed: int = 0, compile_dequant: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(shape.in_features, shape.out_features)
     with torch.no_grad():
@@ -80,10 +80,6 @@ def make_variants(shape: LayerShape, seed: int = 0, compile_dequant: bool = Fals
         "W4A8": lambda: w4a8(xbf),
         "W4A8+onednn": lambda: w4a8_cached(xbf),
     }
-    if compile_dequant:
-        w4c = W4Linear.from_float(linear).to(torch.bfloat16)
-        w4c.enable_compiled_dequant()
-        variants["W4A16+compile"] = lambda: w4c(xbf)
     return variants
 
 
@@ -124,16 +120,15 @@ def main() -> None:
     ap.add_argument(
         "--stat", choices=["median", "min"], default="median", help="min = least-disturbed run on a busy machine"
     )
-    ap.add_argument("--compile", action="store_true", help="add W4A16 with the opt-in torch.compile dequantizer")
     ap.add_argument("--out", type=str, default=None, help="also write the Markdown report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    variants = ["fp32", "bf16", "W4A16", "W4A8", "W4A8+onednn"] + (["W4A16+compile"] if args.compile else [])
+    variants = ["fp32", "bf16", "W4A16", "W4A8", "W4A8+onednn"]
     rows: list[tuple[str, dict[str, float]]] = []
     block = {v: 0.0 for v in variants}
     for shape in block_shapes(args.batch, args.tokens):
-        t = time_round_robin(make_variants(shape, compile_dequant=args.compile), args.repeats, args.warmup, STATS[args.stat])
+        t = time_round_robin(make_variants(shape), args.repeats, args.warmup, STATS[args.stat])
         label = f"{shape.name} (M={shape.rows})" + (f", per layer (x{shape.count} in block)" if shape.count > 1 else "")
         rows.append((label, t))
         for v in variants:
@@ -144,8 +139,6 @@ def main() -> None:
     mix = {v: block[v] for v in variants}
     mix["W4A16"] = mix["W4A8"] = block["W4A8"] / 3 + 2 * block["W4A16"] / 3
     mix["W4A8+onednn"] = block["W4A8+onednn"] / 3 + 2 * block["W4A16"] / 3
-    if args.compile:  # best opt-ins together: oneDNN A8 + compiled-dequant A16
-        mix["W4A16+compile"] = block["W4A8+onednn"] / 3 + 2 * block["W4A16+compile"] / 3
     rows.append(("**SCQ mix, expected (1/3 A8, 2/3 A16)**", mix))
 
     report = [
@@ -160,7 +153,7 @@ def main() -> None:
         "(int8 quantize + torch._int_mm on packed int4 weights, bf16 out); +onednn = opt-in "
         "enable_weight_cache('onednn'): int8 weight prepacked for oneDNN's fused int8 linear. "
         "SCQ-mix row: the W4A16 and W4A8 columns both show 1/3 W4A8 + 2/3 W4A16, "
-        "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16, the +compile column 1/3 W4A8+onednn + 2/3 W4A16+compile.",
+        "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16.",
     ]
     text = "\n".join(report)
     print(text)

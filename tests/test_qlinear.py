@@ -222,16 +222,3 @@ def test_int_mm_cuda_padding_logic_on_cpu():
     a = torch.randint(-128, 128, (3, 13), dtype=torch.int8)
     b = torch.randint(-128, 128, (13, 6), dtype=torch.int8)
     assert torch.equal(_int_mm_padded_cuda(a, b), (a.int() @ b.int()))
-
-
-def test_compiled_dequant_is_opt_in_and_transient(linear):
-    import copy
-    import pickle
-
-    m = W4Linear.from_float(linear)
-    assert m._dequantize is None
-    m.enable_compiled_dequant()  # wraps only; compilation would happen at the first many-row call
-    assert copy.deepcopy(m)._dequantize is None
-    assert pickle.loads(pickle.dumps(m))._dequantize is None
-    m.disable_compiled_dequant()
-    assert m._dequantize is None

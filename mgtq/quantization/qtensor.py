@@ -60,7 +60,6 @@ __all__ = [
     "int8_mm",
     "int8_int4_linear",
     "int4_weight_only_linear",
-    "compiled_dequantizer",
     "onednn_int8_linear_available",
     "onednn_prepack_int8_weight",
     "onednn_int8_linear",
@@ -205,7 +204,7 @@ def int4_weight_only_linear(
     """W4A16 linear: ``x (..., K)`` float, packed int4 weight ``(N, K/2)``, scales ``(N, G)``.
 
     ``dequantize`` replaces :func:`dequantize_int4_weight` on the many-rows
-    path (e.g. the opt-in :func:`compiled_dequantizer`).
+    path (a hook for other kernels, e.g. a ``torch.compile``-d one).
 
     DISPATCH POINT (CUDA): torchao's int4 tinygemm (``Int4WeightOnlyConfig``,
     ``torch.ops.aten._weight_int4pack_mm``) multiplies without materialising
@@ -226,32 +225,6 @@ def int4_weight_only_linear(
         return y.reshape(*x.shape[:-1], packed.shape[0])
     w = (dequantize or dequantize_int4_weight)(packed, scale, x.dtype)
     return F.linear(x, w, b)
-
-
-def _dequantize_fusable(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Same result as :func:`dequantize_int4_weight`, written as one expression for ``torch.compile``.
-
-    Inductor fuses it into a single loop (read packed bytes, write ``dtype``);
-    eager it would materialise every intermediate, hence eager code uses the
-    chunked kernel instead.
-    """
-    p8 = packed.view(torch.int8)
-    w16 = torch.cat([p8 << 4, p8 & -16], dim=-1).to(torch.float32)
-    n, k = w16.shape
-    g = scale.shape[1]
-    w = w16.view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
-    return w.view(n, k).to(dtype)
-
-
-def compiled_dequantizer() -> Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]:
-    """Opt-in: ``torch.compile``-d dequantizer (needs a working C++ compiler for Inductor on CPU).
-
-    Measured on the AMX Xeon: ~1.8x faster than the eager chunked kernel for a
-    4096 x 1024 weight (one fused pass instead of five), i.e. a few percent of
-    a W4A16 layer at M=2202; the first call per weight shape compiles (~15 s).
-    Not used by default: mgtq must run where no compiler is guaranteed.
-    """
-    return torch.compile(_dequantize_fusable, dynamic=False)
 
 
 def _use_int8pack_mm(x: torch.Tensor, m: int, k: int, scale: torch.Tensor) -> bool:
