@@ -14,8 +14,22 @@ import logging as _logging
 for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from mgtq.models import MeissonicTransformer  # noqa: E402
-from mgtq.pipeline import MGTPipeline, MGTPipelineOutput, load  # noqa: E402
-from mgtq.sampling import SamplerConfig  # noqa: E402
+# Heavy imports (torch, diffusers, transformers) happen on first use, so `mgtq --help` is instant.
+_LAZY = {
+    "MeissonicTransformer": "mgtq.models",
+    "MGTPipeline": "mgtq.pipeline",
+    "MGTPipelineOutput": "mgtq.pipeline",
+    "load": "mgtq.pipeline",
+    "SamplerConfig": "mgtq.sampling",
+}
 
-__all__ = ["MeissonicTransformer", "MGTPipeline", "MGTPipelineOutput", "SamplerConfig", "load", "__version__"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mgtq' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY, "__version__"]

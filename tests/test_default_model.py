@@ -1,0 +1,46 @@
+"""The shipped default model (checkpoints/tiny-shapes): it loads and draws what easy prompts ask for."""
+
+import json
+
+import pytest
+import torch
+
+from mgtq.cli import DEFAULT_MODEL, main
+from mgtq.pipeline import MGTPipeline
+from mgtq.shapes import score_image
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").exists(),
+                                reason="checkpoints/tiny-shapes is not in this checkout")
+
+EASY = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2), ("a yellow circle", 3),
+        ("a purple square", 4), ("a cyan triangle", 5)]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MGTPipeline.from_pretrained(DEFAULT_MODEL)
+
+
+def test_checkpoint_is_small_safetensors_only():
+    files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 60 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
+
+
+def test_draws_easy_prompts_the_scorer_accepts(pipe):
+    out = pipe([p for p, _ in EASY], seed=[s for _, s in EASY], progress=False)
+    accepted = [score_image(img, p)[0] for img, (p, _) in zip(out.images, EASY)]
+    assert sum(accepted) >= len(EASY) - 1, accepted
+
+
+def test_same_seed_same_image(pipe):
+    a = pipe("a red circle on the left", seed=11, progress=False).tokens
+    b = pipe(["a blue square", "a red circle on the left"], seed=[3, 11], progress=False).tokens
+    assert torch.equal(a[0], b[1])
+
+
+def test_eval_limit_smoke(tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--limit", "10", "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 10 and result["overall"] > 0.3
