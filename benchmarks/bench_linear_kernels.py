@@ -17,6 +17,11 @@ turn, repeated) so background load hits all of them alike; we report medians.
 Usage::
 
     python benchmarks/bench_linear_kernels.py --threads 2 --repeats 15 [--out results.md]
+
+On a shared machine (other jobs on the cores) multi-threaded timings are
+dominated by OpenMP barriers waiting for a descheduled thread, which punishes
+kernels made of many small ops far more than one big GEMM; ``--threads 1
+--stat min`` then gives the least-disturbed per-core cost.
 """
 
 from __future__ import annotations

@@ -256,6 +256,11 @@ class W4A8Linear(QuantizedLinear):
     linear, which fuses the rescale/bias/cast epilogue (the fastest CPU path);
     elsewhere as the plain unpacked int8 operand.  The cache is never saved,
     is dropped on deepcopy/pickle and when the module leaves the CPU.
+
+    Speed on CPUs with AMX (Sapphire Rapids and later): ``torch._int_mm`` runs
+    on AVX512-VNNI while the bf16 GEMM runs on AMX, so the default path is
+    ~1.3-1.6x slower than a bf16 ``nn.Linear``; with the oneDNN cache it is
+    ~0.6-0.95x (see ``benchmarks/bench_linear_kernels.py``).
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
