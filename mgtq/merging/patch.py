@@ -55,7 +55,8 @@ class TomeConfig:
             raise ValueError(f"TomeConfig.ratio must be a number in [0, 1) (0 = no merging); got {self.ratio!r}")
         if self.blocks not in BLOCK_SETS:
             raise ValueError(f"TomeConfig.blocks must be one of {sorted(BLOCK_SETS)}; got {self.blocks!r}")
-        if isinstance(self.recompute_every, bool) or not isinstance(self.recompute_every, int) or self.recompute_every < 1:
+        k = self.recompute_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TomeConfig.recompute_every must be an integer ≥ 1; got {self.recompute_every!r}")
         for name in ("merge_mlp", "random_destinations"):
             if not isinstance(getattr(self, name), bool):

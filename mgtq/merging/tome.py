@@ -104,7 +104,8 @@ def bipartite_soft_matching_2x2(
 
     def merge(x: torch.Tensor) -> torch.Tensor:  # (B, N, C) → (B, N − r, C)
         rows = x.reshape(batch * n, x.shape[-1])
-        out = rows.index_select(0, kept_rows).index_put_((into_rows,), rows.index_select(0, merged_rows), accumulate=True)
+        out = rows.index_select(0, kept_rows)
+        out.index_put_((into_rows,), rows.index_select(0, merged_rows), accumulate=True)
         return (out / counts.to(out.dtype)).view(batch, n - r, -1)  # ÷1 keeps unmerged rows bit-exact
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:  # (B, N − r, C) → (B, N, C)
