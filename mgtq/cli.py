@@ -35,6 +35,10 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     add_sampler_arguments(p)
+    p.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                   help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
+    p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
+                   help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
 
 
 def _sampler(args, pipe):
@@ -53,7 +57,12 @@ def _load_pipe(args):
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model or default_model(), text_encoder=args.text_encoder, torch_dtype=dtype, device=device)
+    pipe = load(args.model or default_model(), text_encoder=args.text_encoder, torch_dtype=dtype, device=device)
+    if getattr(args, "tome", None):
+        from mgtq.merging import apply_tomemgt
+
+        apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks)
+    return pipe
 
 
 def cmd_generate(args) -> int:

@@ -95,3 +95,10 @@ def test_cli_generate_with_enhanced_sampler_flags(tmp_path, random_pipeline_dir)
     code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
                  "--sampler", "enhanced", "--noise-scale", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert code == 0 and out.exists()
+
+
+def test_cli_generate_with_tome(tmp_path, random_pipeline_dir):
+    out = tmp_path / "t.png"
+    code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "3",
+                 "--tome", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0 and out.exists()
