@@ -59,6 +59,7 @@ class MGTTrainConfig:
     seed: int = 0
     sampler_steps: int = 16
     guidance_scale: float = 3.0
+    init_from: str | None = None  # warm start: a pipeline folder whose transformer/text encoder to continue
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "dataset_size", "save_every", "text_layers", "text_heads"):
@@ -118,6 +119,17 @@ def build_models(config: MGTTrainConfig, tokenizer, codebook_size: int):
     return transformer, text_encoder
 
 
+def _warm_start(transformer, text_encoder, tokenizer, folder: Path) -> None:
+    """Continue from a trained pipeline: same architecture and tokenizer vocabulary required."""
+    from mgtq.pipeline import MGTPipeline
+
+    source = MGTPipeline.from_pretrained(folder)
+    if source.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{folder} was trained with another tokenizer vocabulary; cannot warm-start from it")
+    transformer.load_state_dict(source.transformer.state_dict())
+    text_encoder.load_state_dict(source.text_encoder.state_dict())
+
+
 def lr_at(step: int, config: MGTTrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio·lr."""
     if step < config.warmup:
@@ -165,6 +177,8 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     tokenizer = build_word_tokenizer(vocabulary(), max_length=config.text_max_length)
     torch.manual_seed(config.seed)  # module init uses the global generator; make it repeatable
     transformer, text_encoder = build_models(config, tokenizer, vq.config.num_vq_embeddings)
+    if config.init_from:
+        _warm_start(transformer, text_encoder, tokenizer, Path(config.init_from))
     joint = _Joint(transformer, text_encoder)
     optimizer = torch.optim.AdamW(joint.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99))
