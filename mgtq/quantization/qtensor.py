@@ -68,14 +68,23 @@ __all__ = [
 INT8_MIN = -128
 INT8_MAX = 127
 
-# Cache blocking.  Elementwise passes over big tensors are memory-bound (and a
-# >32 MB temporary is mmap'ed afresh by glibc on every call, page faults and
-# all), so the kernels below work on slices of about this many elements, whose
-# temporaries stay within a 2 MB L2.  Tuned on Meissonic shapes (benchmarks/).
-CHUNK_ELEMS = 1 << 18
+# Cache blocking of the elementwise kernels (element counts per block).
+# Activation quantization: 256K-element row blocks keep the fp32 staging
+# buffer (1 MB) in a 2 MB L2 -- fastest on one quiet core (1.1 ms vs 1.9 ms
+# for 2202 x 1024 at 1M+ elements).  Weight dequantization: block size made
+# no measurable difference on a quiet core, but each block costs ~5 parallel
+# regions, and with another job on the cores every region may wait a
+# scheduler slice for a descheduled OpenMP thread (measured: 256K blocks 5-8x
+# slower than 4M blocks at 2 threads next to a training job), so it uses few
+# big blocks (4M elements: a 16 MB fp32 stage, under glibc's 32 MB mmap
+# threshold, beyond which every call would page-fault a fresh buffer).
+QUANT_CHUNK_ELEMS = 1 << 18
+DEQUANT_CHUNK_ELEMS = 1 << 22
 # Output columns per int8 GEMM call: a (2202 x 256) int32 accumulator is 2.2 MB,
 # so the rescale epilogue reads it from cache instead of streaming a 36 MB
-# accumulator through memory.
+# accumulator through memory (and a >32 MB one is a fresh mmap, page faults and
+# all, on every call).  On one quiet core 256 beat 1024 / 2048 by 1.3-1.9x for
+# 1024 -> 4096; next to another job, fewer larger calls degrade less.
 INT8_MM_CHUNK_N = 256
 # At most this many rows, per-channel W4A16 skips materialising the float
 # weight: torch._weight_int8pack_mm (bf16/fp32 x int8 with per-channel scales)
@@ -162,7 +171,7 @@ def dequantize_int4_weight(
     packed: torch.Tensor,
     scale: torch.Tensor,
     dtype: torch.dtype = torch.float32,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: int = DEQUANT_CHUNK_ELEMS,
 ) -> torch.Tensor:
     """Packed int4 ``(N, K/2)`` + scales ``(N, G)`` -> float weight ``(N, K)`` in ``dtype``.
 
@@ -303,7 +312,7 @@ def choose_int8_scale(bound: torch.Tensor | float, eps: float = 1e-8) -> torch.T
 
 
 def quantize_int8_per_tensor(
-    x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = CHUNK_ELEMS
+    x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = QUANT_CHUNK_ELEMS
 ) -> torch.Tensor:
     """``clamp(round(x / scale), -128, 127)`` as int8, same shape as ``x``.
 
