@@ -115,6 +115,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from mgtq.bench import BenchConfig, MeasureSettings, run_bench, to_markdown
+    from mgtq.bench.peers import PEERS
+
+    both = not (args.memory or args.latency)  # neither flag: measure both
+    peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
+    config = BenchConfig(
+        model=str(args.model), formats=_csv(args.formats), tome=tuple(float(t) for t in _csv(args.tome)),
+        offload=args.offload, peers=peers, threads=args.threads, isolation=args.isolation,
+        json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
+        measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
+                                profile=args.profile, latency=both or args.latency, memory=both or args.memory),
+    )
+    print(to_markdown(run_bench(config, progress=not args.no_progress)))
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgtq", description="Compress and run masked generative transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", type=Path, help="calibration run folder")
     x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="memory and latency of every format × TomeMGT × offloading, beside peers")
+    b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
+    b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
+    b.add_argument("--model", default="tiny-shapes",
+                   help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
+    b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq", help="comma list of fp32,bf16,w4a16,w4a8,scq")
+    b.add_argument("--tome", default="0", help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
+    b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
+    b.add_argument("--peers", nargs="?", const="all", default=None,
+                   help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
+    b.add_argument("--json", type=Path, default=None,
+                   help="JSON output (default benchmarks/results/bench_<model>.json; .md and .png beside it)")
+    b.add_argument("--repeats", type=int, default=3, help="timed transformer forwards per config")
+    b.add_argument("--warmup", type=int, default=1, help="untimed forwards before timing")
+    b.add_argument("--steps", type=int, default=2, help="sampler steps of the timed whole-image run")
+    b.add_argument("--budget", type=float, default=None, help="stop timing a config's forwards after S seconds")
+    b.add_argument("--threads", type=int, default=None, help="torch threads per config (default: all cores)")
+    b.add_argument("--profile", action="store_true", help="also profile one forward per config (time split)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--isolation", choices=["forkserver", "spawn", "none"], default="forkserver",
+                   help="one fresh process per config (forkserver, spawn) or none (fast, memory not per config)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,327 @@
+"""One benchmark case, run in its own process so its peak memory is its own.
+
+    python -m mgtq.bench.child PAYLOAD.json RESULT.json      # what the runner does, by hand
+
+`run_case(payload) -> dict` builds the pipeline in the case's format (or peer), applies TomeMGT,
+then measures: weight bytes, RSS after building, transformer forward latency (CFG batch 2),
+one whole image (N sampler steps + VQ decode; in offload mode the transformer is freed before the
+VQ decoder is loaded), peak RSS, and optionally a profile. `calibrate(payload)` computes the
+static int8 scales the W4A8/SCQ cases share; `baseline(payload)` only reports the memory of a
+process that imported torch + mgtq. Payloads and results are plain JSON-able dicts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import mgtq  # noqa: F401  (imported here so every case process, and the baseline, pays the same imports)
+from mgtq.bench import memory
+from mgtq.bench.config import EXTRAPOLATE_STEPS, BenchCase, MeasureSettings
+from mgtq.bench.latency import CallTimer, time_call, time_repeated
+from mgtq.bench.source import BENCH_PROMPT, ModelSource, forward_inputs
+
+
+# ------------------------------------------------------------------------------------ payloads
+def make_payload(source: ModelSource, case: BenchCase | None, measure: MeasureSettings, threads: int,
+                 device: str = "cpu", seed: int = 0, input_scales: dict[str, float] | None = None) -> dict:
+    """The JSON-able description of one child run."""
+    return {"source": source.to_dict(), "case": None if case is None else case.to_dict(),
+            "measure": measure.to_dict(), "threads": threads, "device": device, "seed": seed,
+            "input_scales": input_scales}
+
+
+def _setup(payload: dict) -> None:
+    torch.set_num_threads(int(payload["threads"]))
+
+
+def _sync_fn(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ building
+def build_case_transformer(source: ModelSource, case: BenchCase, input_scales, seed: int, device: str,
+                           inputs: dict) -> tuple[torch.nn.Module, list[str], str, float]:
+    """(transformer, notes, scheme, calibration seconds) for an mgtq format or a peer."""
+    from mgtq.bench.formats import build_transformer_in_format
+
+    if not case.is_peer:
+        model, notes = build_transformer_in_format(source, case.target, input_scales, seed, device)
+        return model, notes, _format_scheme(case.target), 0.0
+    from mgtq.bench.peers import PEERS
+
+    peer = PEERS[case.target]
+    # The peer quantizes the bf16 model in place (its own way of getting there: peak includes bf16).
+    model, notes = build_transformer_in_format(source, "bf16", None, seed, device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        peer.apply(model, lambda: model(**inputs))
+    return model.eval(), notes, f"{peer.family}: {peer.scheme}", time.perf_counter() - start
+
+
+def _format_scheme(fmt: str) -> str:
+    return {
+        "fp32": "mgtq: fp32 weights and activations",
+        "bf16": "mgtq: bf16 weights and activations",
+        "w4a16": "mgtq: every Linear W4Linear (int4 per-channel weights, bf16 activations)",
+        "w4a8": "mgtq: every Linear W4A8Linear (int4 weights, static int8 activations, int8 GEMM)",
+        "scq": "mgtq: SCQ — a third of the Linears W4A8, the rest W4A16",
+    }[fmt]
+
+
+def build_pipeline(source: ModelSource, transformer, dtype: torch.dtype, steps: int, seed: int, device: str,
+                   vq_empty: bool):
+    """MGTPipeline around `transformer`; with `vq_empty` the VQ is a meta-device placeholder."""
+    from mgtq.bench.source import build_text_parts, build_vq, pipeline_settings
+    from mgtq.pipeline import MGTPipeline
+
+    tokenizer, text_encoder = build_text_parts(source, dtype, seed)
+    vq = build_vq(source, seed, empty=vq_empty)
+    pipe = MGTPipeline(transformer, vq, text_encoder.to(device), tokenizer, pipeline_settings(source, steps))
+    if not vq_empty:
+        vq.to(device)
+    return pipe
+
+
+# -------------------------------------------------------------------------------------- images
+def timed_image(pipe, steps: int, sync: Callable[[], None], warm_decode: bool = True) -> dict:
+    """One whole image at the pipeline's resolution: text encoding, `steps` sampler steps, VQ decode.
+
+    Returns seconds: text_s (prompt + negative prompt), tokens_s (text + sampling),
+    per_step_s ((tokens_s − text_s) / steps), decode_s, total_s, the transformer calls inside the
+    loop, and a labeled extrapolation to EXTRAPOLATE_STEPS steps.
+    """
+    with torch.inference_mode():
+        text_s, _ = time_call(lambda: (pipe.encode_prompt([BENCH_PROMPT]), pipe.encode_prompt([""])), sync)
+        timer = CallTimer(pipe.transformer, sync)
+        with timer:
+            tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
+                                                   output_type="tokens", progress=False), sync)
+        calls = timer.durations
+        del timer
+        if warm_decode:
+            pipe.decode_tokens(out.tokens)
+        decode_s, _ = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
+    return _image_record(steps, text_s, tokens_s, decode_s, calls, out.nfe)
+
+
+def _image_record(steps, text_s, tokens_s, decode_s, calls, nfe, vq_load_s=None) -> dict:
+    per_step = max(tokens_s - text_s, 0.0) / steps
+    total = tokens_s + decode_s + (vq_load_s or 0.0)
+    return {
+        "unit": "s", "steps": steps, "nfe": nfe, "text_s": text_s, "tokens_s": tokens_s, "per_step_s": per_step,
+        "decode_s": decode_s, "vq_load_s": vq_load_s, "total_s": total, "transformer_calls_s": list(calls),
+        "extrapolated_steps": EXTRAPOLATE_STEPS,
+        "extrapolated_total_s": text_s + EXTRAPOLATE_STEPS * per_step + decode_s + (vq_load_s or 0.0),
+    }
+
+
+def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
+                       sync: Callable[[], None] = lambda: None) -> tuple[dict, bool, list]:
+    """The paper's CPU-offloading mode: the transformer makes all tokens, is freed, then the VQ loads.
+
+    `pipe.vqvae` is a placeholder until `load_vq()` is called, which happens only after
+    `pipe.transformer` was dropped and garbage-collected. The caller must hold no other reference
+    to the transformer. Returns (image timings, whether the transformer was really freed, images).
+    """
+    with torch.inference_mode():
+        text_s, _ = time_call(lambda: (pipe.encode_prompt([BENCH_PROMPT]), pipe.encode_prompt([""])), sync)
+        timer = CallTimer(pipe.transformer, sync)
+        with timer:
+            tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
+                                                   output_type="tokens", progress=False), sync)
+        calls = timer.durations
+        del timer
+        alive = weakref.ref(pipe.transformer)
+        pipe.transformer = None
+        gc.collect()
+        freed = alive() is None
+        vq_load_s, vq = time_call(load_vq, sync)
+        pipe.vqvae = vq
+        decode_s, images = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
+    return _image_record(steps, text_s, tokens_s, decode_s, calls, out.nfe, vq_load_s), freed, images
+
+
+# ------------------------------------------------------------------------------------ the case
+def run_case(payload: dict) -> dict:
+    """Build and measure one case (see module docstring); never raises for a failing peer."""
+    from mgtq.bench.peers import PEERS, unavailable_reason
+
+    _setup(payload)
+    wall = time.perf_counter()
+    source = ModelSource.from_dict(payload["source"])
+    case = BenchCase.from_dict(payload["case"])
+    measure = MeasureSettings.from_dict(payload["measure"])
+    device = torch.device(payload["device"])
+    result = _empty_result(case)
+    result["loadavg"] = {"before": _loadavg(), "after": None}
+    if case.is_peer:
+        reason = unavailable_reason(case.target, device.type)
+        if reason is not None:
+            return {**result, "status": "skipped", "message": reason, "wall_s": time.perf_counter() - wall}
+    try:
+        _measure_case(payload, source, case, measure, device, result)
+    except Exception as err:  # a failing configuration is reported, the run goes on
+        if not case.is_peer:
+            raise
+        result.update(status="skipped", message=f"{case.target} skipped: {PEERS[case.target].scheme} failed on "
+                      f"{device.type} ({_one_line(err)})")
+    result["loadavg"]["after"] = _loadavg()
+    result["wall_s"] = time.perf_counter() - wall
+    return result
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _empty_result(case: BenchCase) -> dict:
+    from mgtq.bench.peers import PEERS
+
+    return {
+        "label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
+        "family": PEERS[case.target].family if case.is_peer else "mgtq", "scheme": None,
+        "tome": case.tome, "offload": case.offload, "status": "ok", "message": None, "notes": [],
+        "weights": None, "memory": None, "latency": None, "profile": None, "build_s": None,
+        "calibration_s": None, "transformer_freed_before_decode": None,
+    }
+
+
+def _measure_case(payload, source, case, measure, device, result) -> None:
+    from mgtq.bench.formats import float_dtype_of
+    from mgtq.bench.source import build_vq
+
+    sync = _sync_fn(device)
+    is_cuda = device.type == "cuda"
+    seed = int(payload["seed"])
+    dtype = float_dtype_of(case.target) if not case.is_peer else torch.bfloat16
+    inputs = forward_inputs(source, dtype, str(device), seed=seed)
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    start = time.perf_counter()
+    transformer, notes, scheme, calib_s = build_case_transformer(source, case, payload["input_scales"], seed,
+                                                                  str(device), inputs)
+    pipe = build_pipeline(source, transformer, dtype, measure.steps, seed, str(device), vq_empty=case.offload)
+    if case.tome:
+        from mgtq.merging import apply_tomemgt
+
+        apply_tomemgt(pipe, ratio=case.tome)
+        notes.append(f"TomeMGT ratio {case.tome:g} on the joint (MMDiT) blocks, the paper's setting")
+    result["build_s"] = time.perf_counter() - start
+    result["calibration_s"] = calib_s or None
+    result["scheme"], result["notes"] = scheme, notes
+
+    weight_bytes, method = memory.transformer_weight_nbytes(transformer)
+    layer_kinds: dict[str, int] = {}
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__:
+            layer_kinds[type(module).__name__] = layer_kinds.get(type(module).__name__, 0) + 1
+    result["weights"] = {"unit": "bytes", "transformer_bytes": weight_bytes, "method": method,
+                         "storage_bytes": memory.module_storage_nbytes(transformer), "linear_layers": layer_kinds}
+    mem = {"unit": "bytes", "rss_after_build": memory.current_rss_bytes(), "peak_rss_build": memory.peak_rss_bytes()}
+    if is_cuda:
+        mem["cuda_build"] = memory.cuda_peaks(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    mem["peak_reset_supported"] = memory.reset_peak_rss()
+    del transformer  # from here on only the pipeline holds it (offload mode must be able to free it)
+
+    latency: dict = {"unit": "s", "forward_batch": int(inputs["hidden_states"].shape[0]), "forward": None}
+    if case.offload:
+        image, freed, _ = generate_offloaded(pipe, lambda: build_vq(source, seed).to(device), measure.steps, sync)
+        result["transformer_freed_before_decode"] = freed
+        latency["image"] = image
+    else:
+        model = pipe.transformer
+        forward = _forward_fn(model, inputs)
+        if measure.latency:
+            latency["forward"] = time_repeated(forward, measure.warmup, measure.repeats, measure.budget_s,
+                                               sync).to_dict()
+        else:
+            with torch.inference_mode():
+                forward()  # still run once, so the peak includes a forward's activations
+        latency["image"] = timed_image(pipe, measure.steps, sync, warm_decode=measure.warmup > 0)
+        if measure.profile:
+            result["profile"] = _profile(forward)
+        del model, forward
+    result["latency"] = latency
+
+    mem["peak_rss_inference"] = memory.peak_rss_bytes() if mem["peak_reset_supported"] else None
+    mem["peak_rss_process"] = max(mem["peak_rss_build"], memory.peak_rss_bytes())
+    if is_cuda:
+        mem["cuda_inference"] = memory.cuda_peaks(device)
+    result["memory"] = mem
+
+
+def _forward_fn(model, inputs: dict) -> Callable[[], object]:
+    def forward():
+        with torch.inference_mode():
+            return model(**inputs)
+
+    return forward
+
+
+def _profile(forward: Callable[[], object]) -> dict:
+    from mgtq.bench.profile import profile_call
+
+    return profile_call(forward)
+
+
+# ------------------------------------------------------------------------- calibration, baseline
+def calibrate(payload: dict) -> dict:
+    """{"input_scales": {layer: float}, "seconds": s}: one CFG forward of the bf16 model on random inputs.
+
+    The bf16 model is used because it is the fastest float model (the scales only decide int8
+    clipping, which changes neither speed nor size).
+    """
+    from mgtq.bench.formats import calibrate_input_scales
+
+    _setup(payload)
+    start = time.perf_counter()
+    scales = calibrate_input_scales(ModelSource.from_dict(payload["source"]), int(payload["seed"]),
+                                    payload["device"])
+    return {"input_scales": scales, "seconds": time.perf_counter() - start}
+
+
+def baseline(payload: dict) -> dict:
+    """Memory of a case process that only imported torch + mgtq (nothing built)."""
+    _setup(payload)
+    return {"unit": "bytes", "rss": memory.current_rss_bytes(), "peak_rss": memory.peak_rss_bytes(),
+            "imports": ["torch", "mgtq"]}
+
+
+ENTRY_POINTS = {"case": run_case, "calibrate": calibrate, "baseline": baseline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ENTRY_POINTS:
+        print(f"usage: python -m mgtq.bench.child {{{','.join(ENTRY_POINTS)}}} PAYLOAD.json RESULT.json",
+              file=sys.stderr)
+        return 2
+    payload = json.loads(Path(argv[1]).read_text())
+    result = ENTRY_POINTS[argv[0]](payload)
+    Path(argv[2]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

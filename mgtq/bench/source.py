@@ -1,0 +1,244 @@
+"""Which model is benchmarked, and the inputs of its forward pass.
+
+`resolve_model(name)` turns `--model` into a `ModelSource`: a preset with random weights (speed and
+size do not depend on values) or a pipeline folder. The text encoder and VQ of a random preset are
+small random stand-ins sized for its resolution: they only exist so that the whole pipeline runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+DEFAULT_TINY_SHAPES = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-shapes"
+BENCH_PROMPT = "a red circle above a blue square"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the benchmarked pipeline comes from.
+
+    kind: "preset" (random weights built from `preset`), "float-dir" or "quantized-dir" (a pipeline
+    folder at `path`; quantized = its transformer/ holds an mgtq manifest). resolution: image side
+    in pixels; vq_factor: pixels per token side; text_length: text tokens L. vq_channels /
+    text_layers / text_heads: the random stand-in VQ and CLIP of a preset. guidance_scale: CFG of
+    the sampler runs (> 1, so each transformer call is a CFG batch of 2). notes: said in the report.
+    """
+
+    name: str
+    kind: str
+    preset: str | None = None
+    path: str | None = None
+    resolution: int = 64
+    vq_factor: int = 4
+    vq_channels: tuple[int, ...] = (16, 32, 64)
+    vq_latent_channels: int = 8
+    text_length: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    guidance_scale: float = 9.0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.kind not in ("preset", "float-dir", "quantized-dir"):
+            raise ValueError(f"unknown model kind {self.kind!r}")
+        object.__setattr__(self, "vq_channels", tuple(self.vq_channels))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    @property
+    def slug(self) -> str:
+        """File-name friendly model name (bench_<slug>.json)."""
+        return Path(self.name).name.replace(" ", "_") if self.kind != "preset" else self.name
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["vq_channels"], d["notes"] = list(self.vq_channels), list(self.notes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSource":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelSource key(s) {unknown}")
+        return cls(**data)
+
+
+def _meissonic_1024() -> ModelSource:
+    # 1024 px, VQ f = 16 → a 64×64 token grid → 32×32 = 1024 transformer tokens after the 2× feature
+    # compression; 77 CLIP tokens; CFG 9 as the official sampler. The VQ has Meissonic's factor and
+    # codebook but few channels (speed/size of the *transformer* are what this preset is about).
+    return ModelSource(
+        name="meissonic-1024", kind="preset", preset="meissonic-1024", resolution=1024, vq_factor=16,
+        vq_channels=(32, 32, 32, 32, 32), vq_latent_channels=16, text_length=77, text_layers=2, text_heads=8,
+        guidance_scale=9.0,
+        notes=("transformer: the released Meissonic-1024 config (1.0B params) with random weights, built on the "
+               "meta device and filled layer by layer (speed and size do not depend on weight values)",
+               "text encoder and VQ: small random stand-ins (2-layer CLIP of width 1024; VQ with f=16, 32 "
+               "channels, codebook 8192) so that the whole pipeline runs at 1024×1024"),
+    )
+
+
+def _tiny_shapes_preset(reason: str) -> ModelSource:
+    # Same shapes as the embedded default (mgtq.training.mgt): 64 px, VQ f = 4, 32 text tokens.
+    return ModelSource(
+        name="tiny-shapes", kind="preset", preset="tiny-shapes", resolution=64, vq_factor=4,
+        vq_channels=(16, 32, 64), vq_latent_channels=8, text_length=32, text_layers=2, text_heads=4,
+        guidance_scale=3.0,
+        notes=(f"tiny-shapes: {reason}; using the tiny-shapes preset with random weights (same shapes as the "
+               "trained default, so speed and size are the same)",),
+    )
+
+
+def resolve_model(name: str | Path) -> ModelSource:
+    """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder."""
+    name = str(name)
+    if name == "meissonic-1024":
+        return _meissonic_1024()
+    if name == "tiny-shapes":
+        if (DEFAULT_TINY_SHAPES / "transformer").is_dir():
+            return _folder_source(DEFAULT_TINY_SHAPES, display="tiny-shapes")
+        return _tiny_shapes_preset(f"the embedded checkpoint {DEFAULT_TINY_SHAPES} does not exist (yet)")
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {name!r} is neither a known model (tiny-shapes, meissonic-1024) nor a pipeline folder")
+    return _folder_source(path)
+
+
+def _folder_source(path: Path, display: str | None = None) -> ModelSource:
+    from mgtq.utils import read_json
+
+    if not (path / "transformer").is_dir():
+        raise FileNotFoundError(f"{path} has no transformer/ folder; is it a pipeline folder?")
+    settings = folder_settings(path)
+    quantized = (path / "transformer" / "manifest.json").exists()
+    tokenizer_cfg = path / "tokenizer" / "tokenizer_config.json"
+    text_length = int(read_json(tokenizer_cfg).get("model_max_length", 77)) if tokenizer_cfg.exists() else 77
+    vq_cfg = read_json(path / "vqvae" / "config.json")
+    vq_factor = 2 ** (len(vq_cfg["block_out_channels"]) - 1)
+    guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else 9.0
+    notes = [f"pipeline folder {path}" + (" (quantized transformer: its manifest says which layers are A8)"
+                                           if quantized else " (float transformer)")]
+    if not settings.sampler.use_cfg:
+        notes.append("the checkpoint's sampler has CFG off; the benchmark uses CFG 9 so each step is a batch of 2")
+    return ModelSource(name=display or str(path), kind="quantized-dir" if quantized else "float-dir", path=str(path),
+                       resolution=settings.resolution, vq_factor=vq_factor, text_length=text_length,
+                       guidance_scale=guidance, notes=tuple(notes))
+
+
+def folder_settings(root: Path):
+    """The PipelineSettings a pipeline folder stores (model_index.json "mgtq"), else the defaults."""
+    from mgtq.pipeline import PipelineSettings
+    from mgtq.utils import read_json
+
+    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    return PipelineSettings(**index["mgtq"]) if "mgtq" in index else PipelineSettings()
+
+
+def transformer_config(source: ModelSource) -> dict:
+    """Constructor kwargs of the source's MeissonicTransformer."""
+    from mgtq.models import preset_config
+    from mgtq.utils import read_json
+
+    if source.kind == "preset":
+        return preset_config(source.preset)
+    raw = read_json(Path(source.path) / "transformer" / "config.json")
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def token_grid(source: ModelSource) -> tuple[int, int]:
+    """(h, w) VQ token grid of one image at the source's resolution."""
+    side = source.resolution // source.vq_factor
+    return side, side
+
+
+def forward_inputs(source: ModelSource, dtype: torch.dtype, device: str = "cpu", batch: int = 2,
+                   seed: int = 0) -> dict:
+    """Keyword arguments of one transformer forward of the sampler: a CFG batch of `batch`.
+
+    hidden_states (B, h, w) token ids (random image tokens), encoder_hidden_states (B, L, joint_dim),
+    pooled_projections (B, pooled_dim), timestep (B,) in [0, 1]. Values are random (fixed seed).
+    """
+    config = transformer_config(source)
+    h, w = token_grid(source)
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randint(0, config["codebook_size"], (batch, h, w), generator=g),
+        encoder_hidden_states=torch.randn(batch, source.text_length, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
+        timestep=torch.full((batch,), 0.5),
+    )
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(dtype)
+    inputs["pooled_projections"] = inputs["pooled_projections"].to(dtype)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+# ------------------------------------------------------------------------------- pipeline parts
+def build_text_parts(source: ModelSource, dtype: torch.dtype, seed: int = 0):
+    """(tokenizer, text_encoder) of the source: loaded from the folder, or random stand-ins."""
+    if source.kind != "preset":
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = Path(source.path)
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", local_files_only=True, dtype=dtype)
+        return tokenizer, encoder.eval()
+    from mgtq.factory import tiny_text_encoder
+    from mgtq.shapes import vocabulary
+    from mgtq.text import build_word_tokenizer
+
+    config = transformer_config(source)
+    tokenizer = build_word_tokenizer(vocabulary(), max_length=source.text_length)
+    with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; keep the caller's stream
+        torch.manual_seed(seed + 1)
+        encoder = tiny_text_encoder(tokenizer, config["joint_attention_dim"], config["pooled_projection_dim"],
+                                    layers=source.text_layers, heads=source.text_heads)
+    return tokenizer, encoder.to(dtype).eval()
+
+
+def vq_config(source: ModelSource):
+    """The VQConfig of a preset's random VQ (None for folders, which bring their own)."""
+    from mgtq.vq import VQConfig
+
+    if source.kind != "preset":
+        return None
+    return VQConfig(block_out_channels=source.vq_channels, latent_channels=source.vq_latent_channels,
+                    num_vq_embeddings=transformer_config(source)["codebook_size"],
+                    norm_num_groups=min(8, min(source.vq_channels)), image_size=source.resolution)
+
+
+def build_vq(source: ModelSource, seed: int = 0, empty: bool = False):
+    """The VQ decoder: loaded from the folder or a random stand-in. `empty=True`: on the meta device
+    (a placeholder holding the config only, for the offloading mode that loads it later)."""
+    from diffusers import VQModel
+
+    from mgtq.vq import build_vq as build_random_vq
+    from mgtq.vq import vq_model_kwargs
+
+    folder = None if source.kind == "preset" else Path(source.path) / "vqvae"
+    if empty:
+        from accelerate import init_empty_weights
+
+        kwargs = vq_model_kwargs(vq_config(source)) if folder is None else VQModel.load_config(folder)
+        with init_empty_weights():
+            return VQModel.from_config(kwargs) if folder is not None else VQModel(**kwargs)
+    if folder is not None:
+        return VQModel.from_pretrained(folder, local_files_only=True).eval()
+    return build_random_vq(vq_config(source), seed=seed + 2).eval()
+
+
+def pipeline_settings(source: ModelSource, steps: int):
+    """PipelineSettings of the benchmark runs: the source's resolution, `steps` steps, CFG on."""
+    from mgtq.pipeline import PipelineSettings
+    from mgtq.sampling import SamplerConfig
+
+    if source.kind != "preset":
+        settings = folder_settings(Path(source.path))
+        sampler = settings.sampler.replace(num_steps=steps, guidance_scale=source.guidance_scale)
+        return PipelineSettings(sampler=sampler, resolution=settings.resolution, image_range=settings.image_range,
+                                aesthetic_score=settings.aesthetic_score)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=source.guidance_scale, timestep_convention="mask_ratio")
+    return PipelineSettings(sampler=sampler, resolution=source.resolution, image_range="-1,1")

@@ -1,0 +1,173 @@
+"""mgtq bench: memory accounting, JSON schema, CLI smoke run, skipped peers, offload mode."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from mgtq.bench import BenchCase, BenchConfig, MeasureSettings, run_bench, validate_report
+from mgtq.bench import peers as peers_module
+from mgtq.bench.formats import a8_layers_for, random_float_transformer, random_quantized_transformer
+from mgtq.bench.memory import module_storage_nbytes, storage_nbytes, transformer_weight_nbytes
+from mgtq.bench.profile import categorize
+from mgtq.bench.report import compute_goals, compute_ratios
+from mgtq.models import preset_config
+from mgtq.quantization import W4Linear, linear_names
+
+
+# ------------------------------------------------------------------------------------ memory
+def test_w4_linear_counts_about_an_eighth_of_fp32():
+    linear = nn.Linear(1024, 512, bias=False)
+    fp32 = transformer_weight_nbytes(linear)[0]
+    assert fp32 == 1024 * 512 * 4
+    packed = nn.Sequential(W4Linear.from_float(linear))
+    nbytes, method = transformer_weight_nbytes(packed)
+    assert "model_weight_nbytes" in method
+    # int4 = 1/8 of fp32, plus one fp32 scale per output channel
+    assert nbytes == 1024 * 512 // 2 + 512 * 4
+    assert 0.12 < nbytes / fp32 < 0.13
+    assert module_storage_nbytes(packed) == nbytes
+
+
+def test_random_quantized_model_is_packed_and_float_parts_stay_bf16():
+    config = preset_config("test-micro")
+    bf16 = random_float_transformer(config, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    names = linear_names(bf16)
+    a8 = a8_layers_for("scq", names, seed=0)
+    assert len(a8) == round(len(names) / 3)
+    scq = random_quantized_transformer(config, a8, {n: 0.01 for n in a8})
+    assert not any(isinstance(m, nn.Linear) for m in scq.modules())
+    assert scq.embed.embeddings.weight.dtype == torch.bfloat16
+    assert transformer_weight_nbytes(scq)[0] < transformer_weight_nbytes(bf16)[0]
+    assert transformer_weight_nbytes(scq)[0] == module_storage_nbytes(scq)
+
+
+def test_storage_of_tensor_subclasses_counts_inner_tensors():
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
+
+    model = nn.Sequential(nn.Linear(256, 128)).to(torch.bfloat16)
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)))
+    weight = model[0].weight
+    assert type(weight) is not nn.Parameter
+    # torchao stores int4 one value per byte on x86: about numel bytes, not numel / 2
+    assert 256 * 128 <= storage_nbytes(weight) < 256 * 128 * 1.2
+    nbytes, method = transformer_weight_nbytes(model)
+    assert "__tensor_flatten__" in method and nbytes >= storage_nbytes(weight)
+
+
+# ------------------------------------------------------------------------------------ config
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown format"):
+        BenchConfig(formats=("bf16", "int3"))
+    with pytest.raises(ValueError, match="unknown peer"):
+        BenchConfig(peers=("bitsandbytes",))
+    with pytest.raises(ValueError, match="TomeMGT"):
+        BenchCase("quanto-w4a8", tome=0.5)
+    cases = BenchConfig(formats=("bf16", "scq"), tome=(0, 0.5), offload=True, peers=("quanto-w4a8",)).cases()
+    assert [c.label for c in cases] == ["bf16", "bf16+tome0.5", "scq", "scq+tome0.5", "bf16+offload",
+                                        "scq+offload", "quanto-w4a8"]
+
+
+def test_profile_categories():
+    assert categorize("aten::_int_mm") == "int8 GEMM"
+    assert categorize("aten::mm") == "float GEMM"
+    assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert categorize("aten::bitwise_left_shift") == "int4 unpack"
+    assert categorize("aten::layer_norm") == "other"
+
+
+def test_goals_from_ratios():
+    def res(label, target, nbytes, fwd, tome=0.0):
+        return {"label": label, "target": target, "tome": tome, "offload": False, "status": "ok",
+                "weights": {"transformer_bytes": nbytes}, "memory": {"peak_rss_process": 10},
+                "latency": {"forward": {"median": fwd}, "image": None}}
+
+    results = [res("bf16", "bf16", 100, 1.0), res("scq", "scq", 27, 0.9), res("w4a8", "w4a8", 26, 0.8),
+               res("bf16+tome0.5", "bf16", 100, 0.5, 0.5), res("quanto-w4a8", "quanto-w4a8", 30, 2.0)]
+    goals = {g["name"]: g for g in compute_goals(results, compute_ratios(results))}
+    assert goals["scq_weights"]["met"] and goals["scq_forward"]["met"]
+    assert not goals["w4a8_forward"]["met"] and goals["w4a8_forward"]["miss"] == pytest.approx(0.8 / 0.7 - 1)
+    assert goals["tome_speedup_bf16"]["value"] == pytest.approx(2.0)
+    assert goals["w4a8_vs_quanto-w4a8_forward"]["met"] and goals["w4a8_vs_quanto-w4a8_weights"]["met"]
+
+
+# ----------------------------------------------------------------------------- CLI smoke run
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    from mgtq.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "bench_smoke.json"
+    code = main(["bench", "--model", "tiny-shapes", "--formats", "bf16,scq", "--repeats", "1", "--warmup", "0",
+                 "--steps", "1", "--threads", "1", "--json", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_cli_smoke_writes_json_markdown_png(smoke_report):
+    report = json.loads(smoke_report.read_text())
+    assert [r["label"] for r in report["results"]] == ["bf16", "scq"]
+    assert all(r["status"] == "ok" for r in report["results"])
+    assert smoke_report.with_suffix(".md").read_text().startswith("# mgtq bench")
+    assert smoke_report.with_suffix(".png").stat().st_size > 1000
+
+
+def test_json_schema(smoke_report):
+    report = json.loads(smoke_report.read_text())
+    validate_report(report)
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch_version"] == torch.__version__
+    assert report["baseline"]["unit"] == "bytes" and report["baseline"]["rss"] > 0
+    scq = next(r for r in report["results"] if r["label"] == "scq")
+    assert scq["weights"]["linear_layers"].keys() == {"W4A8Linear", "W4Linear"}
+    assert scq["memory"]["peak_rss_process"] >= scq["memory"]["rss_after_build"] > 0
+    forward = scq["latency"]["forward"]
+    assert forward["min"] <= forward["median"] <= forward["max"] and len(forward["samples"]) == 1
+    assert scq["latency"]["image"]["steps"] == 1 and scq["latency"]["image"]["extrapolated_steps"] == 48
+    assert report["ratios"]["bf16"]["weights_vs_bf16"] == 1.0
+    broken = {**report, "results": [{k: v for k, v in scq.items() if k != "weights"}] * 2}
+    with pytest.raises(ValueError, match="weights"):
+        validate_report(broken)
+
+
+# ------------------------------------------------------------------------------------- peers
+def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
+    real = peers_module.import_module
+
+    def fake_import(name):
+        if name.startswith("optimum"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name)
+
+    monkeypatch.setattr(peers_module, "import_module", fake_import)
+    reason = peers_module.unavailable_reason("quanto-w4a8")
+    assert "not installed" in reason and "pip install" in reason
+    report = run_bench(BenchConfig(model="tiny-shapes", formats=(), peers=("quanto-w4a8",), isolation="none",
+                                   measure=MeasureSettings(repeats=1, steps=1, warmup=0)),
+                       progress=False, write=False, log=lambda msg: None)
+    (result,) = report["results"]
+    assert result["status"] == "skipped" and "optimum.quanto" in result["message"]
+    assert report["skipped"] == [result["message"]]
+
+
+# ----------------------------------------------------------------------------------- offload
+def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
+    from mgtq.bench.child import generate_offloaded
+    from mgtq.factory import build_random_pipeline
+
+    pipe = build_random_pipeline("test-micro", resolution=32, text_max_length=16)
+    vq = pipe.vqvae
+    alive = weakref.ref(pipe.transformer)
+    seen = {}
+
+    def load_vq():
+        seen["transformer_alive_at_vq_load"] = alive() is not None
+        return vq
+
+    image, freed, images = generate_offloaded(pipe, load_vq, steps=1)
+    assert freed and seen == {"transformer_alive_at_vq_load": False}
+    assert pipe.transformer is None and len(images) == 1
+    assert image["vq_load_s"] is not None and image["steps"] == 1
