@@ -71,15 +71,16 @@ INT8_MAX = 127
 # Cache blocking of the elementwise kernels (element counts per block).
 # Activation quantization: 256K-element row blocks keep the fp32 staging
 # buffer (1 MB) in a 2 MB L2 -- fastest on one quiet core (1.1 ms vs 1.9 ms
-# for 2202 x 1024 at 1M+ elements).  Weight dequantization: block size made
-# no measurable difference on a quiet core, but each block costs ~5 parallel
-# regions, and with another job on the cores every region may wait a
-# scheduler slice for a descheduled OpenMP thread (measured: 256K blocks 5-8x
-# slower than 4M blocks at 2 threads next to a training job), so it uses few
-# big blocks (4M elements: a 16 MB fp32 stage, under glibc's 32 MB mmap
-# threshold, beyond which every call would page-fault a fresh buffer).
+# for 2202 x 1024 with 1M+ element blocks).  Weight dequantization: 1M-element
+# blocks (4 MB fp32 stage) are as fast as 256K on a quiet core and 4M blocks up
+# to 10% slower; but each block costs ~5 parallel regions, and with another
+# job on the cores every region may wait a scheduler slice for a descheduled
+# OpenMP thread (at 2 threads next to a training job, 4096 x 1024: 256K blocks
+# 595 ms, 1M 185 ms, 4M 72 ms, bf16 GEMM alone 31 ms).  1M is the compromise.
+# Blocks stay far below glibc's 32 MB mmap threshold, beyond which every call
+# would page-fault a fresh buffer.
 QUANT_CHUNK_ELEMS = 1 << 18
-DEQUANT_CHUNK_ELEMS = 1 << 22
+DEQUANT_CHUNK_ELEMS = 1 << 20
 # Output columns per int8 GEMM call: a (2202 x 256) int32 accumulator is 2.2 MB,
 # so the rescale epilogue reads it from cache instead of streaming a 36 MB
 # accumulator through memory (and a >32 MB one is a fresh mmap, page faults and
