@@ -15,7 +15,7 @@ Kernels (all device-agnostic torch ops; dispatch points for CUDA kernels are
 marked ``DISPATCH POINT``):
 
 * :func:`dequantize_int4_weight` -- packed int4 -> float weight, in row
-  blocks so the int8 / fp32 intermediates stay in cache;
+  blocks (``DEQUANT_CHUNK_ELEMS``) reusing small int8 / fp32 buffers;
 * :func:`int4_weight_only_linear` -- W4A16: dequantize + ``F.linear``, or
   ``torch._weight_int8pack_mm`` for a handful of rows;
 * :func:`quantize_int8_per_tensor` -- float activation -> int8, in row blocks;
@@ -178,8 +178,8 @@ def dequantize_int4_weight(
 
     Equals ``(q.float() * scale).to(dtype)`` exactly: ``16 * q`` times ``scale
     / 16`` (a power-of-two rescale, exact) in fp32, rounded once to ``dtype``.
-    Works through row blocks of about ``chunk_elems`` elements so the int8 and
-    fp32 intermediates stay in cache.
+    Works through row blocks of about ``chunk_elems`` elements, reusing one
+    int8 and one fp32 buffer (see ``DEQUANT_CHUNK_ELEMS`` for the size).
     """
     _check_weight_pair(packed, scale)
     n, half = packed.shape
