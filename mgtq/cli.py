@@ -123,7 +123,8 @@ def cmd_bench(args) -> int:
     peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
     config = BenchConfig(
         model=str(args.model), formats=_csv(args.formats), tome=tuple(float(t) for t in _csv(args.tome)),
-        offload=args.offload, peers=peers, threads=args.threads, isolation=args.isolation,
+        tome_blocks=_csv(args.tome_blocks), offload=args.offload, peers=peers, threads=args.threads,
+        isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
                                 profile=args.profile, latency=both or args.latency, memory=both or args.memory),
@@ -179,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
                    help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
-    b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq", help="comma list of fp32,bf16,w4a16,w4a8,scq")
+    b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq",
+                   help="comma list of fp32,bf16,w4a16,w4a8,scq (opt-in: w4a8-cached, scq-cached)")
     b.add_argument("--tome", default="0", help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
+    b.add_argument("--tome-blocks", default="joint",
+                   help="comma list of blocks TomeMGT merges in: joint (paper), single, all; each ratio > 0 per set")
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
     b.add_argument("--peers", nargs="?", const="all", default=None,
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")

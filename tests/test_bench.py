@@ -71,6 +71,10 @@ def test_config_rejects_unknown_names():
     cases = BenchConfig(formats=("bf16", "scq"), tome=(0, 0.5), offload=True, peers=("quanto-w4a8",)).cases()
     assert [c.label for c in cases] == ["bf16", "bf16+tome0.5", "scq", "scq+tome0.5", "bf16+offload",
                                         "scq+offload", "quanto-w4a8"]
+    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_blocks=("joint", "all")).cases()
+    assert [c.label for c in cases] == ["bf16", "bf16+tome0.5", "bf16+tome0.5-all"]
+    with pytest.raises(ValueError, match="tome_blocks"):
+        BenchConfig(tome_blocks=("mlp",))
 
 
 def test_profile_categories():
@@ -89,10 +93,11 @@ def test_goals_from_ratios():
 
     results = [res("bf16", "bf16", 100, 1.0), res("scq", "scq", 27, 0.9), res("w4a8", "w4a8", 26, 0.8),
                res("bf16+tome0.5", "bf16", 100, 0.5, 0.5), res("quanto-w4a8", "quanto-w4a8", 30, 2.0)]
+    results[3]["tome_blocks"] = "joint"
     goals = {g["name"]: g for g in compute_goals(results, compute_ratios(results))}
     assert goals["scq_weights"]["met"] and goals["scq_forward"]["met"]
     assert not goals["w4a8_forward"]["met"] and goals["w4a8_forward"]["miss"] == pytest.approx(0.8 / 0.7 - 1)
-    assert goals["tome_speedup_bf16"]["value"] == pytest.approx(2.0)
+    assert goals["tome_speedup_bf16+tome0.5"]["value"] == pytest.approx(2.0)
     assert goals["w4a8_vs_quanto-w4a8_forward"]["met"] and goals["w4a8_vs_quanto-w4a8_weights"]["met"]
 
 
@@ -126,6 +131,7 @@ def test_json_schema(smoke_report):
     assert scq["memory"]["peak_rss_process"] >= scq["memory"]["rss_after_build"] > 0
     forward = scq["latency"]["forward"]
     assert forward["min"] <= forward["median"] <= forward["max"] and len(forward["samples"]) == 1
+    assert forward["cpu_median"] > 0 and len(forward["cpu_samples"]) == 1
     assert scq["latency"]["image"]["steps"] == 1 and scq["latency"]["image"]["extrapolated_steps"] == 48
     assert report["ratios"]["bf16"]["weights_vs_bf16"] == 1.0
     broken = {**report, "results": [{k: v for k, v in scq.items() if k != "weights"}] * 2}

@@ -83,6 +83,8 @@ def _format_scheme(fmt: str) -> str:
         "w4a16": "mgtq: every Linear W4Linear (int4 per-channel weights, bf16 activations)",
         "w4a8": "mgtq: every Linear W4A8Linear (int4 weights, static int8 activations, int8 GEMM)",
         "scq": "mgtq: SCQ — a third of the Linears W4A8, the rest W4A16",
+        "w4a8-cached": "mgtq: w4a8 with the opt-in int8 weight cache (oneDNN prepacked)",
+        "scq-cached": "mgtq: scq with the opt-in int8 weight cache on its W4A8 layers",
     }[fmt]
 
 
@@ -114,7 +116,7 @@ def timed_image(pipe, steps: int, sync: Callable[[], None], warm_decode: bool = 
         with timer:
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
                                                    output_type="tokens", progress=False), sync)
-        calls = timer.durations
+        calls = (timer.durations, timer.cpu_durations)
         del timer
         if warm_decode:
             pipe.decode_tokens(out.tokens)
@@ -127,7 +129,8 @@ def _image_record(steps, text_s, tokens_s, decode_s, calls, nfe, vq_load_s=None)
     total = tokens_s + decode_s + (vq_load_s or 0.0)
     return {
         "unit": "s", "steps": steps, "nfe": nfe, "text_s": text_s, "tokens_s": tokens_s, "per_step_s": per_step,
-        "decode_s": decode_s, "vq_load_s": vq_load_s, "total_s": total, "transformer_calls_s": list(calls),
+        "decode_s": decode_s, "vq_load_s": vq_load_s, "total_s": total, "transformer_calls_s": list(calls[0]),
+        "transformer_calls_cpu_s": list(calls[1]),
         "extrapolated_steps": EXTRAPOLATE_STEPS,
         "extrapolated_total_s": text_s + EXTRAPOLATE_STEPS * per_step + decode_s + (vq_load_s or 0.0),
     }
@@ -147,7 +150,7 @@ def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
         with timer:
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
                                                    output_type="tokens", progress=False), sync)
-        calls = timer.durations
+        calls = (timer.durations, timer.cpu_durations)
         del timer
         alive = weakref.ref(pipe.transformer)
         pipe.transformer = None
@@ -199,7 +202,8 @@ def _empty_result(case: BenchCase) -> dict:
     return {
         "label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
         "family": PEERS[case.target].family if case.is_peer else "mgtq", "scheme": None,
-        "tome": case.tome, "offload": case.offload, "status": "ok", "message": None, "notes": [],
+        "tome": case.tome, "tome_blocks": case.tome_blocks, "offload": case.offload, "status": "ok",
+        "message": None, "notes": [],
         "weights": None, "memory": None, "latency": None, "profile": None, "build_s": None,
         "calibration_s": None, "transformer_freed_before_decode": None,
     }
@@ -224,8 +228,8 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     if case.tome:
         from mgtq.merging import apply_tomemgt
 
-        apply_tomemgt(pipe, ratio=case.tome)
-        notes.append(f"TomeMGT ratio {case.tome:g} on the joint (MMDiT) blocks, the paper's setting")
+        apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks)
+        notes.append(_TOME_NOTES[case.tome_blocks])
     result["build_s"] = time.perf_counter() - start
     result["calibration_s"] = calib_s or None
     result["scheme"], result["notes"] = scheme, notes
@@ -269,6 +273,13 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     if is_cuda:
         mem["cuda_inference"] = memory.cuda_peaks(device)
     result["memory"] = mem
+
+
+_TOME_NOTES = {
+    "joint": "TomeMGT on the 14 joint (MMDiT) blocks only: the paper's setting",
+    "single": "TomeMGT on the single-stream blocks only (an ablation; the paper reports it failed on quality)",
+    "all": "TomeMGT on joint and single-stream blocks (an ablation; the paper merges joint blocks only)",
+}
 
 
 def _forward_fn(model, inputs: dict) -> Callable[[], object]:

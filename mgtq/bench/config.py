@@ -12,7 +12,13 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
+DEFAULT_FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
+# Opt-in: the same W4A8 layers with W4A8Linear's int8 weight cache (oneDNN prepacked) enabled:
+# faster, but +1 byte per A8 weight in memory. They show what the cache trades.
+CACHED_FORMATS = ("w4a8-cached", "scq-cached")
+FORMATS = DEFAULT_FORMATS + CACHED_FORMATS
+# Which blocks TomeMGT merges in (mgtq.merging): "joint" is the paper's setting (the 14 MMDiT blocks).
+TOME_BLOCKS = ("joint", "single", "all")
 # Paper setting for the image extrapolation: Meissonic's default sampler runs 48 steps.
 EXTRAPOLATE_STEPS = 48
 
@@ -75,13 +81,15 @@ class MeasureSettings:
 class BenchCase:
     """One configuration: `target` is an mgtq format (FORMATS) or a peer name (mgtq.bench.peers.PEERS).
 
-    tome: TomeMGT ratio (0 = off; mgtq formats only). offload: the paper's CPU-offloading mode
-    (transformer freed before the VQ decoder is loaded).
+    tome: TomeMGT ratio (0 = off; mgtq formats only); tome_blocks: where it merges ("joint" = the
+    paper's setting). offload: the paper's CPU-offloading mode (transformer freed before the VQ
+    decoder is loaded).
     """
 
     target: str
     tome: float = 0.0
     offload: bool = False
+    tome_blocks: str = "joint"
 
     def __post_init__(self):
         from mgtq.bench.peers import PEERS
@@ -95,6 +103,8 @@ class BenchCase:
             raise ValueError(f"TomeMGT is only benchmarked on mgtq formats, not on peer {self.target!r}")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be true or false, got {self.offload!r}")
+        if self.tome_blocks not in TOME_BLOCKS:
+            raise ValueError(f"tome_blocks must be one of {TOME_BLOCKS}, got {self.tome_blocks!r}")
 
     @property
     def is_peer(self) -> bool:
@@ -102,10 +112,10 @@ class BenchCase:
 
     @property
     def label(self) -> str:
-        """Stable name used in tables and JSON: "scq", "scq+tome0.5", "bf16+offload", "quanto-w4a8"."""
+        """Stable name used in tables and JSON: "scq", "scq+tome0.5", "scq+tome0.5-all", "bf16+offload"."""
         label = self.target
         if self.tome:
-            label += f"+tome{self.tome:g}"
+            label += f"+tome{self.tome:g}" + ("" if self.tome_blocks == "joint" else f"-{self.tome_blocks}")
         if self.offload:
             label += "+offload"
         return label
@@ -127,7 +137,8 @@ class BenchConfig:
     """A whole `mgtq bench` run.
 
     model: "tiny-shapes", "meissonic-1024" (random weights, full size) or a pipeline folder.
-    formats / tome: every format is run at every TomeMGT ratio. offload: add, per format, a case in
+    formats / tome / tome_blocks: every format is run at every TomeMGT ratio (ratios > 0 once per
+    block set in tome_blocks). offload: add, per format, a case in
     the CPU-offloading mode (no merging). peers: peer names to run beside (mgtq.bench.peers).
     threads: torch intra-op threads in each case (default: all cores). isolation: "forkserver"
     (fresh process per case, forked from a server that preloaded torch+mgtq), "spawn" (fresh
@@ -138,8 +149,9 @@ class BenchConfig:
     """
 
     model: str = "tiny-shapes"
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     tome: tuple[float, ...] = (0.0,)
+    tome_blocks: tuple[str, ...] = ("joint",)
     offload: bool = False
     peers: tuple[str, ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
@@ -155,6 +167,7 @@ class BenchConfig:
         object.__setattr__(self, "formats", tuple(self.formats))
         object.__setattr__(self, "tome", tuple(float(t) for t in self.tome))
         object.__setattr__(self, "peers", tuple(self.peers))
+        object.__setattr__(self, "tome_blocks", tuple(self.tome_blocks))
         if isinstance(self.measure, dict):
             object.__setattr__(self, "measure", MeasureSettings.from_dict(self.measure))
         if not self.formats and not self.peers:
@@ -169,6 +182,9 @@ class BenchConfig:
             raise ValueError(f"unknown peer(s) {bad}; choose from {sorted(PEERS)}")
         if not self.tome or any(not (0 <= t < 1) or math.isnan(t) for t in self.tome):
             raise ValueError(f"tome ratios must be in [0, 1), got {list(self.tome)}")
+        bad = [b for b in self.tome_blocks if b not in TOME_BLOCKS]
+        if bad or not self.tome_blocks:
+            raise ValueError(f"tome_blocks must be a non-empty list of {TOME_BLOCKS}, got {list(self.tome_blocks)}")
         if self.threads is not None:
             _positive_int(self.threads, "threads")
         if self.isolation not in ISOLATIONS:
@@ -183,8 +199,9 @@ class BenchConfig:
         return self.threads or os.cpu_count() or 1
 
     def cases(self) -> list[BenchCase]:
-        """Every format at every ratio, then the offload cases, then the peers."""
-        cases = [BenchCase(f, tome=t) for f in self.formats for t in self.tome]
+        """Every format at every ratio (× block set), then the offload cases, then the peers."""
+        cases = [BenchCase(f, tome=t, tome_blocks=b) for f in self.formats for t in self.tome
+                 for b in (self.tome_blocks if t else ("joint",))]
         if self.offload:
             cases += [BenchCase(f, offload=True) for f in self.formats]
         cases += [BenchCase(p) for p in self.peers]
@@ -199,4 +216,5 @@ class BenchConfig:
         d = asdict(self)
         d["measure"] = self.measure.to_dict()
         d["formats"], d["tome"], d["peers"] = list(self.formats), list(self.tome), list(self.peers)
+        d["tome_blocks"] = list(self.tome_blocks)
         return d

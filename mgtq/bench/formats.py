@@ -13,6 +13,9 @@ Formats (non-Linear parts stay bf16 for the quantized ones, fp32 for fp32):
     scq         a third of the Linears W4A8, the rest W4A16: on a calibrated checkpoint the third
                 its manifest names; on random weights a random third (fixed seed), with static
                 scales from one calibration pass on random inputs (values do not change speed/size)
+    w4a8-cached, scq-cached (opt-in)
+                the same, with every W4A8Linear's int8 weight cache enabled (oneDNN prepacked
+                where available): +1 byte per A8 weight, counted in the weight bytes
 """
 
 from __future__ import annotations
@@ -187,9 +190,14 @@ def manifest_a8_layers(source: ModelSource) -> set[str]:
     return {name for name, layer in manifest["layers"].items() if layer["scheme"] == "w4a8"}
 
 
+def base_format(fmt: str) -> str:
+    """"w4a8-cached" → "w4a8"; other formats unchanged."""
+    return fmt.removesuffix("-cached")
+
+
 def needs_calibration(source: ModelSource, formats: tuple[str, ...]) -> bool:
     """Whether static int8 scales must be calibrated before building these formats."""
-    wanted = {"w4a8", "scq"} & set(formats)
+    wanted = {"w4a8", "scq"} & {base_format(f) for f in formats}
     if source.kind == "quantized-dir":
         wanted.discard("scq")  # the checkpoint brings its calibrated scales
     return bool(wanted)
@@ -199,6 +207,8 @@ def needs_calibration(source: ModelSource, formats: tuple[str, ...]) -> bool:
 def build_transformer_in_format(source: ModelSource, fmt: str, input_scales: dict[str, float] | None,
                                 seed: int = 0, device: str = "cpu") -> tuple[nn.Module, list[str]]:
     """(transformer in eval mode on `device`, notes on how it was built)."""
+    if fmt != base_format(fmt):
+        return _with_weight_cache(*build_transformer_in_format(source, base_format(fmt), input_scales, seed, device))
     notes: list[str] = []
     if source.kind == "quantized-dir" and fmt == "scq":
         from mgtq.pipeline import load_transformer
@@ -222,6 +232,18 @@ def build_transformer_in_format(source: ModelSource, fmt: str, input_scales: dic
     elif fmt == "w4a8":
         notes.append("w4a8: static int8 scales from one calibration pass on random inputs")
     return random_quantized_transformer(config, a8, input_scales, seed).to(device), notes
+
+
+def _with_weight_cache(model: nn.Module, notes: list[str]) -> tuple[nn.Module, list[str]]:
+    from mgtq.quantization import W4A8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, W4A8Linear)]
+    for layer in layers:
+        layer.enable_weight_cache("auto")
+    kinds = sorted({layer.weight_cache for layer in layers})
+    notes.append(f"int8 weight cache ({'/'.join(kinds)}) enabled on {len(layers)} W4A8 layers: +1 byte per cached "
+                 "weight, included in the weight bytes")
+    return model, notes
 
 
 def _linear_names_of(config: dict) -> list[str]:

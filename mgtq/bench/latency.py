@@ -14,22 +14,33 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds of repeated calls: median, min, max and every sample, in call order."""
+    """Wall seconds of repeated calls: median, min, max and every sample, in call order.
+
+    cpu_*: the process's CPU seconds (all threads) of the same calls. On a machine shared with
+    other jobs, wall time grows with their load while CPU time mostly does not (except for
+    OpenMP threads spin-waiting on a preempted sibling), so CPU-time ratios tell what a quiet
+    machine would show; wall time is what a user waits.
+    """
 
     median: float
     min: float
     max: float
     samples: tuple[float, ...]
+    cpu_median: float | None = None
+    cpu_samples: tuple[float, ...] | None = None
 
     @classmethod
-    def of(cls, samples: list[float] | tuple[float, ...]) -> "Timing":
+    def of(cls, samples: list[float] | tuple[float, ...], cpu_samples: list[float] | None = None) -> "Timing":
         if not samples:
             raise ValueError("a Timing needs at least one sample")
-        return cls(statistics.median(samples), min(samples), max(samples), tuple(samples))
+        cpu = tuple(cpu_samples) if cpu_samples else None
+        return cls(statistics.median(samples), min(samples), max(samples), tuple(samples),
+                   statistics.median(cpu) if cpu else None, cpu)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["samples"] = list(self.samples)
+        d["cpu_samples"] = None if self.cpu_samples is None else list(self.cpu_samples)
         return d
 
 
@@ -58,34 +69,40 @@ def time_repeated(fn: Callable[[], object], warmup: int, repeats: int, budget_s:
         fn()
         sync()
     samples: list[float] = []
+    cpu_samples: list[float] = []
     for _ in range(repeats):
+        cpu_start = time.process_time()
         seconds, _ = time_call(fn, sync)
+        cpu_samples.append(time.process_time() - cpu_start)
         samples.append(seconds)
         if budget_s is not None and sum(samples) >= budget_s:
             break
-    return Timing.of(samples)
+    return Timing.of(samples, cpu_samples)
 
 
 class CallTimer:
     """Forward hooks timing every call of a module (e.g. the transformer inside the sampler loop).
 
-    Use as a context manager; `durations` holds seconds per call. Hooks are removed on exit.
+    Use as a context manager; `durations` holds wall seconds per call, `cpu_durations` the
+    process CPU seconds. Hooks are removed on exit.
     """
 
     def __init__(self, module, sync: Callable[[], None] = _no_sync):
         self.module, self.sync = module, sync
         self.durations: list[float] = []
-        self._start: float | None = None
+        self.cpu_durations: list[float] = []
+        self._start: tuple[float, float] | None = None
         self._handles = []
 
     def __enter__(self) -> "CallTimer":
         def pre(_module, _args):
             self.sync()
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.process_time())
 
         def post(_module, _args, _output):
             self.sync()
-            self.durations.append(time.perf_counter() - self._start)
+            self.durations.append(time.perf_counter() - self._start[0])
+            self.cpu_durations.append(time.process_time() - self._start[1])
 
         self._handles = [self.module.register_forward_pre_hook(pre), self.module.register_forward_hook(post)]
         return self

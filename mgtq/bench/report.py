@@ -13,25 +13,28 @@ JSON schema "mgtq-bench/1" (bytes and seconds everywhere; ratios are plain numbe
                   transformer_tokens, text_tokens
     settings      the BenchConfig (formats, tome, offload, peers, measure{warmup, repeats, steps,
                   budget_s, profile, latency, memory}, threads, isolation, device, seed, …)
-    configs       [{label, target, tome, offload}] in run order
+    configs       [{label, target, tome, tome_blocks, offload}] in run order
     baseline      {unit: "bytes", rss, peak_rss, imports}: a case process that only imported
                   torch + mgtq (null when memory was not measured)
     calibration   {seconds, layers} of the shared static-scale pass, or null
     results       one per config:
         label, target, kind ("mgtq" | "peer"), family ("mgtq" | "optimum-quanto" | "torchao"),
-        scheme, tome, offload, status ("ok" | "skipped" | "failed"), message, notes [str],
+        scheme, tome, tome_blocks, offload, status ("ok" | "skipped" | "failed"), message, notes [str],
         build_s, calibration_s, wall_s, loadavg {before, after},
         weights  {unit: "bytes", transformer_bytes, method, storage_bytes, linear_layers {class: n}}
         memory   {unit: "bytes", rss_after_build, peak_rss_build, peak_rss_inference (after the
                   build, peak reset), peak_rss_process (whole process), peak_reset_supported,
                   [cuda_build / cuda_inference {max_memory_reserved, max_memory_allocated}]}
-        latency  {unit: "s", forward_batch, forward {median, min, max, samples} | null,
+        latency  {unit: "s", forward_batch, forward {median, min, max, samples (wall s),
+                  cpu_median, cpu_samples (process CPU s)} | null,
                   image {steps, nfe, text_s, tokens_s, per_step_s, decode_s, vq_load_s, total_s,
-                         transformer_calls_s, extrapolated_steps, extrapolated_total_s}}
+                         transformer_calls_s, transformer_calls_cpu_s, extrapolated_steps,
+                         extrapolated_total_s}}
         profile  null | {unit: "s", total_self_s, split_s {category: s}, split_fraction, top_ops}
         transformer_freed_before_decode  bool (offload cases) | null
-    ratios        {label: {weights_vs_bf16, peak_rss_vs_bf16, forward_vs_bf16, per_step_vs_bf16,
-                           image_vs_bf16, [forward_speedup_vs_no_tome], [peak_rss_vs_no_offload]}}
+    ratios        {label: {weights_vs_bf16, peak_rss_vs_bf16, forward_vs_bf16, forward_cpu_vs_bf16,
+                           per_step_vs_bf16, image_vs_bf16, [forward_speedup_vs_no_tome,
+                           forward_cpu_speedup_vs_no_tome], [peak_rss_vs_no_offload]}}
                   (latency ratios: this / bf16, so < 1 is faster; speedup: no-tome / this)
     goals         [{name, description, value, op ("<=" | ">=" | "<"), target, met, miss}]
                   (miss: how far from the target, as a fraction of it; 0 when met)
@@ -45,8 +48,9 @@ from pathlib import Path
 SCHEMA_VERSION = "mgtq-bench/1"
 TOP_LEVEL_KEYS = ("schema", "created", "wall_s", "machine", "model", "settings", "configs", "baseline",
                   "calibration", "results", "ratios", "goals", "skipped")
-RESULT_KEYS = ("label", "target", "kind", "family", "scheme", "tome", "offload", "status", "message", "notes",
-               "weights", "memory", "latency", "profile", "build_s", "wall_s", "transformer_freed_before_decode")
+RESULT_KEYS = ("label", "target", "kind", "family", "scheme", "tome", "tome_blocks", "offload", "status", "message",
+               "notes", "weights", "memory", "latency", "profile", "build_s", "wall_s",
+               "transformer_freed_before_decode")
 MACHINE_KEYS = ("cpu_count", "torch_threads", "torch_version", "device", "isolation", "loadavg_start")
 MB = 1e6
 
@@ -54,7 +58,8 @@ MB = 1e6
 def failed_result(case, message: str) -> dict:
     """The result of a case whose process failed."""
     return {"label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
-            "family": None, "scheme": None, "tome": case.tome, "offload": case.offload, "status": "failed",
+            "family": None, "scheme": None, "tome": case.tome, "tome_blocks": case.tome_blocks,
+            "offload": case.offload, "status": "failed",
             "message": message, "notes": [], "weights": None, "memory": None, "latency": None, "profile": None,
             "build_s": None, "calibration_s": None, "wall_s": None, "loadavg": None,
             "transformer_freed_before_decode": None}
@@ -76,6 +81,11 @@ def peak_rss(r: dict) -> int | None:
 def forward_median(r: dict) -> float | None:
     forward = (r.get("latency") or {}).get("forward")
     return forward["median"] if forward else None
+
+
+def forward_cpu_median(r: dict) -> float | None:
+    forward = (r.get("latency") or {}).get("forward")
+    return forward.get("cpu_median") if forward else None
 
 
 def per_step(r: dict) -> float | None:
@@ -117,11 +127,14 @@ def compute_ratios(results: list[dict]) -> dict[str, dict]:
                 "weights_vs_bf16": _ratio(weight_bytes(r), weight_bytes(ref)),
                 "peak_rss_vs_bf16": _ratio(peak_rss(r), peak_rss(ref)),
                 "forward_vs_bf16": _ratio(forward_median(r), forward_median(ref)),
+                "forward_cpu_vs_bf16": _ratio(forward_cpu_median(r), forward_cpu_median(ref)),
                 "per_step_vs_bf16": _ratio(per_step(r), per_step(ref)),
                 "image_vs_bf16": _ratio(image_total(r), image_total(ref)),
             }
         if r["tome"] and r["target"] in ok:
             entry["forward_speedup_vs_no_tome"] = _ratio(forward_median(ok[r["target"]]), forward_median(r))
+            entry["forward_cpu_speedup_vs_no_tome"] = _ratio(forward_cpu_median(ok[r["target"]]),
+                                                             forward_cpu_median(r))
         if r["offload"] and r["target"] in ok:
             entry["peak_rss_vs_no_offload"] = _ratio(peak_rss(r), peak_rss(ok[r["target"]]))
         ratios[label] = entry
@@ -147,11 +160,19 @@ def compute_goals(results: list[dict], ratios: dict[str, dict]) -> list[dict]:
         _goal("scq_weights", "SCQ transformer weights / bf16", r("scq", "weights_vs_bf16"), "<=", 0.28),
         _goal("scq_forward", "SCQ forward latency / bf16", r("scq", "forward_vs_bf16"), "<=", 0.95),
         _goal("w4a8_forward", "W4A8-everywhere forward latency / bf16", r("w4a8", "forward_vs_bf16"), "<=", 0.70),
+        # The same goals for the opt-in weight-cache variants (they trade memory for the speed).
+        _goal("scq-cached_weights", "scq-cached transformer weights / bf16", r("scq-cached", "weights_vs_bf16"),
+              "<=", 0.28),
+        _goal("scq-cached_forward", "scq-cached forward latency / bf16", r("scq-cached", "forward_vs_bf16"),
+              "<=", 0.95),
+        _goal("w4a8-cached_forward", "w4a8-cached forward latency / bf16", r("w4a8-cached", "forward_vs_bf16"),
+              "<=", 0.70),
     ]
     for label, res in ok.items():
         if res["tome"] == 0.5 and not res["offload"]:
-            goals.append(_goal(f"tome_speedup_{res['target']}", f"{res['target']}: forward without merging / "
-                               "with TomeMGT 0.5", r(label, "forward_speedup_vs_no_tome"), ">=", 1.4))
+            blocks = res.get("tome_blocks", "joint")
+            goals.append(_goal(f"tome_speedup_{label}", f"{res['target']}: forward without merging / with TomeMGT "
+                               f"0.5 ({blocks} blocks)", r(label, "forward_speedup_vs_no_tome"), ">=", 1.4))
     mine = ok.get("w4a8")
     for peer in W4A8_PEERS:
         if mine is not None and peer in ok:
@@ -246,25 +267,29 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Results (ratios vs bf16 of the same run; latency ratio < 1 = faster)", "",
               "Peak RSS: whole case process (build + inference); inference peak: after the build, peak reset.", "",
               "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB | forward s | ×bf16 "
-              "| per step s | image s | 48-step image s (extrap.) |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+              "| ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     ratios = report["ratios"]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['status']} | | | | | | | | | |")
+            lines.append(f"| {r['label']} | {r['status']} | | | | | | | | | | |")
             continue
         q = ratios.get(r["label"], {})
         image = (r["latency"] or {}).get("image") or {}
         forward = _timing(r["latency"].get("forward"))
         if r["tome"] and q.get("forward_speedup_vs_no_tome"):
-            forward += f" ({q['forward_speedup_vs_no_tome']:.2f}× vs no merging)"
+            forward += f" ({q['forward_speedup_vs_no_tome']:.2f}× faster than no merging"
+            if q.get("forward_cpu_speedup_vs_no_tome"):
+                forward += f"; CPU time {q['forward_cpu_speedup_vs_no_tome']:.2f}×"
+            forward += ")"
         peak = _mb(peak_rss(r))
         if r["offload"] and q.get("peak_rss_vs_no_offload"):
             peak += f" ({q['peak_rss_vs_no_offload']:.2f}× normal)"
         lines.append(
             f"| {r['label']} | {_mb(weight_bytes(r))} | {_fmt(q.get('weights_vs_bf16'), 3)} | {peak} | "
             f"{_fmt(q.get('peak_rss_vs_bf16'))} | {_mb(r['memory'].get('peak_rss_inference'))} | {forward} | "
-            f"{_fmt(q.get('forward_vs_bf16'))} | {_fmt(image.get('per_step_s'), 3)} | "
+            f"{_fmt(q.get('forward_vs_bf16'))} | {_fmt(q.get('forward_cpu_vs_bf16'))} | "
+            f"{_fmt(image.get('per_step_s'), 3)} | "
             f"{_fmt(image.get('total_s'), 2)} | {_fmt(image.get('extrapolated_total_s'), 1)} |")
     lines += ["", "Schemes:", ""]
     lines += [f"- **{r['label']}**: {r['scheme']}" for r in report["results"] if r["status"] == "ok" and not r["tome"]
