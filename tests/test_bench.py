@@ -177,3 +177,16 @@ def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
     assert freed and seen == {"transformer_alive_at_vq_load": False}
     assert pipe.transformer is None and len(images) == 1
     assert image["vq_load_s"] is not None and image["steps"] == 1
+
+
+# --------------------------------------------------------------------------------- isolation
+def test_fork_server_reports_a_failing_case_and_keeps_serving():
+    from mgtq.bench.child import make_payload
+    from mgtq.bench.runner import ChildError, Isolation
+    from mgtq.bench.source import resolve_model
+
+    payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
+    with Isolation("forkserver") as isolation:
+        with pytest.raises(ChildError, match="KeyError|TypeError|AttributeError"):
+            isolation.run("case", payload)  # no case in the payload: the child fails, the server survives
+        assert isolation.run("baseline", payload)["rss"] > 0

@@ -1,6 +1,7 @@
 """One benchmark case, run in its own process so its peak memory is its own.
 
-    python -m mgtq.bench.child PAYLOAD.json RESULT.json      # what the runner does, by hand
+    python -m mgtq.bench.child case PAYLOAD.json RESULT.json     # one case by hand ("spawn" isolation)
+    python -m mgtq.bench.child serve                             # the fork server the runner uses
 
 `run_case(payload) -> dict` builds the pipeline in the case's format (or peer), applies TomeMGT,
 then measures: weight bytes, RSS after building, transformer forward latency (CFG batch 2),
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -73,6 +75,8 @@ def build_case_transformer(source: ModelSource, case: BenchCase, input_scales, s
     start = time.perf_counter()
     with torch.inference_mode():
         peer.apply(model, lambda: model(**inputs))
+    notes.append(f"{case.target}: quantized in place from the bf16 model, so its build peak (peak_rss_build) includes "
+                 "the bf16 weights; its inference peak is measured after that")
     return model.eval(), notes, f"{peer.family}: {peer.scheme}", time.perf_counter() - start
 
 
@@ -322,15 +326,54 @@ def baseline(payload: dict) -> dict:
 ENTRY_POINTS = {"case": run_case, "calibrate": calibrate, "baseline": baseline}
 
 
+def run_to_file(entry: str, payload: dict, result_path: str) -> None:
+    """Run an entry point and write {"ok": result} or {"error": traceback} to `result_path` (atomically)."""
+    from mgtq.utils import atomic_write_text
+
+    try:
+        outcome = {"ok": ENTRY_POINTS[entry](payload)}
+    except BaseException:  # reported to the parent, which decides what a failure means
+        outcome = {"error": traceback.format_exc()[-3000:]}
+    atomic_write_text(result_path, json.dumps(outcome))
+
+
+def serve(requests=None, responses=None) -> int:
+    """Fork server: for each request line {"entry", "payload", "result"} fork one case process.
+
+    This process only imported torch + mgtq (no parallel op ran, so forking is safe); each forked
+    child gets its own address space, so its peak RSS is its own, without paying the imports
+    again. The child writes its outcome to the "result" path; the server answers each request
+    with one line {"exit": exit code} once the child is gone (a negative code = killed by that
+    signal, e.g. -9 by the OOM killer).
+    """
+    requests = requests or sys.stdin
+    responses = responses or sys.stdout
+    for line in requests:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the case process
+            code = 1
+            try:
+                os.dup2(2, 1)  # library prints must not reach the protocol stream
+                run_to_file(request["entry"], request["payload"], request["result"])
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        responses.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
+        responses.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["serve"]:
+        return serve()
     if len(argv) != 3 or argv[0] not in ENTRY_POINTS:
-        print(f"usage: python -m mgtq.bench.child {{{','.join(ENTRY_POINTS)}}} PAYLOAD.json RESULT.json",
-              file=sys.stderr)
+        print(f"usage: python -m mgtq.bench.child {{{','.join(ENTRY_POINTS)}}} PAYLOAD.json RESULT.json\n"
+              "       python -m mgtq.bench.child serve        (fork server, used by mgtq bench)", file=sys.stderr)
         return 2
-    payload = json.loads(Path(argv[1]).read_text())
-    result = ENTRY_POINTS[argv[0]](payload)
-    Path(argv[2]).write_text(json.dumps(result))
+    run_to_file(argv[0], json.loads(Path(argv[1]).read_text()), argv[2])
     return 0
 
 

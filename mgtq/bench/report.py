@@ -14,8 +14,9 @@ JSON schema "mgtq-bench/1" (bytes and seconds everywhere; ratios are plain numbe
     settings      the BenchConfig (formats, tome, offload, peers, measure{warmup, repeats, steps,
                   budget_s, profile, latency, memory}, threads, isolation, device, seed, …)
     configs       [{label, target, tome, tome_blocks, offload}] in run order
-    baseline      {unit: "bytes", rss, peak_rss, imports}: a case process that only imported
-                  torch + mgtq (null when memory was not measured)
+    baseline      {unit: "bytes", rss, peak_rss, imports, [fresh_interpreter_rss]}: a case process
+                  that only imported torch + mgtq (null when memory was not measured); with the
+                  fork server also the RSS of a fresh interpreter after the same imports
     calibration   {seconds, layers} of the shared static-scale pass, or null
     results       one per config:
         label, target, kind ("mgtq" | "peer"), family ("mgtq" | "optimum-quanto" | "torchao"),
@@ -260,8 +261,11 @@ def to_markdown(report: dict) -> str:
         f"{report['wall_s'] / 60:.1f} min.",
     ]
     if report["baseline"]:
-        lines.append(f"Baseline: a process that only imported torch + mgtq holds {_mb(report['baseline']['rss'])} MB "
-                     "RSS (included in every peak below; nothing subtracted).")
+        base = report["baseline"]
+        fresh = base.get("fresh_interpreter_rss")
+        lines.append(f"Baseline: a case process that only imported torch + mgtq holds {_mb(base['rss'])} MB RSS"
+                     + (f" ({_mb(fresh)} MB in a fresh interpreter, which has touched more library pages)" if fresh
+                        else "") + "; included in every peak below, nothing subtracted.")
     for note in model.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", "## Results (ratios vs bf16 of the same run; latency ratio < 1 = faster)", "",

@@ -1,18 +1,22 @@
 """`run_bench(config)`: every case in its own process, then ratios, goals and the report files.
 
-Isolation: by default each case runs in a fresh process forked from a forkserver that preloaded
-torch + mgtq (so a case does not pay the ≈5–15 s imports, yet its address space and peak RSS
-are its own). A baseline process that does nothing but those imports is measured the same way,
+Isolation: by default each case runs in a fresh process forked from a server process that
+imported torch + mgtq (so a case does not pay the ≈5–15 s imports, yet its address space and
+peak RSS are its own). A baseline process that does nothing but those imports is measured the same way,
 so readers can subtract it themselves; nothing is subtracted here.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,63 +29,79 @@ CHILD_MODULE = "mgtq.bench.child"
 
 
 # ----------------------------------------------------------------------------------- isolation
-def _child_entry(entry: str, payload: dict, conn) -> None:
-    from mgtq.bench import child
-
-    try:
-        conn.send(("ok", child.ENTRY_POINTS[entry](payload)))
-    except BaseException as err:  # report it to the parent instead of dying silently
-        import traceback
-
-        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()[-2000:]}"))
-    finally:
-        conn.close()
+class ChildError(RuntimeError):
+    """A case process failed; the message carries its traceback or exit code."""
 
 
 class Isolation:
-    """Runs child entry points ("case", "calibrate", "baseline") per the configured isolation."""
+    """Runs child entry points ("case", "calibrate", "baseline") in the configured isolation.
+
+    forkserver: a `python -m mgtq.bench.child serve` process that imported torch + mgtq forks one
+    process per request. spawn: a fresh `python -m mgtq.bench.child ENTRY …` per request. none:
+    in this process. Payloads and results travel as JSON files in a private temporary folder.
+    Use as a context manager (the server and the folder are removed on exit).
+    """
 
     def __init__(self, mode: str):
+        if mode == "forkserver" and not hasattr(os, "fork"):
+            mode = "spawn"
         self.mode = mode
-        self._ctx = None
-        if mode in ("forkserver", "spawn"):
-            method = mode if mode in multiprocessing.get_all_start_methods() else "spawn"
-            self.mode = method
-            self._ctx = multiprocessing.get_context(method)
-            if method == "forkserver":
-                self._ctx.set_forkserver_preload([CHILD_MODULE])
+        self._server: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="mgtq-bench-")
+        self._count = 0
 
     @property
     def description(self) -> str:
         return {
-            "forkserver": "fresh process per case, forked from a server that preloaded torch + mgtq",
+            "forkserver": "fresh process per case, forked from a server that imported torch + mgtq",
             "spawn": "fresh Python interpreter per case",
             "none": "all cases in one process (peak memory is NOT per case)",
         }[self.mode]
 
+    def __enter__(self) -> "Isolation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stdin.close()
+            self._server.wait()
+            self._server = None
+        self._tmp.cleanup()
+
     def run(self, entry: str, payload: dict) -> dict:
-        if self._ctx is None:
+        if self.mode == "none":
             from mgtq.bench import child
 
             return child.ENTRY_POINTS[entry](payload)
-        receiver, sender = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_child_entry, args=(entry, payload, sender), daemon=True)
-        process.start()
-        sender.close()
-        try:
-            status, value = receiver.recv()
-        except EOFError:
-            status, value = "error", "the case process died without a result (killed: out of memory?)"
-        finally:
-            process.join()
-            receiver.close()
-        if status != "ok":
-            raise ChildError(f"{entry} failed (exit code {process.exitcode}): {value}")
-        return value
+        self._count += 1
+        result = Path(self._tmp.name) / f"result-{self._count}.json"
+        if self.mode == "forkserver":
+            code = self._fork(entry, payload, result)
+        else:
+            request = Path(self._tmp.name) / f"payload-{self._count}.json"
+            request.write_text(json.dumps(payload))
+            code = subprocess.run([sys.executable, "-m", CHILD_MODULE, entry, str(request), str(result)]).returncode
+        if not result.exists():
+            hint = " (killed: out of memory?)" if code in (-9, 137) else ""
+            raise ChildError(f"{entry} process exited with code {code}{hint} without a result")
+        outcome = json.loads(result.read_text())
+        if "error" in outcome:
+            raise ChildError(f"{entry} failed: {outcome['error']}")
+        return outcome["ok"]
 
-
-class ChildError(RuntimeError):
-    """A case process failed; the message carries its traceback."""
+    def _fork(self, entry: str, payload: dict, result: Path) -> int:
+        if self._server is None:
+            self._server = subprocess.Popen([sys.executable, "-m", CHILD_MODULE, "serve"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
+        self._server.stdin.write(json.dumps({"entry": entry, "payload": payload, "result": str(result)}) + "\n")
+        self._server.stdin.flush()
+        line = self._server.stdout.readline()
+        if not line:
+            raise ChildError(f"the bench fork server died (exit code {self._server.poll()})")
+        return json.loads(line)["exit"]
 
 
 # ------------------------------------------------------------------------------------- machine
@@ -151,6 +171,15 @@ def model_info(source: ModelSource) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run
+def _run_case(isolation: Isolation, case: BenchCase, payload: dict, log: Callable[[str], None]) -> dict:
+    try:
+        result = isolation.run("case", payload)
+    except ChildError as err:  # an mgtq format that fails is a bug: reported as failed, the run goes on
+        result = report.failed_result(case, str(err))
+    log(report.one_line(result))
+    return result
+
+
 def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Run every case of `config` and return the report dict (see mgtq.bench.report.SCHEMA).
@@ -166,32 +195,29 @@ def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
     source = resolve_model(config.model)
     for note in source.notes:
         log(f"note: {note}")
-    isolation = Isolation(config.isolation)
     cases = config.cases()
-    machine = machine_info(config, isolation)
     threads = config.num_threads
 
     def payload(case: BenchCase | None, scales=None) -> dict:
         return make_payload(source, case, config.measure, threads, config.device, config.seed, scales)
 
-    memory_baseline = isolation.run("baseline", payload(None)) if config.measure.memory else None
-    scales, calibration = None, None
-    if needs_calibration(source, config.formats):
-        log("calibrating static int8 scales: one bf16 forward on random inputs …")
-        calibration = isolation.run("calibrate", payload(None))
-        scales = calibration["input_scales"]
-
-    results = []
-    bar = tqdm(cases, desc="mgtq bench", unit="config", disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(case.label)
-        try:
-            result = isolation.run("case", payload(case, scales))
-        except ChildError as err:
-            result = report.failed_result(case, str(err))
-            log(f"{case.label}: FAILED — {str(err).splitlines()[0]}")
-        log(report.one_line(result))
-        results.append(result)
+    with Isolation(config.isolation) as isolation:
+        machine = machine_info(config, isolation)
+        memory_baseline = isolation.run("baseline", payload(None)) if config.measure.memory else None
+        if memory_baseline is not None and isolation.mode == "forkserver":
+            # A forked process has not touched the shared libraries' pages yet; a fresh interpreter has.
+            with Isolation("spawn") as fresh:
+                memory_baseline["fresh_interpreter_rss"] = fresh.run("baseline", payload(None))["rss"]
+        scales, calibration = None, None
+        if needs_calibration(source, config.formats):
+            log("calibrating static int8 scales: one bf16 forward on random inputs …")
+            calibration = isolation.run("calibrate", payload(None))
+            scales = calibration["input_scales"]
+        results = []
+        bar = tqdm(cases, desc="mgtq bench", unit="config", disable=not progress)
+        for case in bar:
+            bar.set_postfix_str(case.label)
+            results.append(_run_case(isolation, case, payload(case, scales), log))
     machine["loadavg_end"] = _loadavg()
 
     out = report.assemble(
