@@ -16,6 +16,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
+import signal
 import sys
 import time
 import traceback
@@ -337,6 +339,20 @@ def run_to_file(entry: str, payload: dict, result_path: str) -> None:
     atomic_write_text(result_path, json.dumps(outcome))
 
 
+def _wait_or_orphaned(pid: int, requests) -> int | None:
+    """Wait for child `pid`; its wait status, or None if `requests` hit EOF first (parent died).
+
+    The parent sends nothing while a case runs, so `requests` becoming readable means EOF.
+    """
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        readable, _, _ = select.select([requests], [], [], 0.5)
+        if readable:
+            return None
+
+
 def serve(requests=None, responses=None) -> int:
     """Fork server: for each request line {"entry", "payload", "result"} fork one case process.
 
@@ -359,7 +375,11 @@ def serve(requests=None, responses=None) -> int:
                 code = 0
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = _wait_or_orphaned(pid, requests)
+        if status is None:  # the parent is gone (its end of our stdin closed): stop its case, then us
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            return 1
         responses.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
         responses.flush()
     return 0
