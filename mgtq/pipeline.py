@@ -87,8 +87,8 @@ class MGTPipeline:
 
     def to(self, device=None, dtype=None) -> "MGTPipeline":
         """Move components; `dtype` applies to the transformer and text encoder (the VQ stays fp32)."""
-        self.transformer.to(device=device, dtype=dtype) if dtype else self.transformer.to(device)
-        self.text_encoder.to(device=device, dtype=dtype) if dtype else self.text_encoder.to(device)
+        for module in (self.transformer, self.text_encoder):
+            module.to(device=device, dtype=dtype)
         self.vqvae.to(device)
         return self
 
