@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end at this step of the --steps schedule (the shipped VQ is step 1600 of 2500); "
+                             "with --export, that model is exported")
     parser.add_argument("--eval-only", metavar="VQ_DIR",
                         help="only evaluate a saved VQ: ShapeBench round-trip scorer accuracy as JSON")
     args = parser.parse_args(argv)
@@ -388,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     model = train_vq(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      resume=not args.no_resume, export_to=args.export, progress=not args.no_progress,
                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                     num_threads=args.threads, mixed_precision=args.mixed_precision)
+                     num_threads=args.threads, mixed_precision=args.mixed_precision, stop_after=args.stop_after)
+    if args.stop_after is not None and args.export:
+        export_vq(model.eval(), args.export)  # train_vq exports only finished schedules
     result = evaluate_roundtrip(model)
     print(json.dumps({"roundtrip_overall": result["overall"], "per_category": result["per_category"],
                       "ground_truth_overall": result["ground_truth_overall"],
