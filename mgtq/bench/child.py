@@ -63,7 +63,7 @@ def _loadavg() -> list[float] | None:
 # ------------------------------------------------------------------------------------ building
 def build_case_transformer(source: ModelSource, case: BenchCase, input_scales, seed: int, device: str,
                            inputs: dict) -> tuple[torch.nn.Module, list[str], str, float]:
-    """(transformer, notes, scheme, calibration seconds) for an mgtq format or a peer."""
+    """(transformer, notes, scheme, seconds a peer spent quantizing + calibrating) for a format or a peer."""
     from mgtq.bench.formats import build_transformer_in_format
 
     if not case.is_peer:
@@ -211,7 +211,7 @@ def _empty_result(case: BenchCase) -> dict:
         "tome": case.tome, "tome_blocks": case.tome_blocks, "offload": case.offload, "status": "ok",
         "message": None, "notes": [],
         "weights": None, "memory": None, "latency": None, "profile": None, "build_s": None,
-        "calibration_s": None, "transformer_freed_before_decode": None,
+        "quantize_s": None, "transformer_freed_before_decode": None,
     }
 
 
@@ -237,7 +237,7 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
         apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks)
         notes.append(_TOME_NOTES[case.tome_blocks])
     result["build_s"] = time.perf_counter() - start
-    result["calibration_s"] = calib_s or None
+    result["quantize_s"] = calib_s or None
     result["scheme"], result["notes"] = scheme, notes
 
     weight_bytes, method = memory.transformer_weight_nbytes(transformer)
@@ -247,7 +247,11 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
             layer_kinds[type(module).__name__] = layer_kinds.get(type(module).__name__, 0) + 1
     result["weights"] = {"unit": "bytes", "transformer_bytes": weight_bytes, "method": method,
                          "storage_bytes": memory.module_storage_nbytes(transformer), "linear_layers": layer_kinds}
-    mem = {"unit": "bytes", "rss_after_build": memory.current_rss_bytes(), "peak_rss_build": memory.peak_rss_bytes()}
+    peak_build = memory.peak_rss_bytes()
+    gc.collect()
+    trimmed = memory.release_free_heap()
+    mem = {"unit": "bytes", "rss_after_build": memory.current_rss_bytes(), "peak_rss_build": peak_build,
+           "heap_trimmed_after_build": trimmed}
     if is_cuda:
         mem["cuda_build"] = memory.cuda_peaks(device)
         torch.cuda.reset_peak_memory_stats(device)

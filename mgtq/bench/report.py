@@ -21,10 +21,11 @@ JSON schema "mgtq-bench/1" (bytes and seconds everywhere; ratios are plain numbe
     results       one per config:
         label, target, kind ("mgtq" | "peer"), family ("mgtq" | "optimum-quanto" | "torchao"),
         scheme, tome, tome_blocks, offload, status ("ok" | "skipped" | "failed"), message, notes [str],
-        build_s, calibration_s, wall_s, loadavg {before, after},
+        build_s, quantize_s (peers: quantize + calibrate + freeze), wall_s, loadavg {before, after},
         weights  {unit: "bytes", transformer_bytes, method, storage_bytes, linear_layers {class: n}}
-        memory   {unit: "bytes", rss_after_build, peak_rss_build, peak_rss_inference (after the
-                  build, peak reset), peak_rss_process (whole process), peak_reset_supported,
+        memory   {unit: "bytes", peak_rss_build, rss_after_build (after gc + returning freed heap to
+                  the OS: heap_trimmed_after_build), peak_rss_inference (peak after that, reset),
+                  peak_rss_process (whole process), peak_reset_supported,
                   [cuda_build / cuda_inference {max_memory_reserved, max_memory_allocated}]}
         latency  {unit: "s", forward_batch, forward {median, min, max, samples (wall s),
                   cpu_median, cpu_samples (process CPU s)} | null,
@@ -62,7 +63,7 @@ def failed_result(case, message: str) -> dict:
             "family": None, "scheme": None, "tome": case.tome, "tome_blocks": case.tome_blocks,
             "offload": case.offload, "status": "failed",
             "message": message, "notes": [], "weights": None, "memory": None, "latency": None, "profile": None,
-            "build_s": None, "calibration_s": None, "wall_s": None, "loadavg": None,
+            "build_s": None, "quantize_s": None, "wall_s": None, "loadavg": None,
             "transformer_freed_before_decode": None}
 
 
@@ -269,7 +270,8 @@ def to_markdown(report: dict) -> str:
     for note in model.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", "## Results (ratios vs bf16 of the same run; latency ratio < 1 = faster)", "",
-              "Peak RSS: whole case process (build + inference); inference peak: after the build, peak reset.", "",
+              "Peak RSS: whole case process (build + inference). Inference peak: after the build, freed heap "
+              "returned to the OS (malloc_trim) and the peak reset; what the built pipeline needs to run.", "",
               "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB | forward s | ×bf16 "
               "| ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) |",
               "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -368,8 +370,10 @@ def plot_png(report: dict, path: Path) -> None:
     axes[0].invert_yaxis()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
     fig.legend(handles, list(_COLORS), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"mgtq bench — {report['model']['name']} ({report['machine']['torch_threads']} threads, "
-                 f"{report['machine']['device']}); ratios vs bf16", fontsize=11)
+    threads = report["machine"]["torch_threads"]
+    fig.suptitle(f"mgtq bench — {report['model']['name']} ({threads} thread{'s' if threads != 1 else ''}, "
+                 f"{report['machine']['device']}, load avg {report['machine']['loadavg_start']}); ratios vs bf16",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
