@@ -129,6 +129,7 @@ def test_json_schema(smoke_report):
     scq = next(r for r in report["results"] if r["label"] == "scq")
     assert scq["weights"]["linear_layers"].keys() == {"W4A8Linear", "W4Linear"}
     assert scq["memory"]["peak_rss_process"] >= scq["memory"]["rss_after_build"] > 0
+    assert set(scq["memory"]["phase_peaks"]) == {"forwards", "sampling", "decode"}
     forward = scq["latency"]["forward"]
     assert forward["min"] <= forward["median"] <= forward["max"] and len(forward["samples"]) == 1
     assert forward["cpu_median"] > 0 and len(forward["cpu_samples"]) == 1
@@ -162,6 +163,7 @@ def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
 # ----------------------------------------------------------------------------------- offload
 def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
     from mgtq.bench.child import generate_offloaded
+    from mgtq.bench.memory import PhasePeaks
     from mgtq.factory import build_random_pipeline
 
     pipe = build_random_pipeline("test-micro", resolution=32, text_max_length=16)
@@ -173,8 +175,10 @@ def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
         seen["transformer_alive_at_vq_load"] = alive() is not None
         return vq
 
-    image, freed, images = generate_offloaded(pipe, load_vq, steps=1)
+    phases = PhasePeaks()
+    image, freed, images = generate_offloaded(pipe, load_vq, steps=1, phases=phases)
     assert freed and seen == {"transformer_alive_at_vq_load": False}
+    assert set(phases.peaks) == {"sampling", "decode"} and phases.overall > 0
     assert pipe.transformer is None and len(images) == 1
     assert image["vq_load_s"] is not None and image["steps"] == 1
 

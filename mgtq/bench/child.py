@@ -109,24 +109,28 @@ def build_pipeline(source: ModelSource, transformer, dtype: torch.dtype, steps: 
 
 
 # -------------------------------------------------------------------------------------- images
-def timed_image(pipe, steps: int, sync: Callable[[], None], warm_decode: bool = True) -> dict:
+def timed_image(pipe, steps: int, sync: Callable[[], None], warm_decode: bool = True,
+                phases: memory.PhasePeaks | None = None) -> dict:
     """One whole image at the pipeline's resolution: text encoding, `steps` sampler steps, VQ decode.
 
     Returns seconds: text_s (prompt + negative prompt), tokens_s (text + sampling),
     per_step_s ((tokens_s − text_s) / steps), decode_s, total_s, the transformer calls inside the
-    loop, and a labeled extrapolation to EXTRAPOLATE_STEPS steps.
+    loop, and a labeled extrapolation to EXTRAPOLATE_STEPS steps. With `phases`, the peak RSS of
+    the "sampling" and "decode" phases is recorded there.
     """
+    phases = phases or memory.PhasePeaks()
     with torch.inference_mode():
         text_s, _ = time_call(lambda: (pipe.encode_prompt([BENCH_PROMPT]), pipe.encode_prompt([""])), sync)
         timer = CallTimer(pipe.transformer, sync)
-        with timer:
+        with timer, phases.phase("sampling"):
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
                                                    output_type="tokens", progress=False), sync)
         calls = (timer.durations, timer.cpu_durations)
         del timer
-        if warm_decode:
-            pipe.decode_tokens(out.tokens)
-        decode_s, _ = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
+        with phases.phase("decode"):
+            if warm_decode:
+                pipe.decode_tokens(out.tokens)
+            decode_s, _ = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
     return _image_record(steps, text_s, tokens_s, decode_s, calls, out.nfe)
 
 
@@ -143,17 +147,20 @@ def _image_record(steps, text_s, tokens_s, decode_s, calls, nfe, vq_load_s=None)
 
 
 def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
-                       sync: Callable[[], None] = lambda: None) -> tuple[dict, bool, list]:
+                       sync: Callable[[], None] = lambda: None,
+                       phases: memory.PhasePeaks | None = None) -> tuple[dict, bool, list]:
     """The paper's CPU-offloading mode: the transformer makes all tokens, is freed, then the VQ loads.
 
     `pipe.vqvae` is a placeholder until `load_vq()` is called, which happens only after
     `pipe.transformer` was dropped and garbage-collected. The caller must hold no other reference
     to the transformer. Returns (image timings, whether the transformer was really freed, images).
+    With `phases`, the peak RSS of "sampling" and "decode" (VQ load + decode) is recorded there.
     """
+    phases = phases or memory.PhasePeaks()
     with torch.inference_mode():
         text_s, _ = time_call(lambda: (pipe.encode_prompt([BENCH_PROMPT]), pipe.encode_prompt([""])), sync)
         timer = CallTimer(pipe.transformer, sync)
-        with timer:
+        with timer, phases.phase("sampling"):
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
                                                    output_type="tokens", progress=False), sync)
         calls = (timer.durations, timer.cpu_durations)
@@ -162,9 +169,10 @@ def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
         pipe.transformer = None
         gc.collect()
         freed = alive() is None
-        vq_load_s, vq = time_call(load_vq, sync)
-        pipe.vqvae = vq
-        decode_s, images = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
+        with phases.phase("decode"):
+            vq_load_s, vq = time_call(load_vq, sync)
+            pipe.vqvae = vq
+            decode_s, images = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
     return _image_record(steps, text_s, tokens_s, decode_s, calls, out.nfe, vq_load_s), freed, images
 
 
@@ -255,31 +263,34 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     if is_cuda:
         mem["cuda_build"] = memory.cuda_peaks(device)
         torch.cuda.reset_peak_memory_stats(device)
-    mem["peak_reset_supported"] = memory.reset_peak_rss()
-    del transformer  # from here on only the pipeline holds it (offload mode must be able to free it)
+    phases = memory.PhasePeaks()
+    mem["peak_reset_supported"] = phases.supported
 
     latency: dict = {"unit": "s", "forward_batch": int(inputs["hidden_states"].shape[0]), "forward": None}
-    if case.offload:
-        image, freed, _ = generate_offloaded(pipe, lambda: build_vq(source, seed).to(device), measure.steps, sync)
-        result["transformer_freed_before_decode"] = freed
-        latency["image"] = image
-    else:
-        model = pipe.transformer
-        forward = _forward_fn(model, inputs)
-        if measure.latency:
+    forward = _forward_fn(pipe.transformer, inputs)
+    with phases.phase("forwards"):
+        if measure.latency and not case.offload:
             latency["forward"] = time_repeated(forward, measure.warmup, measure.repeats, measure.budget_s,
                                                sync).to_dict()
-        else:
-            with torch.inference_mode():
-                forward()  # still run once, so the peak includes a forward's activations
-        latency["image"] = timed_image(pipe, measure.steps, sync, warm_decode=measure.warmup > 0)
-        if measure.profile:
-            result["profile"] = _profile(forward)
-        del model, forward
+        else:  # untimed: warms up (offload mode too, so its steps compare) and puts a forward in the peak
+            for _ in range(max(1, measure.warmup)):
+                with torch.inference_mode():
+                    forward()
+    if measure.profile and not case.offload:
+        result["profile"] = _profile(forward)
+    del transformer, forward  # from here on only the pipeline holds it (offload mode must be able to free it)
+    if case.offload:
+        image, freed, _ = generate_offloaded(pipe, lambda: build_vq(source, seed).to(device), measure.steps, sync,
+                                             phases)
+        result["transformer_freed_before_decode"] = freed
+    else:
+        image = timed_image(pipe, measure.steps, sync, warm_decode=measure.warmup > 0, phases=phases)
+    latency["image"] = image
     result["latency"] = latency
 
-    mem["peak_rss_inference"] = memory.peak_rss_bytes() if mem["peak_reset_supported"] else None
-    mem["peak_rss_process"] = max(mem["peak_rss_build"], memory.peak_rss_bytes())
+    mem["phase_peaks"] = dict(phases.peaks)
+    mem["peak_rss_inference"] = phases.overall if phases.supported else None
+    mem["peak_rss_process"] = max(mem["peak_rss_build"], phases.overall)
     if is_cuda:
         mem["cuda_inference"] = memory.cuda_peaks(device)
     result["memory"] = mem

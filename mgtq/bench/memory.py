@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -128,6 +129,32 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class PhasePeaks:
+    """Peak RSS per named phase of a run: the peak is reset when a phase starts, read when it ends.
+
+    Where resetting is unsupported, a phase's value is the peak since the process started
+    (`supported` is False then).
+    """
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        self.supported = reset_peak_rss()
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.supported:
+            reset_peak_rss()
+        try:
+            yield
+        finally:
+            self.peaks[name] = peak_rss_bytes()
+
+    @property
+    def overall(self) -> int | None:
+        """The highest phase peak (None before any phase ran)."""
+        return max(self.peaks.values()) if self.peaks else None
 
 
 def cuda_peaks(device: torch.device) -> dict[str, int]:

@@ -25,7 +25,8 @@ JSON schema "mgtq-bench/1" (bytes and seconds everywhere; ratios are plain numbe
         weights  {unit: "bytes", transformer_bytes, method, storage_bytes, linear_layers {class: n}}
         memory   {unit: "bytes", peak_rss_build, rss_after_build (after gc + returning freed heap to
                   the OS: heap_trimmed_after_build), peak_rss_inference (peak after that, reset),
-                  peak_rss_process (whole process), peak_reset_supported,
+                  peak_rss_process (whole process), peak_reset_supported, phase_peaks {forwards,
+                  sampling, decode: peak RSS of that phase alone (offload: decode includes the VQ load)},
                   [cuda_build / cuda_inference {max_memory_reserved, max_memory_allocated}]}
         latency  {unit: "s", forward_batch, forward {median, min, max, samples (wall s),
                   cpu_median, cpu_samples (process CPU s)} | null,
@@ -316,17 +317,31 @@ def to_markdown(report: dict) -> str:
             p = r["profile"]
             lines.append(f"| {r['label']} | {p['total_self_s']:.2f} | " +
                          " | ".join(f"{p['split_fraction'][c]:.2f}" for c in CATEGORIES) + " |")
-    offloads = [r for r in report["results"] if r["status"] == "ok" and r["offload"]]
-    if offloads:
-        lines += ["", "Offload mode: the transformer produced all tokens and was freed (del + gc) before the VQ "
-                  "decoder was loaded: " + ", ".join(f"{r['label']} freed={r['transformer_freed_before_decode']}"
-                                                      for r in offloads) + "."]
+    lines += _offload_lines(report)
     if report["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {msg.splitlines()[0]}" for msg in report["skipped"]]
     notes = sorted({n for r in report["results"] for n in r.get("notes", [])})
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _offload_lines(report: dict) -> list[str]:
+    ok = _ok(report["results"])
+    offloads = [r for r in ok.values() if r["offload"]]
+    if not offloads:
+        return []
+    lines = ["", "## CPU offloading: peak RSS per phase (MB)", "",
+             "Offload mode: the transformer produces all tokens, is freed (del + gc), then the VQ decoder is "
+             "loaded and decodes. A phase's peak is measured alone (peak reset at its start).", "",
+             "| format | normal: sampling | normal: decode | offload: sampling | offload: decode (incl. VQ load) "
+             "| transformer freed before decode |", "|---|---:|---:|---:|---:|---|"]
+    for r in offloads:
+        normal = (ok.get(r["target"]) or {}).get("memory") or {}
+        n, o = normal.get("phase_peaks") or {}, r["memory"].get("phase_peaks") or {}
+        lines.append(f"| {r['target']} | {_mb(n.get('sampling'))} | {_mb(n.get('decode'))} | {_mb(o.get('sampling'))} "
+                     f"| {_mb(o.get('decode'))} | {r['transformer_freed_before_decode']} |")
+    return lines
 
 
 def _first_batch(report: dict) -> str:
