@@ -248,21 +248,8 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     result["quantize_s"] = calib_s or None
     result["scheme"], result["notes"] = scheme, notes
 
-    weight_bytes, method = memory.transformer_weight_nbytes(transformer)
-    layer_kinds: dict[str, int] = {}
-    for module in transformer.modules():
-        if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__:
-            layer_kinds[type(module).__name__] = layer_kinds.get(type(module).__name__, 0) + 1
-    result["weights"] = {"unit": "bytes", "transformer_bytes": weight_bytes, "method": method,
-                         "storage_bytes": memory.module_storage_nbytes(transformer), "linear_layers": layer_kinds}
-    peak_build = memory.peak_rss_bytes()
-    gc.collect()
-    trimmed = memory.release_free_heap()
-    mem = {"unit": "bytes", "rss_after_build": memory.current_rss_bytes(), "peak_rss_build": peak_build,
-           "heap_trimmed_after_build": trimmed}
-    if is_cuda:
-        mem["cuda_build"] = memory.cuda_peaks(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    result["weights"] = _weights_record(transformer)
+    mem = _memory_after_build(device)
     phases = memory.PhasePeaks()
     mem["peak_reset_supported"] = phases.supported
 
@@ -294,6 +281,30 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     result["memory"] = mem
     if measure.profile and not case.offload:  # last: the profiler's own memory must not count above
         result["profile"] = _profile(_forward_fn(pipe.transformer, inputs))
+
+
+def _weights_record(transformer: torch.nn.Module) -> dict:
+    """Weight bytes as held (see memory.transformer_weight_nbytes) and the Linear classes used."""
+    weight_bytes, method = memory.transformer_weight_nbytes(transformer)
+    layer_kinds: dict[str, int] = {}
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__:
+            layer_kinds[type(module).__name__] = layer_kinds.get(type(module).__name__, 0) + 1
+    return {"unit": "bytes", "transformer_bytes": weight_bytes, "method": method,
+            "storage_bytes": memory.module_storage_nbytes(transformer), "linear_layers": layer_kinds}
+
+
+def _memory_after_build(device: torch.device) -> dict:
+    """Build peak, then RSS once garbage and freed heap are returned to the OS (see release_free_heap)."""
+    peak_build = memory.peak_rss_bytes()
+    gc.collect()
+    trimmed = memory.release_free_heap()
+    mem = {"unit": "bytes", "rss_after_build": memory.current_rss_bytes(), "peak_rss_build": peak_build,
+           "heap_trimmed_after_build": trimmed}
+    if device.type == "cuda":
+        mem["cuda_build"] = memory.cuda_peaks(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return mem
 
 
 _TOME_NOTES = {

@@ -25,7 +25,8 @@ JSON schema "mgtq-bench/1" (bytes and seconds everywhere; ratios are plain numbe
         weights  {unit: "bytes", transformer_bytes, method, storage_bytes, linear_layers {class: n}}
         memory   {unit: "bytes", peak_rss_build, rss_after_build (after gc + returning freed heap to
                   the OS: heap_trimmed_after_build), peak_rss_inference (peak after that, reset),
-                  peak_rss_process (whole process), peak_reset_supported, phase_peaks {forwards,
+                  peak_rss_process (whole process: max of the build peak and the phase peaks),
+                  peak_reset_supported, phase_peaks {forwards,
                   sampling, decode: peak RSS of that phase alone (offload: decode includes the VQ load)},
                   [cuda_build / cuda_inference {max_memory_reserved, max_memory_allocated}]}
         latency  {unit: "s", forward_batch, forward {median, min, max, samples (wall s),
