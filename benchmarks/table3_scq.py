@@ -59,16 +59,26 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
     return pipe
 
 
+def command_line(args) -> str:
+    parts = ["python benchmarks/table3_scq.py"]
+    if args.limit:
+        parts.append(f"--limit {args.limit}")
+    if args.recipe != RECIPE:
+        parts.append(f"--recipe {args.recipe.relative_to(REPO) if args.recipe.is_relative_to(REPO) else args.recipe}")
+    return " ".join(parts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--recipe", type=Path, default=RECIPE, help="SCQ recipe of the QAT and SCQ rows")
     p.add_argument("--work", type=Path, default=REPO / "calibration" / "table3")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "table3_scq")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(args.recipe)
     scq_run = args.work / "scq"
     calibrate(recipe, scq_run)
     random_recipe = recipe_from_dict({**recipe.to_dict(), "secondary": {**recipe.to_dict()["secondary"],
@@ -78,6 +88,18 @@ def main(argv=None) -> int:
         shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
     calibrate(random_recipe, random_run)
     scq_ckpt, random_ckpt = export_run(scq_run, args.work / "ckpt-scq"), export_run(random_run, args.work / "ckpt-rand")
+    extra_rows = []
+    if recipe.qat.objective != "ce":
+        # The same SCQ with the paper's QAT objective (masked-token CE on the synthesized tokens): shows
+        # what the recipe's objective changes. Shares the synthesized set; QAT onwards runs again.
+        ce_recipe = recipe_from_dict({**recipe.to_dict(), "qat": {**recipe.to_dict()["qat"], "objective": "ce"}})
+        ce_run = args.work / "scq-ce"
+        if not ce_run.exists():
+            ce_run.mkdir(parents=True)
+            shutil.copytree(scq_run / "synth", ce_run / "synth")
+        calibrate(ce_recipe, ce_run)
+        ce_ckpt = export_run(ce_run, args.work / "ckpt-scq-ce")
+        extra_rows.append(("W4A8 SCQ, paper's CE objective", lambda: MGTPipeline.from_pretrained(ce_ckpt)))
 
     base = MGTPipeline.from_pretrained(default_model())
     bf16 = copy.copy(base)
@@ -89,6 +111,7 @@ def main(argv=None) -> int:
         ("W4A8 PTQ (all A8)", lambda: ptq_pipeline(base, scq_run, recipe, a8_all=True)),
         ("W4A8 QAT + random third A8", lambda: MGTPipeline.from_pretrained(random_ckpt)),
         ("W4A8 SCQ (lowest third A8)", lambda: MGTPipeline.from_pretrained(scq_ckpt)),
+        *extra_rows,
     ]
     results, reference = [], None
     for name, make in rows:
@@ -106,7 +129,7 @@ def main(argv=None) -> int:
 
     sampler = base.settings.sampler.to_dict()
     payload = {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
-               "rows": results, "command": "python benchmarks/table3_scq.py" + (f" --limit {args.limit}" if args.limit else "")}
+               "rows": results, "command": command_line(args)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)
     fp32_bytes = results[0]["transformer_bytes"]

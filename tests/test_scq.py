@@ -59,6 +59,7 @@ def test_shipped_recipes_load():
     ({"qat": {"weight_bits": 8}}, "weight_bits"),
     ({"secondary": {"selection": "highest"}}, "selection"),
     ({"magnitudes": {"statistic": "median"}}, "statistic"),
+    ({"qat": {"objective": "mse"}}, "objective"),
 ])
 def test_recipe_errors_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -96,7 +97,31 @@ def test_run_selected_lowest_third_of_recorded_magnitudes(run):
 
 def test_qat_lowers_the_loss(run):
     out, report = run
-    assert report["qat_loss"]["loss_after"] < report["qat_loss"]["loss_before"]
+    before, after = report["qat_loss"]["loss_before"], report["qat_loss"]["loss_after"]
+    assert after["ce"] < before["ce"]  # the recipe's objective is CE
+    assert "kl_to_float" not in before  # CE keeps no float teacher in memory
+
+
+def test_distillation_qat_moves_towards_the_float_model(tmp_path, random_pipeline_dir):
+    report = calibrate(_recipe(random_pipeline_dir, qat={"objective": "distill", "lr": 1e-4}), tmp_path / "run", progress=False)
+    before, after = report["qat_loss"]["loss_before"], report["qat_loss"]["loss_after"]
+    assert before["kl_to_float"] > 0  # W4 changes the predictions; the KL is measured, not assumed
+    assert after["kl_to_float"] < 0.8 * before["kl_to_float"], (before, after)
+    assert read_json(tmp_path / "run" / "qat" / "stage.json")["objective"] == "distill"
+
+
+def test_masked_distillation_loss_is_zero_only_for_the_teacher():
+    from mgtq.training.objective import masked_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 7, 3, 3, generator=g)
+    mask = torch.rand(2, 3, 3, generator=g) < 0.5
+    assert masked_distillation_loss(teacher, teacher, mask).abs() < 1e-6
+    student = teacher.clone()
+    student[~mask.unsqueeze(1).expand_as(student)] += 5  # unmasked positions do not count
+    assert masked_distillation_loss(student, teacher, mask).abs() < 1e-6
+    student[mask.unsqueeze(1).expand_as(student)] *= 2
+    assert masked_distillation_loss(student, teacher, mask) > 1e-3
 
 
 def test_synthesized_dataset_has_prompt_seed_image_tokens(run):
@@ -130,8 +155,8 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
     real_loss, calls = stages.qat_loss, {"n": 0}
 
     def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8 + 2:  # 2 eval calls happen first, then 8 training steps
+        calls["n"] += torch.is_grad_enabled()  # count training steps, not the no-grad evaluations
+        if calls["n"] == 9:  # interrupted in the 9th training step, after the state of step 8 was saved
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
@@ -151,9 +176,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_state(tmp_path, random_pipeli
     real_loss, calls = stages.qat_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
-        calls["n"] += 1
+        calls["n"] += torch.is_grad_enabled()  # count training steps, not the no-grad evaluations
         loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 2 + 5 else loss
+        return loss * float("nan") if calls["n"] > 5 else loss
 
     monkeypatch.setattr(stages, "qat_loss", poisoned)
     with pytest.raises(FloatingPointError, match="last good state"):

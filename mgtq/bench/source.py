@@ -108,6 +108,15 @@ def resolve_model(name: str | Path) -> ModelSource:
     return _folder_source(path)
 
 
+def _shown(path: Path) -> str:
+    """The folder as reports print it: relative to the working directory when inside it, so results
+    committed from a checkout name the folder the way a user of that checkout would."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _folder_source(path: Path, display: str | None = None) -> ModelSource:
     from mgtq.utils import read_json
 
@@ -120,11 +129,11 @@ def _folder_source(path: Path, display: str | None = None) -> ModelSource:
     vq_cfg = read_json(path / "vqvae" / "config.json")
     vq_factor = 2 ** (len(vq_cfg["block_out_channels"]) - 1)
     guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else 9.0
-    notes = [f"pipeline folder {path}" + (" (quantized transformer: its manifest says which layers are A8)"
+    notes = [f"pipeline folder {_shown(path)}" + (" (quantized transformer: its manifest says which layers are A8)"
                                            if quantized else " (float transformer)")]
     if not settings.sampler.use_cfg:
         notes.append("the checkpoint's sampler has CFG off; the benchmark uses CFG 9 so each step is a batch of 2")
-    return ModelSource(name=display or str(path), kind="quantized-dir" if quantized else "float-dir", path=str(path),
+    return ModelSource(name=display or _shown(path), kind="quantized-dir" if quantized else "float-dir", path=_shown(path),
                        resolution=settings.resolution, vq_factor=vq_factor, text_length=text_length,
                        guidance_scale=guidance, notes=tuple(notes))
 

@@ -60,9 +60,19 @@ class SynthesisConfig:
             raise ValueError("synthesis.num_steps and synthesis.batch_size must be ≥ 1")
 
 
+QAT_OBJECTIVES = ("ce", "distill", "ce+distill")
+
+
 @dataclass(frozen=True)
 class QATConfig:
-    """W4 quantization-aware training on the synthesized tokens (masked-token cross-entropy).
+    """W4 quantization-aware training on the synthesized tokens.
+
+    objective: "ce" is the paper's masked-token cross-entropy against the synthesized tokens;
+    "distill" is the KL divergence from the float model's own predictions at the masked positions
+    (the float transformer is the teacher, on the same masked inputs); "ce+distill" adds the two.
+    Distillation trains against the float model's whole distribution rather than one sampled token
+    per position, so a few hundred self-synthesized images cannot be memorised the way CE memorises
+    them (CE on a small calibration set overfits and the QAT model drifts from the float one).
 
     group_size: null = per output channel (what the int8 GEMM of A8 layers needs, so the QAT grid is
     exactly the exported one for every layer); an integer groups the W4A16 layers.
@@ -71,6 +81,7 @@ class QATConfig:
 
     steps: int = 300
     lr: float = 1e-4
+    objective: str = "ce"
     batch_size: int = 16
     gradient_accumulation: int = 1
     weight_bits: int = 4
@@ -94,6 +105,8 @@ class QATConfig:
             raise ValueError(f"qat.lr must be positive, got {self.lr}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise ValueError(f"qat.group_size must be null or an even integer ≥ 2, got {self.group_size}")
+        if self.objective not in QAT_OBJECTIVES:
+            raise ValueError(f"qat.objective must be one of {', '.join(QAT_OBJECTIVES)}, got {self.objective!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"qat.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 

@@ -8,6 +8,7 @@ periodic state).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -31,7 +32,7 @@ from mgtq.quantization import (
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.schedules import timestep_for_mask_ratio
 from mgtq.scq.recipe import Recipe
-from mgtq.training.objective import mask_tokens, masked_token_loss
+from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
 from mgtq.utils import atomic_directory, read_json, write_json
 
 STAGES = ("synth", "qat", "magnitudes", "secondary")
@@ -168,25 +169,43 @@ def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
     return text, pooled
 
 
-def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device) -> torch.Tensor:
-    """Masked-token CE on synthesized tokens, timesteps in the sampler's convention."""
+def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+             objective: str = "ce", teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    """The QAT objective on synthesized tokens (see QATConfig.objective), timesteps in the sampler's convention.
+
+    "distill" and "ce+distill" need `teacher`, the float transformer, run on the same masked inputs.
+    """
     tokens = data.tokens[idx].to(device)
     text, pooled = _conditioning(data, idx, drop)
     transformer = model.module if hasattr(model, "module") else model
     masked, mask, ratio = mask_tokens(tokens, transformer.mask_token_id, generator)
     timestep = timestep_for_mask_ratio(sampler.timestep_convention, ratio, sampler.num_steps, sampler.schedule,
                                        sampler.rho)
-    logits = model(hidden_states=masked, encoder_hidden_states=text.to(device), pooled_projections=pooled.to(device),
-                   timestep=torch.as_tensor(timestep, device=device), micro_conds=data.micro_conds.to(device).expand(len(idx), 5))
-    return masked_token_loss(logits, tokens, mask)
+    inputs = dict(hidden_states=masked, encoder_hidden_states=text.to(device), pooled_projections=pooled.to(device),
+                  timestep=torch.as_tensor(timestep, device=device),
+                  micro_conds=data.micro_conds.to(device).expand(len(idx), 5))
+    logits = model(**inputs)
+    loss = logits.new_zeros(())
+    if objective in ("ce", "ce+distill"):
+        loss = loss + masked_token_loss(logits, tokens, mask)
+    if objective in ("distill", "ce+distill"):
+        if teacher is None:
+            raise ValueError(f"qat.objective {objective!r} needs the float teacher model")
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs)
+        loss = loss + masked_distillation_loss(logits, teacher_logits, mask)
+    return loss
 
 
-def fixed_eval_loss(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234) -> float:
-    """Loss on a fixed set of masks (same every call): how well the model fits the calibration set."""
+def fixed_eval_loss(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234,
+                    objective: str = "ce", teacher: torch.nn.Module | None = None) -> float:
+    """The objective on a fixed set of masks (same every call): CE is the fit to the calibration set,
+    distill the distance from the float model's predictions."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, data.tokens.shape[0], (n,), generator=gen)
     with torch.no_grad():
-        return float(qat_loss(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device))
+        return float(qat_loss(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device,
+                              objective, teacher))
 
 
 def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.Tensor]:
@@ -209,14 +228,25 @@ def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path,
                               gradient_accumulation_steps=cfg.gradient_accumulation)
     transformer = pipe.transformer.float().train()
     reference_keys = list(transformer.state_dict().keys())
+    # The float model, frozen: the distillation teacher, and the yardstick of how far QAT drifts from it.
+    # Only distillation pays for this second copy (a 1B-parameter model's is 4 GB in fp32).
+    teacher = copy.deepcopy(transformer).eval().requires_grad_(False) if cfg.objective != "ce" else None
     prepare_qat_(transformer, group_size=cfg.group_size, skip=cfg.skip)
     for p in transformer.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     device = accelerator.device
+    if teacher is not None:
+        teacher.to(device)
 
-    loss_before = fixed_eval_loss(model, data, sampler, device)
+    def fixed_metrics(m) -> dict:
+        metrics = {"ce": fixed_eval_loss(m, data, sampler, device)}
+        if teacher is not None:
+            metrics["kl_to_float"] = fixed_eval_loss(m, data, sampler, device, objective="distill", teacher=teacher)
+        return metrics
+
+    loss_before = fixed_metrics(model)
     start = 0
     if (state_dir / "trainer.json").exists() and read_json(state_dir / "trainer.json").get("fingerprint") == fingerprint:
         accelerator.load_state(str(state_dir))
@@ -232,7 +262,7 @@ def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path,
             idx = torch.randint(0, data.tokens.shape[0], (cfg.batch_size,), generator=gen)
             drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
             with accelerator.accumulate(model):
-                loss = qat_loss(model, data, idx, drop, gen, sampler, device)
+                loss = qat_loss(model, data, idx, drop, gen, sampler, device, cfg.objective, teacher)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"QAT loss became {loss.item()} at step {step}; stopped. The last good state is kept in "
@@ -253,13 +283,14 @@ def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path,
             accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    loss_after = fixed_eval_loss(unwrapped, data, sampler, device)
+    loss_after = fixed_metrics(unwrapped)
     if accelerator.is_main_process:
         weights = float_state_dict(unwrapped, reference_keys)
         with atomic_directory(out) as tmp:
             _save_float_transformer(pipe.transformer.config, weights, tmp / "transformer")
             write_json(tmp / "stage.json", {
                 "fingerprint": fingerprint, "steps": cfg.steps, "processes": accelerator.num_processes,
+                "objective": cfg.objective,
                 "loss_before": loss_before, "loss_after": loss_after,
                 "train_loss_last": float(np.mean(losses[-10:])) if losses else None,
                 "group_size": cfg.group_size, "skip": list(cfg.skip),

@@ -34,3 +34,15 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     """Mean cross-entropy over masked positions: logits (B, V, H, W), targets/mask (B, H, W)."""
     logits = logits.permute(0, 2, 3, 1)[mask]  # (M, V)
     return F.cross_entropy(logits.float(), targets[mask])
+
+
+def masked_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over masked positions: logits (B, V, H, W), mask (B, H, W).
+
+    The knowledge-distillation form of the masked-token objective: the student matches the teacher's
+    whole predicted distribution at every position it must predict, not one sampled token.
+    """
+    student = F.log_softmax(student_logits.permute(0, 2, 3, 1)[mask].float(), dim=-1)  # (M, V)
+    teacher = F.log_softmax(teacher_logits.permute(0, 2, 3, 1)[mask].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
