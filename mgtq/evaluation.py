@@ -17,19 +17,20 @@ from mgtq.shapes import evaluate, shapebench_prompts
 
 def generate_bench(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
-    progress: bool = True, per_category: int | None = None, **call_kwargs,
+    progress: bool = True, per_category: int | None = None, seed_offset: int = 0, **call_kwargs,
 ) -> tuple[list, torch.Tensor, list, int]:
     """Generate the ShapeBench images (each with its prompt's seed). Returns (items, tokens, images, NFE).
 
     `limit` keeps the first `limit` prompts of an interleaved order, so small limits still cover
-    every category.
+    every category. `seed_offset` shifts every seed: another draw of the same prompts, to measure
+    how much of a difference between two models is sampling noise.
     """
     items = shapebench_prompts(per_category) if per_category else shapebench_prompts()
     items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
     tokens, images, nfe = [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
         chunk = items[start : start + batch_size]
-        out = pipe([it.prompt for it in chunk], seed=[it.seed for it in chunk], sampler=sampler, progress=False,
+        out = pipe([it.prompt for it in chunk], seed=[it.seed + seed_offset for it in chunk], sampler=sampler, progress=False,
                    **call_kwargs)
         tokens.append(out.tokens.cpu())
         images += out.images
@@ -39,7 +40,7 @@ def generate_bench(
 
 def evaluate_pipeline(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
-    progress: bool = True, reference_tokens: torch.Tensor | None = None, **call_kwargs,
+    progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, **call_kwargs,
 ) -> dict:
     """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "per_prompt", ...}.
 
@@ -48,7 +49,8 @@ def evaluate_pipeline(
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images, nfe = generate_bench(pipe, limit, config, batch_size, progress, **call_kwargs)
+    items, tokens, images, nfe = generate_bench(pipe, limit, config, batch_size, progress, seed_offset=seed_offset,
+                                                **call_kwargs)
     result = evaluate(images, items)
     result["nfe"] = nfe
     result["seconds"] = time.perf_counter() - t0
