@@ -228,3 +228,17 @@ def test_evaluate_validates_lengths_and_config():
         ScorerConfig(min_area=0)
     with pytest.raises(ValueError, match="unknown category"):
         BenchPrompt("a red circle", 0, "colors")
+
+
+def test_evaluation_is_reproducible_and_seed_offset_draws_again(random_pipeline):
+    from mgtq.evaluation import evaluate_pipeline
+    from mgtq.sampling import SamplerConfig
+
+    sampler = SamplerConfig(num_steps=2, guidance_scale=0.0)
+    first = evaluate_pipeline(random_pipeline, limit=5, sampler=sampler, progress=False)
+    again = evaluate_pipeline(random_pipeline, limit=5, sampler=sampler, progress=False, reference_tokens=first["tokens"])
+    other = evaluate_pipeline(random_pipeline, limit=5, sampler=sampler, progress=False, seed_offset=1_000_000,
+                              reference_tokens=first["tokens"])
+    assert again["token_agreement"] == 1.0
+    assert other["token_agreement"] < 0.9
+    assert first["n"] == other["n"] == 5
