@@ -13,6 +13,7 @@ Writes benchmarks/results/ablations_<tag>.json and .md, and a plot of the ρ swe
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     n = next(iter(vanilla_cache.values()))["n"]
     payload = {"model": str(args.model or "tiny-shapes (embedded)"), "tag": args.tag, "n": n,
                "base_sampler": base.to_dict(), "groups": results,
-               "command": "python benchmarks/ablations_sampler.py " + " ".join(argv or [])}
+               "command": "python benchmarks/ablations_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"ablations_{args.tag}.json", payload)
     lines = [f"ShapeBench n={n}, CFG {base.guidance_scale}, model: {payload['model']}", ""]

@@ -34,7 +34,7 @@ def sample_grid(pipe: MGTPipeline, prompts, out: Path, cols: int = 4, scale: int
     """Generate each (prompt, seed), tile them with their captions and the scorer's verdict."""
     result = pipe([p for p, _ in prompts], seed=[s for _, s in prompts], progress=False)
     verdicts = [score_image(img, p)[0] for img, (p, _) in zip(result.images, prompts)]
-    side, caption_h = 64 * scale, 34
+    side, caption_h = 64 * scale, 46
     rows = -(-len(prompts) // cols)
     grid = Image.new("RGB", (cols * side, rows * (side + caption_h)), "white")
     draw = ImageDraw.Draw(grid)
@@ -49,7 +49,12 @@ def sample_grid(pipe: MGTPipeline, prompts, out: Path, cols: int = 4, scale: int
                 line = ""
             line += (" " if line else "") + w
         lines.append(line)
-        draw.text((x + 3, y + side + 2), "\n".join(lines) + ("  ✓" if ok else "  ✗"), fill="black")
+        # A coloured frame and word rather than ✓/✗: PIL's built-in font has no such glyphs.
+        colour = (20, 140, 40) if ok else (200, 30, 30)
+        draw.rectangle((x + 1, y + 1, x + side - 2, y + side - 2), outline=colour, width=3)
+        caption_box = draw.multiline_textbbox((x + 3, y + side + 2), "\n".join(lines))
+        draw.multiline_text((x + 3, y + side + 2), "\n".join(lines), fill="black")
+        draw.text((x + 3, caption_box[3] + 3), "accepted" if ok else "rejected", fill=colour)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return verdicts

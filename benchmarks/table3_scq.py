@@ -61,6 +61,15 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
     return pipe
 
 
+def qat_metrics(work: Path) -> dict:
+    """Each calibration run's QAT objective and its fixed-mask metrics before/after (qat/stage.json)."""
+    out = {}
+    for stage in sorted(work.glob("*/qat/stage.json")):
+        d = json.loads(stage.read_text())
+        out[stage.parent.parent.name] = {k: d.get(k) for k in ("objective", "steps", "loss_before", "loss_after")}
+    return out
+
+
 def command_line(args) -> str:
     parts = ["python benchmarks/table3_scq.py"]
     if args.limit:
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
 
     sampler = base.settings.sampler.to_dict()
     payload = {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
-               "rows": results, "command": command_line(args)}
+               "rows": results, "qat": qat_metrics(args.work), "command": command_line(args)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)
     fp32_bytes = results[0]["transformer_bytes"]

@@ -10,6 +10,7 @@ Writes benchmarks/results/table5_tomemgt.{json,md}.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
                              "token_agreement": res["token_agreement"], "n": res["n"]})
                 print(rows[-1], flush=True)
     payload = {"rows": rows, "sampler": pipe.settings.sampler.to_dict(),
-               "command": "python benchmarks/table5_tomemgt.py " + " ".join(argv or [])}
+               "command": "python benchmarks/table5_tomemgt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(RESULTS / "table5_tomemgt.json", payload)
     lines = [f"ShapeBench n={rows[0]['n']}; token agreement = fraction of tokens equal to the same model without "
              "merging at the same seeds.", "",
