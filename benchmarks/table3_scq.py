@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from mgtq.quantization import linear_names, model_weight_nbytes, prepare_qat_, q
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.stages import load_calibration_data, record_activation_stats, synthesis_sampler
-from mgtq.utils import write_json
+from mgtq.utils import read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"
@@ -65,9 +64,13 @@ def qat_metrics(work: Path) -> dict:
     """Each calibration run's QAT objective and its fixed-mask metrics before/after (qat/stage.json)."""
     out = {}
     for stage in sorted(work.glob("*/qat/stage.json")):
-        d = json.loads(stage.read_text())
+        d = read_json(stage)
         out[stage.parent.parent.name] = {k: d.get(k) for k in ("objective", "steps", "loss_before", "loss_after")}
     return out
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def command_line(args) -> str:
@@ -77,9 +80,9 @@ def command_line(args) -> str:
     if args.seed_sets != 3:
         parts.append(f"--seed-sets {args.seed_sets}")
     if args.work != WORK:
-        parts.append(f"--work {args.work.relative_to(REPO) if args.work.is_relative_to(REPO) else args.work}")
+        parts.append(f"--work {_shown(args.work)}")
     if args.recipe != RECIPE:
-        parts.append(f"--recipe {args.recipe.relative_to(REPO) if args.recipe.is_relative_to(REPO) else args.recipe}")
+        parts.append(f"--recipe {_shown(args.recipe)}")
     return " ".join(parts)
 
 
