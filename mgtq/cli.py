@@ -84,7 +84,7 @@ def cmd_eval(args) -> int:
 
     pipe = _load_pipe(args)
     result = evaluate_pipeline(pipe, limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, split=args.split)
     result.pop("tokens")
     print(summary_line(result))
     if args.json:
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts (balanced over categories)")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true")

@@ -13,19 +13,22 @@ from tqdm.auto import tqdm
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import evaluate, shapebench_prompts
+from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
 
 
 def generate_bench(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
-    progress: bool = True, per_category: int | None = None, seed_offset: int = 0, **call_kwargs,
+    progress: bool = True, per_category: int | None = None, seed_offset: int = 0, split: str = "test",
+    **call_kwargs,
 ) -> tuple[list, torch.Tensor, list, int]:
     """Generate the ShapeBench images (each with its prompt's seed). Returns (items, tokens, images, NFE).
 
     `limit` keeps the first `limit` prompts of an interleaved order, so small limits still cover
     every category. `seed_offset` shifts every seed: another draw of the same prompts, to measure
-    how much of a difference between two models is sampling noise.
+    how much of a difference between two models is sampling noise. `split="val"` draws disjoint
+    prompts, for choosing settings without touching the reported ones.
     """
-    items = shapebench_prompts(per_category) if per_category else shapebench_prompts()
+    items = shapebench_prompts(per_category or DEFAULT_PER_CATEGORY, split)
     items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
     tokens, images, nfe = [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
@@ -40,7 +43,8 @@ def generate_bench(
 
 def evaluate_pipeline(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
-    progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, **call_kwargs,
+    progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, split: str = "test",
+    **call_kwargs,
 ) -> dict:
     """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "per_prompt", ...}.
 
@@ -50,8 +54,9 @@ def evaluate_pipeline(
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
     items, tokens, images, nfe = generate_bench(pipe, limit, config, batch_size, progress, seed_offset=seed_offset,
-                                                **call_kwargs)
+                                                split=split, **call_kwargs)
     result = evaluate(images, items)
+    result["split"] = split
     result["nfe"] = nfe
     result["seconds"] = time.perf_counter() - t0
     result["sampler"] = config.to_dict()
@@ -76,4 +81,5 @@ def interleave_categories(items: list) -> list:
 
 def summary_line(result: dict) -> str:
     cats = "  ".join(f"{c}={v:.3f}" for c, v in result["per_category"].items())
-    return f"ShapeBench overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}"
+    split = "" if result.get("split", "test") == "test" else f" [{result['split']} split]"
+    return f"ShapeBench{split} overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}"

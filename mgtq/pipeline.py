@@ -87,8 +87,10 @@ class MGTPipeline:
 
     def to(self, device=None, dtype=None) -> "MGTPipeline":
         """Move components; `dtype` applies to the transformer and text encoder (the VQ stays fp32)."""
+        # Only name what changes: diffusers warns on any dtype= keyword, even None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.transformer, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         self.vqvae.to(device)
         return self
 
@@ -307,6 +309,23 @@ def _existing_dir(path, what: str) -> Path:
             "download the model yourself and pass its local path."
         )
     return p
+
+
+def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None:
+    """Make `sampler` the default of the mgtq pipeline folder `path` (its model_index.json), atomically.
+
+    For settings chosen after training (e.g. CFG on a validation split); weights are untouched.
+    """
+    root = _existing_dir(path, "pipeline")
+    index_path = root / "model_index.json"
+    index = read_json(index_path) if index_path.exists() else {}
+    if "mgtq" not in index:
+        raise ValueError(f"{str(root)!r} is not an mgtq pipeline folder (no 'mgtq' settings in model_index.json); "
+                         "save it with MGTPipeline.save_pretrained first")
+    settings = _settings_from(root, index)
+    settings.sampler = sampler
+    index["mgtq"] = settings.to_dict()
+    write_json(index_path, index)
 
 
 def _settings_from(root: Path, index: dict) -> PipelineSettings:

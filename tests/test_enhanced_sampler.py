@@ -340,11 +340,13 @@ def test_cli_flags_map_onto_the_config(tmp_path):
     base = _config(num_steps=20, guidance_scale=5.0)
     assert sampler_config_from_args(parser.parse_args([]), base) == base
     args = parser.parse_args(["--sampler", "enhanced", "--noise-scale", "2", "--diff-z", "50", "--momentum", "2",
-                              "--zsampling-steps", "0:4", "--inversion-cfg", "1.5", "--rho", "0.5"])
+                              "--zsampling-steps", "0:4", "--inversion-cfg", "1.5", "--rho", "0.5",
+                              "--gumbel-temperature", "1", "0.25"])
     config = sampler_config_from_args(args, base)
     assert (config.num_steps, config.guidance_scale, config.timestep_convention) == (20, 5.0, "mask_ratio")
     assert config.noise == type(config.noise)(curve="abs_cos", scale=2.0)
     assert config.differential.percent == 50 and config.momentum.order == 2 and config.rho == 0.5
+    assert config.gumbel_temperature == (1.0, 0.25)
     assert config.zsampling.steps == (0, 1, 2, 3) and config.zsampling.inversion_cfg == 1.5
     path = tmp_path / "sweep.yaml"
     path.write_text("schedule: linear\nzsampling: {variant: recover, steps: [1, 2]}\n")

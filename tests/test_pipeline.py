@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mgtq.cli import main
-from mgtq.pipeline import MGTPipeline
+from mgtq.pipeline import MGTPipeline, set_default_sampler
 
 
 def test_generates_images_and_tokens(random_pipeline):
@@ -79,6 +79,23 @@ def test_cli_missing_model_exits_with_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_set_default_sampler_changes_only_the_settings(tmp_path, random_pipeline_dir):
+    folder = tmp_path / "pipe"
+    shutil.copytree(random_pipeline_dir, folder)
+    before = MGTPipeline.from_pretrained(folder)
+    chosen = before.settings.sampler.with_overrides({"guidance_scale": 2.0, "gumbel_temperature": (1.0, 0.0)})
+    set_default_sampler(folder, chosen)
+    after = MGTPipeline.from_pretrained(folder)
+    assert after.settings.sampler == chosen and after.settings.resolution == before.settings.resolution
+    assert torch.equal(after("a red circle", seed=3, progress=False).tokens,
+                       before("a red circle", seed=3, progress=False, sampler=chosen).tokens)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("mgtq")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not an mgtq pipeline"):
+        set_default_sampler(folder, chosen)
+
+
 def test_cli_eval_writes_json(tmp_path, random_pipeline_dir):
     out = tmp_path / "eval.json"
     code = main(["eval", "--model", str(random_pipeline_dir), "--limit", "5", "--steps", "2", "--json", str(out),
@@ -87,7 +104,11 @@ def test_cli_eval_writes_json(tmp_path, random_pipeline_dir):
     result = json.loads(out.read_text())
     assert result["n"] == 5 and 0.0 <= result["overall"] <= 1.0
     assert set(result["per_category"]) == {"single", "colour", "position", "two_objects", "counting"}
-    assert result["sampler"]["num_steps"] == 2
+    assert result["sampler"]["num_steps"] == 2 and result["split"] == "test"
+    val = tmp_path / "val.json"
+    assert main(["eval", "--model", str(random_pipeline_dir), "--limit", "5", "--steps", "2", "--json", str(val),
+                 "--no-progress", "--device", "cpu", "--split", "val"]) == 0
+    assert json.loads(val.read_text())["split"] == "val"
 
 
 def test_cli_generate_with_enhanced_sampler_flags(tmp_path, random_pipeline_dir):

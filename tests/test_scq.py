@@ -75,6 +75,18 @@ def test_recipe_file_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ selection
+def test_shapebench_calibration_prompts_are_not_the_scored_ones():
+    from mgtq.shapes import shapebench_prompts
+
+    recipe = recipe_from_dict({"prompts": {"source": "shapebench", "count": 40, "seed": 5}})
+    pairs = stages.calibration_prompts(recipe)
+    assert [seed for _, seed in pairs] == list(range(5, 45))
+    scored = [it.prompt for it in shapebench_prompts()]
+    val = [it.prompt for it in shapebench_prompts(split="val")]
+    assert {p for p, _ in pairs} <= set(val)
+    assert [p for p, _ in pairs] != [p for p in scored[: len(pairs)]]
+
+
 def test_a8_set_is_exactly_the_lowest_fraction():
     mags = {f"l{i}": float(v) for i, v in enumerate([5, 1, 9, 3, 7, 2, 8, 4, 6])}
     assert select_a8_layers(mags, 1 / 3, "lowest") == ["l1", "l3", "l5"]

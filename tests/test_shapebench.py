@@ -56,6 +56,18 @@ def test_prefix_stability():
         assert small[5 * k : 5 * k + 5] == big[64 * k : 64 * k + 5]
 
 
+def test_val_split_is_disjoint_from_test_and_same_in_kind(bench):
+    items, _ = bench
+    val = shapebench_prompts(split="val")
+    assert len(val) == len(items) and not {i.seed for i in val} & {i.seed for i in items}
+    assert Counter(i.category for i in val) == Counter(i.category for i in items)
+    assert [i.prompt for i in val] != [i.prompt for i in items]
+    for item in val[::37]:
+        assert caption(bench_scene(item)) == item.prompt
+    with pytest.raises(ValueError, match="split"):
+        shapebench_prompts(split="train")
+
+
 def test_ground_truth_accuracy(bench):
     items, images = bench
     result = evaluate(list(images), items)

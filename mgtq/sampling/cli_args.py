@@ -63,6 +63,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="mask schedule: cosine cos(πt/2), linear 1−t, pow (1−t)^ρ, root 1−t^ρ")
     g.add_argument("--rho", type=float, default=None, help="ρ of the pow/root schedules")
+    g.add_argument("--gumbel-temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="temperature of the Gumbel noise on the keep/re-mask confidences, linear from START "
+                        "at the first step to END at the last (official: 2 0)")
     g.add_argument("--noise", choices=NOISE_CURVES, default=None, help="noise regularization curve I(t)")
     g.add_argument("--noise-scale", type=float, default=None, help="α of the noise curve (the demo uses 2)")
     g.add_argument("--diff-z", type=float, default=None, metavar="PERCENT",
@@ -79,7 +82,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
 
 # flag attribute → dotted SamplerConfig path
 _FLAG_PATHS = {
-    "schedule": "schedule", "rho": "rho", "noise": "noise.curve", "noise_scale": "noise.scale",
+    "schedule": "schedule", "rho": "rho", "gumbel_temperature": "gumbel_temperature", "noise": "noise.curve", "noise_scale": "noise.scale",
     "diff_z": "differential.percent", "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg",
     "momentum": "momentum.order",
 }

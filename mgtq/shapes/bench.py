@@ -16,6 +16,11 @@ DEFAULT_PER_CATEGORY = 64  # 5 categories × 64 = 320 prompts
 # Seeds of category k are SEED_STRIDE·k + i: disjoint across categories and stable when
 # per_category changes (prompt i of a category never depends on how many prompts follow it).
 SEED_STRIDE = 100_000
+# The validation split draws the same categories from the upper half of each category's seed range,
+# so sampler settings (CFG, temperatures) and calibration prompts can be chosen on prompts that
+# are never the ones reported. "test" is ShapeBench proper.
+SPLITS = {"test": 0, "val": SEED_STRIDE // 2}
+MAX_PER_CATEGORY = SEED_STRIDE // 2
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,18 @@ def bench_scene(item: BenchPrompt) -> Scene:
     return sample_scene(np.random.default_rng(item.seed), item.category)
 
 
-def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, base_seed: int = 0) -> list[BenchPrompt]:
+def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "test") -> list[BenchPrompt]:
     """The ShapeBench prompt list, ``per_category`` prompts per category in :data:`CATEGORIES` order.
 
-    Deterministic: the same arguments always give the same list. Captions can repeat across seeds
-    (e.g. 'single' has only 18 distinct captions); each item is still a distinct scene and seed.
+    ``split`` is "test" (the benchmark) or "val" (disjoint seeds, for tuning). Deterministic: the
+    same arguments always give the same list. Captions can repeat across seeds (e.g. 'single' has
+    only 18 distinct captions); each item is still a distinct scene and seed.
     """
-    if per_category <= 0 or per_category > SEED_STRIDE:
-        raise ValueError(f"per_category must be in [1, {SEED_STRIDE}], got {per_category}")
-    if base_seed < 0:
-        raise ValueError(f"base_seed must be non-negative, got {base_seed}")
+    if per_category <= 0 or per_category > MAX_PER_CATEGORY:
+        raise ValueError(f"per_category must be in [1, {MAX_PER_CATEGORY}], got {per_category}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown ShapeBench split {split!r}; choose one of {sorted(SPLITS)}")
+    base_seed = SPLITS[split]
     items = []
     for k, category in enumerate(CATEGORIES):
         for i in range(per_category):
