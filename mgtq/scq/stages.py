@@ -170,12 +170,19 @@ def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
     return text, pooled
 
 
-def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
-             objective: str = "ce", teacher: torch.nn.Module | None = None) -> torch.Tensor:
-    """The QAT objective on synthesized tokens (see QATConfig.objective), timesteps in the sampler's convention.
+# Which loss terms each qat.objective sums; "kl_to_float" is the distillation term.
+OBJECTIVE_TERMS = {"ce": ("ce",), "distill": ("kl_to_float",), "ce+distill": ("ce", "kl_to_float")}
 
-    "distill" and "ce+distill" need `teacher`, the float transformer, run on the same masked inputs.
+
+def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+              terms=("ce",), teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms on synthesized tokens from one student forward, timesteps in the sampler's convention.
+
+    "ce" is the masked-token cross-entropy on the synthesized tokens; "kl_to_float" needs `teacher`,
+    the float transformer, run on the same masked inputs.
     """
+    if "kl_to_float" in terms and teacher is None:
+        raise ValueError("the distillation term needs the float teacher model (qat.objective distill or ce+distill)")
     tokens = data.tokens[idx].to(device)
     text, pooled = _conditioning(data, idx, drop)
     transformer = model.module if hasattr(model, "module") else model
@@ -186,27 +193,33 @@ def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: Sample
                   timestep=torch.as_tensor(timestep, device=device),
                   micro_conds=data.micro_conds.to(device).expand(len(idx), 5))
     logits = model(**inputs)
-    loss = logits.new_zeros(())
-    if objective in ("ce", "ce+distill"):
-        loss = loss + masked_token_loss(logits, tokens, mask)
-    if objective in ("distill", "ce+distill"):
-        if teacher is None:
-            raise ValueError(f"qat.objective {objective!r} needs the float teacher model")
+    out = {}
+    if "ce" in terms:
+        out["ce"] = masked_token_loss(logits, tokens, mask)
+    if "kl_to_float" in terms:
         with torch.no_grad():
             teacher_logits = teacher(**inputs)
-        loss = loss + masked_distillation_loss(logits, teacher_logits, mask)
-    return loss
+        out["kl_to_float"] = masked_distillation_loss(logits, teacher_logits, mask)
+    return out
 
 
-def fixed_eval_loss(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234,
-                    objective: str = "ce", teacher: torch.nn.Module | None = None) -> float:
-    """The objective on a fixed set of masks (same every call): CE is the fit to the calibration set,
-    distill the distance from the float model's predictions."""
+def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+             objective: str = "ce", teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    """The QAT objective (see QATConfig.objective): the sum of its terms from :func:`qat_terms`."""
+    return sum(qat_terms(model, data, idx, drop, generator, sampler, device, OBJECTIVE_TERMS[objective],
+                         teacher).values())
+
+
+def fixed_eval_metrics(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234,
+                       teacher: torch.nn.Module | None = None) -> dict[str, float]:
+    """CE (the fit to the calibration set) and, given the float `teacher`, the KL to it, on a fixed set
+    of masks (the same every call), from one student forward."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, data.tokens.shape[0], (n,), generator=gen)
+    terms = ("ce",) if teacher is None else ("ce", "kl_to_float")
     with torch.no_grad():
-        return float(qat_loss(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device,
-                              objective, teacher))
+        values = qat_terms(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device, terms, teacher)
+    return {k: float(v) for k, v in values.items()}
 
 
 def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.Tensor]:
@@ -242,10 +255,7 @@ def run_qat(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, out: Path,
         teacher.to(device)
 
     def fixed_metrics(m) -> dict:
-        metrics = {"ce": fixed_eval_loss(m, data, sampler, device)}
-        if teacher is not None:
-            metrics["kl_to_float"] = fixed_eval_loss(m, data, sampler, device, objective="distill", teacher=teacher)
-        return metrics
+        return fixed_eval_metrics(m, data, sampler, device, teacher=teacher)
 
     loss_before = fixed_metrics(model)
     start = 0
@@ -437,7 +447,7 @@ def run_secondary(recipe: Recipe, pipe: MGTPipeline, data: CalibrationData, qat_
         scales = {n: float(s) for n, s in input_scales_from_stats(stats, cfg.scale_method, cfg.percentile).items()}
         for name, scale in scales.items():
             model.get_submodule(name).set_input_scale(scale)
-    loss = fixed_eval_loss(model, data, sampler, "cpu")
+    loss = fixed_eval_metrics(model, data, sampler, "cpu")["ce"]
     with atomic_directory(out) as tmp:
         write_json(tmp / "selection.json", {"selection": cfg.selection, "fraction": cfg.fraction, "a8_layers": a8,
                                             "input_scales": scales, "magnitude_statistic": recipe.magnitudes.statistic})
