@@ -61,3 +61,17 @@ def test_resume_continues_from_saved_step(tmp_path, vq_dir):
     # a finished run resumes to a no-op: no step is repeated
     summary = train_mgt(vq_dir, run, None, MGTTrainConfig(steps=2, **TINY), progress=False)
     assert summary["final_loss"] is None
+
+
+def test_training_recipes_are_valid_configs_chained_by_init_from():
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "recipes" / "train"
+    recipes = sorted(folder.rglob("*.json"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        MGTTrainConfig(**json.loads(path.read_text()))  # unknown keys or bad values raise
+    stages = [json.loads((folder / f"tiny-shapes-mgt-stage{i}.json").read_text()) for i in (1, 2, 3, 4)]
+    assert stages[0].get("init_from") is None
+    assert [s["init_from"] for s in stages[1:]] == [f"runs/tiny-shapes-stage{i}" for i in (1, 2, 3)]
