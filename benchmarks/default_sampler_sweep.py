@@ -22,7 +22,7 @@ from mgtq.cli import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline, set_default_sampler
 from mgtq.scq.stages import model_fingerprint
-from mgtq.utils import read_json, write_json
+from mgtq.utils import atomic_write_text, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             write_json(args.out, data)
     data["best"] = best_point(data["points"])
     write_json(args.out, data)
-    args.out.with_suffix(".md").write_text(to_markdown(data))
+    atomic_write_text(args.out.with_suffix(".md"), to_markdown(data))
     plot(data, args.out.with_suffix(".png"))
     print(to_markdown(data))
     if args.apply:

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts (balanced over categories)")
+    # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
     e.add_argument("--batch-size", type=int, default=16)

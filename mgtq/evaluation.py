@@ -33,8 +33,8 @@ def generate_bench(
     tokens, images, nfe = [], [], 0
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
         chunk = items[start : start + batch_size]
-        out = pipe([it.prompt for it in chunk], seed=[it.seed + seed_offset for it in chunk], sampler=sampler, progress=False,
-                   **call_kwargs)
+        out = pipe([it.prompt for it in chunk], seed=[it.seed + seed_offset for it in chunk], sampler=sampler,
+                   progress=False, **call_kwargs)
         tokens.append(out.tokens.cpu())
         images += out.images
         nfe = out.nfe  # per image: every sample of a batch takes the same transformer calls

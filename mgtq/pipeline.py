@@ -322,7 +322,7 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     if "mgtq" not in index:
         raise ValueError(f"{str(root)!r} is not an mgtq pipeline folder (no 'mgtq' settings in model_index.json); "
                          "save it with MGTPipeline.save_pretrained first")
-    settings = _settings_from(root, index)
+    settings = PipelineSettings(**index["mgtq"])  # validates what is there before rewriting it
     settings.sampler = sampler
     index["mgtq"] = settings.to_dict()
     write_json(index_path, index)

@@ -82,7 +82,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
 
 # flag attribute → dotted SamplerConfig path
 _FLAG_PATHS = {
-    "schedule": "schedule", "rho": "rho", "gumbel_temperature": "gumbel_temperature", "noise": "noise.curve", "noise_scale": "noise.scale",
+    "schedule": "schedule", "rho": "rho", "gumbel_temperature": "gumbel_temperature",
+    "noise": "noise.curve", "noise_scale": "noise.scale",
     "diff_z": "differential.percent", "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg",
     "momentum": "momentum.order",
 }
