@@ -21,8 +21,7 @@ import torch
 from mgtq.cli import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline, set_default_sampler
-from mgtq.scq.stages import model_fingerprint
-from mgtq.utils import atomic_write_text, read_json, write_json
+from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization import W4A8Linear, W4Linear, convert_qat_, prepare_qat_
-from mgtq.utils import atomic_directory, read_json, write_json
+from mgtq.utils import atomic_directory, model_fingerprint, read_json, write_json
 
 FORMAT = "mgtq-quantized-transformer"
 FORMAT_VERSION = 1
@@ -75,8 +75,6 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
 
 
 def _source_fp(run: Path) -> str:
-    from mgtq.scq.stages import model_fingerprint
-
     return model_fingerprint(Path(read_json(run / "run.json")["model"]))
 
 

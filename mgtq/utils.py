@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,22 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated — recreate it") from err
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) over a pipeline's transformer config and weight files.
+
+    What results computed from a model depend on: SCQ stages, exports and benchmark caches use it to
+    notice that the model they were made from has changed.
+    """
+    h = hashlib.sha256()
+    folder = Path(model_dir) / "transformer"
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def per_sample_generators(

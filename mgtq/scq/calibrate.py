@@ -12,7 +12,6 @@ from mgtq.scq.recipe import Recipe, dump_recipe, load_recipe
 from mgtq.scq.stages import (
     STAGES,
     load_calibration_data,
-    model_fingerprint,
     run_magnitudes,
     run_qat,
     run_secondary,
@@ -20,7 +19,7 @@ from mgtq.scq.stages import (
     stage_complete,
     stage_fingerprints,
 )
-from mgtq.utils import atomic_write_text, read_json, write_json
+from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 
 def resolve_model(recipe: Recipe) -> Path:

@@ -60,18 +60,6 @@ def stage_fingerprints(recipe: Recipe, model_fingerprint: str) -> dict[str, str]
     return fps
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """sha256 over the transformer's config and weight files (what SCQ's result depends on)."""
-    h = hashlib.sha256()
-    folder = model_dir / "transformer"
-    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------ 1. synthesize
 def calibration_prompts(recipe: Recipe) -> list[tuple[str, int]]:
     """(prompt, seed) pairs: prompt i is generated with seed `prompts.seed + i`."""
