@@ -60,6 +60,10 @@ class MGTTrainConfig:
     sampler_steps: int = 16
     guidance_scale: float = 3.0
     init_from: str | None = None  # warm start: a pipeline folder whose transformer/text encoder to continue
+    # Relative frequency of each scene category in the training data (None: uniform, as the world
+    # draws it). Lets a stage spend its steps on what the model still gets wrong (attribute binding
+    # and relations) instead of what it already draws.
+    category_weights: dict | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "dataset_size", "save_every", "text_layers", "text_heads"):
@@ -69,22 +73,53 @@ class MGTTrainConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.category_weights is not None:
+            category_probabilities(self.category_weights)  # validates
+
+
+def category_probabilities(weights: dict) -> np.ndarray:
+    """Weights by category name → probabilities in CATEGORIES order (missing categories get 0)."""
+    from mgtq.shapes.world import CATEGORIES
+
+    unknown = sorted(set(weights) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"category_weights has unknown categories {unknown}; expected names from {CATEGORIES}")
+    w = np.array([float(weights.get(c, 0.0)) for c in CATEGORIES])
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"category_weights must be finite, ≥ 0 and not all 0, got {weights}")
+    return w / w.sum()
 
 
 # -------------------------------------------------------------------------------------------- data
-def build_token_dataset(vq: VQModel, size: int, seed: int, batch_size: int = 256):
-    """Render `size` world scenes (scene i from (seed + 1)·10⁹ + i, far from ShapeBench seeds) and VQ-encode them.
+def training_scene(index: int, seed: int, category_weights: dict | None = None):
+    """Scene `index` of the data drawn with `seed`: from (seed + 1)·10⁹ + index, far from ShapeBench seeds.
+
+    Without weights the world draws the category uniformly (the stage 1–4 data, unchanged); with
+    them the category is drawn first from the same generator.
+    """
+    from mgtq.shapes.world import CATEGORIES, sample_scene
+
+    rng = np.random.default_rng((seed + 1) * 1_000_000_000 + index)
+    if category_weights is None:
+        return sample_scene(rng)
+    category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=category_probabilities(category_weights)))]
+    return sample_scene(rng, category)
+
+
+def build_token_dataset(vq: VQModel, size: int, seed: int, batch_size: int = 256,
+                        category_weights: dict | None = None):
+    """Render `size` training scenes (:func:`training_scene`) and VQ-encode them.
 
     Returns a `datasets.Dataset` with columns caption (str) and tokens (list of h·w ints).
     """
     from datasets import Dataset
 
-    from mgtq.shapes.world import caption, render, sample_scene
+    from mgtq.shapes.world import caption, render
     from mgtq.vq import encode_to_tokens
 
     captions, token_rows = [], []
     for start in tqdm(range(0, size, batch_size), desc="encoding scenes"):
-        scenes = [sample_scene((seed + 1) * 1_000_000_000 + i) for i in range(start, min(size, start + batch_size))]
+        scenes = [training_scene(i, seed, category_weights) for i in range(start, min(size, start + batch_size))]
         images = np.stack([render(s) for s in scenes])  # (B, 64, 64, 3) uint8
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
@@ -99,9 +134,11 @@ def load_or_build_dataset(run: Path, vq: VQModel, config: MGTTrainConfig):
 
     data_dir = run / "data"
     meta = {"size": config.dataset_size, "seed": config.seed}
+    if config.category_weights is not None:  # only then, so caches of unweighted runs stay valid
+        meta["category_weights"] = config.category_weights
     if data_dir.exists() and (run / "data.json").exists() and read_json(run / "data.json") == meta:
         return load_from_disk(str(data_dir))
-    ds = build_token_dataset(vq, config.dataset_size, config.seed)
+    ds = build_token_dataset(vq, config.dataset_size, config.seed, category_weights=config.category_weights)
     with atomic_directory(data_dir) as tmp:
         ds.save_to_disk(str(tmp))
     write_json(run / "data.json", meta)
