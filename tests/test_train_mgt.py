@@ -63,7 +63,7 @@ def test_resume_continues_from_saved_step(tmp_path, vq_dir):
     assert summary["final_loss"] is None
 
 
-def test_training_recipes_are_valid_configs_chained_by_init_from():
+def test_training_recipes_are_valid_configs_and_the_default_trains_from_scratch():
     import json
     from pathlib import Path
 
@@ -72,8 +72,13 @@ def test_training_recipes_are_valid_configs_chained_by_init_from():
     assert len(recipes) >= 4
     for path in recipes:
         MGTTrainConfig(**json.loads(path.read_text()))  # unknown keys or bad values raise
-    n = len(list(folder.glob("tiny-shapes-mgt-stage*.json")))
-    stages = [json.loads((folder / f"tiny-shapes-mgt-stage{i}.json").read_text()) for i in range(1, n + 1)]
+    # the shipped model is one schedule from scratch: nothing outside the VQ may feed into it
+    assert json.loads((folder / "tiny-shapes-mgt.json").read_text()).get("init_from") is None
+    # the earlier four-stage chain, kept as history, still chains by init_from
+    n = len(list((folder / "history").glob("tiny-shapes-mgt-stage*.json")))
+    assert n == 4
+    stages = [json.loads((folder / "history" / f"tiny-shapes-mgt-stage{i}.json").read_text())
+              for i in range(1, n + 1)]
     assert stages[0].get("init_from") is None
     assert [s["init_from"] for s in stages[1:]] == [f"runs/tiny-shapes-stage{i}" for i in range(1, n)]
 
@@ -82,7 +87,7 @@ def test_unweighted_training_scenes_are_the_worlds_own_draws():
     from mgtq.shapes.world import sample_scene
     from mgtq.training.mgt import training_scene
 
-    # stages 1–4 were trained on these exact scenes; adding category weights must not change them
+    # the shipped model and stages 1–4 were trained on these exact scenes; weights must not change them
     assert [training_scene(i, 2) for i in range(5)] == [sample_scene(3_000_000_000 + i) for i in range(5)]
 
 
