@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, JSON files, generators."""
+"""Small shared helpers: atomic writes, JSON files, dtype names, seeds, generators, module surgery."""
 
 from __future__ import annotations
 
@@ -112,3 +112,68 @@ def per_sample_generators(
     device = torch.device(device)
     # CPU generators keep results identical across devices; CUDA ones are faster for CUDA sampling.
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+# ------------------------------------------------------------------------------------ dtype names
+# One spelling table for every place a dtype is named (CLI flags, recipes, manifests, bench formats).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype from a name ("bf16", "bfloat16", …); None stays None; errors list the names."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name ("float32", "bfloat16", "float16") of a float dtype."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"mgtq stores float tensors as {sorted(DTYPE_NAMES.values())}, not {dtype}") from None
+
+
+# ------------------------------------------------------------------------------------------ seeds
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from integers and strings (SplitMix64-style avalanche over a stable hash).
+
+    Stable across processes and Python versions (unlike `hash()`), and nearby inputs give unrelated
+    seeds, so one base seed can be split per step, layer, block or process.
+    """
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        if isinstance(part, str):
+            part = int.from_bytes(hashlib.sha256(part.encode()).digest()[:8], "little")
+        elif isinstance(part, bool) or not isinstance(part, int):
+            raise TypeError(f"derive_seed takes ints and strings, got {type(part).__name__}")
+        h = ((h ^ (part & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+# ---------------------------------------------------------------------------------- module surgery
+def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Replace the submodule at dotted `name` ("blocks.0.attn.to_q") by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# ----------------------------------------------------------------------------- micro-conditions
+def micro_conditions(width: int, height: int, aesthetic_score: float = 6.0, crop_top: int = 0,
+                     crop_left: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Meissonic's micro-conditions (1, 5): [orig_w, orig_h, crop_top, crop_left, aesthetic score]."""
+    return torch.tensor([[width, height, crop_top, crop_left, aesthetic_score]], dtype=torch.float32, device=device)

@@ -1,0 +1,72 @@
+"""mgtq.config: strict typed loading of config dataclasses; mgtq.utils: shared small helpers."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import torch
+
+from mgtq.config import from_mapping
+from mgtq.utils import derive_seed, dtype_name, parse_dtype, set_submodule
+
+
+@dataclass(frozen=True)
+class Inner:
+    fraction: float = 0.5
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    steps: int = 3
+    lr: float = 1e-4
+    group: int | None = None
+    ratios: tuple[float, ...] = (0.5,)
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"qat.steps must be ≥ 0, got {self.steps}")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"steps": "many"}, "qat.steps must be an integer, got 'many'"),
+    ({"steps": 2.5}, "qat.steps must be an integer, got 2.5"),
+    ({"steps": True}, "qat.steps must be an integer"),
+    ({"lr": float("nan")}, "qat.lr must be a finite number"),
+    ({"lr": "fast"}, "qat.lr must be a number, got 'fast'"),
+    ({"ratios": 0.5}, "qat.ratios must be a list, got 0.5"),
+    ({"ratios": [0.5, "x"]}, "qat.ratios[1] must be a number"),
+    ({"flag": "yes"}, "qat.flag must be true or false"),
+    ({"inner": {"mode": "c"}}, "qat.inner.mode must be one of ['a', 'b']"),
+    ({"inner": {"typo": 1}}, "unknown key 'qat.inner.typo'"),
+    ({"stpes": 1}, "unknown key 'qat.stpes'"),
+    ({"steps": -1}, "qat.steps must be ≥ 0"),
+    ({"group": "abc"}, "qat.group must be an integer"),
+])
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        from_mapping(Outer, data, "qat")
+
+
+def test_values_are_normalized():
+    cfg = from_mapping(Outer, {"lr": "1e-4", "ratios": [1, 0.25], "group": None, "inner": {"fraction": 1}}, "qat")
+    assert cfg.lr == 1e-4 and cfg.ratios == (1.0, 0.25) and isinstance(cfg.inner, Inner) and cfg.inner.fraction == 1.0
+    with pytest.raises(ValueError, match="must be a mapping"):
+        from_mapping(Outer, [1, 2], "qat")
+
+
+def test_dtype_names_and_seeds():
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype(None) is None and dtype_name(torch.float16) == "float16"
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        parse_dtype("int3")
+    assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
+    assert 0 <= derive_seed(2**70) < 2**63
+
+
+def test_set_submodule():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    set_submodule(model, "1.0", torch.nn.Identity())
+    assert isinstance(model[1][0], torch.nn.Identity)
