@@ -79,7 +79,7 @@ def existing_folder(what: str) -> Callable[[str], Path]:
         if path.exists():
             raise argparse.ArgumentTypeError(f"{text!r} is a file, not a {what} folder; pass the folder")
         raise argparse.ArgumentTypeError(
-            f"{what} folder {text!r} does not exist (mgtq reads local folders only, nothing is downloaded)")
+            f"{what} folder {text!r} does not exist; mgtq reads local folders only, it downloads nothing")
 
     parse.__name__ = "folder"
     return parse

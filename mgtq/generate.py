@@ -17,6 +17,8 @@ def output_paths(out: Path, count: int) -> list[Path]:
     if out.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # would silently become a folder named "x.jpg"
         raise ValueError(f"--out {out}: mgtq writes PNG images; give a .png path or a folder")
     if out.suffix.lower() != ".png":  # a folder
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a folder; give a .png path or a folder")
         return [out / f"{i}.png" for i in range(count)]
     if count == 1:
         return [out]

@@ -163,7 +163,7 @@ def test_output_below_a_file_fails_before_any_work(capsys, no_model, tmp_path):
         (["eval", "--json", str(file / "r.json")], f"--json {file / 'r.json'}: {file} is a file, not a folder"),
         (["generate", "--prompt", "x", "--out", str(file / "a" / "x.png")], f"{file} is a file, not a folder"),
         # no .png suffix: --out names a folder of images, and here it is the file itself
-        (["generate", "--prompt", "x", "--out", str(file)], f"{file} is a file, not a folder"),
+        (["generate", "--prompt", "x", "--out", str(file)], f"--out {file} is a file, not a folder; give a .png"),
         (["calibrate", "--out", str(file)], f"--out {file} is a file; give a folder path"),
         (["bench", "--json", str(file / "b.json")], f"{file} is a file, not a folder"),
     ]
