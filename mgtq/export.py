@@ -16,6 +16,7 @@ other existing file or folder.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,11 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
         if out == path or path in out.parents or out in path.parents:
             raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
     if not out.exists() and not out.is_symlink():
+        existing = next(parent for parent in out.parents if parent.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: {existing} is not writable; choose a folder you can write to")
         return
     if not is_checkpoint(out):
         kind = "folder" if out.is_dir() else "file"

@@ -225,6 +225,6 @@ def test_fork_server_reports_a_failing_case_and_keeps_serving():
 
     payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
     with Isolation("forkserver") as isolation:
-        with pytest.raises(ChildError, match="KeyError|TypeError|AttributeError"):
+        with pytest.raises(ChildError, match="case must be a mapping"):
             isolation.run("case", payload)  # no case in the payload: the child fails, the server survives
         assert isolation.run("baseline", payload)["rss"] > 0

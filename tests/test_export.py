@@ -62,6 +62,12 @@ def test_export_refuses_what_it_did_not_write_and_touches_nothing(target, match,
     assert not (run / "inside").exists()
 
 
+def test_an_output_path_under_a_file_is_refused(run, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_target(run, tmp_path / "notes.txt" / "ckpt")
+
+
 def test_an_existing_checkpoint_needs_overwrite(run, a_checkpoint):
     assert is_checkpoint(a_checkpoint)
     with pytest.raises(ValueError, match="pass --overwrite"):

@@ -54,12 +54,6 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
 
 # ------------------------------------------------------------------------------------ building
 def build_case_transformer(source: ModelSource, case: BenchCase, input_scales, seed: int, device: str,
@@ -199,7 +193,7 @@ def run_case(payload: dict) -> dict:
     measure = MeasureSettings.from_dict(payload["measure"])
     device = torch.device(payload["device"])
     result = CaseResult.of(case, family=PEERS[case.target].family if case.is_peer else "mgtq")
-    result.loadavg = {"before": _loadavg(), "after": None}
+    result.loadavg = {"before": memory.loadavg(), "after": None}
     if case.is_peer:
         reason = unavailable_reason(case.target, device.type)
         if reason is not None:
@@ -213,7 +207,7 @@ def run_case(payload: dict) -> dict:
         result.status = "skipped"
         result.message = (f"{case.target} skipped: {PEERS[case.target].scheme} failed on {device.type} "
                           f"({_one_line(err)})")
-    result.loadavg["after"] = _loadavg()
+    result.loadavg["after"] = memory.loadavg()
     result.wall_s = time.perf_counter() - wall
     return result.to_dict()
 

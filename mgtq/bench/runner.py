@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from mgtq.bench import report
+from mgtq.bench import memory, report
 from mgtq.bench.config import BenchCase, BenchConfig
 from mgtq.bench.result import CaseResult
 from mgtq.bench.source import ModelSource, resolve_model, token_grid, transformer_config
@@ -127,7 +127,7 @@ def machine_info(config: BenchConfig, isolation: Isolation) -> dict:
         "platform": platform.platform(), "device": config.device,
         "cuda_device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else None,
         "isolation": isolation.description, "memory_total_bytes": _total_memory(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": memory.loadavg(),
     }
 
 
@@ -148,12 +148,6 @@ def _total_memory() -> int | None:
     except ImportError:
         return None
 
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def model_info(source: ModelSource) -> dict:
@@ -219,7 +213,7 @@ def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
         for case in bar:
             bar.set_postfix_str(case.label)
             results.append(_run_case(isolation, case, payload(case, scales), log))
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = memory.loadavg()
 
     out = report.assemble(
         machine=machine, model=model_info(source), settings=config.to_dict(), cases=cases, results=results,
