@@ -306,17 +306,18 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     folder = Path(folder)
     if not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.iterdir() if p.is_file())
-        raise FileNotFoundError(f"{folder} has no .safetensors weights (found {found}); mgtq loads safetensors only, "
-                                "never pickle files: convert the weights to safetensors")
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (found {found}); mgtq loads safetensors "
+                                "only, never pickle files: convert the weights to safetensors")
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
     try:
         return cls.from_pretrained(folder, **kwargs)
     except (RuntimeError, ValueError, OSError, TypeError) as err:
+        what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(cls.__name__, "text encoder")
         raise ValueError(
-            f"could not load {cls.__name__} from {folder}: its config.json does not match its weights or the "
-            f"weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
+            f"could not load the {what} in {folder} ({cls.__name__}): its config.json does not match its weights "
+            f"or the weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
             "fix config.json or re-create the folder"
         ) from None
 

@@ -134,7 +134,8 @@ def to_markdown(report: dict) -> str:
         base = report["baseline"]
         fresh = base.get("fresh_interpreter_rss")
         lines.append(f"Baseline: a case process that only imported torch + mgtq holds {mb_text(base['rss'])} MB RSS"
-                     + (f" ({mb_text(fresh)} MB in a fresh interpreter, which has touched more library pages)" if fresh
+                     + (f" ({mb_text(fresh)} MB in a fresh interpreter, which has touched more library pages)"
+                        if fresh
                         else "") + "; included in every peak below, nothing subtracted.")
     for note in model.get("notes", []):
         lines.append(f"- {note}")
@@ -201,8 +202,9 @@ def _offload_lines(report: dict) -> list[str]:
     for r in offloads:
         normal = ok[r.target].memory if r.target in ok else {}
         n, o = normal.get("phase_peaks") or {}, r.memory.get("phase_peaks") or {}
-        lines.append(f"| {r.target} | {mb_text(n.get('sampling'))} | {mb_text(n.get('decode'))} | {mb_text(o.get('sampling'))} "
-                     f"| {mb_text(o.get('decode'))} | {r.transformer_freed_before_decode} |")
+        cells = [mb_text(n.get("sampling")), mb_text(n.get("decode")), mb_text(o.get("sampling")),
+                 mb_text(o.get("decode")), str(r.transformer_freed_before_decode)]
+        lines.append(f"| {r.target} | " + " | ".join(cells) + " |")
     return lines
 
 

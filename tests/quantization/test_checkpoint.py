@@ -172,11 +172,6 @@ def _pickle_vq(folder):
     torch.save({"harmless": torch.zeros(1)}, vq / "diffusion_pytorch_model.bin")
 
 
-def _non_linear(data):
-    data["layers"]["norm_out.linear"] = data["layers"].pop(_first(data, "w4a16"))
-    data["layers"]["embed.conv"] = {"scheme": "w4a16", "group_size": None}
-
-
 BAD = {
     # name: (damage, error type, the key the message must name)
     "manifest deleted": (lambda f: (f / "transformer" / "manifest.json").unlink(), ValueError, "manifest.json"),
@@ -195,16 +190,17 @@ BAD = {
     "layer that does not exist": (_edit_manifest(lambda d: d["layers"].update(nope={"scheme": "w4a16"})), ValueError,
                                   r"manifest.json: layers\.nope: the module does not exist"),
     "layer that is not a Linear": (_edit_manifest(lambda d: d["layers"].update(
-        {"embed.conv": {"scheme": "w4a16", "group_size": None}})), ValueError, r"layers\.embed\.conv: .*not an nn.Linear"),
+        {"embed.conv": {"scheme": "w4a16", "group_size": None}})), ValueError,
+        r"layers\.embed\.conv: .*not an nn.Linear"),
     "files names another file": (_edit_manifest(lambda d: d.update(files={"other.safetensors": "0" * 64})),
                                  ValueError, "files must name"),
     "4096 flipped bytes": (_flip_bytes, ValueError, f"{WEIGHTS}: sha256"),
     "weights file missing": (lambda f: (f / "transformer" / WEIGHTS).unlink(), FileNotFoundError, WEIGHTS),
     "truncated weights (sha updated)": (_truncate_with_sha, ValueError, "damaged or truncated"),
     "metadata missing": (_rewrite_tensors(lambda t, d: None, metadata=False), ValueError, "metadata key 'mgtq'"),
-    "input_scale NaN": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: torch.full_like(s, float("nan")))),
+    "input_scale NaN": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: s * float("nan"))),
                         ValueError, r"\.input_scale holds NaN"),
-    "input_scale inf": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: torch.full_like(s, float("inf")))),
+    "input_scale inf": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: s * float("inf"))),
                         ValueError, r"\.input_scale holds NaN or infinite"),
     "input_scale zero": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", torch.zeros_like)), ValueError,
                          r"\.input_scale holds scales ≤ 0"),
