@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.cli import default_model
+from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from mgtq.cli import default_model
+from mgtq.default_model import default_model
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import score_image
 from mgtq.utils import write_json

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.cli import default_model
+from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline, set_default_sampler
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.cli import default_model
+from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
 from mgtq.pipeline import MGTPipeline
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     if not random_run.exists():
         shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
     calibrate(random_recipe, random_run)
-    scq_ckpt, random_ckpt = export_run(scq_run, args.work / "ckpt-scq"), export_run(random_run, args.work / "ckpt-rand")
+    scq_ckpt, random_ckpt = (export_run(scq_run, args.work / "ckpt-scq", overwrite=True),
+                              export_run(random_run, args.work / "ckpt-rand", overwrite=True))
     extra_rows = []
     if recipe.qat.objective != "ce":
         # The same SCQ with the paper's QAT objective (masked-token CE on the synthesized tokens): shows
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             ce_run.mkdir(parents=True)
             shutil.copytree(scq_run / "synth", ce_run / "synth")
         calibrate(ce_recipe, ce_run)
-        ce_ckpt = export_run(ce_run, args.work / "ckpt-scq-ce")
+        ce_ckpt = export_run(ce_run, args.work / "ckpt-scq-ce", overwrite=True)
         extra_rows.append(("W4A8 SCQ, paper's CE objective", lambda: MGTPipeline.from_pretrained(ce_ckpt)))
 
     base = MGTPipeline.from_pretrained(default_model())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.cli import default_model
+from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.merging import apply_tomemgt, remove_tomemgt
 from mgtq.pipeline import MGTPipeline

@@ -12,18 +12,6 @@ from pathlib import Path
 
 from mgtq import argtypes
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-shapes"
-
-
-def default_model() -> Path:
-    """The embedded default model (checkpoints/tiny-shapes of the repository)."""
-    if not DEFAULT_MODEL.is_dir():
-        raise SystemExit(
-            f"the embedded default model is not at {DEFAULT_MODEL}; install mgtq from its repository with "
-            "`pip install -e .` or pass --model DIR"
-        )
-    return DEFAULT_MODEL
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
@@ -62,11 +50,11 @@ def _sampler(args, pipe):
 def _load_pipe(args):
     import torch
 
+    from mgtq.default_model import default_model
     from mgtq.pipeline import load
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.model or default_model(), text_encoder=args.text_encoder, torch_dtype=dtype, device=device)
+    pipe = load(args.model or default_model(), text_encoder=args.text_encoder, dtype=args.dtype, device=device)
     if getattr(args, "tome", None):
         from mgtq.merging import apply_tomemgt
 
@@ -125,7 +113,7 @@ def cmd_export(args) -> int:
     _check_output_path(args.out, "--out", folder=True)
     from mgtq.export import export_run
 
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -139,7 +127,8 @@ def cmd_bench(args) -> int:
     both = not (args.memory or args.latency)  # neither flag: measure both
     peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
     config = BenchConfig(
-        model=str(args.model), formats=_csv(args.formats), tome=args.tome,
+        model=str(args.model), text_encoder=None if args.text_encoder is None else str(args.text_encoder),
+        formats=_csv(args.formats), tome=args.tome,
         tome_blocks=_csv(args.tome_blocks), offload=args.offload, peers=peers, threads=args.threads,
         isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
@@ -257,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = command("export", "export a calibration run to a packed W4A8 checkpoint")
     x.add_argument("run", type=argtypes.existing_folder("calibration run"), help="calibration run folder")
-    x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (a new path)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mgtq checkpoint")
     x.set_defaults(func=cmd_export)
 
     b = command("bench", "memory and latency of every format × TomeMGT × offloading, beside peers")
@@ -265,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
                    help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
+    b.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
+                   help="separate CLIP text encoder folder for a pipeline DIR (the official Meissonic setup)")
     b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq",
                    help="comma list of fp32,bf16,w4a16,w4a8,scq (opt-in: w4a8-cached, scq-cached)")
     b.add_argument("--tome", type=argtypes.comma_list(argtypes.ratio), default="0",

@@ -1,40 +1,38 @@
-"""Export an SCQ run to a real low-bit checkpoint, and load it back.
+"""`mgtq export RUN --out DIR`: a finished SCQ run → a quantized pipeline checkpoint.
 
 checkpoint/
   model_index.json, vqvae/, text_encoder/, tokenizer/, scheduler/   copied from the source model
-  transformer/config.json                     the MeissonicTransformer config
-  transformer/manifest.json                   format version, per-layer scheme, group size, fingerprints, recipe
-  transformer/diffusion_pytorch_model.safetensors
-      quantized Linear NAME: NAME.weight_packed (uint8, two int4 per byte), NAME.weight_scale,
-      [NAME.input_scale for A8 layers], [NAME.bias]; every other tensor under its usual key.
+  transformer/                                                       mgtq.quantization.checkpoint's format
 
-Only safetensors; written to a temporary folder and renamed into place.
+The seam with SCQ is `quantize_from_run(run) -> (model, info)`: the real W4/W4A8 transformer and a
+dict of what the run knows (group size, float dtype, source model and fingerprint, A8 selection,
+recipe). `manifest_from_run` turns that dict into the checkpoint's `Manifest`; the per-layer schemes
+are read off the model itself, so the two cannot disagree.
+
+Export writes only where it may: a new path, or (with `overwrite=True`) an existing mgtq
+checkpoint, replaced atomically. It never writes over the run folder, the source model, or any
+other existing file or folder.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from mgtq.models.transformer import MeissonicTransformer, plain_config
-from mgtq.quantization import W4A8Linear, W4Linear, convert_qat_, prepare_qat_
-from mgtq.utils import atomic_directory, model_fingerprint, read_json, write_json
+from mgtq.models.transformer import MeissonicTransformer
+from mgtq.quantization import checkpoint
+from mgtq.utils import atomic_directory, dtype_name, model_fingerprint, parse_dtype, read_json
 
-FORMAT = "mgtq-quantized-transformer"
-FORMAT_VERSION = 1
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-SCHEMES = {"w4a16": W4Linear, "w4a8": W4A8Linear}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The run facts a manifest records (the rest of `info` — format, layers — is the checkpoint's own).
+PROVENANCE = ("group_size", "float_dtype", "source_model", "source_fingerprint", "selection", "recipe")
 
 
 def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
-    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and its manifest."""
+    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and what the run says about it."""
+    from mgtq.quantization import convert_qat_, prepare_qat_
     from mgtq.scq.recipe import recipe_from_dict
     from mgtq.scq.stages import STAGES, stage_complete
 
@@ -47,18 +45,19 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
     recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
     for stage in STAGES:
         if not stage_complete(run / stage, info["fingerprints"][stage]):
-            raise ValueError(f"stage {stage!r} of {run} is not complete; run `mgtq calibrate --out {run}` to finish it")
+            raise ValueError(f"stage {stage!r} of {run} is not complete; run `mgtq calibrate --recipe "
+                             f"{run / 'recipe.yaml'} --out {run}` to finish it")
     selection = read_json(run / "secondary" / "selection.json")
     a8 = selection["a8_layers"]
-    model = MeissonicTransformer.from_pretrained(run / "qat" / "transformer", local_files_only=True).float().eval()
+    model = MeissonicTransformer.from_pretrained(run / "qat" / "transformer", local_files_only=True,
+                                                 use_safetensors=True).float().eval()
     prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=a8,
                  input_scales=selection["input_scales"])
     converted = convert_qat_(model)
-    dtype = DTYPES[recipe.export.dtype]
-    _cast_float_tensors(model, dtype)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+    checkpoint.cast_float_(model, parse_dtype(recipe.export.dtype))
+    return model, {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
         "weight_bits": 4,
         "group_size": recipe.qat.group_size,
         "float_dtype": recipe.export.dtype,
@@ -66,87 +65,88 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
                           "group_size": model.get_submodule(name).group_size}
                    for name, kind in sorted(converted.items())},
         "source_model": info["model"],
-        "source_fingerprint": _source_fp(run),
+        "source_fingerprint": model_fingerprint(Path(info["model"])),
         "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
                       "statistic": selection["magnitude_statistic"]},
         "recipe": recipe.to_dict(),
     }
-    return model, manifest
 
 
-def _source_fp(run: Path) -> str:
-    return model_fingerprint(Path(read_json(run / "run.json")["model"]))
+def manifest_from_run(model: torch.nn.Module, info: dict) -> checkpoint.Manifest:
+    """The checkpoint Manifest of `model` with the run facts of `info` (see PROVENANCE)."""
+    layers = checkpoint.describe(model)
+    claimed = {name: layer["scheme"] for name, layer in info.get("layers", {}).items()}
+    if claimed and claimed != {name: layer.scheme for name, layer in layers.items()}:
+        raise ValueError("the run's layer list does not match the quantized model; re-run the secondary stage")
+    facts = {k: info[k] for k in PROVENANCE if k in info}
+    if "float_dtype" in facts:  # recipes may spell it "bf16"; the manifest stores the canonical name
+        facts["float_dtype"] = dtype_name(parse_dtype(facts["float_dtype"]))
+    return checkpoint.Manifest(layers=layers, **facts)
 
 
-def _cast_float_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the float parts (embeddings, norms, convs, biases) — not scales, which stay fp32."""
-    for module in model.modules():
-        if isinstance(module, (W4Linear, W4A8Linear)):
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(dtype)
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(dtype)
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` is an mgtq quantized pipeline checkpoint (what `mgtq export` writes)."""
+    folder = Path(folder)
+    try:
+        return (folder / "model_index.json").is_file() and checkpoint.is_quantized(folder / "transformer")
+    except ValueError:  # looks quantized but is incomplete: not something export may silently replace
+        return False
 
 
-def export_run(run: str | Path, out: str | Path) -> Path:
-    """`mgtq export RUN --out DIR`: the quantized transformer plus the source model's other components."""
-    model, manifest = quantize_from_run(run)
-    source = Path(manifest["source_model"])
-    out = Path(out)
+def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """Raise (one line, nothing touched) unless export may write `out`: see the module docstring."""
+    run, out = Path(run).resolve(), Path(out).resolve()
+    protected = {"the calibration run": run}
+    if (run / "run.json").is_file():
+        model = read_json(run / "run.json").get("model")
+        if isinstance(model, str):
+            protected["the run's source model"] = Path(model).resolve()
+    for what, path in protected.items():
+        if out == path or path in out.parents or out in path.parents:
+            raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
+    if not out.exists() and not out.is_symlink():
+        existing = next(parent for parent in out.parents if parent.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: {existing} is not writable; choose a folder you can write to")
+        return
+    if not is_checkpoint(out):
+        kind = "folder" if out.is_dir() else "file"
+        raise ValueError(f"--out {out} is an existing {kind} that is not an mgtq checkpoint; export writes only to "
+                         "a new path (or over an mgtq checkpoint with --overwrite): choose a new path")
+    if not overwrite:
+        raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
+                         "new path")
+
+
+def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """`mgtq export RUN --out DIR [--overwrite]`: the quantized transformer plus the source model's other parts."""
+    check_target(run, out, overwrite)
+    model, info = quantize_from_run(run)
+    manifest = manifest_from_run(model, info)
+    check_target(run, out, overwrite)  # again: quantizing takes a while, the folder may have appeared meanwhile
+    return write_checkpoint(info["source_model"], model, manifest, out)
+
+
+def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: checkpoint.Manifest,
+                     out: str | Path) -> Path:
+    """Write `out` atomically: the pipeline folder `source` with its transformer replaced by `model`."""
+    source, out = Path(source), Path(out)
     with atomic_directory(out) as tmp:
-        for item in source.iterdir():
+        for item in sorted(source.iterdir()):
             if item.name == "transformer" or item.name.startswith("."):
                 continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        save_quantized_transformer(model, manifest, tmp / "transformer")
+            _copy(item, tmp / item.name)
+        checkpoint.save(model, manifest, tmp / "transformer")
     return out
 
 
-def save_quantized_transformer(model: MeissonicTransformer, manifest: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    (folder / "config.json").write_text(json.dumps({"_class_name": "MeissonicTransformer",
-                                                    **plain_config(model.config)}, indent=2))
-    write_json(folder / "manifest.json", manifest)
-
-
-def load_quantized_transformer(folder: str | Path, torch_dtype: torch.dtype | None = None) -> MeissonicTransformer:
-    """Build the transformer on the meta device, swap in the quantized modules, load the tensors."""
-    folder = Path(folder)
-    manifest = read_json(folder / "manifest.json")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{folder} holds format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this mgtq "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}. Upgrade mgtq or re-export the checkpoint.")
-    config = {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_")}
-    with init_empty_weights():
-        model = MeissonicTransformer(**config)
-    for name, layer in manifest["layers"].items():
-        scheme = layer["scheme"]
-        if scheme not in SCHEMES:
-            raise ValueError(f"layer {name}: unknown scheme {scheme!r} in {folder / 'manifest.json'}")
-        linear = model.get_submodule(name)
-        group = layer["group_size"] if scheme == "w4a16" else None
-        new = SCHEMES[scheme](linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              group_size=group, device="meta")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    try:
-        tensors = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{folder / WEIGHTS} is damaged or truncated ({err}); re-export the checkpoint") from err
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{folder / WEIGHTS} does not match its manifest: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise ValueError(f"{folder / WEIGHTS}: {key} has shape {tuple(tensors[key].shape)}, expected "
-                             f"{tuple(ref.shape)} — the file was modified; re-export the checkpoint")
-    model.load_state_dict(tensors, assign=True, strict=True)
-    if torch_dtype is not None:
-        _cast_float_tensors(model, torch_dtype)
-    model.token_merging = None
-    return model.eval()
+def _copy(src: Path, dst: Path) -> None:
+    """Copy contents only: the new files get the user's normal permissions, not the source's."""
+    if src.is_dir():
+        dst.mkdir()
+        for item in sorted(src.iterdir()):
+            _copy(item, dst / item.name)
+    else:
+        shutil.copyfile(src, dst)

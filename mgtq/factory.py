@@ -1,20 +1,12 @@
-"""Build pipelines from configs with random weights: for tests, smoke runs and size/speed benchmarks.
+"""Small VQ and CLIP text-encoder architectures (the embedded model's, and test pipelines').
 
-Memory and latency do not depend on weight values, so benchmarks of the full-size configs use these
-builders (the transformer on the meta device first, then filled with random values).
+Random-weight pipelines and full-size random transformers are built in `mgtq.testing`.
 """
 
 from __future__ import annotations
 
-import torch
 from diffusers import VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-from mgtq.models.presets import build_transformer
-from mgtq.pipeline import MGTPipeline, PipelineSettings
-from mgtq.sampling import SamplerConfig
-from mgtq.text import build_word_tokenizer
-
 
 
 def tiny_vqmodel(codebook_size: int, factor: int = 4, channels: int = 32, latent_channels: int = 16) -> VQModel:
@@ -40,29 +32,3 @@ def tiny_text_encoder(tokenizer, hidden_size: int, projection_dim: int, layers: 
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config)
-
-
-def build_random_pipeline(
-    preset: str = "test-micro",
-    resolution: int = 64,
-    vq_factor: int = 4,
-    words: list[str] | None = None,
-    seed: int = 0,
-    sampler: SamplerConfig | None = None,
-    text_max_length: int = 24,
-) -> MGTPipeline:
-    """A complete pipeline with random weights (real component classes), e.g. 64×64 images in seconds."""
-    torch.manual_seed(seed)  # module init draws from the global generator; make it repeatable
-    transformer = build_transformer(preset)
-    cfg = transformer.config
-    from mgtq.shapes import vocabulary
-
-    tokenizer = build_word_tokenizer(words or vocabulary(), max_length=text_max_length)
-    text_encoder = tiny_text_encoder(tokenizer, cfg.joint_attention_dim, cfg.pooled_projection_dim)
-    vqvae = tiny_vqmodel(cfg.codebook_size, factor=vq_factor)
-    settings = PipelineSettings(
-        sampler=sampler or SamplerConfig(num_steps=8, guidance_scale=3.0, timestep_convention="mask_ratio"),
-        resolution=resolution, image_range="-1,1",
-    )
-    pipe = MGTPipeline(transformer.eval(), vqvae.eval(), text_encoder.eval(), tokenizer, settings)
-    return pipe

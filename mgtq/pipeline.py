@@ -18,11 +18,11 @@ from diffusers import VQModel
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer
+from mgtq.quantization import checkpoint
 from mgtq.sampling import SamplerConfig, SamplerHooks, sample
-from mgtq.utils import atomic_directory, per_sample_generators, read_json, write_json
-
-COMPONENTS = ("transformer", "vqvae", "text_encoder", "tokenizer")
+from mgtq.utils import atomic_directory, micro_conditions, parse_dtype, per_sample_generators, read_json, write_json
 
 
 @dataclass
@@ -101,34 +101,43 @@ class MGTPipeline:
         path: str | os.PathLike,
         text_encoder: str | os.PathLike | CLIPTextModelWithProjection | None = None,
         tokenizer: str | os.PathLike | CLIPTokenizer | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        transformer: MeissonicTransformer | None = None,
+        vqvae: VQModel | None = None,
     ) -> "MGTPipeline":
         """Load a pipeline folder: official Meissonic layout or an mgtq checkpoint (float or quantized).
 
         The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
         tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
-        folder). Local folders only: nothing is downloaded.
+        folder). Local folders only, safetensors only: nothing is downloaded or unpickled.
+        `dtype` (or diffusers' spelling `torch_dtype`) applies to the transformer and text encoder.
+        A `transformer` or `vqvae` module given here is used as is instead of the folder's.
         """
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype, not both")
+        dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         root = _existing_dir(path, "pipeline")
-        index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
-        settings = _settings_from(root, index)
-        transformer = load_transformer(root / "transformer", torch_dtype=torch_dtype)
-        vqvae = VQModel.from_pretrained(_existing_dir(root / "vqvae", "vqvae"), local_files_only=True)
-        text_encoder = _load_text_encoder(root, text_encoder, torch_dtype)
+        settings = read_settings(root)
+        if transformer is None:
+            transformer = load_transformer(root / "transformer", dtype=dtype)
+        if vqvae is None:
+            vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
+        text_encoder = _load_text_encoder(root, text_encoder, dtype)
         tokenizer = _load_tokenizer(root, tokenizer)
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
         for module in (transformer, vqvae, text_encoder):
             module.eval()
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, path: str | os.PathLike, transformer_saver=None) -> None:
-        """Write the pipeline in diffusers layout (safetensors only), atomically."""
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the float pipeline in diffusers layout (safetensors only), atomically.
+
+        Quantized transformers are written by `mgtq export` (mgtq.quantization.checkpoint).
+        """
         with atomic_directory(path) as tmp:
-            if transformer_saver is not None:
-                transformer_saver(self.transformer, tmp / "transformer")
-            else:
-                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
             self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -206,7 +215,7 @@ class MGTPipeline:
         if config.needs_unconditional:  # CFG, or masked Z-sampling's inversion pass
             negative = self.encode_prompt(_broadcast_negative(negative_prompt, prompts, num_images_per_prompt))
         if micro_conds is None:
-            micro_conds = torch.tensor([width, height, 0, 0, self.settings.aesthetic_score], dtype=torch.float32)
+            micro_conds = micro_conditions(width, height, self.settings.aesthetic_score)
         micro_conds = micro_conds.to(self.device).reshape(-1, 5)
         model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging, negative=negative)
 
@@ -281,24 +290,36 @@ class MGTPipeline:
 
 
 # -------------------------------------------------------------------------------------- loading
-def load_transformer(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> MeissonicTransformer:
-    """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized export."""
+def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> MeissonicTransformer:
+    """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized checkpoint."""
     folder = _existing_dir(folder, "transformer")
-    if (folder / "manifest.json").exists():
-        from mgtq.export import load_quantized_transformer  # quantized checkpoints (SCQ export)
-
-        return load_quantized_transformer(folder, torch_dtype=torch_dtype)
+    if checkpoint.is_quantized(folder):
+        return checkpoint.load(folder, dtype=dtype)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a diffusers-layout transformer folder?")
+    return load_component(MeissonicTransformer, folder, dtype)
+
+
+def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """`cls.from_pretrained` of a local folder, safetensors only; failures become one-line ValueErrors."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir() if p.is_file())
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (found {found}); mgtq loads safetensors "
+                                "only, never pickle files: convert the weights to safetensors")
+    kwargs = {"local_files_only": True, "use_safetensors": True}
+    if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
+        kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
     try:
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        return MeissonicTransformer.from_pretrained(folder, local_files_only=True, **kwargs)
-    except (RuntimeError, ValueError, OSError) as err:
+        return cls.from_pretrained(folder, **kwargs)
+    except (RuntimeError, ValueError, OSError, TypeError) as err:
+        what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(cls.__name__, "text encoder")
         raise ValueError(
-            f"could not load the transformer in {folder}: its config.json does not match its weights or the "
-            f"weights are damaged ({str(err).splitlines()[0][:300]}). Re-export the folder or fix config.json."
-        ) from err
+            f"could not load the {what} in {folder} ({cls.__name__}): its config.json does not match its weights "
+            f"or the weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
+            "fix config.json or re-create the folder"
+        ) from None
 
 
 def _existing_dir(path, what: str) -> Path:
@@ -322,22 +343,33 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     if "mgtq" not in index:
         raise ValueError(f"{str(root)!r} is not an mgtq pipeline folder (no 'mgtq' settings in model_index.json); "
                          "save it with MGTPipeline.save_pretrained first")
-    settings = PipelineSettings(**index["mgtq"])  # validates what is there before rewriting it
+    settings = _settings(index["mgtq"], index_path)  # validates what is there before rewriting it
     settings.sampler = sampler
     index["mgtq"] = settings.to_dict()
     write_json(index_path, index)
 
 
-def _settings_from(root: Path, index: dict) -> PipelineSettings:
+def read_settings(root: str | os.PathLike) -> PipelineSettings:
+    """The settings a pipeline folder stores (model_index.json "mgtq"); an official Meissonic folder's
+    otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
+    root = Path(root)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     if "mgtq" in index:
-        return PipelineSettings(**index["mgtq"])
+        return _settings(index["mgtq"], root / "model_index.json")
     # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.
     sched = root / "scheduler" / "scheduler_config.json"
     schedule = read_json(sched).get("masking_schedule", "cosine") if sched.exists() else "cosine"
     return PipelineSettings(sampler=SamplerConfig(schedule=schedule, timestep_convention="step_index"))
 
 
-def _load_text_encoder(root: Path, text_encoder, torch_dtype):
+def _settings(data, path: Path) -> PipelineSettings:
+    try:
+        return from_mapping(PipelineSettings, data, "mgtq")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _load_text_encoder(root: Path, text_encoder, dtype):
     if isinstance(text_encoder, torch.nn.Module):
         return text_encoder
     folder = Path(text_encoder) if text_encoder is not None else root / "text_encoder"
@@ -346,8 +378,7 @@ def _load_text_encoder(root: Path, text_encoder, torch_dtype):
             f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
             "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
         )
-    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    return CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True, **kwargs)
+    return load_component(CLIPTextModelWithProjection, folder, dtype)
 
 
 def _load_tokenizer(root: Path, tokenizer):

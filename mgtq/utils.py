@@ -16,38 +16,123 @@ import torch
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+    """Yield a temporary sibling folder; on success it replaces `target`.
 
     On any exception the temporary folder is removed and `target` is left as it was, so a reader
-    never sees a half-written folder.
+    never sees a half-written folder. The swap renames `target` to a hidden `.old` sibling, the new
+    folder into place, then deletes the old one; a process killed in between leaves debris that
+    `recover_directory` (called first, every time) cleans up or, if `target` went missing, restores.
+    Files and folders get the user's normal permissions (umask), not a temporary folder's 0700.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another path or remove it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # mode 0o777 & ~umask
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _normal_permissions(tmp)
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Clean what killed writers of `target` left: their `.tmp` folders are deleted, and their `.old`
+    copies deleted too, unless `target` is missing, in which case the newest `.old` copy is put back.
+
+    Debris of a writer that is still running (its pid is in the name) is left alone.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    olds = []
+    for path in target.parent.glob(f".{target.name}.*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or _writer_alive(rest):
+            continue
+        if kind == "tmp":
+            _remove(path)
+        else:
+            olds.append(path)
+    olds.sort(key=lambda p: p.stat().st_mtime)
+    if olds and not (target.exists() or target.is_symlink()):
+        os.replace(olds.pop(), target)
+    for path in olds:
+        _remove(path)
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the pid at the start of a debris name's suffix ("1234-abcd1234") is a running process."""
+    head = suffix.split("-", 1)[0]
+    if not head.isdigit() or "-" not in suffix:  # no pid: written by an older mgtq, long gone
+        return False
+    pid = int(head)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _normal_permissions(root: Path) -> None:
+    """Give `root` and everything under it the mode a plain mkdir/open would (0o777/0o666 minus the
+    umask): libraries write through private temporary files (0600) that would otherwise leak through."""
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to `path` through a temporary file and a rename."""
+    """Write text to `path` through a temporary file and a rename (normal permissions, not 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    recover_directory(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

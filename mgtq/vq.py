@@ -9,7 +9,7 @@ ids directly: ``vq.decode(tokens, force_not_quantize=True, shape=(B, h, w, C))``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -163,7 +163,3 @@ def roundtrip(vq, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         tokens = encode_to_tokens(vq, images_to_tensor(images[i : i + batch_size]))
         out.append(tensor_to_images(decode_tokens(vq, tokens)))
     return np.concatenate(out) if out else np.zeros((0,) + tuple(np.shape(images)[1:]), np.uint8)
-
-
-def config_dict(config: VQConfig) -> dict:
-    return asdict(config)

@@ -16,7 +16,7 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def random_pipeline():
-    from mgtq.factory import build_random_pipeline
+    from mgtq.testing import build_random_pipeline
 
     return build_random_pipeline()
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from mgtq.cli import DEFAULT_MODEL, main
+from mgtq.cli import main
+from mgtq.default_model import DEFAULT_MODEL
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import score_image
 

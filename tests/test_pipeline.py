@@ -123,3 +123,22 @@ def test_cli_generate_with_tome(tmp_path, random_pipeline_dir):
     code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "3",
                  "--tome", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert code == 0 and out.exists()
+
+
+def test_settings_with_an_unknown_key_is_an_error_naming_it(tmp_path, random_pipeline_dir):
+    folder = tmp_path / "p"
+    shutil.copytree(random_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["mgtq"]["resolutoin"] = 64
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model_index.json: unknown key 'mgtq.resolutoin'"):
+        MGTPipeline.from_pretrained(folder)
+
+
+def test_dtype_keyword_and_torch_dtype_alias(random_pipeline_dir):
+    import mgtq
+
+    assert mgtq.load(random_pipeline_dir, dtype="bf16").transformer.dtype == torch.bfloat16
+    assert mgtq.load(random_pipeline_dir, torch_dtype=torch.bfloat16).text_encoder.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="not both"):
+        mgtq.load(random_pipeline_dir, dtype=torch.float32, torch_dtype=torch.float32)

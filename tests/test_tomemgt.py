@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mgtq.factory import build_random_pipeline
+from mgtq.testing import build_random_pipeline
 from mgtq.merging import (
     TomeConfig, TomePlan, apply_tomemgt, bipartite_soft_matching_2x2, cell_destinations, remove_tomemgt,
 )

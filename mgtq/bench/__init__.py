@@ -5,8 +5,10 @@
                                    measure=MeasureSettings(repeats=2, steps=2)))
 
 Modules: config (what to run), source (which model, its inputs), formats (the transformer in each
-format), peers (optimum-quanto, torchao), memory / latency / profile (how things are measured),
-child (one case in its own process), runner (all cases, in order), report (JSON, Markdown, PNG).
+format: folders through mgtq.pipeline / mgtq.quantization.checkpoint, presets through mgtq.testing),
+peers (optimum-quanto, torchao), memory / latency / profile (how things are measured), child (one
+case in its own process), result (CaseResult: what one case measured), runner (all cases, in
+order), report (ratios, Markdown, PNG). The project's goals: benchmarks/bench_goals.py.
 """
 
 from mgtq.bench.config import FORMATS, BenchCase, BenchConfig, MeasureSettings

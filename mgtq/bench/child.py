@@ -31,6 +31,7 @@ import mgtq  # noqa: F401  (imported here so every case process, and the baselin
 from mgtq.bench import memory
 from mgtq.bench.config import EXTRAPOLATE_STEPS, BenchCase, MeasureSettings
 from mgtq.bench.latency import CallTimer, time_call, time_repeated
+from mgtq.bench.result import CaseResult
 from mgtq.bench.source import BENCH_PROMPT, ModelSource, forward_inputs
 
 
@@ -52,12 +53,6 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
 
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------------------------ building
@@ -96,15 +91,25 @@ def _format_scheme(fmt: str) -> str:
 
 def build_pipeline(source: ModelSource, transformer, dtype: torch.dtype, steps: int, seed: int, device: str,
                    vq_empty: bool):
-    """MGTPipeline around `transformer`; with `vq_empty` the VQ is a meta-device placeholder."""
-    from mgtq.bench.source import build_text_parts, build_vq, pipeline_settings
+    """MGTPipeline around `transformer`; with `vq_empty` the VQ is a meta-device placeholder.
+
+    A folder's other components and settings load through `MGTPipeline.from_pretrained` (so a separate
+    CLIP folder works as it does for `mgtq.load`); a preset gets random stand-ins."""
+    from mgtq.bench.source import build_vq, pipeline_settings, random_text_parts
     from mgtq.pipeline import MGTPipeline
 
-    tokenizer, text_encoder = build_text_parts(source, dtype, seed)
-    vq = build_vq(source, seed, empty=vq_empty)
-    pipe = MGTPipeline(transformer, vq, text_encoder.to(device), tokenizer, pipeline_settings(source, steps))
+    vq = build_vq(source, seed, empty=True) if vq_empty else None
+    if source.kind == "preset":
+        tokenizer, text_encoder = random_text_parts(source, dtype, seed)
+        pipe = MGTPipeline(transformer, vq or build_vq(source, seed), text_encoder, tokenizer,
+                           pipeline_settings(source, steps))
+    else:
+        pipe = MGTPipeline.from_pretrained(source.path, text_encoder=source.text_encoder, dtype=dtype,
+                                           transformer=transformer, vqvae=vq)
+        pipe.settings = pipeline_settings(source, steps, pipe.settings)
+    pipe.text_encoder.to(device)
     if not vq_empty:
-        vq.to(device)
+        pipe.vqvae.to(device)
     return pipe
 
 
@@ -187,22 +192,24 @@ def run_case(payload: dict) -> dict:
     case = BenchCase.from_dict(payload["case"])
     measure = MeasureSettings.from_dict(payload["measure"])
     device = torch.device(payload["device"])
-    result = _empty_result(case)
-    result["loadavg"] = {"before": _loadavg(), "after": None}
+    result = CaseResult.of(case, family=PEERS[case.target].family if case.is_peer else "mgtq")
+    result.loadavg = {"before": memory.loadavg(), "after": None}
     if case.is_peer:
         reason = unavailable_reason(case.target, device.type)
         if reason is not None:
-            return {**result, "status": "skipped", "message": reason, "wall_s": time.perf_counter() - wall}
+            result.status, result.message, result.wall_s = "skipped", reason, time.perf_counter() - wall
+            return result.to_dict()
     try:
         _measure_case(payload, source, case, measure, device, result)
     except Exception as err:  # a failing configuration is reported, the run goes on
         if not case.is_peer:
             raise
-        result.update(status="skipped", message=f"{case.target} skipped: {PEERS[case.target].scheme} failed on "
-                      f"{device.type} ({_one_line(err)})")
-    result["loadavg"]["after"] = _loadavg()
-    result["wall_s"] = time.perf_counter() - wall
-    return result
+        result.status = "skipped"
+        result.message = (f"{case.target} skipped: {PEERS[case.target].scheme} failed on {device.type} "
+                          f"({_one_line(err)})")
+    result.loadavg["after"] = memory.loadavg()
+    result.wall_s = time.perf_counter() - wall
+    return result.to_dict()
 
 
 def _one_line(err: BaseException) -> str:
@@ -210,20 +217,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def _empty_result(case: BenchCase) -> dict:
-    from mgtq.bench.peers import PEERS
-
-    return {
-        "label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
-        "family": PEERS[case.target].family if case.is_peer else "mgtq", "scheme": None,
-        "tome": case.tome, "tome_blocks": case.tome_blocks, "offload": case.offload, "status": "ok",
-        "message": None, "notes": [],
-        "weights": None, "memory": None, "latency": None, "profile": None, "build_s": None,
-        "quantize_s": None, "transformer_freed_before_decode": None,
-    }
-
-
-def _measure_case(payload, source, case, measure, device, result) -> None:
+def _measure_case(payload, source, case, measure, device, result: CaseResult) -> None:
     from mgtq.bench.formats import float_dtype_of
     from mgtq.bench.source import build_vq
 
@@ -244,11 +238,11 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
 
         apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks)
         notes.append(_TOME_NOTES[case.tome_blocks])
-    result["build_s"] = time.perf_counter() - start
-    result["quantize_s"] = calib_s or None
-    result["scheme"], result["notes"] = scheme, notes
+    result.build_s = time.perf_counter() - start
+    result.quantize_s = calib_s or None
+    result.scheme, result.notes = scheme, notes
 
-    result["weights"] = _weights_record(transformer)
+    result.weights = _weights_record(transformer)
     mem = _memory_after_build(device)
     phases = memory.PhasePeaks()
     mem["peak_reset_supported"] = phases.supported
@@ -267,20 +261,20 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
     if case.offload:
         image, freed, _ = generate_offloaded(pipe, lambda: build_vq(source, seed).to(device), measure.steps, sync,
                                              phases)
-        result["transformer_freed_before_decode"] = freed
+        result.transformer_freed_before_decode = freed
     else:
         image = timed_image(pipe, measure.steps, sync, warm_decode=measure.warmup > 0, phases=phases)
     latency["image"] = image
-    result["latency"] = latency
+    result.latency = latency
 
     mem["phase_peaks"] = dict(phases.peaks)
     mem["peak_rss_inference"] = phases.overall if phases.supported else None
     mem["peak_rss_process"] = max(mem["peak_rss_build"], phases.overall)
     if is_cuda:
         mem["cuda_inference"] = memory.cuda_peaks(device)
-    result["memory"] = mem
+    result.memory = mem
     if measure.profile and not case.offload:  # last: the profiler's own memory must not count above
-        result["profile"] = _profile(_forward_fn(pipe.transformer, inputs))
+        result.profile = _profile(_forward_fn(pipe.transformer, inputs))
 
 
 def _weights_record(transformer: torch.nn.Module) -> dict:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mgtq.config import from_mapping
 
 DEFAULT_FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
 # Opt-in: the same W4A8 layers with W4A8Linear's int8 weight cache (oneDNN prepacked) enabled:
@@ -21,13 +23,6 @@ FORMATS = DEFAULT_FORMATS + CACHED_FORMATS
 TOME_BLOCKS = ("joint", "single", "all")
 # Paper setting for the image extrapolation: Meissonic's default sampler runs 48 steps.
 EXTRAPOLATE_STEPS = 48
-
-
-def _check_keys(cls, data: dict) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}")
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
@@ -73,8 +68,7 @@ class MeasureSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasureSettings":
-        _check_keys(cls, data)
-        return cls(**data)
+        return from_mapping(cls, data, "measure")
 
 
 @dataclass(frozen=True)
@@ -125,8 +119,7 @@ class BenchCase:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BenchCase":
-        _check_keys(cls, data)
-        return cls(**data)
+        return from_mapping(cls, data, "case")
 
 
 ISOLATIONS = ("forkserver", "spawn", "none")
@@ -137,6 +130,8 @@ class BenchConfig:
     """A whole `mgtq bench` run.
 
     model: "tiny-shapes", "meissonic-1024" (random weights, full size) or a pipeline folder.
+    text_encoder: a separate CLIP text-encoder folder for a pipeline folder that lacks one (as
+    `mgtq.load(..., text_encoder=)`).
     formats / tome / tome_blocks: every format is run at every TomeMGT ratio (ratios > 0 once per
     block set in tome_blocks). offload: add, per format, a case in
     the CPU-offloading mode (no merging). peers: peer names to run beside (mgtq.bench.peers).
@@ -149,6 +144,7 @@ class BenchConfig:
     """
 
     model: str = "tiny-shapes"
+    text_encoder: str | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     tome: tuple[float, ...] = (0.0,)
     tome_blocks: tuple[str, ...] = ("joint",)
@@ -168,7 +164,7 @@ class BenchConfig:
         object.__setattr__(self, "tome", tuple(float(t) for t in self.tome))
         object.__setattr__(self, "peers", tuple(self.peers))
         object.__setattr__(self, "tome_blocks", tuple(self.tome_blocks))
-        if isinstance(self.measure, dict):
+        if not isinstance(self.measure, MeasureSettings):
             object.__setattr__(self, "measure", MeasureSettings.from_dict(self.measure))
         if not self.formats and not self.peers:
             raise ValueError("nothing to benchmark: give at least one format or peer")

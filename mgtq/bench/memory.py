@@ -69,6 +69,14 @@ def transformer_weight_nbytes(model: nn.Module) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------- process
+def loadavg() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (what else ran while measuring), or None."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

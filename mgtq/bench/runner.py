@@ -1,4 +1,4 @@
-"""`run_bench(config)`: every case in its own process, then ratios, goals and the report files.
+"""`run_bench(config)`: every case in its own process, then ratios and the report files.
 
 Isolation: by default each case runs in a fresh process forked from a server process that
 imported torch + mgtq (so a case does not pay the ≈5–15 s imports, yet its address space and
@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from mgtq.bench import report
-from mgtq.bench.config import BenchConfig, BenchCase
+from mgtq.bench import memory, report
+from mgtq.bench.config import BenchCase, BenchConfig
+from mgtq.bench.result import CaseResult
 from mgtq.bench.source import ModelSource, resolve_model, token_grid, transformer_config
 
 CHILD_MODULE = "mgtq.bench.child"
@@ -126,7 +127,7 @@ def machine_info(config: BenchConfig, isolation: Isolation) -> dict:
         "platform": platform.platform(), "device": config.device,
         "cuda_device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else None,
         "isolation": isolation.description, "memory_total_bytes": _total_memory(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": memory.loadavg(),
     }
 
 
@@ -148,16 +149,10 @@ def _total_memory() -> int | None:
         return None
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
 
 def model_info(source: ModelSource) -> dict:
     """The model section of the report: the source plus the shapes the timings refer to."""
-    from mgtq.bench.formats import empty_transformer
+    from mgtq.testing import empty_transformer
 
     config = transformer_config(source)
     meta = empty_transformer(config, torch.bfloat16)
@@ -171,12 +166,12 @@ def model_info(source: ModelSource) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run
-def _run_case(isolation: Isolation, case: BenchCase, payload: dict, log: Callable[[str], None]) -> dict:
+def _run_case(isolation: Isolation, case: BenchCase, payload: dict, log: Callable[[str], None]) -> CaseResult:
     try:
-        result = isolation.run("case", payload)
+        result = CaseResult.from_dict(isolation.run("case", payload))
     except ChildError as err:  # an mgtq format that fails is a bug: reported as failed, the run goes on
-        result = report.failed_result(case, str(err))
-    log(report.one_line(result))
+        result = CaseResult.of(case, status="failed", message=str(err))
+    log(result.one_line())
     return result
 
 
@@ -192,7 +187,7 @@ def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
     from mgtq.bench.formats import needs_calibration
 
     started = time.perf_counter()
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, config.text_encoder)
     for note in source.notes:
         log(f"note: {note}")
     cases = config.cases()
@@ -218,7 +213,7 @@ def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
         for case in bar:
             bar.set_postfix_str(case.label)
             results.append(_run_case(isolation, case, payload(case, scales), log))
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = memory.loadavg()
 
     out = report.assemble(
         machine=machine, model=model_info(source), settings=config.to_dict(), cases=cases, results=results,

@@ -7,12 +7,14 @@ small random stand-ins sized for its resolution: they only exist so that the who
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-DEFAULT_TINY_SHAPES = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-shapes"
+from mgtq.config import from_mapping
+from mgtq.default_model import DEFAULT_MODEL
+
 BENCH_PROMPT = "a red circle above a blue square"
 
 
@@ -24,7 +26,8 @@ class ModelSource:
     folder at `path`; quantized = its transformer/ holds an mgtq manifest). resolution: image side
     in pixels; vq_factor: pixels per token side; text_length: text tokens L. vq_channels /
     text_layers / text_heads: the random stand-in VQ and CLIP of a preset. guidance_scale: CFG of
-    the sampler runs (> 1, so each transformer call is a CFG batch of 2). notes: said in the report.
+    the sampler runs (> 1, so each transformer call is a CFG batch of 2). text_encoder: a separate
+    CLIP folder for a pipeline folder without one (the official Meissonic setup). notes: said in the report.
     """
 
     name: str
@@ -39,6 +42,7 @@ class ModelSource:
     text_layers: int = 2
     text_heads: int = 4
     guidance_scale: float = 9.0
+    text_encoder: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -59,11 +63,7 @@ class ModelSource:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSource":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelSource key(s) {unknown}")
-        return cls(**data)
+        return from_mapping(cls, data, "source")
 
 
 def _meissonic_1024() -> ModelSource:
@@ -92,20 +92,23 @@ def _tiny_shapes_preset(reason: str) -> ModelSource:
     )
 
 
-def resolve_model(name: str | Path) -> ModelSource:
-    """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder."""
+def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> ModelSource:
+    """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder (whose CLIP text
+    encoder may be the separate folder `text_encoder`)."""
     name = str(name)
+    if name in ("meissonic-1024", "tiny-shapes") and text_encoder is not None:
+        raise ValueError(f"--text-encoder applies to pipeline folders, not to --model {name}")
     if name == "meissonic-1024":
         return _meissonic_1024()
     if name == "tiny-shapes":
-        if (DEFAULT_TINY_SHAPES / "transformer").is_dir():
-            return _folder_source(DEFAULT_TINY_SHAPES, display="tiny-shapes")
-        return _tiny_shapes_preset(f"the embedded checkpoint {DEFAULT_TINY_SHAPES} does not exist (yet)")
+        if (DEFAULT_MODEL / "transformer").is_dir():
+            return _folder_source(DEFAULT_MODEL, display="tiny-shapes")
+        return _tiny_shapes_preset(f"the embedded checkpoint {DEFAULT_MODEL} does not exist (yet)")
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
             f"--model {name!r} is neither a known model (tiny-shapes, meissonic-1024) nor a pipeline folder")
-    return _folder_source(path)
+    return _folder_source(path, text_encoder=text_encoder)
 
 
 def _shown(path: Path) -> str:
@@ -117,13 +120,15 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _folder_source(path: Path, display: str | None = None) -> ModelSource:
+def _folder_source(path: Path, display: str | None = None, text_encoder: str | Path | None = None) -> ModelSource:
+    from mgtq.pipeline import read_settings
+    from mgtq.quantization import checkpoint
     from mgtq.utils import read_json
 
     if not (path / "transformer").is_dir():
         raise FileNotFoundError(f"{path} has no transformer/ folder; is it a pipeline folder?")
-    settings = folder_settings(path)
-    quantized = (path / "transformer" / "manifest.json").exists()
+    settings = read_settings(path)
+    quantized = checkpoint.is_quantized(path / "transformer")
     tokenizer_cfg = path / "tokenizer" / "tokenizer_config.json"
     text_length = int(read_json(tokenizer_cfg).get("model_max_length", 77)) if tokenizer_cfg.exists() else 77
     vq_cfg = read_json(path / "vqvae" / "config.json")
@@ -135,16 +140,8 @@ def _folder_source(path: Path, display: str | None = None) -> ModelSource:
         notes.append("the checkpoint's sampler has CFG off; the benchmark uses CFG 9 so each step is a batch of 2")
     return ModelSource(name=display or _shown(path), kind="quantized-dir" if quantized else "float-dir", path=_shown(path),
                        resolution=settings.resolution, vq_factor=vq_factor, text_length=text_length,
-                       guidance_scale=guidance, notes=tuple(notes))
-
-
-def folder_settings(root: Path):
-    """The PipelineSettings a pipeline folder stores (model_index.json "mgtq"), else the defaults."""
-    from mgtq.pipeline import PipelineSettings
-    from mgtq.utils import read_json
-
-    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
-    return PipelineSettings(**index["mgtq"]) if "mgtq" in index else PipelineSettings()
+                       guidance_scale=guidance, notes=tuple(notes),
+                       text_encoder=None if text_encoder is None else _shown(Path(text_encoder)))
 
 
 def transformer_config(source: ModelSource) -> dict:
@@ -186,15 +183,8 @@ def forward_inputs(source: ModelSource, dtype: torch.dtype, device: str = "cpu",
 
 
 # ------------------------------------------------------------------------------- pipeline parts
-def build_text_parts(source: ModelSource, dtype: torch.dtype, seed: int = 0):
-    """(tokenizer, text_encoder) of the source: loaded from the folder, or random stand-ins."""
-    if source.kind != "preset":
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        root = Path(source.path)
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", local_files_only=True, dtype=dtype)
-        return tokenizer, encoder.eval()
+def random_text_parts(source: ModelSource, dtype: torch.dtype, seed: int = 0):
+    """(tokenizer, text_encoder): a preset's random stand-ins (folders bring their own)."""
     from mgtq.factory import tiny_text_encoder
     from mgtq.shapes import vocabulary
     from mgtq.text import build_word_tokenizer
@@ -235,19 +225,23 @@ def build_vq(source: ModelSource, seed: int = 0, empty: bool = False):
         with init_empty_weights():
             return VQModel.from_config(kwargs) if folder is not None else VQModel(**kwargs)
     if folder is not None:
-        return VQModel.from_pretrained(folder, local_files_only=True).eval()
+        from mgtq.pipeline import load_component
+
+        return load_component(VQModel, folder).eval()
     return build_random_vq(vq_config(source), seed=seed + 2).eval()
 
 
-def pipeline_settings(source: ModelSource, steps: int):
-    """PipelineSettings of the benchmark runs: the source's resolution, `steps` steps, CFG on."""
+def pipeline_settings(source: ModelSource, steps: int, settings=None):
+    """PipelineSettings of the benchmark runs: the source's resolution, `steps` steps, CFG on.
+
+    `settings`: those the folder's pipeline loaded with (folders only)."""
+    import dataclasses
+
     from mgtq.pipeline import PipelineSettings
     from mgtq.sampling import SamplerConfig
 
-    if source.kind != "preset":
-        settings = folder_settings(Path(source.path))
+    if settings is not None:
         sampler = settings.sampler.replace(num_steps=steps, guidance_scale=source.guidance_scale)
-        return PipelineSettings(sampler=sampler, resolution=settings.resolution, image_range=settings.image_range,
-                                aesthetic_score=settings.aesthetic_score)
+        return dataclasses.replace(settings, sampler=sampler)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=source.guidance_scale, timestep_convention="mask_ratio")
     return PipelineSettings(sampler=sampler, resolution=source.resolution, image_range="-1,1")

@@ -24,10 +24,10 @@ import torch
 
 from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations, identity
 from mgtq.models.transformer import MeissonicTransformer, TokenMerge
+from mgtq.utils import derive_seed
 
 BLOCK_SETS = {"joint": ("joint",), "single": ("single",), "all": ("joint", "single")}
 _KIND_IDS = {"joint": 1, "single": 2}
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class ForwardPlan:
             return None  # nothing to merge: the block runs exactly as unpatched
         destinations = None
         if self.config.random_destinations:
-            generator = torch.Generator().manual_seed(_mix(self.config.seed, _KIND_IDS[kind], index, self.step))
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, _KIND_IDS[kind], index, self.step))
             destinations = cell_destinations(self.grid, generator, device=x.device)
         merge, unmerge = bipartite_soft_matching_2x2(x, self.grid, r, destinations)
         return None if merge is identity else TokenMerge(merge, unmerge)
@@ -184,13 +184,3 @@ def _base_seed(generator: torch.Generator | int | None, needed: bool) -> int:
     if isinstance(generator, bool) or not isinstance(generator, int):
         raise TypeError(f"generator must be a torch.Generator, an int seed or None; got {type(generator).__name__}")
     return generator
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64-style avalanche), so nearby blocks get unrelated patterns."""
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = ((h ^ (part & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1

@@ -6,7 +6,8 @@ Layout (one concept per module):
 * :mod:`.qtensor`    -- what a quantized weight / activation is, and the kernels on it;
 * :mod:`.qlinear`    -- ``W4Linear`` (W4A16) and ``W4A8Linear`` (real int8 GEMM);
 * :mod:`.fake_quant` -- ``FakeQuantLinear`` for QAT (torchao-based), exact conversion to the above;
-* :mod:`.api`        -- passes over a model: quantize, prepare/convert QAT, calibrate, count bytes.
+* :mod:`.api`        -- passes over a model: quantize, prepare/convert QAT, calibrate, count bytes;
+* :mod:`.checkpoint` -- the quantized checkpoint format: manifest, save, strict load (import it by name).
 
 Importing this package does not import torchao (seconds of start-up): the
 fake-quant names are loaded on first access, and torchao's quant primitives
@@ -22,7 +23,6 @@ from .api import (
     convert_qat_,
     input_scales_from_stats,
     linear_names,
-    load_quantized_,
     model_weight_nbytes,
     prepare_qat_,
     quantize_weights_,
@@ -56,7 +56,6 @@ __all__ = [
     "int8_int4_linear",
     "int8_mm",
     "linear_names",
-    "load_quantized_",
     "model_weight_nbytes",
     "pack_int4",
     "prepare_qat_",

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from mgtq.utils import set_submodule
+
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
 
@@ -27,7 +29,6 @@ __all__ = [
     "input_scales_from_stats",
     "model_weight_nbytes",
     "linear_names",
-    "load_quantized_",
 ]
 
 
@@ -42,12 +43,6 @@ def linear_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
         for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
     ]
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_names(model: nn.Module, names: Iterable[str], what: str) -> set[str]:
@@ -114,7 +109,7 @@ def quantize_weights_(
                 new.enable_weight_cache()
         else:
             new = W4Linear.from_float(linear, group_size=group_size)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         done[name] = type(new).__name__
     return done
 
@@ -148,7 +143,7 @@ def prepare_qat_(
             new = FakeQuantLinear.from_linear(linear, None, _scale_for(name, input_scales))
         else:
             new = FakeQuantLinear.from_linear(linear, group_size)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         done.append(name)
     return done
 
@@ -168,35 +163,8 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
             new: nn.Module = W4A8Linear.from_fake_quant(mod, chunk_n=chunk_n)
         else:
             new = W4Linear.from_fake_quant(mod)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         done[name] = type(new).__name__
-    return done
-
-
-def load_quantized_(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
-) -> dict[str, str]:
-    """Load a checkpoint saved from a quantized model into a float (or meta-device) model.
-
-    Every submodule whose prefix has ``weight_packed`` in ``state_dict`` is
-    replaced by :class:`W4A8Linear` (when ``input_scale`` is present) or
-    :class:`W4Linear`, built from its tensors alone (group size from the
-    scale shape); then the whole state dict is loaded with ``assign=True``, so
-    a model built on the meta device never allocates float weights for them.
-
-    Returns:
-        ``{qualified_name: "W4Linear" | "W4A8Linear"}``.
-    """
-    suffix = "weight_packed"
-    prefixes = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
-    done: dict[str, str] = {}
-    for prefix in prefixes:
-        name = prefix[:-1]  # drop the trailing "."
-        cls = W4A8Linear if prefix + "input_scale" in state_dict else W4Linear
-        new = cls.from_state_dict(state_dict, prefix)
-        _set_submodule(model, name, new)
-        done[name] = cls.__name__
-    model.load_state_dict(dict(state_dict), strict=strict, assign=True)
     return done
 
 

@@ -24,7 +24,7 @@ from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_js
 
 def resolve_model(recipe: Recipe) -> Path:
     if recipe.model == "default":
-        from mgtq.cli import default_model
+        from mgtq.default_model import default_model
 
         return default_model()
     path = Path(recipe.model)

@@ -20,7 +20,6 @@ from .world import (
     caption,
     parse_prompt,
     render,
-    render_pil,
     sample_layout,
     sample_scene,
     sample_spec,
@@ -31,7 +30,7 @@ from .world import (
 __all__ = [
     "BACKGROUND", "CATEGORIES", "COLOURS", "IMAGE_SIZE", "PALETTE", "SHAPES",
     "ObjectSpec", "PlacedShape", "Scene", "Spec", "all_specs", "caption", "parse_prompt", "render",
-    "render_pil", "sample_layout", "sample_scene", "sample_spec", "spec_to_caption", "vocabulary",
+    "sample_layout", "sample_scene", "sample_spec", "spec_to_caption", "vocabulary",
     "BenchPrompt", "bench_scene", "render_ground_truth", "shapebench_prompts",
     "Detection", "ScorerConfig", "detect_objects", "evaluate", "score_image",
 ]

@@ -18,7 +18,7 @@ Pipeline (all deterministic numpy):
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -284,8 +284,3 @@ def evaluate(images: Sequence, prompts: Sequence, config: ScorerConfig = ScorerC
         "n": n,
         "per_prompt": rows,
     }
-
-
-def config_dict(config: ScorerConfig) -> dict:
-    """The scorer tolerances as a plain dict (to store beside benchmark results)."""
-    return asdict(config)

@@ -343,13 +343,6 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
-def render_pil(scene: Scene):
-    """:func:`render` as a ``PIL.Image.Image`` (RGB)."""
-    from PIL import Image
-
-    return Image.fromarray(render(scene))
-
-
 # --------------------------------------------------------------------------------------------
 # Caption grammar
 # --------------------------------------------------------------------------------------------

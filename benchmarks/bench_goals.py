@@ -1,0 +1,77 @@
+"""The project's goals for `mgtq bench`, checked against a bench JSON (goals are not library code).
+
+    python benchmarks/bench_goals.py benchmarks/results/bench_meissonic-1024_1thread.json
+
+Prints a Markdown table: each goal this run has data for, its value, its target and whether it is met.
+The goals were set for meissonic-1024; on other models they are for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# (name, description, ratio label, ratio key, op, target): ratios are those of the bench JSON.
+RATIO_GOALS = (
+    ("scq_weights", "SCQ transformer weights / bf16", "scq", "weights_vs_bf16", "<=", 0.28),
+    ("scq_forward", "SCQ forward latency / bf16", "scq", "forward_vs_bf16", "<=", 0.95),
+    ("w4a8_forward", "W4A8-everywhere forward latency / bf16", "w4a8", "forward_vs_bf16", "<=", 0.70),
+    ("scq-cached_weights", "scq-cached transformer weights / bf16", "scq-cached", "weights_vs_bf16", "<=", 0.28),
+    ("scq-cached_forward", "scq-cached forward latency / bf16", "scq-cached", "forward_vs_bf16", "<=", 0.95),
+    ("w4a8-cached_forward", "w4a8-cached forward latency / bf16", "w4a8-cached", "forward_vs_bf16", "<=", 0.70),
+)
+TOME_SPEEDUP = 1.4  # forward without merging / with TomeMGT 0.5
+W4A8_PEERS = ("quanto-w4a8", "torchao-w4a8")  # mgtq's W4A8 must be faster and smaller than each
+
+
+def _goal(name, description, value, op, target):
+    if value is None:
+        return None
+    met = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+    return {"name": name, "description": description, "value": value, "op": op, "target": target, "met": met,
+            "miss": 0.0 if met else abs(value - target) / target}
+
+
+def _forward(result: dict) -> float:
+    return result["latency"]["forward"]["median"]
+
+
+def goals(report: dict) -> list[dict]:
+    ratios = report["ratios"]
+    out = [_goal(n, d, ratios.get(label, {}).get(key), op, t) for n, d, label, key, op, t in RATIO_GOALS]
+    # Plain dicts, not CaseResult: results written by older mgtq versions carry other keys.
+    ok = {r["label"]: r for r in report["results"] if r["status"] == "ok"}
+    for label, r in ok.items():
+        if r["tome"] == 0.5 and not r["offload"]:
+            out.append(_goal(f"tome_speedup_{label}", f"{r['target']}: forward without merging / with TomeMGT 0.5 "
+                             f"({r.get('tome_blocks', 'joint')} blocks)",
+                             ratios[label].get("forward_speedup_vs_no_tome"), ">=", TOME_SPEEDUP))
+    mine = ok.get("w4a8")
+    for peer in W4A8_PEERS:
+        if mine is not None and peer in ok:
+            out.append(_goal(f"w4a8_vs_{peer}_forward", f"mgtq w4a8 forward / {peer} forward",
+                             _forward(mine) / _forward(ok[peer]), "<", 1.0))
+            out.append(_goal(f"w4a8_vs_{peer}_weights", f"mgtq w4a8 weight bytes / {peer} weight bytes",
+                             mine["weights"]["transformer_bytes"] / ok[peer]["weights"]["transformer_bytes"], "<", 1.0))
+    return [g for g in out if g is not None]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| goal | value | target | met |", "|---|---:|---:|---|"]
+    for g in rows:
+        verdict = "yes" if g["met"] else f"**no** (off by {100 * g['miss']:.0f}%)"
+        lines.append(f"| {g['description']} | {g['value']:.3f} | {g['op']} {g['target']:g} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="a JSON written by `mgtq bench`")
+    args = parser.parse_args(argv)
+    print(to_markdown(goals(json.loads(args.json.read_text()))), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

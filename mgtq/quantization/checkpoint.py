@@ -1,0 +1,354 @@
+"""The quantized transformer checkpoint format: its writer and its (strict) reader, side by side.
+
+A quantized `transformer/` folder holds three files, and nothing else in mgtq knows their names:
+
+    config.json                            the MeissonicTransformer constructor arguments
+    manifest.json                          `Manifest`: format version, per-layer `LayerScheme`, the
+                                           float dtype, the sha256 of the weights file, provenance
+    diffusion_pytorch_model.safetensors    quantized Linear NAME: NAME.weight_packed (uint8, two int4 per
+                                           byte), NAME.weight_scale (fp32), [NAME.input_scale (fp32) for
+                                           w4a8], [NAME.bias]; every other tensor under its usual key,
+                                           in the manifest's float dtype. Metadata: {"mgtq": format+version}
+
+`load` trusts nothing it reads: the manifest is parsed strictly, the weights file must match its
+recorded sha256 and metadata, every tensor its expected dtype and shape, every scale be finite and
+positive, and every named layer an `nn.Linear` of the model. Each failure is a one-line ValueError
+(FileNotFoundError for a missing file) that names the file, the key and what to do.
+
+`save` writes the same bytes for the same model and manifest (sorted JSON, one metadata key), so
+two exports of one calibration run have the same sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mgtq.config import from_mapping
+from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
+from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, set_submodule
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
+           "install_quantized_", "is_quantized", "load", "read_manifest", "save"]
+
+FORMAT = "mgtq-quantized-transformer"
+FORMAT_VERSION = 2  # 2: sha256 of the weights file in the manifest, one safetensors metadata key
+CONFIG, MANIFEST, WEIGHTS = "config.json", "manifest.json", "diffusion_pytorch_model.safetensors"
+SCHEMES: dict[str, type[QuantizedLinear]] = {"w4a16": W4Linear, "w4a8": W4A8Linear}
+# Tensors of a quantized module that keep their own dtype whatever the checkpoint's float dtype.
+_OWN_DTYPE = {"weight_packed": torch.uint8, "weight_scale": torch.float32, "input_scale": torch.float32}
+_SCALES = ("weight_scale", "input_scale")
+REEXPORT = "re-export the checkpoint (`mgtq export RUN --out DIR`)"
+
+
+# ------------------------------------------------------------------------------------ the format
+@dataclass(frozen=True)
+class LayerScheme:
+    """How one Linear is quantized: "w4a16" (int4 weights, float activations, `group_size` columns
+    per scale; None = one scale per output channel) or "w4a8" (int4 per-channel weights, static int8
+    activations: group_size must be None)."""
+
+    scheme: Literal["w4a16", "w4a8"]
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
+        if self.scheme == "w4a8" and self.group_size is not None:
+            raise ValueError(f"a w4a8 layer has per-channel weight scales: group_size must be null, got "
+                             f"{self.group_size}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a quantized transformer folder holds (manifest.json).
+
+    layers: {qualified Linear name: LayerScheme}; float_dtype: dtype of every float tensor except
+    the scales ("float32", "bfloat16", "float16"); files: {weights file name: sha256}, filled in by
+    `save`. source_model / source_fingerprint / selection / recipe: where the weights came from
+    (free-form provenance, not needed to load).
+    """
+
+    layers: dict[str, LayerScheme] = field(default_factory=dict)
+    float_dtype: str = "float32"
+    files: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    weight_bits: int = 4
+    group_size: int | None = None
+    source_model: str | None = None
+    source_fingerprint: str | None = None
+    selection: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.format != FORMAT or self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format is {self.format!r} version {self.format_version!r}; this mgtq reads "
+                             f"{FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
+        if self.weight_bits != 4:
+            raise ValueError(f"weight_bits must be 4, got {self.weight_bits}")
+        if self.float_dtype not in DTYPE_NAMES.values():
+            raise ValueError(f"float_dtype must be one of {sorted(DTYPE_NAMES.values())}, got {self.float_dtype!r}")
+        if not self.layers:
+            raise ValueError("layers is missing or empty: a quantized checkpoint names its quantized Linears")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return parse_dtype(self.float_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def describe(model: nn.Module) -> dict[str, LayerScheme]:
+    """{name: LayerScheme} of the quantized Linears of `model` (sorted by name)."""
+    layers = {}
+    for name, module in sorted(model.named_modules()):
+        if isinstance(module, W4A8Linear):
+            layers[name] = LayerScheme("w4a8")
+        elif isinstance(module, W4Linear):
+            per_channel = module.group_size == module.in_features
+            layers[name] = LayerScheme("w4a16", None if per_channel else module.group_size)
+    return layers
+
+
+def cast_float_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the float parts (embeddings, norms, convs, biases) to `dtype`; int4 codes and scales stay."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- write
+def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathLike) -> Manifest:
+    """Write `model` (quantized, float parts already in `manifest.float_dtype`) into the new or empty
+    `folder`; returns the manifest as written (with the weights file's sha256).
+
+    The caller makes the whole write atomic (`mgtq.utils.atomic_directory`). Everything `load` checks
+    is checked here first, so a checkpoint that saves also loads.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty; save a quantized transformer into a new folder")
+    if describe(model) != manifest.layers:
+        raise ValueError("the manifest's layers do not match the model's quantized Linears; build the manifest "
+                         "from the model (mgtq.quantization.checkpoint.describe)")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _check_tensors(tensors, model, manifest.dtype, folder / WEIGHTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": type(model).__name__, **plain_config(model.config)}
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # One metadata key: safetensors writes its metadata map in no fixed order, one entry has only one.
+    save_file(tensors, str(folder / WEIGHTS), metadata={"mgtq": _metadata_value()})
+    written = dataclasses.replace(manifest, files={WEIGHTS: _sha256(folder / WEIGHTS)})
+    atomic_write_text(folder / MANIFEST, json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def _metadata_value() -> str:
+    return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION}, sort_keys=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ read
+def is_quantized(folder: str | os.PathLike) -> bool:
+    """Whether `folder` (a transformer folder) is a quantized checkpoint (it has a manifest).
+
+    A folder whose weights are mgtq-quantized but whose manifest is missing raises ValueError: it
+    must never be mistaken for a float model.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return True
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), "pt") as f:
+            marked = "mgtq" in (f.metadata() or {}) or any(k.endswith(".weight_packed") for k in f.keys())
+    except (SafetensorError, OSError):
+        return False  # a damaged float file: the float loader reports it
+    if marked:
+        raise ValueError(f"{weights} holds mgtq-quantized weights but {folder / MANIFEST} is missing; the "
+                         f"checkpoint is incomplete: {REEXPORT}")
+    return False
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    """The folder's manifest.json, strictly validated (unknown keys and bad values are errors)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
+    data = _read_json(path)
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
+                         f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
+    try:
+        return from_mapping(Manifest, data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}; {REEXPORT}") from None
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """MeissonicTransformer constructor arguments from config.json (unknown keys are errors)."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
+    data = _read_json(path)
+    config = {k: v for k, v in data.items() if not k.startswith("_")}
+    known = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: {sorted(known)}); fix the file or {REEXPORT}")
+    return config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}; {REEXPORT}")
+    return data
+
+
+def build_empty(config: Mapping, manifest: Manifest) -> MeissonicTransformer:
+    """The transformer on the meta device (no memory) with the manifest's quantized modules in place."""
+    try:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = MeissonicTransformer(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config: {err}; {REEXPORT}") from None
+    return install_quantized_(model, manifest.layers)
+
+
+def install_quantized_(model: nn.Module, layers: Mapping[str, LayerScheme]) -> nn.Module:
+    """Replace each named `nn.Linear` by an empty (meta-device) quantized module of its scheme, ready
+    for `load_state_dict(..., assign=True)`. Every name is checked before anything is replaced."""
+    modules = dict(model.named_modules())
+    replacements = {}
+    for name, layer in layers.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            what = "does not exist" if linear is None else f"is a {type(linear).__name__}, not an nn.Linear"
+            raise ValueError(f"layers.{name}: the module {what} in this model; {REEXPORT}")
+        try:
+            replacements[name] = SCHEMES[layer.scheme](linear.in_features, linear.out_features,
+                                                       bias=linear.bias is not None, group_size=layer.group_size,
+                                                       device="meta")
+        except ValueError as err:
+            raise ValueError(f"layers.{name}: {err}; {REEXPORT}") from None
+    for name, module in replacements.items():
+        set_submodule(model, name, module)
+    return model
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> MeissonicTransformer:
+    """The quantized transformer of `folder`, validated (see module docstring), in eval mode.
+
+    `dtype` casts the float parts after loading (int4 codes and scales are never cast).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the transformer/ folder of a quantized checkpoint")
+    manifest = read_manifest(folder)
+    config = read_config(folder)
+    weights = folder / WEIGHTS
+    if set(manifest.files) != {WEIGHTS}:
+        raise ValueError(f"{folder / MANIFEST}: files must name exactly {WEIGHTS!r}, got {sorted(manifest.files)}; "
+                         f"{REEXPORT}")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist; {REEXPORT}")
+    digest = _sha256(weights)
+    if digest != manifest.files[WEIGHTS]:
+        raise ValueError(f"{weights}: sha256 {digest[:16]}… differs from files.{WEIGHTS} in {MANIFEST} "
+                         f"({manifest.files[WEIGHTS][:16]}…): the file was modified or damaged; {REEXPORT}")
+    _check_metadata(weights)
+    try:
+        model = build_empty(config, manifest)
+    except ValueError as err:
+        where = folder / (CONFIG if str(err).startswith("config:") else MANIFEST)
+        raise ValueError(f"{where}: {str(err).removeprefix('config: ')}") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is damaged or truncated ({err}); {REEXPORT}") from None
+    _check_tensors(tensors, model, manifest.dtype, weights)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    if dtype is not None:
+        cast_float_(model, parse_dtype(dtype))
+    model.token_merging = None
+    return model.eval().requires_grad_(False)
+
+
+def _check_metadata(weights: Path) -> None:
+    try:
+        with safe_open(str(weights), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is damaged or truncated ({err}); {REEXPORT}") from None
+    if metadata.get("mgtq") != _metadata_value():
+        raise ValueError(f"{weights}: metadata key 'mgtq' is {metadata.get('mgtq')!r}, expected "
+                         f"{_metadata_value()!r}; {REEXPORT}")
+
+
+def _expected(model: nn.Module, float_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{state-dict key: (shape, dtype)} of `model` stored in `float_dtype`."""
+    expected = {}
+    for prefix, module in model.named_modules():
+        quantized = isinstance(module, QuantizedLinear)
+        own = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for name, t in own:
+            dtype = _OWN_DTYPE[name] if quantized and name in _OWN_DTYPE else (
+                float_dtype if t.is_floating_point() else t.dtype)
+            expected[f"{prefix}.{name}" if prefix else name] = (tuple(t.shape), dtype)
+    return expected
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, float_dtype: torch.dtype,
+                   path: Path) -> None:
+    expected = _expected(model, float_dtype)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all) though the manifest and "
+                         f"config need it; {REEXPORT}")
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all) that the manifest and config "
+                         f"do not account for; {REEXPORT}")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; {REEXPORT}")
+        if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: {key} holds NaN or infinite values; {REEXPORT}")
+            if key.rpartition(".")[2] in _SCALES and not bool((t > 0).all()):
+                raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {REEXPORT}")

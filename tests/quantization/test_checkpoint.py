@@ -1,0 +1,236 @@
+"""The quantized checkpoint format: round trip of a small random quantized pipeline, and strict loading.
+
+No calibration run is needed: the transformer is random (mgtq.testing), written by the same
+`write_checkpoint` that `mgtq export` uses.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mgtq
+from mgtq.export import write_checkpoint
+from mgtq.quantization import W4A8Linear, W4Linear
+from mgtq.quantization import checkpoint as ckpt
+from mgtq.testing import random_quantized_pipeline
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def qpipe():
+    return random_quantized_pipeline(seed=0)
+
+
+def _write(qpipe, source, out):
+    manifest = ckpt.Manifest(layers=ckpt.describe(qpipe.transformer), source_model="random")
+    return write_checkpoint(source, qpipe.transformer, manifest, out)
+
+
+@pytest.fixture(scope="module")
+def exported(qpipe, random_pipeline_dir, tmp_path_factory):
+    return _write(qpipe, random_pipeline_dir, tmp_path_factory.mktemp("q") / "ckpt")
+
+
+# ------------------------------------------------------------------------------------ round trip
+def test_round_trip_generates_the_same_tokens(qpipe, exported):
+    loaded = mgtq.load(exported)
+    kinds = {type(m) for m in loaded.transformer.modules()}
+    assert W4A8Linear in kinds and W4Linear in kinds and torch.nn.Linear not in kinds
+    assert ckpt.describe(loaded.transformer) == ckpt.describe(qpipe.transformer)
+    kwargs = dict(prompt="a red circle", seed=3, num_inference_steps=2, progress=False, output_type="tokens")
+    assert torch.equal(qpipe(**kwargs).tokens, loaded(**kwargs).tokens)
+
+
+def test_load_casts_float_parts_but_not_scales(exported):
+    model = ckpt.load(exported / "transformer", dtype="bf16")
+    layer = next(m for m in model.modules() if isinstance(m, W4A8Linear))
+    assert model.embed.embeddings.weight.dtype == torch.bfloat16
+    assert layer.weight_scale.dtype == torch.float32 and layer.input_scale.dtype == torch.float32
+    assert mgtq.load(exported, dtype=torch.bfloat16).transformer.embed.embeddings.weight.dtype == torch.bfloat16
+
+
+def _digests(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_exports_are_byte_reproducible(qpipe, random_pipeline_dir, exported, tmp_path):
+    again = _write(qpipe, random_pipeline_dir, tmp_path / "again")
+    assert _digests(again) == _digests(exported)
+
+
+def test_files_get_normal_permissions(exported):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exported.rglob("*")}
+    assert modes[WEIGHTS] == 0o666 & ~umask and modes["manifest.json"] == 0o666 & ~umask
+    assert modes["transformer"] == 0o777 & ~umask and (exported.stat().st_mode & 0o777) == 0o777 & ~umask
+
+
+def test_manifest_records_sha256_and_round_trips(exported):
+    manifest = ckpt.read_manifest(exported / "transformer")
+    digest = hashlib.sha256((exported / "transformer" / WEIGHTS).read_bytes()).hexdigest()
+    assert manifest.files == {WEIGHTS: digest}
+    assert ckpt.read_manifest(exported / "transformer") == manifest
+    assert ckpt.is_quantized(exported / "transformer")
+
+
+def test_save_refuses_a_manifest_that_does_not_match_the_model(qpipe, tmp_path):
+    layers = dict(ckpt.describe(qpipe.transformer))
+    layers.pop(next(iter(layers)))
+    with pytest.raises(ValueError, match="do not match"):
+        ckpt.save(qpipe.transformer, ckpt.Manifest(layers=layers), tmp_path / "t")
+
+
+def test_float_folder_is_not_quantized(random_pipeline_dir):
+    assert not ckpt.is_quantized(random_pipeline_dir / "transformer")
+
+
+def test_loading_a_checkpoint_imports_neither_scq_nor_bench(exported):
+    code = ("import sys, mgtq; mgtq.load(sys.argv[1]); "
+            "bad = sorted(m for m in sys.modules if m.startswith(('mgtq.scq', 'mgtq.bench', 'mgtq.export'))); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code, str(exported)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- bad checkpoints
+def _manifest(folder):
+    return json.loads((folder / "transformer" / "manifest.json").read_text())
+
+
+def _set_manifest(folder, data):
+    (folder / "transformer" / "manifest.json").write_text(json.dumps(data))
+
+
+def _edit_manifest(fn):
+    def edit(folder):
+        data = _manifest(folder)
+        fn(data)
+        _set_manifest(folder, data)
+    return edit
+
+
+def _first(data, scheme):
+    return next(n for n, layer in data["layers"].items() if layer["scheme"] == scheme)
+
+
+def _rewrite_tensors(fn, metadata=True):
+    """Change the weights file, then record its new sha256, so that the value checks are reached."""
+    def edit(folder):
+        path = folder / "transformer" / WEIGHTS
+        tensors = load_file(str(path))
+        data = _manifest(folder)
+        fn(tensors, data)
+        save_file(tensors, str(path), metadata={"mgtq": ckpt._metadata_value()} if metadata else None)
+        data["files"][WEIGHTS] = hashlib.sha256(path.read_bytes()).hexdigest()
+        _set_manifest(folder, data)
+    return edit
+
+
+def _set_tensor(scheme, suffix, value):
+    def fn(tensors, data):
+        key = next(f"{n}.{suffix}" for n, layer in data["layers"].items()
+                   if layer["scheme"] == scheme and f"{n}.{suffix}" in tensors)
+        tensors[key] = value(tensors[key])
+    return fn
+
+
+def _truncate_with_sha(folder):
+    path = folder / "transformer" / WEIGHTS
+    path.write_bytes(path.read_bytes()[:3000])
+    data = _manifest(folder)
+    data["files"][WEIGHTS] = hashlib.sha256(path.read_bytes()).hexdigest()
+    _set_manifest(folder, data)
+
+
+def _flip_bytes(folder):
+    path = folder / "transformer" / WEIGHTS
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) - 4096, len(raw)):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _config_key(folder):
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bogus_key": 1}))
+
+
+def _pickle_vq(folder):
+    vq = folder / "vqvae"
+    (vq / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"harmless": torch.zeros(1)}, vq / "diffusion_pytorch_model.bin")
+
+
+BAD = {
+    # name: (damage, error type, the key the message must name)
+    "manifest deleted": (lambda f: (f / "transformer" / "manifest.json").unlink(), ValueError, "manifest.json"),
+    "manifest a JSON list": (lambda f: (f / "transformer" / "manifest.json").write_text("[1, 2]"), ValueError,
+                             r"manifest.json must hold a JSON object"),
+    "manifest truncated": (lambda f: (f / "transformer" / "manifest.json").write_text('{"layers": {'), ValueError,
+                           r"manifest.json is not valid JSON"),
+    "manifest without layers": (_edit_manifest(lambda d: d.pop("layers")), ValueError, "layers is missing"),
+    "manifest unknown key": (_edit_manifest(lambda d: d.update(extra_key=1)), ValueError, "extra_key"),
+    "format version 1": (_edit_manifest(lambda d: d.update(format_version=1)), ValueError, "format_version|version 1"),
+    "unknown float dtype": (_edit_manifest(lambda d: d.update(float_dtype="int8")), ValueError, "float_dtype"),
+    "group_size a string": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(group_size="abc")),
+                            ValueError, r"layers\.[\w.]+\.group_size must be an integer"),
+    "unknown scheme": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(scheme="w3a8")), ValueError,
+                       r"layers\.[\w.]+\.scheme"),
+    "layer that does not exist": (_edit_manifest(lambda d: d["layers"].update(nope={"scheme": "w4a16"})), ValueError,
+                                  r"manifest.json: layers\.nope: the module does not exist"),
+    "layer that is not a Linear": (_edit_manifest(lambda d: d["layers"].update(
+        {"embed.conv": {"scheme": "w4a16", "group_size": None}})), ValueError,
+        r"layers\.embed\.conv: .*not an nn.Linear"),
+    "files names another file": (_edit_manifest(lambda d: d.update(files={"other.safetensors": "0" * 64})),
+                                 ValueError, "files must name"),
+    "4096 flipped bytes": (_flip_bytes, ValueError, f"{WEIGHTS}: sha256"),
+    "weights file missing": (lambda f: (f / "transformer" / WEIGHTS).unlink(), FileNotFoundError, WEIGHTS),
+    "truncated weights (sha updated)": (_truncate_with_sha, ValueError, "damaged or truncated"),
+    "metadata missing": (_rewrite_tensors(lambda t, d: None, metadata=False), ValueError, "metadata key 'mgtq'"),
+    "input_scale NaN": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: s * float("nan"))),
+                        ValueError, r"\.input_scale holds NaN"),
+    "input_scale inf": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", lambda s: s * float("inf"))),
+                        ValueError, r"\.input_scale holds NaN or infinite"),
+    "input_scale zero": (_rewrite_tensors(_set_tensor("w4a8", "input_scale", torch.zeros_like)), ValueError,
+                         r"\.input_scale holds scales ≤ 0"),
+    "weight_scale negative": (_rewrite_tensors(_set_tensor("w4a16", "weight_scale", lambda s: -s)), ValueError,
+                              r"\.weight_scale holds scales ≤ 0"),
+    "weight_scale fp16": (_rewrite_tensors(_set_tensor("w4a16", "weight_scale", lambda s: s.half())), ValueError,
+                          r"\.weight_scale is torch.float16 .*expected torch.float32"),
+    "weight_scale int64": (_rewrite_tensors(_set_tensor("w4a8", "weight_scale", lambda s: s.long())), ValueError,
+                           r"\.weight_scale is torch.int64"),
+    "bias int32": (_rewrite_tensors(_set_tensor("w4a16", "bias", lambda b: b.int())), ValueError,
+                   r"\.bias is torch.int32"),
+    "weight_packed wrong shape": (_rewrite_tensors(_set_tensor("w4a16", "weight_packed",
+                                                               lambda w: w[:, :-1].contiguous())),
+                                  ValueError, r"\.weight_packed is torch.uint8 \(\d+, \d+\), expected"),
+    "tensor missing": (_rewrite_tensors(lambda t, d: t.pop(f"{_first(d, 'w4a8')}.input_scale")), ValueError,
+                       r"tensor '[\w.]+\.input_scale' is missing"),
+    "unexpected tensor": (_rewrite_tensors(lambda t, d: t.update(stray=torch.zeros(2))), ValueError,
+                          "unexpected tensor 'stray'"),
+    "config.json unknown key": (_config_key, ValueError, "bogus_key"),
+    "config.json missing": (lambda f: (f / "transformer" / "config.json").unlink(), FileNotFoundError, "config.json"),
+    "pickle .bin in vqvae": (_pickle_vq, FileNotFoundError, r"vqvae has no \.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_is_a_one_line_error_naming_the_key(case, exported, tmp_path):
+    damage, error, key = BAD[case]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(exported, copy)
+    damage(copy)
+    with pytest.raises(error, match=key) as info:
+        mgtq.load(copy)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,92 @@
+"""`mgtq export` writes only where it may (checked before any work), with the run's own recipe in its hints."""
+
+import json
+import shutil
+
+import pytest
+
+from mgtq.cli import main
+from mgtq.export import check_target, export_run, is_checkpoint, write_checkpoint
+from mgtq.quantization import checkpoint
+from mgtq.testing import random_quantized_pipeline
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run(tmp_path, random_pipeline_dir):
+    """A calibration run folder whose stages never ran (export must refuse it, or refuse its target)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml", run / "recipe.yaml")
+    stages = ("synth", "qat", "magnitudes", "secondary")
+    (run / "run.json").write_text(json.dumps({"model": str(random_pipeline_dir),
+                                              "fingerprints": dict.fromkeys(stages, "0" * 16)}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def a_checkpoint(tmp_path_factory, random_pipeline_dir):
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    return write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path_factory.mktemp("c") / "ckpt")
+
+
+def _snapshot(path):
+    if path.is_file():
+        return path.read_bytes()
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target,match", [
+    ("run", "overlaps the calibration run"),
+    ("run/inside", "overlaps the calibration run"),
+    ("source", "overlaps the run's source model"),
+    ("folder", "existing folder that is not an mgtq checkpoint"),
+    ("file", "existing file that is not an mgtq checkpoint"),
+])
+def test_export_refuses_what_it_did_not_write_and_touches_nothing(target, match, run, random_pipeline_dir, tmp_path,
+                                                                   capsys):
+    paths = {"run": run, "run/inside": run / "inside", "source": random_pipeline_dir, "folder": tmp_path / "mine",
+             "file": tmp_path / "notes.txt"}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"precious")
+    (tmp_path / "notes.txt").write_text("precious")
+    out = paths[target]
+    before = {p: _snapshot(p) for p in (run, random_pipeline_dir, tmp_path / "mine", tmp_path / "notes.txt")}
+    with pytest.raises(ValueError, match=match):
+        check_target(run, out)
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
+    assert match in capsys.readouterr().err
+    assert {p: _snapshot(p) for p in before} == before
+    assert not (run / "inside").exists()
+
+
+def test_an_output_path_under_a_file_is_refused(run, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_target(run, tmp_path / "notes.txt" / "ckpt")
+
+
+def test_an_existing_checkpoint_needs_overwrite(run, a_checkpoint):
+    assert is_checkpoint(a_checkpoint)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        check_target(run, a_checkpoint)
+    check_target(run, a_checkpoint, overwrite=True)  # allowed: the unfinished run is what fails next
+    with pytest.raises(ValueError, match="not complete"):
+        export_run(run, a_checkpoint, overwrite=True)
+    assert is_checkpoint(a_checkpoint)
+
+
+def test_a_checkpoint_without_manifest_is_not_overwritten(run, a_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(a_checkpoint, broken)
+    (broken / "transformer" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="not an mgtq checkpoint"):
+        check_target(run, broken, overwrite=True)
+
+
+def test_unfinished_run_hint_names_the_runs_own_recipe(run, tmp_path):
+    with pytest.raises(ValueError, match=f"mgtq calibrate --recipe {run / 'recipe.yaml'} --out {run}"):
+        export_run(run, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
