@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization import W4A8Linear, W4Linear, convert_qat_, prepare_qat_
+from mgtq.scq.quantize import quantize_from_run
 from mgtq.utils import atomic_directory, model_fingerprint, read_json, write_json
 
 FORMAT = "mgtq-quantized-transformer"
@@ -31,51 +32,6 @@ FORMAT_VERSION = 1
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEMES = {"w4a16": W4Linear, "w4a8": W4A8Linear}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
-    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and its manifest."""
-    from mgtq.scq.recipe import recipe_from_dict
-    from mgtq.scq.stages import STAGES, stage_complete
-
-    run = Path(run)
-    if not (run / "run.json").exists():
-        raise FileNotFoundError(f"{run} is not a calibration run (no run.json); run `mgtq calibrate --out {run}` first")
-    info = read_json(run / "run.json")
-    import yaml
-
-    recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
-    for stage in STAGES:
-        if not stage_complete(run / stage, info["fingerprints"][stage]):
-            raise ValueError(f"stage {stage!r} of {run} is not complete; run `mgtq calibrate --out {run}` to finish it")
-    selection = read_json(run / "secondary" / "selection.json")
-    a8 = selection["a8_layers"]
-    model = MeissonicTransformer.from_pretrained(run / "qat" / "transformer", local_files_only=True).float().eval()
-    prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=a8,
-                 input_scales=selection["input_scales"])
-    converted = convert_qat_(model)
-    dtype = DTYPES[recipe.export.dtype]
-    _cast_float_tensors(model, dtype)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "weight_bits": 4,
-        "group_size": recipe.qat.group_size,
-        "float_dtype": recipe.export.dtype,
-        "layers": {name: {"scheme": "w4a8" if kind == "W4A8Linear" else "w4a16",
-                          "group_size": model.get_submodule(name).group_size}
-                   for name, kind in sorted(converted.items())},
-        "source_model": info["model"],
-        "source_fingerprint": _source_fp(run),
-        "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
-                      "statistic": selection["magnitude_statistic"]},
-        "recipe": recipe.to_dict(),
-    }
-    return model, manifest
-
-
-def _source_fp(run: Path) -> str:
-    return model_fingerprint(Path(read_json(run / "run.json")["model"]))
 
 
 def _cast_float_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
