@@ -98,7 +98,7 @@ def cmd_calibrate(args) -> int:
 
     recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
     out = args.out or Path("calibration") / Path(recipe).stem
-    report = calibrate(recipe, out, progress=not args.no_progress)
+    report = calibrate(recipe, out, progress=not args.no_progress, restart=args.restart)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate/torchrun every process gets here
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
     c.add_argument("--recipe", type=Path, default=None, help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
+    c.add_argument("--restart", action="store_true",
+                   help="let an existing run folder take this recipe (stages whose inputs changed run again)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 

@@ -157,11 +157,10 @@ class RunFolder:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-                raise RunFolderBusy(f"{self.root} is in use by {holder}; wait for it to finish (or stop it), or "
-                                    "calibrate into another --out folder") from None
+                raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}; wait for it to "
+                                    "finish (or stop it), or calibrate into another --out folder") from None
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "command": " ".join(["mgtq" if i == 0 else a for i, a in enumerate(sys.argv)])[:300]}
+                      "command": " ".join(sys.argv)[:300]}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(holder).encode(), 0)
             yield self
@@ -191,3 +190,12 @@ class RunFolder:
                     "recipe by adding --restart, or choose another --out folder")
         atomic_write_text(self.root / self.RECIPE, dump_recipe(recipe))
         write_json(self.root / self.INFO, {"model": str(model_dir), "fingerprints": fingerprints})
+
+
+def _holder(raw: bytes) -> str:
+    """'pid 123 on host since … (command)' from a lock file's contents."""
+    try:
+        h = json.loads(raw.decode("utf-8"))
+        return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"  # the holder has not written its name yet
