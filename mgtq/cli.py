@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
+
+from mgtq import argtypes
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-shapes"
 
@@ -21,10 +26,12 @@ def default_model() -> Path:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the embedded tiny-shapes model)")
-    p.add_argument("--text-encoder", type=Path, default=None,
+    p.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
+                   help="pipeline folder (default: the embedded tiny-shapes model)")
+    p.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--device", type=argtypes.device, default=None,
+                   help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="transformer/text encoder dtype (default: as saved)")
 
@@ -32,10 +39,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     from mgtq.sampling.cli_args import add_sampler_arguments
 
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=argtypes.integer(minimum=1), default=None,
+                   help="sampling steps (default: the model's)")
+    p.add_argument("--cfg", type=argtypes.number(minimum=0), default=None,
+                   help="classifier-free guidance scale (default: the model's)")
     add_sampler_arguments(p)
-    p.add_argument("--tome", type=float, default=None, metavar="RATIO",
+    p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
     p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
                    help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
@@ -66,8 +75,10 @@ def _load_pipe(args):
 
 
 def cmd_generate(args) -> int:
-    from mgtq.generate import generate_to_files
+    from mgtq.generate import generate_to_files, output_paths
 
+    for path in output_paths(args.out, args.num_images):
+        _check_output_path(path, "--out")
     pipe = _load_pipe(args)
     paths = generate_to_files(
         pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, seed=args.seed, height=args.height,
@@ -79,6 +90,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.json:
+        _check_output_path(args.json, "--json")  # now, not after the whole evaluation
     from mgtq.evaluation import evaluate_pipeline, summary_line
     from mgtq.utils import write_json
 
@@ -94,10 +107,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from mgtq.scq.calibrate import calibrate
-
     recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
     out = args.out or Path("calibration") / Path(recipe).stem
+    _check_output_path(out, "--out", folder=True)
+    from mgtq.scq.calibrate import calibrate
+
     report = calibrate(recipe, out, progress=not args.no_progress, restart=args.restart)
     from accelerate import PartialState
 
@@ -108,6 +122,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _check_output_path(args.out, "--out", folder=True)
     from mgtq.export import export_run
 
     out = export_run(args.run, args.out)
@@ -116,13 +131,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.json:
+        _check_output_path(args.json, "--json")
     from mgtq.bench import BenchConfig, MeasureSettings, run_bench, to_markdown
     from mgtq.bench.peers import PEERS
 
     both = not (args.memory or args.latency)  # neither flag: measure both
     peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
     config = BenchConfig(
-        model=str(args.model), formats=_csv(args.formats), tome=tuple(float(t) for t in _csv(args.tome)),
+        model=str(args.model), formats=_csv(args.formats), tome=args.tome,
         tome_blocks=_csv(args.tome_blocks), offload=args.offload, peers=peers, threads=args.threads,
         isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
@@ -137,57 +154,123 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mgtq", description="Compress and run masked generative transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
+    """Fail now, before any long work, if `path` (a file, or a folder when `folder`) cannot be written.
 
-    g = sub.add_parser("generate", help="generate images from a prompt")
+    Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
+    is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
+    """
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+    if path.exists() and not path.is_dir() and folder:
+        raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder")
+    for where in [parent] + ([path] if folder and path.is_dir() else []):
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(f"{flag} {path}: no permission to write in {where}; choose another path")
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an expected failure: our own messages as they are, OS errors with what to do."""
+    if isinstance(err, OSError) and err.strerror:  # raised by the OS, not by mgtq with a message
+        where = f"{err.filename}: " if err.filename else ""
+        hint = {errno.EACCES: "; check its permissions or choose another path",
+                errno.EPERM: "; check its permissions or choose another path",
+                errno.ENOSPC: "; free some space and rerun",
+                errno.EROFS: "; choose a path on a writable disk",
+                errno.ENOTDIR: " (a part of the path is a file)",
+                errno.EISDIR: " (a file was expected)"}.get(err.errno, "")
+        text = f"{where}{err.strerror.lower()}{hint}"
+    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        first = (str(err).splitlines() or [""])[0]
+        text = f"out of memory{f' ({first})' if first else ''}; try a smaller --batch-size / image size, or free memory"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# Failures a user can cause and fix (bad input, files, devices, memory); anything else is a bug and
+# keeps its traceback.
+_EXPECTED = (OSError, ValueError, FloatingPointError, MemoryError)
+_STOPPED = {"calibrate": "stopped; rerun the same command to resume"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block would bury the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    # --debug is also accepted after the command; SUPPRESS keeps `mgtq --debug CMD` from being reset.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[debug])
+
+    g = command("generate", "generate images from a prompt")
     _add_model_args(g)
     _add_sampler_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--seed", type=argtypes.seed, default=0)
+    g.add_argument("--height", type=argtypes.integer(minimum=1), default=None,
+                   help="pixels (default: the model's resolution)")
+    g.add_argument("--width", type=argtypes.integer(minimum=1), default=None,
+                   help="pixels (default: the model's resolution)")
+    g.add_argument("--num-images", type=argtypes.integer(minimum=1), default=1)
     g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
                    help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="score a model on ShapeBench (generated pixels, per category)")
+    e = command("eval", "score a model on ShapeBench (generated pixels, per category)")
     _add_model_args(e)
     _add_sampler_args(e)
-    e.add_argument("--limit", type=int, default=None, help="only the first N prompts (balanced over categories)")
+    e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
+                   help="only the first N prompts (balanced over categories)")
     # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16)
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("calibrate", help="SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
-    c.add_argument("--recipe", type=Path, default=None, help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
+    c = command("calibrate", "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
+    c.add_argument("--recipe", type=argtypes.existing_file("recipe"), default=None,
+                   help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
     c.add_argument("--restart", action="store_true",
                    help="let an existing run folder take this recipe (stages whose inputs changed run again)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    x = sub.add_parser("export", help="export a calibration run to a packed W4A8 checkpoint")
-    x.add_argument("run", type=Path, help="calibration run folder")
+    x = command("export", "export a calibration run to a packed W4A8 checkpoint")
+    x.add_argument("run", type=argtypes.existing_folder("calibration run"), help="calibration run folder")
     x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", help="memory and latency of every format × TomeMGT × offloading, beside peers")
+    b = command("bench", "memory and latency of every format × TomeMGT × offloading, beside peers")
     b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
                    help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
     b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq",
                    help="comma list of fp32,bf16,w4a16,w4a8,scq (opt-in: w4a8-cached, scq-cached)")
-    b.add_argument("--tome", default="0", help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
+    b.add_argument("--tome", type=argtypes.comma_list(argtypes.ratio), default="0",
+                   help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
     b.add_argument("--tome-blocks", default="joint",
                    help="comma list of blocks TomeMGT merges in: joint (paper), single, all; each ratio > 0 per set")
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
@@ -195,14 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
     b.add_argument("--json", type=Path, default=None,
                    help="JSON output (default benchmarks/results/bench_<model>.json; .md and .png beside it)")
-    b.add_argument("--repeats", type=int, default=3, help="timed transformer forwards per config")
-    b.add_argument("--warmup", type=int, default=1, help="untimed forwards before timing")
-    b.add_argument("--steps", type=int, default=2, help="sampler steps of the timed whole-image run")
-    b.add_argument("--budget", type=float, default=None, help="stop timing a config's forwards after S seconds")
-    b.add_argument("--threads", type=int, default=None, help="torch threads per config (default: all cores)")
+    b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=3,
+                   help="timed transformer forwards per config")
+    b.add_argument("--warmup", type=argtypes.integer(minimum=0), default=1, help="untimed forwards before timing")
+    b.add_argument("--steps", type=argtypes.integer(minimum=1), default=2,
+                   help="sampler steps of the timed whole-image run")
+    b.add_argument("--budget", type=argtypes.number(minimum=0, above=True), default=None,
+                   help="stop timing a config's forwards after S seconds")
+    b.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
+                   help="torch threads per config (default: all cores)")
     b.add_argument("--profile", action="store_true", help="also profile one forward per config (time split)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", type=argtypes.device, default="cpu", help="cpu or cuda[:i]")
+    b.add_argument("--seed", type=argtypes.seed, default=0)
     b.add_argument("--isolation", choices=["forkserver", "spawn", "none"], default="forkserver",
                    help="one fresh process per config (forkserver, spawn) or none (fast, memory not per config)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -211,11 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every expected failure is one line on stderr and a non-zero exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse printed --help or its one-line error
+        return stop.code
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
-        print(f"mgtq {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mgtq {args.command}: {_STOPPED.get(args.command, 'stopped')}", file=sys.stderr)
+        return 130
+    except (*_EXPECTED, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and type(err).__name__ != "OutOfMemoryError":  # torch's OOM
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"mgtq {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
 
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mgtq.pipeline import MGTPipeline
+if TYPE_CHECKING:  # importing the pipeline (torch, diffusers) is not needed to check --out
+    from mgtq.pipeline import MGTPipeline
+
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
     """PNG paths for `count` images: out itself for one image, NAME-i.png for several; a folder gets i.png."""
     out = Path(out)
+    if out.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # would silently become a folder named "x.jpg"
+        raise ValueError(f"--out {out}: mgtq writes PNG images; give a .png path or a folder")
     if out.suffix.lower() != ".png":  # a folder
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file, not a folder; give a .png path or a folder")
         return [out / f"{i}.png" for i in range(count)]
     if count == 1:
         return [out]

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mgtq import argtypes
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
@@ -24,16 +25,20 @@ from mgtq.sampling.tricks.zsampling import ZSAMPLING_VARIANTS
 def parse_steps(spec: str) -> tuple[int, ...] | str:
     """Z-step spec: "all" (every step but the last) stays "all"; "0:10" → 0…9; "0,2,5" → those steps."""
     spec = spec.strip()
+    allowed = "takes 'all', 'START:STOP' (0 ≤ START < STOP) or 'I,J,…' (step indices ≥ 0)"
     try:
         if spec == "all":
             return "all"
         if ":" in spec:
             start, stop = (int(x) for x in spec.split(":"))
-            return tuple(range(start, stop))
-        return tuple(int(x) for x in spec.split(",") if x.strip())
+            steps = tuple(range(start, stop))
+        else:
+            steps = tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--zsampling-steps takes 'all', 'START:STOP' or 'I,J,…', got {spec!r}") from None
+        raise argparse.ArgumentTypeError(f"{allowed}, got {spec!r}") from None
+    if not steps or min(steps) < 0:  # an empty range would silently turn Z-sampling off
+        raise argparse.ArgumentTypeError(f"{allowed}, got {spec!r}")
+    return steps
 
 
 def load_sampler_file(path: str | Path) -> dict:
@@ -41,13 +46,26 @@ def load_sampler_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sampler config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"sampler config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8 JSON or YAML") from None
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"sampler config file {str(path)!r} is not valid JSON: {err}") from None
     else:
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ValueError(f"sampler config file {str(path)!r} is not valid YAML{at}: "
+                             f"{getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sampler settings, got {type(data).__name__}")
     return data
@@ -58,21 +76,25 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
     g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
                    help="preset: vanilla (official) or enhanced (the paper's best combination)")
-    g.add_argument("--sampler-config", type=Path, default=None, metavar="FILE",
+    g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="mask schedule: cosine cos(πt/2), linear 1−t, pow (1−t)^ρ, root 1−t^ρ")
-    g.add_argument("--rho", type=float, default=None, help="ρ of the pow/root schedules")
-    g.add_argument("--gumbel-temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
+    g.add_argument("--rho", type=argtypes.number(minimum=0, above=True), default=None,
+                   help="ρ of the pow/root schedules")
+    g.add_argument("--gumbel-temperature", type=argtypes.number(minimum=0),
+                   nargs=2, default=None, metavar=("START", "END"),
                    help="temperature of the Gumbel noise on the keep/re-mask confidences, linear from START "
                         "at the first step to END at the last (official: 2 0)")
     g.add_argument("--noise", choices=NOISE_CURVES, default=None, help="noise regularization curve I(t)")
-    g.add_argument("--noise-scale", type=float, default=None, help="α of the noise curve (the demo uses 2)")
-    g.add_argument("--diff-z", type=float, default=None, metavar="PERCENT",
+    g.add_argument("--noise-scale", type=argtypes.number(minimum=0), default=None,
+                   help="α of the noise curve (the demo uses 2)")
+    g.add_argument("--diff-z", type=argtypes.number(0, 100), default=None, metavar="PERCENT",
                    help="differential sampling: percent z of tokens resampled (0 = off, paper: 75)")
     g.add_argument("--zsampling", choices=ZSAMPLING_VARIANTS, default=None,
                    help="Z-sampling: masked (paper), random / recover (ablations), off")
-    g.add_argument("--inversion-cfg", type=float, default=None, help="CFG scale of Z-sampling's inversion pass")
+    g.add_argument("--inversion-cfg", type=argtypes.number(minimum=0), default=None,
+                   help="CFG scale of Z-sampling's inversion pass")
     g.add_argument("--zsampling-steps", type=parse_steps, default=None, metavar="SPEC",
                    help="Z-steps: 'all' (every step but the last), 'START:STOP', or 'I,J,…'")
     g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,

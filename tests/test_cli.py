@@ -1,0 +1,283 @@
+"""`mgtq` command line: every expected failure is one line on stderr and a non-zero exit code.
+
+All cases fail before a model is loaded (argument types, output-path checks), or fake the long
+work with monkeypatch, so the file runs in seconds.
+"""
+
+import errno
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import mgtq.cli
+from mgtq.cli import main
+from mgtq.sampling.cli_args import load_sampler_file
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    """Run `mgtq argv`; assert the exit code and that stderr is exactly one line; return that line."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command gets as far as loading a model (errors must come first)."""
+
+    def load(args):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(mgtq.cli, "_load_pipe", load)
+
+
+# --------------------------------------------------------------------- flag values ("silent nonsense")
+BAD_FLAGS = [
+    (["generate", "--prompt", "x", "--height", "0"], "argument --height: must be an integer ≥ 1, got '0'"),
+    (["generate", "--prompt", "x", "--height", "-64"], "argument --height: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--width", "0"], "argument --width: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--height", "64.5"], "argument --height: must be an integer ≥ 1, got '64.5'"),
+    (["generate", "--prompt", "x", "--num-images", "0"], "argument --num-images: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--seed", "-1"], "argument --seed: must be an integer in [0, "),
+    (["generate", "--prompt", "x", "--seed", str(2**64)], "argument --seed: must be an integer in [0, "),
+    (["generate", "--prompt", "x", "--cfg", "nan"], "argument --cfg: must be a finite number ≥ 0, got 'nan'"),
+    (["generate", "--prompt", "x", "--cfg", "inf"], "argument --cfg: must be a finite number ≥ 0, got 'inf'"),
+    (["generate", "--prompt", "x", "--cfg", "-1"], "argument --cfg: must be a finite number ≥ 0"),
+    (["generate", "--prompt", "x", "--cfg", "high"], "argument --cfg: must be a finite number ≥ 0, got 'high'"),
+    (["generate", "--prompt", "x", "--gumbel-temperature", "nan", "nan"],
+     "argument --gumbel-temperature: must be a finite number ≥ 0, got 'nan'"),
+    (["generate", "--prompt", "x", "--gumbel-temperature", "2", "-1"],
+     "argument --gumbel-temperature: must be a finite number ≥ 0, got '-1'"),
+    (["generate", "--prompt", "x", "--rho", "nan"], "argument --rho: must be a finite number > 0, got 'nan'"),
+    (["generate", "--prompt", "x", "--rho", "0"], "argument --rho: must be a finite number > 0"),
+    (["generate", "--prompt", "x", "--noise-scale", "inf"], "argument --noise-scale: must be a finite number ≥ 0"),
+    (["generate", "--prompt", "x", "--diff-z", "150"], "argument --diff-z: must be a finite number in [0, 100]"),
+    (["generate", "--prompt", "x", "--inversion-cfg", "nan"], "argument --inversion-cfg: must be a finite number"),
+    (["generate", "--prompt", "x", "--zsampling-steps", "5:2"], "argument --zsampling-steps: takes 'all'"),
+    (["generate", "--prompt", "x", "--zsampling-steps", "-1"], "argument --zsampling-steps: takes 'all'"),
+    (["generate", "--prompt", "x", "--zsampling-steps", "a:b"], "argument --zsampling-steps: takes 'all'"),
+    (["generate", "--prompt", "x", "--tome", "1"], "argument --tome: must be a finite number in [0, 1), got '1'"),
+    (["generate", "--prompt", "x", "--tome", "nan"], "argument --tome: must be a finite number in [0, 1)"),
+    (["generate", "--prompt", "x", "--device", "foo"], "argument --device: unknown device 'foo'; use cpu, cuda"),
+    (["generate", "--prompt", "x", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["generate", "--prompt", "x", "--sampler-config", "no-such.yaml"],
+     "argument --sampler-config: sampler config file 'no-such.yaml' does not exist"),
+    (["generate"], "the following arguments are required: --prompt"),
+    (["generate", "--prompt", "x", "--stpes", "4"], "unrecognized arguments: --stpes 4"),
+    ([], "the following arguments are required: command"),
+    (["eval", "--steps", "0"], "argument --steps: must be an integer ≥ 1"),
+    (["eval", "--limit", "0"], "argument --limit: must be an integer ≥ 1, got '0'"),
+    (["eval", "--limit", "-318"], "argument --limit: must be an integer ≥ 1, got '-318'"),
+    (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1, got '0'"),
+    (["eval", "--split", "train"], "argument --split: invalid choice: 'train'"),
+    (["calibrate", "--recipe", "no-such.yaml"], "argument --recipe: recipe file 'no-such.yaml' does not exist"),
+    (["export", "no-such-run", "--out", "x"], "argument run: calibration run folder 'no-such-run' does not exist"),
+    (["bench", "--threads", "0"], "argument --threads: must be an integer ≥ 1, got '0'"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be an integer ≥ 1, got '0'"),
+    (["bench", "--warmup", "-1"], "argument --warmup: must be an integer ≥ 0"),
+    (["bench", "--steps", "0"], "argument --steps: must be an integer ≥ 1"),
+    (["bench", "--budget", "0"], "argument --budget: must be a finite number > 0"),
+    (["bench", "--budget", "nan"], "argument --budget: must be a finite number > 0"),
+    (["bench", "--tome", "0,1.5"], "argument --tome: each entry must be a finite number in [0, 1), got '1.5'"),
+    (["bench", "--tome", "0,nan"], "argument --tome: each entry must be a finite number in [0, 1), got 'nan'"),
+    (["bench", "--tome", ","], "argument --tome: must be a comma-separated list"),
+    (["bench", "--seed", "-3"], "argument --seed: must be an integer in [0, "),
+    (["bench", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    (["bench", "--formats", ""], "nothing to benchmark: give at least one format or peer"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_naming_it(capsys, no_model, argv, message):
+    err = one_line_error(capsys, argv)
+    assert message in err
+    # the top-level parser reports unrecognized arguments, as "mgtq: error: …"
+    assert err.startswith(f"mgtq{' ' + argv[0] if argv and 'unrecognized' not in message else ''}: error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval"], ["bench"]])
+def test_cuda_without_cuda_is_refused_at_once(capsys, no_model, command):
+    err = one_line_error(capsys, command + ["--device", "cuda"])
+    assert "argument --device: 'cuda': CUDA is not available on this machine" in err and "--device cpu" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_beyond_the_devices_is_refused(capsys, no_model):
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--device", f"cuda:{torch.cuda.device_count()}"])
+    assert "CUDA device(s)" in err
+
+
+def test_model_that_is_a_file_is_named_a_file(capsys, no_model, tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    for argv in (["generate", "--prompt", "x", "--model", str(file)], ["eval", "--model", str(file)]):
+        assert f"argument --model: '{file}' is a file, not a pipeline folder" in one_line_error(capsys, argv)
+    err = one_line_error(capsys, ["eval", "--text-encoder", str(file)])
+    assert "is a file, not a text encoder folder" in err
+    err = one_line_error(capsys, ["export", str(file), "--out", str(tmp_path / "ck")])
+    assert "is a file, not a calibration run folder" in err
+
+
+def test_missing_model_folder(capsys, no_model, tmp_path):
+    err = one_line_error(capsys, ["eval", "--model", str(tmp_path / "nope")])
+    assert "argument --model: pipeline folder" in err and "does not exist" in err
+
+
+def test_recipe_that_is_a_folder(capsys, tmp_path):
+    err = one_line_error(capsys, ["calibrate", "--recipe", str(tmp_path)])
+    assert f"argument --recipe: '{tmp_path}' is a folder, not a recipe file" in err
+
+
+def test_sampler_config_file_errors_name_the_file(tmp_path):
+    latin1 = tmp_path / "s.yaml"
+    latin1.write_bytes("num_steps: 4  # für\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sampler config file '.*s\.yaml' is not UTF-8 text"):
+        load_sampler_file(latin1)
+    broken = tmp_path / "s.json"
+    broken.write_text('{"num_steps": 4,')
+    with pytest.raises(ValueError, match=r"sampler config file '.*s\.json' is not valid JSON"):
+        load_sampler_file(broken)
+    bad_yaml = tmp_path / "b.yaml"
+    bad_yaml.write_text("noise: [1, 2\n")
+    with pytest.raises(ValueError, match=r"sampler config file '.*b\.yaml' is not valid YAML at line"):
+        load_sampler_file(bad_yaml)
+
+
+# --------------------------------------------------------------------- output paths, checked first
+def test_eval_json_that_is_a_folder_fails_before_the_evaluation(capsys, no_model, tmp_path):
+    err = one_line_error(capsys, ["eval", "--json", str(tmp_path)])
+    assert err == f"mgtq eval: error: --json {tmp_path} is a folder; give a file path"
+
+
+def test_output_below_a_file_fails_before_any_work(capsys, no_model, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    cases = [
+        (["eval", "--json", str(file / "r.json")], f"--json {file / 'r.json'}: {file} is a file, not a folder"),
+        (["generate", "--prompt", "x", "--out", str(file / "a" / "x.png")], f"{file} is a file, not a folder"),
+        # no .png suffix: --out names a folder of images, and here it is the file itself
+        (["generate", "--prompt", "x", "--out", str(file)], f"--out {file} is a file, not a folder; give a .png"),
+        (["calibrate", "--out", str(file)], f"--out {file} is a file; give a folder path"),
+        (["bench", "--json", str(file / "b.json")], f"{file} is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert message in one_line_error(capsys, argv)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert f"{file} is a file, not a folder" in one_line_error(capsys, ["export", str(run), "--out", str(file / "c")])
+    assert file.read_text() == "mine"
+
+
+def test_generate_out_png_that_is_a_folder(capsys, no_model, tmp_path):
+    (tmp_path / "img.png").mkdir()
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "img.png")])
+    assert "is a folder; give a file path" in err
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "img.jpg")])
+    assert "mgtq writes PNG images; give a .png path or a folder" in err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_fails_at_once(capsys, no_model, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        err = one_line_error(capsys, ["eval", "--json", str(ro / "r.json")])
+        assert f"no permission to write in {ro}" in err
+        assert "no permission" in one_line_error(capsys, ["calibrate", "--out", str(ro / "run")])
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_output_folder_is_named(capsys, no_model, monkeypatch, tmp_path):
+    # The same check as above, where the tests run as root (which may write anywhere): the folder
+    # reports itself not writable.
+    real_access = os.access
+    monkeypatch.setattr(mgtq.cli.os, "access", lambda p, mode: real_access(p, mode) and str(p) != str(tmp_path))
+    cases = [["eval", "--json", str(tmp_path / "r.json")], ["generate", "--prompt", "x", "--out", str(tmp_path / "a.png")],
+             ["calibrate", "--out", str(tmp_path / "run")], ["bench", "--json", str(tmp_path / "b.json")],
+             ["export", str(tmp_path), "--out", str(tmp_path / "ck")]]
+    for argv in cases:
+        err = one_line_error(capsys, argv)
+        assert f"no permission to write in {tmp_path}; choose another path" in err
+
+
+# --------------------------------------------------------------------- failures during the work
+def _raise_in_work(monkeypatch, exc):
+    def load(args):
+        raise exc
+
+    monkeypatch.setattr(mgtq.cli, "_load_pipe", load)
+
+
+def generate(tmp_path, *flags):
+    # generate reaches the (faked) model load without importing the pipeline: the fastest command
+    return ["generate", "--prompt", "x", "--out", str(tmp_path / "a.png"), *flags]
+
+
+def test_ctrl_c_in_calibrate_says_how_to_resume(capsys, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # A stand-in module: importing the real one (diffusers, datasets) would take most of this file's time.
+    fake = types.ModuleType("mgtq.scq.calibrate")
+    fake.calibrate = interrupted
+    monkeypatch.setitem(sys.modules, "mgtq.scq.calibrate", fake)
+    err = one_line_error(capsys, ["calibrate", "--out", str(tmp_path / "run")], code=130)
+    assert err == "mgtq calibrate: stopped; rerun the same command to resume"
+
+
+def test_ctrl_c_elsewhere_says_stopped(capsys, monkeypatch, tmp_path):
+    _raise_in_work(monkeypatch, KeyboardInterrupt())
+    assert one_line_error(capsys, generate(tmp_path), code=130) == "mgtq generate: stopped"
+
+
+@pytest.mark.parametrize("exc, message", [
+    (OSError(errno.ENOSPC, "No space left on device", "out/r.json"),
+     "out/r.json: no space left on device; free some space and rerun"),
+    (PermissionError(errno.EACCES, "Permission denied", "out/x.png"),
+     "out/x.png: permission denied; check its permissions or choose another path"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/x"), "/mnt/x: read-only file system; choose a path on a writable disk"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "a/b"), "a/b: not a directory (a part of the path is a file)"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "a"), "a: is a directory (a file was expected)"),
+    (FileNotFoundError("recipe model m does not exist"), "recipe model m does not exist"),
+    (ValueError("first line\nsecond line"), "first line second line"),
+    (MemoryError(), "out of memory; try a smaller --batch-size / image size, or free memory"),
+])
+def test_errors_during_the_work_are_one_line(capsys, monkeypatch, tmp_path, exc, message):
+    _raise_in_work(monkeypatch, exc)
+    assert one_line_error(capsys, generate(tmp_path)) == f"mgtq generate: error: {message}"
+
+
+def test_torch_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
+    _raise_in_work(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore"))
+    err = one_line_error(capsys, generate(tmp_path))
+    assert err.startswith("mgtq generate: error: out of memory (CUDA out of memory. Tried to allocate 2 GiB)")
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
+    for exc, last in ((ValueError("bad value"), "mgtq generate: error: bad value"),
+                      (KeyboardInterrupt(), "mgtq generate: stopped")):
+        _raise_in_work(monkeypatch, exc)
+        for argv in (["--debug", *generate(tmp_path)], [*generate(tmp_path), "--debug"]):
+            assert main(argv) in (2, 130)
+            err = capsys.readouterr().err
+            assert "Traceback (most recent call last)" in err and err.strip().endswith(last)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    _raise_in_work(monkeypatch, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(generate(tmp_path))
+
+
+def test_help_exits_zero(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
