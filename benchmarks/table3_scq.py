@@ -29,7 +29,10 @@ from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import linear_names, model_weight_nbytes, prepare_qat_, quantize_weights_, input_scales_from_stats
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
-from mgtq.scq.stages import load_calibration_data, record_activation_stats, synthesis_sampler
+from mgtq.scq.magnitudes import record_activation_stats
+from mgtq.scq.run import RunFolder
+from mgtq.scq.stages import load_calibration_data
+from mgtq.scq.synthesis import synthesis_sampler
 from mgtq.utils import read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +52,11 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
     names = linear_names(model, recipe.qat.skip)
     scales = {}
     if a8_all:
-        data = load_calibration_data(run / "synth", base)
+        data = load_calibration_data(RunFolder(run), base)
         probe = copy.deepcopy(model)
         prepare_qat_(probe, group_size=recipe.qat.group_size, skip=recipe.qat.skip)  # W4 weights, as deployed
-        stats = record_activation_stats(probe, data, recipe, synthesis_sampler(recipe, base), names, progress=False)
+        sampler = synthesis_sampler(base.settings.sampler, recipe.synthesis)
+        stats = record_activation_stats(probe, data, recipe.magnitudes, sampler, names, progress=False)
         scales = input_scales_from_stats(stats, recipe.secondary.scale_method, recipe.secondary.percentile)
     quantize_weights_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip,
                       a8_layers=names if a8_all else (), input_scales=scales)
@@ -107,9 +111,9 @@ def main(argv=None) -> int:
     random_run = args.work / "qat-random"
     if not random_run.exists():
         shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
-    calibrate(random_recipe, random_run)
-    scq_ckpt, random_ckpt = (export_run(scq_run, args.work / "ckpt-scq", overwrite=True),
-                              export_run(random_run, args.work / "ckpt-rand", overwrite=True))
+    calibrate(random_recipe, random_run, restart=True)  # the copy takes the random selection
+    scq_ckpt = export_run(scq_run, args.work / "ckpt-scq", overwrite=True)
+    random_ckpt = export_run(random_run, args.work / "ckpt-rand", overwrite=True)
     extra_rows = []
     if recipe.qat.objective != "ce":
         # The same SCQ with the paper's QAT objective (masked-token CE on the synthesized tokens): shows
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
         if not ce_run.exists():
             ce_run.mkdir(parents=True)
             shutil.copytree(scq_run / "synth", ce_run / "synth")
-        calibrate(ce_recipe, ce_run)
+        calibrate(ce_recipe, ce_run, restart=True)
         ce_ckpt = export_run(ce_run, args.work / "ckpt-scq-ce", overwrite=True)
         extra_rows.append(("W4A8 SCQ, paper's CE objective", lambda: MGTPipeline.from_pretrained(ce_ckpt)))
 

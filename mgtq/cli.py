@@ -100,7 +100,7 @@ def cmd_calibrate(args) -> int:
     _check_output_path(out, "--out", folder=True)
     from mgtq.scq.calibrate import calibrate
 
-    report = calibrate(recipe, out, progress=not args.no_progress)
+    report = calibrate(recipe, out, progress=not args.no_progress, restart=args.restart)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate/torchrun every process gets here
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", type=argtypes.existing_file("recipe"), default=None,
                    help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
+    c.add_argument("--restart", action="store_true",
+                   help="let an existing run folder take this recipe (stages whose inputs changed run again)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 

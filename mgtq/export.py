@@ -22,54 +22,12 @@ from pathlib import Path
 
 import torch
 
-from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
-from mgtq.utils import atomic_directory, dtype_name, model_fingerprint, parse_dtype, read_json
+from mgtq.scq.quantize import quantize_from_run
+from mgtq.utils import atomic_directory, dtype_name, parse_dtype, read_json
 
 # The run facts a manifest records (the rest of `info` — format, layers — is the checkpoint's own).
 PROVENANCE = ("group_size", "float_dtype", "source_model", "source_fingerprint", "selection", "recipe")
-
-
-def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
-    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and what the run says about it."""
-    from mgtq.quantization import convert_qat_, prepare_qat_
-    from mgtq.scq.recipe import recipe_from_dict
-    from mgtq.scq.stages import STAGES, stage_complete
-
-    run = Path(run)
-    if not (run / "run.json").exists():
-        raise FileNotFoundError(f"{run} is not a calibration run (no run.json); run `mgtq calibrate --out {run}` first")
-    info = read_json(run / "run.json")
-    import yaml
-
-    recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
-    for stage in STAGES:
-        if not stage_complete(run / stage, info["fingerprints"][stage]):
-            raise ValueError(f"stage {stage!r} of {run} is not complete; run `mgtq calibrate --recipe "
-                             f"{run / 'recipe.yaml'} --out {run}` to finish it")
-    selection = read_json(run / "secondary" / "selection.json")
-    a8 = selection["a8_layers"]
-    model = MeissonicTransformer.from_pretrained(run / "qat" / "transformer", local_files_only=True,
-                                                 use_safetensors=True).float().eval()
-    prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=a8,
-                 input_scales=selection["input_scales"])
-    converted = convert_qat_(model)
-    checkpoint.cast_float_(model, parse_dtype(recipe.export.dtype))
-    return model, {
-        "format": checkpoint.FORMAT,
-        "format_version": checkpoint.FORMAT_VERSION,
-        "weight_bits": 4,
-        "group_size": recipe.qat.group_size,
-        "float_dtype": recipe.export.dtype,
-        "layers": {name: {"scheme": "w4a8" if kind == "W4A8Linear" else "w4a16",
-                          "group_size": model.get_submodule(name).group_size}
-                   for name, kind in sorted(converted.items())},
-        "source_model": info["model"],
-        "source_fingerprint": model_fingerprint(Path(info["model"])),
-        "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
-                      "statistic": selection["magnitude_statistic"]},
-        "recipe": recipe.to_dict(),
-    }
 
 
 def manifest_from_run(model: torch.nn.Module, info: dict) -> checkpoint.Manifest:

@@ -123,6 +123,26 @@ def _umask() -> int:
     return mask
 
 
+def recover_atomic_target(target: str | os.PathLike) -> None:
+    """Clean what a killed `atomic_directory(target)` left beside `target`; never lose its last copy.
+
+    A kill while the new folder was written leaves `.NAME.tmp-*` (incomplete: removed); a kill between
+    the two renames of the swap leaves only `.NAME.old-*` (the last complete copy: renamed back);
+    a kill while the old copy was deleted leaves part of it (removed).
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.replace(olds.pop(), target)
+    for debris in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
+        if debris.is_dir():
+            shutil.rmtree(debris, ignore_errors=True)
+        else:
+            debris.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to `path` through a temporary file and a rename (normal permissions, not 0600)."""
     path = Path(path)

@@ -14,10 +14,12 @@ from mgtq.quantization.checkpoint import FORMAT_VERSION
 from mgtq.quantization.checkpoint import load as load_quantized_transformer
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import W4A8Linear, W4Linear, prepare_qat_
-from mgtq.scq import stages
+from mgtq.scq import qat, stages
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
-from mgtq.scq.stages import select_a8_layers
+from mgtq.scq.run import STAGES
+from mgtq.scq.secondary import select_a8_layers
+from mgtq.scq.synthesis import calibration_prompts
 from mgtq.utils import read_json
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -80,7 +82,7 @@ def test_shapebench_calibration_prompts_are_not_the_scored_ones():
     from mgtq.shapes import shapebench_prompts
 
     recipe = recipe_from_dict({"prompts": {"source": "shapebench", "count": 40, "seed": 5}})
-    pairs = stages.calibration_prompts(recipe)
+    pairs = calibration_prompts(recipe.prompts)
     assert [seed for _, seed in pairs] == list(range(5, 45))
     scored = [it.prompt for it in shapebench_prompts()]
     val = [it.prompt for it in shapebench_prompts(split="val")]
@@ -151,21 +153,24 @@ def test_synthesized_dataset_has_prompt_seed_image_tokens(run):
 def test_rerun_skips_completed_stages(run, random_pipeline_dir):
     out, _ = run
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
-    assert [report[s] for s in stages.STAGES] == ["skipped"] * 4
+    assert [report[s] for s in STAGES] == ["skipped"] * 4
 
 
 def test_changed_section_reruns_that_stage_and_after(tmp_path, run, random_pipeline_dir):
     out, _ = run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    report = calibrate(_recipe(random_pipeline_dir, secondary={"selection": "all"}), copy, progress=False)
-    assert [report[s] for s in stages.STAGES] == ["skipped", "skipped", "skipped", "ran"]
+    changed = _recipe(random_pipeline_dir, secondary={"selection": "all"})
+    with pytest.raises(ValueError, match=r"another recipe .*secondary\.selection.*--restart"):
+        calibrate(changed, copy, progress=False)  # a run folder keeps its recipe unless told to start over
+    report = calibrate(changed, copy, progress=False, restart=True)
+    assert [report[s] for s in STAGES] == ["skipped", "skipped", "skipped", "ran"]
     assert report["a8_layers"] == len(read_json(copy / "magnitudes" / "magnitudes.json")["magnitude"])
 
 
 def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch):
     out = tmp_path / "run"
-    real_loss, calls = stages.qat_loss, {"n": 0}
+    real_loss, calls = qat.qat_loss, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += torch.is_grad_enabled()  # count training steps, not the no-grad evaluations
@@ -173,12 +178,12 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "qat_loss", flaky)
+    monkeypatch.setattr(qat, "qat_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert not (out / "qat").exists()  # nothing half-written
     assert read_json(out / "qat-state" / "trainer.json")["step"] == 8
-    monkeypatch.setattr(stages, "qat_loss", real_loss)
+    monkeypatch.setattr(qat, "qat_loss", real_loss)
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert report["synth"] == "skipped" and report["qat"] == "ran"
     assert read_json(out / "qat" / "stage.json")["steps"] == 12
@@ -186,14 +191,14 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
 
 def test_nan_loss_stops_with_clear_error_and_keeps_state(tmp_path, random_pipeline_dir, monkeypatch):
     out = tmp_path / "run"
-    real_loss, calls = stages.qat_loss, {"n": 0}
+    real_loss, calls = qat.qat_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += torch.is_grad_enabled()  # count training steps, not the no-grad evaluations
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 5 else loss
 
-    monkeypatch.setattr(stages, "qat_loss", poisoned)
+    monkeypatch.setattr(qat, "qat_loss", poisoned)
     with pytest.raises(FloatingPointError, match="last good state"):
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert read_json(out / "qat-state" / "trainer.json")["step"] == 4
@@ -209,6 +214,7 @@ def test_damaged_calibration_state_is_detected(tmp_path, run, random_pipeline_di
     assert report["magnitudes"] == "ran"
     shutil.rmtree(copy / "synth" / "dataset")
     (copy / "synth" / "dataset").mkdir()
+    (copy / "magnitudes" / "stage.json").write_text("{truncated")  # a stage that needs the data
     with pytest.raises(ValueError, match="damaged"):
         calibrate(_recipe(random_pipeline_dir), copy, progress=False)
 

@@ -16,13 +16,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import yaml
 
-DTYPES = ("float32", "bfloat16", "float16")
+from mgtq.config import check_value, from_mapping
+from mgtq.utils import DTYPE_NAMES
+
+FloatDtype = Literal["float32", "bfloat16", "float16"]
+assert set(typing.get_args(FloatDtype)) == set(DTYPE_NAMES.values())
+
+
+def _validated(section, where: str) -> None:
+    """Check every field of `section` against its annotation (so a dataclass built in Python is held to
+    the same rules as one read from YAML), normalizing in place (lists → tuples, ints → floats)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = check_value(getattr(section, f.name), hints[f.name], f"{where}.{f.name}")
+        object.__setattr__(section, f.name, value)
+
+
+def _at_least(section, where: str, minimum: int | float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{where}.{name} must be ≥ {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -32,18 +53,17 @@ class PromptsConfig:
     count prompts; sample i is generated with seed `seed + i`.
     """
 
-    source: str = "shapebench"
+    source: Literal["shapebench", "grammar", "file"] = "shapebench"
     file: str | None = None
     count: int = 64
     seed: int = 0
 
     def __post_init__(self):
-        if self.source not in ("shapebench", "grammar", "file"):
-            raise ValueError(f"prompts.source must be shapebench, grammar or file, got {self.source!r}")
+        _validated(self, "prompts")
         if self.source == "file" and not self.file:
             raise ValueError("prompts.source is 'file' but prompts.file is not set")
-        if self.count < 1:
-            raise ValueError(f"prompts.count must be ≥ 1, got {self.count}")
+        _at_least(self, "prompts", 1, "count")
+        _at_least(self, "prompts", 0, "seed")
 
 
 @dataclass(frozen=True)
@@ -56,8 +76,9 @@ class SynthesisConfig:
     resolution: int | None = None  # None = the model's default
 
     def __post_init__(self):
-        if self.num_steps < 1 or self.batch_size < 1:
-            raise ValueError("synthesis.num_steps and synthesis.batch_size must be ≥ 1")
+        _validated(self, "synthesis")
+        _at_least(self, "synthesis", 1, "num_steps", "batch_size", "resolution")
+        _at_least(self, "synthesis", 0, "guidance_scale")
 
 
 QAT_OBJECTIVES = ("ce", "distill", "ce+distill")
@@ -81,34 +102,30 @@ class QATConfig:
 
     steps: int = 300
     lr: float = 1e-4
-    objective: str = "ce"
+    objective: Literal["ce", "distill", "ce+distill"] = "ce"
     batch_size: int = 16
     gradient_accumulation: int = 1
     weight_bits: int = 4
     group_size: int | None = None
     skip: tuple[str, ...] = ()
     weight_decay: float = 0.0
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cond_drop: float = 0.1
     save_every: int = 50  # steps between resumable QAT states
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "skip", tuple(self.skip))
-        if self.save_every < 1:
-            raise ValueError(f"qat.save_every must be ≥ 1, got {self.save_every}")
+        _validated(self, "qat")
         if self.weight_bits != 4:
             raise ValueError(f"qat.weight_bits must be 4 (mgtq exports int4 weights), got {self.weight_bits}")
-        if self.steps < 0 or self.batch_size < 1 or self.gradient_accumulation < 1:
-            raise ValueError("qat.steps ≥ 0, qat.batch_size ≥ 1 and qat.gradient_accumulation ≥ 1 are required")
+        _at_least(self, "qat", 0, "steps", "weight_decay", "seed")
+        _at_least(self, "qat", 1, "batch_size", "gradient_accumulation", "save_every")
         if self.lr <= 0:
             raise ValueError(f"qat.lr must be positive, got {self.lr}")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise ValueError(f"qat.group_size must be null or an even integer ≥ 2, got {self.group_size}")
-        if self.objective not in QAT_OBJECTIVES:
-            raise ValueError(f"qat.objective must be one of {', '.join(QAT_OBJECTIVES)}, got {self.objective!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"qat.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if not 0 <= self.cond_drop < 1:
+            raise ValueError(f"qat.cond_drop must be in [0, 1), got {self.cond_drop}")
 
 
 @dataclass(frozen=True)
@@ -119,20 +136,19 @@ class MagnitudeConfig:
     of mask_ratios (its timesteps), with text conditioning as the sampler feeds it ([uncond, cond]).
     """
 
-    statistic: str = "mean_abs"
+    statistic: Literal["mean_abs", "absmax", "percentile"] = "mean_abs"
     percentile: float = 99.9
     mask_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     batch_size: int = 16
     max_samples: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "mask_ratios", tuple(float(r) for r in self.mask_ratios))
-        if self.statistic not in ("mean_abs", "absmax", "percentile"):
-            raise ValueError(f"magnitudes.statistic must be mean_abs, absmax or percentile, got {self.statistic!r}")
+        _validated(self, "magnitudes")
         if not self.mask_ratios or not all(0 < r <= 1 for r in self.mask_ratios):
-            raise ValueError(f"magnitudes.mask_ratios must be values in (0, 1], got {self.mask_ratios}")
+            raise ValueError(f"magnitudes.mask_ratios must be values in (0, 1], got {list(self.mask_ratios)}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"magnitudes.percentile must be in (0, 100], got {self.percentile}")
+        _at_least(self, "magnitudes", 1, "batch_size", "max_samples")
 
 
 @dataclass(frozen=True)
@@ -144,29 +160,28 @@ class SecondaryConfig:
     """
 
     fraction: float = 1 / 3
-    selection: str = "lowest"
+    selection: Literal["lowest", "random", "all"] = "lowest"
     seed: int = 0
-    scale_method: str = "absmax"
+    scale_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
 
     def __post_init__(self):
+        _validated(self, "secondary")
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"secondary.fraction must be in [0, 1], got {self.fraction}")
-        if self.selection not in ("lowest", "random", "all"):
-            raise ValueError(f"secondary.selection must be lowest, random or all, got {self.selection!r}")
-        if self.scale_method not in ("absmax", "percentile"):
-            raise ValueError(f"secondary.scale_method must be absmax or percentile, got {self.scale_method!r}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"secondary.percentile must be in (0, 100], got {self.percentile}")
+        _at_least(self, "secondary", 0, "seed")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """dtype of the parts that stay float (embeddings, norms, convs, biases) in the exported checkpoint."""
 
-    dtype: str = "bfloat16"
+    dtype: FloatDtype = "bfloat16"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"export.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _validated(self, "export")
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,13 @@ class Recipe:
     secondary: SecondaryConfig = field(default_factory=SecondaryConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = check_value(getattr(self, f.name), typing.get_type_hints(Recipe)[f.name], f.name)
+            object.__setattr__(self, f.name, value)
+        if not self.model:
+            raise ValueError("model must name a pipeline folder or be 'default'")
+
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
@@ -188,34 +210,25 @@ class Recipe:
         data = {n: self.to_dict()[n] for n in names}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-
-def _build(cls, data: Any, path: str):
-    """Build dataclass `cls` from a mapping, recursing into dataclass fields; unknown keys are errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path or 'recipe'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ValueError(f"unknown recipe key {where}{unknown[0]!r}; known keys{' of ' + path if path else ''}: "
-                         f"{sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad value in {path or 'recipe'}: {err}") from err
+    def differences(self, other: Recipe) -> list[str]:
+        """Dotted keys whose values differ, e.g. ["qat.steps", "secondary.selection"]."""
+        return _diff(self.to_dict(), other.to_dict(), "")
 
 
-def recipe_from_dict(data: dict) -> Recipe:
-    return _build(Recipe, data, "")
+def _diff(a, b, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
+    return [] if a == b else [where]
+
+
+_SECTIONS = ("prompts", "synthesis", "qat", "magnitudes", "secondary", "export")
+
+
+def recipe_from_dict(data: typing.Mapping) -> Recipe:
+    """A Recipe from a mapping: unknown keys, wrong types and out-of-range values are errors naming the key."""
+    if isinstance(data, typing.Mapping):  # `qat:` with every key commented out means the section's defaults
+        data = {k: v for k, v in data.items() if not (v is None and k in _SECTIONS)}
+    return from_mapping(Recipe, data, "")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -223,10 +236,22 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for examples")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path} is not valid YAML: {err}") from err
-    return recipe_from_dict(data or {})
+    if data is None:
+        # An empty file would silently run dataclass defaults that differ from every shipped recipe.
+        raise ValueError(f"recipe {path} is empty; start from recipes/tiny-shapes-w4a8-scq.yaml (or pass no "
+                         "--recipe to use it)")
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a mapping of sections (model, prompts, qat, …), "
+                         f"got {type(data).__name__}")
+    try:
+        return recipe_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"recipe {path}: {err}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -31,8 +31,10 @@ from mgtq.models.transformer import MeissonicTransformer
 from mgtq.pipeline import MGTPipeline, PipelineSettings
 from mgtq.sampling import SamplerConfig
 from mgtq.text import build_word_tokenizer
+from mgtq.config import from_mapping
+from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_token_loss
-from mgtq.utils import atomic_directory, read_json, write_json
+from mgtq.utils import atomic_directory, micro_conditions, read_json, write_json
 
 IMAGE_SIZE = 64
 
@@ -222,16 +224,13 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
     joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
 
-    state_dir, start = run / "state", 0
-    if (state_dir / "trainer.json").exists():
-        accelerator.load_state(str(state_dir))
-        start = read_json(state_dir / "trainer.json")["step"]
-    micro = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, 6.0]], device=accelerator.device)
+    state_dir = run / "state"
+    start, saved = loop.resume(accelerator, state_dir)
+    micro = micro_conditions(IMAGE_SIZE, IMAGE_SIZE, device=accelerator.device)
     log_path = run / "log.jsonl"
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training MGT",
-               disable=not progress)
-    t0, losses = time.time(), []
-    for step in bar:
+    t0 = time.time()
+
+    def loss_fn(step: int, _micro: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # same batches after a resume
         idx = torch.randint(0, all_tokens.shape[0], (config.batch_size,), generator=gen)
         drop = torch.rand(config.batch_size, generator=gen) < config.cond_drop
@@ -239,23 +238,18 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
         ids = tokenizer(texts, padding="max_length", max_length=config.text_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(accelerator.device)
         tokens = all_tokens[idx].to(accelerator.device)
-        with accelerator.accumulate(joint):
-            loss = joint(ids, tokens, gen, micro.expand(config.batch_size, 5))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good state is in {state_dir}")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(joint.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            _save_state(accelerator, state_dir, step + 1)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-config.save_every:])),
-                                    "elapsed_s": time.time() - t0}) + "\n")
+        return joint(ids, tokens, gen, micro.expand(config.batch_size, 5))
+
+    def log(step: int, losses: list[float]) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": float(np.mean(losses[-config.save_every:])),
+                                "elapsed_s": time.time() - t0}) + "\n")
+
+    settings = loop.LoopSettings(steps=config.steps, save_every=config.save_every, grad_clip=config.grad_clip,
+                                 save_final=True, desc="training MGT",
+                                 nan_hint="lower lr in the config and run again to resume")
+    losses = loop.train(accelerator, joint, optimizer, loss_fn, settings, state_dir, start, saved,
+                        scheduler=scheduler, progress=progress, on_save=log)
     summary = {"steps": config.steps, "final_loss": float(np.mean(losses[-200:])) if losses else None}
     if out is not None:
         unwrapped = accelerator.unwrap_model(joint)
@@ -274,12 +268,6 @@ def export_pipeline(transformer, vq, text_encoder, tokenizer, config: MGTTrainCo
     pipe.save_pretrained(out)
 
 
-def _save_state(accelerator, state_dir: Path, step: int) -> None:
-    with atomic_directory(state_dir) as tmp:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        write_json(tmp / "trainer.json", {"step": step})
-
-
 def _jsonable(config: MGTTrainConfig) -> dict:
     return json.loads(json.dumps(asdict(config)))
 
@@ -295,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = read_json(args.config) if args.config else {}
-    print(json.dumps(train_mgt(args.vq, args.run, args.out, MGTTrainConfig(**fields)), indent=2))
+    print(json.dumps(train_mgt(args.vq, args.run, args.out, from_mapping(MGTTrainConfig, fields, "config")), indent=2))
     return 0
 
 

@@ -1,0 +1,73 @@
+"""SCQ step 3 (paper §4.1): each Linear layer's input-activation magnitude under the QAT model.
+
+The calibration tokens are masked at each of the recipe's mask ratios (the sampler's timesteps) and
+fed as the sampler feeds them ([uncond, cond] batch); per layer, a statistic of |x| is recorded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mgtq.models.transformer import MeissonicTransformer
+from mgtq.quantization import calibrate_activations
+from mgtq.sampling import SamplerConfig
+from mgtq.sampling.schedules import timestep_for_mask_ratio
+from mgtq.scq.recipe import MagnitudeConfig
+from mgtq.scq.synthesis import CalibrationData
+
+
+def calibration_batches(n_samples: int, grid_size: int, cfg: MagnitudeConfig, seed: int = 0):
+    """(sample indices, mask (b, h·w) bool, masked fraction) over the calibration set × mask ratios."""
+    n = n_samples if cfg.max_samples is None else min(cfg.max_samples, n_samples)
+    gen = torch.Generator().manual_seed(seed)
+    for ratio in cfg.mask_ratios:
+        k = max(1, round(ratio * grid_size))
+        for start in range(0, n, cfg.batch_size):
+            idx = torch.arange(start, min(n, start + cfg.batch_size))
+            ranks = torch.rand(len(idx), grid_size, generator=gen).argsort(1).argsort(1)
+            yield idx, ranks < k, k / grid_size
+
+
+def record_activation_stats(model: MeissonicTransformer, data: CalibrationData, cfg: MagnitudeConfig,
+                            sampler: SamplerConfig, names: list[str], progress: bool = True,
+                            desc: str = "calibration"):
+    """Run the calibration inputs through `model` as the sampler would ([uncond, cond] batch) and
+    record the input statistics of the Linear layers `names`: {name: ActivationStats}."""
+    grid = data.tokens[0].numel()
+    batches = list(calibration_batches(data.tokens.shape[0], grid, cfg))
+    with calibrate_activations(model, names) as stats, torch.inference_mode():
+        for idx, mask, frac in tqdm(batches, desc=desc, disable=not progress):
+            tokens = data.tokens[idx]
+            inp = torch.where(mask.view_as(tokens), torch.full_like(tokens, model.mask_token_id), tokens)
+            b = len(idx)
+            t = timestep_for_mask_ratio(sampler.timestep_convention, frac, sampler.num_steps, sampler.schedule,
+                                        sampler.rho)
+            text = torch.cat([data.uncond_text.expand(b, -1, -1), data.text[idx]])
+            pooled = torch.cat([data.uncond_pooled.expand(b, -1), data.pooled[idx]])
+            model(hidden_states=torch.cat([inp, inp]), encoder_hidden_states=text, pooled_projections=pooled,
+                  timestep=torch.full((2 * b,), float(t)), micro_conds=data.micro_conds.expand(2 * b, 5))
+    return stats
+
+
+def magnitude_of(stats, statistic: str, percentile: float) -> float:
+    if statistic == "mean_abs":
+        return stats.mean_abs
+    if statistic == "absmax":
+        return stats.absmax
+    return stats.percentile(percentile)
+
+
+def measure_magnitudes(model: MeissonicTransformer, data: CalibrationData, cfg: MagnitudeConfig,
+                       sampler: SamplerConfig, names: list[str], progress: bool = True,
+                       desc: str = "magnitudes") -> tuple[dict[str, float], dict[str, dict]]:
+    """({layer: the recipe's statistic}, {layer: every statistic}) over data × timesteps."""
+    stats = record_activation_stats(model, data, cfg, sampler, names, progress, desc=desc)
+    table = {n: {"mean_abs": s.mean_abs, "absmax": s.absmax, f"p{cfg.percentile:g}": s.percentile(cfg.percentile)}
+             for n, s in stats.items()}
+    chosen = {n: magnitude_of(stats[n], cfg.statistic, cfg.percentile) for n in names}
+    bad = [n for n, v in chosen.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite activations at {bad[:3]}; the QAT weights are unusable — lower qat.lr")
+    return chosen, table

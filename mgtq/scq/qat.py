@@ -1,0 +1,176 @@
+"""SCQ step 2 (paper §4.1): W4 quantization-aware training on the synthesized tokens.
+
+Fake-quant int4 weights with a straight-through estimator (mgtq.quantization.prepare_qat_), trained
+with the masked-token objective of mgtq.training.objective (cross-entropy on the synthesized
+tokens, KL to the float model's predictions, or both) on mgtq.training.loop's resumable loop. The
+model handed in is copied, never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.quantization import prepare_qat_
+from mgtq.sampling import SamplerConfig
+from mgtq.sampling.schedules import timestep_for_mask_ratio
+from mgtq.scq.recipe import QATConfig
+from mgtq.scq.synthesis import CalibrationData
+from mgtq.training import loop
+from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
+from mgtq.utils import derive_seed
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+# Which loss terms each qat.objective sums; "kl_to_float" is the distillation term.
+OBJECTIVE_TERMS = {"ce": ("ce",), "distill": ("kl_to_float",), "ce+distill": ("ce", "kl_to_float")}
+
+
+def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
+    text = torch.where(drop[:, None, None], data.uncond_text.expand(len(idx), -1, -1), data.text[idx])
+    pooled = torch.where(drop[:, None], data.uncond_pooled.expand(len(idx), -1), data.pooled[idx])
+    return text, pooled
+
+
+def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+              terms=("ce",), teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms on synthesized tokens from one student forward, timesteps in the sampler's convention.
+
+    "ce" is the masked-token cross-entropy on the synthesized tokens; "kl_to_float" needs `teacher`,
+    the float transformer, run on the same masked inputs.
+    """
+    if "kl_to_float" in terms and teacher is None:
+        raise ValueError("the distillation term needs the float teacher model (qat.objective distill or ce+distill)")
+    tokens = data.tokens[idx].to(device)
+    text, pooled = _conditioning(data, idx, drop)
+    transformer = model.module if hasattr(model, "module") else model
+    masked, mask, ratio = mask_tokens(tokens, transformer.mask_token_id, generator)
+    timestep = timestep_for_mask_ratio(sampler.timestep_convention, ratio, sampler.num_steps, sampler.schedule,
+                                       sampler.rho)
+    inputs = dict(hidden_states=masked, encoder_hidden_states=text.to(device), pooled_projections=pooled.to(device),
+                  timestep=torch.as_tensor(timestep, device=device),
+                  micro_conds=data.micro_conds.to(device).expand(len(idx), 5))
+    logits = model(**inputs)
+    out = {}
+    if "ce" in terms:
+        out["ce"] = masked_token_loss(logits, tokens, mask)
+    if "kl_to_float" in terms:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs)
+        out["kl_to_float"] = masked_distillation_loss(logits, teacher_logits, mask)
+    return out
+
+
+def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+             objective: str = "ce", teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    """The QAT objective (see QATConfig.objective): the sum of its terms from :func:`qat_terms`."""
+    return sum(qat_terms(model, data, idx, drop, generator, sampler, device, OBJECTIVE_TERMS[objective],
+                         teacher).values())
+
+
+def fixed_eval_metrics(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234,
+                       teacher: torch.nn.Module | None = None) -> dict[str, float]:
+    """CE (the fit to the calibration set) and, given the float `teacher`, the KL to it, on a fixed set
+    of masks (the same every call), from one student forward."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, data.tokens.shape[0], (n,), generator=gen)
+    terms = ("ce",) if teacher is None else ("ce", "kl_to_float")
+    with torch.no_grad():
+        values = qat_terms(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device, terms, teacher)
+    return {k: float(v) for k, v in values.items()}
+
+
+def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.Tensor]:
+    """The float (latent) weights of a fake-quant model, under the plain model's keys."""
+    sd = model.state_dict()
+    missing = set(reference_keys) - set(sd)
+    if missing:
+        raise RuntimeError(f"QAT model lost parameters: {sorted(missing)[:5]}")
+    return {k: sd[k].detach().contiguous().cpu() for k in reference_keys}
+
+
+@dataclass
+class QATResult:
+    """The trained float (latent) weights under the plain model's keys, and what stage.json records."""
+
+    weights: dict[str, torch.Tensor]
+    summary: dict
+
+
+def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QATConfig, sampler: SamplerConfig,
+              state_dir: Path, fingerprint: str, progress: bool = True) -> QATResult:
+    """W4 QAT of a copy of `transformer`; resumable from `state_dir` while `fingerprint` matches; NaN-guarded.
+
+    Under `accelerate launch` every process calls this (data-parallel); each draws its own batches.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation)
+    student = copy.deepcopy(transformer).float().train()
+    reference_keys = list(student.state_dict().keys())
+    # The float model, frozen: the distillation teacher, and the yardstick of how far QAT drifts from it.
+    # Only distillation pays for this copy (a 1B-parameter model's is 4 GB in fp32).
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg.objective != "ce" else None
+    prepare_qat_(student, group_size=cfg.group_size, skip=cfg.skip)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    device = accelerator.device
+    if teacher is not None:
+        teacher.to(device)
+
+    def fixed_metrics(m) -> dict:
+        return fixed_eval_metrics(m, data, sampler, device, teacher=teacher)
+
+    start, saved = loop.resume(accelerator, state_dir, {"fingerprint": fingerprint})
+    loss_before = saved["loss_before"] if start else fixed_metrics(model)
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        # Per process, step and micro-batch: reproducible after a resume, distinct across processes.
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, accelerator.process_index))
+        idx = torch.randint(0, data.tokens.shape[0], (cfg.batch_size,), generator=gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
+        return qat_loss(model, data, idx, drop, gen, sampler, device, cfg.objective, teacher)
+
+    settings = loop.LoopSettings(steps=cfg.steps, save_every=cfg.save_every, accumulation=cfg.gradient_accumulation,
+                                 desc="SCQ 2/4 QAT",
+                                 nan_hint="lower qat.lr in the recipe and run `mgtq calibrate` again to resume")
+    losses = loop.train(accelerator, model, optimizer, loss_fn, settings, state_dir, start,
+                        {**saved, "fingerprint": fingerprint, "loss_before": loss_before}, progress=progress)
+    unwrapped = accelerator.unwrap_model(model)
+    loss_after = fixed_metrics(unwrapped)
+    summary = {"steps": cfg.steps, "processes": accelerator.num_processes, "objective": cfg.objective,
+               "loss_before": loss_before, "loss_after": loss_after,
+               "train_loss_last": float(np.mean(losses[-10:])) if losses else None,
+               "group_size": cfg.group_size, "skip": list(cfg.skip)}
+    return QATResult(float_state_dict(unwrapped, reference_keys), summary)
+
+
+def save_float_transformer(config, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """The QAT weights as a plain float MeissonicTransformer folder (config.json + safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    (folder / "config.json").write_text(json.dumps(plain_config(config), indent=2))
+
+
+def fake_quant_transformer(folder: Path, cfg: QATConfig) -> MeissonicTransformer:
+    """The QAT weights in `folder` with the same W4 fake quant as in training (the model SCQ measures
+    and calibrates)."""
+    try:
+        model = MeissonicTransformer.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        model = model.float().eval()
+    except Exception as err:
+        raise ValueError(f"the QAT weights in {folder} are damaged ({str(err)[:200]}); delete {folder.parent} "
+                         "and run `mgtq calibrate` again") from err
+    prepare_qat_(model, group_size=cfg.group_size, skip=cfg.skip)
+    return model

@@ -1,0 +1,42 @@
+"""A finished calibration run → the real W4 / W4A8 transformer and its manifest (what `mgtq export` saves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mgtq.models.transformer import MeissonicTransformer
+from mgtq.quantization import checkpoint, convert_qat_, prepare_qat_
+from mgtq.scq.run import RunFolder
+from mgtq.utils import model_fingerprint, parse_dtype, read_json
+
+
+def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
+    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and its manifest."""
+    folder = RunFolder(run)
+    info = folder.info()
+    folder.check_finished()
+    recipe = folder.recipe()
+    selection = read_json(folder.selection_file)
+    a8 = selection["a8_layers"]
+    model = MeissonicTransformer.from_pretrained(folder.qat_weights, local_files_only=True, use_safetensors=True)
+    model = model.float().eval()
+    prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=a8,
+                 input_scales=selection["input_scales"])
+    converted = convert_qat_(model)
+    checkpoint.cast_float_(model, parse_dtype(recipe.export.dtype))
+    manifest = {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "weight_bits": 4,
+        "group_size": recipe.qat.group_size,
+        "float_dtype": recipe.export.dtype,
+        "layers": {name: {"scheme": "w4a8" if kind == "W4A8Linear" else "w4a16",
+                          "group_size": model.get_submodule(name).group_size}
+                   for name, kind in sorted(converted.items())},
+        "source_model": info["model"],
+        "source_fingerprint": model_fingerprint(Path(info["model"])),
+        "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
+                      "statistic": selection["magnitude_statistic"]},
+        "recipe": recipe.to_dict(),
+    }
+    return model, manifest

@@ -1,0 +1,201 @@
+"""The calibration run folder: where every SCQ stage's output lives, and what makes it reusable.
+
+    RUN/
+      recipe.yaml            the recipe this run follows (a different one is refused unless restarted)
+      run.json               source model folder and each stage's fingerprint
+      .lock                  held by the `mgtq calibrate` working in RUN (names its holder)
+      synth/      stage.json, dataset/               the synthesized calibration set
+      qat/        stage.json, transformer/           the QAT float (latent) weights
+      qat-state/  accelerate state + trainer.json    resumable QAT progress
+      magnitudes/ stage.json, magnitudes.json        per-layer input magnitudes
+      secondary/  stage.json, selection.json, magnitudes.png   the A8 set and its input scales
+
+Each stage folder is written atomically with a `stage.json` holding the fingerprint of everything it
+depends on; a stage is complete while that fingerprint is the one the current recipe and model give.
+This module is the only one that knows these names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
+from mgtq.utils import atomic_directory, atomic_write_text, read_json, recover_atomic_target, write_json
+
+STAGES = ("synth", "qat", "magnitudes", "secondary")  # folder names, in the order of the flow
+
+
+class RunFolderBusy(ValueError):
+    """Another `mgtq calibrate` holds the run folder."""
+
+
+class RunFolder:
+    RECIPE = "recipe.yaml"
+    INFO = "run.json"
+    LOCK = ".lock"
+    MARKER = "stage.json"
+    QAT_STATE = "qat-state"
+    # files inside the stage folders
+    DATASET = "dataset"
+    QAT_WEIGHTS = "transformer"
+    MAGNITUDES = "magnitudes.json"
+    SELECTION = "selection.json"
+    PLOT = "magnitudes.png"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    # ----------------------------------------------------------------------------------- paths
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown SCQ stage {stage!r}; stages are {list(STAGES)}")
+        return self.root / stage
+
+    @property
+    def dataset(self) -> Path:
+        return self.stage_dir("synth") / self.DATASET
+
+    @property
+    def qat_weights(self) -> Path:
+        return self.stage_dir("qat") / self.QAT_WEIGHTS
+
+    @property
+    def qat_state(self) -> Path:
+        return self.root / self.QAT_STATE
+
+    @property
+    def magnitudes_file(self) -> Path:
+        return self.stage_dir("magnitudes") / self.MAGNITUDES
+
+    @property
+    def selection_file(self) -> Path:
+        return self.stage_dir("secondary") / self.SELECTION
+
+    # ------------------------------------------------------------------------------ run state
+    def exists(self) -> bool:
+        return (self.root / self.INFO).is_file()
+
+    def info(self) -> dict:
+        """run.json: {"model": source pipeline folder, "fingerprints": {stage: fingerprint}}."""
+        if not self.exists():
+            raise FileNotFoundError(f"{self.root} is not a calibration run (no {self.INFO}); run "
+                                    f"`mgtq calibrate --out {self.root}` first")
+        return read_json(self.root / self.INFO)
+
+    def recipe(self) -> Recipe:
+        """The recipe this run follows."""
+        path = self.root / self.RECIPE
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} has no {self.RECIPE}; it is not a calibration run")
+        try:
+            return recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path} cannot be read ({str(err)[:200]}); rerun `mgtq calibrate` with "
+                             "--restart and the recipe you want") from None
+
+    def stage_summary(self, stage: str) -> dict:
+        return read_json(self.stage_dir(stage) / self.MARKER)
+
+    def load_dataset(self):
+        """The synthesized calibration set (a `datasets` Dataset)."""
+        from datasets import load_from_disk
+
+        try:
+            return load_from_disk(str(self.dataset))
+        except Exception as err:  # datasets raises several types for damaged folders
+            raise ValueError(f"the synthesized calibration set in {self.dataset.parent} is damaged ({err}); delete "
+                             "that folder and run `mgtq calibrate` again to re-synthesize it") from err
+
+    def stage_complete(self, stage: str, fingerprint: str) -> bool:
+        marker = self.stage_dir(stage) / self.MARKER
+        if not marker.exists():
+            return False
+        try:
+            return read_json(marker).get("fingerprint") == fingerprint
+        except ValueError:
+            return False  # a damaged marker means the stage must run again
+
+    def check_finished(self) -> None:
+        """Raise ValueError naming the first unfinished stage and the command that finishes it."""
+        fingerprints = self.info()["fingerprints"]
+        for stage in STAGES:
+            if not self.stage_complete(stage, fingerprints.get(stage, "")):
+                raise ValueError(f"stage {stage!r} of {self.root} is not complete; run `mgtq calibrate --recipe "
+                                 f"{self.root / self.RECIPE} --out {self.root}` to finish it")
+
+    def write_stage(self, stage: str, fingerprint: str, summary: dict, write: Callable[[Path], None]) -> None:
+        """Write a stage's folder atomically: `write(tmp)` puts its files, then the marker."""
+        with atomic_directory(self.stage_dir(stage)) as tmp:
+            write(tmp)
+            write_json(tmp / self.MARKER, {"fingerprint": fingerprint, **summary})
+
+    # --------------------------------------------------------------------- starting and locking
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run folder for this process: a second `mgtq calibrate` on it fails at once.
+
+        An advisory lock (flock) the kernel drops when the holder dies, so a killed run never leaves
+        the folder locked.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / self.LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}; wait for it to "
+                                    "finish (or stop it), or calibrate into another --out folder") from None
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "command": " ".join(sys.argv)[:300]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    def start(self, recipe: Recipe, model_dir: Path, fingerprints: dict[str, str], restart: bool = False) -> None:
+        """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,
+        refuse a different recipe unless `restart`, record recipe and run.json."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in (*STAGES, self.QAT_STATE):
+            recover_atomic_target(self.root / name)
+        for name in (self.RECIPE, self.INFO):  # atomic_write_text's temporary files: `.NAME.XXXX`
+            for debris in self.root.glob(f".{name}.*"):
+                debris.unlink(missing_ok=True)
+        if (self.root / self.RECIPE).exists() and not restart:
+            try:
+                previous = self.recipe()
+            except ValueError as err:
+                raise ValueError(f"{err}; or choose another --out folder") from None
+            changed = previous.differences(recipe)
+            if changed:
+                shown = ", ".join(changed[:4]) + (", …" if len(changed) > 4 else "")
+                raise ValueError(
+                    f"{self.root} is a calibration run of another recipe ({self.root / self.RECIPE} differs in "
+                    f"{shown}); resume it with `--recipe {self.root / self.RECIPE}`, start it over with this "
+                    "recipe by adding --restart, or choose another --out folder")
+        atomic_write_text(self.root / self.RECIPE, dump_recipe(recipe))
+        write_json(self.root / self.INFO, {"model": str(model_dir), "fingerprints": fingerprints})
+
+
+def _holder(raw: bytes) -> str:
+    """'pid 123 on host since … (command)' from a lock file's contents."""
+    try:
+        h = json.loads(raw.decode("utf-8"))
+        return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"  # the holder has not written its name yet

@@ -1,0 +1,119 @@
+"""One resumable training loop on accelerate, shared by MGT training and SCQ's QAT.
+
+The caller builds the model, optimizer (and scheduler), prepares them with its `Accelerator` and
+passes a `loss_fn(step, micro)` that draws its own batch from a generator seeded by (step, micro):
+then the batches after a resume are the ones an uninterrupted run would have drawn, and with the
+optimizer, scheduler and RNG states restored by `accelerator.load_state` a resumed run ends
+byte-identical to an uninterrupted one.
+
+The state folder (written atomically every `save_every` steps) holds accelerate's state and
+`trainer.json` = {"step": next step, "recent_losses": [...], **info}; a state is resumed only while
+its info matches the `identity` the caller passes (e.g. the fingerprint of everything the training
+depends on). The recent losses travel with the state so that what is computed from them (a final
+loss, a log line) is also the same after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mgtq.utils import atomic_directory, read_json, recover_atomic_target, write_json
+
+TRAINER_FILE = "trainer.json"
+LOSS_HISTORY = 1000  # losses kept in the state: enough for any log window
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """steps: total optimizer steps; accumulation: micro-batches per step (accelerate's gradient
+    accumulation); save_final: also save the state after the last step (else the caller saves the
+    result itself); nan_hint: what the user should do when the loss stops being finite."""
+
+    steps: int
+    save_every: int
+    accumulation: int = 1
+    grad_clip: float = 1.0
+    save_final: bool = False
+    desc: str = "training"
+    nan_hint: str = "lower the learning rate and run again to resume"
+
+
+def resume(accelerator, state_dir: Path, identity: dict | None = None) -> tuple[int, dict]:
+    """Load the saved state in `state_dir` when its info matches `identity`: (next step, saved info).
+
+    (0, {}) when there is nothing to resume. Debris of a save that was killed is cleaned first (a
+    state whose swap was cut short is restored), so a kill at any moment loses at most the steps
+    since the last save.
+    """
+    state_dir = Path(state_dir)
+    if accelerator.is_main_process:
+        recover_atomic_target(state_dir)
+    accelerator.wait_for_everyone()
+    marker = state_dir / TRAINER_FILE
+    if not marker.exists():
+        return 0, {}
+    try:
+        info = read_json(marker)
+    except ValueError:
+        return 0, {}  # a damaged marker: start over rather than load a state we cannot vouch for
+    if any(info.get(k) != v for k, v in (identity or {}).items()):
+        return 0, {}
+    accelerator.load_state(str(state_dir))
+    return int(info["step"]), info
+
+
+def save(accelerator, state_dir: Path, step: int, losses: list[float], info: dict | None = None) -> None:
+    """Save accelerate's state and trainer.json, atomically (main process)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(state_dir) as tmp:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            write_json(tmp / TRAINER_FILE, {**(info or {}), "step": step, "recent_losses": losses[-LOSS_HISTORY:]})
+    accelerator.wait_for_everyone()
+
+
+def train(accelerator, model, optimizer, loss_fn: Callable[[int, int], torch.Tensor], settings: LoopSettings,
+          state_dir: Path, start: int = 0, info: dict | None = None, scheduler=None, progress: bool = True,
+          on_save: Callable[[int, list[float]], None] | None = None) -> list[float]:
+    """Steps `start` … settings.steps − 1; returns the loss of every micro-batch, those before a
+    resume as far as the state kept them (`info` is what :func:`resume` returned, plus anything the
+    caller wants saved with the state).
+
+    Raises FloatingPointError at the first non-finite loss, before it touches the weights; the last
+    saved state stays in `state_dir`. `on_save(step, losses)` runs after each save (e.g. to log).
+    """
+    s = settings
+    info = dict(info or {})
+    losses: list[float] = list(info.pop("recent_losses", []))
+    info.pop("step", None)
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=s.desc,
+               disable=not progress or not accelerator.is_main_process)
+    for step in bar:
+        for micro in range(s.accumulation):
+            with accelerator.accumulate(model):
+                loss = loss_fn(step, micro)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{s.desc}: the loss became {loss.item()} at step {step}; stopped. The last good state is "
+                        f"kept in {state_dir}; {s.nan_hint}")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        done = step + 1
+        if (done % s.save_every == 0 and done < s.steps) or (s.save_final and done == s.steps):
+            save(accelerator, state_dir, done, losses, info)
+            if on_save is not None:
+                on_save(done, losses)
+    accelerator.wait_for_everyone()
+    return losses

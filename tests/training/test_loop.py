@@ -1,0 +1,65 @@
+"""The shared resumable training loop: a resumed run ends exactly where an uninterrupted one does."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from mgtq.training import loop
+from mgtq.utils import read_json
+
+SETTINGS = loop.LoopSettings(steps=6, save_every=2, accumulation=2, desc="toy")
+
+
+def _train(state_dir, stop_at=None, identity=None, loss_hook=None):
+    """A toy regression on the loop; `stop_at` interrupts it in that step (before its update)."""
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start, info = loop.resume(accelerator, state_dir, identity or {"fingerprint": "a"})
+
+    def loss_fn(step, micro):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        gen = torch.Generator().manual_seed(100 * step + micro)
+        x = torch.randn(8, 4, generator=gen)
+        loss = (model(x).squeeze(1) - x.sum(1)).pow(2).mean()
+        return loss_hook(step, loss) if loss_hook else loss
+
+    losses = loop.train(accelerator, model, optimizer, loss_fn, SETTINGS, state_dir, start,
+                        {**info, **(identity or {"fingerprint": "a"})}, scheduler=scheduler, progress=False)
+    return start, losses, accelerator.unwrap_model(model).weight.detach().clone()
+
+
+def test_resume_ends_byte_identical_with_the_same_loss_history(tmp_path):
+    _, losses, weight = _train(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "resumed", stop_at=3)
+    assert read_json(tmp_path / "resumed" / loop.TRAINER_FILE)["step"] == 2
+    start, resumed_losses, resumed_weight = _train(tmp_path / "resumed")
+    assert start == 2 and torch.equal(resumed_weight, weight)
+    assert resumed_losses == losses  # what is computed from recent losses is the same after a resume
+
+
+def test_a_state_of_other_inputs_is_not_resumed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    start, _, _ = _train(tmp_path / "s", identity={"fingerprint": "b"})
+    assert start == 0
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_state(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"toy: the loss became nan at step 4.*last good state .* in"):
+        _train(tmp_path / "s", loss_hook=lambda step, loss: loss * float("nan") if step == 4 else loss)
+    assert read_json(tmp_path / "s" / loop.TRAINER_FILE)["step"] == 4
+
+
+def test_a_state_whose_swap_was_cut_short_is_restored(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    (tmp_path / "s").rename(tmp_path / ".s.old-0000")  # killed between the two renames of the next save
+    (tmp_path / ".s.tmp-1111").mkdir()
+    start, _, _ = _train(tmp_path / "s")
+    assert start == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
