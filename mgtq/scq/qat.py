@@ -24,7 +24,6 @@ from mgtq.scq.recipe import QATConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
-from mgtq.utils import derive_seed
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -135,7 +134,7 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         # Per process, step and micro-batch: reproducible after a resume, distinct across processes.
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, accelerator.process_index))
+        gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**62)
         idx = torch.randint(0, data.tokens.shape[0], (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
         return qat_loss(model, data, idx, drop, gen, sampler, device, cfg.objective, teacher)
