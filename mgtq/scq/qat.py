@@ -134,6 +134,8 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         # Per process, step and micro-batch: reproducible after a resume, distinct across processes.
+        # hash() of a tuple of ints is deterministic (only str hashes are salted); it is kept rather than
+        # mgtq.utils.derive_seed so runs and the published SCQ figures stay byte-identical.
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**62)
         idx = torch.randint(0, data.tokens.shape[0], (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
