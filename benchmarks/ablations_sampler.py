@@ -5,7 +5,7 @@ steps and seeds, and NFE (transformer calls per image).
 
     python benchmarks/ablations_sampler.py --limit 160 --threads 1                 # float model
     python benchmarks/ablations_sampler.py --limit 160 --threads 1 --model DIR --tag scq
-    python benchmarks/ablations_sampler.py --limit 160 --only presets,momentum     # some groups, in this order
+    python benchmarks/ablations_sampler.py --limit 160 --only presets,noise:3      # some groups (noise: its first 3 rows)
 
 Resumable: every evaluation is written to benchmarks/results/ablations_<tag>.json as soon as it ends,
 keyed by its sampler settings, and a rerun skips the settings already there (a setting shared by two
@@ -45,8 +45,7 @@ def groups(base: SamplerConfig) -> dict[str, list[tuple[str, SamplerConfig]]]:
     noise = v.with_overrides({"noise.curve": "abs_cos"})
     root = v.replace(schedule="root", rho=0.6)
     return {
-        "presets": [("paper-combo", SamplerConfig.preset("paper-combo", base=base)),
-                    ("paper-combo-root (1−t^0.6)", SamplerConfig.preset("paper-combo-root", base=base))],
+        "presets": [("paper-combo", SamplerConfig.preset("paper-combo", base=base))],
         "momentum": [(f"order 2 T={steps}", at(v.with_overrides({"momentum.order": 2}), steps))
                      for steps in (8, t, 12, 2 * t)],
         "inversion_cfg": [(f"masked Z, inversion CFG {c:g}" + (" (= sampler CFG)" if c == s else ""), z(inversion_cfg=c))
@@ -62,7 +61,9 @@ def groups(base: SamplerConfig) -> dict[str, list[tuple[str, SamplerConfig]]]:
                    ("noise + diff 75% + masked Z = paper-combo", SamplerConfig.preset("paper-combo", base=base)),
                    ("1−t^0.6", root), ("1−t^0.6 + noise", root.with_overrides({"noise.curve": "abs_cos"})),
                    ("1−t^0.6 + noise + diff 75%", root.with_overrides({"noise.curve": "abs_cos",
-                                                                       "differential.percent": 75.0}))],
+                                                                       "differential.percent": 75.0})),
+                   ("1−t^0.6 + noise + diff 75% + masked Z = paper-combo-root",
+                    SamplerConfig.preset("paper-combo-root", base=base))],
         "differential": [(f"z={p}%", v.with_overrides({"differential.percent": float(p)})) for p in (0, 25, 50, 75, 100)],
         "zsampling": [(f"{variant} T={steps}", at(v.with_overrides({"zsampling.variant": variant}), steps))
                       for steps in (t, 2 * t) for variant in ("masked", "random", "recover")],
@@ -168,8 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="float", help="results go to benchmarks/results/ablations_<tag>.{json,md}")
     p.add_argument("--limit", type=int, default=None, help="first N ShapeBench prompts (balanced over categories)")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--only", default=None, help="comma-separated groups, run in this order: "
-                   + ",".join(groups(SamplerConfig())))
+    p.add_argument("--only", default=None, help="comma-separated groups, run in this order; GROUP:K runs the "
+                   "group's first K rows. Groups: " + ",".join(groups(SamplerConfig())))
     p.add_argument("--redo", default="", help="comma-separated groups whose settings are measured again")
     p.add_argument("--fresh", action="store_true", help="discard the results file of this tag")
     p.add_argument("--threads", type=int, default=2)
@@ -180,8 +181,12 @@ def main(argv=None) -> int:
     pipe = MGTPipeline.from_pretrained(model)
     base = pipe.settings.sampler
     every = groups(base)
-    names = args.only.split(",") if args.only else list(every)
-    unknown = sorted(set(names + [g for g in args.redo.split(",") if g]) - set(every))
+    wanted = [item.partition(":") for item in args.only.split(",")] if args.only else [(g, "", "") for g in every]
+    try:
+        names = {group: int(k) if k else None for group, _, k in wanted}
+    except ValueError:
+        raise SystemExit(f"--only takes GROUP or GROUP:K (K an integer), got {args.only!r}") from None
+    unknown = sorted((set(names) | {g for g in args.redo.split(",") if g}) - set(every))
     if unknown:
         raise SystemExit(f"unknown group(s) {unknown}; choose from {list(every)}")
 
@@ -215,8 +220,8 @@ def main(argv=None) -> int:
         write_results(args.tag, payload, shown, base)
         print(f"{label:48s} acc={res['overall']:.3f} NFE={res['nfe']} {time.perf_counter() - t0:.0f}s", flush=True)
 
-    for group in names:
-        for label, cfg in every[group]:
+    for group, first in names.items():
+        for label, cfg in every[group][:first]:
             measure(vanilla_at(base, cfg.num_steps), f"[vanilla] T={cfg.num_steps}", reference=True)
             measure(cfg, f"[{group}] {label}")
     write_results(args.tag, payload, shown, base)
