@@ -53,10 +53,10 @@ def groups(base: SamplerConfig) -> dict[str, list[tuple[str, SamplerConfig]]]:
         "noise": [(f"noise {curve} α={a:g}", v.with_overrides({"noise.curve": curve, "noise.scale": a}))
                   for curve, a in (("abs_cos", 1.0), ("abs_cos_half_early", 1.0), ("abs_cos_half_late", 1.0),
                                    ("abs_cos", 2.0), ("half_abs_cos", 1.0), ("constant", 1.0))],
-        "official": [("masked Z, remask paper (mgtq)", z()), ("masked Z, remask official", z(remask="official")),
-                     ("differential z=75%, resample abs (mgtq)", v.with_overrides({"differential.percent": 75.0})),
+        "official": [("differential z=75%, resample abs (mgtq)", v.with_overrides({"differential.percent": 75.0})),
                      ("differential z=75%, resample clipped (official)",
-                      v.with_overrides({"differential.percent": 75.0, "differential.resample": "clipped"}))],
+                      v.with_overrides({"differential.percent": 75.0, "differential.resample": "clipped"})),
+                     ("masked Z, remask paper (mgtq)", z()), ("masked Z, remask official", z(remask="official"))],
         "combos": [("noise", noise), ("noise + diff 75%", noise.with_overrides({"differential.percent": 75.0})),
                    ("noise + diff 75% + masked Z = paper-combo", SamplerConfig.preset("paper-combo", base=base)),
                    ("1−t^0.6", root), ("1−t^0.6 + noise", root.with_overrides({"noise.curve": "abs_cos"})),
@@ -159,7 +159,7 @@ def write_results(tag: str, payload: dict, selected: dict, base: SamplerConfig) 
                   f"{r['vanilla_accuracy']:.3f} | {r['wins']} / {r['losses']} |" for r in group_rows]
         lines.append("")
     atomic_write_text(RESULTS / f"ablations_{tag}.md", "\n".join(lines))
-    if rows.get("rho"):
+    if sum(r["sampler"]["schedule"] in ("pow", "root") for r in rows.get("rho", [])) >= 2:
         plot_rho(rows["rho"], RESULTS / f"ablations_{tag}_rho.png")
 
 
@@ -205,8 +205,10 @@ def main(argv=None) -> int:
                "commands": list(dict.fromkeys(old.get("commands", [old["command"]] if "command" in old else [])
                                               + [command])),
                "evaluations": evaluations}
-    # every group present in the file stays in the tables, in the default order
-    shown = {g: every[g] for g in every if g in names or any(setting_key(c) in evaluations for _, c in every[g])}
+    # every group measured in the file stays in the tables, in the default order (a group whose only
+    # measured row is the vanilla reference itself, such as rho's "cosine", is not shown unless asked for)
+    measured = lambda c: setting_key(c) in evaluations and c != vanilla_at(base, c.num_steps)  # noqa: E731
+    shown = {g: every[g] for g in every if g in names or any(measured(c) for _, c in every[g])}
 
     def measure(cfg: SamplerConfig, label: str, reference: bool = False) -> None:
         key = setting_key(cfg)

@@ -15,7 +15,8 @@ inversion confidence is the plain log-probability (no Gumbel).
 
 remask (masked variant only): "paper" (default) re-masks the lowest-confidence tokens as above;
 "official" follows the official demo's rule: the k decoded tokens whose max-probability
-max_v p_inv(v) under the inversion pass is HIGHEST.
+max_v p_inv(v) under the inversion pass is HIGHEST. Only the ranking rule is the demo's; the
+rest of the step (e.g. the demo also mixes new samples in) stays mgtq's.
 """
 
 from __future__ import annotations
