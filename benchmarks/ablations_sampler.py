@@ -1,18 +1,23 @@
-"""Enhanced-sampler ablations on ShapeBench (paper Tables 2, 8–11, 13–15), float and SCQ checkpoints.
+"""Enhanced-sampler ablations on ShapeBench (paper Tables 2, 8–11, 13–15, Fig. 8), float and SCQ checkpoints.
 
 For every configuration: ShapeBench accuracy, the per-prompt win/loss against vanilla at the same
 steps and seeds, and NFE (transformer calls per image).
 
-    python benchmarks/ablations_sampler.py --limit 160                       # float model
-    python benchmarks/ablations_sampler.py --limit 160 --model checkpoints/tiny-shapes-w4a8-scq --tag scq
-    python benchmarks/ablations_sampler.py --only rho,momentum               # some groups
+    python benchmarks/ablations_sampler.py --limit 160 --threads 1                 # float model
+    python benchmarks/ablations_sampler.py --limit 160 --threads 1 --model DIR --tag scq
+    python benchmarks/ablations_sampler.py --limit 160 --only presets,noise:3      # some groups (noise: its first 3 rows)
 
-Writes benchmarks/results/ablations_<tag>.json and .md, and a plot of the ρ sweep.
+Resumable: every evaluation is written to benchmarks/results/ablations_<tag>.json as soon as it ends,
+keyed by its sampler settings, and a rerun skips the settings already there (a setting shared by two
+groups runs once). `--redo GROUPS` re-runs a group's settings (after a change to the code they use);
+`--fresh` starts a new file. A file made from another model, prompt count or split is never mixed in.
+Also writes ablations_<tag>.md and, with the rho group, a plot of the schedule sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,101 +28,205 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
-from mgtq.utils import write_json
+from mgtq.shapes import shapebench_prompts
+from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
+from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def groups(base: SamplerConfig) -> dict[str, list[tuple[str, SamplerConfig]]]:
-    """Named groups of (label, config); each group's vanilla reference is vanilla at the same steps."""
-    t = base.num_steps
+    """Named groups of (label, config), in the default run order (within a group too: what matters most
+    first, so a run cut short still answers the main question); vanilla at the same steps is the reference."""
+    t, s = base.num_steps, base.guidance_scale
     v = SamplerConfig.preset("vanilla", base=base)
     at = lambda cfg, steps: cfg.replace(num_steps=steps)  # noqa: E731
-    out = {
+    z = lambda **kw: v.with_overrides({"zsampling.variant": "masked", **{f"zsampling.{k}": x for k, x in kw.items()}})  # noqa: E731
+    noise = v.with_overrides({"noise.curve": "abs_cos"})
+    root = v.replace(schedule="root", rho=0.6)
+    return {
+        "presets": [("paper-combo", SamplerConfig.preset("paper-combo", base=base))],
+        "momentum": [(f"order 2 T={steps}", at(v.with_overrides({"momentum.order": 2}), steps))
+                     for steps in (8, t, 12, 2 * t)],
+        "inversion_cfg": [(f"masked Z, inversion CFG {c:g}" + (" (= sampler CFG)" if c == s else ""), z(inversion_cfg=c))
+                          for c in dict.fromkeys((-1.0, 0.0, 1.0, s))],
+        "noise": [(f"noise {curve} α={a:g}", v.with_overrides({"noise.curve": curve, "noise.scale": a}))
+                  for curve, a in (("abs_cos", 1.0), ("abs_cos_half_early", 1.0), ("abs_cos_half_late", 1.0),
+                                   ("abs_cos", 2.0), ("half_abs_cos", 1.0), ("constant", 1.0))],
+        "official": [("differential z=75%, resample abs (mgtq)", v.with_overrides({"differential.percent": 75.0})),
+                     ("differential z=75%, resample clipped (official)",
+                      v.with_overrides({"differential.percent": 75.0, "differential.resample": "clipped"})),
+                     ("masked Z, remask paper (mgtq)", z()), ("masked Z, remask official", z(remask="official"))],
+        "combos": [("noise", noise), ("noise + diff 75%", noise.with_overrides({"differential.percent": 75.0})),
+                   ("noise + diff 75% + masked Z = paper-combo", SamplerConfig.preset("paper-combo", base=base)),
+                   ("1−t^0.6", root), ("1−t^0.6 + noise", root.with_overrides({"noise.curve": "abs_cos"})),
+                   ("1−t^0.6 + noise + diff 75%", root.with_overrides({"noise.curve": "abs_cos",
+                                                                       "differential.percent": 75.0})),
+                   ("1−t^0.6 + noise + diff 75% + masked Z = paper-combo-root",
+                    SamplerConfig.preset("paper-combo-root", base=base))],
+        "differential": [(f"z={p}%", v.with_overrides({"differential.percent": float(p)})) for p in (0, 25, 50, 75, 100)],
+        "zsampling": [(f"{variant} T={steps}", at(v.with_overrides({"zsampling.variant": variant}), steps))
+                      for steps in (t, 2 * t) for variant in ("masked", "random", "recover")],
         "rho": [(f"{fam} ρ={rho}", v.replace(schedule=fam, rho=rho))
                 for fam in ("pow", "root") for rho in (0.4, 0.6, 0.8, 1.5, 2.0)]
                + [("cosine", v), ("linear", v.replace(schedule="linear"))],
-        "noise": [(f"noise {curve} α={a}", v.with_overrides({"noise.curve": curve, "noise.scale": a}))
-                  for curve, a in (("abs_cos", 1.0), ("abs_cos", 2.0), ("half_abs_cos", 1.0), ("constant", 1.0),
-                                   ("piecewise_v", 1.0), ("piecewise_ends", 1.0))],
-        "differential": [(f"z={z}%", v.with_overrides({"differential.percent": float(z)})) for z in (0, 25, 50, 75, 100)],
-        "zsampling": [(f"{variant} T={steps}", at(v.with_overrides({"zsampling.variant": variant}), steps))
-                      for steps in (t, 2 * t) for variant in ("masked", "random", "recover")],
-        "momentum": [(f"order {o} T={s}", at(v.with_overrides({"momentum.order": o}), s))
-                     for s in (8, 12, 16, 32) for o in (1, 2)],
-        "combos": [
-            ("1−t^0.6", v.replace(schedule="root", rho=0.6)),
-            ("1−t^0.6 + noise", v.replace(schedule="root", rho=0.6).with_overrides({"noise.curve": "abs_cos"})),
-            ("1−t^0.6 + noise + diff 75%", v.replace(schedule="root", rho=0.6).with_overrides(
-                {"noise.curve": "abs_cos", "differential.percent": 75.0})),
-            ("enhanced preset", SamplerConfig.preset("enhanced", base=base)),
-        ],
     }
+
+
+def setting_key(config: SamplerConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def win_loss(ok: list[bool], reference: list[bool]) -> dict:
+    wins = sum(r and not q for r, q in zip(ok, reference))
+    losses = sum(q and not r for r, q in zip(ok, reference))
+    decisive = wins + losses
+    return {"wins": wins, "losses": losses, "ties": len(ok) - decisive, "win_rate": wins / decisive if decisive else 0.5}
+
+
+def load_evaluations(path: Path, identity: dict, fresh: bool) -> dict[str, dict]:
+    """Evaluations already in `path` (setting key → result), if the file is from the same model/n/split.
+
+    A file of the earlier layout (rows only, no per-prompt outcomes) contributes its rows as
+    evaluations whose wins/losses were computed then.
+    """
+    if fresh or not path.exists():
+        return {}
+    data = read_json(path)
+    theirs = {k: data.get(k) for k in identity}
+    theirs["split"] = theirs["split"] or "test"
+    if "fingerprint" not in data:  # earlier layout: the model is named, not fingerprinted
+        theirs["fingerprint"] = identity["fingerprint"] if data.get("model") == identity["model"] else None
+    if theirs != identity:
+        raise SystemExit(f"{path} holds results of another model, prompt count or split ({theirs} ≠ {identity}); "
+                         "pass --fresh to start it over or --tag to write elsewhere")
+    if "evaluations" in data:
+        return data["evaluations"]
+    out = {}
+    for rows in data.get("groups", {}).values():
+        for row in rows:
+            try:
+                config = SamplerConfig.from_dict(row["sampler"])
+            except ValueError:
+                continue  # a setting that no longer exists
+            out[setting_key(config)] = {k: row[k] for k in ("accuracy", "per_category", "nfe", "seconds")} | {
+                "ok": None, "legacy": {k: row[k] for k in ("wins", "losses", "ties", "win_rate", "vanilla_accuracy")}}
     return out
 
 
-def win_loss(rows: list[dict], reference: list[dict]) -> dict:
-    wins = sum(r["ok"] and not q["ok"] for r, q in zip(rows, reference))
-    losses = sum(q["ok"] and not r["ok"] for r, q in zip(rows, reference))
-    decisive = wins + losses
-    return {"wins": wins, "losses": losses, "ties": len(rows) - decisive,
-            "win_rate": wins / decisive if decisive else 0.5}
+def table_rows(selected: dict, evaluations: dict, base: SamplerConfig) -> dict[str, list[dict]]:
+    """Each group's rows that have been measured, with wins/losses against vanilla at the same steps."""
+    out = {}
+    for group, configs in selected.items():
+        rows = []
+        for label, cfg in configs:
+            res = evaluations.get(setting_key(cfg))
+            if res is None:
+                continue
+            ref = evaluations.get(setting_key(vanilla_at(base, cfg.num_steps)))
+            if res["ok"] is not None and ref is not None and ref["ok"] is not None:
+                versus = win_loss(res["ok"], ref["ok"]) | {"vanilla_accuracy": ref["accuracy"]}
+            elif res.get("legacy"):
+                versus = res["legacy"]
+            else:
+                continue
+            rows.append({"label": label, "steps": cfg.num_steps, "sampler": cfg.to_dict(), **versus,
+                         **{k: res[k] for k in ("accuracy", "per_category", "nfe", "seconds")},
+                         "carried_over": bool(res.get("legacy"))})
+        out[group] = rows
+    return out
+
+
+def vanilla_at(base: SamplerConfig, steps: int) -> SamplerConfig:
+    return SamplerConfig.preset("vanilla", base=base, num_steps=steps)
+
+
+def write_results(tag: str, payload: dict, selected: dict, base: SamplerConfig) -> None:
+    rows = table_rows(selected, payload["evaluations"], base)
+    write_json(RESULTS / f"ablations_{tag}.json", {**payload, "groups": rows})
+    lines = [f"ShapeBench {payload['split']} split, first n={payload['n']} prompts (balanced over categories), "
+             f"CFG {base.guidance_scale:g}, model: {payload['model']}", "",
+             "Commands (each run adds the settings it lacks): " + "; ".join(f"`{c}`" for c in payload["commands"]), ""]
+    if any(r["carried_over"] for group in rows.values() for r in group):
+        lines += ["Rows marked * were measured by an earlier run of this script on the same model and prompts "
+                  "(before the results file kept per-prompt outcomes) and carried over unchanged.", ""]
+    for group, group_rows in rows.items():
+        if not group_rows:
+            continue
+        lines += [f"### {group}", "", "| setting | steps | NFE | accuracy | vanilla (same steps) | wins / losses vs vanilla |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['label']}{' *' if r['carried_over'] else ''} | {r['steps']} | {r['nfe']} | {r['accuracy']:.3f} | "
+                  f"{r['vanilla_accuracy']:.3f} | {r['wins']} / {r['losses']} |" for r in group_rows]
+        lines.append("")
+    atomic_write_text(RESULTS / f"ablations_{tag}.md", "\n".join(lines))
+    if sum(r["sampler"]["schedule"] in ("pow", "root") for r in rows.get("rho", [])) >= 2:
+        plot_rho(rows["rho"], RESULTS / f"ablations_{tag}_rho.png")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--tag", default="float")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--only", default=None, help="comma-separated groups: " + ",".join(groups(SamplerConfig())))
+    p.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--tag", default="float", help="results go to benchmarks/results/ablations_<tag>.{json,md}")
+    p.add_argument("--limit", type=int, default=None, help="first N ShapeBench prompts (balanced over categories)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--only", default=None, help="comma-separated groups, run in this order; GROUP:K runs the "
+                   "group's first K rows. Groups: " + ",".join(groups(SamplerConfig())))
+    p.add_argument("--redo", default="", help="comma-separated groups whose settings are measured again")
+    p.add_argument("--fresh", action="store_true", help="discard the results file of this tag")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe = MGTPipeline.from_pretrained(args.model or default_model())
+    model = args.model or default_model()
+    pipe = MGTPipeline.from_pretrained(model)
     base = pipe.settings.sampler
-    selected = groups(base)
-    if args.only:
-        selected = {k: selected[k] for k in args.only.split(",")}
-    vanilla_cache: dict[int, dict] = {}
+    every = groups(base)
+    wanted = [item.partition(":") for item in args.only.split(",")] if args.only else [(g, "", "") for g in every]
+    try:
+        names = {group: int(k) if k else None for group, _, k in wanted}
+    except ValueError:
+        raise SystemExit(f"--only takes GROUP or GROUP:K (K an integer), got {args.only!r}") from None
+    unknown = sorted((set(names) | {g for g in args.redo.split(",") if g}) - set(every))
+    if unknown:
+        raise SystemExit(f"unknown group(s) {unknown}; choose from {list(every)}")
 
-    def vanilla(steps: int) -> dict:
-        if steps not in vanilla_cache:
-            vanilla_cache[steps] = evaluate_pipeline(pipe, args.limit, SamplerConfig.preset("vanilla", base=base)
-                                                     .replace(num_steps=steps), progress=False)
-        return vanilla_cache[steps]
+    path = RESULTS / f"ablations_{args.tag}.json"
+    n = len(shapebench_prompts(DEFAULT_PER_CATEGORY, args.split)[: args.limit])
+    # the folder's name, not its path: results files are shared; the fingerprint identifies the weights
+    identity = {"model": args.model.name if args.model else "tiny-shapes (embedded)", "fingerprint": model_fingerprint(model),
+                "n": n, "split": args.split}
+    evaluations = load_evaluations(path, identity, args.fresh)
+    old = read_json(path) if path.exists() and not args.fresh else {}
+    for group in filter(None, args.redo.split(",")):
+        for _, cfg in every[group]:
+            evaluations.pop(setting_key(cfg), None)
+    command = "python benchmarks/ablations_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    payload = {**identity, "tag": args.tag, "base_sampler": base.to_dict(),
+               "commands": list(dict.fromkeys(old.get("commands", [old["command"]] if "command" in old else [])
+                                              + [command])),
+               "evaluations": evaluations}
+    # every group measured in the file stays in the tables, in the default order (a group whose only
+    # measured row is the vanilla reference itself, such as rho's "cosine", is not shown unless asked for)
+    measured = lambda c: setting_key(c) in evaluations and c != vanilla_at(base, c.num_steps)  # noqa: E731
+    shown = {g: every[g] for g in every if g in names or any(measured(c) for _, c in every[g])}
 
-    results = {}
-    for group, configs in selected.items():
-        results[group] = []
-        for label, cfg in configs:
-            t0 = time.perf_counter()
-            res = evaluate_pipeline(pipe, args.limit, cfg, progress=False)
-            ref = vanilla(cfg.num_steps)
-            row = {"label": label, "accuracy": res["overall"], "per_category": res["per_category"], "nfe": res["nfe"],
-                   "steps": cfg.num_steps, "vanilla_accuracy": ref["overall"],
-                   **win_loss(res["per_prompt"], ref["per_prompt"]), "sampler": cfg.to_dict(),
-                   "seconds": time.perf_counter() - t0}
-            results[group].append(row)
-            print(f"[{group}] {label:32s} acc={row['accuracy']:.3f} (vanilla {row['vanilla_accuracy']:.3f}) "
-                  f"W/L={row['wins']}/{row['losses']} NFE={row['nfe']}", flush=True)
+    def measure(cfg: SamplerConfig, label: str, reference: bool = False) -> None:
+        key = setting_key(cfg)
+        if key in evaluations and not (reference and evaluations[key]["ok"] is None):
+            return  # a reference needs per-prompt outcomes, which carried-over rows lack
+        t0 = time.perf_counter()
+        res = evaluate_pipeline(pipe, args.limit, cfg, progress=False, split=args.split)
+        evaluations[key] = {"accuracy": res["overall"], "per_category": res["per_category"], "nfe": res["nfe"],
+                            "ok": [bool(r["ok"]) for r in res["per_prompt"]], "seconds": time.perf_counter() - t0}
+        assert res["n"] == n, (res["n"], n)
+        write_results(args.tag, payload, shown, base)
+        print(f"{label:48s} acc={res['overall']:.3f} NFE={res['nfe']} {time.perf_counter() - t0:.0f}s", flush=True)
 
-    n = next(iter(vanilla_cache.values()))["n"]
-    payload = {"model": str(args.model or "tiny-shapes (embedded)"), "tag": args.tag, "n": n,
-               "base_sampler": base.to_dict(), "groups": results,
-               "command": "python benchmarks/ablations_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"ablations_{args.tag}.json", payload)
-    lines = [f"ShapeBench n={n}, CFG {base.guidance_scale}, model: {payload['model']}", ""]
-    for group, rows in results.items():
-        lines += [f"### {group}", "", "| setting | steps | NFE | accuracy | vanilla (same steps) | wins / losses vs vanilla |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['label']} | {r['steps']} | {r['nfe']} | {r['accuracy']:.3f} | {r['vanilla_accuracy']:.3f} | "
-                  f"{r['wins']} / {r['losses']} |" for r in rows]
-        lines.append("")
-    (RESULTS / f"ablations_{args.tag}.md").write_text("\n".join(lines))
-    if "rho" in results:
-        plot_rho(results["rho"], RESULTS / f"ablations_{args.tag}_rho.png")
+    for group, first in names.items():
+        for label, cfg in every[group][:first]:
+            measure(vanilla_at(base, cfg.num_steps), f"[vanilla] T={cfg.num_steps}", reference=True)
+            measure(cfg, f"[{group}] {label}")
+    write_results(args.tag, payload, shown, base)
     return 0
 
 

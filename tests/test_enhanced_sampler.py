@@ -12,7 +12,7 @@ import yaml
 from mgtq.sampling import SamplerConfig, mask_ratio, sample
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
 from mgtq.sampling.maskgit import momentum_coefficient
-from mgtq.sampling.tricks.differential import differential_probs, num_resampled, token_kl
+from mgtq.sampling.tricks.differential import CLIP_FLOOR, differential_probs, num_resampled, token_kl
 from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
 from mgtq.sampling.tricks.noise import noise_intensity
 from mgtq.sampling.tricks.zsampling import invert_by_remasking
@@ -71,7 +71,7 @@ TRICKS = {
     "zsampling_random": {"zsampling": {"variant": "random"}},
     "zsampling_recover": {"zsampling": {"variant": "recover"}},
     "momentum2": {"momentum": {"order": 2}, "schedule": "root", "rho": 0.6},
-    "enhanced": None,
+    "paper-combo": None,
     "everything": {"schedule": "pow", "rho": 2.0, "noise": {"curve": "half_abs_cos"}, "differential": {"percent": 50},
                    "zsampling": {"variant": "masked", "inversion_cfg": 0.5, "steps": [0, 2]}, "momentum": {"order": 2}},
 }
@@ -79,7 +79,7 @@ TRICKS = {
 
 def _trick_config(name, **kw):
     if TRICKS[name] is None:
-        return SamplerConfig.preset("enhanced", base=_config(**kw))
+        return SamplerConfig.preset(name, base=_config(**kw))
     return _config(**kw).with_overrides(_flat(TRICKS[name]))
 
 
@@ -141,8 +141,11 @@ def test_noise_curves():
     assert noise_intensity("abs_cos", 1.0, 2.0) == pytest.approx(2.0)
     assert noise_intensity("half_abs_cos", 0.0, 2.0) == pytest.approx(1.0)
     assert noise_intensity("constant", 0.3, 0.7) == pytest.approx(0.7)
-    assert noise_intensity("piecewise_v", 0.25, 1.0) == pytest.approx(0.5)
-    assert [noise_intensity("piecewise_ends", t, 1.0) for t in (0.0, 0.2, 0.5, 0.7, 1.0)] == [1, 1, 0, 1, 1]
+    # Fig. 8: |cos πt| halved before t = ½ ("early") or from t = ½ on ("late")
+    for t in (0.0, 0.2, 0.49, 0.5, 0.8, 1.0):
+        full = 2.0 * abs(math.cos(math.pi * t))
+        assert noise_intensity("abs_cos_half_early", t, 2.0) == pytest.approx(full / 2 if t < 0.5 else full)
+        assert noise_intensity("abs_cos_half_late", t, 2.0) == pytest.approx(full if t < 0.5 else full / 2)
     knots = ((0.0, 0.0), (0.5, 1.0), (0.5, 3.0), (1.0, 3.0))
     assert noise_intensity("piecewise", 0.25, 2.0, knots) == pytest.approx(1.0)
     assert noise_intensity("piecewise", 0.5, 2.0, knots) == pytest.approx(6.0)  # at a jump, the later knot wins
@@ -169,6 +172,22 @@ def test_differential_resamples_exactly_the_lowest_kl_tokens():
             assert torch.allclose(out[b, j], residual / residual.sum())
     assert torch.allclose(out.sum(-1), torch.ones(2, 20))
     assert torch.equal(differential_probs(probs, prev, percent=0), probs)
+
+
+def test_differential_clipped_resamples_from_the_official_signed_difference():
+    gen = torch.Generator().manual_seed(1)
+    prev = torch.rand(1, 12, 6, generator=gen).softmax(-1)
+    probs = (torch.rand(1, 12, 6, generator=gen) * 3).softmax(-1)
+    probs[0, 2] = prev[0, 2]  # identical row: the clipped rule makes it uniform (the abs rule keeps p_i)
+    clipped = differential_probs(probs, prev, percent=100, rule="clipped")
+    weights = (probs - prev).clamp_min(CLIP_FLOOR)
+    assert torch.allclose(clipped[0], weights[0] / weights[0].sum(-1, keepdim=True))
+    assert torch.allclose(clipped[0, 2], torch.full((6,), 1 / 6))
+    fell = (probs - prev) < 0  # tokens whose probability fell are (almost) never drawn
+    assert (clipped[fell] < 1e-4).all()
+    assert not torch.allclose(clipped, differential_probs(probs, prev, percent=100, rule="abs"))
+    with pytest.raises(ValueError, match="resample"):
+        differential_probs(probs, prev, percent=50, rule="signed")
 
 
 def test_differential_counts():
@@ -224,6 +243,35 @@ def test_inversion_remasks_back_to_step_i():
     assert ((rand == after) | (rand == MASK)).all() and (rand[after == MASK] == MASK).all()
 
 
+def test_official_remask_takes_the_highest_max_probability_tokens():
+    before = torch.tensor([[MASK, MASK, MASK, MASK, 3, 5]])
+    after = torch.tensor([[MASK, 7, 8, MASK, 3, 5]])
+    logits = torch.zeros(1, 6, V)
+    logits[0, :, 0] = torch.tensor([9.0, 1.0, 4.0, 9.0, 2.0, 3.0])
+    logits[0, [1, 2, 4, 5], [7, 8, 3, 5]] = torch.tensor([-3.0, 6.0, -3.0, 6.0])  # the decoded tokens' own logits
+    # official: the highest max_v p(v) go back under the mask, i.e. the two confident positions 2 and 5
+    official = invert_by_remasking(before, after, MASK, "masked", _gens([0]), logits, remask="official")
+    assert official[0].tolist() == [MASK, 7, MASK, MASK, 3, MASK]
+    # paper: the lowest p of the decoded token, positions 1 and 4
+    paper = invert_by_remasking(before, after, MASK, "masked", _gens([0]), logits, remask="paper")
+    assert paper[0].tolist() == [MASK, MASK, 8, MASK, MASK, 5]
+    with pytest.raises(ValueError, match="remask"):
+        SamplerConfig.from_dict({"zsampling": {"variant": "random", "remask": "official"}})
+    result = _run(_config(zsampling={"variant": "masked", "remask": "official"}), [0, 1], cfg=3.0)
+    assert result.nfe == 3 * 5 + 1 and not (result.tokens == MASK).any()
+
+
+@pytest.mark.parametrize("inversion_cfg", [-1.0, -0.5, 2.5])
+def test_inversion_cfg_may_be_negative_and_is_passed_literally(inversion_cfg):
+    calls = []
+    config = _config(zsampling={"variant": "masked", "inversion_cfg": inversion_cfg, "steps": [0, 1]})
+    assert config.needs_unconditional
+    result = _run(config, [0, 1, 2, 3], cfg=1.0, calls=calls)
+    assert calls.count(inversion_cfg) == 2 and result.nfe == 6 + 2 * 2
+    other = _run(config.with_overrides({"zsampling.inversion_cfg": 0.0}), [0, 1, 2, 3], cfg=1.0)
+    assert not torch.equal(result.tokens, other.tokens)
+
+
 def test_masked_zsampling_needs_a_guidance_scale_parameter():
     def plain(tokens, timestep):
         return torch.zeros(tokens.shape[0], V, *tokens.shape[1:])
@@ -249,8 +297,23 @@ def test_momentum_coefficient_and_projection():
     assert torch.equal(second_order_probs(p, q, 0.0), p)
 
 
+@pytest.mark.parametrize("schedule,rho", [("cosine", 1.0), ("linear", 1.0), ("pow", 0.6), ("pow", 2.0),
+                                         ("root", 0.6), ("root", 2.0)])
+@pytest.mark.parametrize("steps", [8, 12, 16, 32])
+def test_momentum_last_step_is_first_order_for_every_schedule(schedule, rho, steps):
+    # cos(π/2) is 6e−17 in floating point: σ(1) must still be exactly 0, or the last step's
+    # 2nd-order coefficient is about 20 instead of a first-order fallback
+    assert mask_ratio(schedule, 1.0, rho) == 0.0 and mask_ratio(schedule, 0.0, rho) == 1.0
+    assert float(mask_ratio(schedule, torch.tensor([0.0, 1.0], dtype=torch.float64), rho)[-1]) == 0.0
+    config = _config(num_steps=steps, schedule=schedule, rho=rho)
+    coefs = [momentum_coefficient(config, i) for i in range(steps)]
+    assert coefs[0] == 0.0 and coefs[-1] == 0.0
+    assert all(math.isfinite(c) and 0.0 <= c < 5.0 for c in coefs)
+    assert any(c > 0 for c in coefs[1:-1])
+
+
 @pytest.mark.parametrize("name", ["momentum2", "differential", "noise", "zsampling_masked", "zsampling_random",
-                                  "enhanced", "everything"])
+                                  "paper-combo", "everything"])
 def test_token_bookkeeping_follows_the_schedule(name):
     """Never more tokens decoded than the schedule allows; without Z-steps decoded tokens stay."""
     config = _trick_config(name, num_steps=8)
@@ -275,15 +338,15 @@ def test_token_bookkeeping_follows_the_schedule(name):
 # ------------------------------------------------------------------------------ batches & CFG
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
-@pytest.mark.parametrize("name", ["noise", "differential", "zsampling_masked", "momentum2", "enhanced"])
+@pytest.mark.parametrize("name", ["noise", "differential", "zsampling_masked", "momentum2", "paper-combo"])
 def test_batches_with_and_without_cfg(name, cfg, batch):
     result = _run(_trick_config(name), list(range(batch)), cfg=cfg)
     assert result.tokens.shape == (batch, *GRID)
     assert not (result.tokens == MASK).any() and (result.tokens < V).all()
 
 
-def test_pipeline_enhanced_batch_cfg_nfe_and_independence(random_pipeline):
-    config = SamplerConfig.preset("enhanced", base=random_pipeline.settings.sampler, num_steps=4)
+def test_pipeline_paper_combo_batch_cfg_nfe_and_independence(random_pipeline):
+    config = SamplerConfig.preset("paper-combo", base=random_pipeline.settings.sampler, num_steps=4)
     prompts = ["a red circle", "two blue squares"]
     out = random_pipeline(prompts, seed=5, sampler=config, progress=False, output_type="tokens")
     assert out.nfe == 3 * 4 - 2 and out.tokens.shape == (2, 16, 16)
@@ -304,9 +367,11 @@ def test_pipeline_inversion_cfg_without_main_cfg(random_pipeline):
 
 # ------------------------------------------------------------------------------- configuration
 def test_config_round_trips_and_names_unknown_keys():
-    config = SamplerConfig.preset("enhanced", num_steps=12, guidance_scale=4.0)
-    assert config.num_steps == 12 and config.guidance_scale == 4.0 and config.schedule == "root"
-    assert config.rho == 0.6 and config.differential.percent == 75 and config.zsampling.variant == "masked"
+    config = SamplerConfig.preset("paper-combo", num_steps=12, guidance_scale=4.0)
+    assert config.num_steps == 12 and config.guidance_scale == 4.0 and config.schedule == "cosine"
+    assert config.noise.curve == "abs_cos" and config.noise.scale == 1.0 and config.momentum.order == 0
+    assert config.differential.percent == 75 and config.zsampling.variant == "masked"
+    assert config.zsampling.inversion_cfg == 0.0
     assert SamplerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert SamplerConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
     with pytest.raises(ValueError, match=r"noise\.scal"):
@@ -322,7 +387,7 @@ def test_config_round_trips_and_names_unknown_keys():
 
 @pytest.mark.parametrize("bad,match", [
     ({"differential": {"percent": 120}}, "differential.percent"),
-    ({"zsampling": {"variant": "zigzag"}}, "Z-sampling variant"),
+    ({"zsampling": {"variant": "zigzag"}}, "zsampling.variant must be one of"),
     ({"zsampling": {"steps": [3, 9]}, "num_steps": 6}, "beyond the last step"),
     ({"momentum": {"order": 3}}, "momentum.order"),
     ({"noise": {"curve": "piecewise"}}, "knots"),
@@ -339,15 +404,18 @@ def test_cli_flags_map_onto_the_config(tmp_path):
     add_sampler_arguments(parser)
     base = _config(num_steps=20, guidance_scale=5.0)
     assert sampler_config_from_args(parser.parse_args([]), base) == base
-    args = parser.parse_args(["--sampler", "enhanced", "--noise-scale", "2", "--diff-z", "50", "--momentum", "2",
+    args = parser.parse_args(["--sampler", "paper-combo", "--noise-scale", "2", "--diff-z", "50", "--momentum", "2",
                               "--zsampling-steps", "0:4", "--inversion-cfg", "1.5", "--rho", "0.5",
-                              "--gumbel-temperature", "1", "0.25"])
+                              "--gumbel-temperature", "1", "0.25", "--diff-resample", "clipped",
+                              "--zsampling-remask", "official"])
     config = sampler_config_from_args(args, base)
     assert (config.num_steps, config.guidance_scale, config.timestep_convention) == (20, 5.0, "mask_ratio")
     assert config.noise == type(config.noise)(curve="abs_cos", scale=2.0)
     assert config.differential.percent == 50 and config.momentum.order == 2 and config.rho == 0.5
     assert config.gumbel_temperature == (1.0, 0.25)
     assert config.zsampling.steps == (0, 1, 2, 3) and config.zsampling.inversion_cfg == 1.5
+    assert config.differential.resample == "clipped" and config.zsampling.remask == "official"
+    assert config.schedule == "cosine" and config.zsampling.variant == "masked"  # from paper-combo
     path = tmp_path / "sweep.yaml"
     path.write_text("schedule: linear\nzsampling: {variant: recover, steps: [1, 2]}\n")
     config = sampler_config_from_args(parser.parse_args(["--sampler-config", str(path), "--zsampling-steps", "all"]),

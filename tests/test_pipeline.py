@@ -114,7 +114,7 @@ def test_cli_eval_writes_json(tmp_path, random_pipeline_dir):
 def test_cli_generate_with_enhanced_sampler_flags(tmp_path, random_pipeline_dir):
     out = tmp_path / "e.png"
     code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
-                 "--sampler", "enhanced", "--noise-scale", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
+                 "--sampler", "paper-combo", "--noise-scale", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert code == 0 and out.exists()
 
 

@@ -93,5 +93,5 @@ def test_config_validation():
         SamplerConfig(schedule="square")
     with pytest.raises(ValueError, match="num_steps"):
         SamplerConfig(num_steps=0)
-    with pytest.raises(ValueError, match="unknown sampler setting"):
+    with pytest.raises(ValueError, match="unknown key 'steps'"):
         SamplerConfig.from_dict({"steps": 3})

@@ -17,9 +17,10 @@ from mgtq import argtypes
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
+from mgtq.sampling.tricks.differential import RESAMPLE_RULES
 from mgtq.sampling.tricks.momentum import MOMENTUM_ORDERS
 from mgtq.sampling.tricks.noise import NOISE_CURVES
-from mgtq.sampling.tricks.zsampling import ZSAMPLING_VARIANTS
+from mgtq.sampling.tricks.zsampling import REMASK_RULES, ZSAMPLING_VARIANTS
 
 
 def parse_steps(spec: str) -> tuple[int, ...] | str:
@@ -75,7 +76,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     """Add the sampler flags (all default to None = keep the base config's value)."""
     g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
     g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
-                   help="preset: vanilla (official) or enhanced (the paper's best combination)")
+                   help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
+                        "differential 75%%, masked Z-sampling) or paper-combo-root (the same on 1−t^0.6)")
     g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -91,12 +93,16 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="α of the noise curve (the demo uses 2)")
     g.add_argument("--diff-z", type=argtypes.number(0, 100), default=None, metavar="PERCENT",
                    help="differential sampling: percent z of tokens resampled (0 = off, paper: 75)")
+    g.add_argument("--diff-resample", choices=RESAMPLE_RULES, default=None,
+                   help="differential sampling's distribution: abs |p_i − p_{i−1}| (paper) or clipped (official demo)")
     g.add_argument("--zsampling", choices=ZSAMPLING_VARIANTS, default=None,
                    help="Z-sampling: masked (paper), random / recover (ablations), off")
-    g.add_argument("--inversion-cfg", type=argtypes.number(minimum=0), default=None,
-                   help="CFG scale of Z-sampling's inversion pass")
+    g.add_argument("--inversion-cfg", type=argtypes.finite_float, default=None,
+                   help="CFG scale of Z-sampling's inversion pass (any finite value; the paper's best is near −1)")
     g.add_argument("--zsampling-steps", type=parse_steps, default=None, metavar="SPEC",
                    help="Z-steps: 'all' (every step but the last), 'START:STOP', or 'I,J,…'")
+    g.add_argument("--zsampling-remask", choices=REMASK_RULES, default=None,
+                   help="masked Z-sampling's re-mask rule: paper (lowest confidence) or official (the demo's)")
     g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,
                    help="momentum-based solver order: 0 off, 1 first order (= vanilla), 2 second order")
     return g
@@ -106,7 +112,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
 _FLAG_PATHS = {
     "schedule": "schedule", "rho": "rho", "gumbel_temperature": "gumbel_temperature",
     "noise": "noise.curve", "noise_scale": "noise.scale",
-    "diff_z": "differential.percent", "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg",
+    "diff_z": "differential.percent", "diff_resample": "differential.resample",
+    "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg", "zsampling_remask": "zsampling.remask",
     "momentum": "momentum.order",
 }
 

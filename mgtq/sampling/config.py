@@ -4,82 +4,77 @@ It maps one-to-one onto YAML/JSON: the tricks of the enhanced sampler are small 
 
     num_steps: 48
     guidance_scale: 9.0
-    schedule: root          # cosine | linear | pow | root
-    rho: 0.6
+    schedule: cosine        # cosine | linear | pow | root
+    rho: 1.0
     noise: {curve: abs_cos, scale: 1.0}
-    differential: {percent: 75}
-    zsampling: {variant: masked, inversion_cfg: 0.0, steps: null}
+    differential: {percent: 75, resample: abs}
+    zsampling: {variant: masked, inversion_cfg: 0.0, steps: null, remask: paper}
     momentum: {order: 0}
 
-and an unknown or misspelled key, at any level, is an error that names it. Every trick's default
-is neutral: the default SamplerConfig is the official vanilla sampler, token for token.
+Reading goes through mgtq.config's strict loader: an unknown or misspelled key, at any level, is an
+error that names it, and so is a value of the wrong type or a non-finite number
+("guidance_scale must be a finite number, got nan"). Building a dataclass directly runs the same
+checks. Every trick's default is neutral: the default SamplerConfig is the official vanilla
+sampler, token for token.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from mgtq.sampling.schedules import SCHEDULES, TIMESTEP_CONVENTIONS
+from mgtq.config import check_value, from_mapping
+from mgtq.sampling.presets import PRESET_NAMES, preset_fields
+from mgtq.sampling.schedules import Schedule, TimestepConvention
+from mgtq.sampling.tricks.differential import Resample
 from mgtq.sampling.tricks.momentum import MOMENTUM_ORDERS
-from mgtq.sampling.tricks.noise import NOISE_CURVES
-from mgtq.sampling.tricks.zsampling import ZSAMPLING_VARIANTS
+from mgtq.sampling.tricks.noise import NoiseCurve
+from mgtq.sampling.tricks.zsampling import Remask, ZSamplingVariant
+
+__all__ = ["SamplerConfig", "NoiseConfig", "DifferentialConfig", "ZSamplingConfig", "MomentumConfig", "PRESET_NAMES"]
 
 
-def _check_keys(cls, data: Mapping, where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        names = [f"{where}{k}" for k in unknown]
-        raise ValueError(f"unknown sampler setting(s) {names}; known settings{' of ' + where[:-1] if where else ''} "
-                         f"are {sorted(known)}")
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
-def _number(value, name: str, minimum: float | None = None, maximum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return float(value)
+def _check_fields(config, where: str) -> None:
+    """Check (and normalize) every plain field of a frozen config against its annotation.
 
-
-def _section(cls, value, name: str):
-    """A nested section given as a dataclass or a mapping (from YAML/JSON)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        _check_keys(cls, value, f"{name}.")
-        return cls(**value)
-    raise ValueError(f"sampler setting {name!r} must be a mapping of {[f.name for f in fields(cls)]}, got {value!r}")
+    Sections (nested dataclasses) are left to the owner's __post_init__, which builds them with
+    from_mapping. Messages name the dotted key: "noise.scale must be a finite number, got nan".
+    """
+    hints = _hints(type(config))
+    for f in fields(config):
+        if not is_dataclass(hints[f.name]):
+            name = f"{where}.{f.name}" if where else f.name
+            object.__setattr__(config, f.name, check_value(getattr(config, f.name), hints[f.name], name))
 
 
 @dataclass(frozen=True)
 class NoiseConfig:
     """Noise regularization ℓ ← ℓ + I(t)·ε (mgtq.sampling.tricks.noise).
 
-    curve: one of NOISE_CURVES ("off" = neutral); scale: α; knots: ((t, value), …) for "piecewise".
+    curve: one of NOISE_CURVES ("off" = neutral); scale: α ≥ 0; knots: ((t, value), …) for "piecewise".
     """
 
-    curve: str = "off"
+    curve: NoiseCurve = "off"
     scale: float = 1.0
     knots: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self):
-        if self.curve not in NOISE_CURVES:
-            raise ValueError(f"unknown noise curve {self.curve!r}; choose one of {NOISE_CURVES}")
-        object.__setattr__(self, "scale", _number(self.scale, "noise.scale", 0.0))
-        try:
-            knots = tuple((float(t), float(v)) for t, v in self.knots)
-        except (TypeError, ValueError):
-            raise ValueError(f"noise.knots must be (t, value) pairs, got {self.knots!r}") from None
-        if self.curve == "piecewise" and len(knots) < 2:
+        _check_fields(self, "noise")
+        if self.scale < 0:
+            raise ValueError(f"noise.scale must be ≥ 0, got {self.scale}")
+        if self.curve == "piecewise" and len(self.knots) < 2:
             raise ValueError("noise curve 'piecewise' needs at least two knots (t, value) in noise.knots")
-        ts = [t for t, _ in knots]
-        if ts != sorted(ts) or any(not 0 <= t <= 1 for t in ts) or any(v < 0 for _, v in knots):
+        ts = [t for t, _ in self.knots]
+        if ts != sorted(ts) or any(not 0 <= t <= 1 for t in ts) or any(v < 0 for _, v in self.knots):
             raise ValueError(f"noise.knots need t in [0, 1], non-decreasing, and values ≥ 0; got {self.knots!r}")
-        object.__setattr__(self, "knots", knots)
 
     @property
     def enabled(self) -> bool:
@@ -88,12 +83,16 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class DifferentialConfig:
-    """Differential sampling (mgtq.sampling.tricks.differential): percent = z, 0 = neutral."""
+    """Differential sampling (mgtq.sampling.tricks.differential): percent = z in [0, 100], 0 = neutral;
+    resample: "abs" |p_i − p_{i−1}| (paper) or "clipped" clip(p_i − p_{i−1}, 1e−6) (official demo)."""
 
     percent: float = 0.0
+    resample: Resample = "abs"
 
     def __post_init__(self):
-        object.__setattr__(self, "percent", _number(self.percent, "differential.percent", 0.0, 100.0))
+        _check_fields(self, "differential")
+        if not 0 <= self.percent <= 100:
+            raise ValueError(f"differential.percent must be in [0, 100], got {self.percent}")
 
     @property
     def enabled(self) -> bool:
@@ -105,23 +104,26 @@ class ZSamplingConfig:
     """Masked Z-sampling (mgtq.sampling.tricks.zsampling).
 
     variant: "off" (neutral) | "masked" | "random" | "recover"; inversion_cfg: literal CFG scale of
-    the inversion pass, ℓu + s(ℓc − ℓu) (0 = unconditional); steps: the 0-based steps that get a
-    Z-step, None = every step but the last.
+    the inversion pass, ℓu + s(ℓc − ℓu), any finite value (0 = unconditional, 1 = conditional,
+    negative = away from the prompt); steps: the 0-based steps that get a Z-step, None = every step
+    but the last; remask: the masked variant's re-mask rule, "paper" (lowest log p of the decoded
+    token) or "official" (the demo's: highest max-probability).
     """
 
-    variant: str = "off"
+    variant: ZSamplingVariant = "off"
     inversion_cfg: float = 0.0
     steps: tuple[int, ...] | None = None
+    remask: Remask = "paper"
 
     def __post_init__(self):
-        if self.variant not in ZSAMPLING_VARIANTS:
-            raise ValueError(f"unknown Z-sampling variant {self.variant!r}; choose one of {ZSAMPLING_VARIANTS}")
-        object.__setattr__(self, "inversion_cfg", _number(self.inversion_cfg, "zsampling.inversion_cfg", 0.0))
+        _check_fields(self, "zsampling")
         if self.steps is not None:
-            steps = tuple(self.steps)
-            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+            if any(s < 0 for s in self.steps):
                 raise ValueError(f"zsampling.steps must be non-negative step indices (or null), got {self.steps!r}")
-            object.__setattr__(self, "steps", tuple(sorted(set(steps))))
+            object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
+        if self.remask != "paper" and self.variant in ("random", "recover"):
+            raise ValueError(f"zsampling.remask {self.remask!r} ranks by the inversion pass, which only the "
+                             f"'masked' variant runs; use remask 'paper' with variant {self.variant!r}")
 
     @property
     def enabled(self) -> bool:
@@ -135,7 +137,8 @@ class MomentumConfig:
     order: int = 0
 
     def __post_init__(self):
-        if isinstance(self.order, bool) or self.order not in MOMENTUM_ORDERS:
+        _check_fields(self, "momentum")
+        if self.order not in MOMENTUM_ORDERS:
             raise ValueError(f"momentum.order must be one of {MOMENTUM_ORDERS}, got {self.order!r}")
 
 
@@ -152,37 +155,32 @@ class SamplerConfig:
     step 0 to the second at step T−1 (confidence = log p + τ·Gumbel); timestep_convention: see
     mgtq.sampling.schedules.timestep_value. noise / differential / zsampling / momentum: the
     enhanced sampler's tricks (arXiv 2411.10781 §3), each neutral by default.
-    Presets: `SamplerConfig.preset("vanilla" | "enhanced", **overrides)` (mgtq.sampling.presets).
+    Presets: `SamplerConfig.preset(name, **overrides)`, name one of PRESET_NAMES (mgtq.sampling.presets).
     """
 
     num_steps: int = 48
     guidance_scale: float = 9.0
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     rho: float = 1.0
     gumbel_temperature: tuple[float, float] = (2.0, 0.0)
-    timestep_convention: str = "step_index"
+    timestep_convention: TimestepConvention = "step_index"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     differential: DifferentialConfig = field(default_factory=DifferentialConfig)
     zsampling: ZSamplingConfig = field(default_factory=ZSamplingConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def __post_init__(self):
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        _check_fields(self, "")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.rho <= 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
-        temps = tuple(float(t) for t in self.gumbel_temperature)
-        if len(temps) != 2 or min(temps) < 0:
+        if min(self.gumbel_temperature) < 0:
             raise ValueError(f"gumbel_temperature must be two non-negative numbers, got {self.gumbel_temperature!r}")
-        object.__setattr__(self, "gumbel_temperature", temps)
-        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
-            raise ValueError(f"unknown timestep_convention {self.timestep_convention!r}; choose one of {TIMESTEP_CONVENTIONS}")
         for name, cls in _SECTIONS.items():
-            object.__setattr__(self, name, _section(cls, getattr(self, name), name))
+            object.__setattr__(self, name, from_mapping(cls, getattr(self, name), name))
         late = [s for s in (self.zsampling.steps or ()) if s >= self.num_steps]
         if late:
             raise ValueError(f"zsampling.steps {late} are beyond the last step {self.num_steps - 1} of num_steps "
@@ -230,16 +228,14 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "SamplerConfig":
-        _check_keys(cls, data, "")
-        return cls(**data)
+        """Strictly typed load of a mapping (YAML/JSON): unknown keys and bad values are named."""
+        return from_mapping(cls, data)
 
     @classmethod
     def preset(cls, name: str, base: "SamplerConfig | None" = None, **overrides) -> "SamplerConfig":
-        """A named preset ("vanilla", "enhanced") on top of `base` (default: SamplerConfig()).
+        """A named preset (one of PRESET_NAMES) on top of `base` (default: SamplerConfig()).
 
         The preset sets the trick fields; `base` keeps the model's steps, CFG and timestep convention;
         keyword overrides (e.g. num_steps=…, guidance_scale=…) win over both.
         """
-        from mgtq.sampling.presets import apply_preset
-
-        return apply_preset(name, base or cls()).replace(**overrides)
+        return (base or cls()).replace(**preset_fields(name)).replace(**overrides)

@@ -33,7 +33,7 @@ from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order
 from mgtq.sampling.tricks.noise import noise_intensity, regularize_logits, step_progress
 from mgtq.sampling.tricks.zsampling import invert_by_remasking, z_step_applies
 
-__all__ = ["ModelFn", "StepState", "SamplerHooks", "SampleResult", "maskgit_step", "sample", "gumbel_noise",
+__all__ = ["ModelFn", "StepState", "SamplerHooks", "SampleResult", "sample", "gumbel_noise",
            "sample_tokens", "remask_lowest", "num_to_mask", "gumbel_temperature"]
 
 # model_fn(tokens (B, H, W), timestep (B,)) → guided logits (B, V, H, W); the pipeline builds it
@@ -131,7 +131,7 @@ def step_distribution(
         if config.momentum.order == 2:
             probs = second_order_probs(probs, prev_probs, momentum_coefficient(config, state.step))
         if config.differential.enabled:
-            probs = differential_probs(probs, prev_probs, config.differential.percent)
+            probs = differential_probs(probs, prev_probs, config.differential.percent, config.differential.resample)
     return prediction, probs
 
 
@@ -141,15 +141,6 @@ def momentum_coefficient(config: SamplerConfig, step: int) -> float:
         return 0.0
     sigma = [mask_ratio(config.schedule, (step + d) / config.num_steps, config.rho) for d in (-1, 0, 1)]
     return second_order_coefficient(*sigma)
-
-
-def maskgit_step(
-    tokens: torch.Tensor, logits: torch.Tensor, mask_id: int, config: SamplerConfig, state: StepState,
-    hooks: SamplerHooks, prev_probs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One step: tokens (B, N), guided logits (B, N, V) → tokens (B, N) with fewer masks."""
-    _, probs = step_distribution(logits, prev_probs, config, state, hooks)
-    return unmask_step(tokens, probs, mask_id, config, state)
 
 
 class _CountedModel:
@@ -196,7 +187,7 @@ def _z_step(model: _CountedModel, tokens, prev_probs, mask_id, config, state, ho
     if z.variant == "masked":
         # z_{i+1} is the input of step i+1: its timestep is that step's (clamped at the last step)
         inversion_logits = model(forward, min(state.step + 1, config.num_steps - 1), guidance_scale=z.inversion_cfg)
-    back = invert_by_remasking(tokens, forward, mask_id, z.variant, state.generators, inversion_logits)
+    back = invert_by_remasking(tokens, forward, mask_id, z.variant, state.generators, inversion_logits, z.remask)
     # the re-step compares with the same committed p_{i−1}: the tentative pass is not a step
     return _denoise(model, back, prev_probs, mask_id, config, state, hooks)
 

@@ -1,48 +1,46 @@
-"""Named sampler presets: the official vanilla sampler and the paper's enhanced combination.
+"""Named sampler presets, as data: the trick fields each one sets.
 
 A preset sets only the trick fields (schedule, ρ, noise, differential, zsampling, momentum); the
 model-specific fields (num_steps, guidance_scale, gumbel_temperature, timestep_convention) come
-from the base config, i.e. from the checkpoint, unless overridden.
+from the base config, i.e. from the checkpoint, unless overridden. `SamplerConfig.preset` applies
+them; this module imports nothing from the sampler, so the two cannot form an import cycle.
 
 - "vanilla": official Meissonic/MaskGIT sampling — cos(πt/2) schedule, no tricks.
-- "enhanced": the paper's best combination (arXiv 2411.10781 §3):
-    schedule 1 − t^0.6 ("root", ρ = 0.6; Table 2);
-    noise regularization I(t) = |cos πt| with α = 1 as the paper states it (the official demo
-      scales it by 2: use noise.scale = 2 / --noise-scale 2 to match the demo);
-    differential sampling z = 75 % (the demo's 3072 of 4096 tokens);
-    masked Z-sampling, inversion CFG 0 (unconditional), at every step but the last (as the demo),
-      so NFE = 3T − 2;
-    momentum solver off: the paper studies it as a DM-style way to accelerate sampling, not as
-      part of the enhanced-inference combination, and mgtq could not check its reported gains
-      (sweep momentum.order = 2 to test it).
-  The demo differs: 64 steps (mgtq keeps the checkpoint's, 48 for Meissonic), noise ×2, and the
-  demo's Z-sampling/differential code paths have the bugs listed in the trick modules.
+- "paper-combo": the combination of the paper's combination tables (arXiv 2411.10781 Tables 13/14,
+    Fig. 11), on the cosine schedule: noise regularization |cos πt| with α = 1, differential
+    sampling z = 75 %, masked Z-sampling with inversion CFG 0 at every step but the last
+    (NFE = 3T − 2). The official demo differs: 64 steps, noise ×2, and its own re-mask and
+    resample rules (zsampling.remask / differential.resample = "official" / "clipped").
+- "paper-combo-root": paper-combo on the 1 − t^0.6 schedule (Table 2's best schedule). The paper's
+    combination tables do not use this schedule; it is kept because mgtq's first "enhanced" preset
+    was exactly this.
+The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
+the combination.
 """
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
-from mgtq.sampling.config import SamplerConfig
-
-PRESET_NAMES = ("vanilla", "enhanced")
-
-_TRICK_FIELDS = MappingProxyType({
-    "vanilla": MappingProxyType({
-        "schedule": "cosine", "rho": 1.0,
-        "noise": {"curve": "off", "scale": 1.0, "knots": ()},
-        "differential": {"percent": 0.0},
-        "zsampling": {"variant": "off", "inversion_cfg": 0.0, "steps": None},
-        "momentum": {"order": 0},
-    }),
-    "enhanced": MappingProxyType({
-        "schedule": "root", "rho": 0.6,
-        "noise": {"curve": "abs_cos", "scale": 1.0, "knots": ()},
-        "differential": {"percent": 75.0},
-        "zsampling": {"variant": "masked", "inversion_cfg": 0.0, "steps": None},
-        "momentum": {"order": 0},
-    }),
+_VANILLA = MappingProxyType({
+    "schedule": "cosine", "rho": 1.0,
+    "noise": {"curve": "off", "scale": 1.0, "knots": ()},
+    "differential": {"percent": 0.0, "resample": "abs"},
+    "zsampling": {"variant": "off", "inversion_cfg": 0.0, "steps": None, "remask": "paper"},
+    "momentum": {"order": 0},
 })
+_PAPER_COMBO = MappingProxyType({
+    **_VANILLA,
+    "noise": {"curve": "abs_cos", "scale": 1.0, "knots": ()},
+    "differential": {"percent": 75.0, "resample": "abs"},
+    "zsampling": {"variant": "masked", "inversion_cfg": 0.0, "steps": None, "remask": "paper"},
+})
+_TRICK_FIELDS = MappingProxyType({
+    "vanilla": _VANILLA,
+    "paper-combo": _PAPER_COMBO,
+    "paper-combo-root": MappingProxyType({**_PAPER_COMBO, "schedule": "root", "rho": 0.6}),
+})
+PRESET_NAMES = tuple(_TRICK_FIELDS)
 
 
 def preset_fields(name: str) -> dict:
@@ -50,8 +48,3 @@ def preset_fields(name: str) -> dict:
     if name not in _TRICK_FIELDS:
         raise ValueError(f"unknown sampler preset {name!r}; choose one of {PRESET_NAMES}")
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in _TRICK_FIELDS[name].items()}
-
-
-def apply_preset(name: str, base: SamplerConfig) -> SamplerConfig:
-    """`base` with the preset's trick fields; its steps, CFG, Gumbel τ and timestep convention stay."""
-    return base.replace(**preset_fields(name))

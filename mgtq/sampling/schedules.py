@@ -8,15 +8,22 @@ Table 2) compares cos(πt/2) (MaskGIT/Meissonic), 1 − t, (1 − t)^ρ and 1 �
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "pow", "root")
-TIMESTEP_CONVENTIONS = ("mask_ratio", "step_index")
+Schedule = Literal["cosine", "linear", "pow", "root"]
+TimestepConvention = Literal["mask_ratio", "step_index"]
+SCHEDULES = get_args(Schedule)
+TIMESTEP_CONVENTIONS = get_args(TimestepConvention)
 
 
 def mask_ratio(schedule: str, t: float | torch.Tensor, rho: float = 1.0):
-    """σ(t) for t in [0, 1]: cosine = cos(πt/2); linear = 1 − t; pow = (1 − t)^ρ; root = 1 − t^ρ."""
+    """σ(t) for t in [0, 1]: cosine = cos(πt/2); linear = 1 − t; pow = (1 − t)^ρ; root = 1 − t^ρ.
+
+    σ(1) is exactly 0 for every schedule (cos(π/2) is 6e−17 in floating point), so whatever reads
+    σ at the end of sampling, such as the momentum solver's last-step fallback, sees "no mask left".
+    """
     tt = torch.as_tensor(t, dtype=torch.float64)
     if schedule == "cosine":
         out = torch.cos(tt * math.pi / 2)
@@ -28,13 +35,8 @@ def mask_ratio(schedule: str, t: float | torch.Tensor, rho: float = 1.0):
         out = 1 - tt.clamp(min=0) ** rho
     else:
         raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {SCHEDULES}")
-    out = out.clamp(0.0, 1.0)
+    out = torch.where(tt >= 1, torch.zeros_like(out), out.clamp(0.0, 1.0))
     return float(out) if not isinstance(t, torch.Tensor) else out
-
-
-def num_masked_after_step(schedule: str, step: int, num_steps: int, num_tokens: int, rho: float = 1.0) -> int:
-    """Tokens the schedule leaves masked after step `step` (0-based) of `num_steps`: ⌊N·σ((i+1)/T)⌋."""
-    return math.floor(num_tokens * mask_ratio(schedule, (step + 1) / num_steps, rho))
 
 
 def timestep_value(convention: str, step: int, num_steps: int, current_mask_ratio: float | torch.Tensor):

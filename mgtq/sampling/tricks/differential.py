@@ -4,19 +4,27 @@ lowest d_j are sampled from |p_i^j − p_{i−1}^j| normalized instead of from p
 Interpretation (paper text + official demo): the ranking runs over all N token positions of a
 sample (decoded positions included, as in the demo — they keep their token anyway), k = ⌊z·N/100⌋;
 the resampled distribution also feeds the confidence ranking, as any adjusted p does. Where
-|p_i − p_{i−1}| is all zero (identical rows) the row keeps p_i. The demo uses the clipped signed
-difference max(p_i − p_{i−1}, 10⁻⁶); mgtq follows the paper's absolute value. p_{i−1} is the
-previous committed step's prediction within ONE sampling call (the demo keeps it on the scheduler
-object, where it leaks across images).
+|p_i − p_{i−1}| is all zero (identical rows) the row keeps p_i. p_{i−1} is the previous committed
+step's prediction within ONE sampling call (the demo keeps it on the scheduler object, where it
+leaks across images).
+
+resample = "abs" (default) follows the paper, |p_i − p_{i−1}|; "clipped" is the official demo's
+clip(p_i − p_{i−1}, 10⁻⁶), which keeps only the tokens whose probability rose (an identical
+row becomes uniform there).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
 from mgtq.sampling.tokens import remask_lowest
+
+Resample = Literal["abs", "clipped"]
+RESAMPLE_RULES = get_args(Resample)
+CLIP_FLOOR = 1e-6  # the official demo's floor of the signed difference
 
 
 def token_kl(probs: torch.Tensor, prev_probs: torch.Tensor) -> torch.Tensor:
@@ -37,12 +45,24 @@ def differential_selection(probs: torch.Tensor, prev_probs: torch.Tensor, percen
     return remask_lowest(kl, k)
 
 
-def differential_probs(probs: torch.Tensor, prev_probs: torch.Tensor, percent: float) -> torch.Tensor:
-    """probs (B, N, V) with the z% lowest-KL rows replaced by |p_i − p_{i−1}| / Σ|p_i − p_{i−1}|."""
+def resample_weights(probs: torch.Tensor, prev_probs: torch.Tensor, rule: str = "abs") -> torch.Tensor:
+    """Unnormalized weights (B, N, V) of the difference: |p_i − p_{i−1}| ("abs") or
+    clip(p_i − p_{i−1}, 10⁻⁶) ("clipped")."""
+    diff = probs.float() - prev_probs.float()
+    if rule == "abs":
+        return diff.abs()
+    if rule == "clipped":
+        return diff.clamp_min(CLIP_FLOOR)
+    raise ValueError(f"unknown differential resample rule {rule!r}; choose one of {RESAMPLE_RULES}")
+
+
+def differential_probs(probs: torch.Tensor, prev_probs: torch.Tensor, percent: float,
+                       rule: str = "abs") -> torch.Tensor:
+    """probs (B, N, V) with the z% lowest-KL rows replaced by the normalized difference weights."""
     if percent <= 0:
         return probs
     chosen = differential_selection(probs, prev_probs, percent)
-    residual = (probs.float() - prev_probs.float()).abs()
+    residual = resample_weights(probs, prev_probs, rule)
     total = residual.sum(-1, keepdim=True)
     usable = chosen[..., None] & (total > 0)  # a zero row has nothing to sample from: keep p_i
     return torch.where(usable, residual / total.clamp_min(1e-30), probs.float())

@@ -15,6 +15,8 @@ Interpretation where the paper is not explicit: the difference term acts on prob
 (x̂ = p); D can leave the simplex, so it is clamped at 0 and renormalized (a zero row keeps p_s).
 σ values are the schedule's σ(i/T); where λ or r is not finite (the first steps, where σ_{s'} = 1,
 and the last step, where σ_t = 0 — DPM-Solver's "lower order at the end") the step is first order.
+That needs σ(1) to be exactly 0, which mgtq.sampling.schedules.mask_ratio guarantees for every
+schedule (the cosine one would otherwise give 6e−17 and a coefficient near 20).
 The difference term changes which token is drawn and how confident it is, never how many tokens
 are decoded: the token count of every step is the first-order one, i.e. the schedule's.
 """

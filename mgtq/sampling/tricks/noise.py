@@ -5,32 +5,25 @@ t = i / (T − 1) is the sampling progress of step i (0 at the first step, 1 at 
 - "abs_cos":       I(t) = α·|cos πt|         (the paper's best; the official demo uses α = 2)
 - "half_abs_cos":  I(t) = α·½|cos πt|
 - "constant":      I(t) = α
-- "piecewise_v":   I(t) = α·|1 − 2t|           piecewise-linear twin of |cos πt|, breakpoint t = ½
-- "piecewise_ends": I(t) = α on [0, ⅓) ∪ [⅔, 1], 0 between — the step version of |cos πt|
-  (the set where |cos πt| ≥ ½)
+- "abs_cos_half_early": I(t) = α·½|cos πt| for t < ½, then α·|cos πt|   (Fig. 8, first piecewise curve)
+- "abs_cos_half_late":  I(t) = α·|cos πt| for t < ½, then α·½|cos πt|   (Fig. 8, the reverse)
 - "piecewise":     α × linear interpolation through user `knots` ((t, value), …)
 
-The paper's Fig. 8 shows two piecewise curves; its exact breakpoints could not be checked from
-here, so "piecewise_v" and "piecewise_ends" are mgtq's choice of piecewise analogues of the best
-curve, and "piecewise" takes any knots so a benchmark can sweep the real ones.
+The two Fig. 8 curves are as its caption defines them: |cos πt| halved on one side of t = ½.
 """
 
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
+from typing import Literal, get_args
 
 import torch
 
 from mgtq.sampling.tokens import standard_normal
 
-NOISE_CURVES = ("off", "abs_cos", "half_abs_cos", "constant", "piecewise_v", "piecewise_ends", "piecewise")
-
-# Knots (t, I/α) of the named piecewise curves; a repeated t is a jump (the later value wins).
-NAMED_KNOTS = MappingProxyType({
-    "piecewise_v": ((0.0, 1.0), (0.5, 0.0), (1.0, 1.0)),
-    "piecewise_ends": ((0.0, 1.0), (1 / 3, 1.0), (1 / 3, 0.0), (2 / 3, 0.0), (2 / 3, 1.0), (1.0, 1.0)),
-})
+NoiseCurve = Literal["off", "abs_cos", "half_abs_cos", "constant", "abs_cos_half_early", "abs_cos_half_late",
+                     "piecewise"]
+NOISE_CURVES = get_args(NoiseCurve)
 
 
 def step_progress(step: int, num_steps: int) -> float:
@@ -61,8 +54,9 @@ def noise_intensity(curve: str, t: float, scale: float, knots: tuple[tuple[float
         return scale * 0.5 * abs(math.cos(math.pi * t))
     if curve == "constant":
         return float(scale)
-    if curve in NAMED_KNOTS:
-        return scale * piecewise_linear(t, NAMED_KNOTS[curve])
+    if curve in ("abs_cos_half_early", "abs_cos_half_late"):
+        halved = (t < 0.5) == (curve == "abs_cos_half_early")
+        return scale * (0.5 if halved else 1.0) * abs(math.cos(math.pi * t))
     if curve == "piecewise":
         return scale * piecewise_linear(t, knots)
     raise ValueError(f"unknown noise curve {curve!r}; choose one of {NOISE_CURVES}")

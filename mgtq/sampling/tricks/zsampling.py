@@ -11,17 +11,26 @@ re-masking tokens, then step i → i+1 again. The inversion is where the semanti
 k = #masked(z_i) − #masked(z_{i+1}), per sample, so the inversion lands on step i's mask count.
 Interpretation: the candidates are all decoded tokens of z_{i+1} (earlier steps' included) —
 restricting them to the k tokens just decoded would make "masked" identical to "recover". The
-inversion confidence is the plain log-probability (no Gumbel). The official demo ranks by the
-highest max-probability and mixes in new samples; mgtq follows the paper's "low confidence".
+inversion confidence is the plain log-probability (no Gumbel).
+
+remask (masked variant only): "paper" (default) re-masks the lowest-confidence tokens as above;
+"official" follows the official demo's rule: the k decoded tokens whose max-probability
+max_v p_inv(v) under the inversion pass is HIGHEST. Only the ranking rule is the demo's; the
+rest of the step (e.g. the demo also mixes new samples in) stays mgtq's.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 
 from mgtq.sampling.tokens import remask_lowest, uniform_scores
 
-ZSAMPLING_VARIANTS = ("off", "masked", "random", "recover")
+ZSamplingVariant = Literal["off", "masked", "random", "recover"]
+Remask = Literal["paper", "official"]
+ZSAMPLING_VARIANTS = get_args(ZSamplingVariant)
+REMASK_RULES = get_args(Remask)
 
 
 def z_step_applies(variant: str, steps: tuple[int, ...] | None, step: int, num_steps: int) -> bool:
@@ -38,6 +47,20 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, decoded: torch.
     return torch.where(decoded, logp, torch.full_like(logp, float("inf")))
 
 
+def remask_scores(logits: torch.Tensor, tokens: torch.Tensor, decoded: torch.Tensor, rule: str) -> torch.Tensor:
+    """Scores (B, N) whose lowest k decoded positions are re-masked; +inf at masked positions.
+
+    "paper": log p_inv(x_j) of the decoded token; "official": −max_v p_inv(v), i.e. the most
+    confident positions go first. logits (B, N, V) are the inversion pass's.
+    """
+    if rule == "paper":
+        return token_confidence(logits, tokens, decoded)
+    if rule == "official":
+        peak = logits.float().softmax(-1).amax(-1)
+        return torch.where(decoded, -peak, torch.full_like(peak, float("inf")))
+    raise ValueError(f"unknown Z-sampling remask rule {rule!r}; choose one of {REMASK_RULES}")
+
+
 def invert_by_remasking(
     before: torch.Tensor,
     after: torch.Tensor,
@@ -45,10 +68,12 @@ def invert_by_remasking(
     variant: str,
     generators: list[torch.Generator],
     inversion_logits: torch.Tensor | None = None,
+    remask: str = "paper",
 ) -> torch.Tensor:
     """z_{i+1} → z̃_i: tokens (B, N) with as many masks as `before` (z_i) had.
 
-    inversion_logits (B, N, V): the inversion-CFG pass on `after`, needed by "masked" only.
+    inversion_logits (B, N, V): the inversion-CFG pass on `after`, needed by "masked" only;
+    remask: its ranking rule, "paper" or "official".
     """
     if variant == "recover":
         return before.clone()
@@ -57,7 +82,7 @@ def invert_by_remasking(
     if variant == "masked":
         if inversion_logits is None:
             raise ValueError("masked Z-sampling needs the inversion pass's logits")
-        scores = token_confidence(inversion_logits, after, decoded)
+        scores = remask_scores(inversion_logits, after, decoded, remask)
     elif variant == "random":
         scores = uniform_scores(tuple(after.shape[1:]), generators, after.device)
         scores = torch.where(decoded, scores, torch.full_like(scores, float("inf")))
