@@ -9,7 +9,7 @@ agreement with the unmerged model at the same seeds, float and SCQ, per TomeMGT 
 
 A setting is `blocks:ratio:options`: blocks joint | all | single (`+mlp` also merges before the
 MLP of joint blocks), options a comma list of TomeConfig fields (`global` and `cell` are
-shorthands for locality=…, `default` keeps TomeConfig's defaults). Resumable: a setting already in
+that locality without mask awareness, `default` keeps TomeConfig's defaults; later items win). Resumable: a setting already in
 the results JSON for the same model, split and limit is skipped, and the unmerged reference
 tokens are cached under --cache. The latency half on the meissonic-1024 config is
 benchmarks/bench_tomemgt.py; `--plot` draws accuracy against its forward speed-ups.
@@ -34,7 +34,9 @@ from mgtq.pipeline import MGTPipeline
 from mgtq.utils import atomic_write_text, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHORTHANDS = {"global": {"locality": "global"}, "cell": {"locality": "cell"}, "default": {}}
+# Plain (not mask-aware) matching, whatever TomeConfig's defaults are; "default" keeps those.
+SHORTHANDS = {"global": {"locality": "global", "sources": "all", "schedule": "constant"},
+              "cell": {"locality": "cell", "sources": "all", "schedule": "constant"}, "default": {}}
 # Table 5's grid: the paper's global matching, plain cell locality, and the default (mask-aware) setting.
 TABLE5_VARIANTS = ("global", "cell", "default")
 TABLE5_EXTRA = ("joint+mlp:0.5:default", "all+mlp:0.5:default")  # issue 19: the official code's MLP merging
@@ -168,8 +170,8 @@ def _save(path: Path, payload: dict, pipe) -> None:
 
 def write_markdown(path: Path, payload: dict) -> None:
     lines = ["ShapeBench accuracy; token agreement = fraction of tokens equal to the same model without merging at "
-             "the same seeds. Variant = the TomeConfig fields that differ from the default "
-             f"({_describe(payload.get('default_config'))}).", "",
+             "the same seeds. Variant = the TomeConfig fields that differ from the current default "
+             f"({_describe(asdict(TomeConfig()))}).", "",
              "Commands: " + "; ".join(f"`{c}`" for c in payload.get("commands", [])), ""]
     groups: dict = {}
     for r in payload["rows"]:
@@ -181,7 +183,8 @@ def write_markdown(path: Path, payload: dict) -> None:
         base = next((r["accuracy"] for r in rows if r["key"] == "none"), None)
         for r in sorted(rows, key=lambda r: (r["key"] != "none", r["blocks"], r["ratio"])):
             delta = f"{r['accuracy'] - base:+.3f}" if base is not None and r["key"] != "none" else ""
-            lines.append(f"| {r['blocks']} | {r['ratio']} | {r['variant']} | {r['accuracy']:.3f} | {delta} | "
+            variant = variant_name(TomeConfig(**r["config"])) if r["config"] else r["variant"]
+            lines.append(f"| {r['blocks']} | {r['ratio']} | {variant} | {r['accuracy']:.3f} | {delta} | "
                          f"{r['token_agreement']:.3f} |")
         lines.append("")
     atomic_write_text(path, "\n".join(lines))

@@ -65,7 +65,9 @@ class TomeConfig:
     locality: str = "cell"
     window: int = 3
     sources: str = "all"
-    schedule: str = "constant"
+    # Default "decoded": merging while the image is mostly [MASK] is what costs quality (chosen on
+    # ShapeBench val, benchmarks/results/tomemgt_select_val.md).
+    schedule: str = "decoded"
     merge_mlp: bool = False
     recompute_every: int = 1
     random_destinations: bool = True
