@@ -214,7 +214,8 @@ def plot(path: Path, payload: dict, latency: dict) -> None:
     markers = {"none": "*", "global": "x", "cell": "s", "default": "o"}
     for s, acc, r in points:
         kind = "none" if r["key"] == "none" else r["key"].split(":")[2]
-        ax.scatter(s, acc, marker=markers.get(kind, "^"), color="C0" if r["blocks"].startswith("joint") else "C1",
+        color = "k" if kind == "none" else "C0" if r["blocks"].startswith("joint") else "C1"
+        ax.scatter(s, acc, marker=markers.get(kind, "^"), color=color,
                    s=60 if kind != "none" else 160, zorder=3)
         if r["key"] != "none":
             ax.annotate(f"{r['blocks']} {r['ratio']} {kind}", (s, acc), fontsize=7, xytext=(4, 2),
