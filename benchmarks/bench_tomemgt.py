@@ -1,38 +1,47 @@
-"""TomeMGT latency on the released Meissonic-1024 transformer config (random weights, bf16, CPU).
+"""TomeMGT forward speed-up on the released Meissonic-1024 transformer config (random weights, bf16, CPU).
 
-    python benchmarks/bench_tomemgt.py                 # ≈ 6–10 min on 2 cores
-    python benchmarks/bench_tomemgt.py --repeats 5 --settings joint:0.5 all:0.5
+    python benchmarks/bench_tomemgt.py --grid table5          # Table 5's settings, ≈ 15 min on one core
+    python benchmarks/bench_tomemgt.py --settings joint:0.5:default all:0.75:global --rounds 2
 
 One transformer forward of the sampler: CFG batch 2, 64×64 token grid (1024×1024 px) → 32×32 =
-1024 transformer tokens after feature compression, 77 text tokens. Latency does not depend on the
-weight values, so the model is built on the meta device and filled with random numbers. Every
-setting is timed in the same run as ratio 0, interleaved round by round (so a neighbour's load
-hits all settings alike), after a warm-up; medians are reported. A second part times the
-merge machinery alone (matching, merge, unmerge, RoPE merge) on one block's input.
+1024 transformer tokens after feature compression, 77 text tokens, one thread. Latency does not
+depend on the weight values, so the model is built on the meta device and filled with random
+numbers. A setting whose merge count depends on the mask state (a mask-aware `sources` or
+`schedule`) is timed on the input ids of several sampling steps (cosine schedule, T = 16: the
+masked fraction σ of step i is cos(π/2·i/T), the [MASK] positions drawn at random) and its time is
+the mean over them; any other setting costs the same at every step. Every setting is timed in the
+same run as no merging, interleaved round by round after a warm-up, as process CPU time on one
+thread (what the work costs, not the time a neighbour held the core); medians per (setting, step).
+A second part times the matching alone per locality at ratio 0.5.
 
+Settings are written as in benchmarks/table5_tomemgt.py (blocks:ratio:options), so the two join.
 Writes benchmarks/results/tomemgt_latency.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mgtq.merging import TomeConfig, TomePlan, apply_tomemgt, remove_tomemgt
-from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations
-from mgtq.models import build_transformer
-from mgtq.utils import atomic_write_text, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table5_tomemgt import parse_setting, table5_settings, variant_name  # noqa: E402
+
+from mgtq.merging import TomePlan, apply_tomemgt, remove_tomemgt  # noqa: E402
+from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations  # noqa: E402
+from mgtq.models import build_transformer  # noqa: E402
+from mgtq.utils import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_SETTINGS = ["joint:0.25", "joint:0.5", "joint:0.75", "all:0.25", "all:0.5", "all:0.75"]
+STEPS, TOTAL_STEPS = (2, 6, 10, 14), 16
 
 
 def random_transformer(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -50,366 +59,262 @@ def random_transformer(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.
     return model.to(dtype).eval()
 
 
-def forward_inputs(model, batch: int, grid: int, text_len: int, dtype: torch.dtype, seed: int = 0) -> dict:
+def forward_inputs(model, batch: int, grid: int, text_len: int, dtype: torch.dtype, sigma: float, seed: int = 0) -> dict:
+    """The sampler's inputs at masked fraction σ: ⌊σ·H·W⌋ ids are [MASK] (random places, same for the CFG pair)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
+    ids = torch.randint(0, cfg.codebook_size, (grid * grid,), generator=g)
+    ids[torch.randperm(grid * grid, generator=g)[: math.floor(sigma * grid * grid)]] = model.mask_token_id
     return dict(
-        hidden_states=torch.randint(0, cfg.codebook_size, (batch, grid, grid), generator=g),
+        hidden_states=ids.view(1, grid, grid).expand(batch, -1, -1).contiguous(),
         encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g).to(dtype),
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
-        timestep=torch.full((batch,), 0.5),
+        timestep=torch.full((batch,), sigma),
     )
 
 
-def parse_setting(text: str) -> tuple[str, float, bool]:
-    """'joint:0.5' or 'joint+mlp:0.5' → (blocks, ratio, merge_mlp)."""
-    blocks, ratio = text.split(":")
-    merge_mlp = blocks.endswith("+mlp")
-    return blocks.removesuffix("+mlp"), float(ratio), merge_mlp
+def step_sigma(step: int, total: int = TOTAL_STEPS) -> float:
+    """Masked fraction of the sampler's input at step i (cosine schedule, as in mgtq.sampling)."""
+    return math.cos(math.pi / 2 * step / total)
 
 
-def time_forwards(model, inputs, settings: list[str], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds per forward for ratio 0 and each setting, interleaved round by
-    round after one warm-up. CPU time is less disturbed by a neighbour than wall time (it does not
-    count time the scheduler gave to another process), so both are kept."""
-    names = ["baseline"] + settings
-    times = {name: {"wall": [], "cpu": []} for name in names}
+def mask_aware(config) -> bool:
+    return config.sources != "all" or config.schedule != "constant"
+
+
+def time_forwards(model, inputs_by_step: dict, settings: dict, rounds: int) -> dict:
+    """{(key, step): [CPU s]} of whole forwards for no merging ("none", at the first step) and every
+    setting, interleaved round by round after a warm-up."""
+    jobs = [("none", STEPS[0])]
+    for key, config in settings.items():
+        jobs += [(key, s) for s in (STEPS if mask_aware(config) else STEPS[:1])]
+    samples = {job: [] for job in jobs}
     with torch.inference_mode():
-        model(**inputs)  # warm-up: allocator, oneDNN kernels; merging adds no compiled code
-        for round_ in range(1, repeats + 1):
-            for name in names:
+        model(**inputs_by_step[STEPS[0]])  # warm-up: allocator, oneDNN kernels; merging adds no compiled code
+        for round_ in range(1, rounds + 1):
+            for key, step in jobs:
                 remove_tomemgt(model)
-                if name != "baseline":
-                    blocks, ratio, merge_mlp = parse_setting(name)
-                    apply_tomemgt(model, ratio, blocks=blocks, merge_mlp=merge_mlp, generator=0)
-                wall, cpu = time.perf_counter(), time.process_time()
-                model(**inputs)
-                times[name]["wall"].append(time.perf_counter() - wall)
-                times[name]["cpu"].append(time.process_time() - cpu)
-                print(f"round {round_} {name:12s} wall {times[name]['wall'][-1]:6.2f} s  cpu "
-                      f"{times[name]['cpu'][-1]:6.2f} s  load {os.getloadavg()[0]:.1f}", flush=True)
+                if key != "none":
+                    apply_tomemgt(model, settings[key])
+                start = time.process_time()
+                model(**inputs_by_step[step])
+                samples[(key, step)].append(time.process_time() - start)
+                print(f"round {round_} {key:40s} step {step:2d}: {samples[(key, step)][-1]:6.2f} s CPU  "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
     remove_tomemgt(model)
-    return times
-
-
-def time_blocks(model, inputs, ratios: tuple[float, ...], repeats: int) -> dict:
-    """Per-block CPU time on one thread, and the forward time composed from it.
-
-    Times one joint and one single-stream block on their real inputs (from the embedding), with
-    and without merging, plus the rest of the model (embedding, compression, head: the forward
-    with the block lists emptied). On one thread, `time.thread_time()` counts only the CPU time
-    the work itself took, not the time a neighbour held the core, nor the barrier stalls that
-    2-thread parallel regions suffer when one thread is descheduled; so this part stays readable
-    on a shared machine. Merged timings include the whole merge machinery (matching on the block
-    input, RoPE merge, merge, unmerge). Composed forward = rest + 14·joint + 28·single (medians).
-    """
-    joint, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
-    _, height, width = inputs["hidden_states"].shape
-    grid = (height // model.grid_factor, width // model.grid_factor)
-    captured = {}
-
-    def capture(module, args, kwargs):  # the first joint block's real inputs
-        captured.setdefault("args", args)
-        raise _Captured
-
-    handle = joint.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            model(**inputs)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    x, context, temb, rope = captured["args"][:4]
-    joined = torch.cat([context, x], dim=1)
-    n_text = context.shape[1]
-
-    def plan(ratio, kind, merge_mlp):
-        config = TomeConfig(ratio=ratio, blocks="all", merge_mlp=merge_mlp)
-        return TomePlan(config).bind(grid).plan(kind, 0, x)
-
-    def rest():
-        blocks = model.transformer_blocks, model.single_transformer_blocks
-        model.transformer_blocks, model.single_transformer_blocks = torch.nn.ModuleList(), torch.nn.ModuleList()
-        try:
-            model(**inputs)
-        finally:
-            model.transformer_blocks, model.single_transformer_blocks = blocks
-
-    variants = {("rest", "—", 0.0): rest, ("joint", "none", 0.0): lambda: joint(x, context, temb, rope),
-                ("single", "none", 0.0): lambda: single(joined, temb, rope, n_text)}
-    for ratio in ratios:
-        variants[("joint", "attn", ratio)] = lambda r=ratio: joint(x, context, temb, rope, *plan(r, "joint", False))
-        variants[("joint", "attn+MLP", ratio)] = lambda r=ratio: joint(x, context, temb, rope, *plan(r, "joint", True))
-        variants[("single", "attn+MLP (fused)", ratio)] = (
-            lambda r=ratio: single(joined, temb, rope, n_text, plan(r, "single", False)[0]))
-    samples = {key: [] for key in variants}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for fn in variants.values():
-                fn()
-            for round_ in range(repeats):
-                for key, fn in variants.items():
-                    start = time.thread_time()
-                    fn()
-                    samples[key].append(time.thread_time() - start)
-                print(f"block round {round_ + 1}/{repeats} done, load {os.getloadavg()[0]:.1f}", flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    median = {key: statistics.median(v) for key, v in samples.items()}
-    rows = [dict(block=kind, merge_before=merged, ratio=ratio, cpu_median_s=median[(kind, merged, ratio)],
-                 cpu_min_s=min(samples[(kind, merged, ratio)]),
-                 speedup=median[(kind, "none", 0.0)] / median[(kind, merged, ratio)] if kind != "rest" else 1.0)
-            for kind, merged, ratio in variants]
-
-    n_joint, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
-    rest_s = median[("rest", "—", 0.0)]
-    base = rest_s + n_joint * median[("joint", "none", 0.0)] + n_single * median[("single", "none", 0.0)]
-    composed = [dict(blocks="none", merge_before="—", ratio=0.0, forward_s=base, speedup=1.0)]
-    for ratio in ratios:
-        for blocks, joint_key, single_key in (
-            ("joint", "attn", "none"), ("joint", "attn+MLP", "none"),
-            ("all", "attn", "attn+MLP (fused)"), ("all", "attn+MLP", "attn+MLP (fused)"),
-        ):
-            t = (rest_s + n_joint * median[("joint", joint_key, ratio)]
-                 + n_single * median[("single", single_key, ratio if single_key != "none" else 0.0)])
-            composed.append(dict(blocks=blocks, merge_before=f"attn{'+MLP' if joint_key != 'attn' else ''} (joint)",
-                                 ratio=ratio, forward_s=t, speedup=base / t))
-    return {"rows": rows, "composed": composed}
+    return samples
 
 
 class _Captured(Exception):
     pass
 
 
-def time_merge_ops(batch: int, n_tokens: int, grid: int, dim: int, head_dim: int, dtype, repeats: int = 20) -> dict:
-    """Milliseconds of one block's matching, merge, unmerge and RoPE merge (cos and sin), per ratio.
+def time_blocks(model, inputs_by_step: dict, settings: dict, repeats: int) -> dict:
+    """{(key, step): composed forward CPU s} from one joint and one single-stream block.
 
-    Each as [median wall ms with the benchmark's threads, median CPU ms on one thread]: the second
-    is what the op costs; the first adds what a busy neighbour does to small 2-thread ops.
+    Each block runs on its real input (captured from the model) with the setting's merging at that
+    step's mask state, matching included; composed forward = rest + n_joint·joint + n_single·single,
+    rest = the forward with no blocks (embedding, compression, head). Blocks are 0.1–0.2 s, so many
+    interleaved repeats fit where whole forwards (7 s) allow two.
     """
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, n_tokens, dim, generator=g).to(dtype)
-    rope = torch.randn(n_tokens, head_dim, generator=g)
-    threads = torch.get_num_threads()
+    joint, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+    first = inputs_by_step[STEPS[0]]
+    _, height, width = first["hidden_states"].shape
+    grid = (height // model.grid_factor, width // model.grid_factor)
+    captured = {}
 
-    def median_ms(fn):
-        out = []
-        for n_threads, clock in ((threads, time.perf_counter), (1, time.thread_time)):
-            torch.set_num_threads(n_threads)
+    def capture(module, args, kwargs):
+        captured.setdefault("args", args)
+        raise _Captured
+
+    handle = joint.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(**first)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    x, context, temb, rope = captured["args"][:4]
+    joined, n_text = torch.cat([context, x], dim=1), context.shape[1]
+    masks = {s: inp["hidden_states"] == model.mask_token_id for s, inp in inputs_by_step.items()}
+
+    def run_joint(config, step):
+        merge, merge_mlp = (None, None) if config is None else TomePlan(config).bind(grid, masks[step]).plan("joint", 0, x)
+        return joint(x, context, temb, rope, merge, merge_mlp)
+
+    def run_single(config, step):
+        merge = None if config is None else TomePlan(config).bind(grid, masks[step]).plan("single", 0, x)[0]
+        return single(joined, temb, rope, n_text, merge)
+
+    def rest():
+        blocks = model.transformer_blocks, model.single_transformer_blocks
+        model.transformer_blocks, model.single_transformer_blocks = torch.nn.ModuleList(), torch.nn.ModuleList()
+        try:
+            model(**first)
+        finally:
+            model.transformer_blocks, model.single_transformer_blocks = blocks
+
+    jobs = {("rest", 0): rest, ("joint", None, 0): lambda: run_joint(None, STEPS[0]),
+            ("single", None, 0): lambda: run_single(None, STEPS[0])}
+    for key, config in settings.items():
+        for step in STEPS if mask_aware(config) else STEPS[:1]:
+            jobs[("joint", key, step)] = lambda c=config, s=step: run_joint(c, s)
+            if config.blocks != "joint":
+                jobs[("single", key, step)] = lambda c=config, s=step: run_single(c, s)
+    samples = {job: [] for job in jobs}
+    with torch.inference_mode():
+        for fn in jobs.values():
             fn()
-            samples = []
-            for _ in range(repeats):
-                start = clock()
+        for round_ in range(repeats):
+            for job, fn in jobs.items():
+                start = time.process_time()
                 fn()
-                samples.append(clock() - start)
-            out.append(round(statistics.median(samples) * 1e3, 2))
-        torch.set_num_threads(threads)
-        return out
-
-    result = {}
-    for ratio in (0.25, 0.5, 0.75):
-        r = int(ratio * n_tokens)
-        dst = cell_destinations((grid, grid), torch.Generator().manual_seed(1))
-        merge, unmerge = bipartite_soft_matching_2x2(x, (grid, grid), r, dst)
-        merged = merge(x)
-        result[str(ratio)] = {
-            "match_ms": median_ms(lambda: bipartite_soft_matching_2x2(x, (grid, grid), r, dst)),
-            "merge_ms": median_ms(lambda: merge(x)),
-            "unmerge_ms": median_ms(lambda: unmerge(merged)),
-            "rope_merge_ms": median_ms(lambda: (merge(rope.expand(batch, -1, -1)), merge(rope.expand(batch, -1, -1)))),
-        }
-    return result
+                samples[job].append(time.process_time() - start)
+            print(f"block round {round_ + 1}/{repeats}, load {os.getloadavg()[0]:.1f}", flush=True)
+    median = {job: statistics.median(v) for job, v in samples.items()}
+    n_joint, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    composed = {("none", STEPS[0]): median[("rest", 0)] + n_joint * median[("joint", None, 0)]
+                + n_single * median[("single", None, 0)]}
+    for key, config in settings.items():
+        for step in STEPS if mask_aware(config) else STEPS[:1]:
+            single_s = median[("single", key, step)] if config.blocks != "joint" else median[("single", None, 0)]
+            composed[(key, step)] = median[("rest", 0)] + n_joint * median[("joint", key, step)] + n_single * single_s
+    return {"composed": composed, "blocks": {"|".join(map(str, job)): v for job, v in median.items()}}
 
 
-def findings(result: dict) -> list[str]:
-    """What the numbers of one run say, in words (stored in the JSON, listed under the tables)."""
-    s, rows = result["setup"], result["rows"]
-    composed = {(r["blocks"], r["merge_before"], r["ratio"]): r for r in result["composed"]}
-    blocks = {(r["block"], r["merge_before"], r["ratio"]): r for r in result["blocks"]}
-    base = rows[0]
-    base_1t = composed[("none", "—", 0.0)]["forward_s"]
-    joint_share = s["joint_blocks"] * blocks[("joint", "none", 0.0)]["cpu_median_s"] / base_1t
-    rest_share = blocks[("rest", "—", 0.0)]["cpu_median_s"] / base_1t
-    machinery = result["merge_ops"]["0.5"]
-    machinery_ms = sum(machinery[k][1] for k in ("match_ms", "merge_ms", "unmerge_ms", "rope_merge_ms"))
-    spread = (max(base["samples_wall_s"]) - min(base["samples_wall_s"])) / base["median_s"]
-
-    def c(blocks_, mlp, ratio):
-        return composed[(blocks_, "attn+MLP (joint)" if mlp else "attn (joint)", ratio)]["speedup"]
-
-    reached = [f"{b}{' + MLP' if m else ''}" for b in ("joint", "all") for m in (False, True) if c(b, m, 0.5) >= 1.4]
-
-    return [
-        f"Whole forwards, {s['threads']} threads: ratio 0 alone ranged over {spread:.0%} of its median "
-        f"(load average {s['load_before']}–{s['load_after']} on {os.cpu_count()} cores), more than most effects "
-        f"measured; a forward used {base['cpu_median_s']:.1f} s of CPU at {s['threads']} threads against "
-        f"{base_1t:.1f} s on one thread: when a neighbour holds a core, every {s['threads']}-thread parallel "
-        "region waits for the descheduled thread. Read the composed table for speed-ups.",
-        f"Paper setting (joint blocks, merge before attention) at ratio 0.5: {c('joint', False, 0.5):.3f}× "
-        f"(paper: 1.05×). Joint blocks are {s['joint_blocks']} of {s['joint_blocks'] + s['single_blocks']} and "
-        f"take {joint_share:.0%} of the forward; attention is about a third of their image-token work, so "
-        f"joint-only merging is bounded (also merging before the MLP: {c('joint', True, 0.5):.3f}×; ratio 0.75: "
-        f"{c('joint', False, 0.75):.3f}× / {c('joint', True, 0.75):.3f}×).",
-        "The issue's goal, ≥ 1.4× at ratio 0.5: "
-        + (", ".join(reached) + " reach it" if reached else "no setting reaches it")
-        + f"; blocks=all gives {c('all', False, 0.5):.3f}× (attention-only in joint blocks) and "
-        f"{c('all', True, 0.5):.3f}× (joint blocks also before the MLP); joint-only at most "
-        f"{max(c('joint', m, 0.5) for m in (False, True)):.3f}×. Single-stream merging failed in quality in the "
-        "paper; measure quality before using it.",
-        f"The merge machinery costs {machinery_ms:.1f} ms per block on one thread at ratio 0.5 (matching "
-        f"{machinery['match_ms'][1]} ms, mostly the float32 similarity product; merge {machinery['merge_ms'][1]}, "
-        f"unmerge {machinery['unmerge_ms'][1]}, RoPE {machinery['rope_merge_ms'][1]}), "
-        f"{machinery_ms / 1e3 / blocks[('joint', 'none', 0.0)]['cpu_median_s']:.0%} of a joint block: "
-        "at ratio 0.25 attention-only merging saves less than that "
-        f"({blocks[('joint', 'attn', 0.25)]['speedup']:.3f}× per joint block).",
-        f"Embedding, feature compression and the 8192-way head are {rest_share:.0%} of the forward and never merge.",
-        "r = ⌊ratio·N⌋ is capped at the 3N/4 sources (one destination per 2×2 cell): ratio 0.75 keeps N/4 "
-        "tokens.",
-    ]
+def time_matching(batch: int, grid: int, dim: int, repeats: int = 20) -> list[dict]:
+    """Milliseconds (median, one thread) of one block's matching at ratio 0.5 per locality."""
+    g = torch.Generator().manual_seed(0)
+    n = grid * grid
+    x = torch.randn(batch, n, dim, generator=g).to(torch.bfloat16)
+    dst = cell_destinations((grid, grid), torch.Generator().manual_seed(1))
+    rows = []
+    for locality in ("cell", "window", "global"):
+        fn = lambda: bipartite_soft_matching_2x2(x, (grid, grid), n // 2, dst, locality=locality)  # noqa: E731
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        rows.append({"locality": locality, "match_ms": round(statistics.median(times) * 1e3, 2)})
+    return rows
 
 
-def write_markdown(path: Path, result: dict) -> None:
-    s = result["setup"]
-    lines = [
-        f"# TomeMGT latency — {s['model']} transformer, one forward",
-        "",
-        f"Random weights, {s['dtype']}, CPU {s['threads']} threads, CFG batch {s['batch']}, "
-        f"{s['token_grid']}×{s['token_grid']} token grid → {s['transformer_tokens']} transformer tokens, "
-        f"{s['text_tokens']} text tokens. Median of {s['repeats']} interleaved rounds after a warm-up; "
-        "speed-up against ratio 0 of the same run. Quality is not measured here.",
-        "",
-        f"Command: `{s['command']}`",
-        "",
-        "| blocks | merge before | ratio | tokens kept / block | median s | speed-up (median) | "
-        "speed-up (min) | CPU s | speed-up (CPU) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['blocks']} | {row['merge_before']} | {row['ratio']} | {row['tokens_kept']} | "
-            f"{row['median_s']:.2f} | {row['speedup']:.3f}× | {row['speedup_min']:.3f}× | "
-            f"{row['cpu_median_s']:.2f} | {row['speedup_cpu']:.3f}× |"
-        )
-    lines += [
-        "",
-        f"Forward composed from one-thread CPU time per block (median of {s['block_repeats']} interleaved rounds; "
-        f"rest + {s['joint_blocks']}·joint + {s['single_blocks']}·single). CPU time of the work itself, so it "
-        "is not disturbed by a neighbour; read it as the speed-up on a quiet machine:",
-        "",
-        "| blocks | merge before | ratio | composed CPU s (1 thread) | speed-up |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in result["composed"]:
-        lines.append(f"| {row['blocks']} | {row['merge_before']} | {row['ratio']} | {row['forward_s']:.2f} | "
-                     f"{row['speedup']:.3f}× |")
-    lines += [
-        "",
-        "One block alone on its real input, one thread, CPU s (merged timings include matching, RoPE merge, "
-        "merge and unmerge; rest = embedding, compression and head):",
-        "",
-        "| block | merge before | ratio | median CPU s | min CPU s | speed-up |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in result["blocks"]:
-        lines.append(f"| {row['block']} | {row['merge_before']} | {row['ratio']} | {row['cpu_median_s']:.3f} | "
-                     f"{row['cpu_min_s']:.3f} | {row['speedup']:.3f}× |")
-    lines += [
-        "",
-        f"Merge machinery alone per block, median ms: {s['threads']}-thread wall / 1-thread CPU (B = {s['batch']}, "
-        f"N = {s['transformer_tokens']}, D = {s['dim']}; RoPE merge = cos and sin tables):",
-        "",
-        "| ratio | matching | merge | unmerge | RoPE merge |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for ratio, ops in result["merge_ops"].items():
-        keys = ("match_ms", "merge_ms", "unmerge_ms", "rope_merge_ms")
-        cells = " | ".join(f"{ops[k][0]} / {ops[k][1]}" for k in keys)
-        lines.append(f"| {ratio} | {cells} |")
-    lines += ["", f"Load average (1 min) before / after: {s['load_before']} / {s['load_after']} "
-              f"on {os.cpu_count()} cores; wall time {s['wall_s']} s.", ""]
-    lines += ["", "Findings:", "", *(f"- {note}" for note in result["notes"]), ""]
-    atomic_write_text(path, "\n".join(lines))
+def merged_fraction(config, masks_by_step: dict, grid: int) -> float:
+    """Mean over the timed steps of the tokens a block merges away, r/N (after every cap)."""
+    steps = STEPS if mask_aware(config) else STEPS[:1]
+    n, kind = grid * grid, "single" if config.blocks == "single" else "joint"
+    out = []
+    for step in steps:
+        masked = masks_by_step[step]
+        x = torch.randn(masked.shape[0], n, 8, generator=torch.Generator().manual_seed(step))
+        merge, _ = TomePlan(config).bind((grid, grid), masked).plan(kind, 0, x)
+        out.append(0.0 if merge is None else (n - merge.merge(x).shape[1]) / n)
+    return statistics.mean(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
-                        help="blocks:ratio, blocks in joint|single|all, optional +mlp (e.g. joint+mlp:0.5)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--grid", choices=["table5"], default=None, help="Table 5's settings (added to --settings)")
+    parser.add_argument("--settings", nargs="*", default=[], help="blocks:ratio:options, as in table5_tomemgt.py")
+    parser.add_argument("--block-repeats", type=int, default=7, help="interleaved repeats of the per-block timing")
+    parser.add_argument("--forward-settings", nargs="*", default=["joint:0.5:default", "all:0.5:cell"],
+                        help="settings also timed as whole forwards, to check the composed figures")
+    parser.add_argument("--rounds", type=int, default=2, help="whole-forward rounds (0: none)")
     parser.add_argument("--preset", default="meissonic-1024", help="transformer preset (small ones for smoke runs)")
-    parser.add_argument("--block-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--token-grid", type=int, default=64)
     parser.add_argument("--text-tokens", type=int, default=77)
     parser.add_argument("--out", type=Path, default=RESULTS / "tomemgt_latency")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the existing JSON")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.render_only:
-        result = json.loads(args.out.with_suffix(".json").read_text())
-        result["notes"] = findings(result)
-        write_json(args.out.with_suffix(".json"), result)
-        write_markdown(args.out.with_suffix(".md"), result)
-        return result
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
+    keys = (table5_settings() if args.grid else []) + list(args.settings)
+    settings = {key: parse_setting(key) for key in keys}  # fail before the slow part
     dtype, batch = torch.bfloat16, 2
-
-    for setting in args.settings:  # fail before the slow part
-        blocks, ratio, _ = parse_setting(setting)
-        TomeConfig(ratio=ratio, blocks=blocks)
 
     t0, load_before = time.perf_counter(), round(os.getloadavg()[0], 2)
     model = random_transformer(args.preset, dtype)
-    inputs = forward_inputs(model, batch, args.token_grid, args.text_tokens, dtype)
     grid = args.token_grid // model.grid_factor
     n_tokens = grid * grid
+    inputs = {s: forward_inputs(model, batch, args.token_grid, args.text_tokens, dtype, step_sigma(s), seed=s)
+              for s in STEPS}
+    masks = {step: inp["hidden_states"] == model.mask_token_id for step, inp in inputs.items()}
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
-
-    times = time_forwards(model, inputs, args.settings, args.repeats)
-    base = {k: statistics.median(v) for k, v in times["baseline"].items()}
-    base_min = min(times["baseline"]["wall"])
-    rows = []
-    for name in ["baseline", *args.settings]:
-        blocks, ratio, merge_mlp = ("none", 0.0, False) if name == "baseline" else parse_setting(name)
-        wall, cpu = statistics.median(times[name]["wall"]), statistics.median(times[name]["cpu"])
-        kept = n_tokens - min(int(ratio * n_tokens + 1e-9), n_tokens - n_tokens // 4)
-        rows.append(dict(
-            blocks=blocks, merge_before="—" if name == "baseline" else ("attn+MLP" if merge_mlp else "attn"),
-            ratio=ratio, tokens_kept=kept, median_s=wall, min_s=min(times[name]["wall"]), cpu_median_s=cpu,
-            speedup=base["wall"] / wall, speedup_min=base_min / min(times[name]["wall"]),
-            speedup_cpu=base["cpu"] / cpu, samples_wall_s=times[name]["wall"], samples_cpu_s=times[name]["cpu"],
-        ))
-
-    block_rows = time_blocks(model, inputs, ratios=(0.25, 0.5, 0.75), repeats=args.block_repeats)
+    blocks = time_blocks(model, inputs, settings, args.block_repeats)
+    composed = blocks["composed"]
+    checked = {key: settings.get(key) or parse_setting(key) for key in args.forward_settings}
+    samples = time_forwards(model, inputs, checked, args.rounds) if args.rounds else {}
+    base = composed[("none", STEPS[0])]
+    base_forward = statistics.median(samples[("none", STEPS[0])]) if samples else None
+    rows = [dict(key="none", blocks="-", ratio=0.0, variant="no merging", config=None, cpu_s=base, speedup=1.0,
+                 merged_fraction=0.0, per_step_cpu_s=None, forward_cpu_s=base_forward,
+                 forward_speedup=1.0 if samples else None)]
+    for key, config in {**settings, **checked}.items():
+        per_step = {s: t for (k, s), t in composed.items() if k == key}
+        cpu = statistics.mean(per_step.values()) if per_step else None
+        forward = [statistics.median(v) for (k, _), v in samples.items() if k == key]
+        forward_cpu = statistics.mean(forward) if forward else None
+        rows.append(dict(key=key, blocks=config.blocks + ("+mlp" if config.merge_mlp else ""), ratio=config.ratio,
+                         variant=variant_name(config), config=asdict(config), cpu_s=cpu,
+                         speedup=base / cpu if cpu else None, merged_fraction=merged_fraction(config, masks, grid),
+                         per_step_cpu_s={str(s): t for s, t in per_step.items()} if len(per_step) > 1 else None,
+                         forward_cpu_s=forward_cpu, forward_speedup=base_forward / forward_cpu if forward else None))
     cfg = model.config
-    merge_ops = time_merge_ops(batch, n_tokens, grid, cfg.num_attention_heads * cfg.attention_head_dim,
-                               cfg.attention_head_dim, dtype)
     result = {
         "setup": {
-            "model": f"{args.preset} (random weights)", "dtype": str(dtype).removeprefix("torch."),
-            "threads": args.threads, "batch": batch, "token_grid": args.token_grid,
-            "transformer_tokens": n_tokens, "text_tokens": args.text_tokens, "repeats": args.repeats,
+            "model": f"{args.preset} (random weights)", "dtype": str(dtype).removeprefix("torch."), "threads": 1,
+            "batch": batch, "token_grid": args.token_grid, "transformer_tokens": n_tokens,
+            "text_tokens": args.text_tokens, "rounds": args.rounds, "block_repeats": args.block_repeats, "steps": list(STEPS), "total_steps": TOTAL_STEPS,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "command": " ".join(["python benchmarks/bench_tomemgt.py", *argv]),
-            "dim": cfg.num_attention_heads * cfg.attention_head_dim,
-            "joint_blocks": cfg.num_layers, "single_blocks": cfg.num_single_layers,
-            "block_repeats": args.block_repeats, "wall_s": round(time.perf_counter() - t0, 1),
-            "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
+            "wall_s": round(time.perf_counter() - t0, 1), "load_before": load_before,
+            "load_after": round(os.getloadavg()[0], 2),
         },
         "rows": rows,
-        "blocks": block_rows["rows"],
-        "composed": block_rows["composed"],
-        "merge_ops": merge_ops,
+        "forward_samples": {f"{k}@{s}": v for (k, s), v in samples.items()},
+        "block_medians": blocks["blocks"],
+        "matching": time_matching(batch, grid, cfg.num_attention_heads * cfg.attention_head_dim),
     }
-    result["notes"] = findings(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)
     write_markdown(args.out.with_suffix(".md"), result)
     print(args.out.with_suffix(".md").read_text())
     return result
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    s = result["setup"]
+    lines = [
+        f"# TomeMGT forward speed-up — {s['model']} transformer",
+        "",
+        f"{s['dtype']}, CPU, 1 thread, CFG batch {s['batch']}, {s['token_grid']}×{s['token_grid']} token grid → "
+        f"{s['transformer_tokens']} transformer tokens, {s['text_tokens']} text tokens; process CPU time, speed-up "
+        "against no merging in the same run. Speed-up = forward composed from one joint and one single-stream "
+        f"block on their real inputs (median of {s['block_repeats']} interleaved repeats, matching included; rest + "
+        "joint·n_joint + single·n_single); forward = whole forwards (median of "
+        f"{s['rounds']} interleaved rounds after a warm-up) for the settings listed, as a check. Mask-aware "
+        f"settings: mean over the inputs of sampling steps {s['steps']} of {s['total_steps']} (cosine schedule, "
+        "[MASK] at random places); merged r/N = image tokens a merging block removes, mean over those steps. "
+        "Quality is in table5_tomemgt.md.",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        "| blocks | ratio | variant | merged r/N | composed CPU s | speed-up | whole-forward speed-up |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        composed = f"{row['cpu_s']:.2f} | {row['speedup']:.3f}×" if row["cpu_s"] else "— | —"
+        forward = f"{row['forward_speedup']:.3f}×" if row.get("forward_speedup") else "—"
+        lines.append(f"| {row['blocks']} | {row['ratio']} | {row['variant']} | {row['merged_fraction']:.3f} | "
+                     f"{composed} | {forward} |")
+    lines += ["", f"Matching alone, one block at ratio 0.5 (B = {s['batch']}, N = {s['transformer_tokens']}, bf16 input), median ms on one thread:", "",
+              "| locality | matching ms |", "| --- | ---: |"]
+    lines += [f"| {r['locality']} | {r['match_ms']} |" for r in result["matching"]]
+    lines += ["", f"Load average (1 min) before / after: {s['load_before']} / {s['load_after']} on {os.cpu_count()} "
+              f"cores; wall time {s['wall_s']} s.", ""]
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,25 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
     p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
                    help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
+    _add_tome_option_args(p)
+
+
+def _add_tome_option_args(p: argparse.ArgumentParser) -> None:
+    """TomeConfig's other fields as flags (validated by TomeConfig; unset = its default)."""
+    p.add_argument("--tome-locality", default=None, help="TomeMGT: where a source may merge: cell, window or global")
+    p.add_argument("--tome-window", type=int, default=None, help="TomeMGT: window side for --tome-locality window")
+    p.add_argument("--tome-sources", default=None,
+                   help="TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first")
+    p.add_argument("--tome-schedule", default=None,
+                   help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or masked (·σ)")
+    p.add_argument("--tome-mlp", action="store_true", default=None,
+                   help="TomeMGT: also merge before the MLP of joint blocks (the official code)")
+
+
+def _tome_options(args) -> dict:
+    names = {"tome_locality": "locality", "tome_window": "window", "tome_sources": "sources",
+             "tome_schedule": "schedule", "tome_mlp": "merge_mlp"}
+    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
 
 
 def _sampler(args, pipe):
@@ -58,7 +77,10 @@ def _load_pipe(args):
     if getattr(args, "tome", None):
         from mgtq.merging import apply_tomemgt
 
-        apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks)
+        try:
+            apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks, **_tome_options(args))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     return pipe
 
 
@@ -128,8 +150,8 @@ def cmd_bench(args) -> int:
     peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
     config = BenchConfig(
         model=str(args.model), text_encoder=None if args.text_encoder is None else str(args.text_encoder),
-        formats=_csv(args.formats), tome=args.tome,
-        tome_blocks=_csv(args.tome_blocks), offload=args.offload, peers=peers, threads=args.threads,
+        formats=_csv(args.formats), tome=args.tome, tome_blocks=_csv(args.tome_blocks),
+        tome_options=_tome_options(args), offload=args.offload, peers=peers, threads=args.threads,
         isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
@@ -265,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
     b.add_argument("--tome-blocks", default="joint",
                    help="comma list of blocks TomeMGT merges in: joint (paper), single, all; each ratio > 0 per set")
+    _add_tome_option_args(b)
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
     b.add_argument("--peers", nargs="?", const="all", default=None,
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")

@@ -258,7 +258,9 @@ def test_step_salt_changes_destinations_deterministically():
 @pytest.mark.parametrize("bad, message", [
     (dict(ratio=1.0), "ratio"), (dict(ratio=-0.1), "ratio"), (dict(ratio="0.5"), "ratio"),
     (dict(blocks="mmdit"), "blocks must be one of"), (dict(recompute_every=0), "recompute_every"),
-    (dict(merge_mlp=1), "merge_mlp"),
+    (dict(merge_mlp=1), "merge_mlp"), (dict(locality="near"), "locality must be one of"),
+    (dict(window=4), "window must be an odd integer"), (dict(window=1), "window"),
+    (dict(sources="mask"), "sources must be one of"), (dict(schedule="cosine"), "schedule must be one of"),
 ])
 def test_config_errors_say_what_to_do(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -273,6 +275,11 @@ def test_config_from_dict_names_unknown_keys_and_apply_checks_its_target(model):
         apply_tomemgt(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(TypeError, match="put every setting in the TomeConfig"):
         apply_tomemgt(model, TomeConfig(ratio=0.5), blocks="all")
+    with pytest.raises(ValueError, match="localty"):
+        apply_tomemgt(model, 0.5, localty="cell")
+    plan = apply_tomemgt(model, 0.5, locality="global", sources="decoded", schedule="decoded", generator=3)
+    assert plan.config == TomeConfig(ratio=0.5, locality="global", sources="decoded", schedule="decoded", seed=3)
+    remove_tomemgt(model)
     model.token_merging = object()
     try:
         with pytest.raises(ValueError, match="did not install"):
@@ -308,3 +315,25 @@ def test_pipeline_per_call_plan_and_decoded_images(pipe):
     sampler = SamplerConfig(num_steps=2, guidance_scale=3.0, timestep_convention="mask_ratio")
     images = pipe("a red circle", seed=0, sampler=sampler, progress=False, token_merging=plan).images
     assert pipe.transformer.token_merging is None and images[0].size == (64, 64)
+
+
+def test_cli_flags_reach_the_config():
+    from mgtq.cli import _tome_options, build_parser
+
+    args = build_parser().parse_args(["eval", "--tome", "0.5", "--tome-locality", "global", "--tome-sources",
+                                      "decoded", "--tome-schedule", "masked", "--tome-window", "5", "--tome-mlp"])
+    assert _tome_options(args) == dict(locality="global", sources="decoded", schedule="masked", window=5, merge_mlp=True)
+    assert _tome_options(build_parser().parse_args(["eval", "--tome", "0.5"])) == {}
+    bench = build_parser().parse_args(["bench", "--tome", "0,0.5", "--tome-sources", "decoded-first"])
+    assert _tome_options(bench) == dict(sources="decoded-first")
+
+
+def test_bench_cases_carry_the_tome_options():
+    from mgtq.bench import BenchConfig
+
+    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_options={"locality": "global"}).cases()
+    assert [c.tome_options for c in cases] == [{}, {"locality": "global"}]
+    with pytest.raises(ValueError, match="localty"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
+    with pytest.raises(ValueError, match="use tome / tome_blocks"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})

@@ -236,7 +236,7 @@ def _measure_case(payload, source, case, measure, device, result: CaseResult) ->
     if case.tome:
         from mgtq.merging import apply_tomemgt
 
-        apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks)
+        apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks, **case.tome_options)
         notes.append(_TOME_NOTES[case.tome_blocks])
     result.build_s = time.perf_counter() - start
     result.quantize_s = calib_s or None

@@ -76,7 +76,7 @@ class BenchCase:
     """One configuration: `target` is an mgtq format (FORMATS) or a peer name (mgtq.bench.peers.PEERS).
 
     tome: TomeMGT ratio (0 = off; mgtq formats only); tome_blocks: where it merges ("joint" = the
-    paper's setting). offload: the paper's CPU-offloading mode (transformer freed before the VQ
+    paper's setting); tome_options: any other TomeConfig fields (mgtq.merging). offload: the paper's CPU-offloading mode (transformer freed before the VQ
     decoder is loaded).
     """
 
@@ -84,6 +84,7 @@ class BenchCase:
     tome: float = 0.0
     offload: bool = False
     tome_blocks: str = "joint"
+    tome_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from mgtq.bench.peers import PEERS
@@ -99,6 +100,7 @@ class BenchCase:
             raise ValueError(f"offload must be true or false, got {self.offload!r}")
         if self.tome_blocks not in TOME_BLOCKS:
             raise ValueError(f"tome_blocks must be one of {TOME_BLOCKS}, got {self.tome_blocks!r}")
+        _check_tome_options(self.tome_options)
 
     @property
     def is_peer(self) -> bool:
@@ -133,7 +135,7 @@ class BenchConfig:
     text_encoder: a separate CLIP text-encoder folder for a pipeline folder that lacks one (as
     `mgtq.load(..., text_encoder=)`).
     formats / tome / tome_blocks: every format is run at every TomeMGT ratio (ratios > 0 once per
-    block set in tome_blocks). offload: add, per format, a case in
+    block set in tome_blocks), with the other TomeConfig fields in tome_options. offload: add, per format, a case in
     the CPU-offloading mode (no merging). peers: peer names to run beside (mgtq.bench.peers).
     threads: torch intra-op threads in each case (default: all cores). isolation: "forkserver"
     (fresh process per case, forked from a server that preloaded torch+mgtq), "spawn" (fresh
@@ -148,6 +150,7 @@ class BenchConfig:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     tome: tuple[float, ...] = (0.0,)
     tome_blocks: tuple[str, ...] = ("joint",)
+    tome_options: dict = field(default_factory=dict)
     offload: bool = False
     peers: tuple[str, ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
@@ -181,6 +184,7 @@ class BenchConfig:
         bad = [b for b in self.tome_blocks if b not in TOME_BLOCKS]
         if bad or not self.tome_blocks:
             raise ValueError(f"tome_blocks must be a non-empty list of {TOME_BLOCKS}, got {list(self.tome_blocks)}")
+        _check_tome_options(self.tome_options)
         if self.threads is not None:
             _positive_int(self.threads, "threads")
         if self.isolation not in ISOLATIONS:
@@ -196,8 +200,8 @@ class BenchConfig:
 
     def cases(self) -> list[BenchCase]:
         """Every format at every ratio (× block set), then the offload cases, then the peers."""
-        cases = [BenchCase(f, tome=t, tome_blocks=b) for f in self.formats for t in self.tome
-                 for b in (self.tome_blocks if t else ("joint",))]
+        cases = [BenchCase(f, tome=t, tome_blocks=b, tome_options=dict(self.tome_options) if t else {})
+                 for f in self.formats for t in self.tome for b in (self.tome_blocks if t else ("joint",))]
         if self.offload:
             cases += [BenchCase(f, offload=True) for f in self.formats]
         cases += [BenchCase(p) for p in self.peers]
@@ -214,3 +218,15 @@ class BenchConfig:
         d["formats"], d["tome"], d["peers"] = list(self.formats), list(self.tome), list(self.peers)
         d["tome_blocks"] = list(self.tome_blocks)
         return d
+
+
+def _check_tome_options(options: dict) -> None:
+    """TomeConfig fields other than ratio/blocks/seed (validated by TomeConfig itself, unknown keys named)."""
+    from mgtq.merging import TomeConfig
+
+    if not isinstance(options, dict):
+        raise ValueError(f"tome_options must be a mapping of TomeConfig fields, got {options!r}")
+    taken = sorted({"ratio", "blocks", "seed"} & set(options))
+    if taken:
+        raise ValueError(f"tome_options may not set {taken}: use tome / tome_blocks")
+    TomeConfig.from_dict(options)

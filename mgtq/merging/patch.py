@@ -5,9 +5,14 @@
     remove_tomemgt(pipe)                               # the model is exactly as before
 
 Nothing in the model is replaced: the patch only sets `transformer.token_merging` to an immutable
-`TomePlan`. Each forward calls `plan.bind(grid)` and gets a `ForwardPlan` that lives only in that
-call's locals; it computes each block's matching (`tome.bipartite_soft_matching_2x2`) from the
-block's input, so nothing carries over between blocks, sampler steps or images.
+`TomePlan`. Each forward calls `plan.bind(grid, masked)` with which of its input token ids are
+[MASK] and gets a `ForwardPlan` that lives only in that call's locals; it computes each block's
+matching (`tome.bipartite_soft_matching_2x2`) from the block's input, so nothing carries over
+between blocks, sampler steps or images.
+
+Mask awareness needs no sampler change: the masked fraction σ of the input ids is the sampler's
+schedule value at this step (a proxy for the step itself), and a transformer token whose ids are
+all decoded has an output the sampler never reads (decoded tokens are never re-masked).
 
 Destination randomness: the pattern of block (kind, index) is drawn from a fresh generator seeded
 by hash(seed, kind, index, step); it is a function of those numbers only, never of what ran
@@ -18,24 +23,37 @@ loop may pass `token_merging=plan.at_step(i)` to vary it across steps, still det
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations, identity
+from mgtq.merging.tome import LOCALITIES, bipartite_soft_matching_2x2, cell_destinations, identity
 from mgtq.models.transformer import MeissonicTransformer, TokenMerge
+from mgtq.config import from_mapping
 from mgtq.utils import derive_seed
 
 BLOCK_SETS = {"joint": ("joint",), "single": ("single",), "all": ("joint", "single")}
 _KIND_IDS = {"joint": 1, "single": 2}
+SOURCES = ("all", "decoded", "masked", "decoded-first")
+SCHEDULES = ("constant", "decoded", "masked")
 
 
 @dataclass(frozen=True)
 class TomeConfig:
     """What TomeMGT does.
 
-    ratio: fraction of a block's image tokens removed, r = ⌊ratio·N⌋ (capped at the 3N/4 sources).
+    ratio: fraction of a block's image tokens removed, r = ⌊ratio·w(σ)·N⌋ (capped at the sources
+    that may merge: 3N/4 at most).
     blocks: "joint" (the paper's setting: the 14 MMDiT blocks), "single" or "all".
+    locality: where a source may merge: "cell" (its own 2×2 cell's destination), "window" (any
+    destination in the window×window square around it) or "global" (anywhere: the paper, ToMe-SD).
+    window: the side of that square (odd, ≥ 3), for locality "window".
+    sources: which image tokens may be merged away: "all", "decoded" (all their ids decoded, so
+    the sampler never reads their output), "masked" (some id still [MASK]) or "decoded-first"
+    (all, but decoded tokens before any masked one).
+    schedule: the ratio over sampling, through the masked fraction σ of the input ids (1 at the
+    first step, → 0 at the last): w(σ) = 1 ("constant"), 1 − σ ("decoded": merge more as the
+    image is decoded) or σ ("masked": merge most while the image is mostly [MASK]).
     merge_mlp: also merge before the MLP of joint blocks (same matching); default attention only.
     recompute_every: compute the matching every k blocks of a kind within one forward, reusing
     it in between (k = 1: every block, the paper's setting).
@@ -45,6 +63,12 @@ class TomeConfig:
 
     ratio: float = 0.5
     blocks: str = "joint"
+    locality: str = "cell"
+    window: int = 3
+    sources: str = "all"
+    # Default "decoded": merging while the image is mostly [MASK] is what costs quality (chosen on
+    # ShapeBench val, benchmarks/results/tomemgt_select_val.md).
+    schedule: str = "decoded"
     merge_mlp: bool = False
     recompute_every: int = 1
     random_destinations: bool = True
@@ -55,6 +79,11 @@ class TomeConfig:
             raise ValueError(f"TomeConfig.ratio must be a number in [0, 1) (0 = no merging); got {self.ratio!r}")
         if self.blocks not in BLOCK_SETS:
             raise ValueError(f"TomeConfig.blocks must be one of {sorted(BLOCK_SETS)}; got {self.blocks!r}")
+        for name, allowed in (("locality", LOCALITIES), ("sources", SOURCES), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TomeConfig.{name} must be one of {list(allowed)}; got {getattr(self, name)!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"TomeConfig.window must be an odd integer ≥ 3 (the side of the square); got {self.window!r}")
         k = self.recompute_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TomeConfig.recompute_every must be an integer ≥ 1; got {self.recompute_every!r}")
@@ -66,12 +95,8 @@ class TomeConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TomeConfig":
-        """From a recipe mapping; an unknown key is an error that names it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TomeMGT key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        """From a recipe mapping; an unknown key or a mistyped value is an error that names it."""
+        return from_mapping(cls, data, "tome")
 
 
 @dataclass(frozen=True)
@@ -85,20 +110,26 @@ class TomePlan:
         """The same plan with destination patterns salted by a sampler step (deterministic)."""
         return replace(self, step=int(step))
 
-    def bind(self, grid: tuple[int, int]) -> "ForwardPlan":
-        """A plan for one forward pass on an h×w transformer grid (called by the model)."""
-        return ForwardPlan(self.config, self.step, grid)
+    def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> "ForwardPlan":
+        """A plan for one forward pass on an h×w transformer grid (called by the model).
+
+        masked (B, H, W) bool: which input token ids are [MASK] (H, W a multiple of the grid, as
+        with feature compression); needed by the mask-aware settings, None = all decoded.
+        """
+        return ForwardPlan(self.config, self.step, grid, masked)
 
 
 class ForwardPlan:
     """One forward's token merging: the model calls `plan(kind, index, x)` per block.
 
-    Holds only the reused matching of `recompute_every > 1`, and dies with the forward call.
+    Holds the forward's mask summary and the reused matching of `recompute_every > 1`, and dies
+    with the forward call.
     """
 
-    def __init__(self, config: TomeConfig, step: int, grid: tuple[int, int]):
+    def __init__(self, config: TomeConfig, step: int, grid: tuple[int, int], masked: torch.Tensor | None = None):
         self.config, self.step, self.grid = config, step, (int(grid[0]), int(grid[1]))
         self._latest: dict[str, TokenMerge | None] = {}
+        self.masked_fraction, self.token_masked = _mask_summary(masked, self.grid)
 
     def plan(self, kind: str, index: int, x: torch.Tensor) -> tuple[TokenMerge | None, TokenMerge | None]:
         """x (B, N, D): the block's image-token input → (merge, merge_mlp) for that block, or None."""
@@ -112,42 +143,78 @@ class ForwardPlan:
         return merge, (merge if kind == "joint" and self.config.merge_mlp else None)
 
     def _match(self, kind: str, index: int, x: torch.Tensor) -> TokenMerge | None:
-        n = x.shape[1]
-        r = math.floor(self.config.ratio * n + 1e-9)  # ε: 0.29·100 must give 29, not 28
+        config = self.config
+        # One r for the batch (the smallest per-sample r), so every sample keeps the same length;
+        # the sampler's batches share one σ, so this only matters for hand-made mixed batches.
+        sigmas = self.masked_fraction.tolist() if self.masked_fraction is not None else [0.0]
+        r = min(merge_count(config, x.shape[1], sigma) for sigma in sigmas)
         if r == 0:
             return None  # nothing to merge: the block runs exactly as unpatched
         destinations = None
-        if self.config.random_destinations:
-            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, _KIND_IDS[kind], index, self.step))
+        if config.random_destinations:
+            generator = torch.Generator().manual_seed(derive_seed(config.seed, _KIND_IDS[kind], index, self.step))
             destinations = cell_destinations(self.grid, generator, device=x.device)
-        merge, unmerge = bipartite_soft_matching_2x2(x, self.grid, r, destinations)
+        eligible = preferred = None
+        if config.sources != "all":
+            token_masked = self.token_masked if self.token_masked is not None else x.new_zeros(x.shape[:2], dtype=torch.bool)
+            if config.sources == "decoded-first":
+                preferred = ~token_masked
+            else:
+                eligible = token_masked if config.sources == "masked" else ~token_masked
+        merge, unmerge = bipartite_soft_matching_2x2(x, self.grid, r, destinations, config.locality, config.window,
+                                                     eligible, preferred)
         return None if merge is identity else TokenMerge(merge, unmerge)
+
+
+def merge_count(config: TomeConfig, n: int, masked_fraction: float) -> int:
+    """r = ⌊ratio·w(σ)·N⌋ for a block of N image tokens at masked fraction σ (see TomeConfig.schedule).
+
+    A forward without token ids (σ unknown) counts as fully decoded, σ = 0."""
+    weight = {"constant": 1.0, "decoded": 1.0 - masked_fraction, "masked": masked_fraction}[config.schedule]
+    return math.floor(config.ratio * weight * n + 1e-9)  # ε: 0.29·100 must give 29, not 28
+
+
+def _mask_summary(masked: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(σ (B,), token_masked (B, N) bool): each sample's masked fraction of input ids, and which
+    transformer tokens hold at least one [MASK] id (a transformer token covers f×f ids with
+    feature compression)."""
+    if masked is None:
+        return None, None
+    batch, height, width = masked.shape
+    h, w = grid
+    if height % h or width % w or height // h != width // w:
+        raise ValueError(f"mask of {height}×{width} token ids does not tile the {h}×{w} transformer grid")
+    f = height // h
+    per_token = masked.reshape(batch, h, f, w, f).any(dim=4).any(dim=2).reshape(batch, h * w)
+    return masked.float().mean(dim=(1, 2)).cpu(), per_token
 
 
 def apply_tomemgt(
     model_or_pipe,
     ratio: float | TomeConfig = 0.5,
-    blocks: str = "joint",
-    merge_mlp: bool = False,
-    recompute_every: int = 1,
     generator: torch.Generator | int | None = None,
-    random_destinations: bool = True,
+    **settings,
 ) -> TomePlan:
     """Install TomeMGT on an MGTPipeline or a MeissonicTransformer; returns the installed plan.
 
-    `ratio` may also be a whole TomeConfig (then leave the other arguments at their defaults).
-    generator: an int seed, or a torch.Generator that is drawn from once, here, for the base seed
-    (never during sampling, so no state leaks into later images); None = seed 0. Re-applying
-    replaces a previous TomeMGT plan.
+    `ratio` may also be a whole TomeConfig (then pass nothing else). settings: any other
+    TomeConfig field (blocks, locality, window, sources, schedule, merge_mlp, …); an unknown one is
+    an error naming it. generator: an int seed, or a torch.Generator that is drawn from once, here,
+    for the base seed (never during sampling, so no state leaks into later images); None = seed 0.
+    Re-applying replaces a previous TomeMGT plan.
     """
     transformer = _transformer_of(model_or_pipe)
     if isinstance(ratio, TomeConfig):
-        if (blocks, merge_mlp, recompute_every, generator, random_destinations) != ("joint", False, 1, None, True):
+        if settings or generator is not None:
             raise TypeError("apply_tomemgt got a TomeConfig and other settings; put every setting in the TomeConfig")
         config = ratio
     else:
-        config = TomeConfig(ratio=ratio, blocks=blocks, merge_mlp=merge_mlp, recompute_every=recompute_every,
-                            random_destinations=random_destinations, seed=_base_seed(generator, random_destinations))
+        if "seed" in settings:
+            raise TypeError("apply_tomemgt takes the seed as `generator` (an int or a torch.Generator)")
+        config = TomeConfig.from_dict({
+            **settings, "ratio": ratio,
+            "seed": _base_seed(generator, settings.get("random_destinations", True)),
+        })
     current = transformer.token_merging
     if current is not None and not isinstance(current, TomePlan):
         raise ValueError(

@@ -1,8 +1,12 @@
-"""TomeMGT's matching: bipartite soft matching of image tokens with one destination per 2×2 cell.
+"""TomeMGT's matching: local bipartite soft matching of image tokens, one destination per 2×2 cell.
 
 Paper: "Bag of Design Choices for Inference of High-Resolution Masked Generative Transformer"
-(arXiv 2411.10781) §4.2 / App. 9.5, after ToMe for Stable Diffusion. Pure functions: no state, no
-global RNG; randomness only through a `torch.Generator` passed in.
+(arXiv 2411.10781) §4.2 / App. 9.5, after ToMe for Stable Diffusion, with one change for MGTs:
+a source may only merge into a destination inside its window (its own 2×2 cell by default), and
+ties go to the nearest destination. At the first sampling steps almost every image token is the
+same [MASK] embedding, so global matching sees cosine 1 everywhere and piles sources from across
+the image into one destination. Pure functions: no state, no global RNG; randomness only through
+a `torch.Generator` passed in.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
+LOCALITIES = ("cell", "window", "global")
+# Cosines this close to a source's best count as ties (float32 rounding of identical rows).
+TIE_TOLERANCE = 1e-6
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +32,8 @@ def cell_destinations(grid: tuple[int, int], generator: torch.Generator | None =
 
     With a generator, each cell's destination is one of its four tokens drawn uniformly (on the
     generator's device, so a seed gives the same pattern on any compute device); without, the
-    top-left token. Rows/columns left over by an odd side belong to no cell: they are sources.
+    top-left token. A row/column left over by an odd side joins the last cell before it (see
+    `cell_of`), as a source.
     """
     h, w = grid
     ch, cw = h // 2, w // 2
@@ -38,20 +46,43 @@ def cell_destinations(grid: tuple[int, int], generator: torch.Generator | None =
     return (rows * w + cols).flatten().sort().values.to(device)
 
 
-def bipartite_soft_matching_2x2(
-    metric: torch.Tensor, grid: tuple[int, int], r: int, destinations: torch.Tensor | None = None
-) -> tuple[MergeFn, MergeFn]:
-    """Merge the r image tokens most similar to a 2×2-cell destination into it; unmerge by copy.
+def cell_of(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cell number (row-major over the ⌊h/2⌋×⌊w/2⌋ cells) of flat token indices; odd leftovers join the last cell."""
+    h, w = grid
+    ch, cw = h // 2, w // 2
+    rows = (index // w // 2).clamp(max=ch - 1)
+    cols = (index % w // 2).clamp(max=cw - 1)
+    return rows * cw + cols
 
-    Paper §4.2 (ToMe-SD matching): j*(i) = argmax_j cos(m_i, m_j); merge the r sources of largest cos.
-    Destinations j are one token per 2×2 cell, sources i all the others; a merged token becomes
-    the mean of its destination and the sources merged into it.
+
+def bipartite_soft_matching_2x2(
+    metric: torch.Tensor,
+    grid: tuple[int, int],
+    r: int,
+    destinations: torch.Tensor | None = None,
+    locality: str = "cell",
+    window: int = 3,
+    eligible: torch.Tensor | None = None,
+    preferred: torch.Tensor | None = None,
+) -> tuple[MergeFn, MergeFn]:
+    """Merge the r image tokens most similar to a destination in their window into it; unmerge by copy.
+
+    Paper §4.2 (ToMe-SD matching): j*(i) = argmax_{j ∈ W(i)} cos(m_i, m_j); merge the r sources of
+    largest cos. Destinations j are one token per 2×2 cell, sources i all the others; a merged token
+    becomes the mean of its destination and the sources merged into it.
 
     metric (B, N, C): the tokens to compare (the block input), N = h·w on `grid` (h, w), row-major.
-    r: number of tokens to remove per sample, capped at the number of sources (r ≤ 3N/4).
+    r: number of tokens to remove per sample, capped at the number of sources that may merge.
     destinations (N_dst,): flat destination indices shared by the batch (default: `cell_destinations`
-    top-left); the matching itself is per sample, so any batch size works and a sample's result
-    does not depend on what else is in its batch.
+    top-left). locality: W(i) = the destination of i's own cell ("cell": one score per source, no
+    N_src × N_dst product), those within the window×window square centred on i and its own cell's
+    ("window", window odd; the own cell matters only for odd leftover rows/columns), or all ("global", ToMe-SD and the paper). Ties (cosines within
+    TIE_TOLERANCE of the best) go to i's own cell's destination, then the nearest, then the lowest index.
+    eligible (B, N) bool: tokens that may be sources (default all); then r is capped at the
+    smallest count of eligible sources in the batch, so every sample keeps N − r tokens.
+    preferred (B, N) bool: sources merged before all others (then by cos), e.g. decoded tokens.
+    The matching itself is per sample: a sample's result depends on its batch-mates only through
+    that cap.
 
     Returns (merge, unmerge): merge (B, N, C') → (B, N − r, C') for any tensor on the same tokens
     (hidden states, per-sample RoPE tables), keeping surviving tokens in their original order;
@@ -62,21 +93,31 @@ def bipartite_soft_matching_2x2(
     batch, n, _ = metric.shape
     if grid[0] * grid[1] != n:
         raise ValueError(f"metric has {n} tokens but the grid {grid[0]}×{grid[1]} has {grid[0] * grid[1]}")
+    if locality not in LOCALITIES:
+        raise ValueError(f"locality must be one of {LOCALITIES}; got {locality!r}")
     device = metric.device
     dst_idx = cell_destinations(grid, device=device) if destinations is None else destinations.to(device)
+    if dst_idx.numel() == 0 or int(r) <= 0:
+        return identity, identity
     is_src = torch.ones(n, dtype=torch.bool, device=device)
     is_src[dst_idx] = False
     src_idx = is_src.nonzero().squeeze(1)  # (N_src,)
-    r = min(int(r), src_idx.numel())
-    if r <= 0:
-        return identity, identity
 
     with torch.no_grad():
         # float32 for the ranking: bf16 cosines tie often and would make the choice arbitrary
-        a = F.normalize(metric[:, src_idx].float(), dim=-1)
-        b = F.normalize(metric[:, dst_idx].float(), dim=-1)
-        scores = a @ b.transpose(1, 2)  # (B, N_src, N_dst)
-        best, best_dst = scores.max(dim=-1)  # (B, N_src)
+        a = F.normalize(metric[:, src_idx].float(), dim=-1)  # (B, N_src, C)
+        if locality == "cell":
+            best, best_dst = _match_cell(a, metric, grid, src_idx, dst_idx)
+        else:
+            b = F.normalize(metric[:, dst_idx].float(), dim=-1)  # (B, N_dst, C)
+            best, best_dst = _match_windowed(a, b, grid, src_idx, dst_idx, locality, window)
+        if eligible is not None:
+            best = best.masked_fill(~eligible.to(device)[:, src_idx], float("-inf"))
+        r = min(int(r), int((best > float("-inf")).sum(1).min()))
+        if preferred is not None:  # cos ≤ 1, so +3 ranks every preferred source first
+            best = best + 3.0 * preferred.to(device)[:, src_idx]
+        if r <= 0:
+            return identity, identity
         order = best.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # positions in src_idx of the r merged sources, (B, r)
         merged_tok = src_idx[merged]  # (B, r) token indices
@@ -112,6 +153,36 @@ def bipartite_soft_matching_2x2(
         return y.reshape(batch * (n - r), y.shape[-1]).index_select(0, slot_rows).view(batch, n, -1)
 
     return merge, unmerge
+
+
+def _match_cell(a, metric, grid, src_idx, dst_idx):
+    """Each source against its own cell's destination only: (best (B, N_src), best_dst (B, N_src))."""
+    dst_of_cell = torch.empty_like(dst_idx)
+    dst_of_cell[cell_of(dst_idx, grid)] = torch.arange(dst_idx.numel(), device=dst_idx.device)
+    own = dst_of_cell[cell_of(src_idx, grid)]  # (N_src,) position in dst_idx
+    b = F.normalize(metric[:, dst_idx[own]].float(), dim=-1)  # (B, N_src, C): one row per source
+    best = (a * b).sum(-1)
+    return best, own.expand(a.shape[0], -1)
+
+
+def _match_windowed(a, b, grid, src_idx, dst_idx, locality, window):
+    """Sources against every destination in their window (all for "global"), ties to the nearest."""
+    w = grid[1]
+    dr = (src_idx // w)[:, None] - (dst_idx // w)[None, :]
+    dc = (src_idx % w)[:, None] - (dst_idx % w)[None, :]
+    other_cell = cell_of(src_idx, grid)[:, None] != cell_of(dst_idx, grid)[None, :]
+    # Tie-break rank (N_src, N_dst): own cell first, then squared distance, then destination order.
+    n_dst = dst_idx.numel()
+    rank = (other_cell.long() * (dr.square().max() + dc.square().max() + 1) + dr.square() + dc.square()) * n_dst
+    rank = rank + torch.arange(n_dst, device=rank.device)
+    scores = a @ b.transpose(1, 2)  # (B, N_src, N_dst)
+    if locality == "window":
+        outside = ((dr.abs() > window // 2) | (dc.abs() > window // 2)) & other_cell  # own cell always in
+        scores = scores.masked_fill(outside, float("-inf"))
+    best = scores.max(dim=-1).values  # (B, N_src)
+    tied = scores >= (best - TIE_TOLERANCE)[..., None]
+    best_dst = torch.where(tied, rank, rank.max() + 1).argmin(dim=-1)
+    return best, best_dst
 
 
 def _flat(index: torch.Tensor, length: int) -> torch.Tensor:

@@ -385,7 +385,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         encoder_hidden_states (B, L, joint_attention_dim); pooled_projections (B, pooled_dim);
         timestep (B,) or scalar in [0, 1] (multiplied by 1000 inside, as in the official code);
         img_ids/txt_ids default to the official layout; micro_conds (B, 5) default to
-        [1024, 1024, 0, 0, 6]. `token_merging`: an object whose `bind((h, w))` gives, for this
+        [1024, 1024, 0, 0, 6]. `token_merging`: an object whose `bind((h, w), masked)` gives, for this
         forward on the h×w transformer grid, a plan with `plan(block_kind, index, x)` returning a
         `(merge, merge_mlp)` pair of TokenMerge or None, called per block with that block's
         image-token input x (B, N, D); defaults to the one `apply_tomemgt` installed.
@@ -427,7 +427,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
             )
         rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), tuple(self.config.axes_dims_rope))
         # Merging needs the grid (2×2 cells), and its per-forward state must die with this call.
-        token_merging = token_merging.bind((h, w)) if token_merging is not None else None
+        masked = hidden_states == self.mask_token_id  # (B, H, W): what mask-aware merging reads
+        token_merging = token_merging.bind((h, w), masked) if token_merging is not None else None
 
         for index, block in enumerate(self.transformer_blocks):
             merge, merge_mlp = token_merging.plan("joint", index, x) if token_merging is not None else (None, None)
