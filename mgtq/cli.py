@@ -27,6 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="transformer/text encoder dtype (default: as saved)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (fullgraph; the first step pays the compile time)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,8 @@ def _load_pipe(args):
         from mgtq.merging import apply_tomemgt
 
         apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks)
+    if args.compile:
+        pipe.compile()
     return pipe
 
 
@@ -123,8 +127,8 @@ def cmd_bench(args) -> int:
     peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
     config = BenchConfig(
         model=str(args.model), formats=_csv(args.formats), tome=tuple(float(t) for t in _csv(args.tome)),
-        tome_blocks=_csv(args.tome_blocks), offload=args.offload, peers=peers, threads=args.threads,
-        isolation=args.isolation,
+        tome_blocks=_csv(args.tome_blocks), offload=args.offload, compile=args.compile, peers=peers,
+        threads=args.threads, isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
                                 profile=args.profile, latency=both or args.latency, memory=both or args.memory),
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tome-blocks", default="joint",
                    help="comma list of blocks TomeMGT merges in: joint (paper), single, all; each ratio > 0 per set")
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
+    b.add_argument("--compile", action="store_true",
+                   help="also run each format with the transformer under torch.compile(fullgraph=True)")
     b.add_argument("--peers", nargs="?", const="all", default=None,
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
     b.add_argument("--json", type=Path, default=None,

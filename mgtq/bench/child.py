@@ -216,7 +216,8 @@ def _empty_result(case: BenchCase) -> dict:
     return {
         "label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
         "family": PEERS[case.target].family if case.is_peer else "mgtq", "scheme": None,
-        "tome": case.tome, "tome_blocks": case.tome_blocks, "offload": case.offload, "status": "ok",
+        "tome": case.tome, "tome_blocks": case.tome_blocks, "offload": case.offload,
+        "compile": case.compile, "status": "ok",
         "message": None, "notes": [],
         "weights": None, "memory": None, "latency": None, "profile": None, "build_s": None,
         "quantize_s": None, "transformer_freed_before_decode": None,
@@ -244,6 +245,10 @@ def _measure_case(payload, source, case, measure, device, result) -> None:
 
         apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks)
         notes.append(_TOME_NOTES[case.tome_blocks])
+    if case.compile:
+        pipe.compile()  # in place, per block: compiled by the warm-up forward
+        notes.append("+compile: every transformer block under torch.compile(fullgraph=True) (MGTPipeline.compile); "
+                     "compile time in the untimed warm-up")
     result["build_s"] = time.perf_counter() - start
     result["quantize_s"] = calib_s or None
     result["scheme"], result["notes"] = scheme, notes

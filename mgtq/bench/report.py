@@ -63,7 +63,7 @@ def failed_result(case, message: str) -> dict:
     """The result of a case whose process failed."""
     return {"label": case.label, "target": case.target, "kind": "peer" if case.is_peer else "mgtq",
             "family": None, "scheme": None, "tome": case.tome, "tome_blocks": case.tome_blocks,
-            "offload": case.offload, "status": "failed",
+            "offload": case.offload, "compile": case.compile, "status": "failed",
             "message": message, "notes": [], "weights": None, "memory": None, "latency": None, "profile": None,
             "build_s": None, "quantize_s": None, "wall_s": None, "loadavg": None,
             "transformer_freed_before_decode": None}
@@ -120,11 +120,15 @@ def one_line(r: dict) -> str:
 
 # ------------------------------------------------------------------------------- ratios, goals
 def compute_ratios(results: list[dict]) -> dict[str, dict]:
-    """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons)."""
+    """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons).
+
+    Compiled cases compare with compiled bf16 ("bf16+compile"), and with their own eager case.
+    """
     ok = _ok(results)
-    ref = ok.get("bf16")
     ratios = {}
     for label, r in ok.items():
+        compiled = r.get("compile", False)
+        ref = ok.get("bf16+compile" if compiled else "bf16")
         entry = {}
         if ref is not None:
             entry = {
@@ -139,6 +143,8 @@ def compute_ratios(results: list[dict]) -> dict[str, dict]:
             entry["forward_speedup_vs_no_tome"] = _ratio(forward_median(ok[r["target"]]), forward_median(r))
             entry["forward_cpu_speedup_vs_no_tome"] = _ratio(forward_cpu_median(ok[r["target"]]),
                                                              forward_cpu_median(r))
+        if compiled and r["target"] in ok:
+            entry["forward_speedup_vs_eager"] = _ratio(forward_median(ok[r["target"]]), forward_median(r))
         if r["offload"] and r["target"] in ok:
             entry["peak_rss_vs_no_offload"] = _ratio(peak_rss(r), peak_rss(ok[r["target"]]))
         ratios[label] = entry
@@ -164,6 +170,7 @@ def compute_goals(results: list[dict], ratios: dict[str, dict]) -> list[dict]:
         _goal("scq_weights", "SCQ transformer weights / bf16", r("scq", "weights_vs_bf16"), "<=", 0.28),
         _goal("scq_forward", "SCQ forward latency / bf16", r("scq", "forward_vs_bf16"), "<=", 0.95),
         _goal("w4a8_forward", "W4A8-everywhere forward latency / bf16", r("w4a8", "forward_vs_bf16"), "<=", 0.70),
+        _goal("w4a16_forward", "W4A16 forward latency / bf16", r("w4a16", "forward_vs_bf16"), "<=", 1.0),
         # The same goals for the opt-in weight-cache variants (they trade memory for the speed).
         _goal("scq-cached_weights", "scq-cached transformer weights / bf16", r("scq-cached", "weights_vs_bf16"),
               "<=", 0.28),
@@ -172,6 +179,17 @@ def compute_goals(results: list[dict], ratios: dict[str, dict]) -> list[dict]:
         _goal("w4a8-cached_forward", "w4a8-cached forward latency / bf16", r("w4a8-cached", "forward_vs_bf16"),
               "<=", 0.70),
     ]
+    if "bf16+compile" in ok:
+        goals += [
+            _goal("compile_bf16_speedup", "bf16: eager forward / compiled forward", r("bf16+compile",
+                  "forward_speedup_vs_eager"), ">=", 1.5),
+            _goal("compile_scq_forward", "compiled SCQ forward / compiled bf16", r("scq+compile", "forward_vs_bf16"),
+                  "<=", 0.9),
+            _goal("compile_w4a8_forward", "compiled W4A8 forward / compiled bf16", r("w4a8+compile",
+                  "forward_vs_bf16"), "<=", 0.7),
+            _goal("compile_w4a16_forward", "compiled W4A16 forward / compiled bf16", r("w4a16+compile",
+                  "forward_vs_bf16"), "<=", 1.0),
+        ]
     for label, res in ok.items():
         if res["tome"] == 0.5 and not res["offload"]:
             blocks = res.get("tome_blocks", "joint")
@@ -290,6 +308,8 @@ def to_markdown(report: dict) -> str:
             if q.get("forward_cpu_speedup_vs_no_tome"):
                 forward += f"; CPU time {q['forward_cpu_speedup_vs_no_tome']:.2f}×"
             forward += ")"
+        if q.get("forward_speedup_vs_eager"):
+            forward += f" ({q['forward_speedup_vs_eager']:.2f}× faster than eager; ×bf16 vs compiled bf16)"
         peak = _mb(peak_rss(r))
         if r["offload"] and q.get("peak_rss_vs_no_offload"):
             peak += f" ({q['peak_rss_vs_no_offload']:.2f}× normal)"

@@ -457,6 +457,20 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         logits = self.mlm_layer(self.up_block(x))
         return (logits,) if return_dict else logits
 
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile every transformer block in place (regional compilation); kwargs go to torch.compile.
+
+        Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
+        which block), so compiling costs about two blocks instead of the whole model; what stays
+        eager between blocks is a few embeddings and the (cached) RoPE tables. Blocks whose
+        quantized layer kinds differ (SCQ) compile once per distinct pattern, so the recompile limit
+        is raised to the number of blocks.
+        """
+        blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
+        for block in blocks:
+            block.compile(**{"fullgraph": True, **kwargs})
+
     def _default_tables(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
         """`build()` memoised under `key` (eager only: a compiled graph computes them inside, once).
 

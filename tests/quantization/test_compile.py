@@ -54,3 +54,33 @@ def test_default_tables_are_cached_per_grid_and_equal_a_rebuild():
         rebuilt = model(**small)
     assert torch.equal(first, again) and torch.equal(first, rebuilt)
     assert not any("cache" in k for k in model.state_dict())
+
+
+def test_compile_blocks_same_output():
+    model = _quantized_micro()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        eager = model(**inputs)
+        model.compile_blocks(backend="aot_eager")
+        compiled = model(**inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(_quantized_micro().state_dict())  # compiled in place, same keys
+
+
+def test_bench_compile_cases_compare_with_compiled_bf16():
+    from mgtq.bench.config import BenchConfig
+    from mgtq.bench.report import compute_ratios
+
+    labels = [c.label for c in BenchConfig(formats=("bf16", "scq"), compile=True).cases()]
+    assert labels == ["bf16", "scq", "bf16+compile", "scq+compile"]
+
+    def result(label, forward):
+        target = label.split("+")[0]
+        return {"label": label, "target": target, "status": "ok", "tome": 0.0, "offload": False,
+                "compile": label.endswith("+compile"), "weights": None, "memory": None,
+                "latency": {"forward": {"median": forward}, "image": None}}
+
+    ratios = compute_ratios([result("bf16", 10.0), result("scq", 12.0), result("bf16+compile", 5.0),
+                             result("scq+compile", 4.0)])
+    assert ratios["scq+compile"]["forward_vs_bf16"] == 0.8  # against compiled bf16, not eager
+    assert ratios["bf16+compile"]["forward_speedup_vs_eager"] == 2.0
