@@ -145,7 +145,8 @@ class BenchConfig:
     model: "tiny-shapes", "meissonic-1024" (random weights, full size) or a pipeline folder.
     formats / tome / tome_blocks: every format is run at every TomeMGT ratio (ratios > 0 once per
     block set in tome_blocks). offload: add, per format, a case in
-    the CPU-offloading mode (no merging). compile: add, per format, a torch.compile-d case. peers: peer names to run beside (mgtq.bench.peers).
+    the CPU-offloading mode (no merging). compile: add, per format, a torch.compile-d case.
+    peers: peer names to run beside (mgtq.bench.peers).
     threads: torch intra-op threads in each case (default: all cores). isolation: "forkserver"
     (fresh process per case, forked from a server that preloaded torch+mgtq), "spawn" (fresh
     interpreter per case) or "none" (in this process: fast, but peak memory is then not per case).

@@ -430,8 +430,9 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
                                                self.image_ids(height, width, device)]), axes),
             )
         else:
-            txt_ids = self.text_ids(context.shape[1], device) if txt_ids is None else (txt_ids[0] if txt_ids.dim() == 3 else txt_ids)
-            img_ids = self.image_ids(height, width, device) if img_ids is None else (img_ids[0] if img_ids.dim() == 3 else img_ids)
+            txt_ids = self.text_ids(context.shape[1], device) if txt_ids is None else txt_ids
+            img_ids = self.image_ids(height, width, device) if img_ids is None else img_ids
+            txt_ids, img_ids = (ids[0] if ids.dim() == 3 else ids for ids in (txt_ids, img_ids))
             if img_ids.shape[0] != h * w or txt_ids.shape[0] != context.shape[1]:
                 raise ValueError(
                     f"img_ids has {img_ids.shape[0]} rows for {h * w} image tokens and txt_ids {txt_ids.shape[0]} rows "

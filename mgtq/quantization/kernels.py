@@ -4,26 +4,39 @@
 :func:`w4a8_linear` run its choice.  ``M`` is the number of rows (tokens times
 batch) of the call; "per-channel" means one weight scale per output channel.
 
-======  ======  ==========================================  ==================  ==========================================
-device  scheme  condition                                   kernel              what runs
-======  ======  ==========================================  ==================  ==========================================
-cpu     W4A16   M <= 16, per-channel, K % 32 == 0           ``int8pack``        ``torch._weight_int8pack_mm`` on the
-                                                                                unpacked int4 (no float weight)
-cpu     W4A16   otherwise                                   ``dequant``         blocked dequantize + ``F.linear``
-                                                                                (oneDNN's bf16 GEMM; AMX where present)
-cpu     W4A8    opt-in oneDNN weight cache, eager           ``onednn``          ``onednn.qlinear_pointwise``, epilogue fused
-cpu     W4A8    M <= 16, K % 32 == 0                        ``int8pack_exact``  int8 activations (as fp32) x int4 weights,
-                                                                                ``torch._weight_int8pack_mm``
-cpu     W4A8    otherwise                                   ``int_mm_chunked``  ``torch._int_mm`` per 256 output columns,
-                                                                                int32 epilogue read from cache
-cuda    W4A16   bf16, sm80+, tinygemm layout prepared       ``tinygemm``        ``torch._weight_int4pack_mm`` (opt-in
-                (opt-in), K % 256 == 0 or group 32..256                         :func:`prepare_tinygemm`)
-cuda    W4A16   M <= 16, per-channel                        ``int8pack``        as on CPU
-cuda    W4A16   otherwise                                   ``dequant``         one fused dequantize kernel + ``F.linear``
-cuda    W4A8    ``_int_mm`` supported (sm80+, or sm70/75    ``int_mm``          fused quantize, ONE ``torch._int_mm``,
-                with CUDA >= 12.3), M > 16, K, N % 8 == 0                       fused rescale epilogue
-cuda    W4A8    otherwise (small M, older GPU, odd shapes)  ``int8pack_exact``  as on CPU (no padding, no weight copy)
-======  ======  ==========================================  ==================  ==========================================
+| device | scheme | condition                                      | kernel           |
+|--------|--------|------------------------------------------------|------------------|
+| cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
+| cpu    | W4A16  | otherwise                                      | dequant          |
+| cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
+| cpu    | W4A8   | M <= 16, K % 32 == 0                           | int8pack_exact   |
+| cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
+| cuda   | W4A16  | bf16, sm80+, tinygemm layout prepared (opt-in) | tinygemm         |
+| cuda   | W4A16  | M <= 16, per-channel                           | int8pack         |
+| cuda   | W4A16  | otherwise                                      | dequant          |
+| cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0 | int_mm           |
+| cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
+
+Kernels:
+
+* ``int8pack``: ``torch._weight_int8pack_mm`` on the unpacked int4 weight
+  (read once, no float weight);
+* ``dequant``: dequantize to the activation dtype (cache-blocked on CPU, one
+  fused kernel on CUDA) + ``F.linear``;
+* ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
+  the opt-in :func:`prepare_tinygemm`;
+* ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
+  weight, rescale / bias / cast fused;
+* ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
+  ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
+* ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
+  epilogue read from cache;
+* ``int_mm``: fused quantize, ONE ``torch._int_mm`` on the whole layer,
+  fused rescale epilogue.
+
+``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
+(:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
+minimum), ``int8pack_exact`` runs without padding or weight copies.
 
 Why these (figures: ``benchmarks/bench_linear_kernels.py`` and its results file):
 
