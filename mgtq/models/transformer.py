@@ -484,7 +484,10 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         if tables is None:
             if len(self._table_cache) >= 8:  # a handful of grids per process; never grow without bound
                 self._table_cache.clear()
-            tables = self._table_cache[key] = build()
+            # Plain constants: built outside inference mode and autograd, so a table first made under
+            # torch.inference_mode() can later enter a training forward (which saves it for backward).
+            with torch.inference_mode(False), torch.no_grad():
+                tables = self._table_cache[key] = build()
         return tables
 
     def _run(self, block, *args):

@@ -56,6 +56,15 @@ def test_default_tables_are_cached_per_grid_and_equal_a_rebuild():
     assert not any("cache" in k for k in model.state_dict())
 
 
+def test_tables_cached_in_inference_mode_serve_a_training_forward():
+    model = build_transformer("test-micro")
+    inputs = _inputs(model, grid=4)
+    with torch.inference_mode():
+        model(**inputs)  # fills the cache
+    model(**inputs).float().square().mean().backward()  # saves the cached tables for backward
+    assert model.context_embedder.weight.grad is not None
+
+
 def test_compile_blocks_same_output():
     model = _quantized_micro()
     inputs = _inputs(model)
