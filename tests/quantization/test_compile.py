@@ -93,3 +93,13 @@ def test_bench_compile_cases_compare_with_compiled_bf16():
                              result("scq+compile", 4.0)])
     assert ratios["scq+compile"]["forward_vs_bf16"] == 0.8  # against compiled bf16, not eager
     assert ratios["bf16+compile"]["forward_speedup_vs_eager"] == 2.0
+
+
+def test_compile_flags_on_generate_eval_bench():
+    from mgtq.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "a red circle", "--compile"]).compile
+    assert parser.parse_args(["eval", "--compile"]).compile
+    assert parser.parse_args(["bench", "--compile"]).compile
+    assert not parser.parse_args(["generate", "--prompt", "a red circle"]).compile
