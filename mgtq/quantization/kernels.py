@@ -318,6 +318,18 @@ def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_x16=None):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("mgtq::weight_int8pack_mm", mutates_args=())
+def weight_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``torch._weight_int8pack_mm`` (x (M, K) float, weight int8 (N, K), scales (N,)) kept opaque to
+    Inductor, whose CPU lowering of it fails on torch 2.13; eager and aot_eager see the aten op."""
+    return torch._weight_int8pack_mm(x, weight, scales)
+
+
+@weight_int8pack_mm.register_fake
+def _(x, weight, scales):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 # ------------------------------------------------------------------------------ the two layers
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -341,7 +353,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         # Scales must share x's dtype (bf16: rounded once more, within bf16 noise).
-        y = torch._weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
+        y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
         y = y if bias is None else y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
     w = dequantize_int4_op(packed, scale, x.dtype)
@@ -370,7 +382,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         # Unit scales: the kernel returns the exact integer sums (fp32 holds them exactly for
         # K <= EXACT_FP32_MAX_K), rescaled once below exactly like the int32 GEMM's accumulator.
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
-        acc = torch._weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
+        acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
     elif kernel == "onednn":
         y = onednn_int8_linear(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
