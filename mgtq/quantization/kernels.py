@@ -9,7 +9,7 @@ batch) of the call; "per-channel" means one weight scale per output channel.
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
-| cpu    | W4A8   | M <= 16, K % 32 == 0                           | int8pack_exact   |
+| cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
 | cuda   | W4A16  | bf16, sm80+, tinygemm layout prepared (opt-in) | tinygemm         |
 | cuda   | W4A16  | M <= 16, per-channel                           | int8pack         |
@@ -31,8 +31,8 @@ Kernels:
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
   epilogue read from cache;
-* ``int_mm``: fused quantize, ONE ``torch._int_mm`` on the whole layer,
-  fused rescale epilogue.
+* ``int_mm``: quantize, ONE ``torch._int_mm`` on the whole layer, rescale
+  epilogue (each one fused kernel on CUDA).
 
 ``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
 (:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
@@ -46,7 +46,8 @@ Why these (figures: ``benchmarks/bench_linear_kernels.py`` and its results file)
   slower at M in the thousands.  Hence dequantize + bf16 GEMM for W4A16, and
   a column-chunked ``_int_mm`` (its int32 accumulator stays in cache) for W4A8.
 * Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
-  it as int8 beats materialising a float weight.
+  it as int8 beats materialising a float weight; for W4A8 on CPU one
+  ``_int_mm`` on the whole layer (chunking only pays for large accumulators).
 * ``int8pack_exact``: int8 activations are integers below 2**8 and int4 weights
   below 2**3, so with fp32 accumulation every partial sum is an exact integer
   as long as ``K <= 2**24 / (128 * 8) = 16384`` -- the same result as the int32
@@ -160,9 +161,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
             return "int_mm" if ok else "int8pack_exact"
-        if small and ctx.k % 32 == 0 and ctx.k <= EXACT_FP32_MAX_K:
-            return "int8pack_exact"
-        return "int_mm_chunked"
+        # Few rows: the (M, N) accumulator is tiny, so one unchunked _int_mm (no CUDA-style limits on CPU);
+        # torch's fp32 _weight_int8pack_mm is unvectorised on CPU, so int8pack_exact is CUDA-only.
+        return "int_mm" if small else "int_mm_chunked"
     raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
 
 

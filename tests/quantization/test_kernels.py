@@ -27,7 +27,7 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
     ("w4a16", ctx(m=2, group=64), "dequant"),
     ("w4a16", ctx(m=2, k=48), "dequant"),  # K % 32 != 0: torch's CPU int8pack kernel is unsafe there
     ("w4a16", ctx(m=17), "dequant"),
-    ("w4a8", ctx(m=2), "int8pack_exact"),
+    ("w4a8", ctx(m=2), "int_mm"),
     ("w4a8", ctx(m=2202), "int_mm_chunked"),
     ("w4a8", ctx(m=2202, cache=True), "onednn"),
     ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked"),
@@ -83,7 +83,7 @@ def test_small_m_exact_path_equals_int32_gemm(layers):
     # Integers accumulate exactly in fp32 (K <= 16384): the int32 GEMM's result, bit for bit.
     _, _, a8 = layers
     x = torch.randn(4, K) * 3
-    exact = kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, None)
+    exact = kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, None, force_device="cuda")
     x_q = quantize_int8_per_tensor(x, a8.input_scale)
     acc = torch._int_mm(x_q, kernels.unpack_int4_x16_op(a8.weight_packed).t())
     int32 = kernels.rescale_acc(acc, a8.weight_scale, a8.input_scale, None, torch.float32, 1.0 / 16.0)
