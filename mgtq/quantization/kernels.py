@@ -38,7 +38,7 @@ Kernels:
 (:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
 minimum), ``int8pack_exact`` runs without padding or weight copies.
 
-Why these (figures: ``benchmarks/bench_linear_kernels.py`` and its results file):
+Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per layer shape):
 
 * CPU many rows: oneDNN runs the bf16 GEMM on AMX straight from the plain
   weight, while ``torch._int_mm`` runs on AVX512-VNNI; ``_weight_int4pack_mm_for_cpu``
