@@ -15,7 +15,14 @@ from pathlib import Path
 # (name, description, ratio label, ratio key, op, target): ratios are those of the bench JSON.
 RATIO_GOALS = (
     ("scq_weights", "SCQ transformer weights / bf16", "scq", "weights_vs_bf16", "<=", 0.28),
-    ("scq_forward", "SCQ forward latency / bf16", "scq", "forward_vs_bf16", "<=", 0.95),
+    ("scq_forward", "SCQ forward latency / bf16", "scq", "forward_vs_bf16", "<=", 0.90),
+    ("w4a16_forward", "W4A16 forward latency / bf16", "w4a16", "forward_vs_bf16", "<=", 1.0),
+    ("compile_bf16_speedup", "bf16: eager forward / compiled forward", "bf16+compile", "forward_speedup_vs_eager",
+     ">=", 1.5),
+    ("compile_scq_forward", "compiled SCQ forward / compiled bf16", "scq+compile", "forward_vs_bf16", "<=", 0.90),
+    ("compile_w4a8_forward", "compiled W4A8 forward / compiled bf16", "w4a8+compile", "forward_vs_bf16", "<=", 0.70),
+    ("compile_w4a16_forward", "compiled W4A16 forward / compiled bf16", "w4a16+compile", "forward_vs_bf16", "<=",
+     1.0),
     ("w4a8_forward", "W4A8-everywhere forward latency / bf16", "w4a8", "forward_vs_bf16", "<=", 0.70),
     ("scq-cached_weights", "scq-cached transformer weights / bf16", "scq-cached", "weights_vs_bf16", "<=", 0.28),
     ("scq-cached_forward", "scq-cached forward latency / bf16", "scq-cached", "forward_vs_bf16", "<=", 0.95),

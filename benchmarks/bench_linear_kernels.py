@@ -9,10 +9,15 @@ batch of 2 (the adaLN projection sees one row per sample):
     proj_mlp             1024 -> 4096   M = 2202
     proj_out             5120 -> 1024   M = 2202
 
-Variants: fp32 ``F.linear``, bf16 ``F.linear``, ``W4Linear`` (bf16
-activations), ``W4A8Linear`` (bf16 in/out, int8 GEMM), ``W4A8Linear`` with the
-opt-in oneDNN int8 weight cache.  Variants are timed round-robin (one call of each in
-turn, repeated) so background load hits all of them alike; we report medians.
+Variants: fp32 / bf16 ``F.linear``; ``W4Linear`` and ``W4A8Linear`` as
+dispatched by :mod:`mgtq.quantization.kernels` ("W4A16", "W4A8"), and every
+candidate CPU kernel of that dispatch forced on each shape (the evidence for
+its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed);
+W4A8 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer,
+the exact ``_weight_int8pack_mm`` path, and the opt-in oneDNN int8 weight
+cache.  Variants are timed round-robin (one call of each in turn, repeated)
+so background load hits all of them alike; we report medians.
 
 Usage::
 
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
+from mgtq.quantization import kernels
 
 D = 1024
 STATS = {"median": statistics.median, "min": min}
@@ -78,14 +84,37 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
     w4a8 = W4A8Linear.from_float(linear, choose_int8_scale(x32.abs().max())).to(torch.bfloat16)
     w4a8_cached = W4A8Linear.from_float(linear, choose_int8_scale(x32.abs().max())).to(torch.bfloat16)
     w4a8_cached.enable_weight_cache("onednn")
+    w4_layout = kernels.tinygemm_operands(w4.weight_packed, w4.weight_scale)
+    w4_cpu = torch._convert_weight_to_int4pack_for_cpu(w4_layout[0], 1)
+    a8 = (w4a8.weight_packed, w4a8.weight_scale, w4a8.input_scale, w4a8.bias)
     variants = {
         "fp32": lambda: F.linear(x32, w32, b32),
         "bf16": lambda: F.linear(xbf, wbf, bbf),
         "W4A16": lambda: w4(xbf),
+        "A16 dequant": lambda: F.linear(xbf, kernels.dequantize_int4_op(w4.weight_packed, w4.weight_scale,
+                                                                        torch.bfloat16), bbf),
+        "A16 int8pack": lambda: torch._weight_int8pack_mm(xbf, kernels.unpack_int4_op(w4.weight_packed),
+                                                          w4.weight_scale[:, 0].bfloat16()) + bbf,
+        "A16 int4pack_cpu": lambda: torch._weight_int4pack_mm_for_cpu(xbf, w4_cpu, w4_layout[2], w4_layout[1]) + bbf,
         "W4A8": lambda: w4a8(xbf),
+        "A8 int_mm chunked": lambda: _forced(w4a8, xbf, "int_mm_chunked"),
+        "A8 int_mm one call": lambda: kernels.rescale_acc(
+            torch._int_mm(kernels.quantize_int8_rows(xbf, a8[2]), kernels.unpack_int4_x16_op(a8[0]).t()),
+            a8[1], a8[2], a8[3], torch.bfloat16, 1.0 / 16.0),
+        "A8 int8pack exact": lambda: _forced(w4a8, xbf, "int8pack_exact"),
         "W4A8+onednn": lambda: w4a8_cached(xbf),
     }
     return variants
+
+
+def _forced(layer: W4A8Linear, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """A W4A8 layer run through one named kernel of the dispatch, whatever the dispatch would pick."""
+    original = kernels.choose_kernel
+    kernels.choose_kernel = lambda scheme, ctx: kernel
+    try:
+        return layer(x)
+    finally:
+        kernels.choose_kernel = original
 
 
 def time_round_robin(
@@ -129,7 +158,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    variants = ["fp32", "bf16", "W4A16", "W4A8", "W4A8+onednn"]
+    variants = ["fp32", "bf16", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
+                "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "W4A8+onednn"]
     rows: list[tuple[str, dict[str, float]]] = []
     block = {v: 0.0 for v in variants}
     for shape in block_shapes(args.batch, args.tokens):
@@ -154,9 +184,9 @@ def main() -> None:
         "",
         markdown_table(rows, variants),
         "",
-        "W4A16 = W4Linear on bf16 activations (dequantize to bf16 + bf16 GEMM); W4A8 = W4A8Linear "
-        "(int8 quantize + torch._int_mm on packed int4 weights, bf16 out); +onednn = opt-in "
-        "enable_weight_cache('onednn'): int8 weight prepacked for oneDNN's fused int8 linear. "
+        "W4A16 / W4A8 = W4Linear / W4A8Linear on bf16 activations with mgtq's kernel dispatch "
+        "(mgtq.quantization.kernels); A16 * / A8 * = one candidate kernel forced on every shape; "
+        "+onednn = opt-in enable_weight_cache('onednn'): int8 weight prepacked for oneDNN's fused int8 linear. "
         "SCQ-mix row: the W4A16 and W4A8 columns both show 1/3 W4A8 + 2/3 W4A16, "
         "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16.",
     ]

@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="transformer/text encoder dtype (default: as saved)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (fullgraph; the first step pays the compile time)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -77,10 +79,9 @@ def _load_pipe(args):
     if getattr(args, "tome", None):
         from mgtq.merging import apply_tomemgt
 
-        try:
-            apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks, **_tome_options(args))
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+        apply_tomemgt(pipe, args.tome, blocks=args.tome_blocks, **_tome_options(args))
+    if args.compile:
+        pipe.compile()
     return pipe
 
 
@@ -151,8 +152,8 @@ def cmd_bench(args) -> int:
     config = BenchConfig(
         model=str(args.model), text_encoder=None if args.text_encoder is None else str(args.text_encoder),
         formats=_csv(args.formats), tome=args.tome, tome_blocks=_csv(args.tome_blocks),
-        tome_options=_tome_options(args), offload=args.offload, peers=peers, threads=args.threads,
-        isolation=args.isolation,
+        tome_options=_tome_options(args), offload=args.offload, compile=args.compile, peers=peers,
+        threads=args.threads, isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
                                 profile=args.profile, latency=both or args.latency, memory=both or args.memory),
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of blocks TomeMGT merges in: joint (paper), single, all; each ratio > 0 per set")
     _add_tome_option_args(b)
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
+    b.add_argument("--compile", action="store_true",
+                   help="also run each format with the transformer under torch.compile(fullgraph=True)")
     b.add_argument("--peers", nargs="?", const="all", default=None,
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
     b.add_argument("--json", type=Path, default=None,

@@ -94,6 +94,19 @@ class MGTPipeline:
         self.vqvae.to(device)
         return self
 
+    def compile(self, regional: bool = True, **kwargs) -> "MGTPipeline":
+        """torch.compile the transformer in place (fullgraph: it has no graph breaks); compiled on first use.
+
+        regional: compile each transformer block (MeissonicTransformer.compile_blocks: minutes less
+        compile time on large models); else the whole transformer as one graph. The module objects,
+        weights and state-dict keys stay as they are; `kwargs` go to torch.compile.
+        """
+        if regional:
+            self.transformer.compile_blocks(**kwargs)
+        else:
+            self.transformer.compile(**{"fullgraph": True, **kwargs})
+        return self
+
     # ---------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(

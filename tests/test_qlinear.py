@@ -213,12 +213,3 @@ def test_packed_weight_view_and_mappings(linear):
     assert torch.equal(q2, q) and torch.equal(s2, s)
     with pytest.raises(ValueError, match="symmetric"):
         quantize_int4_weight(linear.weight.detach(), None, MappingType.ASYMMETRIC)
-
-
-def test_int_mm_cuda_padding_logic_on_cpu():
-    # The CUDA branch zero-pads to M > 16 and K, N multiples of 8; check the padding math on CPU.
-    from mgtq.quantization.qtensor import _int_mm_padded_cuda
-
-    a = torch.randint(-128, 128, (3, 13), dtype=torch.int8)
-    b = torch.randint(-128, 128, (13, 6), dtype=torch.int8)
-    assert torch.equal(_int_mm_padded_cuda(a, b), (a.int() @ b.int()))

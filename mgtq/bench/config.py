@@ -77,7 +77,8 @@ class BenchCase:
 
     tome: TomeMGT ratio (0 = off; mgtq formats only); tome_blocks: where it merges ("joint" = the
     paper's setting); tome_options: any other TomeConfig fields (mgtq.merging). offload: the paper's CPU-offloading mode (transformer freed before the VQ
-    decoder is loaded).
+    decoder is loaded). compile: the transformer under torch.compile(fullgraph=True), block by block
+    (compiled during the warm-up forward).
     """
 
     target: str
@@ -85,6 +86,7 @@ class BenchCase:
     offload: bool = False
     tome_blocks: str = "joint"
     tome_options: dict = field(default_factory=dict)
+    compile: bool = False
 
     def __post_init__(self):
         from mgtq.bench.peers import PEERS
@@ -98,6 +100,8 @@ class BenchCase:
             raise ValueError(f"TomeMGT is only benchmarked on mgtq formats, not on peer {self.target!r}")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be true or false, got {self.offload!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.tome_blocks not in TOME_BLOCKS:
             raise ValueError(f"tome_blocks must be one of {TOME_BLOCKS}, got {self.tome_blocks!r}")
         _check_tome_options(self.tome_options)
@@ -114,6 +118,8 @@ class BenchCase:
             label += f"+tome{self.tome:g}" + ("" if self.tome_blocks == "joint" else f"-{self.tome_blocks}")
         if self.offload:
             label += "+offload"
+        if self.compile:
+            label += "+compile"
         return label
 
     def to_dict(self) -> dict:
@@ -136,7 +142,8 @@ class BenchConfig:
     `mgtq.load(..., text_encoder=)`).
     formats / tome / tome_blocks: every format is run at every TomeMGT ratio (ratios > 0 once per
     block set in tome_blocks), with the other TomeConfig fields in tome_options. offload: add, per format, a case in
-    the CPU-offloading mode (no merging). peers: peer names to run beside (mgtq.bench.peers).
+    the CPU-offloading mode (no merging). compile: add, per format, a torch.compile-d case.
+    peers: peer names to run beside (mgtq.bench.peers).
     threads: torch intra-op threads in each case (default: all cores). isolation: "forkserver"
     (fresh process per case, forked from a server that preloaded torch+mgtq), "spawn" (fresh
     interpreter per case) or "none" (in this process: fast, but peak memory is then not per case).
@@ -152,6 +159,7 @@ class BenchConfig:
     tome_blocks: tuple[str, ...] = ("joint",)
     tome_options: dict = field(default_factory=dict)
     offload: bool = False
+    compile: bool = False
     peers: tuple[str, ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     threads: int | None = None
@@ -199,11 +207,13 @@ class BenchConfig:
         return self.threads or os.cpu_count() or 1
 
     def cases(self) -> list[BenchCase]:
-        """Every format at every ratio (× block set), then the offload cases, then the peers."""
+        """Every format at every ratio (× block set), then the offload and compiled cases, then the peers."""
         cases = [BenchCase(f, tome=t, tome_blocks=b, tome_options=dict(self.tome_options) if t else {})
                  for f in self.formats for t in self.tome for b in (self.tome_blocks if t else ("joint",))]
         if self.offload:
             cases += [BenchCase(f, offload=True) for f in self.formats]
+        if self.compile:
+            cases += [BenchCase(f, compile=True) for f in self.formats]
         cases += [BenchCase(p) for p in self.peers]
         return cases
 

@@ -47,11 +47,14 @@ def results_of(report: dict) -> list[CaseResult]:
 
 
 def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
-    """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons)."""
+    """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons).
+
+    Compiled cases compare with compiled bf16 ("bf16+compile"), and with their own eager case.
+    """
     ok = {r.label: r for r in results if r.ok}
-    ref = ok.get("bf16")
     ratios = {}
     for label, r in ok.items():
+        ref = ok.get("bf16+compile" if r.compile else "bf16")
         entry = {}
         if ref is not None:
             entry = {
@@ -68,6 +71,8 @@ def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
             entry["forward_cpu_speedup_vs_no_tome"] = _ratio(base.forward_cpu_median, r.forward_cpu_median)
         if r.offload and base is not None:
             entry["peak_rss_vs_no_offload"] = _ratio(r.peak_rss, base.peak_rss)
+        if r.compile and base is not None:
+            entry["forward_speedup_vs_eager"] = _ratio(base.forward_median, r.forward_median)
         ratios[label] = entry
     return ratios
 
@@ -159,6 +164,8 @@ def to_markdown(report: dict) -> str:
             if q.get("forward_cpu_speedup_vs_no_tome"):
                 forward += f"; CPU time {q['forward_cpu_speedup_vs_no_tome']:.2f}×"
             forward += ")"
+        if r.compile and q.get("forward_speedup_vs_eager"):
+            forward += f" ({q['forward_speedup_vs_eager']:.2f}× faster than eager; ×bf16 vs compiled bf16)"
         peak = mb_text(r.peak_rss)
         if r.offload and q.get("peak_rss_vs_no_offload"):
             peak += f" ({q['peak_rss_vs_no_offload']:.2f}× normal)"

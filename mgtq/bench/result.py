@@ -44,6 +44,7 @@ class CaseResult:
     tome: float = 0.0
     tome_blocks: str = "joint"
     offload: bool = False
+    compile: bool = False
     status: Literal["ok", "skipped", "failed"] = "ok"
     message: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -69,7 +70,8 @@ class CaseResult:
         """An empty result for `case` (a mgtq.bench.config.BenchCase)."""
         return cls(label=case.label, target=case.target, kind="peer" if case.is_peer else "mgtq",
                    family=family or (None if case.is_peer else "mgtq"), tome=case.tome,
-                   tome_blocks=case.tome_blocks, offload=case.offload, status=status, message=message)
+                   tome_blocks=case.tome_blocks, offload=case.offload, compile=case.compile, status=status,
+                   message=message)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CaseResult":

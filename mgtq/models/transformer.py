@@ -315,6 +315,9 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         _validate_config(dim, attention_head_dim, pooled_projection_dim, axes_dims_rope, vocab_size, codebook_size,
                          downsample, upsample, guidance_embeds, patch_size)
         self.gradient_checkpointing = False
+        # Default RoPE tables and micro-conditions per (text length, grid, device): pure functions of
+        # the key, rebuilt on a miss, never part of the state dict (see _default_tables).
+        self._table_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         # Installed by mgtq.merging.apply_tomemgt (tomesd-style patch); None = no token merging.
         self.token_merging = None
 
@@ -400,7 +403,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         dtype = self.embed.embeddings.weight.dtype
 
         if micro_conds is None:
-            micro_conds = torch.tensor(DEFAULT_MICRO_CONDS, device=device).expand(batch, -1)
+            micro_conds = self._default_tables(("micro", str(device)), lambda: (
+                torch.tensor(DEFAULT_MICRO_CONDS, device=device),))[0].expand(batch, -1)
         micro = get_timestep_embedding(
             micro_conds.flatten(), MICRO_COND_ENCODE_DIM, flip_sin_to_cos=True, downscale_freq_shift=0
         ).reshape(batch, -1)
@@ -418,14 +422,23 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
         temb = self.time_text_embed(timestep.to(x.dtype) * 1000, pooled)
 
-        txt_ids = self.text_ids(context.shape[1], device) if txt_ids is None else (txt_ids[0] if txt_ids.dim() == 3 else txt_ids)
-        img_ids = self.image_ids(height, width, device) if img_ids is None else (img_ids[0] if img_ids.dim() == 3 else img_ids)
-        if img_ids.shape[0] != h * w or txt_ids.shape[0] != context.shape[1]:
-            raise ValueError(
-                f"img_ids has {img_ids.shape[0]} rows for {h * w} image tokens and txt_ids {txt_ids.shape[0]} rows for "
-                f"{context.shape[1]} text tokens; build them with image_ids()/text_ids() or omit them"
+        axes = tuple(self.config.axes_dims_rope)
+        if img_ids is None and txt_ids is None:
+            rope = self._default_tables(
+                ("rope", context.shape[1], height, width, str(device)),
+                lambda: rope_tables(torch.cat([self.text_ids(context.shape[1], device),
+                                               self.image_ids(height, width, device)]), axes),
             )
-        rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), tuple(self.config.axes_dims_rope))
+        else:
+            txt_ids = self.text_ids(context.shape[1], device) if txt_ids is None else txt_ids
+            img_ids = self.image_ids(height, width, device) if img_ids is None else img_ids
+            txt_ids, img_ids = (ids[0] if ids.dim() == 3 else ids for ids in (txt_ids, img_ids))
+            if img_ids.shape[0] != h * w or txt_ids.shape[0] != context.shape[1]:
+                raise ValueError(
+                    f"img_ids has {img_ids.shape[0]} rows for {h * w} image tokens and txt_ids {txt_ids.shape[0]} rows "
+                    f"for {context.shape[1]} text tokens; build them with image_ids()/text_ids() or omit them"
+                )
+            rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), axes)
         # Merging needs the grid (2×2 cells), and its per-forward state must die with this call.
         masked = hidden_states == self.mask_token_id  # (B, H, W): what mask-aware merging reads
         token_merging = token_merging.bind((h, w), masked) if token_merging is not None else None
@@ -445,6 +458,38 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         x = x.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
         logits = self.mlm_layer(self.up_block(x))
         return (logits,) if return_dict else logits
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile every transformer block in place (regional compilation); kwargs go to torch.compile.
+
+        Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
+        which block), so compiling costs about two blocks instead of the whole model; what stays
+        eager between blocks is a few embeddings and the (cached) RoPE tables. Blocks whose
+        quantized layer kinds differ (SCQ) compile once per distinct pattern, so the recompile limit
+        is raised to the number of blocks.
+        """
+        blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
+        for block in blocks:
+            block.compile(**{"fullgraph": True, **kwargs})
+
+    def _default_tables(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
+        """`build()` memoised under `key` (eager only: a compiled graph computes them inside, once).
+
+        The tables depend on nothing but the key (positions, not weights), so a hit is exactly what a
+        rebuild would give; this saves the float64 RoPE build and a host-to-device copy per forward.
+        """
+        if torch.compiler.is_compiling():
+            return build()
+        tables = self._table_cache.get(key)
+        if tables is None:
+            if len(self._table_cache) >= 8:  # a handful of grids per process; never grow without bound
+                self._table_cache.clear()
+            # Plain constants: built outside inference mode and autograd, so a table first made under
+            # torch.inference_mode() can later enter a training forward (which saves it for backward).
+            with torch.inference_mode(False), torch.no_grad():
+                tables = self._table_cache[key] = build()
+        return tables
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -502,8 +547,13 @@ def _validate_config(dim, head_dim, pooled_dim, axes_dims_rope, vocab_size, code
 def _check_token_ids(ids: torch.Tensor, vocab_size: int) -> tuple[int, int, int]:
     if ids.dim() != 3 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"hidden_states must be integer token ids (B, H, W); got {tuple(ids.shape)} {ids.dtype}")
-    if not ids.is_meta and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+    if ids.is_meta or not ids.numel():
+        pass
+    elif ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:  # reading a CPU tensor costs no sync
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+    else:  # no host sync on an accelerator or in a compiled graph: the device checks
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), f"token ids must lie in [0, {vocab_size})")
     return ids.shape[0], ids.shape[1], ids.shape[2]
 
 

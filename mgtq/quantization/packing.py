@@ -86,10 +86,14 @@ def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.
         int8 tensor ``(..., K)`` with values in [-8, 7].
     """
     _check_packed(packed)
+    p = packed.view(torch.int8)
+    if out is None:
+        # Out-of-place: torch.compile traces this without a graph break (it
+        # cannot trace ``out=`` into a non-contiguous view), and fuses it.
+        # Arithmetic right shifts on int8 sign-extend the nibble for free.
+        return torch.cat([(p << 4) >> 4, p >> 4], dim=-1)
     out = _alloc_unpacked(packed, out)
     half = packed.shape[-1]
-    p = packed.view(torch.int8)
-    # Arithmetic right shifts on int8 sign-extend the nibble for free.
     torch.bitwise_right_shift(p, 4, out=out[..., half:])
     lo = out[..., :half]
     torch.bitwise_left_shift(p, 4, out=lo)
@@ -111,11 +115,13 @@ def unpack_int4_x16(packed: torch.Tensor, out: torch.Tensor | None = None) -> to
         int8 tensor ``(..., K)`` equal to ``16 * unpack_int4(packed)``.
     """
     _check_packed(packed)
+    p = packed.view(torch.int8)
+    if out is None:  # out-of-place, compile-friendly (see unpack_int4)
+        return torch.cat([p << 4, p & -16], dim=-1)  # -16 == 0xF0: the high nibble kept in place
     out = _alloc_unpacked(packed, out)
     half = packed.shape[-1]
-    p = packed.view(torch.int8)
     torch.bitwise_left_shift(p, 4, out=out[..., :half])  # low nibble moved to the top
-    torch.bitwise_and(p, -16, out=out[..., half:])  # -16 == 0xF0: keep the high nibble in place
+    torch.bitwise_and(p, -16, out=out[..., half:])
     return out
 
 

@@ -12,6 +12,11 @@ State dicts hold tensors only (safetensors-friendly)::
 
 ``group_size`` is implied by the shape of ``weight_scale``; use
 :meth:`from_state_dict` to rebuild a module from tensors alone.
+
+``weight_packed`` is a frozen ``nn.Parameter`` (not a buffer) so that
+accelerate's ``cpu_offload`` / model offload move it like any weight; the
+keys and tensors are the same either way.  Which kernel multiplies is decided
+in :mod:`mgtq.quantization.kernels`.
 """
 
 from __future__ import annotations
@@ -21,19 +26,16 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import kernels
 from .packing import pack_int4, unpack_int4_x16
 from .qtensor import (
     INT8_MM_CHUNK_N,
     MappingLike,
     PackedInt4Weight,
     dequantize_int4_weight,
-    int4_weight_only_linear,
-    int8_int4_linear,
-    onednn_int8_linear,
     onednn_int8_linear_available,
     onednn_prepack_int8_weight,
     quantize_int4_weight,
-    quantize_int8_per_tensor,
     resolve_group_size,
     tensor_nbytes,
 )
@@ -44,7 +46,7 @@ __all__ = ["W4Linear", "W4A8Linear", "QuantizedLinear"]
 class QuantizedLinear(nn.Module):
     """Shared storage of packed int4 weights; not used directly.
 
-    Buffers ``weight_scale`` (and ``input_scale``) stay fp32 through
+    ``weight_scale`` (and ``input_scale``) stay fp32 through
     ``module.to(torch.bfloat16)``: rounding a scale to bf16 would silently
     change every output (see :meth:`_apply`).
     """
@@ -70,8 +72,8 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.group_size = resolve_group_size(in_features, group_size)
         groups = in_features // self.group_size
-        self.register_buffer(
-            "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.weight_packed = nn.Parameter(
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device), requires_grad=False
         )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         if bias:
@@ -109,7 +111,7 @@ class QuantizedLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def _load_quantized(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight_packed = pack_int4(q).to(self.weight_packed.device)
+        self.weight_packed = nn.Parameter(pack_int4(q).to(self.weight_packed.device), requires_grad=False)
         self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32).contiguous()
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -178,24 +180,39 @@ class QuantizedLinear(nn.Module):
 class W4Linear(QuantizedLinear):
     """int4-weight, float-activation linear layer (W4A16).
 
-    Forward: ``F.linear(x, dequant(W).to(x.dtype), bias)``; works for fp32 /
-    bf16 / fp16 inputs of shape ``(..., in_features)``.  The float weight
-    exists only during the call, built in cache-sized row blocks.  For at
-    most :data:`~mgtq.quantization.qtensor.SMALL_M` rows with per-channel
-    scales (e.g. adaLN projections, M = batch) the CPU path multiplies the
-    int8-unpacked weight directly (``torch._weight_int8pack_mm``) instead.
-    See :func:`~mgtq.quantization.qtensor.int4_weight_only_linear` for the
-    CUDA dispatch point.
+    Forward: ``x @ (q * scale).T + bias`` for fp32 / bf16 / fp16 ``x (...,
+    in_features)``, through the kernel :func:`~mgtq.quantization.kernels.choose_kernel`
+    picks (dequantize + GEMM, or an int8-weight GEMV for a few rows).
 
-    ``torch.compile`` of the dequantizer (Inductor works here with gcc) fuses
-    its five passes into one -- ~1.8x faster dequantization in isolation, but
-    no measurable gain per layer (dequantization is ~10% of a layer at
-    M=2202), so mgtq does not ship it.
+    Opt-in :meth:`prepare_tinygemm` (CUDA, bf16) adds tinygemm's tiled copy
+    of the weight (+0.5 byte per weight, never saved) for
+    ``torch._weight_int4pack_mm``.
     """
+
+    _TRANSIENT = ("_tinygemm",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return int4_weight_only_linear(x, self.weight_packed, self.weight_scale, self.bias)
+        return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.bias, tinygemm=self._tinygemm)
+
+    def prepare_tinygemm(self) -> None:
+        """Derive tinygemm's weight layout (CUDA only; an extra int4 copy, not saved, dropped on a device move)."""
+        self._tinygemm = kernels.prepare_tinygemm(self.weight_packed, self.weight_scale)
+
+    def weight_nbytes(self) -> int:
+        """Packed int4 + scales, plus tinygemm's copy when prepared."""
+        extra = 0 if self._tinygemm is None else sum(tensor_nbytes(t) for t in self._tinygemm)
+        return super().weight_nbytes() + extra
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        if self._tinygemm is not None and self._tinygemm[0].device != self.weight_packed.device:
+            self._tinygemm = None  # a derived layout: re-prepare on the new device
+        return result
 
     @classmethod
     def from_float(
@@ -246,25 +263,22 @@ class W4A8Linear(QuantizedLinear):
     each partial sum -- K/group_size epilogues over the (M, N) output, which
     costs more than the integer GEMM saves.
 
-    The weight stays packed (K/2 bytes per row) and is unpacked per chunk of
-    ``chunk_n`` output channels straight into the (K, N)-shaped int8 operand
-    ``_int_mm`` wants (a transposed view, no copy).
+    The weight stays packed (K/2 bytes per row); the kernel per device and
+    row count is chosen in :mod:`mgtq.quantization.kernels` (one ``_int_mm``
+    with fused quantize / epilogue on CUDA, a column-chunked ``_int_mm`` on CPU,
+    an exact int8-weight GEMV for a few rows).
 
     Opt-in :meth:`enable_weight_cache` trades memory for speed by keeping an
     int8 copy of the weight (+1 byte per weight, i.e. 3x the int4 bytes in
     total; still below bf16): on CPU with oneDNN, prepacked for oneDNN's int8
-    linear, which fuses the rescale/bias/cast epilogue (the fastest CPU path);
-    elsewhere as the plain unpacked int8 operand.  The cache is never saved,
-    is dropped on deepcopy/pickle and when the module leaves the CPU.
-
-    Speed on CPUs with AMX (Sapphire Rapids and later): ``torch._int_mm`` runs
-    on AVX512-VNNI while the bf16 GEMM runs on AMX, so the default path is
-    ~1.3-1.6x slower than a bf16 ``nn.Linear``; with the oneDNN cache it is
-    ~0.6-0.95x (see ``benchmarks/bench_linear_kernels.py``).
+    linear, which fuses the rescale/bias/cast epilogue (eager only: an opaque
+    oneDNN tensor cannot enter a compiled graph, so compiled code takes the
+    int4 path); elsewhere as the plain unpacked int8 operand.  The cache is
+    never saved, is dropped on deepcopy/pickle and when the module leaves the CPU.
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
-    _TRANSIENT = ("_onednn_weight",)
+    _TRANSIENT = ("_onednn_weight", "_weight_x16")
 
     def __init__(
         self,
@@ -284,7 +298,9 @@ class W4A8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, None, device, bias_dtype)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.chunk_n = chunk_n
-        self.register_buffer("_weight_x16", None, persistent=False)
+        # Caches are plain attributes, not buffers: never saved, and offload
+        # hooks (which move every buffer) must not meet a None buffer.
+        self._weight_x16: torch.Tensor | None = None
         self._onednn_weight: torch.Tensor | None = None  # opaque MKLDNN tensor, never a buffer
 
     def extra_repr(self) -> str:
@@ -293,26 +309,10 @@ class W4A8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        x_q = quantize_int8_per_tensor(x2, self.input_scale)
-        if self._onednn_weight is not None and x.device.type == "cpu":
-            y = onednn_int8_linear(
-                x_q, self.input_scale, self._onednn_weight, self.weight_scale[:, 0], self.bias, x.dtype
-            )
-        else:
-            # DISPATCH POINT (CUDA): torchao's int8 dynamic-activation kernels
-            # could replace int8_mm + epilogue; see qtensor.int8_mm.
-            y = int8_int4_linear(
-                x_q,
-                self.weight_packed,
-                self.weight_scale[:, 0] * self.input_scale,
-                self.bias,
-                x.dtype,
-                chunk_n=self.chunk_n,
-                weight_x16=self._weight_x16,
-            )
-        return y.reshape(*lead, self.out_features)
+        return kernels.w4a8_linear(
+            x, self.weight_packed, self.weight_scale, self.input_scale, self.bias,
+            onednn_weight=self._onednn_weight, weight_x16=self._weight_x16, chunk_n=self.chunk_n,
+        )
 
     # ------------------------------------------------------------------ int8 weight cache (opt-in)
     @property
@@ -355,6 +355,8 @@ class W4A8Linear(QuantizedLinear):
         result = super()._apply(fn, recurse)
         if self._onednn_weight is not None and self.weight_packed.device.type != "cpu":
             self._onednn_weight = None  # oneDNN's layout is CPU-only
+        if self._weight_x16 is not None and self._weight_x16.device != self.weight_packed.device:
+            self._weight_x16 = self._weight_x16.to(self.weight_packed.device)
         return result
 
     # ------------------------------------------------------------------ construction

@@ -11,39 +11,26 @@ absmax / 7.5``, the full [-8, 7] range) and the rounding (``round(w * (1 /
 scale))``) come from torchao's quant primitives so that torchao's QAT fake
 quantizer and the real kernels here agree bit for bit.
 
-Kernels (all device-agnostic torch ops; dispatch points for CUDA kernels are
-marked ``DISPATCH POINT``):
+Reference kernels (plain torch ops, cache-blocked for CPU; which one runs
+where is decided in :mod:`mgtq.quantization.kernels`):
 
 * :func:`dequantize_int4_weight` -- packed int4 -> float weight, in row
   blocks (``DEQUANT_CHUNK_ELEMS``) reusing small int8 / fp32 buffers;
-* :func:`int4_weight_only_linear` -- W4A16: dequantize + ``F.linear``, or
-  ``torch._weight_int8pack_mm`` for a handful of rows;
 * :func:`quantize_int8_per_tensor` -- float activation -> int8, in row blocks;
 * :func:`int8_int4_linear` -- int8 activations x packed int4 weights through a
   real int8 x int8 -> int32 GEMM (``torch._int_mm``), chunked over output
   columns so the int32 accumulator and the rescale epilogue stay in cache;
 * :func:`onednn_int8_linear` -- opt-in CPU path on an int8 weight prepacked
   for oneDNN, rescale / bias / cast fused into the GEMM.
-
-What the CPU numbers look like (Xeon with AMX, torch 2.13; see
-``benchmarks/bench_linear_kernels.py``): ``F.linear`` in bf16 runs on oneDNN's
-AMX brgemm straight from the plain weight.  ``torch._int_mm`` goes through
-oneDNN's legacy ``gemm_api`` (AVX512-VNNI, no AMX; ONEDNN_VERBOSE shows it), so
-on AMX machines it is *not* faster than the bf16 GEMM and the packed-int4 W4A8
-path costs more than bf16.  oneDNN's AMX int8 matmul needs the weight
-reordered into its blocked VNNI layout (``qlinear_prepack``), which costs more
-than the GEMM itself per call -- hence only as an opt-in cached int8 copy.
-On CPUs with VNNI but no AMX, and on CUDA, the int8 GEMM is the faster one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Union
+from typing import Union
 
 import torch
-import torch.nn.functional as F
 
 from .packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4, unpack_int4_x16
 
@@ -59,7 +46,6 @@ __all__ = [
     "to_int8_domain",
     "int8_mm",
     "int8_int4_linear",
-    "int4_weight_only_linear",
     "onednn_int8_linear_available",
     "onednn_prepack_int8_weight",
     "onednn_int8_linear",
@@ -68,29 +54,18 @@ __all__ = [
 INT8_MIN = -128
 INT8_MAX = 127
 
-# Cache blocking of the elementwise kernels (element counts per block).
-# Activation quantization: 256K-element row blocks keep the fp32 staging
-# buffer (1 MB) in a 2 MB L2 -- fastest on one quiet core (1.1 ms vs 1.9 ms
-# for 2202 x 1024 with 1M+ element blocks).  Weight dequantization: 1M-element
-# blocks (4 MB fp32 stage) are as fast as 256K on a quiet core and 4M blocks up
-# to 10% slower; but each block costs ~5 parallel regions, and with another
-# job on the cores every region may wait a scheduler slice for a descheduled
-# OpenMP thread (at 2 threads next to a training job, 4096 x 1024: 256K blocks
-# 595 ms, 1M 185 ms, 4M 72 ms, bf16 GEMM alone 31 ms).  1M is the compromise.
-# Blocks stay far below glibc's 32 MB mmap threshold, beyond which every call
-# would page-fault a fresh buffer.
+# Cache blocking of the elementwise CPU kernels (element counts per block):
+# activation quantization stages 256K fp32 elements (1 MB, stays in L2);
+# dequantization uses larger blocks because each block costs a few parallel
+# regions, which a busy machine makes expensive.  Both stay far below glibc's
+# 32 MB mmap threshold, beyond which every call would page-fault a fresh buffer.
 QUANT_CHUNK_ELEMS = 1 << 18
 DEQUANT_CHUNK_ELEMS = 1 << 20
-# Output columns per int8 GEMM call: a (2202 x 256) int32 accumulator is 2.2 MB,
-# so the rescale epilogue reads it from cache instead of streaming a 36 MB
-# accumulator through memory (and a >32 MB one is a fresh mmap, page faults and
-# all, on every call).  On one quiet core 256 beat 1024 / 2048 by 1.3-1.9x for
-# 1024 -> 4096; next to another job, fewer larger calls degrade less.
+# Output columns per CPU int8 GEMM call: the (M x 256) int32 accumulator and
+# its rescale epilogue stay in cache instead of streaming through memory.
 INT8_MM_CHUNK_N = 256
-# At most this many rows, per-channel W4A16 skips materialising the float
-# weight: torch._weight_int8pack_mm (bf16/fp32 x int8 with per-channel scales)
-# reads the int8 weight once.  At M=2 (adaLN) it runs as fast as the bf16 GEMM
-# while dequantize + GEMM is 4-8x slower.
+# At most this many rows (adaLN, embedders: M = batch) the weight is read
+# once, so int8-weight GEMV kernels beat materialising a float weight.
 SMALL_M = 16
 
 # Weight mappings, by torchao ``MappingType`` name.  Passed around as names (a
@@ -202,52 +177,6 @@ def dequantize_int4_weight(
         if stage is not None:
             out[r0:r1].copy_(f)
     return out
-
-
-def int4_weight_only_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    dequantize: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """W4A16 linear: ``x (..., K)`` float, packed int4 weight ``(N, K/2)``, scales ``(N, G)``.
-
-    ``dequantize`` replaces :func:`dequantize_int4_weight` on the many-rows
-    path (a hook for other kernels, e.g. a ``torch.compile``-d one).
-
-    DISPATCH POINT (CUDA): torchao's int4 tinygemm (``Int4WeightOnlyConfig``,
-    ``torch.ops.aten._weight_int4pack_mm``) multiplies without materialising
-    the float weight; it needs its own tile-packed layout, converted at load.
-    On CPU ``_weight_int4pack_mm_for_cpu`` exists but measured ~15x slower
-    than dequantize + bf16 GEMM at M=2202 (no AMX use), so it is not used.
-    """
-    k = x.shape[-1]
-    m = x.numel() // max(k, 1)
-    b = None if bias is None else bias.to(x.dtype)
-    if _use_int8pack_mm(x, m, k, scale):
-        x2 = x.reshape(m, k).contiguous()
-        w16 = unpack_int4_x16(packed)
-        # Scales must share x's dtype here (bf16: rounded once more, within bf16 noise).
-        y = torch._weight_int8pack_mm(x2, w16, (scale[:, 0] * (1.0 / 16.0)).to(x.dtype))
-        if b is not None:
-            y.add_(b)
-        return y.reshape(*x.shape[:-1], packed.shape[0])
-    w = (dequantize or dequantize_int4_weight)(packed, scale, x.dtype)
-    return F.linear(x, w, b)
-
-
-def _use_int8pack_mm(x: torch.Tensor, m: int, k: int, scale: torch.Tensor) -> bool:
-    # torch._weight_int8pack_mm on CPU: per-channel scales only, and its bf16
-    # kernel crashed (SIGSEGV, torch 2.13) for K not a multiple of 16 -- we
-    # require 32 to stay clear of it.
-    return (
-        x.device.type == "cpu"
-        and m <= SMALL_M
-        and scale.shape[1] == 1
-        and k % 32 == 0
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    )
 
 
 @dataclass(frozen=True)
@@ -369,31 +298,13 @@ def to_int8_domain(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def int8_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 ``(M, K)`` @ int8 ``(K, N)`` -> exact int32 ``(M, N)`` (into ``out`` if given).
 
-    DISPATCH POINT: on CPU ``torch._int_mm`` has no shape constraints (checked
-    on torch 2.13: any M >= 1, any K, N; strided operands accepted) and runs on
-    oneDNN's ``gemm_api`` (AVX512-VNNI).  On CUDA it needs M > 16 and K, N
-    multiples of 8, so we zero-pad there; a torchao int8 kernel could be
-    plugged in here instead.
+    CPU only here: ``torch._int_mm`` has no shape constraints on CPU (any M,
+    K, N; strided operands).  CUDA's constraints are handled in
+    :mod:`mgtq.quantization.kernels`.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {b.dtype}")
-    if a.device.type != "cuda":
-        return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
-    result = _int_mm_padded_cuda(a, b)
-    return result if out is None else out.copy_(result)
-
-
-def _int_mm_padded_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    m, k = a.shape
-    n = b.shape[1]
-    pm = max(17, m)
-    pk = -(-k // 8) * 8
-    pn = -(-n // 8) * 8
-    if (pm, pk, pn) == (m, k, n):
-        return torch._int_mm(a, b)
-    a_p = torch.nn.functional.pad(a, (0, pk - k, 0, pm - m))
-    b_p = torch.nn.functional.pad(b, (0, pn - n, 0, pk - k))
-    return torch._int_mm(a_p, b_p)[:m, :n]
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 
 def int8_int4_linear(

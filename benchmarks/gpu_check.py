@@ -1,0 +1,126 @@
+"""One-shot GPU check: mgtq's CUDA tests, then the meissonic-1024 bench on the GPU (about 8 minutes).
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine: writes benchmarks/results/gpu_<gpu>.{json,md}
+    python benchmarks/gpu_check.py --smoke --out DIR   # anywhere (CPU): the same steps, tiny and fast
+
+Steps:
+1. `pytest -m cuda` (tests marked `cuda` are skipped without a GPU): pass/fail/skip counts.
+2. `mgtq bench` (`run_bench`) on meissonic-1024 with random weights: bf16 (and fp16 where the bench
+   has it), w4a16, w4a8, scq and the torchao int4 weight-only / int8 peers; eager, transformer
+   forward latency, the 48-step image, `torch.cuda.max_memory_allocated` (the bench's CUDA peaks).
+
+The smoke mode runs step 2 on the tiny-shapes model on CPU in-process (no pytest subprocess: CI
+already runs the test suite) so that CI exercises this script end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mgtq.bench import BenchConfig, MeasureSettings, run_bench
+from mgtq.bench.config import FORMATS
+from mgtq.bench.report import forward_median
+from mgtq.utils import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_FORMATS = ("bf16", "fp16", "w4a16", "w4a8", "scq")
+GPU_PEERS = ("torchao-w4a16-int4", "torchao-w8a16", "torchao-w8a8")
+TIME_LIMIT_S = 8 * 60
+
+
+def gpu_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def run_cuda_tests(timeout_s: float) -> dict:
+    """`pytest -m cuda` in a subprocess: counts parsed from its summary line."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd[1:]), "status": "timeout", "wall_s": time.perf_counter() - start}
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", tail)}
+    return {"command": "python -m pytest -q -m cuda tests", "returncode": proc.returncode, "summary": tail,
+            "counts": counts, "wall_s": time.perf_counter() - start,
+            "status": "ok" if proc.returncode in (0, 5) else "failed"}  # 5: nothing collected
+
+
+def bench_config(smoke: bool, device: str, out: Path, name: str, model: str | None = None) -> BenchConfig:
+    formats = tuple(f for f in GPU_FORMATS if f in FORMATS)  # fp16 only once the bench offers it
+    if smoke:
+        return BenchConfig(model=model or "tiny-shapes", formats=("bf16", "w4a16"), device="cpu", threads=1,
+                           isolation="none", json=str(out / f"gpu_{name}_bench.json"),
+                           measure=MeasureSettings(warmup=0, repeats=1, steps=1, memory=False))
+    return BenchConfig(model=model or "meissonic-1024", formats=formats, peers=GPU_PEERS, device=device,
+                       json=str(out / f"gpu_{name}_bench.json"),
+                       measure=MeasureSettings(warmup=1, repeats=3, steps=48, budget_s=20.0))
+
+
+def summarize(report: dict) -> list[dict]:
+    rows = []
+    for r in report["results"]:
+        image = (r.get("latency") or {}).get("image") or {}
+        cuda = ((r.get("memory") or {}).get("cuda_inference") or {})
+        rows.append({"label": r["label"], "status": r["status"], "forward_s": forward_median(r),
+                     "image_48_s": image.get("extrapolated_total_s"),
+                     "forward_vs_bf16": report["ratios"].get(r["label"], {}).get("forward_vs_bf16"),
+                     "cuda_max_allocated_bytes": cuda.get("max_memory_allocated"), "message": r.get("message")})
+    return rows
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# GPU check — {result['device_name']}", "",
+             f"Command: `{result['command']}`; took {result['wall_s']:.0f} s.", ""]
+    tests = result["tests"]
+    lines += ["## CUDA tests", "", f"`{tests.get('command')}`: {tests.get('summary') or tests.get('status')}", ""]
+    lines += ["## Bench", "", "| config | status | forward s | ×bf16 | 48-step image s | max allocated MB |",
+              "|---|---|---:|---:|---:|---:|"]
+    fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for row in result["bench"]:
+        mem = row["cuda_max_allocated_bytes"]
+        lines.append(f"| {row['label']} | {row['status']} | {fmt(row['forward_s'])} | {fmt(row['forward_vs_bf16'], 2)} "
+                     f"| {fmt(row['image_48_s'], 2)} | {'–' if mem is None else f'{mem / 1e6:,.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of every step (what CI exercises)")
+    parser.add_argument("--device", default="cuda", help="CUDA device (ignored with --smoke)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--model", default=None, help="bench model (default: meissonic-1024; tiny-shapes with --smoke)")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; run with --smoke for the CPU check, or on a GPU machine")
+    start = time.perf_counter()
+    device = "cpu" if args.smoke else args.device
+    name = "smoke" if args.smoke else slug(gpu_name(device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tests = ({"command": "python -m pytest -q -m cuda tests", "status": "not run (smoke)"} if args.smoke
+             else run_cuda_tests(timeout_s=TIME_LIMIT_S / 4))
+    report = run_bench(bench_config(args.smoke, device, args.out, name, args.model), progress=False)
+    result = {"device_name": gpu_name(device), "command": "python benchmarks/gpu_check.py"
+              + (" --smoke" if args.smoke else ""), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "tests": tests, "bench": summarize(report), "wall_s": time.perf_counter() - start,
+              "time_limit_s": TIME_LIMIT_S}
+    write_json(args.out / f"gpu_{name}.json", result)
+    (args.out / f"gpu_{name}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0 if tests.get("status") in ("ok", "not run (smoke)") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Which kernel multiplies a quantized Linear: one dispatch per (device, scheme, M regime).
+
+:func:`choose_kernel` is the only place that decides; :func:`w4a16_linear` and
+:func:`w4a8_linear` run its choice.  ``M`` is the number of rows (tokens times
+batch) of the call; "per-channel" means one weight scale per output channel.
+
+| device | scheme | condition                                      | kernel           |
+|--------|--------|------------------------------------------------|------------------|
+| cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
+| cpu    | W4A16  | otherwise                                      | dequant          |
+| cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
+| cpu    | W4A8   | M <= 16                                        | int_mm           |
+| cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
+| cuda   | W4A16  | bf16, sm80+, tinygemm layout prepared (opt-in) | tinygemm         |
+| cuda   | W4A16  | M <= 16, per-channel                           | int8pack         |
+| cuda   | W4A16  | otherwise                                      | dequant          |
+| cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0 | int_mm           |
+| cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
+
+Kernels:
+
+* ``int8pack``: ``torch._weight_int8pack_mm`` on the unpacked int4 weight
+  (read once, no float weight);
+* ``dequant``: dequantize to the activation dtype (cache-blocked on CPU, one
+  fused kernel on CUDA) + ``F.linear``;
+* ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
+  the opt-in :func:`prepare_tinygemm`;
+* ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
+  weight, rescale / bias / cast fused;
+* ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
+  ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
+* ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
+  epilogue read from cache;
+* ``int_mm``: quantize, ONE ``torch._int_mm`` on the whole layer, rescale
+  epilogue (each one fused kernel on CUDA).
+
+``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
+(:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
+minimum), ``int8pack_exact`` runs without padding or weight copies.
+
+Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per layer shape):
+
+* CPU many rows: oneDNN runs the bf16 GEMM on AMX straight from the plain
+  weight, while ``torch._int_mm`` runs on AVX512-VNNI; ``_weight_int4pack_mm_for_cpu``
+  and ``_weight_int8pack_mm`` are GEMV-style kernels, an order of magnitude
+  slower at M in the thousands.  Hence dequantize + bf16 GEMM for W4A16, and
+  a column-chunked ``_int_mm`` (its int32 accumulator stays in cache) for W4A8.
+* Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
+  it as int8 beats materialising a float weight; for W4A8 on CPU one
+  ``_int_mm`` on the whole layer (chunking only pays for large accumulators).
+* ``int8pack_exact``: int8 activations are integers below 2**8 and int4 weights
+  below 2**3, so with fp32 accumulation every partial sum is an exact integer
+  as long as ``K <= 2**24 / (128 * 8) = 16384`` -- the same result as the int32
+  GEMM (then one fp32 rescale), without ``_int_mm``'s M > 16 limit on CUDA.
+* CUDA: every elementwise step (activation quantization, int4 unpack,
+  int32 rescale + bias + cast, dequantize) is one fused kernel (a
+  ``torch.compile``-d pointwise function, Triton), registered as a custom op
+  so the model itself compiles with ``fullgraph=True`` on every device.
+* ``tinygemm`` needs its own tiled copy of the weight (int4, the same bytes
+  again), so it is opt-in; the state dict keeps ``weight_packed``.
+
+The fused ops are ``torch.library`` custom ops (``mgtq::...``): opaque to
+Dynamo (no graph breaks), one op in a ``TorchDispatchMode`` op count, and on
+CPU their implementation is the cache-blocked eager code of :mod:`.qtensor`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import unpack_int4, unpack_int4_x16
+from .qtensor import (
+    INT8_MAX,
+    INT8_MIN,
+    INT8_MM_CHUNK_N,
+    SMALL_M,
+    dequantize_int4_weight,
+    int8_int4_linear,
+    onednn_int8_linear,
+    quantize_int8_per_tensor,
+)
+
+__all__ = [
+    "KERNELS",
+    "KernelContext",
+    "choose_kernel",
+    "int_mm_supported",
+    "w4a16_linear",
+    "w4a8_linear",
+    "prepare_tinygemm",
+    "TINYGEMM_GROUP_SIZES",
+]
+
+KERNELS = ("int8pack", "dequant", "tinygemm", "onednn", "int8pack_exact", "int_mm_chunked", "int_mm")
+# torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
+# weight is fed to it as groups of 256 carrying the same scale (exact).
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_INNER_K_TILES = 8
+# Exactness bound of int8pack_exact: 2**24 / (|int8| max 128 * |int4| max 8).
+EXACT_FP32_MAX_K = 1 << 14
+
+
+@dataclass(frozen=True)
+class KernelContext:
+    """What the choice depends on, all known before the call (no tensor data read).
+
+    device: "cpu" or "cuda"; capability: CUDA compute capability (major, minor)
+    or None; m, k, n: rows, in, out features; dtype: activation dtype;
+    group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
+    weight cache present; tinygemm: a prepared tinygemm weight present;
+    compiling: inside torch.compile tracing.
+    """
+
+    device: str
+    m: int
+    k: int
+    n: int
+    dtype: torch.dtype
+    group_size: int
+    capability: tuple[int, int] | None = None
+    cache: bool = False
+    tinygemm: bool = False
+    compiling: bool = False
+
+
+def int_mm_supported(capability: tuple[int, int] | None, cuda_version: str | None) -> bool:
+    """Whether ``torch._int_mm`` with a (K, N) column-major weight runs on this CUDA GPU.
+
+    cuBLASLt's int8 IMMA path needs sm80+; on sm70/sm75 PyTorch enables it
+    only when built against CUDA >= 12.3.
+    """
+    if capability is None:
+        return False
+    if capability >= (8, 0):
+        return True
+    if capability in ((7, 0), (7, 5)) and cuda_version:
+        major, minor = (int(p) for p in cuda_version.split(".")[:2])
+        return (major, minor) >= (12, 3)
+    return False
+
+
+def choose_kernel(scheme: str, ctx: KernelContext) -> str:
+    """The kernel name (see the module table) for ``scheme`` "w4a16" or "w4a8" in context ``ctx``."""
+    per_channel = ctx.group_size == ctx.k
+    small = ctx.m <= SMALL_M
+    if scheme == "w4a16":
+        if (ctx.device == "cuda" and ctx.tinygemm and ctx.dtype == torch.bfloat16
+                and ctx.capability is not None and ctx.capability >= (8, 0)):
+            return "tinygemm"
+        if small and per_channel and (ctx.device == "cuda" or ctx.k % 32 == 0):
+            return "int8pack"
+        return "dequant"
+    if scheme == "w4a8":
+        if ctx.device == "cpu" and ctx.cache and not ctx.compiling:
+            return "onednn"
+        if ctx.device == "cuda":
+            ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
+                  and ctx.k % 8 == 0 and ctx.n % 8 == 0)
+            return "int_mm" if ok else "int8pack_exact"
+        # Few rows: the (M, N) accumulator is tiny, so one unchunked _int_mm (no CUDA-style limits on CPU);
+        # torch's fp32 _weight_int8pack_mm is unvectorised on CPU, so int8pack_exact is CUDA-only.
+        return "int_mm" if small else "int_mm_chunked"
+    raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
+
+
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return _cached_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def context_for(x: torch.Tensor, k: int, n: int, group_size: int, cache: bool = False,
+                tinygemm: bool = False, force_device: str | None = None) -> KernelContext:
+    """The :class:`KernelContext` of a call on ``x (..., K)``; ``force_device`` is for tests."""
+    device = force_device or x.device.type
+    capability = None
+    if device == "cuda":
+        capability = (8, 0) if x.device.type != "cuda" else _cuda_capability(x.device.index or 0)
+    return KernelContext(device=device, m=x.numel() // max(k, 1), k=k, n=n, dtype=x.dtype,
+                         group_size=group_size, capability=capability, cache=cache, tinygemm=tinygemm,
+                         compiling=torch.compiler.is_compiling())
+
+
+# ------------------------------------------------------------------ fused elementwise kernels
+# Each is written once as plain torch code (the reference), run eagerly on CPU
+# (or through the cache-blocked qtensor version) and compiled into one fused
+# kernel on CUDA.
+
+def _quantize_rows_ref(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) float -> int8 (M, K): ``clamp(round(x_fp32 * inv_scale), -128, 127)``."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    return torch.clamp(torch.round(x2 * inv_scale), INT8_MIN, INT8_MAX).to(torch.int8)
+
+
+def _rescale_ref(acc: torch.Tensor, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, acc_factor: float) -> torch.Tensor:
+    """Accumulator (M, N) -> ``acc * (weight_scale * input_scale * acc_factor) + bias`` in out_dtype.
+
+    The column scale is one fp32 product (as in the CPU chunked kernel); a
+    missing scale counts as 1 (the accumulator is then already scaled).
+    """
+    y = acc.to(torch.float32)
+    if weight_scale is not None:
+        col = weight_scale.reshape(-1).to(torch.float32) * input_scale.to(torch.float32) * acc_factor
+        y = y * col
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def _dequantize_ref(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    w16 = unpack_int4_x16(packed)
+    n, k = w16.shape
+    g = scale.shape[1]
+    w = w16.to(torch.float32).view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
+    return w.view(n, k).to(dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _fused(name: str, fn):
+    """``fn`` compiled into one CUDA kernel (once per process); ``fn`` itself where compiling fails."""
+    if name not in _COMPILED:
+        try:
+            _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        except Exception:  # no Triton / no compiler: the eager reference is still right
+            _COMPILED[name] = fn
+    return _COMPILED[name]
+
+
+@torch.library.custom_op("mgtq::quantize_int8_rows", mutates_args=())
+def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) float, static scale () -> int8 (M, K), round-half-even of ``x_fp32 * (1/scale)``."""
+    if x.device.type == "cuda":
+        inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
+        return _fused("quantize", _quantize_rows_ref)(x, inv)
+    return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
+
+
+@quantize_int8_rows.register_fake
+def _(x, scale):
+    return x.new_empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=torch.int8)
+
+
+@torch.library.custom_op("mgtq::unpack_int4_x16", mutates_args=())
+def unpack_int4_x16_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 (N, K) holding ``16 * q`` (see :func:`.packing.unpack_int4_x16`)."""
+    if packed.device.type == "cuda":
+        return _fused("unpack_x16", unpack_int4_x16)(packed)
+    return unpack_int4_x16(packed)
+
+
+@unpack_int4_x16_op.register_fake
+def _(packed):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.int8)
+
+
+@torch.library.custom_op("mgtq::unpack_int4", mutates_args=())
+def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 (N, K) holding ``q`` in [-8, 7]."""
+    if packed.device.type == "cuda":
+        return _fused("unpack", unpack_int4)(packed)
+    return unpack_int4(packed)
+
+
+@unpack_int4_op.register_fake
+def _(packed):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.int8)
+
+
+@torch.library.custom_op("mgtq::rescale_acc", mutates_args=())
+def rescale_acc(acc: torch.Tensor, weight_scale: torch.Tensor | None, input_scale: torch.Tensor | None,
+                bias: torch.Tensor | None, out_dtype: torch.dtype, acc_factor: float) -> torch.Tensor:
+    """Epilogue of an integer GEMM: (M, N) accumulator -> rescaled, biased (M, N) in ``out_dtype``."""
+    if acc.device.type == "cuda":
+        y = _fused("rescale", _rescale_ref)(acc, weight_scale, input_scale, bias, out_dtype, acc_factor)
+    else:
+        y = _rescale_ref(acc, weight_scale, input_scale, bias, out_dtype, acc_factor)
+    return y.clone() if y is acc else y  # a custom op may not return its input
+
+
+@rescale_acc.register_fake
+def _(acc, weight_scale, input_scale, bias, out_dtype, acc_factor):
+    return acc.new_empty(acc.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("mgtq::dequantize_int4", mutates_args=())
+def dequantize_int4_op(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 (N, K/2) + scales (N, G) -> float (N, K) in ``dtype`` (exact fp32 product, one rounding)."""
+    if packed.device.type == "cuda":
+        return _fused("dequantize", _dequantize_ref)(packed, scale, dtype)
+    return dequantize_int4_weight(packed, scale, dtype)
+
+
+@dequantize_int4_op.register_fake
+def _(packed, scale, dtype):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+
+
+@torch.library.custom_op("mgtq::int8_int4_linear_chunked", mutates_args=())
+def int8_int4_linear_chunked(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor,
+                             bias: torch.Tensor | None, out_dtype: torch.dtype, chunk_n: int,
+                             weight_x16: torch.Tensor | None = None) -> torch.Tensor:
+    """CPU W4A8 GEMM, chunked over output columns (see :func:`.qtensor.int8_int4_linear`)."""
+    return int8_int4_linear(x_q, packed, col_scale, bias, out_dtype, chunk_n=chunk_n, weight_x16=weight_x16)
+
+
+@int8_int4_linear_chunked.register_fake
+def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_x16=None):
+    return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mgtq::weight_int8pack_mm", mutates_args=())
+def weight_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``torch._weight_int8pack_mm`` (x (M, K) float, weight int8 (N, K), scales (N,)) kept opaque to
+    Inductor, whose CPU lowering of it fails on torch 2.13; eager and aot_eager see the aten op."""
+    return torch._weight_int8pack_mm(x, weight, scales)
+
+
+@weight_int8pack_mm.register_fake
+def _(x, weight, scales):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# ------------------------------------------------------------------------------ the two layers
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 force_device: str | None = None) -> torch.Tensor:
+    """W4A16: float ``x (..., K)`` times packed int4 ``(N, K/2)`` with scales ``(N, G)`` (+ bias).
+
+    ``tinygemm``: the prepared ``(weight, scales_and_zeros)`` of :func:`prepare_tinygemm`, if any.
+    ``force_device`` runs another device's choice (tests check the CUDA path on CPU).
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    ctx = context_for(x, k, n, k // scale.shape[1], tinygemm=tinygemm is not None, force_device=force_device)
+    kernel = choose_kernel("w4a16", ctx)
+    if kernel == "tinygemm":
+        weight, scales_zeros = tinygemm
+        x2 = x.reshape(-1, k)
+        y = torch._weight_int4pack_mm(x2, weight, k // scales_zeros.shape[0], scales_zeros)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    if kernel == "int8pack":
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        # Scales must share x's dtype (bf16: rounded once more, within bf16 noise).
+        y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    w = dequantize_int4_op(packed, scale, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                bias: torch.Tensor | None, onednn_weight: torch.Tensor | None = None,
+                weight_x16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
+                force_device: str | None = None) -> torch.Tensor:
+    """W4A8: ``x (..., K)`` quantized to int8 with ``input_scale ()``, times int4 ``(N, K/2)``, scales ``(N, 1)``.
+
+    ``onednn_weight`` / ``weight_x16``: the opt-in int8 weight caches of
+    :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_x16`` is used by
+    the chunked CPU kernel and by ``int_mm`` in place of unpacking).
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
+    kernel = choose_kernel("w4a8", ctx)
+    x_q = quantize_int8_rows(x, input_scale)  # (M, K)
+    if kernel == "int_mm":
+        w16 = unpack_int4_x16_op(packed) if weight_x16 is None else weight_x16
+        acc = torch._int_mm(x_q, w16.t())  # 16 * exact int32, (M, N)
+        y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0 / 16.0)
+    elif kernel == "int8pack_exact":
+        # Unit scales: the kernel returns the exact integer sums (fp32 holds them exactly for
+        # K <= EXACT_FP32_MAX_K), rescaled once below exactly like the int32 GEMM's accumulator.
+        ones = torch.ones(n, dtype=torch.float32, device=x.device)
+        acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
+        y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
+    elif kernel == "onednn":
+        y = onednn_int8_linear(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
+    else:
+        y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
+                                     weight_x16)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------ tinygemm
+def tinygemm_operands(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Device-independent part of the tinygemm conversion: (uint4 codes (N, K) int32, scales_and_zeros, group).
+
+    tinygemm dequantizes ``(u - 8) * scale + zero`` from unsigned 4-bit ``u``;
+    mgtq's symmetric ``q`` maps onto it exactly as ``u = q + 8``, zero 0.
+    Scales and zeros: bf16 ``(K / group, N, 2)``; a per-channel weight becomes
+    groups of 256 (or the largest supported group dividing K) repeating its scale.
+    """
+    k = packed.shape[1] * 2
+    groups = scale.shape[1]
+    group = k // groups
+    if groups == 1:
+        group = next((g for g in reversed(TINYGEMM_GROUP_SIZES) if k % g == 0), None)
+        if group is None:
+            raise ValueError(f"tinygemm needs K divisible by 32, got K={k}")
+    elif group not in TINYGEMM_GROUP_SIZES:
+        raise ValueError(f"tinygemm supports group sizes {TINYGEMM_GROUP_SIZES}, got {group}")
+    codes = unpack_int4(packed).to(torch.int32) + 8  # (N, K) in [0, 15]
+    per_group = scale.to(torch.float32).repeat_interleave((k // group) // groups, dim=1)  # (N, K/group)
+    scales_zeros = torch.stack([per_group, torch.zeros_like(per_group)], dim=-1)  # (N, K/group, 2)
+    return codes, scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16), group
+
+
+def prepare_tinygemm(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tinygemm's tiled int4 weight + scales for a CUDA packed weight (a second copy: opt-in).
+
+    Needs N % 8 == 0 and K % (16 * inner k tiles) == 0 (PyTorch's
+    ``_convert_weight_to_int4pack``); raises ValueError otherwise.
+    """
+    if packed.device.type != "cuda":
+        raise ValueError("tinygemm (torch._weight_int4pack_mm) runs on CUDA only; move the model to a GPU first")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if n % 8 or k % (16 * TINYGEMM_INNER_K_TILES):
+        raise ValueError(f"tinygemm needs N % 8 == 0 and K % {16 * TINYGEMM_INNER_K_TILES} == 0, got N={n}, K={k}")
+    codes, scales_zeros, _ = tinygemm_operands(packed, scale)
+    # _convert_weight_to_int4pack takes uint8 (N, K/2): element 2j in the high nibble, 2j+1 in the low one.
+    interleaved = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    weight = torch._convert_weight_to_int4pack(interleaved, TINYGEMM_INNER_K_TILES)
+    return weight, scales_zeros

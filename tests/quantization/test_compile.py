@@ -1,0 +1,105 @@
+"""torch.compile(fullgraph=True) of float and quantized MeissonicTransformer: no graph breaks, same output."""
+
+import torch
+
+from mgtq.models.presets import build_transformer
+from mgtq.quantization import linear_names, quantize_weights_
+
+
+def _inputs(model, batch=2, grid=8):
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    return dict(
+        hidden_states=torch.randint(0, cfg.codebook_size, (batch, grid, grid), generator=g),
+        encoder_hidden_states=torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+    )
+
+
+def _quantized_micro():
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    names = linear_names(model)
+    a8 = names[::2]  # both layer kinds, on many-row (image stream) and few-row (adaLN) inputs
+    quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
+    return model
+
+
+def test_no_graph_breaks_and_same_output():
+    # The quantized model runs every float op of the float one too, plus both quantized layer kinds.
+    model = _quantized_micro()
+    inputs = _inputs(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1
+        eager = model(**inputs)
+        # aot_eager traces through the fake (meta) kernels of mgtq's custom ops, as Inductor does.
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_default_tables_are_cached_per_grid_and_equal_a_rebuild():
+    model = build_transformer("test-micro").eval()
+    small, large = _inputs(model, grid=4), _inputs(model, grid=8)
+    with torch.no_grad():
+        first = model(**small)
+        model(**large)
+        assert {k[0] for k in model._table_cache} == {"rope", "micro"}
+        assert sum(k[0] == "rope" for k in model._table_cache) == 2  # one per grid
+        again = model(**small)
+        model._table_cache.clear()
+        rebuilt = model(**small)
+    assert torch.equal(first, again) and torch.equal(first, rebuilt)
+    assert not any("cache" in k for k in model.state_dict())
+
+
+def test_tables_cached_in_inference_mode_serve_a_training_forward():
+    model = build_transformer("test-micro")
+    inputs = _inputs(model, grid=4)
+    with torch.inference_mode():
+        model(**inputs)  # fills the cache
+    model(**inputs).float().square().mean().backward()  # saves the cached tables for backward
+    assert model.context_embedder.weight.grad is not None
+
+
+def test_compile_blocks_same_output():
+    model = _quantized_micro()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        eager = model(**inputs)
+        model.compile_blocks(backend="aot_eager")
+        compiled = model(**inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(_quantized_micro().state_dict())  # compiled in place, same keys
+
+
+def test_bench_compile_cases_compare_with_compiled_bf16():
+    from mgtq.bench.config import BenchConfig
+    from mgtq.bench.report import compute_ratios
+
+    labels = [c.label for c in BenchConfig(formats=("bf16", "scq"), compile=True).cases()]
+    assert labels == ["bf16", "scq", "bf16+compile", "scq+compile"]
+
+    def result(label, forward):
+        target = label.split("+")[0]
+        return {"label": label, "target": target, "status": "ok", "tome": 0.0, "offload": False,
+                "compile": label.endswith("+compile"), "weights": None, "memory": None,
+                "latency": {"forward": {"median": forward}, "image": None}}
+
+    ratios = compute_ratios([result("bf16", 10.0), result("scq", 12.0), result("bf16+compile", 5.0),
+                             result("scq+compile", 4.0)])
+    assert ratios["scq+compile"]["forward_vs_bf16"] == 0.8  # against compiled bf16, not eager
+    assert ratios["bf16+compile"]["forward_speedup_vs_eager"] == 2.0
+
+
+def test_compile_flags_on_generate_eval_bench():
+    from mgtq.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "a red circle", "--compile"]).compile
+    assert parser.parse_args(["eval", "--compile"]).compile
+    assert parser.parse_args(["bench", "--compile"]).compile
+    assert not parser.parse_args(["generate", "--prompt", "a red circle"]).compile

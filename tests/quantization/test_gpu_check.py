@@ -1,0 +1,18 @@
+"""benchmarks/gpu_check.py --smoke: every step of the GPU check runs on CPU and writes its files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_smoke(tmp_path, random_pipeline_dir):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--model", str(random_pipeline_dir)]) == 0
+    result = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert [row["label"] for row in result["bench"]] == ["bf16", "w4a16"]
+    assert all(row["status"] == "ok" and row["forward_s"] > 0 for row in result["bench"])
+    assert (tmp_path / "gpu_smoke.md").read_text().startswith("# GPU check")

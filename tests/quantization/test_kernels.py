@@ -1,0 +1,182 @@
+"""Kernel dispatch (mgtq.quantization.kernels): the choice table, each path's numerics, op counts.
+
+The CUDA paths are checked on CPU by forcing their branch (`force_device="cuda"`): the same torch
+ops run, with the CPU implementation of mgtq's fused custom ops. Tests marked `cuda` run them on a GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mgtq.quantization import W4A8Linear, W4Linear, quantize_int4_weight, quantize_int8_per_tensor
+from mgtq.quantization import kernels
+from mgtq.quantization.kernels import KernelContext, choose_kernel, int_mm_supported
+from mgtq.quantization.qtensor import dequantize_int4_weight
+
+K, N = 128, 48
+
+
+def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, **kw):
+    return KernelContext(device=device, m=m, k=k, n=n, dtype=dtype, group_size=group or k, **kw)
+
+
+@pytest.mark.parametrize("scheme, context, expected", [
+    ("w4a16", ctx(m=2), "int8pack"),
+    ("w4a16", ctx(m=2, group=64), "dequant"),
+    ("w4a16", ctx(m=2, k=48), "dequant"),  # K % 32 != 0: torch's CPU int8pack kernel is unsafe there
+    ("w4a16", ctx(m=17), "dequant"),
+    ("w4a8", ctx(m=2), "int_mm"),
+    ("w4a8", ctx(m=2202), "int_mm_chunked"),
+    ("w4a8", ctx(m=2202, cache=True), "onednn"),
+    ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked"),
+    ("w4a8", ctx("cuda", capability=(8, 0)), "int_mm"),
+    ("w4a8", ctx("cuda", m=16, capability=(9, 0)), "int8pack_exact"),  # _int_mm needs M > 16
+    ("w4a8", ctx("cuda", n=1020, capability=(8, 0)), "int8pack_exact"),  # ... and N % 8 == 0
+    ("w4a8", ctx("cuda", capability=(6, 1)), "int8pack_exact"),
+    ("w4a16", ctx("cuda", capability=(8, 0)), "dequant"),
+    ("w4a16", ctx("cuda", capability=(8, 0), tinygemm=True), "tinygemm"),
+    ("w4a16", ctx("cuda", dtype=torch.float16, capability=(8, 0), tinygemm=True), "dequant"),
+    ("w4a16", ctx("cuda", capability=(7, 5), tinygemm=True), "dequant"),
+    ("w4a16", ctx("cuda", m=4, capability=(8, 0)), "int8pack"),
+])
+def test_choice_table(scheme, context, expected):
+    assert choose_kernel(scheme, context) == expected
+
+
+def test_int_mm_capability_check():
+    assert int_mm_supported((8, 0), "12.1") and int_mm_supported((9, 0), None)
+    assert int_mm_supported((7, 5), "12.4") and not int_mm_supported((7, 5), "12.1")
+    assert not int_mm_supported((6, 1), "12.4") and not int_mm_supported(None, "12.4")
+    with pytest.raises(ValueError, match="scheme"):
+        choose_kernel("w8a8", ctx())
+
+
+@pytest.fixture
+def layers():
+    torch.manual_seed(0)
+    linear = nn.Linear(K, N)
+    return linear, W4Linear.from_float(linear), W4A8Linear.from_float(linear, 0.02)
+
+
+def _w4a8_reference(linear, x, scale=0.02):
+    q, s = quantize_int4_weight(linear.weight.detach())
+    x_q = quantize_int8_per_tensor(x, torch.tensor(scale)).reshape(-1, K)
+    acc = x_q.double() @ q.double().t()  # exact integers
+    return (acc * (s[:, 0].double() * scale) + linear.bias.double()).float()
+
+
+@pytest.mark.parametrize("rows", [2, 16, 33])
+def test_w4a8_paths_agree(layers, rows):
+    linear, _, a8 = layers
+    x = torch.randn(rows, K)
+    ref = _w4a8_reference(linear, x)
+    args = (x, a8.weight_packed, a8.weight_scale, a8.input_scale, a8.bias)
+    cpu = kernels.w4a8_linear(*args)
+    cuda_path = kernels.w4a8_linear(*args, force_device="cuda")  # int_mm for 33 rows, int8pack_exact below
+    torch.testing.assert_close(cpu, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cuda_path, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_small_m_exact_path_equals_int32_gemm(layers):
+    # Integers accumulate exactly in fp32 (K <= 16384): the int32 GEMM's result, bit for bit.
+    _, _, a8 = layers
+    x = torch.randn(4, K) * 3
+    exact = kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, None, force_device="cuda")
+    x_q = quantize_int8_per_tensor(x, a8.input_scale)
+    acc = torch._int_mm(x_q, kernels.unpack_int4_x16_op(a8.weight_packed).t())
+    int32 = kernels.rescale_acc(acc, a8.weight_scale, a8.input_scale, None, torch.float32, 1.0 / 16.0)
+    assert torch.equal(exact, int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [2, 40])
+def test_w4a16_paths_agree(layers, dtype, rows):
+    linear, w4, _ = layers
+    x = torch.randn(rows, K, dtype=dtype)
+    w = w4.dequantize_weight(torch.float32)
+    ref = F.linear(x.float(), w, linear.bias)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for device in (None, "cuda"):
+        y = kernels.w4a16_linear(x, w4.weight_packed, w4.weight_scale, w4.bias, force_device=device)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_references_equal_blocked_cpu_kernels(layers, dtype):
+    # The CUDA kernels are compiled from these references; they must round exactly like the CPU code.
+    _, w4, a8 = layers
+    x = torch.randn(3, 50, K, dtype=dtype) * 4
+    inv = torch.reciprocal(a8.input_scale)
+    assert torch.equal(kernels._quantize_rows_ref(x, inv), quantize_int8_per_tensor(x, a8.input_scale).reshape(-1, K))
+    packed, scale = w4.weight_packed, torch.rand(N, 4) + 0.1
+    assert torch.equal(kernels._dequantize_ref(packed, scale, dtype), dequantize_int4_weight(packed, scale, dtype))
+
+
+def test_tinygemm_operands_reproduce_the_weight():
+    # tinygemm reads unsigned codes u = q + 8 with zero 0; torch's CPU sibling kernel shares that math.
+    torch.manual_seed(1)
+    w4 = W4Linear.from_float(nn.Linear(512, 64, bias=False))
+    codes, scales_zeros, group = kernels.tinygemm_operands(w4.weight_packed, w4.weight_scale)
+    assert group == 256 and scales_zeros.shape == (2, 64, 2) and int(codes.min()) >= 0 and int(codes.max()) <= 15
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    y = torch._weight_int4pack_mm_for_cpu(x, weight, group, scales_zeros)
+    ref = F.linear(x.float(), w4.dequantize_weight(torch.float32))
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.prepare_tinygemm(w4.weight_packed, w4.weight_scale)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def names(self, views: bool = True) -> list[str]:
+        return [str(op.overloadpacket.__name__) for op in self.ops if views or not op.is_view]
+
+
+@pytest.mark.parametrize("scheme, rows, expected", [
+    ("w4a8", 64, "int_mm"), ("w4a8", 2, "int8pack_exact"), ("w4a16", 64, "dequant"), ("w4a16", 2, "int8pack")])
+def test_cuda_path_op_count(layers, scheme, rows, expected):
+    _, w4, a8 = layers
+    x = torch.randn(2, rows // 2, K, dtype=torch.bfloat16)
+    assert choose_kernel(scheme, kernels.context_for(x, K, N, K, force_device="cuda")) == expected
+    with OpCounter() as counter, torch.inference_mode():
+        if scheme == "w4a8":
+            kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, a8.bias, force_device="cuda")
+        else:
+            kernels.w4a16_linear(x, w4.weight_packed, w4.weight_scale, w4.bias, force_device="cuda")
+    names = counter.names()
+    assert len(counter.names(views=False)) <= 6, names
+    assert "constant_pad_nd" not in names and "pad" not in names
+    if expected == "int_mm":
+        assert names.count("_int_mm") == 1 and len(names) <= 6, names  # one GEMM, no chunks
+        assert [n for n in names if n.startswith(("quantize_int8_rows", "rescale_acc"))] == [
+            "quantize_int8_rows", "rescale_acc"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [2, 64])
+def test_cuda_kernels_match_cpu(layers, rows):
+    linear, w4, a8 = layers
+    x = torch.randn(rows, K, dtype=torch.bfloat16)
+    for module in (w4, a8):
+        cpu = module(x)
+        gpu = module.cuda()(x.cuda()).cpu()
+        torch.testing.assert_close(gpu.float(), cpu.float(), rtol=2e-2, atol=2e-2)
+        module.cpu()
+    if torch.cuda.get_device_capability() >= (8, 0):
+        w4big = W4Linear.from_float(nn.Linear(256, 64)).cuda()
+        xb = torch.randn(40, 256, dtype=torch.bfloat16, device="cuda")
+        ref = w4big(xb)
+        w4big.prepare_tinygemm()
+        torch.testing.assert_close(w4big(xb).float(), ref.float(), rtol=3e-2, atol=3e-2)
