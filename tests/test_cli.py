@@ -281,3 +281,10 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
 def test_help_exits_zero(capsys):
     assert main(["generate", "--help"]) == 0
     assert "--debug" in capsys.readouterr().out
+
+
+def test_inversion_cfg_may_be_negative():
+    """Masked Z-sampling's inversion CFG is any finite value (the paper's best is near −1)."""
+    from mgtq.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--inversion-cfg", "-1"]).inversion_cfg == -1.0
