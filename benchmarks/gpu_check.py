@@ -26,7 +26,7 @@ import torch
 
 from mgtq.bench import BenchConfig, MeasureSettings, run_bench
 from mgtq.bench.config import FORMATS
-from mgtq.bench.report import forward_median
+from mgtq.bench.report import results_of
 from mgtq.utils import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +71,12 @@ def bench_config(smoke: bool, device: str, out: Path, name: str, model: str | No
 
 def summarize(report: dict) -> list[dict]:
     rows = []
-    for r in report["results"]:
-        image = (r.get("latency") or {}).get("image") or {}
-        cuda = ((r.get("memory") or {}).get("cuda_inference") or {})
-        rows.append({"label": r["label"], "status": r["status"], "forward_s": forward_median(r),
-                     "image_48_s": image.get("extrapolated_total_s"),
-                     "forward_vs_bf16": report["ratios"].get(r["label"], {}).get("forward_vs_bf16"),
-                     "cuda_max_allocated_bytes": cuda.get("max_memory_allocated"), "message": r.get("message")})
+    for r in results_of(report):
+        cuda = (r.memory or {}).get("cuda_inference") or {}
+        rows.append({"label": r.label, "status": r.status, "forward_s": r.forward_median,
+                     "image_48_s": (r.image or {}).get("extrapolated_total_s"),
+                     "forward_vs_bf16": report["ratios"].get(r.label, {}).get("forward_vs_bf16"),
+                     "cuda_max_allocated_bytes": cuda.get("max_memory_allocated"), "message": r.message})
     return rows
 
 
