@@ -120,3 +120,16 @@ def test_groupwise_run_with_a8_in_the_loop_exports_the_grids_qat_trained(tmp_pat
         else:
             assert layer.scheme == "w4a16" and layer.group_size in (GROUP, None)
     assert sum(layer.group_size == GROUP for layer in layers.values()) == len(layers) - len(plan["a8_layers"])
+
+
+def test_sensitivity_after_qat_when_qat_does_not_need_the_a8_set(tmp_path, random_pipeline_dir):
+    recipe = _recipe(random_pipeline_dir, qat={"steps": 2}, secondary={"selection": "sensitivity",
+                                                                       "sensitivity_samples": 2})
+    calibrate(recipe, tmp_path / "run", progress=False)
+    run = RunFolder(tmp_path / "run")
+    chosen = read_json(run.selection_file)
+    assert not run.a8_plan_file.exists() and "chosen_before_qat" not in chosen
+    assert chosen["a8_layers"] == secondary.select_a8_layers(chosen["sensitivity"], 1 / 3, "sensitivity")
+    layers = describe(quantize_from_run(run.root)[0])
+    assert {n for n, layer in layers.items() if layer.scheme == "w4a8"} == set(chosen["a8_layers"])
+    assert all(layer.group_size is None for layer in layers.values())
