@@ -30,24 +30,33 @@ def calibration_batches(n_samples: int, grid_size: int, cfg: MagnitudeConfig, se
             yield idx, ranks < k, k / grid_size
 
 
+def calibration_inputs(data: CalibrationData, cfg: MagnitudeConfig, sampler: SamplerConfig, mask_token_id: int,
+                       progress: bool = True, desc: str = "calibration"):
+    """The calibration inputs as the sampler feeds them ([uncond, cond] batch): yields (the model's
+    keyword arguments, mask (2b, h, w) of the masked positions) per batch."""
+    grid = data.tokens[0].numel()
+    batches = list(calibration_batches(data.tokens.shape[0], grid, cfg))
+    for idx, mask, frac in tqdm(batches, desc=desc, disable=not progress):
+        tokens = data.tokens[idx]
+        inp = torch.where(mask.view_as(tokens), torch.full_like(tokens, mask_token_id), tokens)
+        b = len(idx)
+        t = timestep_for_mask_ratio(sampler.timestep_convention, frac, sampler.num_steps, sampler.schedule,
+                                    sampler.rho)
+        text = torch.cat([data.uncond_text.expand(b, -1, -1), data.text[idx]])
+        pooled = torch.cat([data.uncond_pooled.expand(b, -1), data.pooled[idx]])
+        inputs = dict(hidden_states=torch.cat([inp, inp]), encoder_hidden_states=text, pooled_projections=pooled,
+                      timestep=torch.full((2 * b,), float(t)), micro_conds=data.micro_conds.expand(2 * b, 5))
+        yield inputs, torch.cat([mask, mask]).view(2 * b, *tokens.shape[1:])
+
+
 def record_activation_stats(model: MeissonicTransformer, data: CalibrationData, cfg: MagnitudeConfig,
                             sampler: SamplerConfig, names: list[str], progress: bool = True,
                             desc: str = "calibration"):
     """Run the calibration inputs through `model` as the sampler would ([uncond, cond] batch) and
     record the input statistics of the Linear layers `names`: {name: ActivationStats}."""
-    grid = data.tokens[0].numel()
-    batches = list(calibration_batches(data.tokens.shape[0], grid, cfg))
     with calibrate_activations(model, names) as stats, torch.inference_mode():
-        for idx, mask, frac in tqdm(batches, desc=desc, disable=not progress):
-            tokens = data.tokens[idx]
-            inp = torch.where(mask.view_as(tokens), torch.full_like(tokens, model.mask_token_id), tokens)
-            b = len(idx)
-            t = timestep_for_mask_ratio(sampler.timestep_convention, frac, sampler.num_steps, sampler.schedule,
-                                        sampler.rho)
-            text = torch.cat([data.uncond_text.expand(b, -1, -1), data.text[idx]])
-            pooled = torch.cat([data.uncond_pooled.expand(b, -1), data.pooled[idx]])
-            model(hidden_states=torch.cat([inp, inp]), encoder_hidden_states=text, pooled_projections=pooled,
-                  timestep=torch.full((2 * b,), float(t)), micro_conds=data.micro_conds.expand(2 * b, 5))
+        for inputs, _ in calibration_inputs(data, cfg, sampler, model.mask_token_id, progress, desc):
+            model(**inputs)
     return stats
 
 

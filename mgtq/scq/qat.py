@@ -17,18 +17,40 @@ import numpy as np
 import torch
 
 from mgtq.models.transformer import MeissonicTransformer, plain_config
-from mgtq.quantization import prepare_qat_
+from mgtq.quantization import FakeQuantLinear, prepare_qat_
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.schedules import timestep_for_mask_ratio
 from mgtq.scq.recipe import QATConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
+from mgtq.utils import set_submodule
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 # Which loss terms each qat.objective sums; "kl_to_float" is the distillation term.
 OBJECTIVE_TERMS = {"ce": ("ce",), "distill": ("kl_to_float",), "ce+distill": ("ce", "kl_to_float")}
+
+
+def use_per_channel_weights_(model: torch.nn.Module, name: str) -> None:
+    """Give fake-quant layer `name` per-output-channel int4 weights (the grid the int8 GEMM needs)."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, FakeQuantLinear):
+        raise TypeError(f"{name} is not a fake-quant layer")
+    if layer.group_size != layer.in_features:
+        set_submodule(model, name, FakeQuantLinear.from_linear(layer, None))
+
+
+def prepare_fake_quant_(model: torch.nn.Module, cfg: QATConfig, a8_layers=(),
+                        input_scales: dict[str, float] | None = None) -> None:
+    """W4 fake quant on each layer's export grid: `cfg.group_size` for A16 layers, per channel for
+    `a8_layers`, whose inputs are also fake-quantized to int8 when `input_scales` are given."""
+    if input_scales is not None:
+        prepare_qat_(model, group_size=cfg.group_size, skip=cfg.skip, a8_layers=a8_layers, input_scales=input_scales)
+        return
+    prepare_qat_(model, group_size=cfg.group_size, skip=cfg.skip)
+    for name in a8_layers:
+        use_per_channel_weights_(model, name)
 
 
 def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
@@ -103,8 +125,12 @@ class QATResult:
 
 
 def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QATConfig, sampler: SamplerConfig,
-              state_dir: Path, fingerprint: str, progress: bool = True) -> QATResult:
+              state_dir: Path, fingerprint: str, progress: bool = True, a8_layers=(),
+              input_scales: dict[str, float] | None = None) -> QATResult:
     """W4 QAT of a copy of `transformer`; resumable from `state_dir` while `fingerprint` matches; NaN-guarded.
+
+    Each layer trains on its export grid (see :func:`prepare_fake_quant_`): `a8_layers` per channel,
+    with int8 inputs at `input_scales` when given (qat.activations_in_loop).
 
     Under `accelerate launch` every process calls this (data-parallel); each draws its own batches.
     """
@@ -117,7 +143,7 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
     # The float model, frozen: the distillation teacher, and the yardstick of how far QAT drifts from it.
     # Only distillation pays for this copy (a 1B-parameter model's is 4 GB in fp32).
     teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg.objective != "ce" else None
-    prepare_qat_(student, group_size=cfg.group_size, skip=cfg.skip)
+    prepare_fake_quant_(student, cfg, a8_layers, input_scales)
     for p in student.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -152,6 +178,8 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
                "loss_before": loss_before, "loss_after": loss_after,
                "train_loss_last": float(np.mean(losses[-10:])) if losses else None,
                "group_size": cfg.group_size, "skip": list(cfg.skip)}
+    if cfg.needs_a8_set:
+        summary.update(a8_layers=len(a8_layers), activations_in_loop=cfg.activations_in_loop)
     return QATResult(float_state_dict(unwrapped, reference_keys), summary)
 
 
@@ -164,14 +192,14 @@ def save_float_transformer(config, weights: dict[str, torch.Tensor], folder: Pat
     (folder / "config.json").write_text(json.dumps(plain_config(config), indent=2))
 
 
-def fake_quant_transformer(folder: Path, cfg: QATConfig) -> MeissonicTransformer:
+def fake_quant_transformer(folder: Path, cfg: QATConfig, a8_layers=()) -> MeissonicTransformer:
     """The QAT weights in `folder` with the same W4 fake quant as in training (the model SCQ measures
-    and calibrates)."""
+    and calibrates): `a8_layers` per channel, activations float."""
     try:
         model = MeissonicTransformer.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         model = model.float().eval()
     except Exception as err:
         raise ValueError(f"the QAT weights in {folder} are damaged ({str(err)[:200]}); delete {folder.parent} "
                          "and run `mgtq calibrate` again") from err
-    prepare_qat_(model, group_size=cfg.group_size, skip=cfg.skip)
+    prepare_fake_quant_(model, cfg, a8_layers)
     return model

@@ -95,8 +95,13 @@ class QATConfig:
     per position, so a few hundred self-synthesized images cannot be memorised the way CE memorises
     them (CE on a small calibration set overfits and the QAT model drifts from the float one).
 
-    group_size: null = per output channel (what the int8 GEMM of A8 layers needs, so the QAT grid is
-    exactly the exported one for every layer); an integer groups the W4A16 layers.
+    group_size: null = per output channel for every layer; an integer groups the layers that stay A16
+    while the A8 layers keep per-channel weights (what their int8 GEMM rescales by).
+    activations_in_loop: also fake-quantize the A8 layers' inputs to int8 during QAT, with static scales
+    calibrated on the model before QAT (re-calibrated on the QAT model by the secondary stage).
+    With either, QAT must know the A8 set, so it is chosen before QAT (secondary.selection applied to
+    the pre-QAT W4 model) and kept: the exported grids are then the ones QAT trained on. The other way,
+    re-fitting A8 layers per channel after a group-wise QAT, would need a second training pass.
     skip: fnmatch patterns of Linear names left in float.
     """
 
@@ -113,6 +118,7 @@ class QATConfig:
     cond_drop: float = 0.1
     save_every: int = 50  # steps between resumable QAT states
     seed: int = 0
+    activations_in_loop: bool = False
 
     def __post_init__(self):
         _validated(self, "qat")
@@ -126,6 +132,11 @@ class QATConfig:
             raise ValueError(f"qat.group_size must be null or an even integer ≥ 2, got {self.group_size}")
         if not 0 <= self.cond_drop < 1:
             raise ValueError(f"qat.cond_drop must be in [0, 1), got {self.cond_drop}")
+
+    @property
+    def needs_a8_set(self) -> bool:
+        """Whether QAT treats A8 layers differently (so the A8 set is chosen before QAT)."""
+        return self.group_size is not None or self.activations_in_loop
 
 
 @dataclass(frozen=True)
@@ -156,14 +167,18 @@ class SecondaryConfig:
     """Secondary calibration: which layers get int8 activations, and their static scales.
 
     selection: lowest (SCQ: the `fraction` of layers with the lowest magnitude) | random (the
-    paper's ablation) | all (W4A8 everywhere). scale_method: absmax or percentile of |x|.
+    paper's ablation) | sensitivity (the `fraction` whose move to A8, each alone, changes the model's
+    masked-token predictions least: KL to the all-A16 model on `sensitivity_samples` calibration
+    images at the magnitudes' mask ratios) | all (W4A8 everywhere). scale_method: absmax or
+    percentile of |x|.
     """
 
     fraction: float = 1 / 3
-    selection: Literal["lowest", "random", "all"] = "lowest"
+    selection: Literal["lowest", "random", "sensitivity", "all"] = "lowest"
     seed: int = 0
     scale_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
+    sensitivity_samples: int = 16
 
     def __post_init__(self):
         _validated(self, "secondary")
@@ -172,6 +187,7 @@ class SecondaryConfig:
         if not 0 < self.percentile <= 100:
             raise ValueError(f"secondary.percentile must be in (0, 100], got {self.percentile}")
         _at_least(self, "secondary", 0, "seed")
+        _at_least(self, "secondary", 1, "sensitivity_samples")
 
 
 @dataclass(frozen=True)
@@ -206,8 +222,15 @@ class Recipe:
         return json.loads(json.dumps(asdict(self)))
 
     def section_fingerprint(self, *names: str) -> str:
-        """Hash of the named sections (stage outputs are reused only while these are unchanged)."""
+        """Hash of the named sections (stage outputs are reused only while these are unchanged).
+
+        Fields added after the first run format count only when set away from their default, so a run
+        made before they existed stays complete under the recipe that leaves them at the default.
+        """
         data = {n: self.to_dict()[n] for n in names}
+        for (section, key), default in _ADDED_FIELDS.items():
+            if section in data and data[section].get(key) == default:
+                del data[section][key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: Recipe) -> list[str]:
@@ -220,6 +243,9 @@ def _diff(a, b, where: str) -> list[str]:
         return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
     return [] if a == b else [where]
 
+
+# (section, field) → default, for fields that came after the first run format (see section_fingerprint).
+_ADDED_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16}
 
 _SECTIONS = ("prompts", "synthesis", "qat", "magnitudes", "secondary", "export")
 

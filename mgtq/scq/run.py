@@ -6,6 +6,7 @@
       .lock                  held by the `mgtq calibrate` working in RUN (names its holder)
       synth/      stage.json, dataset/               the synthesized calibration set
       qat/        stage.json, transformer/           the QAT float (latent) weights
+                  [a8-plan.json]                     the A8 set chosen before QAT (QATConfig.needs_a8_set)
       qat-state/  accelerate state + trainer.json    resumable QAT progress
       magnitudes/ stage.json, magnitudes.json        per-layer input magnitudes
       secondary/  stage.json, selection.json, magnitudes.png   the A8 set and its input scales
@@ -48,6 +49,7 @@ class RunFolder:
     # files inside the stage folders
     DATASET = "dataset"
     QAT_WEIGHTS = "transformer"
+    A8_PLAN = "a8-plan.json"
     MAGNITUDES = "magnitudes.json"
     SELECTION = "selection.json"
     PLOT = "magnitudes.png"
@@ -75,6 +77,10 @@ class RunFolder:
     @property
     def qat_state(self) -> Path:
         return self.root / self.QAT_STATE
+
+    @property
+    def a8_plan_file(self) -> Path:
+        return self.stage_dir("qat") / self.A8_PLAN
 
     @property
     def magnitudes_file(self) -> Path:

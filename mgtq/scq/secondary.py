@@ -1,49 +1,78 @@
 """SCQ step 4 (paper §4.1): secondary calibration — which layers get int8 activations, and their scales.
 
-SCQ gives int8 activations to the `fraction` of layers with the lowest input magnitude (step 3),
-switches those layers to per-channel int4 weights (what the int8 GEMM rescales by), and calibrates a
-static per-tensor input scale for each on the calibration data.
+SCQ gives int8 activations to the `fraction` of layers with the lowest input magnitude (step 3) —
+or the lowest measured sensitivity, or a random set — switches those layers to per-channel int4
+weights (what the int8 GEMM rescales by), and calibrates a static per-tensor input scale for each on
+the calibration data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import FakeQuantLinear, input_scales_from_stats
 from mgtq.sampling import SamplerConfig
-from mgtq.scq.magnitudes import record_activation_stats
+from mgtq.scq.magnitudes import calibration_inputs, record_activation_stats
+from mgtq.scq.qat import use_per_channel_weights_
 from mgtq.scq.recipe import MagnitudeConfig, SecondaryConfig
 from mgtq.scq.synthesis import CalibrationData
+from mgtq.training.objective import masked_distillation_loss
 from mgtq.utils import set_submodule
 
 
-def select_a8_layers(magnitudes: dict[str, float], fraction: float, selection: str, seed: int = 0) -> list[str]:
-    """The layers that get int8 activations: SCQ takes the round(fraction·L) of lowest magnitude.
+def select_a8_layers(scores: dict[str, float], fraction: float, selection: str, seed: int = 0) -> list[str]:
+    """The layers that get int8 activations: the round(fraction·L) of lowest score.
 
-    "random" draws as many at random (the paper's ablation); "all" takes every layer.
+    scores are magnitudes ("lowest", SCQ's rule) or measured sensitivities ("sensitivity"); "random"
+    draws as many at random (the paper's ablation); "all" takes every layer.
     """
-    names = sorted(magnitudes)
+    names = sorted(scores)
     if selection == "all":
         return names
     k = round(fraction * len(names))
     if selection == "random":
         return sorted(random.Random(seed).sample(names, k))
-    if selection == "lowest":
-        return sorted(sorted(names, key=lambda n: (magnitudes[n], n))[:k])
+    if selection in ("lowest", "sensitivity"):
+        return sorted(sorted(names, key=lambda n: (scores[n], n))[:k])
     raise ValueError(f"unknown selection {selection!r}")
 
 
-def use_per_channel_weights_(model: torch.nn.Module, name: str) -> None:
-    """Give fake-quant layer `name` per-output-channel int4 weights (the grid the int8 GEMM needs)."""
-    layer = model.get_submodule(name)
-    if not isinstance(layer, FakeQuantLinear):
-        raise TypeError(f"{name} is not a fake-quant layer")
-    if layer.group_size != layer.in_features:
-        set_submodule(model, name, FakeQuantLinear.from_linear(layer, None))
+def measure_a8_sensitivity(model: torch.nn.Module, names: list[str], data: CalibrationData, cfg: SecondaryConfig,
+                           magnitude_cfg: MagnitudeConfig, sampler: SamplerConfig, progress: bool = True,
+                           desc: str = "sensitivity") -> dict[str, float]:
+    """{layer: the damage of putting it alone on A8}: the mean KL of the model's masked-token
+    predictions, with that one layer on its A8 form (per-channel int4 weights, int8 inputs at a
+    calibrated scale), against the all-A16 fake-quant `model`, on the first `cfg.sensitivity_samples`
+    calibration images at the magnitudes' mask ratios. `model` is left as it was."""
+    limit = cfg.sensitivity_samples if magnitude_cfg.max_samples is None else min(cfg.sensitivity_samples,
+                                                                                  magnitude_cfg.max_samples)
+    sub = dataclasses.replace(magnitude_cfg, max_samples=limit)
+    stats = record_activation_stats(model, data, sub, sampler, names, progress=False)
+    scales = input_scales_from_stats(stats, cfg.scale_method, cfg.percentile)
+    a16 = {name: model.get_submodule(name) for name in names}
+    if not all(isinstance(layer, FakeQuantLinear) for layer in a16.values()):
+        raise TypeError("sensitivity is measured on a fake-quant model (mgtq.scq.qat.prepare_fake_quant_)")
+    a8 = {name: FakeQuantLinear.from_linear(layer, None, scales[name]) for name, layer in a16.items()}
+    total = dict.fromkeys(names, 0.0)
+    batches = 0
+    with torch.inference_mode():
+        # Batch-major, so only one batch of reference logits is held at a time.
+        for inputs, mask in calibration_inputs(data, sub, sampler, model.mask_token_id, progress, desc):
+            reference = model(**inputs)
+            for name in names:
+                set_submodule(model, name, a8[name])
+                try:
+                    total[name] += float(masked_distillation_loss(model(**inputs), reference, mask))
+                finally:
+                    set_submodule(model, name, a16[name])
+            batches += 1
+    return {name: total[name] / batches for name in names}
 
 
 def calibrate_input_scales_(model: MeissonicTransformer, a8: list[str], data: CalibrationData, cfg: SecondaryConfig,

@@ -1,6 +1,11 @@
 """The four stages of SCQ (paper arXiv 2411.10781 §4.1) as the list `mgtq calibrate` walks.
 
-synthesize → QAT → magnitudes → secondary. A stage names the recipe sections it depends on and a
+synthesize → QAT → magnitudes → secondary. When QAT treats the A8 layers differently (group-wise A16
+weights, or int8 activations in the loop: `QATConfig.needs_a8_set`), the QAT stage first chooses the
+A8 set on the pre-QAT W4 model by the secondary recipe and records it (`a8-plan.json`); secondary then
+keeps that set and only calibrates its scales on the QAT model.
+
+A stage names the recipe sections it depends on and a
 `compute(ctx)` that calls its algorithm module (synthesis, qat, magnitudes, secondary) and returns
 what its folder holds; the calibrate loop skips complete stages and writes the others atomically.
 Each stage's fingerprint chains the ones before it, so a change re-runs everything after it.
@@ -8,6 +13,7 @@ Each stage's fingerprint chains the ones before it, so a change re-runs everythi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,8 +58,13 @@ class StageContext:
     def data(self) -> synthesis.CalibrationData:
         return load_calibration_data(self.run, self.pipe)
 
+    @cached_property
+    def planned_a8(self) -> list[str]:
+        """The A8 set QAT trained with ([] when the recipe chooses it after QAT)."""
+        return read_json(self.run.a8_plan_file)["a8_layers"] if self.recipe.qat.needs_a8_set else []
+
     def fake_quant_qat_model(self):
-        return qat.fake_quant_transformer(self.run.qat_weights, self.recipe.qat)
+        return qat.fake_quant_transformer(self.run.qat_weights, self.recipe.qat, self.planned_a8)
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,8 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # the recipe sections its result depends on
     compute: Callable[[StageContext], StageOutput]
+    # also depends on these when the A8 set is chosen before QAT (QATConfig.needs_a8_set)
+    plan_sections: tuple[str, ...] = ()
     all_processes: bool = False  # under `accelerate launch`: run on every process (else on the main one)
 
 
@@ -83,12 +96,52 @@ def _synthesize(ctx: StageContext) -> StageOutput:
     return StageOutput(summary, lambda folder: ds.save_to_disk(str(folder / RunFolder.DATASET)))
 
 
+def choose_a8(ctx: StageContext, model, desc: str) -> tuple[list[str], dict[str, float]]:
+    """(the A8 set, each layer's score) by `secondary.selection` on fake-quant `model` (all A16):
+    scores are input magnitudes for "lowest", measured A8 damage for "sensitivity", none otherwise."""
+    recipe = ctx.recipe
+    cfg = recipe.secondary
+    names = linear_names(model, recipe.qat.skip)
+    if cfg.selection == "sensitivity":
+        scores = secondary.measure_a8_sensitivity(model, names, ctx.data, cfg, recipe.magnitudes, ctx.sampler,
+                                                  ctx.progress, desc=desc)
+    elif cfg.selection == "lowest":
+        scores = magnitudes.measure_magnitudes(model, ctx.data, recipe.magnitudes, ctx.sampler, names, ctx.progress,
+                                               desc=desc)[0]
+    else:
+        scores = {}
+    return secondary.select_a8_layers(scores or dict.fromkeys(names, 0.0), cfg.fraction, cfg.selection,
+                                      cfg.seed), scores
+
+
+def _plan_a8(ctx: StageContext) -> dict:
+    """The A8 set chosen on the pre-QAT W4 model (A16 layers on their group grid), and for
+    activations in the loop its input scales calibrated there."""
+    recipe = ctx.recipe
+    model = copy.deepcopy(ctx.pipe.transformer).float().eval()
+    qat.prepare_fake_quant_(model, recipe.qat)
+    a8, scores = choose_a8(ctx, model, "SCQ 2/4 A8 set before QAT")
+    scales = None
+    if recipe.qat.activations_in_loop:
+        scales = secondary.calibrate_input_scales_(model, a8, ctx.data, recipe.secondary, recipe.magnitudes,
+                                                   ctx.sampler, ctx.progress, desc="SCQ 2/4 A8 scales before QAT")
+    return {"selection": recipe.secondary.selection, "fraction": recipe.secondary.fraction, "a8_layers": a8,
+            "scores": scores, "input_scales": scales}
+
+
 def _qat(ctx: StageContext) -> StageOutput:
+    plan = _plan_a8(ctx) if ctx.recipe.qat.needs_a8_set else None
     result = qat.train_qat(ctx.pipe.transformer, ctx.data, ctx.recipe.qat, ctx.sampler, ctx.run.qat_state,
-                           ctx.fingerprints["qat"], ctx.progress)
+                           ctx.fingerprints["qat"], ctx.progress, a8_layers=plan["a8_layers"] if plan else (),
+                           input_scales=plan["input_scales"] if plan else None)
     config = ctx.pipe.transformer.config
-    return StageOutput(result.summary,
-                       lambda folder: qat.save_float_transformer(config, result.weights, folder / RunFolder.QAT_WEIGHTS))
+
+    def write(folder: Path) -> None:
+        qat.save_float_transformer(config, result.weights, folder / RunFolder.QAT_WEIGHTS)
+        if plan is not None:
+            write_json(folder / RunFolder.A8_PLAN, plan)
+
+    return StageOutput(result.summary, write)
 
 
 def _magnitudes(ctx: StageContext) -> StageOutput:
@@ -104,7 +157,16 @@ def _magnitudes(ctx: StageContext) -> StageOutput:
 def _secondary(ctx: StageContext) -> StageOutput:
     recipe, cfg = ctx.recipe, ctx.recipe.secondary
     mags = read_json(ctx.run.magnitudes_file)["magnitude"]
-    a8 = secondary.select_a8_layers(mags, cfg.fraction, cfg.selection, cfg.seed)
+    extra = {}
+    if recipe.qat.needs_a8_set:
+        a8 = ctx.planned_a8
+        extra["chosen_before_qat"] = True
+        if cfg.selection == "sensitivity":
+            extra["sensitivity"] = read_json(ctx.run.a8_plan_file)["scores"]
+    elif cfg.selection == "sensitivity":
+        a8, extra["sensitivity"] = choose_a8(ctx, ctx.fake_quant_qat_model(), "SCQ 4/4 sensitivity")
+    else:
+        a8 = secondary.select_a8_layers(mags, cfg.fraction, cfg.selection, cfg.seed)
     model = ctx.fake_quant_qat_model()
     scales = secondary.calibrate_input_scales_(model, a8, ctx.data, cfg, recipe.magnitudes, ctx.sampler,
                                                ctx.progress, desc="SCQ 4/4 secondary")
@@ -113,7 +175,7 @@ def _secondary(ctx: StageContext) -> StageOutput:
     def write(folder: Path) -> None:
         write_json(folder / RunFolder.SELECTION, {"selection": cfg.selection, "fraction": cfg.fraction, "a8_layers": a8,
                                                   "input_scales": scales,
-                                                  "magnitude_statistic": recipe.magnitudes.statistic})
+                                                  "magnitude_statistic": recipe.magnitudes.statistic, **extra})
         secondary.plot_magnitudes(mags, a8, recipe.magnitudes.statistic, folder / RunFolder.PLOT)
 
     return StageOutput({"a8_layers": len(a8), "layers": len(mags), "loss_w4a8_fake_quant": loss}, write)
@@ -121,7 +183,7 @@ def _secondary(ctx: StageContext) -> StageOutput:
 
 STAGES: tuple[Stage, ...] = (
     Stage("synth", ("prompts", "synthesis"), _synthesize),
-    Stage("qat", ("qat",), _qat, all_processes=True),
+    Stage("qat", ("qat",), _qat, plan_sections=("magnitudes", "secondary"), all_processes=True),
     Stage("magnitudes", ("magnitudes",), _magnitudes),
     Stage("secondary", ("secondary",), _secondary),
 )
@@ -132,6 +194,7 @@ def stage_fingerprints(recipe: Recipe, model_fingerprint: str) -> dict[str, str]
     """{stage: fingerprint}; each chains the one before it, starting from the model's."""
     fps, prev = {}, model_fingerprint
     for stage in STAGES:
-        prev = hashlib.sha256((prev + recipe.section_fingerprint(*stage.sections)).encode()).hexdigest()[:16]
+        sections = stage.sections + (stage.plan_sections if recipe.qat.needs_a8_set else ())
+        prev = hashlib.sha256((prev + recipe.section_fingerprint(*sections)).encode()).hexdigest()[:16]
         fps[stage.name] = prev
     return fps
