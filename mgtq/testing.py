@@ -180,3 +180,27 @@ def random_quantized_pipeline(fraction_a8: float = 1 / 3, seed: int = 0, **kwarg
 
 __all__ = ["build_random_pipeline", "empty_transformer", "fill_random_", "materialize_random_",
            "random_float_transformer", "random_quantized_pipeline", "random_quantized_transformer"]
+
+
+def micro_forward_inputs(model, batch: int = 2, grid: int = 8, seed: int = 0) -> dict:
+    """Random forward keyword arguments for a small MeissonicTransformer: token ids (batch, grid, grid), text, t."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return dict(
+        hidden_states=torch.randint(0, cfg.codebook_size, (batch, grid, grid), generator=g),
+        encoder_hidden_states=torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.full((batch,), 0.5),
+    )
+
+
+def quantized_micro_transformer() -> nn.Module:
+    """The "test-micro" transformer with every other Linear W4A8 and the rest W4A16 (both kinds, many-row
+    image-stream and few-row adaLN inputs)."""
+    from mgtq.quantization import linear_names, quantize_weights_
+
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    a8 = linear_names(model)[::2]
+    quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
+    return model

@@ -3,33 +3,13 @@
 import torch
 
 from mgtq.models.presets import build_transformer
-from mgtq.quantization import linear_names, quantize_weights_
-
-
-def _inputs(model, batch=2, grid=8):
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    return dict(
-        hidden_states=torch.randint(0, cfg.codebook_size, (batch, grid, grid), generator=g),
-        encoder_hidden_states=torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.full((batch,), 0.5),
-    )
-
-
-def _quantized_micro():
-    torch.manual_seed(0)
-    model = build_transformer("test-micro").eval()
-    names = linear_names(model)
-    a8 = names[::2]  # both layer kinds, on many-row (image stream) and few-row (adaLN) inputs
-    quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
-    return model
+from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
 
 def test_no_graph_breaks_and_same_output():
     # The quantized model runs every float op of the float one too, plus both quantized layer kinds.
-    model = _quantized_micro()
-    inputs = _inputs(model)
+    model = quantized_micro_transformer()
+    inputs = micro_forward_inputs(model)
     torch._dynamo.reset()
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(**inputs)
@@ -43,7 +23,7 @@ def test_no_graph_breaks_and_same_output():
 
 def test_default_tables_are_cached_per_grid_and_equal_a_rebuild():
     model = build_transformer("test-micro").eval()
-    small, large = _inputs(model, grid=4), _inputs(model, grid=8)
+    small, large = micro_forward_inputs(model, grid=4), micro_forward_inputs(model, grid=8)
     with torch.no_grad():
         first = model(**small)
         model(**large)
@@ -58,7 +38,7 @@ def test_default_tables_are_cached_per_grid_and_equal_a_rebuild():
 
 def test_tables_cached_in_inference_mode_serve_a_training_forward():
     model = build_transformer("test-micro")
-    inputs = _inputs(model, grid=4)
+    inputs = micro_forward_inputs(model, grid=4)
     with torch.inference_mode():
         model(**inputs)  # fills the cache
     model(**inputs).float().square().mean().backward()  # saves the cached tables for backward
@@ -66,14 +46,14 @@ def test_tables_cached_in_inference_mode_serve_a_training_forward():
 
 
 def test_compile_blocks_same_output():
-    model = _quantized_micro()
-    inputs = _inputs(model)
+    model = quantized_micro_transformer()
+    inputs = micro_forward_inputs(model)
     with torch.no_grad():
         eager = model(**inputs)
         model.compile_blocks(backend="aot_eager")
         compiled = model(**inputs)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert set(model.state_dict()) == set(_quantized_micro().state_dict())  # compiled in place, same keys
+    assert set(model.state_dict()) == set(quantized_micro_transformer().state_dict())  # compiled in place, same keys
 
 
 def test_bench_compile_cases_compare_with_compiled_bf16():

@@ -3,35 +3,16 @@
 import pytest
 import torch
 
-from mgtq.models.presets import build_transformer
-from mgtq.quantization import W4A8Linear, W4Linear, linear_names, quantize_weights_
-
-
-def _inputs(model, batch=2, grid=8):
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    return dict(
-        hidden_states=torch.randint(0, cfg.codebook_size, (batch, grid, grid), generator=g),
-        encoder_hidden_states=torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.full((batch,), 0.5),
-    )
-
-
-def _quantized():
-    torch.manual_seed(0)
-    model = build_transformer("test-micro").eval()
-    a8 = linear_names(model)[::2]
-    quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
-    return model
+from mgtq.quantization import W4A8Linear, W4Linear
+from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
 
 @pytest.mark.parametrize("offload_buffers", [False, True])
 def test_accelerate_cpu_offload_moves_packed_weights(offload_buffers):
     from accelerate import cpu_offload
 
-    model = _quantized()
-    inputs = _inputs(model)
+    model = quantized_micro_transformer()
+    inputs = micro_forward_inputs(model)
     with torch.no_grad():
         expected = model(**inputs)
         cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=offload_buffers)
@@ -45,8 +26,8 @@ def test_accelerate_cpu_offload_moves_packed_weights(offload_buffers):
 def test_model_offload_hook_equal_output():
     from accelerate import cpu_offload_with_hook
 
-    model = _quantized()
-    inputs = _inputs(model)
+    model = quantized_micro_transformer()
+    inputs = micro_forward_inputs(model)
     with torch.no_grad():
         expected = model(**inputs)
         model, hook = cpu_offload_with_hook(model, execution_device=torch.device("cpu"))
