@@ -204,3 +204,23 @@ def quantized_micro_transformer() -> nn.Module:
     a8 = linear_names(model)[::2]
     quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
     return model
+
+
+def tiny_recipe_dict(model_dir, **sections) -> dict:
+    """A seconds-long SCQ recipe (as a mapping) for the pipeline folder `model_dir`.
+
+    Each keyword names a recipe section whose keys override the defaults here
+    (`qat={"steps": 4}`); a non-mapping value replaces the section whole.
+    """
+    data = {
+        "model": str(model_dir),
+        "prompts": {"source": "grammar", "count": 8},
+        "synthesis": {"num_steps": 2, "guidance_scale": 3.0, "batch_size": 8},
+        "qat": {"steps": 4, "lr": 2.0e-3, "batch_size": 4, "save_every": 4},
+        "magnitudes": {"mask_ratios": [0.5, 1.0], "batch_size": 8},
+        "secondary": {"fraction": 1 / 3, "selection": "lowest"},
+        "export": {"dtype": "float32"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return data

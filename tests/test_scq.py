@@ -20,21 +20,14 @@ from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.run import STAGES
 from mgtq.scq.secondary import select_a8_layers
 from mgtq.scq.synthesis import calibration_prompts
+from mgtq.testing import tiny_recipe_dict
 from mgtq.utils import read_json
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def _recipe(model_dir, **over):
-    data = {
-        "model": str(model_dir),
-        "prompts": {"source": "grammar", "count": 8},
-        "synthesis": {"num_steps": 3, "guidance_scale": 3.0, "batch_size": 8},
-        "qat": {"steps": 12, "lr": 2.0e-3, "batch_size": 4, "save_every": 4},
-        "magnitudes": {"mask_ratios": [0.5, 1.0], "batch_size": 8},
-        "secondary": {"fraction": 1 / 3, "selection": "lowest"},
-        "export": {"dtype": "float32"},
-    }
+    data = tiny_recipe_dict(model_dir, synthesis={"num_steps": 3}, qat={"steps": 12})
     for section, values in over.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
     return recipe_from_dict(data)

@@ -16,23 +16,13 @@ from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import stage_fingerprints
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.utils import read_json
+from mgtq.testing import tiny_recipe_dict
 
 GROUP = 16  # divides every in_features of the test-micro transformer (32 … 1312)
 
 
 def _recipe(model_dir, **over) -> Recipe:
-    data = {
-        "model": str(model_dir),
-        "prompts": {"source": "grammar", "count": 8},
-        "synthesis": {"num_steps": 2, "guidance_scale": 3.0, "batch_size": 8},
-        "qat": {"steps": 4, "lr": 2.0e-3, "batch_size": 4, "save_every": 4},
-        "magnitudes": {"mask_ratios": [0.5, 1.0], "batch_size": 8},
-        "secondary": {"fraction": 1 / 3, "selection": "lowest"},
-        "export": {"dtype": "float32"},
-    }
-    for section, values in over.items():
-        data[section] = {**data[section], **values}
-    return recipe_from_dict(data)
+    return recipe_from_dict(tiny_recipe_dict(model_dir, **over))
 
 
 def _data(transformer, n=4) -> CalibrationData:

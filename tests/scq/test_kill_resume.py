@@ -10,20 +10,15 @@ from pathlib import Path
 
 import yaml
 
+from mgtq.testing import tiny_recipe_dict
+
 
 HARNESS = Path(__file__).with_name("calibrate_and_die.py")
 
 
 def _tiny_recipe(model_dir) -> dict:
-    return {
-        "model": str(model_dir),
-        "prompts": {"source": "grammar", "count": 8},
-        "synthesis": {"num_steps": 2, "guidance_scale": 3.0, "batch_size": 4},
-        "qat": {"steps": 16, "lr": 2.0e-3, "batch_size": 2, "save_every": 4},
-        "magnitudes": {"mask_ratios": [0.5, 1.0], "batch_size": 4},
-        "secondary": {"fraction": 1 / 3, "selection": "lowest"},
-        "export": {"dtype": "float32"},
-    }
+    return tiny_recipe_dict(model_dir, synthesis={"batch_size": 4}, qat={"steps": 16, "batch_size": 2, "save_every": 4},
+                            magnitudes={"batch_size": 4})
 
 
 def _files(run: Path) -> dict[str, str]:
