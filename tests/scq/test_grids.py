@@ -15,8 +15,8 @@ from mgtq.scq.recipe import MagnitudeConfig, QATConfig, Recipe, SecondaryConfig,
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import stage_fingerprints
 from mgtq.scq.synthesis import CalibrationData
-from mgtq.utils import read_json
 from mgtq.testing import tiny_recipe_dict
+from mgtq.utils import read_json
 
 GROUP = 16  # divides every in_features of the test-micro transformer (32 … 1312)
 
