@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
@@ -33,7 +35,7 @@ from mgtq.scq.magnitudes import record_activation_stats
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import load_calibration_data
 from mgtq.scq.synthesis import synthesis_sampler
-from mgtq.utils import read_json, write_json
+from mgtq.utils import model_fingerprint, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"
@@ -62,6 +64,33 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
                       a8_layers=names if a8_all else (), input_scales=scales)
     pipe.transformer = model.eval()
     return pipe
+
+
+def _derived_checkpoint(recipe, scq_run: Path, run: Path, ckpt: Path) -> Path:
+    """Calibrate `recipe` in `run` on the SCQ run's synthesized set (QAT onwards runs again) and export it."""
+    if not run.exists():
+        run.mkdir(parents=True)
+        shutil.copytree(scq_run / "synth", run / "synth")
+    calibrate(recipe, run, restart=True)
+    return export_run(run, ckpt, overwrite=True)
+
+
+def _reference_path(work: Path, limit, offset: int) -> Path:
+    return work / "fp32-tokens" / f"limit-{limit or 'all'}-offset-{offset}.safetensors"
+
+
+def _save_reference(work: Path, limit, offset: int, tokens: torch.Tensor) -> None:
+    path = _reference_path(work, limit, offset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"tokens": tokens.contiguous()}, str(path))
+
+
+def _load_reference(work: Path, limit, offset: int) -> torch.Tensor:
+    return load_file(str(_reference_path(work, limit, offset)))["tokens"]
+
+
+def _references_cached(work: Path, limit, offsets) -> bool:
+    return all(_reference_path(work, limit, o).is_file() for o in offsets)
 
 
 def qat_metrics(work: Path) -> dict:
@@ -119,50 +148,72 @@ def main(argv=None) -> int:
         # The same SCQ with the paper's QAT objective (masked-token CE on the synthesized tokens): shows
         # what the recipe's objective changes. Shares the synthesized set; QAT onwards runs again.
         ce_recipe = recipe_from_dict({**recipe.to_dict(), "qat": {**recipe.to_dict()["qat"], "objective": "ce"}})
-        ce_run = args.work / "scq-ce"
-        if not ce_run.exists():
-            ce_run.mkdir(parents=True)
-            shutil.copytree(scq_run / "synth", ce_run / "synth")
-        calibrate(ce_recipe, ce_run, restart=True)
-        ce_ckpt = export_run(ce_run, args.work / "ckpt-scq-ce", overwrite=True)
-        extra_rows.append(("W4A8 SCQ, paper's CE objective", lambda: MGTPipeline.from_pretrained(ce_ckpt)))
+        ce_ckpt = _derived_checkpoint(ce_recipe, scq_run, args.work / "scq-ce", args.work / "ckpt-scq-ce")
+        extra_rows.append(("W4A8 SCQ, paper's CE objective", ce_ckpt))
+    if not recipe.qat.activations_in_loop:
+        # The official code's QAT: the A8 layers' inputs fake-quantized to int8 (scales calibrated first)
+        # inside the loop, so the weights adapt to the activation rounding too.
+        loop_recipe = recipe_from_dict({**recipe.to_dict(), "qat": {**recipe.to_dict()["qat"], "activations_in_loop": True}})
+        extra_rows.append(("W4A8 SCQ, A8 in the QAT loop",
+                           _derived_checkpoint(loop_recipe, scq_run, args.work / "scq-a8-loop", args.work / "ckpt-scq-a8-loop")))
 
     base = MGTPipeline.from_pretrained(default_model())
     bf16 = copy.copy(base)
     bf16.transformer = copy.deepcopy(base.transformer).to(torch.bfloat16)
+    float_id = model_fingerprint(default_model())
+    ptq_id = json.dumps([float_id, read_json(scq_run / "run.json")["fingerprints"]["synth"], recipe.qat.group_size,
+                         recipe.qat.skip, recipe.to_dict()["magnitudes"], recipe.secondary.scale_method,
+                         recipe.secondary.percentile])
+    checkpoint = lambda path: (model_fingerprint(path), lambda: MGTPipeline.from_pretrained(path))  # noqa: E731
     rows = [
-        ("fp32", lambda: base),
-        ("bf16", lambda: bf16),
-        ("W4A16 PTQ", lambda: ptq_pipeline(base, scq_run, recipe, a8_all=False)),
-        ("W4A8 PTQ (all A8)", lambda: ptq_pipeline(base, scq_run, recipe, a8_all=True)),
-        ("W4A8 QAT + random third A8", lambda: MGTPipeline.from_pretrained(random_ckpt)),
-        ("W4A8 SCQ (lowest third A8)", lambda: MGTPipeline.from_pretrained(scq_ckpt)),
-        *extra_rows,
+        ("fp32", (float_id, lambda: base)),
+        ("bf16", (float_id + ":bf16", lambda: bf16)),
+        ("W4A16 PTQ", (ptq_id, lambda: ptq_pipeline(base, scq_run, recipe, a8_all=False))),
+        ("W4A8 PTQ (all A8)", (ptq_id, lambda: ptq_pipeline(base, scq_run, recipe, a8_all=True))),
+        ("W4A8 QAT + random third A8", checkpoint(random_ckpt)),
+        ("W4A8 SCQ (lowest third A8)", checkpoint(scq_ckpt)),
+        *[(name, checkpoint(path)) for name, path in extra_rows],
     ]
     offsets = [k * SEED_SET_STRIDE for k in range(args.seed_sets)]
+    json_path = args.out.with_suffix(".json")
+    # Resumable: a row measured before on the same model (fingerprint), prompts and seed sets is kept.
+    earlier = {(r["row"], r.get("identity")): r for r in (read_json(json_path)["rows"] if json_path.exists() else [])
+               if r.get("limit", "absent") == args.limit and len(r["shapebench_per_seed_set"]) == args.seed_sets}
+    sampler = base.settings.sampler.to_dict()
     results, references = [], {}
-    for name, make in rows:
+    for name, (identity, make) in rows:
+        if (name, identity) in earlier and (name == "fp32" or _references_cached(args.work, args.limit, offsets)):
+            results.append(earlier[(name, identity)])
+            print(f"{name:30s} kept from {json_path.name}", flush=True)
+            continue
         pipe = make()
         t0 = time.perf_counter()
         runs = []
         for offset in offsets:
+            if offset not in references and name != "fp32":
+                references[offset] = _load_reference(args.work, args.limit, offset)
             res = evaluate_pipeline(pipe, limit=args.limit, reference_tokens=references.get(offset), progress=True,
                                     seed_offset=offset)
-            if offset not in references:  # the first row, fp32, is every other row's reference
+            if name == "fp32":  # fp32 is every other row's reference
                 references[offset] = res["tokens"]
+                _save_reference(args.work, args.limit, offset, res["tokens"])
                 res["token_agreement"] = 1.0
             runs.append(res)
         linear_bytes, all_bytes = transformer_bytes(pipe.transformer)
         per_set = [r["overall"] for r in runs]
-        results.append({"row": name, "shapebench": sum(per_set) / len(per_set), "shapebench_per_seed_set": per_set,
+        results.append({"row": name, "identity": identity, "limit": args.limit,
+                        "shapebench": sum(per_set) / len(per_set), "shapebench_per_seed_set": per_set,
                         "per_category": runs[0]["per_category"],
                         "token_agreement": sum(r["token_agreement"] for r in runs) / len(runs),
                         "linear_weight_bytes": linear_bytes, "transformer_bytes": all_bytes, "n": runs[0]["n"],
                         "seconds": time.perf_counter() - t0})
         print(f"{name:30s} acc={results[-1]['shapebench']:.3f} {per_set} agree={results[-1]['token_agreement']:.3f} "
               f"bytes={all_bytes}", flush=True)
+        write_json(json_path, {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit,
+                               "recipe": recipe.to_dict(), "rows": results + [r for r in earlier.values()
+                                                                             if r not in results],
+                               "command": command_line(args), "partial": True})
 
-    sampler = base.settings.sampler.to_dict()
     payload = {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
                "rows": results, "qat": qat_metrics(args.work), "command": command_line(args)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ Writes OUT.json and OUT.md (default benchmarks/results/table5_tomemgt), and OUT.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -112,9 +113,11 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
         payload["commands"].append(command)
     rows = payload["rows"]
 
+    identity = {name: _weights_sha256(path) for name, path in models.items() if path is not None}
+
     def done(model, key):
         return any(r["model"] == model and r["split"] == args.split and r["limit"] == args.limit and r["key"] == key
-                   for r in rows)
+                   and r.get("weights_sha256") == identity[model] for r in rows)
 
     for short in args.models.split(","):
         name = wanted[short]
@@ -122,8 +125,10 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             raise SystemExit("--models scq needs --scq CHECKPOINT")
         if all(done(name, k) for k in ["none", *configs]):
             continue
+        # rows of another checkpoint under the same name (a re-exported SCQ) are stale: drop them
+        rows[:] = [r for r in rows if r["model"] != name or r.get("weights_sha256") == identity[name]]
         pipe = MGTPipeline.from_pretrained(models[name])
-        cache = args.cache / f"{short}_{args.split}_{args.limit or 'all'}.pt"
+        cache = args.cache / f"{short}_{identity[name][:12]}_{args.split}_{args.limit or 'all'}.pt"
         if cache.exists():
             reference = torch.load(cache)
         else:
@@ -134,7 +139,7 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(reference, cache)
         if not done(name, "none"):
-            rows.append(_row(name, args, "none", None, reference, 1.0))
+            rows.append(_row(name, args, "none", None, reference, 1.0) | {"weights_sha256": identity[name]})
             _save(json_path, payload, pipe)
         for key, config in configs.items():
             if done(name, key):
@@ -147,10 +152,20 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             finally:
                 remove_tomemgt(pipe)
             res["seconds"] = time.perf_counter() - start
-            rows.append(_row(name, args, key, config, res, res["token_agreement"]))
+            rows.append(_row(name, args, key, config, res, res["token_agreement"]) | {"weights_sha256": identity[name]})
             print(f"{name} {key}: acc {res['overall']:.3f} agreement {res['token_agreement']:.3f} "
                   f"({res['seconds']:.0f} s)", flush=True)
             _save(json_path, payload, pipe)
+
+
+def _weights_sha256(checkpoint) -> str:
+    """sha256 of the transformer's weights file: which checkpoint a row measured."""
+    path = Path(checkpoint) / "transformer" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _row(model, args, key, config, res, agreement) -> dict:

@@ -51,11 +51,14 @@ def _add_tome_option_args(p: argparse.ArgumentParser) -> None:
                    help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or masked (·σ)")
     p.add_argument("--tome-mlp", action="store_true", default=None,
                    help="TomeMGT: also merge before the MLP of joint blocks (the official code)")
+    p.add_argument("--tome-proportional", action=argparse.BooleanOptionalAction, default=None,
+                   help="TomeMGT: proportional attention (a merged token's keys weigh as many tokens as it replaced)")
 
 
 def _tome_options(args) -> dict:
     names = {"tome_locality": "locality", "tome_window": "window", "tome_sources": "sources",
-             "tome_schedule": "schedule", "tome_mlp": "merge_mlp"}
+             "tome_schedule": "schedule", "tome_mlp": "merge_mlp",
+             "tome_proportional": "proportional_attention"}
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
 
 

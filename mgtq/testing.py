@@ -129,22 +129,26 @@ def random_float_transformer(config: dict, dtype: torch.dtype, seed: int = 0) ->
 
 
 def random_quantized_transformer(config: dict, a8_layers: set[str], input_scales: dict[str, float] | None,
-                                 seed: int = 0, float_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Every Linear quantized (W4A8 if in `a8_layers`, else per-channel W4A16) with random int4 codes,
-    the other parts random in `float_dtype`: built from tensors only, like loading a checkpoint."""
+                                 seed: int = 0, float_dtype: torch.dtype = torch.bfloat16,
+                                 group_size: int | None = None) -> nn.Module:
+    """Every Linear quantized (W4A8 if in `a8_layers`, else W4A16 per channel or in groups of
+    `group_size` input columns) with random int4 codes, the other parts random in `float_dtype`:
+    built from tensors only, like loading a checkpoint."""
     from mgtq.quantization import linear_names
 
     names = linear_names(empty_transformer(config, float_dtype))
     missing = sorted(set(a8_layers) - set(input_scales or {}))
     if missing:
         raise KeyError(f"layer {missing[0]} is W4A8 but has no calibrated input scale")
-    layers = {n: checkpoint.LayerScheme("w4a8" if n in a8_layers else "w4a16") for n in names}
+    layers = {n: checkpoint.LayerScheme("w4a8") if n in a8_layers else checkpoint.LayerScheme("w4a16", group_size)
+              for n in names}
     model = nn.Module.to(checkpoint.build_empty(config, checkpoint.Manifest(layers=layers)), float_dtype)
     for name in names:
         layer = model.get_submodule(name)
         state = {
             "weight_packed": _random_codes(layer.out_features, layer.in_features // 2, seed, name),
-            "weight_scale": torch.full((layer.out_features, 1), INT4_SCALE, dtype=torch.float32),
+            "weight_scale": torch.full((layer.out_features, _scale_columns(layer, name, a8_layers, group_size)),
+                                       INT4_SCALE, dtype=torch.float32),
         }
         if layer.bias is not None:
             state["bias"] = torch.zeros(layer.out_features, dtype=float_dtype)
@@ -152,6 +156,10 @@ def random_quantized_transformer(config: dict, a8_layers: set[str], input_scales
             state["input_scale"] = torch.tensor(float(input_scales[name]), dtype=torch.float32)
         layer.load_state_dict(state, assign=True)
     return materialize_random_(model, seed).eval().requires_grad_(False)
+
+
+def _scale_columns(layer: nn.Module, name: str, a8_layers: set[str], group_size: int | None) -> int:
+    return 1 if name in a8_layers or group_size is None else layer.in_features // group_size
 
 
 def _random_codes(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:

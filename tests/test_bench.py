@@ -49,6 +49,26 @@ def test_random_quantized_model_is_packed_and_float_parts_stay_bf16():
     assert transformer_weight_nbytes(scq)[0] == module_storage_nbytes(scq)
 
 
+def test_grouped_formats_add_exactly_their_group_scales():
+    from mgtq.bench.formats import base_format, group_size_of
+
+    assert (base_format("scq-g64"), group_size_of("scq-g64")) == ("scq", 64)
+    assert (base_format("w4a8-cached"), group_size_of("w4a8-cached")) == ("w4a8", None)
+    config = preset_config("test-micro")
+    names = linear_names(random_float_transformer(config, torch.bfloat16))
+    a8 = a8_layers_for("scq", names, seed=0)
+    scales = {n: 0.01 for n in a8}
+    per_channel = random_quantized_transformer(config, a8, scales)
+    grouped = random_quantized_transformer(config, a8, scales, group_size=16)
+    a16 = [grouped.get_submodule(n) for n in names if n not in a8]
+    assert all(m.weight_scale.shape == (m.out_features, m.in_features // 16) for m in a16)
+    assert all(grouped.get_submodule(n).weight_scale.shape[1] == 1 for n in a8)
+    extra = sum(m.out_features * (m.in_features // 16 - 1) * 4 for m in a16)  # fp32 scales
+    assert transformer_weight_nbytes(grouped)[0] == transformer_weight_nbytes(per_channel)[0] + extra
+    with pytest.raises(ValueError, match="group_size 7 must divide"):
+        random_quantized_transformer(config, set(), None, group_size=7)
+
+
 def test_storage_of_tensor_subclasses_counts_inner_tensors():
     from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
 

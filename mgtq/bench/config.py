@@ -18,7 +18,11 @@ DEFAULT_FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
 # Opt-in: the same W4A8 layers with W4A8Linear's int8 weight cache (oneDNN prepacked) enabled:
 # faster, but +1 byte per A8 weight in memory. They show what the cache trades.
 CACHED_FORMATS = ("w4a8-cached", "scq-cached")
-FORMATS = DEFAULT_FORMATS + CACHED_FORMATS
+# Group-wise int4 on the W4A16 layers (`-g<columns>`, as SCQ's `qat.group_size`; A8 layers stay per
+# channel): the weight-bytes and speed cost of finer scales.
+GROUP_SIZES = (32, 64, 128)
+GROUPED_FORMATS = tuple(f"{fmt}-g{g}" for fmt in ("w4a16", "scq") for g in GROUP_SIZES)
+FORMATS = DEFAULT_FORMATS + CACHED_FORMATS + GROUPED_FORMATS
 # Which blocks TomeMGT merges in (mgtq.merging): "joint" is the paper's setting (the 14 MMDiT blocks).
 TOME_BLOCKS = ("joint", "single", "all")
 # Paper setting for the image extrapolation: Meissonic's default sampler runs 48 steps.

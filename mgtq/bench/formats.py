@@ -17,6 +17,9 @@ Formats (non-Linear parts stay bf16 for the quantized ones, fp32 for fp32):
     w4a8-cached, scq-cached (opt-in)
                 the same, with every W4A8Linear's int8 weight cache enabled (oneDNN prepacked
                 where available): +1 byte per A8 weight, counted in the weight bytes
+    w4a16-g64, scq-g64, … (-g32/-g64/-g128)
+                the W4A16 layers with one scale per that many input columns (SCQ's
+                `qat.group_size`); A8 layers stay per channel. Group scales count in the weight bytes
 """
 
 from __future__ import annotations
@@ -56,8 +59,14 @@ def a8_layers_for(fmt: str, names: list[str], seed: int, fraction: float = SCQ_F
 
 
 def base_format(fmt: str) -> str:
-    """"w4a8-cached" → "w4a8"; other formats unchanged."""
-    return fmt.removesuffix("-cached")
+    """"w4a8-cached" → "w4a8", "scq-g64" → "scq"; other formats unchanged."""
+    return fmt.removesuffix("-cached").split("-g")[0]
+
+
+def group_size_of(fmt: str) -> int | None:
+    """W4A16 group size of a format: 64 for "scq-g64", None (per channel) for the others."""
+    _, _, group = fmt.partition("-g")
+    return int(group) if group else None
 
 
 def needs_calibration(source: ModelSource, formats: tuple[str, ...]) -> bool:
@@ -72,10 +81,12 @@ def needs_calibration(source: ModelSource, formats: tuple[str, ...]) -> bool:
 def build_transformer_in_format(source: ModelSource, fmt: str, input_scales: dict[str, float] | None,
                                 seed: int = 0, device: str = "cpu") -> tuple[nn.Module, list[str]]:
     """(transformer in eval mode on `device`, notes on how it was built)."""
-    if fmt != base_format(fmt):
+    if fmt.endswith("-cached"):
         return _with_weight_cache(*build_transformer_in_format(source, base_format(fmt), input_scales, seed, device))
+    group_size = group_size_of(fmt)
+    fmt = base_format(fmt)
     notes: list[str] = []
-    if source.kind == "quantized-dir" and fmt == "scq":
+    if source.kind == "quantized-dir" and fmt == "scq" and group_size is None:
         from mgtq.pipeline import load_transformer
 
         model = load_transformer(Path(source.path) / "transformer", dtype=torch.bfloat16)
@@ -83,7 +94,7 @@ def build_transformer_in_format(source: ModelSource, fmt: str, input_scales: dic
         return model.eval().requires_grad_(False).to(device), notes
     config = transformer_config(source)
     if source.kind == "float-dir":
-        return _from_float_folder(source, fmt, input_scales, seed, notes, device)
+        return _from_float_folder(source, fmt, input_scales, seed, notes, device, group_size)
     if source.kind == "quantized-dir":
         notes.append(f"{fmt}: built from the checkpoint's config with random weights (the folder holds only "
                      "the quantized SCQ weights)")
@@ -96,7 +107,9 @@ def build_transformer_in_format(source: ModelSource, fmt: str, input_scales: dic
                      "int8 scales from one calibration pass on random inputs (speed and size do not depend on values)")
     elif fmt == "w4a8":
         notes.append("w4a8: static int8 scales from one calibration pass on random inputs")
-    return random_quantized_transformer(config, a8, input_scales, seed).to(device), notes
+    if group_size:
+        notes.append(f"{fmt}: W4A16 layers int4 in groups of {group_size} input columns")
+    return random_quantized_transformer(config, a8, input_scales, seed, group_size=group_size).to(device), notes
 
 
 def _with_weight_cache(model: nn.Module, notes: list[str]) -> tuple[nn.Module, list[str]]:
@@ -117,7 +130,7 @@ def _linear_names_of(config: dict) -> list[str]:
     return linear_names(empty_transformer(config, torch.bfloat16))
 
 
-def _from_float_folder(source, fmt, input_scales, seed, notes, device):
+def _from_float_folder(source, fmt, input_scales, seed, notes, device, group_size=None):
     from mgtq.pipeline import load_transformer
     from mgtq.quantization import linear_names, quantize_weights_
 
@@ -125,7 +138,7 @@ def _from_float_folder(source, fmt, input_scales, seed, notes, device):
     if fmt not in FLOAT_FORMATS:
         names = linear_names(model)
         a8 = a8_layers_for(fmt, names, seed)
-        quantize_weights_(model, a8_layers=a8, input_scales=input_scales)
+        quantize_weights_(model, group_size=group_size, a8_layers=a8, input_scales=input_scales)
         a8_note = f"; {len(a8)} of {len(names)} Linears W4A8 with scales from one pass on random inputs" if a8 else ""
         notes.append(f"{fmt}: post-training quantized at load from the float checkpoint (peak memory includes "
                      f"its bf16 weights){a8_note}")

@@ -55,6 +55,9 @@ class TomeConfig:
     first step, → 0 at the last): w(σ) = 1 ("constant"), 1 − σ ("decoded": merge more as the
     image is decoded) or σ ("masked": merge most while the image is mostly [MASK]).
     merge_mlp: also merge before the MLP of joint blocks (same matching); default attention only.
+    proportional_attention: add log(member count) to each merged token's attention logits as a key,
+    so it weighs as much as the tokens it replaced (ToMe's proportional attention; ToMe-SD and the
+    paper do without).
     recompute_every: compute the matching every k blocks of a kind within one forward, reusing
     it in between (k = 1: every block, the paper's setting).
     random_destinations: a random token of each 2×2 cell is the destination (else top-left).
@@ -70,6 +73,7 @@ class TomeConfig:
     # ShapeBench val, benchmarks/results/tomemgt_select_val.md).
     schedule: str = "decoded"
     merge_mlp: bool = False
+    proportional_attention: bool = False
     recompute_every: int = 1
     random_destinations: bool = True
     seed: int = 0
@@ -87,7 +91,7 @@ class TomeConfig:
         k = self.recompute_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TomeConfig.recompute_every must be an integer ≥ 1; got {self.recompute_every!r}")
-        for name in ("merge_mlp", "random_destinations"):
+        for name in ("merge_mlp", "proportional_attention", "random_destinations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TomeConfig.{name} must be true or false; got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -161,9 +165,11 @@ class ForwardPlan:
                 preferred = ~token_masked
             else:
                 eligible = token_masked if config.sources == "masked" else ~token_masked
-        merge, unmerge = bipartite_soft_matching_2x2(x, self.grid, r, destinations, config.locality, config.window,
-                                                     eligible, preferred)
-        return None if merge is identity else TokenMerge(merge, unmerge)
+        merge, unmerge, sizes = bipartite_soft_matching_2x2(x, self.grid, r, destinations, config.locality,
+                                                            config.window, eligible, preferred, return_sizes=True)
+        if merge is identity:
+            return None
+        return TokenMerge(merge, unmerge, sizes.to(x.device) if config.proportional_attention else None)
 
 
 def merge_count(config: TomeConfig, n: int, masked_fraction: float) -> int:

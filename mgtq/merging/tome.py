@@ -64,7 +64,8 @@ def bipartite_soft_matching_2x2(
     window: int = 3,
     eligible: torch.Tensor | None = None,
     preferred: torch.Tensor | None = None,
-) -> tuple[MergeFn, MergeFn]:
+    return_sizes: bool = False,
+) -> tuple[MergeFn, MergeFn] | tuple[MergeFn, MergeFn, torch.Tensor | None]:
     """Merge the r image tokens most similar to a destination in their window into it; unmerge by copy.
 
     Paper §4.2 (ToMe-SD matching): j*(i) = argmax_{j ∈ W(i)} cos(m_i, m_j); merge the r sources of
@@ -89,6 +90,8 @@ def bipartite_soft_matching_2x2(
     unmerge (B, N − r, C') → (B, N, C'), every merged source receiving its destination's row.
     A plain (unweighted) mean is exact here because the matching is recomputed from unmerged
     tokens: every merged token is the mean of its original members, RoPE tables included.
+    With `return_sizes`, also each merged-sequence token's member count (B, N − r) float32 (None
+    when nothing merges), for proportional attention.
     """
     batch, n, _ = metric.shape
     if grid[0] * grid[1] != n:
@@ -98,7 +101,7 @@ def bipartite_soft_matching_2x2(
     device = metric.device
     dst_idx = cell_destinations(grid, device=device) if destinations is None else destinations.to(device)
     if dst_idx.numel() == 0 or int(r) <= 0:
-        return identity, identity
+        return (identity, identity, None) if return_sizes else (identity, identity)
     is_src = torch.ones(n, dtype=torch.bool, device=device)
     is_src[dst_idx] = False
     src_idx = is_src.nonzero().squeeze(1)  # (N_src,)
@@ -117,7 +120,7 @@ def bipartite_soft_matching_2x2(
         if preferred is not None:  # cos ≤ 1, so +3 ranks every preferred source first
             best = best + 3.0 * preferred.to(device)[:, src_idx]
         if r <= 0:
-            return identity, identity
+            return (identity, identity, None) if return_sizes else (identity, identity)
         order = best.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # positions in src_idx of the r merged sources, (B, r)
         merged_tok = src_idx[merged]  # (B, r) token indices
@@ -152,6 +155,8 @@ def bipartite_soft_matching_2x2(
     def unmerge(y: torch.Tensor) -> torch.Tensor:  # (B, N − r, C) → (B, N, C)
         return y.reshape(batch * (n - r), y.shape[-1]).index_select(0, slot_rows).view(batch, n, -1)
 
+    if return_sizes:
+        return merge, unmerge, counts.view(batch, n - r)
     return merge, unmerge
 
 

@@ -82,10 +82,22 @@ class TokenMerge:
 
     merge: (B, N, C) → (B, N - r, C); unmerge: (B, N - r, C) → (B, N, C). The block merges the image
     stream and its RoPE tables with `merge`, and scatters results back with `unmerge`.
+    sizes (B, N - r): how many original tokens each merged token stands for; when given, attention
+    is proportional: log(size) is added to the merged tokens' key logits, so a token that stands for
+    s identical tokens gets the attention weight those s tokens had (ToMe's proportional attention).
     """
 
     merge: callable
     unmerge: callable
+    sizes: torch.Tensor | None = None
+
+    def key_bias(self, n_text: int) -> torch.Tensor | None:
+        """Additive attention-logit bias (B, 1, 1, L + N - r) for [text; merged image] keys, or None."""
+        if self.sizes is None:
+            return None
+        log_sizes = self.sizes.log()
+        text = log_sizes.new_zeros(log_sizes.shape[0], n_text)
+        return torch.cat([text, log_sizes], dim=1)[:, None, None, :]
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -122,11 +134,13 @@ class Attention(nn.Module):
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None,
+                key_bias: torch.Tensor | None = None):
         """x (B, N, D) image (or joint) tokens; context (B, L, D) text tokens for the joint block.
 
-        rope: cos/sin for the concatenated sequence [context; x]. Returns the attended x, and for
-        the joint block also the attended context.
+        rope: cos/sin for the concatenated sequence [context; x]. key_bias (B, 1, 1, L + N): added
+        to the attention logits of each key (proportional attention of merged tokens). Returns the
+        attended x, and for the joint block also the attended context.
         """
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         n_ctx = 0
@@ -138,7 +152,8 @@ class Attention(nn.Module):
             q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)
+        mask = None if key_bias is None else key_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
         if context is None:
             return out if self.to_out is None else self.to_out[0](out)
         ctx_out, out = out[:, :n_ctx], out[:, n_ctx:]
@@ -218,7 +233,8 @@ class MMDiTBlock(nn.Module):
         c = _modulate(context, c_shift_msa, c_scale_msa)
         if merge is not None:
             h, rope = merge.merge(h), _merge_rope(rope, context.shape[1], merge, x.shape[0])
-        attn_out, ctx_attn_out = self.attn(h, rope, context=c)
+        bias = merge.key_bias(context.shape[1]) if merge is not None else None
+        attn_out, ctx_attn_out = self.attn(h, rope, context=c, key_bias=bias)
         if merge is not None:
             attn_out = merge.unmerge(attn_out)
         x = x + gate_msa[:, None] * attn_out
@@ -263,7 +279,8 @@ class SingleStreamBlock(nn.Module):
         if merge is not None:
             h = torch.cat([h[:, :n_text], merge.merge(h[:, n_text:])], dim=1)
             rope = _merge_rope(rope, n_text, merge, x.shape[0])
-        out = self.proj_out(torch.cat([self.attn(h, rope), F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
+        bias = merge.key_bias(n_text) if merge is not None else None
+        out = self.proj_out(torch.cat([self.attn(h, rope, key_bias=bias), F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
         if merge is not None:
             out = torch.cat([out[:, :n_text], merge.unmerge(out[:, n_text:])], dim=1)
         return _clip_fp16(x + gate[:, None] * out)
