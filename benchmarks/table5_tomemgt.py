@@ -36,8 +36,9 @@ from mgtq.utils import atomic_write_text, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Plain (not mask-aware) matching, whatever TomeConfig's defaults are; "default" keeps those.
-SHORTHANDS = {"global": {"locality": "global", "sources": "all", "schedule": "constant"},
-              "cell": {"locality": "cell", "sources": "all", "schedule": "constant"}, "default": {}}
+SHORTHANDS = {"global": {"locality": "global", "sources": "all", "schedule": "constant", "proportional_attention": False},
+              "cell": {"locality": "cell", "sources": "all", "schedule": "constant", "proportional_attention": False},
+              "default": {}}
 # Table 5's grid: the paper's global matching, plain cell locality, and the default (mask-aware) setting.
 TABLE5_VARIANTS = ("global", "cell", "default")
 TABLE5_EXTRA = ("joint+mlp:0.5:default", "all+mlp:0.5:default")  # issue 19: the official code's MLP merging
@@ -116,8 +117,10 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
     identity = {name: _weights_sha256(path) for name, path in models.items() if path is not None}
 
     def done(model, key):
+        # the stored config, not only the key: "default" means another config after TomeConfig's defaults change
+        config = asdict(configs[key]) if key != "none" else None
         return any(r["model"] == model and r["split"] == args.split and r["limit"] == args.limit and r["key"] == key
-                   and r.get("weights_sha256") == identity[model] for r in rows)
+                   and r["config"] == config and r.get("weights_sha256") == identity[model] for r in rows)
 
     for short in args.models.split(","):
         name = wanted[short]
@@ -211,6 +214,14 @@ def _describe(config: dict | None) -> str:
     return ", ".join(f"{k}={config[k]}" for k in ("locality", "sources", "schedule"))
 
 
+def _kind(config: dict) -> str:
+    """Which Table 5 family a stored config belongs to: global, cell, default (today's) or other."""
+    for name in TABLE5_VARIANTS:
+        if asdict(parse_setting(f"{config['blocks']}:{config['ratio']}:{name}")) == {**config, "merge_mlp": False}:
+            return name
+    return "other"
+
+
 def plot(path: Path, payload: dict, latency: dict) -> None:
     """Accuracy (float, test) against forward speed-up at meissonic-1024, Pareto front marked."""
     import matplotlib
@@ -218,9 +229,11 @@ def plot(path: Path, payload: dict, latency: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = {r["key"]: r["speedup"] for r in latency["rows"]}
-    points = [(speed[r["key"]], r["accuracy"], r) for r in payload["rows"]
-              if r["model"] == "float" and r["split"] == "test" and r["limit"] is None and r["key"] in speed]
+    # joined on the whole TomeConfig: a key such as "joint:0.5:default" names another config once the defaults change
+    speed = {json.dumps(r["config"], sort_keys=True): r["speedup"] for r in latency["rows"]}
+    points = [(speed[json.dumps(r["config"], sort_keys=True)], r["accuracy"], r) for r in payload["rows"]
+              if r["model"] == "float" and r["split"] == "test" and r["limit"] is None
+              and json.dumps(r["config"], sort_keys=True) in speed]
     if not points:
         raise SystemExit("no float test rows with a measured speed-up to plot")
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1])
@@ -228,7 +241,7 @@ def plot(path: Path, payload: dict, latency: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {"none": "*", "global": "x", "cell": "s", "default": "o"}
     for s, acc, r in points:
-        kind = "none" if r["key"] == "none" else r["key"].split(":")[2]
+        kind = "none" if r["key"] == "none" else _kind(r["config"])
         color = "k" if kind == "none" else "C0" if r["blocks"].startswith("joint") else "C1"
         ax.scatter(s, acc, marker=markers.get(kind, "^"), color=color,
                    s=60 if kind != "none" else 160, zorder=3)

@@ -155,7 +155,7 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
     def fixed_metrics(m) -> dict:
         return fixed_eval_metrics(m, data, sampler, device, teacher=teacher)
 
-    start, saved = loop.resume(accelerator, state_dir, {"fingerprint": fingerprint})
+    start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity={"fingerprint": fingerprint})
     loss_before = saved["loss_before"] if start else fixed_metrics(model)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:

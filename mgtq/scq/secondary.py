@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import FakeQuantLinear, input_scales_from_stats

@@ -3,10 +3,10 @@
 The caller builds the model, optimizer (and scheduler), prepares them with its `Accelerator` and
 passes a `loss_fn(step, micro)` that draws its own batch from a generator seeded by (step, micro):
 then the batches after a resume are the ones an uninterrupted run would have drawn, and with the
-optimizer, scheduler and RNG states restored by `accelerator.load_state` a resumed run ends
-byte-identical to an uninterrupted one.
+optimizer, scheduler and RNG states restored (`mgtq.training.state`: safetensors and JSON, no
+pickle) a resumed run ends byte-identical to an uninterrupted one.
 
-The state folder (written atomically every `save_every` steps) holds accelerate's state and
+The state folder (written atomically every `save_every` steps) holds that state and
 `trainer.json` = {"step": next step, "recent_losses": [...], **info}; a state is resumed only while
 its info matches the `identity` the caller passes (e.g. the fingerprint of everything the training
 depends on). The recent losses travel with the state so that what is computed from them (a final
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mgtq.training.state import load_training_state, save_training_state
 from mgtq.utils import atomic_directory, read_json, recover_atomic_target, write_json
 
 TRAINER_FILE = "trainer.json"
@@ -44,8 +45,10 @@ class LoopSettings:
     nan_hint: str = "lower the learning rate and run again to resume"
 
 
-def resume(accelerator, state_dir: Path, identity: dict | None = None) -> tuple[int, dict]:
-    """Load the saved state in `state_dir` when its info matches `identity`: (next step, saved info).
+def resume(accelerator, state_dir: Path, model, optimizer, scheduler=None,
+           identity: dict | None = None) -> tuple[int, dict]:
+    """Load the saved state in `state_dir` into the prepared model/optimizer/scheduler when its info
+    matches `identity`: (next step, saved info).
 
     (0, {}) when there is nothing to resume. Debris of a save that was killed is cleaned first (a
     state whose swap was cut short is restored), so a kill at any moment loses at most the steps
@@ -64,16 +67,17 @@ def resume(accelerator, state_dir: Path, identity: dict | None = None) -> tuple[
         return 0, {}  # a damaged marker: start over rather than load a state we cannot vouch for
     if any(info.get(k) != v for k, v in (identity or {}).items()):
         return 0, {}
-    accelerator.load_state(str(state_dir))
+    load_training_state(state_dir, accelerator, model, optimizer, scheduler)
     return int(info["step"]), info
 
 
-def save(accelerator, state_dir: Path, step: int, losses: list[float], info: dict | None = None) -> None:
-    """Save accelerate's state and trainer.json, atomically (main process)."""
+def save(accelerator, state_dir: Path, step: int, losses: list[float], model, optimizer, scheduler=None,
+         info: dict | None = None) -> None:
+    """Save the training state and trainer.json, atomically (main process)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(state_dir) as tmp:
-            accelerator.save_state(str(tmp), safe_serialization=True)
+            save_training_state(tmp, accelerator, model, optimizer, scheduler)
             write_json(tmp / TRAINER_FILE, {**(info or {}), "step": step, "recent_losses": losses[-LOSS_HISTORY:]})
     accelerator.wait_for_everyone()
 
@@ -112,7 +116,7 @@ def train(accelerator, model, optimizer, loss_fn: Callable[[int, int], torch.Ten
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
         done = step + 1
         if (done % s.save_every == 0 and done < s.steps) or (s.save_final and done == s.steps):
-            save(accelerator, state_dir, done, losses, info)
+            save(accelerator, state_dir, done, losses, model, optimizer, scheduler, info)
             if on_save is not None:
                 on_save(done, losses)
     accelerator.wait_for_everyone()

@@ -225,7 +225,7 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
 
     state_dir = run / "state"
-    start, saved = loop.resume(accelerator, state_dir)
+    start, saved = loop.resume(accelerator, state_dir, joint, optimizer, scheduler)
     micro = micro_conditions(IMAGE_SIZE, IMAGE_SIZE, device=accelerator.device)
     log_path = run / "log.jsonl"
     t0 = time.time()

@@ -13,7 +13,7 @@ Run: ``python -m mgtq.training.vq --out runs/vq --steps 3000 --export checkpoint
   every ``dead_code_every`` steps, codes not selected since the last check are re-initialised to
   random encoder outputs of the current batch (their Adam moments are zeroed), so the codebook
   stays in use. Usage counts are part of the checkpoint.
-* Checkpoints: ``accelerator.save_state`` (model as safetensors, optimizer, scheduler, RNG) plus
+* Checkpoints: ``mgtq.training.state`` (model, optimizer, scheduler, RNG; safetensors + JSON) plus
   ``trainer_state.json`` / ``trainer_state.safetensors`` (step, code usage), written to a temporary
   directory and renamed into place, so an interrupted save never leaves a half checkpoint.
 * Randomness: model init from ``seed`` (global RNG forked), data from ``numpy`` generators seeded
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..shapes.world import render, sample_scene
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
+from .state import load_training_state, save_training_state
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
@@ -172,14 +173,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, usage: torch.Tensor, config: VQTrainConfig) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, usage: torch.Tensor, config: VQTrainConfig,
+                    model, optimizer, scheduler) -> Path:
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.save_state(output_dir=str(tmp), safe_serialization=True)
+    save_training_state(tmp, accelerator, model, optimizer, scheduler)
     save_file({"code_usage": usage.contiguous()}, str(tmp / "trainer_state.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
     _replace_dir(tmp, final)
@@ -280,7 +282,7 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
     start, usage, last_dead = 0, torch.zeros(num_codes, dtype=torch.long), 0
     checkpoint = run_dir / CHECKPOINT_DIR
     if resume and checkpoint.exists():
-        accelerator.load_state(str(checkpoint))
+        load_training_state(checkpoint, accelerator, vq, optimizer, scheduler)
         start, usage = load_trainer_state(checkpoint)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     if stop_after is not None and start >= min(stop_after, config.steps) and start < config.steps:
@@ -329,7 +331,7 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
             _log_eval(model, log_path, done)
         stopping = stop_after is not None and done >= stop_after
         if done % config.checkpoint_every == 0 or done == config.steps or stopping:
-            save_checkpoint(accelerator, run_dir, done, usage, config)
+            save_checkpoint(accelerator, run_dir, done, usage, config, vq, optimizer, scheduler)
         if stopping:
             break
     bar.close()

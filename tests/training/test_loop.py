@@ -18,7 +18,7 @@ def _train(state_dir, stop_at=None, identity=None, loss_hook=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start, info = loop.resume(accelerator, state_dir, identity or {"fingerprint": "a"})
+    start, info = loop.resume(accelerator, state_dir, model, optimizer, scheduler, identity or {"fingerprint": "a"})
 
     def loss_fn(step, micro):
         if step == stop_at:
@@ -63,3 +63,16 @@ def test_a_state_whose_swap_was_cut_short_is_restored(tmp_path):
     (tmp_path / ".s.tmp-1111").mkdir()
     start, _, _ = _train(tmp_path / "s")
     assert start == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_the_state_is_safetensors_and_json_only_and_an_altered_file_is_refused(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", loop.TRAINER_FILE]
+    optimizer = tmp_path / "s" / "optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[-1] ^= 1  # one bit of one moment estimate
+    optimizer.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"optimizer.safetensors is missing or does not match the sha256.*delete"):
+        _train(tmp_path / "s")

@@ -1,0 +1,152 @@
+"""Training state on disk in safetensors and JSON only: model, optimizer, scheduler, RNG, grad scaler.
+
+`accelerator.save_state` writes the optimizer, the RNG states and the grad scaler with pickle
+(`optimizer.bin`, `random_states_0.pkl`, `scaler.pt`), and `load_state` unpickles them: a state
+folder someone else handed you could run code. Here every tensor goes to a safetensors file and
+everything else to JSON, and `state.json` records the sha256 of each file, checked before anything
+is read, so a corrupt or altered state is refused with a message rather than loaded.
+
+    save_training_state(folder, accelerator, model, optimizer, scheduler)   # main process, into a fresh folder
+    load_training_state(folder, accelerator, model, optimizer, scheduler)   # every process
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mgtq.utils import read_json, write_json
+
+STATE_FILE = "state.json"
+FORMAT = "mgtq-training-state"
+VERSION = 1
+
+
+def save_training_state(folder: Path, accelerator, model, optimizer, scheduler=None) -> None:
+    """Write the state of a prepared (model, optimizer, scheduler) and this process's RNGs into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = accelerator.unwrap_model(model).state_dict()
+    _save_tensors(folder / "model.safetensors", weights)
+    optimizer_tensors, optimizer_meta = _split_optimizer(optimizer.state_dict())
+    _save_tensors(folder / "optimizer.safetensors", optimizer_tensors)
+    rng_tensors, rng_meta = _rng_state()
+    _save_tensors(folder / "rng.safetensors", rng_tensors)
+    scaler = getattr(accelerator, "scaler", None)
+    meta = {"format": FORMAT, "version": VERSION, "optimizer": optimizer_meta, "rng": rng_meta,
+            "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None,
+            "scaler": _plain(scaler.state_dict()) if scaler is not None else None,
+            "files": {name: _sha256(folder / name) for name in ("model.safetensors", "optimizer.safetensors",
+                                                                 "rng.safetensors")}}
+    write_json(folder / STATE_FILE, meta)
+
+
+def load_training_state(folder: Path, accelerator, model, optimizer, scheduler=None) -> None:
+    """Restore what :func:`save_training_state` wrote; a missing, corrupt or altered file is an error."""
+    folder = Path(folder)
+    meta = _checked_meta(folder)
+    accelerator.unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
+    optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")), meta["optimizer"]))
+    if (scheduler is None) != (meta["scheduler"] is None):
+        raise ValueError(f"{folder}: the saved state {'has' if meta['scheduler'] is not None else 'has no'} LR "
+                         "scheduler state but this run does not match; delete the folder to start over")
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and meta["scaler"] is not None:
+        scaler.load_state_dict(meta["scaler"])
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
+
+
+def _checked_meta(folder: Path) -> dict:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no mgtq training state ({STATE_FILE} is missing); delete the "
+                                "folder to start the training over")
+    meta = read_json(path)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: not an mgtq training state of version {VERSION}; delete {folder} to start over")
+    for name, digest in meta["files"].items():
+        file = folder / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise ValueError(f"{file} is missing or does not match the sha256 recorded in {STATE_FILE} (corrupt or "
+                             f"altered); delete {folder} to start the training over")
+    return meta
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # clone: parameters may share storage (tied weights) and safetensors refuses shared tensors
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state dict → (tensors "state.<param>.<name>", JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for param, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param}.{name}"] = value
+            else:
+                scalars[f"{param}.{name}"] = _plain(value)
+    return tensors, {"scalars": scalars, "param_groups": _plain(state_dict["param_groups"]),
+                     "params": sorted(state_dict["state"])}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {int(p): {} for p in meta["params"]}
+    for key, value in tensors.items():
+        _, param, name = key.split(".", 2)
+        state[int(param)][name] = value
+    for key, value in meta["scalars"].items():
+        param, name = key.split(".", 1)
+        state[int(param)][name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _plain(value):
+    """Python scalars, lists and dicts only (tuples become lists): what JSON keeps exactly."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if torch.is_tensor(value):
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a training state")
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, python_gauss = random.getstate()
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+                     "python": [version, list(internal), python_gauss]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, python_gauss = meta["python"]
+    random.setstate((version, tuple(internal), python_gauss))
