@@ -50,8 +50,11 @@ def test_random_quantized_model_is_packed_and_float_parts_stay_bf16():
 
 
 def test_grouped_formats_add_exactly_their_group_scales():
+    from mgtq.bench.child import _format_scheme
+    from mgtq.bench.config import FORMATS
     from mgtq.bench.formats import base_format, group_size_of
 
+    assert all(_format_scheme(f) for f in FORMATS)  # every format describes itself in the report
     assert (base_format("scq-g64"), group_size_of("scq-g64")) == ("scq", 64)
     assert (base_format("w4a8-cached"), group_size_of("w4a8-cached")) == ("w4a8", None)
     config = preset_config("test-micro")

@@ -78,6 +78,11 @@ def build_case_transformer(source: ModelSource, case: BenchCase, input_scales, s
 
 
 def _format_scheme(fmt: str) -> str:
+    from mgtq.bench.formats import base_format, group_size_of
+
+    group = group_size_of(fmt)
+    if group is not None:
+        return f"{_format_scheme(base_format(fmt))}; W4A16 layers in groups of {group} input columns"
     return {
         "fp32": "mgtq: fp32 weights and activations",
         "bf16": "mgtq: bf16 weights and activations",

@@ -51,9 +51,9 @@ def test_no_sizes_no_bias_and_option_wires_through():
     model = build_transformer("test-micro").eval()
     inputs = micro_forward_inputs(model)
     with torch.no_grad():
-        apply_tomemgt(model, TomeConfig(ratio=0.5, blocks="all", schedule="constant"))
+        apply_tomemgt(model, TomeConfig(ratio=0.5, blocks="all", schedule="constant", proportional_attention=False))
         plain = model(**inputs)
-        apply_tomemgt(model, TomeConfig(ratio=0.5, blocks="all", schedule="constant", proportional_attention=True))
+        apply_tomemgt(model, TomeConfig(ratio=0.5, blocks="all", schedule="constant"))  # the default: proportional
         proportional = model(**inputs)
         remove_tomemgt(model)
     assert not torch.allclose(plain, proportional)
