@@ -166,11 +166,17 @@ def model_info(source: ModelSource) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run
+def _without_install_path(text: str) -> str:
+    """A traceback with mgtq's install folder removed: reports are committed and shared."""
+    root = str(Path(__file__).resolve().parents[2])
+    return text.replace(root + os.sep, "")
+
+
 def _run_case(isolation: Isolation, case: BenchCase, payload: dict, log: Callable[[str], None]) -> CaseResult:
     try:
         result = CaseResult.from_dict(isolation.run("case", payload))
     except ChildError as err:  # an mgtq format that fails is a bug: reported as failed, the run goes on
-        result = CaseResult.of(case, status="failed", message=str(err))
+        result = CaseResult.of(case, status="failed", message=_without_install_path(str(err)))
     log(result.one_line())
     return result
 
