@@ -217,8 +217,11 @@ def _describe(config: dict | None) -> str:
 def _kind(config: dict) -> str:
     """Which Table 5 family a stored config belongs to: global, cell, default (today's) or other."""
     for name in TABLE5_VARIANTS:
-        if asdict(parse_setting(f"{config['blocks']}:{config['ratio']}:{name}")) == {**config, "merge_mlp": False}:
+        setting = asdict(parse_setting(f"{config['blocks']}:{config['ratio']}:{name}"))
+        if setting == {**config, "merge_mlp": False}:
             return name
+        if name == "default" and {**setting, "proportional_attention": False} == {**config, "merge_mlp": False}:
+            return "default-plain"
     return "other"
 
 
@@ -239,7 +242,7 @@ def plot(path: Path, payload: dict, latency: dict) -> None:
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1])
                                           for q in points)]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = {"none": "*", "global": "x", "cell": "s", "default": "o"}
+    markers = {"none": "*", "global": "x", "cell": "s", "default": "o", "default-plain": "^"}
     for s, acc, r in points:
         kind = "none" if r["key"] == "none" else _kind(r["config"])
         color = "k" if kind == "none" else "C0" if r["blocks"].startswith("joint") else "C1"
@@ -255,7 +258,8 @@ def plot(path: Path, payload: dict, latency: dict) -> None:
     ax.axhline(base - 0.10, color="gray", lw=0.8, ls="-.", label="no merging − 0.10")
     ax.axvline(1.4, color="gray", lw=0.8, ls="--", label="1.4× speed-up")
     for kind, m in markers.items():
-        ax.scatter([], [], marker=m, color="gray", label={"none": "no merging", "default": "default (mask-aware)"}.get(kind, kind))
+        ax.scatter([], [], marker=m, color="gray", label={"none": "no merging", "default": "default (mask-aware)",
+                                                          "default-plain": "default without proportional attention"}.get(kind, kind))
     ax.scatter([], [], marker="s", color="C0", label="joint blocks")
     ax.scatter([], [], marker="s", color="C1", label="all blocks")
     ax.set_xlabel("transformer forward speed-up, meissonic-1024, 1 thread (bench_tomemgt.py)")
