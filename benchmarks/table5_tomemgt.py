@@ -19,7 +19,6 @@ Writes OUT.json and OUT.md (default benchmarks/results/table5_tomemgt), and OUT.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.merging import TomeConfig, apply_tomemgt, remove_tomemgt
 from mgtq.pipeline import MGTPipeline
-from mgtq.utils import atomic_write_text, write_json
+from mgtq.utils import atomic_write_text, sha256_file, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Plain (not mask-aware) matching, whatever TomeConfig's defaults are; "default" keeps those.
@@ -163,12 +162,7 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
 
 def _weights_sha256(checkpoint) -> str:
     """sha256 of the transformer's weights file: which checkpoint a row measured."""
-    path = Path(checkpoint) / "transformer" / "diffusion_pytorch_model.safetensors"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(Path(checkpoint) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 def _row(model, args, key, config, res, agreement) -> dict:

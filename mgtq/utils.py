@@ -182,10 +182,20 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     folder = Path(model_dir) / "transformer"
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
         h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
+        _feed_file(h, path)
     return h.hexdigest()[:16]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (weights files are gigabytes)."""
+    return _feed_file(hashlib.sha256(), Path(path)).hexdigest()
+
+
+def _feed_file(h, path: Path):
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h
 
 
 def per_sample_generators(

@@ -22,7 +22,6 @@ two exports of one calibration run have the same sha256.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -38,7 +37,7 @@ from torch import nn
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, set_submodule
+from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, set_submodule, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
            "install_quantized_", "is_quantized", "load", "read_manifest", "save"]
@@ -157,21 +156,13 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     # One metadata key: safetensors writes its metadata map in no fixed order, one entry has only one.
     save_file(tensors, str(folder / WEIGHTS), metadata={"mgtq": _metadata_value()})
-    written = dataclasses.replace(manifest, files={WEIGHTS: _sha256(folder / WEIGHTS)})
+    written = dataclasses.replace(manifest, files={WEIGHTS: sha256_file(folder / WEIGHTS)})
     atomic_write_text(folder / MANIFEST, json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
     return written
 
 
 def _metadata_value() -> str:
     return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION}, sort_keys=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -286,7 +277,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
                          f"{REEXPORT}")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; {REEXPORT}")
-    digest = _sha256(weights)
+    digest = sha256_file(weights)
     if digest != manifest.files[WEIGHTS]:
         raise ValueError(f"{weights}: sha256 {digest[:16]}… differs from files.{WEIGHTS} in {MANIFEST} "
                          f"({manifest.files[WEIGHTS][:16]}…): the file was modified or damaged; {REEXPORT}")

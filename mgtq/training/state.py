@@ -12,7 +12,6 @@ is read, so a corrupt or altered state is refused with a message rather than loa
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mgtq.utils import read_json, write_json
+from mgtq.utils import read_json, sha256_file, write_json
 
 STATE_FILE = "state.json"
 FORMAT = "mgtq-training-state"
@@ -41,7 +40,7 @@ def save_training_state(folder: Path, accelerator, model, optimizer, scheduler=N
     meta = {"format": FORMAT, "version": VERSION, "optimizer": optimizer_meta, "rng": rng_meta,
             "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None,
             "scaler": _plain(scaler.state_dict()) if scaler is not None else None,
-            "files": {name: _sha256(folder / name) for name in ("model.safetensors", "optimizer.safetensors",
+            "files": {name: sha256_file(folder / name) for name in ("model.safetensors", "optimizer.safetensors",
                                                                  "rng.safetensors")}}
     write_json(folder / STATE_FILE, meta)
 
@@ -73,7 +72,7 @@ def _checked_meta(folder: Path) -> dict:
         raise ValueError(f"{path}: not an mgtq training state of version {VERSION}; delete {folder} to start over")
     for name, digest in meta["files"].items():
         file = folder / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or sha256_file(file) != digest:
             raise ValueError(f"{file} is missing or does not match the sha256 recorded in {STATE_FILE} (corrupt or "
                              f"altered); delete {folder} to start the training over")
     return meta
@@ -82,14 +81,6 @@ def _checked_meta(folder: Path) -> dict:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # clone: parameters may share storage (tied weights) and safetensors refuses shared tensors
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
