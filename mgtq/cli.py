@@ -175,9 +175,16 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
+    from mgtq.utils import writable_file
+
     path = Path(path)
     if path.is_dir() and not folder:
         raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+    if not folder:
+        try:
+            path = writable_file(path)  # a device or FIFO is refused; a symlink is written through
+        except ValueError as err:
+            raise ValueError(f"{flag} {err}") from None
     if path.exists() and not path.is_dir() and folder:
         raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
     parent = path.absolute().parent

@@ -41,6 +41,8 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
     main = state.is_main_process
     model_dir = resolve_model(recipe)
     run = RunFolder(out)
+    if main:
+        run.check_takeable(model_dir)
     report, t0 = {}, time.time()
     with run.lock() if main else contextlib.nullcontext():
         fps = stage_fingerprints(recipe, model_fingerprint(model_dir))

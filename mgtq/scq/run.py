@@ -149,6 +149,31 @@ class RunFolder:
             write_json(tmp / self.MARKER, {"fingerprint": fingerprint, **summary})
 
     # --------------------------------------------------------------------- starting and locking
+    def check_takeable(self, model_dir: str | os.PathLike) -> None:
+        """Refuse, before anything is written, a folder that is not new, empty or an mgtq run.
+
+        `mgtq calibrate` replaces its stage folders: in a folder of the user's (or the source model)
+        that would delete what it did not write.
+        """
+        root, model = self.root.resolve(), Path(model_dir).resolve()
+        if root == model or model in root.parents or root in model.parents:
+            raise ValueError(f"--out {self.root} overlaps the source model {model_dir}; calibrate into a new folder")
+        if not root.exists():
+            return
+        if not root.is_dir():
+            raise ValueError(f"--out {self.root} is a file; give a new folder (or an mgtq calibration run)")
+        if self.exists():
+            info = read_json(self.root / self.INFO)
+            if isinstance(info, dict) and {"model", "fingerprints"} <= set(info):
+                return
+            raise ValueError(f"{self.root / self.INFO} is not an mgtq run record; --out must be a new or empty "
+                             "folder or an mgtq calibration run: choose another folder")
+        theirs = sorted(p.name for p in root.iterdir() if p.name != self.LOCK)
+        if theirs:
+            shown = ", ".join(theirs[:5]) + (", …" if len(theirs) > 5 else "")
+            raise ValueError(f"--out {self.root} is not empty ({shown}) and is not an mgtq calibration run; mgtq "
+                             "calibrate writes only into a new or empty folder or its own run: choose another --out")
+
     @contextlib.contextmanager
     def lock(self):
         """Hold the run folder for this process: a second `mgtq calibrate` on it fails at once.
@@ -177,11 +202,8 @@ class RunFolder:
         """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,
         refuse a different recipe unless `restart`, record recipe and run.json."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in (*STAGES, self.QAT_STATE):
+        for name in (*STAGES, self.QAT_STATE, self.RECIPE, self.INFO):
             recover_atomic_target(self.root / name)
-        for name in (self.RECIPE, self.INFO):  # atomic_write_text's temporary files: `.NAME.XXXX`
-            for debris in self.root.glob(f".{name}.*"):
-                debris.unlink(missing_ok=True)
         if (self.root / self.RECIPE).exists() and not restart:
             try:
                 previous = self.recipe()
