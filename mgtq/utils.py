@@ -240,6 +240,33 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def files_fingerprint(parts: dict[str, str | os.PathLike]) -> str:
+    """sha256 (16 hex digits) over named files and folders: every regular file's name and bytes.
+
+    `parts` maps a name to a file or folder ({"vqvae": DIR/vqvae, "prompts": FILE}); a missing one
+    counts as missing. Hidden names (mgtq's temporary files, editors' swap files) are left out.
+    """
+    h = hashlib.sha256()
+    for name, root in sorted(parts.items()):
+        root = Path(root)
+        files = _regular_files(root)
+        h.update(f"{name}:{len(files)}\n".encode())
+        for path in files:
+            h.update(f"{path.relative_to(root) if path != root else ''}:{path.stat().st_size}\n".encode())
+            _feed_file(h, path)
+    return h.hexdigest()[:16]
+
+
+def _regular_files(root: Path) -> list[Path]:
+    """`root` if it is a file; else the files under it, sorted, hidden names left out, links not followed."""
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in blocks (weights files are gigabytes)."""
     return _feed_file(hashlib.sha256(), Path(path)).hexdigest()

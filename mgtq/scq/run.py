@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
-from mgtq.utils import atomic_directory, atomic_write_text, read_json, recover_atomic_target, write_json
+from mgtq.utils import atomic_directory, atomic_write_text, files_fingerprint, read_json, recover_atomic_target, write_json
 
 STAGES = ("synth", "qat", "magnitudes", "secondary")  # folder names, in the order of the flow
 
@@ -126,6 +126,11 @@ class RunFolder:
                              "that folder and run `mgtq calibrate` again to re-synthesize it") from err
 
     def stage_complete(self, stage: str, fingerprint: str) -> bool:
+        """Whether the stage ran with `fingerprint` and its files are still the ones it wrote."""
+        return self.stage_ran(stage, fingerprint) and not self.changed_outputs(stage)
+
+    def stage_ran(self, stage: str, fingerprint: str) -> bool:
+        """Whether the stage's marker says it ran with `fingerprint`."""
         marker = self.stage_dir(stage) / self.MARKER
         if not marker.exists():
             return False
@@ -134,11 +139,19 @@ class RunFolder:
         except ValueError:
             return False  # a damaged marker means the stage must run again
 
+    def changed_outputs(self, stage: str) -> str | None:
+        """None while the stage's files are those it recorded in its marker; else what differs."""
+        folder = self.stage_dir(stage)
+        recorded = read_json(folder / self.MARKER).get("outputs")
+        if recorded != _outputs_fingerprint(folder):
+            return f"the files in {folder}"
+        return None
+
     def check_finished(self) -> None:
-        """Raise ValueError naming the first unfinished stage and the command that finishes it."""
+        """Raise ValueError naming the first stage that has not run and the command that runs it."""
         fingerprints = self.info()["fingerprints"]
         for stage in STAGES:
-            if not self.stage_complete(stage, fingerprints.get(stage, "")):
+            if not self.stage_ran(stage, fingerprints.get(stage, "")):
                 raise ValueError(f"stage {stage!r} of {self.root} is not complete; run `mgtq calibrate --recipe "
                                  f"{self.root / self.RECIPE} --out {self.root}` to finish it")
 
@@ -146,7 +159,7 @@ class RunFolder:
         """Write a stage's folder atomically: `write(tmp)` puts its files, then the marker."""
         with atomic_directory(self.stage_dir(stage)) as tmp:
             write(tmp)
-            write_json(tmp / self.MARKER, {"fingerprint": fingerprint, **summary})
+            write_json(tmp / self.MARKER, {"fingerprint": fingerprint, "outputs": _outputs_fingerprint(tmp), **summary})
 
     # --------------------------------------------------------------------- starting and locking
     def check_takeable(self, model_dir: str | os.PathLike) -> None:
@@ -218,6 +231,11 @@ class RunFolder:
                     "recipe by adding --restart, or choose another --out folder")
         atomic_write_text(self.root / self.RECIPE, dump_recipe(recipe))
         write_json(self.root / self.INFO, {"model": str(model_dir), "fingerprints": fingerprints})
+
+
+def _outputs_fingerprint(folder: Path) -> str:
+    """Fingerprint of a stage folder's files, its marker left out."""
+    return files_fingerprint({p.name: p for p in folder.iterdir() if p.name != RunFolder.MARKER})
 
 
 def _holder(raw: bytes) -> str:
