@@ -95,16 +95,31 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
         for item in sorted(source.iterdir()):
             if item.name == "transformer" or item.name.startswith("."):
                 continue
-            _copy(item, tmp / item.name)
+            _copy(item, tmp / item.name, source.resolve())
         checkpoint.save(model, manifest, tmp / "transformer")
     return out
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Copy contents only: the new files get the user's normal permissions, not the source's."""
-    if src.is_dir():
+def _copy(src: Path, dst: Path, root: Path) -> None:
+    """Copy contents only (the new files get the user's normal permissions, not the source's).
+
+    Links are never followed out of the source model folder `root`, nor into folders (a link to a
+    parent would recurse until the disk is full): a linked file is copied only when its target is a
+    file inside `root`; anything else is refused, naming the link.
+    """
+    if src.is_symlink():
+        target = src.resolve()
+        inside = target == root or root in target.parents
+        why = "outside the model folder" if not inside else None if target.is_file() else "not a file"
+        if why:
+            raise ValueError(f"{src} is a symbolic link to {target}, {why}; mgtq copies only the model folder's own "
+                             "files: replace the link by a copy of the file (e.g. `cp -L`) or remove it")
+        shutil.copyfile(target, dst)
+    elif src.is_dir():
         dst.mkdir()
         for item in sorted(src.iterdir()):
-            _copy(item, dst / item.name)
-    else:
+            _copy(item, dst / item.name, root)
+    elif src.is_file():
         shutil.copyfile(src, dst)
+    else:
+        raise ValueError(f"{src} is not a regular file (a device, FIFO or socket); remove it from the model folder")
