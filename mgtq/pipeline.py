@@ -18,6 +18,7 @@ from diffusers import VQModel
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from mgtq.components import check_loaded, stored_keys
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -324,8 +325,9 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
+    stored_keys(folder)  # a damaged weights file is named before from_pretrained's own message
     try:
-        return cls.from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(folder, **kwargs)
     except (RuntimeError, ValueError, OSError, TypeError) as err:
         what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(cls.__name__, "text encoder")
         raise ValueError(
@@ -333,6 +335,8 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
             f"or the weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
             "fix config.json or re-create the folder"
         ) from None
+    check_loaded(model, folder)  # missing, unexpected and non-finite tensors are errors naming file and key
+    return model
 
 
 def _existing_dir(path, what: str) -> Path:
