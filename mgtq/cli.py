@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from mgtq import argtypes
+from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     from mgtq.sampling.cli_args import add_sampler_arguments
 
-    p.add_argument("--steps", type=argtypes.integer(minimum=1), default=None,
-                   help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=argtypes.number(minimum=0), default=None,
-                   help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=argtypes.integer(minimum=1, maximum=MAX_STEPS), default=None,
+                   help=f"sampling steps, at most {MAX_STEPS} (default: the model's)")
+    p.add_argument("--cfg", type=argtypes.number(minimum=0, maximum=MAX_GUIDANCE), default=None,
+                   help=f"classifier-free guidance scale, at most {MAX_GUIDANCE:g} (default: the model's)")
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
@@ -247,11 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--seed", type=argtypes.seed, default=0)
-    g.add_argument("--height", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--width", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--num-images", type=argtypes.integer(minimum=1), default=1)
+    g.add_argument("--height", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--width", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--num-images", type=argtypes.integer(minimum=1, maximum=MAX_IMAGES), default=1,
+                   help=f"images of the prompt, sampled as one batch, at most {MAX_IMAGES}")
     g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
                    help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
