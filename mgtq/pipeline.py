@@ -18,7 +18,7 @@ from diffusers import VQModel
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgtq.components import check_loaded, stored_keys
+from mgtq.components import check_files, check_index, check_loaded
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -325,7 +325,7 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
-    stored_keys(folder)  # a damaged weights file is named before from_pretrained's own message
+    check_files(folder)  # damaged weights, a deep or oversized config.json: named before anything is built
     try:
         model = cls.from_pretrained(folder, **kwargs)
     except (RuntimeError, ValueError, OSError, TypeError) as err:
@@ -371,6 +371,7 @@ def read_settings(root: str | os.PathLike) -> PipelineSettings:
     otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
     root = Path(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    check_index(index, root / "model_index.json")  # a JSON object; its resolution within mgtq.limits
     if "mgtq" in index:
         return _settings(index["mgtq"], root / "model_index.json")
     # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.

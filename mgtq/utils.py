@@ -214,16 +214,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A safetensors file written atomically; a failed write (a full disk) is an OSError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # its I/O errors are not OSErrors
+            raise OSError(f"could not write {path} ({str(err)[:200]}); free some disk space and rerun") from None
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated — recreate it") from err
+    """A JSON file's data through mgtq's one bounded reader (`mgtq.config.read_data`)."""
+    from mgtq.config import read_data
+
+    return read_data(path, fmt="json")
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from mgtq import argtypes
+from mgtq.config import read_data
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
@@ -46,28 +47,7 @@ def parse_steps(spec: str) -> tuple[int, ...] | str:
 def load_sampler_file(path: str | Path) -> dict:
     """A JSON or YAML mapping of SamplerConfig fields (e.g. one point of a benchmark sweep)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sampler config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"sampler config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8 JSON or YAML") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"sampler config file {str(path)!r} is not valid JSON: {err}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            where = getattr(err, "problem_mark", None)
-            at = f" at line {where.line + 1}" if where is not None else ""
-            raise ValueError(f"sampler config file {str(path)!r} is not valid YAML{at}: "
-                             f"{getattr(err, 'problem', None) or err}") from None
+    data = read_data(path, f"sampler config file {str(path)!r}")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sampler settings, got {type(data).__name__}")
     return data

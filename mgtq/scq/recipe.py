@@ -23,7 +23,7 @@ from typing import Literal
 
 import yaml
 
-from mgtq.config import check_value, from_mapping
+from mgtq.config import check_value, from_mapping, read_data
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
 from mgtq.utils import DTYPE_NAMES
 
@@ -272,14 +272,9 @@ def recipe_from_dict(data: typing.Mapping) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for examples")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path} is not valid YAML: {err}") from err
+    data = read_data(path, f"recipe {path}", fmt="yaml")
     if data is None:
         # An empty file would silently run dataclass defaults that differ from every shipped recipe.
         raise ValueError(f"recipe {path} is empty; start from recipes/tiny-shapes-w4a8-scq.yaml (or pass no "

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 
+from mgtq.config import read_data
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
 from mgtq.utils import atomic_directory, atomic_write_text, files_fingerprint, read_json, recover_atomic_target, write_json
 
@@ -107,8 +107,8 @@ class RunFolder:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} has no {self.RECIPE}; it is not a calibration run")
         try:
-            return recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+            return recipe_from_dict(read_data(path, fmt="yaml") or {})
+        except ValueError as err:
             raise ValueError(f"{path} cannot be read ({str(err)[:200]}); rerun `mgtq calibrate` with "
                              "--restart and the recipe you want") from None
 
