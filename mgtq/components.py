@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mgtq.limits import MAX_RESOLUTION
+from mgtq.utils import describe_path
 
 # A CLIP text tower may be loaded from a whole CLIPModel's weights (the official Meissonic setup loads
 # CLIP ViT-H/14 this way): the image tower's tensors are there and are not the text encoder's.
@@ -47,6 +48,8 @@ def stored_keys(folder: str | Path) -> dict[str, Path]:
 
     stored = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
+        if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
+            raise ValueError(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 stored.update(dict.fromkeys(f.keys(), path))

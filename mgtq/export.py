@@ -16,6 +16,7 @@ other existing file or folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -91,12 +92,17 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                      out: str | Path) -> Path:
     """Write `out` atomically: the pipeline folder `source` with its transformer replaced by `model`."""
     source, out = Path(source), Path(out)
-    with atomic_directory(out) as tmp:
-        for item in sorted(source.iterdir()):
-            if item.name == "transformer" or item.name.startswith("."):
-                continue
-            _copy(item, tmp / item.name, source.resolve())
-        checkpoint.save(model, manifest, tmp / "transformer")
+    try:
+        with atomic_directory(out) as tmp:
+            for item in sorted(source.iterdir()):
+                if item.name == "transformer" or item.name.startswith("."):
+                    continue
+                _copy(item, tmp / item.name, source.resolve())
+            checkpoint.save(model, manifest, tmp / "transformer")
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the OS names the file copied from, not the one written
+            raise OSError(err.errno, os.strerror(err.errno), str(out)) from None
+        raise
     return out
 
 

@@ -195,6 +195,14 @@ def _through_link(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def describe_path(path: str | os.PathLike) -> str:
+    """What is at `path`, for messages: "does not exist", "is a folder", "is a FIFO (named pipe)", …"""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return "does not exist"
+    return f"is {_kind(path)}"
+
+
 def _kind(path: Path) -> str:
     try:
         mode = os.stat(path).st_mode

@@ -119,3 +119,39 @@ def test_a_calibrate_run_json_that_is_not_a_run_record_is_refused(tmp_path):
     (tmp_path / "run.json").write_text("[]")
     with pytest.raises(ValueError, match="is not an mgtq run record"):
         RunFolder(tmp_path).check_takeable(tmp_path.parent / "model")
+
+
+# ------------------------------------------------------------------------------ messages that say it
+def test_weights_linked_to_a_device_are_named_as_such(model):
+    weights = model / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=f"{weights} is a character device, not a weights file"):
+        MGTPipeline.from_pretrained(model)
+
+
+def test_a_folder_given_as_the_prompts_file_is_named_a_folder(tmp_path):
+    from mgtq.scq.recipe import PromptsConfig
+    from mgtq.scq.synthesis import calibration_prompts
+
+    with pytest.raises(FileNotFoundError, match=f"prompts.file {tmp_path} is a folder; give a text file"):
+        calibration_prompts(PromptsConfig(source="file", file=str(tmp_path)))
+
+
+def test_a_full_disk_during_export_names_the_target(random_pipeline_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mgtq import export
+    from mgtq.quantization import checkpoint
+    from mgtq.testing import random_quantized_pipeline
+
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(export.shutil, "copyfile", full)
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    with pytest.raises(OSError) as caught:
+        export.write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path / "ckpt")
+    assert caught.value.filename == str(tmp_path / "ckpt") and caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
