@@ -209,12 +209,18 @@ def describe_error(err: BaseException) -> str:
                 errno.ENOTDIR: " (a part of the path is a file)",
                 errno.EISDIR: " (a file was expected)"}.get(err.errno, "")
         text = f"{where}{err.strerror.lower()}{hint}"
-    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+    elif _out_of_memory(err):
         first = (str(err).splitlines() or [""])[0]
         text = f"out of memory{f' ({first})' if first else ''}; try a smaller --batch-size / image size, or free memory"
     else:
         text = str(err) or type(err).__name__
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)))
 
 
 # Failures a user can cause and fix (bad input, files, devices, memory); anything else is a bug and
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mgtq {args.command}: {_STOPPED.get(args.command, 'stopped')}", file=sys.stderr)
         return 130
     except (*_EXPECTED, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and type(err).__name__ != "OutOfMemoryError":  # torch's OOM
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
             raise
         if args.debug:
             traceback.print_exc()

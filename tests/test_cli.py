@@ -262,6 +262,16 @@ def test_torch_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
     assert err.startswith("mgtq generate: error: out of memory (CUDA out of memory. Tried to allocate 2 GiB)")
 
 
+def test_a_cpu_allocation_failure_is_one_line_out_of_memory(capsys, monkeypatch, tmp_path):
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as err:
+        cpu_oom = err
+    _raise_in_work(monkeypatch, cpu_oom)
+    err = one_line_error(capsys, generate(tmp_path))
+    assert err.startswith("mgtq generate: error: out of memory (") and "try a smaller" in err
+
+
 def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
     for exc, last in ((ValueError("bad value"), "mgtq generate: error: bad value"),
                       (KeyboardInterrupt(), "mgtq generate: stopped")):
