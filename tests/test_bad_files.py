@@ -117,7 +117,7 @@ def test_a_full_disk_while_saving_tensors_names_the_file_and_leaves_nothing(tmp_
 
 def test_a_calibrate_run_json_that_is_not_a_run_record_is_refused(tmp_path):
     (tmp_path / "run.json").write_text("[]")
-    with pytest.raises(ValueError, match="is not an mgtq run record"):
+    with pytest.raises(ValueError, match=r"run.json is not an mgtq run record \(model, fingerprints\)"):
         RunFolder(tmp_path).check_takeable(tmp_path.parent / "model")
 
 

@@ -12,7 +12,9 @@
       secondary/  stage.json, selection.json, magnitudes.png   the A8 set and its input scales
 
 Each stage folder is written atomically with a `stage.json` holding the fingerprint of everything it
-depends on; a stage is complete while that fingerprint is the one the current recipe and model give.
+depends on and the fingerprint of its own files; a stage is complete while the first is the one the
+current recipe, model and prompts give and the second still matches its files. `mgtq calibrate --out`
+takes only a new or empty folder or a run (its run.json), never one holding anything else.
 This module is the only one that knows these names.
 """
 
@@ -99,7 +101,12 @@ class RunFolder:
         if not self.exists():
             raise FileNotFoundError(f"{self.root} is not a calibration run (no {self.INFO}); run "
                                     f"`mgtq calibrate --out {self.root}` first")
-        return read_json(self.root / self.INFO)
+        info = read_json(self.root / self.INFO)
+        if not (isinstance(info, dict) and isinstance(info.get("model"), str)
+                and isinstance(info.get("fingerprints"), dict)):
+            raise ValueError(f"{self.root / self.INFO} is not an mgtq run record (model, fingerprints); rerun "
+                             f"`mgtq calibrate --recipe {self.root / self.RECIPE} --out {self.root} --restart`")
+        return info
 
     def recipe(self) -> Recipe:
         """The recipe this run follows."""
@@ -176,11 +183,8 @@ class RunFolder:
         if not root.is_dir():
             raise ValueError(f"--out {self.root} is a file; give a new folder (or an mgtq calibration run)")
         if self.exists():
-            info = read_json(self.root / self.INFO)
-            if isinstance(info, dict) and {"model", "fingerprints"} <= set(info):
-                return
-            raise ValueError(f"{self.root / self.INFO} is not an mgtq run record; --out must be a new or empty "
-                             "folder or an mgtq calibration run: choose another folder")
+            self.info()  # an mgtq run: its record must be one
+            return
         theirs = sorted(p.name for p in root.iterdir() if p.name != self.LOCK)
         if theirs:
             shown = ", ".join(theirs[:5]) + (", …" if len(theirs) > 5 else "")

@@ -89,6 +89,26 @@ def test_edited_qat_weights_in_the_run_are_refused_by_export_and_rerun_by_calibr
     assert main(["export", str(run), "--out", "ckpt"]) == 0
 
 
+@pytest.mark.parametrize("stage,file,text", [
+    ("secondary", "selection.json", '{"selection": "lowest"}'),
+    ("qat", "transformer/config.json", '{"num_layers": "two"}'),
+    ("magnitudes", "magnitudes.json", "[]"),
+])
+def test_an_edited_stage_file_is_refused_by_export_naming_the_stage(work, stage, file, text, capsys):
+    model, prompts, run = work
+    (run / stage / file).write_text(text)
+    assert main(["export", str(run), "--out", "ckpt"]) == 2
+    assert f"stage {stage!r} of {run}: the files in {run / stage} changed" in capsys.readouterr().err
+    assert not Path("ckpt").exists()
+
+
+def test_a_run_record_of_the_wrong_shape_is_one_line(work, capsys):
+    model, prompts, run = work
+    (run / "run.json").write_text('{"model": "model", "fingerprints": []}')
+    assert main(["export", str(run), "--out", "ckpt"]) == 2
+    assert f"{run / 'run.json'} is not an mgtq run record" in capsys.readouterr().err
+
+
 def test_export_copies_the_recipes_model_not_another_folder_run_json_names(work):
     model, prompts, run = work
     elsewhere = Path("elsewhere")
