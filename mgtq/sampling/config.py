@@ -182,7 +182,8 @@ class SamplerConfig:
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}")
         if self.guidance_scale > MAX_GUIDANCE:
-            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}] (mgtq.limits), got {self.guidance_scale}")
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}] (mgtq.limits), "
+                             f"got {self.guidance_scale}")
         if self.rho <= 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         if min(self.gumbel_temperature) < 0:
