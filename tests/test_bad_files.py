@@ -155,3 +155,24 @@ def test_a_full_disk_during_export_names_the_target(random_pipeline_dir, tmp_pat
         export.write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path / "ckpt")
     assert caught.value.filename == str(tmp_path / "ckpt") and caught.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_png_write_leaves_no_temporary_file_and_keeps_the_old_image(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mgtq.generate import generate_to_files
+
+    out = tmp_path / "img.png"
+    out.write_bytes(b"the previous image")
+    pipe = lambda *args, **kwargs: SimpleNamespace(images=[Image.new("RGB", (4, 4))])  # noqa: E731
+
+    def full_disk(self, fp, format=None, **params):
+        open(fp, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        generate_to_files(pipe, "a red circle", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"] and out.read_bytes() == b"the previous image"
