@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from mgtq import argtypes
+from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     from mgtq.sampling.cli_args import add_sampler_arguments
 
-    p.add_argument("--steps", type=argtypes.integer(minimum=1), default=None,
-                   help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=argtypes.number(minimum=0), default=None,
-                   help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=argtypes.integer(minimum=1, maximum=MAX_STEPS), default=None,
+                   help=f"sampling steps, at most {MAX_STEPS} (default: the model's)")
+    p.add_argument("--cfg", type=argtypes.number(minimum=0, maximum=MAX_GUIDANCE), default=None,
+                   help=f"classifier-free guidance scale, at most {MAX_GUIDANCE:g} (default: the model's)")
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
@@ -175,9 +176,16 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
+    from mgtq.utils import writable_file
+
     path = Path(path)
     if path.is_dir() and not folder:
         raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+    if not folder:
+        try:
+            path = writable_file(path)  # a device or FIFO is refused; a symlink is written through
+        except ValueError as err:
+            raise ValueError(f"{flag} {err}") from None
     if path.exists() and not path.is_dir() and folder:
         raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
     parent = path.absolute().parent
@@ -201,12 +209,18 @@ def describe_error(err: BaseException) -> str:
                 errno.ENOTDIR: " (a part of the path is a file)",
                 errno.EISDIR: " (a file was expected)"}.get(err.errno, "")
         text = f"{where}{err.strerror.lower()}{hint}"
-    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+    elif _out_of_memory(err):
         first = (str(err).splitlines() or [""])[0]
         text = f"out of memory{f' ({first})' if first else ''}; try a smaller --batch-size / image size, or free memory"
     else:
         text = str(err) or type(err).__name__
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)))
 
 
 # Failures a user can cause and fix (bad input, files, devices, memory); anything else is a bug and
@@ -240,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--seed", type=argtypes.seed, default=0)
-    g.add_argument("--height", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--width", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--num-images", type=argtypes.integer(minimum=1), default=1)
+    g.add_argument("--height", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--width", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--num-images", type=argtypes.integer(minimum=1, maximum=MAX_IMAGES), default=1,
+                   help=f"images of the prompt, sampled as one batch, at most {MAX_IMAGES}")
     g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
                    help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -332,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mgtq {args.command}: {_STOPPED.get(args.command, 'stopped')}", file=sys.stderr)
         return 130
     except (*_EXPECTED, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and type(err).__name__ != "OutOfMemoryError":  # torch's OOM
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
             raise
         if args.debug:
             traceback.print_exc()

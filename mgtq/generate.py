@@ -36,10 +36,10 @@ def generate_to_files(
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
                   height=height, width=width, num_images_per_prompt=num_images, seed=seed, progress=progress,
                   **call_kwargs)
+    from mgtq.utils import atomic_file
+
     paths = output_paths(out, num_images)
     for image, path in zip(result.images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)  # never leave a half-written PNG behind
+        with atomic_file(path) as tmp:  # never a half-written PNG, nor a leftover temporary file
+            image.save(tmp, format="PNG")
     return paths

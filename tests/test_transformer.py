@@ -113,7 +113,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     shutil.copytree(FIXTURES / "meissonic-tiny-nodown", folder)
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="could not load the transformer"):
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file .*truncated"):
         load_transformer(folder)
 
 

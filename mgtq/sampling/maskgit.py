@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -85,8 +86,19 @@ def num_to_mask(config: SamplerConfig, step: int, num_tokens: int, num_masked: t
 
 
 def gumbel_temperature(config: SamplerConfig, step: int) -> float:
-    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it."""
-    return float(torch.linspace(*config.gumbel_temperature, config.num_steps, dtype=torch.float64)[step])
+    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it.
+
+    Computed for step i alone (building the T-long table every step made memory grow with T), bit for
+    bit as torch.linspace's float64 CPU kernel does: from the start in the first half, from the end in
+    the second, each with one fused multiply-add (one rounding: what Fraction's exact sum rounds to).
+    """
+    (start, end), last = config.gumbel_temperature, config.num_steps - 1
+    if last == 0:
+        return float(start)
+    delta = (end - start) / last
+    if step < config.num_steps // 2:
+        return float(Fraction(start) + Fraction(delta) * step)
+    return float(Fraction(end) - Fraction(delta) * (last - step))
 
 
 def unmask_step(tokens: torch.Tensor, probs: torch.Tensor, mask_id: int, config: SamplerConfig,
@@ -125,7 +137,9 @@ def step_distribution(
         t = step_progress(state.step, state.num_steps)
         intensity = noise_intensity(config.noise.curve, t, config.noise.scale, config.noise.knots)
         logits = regularize_logits(logits, intensity, state.generators)
-    prediction = hooks.adjust_probs(hooks.adjust_logits(logits, state).float().softmax(-1), state)
+    logits = hooks.adjust_logits(logits, state)
+    _check_finite(logits, config, state)
+    prediction = hooks.adjust_probs(logits.float().softmax(-1), state)
     probs = prediction
     if prev_probs is not None:
         if config.momentum.order == 2:
@@ -133,6 +147,19 @@ def step_distribution(
         if config.differential.enabled:
             probs = differential_probs(probs, prev_probs, config.differential.percent, config.differential.resample)
     return prediction, probs
+
+
+def _check_finite(logits: torch.Tensor, config: SamplerConfig, state: StepState) -> None:
+    """Refuse NaN/inf logits (B, N, V) before softmax and multinomial fail on them, naming the cause."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    causes = [f"guidance_scale {config.guidance_scale:g}"] if config.use_cfg else []
+    if config.noise.enabled:
+        causes.append(f"noise.scale {config.noise.scale:g}")
+    cause = " or ".join(causes) or "the model (its logits are NaN or infinite without guidance or noise)"
+    raise FloatingPointError(f"the logits at sampling step {state.step} are not finite: {cause} is too large for "
+                             f"{logits.dtype} logits; lower it (CLI: --cfg, --noise-scale), or load the model in "
+                             "float32 (--dtype fp32)")
 
 
 def momentum_coefficient(config: SamplerConfig, step: int) -> float:
