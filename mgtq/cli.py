@@ -103,6 +103,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    _check_output_path(args.out, "--out")
+    from mgtq.editing import edit_to_file
+
+    pipe = _load_pipe(args)
+    out = edit_to_file(pipe, args.image, args.prompt, args.out, mask=args.mask, outpaint=args.outpaint,
+                       strength=args.strength, seed=args.seed, negative_prompt=args.negative_prompt,
+                       progress=not args.no_progress, sampler=_sampler(args, pipe))
+    print(out)
+    return 0
+
+
+def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
+    """'L,R,T,B': four whole pixel counts ≥ 0 (argparse type of `mgtq edit --outpaint`)."""
+    pads = argtypes.comma_list(argtypes.integer(minimum=0))(text)
+    if len(pads) != 4:
+        raise argparse.ArgumentTypeError(f"takes L,R,T,B: four pixel counts ≥ 0 (left, right, top, bottom), got {text!r}")
+    return pads
+
+
 def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
@@ -249,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+    d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
+    _add_model_args(d)
+    _add_sampler_args(d)
+    d.add_argument("--image", type=argtypes.existing_file("image"), required=True, help="RGB image to edit")
+    how = d.add_mutually_exclusive_group(required=True)
+    how.add_argument("--mask", type=argtypes.existing_file("mask"), default=None,
+                     help="inpainting: mask image of the same size, white = repaint")
+    how.add_argument("--outpaint", type=_outpaint_padding, default=None, metavar="L,R,T,B",
+                     help="outpainting: pixels to add on the left, right, top and bottom")
+    how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
+                     help="img2img: fraction of the image's tokens re-drawn, in (0, 1]")
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--seed", type=argtypes.seed, default=0)
+    d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    d.set_defaults(func=cmd_edit)
 
     e = command("eval", "score a model on ShapeBench (generated pixels, per category)")
     _add_model_args(e)

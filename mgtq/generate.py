@@ -38,8 +38,14 @@ def generate_to_files(
                   **call_kwargs)
     paths = output_paths(out, num_images)
     for image, path in zip(result.images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)  # never leave a half-written PNG behind
+        write_png(image, path)
     return paths
+
+
+def write_png(image, path: Path) -> None:
+    """Save a PIL image as PNG through a temporary sibling, so a half-written PNG is never left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
