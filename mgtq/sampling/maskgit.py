@@ -159,16 +159,21 @@ def momentum_coefficient(config: SamplerConfig, step: int) -> float:
 class _CountedModel:
     """model_fn seen by the loop: flat tokens (B, N) in, logits (B, N, V) out, calls counted (NFE).
 
-    Lives for one `sample` call, so the count cannot leak into the next one.
+    Lives for one `sample` call, so the count cannot leak into the next one. The "mask_ratio"
+    timestep is the masked fraction of the positions the schedule runs over (`editable` (B, N) bool,
+    None = all): in editing it follows the schedule as the step index does, 1 at the start.
     """
 
-    def __init__(self, model_fn: ModelFn, grid: tuple[int, int], mask_id: int, config: SamplerConfig, device):
+    def __init__(self, model_fn: ModelFn, grid: tuple[int, int], mask_id: int, config: SamplerConfig, device,
+                 editable: torch.Tensor | None = None):
         self.model_fn, self.grid, self.mask_id, self.config, self.device = model_fn, grid, mask_id, config, device
+        self.num_editable = None if editable is None else editable.sum(-1)
         self.nfe = 0
 
     def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None) -> torch.Tensor:
         batch = tokens.shape[0]
-        ratio = (tokens == self.mask_id).float().mean(-1)
+        masked = tokens == self.mask_id
+        ratio = masked.float().mean(-1) if self.num_editable is None else masked.sum(-1) / self.num_editable
         timestep = timestep_value(self.config.timestep_convention, step, self.config.num_steps, ratio)
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).expand(batch)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
@@ -239,8 +244,8 @@ def sample(
         )
     hooks = hooks or SamplerHooks()
     height, width = grid
-    model = _CountedModel(model_fn, grid, mask_id, config, device)
     tokens, editable, first_step = _initial_state(start, batch_size, grid, mask_id, config, device)
+    model = _CountedModel(model_fn, grid, mask_id, config, device, editable)
     prev_probs = None  # p_{i−1}: state of this call only
     for step in tqdm(range(first_step, config.num_steps), desc="sampling", disable=not progress, leave=False):
         state = StepState(step=step, num_steps=config.num_steps, generators=generators, editable=editable)

@@ -5,7 +5,9 @@ start than the all-mask grid of text-to-image:
 
 - inpainting: the tokens to repaint start as [MASK]; every other token is *fixed*: context that is
   never re-masked or resampled, not even by masked Z-sampling's inversion. The schedule counts the
-  repainted tokens only, as if they were the whole image (N = #repainted in n = ⌊N·σ⌋).
+  repainted tokens only, as if they were the whole image (N = #repainted in n = ⌊N·σ⌋), and the
+  "mask_ratio" timestep is their masked fraction (1 at the start), as the "step_index" one follows
+  the schedule: the official inpainting feeds the step index, whatever share of the image is given.
 - img2img (mask-free editing): a `strength` fraction of the tokens is re-masked, chosen uniformly
   at random without replacement from each sample's own generator, and the loop starts at the
   schedule step whose input mask ratio matches that fraction. Nothing is fixed: the kept tokens are

@@ -194,3 +194,21 @@ def test_bad_starts_are_refused():
         _run(BASE, [0, 1], start=StartState(tokens=torch.full((2, *GRID), MASK), first_step=7))
     with pytest.raises(ValueError, match="fixed position holds the mask id"):
         _run(BASE, [0, 1], start=StartState(tokens=torch.full((2, *GRID), MASK), fixed=_repaint(2)))
+
+
+def test_mask_ratio_timestep_is_the_masked_fraction_of_the_editable_tokens():
+    seen = []
+    model = _model()
+
+    def recording(tokens, timestep, guidance_scale=None):
+        seen.append(timestep.clone())
+        return model(tokens, timestep, guidance_scale)
+
+    tokens, repaint = _image_tokens(3), _repaint(3)
+    history = []
+    sample(recording, 3, GRID, MASK, BASE, _gens([0, 1, 2]), progress=False, start=inpaint_start(tokens, repaint, MASK),
+           callback=lambda step, t: history.append(t.clone()))
+    editable = repaint.flatten(1).sum(-1)
+    assert torch.equal(seen[0], torch.ones(3))  # all of the repainted region is masked: the schedule's start
+    for before, t in zip(history[:-1], seen[1:]):
+        assert torch.allclose(t, (before == MASK).flatten(1).sum(-1) / editable)
