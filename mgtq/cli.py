@@ -13,6 +13,10 @@ from pathlib import Path
 from mgtq import argtypes
 
 
+# The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
+EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
                    help="pipeline folder (default: the embedded tiny-shapes model)")
@@ -126,14 +130,21 @@ def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
 def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
-    from mgtq.evaluation import evaluate_pipeline, summary_line
+    from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
-    result = evaluate_pipeline(pipe, limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
-                               progress=not args.no_progress, split=args.split)
-    result.pop("tokens")
-    print(summary_line(result))
+    common = dict(limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
+                  progress=not args.no_progress, split=args.split)
+    if args.task == "shapebench":
+        result = evaluate_pipeline(pipe, **common)
+        result.pop("tokens")
+        print(summary_line(result))
+    else:
+        tasks = EDIT_TASKS if args.task == "all" else (args.task,)
+        result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
+        for task_result in result["tasks"].values():
+            print(edit_summary_line(task_result))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -292,10 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
-                   help="only the first N prompts (balanced over categories)")
+                   help="only the first N prompts (balanced over categories; per task with --task)")
     # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
+    e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
+                   help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
+                        "ShapeBench-Edit task; all = the four editing tasks")
     e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16)
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true")
