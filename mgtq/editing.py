@@ -245,8 +245,9 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         """Re-draw `image` toward `prompt`; strength in (0, 1] is the fraction of tokens re-drawn.
 
         The sampler runs the steps from the one whose mask ratio is `strength` on (fewer steps for a
-        lower strength); at strength 1 the result is text-to-image at the same seed. Other arguments
-        as MGTPipeline.__call__.
+        lower strength); at strength 1 the result is text-to-image at the same seed (for an image of the
+        model's resolution: the micro-conditions come from the image size). Other arguments as
+        MGTPipeline.__call__.
         """
         check_strength(strength)  # before any encoding
         prompts = _prompt_list(prompt)
