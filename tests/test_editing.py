@@ -154,24 +154,36 @@ def test_sampler_tricks_keep_unmasked_tokens(random_pipeline, scene, preset):
 
 
 @pytest.fixture(scope="module")
-def quantized_pipeline():
+def quantized(tmp_path_factory, random_pipeline_dir):
+    """A random W4A8/W4A16 pipeline and its checkpoint, written by `mgtq export`'s writer."""
+    from mgtq.export import write_checkpoint
+    from mgtq.quantization import checkpoint
     from mgtq.testing import random_quantized_pipeline
 
-    return random_quantized_pipeline()
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    return pipe, write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path_factory.mktemp("q") / "ckpt")
 
 
-def test_quantized_pipeline_edits(quantized_pipeline, scene):
-    from mgtq.quantization.qlinear import W4A8Linear
+def test_quantized_checkpoint_edits(quantized, scene):
+    from mgtq.quantization import W4A8Linear
 
-    assert any(isinstance(m, W4A8Linear) for m in quantized_pipeline.transformer.modules())
+    pipe, folder = quantized
+    inpaint = MGTInpaintPipeline.from_pretrained(folder)
+    assert any(isinstance(m, W4A8Linear) for m in inpaint.transformer.modules())
     mask = _box_mask()
-    out = _inpaint(quantized_pipeline, scene, mask, sampler=SamplerConfig.preset(
-        "paper-combo", base=quantized_pipeline.settings.sampler))
-    encoded = MGTInpaintPipeline.from_pipe(quantized_pipeline).encode_image(scene)[0]
+    config = SamplerConfig.preset("paper-combo", base=inpaint.settings.sampler)
+    out = _inpaint(inpaint, scene, mask, sampler=config)
+    assert torch.equal(out.tokens, _inpaint(pipe, scene, mask, sampler=config).tokens)  # same as in memory
+    encoded = inpaint.encode_image(scene)[0]
     assert torch.equal(out.tokens[0][~token_mask(mask, F)], encoded[~token_mask(mask, F)])
-    i2i = MGTImg2ImgPipeline.from_pipe(quantized_pipeline)("a red circle", image=scene, strength=1.0, seed=2,
-                                                            progress=False)
-    assert torch.equal(i2i.tokens, quantized_pipeline("a red circle", seed=2, progress=False).tokens)
+    i2i = MGTImg2ImgPipeline.from_pretrained(folder)
+    assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=2, progress=False).tokens,
+                       pipe("a red circle", seed=2, progress=False).tokens)
+    half = i2i("a red circle", image=scene, strength=0.5, seed=2, progress=False)
+    assert (half.tokens == encoded).sum() >= 256 - num_remasked(0.5, 256)
+    # with Z-sampling, the kept tokens are decoded tokens like any other: its inversion may re-draw them
+    assert i2i("a red circle", image=scene, strength=0.5, seed=2, sampler=config, progress=False).nfe > half.nfe
 
 
 def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
@@ -194,6 +206,8 @@ def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
     assert not torch.allclose(merged_hook.logits, plain_hook.logits)  # the merging ran
     repaint = token_mask(mask, F)
     assert torch.equal(merged[0][~repaint], plain[0][~repaint])
+    i2i = MGTImg2ImgPipeline.from_pipe(pipe)("a red circle", image=scene, strength=0.5, seed=0, progress=False)
+    assert (i2i.tokens == inpaint.encode_image(scene)).sum() >= 256 - num_remasked(0.5, 256)
     remove_tomemgt(pipe)
     assert torch.equal(_inpaint(inpaint, scene, mask).tokens, plain)
 
@@ -279,3 +293,8 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     assert main(base + ["--outpaint", "4,0,0,0"]) == 2
     assert "try" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
     assert not (tmp_path / "o.png").exists()
+    args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile", "--tome", "0.5"]
+    from mgtq.cli import build_parser
+
+    parsed = build_parser().parse_args(args)
+    assert parsed.compile and parsed.tome == 0.5 and parsed.func.__name__ == "cmd_edit"
