@@ -123,7 +123,8 @@ def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
     """'L,R,T,B': four whole pixel counts ≥ 0 (argparse type of `mgtq edit --outpaint`)."""
     pads = argtypes.comma_list(argtypes.integer(minimum=0))(text)
     if len(pads) != 4:
-        raise argparse.ArgumentTypeError(f"takes L,R,T,B: four pixel counts ≥ 0 (left, right, top, bottom), got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes L,R,T,B: four pixel counts ≥ 0 (left, right, top, bottom), "
+                                         f"got {text!r}")
     return pads
 
 

@@ -141,7 +141,8 @@ class _EditingPipeline(MGTPipeline):
     def _edit(self, prompts: list[str], size: tuple[int, int], make_start, *, negative_prompt, num_images_per_prompt,
               num_inference_steps, guidance_scale, generator, seed, micro_conds, sampler, hooks, token_merging,
               progress, output_type) -> MGTPipelineOutput:
-        """Sample from make_start(config, generators, per_prompt) → StartState, as MGTPipeline.__call__ does from all-mask."""
+        """Sample from make_start(config, generators, per_prompt) → StartState, as MGTPipeline.__call__
+        samples from all-mask."""
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if output_type not in ("pil", "tokens"):
@@ -283,8 +284,9 @@ def _per_prompt(value, count: int, name: str) -> list:
 
 # -------------------------------------------------------------------------------------- files
 def edit_to_file(
-    pipe: MGTPipeline, image: str | os.PathLike, prompt: str, out: str | os.PathLike, *, mask: str | os.PathLike | None = None,
-    outpaint: tuple[int, int, int, int] | None = None, strength: float | None = None, seed: int = 0, **call_kwargs,
+    pipe: MGTPipeline, image: str | os.PathLike, prompt: str, out: str | os.PathLike, *,
+    mask: str | os.PathLike | None = None, outpaint: tuple[int, int, int, int] | None = None,
+    strength: float | None = None, seed: int = 0, **call_kwargs,
 ) -> Path:
     """What `mgtq edit` calls: edit the image file by exactly one of mask / outpaint (L, R, T, B) / strength,
     and write the result as PNG (atomically)."""

@@ -162,7 +162,8 @@ def quantized(tmp_path_factory, random_pipeline_dir):
 
     pipe = random_quantized_pipeline()
     manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
-    return pipe, write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path_factory.mktemp("q") / "ckpt")
+    folder = tmp_path_factory.mktemp("q") / "ckpt"
+    return pipe, write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, folder)
 
 
 def test_quantized_checkpoint_edits(quantized, scene):
@@ -293,7 +294,8 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     assert main(base + ["--outpaint", "4,0,0,0"]) == 2
     assert "try" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
     assert not (tmp_path / "o.png").exists()
-    args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile", "--tome", "0.5"]
+    args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile",
+            "--tome", "0.5"]
     from mgtq.cli import build_parser
 
     parsed = build_parser().parse_args(args)
