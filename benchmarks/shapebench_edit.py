@@ -1,7 +1,7 @@
 """ShapeBench-Edit on the embedded model: float, bf16, SCQ and SCQ + TomeMGT, the four editing tasks.
 
     python benchmarks/shapebench_edit.py --threads 2        # after the README set-up (it exports the SCQ checkpoint)
-    python benchmarks/shapebench_edit.py --limit 4 --out /tmp/edit-smoke     # a smoke run
+    python benchmarks/shapebench_edit.py --limit 4 --out "$(mktemp -d)/edit"     # a smoke run
 
 A model is `float`, `bf16` (the embedded model in that dtype), `scq=DIR` (an exported checkpoint) or
 `scq+tome=DIR` (the same with TomeMGT at its defaults, ratio 0.5). Each model runs every task of
