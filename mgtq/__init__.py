@@ -19,6 +19,9 @@ _LAZY = {
     "MeissonicTransformer": "mgtq.models",
     "MGTPipeline": "mgtq.pipeline",
     "MGTPipelineOutput": "mgtq.pipeline",
+    "MGTInpaintPipeline": "mgtq.editing",
+    "MGTImg2ImgPipeline": "mgtq.editing",
+    "outpaint_canvas": "mgtq.editing",
     "load": "mgtq.pipeline",
     "SamplerConfig": "mgtq.sampling",
 }

@@ -14,6 +14,10 @@ from mgtq import argtypes
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
 
 
+# The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
+EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
                    help="pipeline folder (default: the embedded tiny-shapes model)")
@@ -104,17 +108,45 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    _check_output_path(args.out, "--out")
+    from mgtq.editing import edit_to_file
+
+    pipe = _load_pipe(args)
+    out = edit_to_file(pipe, args.image, args.prompt, args.out, mask=args.mask, outpaint=args.outpaint,
+                       strength=args.strength, seed=args.seed, negative_prompt=args.negative_prompt,
+                       progress=not args.no_progress, sampler=_sampler(args, pipe))
+    print(out)
+    return 0
+
+
+def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
+    """'L,R,T,B': four whole pixel counts ≥ 0 (argparse type of `mgtq edit --outpaint`)."""
+    pads = argtypes.comma_list(argtypes.integer(minimum=0))(text)
+    if len(pads) != 4:
+        raise argparse.ArgumentTypeError(f"takes L,R,T,B: four pixel counts ≥ 0 (left, right, top, bottom), "
+                                         f"got {text!r}")
+    return pads
+
+
 def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
-    from mgtq.evaluation import evaluate_pipeline, summary_line
+    from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
-    result = evaluate_pipeline(pipe, limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
-                               progress=not args.no_progress, split=args.split)
-    result.pop("tokens")
-    print(summary_line(result))
+    common = dict(limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
+                  progress=not args.no_progress, split=args.split)
+    if args.task == "shapebench":
+        result = evaluate_pipeline(pipe, **common)
+        result.pop("tokens")
+        print(summary_line(result))
+    else:
+        tasks = EDIT_TASKS if args.task == "all" else (args.task,)
+        result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
+        for task_result in result["tasks"].values():
+            print(edit_summary_line(task_result))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -265,14 +297,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
+    d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
+    _add_model_args(d)
+    _add_sampler_args(d)
+    d.add_argument("--image", type=argtypes.existing_file("image"), required=True, help="RGB image to edit")
+    how = d.add_mutually_exclusive_group(required=True)
+    how.add_argument("--mask", type=argtypes.existing_file("mask"), default=None,
+                     help="inpainting: mask image of the same size, white = repaint")
+    how.add_argument("--outpaint", type=_outpaint_padding, default=None, metavar="L,R,T,B",
+                     help="outpainting: pixels to add on the left, right, top and bottom")
+    how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
+                     help="img2img: fraction of the image's tokens re-drawn, in (0, 1]")
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--seed", type=argtypes.seed, default=0)
+    d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    d.set_defaults(func=cmd_edit)
+
     e = command("eval", "score a model on ShapeBench (generated pixels, per category)")
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
-                   help="only the first N prompts (balanced over categories)")
+                   help="only the first N prompts (balanced over categories; per task with --task)")
     # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
+    e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
+                   help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
+                        "ShapeBench-Edit task; all = the four editing tasks")
     e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16)
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true")

@@ -36,10 +36,16 @@ def generate_to_files(
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
                   height=height, width=width, num_images_per_prompt=num_images, seed=seed, progress=progress,
                   **call_kwargs)
-    from mgtq.utils import atomic_file
-
     paths = output_paths(out, num_images)
     for image, path in zip(result.images, paths):
-        with atomic_file(path) as tmp:  # never a half-written PNG, nor a leftover temporary file
-            image.save(tmp, format="PNG")
+        write_png(image, path)
     return paths
+
+
+def write_png(image, path: Path) -> None:
+    """Save a PIL image as PNG through mgtq's one file writer: never a half-written PNG, nor a leftover
+    temporary file, and never a replaced device, FIFO or link."""
+    from mgtq.utils import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        image.save(tmp, format="PNG")
