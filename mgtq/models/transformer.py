@@ -476,8 +476,11 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         logits = self.mlm_layer(self.up_block(x))
         return (logits,) if return_dict else logits
 
-    def compile_blocks(self, **kwargs) -> None:
+    def compile_blocks(self, persistent_cache: bool = True, **kwargs) -> None:
         """torch.compile every transformer block in place (regional compilation); kwargs go to torch.compile.
+
+        persistent_cache: keep the compiled code in mgtq's user cache folder (mgtq.compilation), so a
+        later process compiling the same blocks at the same shapes loads it instead of building it.
 
         Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
         which block), so compiling costs about two blocks instead of the whole model; what stays
@@ -485,6 +488,10 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         quantized layer kinds differ (SCQ) compile once per distinct pattern, so the recompile limit
         is raised to the number of blocks.
         """
+        if persistent_cache:
+            from mgtq.compilation import use_persistent_compile_cache
+
+            use_persistent_compile_cache()
         blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
         for block in blocks:
