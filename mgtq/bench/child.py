@@ -280,9 +280,7 @@ class CaseSession:
         # Untimed warm-up (offload mode too, so its steps compare; it also puts a forward in the peak).
         warm_up = measure.warmup if self.measure.latency and not case.offload else max(1, measure.warmup)
         forward = _forward_fn(self.pipe.transformer, self.inputs)
-        for _ in range(warm_up):
-            forward()
-            self.sync()
+        self.warmup_s = [time_call(forward, self.sync)[0] for _ in range(warm_up)]  # the first compiles
 
     def time_forwards(self, n: int, round_index: int | None = None, budget_s: float | None = None) -> list[float]:
         """Time up to `n` forwards (fewer once `budget_s` seconds were spent on this case); their wall seconds."""
@@ -312,7 +310,8 @@ class CaseSession:
         case, measure, device, result, sync, phases = (self.case, self.measure, self.device, self.result,
                                                        self.sync, self.phases)
         self._phase.close()  # the "forwards" phase ends
-        latency: dict = {"unit": "s", "forward_batch": int(self.inputs["hidden_states"].shape[0]), "forward": None}
+        latency: dict = {"unit": "s", "forward_batch": int(self.inputs["hidden_states"].shape[0]), "forward": None,
+                         "warmup_s": self.warmup_s}
         if self.samples:
             latency["forward"] = Timing.of(self.samples, self.cpu_samples, self.rounds).to_dict()
         try:
