@@ -80,15 +80,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.view_as_real(pairs * torch.complex(c, s)).flatten(-2).to(x.dtype)
 
 
-def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' RMSNorm through torch's fused kernel where dtypes agree: one pass instead of six, and
-    x·rstd·weight rounded once (diffusers rounds after the norm and again after the weight: within one
-    step of bf16)."""
-    if norm.weight is None or norm.weight.dtype != x.dtype:
-        return norm(x)
-    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
-
-
 # ------------------------------------------------------------------------------ token merging hook
 @dataclass
 class TokenMerge:
@@ -146,7 +137,7 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        return rms_norm(norm_q, self._heads(to_q(x))), rms_norm(norm_k, self._heads(to_k(x))), self._heads(to_v(x))
+        return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None,
                 key_bias: torch.Tensor | None = None):
