@@ -287,3 +287,13 @@ def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     assert sum(m.endswith("building and warming up …") for m in messages[:first_round]) == 2
     assert report["ratios"]["w4a8"]["forward_vs_bf16_spread"]["rounds"] == 3
     assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]
+
+
+def test_held_case_process_reports_a_failing_case(tmp_path):
+    from mgtq.bench.child import make_payload
+    from mgtq.bench.runner import CaseWorker, ChildError
+    from mgtq.bench.source import resolve_model
+
+    payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
+    with pytest.raises(ChildError, match="case must be a mapping"):
+        CaseWorker(payload, in_process=False, folder=tmp_path)  # no case: the held process fails while building
