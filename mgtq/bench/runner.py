@@ -230,8 +230,11 @@ def machine_info(config: BenchConfig, isolation: Isolation) -> dict:
                                                "amx_bf16") if f" {x}" in flags]
     except OSError:
         isa = []
+    from mgtq.quantization.kernels import cpu_class
+
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "isa": isa, "torch_threads": config.num_threads,
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "isa": isa, "cpu_class": cpu_class(),
+        "torch_threads": config.num_threads,
         "torch_version": torch.__version__, "mgtq_version": _version("mgtq"), "torchao_version": _version("torchao"),
         "optimum_quanto_version": _version("optimum-quanto"), "python": platform.python_version(),
         "platform": platform.platform(), "device": config.device,
