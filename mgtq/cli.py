@@ -192,7 +192,8 @@ def cmd_bench(args) -> int:
         threads=args.threads, isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
-                                profile=args.profile, latency=both or args.latency, memory=both or args.memory),
+                                profile=args.profile, latency=both or args.latency, memory=both or args.memory,
+                                interleave=not args.sequential),
     )
     print(to_markdown(run_bench(config, progress=not args.no_progress)))
     return 0
@@ -367,8 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
     b.add_argument("--json", type=Path, default=None,
                    help="JSON output (default benchmarks/results/bench_<model>.json; .md and .png beside it)")
-    b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=3,
-                   help="timed transformer forwards per config")
+    b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=5,
+                   help="timed transformer forwards per config: one per interleaved round (see --sequential)")
+    b.add_argument("--sequential", action="store_true",
+                   help="time each config's forwards in a row, one config after another (default: interleaved "
+                        "rounds A B C … A B C …, every config held in memory at once)")
     b.add_argument("--warmup", type=argtypes.integer(minimum=0), default=1, help="untimed forwards before timing")
     b.add_argument("--steps", type=argtypes.integer(minimum=1), default=2,
                    help="sampler steps of the timed whole-image run")
