@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline, VQModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from PIL import Image
+from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.config import from_mapping
@@ -103,6 +104,25 @@ class MGTPipeline(DiffusionPipeline):
         return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
 
     @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: an offload hook's execution device, else where the weights are (never
+        "meta", whatever hooks or meta-device weights hold)."""
+        return self._execution_device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        for module in (self.transformer, self.text_encoder, self.vqvae):
+            for sub in module.modules():
+                hook = getattr(sub, "_hf_hook", None)
+                if getattr(hook, "execution_device", None) is not None:
+                    return torch.device(hook.execution_device)
+        for module in (self.transformer, self.text_encoder, self.vqvae):
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.device.type != "meta":
+                    return tensor.device
+        return torch.device("cpu")
+
+    @property
     def dtype(self) -> torch.dtype:
         """The transformer's compute dtype (what `.to(dtype)` set; the VQ decoder stays fp32)."""
         return self.transformer.compute_dtype
@@ -123,6 +143,16 @@ class MGTPipeline(DiffusionPipeline):
         if device is not None:
             self.vqvae.to(device)
         return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' sequential offload (weights on "meta", each submodule's moved in for its forward). With
+        device="cpu" (CPU-only machines, tests) the hooks run on "cpu": accelerate cannot re-offload to "cpu:0"."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type == "cpu":
+            for module in (self.transformer, self.text_encoder, self.vqvae):
+                for sub in module.modules():
+                    if getattr(getattr(sub, "_hf_hook", None), "execution_device", None) is not None:
+                        sub._hf_hook.execution_device = torch.device("cpu")
 
     def compile(self, regional: bool = True, **kwargs) -> "MGTPipeline":
         """torch.compile the transformer in place (fullgraph: it has no graph breaks); compiled on first use.
@@ -170,14 +200,16 @@ class MGTPipeline(DiffusionPipeline):
             torch_dtype = dtype
         device = _single_device(device, device_map)
         root = _existing_dir(path, "pipeline")
-        dtype = None if torch_dtype == "auto" else parse_dtype(torch_dtype)
+        auto = torch_dtype == "auto"
+        dtype = None if auto else parse_dtype(torch_dtype)
         with _loading_bars(progress):
             settings = read_settings(root)
             if transformer is None:
-                transformer = load_transformer(root / "transformer", dtype=dtype)
+                folder = root / "transformer"
+                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype)
             if vqvae is None:
                 vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
-            text_encoder = _load_text_encoder(root, text_encoder, dtype)
+            text_encoder = _load_text_encoder(root, text_encoder, dtype, auto)
             tokenizer = _load_tokenizer(root, tokenizer)
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
         for module in (transformer, vqvae, text_encoder):
@@ -264,7 +296,7 @@ class MGTPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {unknown}")
         _merging_plan(token_merging)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
         self,
         prompt: str | list[str],
@@ -410,7 +442,7 @@ class MGTPipeline(DiffusionPipeline):
 
         return model_fn
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def decode_tokens(self, tokens: torch.Tensor, output_type: str = "pil"):
         """VQ-decode token ids (B, h, w) by codebook lookup: PIL images, or "np" / "pt" as in __call__."""
         b, h, w = tokens.shape
@@ -501,7 +533,25 @@ def _settings(data, path: Path) -> PipelineSettings:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _load_text_encoder(root: Path, text_encoder, dtype):
+def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The float dtype a component folder was saved in (its first floating safetensors tensor); None if it
+    holds none. torch_dtype="auto" loads in it."""
+    folder = Path(folder)
+    if checkpoint.is_quantized(folder):
+        return checkpoint.read_manifest(folder).dtype
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in _SAFETENSORS_FLOATS:
+                    return _SAFETENSORS_FLOATS[dtype]
+    return None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _load_text_encoder(root: Path, text_encoder, dtype, auto: bool = False):
     if isinstance(text_encoder, torch.nn.Module):
         return text_encoder
     folder = Path(text_encoder) if text_encoder is not None else root / "text_encoder"
@@ -510,7 +560,7 @@ def _load_text_encoder(root: Path, text_encoder, dtype):
             f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
             "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
         )
-    return load_component(CLIPTextModelWithProjection, folder, dtype)
+    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype)
 
 
 def _load_tokenizer(root: Path, tokenizer):
