@@ -681,7 +681,11 @@ def _check_compatible(pipe: MGTPipeline) -> None:
         raise ValueError("the VQModel must have lookup_from_codebook=True to decode token ids")
 
 
-def load(path: str | os.PathLike, **kwargs) -> MGTPipeline:
-    """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate."""
-    return MGTPipeline.from_pretrained(path, **kwargs)
+def load(path: str | os.PathLike | None = None, **kwargs) -> MGTPipeline:
+    """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate; no path = the
+    embedded default model. kwargs as `MGTPipeline.from_pretrained`."""
+    if path is None:
+        from mgtq.default_model import default_model
 
+        path = default_model()
+    return MGTPipeline.from_pretrained(path, **kwargs)
