@@ -218,14 +218,15 @@ class MGTPipeline(DiffusionPipeline):
             pipe.set_progress_bar_config(disable=True)
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, path: str | os.PathLike, **unused) -> None:
+    def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:
         """Write the pipeline in diffusers layout (safetensors only), atomically, so `mgtq.load` reads it back.
 
         A quantized transformer is written by mgtq's checkpoint writer (`mgtq.quantization.checkpoint`,
         the same bytes as `mgtq export`: manifest, sha256, `quantization_config` in config.json).
+        progress=False hides the weight-writing bars.
         """
         _reject_save_options(unused)
-        with atomic_directory(path) as tmp:
+        with _loading_bars(progress), atomic_directory(path) as tmp:
             if checkpoint.describe(self.transformer):
                 checkpoint.save(self.transformer, checkpoint.manifest_of(self.transformer), tmp / "transformer")
             else:
@@ -649,7 +650,7 @@ def _loading_bars(show: bool):
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    was = (diffusers_logging.are_progress_bars_disabled(), not transformers_logging.is_progress_bar_enabled())
+    was = (not diffusers_logging.is_progress_bar_enabled(), not transformers_logging.is_progress_bar_enabled())
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
