@@ -214,8 +214,6 @@ class MGTPipeline(DiffusionPipeline):
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
         for module in (transformer, vqvae, text_encoder):
             module.eval()
-        if not progress:
-            pipe.set_progress_bar_config(disable=True)
         return pipe.to(device) if device is not None else pipe
 
     def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:
