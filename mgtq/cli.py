@@ -140,7 +140,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
+    from mgtq.default_model import DEFAULT_RECIPE
+
+    recipe = args.recipe or DEFAULT_RECIPE
     out = args.out or Path("calibration") / Path(recipe).stem
     _check_output_path(out, "--out", folder=True)
     from mgtq.scq.calibrate import calibrate
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("calibrate", "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
     c.add_argument("--recipe", type=argtypes.existing_file("recipe"), default=None,
-                   help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
+                   help="recipe YAML (default: the embedded model's tiny-shapes-w4a8-scq.yaml)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
     c.add_argument("--restart", action="store_true",
                    help="let an existing run folder take this recipe (stages whose inputs changed run again)")
