@@ -382,7 +382,8 @@ class MGTPipeline(DiffusionPipeline):
             return model_fn(tokens, timestep, *args, **kwargs)
 
         def callback(step: int, tokens: torch.Tensor) -> None:
-            out = callback_on_step_end(self, step, seen.get("timestep"), {n: {"tokens": tokens}[n] for n in names})
+            available = {"tokens": tokens}
+            out = callback_on_step_end(self, step, seen.get("timestep"), {n: available[n] for n in names})
             if out is not None and out.get("tokens") is not None and out["tokens"] is not tokens:
                 tokens.copy_(out["tokens"])  # a view of the sampler's state: the next step starts from it
 

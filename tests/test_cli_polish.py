@@ -78,3 +78,17 @@ def test_quantize_w4a8_with_group_size_is_refused_before_loading(tmp_path, capsy
     monkeypatch.setattr("mgtq.ptq.quantize_pipeline", lambda *a, **k: pytest.fail("loaded before the error"))
     assert main(["quantize", "--config", "w4a8", "--group-size", "64", "--out", str(tmp_path / "x")]) == 2
     assert "--group-size does not apply to w4a8" in capsys.readouterr().err
+
+
+def test_readme_first_example_draws_what_it_says(tmp_path):
+    from pathlib import Path
+
+    from mgtq.shapes import score_image
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    match = re.search(r'mgtq generate --prompt "([^"]+)" --seed (\d+)', readme)
+    prompt, seed = match.group(1), match.group(2)
+    out = tmp_path / "first.png"
+    assert main(["generate", "--prompt", prompt, "--seed", seed, "--out", str(out), "--no-progress"]) == 0
+    accepted, info = score_image(Image.open(out), prompt)
+    assert accepted, info
