@@ -111,12 +111,14 @@ class MGTPipeline(DiffusionPipeline):
 
     @property
     def _execution_device(self) -> torch.device:
-        for module in (self.transformer, self.text_encoder, self.vqvae):
+        # A component may be None for a while (the offloading benchmark frees the transformer before decoding).
+        modules = [m for m in (self.transformer, self.text_encoder, self.vqvae) if isinstance(m, torch.nn.Module)]
+        for module in modules:
             for sub in module.modules():
                 hook = getattr(sub, "_hf_hook", None)
                 if getattr(hook, "execution_device", None) is not None:
                     return torch.device(hook.execution_device)
-        for module in (self.transformer, self.text_encoder, self.vqvae):
+        for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
                 if tensor.device.type != "meta":
                     return tensor.device
