@@ -133,8 +133,14 @@ def test_quantizing_a_pipeline_one_loaded(pipe):
 
     old = mgtq.load(progress=False)
     with pytest.warns(DeprecationWarning, match="quantize_"):
-        quantize_weights_(old.transformer)
+        quantize_weights_(old)  # the pipeline itself, as users typed it
     assert any(isinstance(m, W4Linear) for m in old.transformer.modules())
+    calibrated = mgtq.load(progress=False)
+    with mgtq.calibrate_activations(calibrated) as stats:
+        calibrated(["a red circle", "two blue squares"], seed=0, output_type="latent", **STEPS)
+    done = mgtq.quantize_(calibrated, mgtq.W4A8Config(), activation_stats=stats)
+    assert set(done.values()) == {"W4A8Linear"}
+    assert all(isinstance(calibrated.transformer.get_submodule(n), W4A8Linear) for n in done)
 
 
 def test_tomemgt_after_torch_compile_and_per_call_config():

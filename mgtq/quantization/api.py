@@ -353,6 +353,7 @@ def quantize_weights_(
     """Deprecated: use ``quantize_(model, W4A16Config(group_size), overrides={...})``; kept for one release."""
     warnings.warn("quantize_weights_ is deprecated; use mgtq.quantize_(model, mgtq.W4A16Config(...)) with "
                   "overrides={pattern: W4A8Config() or None} and input_scales=", DeprecationWarning, stacklevel=2)
+    model = _module_of(model)
     targets, a8 = _plan(model, skip, a8_layers)
     for name in a8:
         _scale_for(name, input_scales)  # fail before replacing anything
