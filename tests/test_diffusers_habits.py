@@ -149,12 +149,11 @@ def test_tomemgt_after_torch_compile_and_per_call_config():
     per_call = pipe(token_merging=mgtq.TomeConfig(0.5), **kwargs).images
     assert torch.equal(pipe(token_merging=0.5, **kwargs).images, per_call)
     eager = pipe.transformer
-    pipe.transformer = torch.compile(pipe.transformer)
+    # aot_eager: the patch under compile's wrapper is what is tested here, not Inductor's code generation
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
     plan = mgtq.apply_tomemgt(pipe, 0.5)
     assert eager.token_merging is plan
-    pipe.transformer = eager  # run eagerly: this checks the patch, not Inductor
     assert torch.equal(pipe(**kwargs).images, per_call)
-    pipe.transformer = torch.compile(eager)
     mgtq.remove_tomemgt(pipe)
     assert eager.token_merging is None
 
