@@ -102,18 +102,9 @@ def prepare_qat_(
     targets, a8 = _plan(model, skip, a8_layers)
     for name in a8:
         _scale_for(name, input_scales)
-    done = []
-    for name in targets:
-        linear = model.get_submodule(name)
-        if isinstance(linear, FakeQuantLinear):
-            continue
-        if name in a8:
-            new = FakeQuantLinear.from_linear(linear, None, _scale_for(name, input_scales))
-        else:
-            new = FakeQuantLinear.from_linear(linear, group_size)
-        set_submodule(model, name, new)
-        done.append(name)
-    return done
+    layers = {n: ("fake-w4a8", _scale_for(n, input_scales)) if n in a8 else ("fake-w4a16", group_size)
+              for n in targets if not isinstance(model.get_submodule(n), FakeQuantLinear)}
+    return list(replace_linears_(model, layers))
 
 
 def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, str]:
@@ -306,23 +297,54 @@ def _select_lowest(names: list[str], stats, config: SCQConfig) -> list[str]:
     return sorted(sorted(names, key=lambda n: (stats[n].mean_abs, n))[:k])
 
 
+def _builders() -> dict:
+    """How each kind of layer is built from the float ``nn.Linear`` it replaces (its argument second)."""
+
+    def fake(linear, group_size=None, input_scale=None):
+        from .fake_quant import FakeQuantLinear  # QAT needs torchao; imported only here
+
+        return FakeQuantLinear.from_linear(linear, group_size, input_scale) if input_scale is not None else \
+            FakeQuantLinear.from_linear(linear, group_size)
+
+    def empty(linear, scheme, group_size):
+        cls = {"w4a16": W4Linear, "w4a8": W4A8Linear}[scheme]
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size,
+                   device="meta")
+
+    return {
+        "w4a16": lambda linear, group_size, chunk_n: W4Linear.from_float(linear, group_size=group_size),
+        "w4a8": lambda linear, scale, chunk_n: W4A8Linear.from_float(linear, scale, chunk_n=chunk_n),
+        "fake-w4a16": lambda linear, group_size, chunk_n: fake(linear, group_size),
+        "fake-w4a8": lambda linear, scale, chunk_n: fake(linear, None, scale),
+        "empty-w4a16": lambda linear, group_size, chunk_n: empty(linear, "w4a16", group_size),
+        "empty-w4a8": lambda linear, group_size, chunk_n: empty(linear, "w4a8", group_size),
+    }
+
+
 def replace_linears_(model: nn.Module, layers: Mapping[str, tuple[str, object]],
                      chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, str]:
-    """The one place a float ``nn.Linear`` becomes a real quantized module: ``{name: ("w4a16", group_size) |
-    ("w4a8", input_scale)}``, every name checked first. Returns ``{name: "W4Linear" | "W4A8Linear"}``."""
+    """The one place an ``nn.Linear`` becomes a quantized module, for quantizing, QAT and loading alike.
+
+    layers: ``{name: (kind, argument)}`` with kind "w4a16" (group size) or "w4a8" (input scale) for real
+    modules from the float weights, "fake-w4a16" / "fake-w4a8" for QAT's FakeQuantLinear, "empty-w4a16" /
+    "empty-w4a8" (group size) for meta-device modules a checkpoint's tensors are then assigned to. Every
+    module is built before any is swapped in, so an error (it names the layer) leaves the model unchanged.
+    Returns ``{name: module class name}``.
+    """
     _check_names(model, layers, "layers")
-    done: dict[str, str] = {}
-    for name, (scheme, arg) in layers.items():
-        linear = model.get_submodule(name)
-        if scheme == "w4a8":
-            new: nn.Module = W4A8Linear.from_float(linear, arg, chunk_n=chunk_n)
-        elif scheme == "w4a16":
-            new = W4Linear.from_float(linear, group_size=arg)
-        else:
-            raise ValueError(f"layers[{name!r}]: unknown scheme {scheme!r}; use 'w4a16' or 'w4a8'")
-        set_submodule(model, name, new)
-        done[name] = type(new).__name__
-    return done
+    builders = _builders()
+    unknown = sorted({kind for kind, _ in layers.values()} - set(builders))
+    if unknown:
+        raise ValueError(f"unknown layer kind {unknown[0]!r}; use one of {sorted(builders)}")
+    built = {}
+    for name, (kind, arg) in layers.items():
+        try:
+            built[name] = builders[kind](model.get_submodule(name), arg, chunk_n)
+        except ValueError as err:
+            raise ValueError(f"layers.{name}: {err}") from None
+    for name, module in built.items():
+        set_submodule(model, name, module)
+    return {name: type(module).__name__ for name, module in built.items()}
 
 
 def run_calibration(model, prompts: list[str], layer_names: Iterable[str] | None = None,

@@ -38,8 +38,9 @@ from torch import nn
 
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, set_submodule, sha256_file
+from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
            "install_quantized_", "is_quantized", "load", "load_pretrained", "manifest_of", "quantization_config",
@@ -298,22 +299,18 @@ def build_empty(config: Mapping, manifest: Manifest) -> MeissonicTransformer:
 
 def install_quantized_(model: nn.Module, layers: Mapping[str, LayerScheme]) -> nn.Module:
     """Replace each named `nn.Linear` by an empty (meta-device) quantized module of its scheme, ready
-    for `load_state_dict(..., assign=True)`. Every name is checked before anything is replaced."""
+    for `load_state_dict(..., assign=True)`, through the one replacement pass (`replace_linears_`).
+    Every name is checked before anything is replaced."""
     modules = dict(model.named_modules())
-    replacements = {}
-    for name, layer in layers.items():
+    for name in layers:
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             what = "does not exist" if linear is None else f"is a {type(linear).__name__}, not an nn.Linear"
             raise ValueError(f"layers.{name}: the module {what} in this model; {REEXPORT}")
-        try:
-            replacements[name] = SCHEMES[layer.scheme](linear.in_features, linear.out_features,
-                                                       bias=linear.bias is not None, group_size=layer.group_size,
-                                                       device="meta")
-        except ValueError as err:
-            raise ValueError(f"layers.{name}: {err}; {REEXPORT}") from None
-    for name, module in replacements.items():
-        set_submodule(model, name, module)
+    try:
+        replace_linears_(model, {name: (f"empty-{layer.scheme}", layer.group_size) for name, layer in layers.items()})
+    except ValueError as err:
+        raise ValueError(f"{err}; {REEXPORT}") from None
     return model
 
 
