@@ -112,19 +112,10 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
 
     With an activation fake quantizer -> :class:`W4A8Linear`, else :class:`W4Linear`.
     """
-    from .fake_quant import FakeQuantLinear, input_scale_of
+    from .fake_quant import FakeQuantLinear
 
-    done: dict[str, str] = {}
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, FakeQuantLinear):
-            continue
-        if input_scale_of(mod) is not None:
-            new: nn.Module = W4A8Linear.from_fake_quant(mod, chunk_n=chunk_n)
-        else:
-            new = W4Linear.from_fake_quant(mod)
-        set_submodule(model, name, new)
-        done[name] = type(new).__name__
-    return done
+    layers = {name: ("from-fake", None) for name, mod in model.named_modules() if isinstance(mod, FakeQuantLinear)}
+    return replace_linears_(model, layers, chunk_n=chunk_n)
 
 
 # ------------------------------------------------------------------- configs, quantize_
@@ -311,6 +302,13 @@ def _builders() -> dict:
         return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size,
                    device="meta")
 
+    def from_fake(fake_quant, chunk_n):
+        from .fake_quant import input_scale_of
+
+        if input_scale_of(fake_quant) is not None:
+            return W4A8Linear.from_fake_quant(fake_quant, chunk_n=chunk_n)
+        return W4Linear.from_fake_quant(fake_quant)
+
     return {
         "w4a16": lambda linear, group_size, chunk_n: W4Linear.from_float(linear, group_size=group_size),
         "w4a8": lambda linear, scale, chunk_n: W4A8Linear.from_float(linear, scale, chunk_n=chunk_n),
@@ -318,6 +316,7 @@ def _builders() -> dict:
         "fake-w4a8": lambda linear, scale, chunk_n: fake(linear, None, scale),
         "empty-w4a16": lambda linear, group_size, chunk_n: empty(linear, "w4a16", group_size),
         "empty-w4a8": lambda linear, group_size, chunk_n: empty(linear, "w4a8", group_size),
+        "from-fake": lambda fake_quant, _, chunk_n: from_fake(fake_quant, chunk_n),
     }
 
 
@@ -327,7 +326,8 @@ def replace_linears_(model: nn.Module, layers: Mapping[str, tuple[str, object]],
 
     layers: ``{name: (kind, argument)}`` with kind "w4a16" (group size) or "w4a8" (input scale) for real
     modules from the float weights, "fake-w4a16" / "fake-w4a8" for QAT's FakeQuantLinear, "empty-w4a16" /
-    "empty-w4a8" (group size) for meta-device modules a checkpoint's tensors are then assigned to. Every
+    "empty-w4a8" (group size) for meta-device modules a checkpoint's tensors are then assigned to, "from-fake"
+    for the real module a trained FakeQuantLinear computes (convert_qat_). Every
     module is built before any is swapped in, so an error (it names the layer) leaves the model unchanged.
     Returns ``{name: module class name}``.
     """
