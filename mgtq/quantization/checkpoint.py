@@ -40,7 +40,7 @@ from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, sha256_file
+from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, read_json, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
            "install_quantized_", "is_quantized", "load", "load_pretrained", "manifest_of", "quantization_config",
@@ -221,10 +221,9 @@ def is_quantized(folder: str | os.PathLike) -> bool:
         return True
     config = folder / CONFIG
     if config.is_file():
-        try:
-            method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            method = None  # the float loader reports a damaged config
+        data = read_json(config)  # mgtq's one JSON reader: a damaged file is an error that names it
+        quantization = data.get("quantization_config") if isinstance(data, dict) else None
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
         if method == QUANT_METHOD:
             raise ValueError(f"{config} says the weights are mgtq-quantized but {folder / MANIFEST} is missing; "
                              f"the checkpoint is incomplete: {REEXPORT}")
