@@ -179,6 +179,7 @@ def main() -> None:
     report = [
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"mgtq CPU class {kernels.cpu_class()} (mgtq.quantization.kernels), "
         f"{args.stat} of {args.repeats} round-robin repeats after {args.warmup} warm-ups, "
         f"batch {args.batch} x {args.tokens} tokens.",
         "",

@@ -7,7 +7,10 @@ Steps:
 1. `pytest -m cuda` (tests marked `cuda` are skipped without a GPU): pass/fail/skip counts.
 2. `mgtq bench` (`run_bench`) on meissonic-1024 with random weights: bf16 (and fp16 where the bench
    has it), w4a16, w4a8, scq and the torchao int4 weight-only / int8 peers; eager, transformer
-   forward latency, the 48-step image, `torch.cuda.max_memory_allocated` (the bench's CUDA peaks).
+   forward latency (interleaved rounds, the bench's default), the 48-step image,
+   `torch.cuda.max_memory_allocated` (the bench's CUDA peaks).
+3. The kernel each quantized layer kind gets on this device (`kernels.choose_kernel` at
+   meissonic-1024's row counts, eager and compiled), so a reader sees which path the timings took.
 
 The smoke mode runs step 2 on the tiny-shapes model on CPU in-process (no pytest subprocess: CI
 already runs the test suite) so that CI exercises this script end to end.
@@ -69,6 +72,28 @@ def bench_config(smoke: bool, device: str, out: Path, name: str, model: str | No
                        measure=MeasureSettings(warmup=1, repeats=3, steps=48, budget_s=20.0))
 
 
+# Row counts of meissonic-1024's quantized layers: CFG batch × (1024 image + 77 text) tokens, and the
+# adaLN / embedding projections (one row per sample); K = N = D = 1024 (per-channel scales).
+KERNEL_ROWS = {"tokens": 2 * (1024 + 77), "adaLN": 2}
+
+
+def kernel_choices(device: str) -> list[dict]:
+    """choose_kernel's pick per scheme, row regime and compile setting on `device` (CPU class or GPU)."""
+    from mgtq.quantization import kernels
+
+    x = torch.empty(0, device=device)
+    capability = torch.cuda.get_device_capability(x.device) if device.startswith("cuda") else None
+    rows = []
+    for regime, m in KERNEL_ROWS.items():
+        for compiling in (False, True):
+            ctx = kernels.KernelContext(device=x.device.type, m=m, k=1024, n=1024, dtype=torch.bfloat16,
+                                        group_size=1024, capability=capability, compiling=compiling,
+                                        cpu_class=kernels.cpu_class() if x.device.type == "cpu" else None)
+            rows.append({"rows": regime, "m": m, "compiled": compiling, "cpu_class": ctx.cpu_class,
+                         **{scheme: kernels.choose_kernel(scheme, ctx) for scheme in ("w4a16", "w4a8")}})
+    return rows
+
+
 def summarize(report: dict) -> list[dict]:
     rows = []
     for r in results_of(report):
@@ -92,6 +117,11 @@ def to_markdown(result: dict) -> str:
         mem = row["cuda_max_allocated_bytes"]
         lines.append(f"| {row['label']} | {row['status']} | {fmt(row['forward_s'])} | {fmt(row['forward_vs_bf16'], 2)} "
                      f"| {fmt(row['image_48_s'], 2)} | {'–' if mem is None else f'{mem / 1e6:,.0f}'} |")
+    lines += ["", "## Kernels chosen (bf16 activations, K = N = 1024)", "",
+              "| rows | M | compiled | CPU class | W4A16 | W4A8 |", "|---|---:|---|---|---|---|"]
+    for row in result["kernels"]:
+        lines.append(f"| {row['rows']} | {row['m']} | {row['compiled']} | {row['cpu_class'] or '–'} | {row['w4a16']} "
+                     f"| {row['w4a8']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_bench(bench_config(args.smoke, device, args.out, name, args.model), progress=False)
     result = {"device_name": gpu_name(device), "command": "python benchmarks/gpu_check.py"
               + (" --smoke" if args.smoke else ""), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "tests": tests, "bench": summarize(report), "wall_s": time.perf_counter() - start,
+              "tests": tests, "bench": summarize(report), "kernels": kernel_choices(device),
+              "wall_s": time.perf_counter() - start,
               "time_limit_s": TIME_LIMIT_S}
     write_json(args.out / f"gpu_{name}.json", result)
     (args.out / f"gpu_{name}.md").write_text(to_markdown(result))

@@ -11,6 +11,11 @@ import traceback
 from pathlib import Path
 
 from mgtq import argtypes
+from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
+
+
+# The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
+EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,10 +36,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     from mgtq.sampling.cli_args import add_sampler_arguments
 
-    p.add_argument("--steps", type=argtypes.integer(minimum=1), default=None,
-                   help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=argtypes.number(minimum=0), default=None,
-                   help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=argtypes.integer(minimum=1, maximum=MAX_STEPS), default=None,
+                   help=f"sampling steps, at most {MAX_STEPS} (default: the model's)")
+    p.add_argument("--cfg", type=argtypes.number(minimum=0, maximum=MAX_GUIDANCE), default=None,
+                   help=f"classifier-free guidance scale, at most {MAX_GUIDANCE:g} (default: the model's)")
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
@@ -122,17 +127,45 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    _check_output_path(args.out, "--out")
+    from mgtq.editing import edit_to_file
+
+    pipe = _load_pipe(args)
+    out = edit_to_file(pipe, args.image, args.prompt, args.out, mask=args.mask, outpaint=args.outpaint,
+                       strength=args.strength, seed=args.seed, negative_prompt=args.negative_prompt,
+                       progress=not args.no_progress, sampler=_sampler(args, pipe))
+    print(out)
+    return 0
+
+
+def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
+    """'L,R,T,B': four whole pixel counts ≥ 0 (argparse type of `mgtq edit --outpaint`)."""
+    pads = argtypes.comma_list(argtypes.integer(minimum=0))(text)
+    if len(pads) != 4:
+        raise argparse.ArgumentTypeError(f"takes L,R,T,B: four pixel counts ≥ 0 (left, right, top, bottom), "
+                                         f"got {text!r}")
+    return pads
+
+
 def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
-    from mgtq.evaluation import evaluate_pipeline, summary_line
+    from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
-    result = evaluate_pipeline(pipe, limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
-                               progress=not args.no_progress, split=args.split)
-    result.pop("tokens")
-    print(summary_line(result))
+    common = dict(limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
+                  progress=not args.no_progress, split=args.split)
+    if args.task == "shapebench":
+        result = evaluate_pipeline(pipe, **common)
+        result.pop("tokens")
+        print(summary_line(result))
+    else:
+        tasks = EDIT_TASKS if args.task == "all" else (args.task,)
+        result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
+        for task_result in result["tasks"].values():
+            print(edit_summary_line(task_result))
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -200,7 +233,8 @@ def cmd_bench(args) -> int:
         threads=args.threads, isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
         measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
-                                profile=args.profile, latency=both or args.latency, memory=both or args.memory),
+                                profile=args.profile, latency=both or args.latency, memory=both or args.memory,
+                                interleave=not args.sequential),
     )
     print(to_markdown(run_bench(config, progress=not args.no_progress)))
     return 0
@@ -216,9 +250,16 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
+    from mgtq.utils import writable_file
+
     path = Path(path)
     if path.is_dir() and not folder:
         raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+    if not folder:
+        try:
+            path = writable_file(path)  # a device or FIFO is refused; a symlink is written through
+        except ValueError as err:
+            raise ValueError(f"{flag} {err}") from None
     if path.exists() and not path.is_dir() and folder:
         raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
     parent = path.absolute().parent
@@ -242,12 +283,18 @@ def describe_error(err: BaseException) -> str:
                 errno.ENOTDIR: " (a part of the path is a file)",
                 errno.EISDIR: " (a file was expected)"}.get(err.errno, "")
         text = f"{where}{err.strerror.lower()}{hint}"
-    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+    elif _out_of_memory(err):
         first = (str(err).splitlines() or [""])[0]
         text = f"out of memory{f' ({first})' if first else ''}; try a smaller --batch-size / image size, or free memory"
     else:
         text = str(err) or type(err).__name__
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)))
 
 
 # Failures a user can cause and fix (bad input, files, devices, memory); anything else is a bug and
@@ -296,11 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
     g.add_argument("--seed", type=argtypes.seed, default=0,
                    help="seed of the first image; image i uses seed + i, so each is reproducible alone")
-    g.add_argument("--height", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--width", type=argtypes.integer(minimum=1), default=None,
-                   help="pixels (default: the model's resolution)")
-    g.add_argument("--num-images", type=argtypes.integer(minimum=1), default=1, help="images per prompt")
+    g.add_argument("--height", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--width", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
+                   help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
+    g.add_argument("--num-images", type=argtypes.integer(minimum=1, maximum=MAX_IMAGES), default=1,
+                   help=f"images per prompt, sampled as one batch, at most {MAX_IMAGES}")
     g.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=8,
                    help="prompts per sampler batch (with --prompts)")
     g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
@@ -308,14 +356,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     g.set_defaults(func=cmd_generate)
 
+    d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
+    _add_model_args(d)
+    _add_sampler_args(d)
+    d.add_argument("--image", type=argtypes.existing_file("image"), required=True, help="RGB image to edit")
+    how = d.add_mutually_exclusive_group(required=True)
+    how.add_argument("--mask", type=argtypes.existing_file("mask"), default=None,
+                     help="inpainting: mask image of the same size, white = repaint")
+    how.add_argument("--outpaint", type=_outpaint_padding, default=None, metavar="L,R,T,B",
+                     help="outpainting: pixels to add on the left, right, top and bottom")
+    how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
+                     help="img2img: fraction of the image's tokens re-drawn, in (0, 1]")
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--negative-prompt", default=None)
+    d.add_argument("--seed", type=argtypes.seed, default=0)
+    d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    d.set_defaults(func=cmd_edit)
+
     e = command("eval", "score a model on ShapeBench (generated pixels, per category)")
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
-                   help="only the first N prompts (balanced over categories)")
+                   help="only the first N prompts (balanced over categories; per task with --task)")
     # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
+    e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
+                   help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
+                        "ShapeBench-Edit task; all = the four editing tasks")
     e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16, help="prompts per sampler batch")
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
@@ -378,8 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
     b.add_argument("--json", type=Path, default=None,
                    help="JSON output (default benchmarks/results/bench_<model>.json; .md and .png beside it)")
-    b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=3,
-                   help="timed transformer forwards per config")
+    b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=5,
+                   help="timed transformer forwards per config: one per interleaved round (see --sequential)")
+    b.add_argument("--sequential", action="store_true",
+                   help="time each config's forwards in a row, one config after another (default: interleaved "
+                        "rounds A B C … A B C …, every config held in memory at once)")
     b.add_argument("--warmup", type=argtypes.integer(minimum=0), default=1, help="untimed forwards before timing")
     b.add_argument("--steps", type=argtypes.integer(minimum=1), default=2,
                    help="sampler steps of the timed whole-image run")
@@ -411,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mgtq {args.command}: {_STOPPED.get(args.command, 'stopped')}", file=sys.stderr)
         return 130
     except (*_EXPECTED, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and type(err).__name__ != "OutOfMemoryError":  # torch's OOM
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
             raise
         if args.debug:
             traceback.print_exc()

@@ -21,13 +21,90 @@ passed through unchecked, to be validated by the dataclass itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["from_mapping", "check_keys", "check_value"]
+__all__ = ["from_mapping", "check_keys", "check_value", "read_data", "MAX_DEPTH", "MAX_BYTES"]
+
+# mgtq's own JSON/YAML files (configs, manifests, recipes, run records, results) nest a few levels and
+# weigh kilobytes; these bounds stop a hostile or damaged file before a parser recurses or allocates.
+MAX_DEPTH = 32
+MAX_BYTES = 64 << 20
+
+
+def read_data(path: str | os.PathLike, label: str | None = None, fmt: str | None = None) -> Any:
+    """The JSON or YAML data in `path` (format from `fmt`, else the suffix: .json is JSON, else YAML).
+
+    The one reader of mgtq's settings files. Every failure is a ValueError (FileNotFoundError for a
+    missing file) naming the file as `label` (default: its path): not a regular file, larger than
+    MAX_BYTES, not UTF-8, not valid JSON/YAML, or nested deeper than MAX_DEPTH.
+    """
+    path = Path(path)
+    label = label or str(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{label} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{label} is {'a folder' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}; "
+                         "give the path of a file")
+    if info.st_size > MAX_BYTES:
+        raise ValueError(f"{label} is {info.st_size} bytes, more than the {MAX_BYTES >> 20} MiB a settings file may "
+                         "have; it is not an mgtq file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_BYTES + 1)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{label} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    fmt = fmt or ("json" if path.suffix.lower() == ".json" else "yaml")
+    try:
+        data = _parse(text, fmt, label)
+    except RecursionError:  # the parsers recurse per level: a deep file ends here, quickly
+        raise _too_deep(label) from None
+    _check_depth(data, label)
+    return data
+
+
+def _parse(text: str, fmt: str, label: str) -> Any:
+    if fmt == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{label} is not valid JSON: {err}; it may be truncated: recreate it") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{label} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+
+
+def _check_depth(data: Any, label: str) -> None:
+    """Refuse data nested deeper than MAX_DEPTH (checked without recursion: it is what recursion fears)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_DEPTH:
+                    raise _too_deep(label)
+                stack.append((child, depth + 1))
+
+
+def _too_deep(label: str) -> ValueError:
+    return ValueError(f"{label} nests deeper than {MAX_DEPTH} levels; mgtq's files never do: it is damaged or not an "
+                      "mgtq file")
 
 
 def check_keys(cls, data: Mapping, where: str = "") -> None:

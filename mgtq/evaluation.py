@@ -1,4 +1,5 @@
-"""ShapeBench evaluation of a pipeline: generate each prompt with its seed, score the pixels.
+"""ShapeBench evaluation of a pipeline: generate each prompt with its seed, score the pixels; and
+ShapeBench-Edit (inpaint, replace, outpaint, img2img) through the editing pipelines.
 
 What `mgtq eval` calls, and what the quality tables of SCQ, TomeMGT and the sampler ablations use.
 """
@@ -66,6 +67,68 @@ def evaluate_pipeline(
             raise ValueError(f"reference tokens {tuple(reference_tokens.shape)} ≠ generated {tuple(tokens.shape)}")
         result["token_agreement"] = (reference_tokens == tokens).float().mean().item()
     return result
+
+
+def evaluate_editing(
+    pipe: MGTPipeline, task: str, limit: int | None = None, sampler: SamplerConfig | None = None,
+    batch_size: int = 16, progress: bool = True, split: str = "test", per_task: int | None = None, **call_kwargs,
+) -> dict:
+    """ShapeBench-Edit accuracy of one task (mgtq.shapes.edit): the ShapeBench result dict plus "task",
+    "preserved" and, for img2img, "per_strength".
+
+    preserved: the fraction of tokens outside the mask equal to the encoded input's (inpaint, replace,
+    outpaint: exactly 1.0, or the sampler changed a fixed token; None for img2img, which has no mask).
+    `limit` keeps the first items (img2img: both strengths of each scene count as two).
+    """
+    from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline, token_mask
+    from mgtq.shapes.edit import DEFAULT_PER_TASK, edit_inputs, shapebench_edit_items
+
+    config = sampler or pipe.settings.sampler
+    items = shapebench_edit_items(task, per_task or DEFAULT_PER_TASK, split)[:limit]
+    inpaint, img2img = MGTInpaintPipeline.from_pipe(pipe), MGTImg2ImgPipeline.from_pipe(pipe)
+    t0 = time.perf_counter()
+    outputs: dict[int, object] = {}
+    kept = total = 0
+    groups: dict[float | None, list[int]] = {}
+    for i, item in enumerate(items):  # one pipeline call takes one strength
+        groups.setdefault(item.strength, []).append(i)
+    chunks = [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+    nfe = 0
+    for chunk in tqdm(chunks, desc=f"ShapeBench-Edit {task}", disable=not progress):
+        chunk_items = [items[i] for i in chunk]
+        inputs = [edit_inputs(it) for it in chunk_items]
+        kwargs = dict(seed=[it.seed for it in chunk_items], sampler=config, progress=False, **call_kwargs)
+        images = [image for image, _ in inputs]
+        if task == "img2img":
+            out = img2img([it.prompt for it in chunk_items], image=images, strength=chunk_items[0].strength, **kwargs)
+        else:
+            masks = [mask for _, mask in inputs]
+            out = inpaint([it.prompt for it in chunk_items], image=images, mask_image=masks, **kwargs)
+            keep = ~torch.stack([token_mask(m, inpaint.vae_scale_factor) for m in masks])
+            encoded = inpaint.encode_image(images).cpu()
+            kept += int((out.tokens.cpu() == encoded)[keep].sum())
+            total += int(keep.sum())
+        outputs.update({i: image for i, image in zip(chunk, out.images)})
+        nfe = max(nfe, out.nfe)
+    result = evaluate([outputs[i] for i in range(len(items))], items)
+    result.update(task=task, split=split, nfe=nfe, seconds=time.perf_counter() - t0, sampler=config.to_dict(),
+                  preserved=kept / total if total else None)
+    for row, item in zip(result["per_prompt"], items):
+        row["strength"] = item.strength
+    if task == "img2img":
+        by_strength: dict[float, list[bool]] = {}
+        for row in result["per_prompt"]:
+            by_strength.setdefault(row["strength"], []).append(row["ok"])
+        result["per_strength"] = {str(k): sum(v) / len(v) for k, v in by_strength.items()}
+    return result
+
+
+def edit_summary_line(result: dict) -> str:
+    split = "" if result.get("split", "test") == "test" else f" [{result['split']} split]"
+    extra = "".join(f"  strength {k}={v:.3f}" for k, v in result.get("per_strength", {}).items())
+    kept = "" if result["preserved"] is None else f"  unmasked tokens kept={result['preserved']:.4f}"
+    return (f"ShapeBench-Edit {result['task']}{split} accuracy={result['overall']:.3f} (n={result['n']}, "
+            f"NFE ≤ {result['nfe']}){kept}{extra}")
 
 
 def interleave_categories(items: list) -> list:

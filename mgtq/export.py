@@ -16,6 +16,7 @@ other existing file or folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -91,20 +92,40 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                      out: str | Path) -> Path:
     """Write `out` atomically: the pipeline folder `source` with its transformer replaced by `model`."""
     source, out = Path(source), Path(out)
-    with atomic_directory(out) as tmp:
-        for item in sorted(source.iterdir()):
-            if item.name == "transformer" or item.name.startswith("."):
-                continue
-            _copy(item, tmp / item.name)
-        checkpoint.save(model, manifest, tmp / "transformer")
+    try:
+        with atomic_directory(out) as tmp:
+            for item in sorted(source.iterdir()):
+                if item.name == "transformer" or item.name.startswith("."):
+                    continue
+                _copy(item, tmp / item.name, source.resolve())
+            checkpoint.save(model, manifest, tmp / "transformer")
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the OS names the file copied from, not the one written
+            raise OSError(err.errno, os.strerror(err.errno), str(out)) from None
+        raise
     return out
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Copy contents only: the new files get the user's normal permissions, not the source's."""
-    if src.is_dir():
+def _copy(src: Path, dst: Path, root: Path) -> None:
+    """Copy contents only (the new files get the user's normal permissions, not the source's).
+
+    Links are never followed out of the source model folder `root`, nor into folders (a link to a
+    parent would recurse until the disk is full): a linked file is copied only when its target is a
+    file inside `root`; anything else is refused, naming the link.
+    """
+    if src.is_symlink():
+        target = src.resolve()
+        inside = target == root or root in target.parents
+        why = "outside the model folder" if not inside else None if target.is_file() else "not a file"
+        if why:
+            raise ValueError(f"{src} is a symbolic link to {target}, {why}; mgtq copies only the model folder's own "
+                             "files: replace the link by a copy of the file (e.g. `cp -L`) or remove it")
+        shutil.copyfile(target, dst)
+    elif src.is_dir():
         dst.mkdir()
         for item in sorted(src.iterdir()):
-            _copy(item, dst / item.name)
-    else:
+            _copy(item, dst / item.name, root)
+    elif src.is_file():
         shutil.copyfile(src, dst)
+    else:
+        raise ValueError(f"{src} is not a regular file (a device, FIFO or socket); remove it from the model folder")

@@ -45,8 +45,14 @@ def generate_to_files(
                       height=height, width=width, num_images_per_prompt=num_images, seed=seeds, progress=progress,
                       **call_kwargs)
         for image, path in zip(result.images, paths[first:first + len(seeds)]):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG")
-            tmp.replace(path)  # never leave a half-written PNG behind
+            write_png(image, path)
     return paths
+
+
+def write_png(image, path: Path) -> None:
+    """Save a PIL image as PNG through mgtq's one file writer: never a half-written PNG, nor a leftover
+    temporary file, and never a replaced device, FIFO or link."""
+    from mgtq.utils import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        image.save(tmp, format="PNG")

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from mgtq.components import check_files, check_index, check_loaded
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -477,8 +478,9 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
+    check_files(folder)  # damaged weights, a deep or oversized config.json: named before anything is built
     try:
-        return cls.from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(folder, **kwargs)
     except (RuntimeError, ValueError, OSError, TypeError) as err:
         what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(cls.__name__, "text encoder")
         raise ValueError(
@@ -486,6 +488,8 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
             f"or the weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
             "fix config.json or re-create the folder"
         ) from None
+    check_loaded(model, folder)  # missing, unexpected and non-finite tensors are errors naming file and key
+    return model
 
 
 def _existing_dir(path, what: str) -> Path:
@@ -520,6 +524,7 @@ def read_settings(root: str | os.PathLike) -> PipelineSettings:
     otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
     root = Path(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    check_index(index, root / "model_index.json")  # a JSON object; its resolution within mgtq.limits
     if "mgtq" in index:
         return _settings(index["mgtq"], root / "model_index.json")
     # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.

@@ -6,8 +6,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import stat
 import uuid
 from pathlib import Path
 
@@ -24,12 +25,15 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
     `recover_directory` (called first, every time) cleans up or, if `target` went missing, restores.
     Files and folders get the user's normal permissions (umask), not a temporary folder's 0700.
     """
-    target = Path(target)
+    target = _through_link(Path(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
+    if (target.exists() or target.is_symlink()) and not target.is_dir():
+        raise ValueError(f"{target} is {_kind(target)}, not a folder; mgtq replaces only folders it wrote: "
+                         "choose another path")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another path or remove it first")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _debris_name(target, "tmp")
     tmp.mkdir()  # mode 0o777 & ~umask
     try:
         yield tmp
@@ -39,7 +43,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
     _normal_permissions(tmp)
     old = None
     if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        old = _debris_name(target, "old")
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
@@ -56,9 +60,8 @@ def recover_directory(target: str | os.PathLike) -> None:
     if not target.parent.is_dir():
         return
     olds = []
-    for path in target.parent.glob(f".{target.name}.*"):
-        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
-        if kind not in ("tmp", "old") or _writer_alive(rest):
+    for path, kind, pid in _debris(target):
+        if _writer_alive(pid):
             continue
         if kind == "tmp":
             _remove(path)
@@ -71,12 +74,23 @@ def recover_directory(target: str | os.PathLike) -> None:
         _remove(path)
 
 
-def _writer_alive(suffix: str) -> bool:
-    """Whether the pid at the start of a debris name's suffix ("1234-abcd1234") is a running process."""
-    head = suffix.split("-", 1)[0]
-    if not head.isdigit() or "-" not in suffix:  # no pid: written by an older mgtq, long gone
-        return False
-    pid = int(head)
+def _debris_name(target: Path, kind: str, suffix: str = "") -> Path:
+    """The hidden sibling a writer of `target` works in: `.NAME.tmp-PID-XXXXXXXX[suffix]` (or `.old-`)."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _debris(target: Path):
+    """(path, kind, pid) of each sibling named exactly as `_debris_name` names them: nothing else is
+    mgtq's, so nothing else is ever deleted (a user's `.NAME.swp` or `.NAME.tmp-backup` stays)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}(?:{re.escape(target.suffix)})?")
+    for name in sorted(os.listdir(target.parent)):
+        match = pattern.fullmatch(name)
+        if match:
+            yield target.parent / name, match[1], int(match[2])
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether the writer whose pid a debris name carries is a running process."""
     if pid == os.getpid():
         return True
     try:
@@ -133,25 +147,32 @@ def recover_atomic_target(target: str | os.PathLike) -> None:
     target = Path(target)
     if not target.parent.is_dir():
         return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    found = list(_debris(target))
+    olds = sorted((p for p, kind, _ in found if kind == "old"), key=lambda p: p.stat().st_mtime)
     if olds and not target.exists():
         os.replace(olds.pop(), target)
-    for debris in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
+    for debris in olds + [p for p, kind, _ in found if kind == "tmp"]:
         if debris.is_dir():
             shutil.rmtree(debris, ignore_errors=True)
         else:
             debris.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to `path` through a temporary file and a rename (normal permissions, not 0600)."""
-    path = Path(path)
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary sibling path to write; on success it replaces `path`, on failure it is removed.
+
+    The one way mgtq writes a file (JSON, PNG, safetensors). A symlink is resolved once and the file
+    written at its real path, so the link stays a link. A device, FIFO, socket or folder at `path` is
+    refused before anything is written: a rename would replace it (with `--json /dev/null`, the
+    system's /dev/null). The file gets normal permissions (umask), not a temporary file's 0600.
+    """
+    path = writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    tmp = _debris_name(path, "tmp", path.suffix)  # the suffix lets writers (PIL, matplotlib) see the format
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -160,16 +181,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def writable_file(path: str | os.PathLike) -> Path:
+    """Where a file write to `path` lands: its real path through a symlink; ValueError for a target
+    that is not a regular file (device, FIFO, socket, folder), which mgtq never replaces."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise ValueError(f"{path} is {_kind(path)}; mgtq writes regular files only and never replaces anything "
+                         "else: give the path of a file")
+    return _through_link(path)
+
+
+def _through_link(path: Path) -> Path:
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def describe_path(path: str | os.PathLike) -> str:
+    """What is at `path`, for messages: "does not exist", "is a folder", "is a FIFO (named pipe)", …"""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return "does not exist"
+    return f"is {_kind(path)}"
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link" if path.is_symlink() else "missing"
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A safetensors file written atomically; a failed write (a full disk) is an OSError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # its I/O errors are not OSErrors
+            raise OSError(f"could not write {path} ({str(err)[:200]}); free some disk space and rerun") from None
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated — recreate it") from err
+    """A JSON file's data through mgtq's one bounded reader (`mgtq.config.read_data`)."""
+    from mgtq.config import read_data
+
+    return read_data(path, fmt="json")
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
@@ -184,6 +257,33 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         h.update(path.name.encode())
         _feed_file(h, path)
     return h.hexdigest()[:16]
+
+
+def files_fingerprint(parts: dict[str, str | os.PathLike]) -> str:
+    """sha256 (16 hex digits) over named files and folders: every regular file's name and bytes.
+
+    `parts` maps a name to a file or folder ({"vqvae": DIR/vqvae, "prompts": FILE}); a missing one
+    counts as missing. Hidden names (mgtq's temporary files, editors' swap files) are left out.
+    """
+    h = hashlib.sha256()
+    for name, root in sorted(parts.items()):
+        root = Path(root)
+        files = _regular_files(root)
+        h.update(f"{name}:{len(files)}\n".encode())
+        for path in files:
+            h.update(f"{path.relative_to(root) if path != root else ''}:{path.stat().st_size}\n".encode())
+            _feed_file(h, path)
+    return h.hexdigest()[:16]
+
+
+def _regular_files(root: Path) -> list[Path]:
+    """`root` if it is a file; else the files under it, sorted, hidden names left out, links not followed."""
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -9,6 +9,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 warnings.filterwarnings("ignore", message=".*register_constant.*")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache_in_tmp(tmp_path_factory):
+    # compile_blocks keeps compiled code in mgtq's user cache folder: tests must not fill the real one.
+    import os
+
+    os.environ.setdefault("MGTQ_CACHE_DIR", str(tmp_path_factory.mktemp("mgtq-cache")))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

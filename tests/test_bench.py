@@ -251,3 +251,49 @@ def test_fork_server_reports_a_failing_case_and_keeps_serving():
         with pytest.raises(ChildError, match="case must be a mapping"):
             isolation.run("case", payload)  # no case in the payload: the child fails, the server survives
         assert isolation.run("baseline", payload)["rss"] > 0
+
+
+# ------------------------------------------------------------------------- interleaved rounds
+def _timed(label, target, samples, compile=False):
+    forward = {"median": sorted(samples)[len(samples) // 2], "samples": samples, "cpu_samples": samples,
+               "cpu_median": sorted(samples)[len(samples) // 2], "rounds": list(range(len(samples)))}
+    return CaseResult(label=label, target=target, kind="mgtq", compile=compile, weights={"transformer_bytes": 1},
+                      memory={"peak_rss_process": 1}, latency={"forward": forward, "image": None})
+
+
+def test_interleaved_ratio_is_the_median_of_per_round_ratios_not_of_medians():
+    # Round 2 is slow for both (machine drift): per-round ratios cancel it, a ratio of medians does not.
+    results = [_timed("bf16", "bf16", [1.0, 1.0, 3.0]), _timed("scq", "scq", [0.8, 0.9, 2.4]),
+               _timed("bf16+compile", "bf16", [0.5, 0.5, 1.5], compile=True)]
+    ratios = compute_ratios(results)
+    assert ratios["scq"]["forward_vs_bf16"] == pytest.approx(0.8)  # per round 0.8, 0.9, 0.8
+    assert ratios["scq"]["forward_vs_bf16_spread"] == pytest.approx({"min": 0.8, "max": 0.9, "rounds": 3})
+    assert ratios["bf16+compile"]["forward_speedup_vs_eager"] == pytest.approx(2.0)
+    sequential = [_timed("bf16", "bf16", [1.0, 1.0, 3.0]), _timed("scq", "scq", [0.8, 0.9, 2.4])]
+    for r in sequential:
+        r.latency["forward"]["rounds"] = None
+    assert compute_ratios(sequential)["scq"]["forward_vs_bf16"] == pytest.approx(0.9)  # medians 0.9 / 1.0
+    assert "forward_vs_bf16_spread" not in compute_ratios(sequential)["scq"]
+
+
+def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
+    messages = []
+    config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
+                         measure=MeasureSettings(repeats=3, steps=1, warmup=0, memory=False))
+    report = run_bench(config, progress=False, write=False, log=messages.append)
+    for r in report["results"]:
+        assert r["latency"]["forward"]["rounds"] == [0, 1, 2] and len(r["latency"]["forward"]["samples"]) == 3
+    first_round = next(i for i, m in enumerate(messages) if m.startswith("round 1/3"))
+    assert sum(m.endswith("building and warming up …") for m in messages[:first_round]) == 2
+    assert report["ratios"]["w4a8"]["forward_vs_bf16_spread"]["rounds"] == 3
+    assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]
+
+
+def test_held_case_process_reports_a_failing_case(tmp_path):
+    from mgtq.bench.child import make_payload
+    from mgtq.bench.runner import CaseWorker, ChildError
+    from mgtq.bench.source import resolve_model
+
+    payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
+    with pytest.raises(ChildError, match="case must be a mapping"):
+        CaseWorker(payload, in_process=False, folder=tmp_path)  # no case: the held process fails while building

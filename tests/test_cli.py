@@ -38,25 +38,25 @@ def no_model(monkeypatch):
 
 # --------------------------------------------------------------------- flag values ("silent nonsense")
 BAD_FLAGS = [
-    (["generate", "--prompt", "x", "--height", "0"], "argument --height: must be an integer ≥ 1, got '0'"),
-    (["generate", "--prompt", "x", "--height", "-64"], "argument --height: must be an integer ≥ 1"),
-    (["generate", "--prompt", "x", "--width", "0"], "argument --width: must be an integer ≥ 1"),
-    (["generate", "--prompt", "x", "--height", "64.5"], "argument --height: must be an integer ≥ 1, got '64.5'"),
-    (["generate", "--prompt", "x", "--num-images", "0"], "argument --num-images: must be an integer ≥ 1"),
-    (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--height", "0"], "argument --height: must be an integer in [1, 4096], got '0'"),
+    (["generate", "--prompt", "x", "--height", "-64"], "argument --height: must be an integer in [1, 4096]"),
+    (["generate", "--prompt", "x", "--width", "0"], "argument --width: must be an integer in [1, 4096]"),
+    (["generate", "--prompt", "x", "--height", "64.5"], "argument --height: must be an integer in [1, 4096], got '64.5'"),
+    (["generate", "--prompt", "x", "--num-images", "0"], "argument --num-images: must be an integer in [1, 1024]"),
+    (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: must be an integer in [1, 4096]"),
     (["generate", "--prompt", "x", "--seed", "-1"], "argument --seed: must be an integer in [0, "),
     (["generate", "--prompt", "x", "--seed", str(2**64)], "argument --seed: must be an integer in [0, "),
-    (["generate", "--prompt", "x", "--cfg", "nan"], "argument --cfg: must be a finite number ≥ 0, got 'nan'"),
-    (["generate", "--prompt", "x", "--cfg", "inf"], "argument --cfg: must be a finite number ≥ 0, got 'inf'"),
-    (["generate", "--prompt", "x", "--cfg", "-1"], "argument --cfg: must be a finite number ≥ 0"),
-    (["generate", "--prompt", "x", "--cfg", "high"], "argument --cfg: must be a finite number ≥ 0, got 'high'"),
+    (["generate", "--prompt", "x", "--cfg", "nan"], "argument --cfg: must be a finite number in [0, 100], got 'nan'"),
+    (["generate", "--prompt", "x", "--cfg", "inf"], "argument --cfg: must be a finite number in [0, 100], got 'inf'"),
+    (["generate", "--prompt", "x", "--cfg", "-1"], "argument --cfg: must be a finite number in [0, 100]"),
+    (["generate", "--prompt", "x", "--cfg", "high"], "argument --cfg: must be a finite number in [0, 100], got 'high'"),
     (["generate", "--prompt", "x", "--gumbel-temperature", "nan", "nan"],
      "argument --gumbel-temperature: must be a finite number ≥ 0, got 'nan'"),
     (["generate", "--prompt", "x", "--gumbel-temperature", "2", "-1"],
      "argument --gumbel-temperature: must be a finite number ≥ 0, got '-1'"),
     (["generate", "--prompt", "x", "--rho", "nan"], "argument --rho: must be a finite number > 0, got 'nan'"),
     (["generate", "--prompt", "x", "--rho", "0"], "argument --rho: must be a finite number > 0"),
-    (["generate", "--prompt", "x", "--noise-scale", "inf"], "argument --noise-scale: must be a finite number ≥ 0"),
+    (["generate", "--prompt", "x", "--noise-scale", "inf"], "argument --noise-scale: must be a finite number in [0, 100]"),
     (["generate", "--prompt", "x", "--diff-z", "150"], "argument --diff-z: must be a finite number in [0, 100]"),
     (["generate", "--prompt", "x", "--inversion-cfg", "nan"], "argument --inversion-cfg: must be a finite number"),
     (["generate", "--prompt", "x", "--zsampling-steps", "5:2"], "argument --zsampling-steps: takes 'all'"),
@@ -71,7 +71,7 @@ BAD_FLAGS = [
     (["generate"], "one of the arguments --prompt --prompts is required"),
     (["generate", "--prompt", "x", "--stpes", "4"], "unrecognized arguments: --stpes 4"),
     ([], "the following arguments are required: command"),
-    (["eval", "--steps", "0"], "argument --steps: must be an integer ≥ 1"),
+    (["eval", "--steps", "0"], "argument --steps: must be an integer in [1, 4096]"),
     (["eval", "--limit", "0"], "argument --limit: must be an integer ≥ 1, got '0'"),
     (["eval", "--limit", "-318"], "argument --limit: must be an integer ≥ 1, got '-318'"),
     (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1, got '0'"),
@@ -260,6 +260,16 @@ def test_torch_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
     _raise_in_work(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore"))
     err = one_line_error(capsys, generate(tmp_path))
     assert err.startswith("mgtq generate: error: out of memory (CUDA out of memory. Tried to allocate 2 GiB)")
+
+
+def test_a_cpu_allocation_failure_is_one_line_out_of_memory(capsys, monkeypatch, tmp_path):
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as err:
+        cpu_oom = err
+    _raise_in_work(monkeypatch, cpu_oom)
+    err = one_line_error(capsys, generate(tmp_path))
+    assert err.startswith("mgtq generate: error: out of memory (") and "try a smaller" in err
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):

@@ -92,3 +92,50 @@ def test_unfinished_run_hint_names_the_runs_own_recipe(run, tmp_path):
     with pytest.raises(ValueError, match=f"mgtq calibrate --recipe {run / 'recipe.yaml'} --out {run}"):
         export_run(run, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------ links in the source model
+@pytest.fixture
+def source_copy(random_pipeline_dir, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(random_pipeline_dir, source)
+    return source
+
+
+def _write(source, out):
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    return write_checkpoint(source, pipe.transformer, manifest, out)
+
+
+def test_a_link_out_of_the_source_model_is_refused_and_its_target_not_copied(source_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the model")
+    (source_copy / "tokenizer" / "extra.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"tokenizer/extra.txt is a symbolic link to .*secret.txt, outside the model"):
+        _write(source_copy, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt", "source"]  # no checkpoint, no debris
+
+
+def test_a_link_loop_in_the_source_model_is_refused_not_recursed(source_copy, tmp_path):
+    (source_copy / "vqvae" / "loop").symlink_to("..")
+    with pytest.raises(ValueError, match=r"vqvae/loop is a symbolic link to .*, not a file"):
+        _write(source_copy, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_a_link_to_a_file_inside_the_source_model_is_copied_as_a_file(source_copy, tmp_path):
+    (source_copy / "tokenizer" / "copy.json").symlink_to(source_copy / "tokenizer" / "tokenizer_config.json")
+    out = _write(source_copy, tmp_path / "ckpt")
+    copied = out / "tokenizer" / "copy.json"
+    assert not copied.is_symlink() and copied.read_bytes() == (source_copy / "tokenizer" / "tokenizer_config.json").read_bytes()
+
+
+def test_overwriting_a_symlinked_out_keeps_the_link(a_checkpoint, source_copy, tmp_path):
+    real = tmp_path / "real"
+    shutil.copytree(a_checkpoint, real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    _write(source_copy, link)
+    assert link.is_symlink() and is_checkpoint(real)

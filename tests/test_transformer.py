@@ -113,7 +113,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     shutil.copytree(FIXTURES / "meissonic-tiny-nodown", folder)
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="could not load the transformer"):
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file .*truncated"):
         load_transformer(folder)
 
 
@@ -145,3 +145,36 @@ def test_rope_tables_rotate_pairs():
     y = apply_rope(x, cos, sin)
     assert torch.allclose(y.norm(), x.norm(), atol=1e-6)  # rotations keep the norm
     assert torch.allclose(y[..., :2], x[..., :2])  # axis 0 has position 0: identity
+
+
+def _official_rope(x, cos, sin):
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x_real, x_imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    return (x.float() * cos + x_rot * sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_rope_in_one_complex_product_equals_the_official_formula(dtype, per_sample):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (77, 3), generator=g).float()
+    cos, sin = rope_tables(ids, (16, 56, 56))
+    if per_sample:  # token merging's per-sample tables
+        cos, sin = torch.stack([cos, cos.flip(0)]), torch.stack([sin, sin.flip(0)])
+    x = (torch.randn(2, 8, 77, 128, generator=g) * 4).to(dtype)
+    # bf16: the same value after the one rounding; fp32: within an ulp (the product may use an FMA).
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(apply_rope(x, cos, sin), _official_rope(x, cos, sin), **tol)
+    torch.testing.assert_close(apply_rope(x.transpose(1, 2).contiguous().transpose(1, 2), cos, sin),
+                               _official_rope(x, cos, sin), **tol)  # strided input, as after a head split
+
+
+def test_compiled_rope_equals_eager_rope():
+    g = torch.Generator().manual_seed(1)
+    cos, sin = rope_tables(torch.randint(0, 64, (40, 3), generator=g).float(), (16, 56, 56))
+    x = (torch.randn(2, 8, 40, 128, generator=g) * 4).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(apply_rope, fullgraph=True)(x, cos, sin)
+    torch.testing.assert_close(compiled.float(), _official_rope(x, cos, sin).float(), rtol=2 ** -7, atol=1e-6)

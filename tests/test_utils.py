@@ -1,12 +1,13 @@
 """Atomic writes: nothing half-written, debris of killed writers recovered, normal permissions."""
 
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from mgtq.utils import atomic_directory, atomic_write_text, recover_directory
+from mgtq.utils import atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory, write_json
 
 
 def _umask():
@@ -36,18 +37,22 @@ def test_failure_inside_leaves_the_target_as_it_was(tmp_path):
 def test_stale_temporary_and_old_folders_are_cleaned(tmp_path):
     target = tmp_path / "out"
     dead = _dead_pid()
-    for name in (f".out.tmp-{dead}-aaaa", f".out.old-{dead}-bbbb", ".out.tmp-x1y2z3", f".out.tmp-{os.getpid()}-live"):
+    for name in (f".out.tmp-{dead}-aaaa0000", f".out.old-{dead}-bbbb1111", f".out.tmp-{os.getpid()}-cccc2222"):
         (tmp_path / name).mkdir()
-    (tmp_path / ".other.tmp-1-x").mkdir()  # another target's debris: not ours to judge
+    (tmp_path / ".other.tmp-1-dddd3333").mkdir()  # another target's debris: not ours to judge
+    # names mgtq never gives its temporary files are the user's, whatever they look like
+    for name in (".out.tmp-x1y2z3", ".out.swp", f".out.tmp-{dead}-backup"):
+        (tmp_path / name).mkdir()
     with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("new")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".other.tmp-1-x", f".out.tmp-{os.getpid()}-live", "out"]
+    assert left == sorted([".other.tmp-1-dddd3333", ".out.swp", f".out.tmp-{dead}-backup",
+                           f".out.tmp-{os.getpid()}-cccc2222", ".out.tmp-x1y2z3", "out"])
 
 
 def test_a_target_lost_between_the_two_renames_is_restored(tmp_path):
     target = tmp_path / "out"
-    old = tmp_path / f".out.old-{_dead_pid()}-cccc"  # the state a kill between the renames leaves
+    old = tmp_path / f".out.old-{_dead_pid()}-cccc0000"  # the state a kill between the renames leaves
     old.mkdir()
     (old / "a.txt").write_text("good")
     recover_directory(target)
@@ -66,3 +71,70 @@ def test_files_and_folders_get_normal_permissions(tmp_path):
     assert (target / "sub").stat().st_mode & 0o777 == 0o777 & ~mask
     assert (target / "sub" / "private.bin").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "note.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# ------------------------------------------------------------------- special files and symlinks
+def _char_device_or_skip(path):
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "link to stdout", "folder"])
+def test_a_special_file_is_refused_and_left_as_it_was(tmp_path, kind):
+    target = tmp_path / "result.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "char device":
+        _char_device_or_skip(target)
+    elif kind == "link to stdout":
+        read, write = os.pipe()  # what /dev/stdout → /proc/self/fd/1 is under a pipe
+        os.symlink(f"/proc/self/fd/{write}", target)
+    else:
+        target.mkdir()
+    before = os.lstat(target)
+    with pytest.raises(ValueError, match="writes regular files only"):
+        write_json(target, {"a": 1})
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_the_cli_refuses_a_fifo_as_json_output_before_any_work(tmp_path, capsys):
+    from mgtq.cli import main
+
+    fifo = tmp_path / "x.json"
+    os.mkfifo(fifo)
+    assert main(["eval", "--json", str(fifo), "--limit", "1"]) == 2
+    assert "is a FIFO (named pipe); mgtq writes regular files only" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_symlinked_file_is_written_through_and_stays_a_link(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_json(link, {"a": 1})
+    assert link.is_symlink() and read_json(real) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
+def test_a_symlinked_folder_is_replaced_through_and_stays_a_link(tmp_path):
+    real = tmp_path / "real"
+    with atomic_directory(real) as tmp:
+        (tmp / "a.txt").write_text("one")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with atomic_directory(link) as tmp:
+        (tmp / "a.txt").write_text("two")
+    assert link.is_symlink() and (real / "a.txt").read_text() == "two"
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_file(tmp_path / "img.png") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
     python -m mgtq.bench.child case PAYLOAD.json RESULT.json     # one case by hand ("spawn" isolation)
     python -m mgtq.bench.child serve                             # the fork server the runner uses
+    python -m mgtq.bench.child hold PAYLOAD.json                 # one case timed in interleaved rounds
 
 `run_case(payload) -> dict` builds the pipeline in the case's format (or peer), applies TomeMGT,
 then measures: weight bytes, RSS after building, transformer forward latency (CFG batch 2),
@@ -13,6 +14,7 @@ process that imported torch + mgtq. Payloads and results are plain JSON-able dic
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -30,7 +32,7 @@ import torch
 import mgtq  # noqa: F401  (imported here so every case process, and the baseline, pays the same imports)
 from mgtq.bench import memory
 from mgtq.bench.config import EXTRAPOLATE_STEPS, BenchCase, MeasureSettings
-from mgtq.bench.latency import CallTimer, time_call, time_repeated
+from mgtq.bench.latency import CallTimer, Timing, time_call, time_repeated
 from mgtq.bench.result import CaseResult
 from mgtq.bench.source import BENCH_PROMPT, ModelSource, forward_inputs
 
@@ -187,103 +189,167 @@ def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
 
 
 # ------------------------------------------------------------------------------------ the case
+class CaseSession:
+    """One case, built and warmed up once, then timed on request (`time_forwards`), then `finish`-ed.
+
+    The runner's interleaved rounds keep one session per case alive and ask each, in turn, for a
+    timed forward, so that the machine's drift falls on every case alike. `run_case` is the
+    same steps without interleaving. A peer that is unavailable or fails to build is reported as
+    skipped (`ready` False); an mgtq format that fails raises (a bug).
+    """
+
+    def __init__(self, payload: dict):
+        from mgtq.bench.peers import PEERS, unavailable_reason
+
+        _setup(payload)
+        self._wall = time.perf_counter()
+        self._payload = payload
+        self.source = ModelSource.from_dict(payload["source"])
+        self.case = BenchCase.from_dict(payload["case"])
+        self.measure = MeasureSettings.from_dict(payload["measure"])
+        self.device = torch.device(payload["device"])
+        self.result = CaseResult.of(self.case, family=PEERS[self.case.target].family if self.case.is_peer else "mgtq")
+        self.result.loadavg = {"before": memory.loadavg(), "after": None}
+        self.samples: list[float] = []
+        self.cpu_samples: list[float] = []
+        self.rounds: list[int] = []
+        self.ready = False
+        self._phase = contextlib.ExitStack()
+        if self.case.is_peer:
+            reason = unavailable_reason(self.case.target, self.device.type)
+            if reason is not None:
+                self.result.status, self.result.message = "skipped", reason
+                return
+        try:
+            self._build_and_warm_up()
+        except Exception as err:  # a failing peer is reported, the run goes on
+            if not self.case.is_peer:
+                raise
+            self._phase.close()
+            self._skip(err)
+            return
+        self.ready = True
+
+    @property
+    def timed(self) -> bool:
+        """Whether this case's forwards are timed (offload mode only warms up)."""
+        return self.ready and self.measure.latency and not self.case.offload
+
+    def _skip(self, err: BaseException) -> None:
+        from mgtq.bench.peers import PEERS
+
+        self.result.status = "skipped"
+        self.result.message = (f"{self.case.target} skipped: {PEERS[self.case.target].scheme} failed on "
+                               f"{self.device.type} ({_one_line(err)})")
+
+    def _build_and_warm_up(self) -> None:
+        from mgtq.bench.formats import float_dtype_of
+
+        case, source, measure, device, result = self.case, self.source, self.measure, self.device, self.result
+        self.sync = _sync_fn(device)
+        seed = int(self._payload["seed"])
+        dtype = float_dtype_of(case.target) if not case.is_peer else torch.bfloat16
+        self.inputs = forward_inputs(source, dtype, str(device), seed=seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        start = time.perf_counter()
+        transformer, notes, scheme, calib_s = build_case_transformer(source, case, self._payload["input_scales"],
+                                                                      seed, str(device), self.inputs)
+        self.pipe = build_pipeline(source, transformer, dtype, measure.steps, seed, str(device),
+                                   vq_empty=case.offload)
+        if case.tome:
+            from mgtq.merging import apply_tomemgt
+
+            apply_tomemgt(self.pipe, ratio=case.tome, blocks=case.tome_blocks, **case.tome_options)
+            notes.append(_TOME_NOTES[case.tome_blocks])
+        if case.compile:
+            self.pipe.compile()  # in place, per block: compiled by the warm-up forward
+            notes.append("+compile: every transformer block under torch.compile(fullgraph=True) "
+                         "(MGTPipeline.compile); compile time in the untimed warm-up")
+        result.build_s = time.perf_counter() - start
+        result.quantize_s = calib_s or None
+        result.scheme, result.notes = scheme, notes
+
+        result.weights = _weights_record(transformer)
+        del transformer  # from here on only the pipeline holds it (offload mode must be able to free it)
+        self.mem = _memory_after_build(device)
+        self.phases = memory.PhasePeaks()
+        self.mem["peak_reset_supported"] = self.phases.supported
+        self._phase.enter_context(self.phases.phase("forwards"))
+        # Untimed warm-up (offload mode too, so its steps compare; it also puts a forward in the peak).
+        warm_up = measure.warmup if self.measure.latency and not case.offload else max(1, measure.warmup)
+        forward = _forward_fn(self.pipe.transformer, self.inputs)
+        self.warmup_s = [time_call(forward, self.sync)[0] for _ in range(warm_up)]  # the first compiles
+
+    def time_forwards(self, n: int, round_index: int | None = None, budget_s: float | None = None) -> list[float]:
+        """Time up to `n` forwards (fewer once `budget_s` seconds were spent on this case); their wall seconds."""
+        if not self.timed:
+            return []
+        if budget_s is not None:
+            budget_s -= sum(self.samples)
+            if budget_s <= 0 and self.samples:
+                return []
+        timing = time_repeated(_forward_fn(self.pipe.transformer, self.inputs), 0, n, budget_s, self.sync)
+        self.samples += timing.samples
+        self.cpu_samples += timing.cpu_samples
+        self.rounds += [len(self.rounds) if round_index is None else round_index] * len(timing.samples)
+        return list(timing.samples)
+
+    def finish(self) -> dict:
+        """The whole image run, memory peaks, the profile; the CaseResult as a dict."""
+        if self.ready:
+            self._finish()
+        self.result.loadavg["after"] = memory.loadavg()
+        self.result.wall_s = time.perf_counter() - self._wall
+        return self.result.to_dict()
+
+    def _finish(self) -> None:
+        from mgtq.bench.source import build_vq
+
+        case, measure, device, result, sync, phases = (self.case, self.measure, self.device, self.result,
+                                                       self.sync, self.phases)
+        self._phase.close()  # the "forwards" phase ends
+        latency: dict = {"unit": "s", "forward_batch": int(self.inputs["hidden_states"].shape[0]), "forward": None,
+                         "warmup_s": self.warmup_s}
+        if self.samples:
+            latency["forward"] = Timing.of(self.samples, self.cpu_samples, self.rounds).to_dict()
+        try:
+            if case.offload:
+                pipe, self.pipe = self.pipe, None
+                image, freed, _ = generate_offloaded(pipe, lambda: build_vq(self.source, int(self._payload["seed"]))
+                                                     .to(device), measure.steps, sync, phases)
+                result.transformer_freed_before_decode = freed
+            else:
+                image = timed_image(self.pipe, measure.steps, sync, warm_decode=measure.warmup > 0, phases=phases)
+        except Exception as err:
+            if not case.is_peer:
+                raise
+            self._skip(err)
+            return
+        latency["image"] = image
+        result.latency = latency
+        mem = self.mem
+        mem["phase_peaks"] = dict(phases.peaks)
+        mem["peak_rss_inference"] = phases.overall if phases.supported else None
+        mem["peak_rss_process"] = max(mem["peak_rss_build"], phases.overall)
+        if device.type == "cuda":
+            mem["cuda_inference"] = memory.cuda_peaks(device)
+        result.memory = mem
+        if measure.profile and not case.offload:  # last: the profiler's own memory must not count above
+            result.profile = _profile(_forward_fn(self.pipe.transformer, self.inputs))
+
+
 def run_case(payload: dict) -> dict:
     """Build and measure one case (see module docstring); never raises for a failing peer."""
-    from mgtq.bench.peers import PEERS, unavailable_reason
-
-    _setup(payload)
-    wall = time.perf_counter()
-    source = ModelSource.from_dict(payload["source"])
-    case = BenchCase.from_dict(payload["case"])
-    measure = MeasureSettings.from_dict(payload["measure"])
-    device = torch.device(payload["device"])
-    result = CaseResult.of(case, family=PEERS[case.target].family if case.is_peer else "mgtq")
-    result.loadavg = {"before": memory.loadavg(), "after": None}
-    if case.is_peer:
-        reason = unavailable_reason(case.target, device.type)
-        if reason is not None:
-            result.status, result.message, result.wall_s = "skipped", reason, time.perf_counter() - wall
-            return result.to_dict()
-    try:
-        _measure_case(payload, source, case, measure, device, result)
-    except Exception as err:  # a failing configuration is reported, the run goes on
-        if not case.is_peer:
-            raise
-        result.status = "skipped"
-        result.message = (f"{case.target} skipped: {PEERS[case.target].scheme} failed on {device.type} "
-                          f"({_one_line(err)})")
-    result.loadavg["after"] = memory.loadavg()
-    result.wall_s = time.perf_counter() - wall
-    return result.to_dict()
+    session = CaseSession(payload)
+    session.time_forwards(session.measure.repeats, budget_s=session.measure.budget_s)
+    return session.finish()
 
 
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def _measure_case(payload, source, case, measure, device, result: CaseResult) -> None:
-    from mgtq.bench.formats import float_dtype_of
-    from mgtq.bench.source import build_vq
-
-    sync = _sync_fn(device)
-    is_cuda = device.type == "cuda"
-    seed = int(payload["seed"])
-    dtype = float_dtype_of(case.target) if not case.is_peer else torch.bfloat16
-    inputs = forward_inputs(source, dtype, str(device), seed=seed)
-    if is_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    start = time.perf_counter()
-    transformer, notes, scheme, calib_s = build_case_transformer(source, case, payload["input_scales"], seed,
-                                                                  str(device), inputs)
-    pipe = build_pipeline(source, transformer, dtype, measure.steps, seed, str(device), vq_empty=case.offload)
-    if case.tome:
-        from mgtq.merging import apply_tomemgt
-
-        apply_tomemgt(pipe, ratio=case.tome, blocks=case.tome_blocks, **case.tome_options)
-        notes.append(_TOME_NOTES[case.tome_blocks])
-    if case.compile:
-        pipe.compile()  # in place, per block: compiled by the warm-up forward
-        notes.append("+compile: every transformer block under torch.compile(fullgraph=True) (MGTPipeline.compile); "
-                     "compile time in the untimed warm-up")
-    result.build_s = time.perf_counter() - start
-    result.quantize_s = calib_s or None
-    result.scheme, result.notes = scheme, notes
-
-    result.weights = _weights_record(transformer)
-    mem = _memory_after_build(device)
-    phases = memory.PhasePeaks()
-    mem["peak_reset_supported"] = phases.supported
-
-    latency: dict = {"unit": "s", "forward_batch": int(inputs["hidden_states"].shape[0]), "forward": None}
-    forward = _forward_fn(pipe.transformer, inputs)
-    with phases.phase("forwards"):
-        if measure.latency and not case.offload:
-            latency["forward"] = time_repeated(forward, measure.warmup, measure.repeats, measure.budget_s,
-                                               sync).to_dict()
-        else:  # untimed: warms up (offload mode too, so its steps compare) and puts a forward in the peak
-            for _ in range(max(1, measure.warmup)):
-                with torch.inference_mode():
-                    forward()
-    del transformer, forward  # from here on only the pipeline holds it (offload mode must be able to free it)
-    if case.offload:
-        image, freed, _ = generate_offloaded(pipe, lambda: build_vq(source, seed).to(device), measure.steps, sync,
-                                             phases)
-        result.transformer_freed_before_decode = freed
-    else:
-        image = timed_image(pipe, measure.steps, sync, warm_decode=measure.warmup > 0, phases=phases)
-    latency["image"] = image
-    result.latency = latency
-
-    mem["phase_peaks"] = dict(phases.peaks)
-    mem["peak_rss_inference"] = phases.overall if phases.supported else None
-    mem["peak_rss_process"] = max(mem["peak_rss_build"], phases.overall)
-    if is_cuda:
-        mem["cuda_inference"] = memory.cuda_peaks(device)
-    result.memory = mem
-    if measure.profile and not case.offload:  # last: the profiler's own memory must not count above
-        result.profile = _profile(_forward_fn(pipe.transformer, inputs))
 
 
 def _weights_record(transformer: torch.nn.Module) -> dict:
@@ -357,6 +423,39 @@ def baseline(payload: dict) -> dict:
 ENTRY_POINTS = {"case": run_case, "calibrate": calibrate, "baseline": baseline}
 
 
+def hold(payload: dict, requests, responses) -> int:
+    """A `CaseSession` driven by JSON lines (the runner's interleaved rounds, see runner.CaseWorker).
+
+    Answers {"timed": bool} once built (or {"error": traceback}); then each request
+    {"op": "time", "n", "round", "budget_s"} with {"samples": [s]}, and {"op": "finish"} with
+    {"ok": result} (or {"error": traceback}), after which the process exits.
+    """
+    def answer(message: dict) -> None:
+        responses.write(json.dumps(message) + "\n")
+        responses.flush()
+
+    try:
+        session = CaseSession(payload)
+    except BaseException:
+        answer({"error": traceback.format_exc()[-3000:]})
+        return 1
+    answer({"timed": session.timed})
+    for line in requests:
+        request = json.loads(line)
+        try:
+            if request["op"] == "time":
+                answer({"samples": session.time_forwards(request["n"], request["round"], request.get("budget_s"))})
+            elif request["op"] == "finish":
+                answer({"ok": session.finish()})
+                return 0
+            else:
+                answer({"error": f"unknown request {request['op']!r}"})
+        except BaseException:
+            answer({"error": traceback.format_exc()[-3000:]})
+            return 1
+    return 1  # the runner went away
+
+
 def run_to_file(entry: str, payload: dict, result_path: str) -> None:
     """Run an entry point and write {"ok": result} or {"error": traceback} to `result_path` (atomically)."""
     from mgtq.utils import atomic_write_text
@@ -418,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["serve"]:
         return serve()
+    if len(argv) == 2 and argv[0] == "hold":
+        responses = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # library prints must not reach the protocol stream
+        return hold(json.loads(Path(argv[1]).read_text()), sys.stdin, responses)
     if len(argv) != 3 or argv[0] not in ENTRY_POINTS:
         print(f"usage: python -m mgtq.bench.child {{{','.join(ENTRY_POINTS)}}} PAYLOAD.json RESULT.json\n"
               "       python -m mgtq.bench.child serve        (fork server, used by mgtq bench)", file=sys.stderr)

@@ -40,7 +40,10 @@ class MeasureSettings:
     """How one case is measured.
 
     warmup: untimed transformer forwards before timing (first calls pay oneDNN primitive creation,
-    allocator growth). repeats: timed forwards (median, min, max reported). steps: sampler steps of
+    allocator growth). repeats: timed forwards (median, min, max reported). interleave: time them
+    in rounds across the cases (A B C … A B C …, one forward per case per round, every case
+    built once and held until the last round) so that the machine's drift lands on every case
+    alike and ratios are taken per round; otherwise each case times all its forwards in a row. steps: sampler steps of
     the timed whole-image run (then VQ decode); per-step and 48-step extrapolations are derived.
     budget_s: stop timing forwards once this many seconds were spent on them (≥ 1 repeat always);
     None = no limit. profile: also profile one forward (time split by operator category).
@@ -48,12 +51,13 @@ class MeasureSettings:
     """
 
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 5
     steps: int = 2
     budget_s: float | None = None
     profile: bool = False
     latency: bool = True
     memory: bool = True
+    interleave: bool = True
 
     def __post_init__(self):
         _positive_int(self.warmup, "warmup", 0)
@@ -61,7 +65,7 @@ class MeasureSettings:
         _positive_int(self.steps, "steps", 1)
         if self.budget_s is not None and not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
             raise ValueError(f"budget_s must be a positive number of seconds or None, got {self.budget_s!r}")
-        for name in ("profile", "latency", "memory"):
+        for name in ("profile", "latency", "memory", "interleave"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (self.latency or self.memory):

@@ -28,20 +28,38 @@ class Timing:
     samples: tuple[float, ...]
     cpu_median: float | None = None
     cpu_samples: tuple[float, ...] | None = None
+    rounds: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, samples: list[float] | tuple[float, ...], cpu_samples: list[float] | None = None) -> "Timing":
+    def of(cls, samples: list[float] | tuple[float, ...], cpu_samples: list[float] | None = None,
+           rounds: list[int] | None = None) -> "Timing":
+        """`rounds`: the interleaved round each sample was taken in (see mgtq.bench.runner), if any."""
         if not samples:
             raise ValueError("a Timing needs at least one sample")
+        if rounds is not None and len(rounds) != len(samples):
+            raise ValueError(f"{len(rounds)} round indices for {len(samples)} samples")
         cpu = tuple(cpu_samples) if cpu_samples else None
         return cls(statistics.median(samples), min(samples), max(samples), tuple(samples),
-                   statistics.median(cpu) if cpu else None, cpu)
+                   statistics.median(cpu) if cpu else None, cpu, None if rounds is None else tuple(rounds))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["samples"] = list(self.samples)
         d["cpu_samples"] = None if self.cpu_samples is None else list(self.cpu_samples)
+        d["rounds"] = None if self.rounds is None else list(self.rounds)
         return d
+
+
+def round_ratios(a: dict, b: dict, key: str = "samples") -> list[float]:
+    """Per-round ratios a / b of two timings' `key` samples taken in the same interleaved rounds.
+
+    `a` and `b` are Timing dicts; only rounds both have a sample for count. Empty when either timing
+    was not interleaved.
+    """
+    if not a.get("rounds") or not b.get("rounds") or not a.get(key) or not b.get(key):
+        return []
+    ours, theirs = dict(zip(a["rounds"], a[key])), dict(zip(b["rounds"], b[key]))
+    return [ours[r] / theirs[r] for r in sorted(ours.keys() & theirs.keys()) if theirs[r] > 0]
 
 
 def _no_sync() -> None:

@@ -4,10 +4,11 @@ JSON (bytes and seconds everywhere; ratios are plain numbers):
 
     schema        "mgtq-bench/2"
     created       ISO-8601 UTC time; wall_s: seconds the whole run took
-    machine       cpu_count, cpu_model, isa [flags], torch_threads, torch_version, mgtq_version,
-                  torchao_version, optimum_quanto_version, python, platform, device, cuda_device,
-                  isolation (how cases were separated), memory_total_bytes,
-                  loadavg_start / loadavg_end [1, 5, 15 min]
+    machine       cpu_count, cpu_model, isa [flags], cpu_class (mgtq's kernel class), torch_threads,
+                  torch_version, mgtq_version, torchao_version, optimum_quanto_version, python, platform,
+                  device, cuda_device, isolation (how cases were separated), memory_total_bytes,
+                  loadavg_start / loadavg_end [1, 5, 15 min], timing (interleaved or sequential),
+                  loadavg_rounds [[1, 5, 15 min] at each interleaved round's start]
     model         the ModelSource (name, kind, preset, path, resolution, vq_factor, text_length, …,
                   notes) + transformer_params, linear_layers, token_grid [h, w],
                   transformer_tokens, text_tokens
@@ -19,8 +20,11 @@ JSON (bytes and seconds everywhere; ratios are plain numbers):
     results       one `mgtq.bench.result.CaseResult` per config
     ratios        {label: {weights_vs_bf16, peak_rss_vs_bf16, forward_vs_bf16, forward_cpu_vs_bf16,
                            per_step_vs_bf16, image_vs_bf16, [forward_speedup_vs_no_tome,
-                           forward_cpu_speedup_vs_no_tome], [peak_rss_vs_no_offload]}}
-                  (latency ratios: this / bf16, so < 1 is faster; speedup: no-tome / this)
+                           forward_cpu_speedup_vs_no_tome], [peak_rss_vs_no_offload],
+                           [forward_speedup_vs_eager], [<forward ratio>_spread {min, max, rounds}]}}
+                  (latency ratios: this / bf16, so < 1 is faster; speedup: no-tome / this). With
+                  interleaved rounds a forward ratio is the median of the per-round ratios and its
+                  `_spread` gives their min–max and count; otherwise the ratio of the medians.
     skipped       [message] of skipped configs
 
 The project's goals for these numbers are not library code: `python benchmarks/bench_goals.py JSON`.
@@ -28,8 +32,10 @@ The project's goals for these numbers are not library code: `python benchmarks/b
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
+from mgtq.bench.latency import round_ratios
 from mgtq.bench.result import MB, CaseResult, mb_text
 
 SCHEMA_VERSION = "mgtq-bench/2"
@@ -46,6 +52,19 @@ def results_of(report: dict) -> list[CaseResult]:
     return [CaseResult.from_dict(r) for r in report["results"]]
 
 
+def _forward_ratio(entry: dict, name: str, a: CaseResult, b: CaseResult, cpu: bool = False) -> None:
+    """entry[name] = a's forward / b's: the median of per-round ratios when both were timed in the same
+    interleaved rounds (with entry[name + "_spread"]), else the ratio of the medians."""
+    per_round = round_ratios(a.forward or {}, b.forward or {}, "cpu_samples" if cpu else "samples")
+    if per_round:
+        entry[name] = statistics.median(per_round)
+        entry[name + "_spread"] = {"min": min(per_round), "max": max(per_round), "rounds": len(per_round)}
+    elif cpu:
+        entry[name] = _ratio(a.forward_cpu_median, b.forward_cpu_median)
+    else:
+        entry[name] = _ratio(a.forward_median, b.forward_median)
+
+
 def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
     """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons).
 
@@ -60,19 +79,19 @@ def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
             entry = {
                 "weights_vs_bf16": _ratio(r.weight_bytes, ref.weight_bytes),
                 "peak_rss_vs_bf16": _ratio(r.peak_rss, ref.peak_rss),
-                "forward_vs_bf16": _ratio(r.forward_median, ref.forward_median),
-                "forward_cpu_vs_bf16": _ratio(r.forward_cpu_median, ref.forward_cpu_median),
                 "per_step_vs_bf16": _ratio(r.per_step, ref.per_step),
                 "image_vs_bf16": _ratio(r.image_total, ref.image_total),
             }
+            _forward_ratio(entry, "forward_vs_bf16", r, ref)
+            _forward_ratio(entry, "forward_cpu_vs_bf16", r, ref, cpu=True)
         base = ok.get(r.target)
         if r.tome and base is not None:
-            entry["forward_speedup_vs_no_tome"] = _ratio(base.forward_median, r.forward_median)
-            entry["forward_cpu_speedup_vs_no_tome"] = _ratio(base.forward_cpu_median, r.forward_cpu_median)
+            _forward_ratio(entry, "forward_speedup_vs_no_tome", base, r)
+            _forward_ratio(entry, "forward_cpu_speedup_vs_no_tome", base, r, cpu=True)
         if r.offload and base is not None:
             entry["peak_rss_vs_no_offload"] = _ratio(r.peak_rss, base.peak_rss)
         if r.compile and base is not None:
-            entry["forward_speedup_vs_eager"] = _ratio(base.forward_median, r.forward_median)
+            _forward_ratio(entry, "forward_speedup_vs_eager", base, r)
         ratios[label] = entry
     return ratios
 
@@ -110,6 +129,13 @@ def _fmt(x, digits: int = 2, suffix: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+def _ratio_text(ratios: dict, name: str) -> str:
+    """"0.85 [0.80–0.91]" for a per-round median with its spread, "0.85" otherwise."""
+    spread = ratios.get(name + "_spread")
+    text = _fmt(ratios.get(name))
+    return text if not spread else f"{text} [{spread['min']:.2f}–{spread['max']:.2f}]"
+
+
 def _timing(t: dict | None) -> str:
     if not t:
         return "–"
@@ -127,11 +153,15 @@ def to_markdown(report: dict) -> str:
         f"{model['resolution']}×{model['resolution']} px, token grid "
         f"{model['token_grid'][0]}×{model['token_grid'][1]} → {model['transformer_tokens']} transformer tokens + "
         f"{model['text_tokens']} text tokens, CFG batch {_first_batch(report)}.",
-        f"Machine: {m['cpu_count']} CPUs ({m.get('cpu_model') or 'unknown CPU'}; {', '.join(m.get('isa') or [])}), "
+        f"Machine: {m['cpu_count']} CPUs ({m.get('cpu_model') or 'unknown CPU'}; {', '.join(m.get('isa') or [])}; "
+        f"kernel class {m.get('cpu_class') or '–'}), "
         f"{m['torch_threads']} torch threads, torch {m['torch_version']}, device {m['device']}; load average "
-        f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end. Isolation: {m['isolation']}.",
-        f"Timing: {measure['warmup']} warm-up + up to {measure['repeats']} timed forwards per config "
-        f"(median [min–max] ×samples); whole image = text encoding + {measure['steps']} sampler steps + VQ decode, "
+        f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end"
+        + (f", 1-min load at each round's start {[round(x[0], 2) for x in m['loadavg_rounds'] if x]}"
+           if m.get("loadavg_rounds") else "") + f". Isolation: {m['isolation']}.",
+        f"Timing: {m.get('timing', 'sequential')}; {measure['warmup']} warm-up + up to {measure['repeats']} timed "
+        f"forwards per config (median [min–max] ×samples); ×bf16 of forwards timed in interleaved rounds: median "
+        f"of the per-round ratios [min–max]; whole image = text encoding + {measure['steps']} sampler steps + VQ decode, "
         f"48-step image extrapolated as text + 48 × per-step + decode. Created {report['created']}, run took "
         f"{report['wall_s'] / 60:.1f} min.",
     ]
@@ -165,14 +195,14 @@ def to_markdown(report: dict) -> str:
                 forward += f"; CPU time {q['forward_cpu_speedup_vs_no_tome']:.2f}×"
             forward += ")"
         if r.compile and q.get("forward_speedup_vs_eager"):
-            forward += f" ({q['forward_speedup_vs_eager']:.2f}× faster than eager; ×bf16 vs compiled bf16)"
+            forward += f" ({_ratio_text(q, 'forward_speedup_vs_eager')}× faster than eager; ×bf16 vs compiled bf16)"
         peak = mb_text(r.peak_rss)
         if r.offload and q.get("peak_rss_vs_no_offload"):
             peak += f" ({q['peak_rss_vs_no_offload']:.2f}× normal)"
         lines.append(
             f"| {r.label} | {mb_text(r.weight_bytes)} | {_fmt(q.get('weights_vs_bf16'), 3)} | {peak} | "
             f"{_fmt(q.get('peak_rss_vs_bf16'))} | {mb_text(r.memory.get('peak_rss_inference'))} | {forward} | "
-            f"{_fmt(q.get('forward_vs_bf16'))} | {_fmt(q.get('forward_cpu_vs_bf16'))} | "
+            f"{_ratio_text(q, 'forward_vs_bf16')} | {_ratio_text(q, 'forward_cpu_vs_bf16')} | "
             f"{_fmt(image.get('per_step_s'), 3)} | "
             f"{_fmt(image.get('total_s'), 2)} | {_fmt(image.get('extrapolated_total_s'), 1)} |")
     lines += ["", "Schemes:", ""]

@@ -8,8 +8,9 @@ Sub-records (bytes and seconds everywhere):
               phase_peaks {forwards, sampling, decode: peak RSS of that phase alone (offload: decode
               includes the VQ load)}, [cuda_build / cuda_inference {max_memory_reserved,
               max_memory_allocated}]}
-    latency  {unit: "s", forward_batch, forward {median, min, max, samples (wall s), cpu_median,
-              cpu_samples (process CPU s)} | null, image {steps, nfe, text_s, tokens_s, per_step_s,
+    latency  {unit: "s", forward_batch, warmup_s [wall s of each untimed warm-up forward; with compile the
+              first one includes compiling], forward {median, min, max, samples (wall s), cpu_median,
+              cpu_samples (process CPU s), rounds (interleaved round of each sample, or null)} | null, image {steps, nfe, text_s, tokens_s, per_step_s,
               decode_s, vq_load_s, total_s, transformer_calls_s, transformer_calls_cpu_s,
               extrapolated_steps, extrapolated_total_s}}
     profile  null | {unit: "s", total_self_s, split_s {category: s}, split_fraction, top_ops}

@@ -4,6 +4,13 @@ Isolation: by default each case runs in a fresh process forked from a server pro
 imported torch + mgtq (so a case does not pay the ≈5–15 s imports, yet its address space and
 peak RSS are its own). A baseline process that does nothing but those imports is measured the same way,
 so readers can subtract it themselves; nothing is subtracted here.
+
+Interleaved rounds (the default, `MeasureSettings.interleave`): every case is built and warmed up
+once in its own process (a fresh interpreter, or in this process with isolation "none"), all
+are held at once, and round after round each case in turn times one forward (A B C … A B C …)
+in the same processes; then each finishes (whole image, profile) one after the other. Drift of
+the machine then lands on every case of a round alike, and the report's ratios are medians of
+per-round ratios with their min–max (mgtq.bench.report). Memory: all cases are resident together.
 """
 
 from __future__ import annotations
@@ -105,6 +112,108 @@ class Isolation:
         return json.loads(line)["exit"]
 
 
+class CaseWorker:
+    """One case held alive for interleaved rounds: a `child.CaseSession` here or in its own process.
+
+    `timed` is False for a case whose forwards are not timed: skipped while building, or offload
+    mode (its result is in `finish()` all the same).
+    """
+
+    def __init__(self, payload: dict, in_process: bool, folder: Path):
+        self._session = None
+        self._process: subprocess.Popen | None = None
+        if in_process:
+            from mgtq.bench.child import CaseSession
+
+            self._session = CaseSession(payload)
+            self.timed = self._session.timed
+            return
+        request = folder / f"hold-{id(self)}.json"
+        request.write_text(json.dumps(payload))
+        self._process = subprocess.Popen([sys.executable, "-m", CHILD_MODULE, "hold", str(request)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.timed = bool(self._read()["timed"])
+
+    def _read(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            code = self._process.wait()
+            hint = " (killed: out of memory?)" if code in (-9, 137) else ""
+            raise ChildError(f"case process exited with code {code}{hint} without a result")
+        answer = json.loads(line)
+        if "error" in answer:
+            self.close()
+            raise ChildError(f"case failed: {answer['error']}")
+        return answer
+
+    def _ask(self, request: dict) -> dict:
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def time_forward(self, round_index: int, budget_s: float | None) -> list[float]:
+        """One timed forward (none once the case spent `budget_s` on forwards)."""
+        if self._session is not None:
+            return self._session.time_forwards(1, round_index, budget_s)
+        return self._ask({"op": "time", "n": 1, "round": round_index, "budget_s": budget_s})["samples"]
+
+    def finish(self) -> dict:
+        """The case's CaseResult dict (whole image, memory, profile measured now); the process exits."""
+        if self._session is not None:
+            return self._session.finish()
+        result = self._ask({"op": "finish"})["ok"]
+        self.close()
+        return result
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait()
+            self._process = None
+
+
+def run_interleaved(cases: list[BenchCase], payloads: list[dict], rounds: int, budget_s: float | None,
+                    in_process: bool, log: Callable[[str], None]) -> tuple[list[CaseResult], list]:
+    """(results in case order, load average at the start of each round): see the module docstring."""
+    workers: list[CaseWorker | None] = []
+    results: list[CaseResult | None] = []
+    loadavgs: list = []
+    with tempfile.TemporaryDirectory(prefix="mgtq-bench-") as folder:
+        try:
+            for case, payload in zip(cases, payloads):
+                log(f"{case.label}: building and warming up …")
+                try:
+                    workers.append(CaseWorker(payload, in_process, Path(folder)))
+                    results.append(None)
+                except ChildError as err:
+                    workers.append(None)
+                    results.append(_failed(case, err, log))
+            timed = [w for w in workers if w is not None and w.timed]
+            for r in range(rounds if timed else 0):
+                loadavgs.append(memory.loadavg())
+                seconds = [w.time_forward(r, budget_s) for w in timed]
+                log(f"round {r + 1}/{rounds}: " + ", ".join(f"{s[0]:.3g} s" if s else "–" for s in seconds))
+            for i, (case, worker) in enumerate(zip(cases, workers)):
+                if worker is None:
+                    continue
+                try:
+                    results[i] = CaseResult.from_dict(worker.finish())
+                    log(results[i].one_line())
+                except ChildError as err:
+                    results[i] = _failed(case, err, log)
+        finally:
+            for worker in workers:
+                if worker is not None:
+                    worker.close()
+    return results, loadavgs
+
+
+def _failed(case: BenchCase, err: ChildError, log: Callable[[str], None]) -> CaseResult:
+    result = CaseResult.of(case, status="failed", message=_without_install_path(str(err)))
+    log(result.one_line())
+    return result
+
+
 # ------------------------------------------------------------------------------------- machine
 def machine_info(config: BenchConfig, isolation: Isolation) -> dict:
     """Top-level facts a reader needs to judge the numbers."""
@@ -117,11 +226,15 @@ def machine_info(config: BenchConfig, isolation: Isolation) -> dict:
                     break
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
-        isa = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f" {x}" in flags]
+        isa = [x for x in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8",
+                                               "amx_bf16") if f" {x}" in flags]
     except OSError:
         isa = []
+    from mgtq.quantization.kernels import cpu_class
+
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "isa": isa, "torch_threads": config.num_threads,
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "isa": isa, "cpu_class": cpu_class(),
+        "torch_threads": config.num_threads,
         "torch_version": torch.__version__, "mgtq_version": _version("mgtq"), "torchao_version": _version("torchao"),
         "optimum_quanto_version": _version("optimum-quanto"), "python": platform.python_version(),
         "platform": platform.platform(), "device": config.device,
@@ -176,7 +289,7 @@ def _run_case(isolation: Isolation, case: BenchCase, payload: dict, log: Callabl
     try:
         result = CaseResult.from_dict(isolation.run("case", payload))
     except ChildError as err:  # an mgtq format that fails is a bug: reported as failed, the run goes on
-        result = CaseResult.of(case, status="failed", message=_without_install_path(str(err)))
+        return _failed(case, err, log)
     log(result.one_line())
     return result
 
@@ -215,10 +328,19 @@ def run_bench(config: BenchConfig, progress: bool = True, write: bool = True,
             calibration = isolation.run("calibrate", payload(None))
             scales = calibration["input_scales"]
         results = []
-        bar = tqdm(cases, desc="mgtq bench", unit="config", disable=not progress)
-        for case in bar:
-            bar.set_postfix_str(case.label)
-            results.append(_run_case(isolation, case, payload(case, scales), log))
+        measure = config.measure
+        if measure.interleave and measure.latency:
+            machine["timing"] = (f"interleaved rounds: {measure.repeats} rounds, one timed forward per config per "
+                                 "round, every config held in its own live process across the rounds")
+            results, machine["loadavg_rounds"] = run_interleaved(
+                cases, [payload(c, scales) for c in cases], measure.repeats, measure.budget_s,
+                isolation.mode == "none", log)
+        else:
+            machine["timing"] = "sequential: each config times all its forwards in a row, one config after another"
+            bar = tqdm(cases, desc="mgtq bench", unit="config", disable=not progress)
+            for case in bar:
+                bar.set_postfix_str(case.label)
+                results.append(_run_case(isolation, case, payload(case, scales), log))
     machine["loadavg_end"] = memory.loadavg()
 
     out = report.assemble(

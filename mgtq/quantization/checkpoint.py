@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mgtq.config import from_mapping
+from mgtq.config import from_mapping, read_data
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
@@ -276,9 +276,9 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
+        data = read_data(path, fmt="json")
+    except ValueError as err:
+        raise ValueError(f"{err}; {REEXPORT}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}; {REEXPORT}")
     return data

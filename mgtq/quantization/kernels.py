@@ -1,15 +1,20 @@
-"""Which kernel multiplies a quantized Linear: one dispatch per (device, scheme, M regime).
+"""Which kernel multiplies a quantized Linear: one dispatch per (device, CPU class, scheme, M regime).
 
 :func:`choose_kernel` is the only place that decides; :func:`w4a16_linear` and
 :func:`w4a8_linear` run its choice.  ``M`` is the number of rows (tokens times
 batch) of the call; "per-channel" means one weight scale per output channel.
+The CPU class (:func:`cpu_class`: ``amx-int8``, ``amx-bf16``, ``avx512-vnni``,
+``avx2``) is read once from the CPU at run time; ``MGTQ_CPU_CLASS`` overrides it
+and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 
 | device | scheme | condition                                      | kernel           |
 |--------|--------|------------------------------------------------|------------------|
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
+| cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
+| cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
 | cuda   | W4A16  | bf16, sm80+, tinygemm layout prepared (opt-in) | tinygemm         |
 | cuda   | W4A16  | M <= 16, per-channel                           | int8pack         |
@@ -17,12 +22,21 @@ batch) of the call; "per-channel" means one weight scale per output channel.
 | cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0 | int_mm           |
 | cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
 
+The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacked
+int8 layout on CPU classes with int8 dot products (``amx-int8``: AMX tiles,
+``avx512-vnni``: VNNI), where oneDNN's int8 GEMM beats ``_int_mm`` (on AMX also
+the bf16 GEMM); on ``amx-bf16`` / ``avx2`` it is the plain unpacked int8 weight
+for ``int_mm_chunked`` (no VNNI: oneDNN's int8 path has no edge there).
+
 Kernels:
 
 * ``int8pack``: ``torch._weight_int8pack_mm`` on the unpacked int4 weight
   (read once, no float weight);
 * ``dequant``: dequantize to the activation dtype (cache-blocked on CPU, one
   fused kernel on CUDA) + ``F.linear``;
+* ``dequant_inline``: the same dequantization as plain torch ops, so that
+  Inductor fuses unpack, convert, scale and cast into one pass (an opaque
+  custom op would make it run the unfused eager code);
 * ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
   the opt-in :func:`prepare_tinygemm`;
 * ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
@@ -31,6 +45,9 @@ Kernels:
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
   epilogue read from cache;
+* ``int_mm_chunked_inline``: the same GEMM op, with the activation quantization
+  as plain torch ops that Inductor fuses into the norm / modulation / GELU
+  producing the input (one pass fewer over the activations per layer);
 * ``int_mm``: quantize, ONE ``torch._int_mm`` on the whole layer, rescale
   epilogue (each one fused kernel on CUDA).
 
@@ -67,6 +84,7 @@ CPU their implementation is the cache-blocked eager code of :mod:`.qtensor`.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +104,11 @@ from .qtensor import (
 
 __all__ = [
     "KERNELS",
+    "CPU_CLASSES",
     "KernelContext",
     "choose_kernel",
+    "cpu_class",
+    "weight_cache_backend",
     "int_mm_supported",
     "w4a16_linear",
     "w4a8_linear",
@@ -95,7 +116,12 @@ __all__ = [
     "TINYGEMM_GROUP_SIZES",
 ]
 
-KERNELS = ("int8pack", "dequant", "tinygemm", "onednn", "int8pack_exact", "int_mm_chunked", "int_mm")
+KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "int8pack_exact", "int_mm_chunked",
+           "int_mm_chunked_inline", "int_mm")
+# CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
+# AVX2 (the floor torch's CPU wheels need).
+CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
+CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -112,7 +138,7 @@ class KernelContext:
     or None; m, k, n: rows, in, out features; dtype: activation dtype;
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
-    compiling: inside torch.compile tracing.
+    compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only).
     """
 
     device: str
@@ -125,6 +151,62 @@ class KernelContext:
     cache: bool = False
     tinygemm: bool = False
     compiling: bool = False
+    cpu_class: str | None = None
+
+    def __post_init__(self):
+        if self.cpu_class is not None and self.cpu_class not in CPU_CLASSES:
+            raise ValueError(f"cpu_class must be one of {CPU_CLASSES}, got {self.cpu_class!r}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def detect_cpu_class(flags: set[str] | None = None) -> str:
+    """The CPU class of this machine (or of the given /proc/cpuinfo ``flags``): see ``CPU_CLASSES``.
+
+    Reads torch's own CPU feature checks where /proc/cpuinfo says nothing (not Linux).
+    """
+    flags = _cpu_flags() if flags is None else flags
+    cpu = getattr(torch, "cpu", None)
+    def has(flag: str, probe: str) -> bool:
+        if flags:
+            return flag in flags
+        check = getattr(cpu, probe, None)
+        return bool(check()) if check is not None else False
+
+    if has("amx_int8", "_is_amx_tile_supported"):
+        return "amx-int8"
+    if has("amx_bf16", "_is_amx_tile_supported"):
+        return "amx-bf16"
+    if has("avx512_vnni", "_is_vnni_supported"):
+        return "avx512-vnni"
+    return "avx2"
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_cpu_class(override: str | None) -> str:
+    if override is None:
+        return detect_cpu_class()
+    if override not in CPU_CLASSES:
+        raise ValueError(f"{CPU_CLASS_ENV}={override!r} is not a CPU class; use one of {CPU_CLASSES} or unset it")
+    return override
+
+
+@torch.compiler.assume_constant_result
+def cpu_class() -> str:
+    """This machine's CPU class (``MGTQ_CPU_CLASS`` overrides the detection; read once per value)."""
+    return _machine_cpu_class(os.environ.get(CPU_CLASS_ENV) or None)
+
+
+def weight_cache_backend(cls: str) -> str:
+    """The W4A8 weight cache for CPU class ``cls``: ``"onednn"`` with int8 dot products, else ``"int8"``."""
+    return "onednn" if cls in ("amx-int8", "avx512-vnni") else "int8"
 
 
 def int_mm_supported(capability: tuple[int, int] | None, cuda_version: str | None) -> bool:
@@ -153,7 +235,7 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "tinygemm"
         if small and per_channel and (ctx.device == "cuda" or ctx.k % 32 == 0):
             return "int8pack"
-        return "dequant"
+        return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
     if scheme == "w4a8":
         if ctx.device == "cpu" and ctx.cache and not ctx.compiling:
             return "onednn"
@@ -163,7 +245,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "int_mm" if ok else "int8pack_exact"
         # Few rows: the (M, N) accumulator is tiny, so one unchunked _int_mm (no CUDA-style limits on CPU);
         # torch's fp32 _weight_int8pack_mm is unvectorised on CPU, so int8pack_exact is CUDA-only.
-        return "int_mm" if small else "int_mm_chunked"
+        if small:
+            return "int_mm"
+        return "int_mm_chunked_inline" if ctx.compiling else "int_mm_chunked"
     raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
 
 
@@ -186,7 +270,7 @@ def context_for(x: torch.Tensor, k: int, n: int, group_size: int, cache: bool = 
         capability = (8, 0) if x.device.type != "cuda" else _cuda_capability(x.device.index or 0)
     return KernelContext(device=device, m=x.numel() // max(k, 1), k=k, n=n, dtype=x.dtype,
                          group_size=group_size, capability=capability, cache=cache, tinygemm=tinygemm,
-                         compiling=torch.compiler.is_compiling())
+                         compiling=torch.compiler.is_compiling(), cpu_class=cpu_class() if device == "cpu" else None)
 
 
 # ------------------------------------------------------------------ fused elementwise kernels
@@ -357,7 +441,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
         y = y if bias is None else y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
-    w = dequantize_int4_op(packed, scale, x.dtype)
+    if kernel == "dequant_inline":
+        w = _dequantize_ref(packed, scale, x.dtype)
+    else:
+        w = dequantize_int4_op(packed, scale, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -374,7 +461,11 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    x_q = quantize_int8_rows(x, input_scale)  # (M, K)
+    if kernel == "int_mm_chunked_inline":
+        # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
+        x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
+    else:
+        x_q = quantize_int8_rows(x, input_scale)  # (M, K)
     if kernel == "int_mm":
         w16 = unpack_int4_x16_op(packed) if weight_x16 is None else weight_x16
         acc = torch._int_mm(x_q, w16.t())  # 16 * exact int32, (M, N)

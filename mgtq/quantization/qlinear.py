@@ -328,11 +328,15 @@ class W4A8Linear(QuantizedLinear):
         Args:
             backend: ``"onednn"`` (CPU: prepacked for oneDNN's fused int8
                 linear), ``"int8"`` (plain ``16 * q`` int8 operand for
-                ``_int_mm``), or ``"auto"`` (oneDNN when available).
+                ``_int_mm``), or ``"auto"`` (oneDNN where the CPU class has int8
+                dot products and oneDNN is available, see
+                :func:`~mgtq.quantization.kernels.weight_cache_backend`).
         """
         self.disable_weight_cache()
         if backend == "auto":
-            backend = "onednn" if onednn_int8_linear_available(self.weight_packed.device) else "int8"
+            on_cpu = self.weight_packed.device.type == "cpu"
+            backend = ("onednn" if on_cpu and onednn_int8_linear_available(self.weight_packed.device)
+                       and kernels.weight_cache_backend(kernels.cpu_class()) == "onednn" else "int8")
         if backend == "onednn":
             if not onednn_int8_linear_available(self.weight_packed.device):
                 raise RuntimeError("oneDNN int8 linear is not available for this device / build")

@@ -56,11 +56,12 @@ INT8_MAX = 127
 
 # Cache blocking of the elementwise CPU kernels (element counts per block):
 # activation quantization stages 256K fp32 elements (1 MB, stays in L2);
-# dequantization uses larger blocks because each block costs a few parallel
-# regions, which a busy machine makes expensive.  Both stay far below glibc's
+# dequantization too (1 MB fp32 stage + its int8 and bf16 blocks fit a 2 MB L2;
+# 4 MB stages spill to L3 and cost about a third more CPU time per weight on one
+# thread, smaller blocks pay more per-op overhead).  Both stay far below glibc's
 # 32 MB mmap threshold, beyond which every call would page-fault a fresh buffer.
 QUANT_CHUNK_ELEMS = 1 << 18
-DEQUANT_CHUNK_ELEMS = 1 << 20
+DEQUANT_CHUNK_ELEMS = 1 << 18
 # Output columns per CPU int8 GEMM call: the (M x 256) int32 accumulator and
 # its rescale epilogue stay in cache instead of streaming through memory.
 INT8_MM_CHUNK_N = 256

@@ -5,6 +5,8 @@ from mgtq.sampling.config import (DifferentialConfig, MomentumConfig, NoiseConfi
 from mgtq.sampling.maskgit import SampleResult, SamplerHooks, StepState, sample
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import mask_ratio, timestep_value
+from mgtq.sampling.start import StartState
 
 __all__ = ["SamplerConfig", "NoiseConfig", "DifferentialConfig", "ZSamplingConfig", "MomentumConfig",
-           "PRESET_NAMES", "SamplerHooks", "StepState", "SampleResult", "sample", "mask_ratio", "timestep_value"]
+           "PRESET_NAMES", "SamplerHooks", "StepState", "SampleResult", "StartState", "sample", "mask_ratio",
+           "timestep_value"]

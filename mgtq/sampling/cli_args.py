@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 from mgtq import argtypes
+from mgtq.config import read_data
+from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
@@ -45,28 +47,7 @@ def parse_steps(spec: str) -> tuple[int, ...] | str:
 def load_sampler_file(path: str | Path) -> dict:
     """A JSON or YAML mapping of SamplerConfig fields (e.g. one point of a benchmark sweep)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sampler config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"sampler config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8 JSON or YAML") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"sampler config file {str(path)!r} is not valid JSON: {err}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            where = getattr(err, "problem_mark", None)
-            at = f" at line {where.line + 1}" if where is not None else ""
-            raise ValueError(f"sampler config file {str(path)!r} is not valid YAML{at}: "
-                             f"{getattr(err, 'problem', None) or err}") from None
+    data = read_data(path, f"sampler config file {str(path)!r}")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sampler settings, got {type(data).__name__}")
     return data
@@ -89,16 +70,17 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="temperature of the Gumbel noise on the keep/re-mask confidences, linear from START "
                         "at the first step to END at the last (official: 2 0)")
     g.add_argument("--noise", choices=NOISE_CURVES, default=None, help="noise regularization curve I(t)")
-    g.add_argument("--noise-scale", type=argtypes.number(minimum=0), default=None,
-                   help="α of the noise curve (the demo uses 2)")
+    g.add_argument("--noise-scale", type=argtypes.number(minimum=0, maximum=MAX_NOISE_SCALE), default=None,
+                   help=f"α of the noise curve, at most {MAX_NOISE_SCALE:g} (the demo uses 2)")
     g.add_argument("--diff-z", type=argtypes.number(0, 100), default=None, metavar="PERCENT",
                    help="differential sampling: percent z of tokens resampled (0 = off, paper: 75)")
     g.add_argument("--diff-resample", choices=RESAMPLE_RULES, default=None,
                    help="differential sampling's distribution: abs |p_i − p_{i−1}| (paper) or clipped (official demo)")
     g.add_argument("--zsampling", choices=ZSAMPLING_VARIANTS, default=None,
                    help="Z-sampling: masked (paper), random / recover (ablations), off")
-    g.add_argument("--inversion-cfg", type=argtypes.finite_float, default=None,
-                   help="CFG scale of Z-sampling's inversion pass (any finite value; the paper's best is near −1)")
+    g.add_argument("--inversion-cfg", type=argtypes.number(minimum=-MAX_GUIDANCE, maximum=MAX_GUIDANCE), default=None,
+                   help=f"CFG scale of Z-sampling's inversion pass, in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (the "
+                        "paper's best is near −1)")
     g.add_argument("--zsampling-steps", type=parse_steps, default=None, metavar="SPEC",
                    help="Z-steps: 'all' (every step but the last), 'START:STOP', or 'I,J,…'")
     g.add_argument("--zsampling-remask", choices=REMASK_RULES, default=None,

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from mgtq.config import check_value, from_mapping
+from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE, MAX_STEPS
 from mgtq.sampling.presets import PRESET_NAMES, preset_fields
 from mgtq.sampling.schedules import Schedule, TimestepConvention
 from mgtq.sampling.tricks.differential import Resample
@@ -68,8 +69,8 @@ class NoiseConfig:
 
     def __post_init__(self):
         _check_fields(self, "noise")
-        if self.scale < 0:
-            raise ValueError(f"noise.scale must be ≥ 0, got {self.scale}")
+        if not 0 <= self.scale <= MAX_NOISE_SCALE:
+            raise ValueError(f"noise.scale must be in [0, {MAX_NOISE_SCALE:g}] (mgtq.limits), got {self.scale}")
         if self.curve == "piecewise" and len(self.knots) < 2:
             raise ValueError("noise curve 'piecewise' needs at least two knots (t, value) in noise.knots")
         ts = [t for t, _ in self.knots]
@@ -117,6 +118,9 @@ class ZSamplingConfig:
 
     def __post_init__(self):
         _check_fields(self, "zsampling")
+        if abs(self.inversion_cfg) > MAX_GUIDANCE:
+            raise ValueError(f"zsampling.inversion_cfg must be in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (mgtq.limits), "
+                             f"got {self.inversion_cfg}")
         if self.steps is not None:
             if any(s < 0 for s in self.steps):
                 raise ValueError(f"zsampling.steps must be non-negative step indices (or null), got {self.steps!r}")
@@ -173,8 +177,13 @@ class SamplerConfig:
         _check_fields(self, "")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps}")
+        if self.num_steps > MAX_STEPS:
+            raise ValueError(f"num_steps must be an integer in [1, {MAX_STEPS}] (mgtq.limits), got {self.num_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}")
+        if self.guidance_scale > MAX_GUIDANCE:
+            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE:g}] (mgtq.limits), "
+                             f"got {self.guidance_scale}")
         if self.rho <= 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         if min(self.gumbel_temperature) < 0:

@@ -10,6 +10,8 @@ Each step i of T (DESIGN.md "Sampling"):
     n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1)             (the last step decodes everything)
     re-mask the n lowest of log p(x̂) + τ_i·Gumbel,  τ = linspace(2, 0, T); decoded tokens stay.
 and, on a Z-step, the step is run, inverted by re-masking and run again (tricks/zsampling.py).
+Editing starts from a given grid instead of all-mask (start.py): fixed tokens are never re-masked,
+and N counts the positions that are not fixed.
 
 With every trick at its neutral setting the loop is the vanilla sampler, token for token. Random
 numbers come from one torch.Generator per sample, so a sample's image does not depend on what else
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.schedules import mask_ratio, timestep_value
+from mgtq.sampling.start import StartState
 from mgtq.sampling.tokens import gumbel_noise, remask_lowest, sample_tokens
 from mgtq.sampling.tricks.differential import differential_probs
 from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
@@ -45,11 +49,13 @@ ModelFn = Callable[..., torch.Tensor]
 
 @dataclass
 class StepState:
-    """What one step knows: step index, schedule position, and the per-sample generators."""
+    """What one step knows: step index, schedule position, the per-sample generators, and
+    editable (B, N) bool, the positions the schedule runs over (None: all; editing fixes the rest)."""
 
     step: int
     num_steps: int
     generators: list[torch.Generator]
+    editable: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,18 +81,35 @@ class SamplerHooks:
 
 
 # ------------------------------------------------------------------------------ vanilla pieces
-def num_to_mask(config: SamplerConfig, step: int, num_tokens: int, num_masked: torch.Tensor) -> torch.Tensor:
-    """n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1) per sample (B,); 0 at the last step."""
+def num_to_mask(config: SamplerConfig, step: int, num_tokens: int | torch.Tensor,
+                num_masked: torch.Tensor) -> torch.Tensor:
+    """n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1) per sample (B,); 0 at the last step.
+
+    num_tokens: N, an int or one per sample (B,) (editing: the positions that are not fixed).
+    """
     if step == config.num_steps - 1:
         return torch.zeros_like(num_masked)
-    target = int(num_tokens * mask_ratio(config.schedule, (step + 1) / config.num_steps, config.rho))
-    n = torch.minimum(num_masked - 1, torch.full_like(num_masked, target))
+    ratio = mask_ratio(config.schedule, (step + 1) / config.num_steps, config.rho)
+    # float64 floor of N·σ: int(N·σ) of a Python int and float, for one N or one per sample
+    target = (torch.as_tensor(num_tokens, dtype=torch.float64, device=num_masked.device) * ratio).floor().long()
+    n = torch.minimum(num_masked - 1, target.expand_as(num_masked))
     return n.clamp(min=1)
 
 
 def gumbel_temperature(config: SamplerConfig, step: int) -> float:
-    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it."""
-    return float(torch.linspace(*config.gumbel_temperature, config.num_steps, dtype=torch.float64)[step])
+    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it.
+
+    Computed for step i alone (building the T-long table every step made memory grow with T), bit for
+    bit as torch.linspace's float64 CPU kernel does: from the start in the first half, from the end in
+    the second, each with one fused multiply-add (one rounding: what Fraction's exact sum rounds to).
+    """
+    (start, end), last = config.gumbel_temperature, config.num_steps - 1
+    if last == 0:
+        return float(start)
+    delta = (end - start) / last
+    if step < config.num_steps // 2:
+        return float(Fraction(start) + Fraction(delta) * step)
+    return float(Fraction(end) - Fraction(delta) * (last - step))
 
 
 def unmask_step(tokens: torch.Tensor, probs: torch.Tensor, mask_id: int, config: SamplerConfig,
@@ -98,7 +121,8 @@ def unmask_step(tokens: torch.Tensor, probs: torch.Tensor, mask_id: int, config:
     """
     masked = tokens == mask_id
     sampled = torch.where(masked, sample_tokens(probs, state.generators), tokens)
-    n_mask = num_to_mask(config, state.step, tokens.shape[1], masked.sum(-1))
+    num_tokens = tokens.shape[1] if state.editable is None else state.editable.sum(-1)
+    n_mask = num_to_mask(config, state.step, num_tokens, masked.sum(-1))
     if int(n_mask.max()) == 0:
         return sampled
     chosen_p = probs.gather(-1, sampled[..., None])[..., 0]
@@ -125,14 +149,30 @@ def step_distribution(
         t = step_progress(state.step, state.num_steps)
         intensity = noise_intensity(config.noise.curve, t, config.noise.scale, config.noise.knots)
         logits = regularize_logits(logits, intensity, state.generators)
-    prediction = hooks.adjust_probs(hooks.adjust_logits(logits, state).float().softmax(-1), state)
+    logits = hooks.adjust_logits(logits, state)
+    _check_finite(logits, config, state)
+    prediction = hooks.adjust_probs(logits.float().softmax(-1), state)
     probs = prediction
     if prev_probs is not None:
         if config.momentum.order == 2:
             probs = second_order_probs(probs, prev_probs, momentum_coefficient(config, state.step))
         if config.differential.enabled:
-            probs = differential_probs(probs, prev_probs, config.differential.percent, config.differential.resample)
+            probs = differential_probs(probs, prev_probs, config.differential.percent, config.differential.resample,
+                                       editable=state.editable)
     return prediction, probs
+
+
+def _check_finite(logits: torch.Tensor, config: SamplerConfig, state: StepState) -> None:
+    """Refuse NaN/inf logits (B, N, V) before softmax and multinomial fail on them, naming the cause."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    causes = [f"guidance_scale {config.guidance_scale:g}"] if config.use_cfg else []
+    if config.noise.enabled:
+        causes.append(f"noise.scale {config.noise.scale:g}")
+    cause = " or ".join(causes) or "the model (its logits are NaN or infinite without guidance or noise)"
+    raise FloatingPointError(f"the logits at sampling step {state.step} are not finite: {cause} is too large for "
+                             f"{logits.dtype} logits; lower it (CLI: --cfg, --noise-scale), or load the model in "
+                             "float32 (--dtype fp32)")
 
 
 def momentum_coefficient(config: SamplerConfig, step: int) -> float:
@@ -146,16 +186,21 @@ def momentum_coefficient(config: SamplerConfig, step: int) -> float:
 class _CountedModel:
     """model_fn seen by the loop: flat tokens (B, N) in, logits (B, N, V) out, calls counted (NFE).
 
-    Lives for one `sample` call, so the count cannot leak into the next one.
+    Lives for one `sample` call, so the count cannot leak into the next one. The "mask_ratio"
+    timestep is the masked fraction of the positions the schedule runs over (`editable` (B, N) bool,
+    None = all): in editing it follows the schedule as the step index does, 1 at the start.
     """
 
-    def __init__(self, model_fn: ModelFn, grid: tuple[int, int], mask_id: int, config: SamplerConfig, device):
+    def __init__(self, model_fn: ModelFn, grid: tuple[int, int], mask_id: int, config: SamplerConfig, device,
+                 editable: torch.Tensor | None = None):
         self.model_fn, self.grid, self.mask_id, self.config, self.device = model_fn, grid, mask_id, config, device
+        self.num_editable = None if editable is None else editable.sum(-1)
         self.nfe = 0
 
     def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None) -> torch.Tensor:
         batch = tokens.shape[0]
-        ratio = (tokens == self.mask_id).float().mean(-1)
+        masked = tokens == self.mask_id
+        ratio = masked.float().mean(-1) if self.num_editable is None else masked.sum(-1) / self.num_editable
         timestep = timestep_value(self.config.timestep_convention, step, self.config.num_steps, ratio)
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).expand(batch)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
@@ -187,7 +232,8 @@ def _z_step(model: _CountedModel, tokens, prev_probs, mask_id, config, state, ho
     if z.variant == "masked":
         # z_{i+1} is the input of step i+1: its timestep is that step's (clamped at the last step)
         inversion_logits = model(forward, min(state.step + 1, config.num_steps - 1), guidance_scale=z.inversion_cfg)
-    back = invert_by_remasking(tokens, forward, mask_id, z.variant, state.generators, inversion_logits, z.remask)
+    back = invert_by_remasking(tokens, forward, mask_id, z.variant, state.generators, inversion_logits, z.remask,
+                               editable=state.editable)
     # the re-step compares with the same committed p_{i−1}: the tentative pass is not a step
     return _denoise(model, back, prev_probs, mask_id, config, state, hooks)
 
@@ -205,9 +251,10 @@ def sample(
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     return_info: bool = False,
+    start: StartState | None = None,
 ) -> torch.Tensor | SampleResult:
-    """Run the sampler from an all-mask grid; returns token ids (B, H, W), or a SampleResult
-    (tokens and NFE) with return_info=True.
+    """Run the sampler from an all-mask grid, or from `start` (editing: mgtq.sampling.start); returns
+    token ids (B, H, W), or a SampleResult (tokens and NFE) with return_info=True.
 
     model_fn receives the token grid and the per-sample timestep of the configured convention
     (and guidance_scale=… for masked Z-sampling's inversion pass). callback(step, tokens (B, H, W))
@@ -224,11 +271,11 @@ def sample(
         )
     hooks = hooks or SamplerHooks()
     height, width = grid
-    model = _CountedModel(model_fn, grid, mask_id, config, device)
-    tokens = torch.full((batch_size, height * width), mask_id, dtype=torch.long, device=device)
+    tokens, editable, first_step = _initial_state(start, batch_size, grid, mask_id, config, device)
+    model = _CountedModel(model_fn, grid, mask_id, config, device, editable)
     prev_probs = None  # p_{i−1}: state of this call only
-    for step in tqdm(range(config.num_steps), desc="sampling", disable=not progress, leave=False):
-        state = StepState(step=step, num_steps=config.num_steps, generators=generators)
+    for step in tqdm(range(first_step, config.num_steps), desc="sampling", disable=not progress, leave=False):
+        state = StepState(step=step, num_steps=config.num_steps, generators=generators, editable=editable)
         run = _z_step if z_step_applies(z.variant, z.steps, step, config.num_steps) else _denoise
         tokens, prediction = run(model, tokens, prev_probs, mask_id, config, state, hooks)
         prev_probs = prediction if config.keeps_previous_probs else None
@@ -236,3 +283,14 @@ def sample(
             callback(step, tokens.view(batch_size, height, width))
     tokens = tokens.view(batch_size, height, width)
     return SampleResult(tokens=tokens, nfe=model.nfe) if return_info else tokens
+
+
+def _initial_state(start: StartState | None, batch_size: int, grid: tuple[int, int], mask_id: int,
+                   config: SamplerConfig, device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(flat tokens (B, N), editable (B, N) bool or None, first step) of an all-mask grid or of `start`."""
+    if start is None:
+        return torch.full((batch_size, grid[0] * grid[1]), mask_id, dtype=torch.long, device=device), None, 0
+    start.check(batch_size, grid, mask_id, config)
+    tokens = start.tokens.to(device).reshape(batch_size, -1).clone()
+    editable = None if start.fixed is None else ~start.fixed.to(device).reshape(batch_size, -1)
+    return tokens, editable, start.first_step

@@ -10,8 +10,7 @@ import torch
 
 from mgtq.scq.recipe import Recipe, load_recipe
 from mgtq.scq.run import RunFolder
-from mgtq.scq.stages import STAGES, StageContext, stage_fingerprints
-from mgtq.utils import model_fingerprint
+from mgtq.scq.stages import STAGES, StageContext, input_fingerprint, stage_fingerprints
 
 
 def resolve_model(recipe: Recipe) -> Path:
@@ -23,6 +22,29 @@ def resolve_model(recipe: Recipe) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"recipe model {path} does not exist (a local pipeline folder is needed)")
     return path
+
+
+def check_run_current(out: str | Path) -> Path:
+    """Raise ValueError naming the stage to rerun unless every stage of run `out` is complete, was made
+    from today's source model, text encoder and prompts, and its files are the ones it wrote; returns the
+    source model folder (the recipe's, not whatever run.json says)."""
+    run = RunFolder(out)
+    recipe = run.recipe()
+    run.check_finished()
+    model_dir = resolve_model(recipe)
+    rerun = (f"rerun `mgtq calibrate --recipe {run.root / RunFolder.RECIPE} --out {run.root}` (it reruns that "
+             "stage and the ones after it)")
+    recorded = run.info()["fingerprints"]
+    for stage, fingerprint in stage_fingerprints(recipe, input_fingerprint(recipe, model_dir)).items():
+        if recorded.get(stage) != fingerprint:
+            raise ValueError(f"stage {stage!r} of {run.root} was computed from other inputs than today's (the source "
+                             f"model {model_dir}, its text encoder, tokenizer, sampler settings or the prompts file "
+                             f"changed, or an older mgtq made it); {rerun}")
+    for stage in STAGES:
+        changed = run.changed_outputs(stage.name)
+        if changed:
+            raise ValueError(f"stage {stage.name!r} of {run.root}: {changed} changed since the stage wrote it; {rerun}")
+    return model_dir
 
 
 def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = True, restart: bool = False) -> dict:
@@ -41,9 +63,11 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
     main = state.is_main_process
     model_dir = resolve_model(recipe)
     run = RunFolder(out)
+    if main:
+        run.check_takeable(model_dir)
     report, t0 = {}, time.time()
     with run.lock() if main else contextlib.nullcontext():
-        fps = stage_fingerprints(recipe, model_fingerprint(model_dir))
+        fps = stage_fingerprints(recipe, input_fingerprint(recipe, model_dir))
         if main:
             run.start(recipe, model_dir, fps, restart)
         state.wait_for_everyone()

@@ -24,7 +24,7 @@ from mgtq.scq.recipe import QATConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
-from mgtq.utils import set_submodule
+from mgtq.utils import atomic_write_text, save_safetensors, set_submodule
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -185,11 +185,8 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
 def save_float_transformer(config, weights: dict[str, torch.Tensor], folder: Path) -> None:
     """The QAT weights as a plain float MeissonicTransformer folder (config.json + safetensors)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / WEIGHTS_FILE))
-    (folder / "config.json").write_text(json.dumps(plain_config(config), indent=2))
+    save_safetensors(weights, folder / WEIGHTS_FILE)
+    atomic_write_text(folder / "config.json", json.dumps(plain_config(config), indent=2))
 
 
 def fake_quant_transformer(folder: Path, cfg: QATConfig, a8_layers=()) -> MeissonicTransformer:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint, convert_qat_, prepare_qat_
+from mgtq.scq.calibrate import check_run_current
 from mgtq.scq.run import RunFolder
 from mgtq.utils import model_fingerprint, parse_dtype, read_json
 
@@ -13,8 +14,7 @@ from mgtq.utils import model_fingerprint, parse_dtype, read_json
 def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
     """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and its manifest."""
     folder = RunFolder(run)
-    info = folder.info()
-    folder.check_finished()
+    model_dir = check_run_current(folder.root)
     recipe = folder.recipe()
     selection = read_json(folder.selection_file)
     a8 = selection["a8_layers"]
@@ -33,8 +33,8 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
         "layers": {name: {"scheme": "w4a8" if kind == "W4A8Linear" else "w4a16",
                           "group_size": model.get_submodule(name).group_size}
                    for name, kind in sorted(converted.items())},
-        "source_model": info["model"],
-        "source_fingerprint": model_fingerprint(Path(info["model"])),
+        "source_model": str(model_dir),
+        "source_fingerprint": model_fingerprint(model_dir),
         "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
                       "statistic": selection["magnitude_statistic"]},
         "recipe": recipe.to_dict(),

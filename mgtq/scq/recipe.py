@@ -23,7 +23,8 @@ from typing import Literal
 
 import yaml
 
-from mgtq.config import check_value, from_mapping
+from mgtq.config import check_value, from_mapping, read_data
+from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
 from mgtq.utils import DTYPE_NAMES
 
 FloatDtype = Literal["float32", "bfloat16", "float16"]
@@ -37,6 +38,13 @@ def _validated(section, where: str) -> None:
     for f in dataclasses.fields(section):
         value = check_value(getattr(section, f.name), hints[f.name], f"{where}.{f.name}")
         object.__setattr__(section, f.name, value)
+
+
+def _at_most(section, where: str, maximum: int | float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value > maximum:
+            raise ValueError(f"{where}.{name} must be ≤ {maximum} (mgtq.limits), got {value}")
 
 
 def _at_least(section, where: str, minimum: int | float, *names: str) -> None:
@@ -63,6 +71,7 @@ class PromptsConfig:
         if self.source == "file" and not self.file:
             raise ValueError("prompts.source is 'file' but prompts.file is not set")
         _at_least(self, "prompts", 1, "count")
+        _at_most(self, "prompts", MAX_PROMPTS, "count")
         _at_least(self, "prompts", 0, "seed")
 
 
@@ -79,6 +88,10 @@ class SynthesisConfig:
         _validated(self, "synthesis")
         _at_least(self, "synthesis", 1, "num_steps", "batch_size", "resolution")
         _at_least(self, "synthesis", 0, "guidance_scale")
+        _at_most(self, "synthesis", MAX_STEPS, "num_steps")
+        _at_most(self, "synthesis", MAX_RESOLUTION, "resolution")
+        _at_most(self, "synthesis", MAX_GUIDANCE, "guidance_scale")
+        _at_most(self, "synthesis", MAX_IMAGES, "batch_size")
 
 
 QAT_OBJECTIVES = ("ce", "distill", "ce+distill")
@@ -259,14 +272,9 @@ def recipe_from_dict(data: typing.Mapping) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for examples")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path} is not valid YAML: {err}") from err
+    data = read_data(path, f"recipe {path}", fmt="yaml")
     if data is None:
         # An empty file would silently run dataclass defaults that differ from every shipped recipe.
         raise ValueError(f"recipe {path} is empty; start from recipes/tiny-shapes-w4a8-scq.yaml (or pass no "

@@ -12,7 +12,9 @@
       secondary/  stage.json, selection.json, magnitudes.png   the A8 set and its input scales
 
 Each stage folder is written atomically with a `stage.json` holding the fingerprint of everything it
-depends on; a stage is complete while that fingerprint is the one the current recipe and model give.
+depends on and the fingerprint of its own files; a stage is complete while the first is the one the
+current recipe, model and prompts give and the second still matches its files. `mgtq calibrate --out`
+takes only a new or empty folder or a run (its run.json), never one holding anything else.
 This module is the only one that knows these names.
 """
 
@@ -28,10 +30,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
+from mgtq.config import read_data
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
-from mgtq.utils import atomic_directory, atomic_write_text, read_json, recover_atomic_target, write_json
+from mgtq.utils import (atomic_directory, atomic_write_text, files_fingerprint, read_json, recover_atomic_target,
+                        write_json)
 
 STAGES = ("synth", "qat", "magnitudes", "secondary")  # folder names, in the order of the flow
 
@@ -99,7 +101,12 @@ class RunFolder:
         if not self.exists():
             raise FileNotFoundError(f"{self.root} is not a calibration run (no {self.INFO}); run "
                                     f"`mgtq calibrate --out {self.root}` first")
-        return read_json(self.root / self.INFO)
+        info = read_json(self.root / self.INFO)
+        if not (isinstance(info, dict) and isinstance(info.get("model"), str)
+                and isinstance(info.get("fingerprints"), dict)):
+            raise ValueError(f"{self.root / self.INFO} is not an mgtq run record (model, fingerprints); rerun "
+                             f"`mgtq calibrate --recipe {self.root / self.RECIPE} --out {self.root} --restart`")
+        return info
 
     def recipe(self) -> Recipe:
         """The recipe this run follows."""
@@ -107,8 +114,8 @@ class RunFolder:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} has no {self.RECIPE}; it is not a calibration run")
         try:
-            return recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+            return recipe_from_dict(read_data(path, fmt="yaml") or {})
+        except ValueError as err:
             raise ValueError(f"{path} cannot be read ({str(err)[:200]}); rerun `mgtq calibrate` with "
                              "--restart and the recipe you want") from None
 
@@ -126,6 +133,11 @@ class RunFolder:
                              "that folder and run `mgtq calibrate` again to re-synthesize it") from err
 
     def stage_complete(self, stage: str, fingerprint: str) -> bool:
+        """Whether the stage ran with `fingerprint` and its files are still the ones it wrote."""
+        return self.stage_ran(stage, fingerprint) and not self.changed_outputs(stage)
+
+    def stage_ran(self, stage: str, fingerprint: str) -> bool:
+        """Whether the stage's marker says it ran with `fingerprint`."""
         marker = self.stage_dir(stage) / self.MARKER
         if not marker.exists():
             return False
@@ -134,11 +146,19 @@ class RunFolder:
         except ValueError:
             return False  # a damaged marker means the stage must run again
 
+    def changed_outputs(self, stage: str) -> str | None:
+        """None while the stage's files are those it recorded in its marker; else what differs."""
+        folder = self.stage_dir(stage)
+        recorded = read_json(folder / self.MARKER).get("outputs")
+        if recorded != _outputs_fingerprint(folder):
+            return f"the files in {folder}"
+        return None
+
     def check_finished(self) -> None:
-        """Raise ValueError naming the first unfinished stage and the command that finishes it."""
+        """Raise ValueError naming the first stage that has not run and the command that runs it."""
         fingerprints = self.info()["fingerprints"]
         for stage in STAGES:
-            if not self.stage_complete(stage, fingerprints.get(stage, "")):
+            if not self.stage_ran(stage, fingerprints.get(stage, "")):
                 raise ValueError(f"stage {stage!r} of {self.root} is not complete; run `mgtq calibrate --recipe "
                                  f"{self.root / self.RECIPE} --out {self.root}` to finish it")
 
@@ -146,9 +166,31 @@ class RunFolder:
         """Write a stage's folder atomically: `write(tmp)` puts its files, then the marker."""
         with atomic_directory(self.stage_dir(stage)) as tmp:
             write(tmp)
-            write_json(tmp / self.MARKER, {"fingerprint": fingerprint, **summary})
+            write_json(tmp / self.MARKER, {"fingerprint": fingerprint, "outputs": _outputs_fingerprint(tmp), **summary})
 
     # --------------------------------------------------------------------- starting and locking
+    def check_takeable(self, model_dir: str | os.PathLike) -> None:
+        """Refuse, before anything is written, a folder that is not new, empty or an mgtq run.
+
+        `mgtq calibrate` replaces its stage folders: in a folder of the user's (or the source model)
+        that would delete what it did not write.
+        """
+        root, model = self.root.resolve(), Path(model_dir).resolve()
+        if root == model or model in root.parents or root in model.parents:
+            raise ValueError(f"--out {self.root} overlaps the source model {model_dir}; calibrate into a new folder")
+        if not root.exists():
+            return
+        if not root.is_dir():
+            raise ValueError(f"--out {self.root} is a file; give a new folder (or an mgtq calibration run)")
+        if self.exists():
+            self.info()  # an mgtq run: its record must be one
+            return
+        theirs = sorted(p.name for p in root.iterdir() if p.name != self.LOCK)
+        if theirs:
+            shown = ", ".join(theirs[:5]) + (", …" if len(theirs) > 5 else "")
+            raise ValueError(f"--out {self.root} is not empty ({shown}) and is not an mgtq calibration run; mgtq "
+                             "calibrate writes only into a new or empty folder or its own run: choose another --out")
+
     @contextlib.contextmanager
     def lock(self):
         """Hold the run folder for this process: a second `mgtq calibrate` on it fails at once.
@@ -177,11 +219,8 @@ class RunFolder:
         """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,
         refuse a different recipe unless `restart`, record recipe and run.json."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in (*STAGES, self.QAT_STATE):
+        for name in (*STAGES, self.QAT_STATE, self.RECIPE, self.INFO):
             recover_atomic_target(self.root / name)
-        for name in (self.RECIPE, self.INFO):  # atomic_write_text's temporary files: `.NAME.XXXX`
-            for debris in self.root.glob(f".{name}.*"):
-                debris.unlink(missing_ok=True)
         if (self.root / self.RECIPE).exists() and not restart:
             try:
                 previous = self.recipe()
@@ -196,6 +235,11 @@ class RunFolder:
                     "recipe by adding --restart, or choose another --out folder")
         atomic_write_text(self.root / self.RECIPE, dump_recipe(recipe))
         write_json(self.root / self.INFO, {"model": str(model_dir), "fingerprints": fingerprints})
+
+
+def _outputs_fingerprint(folder: Path) -> str:
+    """Fingerprint of a stage folder's files, its marker left out."""
+    return files_fingerprint({p.name: p for p in folder.iterdir() if p.name != RunFolder.MARKER})
 
 
 def _holder(raw: bytes) -> str:

@@ -22,7 +22,7 @@ from mgtq.scq.qat import use_per_channel_weights_
 from mgtq.scq.recipe import MagnitudeConfig, SecondaryConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training.objective import masked_distillation_loss
-from mgtq.utils import set_submodule
+from mgtq.utils import atomic_file, set_submodule
 
 
 def select_a8_layers(scores: dict[str, float], fraction: float, selection: str, seed: int = 0) -> list[str]:
@@ -107,7 +107,8 @@ def plot_magnitudes(magnitudes: dict[str, float], a8: list[str], statistic: str,
     ax.set_ylabel(f"input {statistic}")
     ax.set_title(f"SCQ activation magnitudes — orange: int8 activations ({len(a8)} of {len(names)} layers)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

@@ -27,7 +27,7 @@ from mgtq.scq import magnitudes, qat, secondary, synthesis
 from mgtq.scq.recipe import Recipe
 from mgtq.scq.run import STAGES as STAGE_NAMES
 from mgtq.scq.run import RunFolder
-from mgtq.utils import read_json, write_json
+from mgtq.utils import files_fingerprint, read_json, write_json
 
 
 def load_calibration_data(run: RunFolder, pipe: MGTPipeline) -> synthesis.CalibrationData:
@@ -190,9 +190,25 @@ STAGES: tuple[Stage, ...] = (
 assert tuple(s.name for s in STAGES) == STAGE_NAMES
 
 
-def stage_fingerprints(recipe: Recipe, model_fingerprint: str) -> dict[str, str]:
-    """{stage: fingerprint}; each chains the one before it, starting from the model's."""
-    fps, prev = {}, model_fingerprint
+# What the stages read of the source pipeline folder: every component, and the sampler settings.
+SOURCE_PARTS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+
+
+def input_fingerprint(recipe: Recipe, model_dir: str | Path) -> str:
+    """Fingerprint of everything outside the run that the stages read: each component of the source
+    pipeline (the recipe's separate text encoder in place of the folder's own), its model_index.json
+    (sampler settings) and scheduler, and the text of `prompts.file`."""
+    parts = {name: Path(model_dir) / name for name in SOURCE_PARTS}
+    if recipe.text_encoder is not None:
+        parts["text_encoder"] = Path(recipe.text_encoder)
+    if recipe.prompts.source == "file":
+        parts["prompts.file"] = Path(recipe.prompts.file)
+    return files_fingerprint(parts)
+
+
+def stage_fingerprints(recipe: Recipe, inputs: str) -> dict[str, str]:
+    """{stage: fingerprint}; each chains the one before it, starting from `input_fingerprint`'s."""
+    fps, prev = {}, inputs
     for stage in STAGES:
         sections = stage.sections + (stage.plan_sections if recipe.qat.needs_a8_set else ())
         prev = hashlib.sha256((prev + recipe.section_fingerprint(*sections)).encode()).hexdigest()[:16]

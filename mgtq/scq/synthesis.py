@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.scq.recipe import PromptsConfig, SynthesisConfig
-from mgtq.utils import micro_conditions
+from mgtq.utils import describe_path, micro_conditions
 
 # Seeds of grammar scenes: far from ShapeBench's, so the calibration scenes are not benchmark scenes.
 GRAMMAR_SEED_OFFSET = 7_000_000_000
@@ -38,7 +38,7 @@ def calibration_prompts(cfg: PromptsConfig) -> list[tuple[str, int]]:
     else:
         path = Path(cfg.file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompts.file {path} does not exist")
+            raise FileNotFoundError(f"prompts.file {path} {describe_path(path)}; give a text file, one prompt a line")
         try:
             lines = [ln.strip() for ln in path.read_bytes().decode("utf-8").splitlines() if ln.strip()]
         except UnicodeDecodeError:

@@ -4,6 +4,7 @@
 """
 
 from .bench import BenchPrompt, bench_scene, render_ground_truth, shapebench_prompts
+from .edit import EDIT_TASKS, EditItem, edit_inputs, shapebench_edit_items, target_scene
 from .scorer import Detection, ScorerConfig, detect_objects, evaluate, score_image
 from .world import (
     BACKGROUND,
@@ -32,5 +33,6 @@ __all__ = [
     "ObjectSpec", "PlacedShape", "Scene", "Spec", "all_specs", "caption", "parse_prompt", "render",
     "sample_layout", "sample_scene", "sample_spec", "spec_to_caption", "vocabulary",
     "BenchPrompt", "bench_scene", "render_ground_truth", "shapebench_prompts",
+    "EDIT_TASKS", "EditItem", "edit_inputs", "shapebench_edit_items", "target_scene",
     "Detection", "ScorerConfig", "detect_objects", "evaluate", "score_image",
 ]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mgtq.utils import read_json, sha256_file, write_json
+from mgtq.utils import read_json, save_safetensors, sha256_file, write_json
 
 STATE_FILE = "state.json"
 FORMAT = "mgtq-training-state"
@@ -80,7 +80,7 @@ def _checked_meta(folder: Path) -> dict:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # clone: parameters may share storage (tied weights) and safetensors refuses shared tensors
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
+    save_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, path)
 
 
 def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -16,3 +16,5 @@ def test_gpu_check_smoke(tmp_path, random_pipeline_dir):
     assert [row["label"] for row in result["bench"]] == ["bf16", "w4a16"]
     assert all(row["status"] == "ok" and row["forward_s"] > 0 for row in result["bench"])
     assert (tmp_path / "gpu_smoke.md").read_text().startswith("# GPU check")
+    compiled = [row for row in result["kernels"] if row["compiled"] and row["rows"] == "tokens"]
+    assert compiled and compiled[0]["w4a8"] == "int_mm_chunked_inline" and compiled[0]["cpu_class"]

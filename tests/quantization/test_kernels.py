@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mgtq.quantization import W4A8Linear, W4Linear, quantize_int4_weight, quantize_int8_per_tensor
 from mgtq.quantization import kernels
 from mgtq.quantization.kernels import KernelContext, choose_kernel, int_mm_supported
-from mgtq.quantization.qtensor import dequantize_int4_weight
+from mgtq.quantization.qtensor import dequantize_int4_weight, onednn_int8_linear_available
 
 K, N = 128, 48
 
@@ -30,7 +30,11 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
     ("w4a8", ctx(m=2), "int_mm"),
     ("w4a8", ctx(m=2202), "int_mm_chunked"),
     ("w4a8", ctx(m=2202, cache=True), "onednn"),
-    ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked"),
+    ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked_inline"),
+    ("w4a8", ctx(m=2202, compiling=True), "int_mm_chunked_inline"),
+    ("w4a8", ctx(m=2, compiling=True), "int_mm"),
+    ("w4a16", ctx(m=2202, compiling=True), "dequant_inline"),
+    ("w4a16", ctx(m=2, compiling=True), "int8pack"),
     ("w4a8", ctx("cuda", capability=(8, 0)), "int_mm"),
     ("w4a8", ctx("cuda", m=16, capability=(9, 0)), "int8pack_exact"),  # _int_mm needs M > 16
     ("w4a8", ctx("cuda", n=1020, capability=(8, 0)), "int8pack_exact"),  # ... and N % 8 == 0
@@ -43,6 +47,37 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
 ])
 def test_choice_table(scheme, context, expected):
     assert choose_kernel(scheme, context) == expected
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}, "amx-int8"),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx-bf16"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "avx512-vnni"),
+    ({"avx2", "avx512f"}, "avx2"),
+    ({"avx2", "avx_vnni"}, "avx2"),
+])
+def test_cpu_class_from_flags_and_its_weight_cache(flags, expected):
+    assert kernels.detect_cpu_class(flags) == expected
+    assert kernels.weight_cache_backend(expected) == ("onednn" if expected in ("amx-int8", "avx512-vnni") else "int8")
+
+
+@pytest.mark.parametrize("cls", kernels.CPU_CLASSES)
+def test_forced_cpu_class_reaches_the_context_and_the_weight_cache(monkeypatch, layers, cls):
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, cls)
+    assert kernels.context_for(torch.randn(4, K), K, N, K).cpu_class == cls
+    _, _, a8 = layers
+    a8.enable_weight_cache("auto")
+    expected = "onednn" if kernels.weight_cache_backend(cls) == "onednn" else "int8"
+    if expected == "onednn" and not onednn_int8_linear_available():
+        expected = "int8"
+    assert a8.weight_cache == expected
+    x = torch.randn(40, K)
+    torch.testing.assert_close(a8(x), _w4a8_reference(layers[0], x), rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, "sse2")
+    with pytest.raises(ValueError, match="MGTQ_CPU_CLASS"):
+        kernels.cpu_class()
+    with pytest.raises(ValueError, match="cpu_class"):
+        ctx(cpu_class="sse2")
 
 
 def test_int_mm_capability_check():
@@ -180,3 +215,44 @@ def test_cuda_kernels_match_cpu(layers, rows):
         ref = w4big(xb)
         w4big.prepare_tinygemm()
         torch.testing.assert_close(w4big(xb).float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+# ------------------------------------------------------------------- compiled CPU: what Inductor sees
+def _dynamo_graph_targets(fn, *args) -> list[str]:
+    targets = []
+
+    def backend(gm, _inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return targets, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_paths_leave_quantize_and_dequantize_to_inductor(layers, dtype):
+    # Opaque custom ops would stop Inductor from fusing these pointwise passes with their neighbours.
+    _, w4, a8 = layers
+    x = torch.randn(2, 40, K, dtype=dtype) * 3
+    with torch.no_grad():
+        for module, hidden in ((a8, "quantize_int8_rows"), (w4, "dequantize_int4")):
+            targets, compiled = _dynamo_graph_targets(lambda t: module(torch.nn.functional.gelu(t)), x)
+            assert not any(hidden in t for t in targets), targets
+            eager = module(torch.nn.functional.gelu(x))
+            assert torch.equal(compiled, eager)  # the same roundings, in the same order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
+    # Exactness of the fused code Inductor generates: int8 codes are the same (exact quantize), so
+    # W4A8 equals eager bit for bit; W4A16 dequantizes to the same weight (one rounding) before the GEMM.
+    _, w4, a8 = layers
+    x = torch.randn(64, K, dtype=dtype) * 3
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for module in (a8, w4):
+            # A neighbour to fuse into that rounds alike in both (compiled GELU differs from eager in the last bit).
+            fn = lambda t: module(torch.relu(t) * 2)  # noqa: E731
+            compiled = torch.compile(fn, fullgraph=True)(x)
+            torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)

@@ -1,5 +1,8 @@
 """The shared resumable training loop: a resumed run ends exactly where an uninterrupted one does."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -56,11 +59,19 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_state(tmp_pa
     assert read_json(tmp_path / "s" / loop.TRAINER_FILE)["step"] == 4
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_a_state_whose_swap_was_cut_short_is_restored(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "s", stop_at=3)
-    (tmp_path / "s").rename(tmp_path / ".s.old-0000")  # killed between the two renames of the next save
-    (tmp_path / ".s.tmp-1111").mkdir()
+    dead = _dead_pid()
+    # killed between the two renames of the next save (debris named as mgtq's writers name it)
+    (tmp_path / "s").rename(tmp_path / f".s.old-{dead}-0000aaaa")
+    (tmp_path / f".s.tmp-{dead}-1111bbbb").mkdir()
     start, _, _ = _train(tmp_path / "s")
     assert start == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 

@@ -11,6 +11,9 @@ leaks across images).
 resample = "abs" (default) follows the paper, |p_i − p_{i−1}|; "clipped" is the official demo's
 clip(p_i − p_{i−1}, 10⁻⁶), which keeps only the tokens whose probability rose (an identical
 row becomes uniform there).
+
+In editing, the ranking runs over the editable positions only, k = ⌊z·N_editable/100⌋: fixed
+(context) tokens are never sampled, so they would only take places of the z% without effect.
 """
 
 from __future__ import annotations
@@ -38,11 +41,18 @@ def num_resampled(percent: float, num_tokens: int) -> int:
     return min(num_tokens, int(math.floor(percent * num_tokens / 100 + 1e-9)))
 
 
-def differential_selection(probs: torch.Tensor, prev_probs: torch.Tensor, percent: float) -> torch.Tensor:
-    """Boolean (B, N): the ⌊z·N/100⌋ positions of lowest KL(p_i ‖ p_{i−1}) in each sample (ties by index)."""
+def differential_selection(probs: torch.Tensor, prev_probs: torch.Tensor, percent: float,
+                           editable: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, N): the ⌊z·N/100⌋ positions of lowest KL(p_i ‖ p_{i−1}) in each sample (ties by index).
+
+    editable (B, N) bool: rank only these positions, N = their count per sample (None: all).
+    """
     kl = token_kl(probs, prev_probs)
-    k = torch.full((kl.shape[0],), num_resampled(percent, kl.shape[1]), device=kl.device)
-    return remask_lowest(kl, k)
+    if editable is None:
+        k = torch.full((kl.shape[0],), num_resampled(percent, kl.shape[1]), device=kl.device)
+        return remask_lowest(kl, k)
+    k = torch.tensor([num_resampled(percent, int(n)) for n in editable.sum(-1)], device=kl.device)
+    return remask_lowest(torch.where(editable, kl, torch.full_like(kl, float("inf"))), k) & editable
 
 
 def resample_weights(probs: torch.Tensor, prev_probs: torch.Tensor, rule: str = "abs") -> torch.Tensor:
@@ -57,11 +67,12 @@ def resample_weights(probs: torch.Tensor, prev_probs: torch.Tensor, rule: str = 
 
 
 def differential_probs(probs: torch.Tensor, prev_probs: torch.Tensor, percent: float,
-                       rule: str = "abs") -> torch.Tensor:
-    """probs (B, N, V) with the z% lowest-KL rows replaced by the normalized difference weights."""
+                       rule: str = "abs", editable: torch.Tensor | None = None) -> torch.Tensor:
+    """probs (B, N, V) with the z% lowest-KL rows (of the editable positions, if given) replaced by the
+    normalized difference weights."""
     if percent <= 0:
         return probs
-    chosen = differential_selection(probs, prev_probs, percent)
+    chosen = differential_selection(probs, prev_probs, percent, editable)
     residual = resample_weights(probs, prev_probs, rule)
     total = residual.sum(-1, keepdim=True)
     usable = chosen[..., None] & (total > 0)  # a zero row has nothing to sample from: keep p_i

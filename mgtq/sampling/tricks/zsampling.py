@@ -11,7 +11,8 @@ re-masking tokens, then step i → i+1 again. The inversion is where the semanti
 k = #masked(z_i) − #masked(z_{i+1}), per sample, so the inversion lands on step i's mask count.
 Interpretation: the candidates are all decoded tokens of z_{i+1} (earlier steps' included) —
 restricting them to the k tokens just decoded would make "masked" identical to "recover". The
-inversion confidence is the plain log-probability (no Gumbel).
+inversion confidence is the plain log-probability (no Gumbel). In editing, the candidates are the
+decoded *editable* tokens: a fixed (context) token is never re-masked.
 
 remask (masked variant only): "paper" (default) re-masks the lowest-confidence tokens as above;
 "official" follows the official demo's rule: the k decoded tokens whose max-probability
@@ -69,15 +70,19 @@ def invert_by_remasking(
     generators: list[torch.Generator],
     inversion_logits: torch.Tensor | None = None,
     remask: str = "paper",
+    editable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z_{i+1} → z̃_i: tokens (B, N) with as many masks as `before` (z_i) had.
 
     inversion_logits (B, N, V): the inversion-CFG pass on `after`, needed by "masked" only;
-    remask: its ranking rule, "paper" or "official".
+    remask: its ranking rule, "paper" or "official"; editable (B, N) bool: the positions that may be
+    re-masked (None: all; editing passes the positions that are not fixed).
     """
     if variant == "recover":
         return before.clone()
     decoded = after != mask_id
+    if editable is not None:
+        decoded = decoded & editable
     k = (before == mask_id).sum(-1) - (after == mask_id).sum(-1)
     if variant == "masked":
         if inversion_logits is None:
@@ -88,6 +93,7 @@ def invert_by_remasking(
         scores = torch.where(decoded, scores, torch.full_like(scores, float("inf")))
     else:
         raise ValueError(f"unknown Z-sampling variant {variant!r}; choose one of {ZSAMPLING_VARIANTS[1:]}")
-    # masked positions score +inf, so only decoded tokens are re-masked (and already-masked stay so)
-    remask = remask_lowest(scores, k) | ~decoded
+    # masked (and fixed) positions score +inf, so only decoded editable tokens are re-masked;
+    # the already-masked stay so
+    remask = remask_lowest(scores, k) | (after == mask_id)
     return torch.where(remask, torch.full_like(after, mask_id), after)

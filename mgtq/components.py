@@ -1,0 +1,100 @@
+"""Float components (VQ, text encoder, float transformer) are loaded as strictly as quantized ones.
+
+`from_pretrained` fills a missing tensor with a fresh initialization (transformers only warns) or
+leaves it on the meta device (diffusers), ignores unexpected ones, and accepts NaN: each gives a
+wrong image with exit code 0. `check_loaded` compares the loaded module with its safetensors files
+and refuses any of those, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from mgtq.limits import MAX_RESOLUTION
+from mgtq.utils import describe_path
+
+# A CLIP text tower may be loaded from a whole CLIPModel's weights (the official Meissonic setup loads
+# CLIP ViT-H/14 this way): the image tower's tensors are there and are not the text encoder's.
+OTHER_TOWER = ("vision_model.", "visual_projection.", "logit_scale")
+
+# config.json keys that count layers (diffusers, transformers): each layer holds at least one tensor.
+LAYER_COUNT = re.compile(r"num_\w*layers|num_hidden_layers|layers_per_block|num_\w*blocks")
+
+
+def check_files(folder: str | Path) -> dict[str, Path]:
+    """Check a component folder before `from_pretrained` builds anything from it: its weights files are
+    readable, its config.json is a bounded JSON object whose layer counts the weights can hold (a model of
+    `num_layers: 10**6` would be allocated before any weight is compared). Returns `stored_keys`."""
+    from mgtq.config import read_data
+
+    folder = Path(folder)
+    stored = stored_keys(folder)
+    config = read_data(folder / "config.json") if (folder / "config.json").exists() else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / 'config.json'} must hold a JSON object, got {type(config).__name__}; fix it")
+    for key, value in sorted(config.items()):
+        if LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > len(stored):
+            raise ValueError(f"{folder / 'config.json'}: {key} {value} describes more layers than the {len(stored)} "
+                             "tensors of its weights files can hold; fix config.json")
+    return stored
+
+
+def stored_keys(folder: str | Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it} over a component folder's weights files."""
+    from safetensors import safe_open
+
+    stored = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
+            raise ValueError(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored.update(dict.fromkeys(f.keys(), path))
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
+                             "re-create it") from None
+    return stored
+
+
+def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
+    """Raise ValueError unless `model` holds exactly the tensors of `folder`'s files, all finite."""
+    folder = Path(folder)
+    what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(type(model).__name__, "text encoder")
+    stored = stored_keys(folder)
+    expected = model.state_dict()
+    optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
+    missing = sorted(set(expected) - set(stored) - optional)
+    if missing:
+        raise ValueError(f"{folder}: the {what}'s weights files lack tensor {missing[0]!r} ({len(missing)} missing in "
+                         "all) that its config.json needs; the folder is incomplete: re-create it")
+    unexpected = sorted(k for k in set(stored) - set(expected) - optional if not k.startswith(OTHER_TOWER))
+    if unexpected:
+        raise ValueError(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
+                         f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
+                         "the folder")
+    for name, tensor in expected.items():
+        if tensor.is_meta:
+            raise ValueError(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
+                             "the folder")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
+                             "values; the weights are damaged: re-create them")
+
+
+def check_index(index, path: Path) -> None:
+    """Refuse a model_index.json that is not a JSON object, or whose mgtq resolution is past the limit.
+
+    Anything else (a list, a number) would be read as an official Meissonic folder with its defaults:
+    a 1024 px image from whatever model the folder holds.
+    """
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object (diffusers' model_index), got {type(index).__name__}; "
+                         "fix it or re-create the folder")
+    settings = index.get("mgtq")
+    resolution = settings.get("resolution") if isinstance(settings, dict) else None
+    if isinstance(resolution, int) and resolution > MAX_RESOLUTION:
+        raise ValueError(f"{path}: mgtq.resolution {resolution} is past mgtq's limit of {MAX_RESOLUTION} px "
+                         "(mgtq.limits); set the model's real resolution")

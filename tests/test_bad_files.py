@@ -1,0 +1,178 @@
+"""Damaged, hostile or wrong-shaped files are one-line errors naming the file, never a traceback or a
+silently different result: one bounded JSON/YAML reader, shape checks, failed writes that leave nothing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mgtq.cli import main
+from mgtq.config import MAX_DEPTH, read_data
+from mgtq.pipeline import MGTPipeline, read_settings
+from mgtq.quantization.checkpoint import read_manifest
+from mgtq.sampling.cli_args import load_sampler_file
+from mgtq.scq.recipe import load_recipe
+from mgtq.scq.run import RunFolder
+from mgtq.utils import read_json, save_safetensors
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+DEEP_YAML = "".join("  " * i + "a:\n" for i in range(2000))
+
+
+@pytest.fixture
+def model(random_pipeline_dir, tmp_path):
+    shutil.copytree(random_pipeline_dir, tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("name,text", [("x.json", DEEP_JSON), ("x.yaml", DEEP_JSON), ("x.yaml", DEEP_YAML),
+                                       ("x.json", "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))],
+                         ids=["json", "yaml-flow", "yaml-block", "json-just-past-the-limit"])
+def test_the_reader_refuses_deep_nesting_naming_the_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path} nests deeper than {MAX_DEPTH} levels"):
+        read_data(path)
+
+
+def test_the_reader_reads_what_mgtq_writes_and_names_a_folder_and_bad_bytes(tmp_path):
+    (tmp_path / "ok.json").write_text(json.dumps({"a": [[{"b": 1}]]}))
+    assert read_data(tmp_path / "ok.json") == {"a": [[{"b": 1}]]}
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; give the path of a file"):
+        read_data(tmp_path)
+    (tmp_path / "latin1.json").write_bytes('{"a": "café"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'latin1.json'} is not UTF-8 text"):
+        read_data(tmp_path / "latin1.json")
+
+
+@pytest.mark.parametrize("reader,name", [
+    (read_json, "run.json"), (read_json, "selection.json"), (read_json, "state.json"),
+    (lambda p: read_manifest(p.parent), "manifest.json"), (load_recipe, "recipe.yaml"),
+    (load_sampler_file, "sampler.yaml"), (load_sampler_file, "sampler.json"),
+])
+def test_every_reader_refuses_a_deep_file_in_one_line(tmp_path, reader, name):
+    path = tmp_path / name
+    path.write_text(DEEP_JSON)
+    with pytest.raises(ValueError, match=f"{path}'? nests deeper than {MAX_DEPTH} levels"):
+        reader(path)
+
+
+@pytest.mark.parametrize("file", ["model_index.json", "transformer/config.json", "vqvae/config.json",
+                                  "text_encoder/config.json"])
+def test_a_deep_model_file_is_named_by_the_cli(model, file, tmp_path, capsys):
+    (model / file).write_text(DEEP_JSON)
+    assert main(["generate", "--model", str(model), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mgtq generate: error: ") and f"{model / file} nests deeper than" in last
+
+
+def test_a_deep_run_json_is_named_by_export(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(DEEP_JSON)
+    (run / "recipe.yaml").write_text("model: default\n")
+    assert main(["export", str(run), "--out", str(tmp_path / "ckpt")]) == 2
+    assert f"{run / 'run.json'} nests deeper than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("index,match", [
+    ([], r"model_index.json must hold a JSON object \(diffusers' model_index\), got list"),
+    (7, r"model_index.json must hold a JSON object .*got int"),
+    ({"mgtq": {"resolution": 10**9}}, r"mgtq.resolution 1000000000 is past mgtq's limit of 4096 px"),
+])
+def test_a_model_index_of_the_wrong_shape_is_refused(model, index, match):
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=match):
+        read_settings(model)
+
+
+def test_a_non_utf8_model_index_names_the_file(model):
+    (model / "model_index.json").write_bytes(b'{"mgtq": "\xff"}')
+    with pytest.raises(ValueError, match=f"{model / 'model_index.json'} is not UTF-8 text"):
+        read_settings(model)
+
+
+def test_a_config_with_more_layers_than_its_weights_is_refused_before_building(model):
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    config["num_layers"] = 10**6
+    (model / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"transformer/config.json: num_layers 1000000 describes more layers than"):
+        MGTPipeline.from_pretrained(model)
+
+
+def test_a_full_disk_while_saving_tensors_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"could not write {tmp_path / 'rng.safetensors'} .*free some disk space"):
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "rng.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_calibrate_run_json_that_is_not_a_run_record_is_refused(tmp_path):
+    (tmp_path / "run.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"run.json is not an mgtq run record \(model, fingerprints\)"):
+        RunFolder(tmp_path).check_takeable(tmp_path.parent / "model")
+
+
+# ------------------------------------------------------------------------------ messages that say it
+def test_weights_linked_to_a_device_are_named_as_such(model):
+    weights = model / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=f"{weights} is a character device, not a weights file"):
+        MGTPipeline.from_pretrained(model)
+
+
+def test_a_folder_given_as_the_prompts_file_is_named_a_folder(tmp_path):
+    from mgtq.scq.recipe import PromptsConfig
+    from mgtq.scq.synthesis import calibration_prompts
+
+    with pytest.raises(FileNotFoundError, match=f"prompts.file {tmp_path} is a folder; give a text file"):
+        calibration_prompts(PromptsConfig(source="file", file=str(tmp_path)))
+
+
+def test_a_full_disk_during_export_names_the_target(random_pipeline_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mgtq import export
+    from mgtq.quantization import checkpoint
+    from mgtq.testing import random_quantized_pipeline
+
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(export.shutil, "copyfile", full)
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    with pytest.raises(OSError) as caught:
+        export.write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path / "ckpt")
+    assert caught.value.filename == str(tmp_path / "ckpt") and caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_png_write_leaves_no_temporary_file_and_keeps_the_old_image(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mgtq.generate import generate_to_files
+
+    out = tmp_path / "img.png"
+    out.write_bytes(b"the previous image")
+    pipe = lambda *args, **kwargs: SimpleNamespace(images=[Image.new("RGB", (4, 4))])  # noqa: E731
+
+    def full_disk(self, fp, format=None, **params):
+        open(fp, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError):
+        generate_to_files(pipe, "a red circle", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"] and out.read_bytes() == b"the previous image"

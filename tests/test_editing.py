@@ -1,0 +1,302 @@
+"""Inpainting, outpainting and img2img pipelines (mgtq.editing) on small random pipelines, float and
+quantized, with the sampler's tricks, TomeMGT and compile; their input errors; `mgtq edit`."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mgtq
+from mgtq.cli import main
+from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline, outpaint_canvas, token_mask
+from mgtq.sampling import SamplerConfig, SamplerHooks
+from mgtq.sampling.start import num_remasked
+from mgtq.shapes import render, sample_scene
+
+F = 4  # the random pipeline's VQ factor: 64×64 pixels → 16×16 tokens
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return render(sample_scene(0, "two_objects"))  # uint8 (64, 64, 3)
+
+
+def _box_mask(y0=8, y1=28, x0=20, x1=44):
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _inpaint(pipe, scene, mask, **kw):
+    return MGTInpaintPipeline.from_pipe(pipe)("a red circle", image=scene, mask_image=mask, progress=False,
+                                              **{"seed": 0, **kw})
+
+
+# ------------------------------------------------------------------------------- construction
+def test_from_pipe_shares_the_modules(random_pipeline):
+    for cls in (MGTInpaintPipeline, MGTImg2ImgPipeline):
+        sibling = cls.from_pipe(random_pipeline)
+        assert isinstance(sibling, mgtq.MGTPipeline)
+        for name in ("transformer", "vqvae", "text_encoder", "tokenizer"):
+            assert getattr(sibling, name) is getattr(random_pipeline, name)
+        assert sibling.settings == random_pipeline.settings and sibling.settings is not random_pipeline.settings
+
+
+def test_from_pretrained_is_inherited(random_pipeline, random_pipeline_dir, scene):
+    loaded = MGTInpaintPipeline.from_pretrained(random_pipeline_dir)
+    assert type(loaded) is MGTInpaintPipeline
+    mask = _box_mask()
+    assert torch.equal(_inpaint(loaded, scene, mask).tokens, _inpaint(random_pipeline, scene, mask).tokens)
+
+
+def test_top_level_names():
+    assert mgtq.MGTInpaintPipeline is MGTInpaintPipeline and mgtq.MGTImg2ImgPipeline is MGTImg2ImgPipeline
+    assert mgtq.outpaint_canvas is outpaint_canvas
+
+
+# ------------------------------------------------------------------------------------- tokens
+def test_encode_image_gives_token_ids(random_pipeline, scene):
+    pipe = MGTInpaintPipeline.from_pipe(random_pipeline)
+    tokens = pipe.encode_image([scene, Image.fromarray(scene)])
+    assert tokens.shape == (2, 16, 16) and tokens.dtype == torch.long
+    assert torch.equal(tokens[0], tokens[1]) and int(tokens.max()) < pipe.transformer.config.codebook_size
+
+
+def test_a_token_is_repainted_when_any_of_its_pixels_is():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[5, 9] = True  # token (1, 2)
+    mask[40:48, 3:5] = True  # tokens (10..11, 0..1)
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[1, 2] = True
+    expected[10:12, 0:2] = True
+    assert torch.equal(token_mask(mask, F), expected)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "L", "RGB", "1"])
+def test_inpaint_keeps_every_unmasked_token_and_white_repaints(random_pipeline, scene, mask_kind):
+    pixels = _box_mask()
+    pixels[60, 60] = True  # one pixel repaints its whole token
+    mask = {"bool": pixels, "L": Image.fromarray(pixels.astype(np.uint8) * 255, mode="L"),
+            "RGB": Image.fromarray(pixels.astype(np.uint8) * 255, mode="L").convert("RGB"),
+            "1": Image.fromarray(pixels.astype(np.uint8) * 255, mode="L").convert("1")}[mask_kind]
+    pipe = MGTInpaintPipeline.from_pipe(random_pipeline)
+    out = _inpaint(pipe, scene, mask)
+    encoded = pipe.encode_image(scene)[0]
+    repaint = token_mask(pixels, F)
+    assert torch.equal(out.tokens[0][~repaint], encoded[~repaint])
+    assert (out.tokens[0][repaint] < pipe.transformer.config.codebook_size).all()
+    assert out.images[0].size == (64, 64) and out.nfe == pipe.settings.sampler.num_steps
+
+
+def test_same_seed_same_image_and_batch_independence(random_pipeline, scene):
+    pipe = MGTInpaintPipeline.from_pipe(random_pipeline)
+    mask = _box_mask()
+    pair = pipe(["a red circle", "a blue square"], image=scene, mask_image=mask, seed=[4, 9], progress=False)
+    alone = pipe("a blue square", image=scene, mask_image=mask, seed=9, progress=False)
+    assert torch.equal(pair.tokens[1], alone.tokens[0])
+    gen = pipe("a blue square", image=scene, mask_image=mask, generator=torch.Generator().manual_seed(9),
+               progress=False)
+    assert torch.equal(gen.tokens, pipe("a blue square", image=scene, mask_image=mask,
+                                        generator=torch.Generator().manual_seed(9), progress=False).tokens)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    a = i2i(["a red circle", "a blue square"], image=scene, strength=0.6, seed=[4, 9], progress=False)
+    b = i2i("a blue square", image=scene, strength=0.6, seed=9, progress=False)
+    assert torch.equal(a.tokens[1], b.tokens[0])
+
+
+def test_full_mask_inpaint_and_strength_one_are_text_to_image(random_pipeline, scene):
+    t2i = random_pipeline("a red circle", seed=3, progress=False).tokens
+    full = np.ones((64, 64), dtype=bool)
+    assert torch.equal(_inpaint(random_pipeline, scene, full, seed=3).tokens, t2i)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=3, progress=False).tokens, t2i)
+
+
+def test_img2img_keeps_the_tokens_it_did_not_remask(random_pipeline, scene):
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    encoded = i2i.encode_image(scene)
+    steps = i2i.settings.sampler.num_steps
+    low = i2i("a red circle", image=scene, strength=0.3, seed=0, progress=False)
+    high = i2i("a red circle", image=scene, strength=0.9, seed=0, progress=False)
+    kept_low, kept_high = (low.tokens == encoded).sum(), (high.tokens == encoded).sum()
+    # every token that was not re-masked is kept (a re-drawn one may also happen to come back)
+    assert kept_low >= 256 - num_remasked(0.3, 256) and kept_high >= 256 - num_remasked(0.9, 256)
+    assert kept_low > kept_high
+    assert low.nfe < high.nfe <= steps  # a lower strength starts at a later step
+
+
+def test_outpaint_canvas_and_outpainting(random_pipeline, scene):
+    canvas, mask = outpaint_canvas(scene[:, 24:], left=24)
+    assert canvas.size == (64, 64) and mask.mode == "L"
+    pixels = np.asarray(mask) >= 128
+    assert pixels[:, :24].all() and not pixels[:, 24:].any()
+    assert (np.asarray(canvas)[:, 24:] == scene[:, 24:]).all()
+    out = _inpaint(random_pipeline, np.asarray(canvas), mask)
+    encoded = MGTInpaintPipeline.from_pipe(random_pipeline).encode_image(canvas)[0]
+    assert torch.equal(out.tokens[0][:, 6:], encoded[:, 6:])  # tokens right of the padding are kept
+    wide, wide_mask = outpaint_canvas(scene, right=16, top=8, bottom=8)
+    assert wide.size == (80, 80) and (np.asarray(wide_mask)[8:72, :64] == 0).all()
+
+
+# --------------------------------------------------------------- tricks, SCQ, TomeMGT, compile
+@pytest.mark.parametrize("preset", ["paper-combo", "paper-combo-root"])
+def test_sampler_tricks_keep_unmasked_tokens(random_pipeline, scene, preset):
+    config = SamplerConfig.preset(preset, base=random_pipeline.settings.sampler)
+    config = config.with_overrides({"momentum.order": 2, "zsampling.remask": "official"})
+    mask = _box_mask()
+    out = _inpaint(random_pipeline, scene, mask, sampler=config)
+    encoded = MGTInpaintPipeline.from_pipe(random_pipeline).encode_image(scene)[0]
+    assert torch.equal(out.tokens[0][~token_mask(mask, F)], encoded[~token_mask(mask, F)])
+    assert out.nfe > config.num_steps  # Z-sampling ran
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)("a red circle", image=scene, strength=0.5, seed=0,
+                                                        sampler=config, progress=False)
+    assert i2i.tokens.shape == (1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, random_pipeline_dir):
+    """A random W4A8/W4A16 pipeline and its checkpoint, written by `mgtq export`'s writer."""
+    from mgtq.export import write_checkpoint
+    from mgtq.quantization import checkpoint
+    from mgtq.testing import random_quantized_pipeline
+
+    pipe = random_quantized_pipeline()
+    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    folder = tmp_path_factory.mktemp("q") / "ckpt"
+    return pipe, write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, folder)
+
+
+def test_quantized_checkpoint_edits(quantized, scene):
+    from mgtq.quantization import W4A8Linear
+
+    pipe, folder = quantized
+    inpaint = MGTInpaintPipeline.from_pretrained(folder)
+    assert any(isinstance(m, W4A8Linear) for m in inpaint.transformer.modules())
+    mask = _box_mask()
+    config = SamplerConfig.preset("paper-combo", base=inpaint.settings.sampler)
+    out = _inpaint(inpaint, scene, mask, sampler=config)
+    assert torch.equal(out.tokens, _inpaint(pipe, scene, mask, sampler=config).tokens)  # same as in memory
+    encoded = inpaint.encode_image(scene)[0]
+    assert torch.equal(out.tokens[0][~token_mask(mask, F)], encoded[~token_mask(mask, F)])
+    i2i = MGTImg2ImgPipeline.from_pretrained(folder)
+    assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=2, progress=False).tokens,
+                       pipe("a red circle", seed=2, progress=False).tokens)
+    half = i2i("a red circle", image=scene, strength=0.5, seed=2, progress=False)
+    assert (half.tokens == encoded).sum() >= 256 - num_remasked(0.5, 256)
+    # with Z-sampling, the kept tokens are decoded tokens like any other: its inversion may re-draw them
+    assert i2i("a red circle", image=scene, strength=0.5, seed=2, sampler=config, progress=False).nfe > half.nfe
+
+
+def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
+    from mgtq.merging import apply_tomemgt, remove_tomemgt
+    from mgtq.testing import build_random_pipeline
+
+    class FirstLogits(SamplerHooks):
+        def adjust_logits(self, logits, state):
+            self.logits = getattr(self, "logits", logits.clone())
+            return logits
+
+    pipe = build_random_pipeline()
+    inpaint = MGTInpaintPipeline.from_pipe(pipe)
+    mask = _box_mask()
+    plain_hook, merged_hook = FirstLogits(), FirstLogits()
+    plain = _inpaint(inpaint, scene, mask, hooks=plain_hook).tokens
+    plan = apply_tomemgt(pipe, 0.5, blocks="all")
+    assert inpaint.transformer.token_merging is plan  # installed on the shared transformer
+    merged = _inpaint(inpaint, scene, mask, hooks=merged_hook).tokens
+    assert not torch.allclose(merged_hook.logits, plain_hook.logits)  # the merging ran
+    repaint = token_mask(mask, F)
+    assert torch.equal(merged[0][~repaint], plain[0][~repaint])
+    i2i = MGTImg2ImgPipeline.from_pipe(pipe)("a red circle", image=scene, strength=0.5, seed=0, progress=False)
+    assert (i2i.tokens == inpaint.encode_image(scene)).sum() >= 256 - num_remasked(0.5, 256)
+    remove_tomemgt(pipe)
+    assert torch.equal(_inpaint(inpaint, scene, mask).tokens, plain)
+
+
+def test_compiled_transformer_gives_the_same_edits(scene):
+    from mgtq.testing import build_random_pipeline
+
+    pipe = build_random_pipeline()
+    mask = _box_mask()
+    eager = _inpaint(pipe, scene, mask).tokens
+    eager_i2i = MGTImg2ImgPipeline.from_pipe(pipe)("a red circle", image=scene, strength=0.5, seed=0,
+                                                   progress=False).tokens
+    torch._dynamo.reset()
+    pipe.compile(backend="aot_eager")
+    inpaint, i2i = MGTInpaintPipeline.from_pipe(pipe), MGTImg2ImgPipeline.from_pipe(pipe)
+    assert torch.equal(_inpaint(inpaint, scene, mask).tokens, eager)
+    assert torch.equal(i2i("a red circle", image=scene, strength=0.5, seed=0, progress=False).tokens, eager_i2i)
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    mask = _box_mask()
+    with pytest.raises(ValueError, match=r"multiples of 8 .* try 64×64"):
+        inpaint("a red circle", image=scene[:62, :66], mask_image=mask[:62, :66], progress=False)
+    with pytest.raises(ValueError, match=r"mask_image is 48×64 \(W×H\) but the image is 64×64"):
+        inpaint("a red circle", image=scene, mask_image=mask[:, :48], progress=False)
+    with pytest.raises(ValueError, match="all black: nothing to repaint"):
+        inpaint("a red circle", image=scene, mask_image=np.zeros((64, 64), bool), progress=False)
+    with pytest.raises(ValueError, match="all black"):
+        inpaint("a red circle", image=scene, mask_image=Image.new("L", (64, 64), 100), progress=False)
+    with pytest.raises(ValueError, match=r"convert it with image.convert\('RGB'\)"):
+        inpaint("a red circle", image=Image.fromarray(scene).convert("RGBA"), mask_image=mask, progress=False)
+    with pytest.raises(ValueError, match=r"convert it with image.convert\('RGB'\)"):
+        i2i("a red circle", image=Image.fromarray(scene).convert("L"), progress=False)
+    with pytest.raises(ValueError, match=r"uint8 array \(H, W, 3\)"):
+        i2i("a red circle", image=scene.astype(np.float32) / 255, progress=False)
+    with pytest.raises(ValueError, match="mask_image has mode 'RGBA'"):
+        inpaint("a red circle", image=scene, mask_image=Image.new("RGBA", (64, 64)), progress=False)
+    for strength in (0, 1.2, -1, float("nan")):
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
+            i2i("a red circle", image=scene, strength=strength, progress=False)
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        i2i("a red circle", image=[scene, scene], progress=False)
+    with pytest.raises(ValueError, match="nothing to outpaint"):
+        outpaint_canvas(scene)
+    with pytest.raises(ValueError, match="whole pixels"):
+        outpaint_canvas(scene, left=-8)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_edit_mask_outpaint_and_strength(tmp_path, random_pipeline_dir, scene):
+    image = tmp_path / "in.png"
+    Image.fromarray(scene).save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(_box_mask().astype(np.uint8) * 255, mode="L").save(mask)
+    base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
+            "--no-progress", "--device", "cpu"]
+    for extra, name in ((["--mask", str(mask)], "m.png"), (["--outpaint", "8,8,0,0"], "o.png"),
+                        (["--strength", "0.5", "--sampler", "paper-combo", "--seed", "3"], "s.png")):
+        assert main(base + extra + ["--out", str(tmp_path / name)]) == 0
+    assert Image.open(tmp_path / "m.png").size == (64, 64)
+    assert Image.open(tmp_path / "o.png").size == (80, 64)
+    pipe = MGTInpaintPipeline.from_pretrained(random_pipeline_dir)
+    api = pipe("a red circle", image=scene, mask_image=_box_mask(), seed=0, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), np.asarray(api))
+
+
+def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray(scene).save(image)
+    base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
+            "--out", str(tmp_path / "o.png"), "--no-progress"]
+    assert main(base) == 2
+    assert "one of the arguments --mask --outpaint --strength is required" in capsys.readouterr().err
+    assert main(base + ["--strength", "0.5", "--outpaint", "8,0,0,0"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(base + ["--strength", "2"]) == 2
+    assert "strength" in capsys.readouterr().err
+    assert main(base + ["--outpaint", "8,8"]) == 2
+    assert "L,R,T,B" in capsys.readouterr().err
+    assert main(base + ["--outpaint", "4,0,0,0"]) == 2
+    assert "try" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
+    assert not (tmp_path / "o.png").exists()
+    args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile",
+            "--tome", "0.5"]
+    from mgtq.cli import build_parser
+
+    parsed = build_parser().parse_args(args)
+    assert parsed.compile and parsed.tome == 0.5 and parsed.func.__name__ == "cmd_edit"
