@@ -1,8 +1,10 @@
 """mgtq: compression toolkit for masked generative transformers (Meissonic first).
 
     import mgtq
-    pipe = mgtq.load("checkpoints/tiny-shapes")      # float or quantized checkpoint
+    pipe = mgtq.load()                                # the embedded tiny-shapes model, or a folder path
     image = pipe("a red circle", seed=0).images[0]
+    mgtq.quantize_(pipe, mgtq.W4A16Config(group_size=64))   # post-training quantization, in place
+    pipe.save_pretrained("my-w4a16")                  # a complete mgtq checkpoint
 """
 
 __version__ = "0.1.0"
@@ -24,6 +26,14 @@ _LAZY = {
     "outpaint_canvas": "mgtq.editing",
     "load": "mgtq.pipeline",
     "SamplerConfig": "mgtq.sampling",
+    "quantize_": "mgtq.quantization.api",
+    "W4A16Config": "mgtq.quantization.api",
+    "W4A8Config": "mgtq.quantization.api",
+    "SCQConfig": "mgtq.quantization.api",
+    "calibrate_activations": "mgtq.quantization.api",
+    "TomeConfig": "mgtq.merging.patch",
+    "apply_tomemgt": "mgtq.merging.patch",
+    "remove_tomemgt": "mgtq.merging.patch",
 }
 
 

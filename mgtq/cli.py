@@ -29,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="transformer/text encoder dtype (default: as saved)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer (fullgraph; the first step pays the compile time)")
+    p.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
+                   help="CPU threads torch may use (default: torch's choice, all cores)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +84,11 @@ def _load_pipe(args):
     from mgtq.default_model import default_model
     from mgtq.pipeline import load
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.model or default_model(), text_encoder=args.text_encoder, dtype=args.dtype, device=device)
+    pipe = load(args.model or default_model(), text_encoder=args.text_encoder, torch_dtype=args.dtype, device=device,
+                progress=not getattr(args, "no_progress", False))
     if getattr(args, "tome", None):
         from mgtq.merging import apply_tomemgt
 
@@ -93,15 +98,29 @@ def _load_pipe(args):
     return pipe
 
 
+def _prompts_file(path: Path) -> list[str]:
+    """--prompts FILE: one prompt per line; blank lines are skipped, an empty file is an error."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not UTF-8 text; give a text file with one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
 def cmd_generate(args) -> int:
     from mgtq.generate import generate_to_files, output_paths
 
-    for path in output_paths(args.out, args.num_images):
+    prompts = _prompts_file(args.prompts) if args.prompts else [args.prompt]
+    for path in output_paths(args.out, args.num_images * len(prompts)):
         _check_output_path(path, "--out")
     pipe = _load_pipe(args)
     paths = generate_to_files(
-        pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, seed=args.seed, height=args.height,
-        width=args.width, num_images=args.num_images, progress=not args.no_progress, sampler=_sampler(args, pipe),
+        pipe, prompts if args.prompts else args.prompt, out=args.out, negative_prompt=args.negative_prompt,
+        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
+        progress=not args.no_progress, sampler=_sampler(args, pipe), batch_size=args.batch_size,
     )
     for path in paths:
         print(path)
@@ -154,7 +173,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    recipe = args.recipe or Path(__file__).resolve().parent.parent / "recipes" / "tiny-shapes-w4a8-scq.yaml"
+    from mgtq.default_model import DEFAULT_RECIPE
+
+    recipe = args.recipe or DEFAULT_RECIPE
     out = args.out or Path("calibration") / Path(recipe).stem
     _check_output_path(out, "--out", folder=True)
     from mgtq.scq.calibrate import calibrate
@@ -174,6 +195,26 @@ def cmd_export(args) -> int:
 
     out = export_run(args.run, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    _check_output_path(args.out, "--out", folder=True)
+    from mgtq.default_model import default_model
+    from mgtq.ptq import calibration_prompts, check_target, config_from_name, quantize_pipeline
+
+    config = config_from_name(args.config, args.group_size)
+    check_target(args.out, args.overwrite)  # now, before loading and calibrating
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    prompts = calibration_prompts(args.calibration_prompts) if args.config != "w4a16" else None
+    done = quantize_pipeline(args.model or default_model(), config, args.out, prompts, overwrite=args.overwrite,
+                             progress=not args.no_progress, text_encoder=args.text_encoder,
+                             torch_dtype=args.dtype or "auto")
+    counts = {kind: list(done.values()).count(kind) for kind in sorted(set(done.values()))}
+    print(f"wrote {args.out} ({', '.join(f'{n} {kind}' for kind, n in counts.items())})")
     return 0
 
 
@@ -269,8 +310,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty; describe the image, e.g. --prompt \"a red circle\"")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.")
+    from mgtq import __version__
+
+    parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mgtq {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     # --debug is also accepted after the command; SUPPRESS keeps `mgtq --debug CMD` from being reset.
     debug = argparse.ArgumentParser(add_help=False)
@@ -279,23 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[debug])
+        return sub.add_parser(name, help=help, description=help, parents=[debug],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = command("generate", "generate images from a prompt")
     _add_model_args(g)
     _add_sampler_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--seed", type=argtypes.seed, default=0)
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", type=_prompt, help="what the image shows")
+    what.add_argument("--prompts", type=argtypes.existing_file("prompts file"), metavar="FILE",
+                      help="a text file with one prompt per line (blank lines skipped): one batch run")
+    g.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
+    g.add_argument("--seed", type=argtypes.seed, default=0,
+                   help="seed of the first image; image i uses seed + i, so each is reproducible alone")
     g.add_argument("--height", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
                    help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
     g.add_argument("--width", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
                    help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
     g.add_argument("--num-images", type=argtypes.integer(minimum=1, maximum=MAX_IMAGES), default=1,
-                   help=f"images of the prompt, sampled as one batch, at most {MAX_IMAGES}")
+                   help=f"images per prompt, sampled as one batch, at most {MAX_IMAGES}")
+    g.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=8,
+                   help="prompts per sampler batch (with --prompts)")
     g.add_argument("--out", type=Path, default=Path("mgtq-out.png"),
-                   help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                   help="PNG path; with several images, NAME-0.png, NAME-1.png … (or a folder), prompt-major")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     g.set_defaults(func=cmd_generate)
 
     d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
@@ -327,19 +385,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
                    help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
                         "ShapeBench-Edit task; all = the four editing tasks")
-    e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16)
+    e.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=16, help="prompts per sampler batch")
     e.add_argument("--json", type=Path, default=None, help="write the full result as JSON")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     e.set_defaults(func=cmd_eval)
 
     c = command("calibrate", "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
     c.add_argument("--recipe", type=argtypes.existing_file("recipe"), default=None,
-                   help="recipe YAML (default: recipes/tiny-shapes-w4a8-scq.yaml)")
+                   help="recipe YAML (default: the embedded model's tiny-shapes-w4a8-scq.yaml)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
     c.add_argument("--restart", action="store_true",
                    help="let an existing run folder take this recipe (stages whose inputs changed run again)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     c.set_defaults(func=cmd_calibrate)
+
+    q = command("quantize", "post-training quantization (no QAT, minutes) of a pipeline into a checkpoint")
+    q.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
+                   help="float pipeline folder (default: the embedded tiny-shapes model)")
+    q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
+                   help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
+    q.add_argument("--config", choices=["w4a16", "w4a8", "scq"], required=True,
+                   help="w4a16: int4 weights; w4a8: + int8 activations everywhere; scq: int8 activations on the "
+                        "lowest-magnitude third only")
+    q.add_argument("--group-size", type=argtypes.integer(minimum=2), default=None,
+                   help="input columns per int4 scale of the A16 layers (default: one scale per output channel)")
+    q.add_argument("--calibration-prompts", type=argtypes.integer(minimum=1), default=32,
+                   help="ShapeBench val prompts that calibrate int8 activation scales (w4a8, scq)")
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="float dtype of the non-quantized parts (default: as saved)")
+    q.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
+                   help="CPU threads torch may use (default: torch's choice, all cores)")
+    q.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (a new path)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mgtq checkpoint")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    q.set_defaults(func=cmd_quantize)
 
     x = command("export", "export a calibration run to a packed W4A8 checkpoint")
     x.add_argument("run", type=argtypes.existing_folder("calibration run"), help="calibration run folder")
@@ -382,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per config (default: all cores)")
     b.add_argument("--profile", action="store_true", help="also profile one forward per config (time split)")
     b.add_argument("--device", type=argtypes.device, default="cpu", help="cpu or cuda[:i]")
-    b.add_argument("--seed", type=argtypes.seed, default=0)
+    b.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the timed whole-image run")
     b.add_argument("--isolation", choices=["forkserver", "spawn", "none"], default="forkserver",
                    help="one fresh process per config (forkserver, spawn) or none (fast, memory not per config)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -26,19 +26,26 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 
 def generate_to_files(
-    pipe: MGTPipeline, prompt: str, out: Path, negative_prompt: str | None = None, steps: int | None = None,
+    pipe: MGTPipeline, prompt: str | list[str], out: Path, negative_prompt: str | None = None, steps: int | None = None,
     cfg: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
-    num_images: int = 1, progress: bool = True, **call_kwargs,
+    num_images: int = 1, progress: bool = True, batch_size: int | None = None, **call_kwargs,
 ) -> list[Path]:
-    """Generate `num_images` images of `prompt` (seeds seed, seed+1, …) and write them as PNG."""
+    """Generate `num_images` images of each prompt and write them as PNG, prompt-major; image i (over all
+    prompts) uses seed + i, so it is the same whatever the batch size. batch_size: prompts per pipeline call."""
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
-    result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
-                  height=height, width=width, num_images_per_prompt=num_images, seed=seed, progress=progress,
-                  **call_kwargs)
-    paths = output_paths(out, num_images)
-    for image, path in zip(result.images, paths):
-        write_png(image, path)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    batch_size = batch_size or len(prompts)
+    paths = output_paths(out, num_images * len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        first = start * num_images
+        seeds = list(range(seed + first, seed + first + len(chunk) * num_images))
+        result = pipe(chunk, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
+                      height=height, width=width, num_images_per_prompt=num_images, seed=seeds, progress=progress,
+                      **call_kwargs)
+        for image, path in zip(result.images, paths[first:first + len(seeds)]):
+            write_png(image, path)
     return paths
 
 

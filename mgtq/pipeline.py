@@ -3,19 +3,27 @@
 Thin orchestration over real components: a diffusers `VQModel`, a transformers
 `CLIPTextModelWithProjection` + `CLIPTokenizer`, and mgtq's `MeissonicTransformer` (float or
 quantized). Reads the official Meissonic folder layout and mgtq's own checkpoints, offline only.
+
+A `diffusers.DiffusionPipeline` (like aMUSEd's): users get its offload, progress-bar, `components` and
+`to` habits for free, while `from_pretrained` / `save_pretrained` stay mgtq's own (local, safetensors
+only, quantized transformers through `mgtq.quantization.checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import VQModel
+from diffusers import DiffusionPipeline, VQModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
 from PIL import Image
+from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import check_files, check_index, check_loaded
@@ -54,15 +62,27 @@ class PipelineSettings:
         return d
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SEED_LIMIT = 2**63
+
+
 @dataclass
-class MGTPipelineOutput:
-    images: list[Image.Image]
-    tokens: torch.Tensor  # (B, h, w) VQ token ids
-    nfe: int = 0  # transformer calls of the sampler (a CFG call, uncond+cond in one batch, counts once)
+class MGTPipelineOutput(BaseOutput):
+    """images: PIL images ("pil"), an array (B, H, W, 3) in [0, 1] ("np"), a tensor (B, 3, H, W) in [0, 1]
+    ("pt") or the token ids (B, h, w) ("latent"); tokens: the VQ token ids (B, h, w); nfe: transformer
+    calls of the sampler (a CFG call, uncond+cond in one batch, counts once)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    tokens: torch.Tensor
+    nfe: int = 0
 
 
-class MGTPipeline:
+class MGTPipeline(DiffusionPipeline):
     """Text-to-image pipeline of a masked generative transformer (Meissonic family)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    # What `callback_on_step_end` may read and replace at the end of a step.
+    _callback_tensor_inputs = ["tokens"]
 
     def __init__(
         self,
@@ -72,28 +92,70 @@ class MGTPipeline:
         tokenizer: CLIPTokenizer,
         settings: PipelineSettings | None = None,
     ):
-        self.transformer, self.vqvae, self.text_encoder, self.tokenizer = transformer, vqvae, text_encoder, tokenizer
+        super().__init__()
+        self.register_modules(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.settings = settings or PipelineSettings()
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False)
         _check_compatible(self)
 
     # ------------------------------------------------------------------------------- properties
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.embed.embeddings.weight.device
-
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per VQ token side: 2^(number of VQ encoder blocks − 1) (16 for Meissonic)."""
         return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
 
-    def to(self, device=None, dtype=None) -> "MGTPipeline":
-        """Move components; `dtype` applies to the transformer and text encoder (the VQ stays fp32)."""
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: an offload hook's execution device, else where the weights are (never
+        "meta", whatever hooks or meta-device weights hold)."""
+        return self._execution_device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        # A component may be None for a while (the offloading benchmark frees the transformer before decoding).
+        modules = [m for m in (self.transformer, self.text_encoder, self.vqvae) if isinstance(m, torch.nn.Module)]
+        for module in modules:
+            for sub in module.modules():
+                hook = getattr(sub, "_hf_hook", None)
+                if getattr(hook, "execution_device", None) is not None:
+                    return torch.device(hook.execution_device)
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.device.type != "meta":
+                    return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (what `.to(dtype)` set; the VQ decoder stays fp32)."""
+        return self.transformer.compute_dtype
+
+    def to(self, *args, **kwargs) -> "MGTPipeline":
+        """Move components: `.to(device)`, `.to(dtype)`, `.to(device, dtype)` or keywords, as diffusers.
+
+        `dtype` applies to the transformer and text encoder; the VQ decoder stays fp32 (it decodes in
+        the dtype it was trained in and is a small part of the memory).
+        """
+        device, dtype = _device_and_dtype(args, kwargs)
         # Only name what changes: diffusers warns on any dtype= keyword, even None.
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        change = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if not change:
+            return self
         for module in (self.transformer, self.text_encoder):
-            module.to(**kwargs)
-        self.vqvae.to(device)
+            module.to(**change)
+        if device is not None:
+            self.vqvae.to(device)
         return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' sequential offload (weights on "meta", each submodule's moved in for its forward). With
+        device="cpu" (CPU-only machines, tests) the hooks run on "cpu": accelerate cannot re-offload to "cpu:0"."""
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        if self._offload_device.type == "cpu":
+            for module in (self.transformer, self.text_encoder, self.vqvae):
+                for sub in module.modules():
+                    if getattr(getattr(sub, "_hf_hook", None), "execution_device", None) is not None:
+                        sub._hf_hook.execution_device = torch.device("cpu")
 
     def compile(self, regional: bool = True, **kwargs) -> "MGTPipeline":
         """torch.compile the transformer in place (fullgraph: it has no graph breaks); compiled on first use.
@@ -120,38 +182,56 @@ class MGTPipeline:
         torch_dtype: torch.dtype | str | None = None,
         transformer: MeissonicTransformer | None = None,
         vqvae: VQModel | None = None,
+        device_map: str | torch.device | None = None,
+        progress: bool = True,
     ) -> "MGTPipeline":
         """Load a pipeline folder: official Meissonic layout or an mgtq checkpoint (float or quantized).
 
         The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
         tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
         folder). Local folders only, safetensors only: nothing is downloaded or unpickled.
-        `dtype` (or diffusers' spelling `torch_dtype`) applies to the transformer and text encoder.
-        A `transformer` or `vqvae` module given here is used as is instead of the folder's.
+        `torch_dtype` applies to the transformer and text encoder; "auto" (or None) keeps the dtype the
+        folder was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
+        or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
+        here is used as is instead of the folder's. progress=False hides the weight-loading bars.
         """
-        if dtype is not None and torch_dtype is not None:
-            raise ValueError("pass dtype or torch_dtype, not both")
-        dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
+        if dtype is not None:
+            if torch_dtype is not None:
+                raise ValueError("pass torch_dtype only (dtype= is its deprecated spelling), not both")
+            warnings.warn("MGTPipeline.from_pretrained(dtype=...) is deprecated; use torch_dtype=... as diffusers",
+                          DeprecationWarning, stacklevel=2)
+            torch_dtype = dtype
+        device = _single_device(device, device_map)
         root = _existing_dir(path, "pipeline")
-        settings = read_settings(root)
-        if transformer is None:
-            transformer = load_transformer(root / "transformer", dtype=dtype)
-        if vqvae is None:
-            vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
-        text_encoder = _load_text_encoder(root, text_encoder, dtype)
-        tokenizer = _load_tokenizer(root, tokenizer)
+        auto = torch_dtype == "auto"
+        dtype = None if auto else parse_dtype(torch_dtype)
+        with _loading_bars(progress):
+            settings = read_settings(root)
+            if transformer is None:
+                folder = root / "transformer"
+                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype)
+            if vqvae is None:
+                vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
+            text_encoder = _load_text_encoder(root, text_encoder, dtype, auto)
+            tokenizer = _load_tokenizer(root, tokenizer)
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
         for module in (transformer, vqvae, text_encoder):
             module.eval()
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the float pipeline in diffusers layout (safetensors only), atomically.
+    def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:
+        """Write the pipeline in diffusers layout (safetensors only), atomically, so `mgtq.load` reads it back.
 
-        Quantized transformers are written by `mgtq export` (mgtq.quantization.checkpoint).
+        A quantized transformer is written by mgtq's checkpoint writer (`mgtq.quantization.checkpoint`,
+        the same bytes as `mgtq export`: manifest, sha256, `quantization_config` in config.json).
+        progress=False hides the weight-writing bars.
         """
-        with atomic_directory(path) as tmp:
-            self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        _reject_save_options(unused)
+        with _loading_bars(progress), atomic_directory(path) as tmp:
+            if checkpoint.describe(self.transformer):
+                checkpoint.save(self.transformer, checkpoint.manifest_of(self.transformer), tmp / "transformer")
+            else:
+                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
             self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -171,7 +251,7 @@ class MGTPipeline:
             })
 
     # ---------------------------------------------------------------------------------- prompts
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP text features: (encoder_hidden_states (B, L, C) = hidden_states[-2], pooled (B, P))."""
         max_len = self.tokenizer.model_max_length
         for prompt in prompts:
@@ -181,13 +261,44 @@ class MGTPipeline:
                     f"prompt has {n} tokens; CLIP reads at most {max_len}, the rest is cut off: {prompt[:60]!r}…",
                     stacklevel=3,
                 )
+        device = device if device is not None else self._execution_device
         ids = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
-                             return_tensors="pt").input_ids.to(self.text_encoder.device)
+                             return_tensors="pt").input_ids.to(device)
         out = self.text_encoder(ids, output_hidden_states=True, return_dict=True)
         return out.hidden_states[-2], out.text_embeds
 
     # ------------------------------------------------------------------------------------- call
-    @torch.inference_mode()
+    def check_inputs(self, prompt, negative_prompt, height, width, num_images_per_prompt, seed, sampler, output_type,
+                     callback_on_step_end_tensor_inputs, token_merging) -> None:
+        """Refuse bad arguments before any work, in mgtq's words (diffusers' `check_inputs` habit)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a str or a list of str, got {_shown(prompt)}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and not (
+                isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt)):
+            raise TypeError(f"negative_prompt must be None, a str or a list of str, got {_shown(negative_prompt)}")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        f = self.vae_scale_factor * self.transformer.grid_factor
+        for name, side in (("height", height), ("width", width)):
+            if side is not None and (not _is_int(side) or side <= 0 or side % f):
+                near = max(f, round(side / f) * f) if _is_int(side) else self.settings.resolution
+                raise ValueError(f"{name} must be a positive multiple of {f} (VQ factor {self.vae_scale_factor} × "
+                                 f"feature compression {self.transformer.grid_factor}) or None for the model's "
+                                 f"{self.settings.resolution}, got {side!r}; try {near}")
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+        if seed is not None and not all(_is_int(s) and 0 <= s < SEED_LIMIT for s in seeds):
+            raise ValueError(f"seed must be an int in [0, 2**63) (or a list of them), got {seed!r}")
+        if sampler is not None and not isinstance(sampler, (SamplerConfig, dict)):
+            raise TypeError(f"sampler must be a SamplerConfig (or a mapping of its fields), got {type(sampler).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        unknown = [n for n in callback_on_step_end_tensor_inputs if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {unknown}")
+        _merging_plan(token_merging)
+
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
         self,
         prompt: str | list[str],
@@ -200,43 +311,86 @@ class MGTPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         micro_conds: torch.Tensor | None = None,
-        sampler: SamplerConfig | None = None,
+        sampler: SamplerConfig | dict | None = None,
         hooks: SamplerHooks | None = None,
         token_merging=None,
         progress: bool = True,
         output_type: str = "pil",
-    ) -> MGTPipelineOutput:
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("tokens",),
+    ) -> MGTPipelineOutput | tuple:
         """Generate images. Steps/CFG default to the checkpoint's sampler settings.
 
         Each image gets its own generator (seed, seed+1, … or the given list), so an image is
-        the same whatever else is in the batch. `output_type="tokens"` skips VQ decoding.
+        the same whatever else is in the batch.
+
+        sampler: a SamplerConfig or a mapping of its fields (SamplerConfig.from_dict); default the
+        checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a ratio (a TomeConfig
+        with that ratio) or a `TomePlan`; default the one `apply_tomemgt` installed.
+        output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent" (the token
+        ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,
+        timestep, callback_kwargs) runs after every sampler step with {name: tensor} of
+        `callback_on_step_end_tensor_inputs` ("tokens": (B, h, w) ids); a returned dict may replace them.
+        progress=False (or `set_progress_bar_config(disable=True)`) hides the sampler's bar.
         """
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        if output_type == "tokens":
+            warnings.warn('output_type="tokens" is deprecated; use diffusers\' "latent" (the token ids, no decoding)',
+                          DeprecationWarning, stacklevel=3)
+            output_type = "latent"
+        self.check_inputs(prompt, negative_prompt, height, width, num_images_per_prompt, seed, sampler, output_type,
+                          callback_on_step_end_tensor_inputs, token_merging)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a non-empty string or list of strings")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(prompts)
-        config = sampler or self.settings.sampler
+        config = SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else sampler or self.settings.sampler
         overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale)) if v is not None}
         config = config.replace(**overrides) if overrides else config
-        height = height or self.settings.resolution
-        width = width or self.settings.resolution
+        height = self.settings.resolution if height is None else height
+        width = self.settings.resolution if width is None else width
         grid = self.token_grid(height, width)
-        generators = per_sample_generators(batch, seed=seed, generator=generator, device=self.device)
+        device = self._execution_device
+        generators = per_sample_generators(batch, seed=seed, generator=generator, device=device)
 
-        text, pooled = self.encode_prompt(prompts)
+        text, pooled = self.encode_prompt(prompts, device)
         negative = None
         if config.needs_unconditional:  # CFG, or masked Z-sampling's inversion pass
-            negative = self.encode_prompt(_broadcast_negative(negative_prompt, prompts, num_images_per_prompt))
+            negative = self.encode_prompt(_broadcast_negative(negative_prompt, prompts, num_images_per_prompt), device)
         if micro_conds is None:
             micro_conds = micro_conditions(width, height, self.settings.aesthetic_score)
-        micro_conds = micro_conds.to(self.device).reshape(-1, 5)
-        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging, negative=negative)
+        micro_conds = micro_conds.to(device).reshape(-1, 5)
+        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, _merging_plan(token_merging),
+                                        negative=negative)
+        model_fn, callback = self._step_callback(model_fn, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        progress = progress and not getattr(self, "_progress_bar_config", {}).get("disable", False)
 
         result = sample(model_fn, batch, grid, self.transformer.mask_token_id, config, generators,
-                        device=self.device, hooks=hooks, progress=progress, return_info=True)
-        images = self.decode_tokens(result.tokens) if output_type == "pil" else []
+                        device=device, hooks=hooks, progress=progress, callback=callback, return_info=True)
+        images = result.tokens if output_type == "latent" else self.decode_tokens(result.tokens, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
         return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe)
+
+    def _step_callback(self, model_fn, callback_on_step_end, names: list[str]):
+        """(model_fn, sampler callback) that give diffusers' callback_on_step_end(pipe, step, timestep, kwargs)
+        the step's tokens and the timestep the model saw; a returned "tokens" replaces the sampler's in place."""
+        if callback_on_step_end is None:
+            return model_fn, None
+        seen = {}
+
+        def recording_model_fn(tokens, timestep, *args, **kwargs):
+            seen["timestep"] = timestep
+            return model_fn(tokens, timestep, *args, **kwargs)
+
+        def callback(step: int, tokens: torch.Tensor) -> None:
+            available = {"tokens": tokens}
+            out = callback_on_step_end(self, step, seen.get("timestep"), {n: available[n] for n in names})
+            if out is not None and out.get("tokens") is not None and out["tokens"] is not tokens:
+                tokens.copy_(out["tokens"])  # a view of the sampler's state: the next step starts from it
+
+        return recording_model_fn, callback
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an image of height×width pixels; errors name valid sizes."""
@@ -258,7 +412,7 @@ class MGTPipeline:
         Z-sampling's inversion CFG) is literal, ℓu + s(ℓc − ℓu), and runs only the branches it needs.
         """
         transformer = self.transformer
-        dtype = transformer.embed.embeddings.weight.dtype
+        dtype = transformer.compute_dtype
         cond = (text.to(dtype), pooled.to(dtype))
         uncond = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))
 
@@ -291,16 +445,15 @@ class MGTPipeline:
 
         return model_fn
 
-    @torch.inference_mode()
-    def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """VQ-decode token ids (B, h, w) by codebook lookup into PIL images."""
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
+    def decode_tokens(self, tokens: torch.Tensor, output_type: str = "pil"):
+        """VQ-decode token ids (B, h, w) by codebook lookup: PIL images, or "np" / "pt" as in __call__."""
         b, h, w = tokens.shape
         shape = (b, h, w, self.vqvae.config.latent_channels)
-        images = self.vqvae.decode(tokens.to(self.vqvae.device), force_not_quantize=True, shape=shape).sample.float()
+        images = self.vqvae.decode(tokens.to(self._execution_device), force_not_quantize=True, shape=shape).sample.float()
         if self.settings.image_range == "-1,1":
             images = (images + 1) / 2
-        arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
+        return self.image_processor.postprocess(images.clamp(0, 1), output_type=output_type)
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -387,7 +540,25 @@ def _settings(data, path: Path) -> PipelineSettings:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _load_text_encoder(root: Path, text_encoder, dtype):
+def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The float dtype a component folder was saved in (its first floating safetensors tensor); None if it
+    holds none. torch_dtype="auto" loads in it."""
+    folder = Path(folder)
+    if checkpoint.is_quantized(folder):
+        return checkpoint.read_manifest(folder).dtype
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in _SAFETENSORS_FLOATS:
+                    return _SAFETENSORS_FLOATS[dtype]
+    return None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _load_text_encoder(root: Path, text_encoder, dtype, auto: bool = False):
     if isinstance(text_encoder, torch.nn.Module):
         return text_encoder
     folder = Path(text_encoder) if text_encoder is not None else root / "text_encoder"
@@ -396,7 +567,7 @@ def _load_text_encoder(root: Path, text_encoder, dtype):
             f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
             "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
         )
-    return load_component(CLIPTextModelWithProjection, folder, dtype)
+    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype)
 
 
 def _load_tokenizer(root: Path, tokenizer):
@@ -419,6 +590,92 @@ def _broadcast_negative(negative_prompt, prompts: list[str], per_prompt: int) ->
     return negs
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _merging_plan(token_merging):
+    """The per-call TomeMGT plan: None, a TomePlan (anything with `bind`), a TomeConfig or a ratio."""
+    if token_merging is None or hasattr(token_merging, "bind"):
+        return token_merging
+    from mgtq.merging.patch import TomeConfig, TomePlan
+
+    if isinstance(token_merging, TomeConfig):
+        return TomePlan(token_merging)
+    if isinstance(token_merging, (int, float)) and not isinstance(token_merging, bool):
+        return TomePlan(TomeConfig(ratio=token_merging)) if token_merging else None
+    raise TypeError(f"token_merging must be a TomeConfig, a ratio in [0, 1) or a TomePlan, got "
+                    f"{type(token_merging).__name__}")
+
+
+def _device_and_dtype(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of diffusers' `.to` spellings: (device), (dtype), (device, dtype) or keywords."""
+    kwargs = dict(kwargs)
+    kwargs.pop("silence_dtype_warnings", None)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    if kwargs:
+        raise TypeError(f"MGTPipeline.to() got unexpected keyword arguments {sorted(kwargs)}")
+    if len(args) > 2:
+        raise TypeError("MGTPipeline.to() takes at most two arguments: device and dtype")
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            if dtype is not None:
+                raise TypeError("MGTPipeline.to() got the dtype twice")
+            dtype = arg
+        elif arg is not None:
+            if device is not None:
+                raise TypeError("MGTPipeline.to() got the device twice")
+            device = arg
+    return (torch.device(device) if device is not None else None), parse_dtype(dtype)
+
+
+def _single_device(device, device_map) -> torch.device | None:
+    """The one device of `device=` / diffusers' `device_map=` ("cpu", "cuda", "cuda:1"): mgtq pipelines are small
+    enough for one device, and offloading is `enable_model_cpu_offload()`."""
+    if device_map is None:
+        return torch.device(device) if device is not None else None
+    if device is not None:
+        raise ValueError("pass device_map or device, not both")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must name one device (\"cpu\", \"cuda\", \"cuda:1\"), got {device_map!r}; to "
+                         "save memory call pipe.enable_model_cpu_offload() after loading") from None
+
+
+@contextmanager
+def _loading_bars(show: bool):
+    """Hide diffusers' and transformers' weight-loading bars while loading, unless `show`."""
+    if show:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was = (not diffusers_logging.is_progress_bar_enabled(), not transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was[0]:
+            diffusers_logging.enable_progress_bar()
+        if not was[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def _reject_save_options(options: dict) -> None:
+    """diffusers' save options that mgtq's format does not offer are errors, not silently ignored."""
+    options = {k: v for k, v in options.items() if not (k == "safe_serialization" and v)}
+    if options:
+        raise ValueError(f"MGTPipeline.save_pretrained writes local safetensors folders only; unsupported options "
+                         f"{sorted(options)}")
+
+
 def _check_compatible(pipe: MGTPipeline) -> None:
     t, te, vq = pipe.transformer.config, pipe.text_encoder.config, pipe.vqvae.config
     if te.hidden_size != t.joint_attention_dim:
@@ -431,7 +688,11 @@ def _check_compatible(pipe: MGTPipeline) -> None:
         raise ValueError("the VQModel must have lookup_from_codebook=True to decode token ids")
 
 
-def load(path: str | os.PathLike, **kwargs) -> MGTPipeline:
-    """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate."""
-    return MGTPipeline.from_pretrained(path, **kwargs)
+def load(path: str | os.PathLike | None = None, **kwargs) -> MGTPipeline:
+    """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate; no path = the
+    embedded default model. kwargs as `MGTPipeline.from_pretrained`."""
+    if path is None:
+        from mgtq.default_model import default_model
 
+        path = default_model()
+    return MGTPipeline.from_pretrained(path, **kwargs)

@@ -205,12 +205,12 @@ def micro_forward_inputs(model, batch: int = 2, grid: int = 8, seed: int = 0) ->
 def quantized_micro_transformer() -> nn.Module:
     """The "test-micro" transformer with every other Linear W4A8 and the rest W4A16 (both kinds, many-row
     image-stream and few-row adaLN inputs)."""
-    from mgtq.quantization import linear_names, quantize_weights_
+    from mgtq.quantization import W4A8Config, W4A16Config, linear_names, quantize_
 
     torch.manual_seed(0)
     model = build_transformer("test-micro").eval()
     a8 = linear_names(model)[::2]
-    quantize_weights_(model, a8_layers=a8, input_scales={n: 0.05 for n in a8})
+    quantize_(model, W4A16Config(), overrides=dict.fromkeys(a8, W4A8Config()), input_scales=dict.fromkeys(a8, 0.05))
     return model
 
 

@@ -68,7 +68,7 @@ BAD_FLAGS = [
     (["generate", "--prompt", "x", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["generate", "--prompt", "x", "--sampler-config", "no-such.yaml"],
      "argument --sampler-config: sampler config file 'no-such.yaml' does not exist"),
-    (["generate"], "the following arguments are required: --prompt"),
+    (["generate"], "one of the arguments --prompt --prompts is required"),
     (["generate", "--prompt", "x", "--stpes", "4"], "unrecognized arguments: --stpes 4"),
     ([], "the following arguments are required: command"),
     (["eval", "--steps", "0"], "argument --steps: must be an integer in [1, 4096]"),

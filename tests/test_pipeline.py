@@ -31,7 +31,7 @@ def test_save_load_round_trip_same_images(random_pipeline, random_pipeline_dir):
 
 
 def test_resolution_not_divisible_is_clear_error(random_pipeline):
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="multiple of 8"):
         random_pipeline("a red circle", height=60, width=64, progress=False)
 
 

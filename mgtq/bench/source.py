@@ -152,7 +152,7 @@ def transformer_config(source: ModelSource) -> dict:
     if source.kind == "preset":
         return preset_config(source.preset)
     raw = read_json(Path(source.path) / "transformer" / "config.json")
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
+    return {k: v for k, v in raw.items() if not k.startswith("_") and k != "quantization_config"}
 
 
 def token_grid(source: ModelSource) -> tuple[int, int]:

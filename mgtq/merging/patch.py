@@ -243,10 +243,14 @@ def remove_tomemgt(model_or_pipe):
 
 
 def _transformer_of(model_or_pipe) -> MeissonicTransformer:
+    """The MeissonicTransformer of a pipeline or module; under torch.compile's wrapper, the module it compiled
+    (the plan is an attribute the forward reads, so patching it needs no recompile of the wrapper's code)."""
     transformer = getattr(model_or_pipe, "transformer", model_or_pipe)
+    transformer = getattr(transformer, "_orig_mod", transformer)
     if not isinstance(transformer, MeissonicTransformer):
         raise TypeError(
-            f"TomeMGT patches an MGTPipeline or a MeissonicTransformer; got {type(model_or_pipe).__name__}"
+            f"TomeMGT patches an MGTPipeline or a MeissonicTransformer (compiled or not); got "
+            f"{type(model_or_pipe).__name__} holding {type(transformer).__name__}"
         )
     return transformer
 

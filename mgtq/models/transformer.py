@@ -22,6 +22,7 @@ objects passed per call; quantization (mgtq.quantization) swaps the `nn.Linear` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -364,11 +365,38 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         self.down_block = _Resample(dim, down=downsample, up=False)
         self.up_block = _Resample(dim, down=False, up=upsample)
 
+    # ------------------------------------------------------------------------------ load / save
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader; a quantized mgtq folder loads through mgtq.quantization.checkpoint instead
+        (diffusers would build random float weights for its packed Linears)."""
+        from mgtq.quantization import checkpoint  # it imports this module
+
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if folder.is_dir() and checkpoint.is_quantized(folder):
+            return checkpoint.load_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' writer; a quantized model is written in mgtq's checkpoint format (manifest, sha256)."""
+        from mgtq.quantization import checkpoint
+
+        if checkpoint.describe(self):
+            checkpoint.save_pretrained(self, save_directory)
+            return
+        super().save_pretrained(save_directory, **kwargs)
+
     # ------------------------------------------------------------------------------- properties
     @property
     def mask_token_id(self) -> int:
         """Id of the [MASK] token: the last id of the vocabulary, as in Meissonic."""
         return self.config.vocab_size - 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: diffusers' layerwise-casting compute dtype when enabled, else
+        the float parameters' dtype (never a single weight's: it may be fp8-stored or offloaded)."""
+        return self.dtype
 
     @property
     def grid_factor(self) -> int:
@@ -421,8 +449,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         token_merging = token_merging if token_merging is not None else self.token_merging
         batch, height, width = _check_token_ids(hidden_states, self.config.vocab_size)
         device = hidden_states.device
-        # The token embedding is never quantized, so it tells the model's compute dtype.
-        dtype = self.embed.embeddings.weight.dtype
+        dtype = self.compute_dtype
 
         if micro_conds is None:
             micro_conds = self._default_tables(("micro", str(device)), lambda: (

@@ -6,7 +6,7 @@ Layout (one concept per module):
 * :mod:`.qtensor`    -- what a quantized weight / activation is, and the kernels on it;
 * :mod:`.qlinear`    -- ``W4Linear`` (W4A16) and ``W4A8Linear`` (real int8 GEMM);
 * :mod:`.fake_quant` -- ``FakeQuantLinear`` for QAT (torchao-based), exact conversion to the above;
-* :mod:`.api`        -- passes over a model: quantize, prepare/convert QAT, calibrate, count bytes;
+* :mod:`.api`        -- passes over a model: ``quantize_(model, config)``, prepare/convert QAT, calibrate, count bytes;
 * :mod:`.checkpoint` -- the quantized checkpoint format: manifest, save, strict load (import it by name).
 
 Importing this package does not import torchao (seconds of start-up): the
@@ -18,6 +18,9 @@ neither.
 from importlib import import_module
 
 from .api import (
+    SCQConfig,
+    W4A8Config,
+    W4A16Config,
     ActivationStats,
     calibrate_activations,
     convert_qat_,
@@ -25,7 +28,9 @@ from .api import (
     linear_names,
     model_weight_nbytes,
     prepare_qat_,
+    quantize_,
     quantize_weights_,
+    replace_linears_,
 )
 from .packing import pack_int4, unpack_int4, unpack_int4_x16
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
@@ -40,6 +45,11 @@ from .qtensor import (
 )
 
 __all__ = [
+    "SCQConfig",
+    "W4A8Config",
+    "W4A16Config",
+    "quantize_",
+    "replace_linears_",
     "ActivationStats",
     "FakeQuantLinear",
     "Int8StaticFakeQuantizer",

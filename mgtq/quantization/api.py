@@ -1,13 +1,16 @@
 """Passes that walk a model: quantize, prepare/convert QAT, calibrate activations, count bytes.
 
-Layers are addressed by qualified name (``model.named_modules()``);
-``skip`` takes fnmatch patterns (``"*.proj_out"``, ``"transformer_blocks.0.*"``).
+One entry point, torchao-style: ``quantize_(model_or_pipeline, W4A16Config() | W4A8Config() | SCQConfig(),
+overrides={"*.proj_out": None})``; `replace_linears_` is the one place a Linear becomes quantized.
+Layers are addressed by qualified name (``model.named_modules()``); patterns are fnmatch
+(``"*.proj_out"``, ``"transformer_blocks.0.*"``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
@@ -21,6 +24,12 @@ from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
 
 __all__ = [
+    "quantize_",
+    "W4A16Config",
+    "W4A8Config",
+    "SCQConfig",
+    "replace_linears_",
+    "run_calibration",
     "quantize_weights_",
     "prepare_qat_",
     "convert_qat_",
@@ -73,47 +82,6 @@ def _scale_for(name: str, input_scales: Mapping[str, torch.Tensor | float] | Non
 # --------------------------------------------------------------------------- passes
 
 
-def quantize_weights_(
-    model: nn.Module,
-    group_size: int | None = None,
-    skip: Iterable[str] = (),
-    a8_layers: Iterable[str] = (),
-    input_scales: Mapping[str, torch.Tensor | float] | None = None,
-    chunk_n: int = INT8_MM_CHUNK_N,
-    a8_weight_cache: bool = False,
-) -> dict[str, str]:
-    """Replace every ``nn.Linear`` (not matching ``skip``) in place by a real quantized module.
-
-    Layers named in ``a8_layers`` become :class:`W4A8Linear` with
-    ``input_scales[name]`` (always per-channel weights: the int GEMM needs it);
-    the others :class:`W4Linear` with ``group_size`` (``None`` = per channel).
-    A :class:`FakeQuantLinear` is converted from its *float* weight like any
-    Linear (use :func:`convert_qat_` to keep its own settings).
-
-    ``a8_weight_cache=True`` calls :meth:`W4A8Linear.enable_weight_cache` on
-    the A8 layers (int8 weight copy in memory, oneDNN fused path on CPU: the
-    fast option on AMX CPUs; costs +1 byte per weight of those layers).
-
-    Returns:
-        ``{qualified_name: "W4Linear" | "W4A8Linear"}`` for the replaced layers.
-    """
-    targets, a8 = _plan(model, skip, a8_layers)
-    for name in a8:
-        _scale_for(name, input_scales)  # fail before replacing anything
-    done: dict[str, str] = {}
-    for name in targets:
-        linear = model.get_submodule(name)
-        if name in a8:
-            new: nn.Module = W4A8Linear.from_float(linear, _scale_for(name, input_scales), chunk_n=chunk_n)
-            if a8_weight_cache:
-                new.enable_weight_cache()
-        else:
-            new = W4Linear.from_float(linear, group_size=group_size)
-        set_submodule(model, name, new)
-        done[name] = type(new).__name__
-    return done
-
-
 def prepare_qat_(
     model: nn.Module,
     group_size: int | None = None,
@@ -134,18 +102,9 @@ def prepare_qat_(
     targets, a8 = _plan(model, skip, a8_layers)
     for name in a8:
         _scale_for(name, input_scales)
-    done = []
-    for name in targets:
-        linear = model.get_submodule(name)
-        if isinstance(linear, FakeQuantLinear):
-            continue
-        if name in a8:
-            new = FakeQuantLinear.from_linear(linear, None, _scale_for(name, input_scales))
-        else:
-            new = FakeQuantLinear.from_linear(linear, group_size)
-        set_submodule(model, name, new)
-        done.append(name)
-    return done
+    layers = {n: ("fake-w4a8", _scale_for(n, input_scales)) if n in a8 else ("fake-w4a16", group_size)
+              for n in targets if not isinstance(model.get_submodule(n), FakeQuantLinear)}
+    return list(replace_linears_(model, layers))
 
 
 def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, str]:
@@ -153,18 +112,278 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
 
     With an activation fake quantizer -> :class:`W4A8Linear`, else :class:`W4Linear`.
     """
-    from .fake_quant import FakeQuantLinear, input_scale_of
+    from .fake_quant import FakeQuantLinear
 
-    done: dict[str, str] = {}
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, FakeQuantLinear):
+    layers = {name: ("from-fake", None) for name, mod in model.named_modules() if isinstance(mod, FakeQuantLinear)}
+    return replace_linears_(model, layers, chunk_n=chunk_n)
+
+
+# ------------------------------------------------------------------- configs, quantize_
+
+SCALE_METHODS = ("absmax", "percentile")
+SELECTIONS = ("lowest", "random")
+
+
+def _check_group_size(where: str, group_size) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
+                                   or group_size % 2):
+        raise ValueError(f"{where}.group_size must be None (one scale per output channel) or a positive even "
+                         f"integer such as 32, 64 or 128, got {group_size!r}")
+
+
+def _check_scales(where: str, method, percentile) -> None:
+    if method not in SCALE_METHODS:
+        raise ValueError(f"{where}.scale_method must be one of {list(SCALE_METHODS)}, got {method!r}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise ValueError(f"{where}.percentile must be a number in (0, 100], got {percentile!r}")
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """int4 weights (symmetric; one scale per output channel, or per `group_size` input columns), float
+    activations: weight-only PTQ, no calibration data needed."""
+
+    group_size: int | None = None
+
+    def __post_init__(self):
+        _check_group_size("W4A16Config", self.group_size)
+
+
+@dataclass(frozen=True)
+class W4A8Config:
+    """int4 per-channel weights and static int8 activations: each layer's input scale is calibrated
+    (`scale_method` "absmax" or "percentile" of |x|) on calibration prompts."""
+
+    scale_method: str = "absmax"
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        _check_scales("W4A8Config", self.scale_method, self.percentile)
+
+
+@dataclass(frozen=True)
+class SCQConfig:
+    """SCQ's secondary rule as a PTQ pass (paper §4.1): the `fraction` of layers with the lowest input
+    magnitude (selection "lowest"; "random" is the paper's ablation) get W4A8, the rest W4A16 with
+    `group_size`. For the full method (QAT on the model's own images first) use `mgtq calibrate`."""
+
+    fraction: float = 1 / 3
+    selection: str = "lowest"
+    group_size: int | None = None
+    scale_method: str = "absmax"
+    percentile: float = 99.99
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 <= self.fraction <= 1:
+            raise ValueError(f"SCQConfig.fraction must be a number in [0, 1], got {self.fraction!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"SCQConfig.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
+        _check_group_size("SCQConfig", self.group_size)
+        _check_scales("SCQConfig", self.scale_method, self.percentile)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SCQConfig.seed must be an integer, got {self.seed!r}")
+
+
+QuantConfig = W4A16Config | W4A8Config | SCQConfig
+CONFIGS = {"w4a16": W4A16Config, "w4a8": W4A8Config, "scq": SCQConfig}
+
+
+def quantize_(
+    model,
+    config: QuantConfig,
+    overrides: Mapping[str, QuantConfig | None] | None = None,
+    calibration_prompts: list[str] | None = None,
+    activation_stats: Mapping[str, ActivationStats] | None = None,
+    input_scales: Mapping[str, torch.Tensor | float] | None = None,
+) -> dict[str, str]:
+    """Quantize the Linears of a MeissonicTransformer, any nn.Module or an MGTPipeline's transformer, in place.
+
+    `config` applies to every ``nn.Linear``; `overrides` maps fnmatch patterns of qualified layer names to
+    another config, or None to keep the layer float (first matching pattern wins; like torchao's
+    FqnToConfig). W4A8 and SCQ layers need activation statistics: pass `calibration_prompts` (a pipeline
+    runs them, seeds 0, 1, …), `activation_stats` from ``with calibrate_activations(model) as stats:``, or
+    `input_scales` ({name: scale}, W4A8 only). Everything is checked before any layer is replaced.
+
+    Returns:
+        ``{qualified_name: "W4Linear" | "W4A8Linear"}`` for the replaced layers.
+    """
+    target = _module_of(model)
+    plan = _plan_configs(target, config, overrides or {})
+    needs_stats = any(isinstance(c, (W4A8Config, SCQConfig)) for c in plan.values())
+    if needs_stats and input_scales is None and activation_stats is None:
+        if calibration_prompts is None:
+            raise ValueError("W4A8 and SCQ calibrate int8 activation scales: pass calibration_prompts=[...] (with a "
+                             "pipeline), activation_stats= from `with mgtq.calibrate_activations(model) as stats:`, "
+                             "or input_scales=; W4A16Config needs none")
+        activation_stats = run_calibration(model, calibration_prompts, [n for n, c in plan.items() if c is not None])
+    layers = _resolve(plan, activation_stats, input_scales)
+    return replace_linears_(target, layers)
+
+
+def _module_of(model) -> nn.Module:
+    """The nn.Module to quantize: a pipeline's transformer, the module under torch.compile's wrapper."""
+    module = getattr(model, "transformer", model)
+    module = getattr(module, "_orig_mod", module)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"quantize_ takes an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
+    return module
+
+
+def _plan_configs(model: nn.Module, config, overrides: Mapping[str, QuantConfig | None]) -> dict[str, QuantConfig]:
+    """{Linear name: its config} (layers an override maps to None are left out)."""
+    for where, c in [("config", config), *((f"overrides[{p!r}]", c) for p, c in overrides.items())]:
+        if c is None and where != "config":
             continue
-        if input_scale_of(mod) is not None:
-            new: nn.Module = W4A8Linear.from_fake_quant(mod, chunk_n=chunk_n)
-        else:
-            new = W4Linear.from_fake_quant(mod)
-        set_submodule(model, name, new)
-        done[name] = type(new).__name__
+        if not isinstance(c, (W4A16Config, W4A8Config, SCQConfig)):
+            raise TypeError(f"{where} must be a W4A16Config, W4A8Config or SCQConfig (mgtq.quantization.api), got "
+                            f"{type(c).__name__}")
+    names = linear_names(model)
+    if not names:
+        raise ValueError("the model has no float nn.Linear layers to quantize (already quantized?)")
+    unused = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise ValueError(f"override pattern {unused[0]!r} matches no nn.Linear of the model (e.g. {names[0]!r})")
+    plan = {}
+    for name in names:
+        chosen = next((c for p, c in overrides.items() if fnmatch.fnmatchcase(name, p)), config)
+        if chosen is not None:
+            plan[name] = chosen
+    return plan
+
+
+def _resolve(plan: Mapping[str, QuantConfig], stats, input_scales) -> dict[str, tuple[str, object]]:
+    """{name: ("w4a16", group_size) | ("w4a8", input scale)}: SCQ's selection made, every scale at hand."""
+    layers: dict[str, tuple[str, object]] = {}
+    for config in dict.fromkeys(plan.values()):  # each distinct config once, in order
+        names = [n for n, c in plan.items() if c is config]
+        if isinstance(config, W4A16Config):
+            layers.update({n: ("w4a16", config.group_size) for n in names})
+            continue
+        a8 = names
+        if isinstance(config, SCQConfig):
+            a8 = _select_lowest(names, stats, config)
+            layers.update({n: ("w4a16", config.group_size) for n in names if n not in set(a8)})
+        for name in a8:
+            if input_scales is not None and name in input_scales:
+                layers[name] = ("w4a8", input_scales[name])
+            elif stats is not None and name in stats and stats[name].count:
+                layers[name] = ("w4a8", stats[name].int8_scale(config.scale_method, config.percentile))
+            else:
+                raise KeyError(f"layer {name!r} gets int8 activations but has no input scale and no calibration "
+                               "statistics; calibrate on prompts that run it")
+    return dict(sorted(layers.items()))
+
+
+def _select_lowest(names: list[str], stats, config: SCQConfig) -> list[str]:
+    """SCQ's rule: round(fraction·L) layers of lowest mean |input| (or at random, the paper's ablation)."""
+    k = round(config.fraction * len(names))
+    if config.selection == "random":
+        import random
+
+        return sorted(random.Random(config.seed).sample(sorted(names), k))
+    if stats is None or any(n not in stats or not stats[n].count for n in names):
+        raise ValueError("SCQConfig selects layers by input magnitude: pass calibration_prompts or activation_stats "
+                         "covering every layer")
+    return sorted(sorted(names, key=lambda n: (stats[n].mean_abs, n))[:k])
+
+
+def _builders() -> dict:
+    """How each kind of layer is built from the float ``nn.Linear`` it replaces (its argument second)."""
+
+    def fake(linear, group_size=None, input_scale=None):
+        from .fake_quant import FakeQuantLinear  # QAT needs torchao; imported only here
+
+        return FakeQuantLinear.from_linear(linear, group_size, input_scale) if input_scale is not None else \
+            FakeQuantLinear.from_linear(linear, group_size)
+
+    def empty(linear, scheme, group_size):
+        cls = {"w4a16": W4Linear, "w4a8": W4A8Linear}[scheme]
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size,
+                   device="meta")
+
+    def from_fake(fake_quant, chunk_n):
+        from .fake_quant import input_scale_of
+
+        if input_scale_of(fake_quant) is not None:
+            return W4A8Linear.from_fake_quant(fake_quant, chunk_n=chunk_n)
+        return W4Linear.from_fake_quant(fake_quant)
+
+    return {
+        "w4a16": lambda linear, group_size, chunk_n: W4Linear.from_float(linear, group_size=group_size),
+        "w4a8": lambda linear, scale, chunk_n: W4A8Linear.from_float(linear, scale, chunk_n=chunk_n),
+        "fake-w4a16": lambda linear, group_size, chunk_n: fake(linear, group_size),
+        "fake-w4a8": lambda linear, scale, chunk_n: fake(linear, None, scale),
+        "empty-w4a16": lambda linear, group_size, chunk_n: empty(linear, "w4a16", group_size),
+        "empty-w4a8": lambda linear, group_size, chunk_n: empty(linear, "w4a8", group_size),
+        "from-fake": lambda fake_quant, _, chunk_n: from_fake(fake_quant, chunk_n),
+    }
+
+
+def replace_linears_(model: nn.Module, layers: Mapping[str, tuple[str, object]],
+                     chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, str]:
+    """The one place an ``nn.Linear`` becomes a quantized module, for quantizing, QAT and loading alike.
+
+    layers: ``{name: (kind, argument)}`` with kind "w4a16" (group size) or "w4a8" (input scale) for real
+    modules from the float weights, "fake-w4a16" / "fake-w4a8" for QAT's FakeQuantLinear, "empty-w4a16" /
+    "empty-w4a8" (group size) for meta-device modules a checkpoint's tensors are then assigned to, "from-fake"
+    for the real module a trained FakeQuantLinear computes (convert_qat_). Every
+    module is built before any is swapped in, so an error (it names the layer) leaves the model unchanged.
+    Returns ``{name: module class name}``.
+    """
+    _check_names(model, layers, "layers")
+    builders = _builders()
+    unknown = sorted({kind for kind, _ in layers.values()} - set(builders))
+    if unknown:
+        raise ValueError(f"unknown layer kind {unknown[0]!r}; use one of {sorted(builders)}")
+    built = {}
+    for name, (kind, arg) in layers.items():
+        try:
+            built[name] = builders[kind](model.get_submodule(name), arg, chunk_n)
+        except ValueError as err:
+            raise ValueError(f"layers.{name}: {err}") from None
+    for name, module in built.items():
+        set_submodule(model, name, module)
+    return {name: type(module).__name__ for name, module in built.items()}
+
+
+def run_calibration(model, prompts: list[str], layer_names: Iterable[str] | None = None,
+                    batch_size: int = 8) -> dict[str, ActivationStats]:
+    """Input statistics of the transformer's Linears while `model` (a pipeline) generates `prompts` (seeds 0, 1, …)."""
+    if not hasattr(model, "transformer") or not callable(model):
+        raise TypeError("calibration_prompts need a pipeline (its text encoder and sampler run them); for a bare "
+                        "module, pass activation_stats from `with calibrate_activations(module) as stats:`")
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("calibration_prompts must be a non-empty list of str")
+    with calibrate_activations(model, layer_names) as stats:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            model(chunk, seed=list(range(start, start + len(chunk))), output_type="latent", progress=False)
+    return stats
+
+
+def quantize_weights_(
+    model: nn.Module,
+    group_size: int | None = None,
+    skip: Iterable[str] = (),
+    a8_layers: Iterable[str] = (),
+    input_scales: Mapping[str, torch.Tensor | float] | None = None,
+    chunk_n: int = INT8_MM_CHUNK_N,
+    a8_weight_cache: bool = False,
+) -> dict[str, str]:
+    """Deprecated: use ``quantize_(model, W4A16Config(group_size), overrides={...})``; kept for one release."""
+    warnings.warn("quantize_weights_ is deprecated; use mgtq.quantize_(model, mgtq.W4A16Config(...)) with "
+                  "overrides={pattern: W4A8Config() or None} and input_scales=", DeprecationWarning, stacklevel=2)
+    model = _module_of(model)
+    targets, a8 = _plan(model, skip, a8_layers)
+    for name in a8:
+        _scale_for(name, input_scales)  # fail before replacing anything
+    layers = {n: ("w4a8", _scale_for(n, input_scales)) if n in a8 else ("w4a16", group_size) for n in targets}
+    done = replace_linears_(model, layers, chunk_n=chunk_n)
+    if a8_weight_cache:
+        for name in a8:
+            model.get_submodule(name).enable_weight_cache()
     return done
 
 
@@ -250,6 +469,8 @@ def calibrate_activations(
 ) -> Iterator[dict[str, ActivationStats]]:
     """Record input statistics of the given Linear layers (default: all) during the ``with`` body.
 
+    `model` may be a pipeline (its transformer's layers are recorded).
+
     Yields ``{name: ActivationStats}`` that fills up as the model runs; hooks
     are removed on exit (also on error).  Works for float, fake-quant and real
     quantized linears (anything named).  Example::
@@ -259,7 +480,7 @@ def calibrate_activations(
                 model(**batch)
         scales = input_scales_from_stats(stats, method="percentile", percentile=99.99)
     """
-    modules = dict(model.named_modules())
+    modules = dict(_module_of(model).named_modules())
     if layer_names is None:
         names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantizedLinear))]
     else:

@@ -2,7 +2,9 @@
 
 A quantized `transformer/` folder holds three files, and nothing else in mgtq knows their names:
 
-    config.json                            the MeissonicTransformer constructor arguments
+    config.json                            the MeissonicTransformer constructor arguments, and a
+                                           `quantization_config` (quant_method "mgtq", format version,
+                                           schemes) so that loaders that do not know mgtq refuse it
     manifest.json                          `Manifest`: format version, per-layer `LayerScheme`, the
                                            float dtype, the sha256 of the weights file, provenance
     diffusion_pytorch_model.safetensors    quantized Linear NAME: NAME.weight_packed (uint8, two int4 per
@@ -36,11 +38,13 @@ from torch import nn
 
 from mgtq.config import from_mapping, read_data
 from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, set_submodule, sha256_file
+from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, read_json, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
-           "install_quantized_", "is_quantized", "load", "read_manifest", "save"]
+           "install_quantized_", "is_quantized", "load", "load_pretrained", "manifest_of", "quantization_config",
+           "read_manifest", "save", "save_pretrained"]
 
 FORMAT = "mgtq-quantized-transformer"
 FORMAT_VERSION = 2  # 2: sha256 of the weights file in the manifest, one safetensors metadata key
@@ -50,6 +54,7 @@ SCHEMES: dict[str, type[QuantizedLinear]] = {"w4a16": W4Linear, "w4a8": W4A8Line
 _OWN_DTYPE = {"weight_packed": torch.uint8, "weight_scale": torch.float32, "input_scale": torch.float32}
 _SCALES = ("weight_scale", "input_scale")
 REEXPORT = "re-export the checkpoint (`mgtq export RUN --out DIR`)"
+QUANT_METHOD = "mgtq"  # config.json's quantization_config.quant_method, as diffusers' quantizers name theirs
 
 
 # ------------------------------------------------------------------------------------ the format
@@ -135,6 +140,36 @@ def cast_float_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def manifest_of(model: nn.Module) -> Manifest:
+    """The Manifest that describes `model` now: the one it was loaded with (provenance kept) if its layers and
+    float dtype still match, else a new one built from the model (`describe`, its compute dtype)."""
+    layers = describe(model)
+    if not layers:
+        raise ValueError("the model has no quantized Linears; quantize it first (mgtq.quantize_)")
+    float_dtype = DTYPE_NAMES.get(model.compute_dtype) if hasattr(model, "compute_dtype") else None
+    if float_dtype is None:
+        float_dtype = "float32"
+    loaded = getattr(model, "mgtq_manifest", None)
+    if isinstance(loaded, Manifest) and loaded.layers == layers and loaded.float_dtype == float_dtype:
+        return loaded
+    facts = {} if loaded is None else {k: getattr(loaded, k) for k in ("source_model", "source_fingerprint",
+                                                                       "selection", "recipe")}
+    return Manifest(layers=layers, float_dtype=float_dtype, group_size=_common_group_size(layers), **facts)
+
+
+def _common_group_size(layers: Mapping[str, LayerScheme]) -> int | None:
+    sizes = {layer.group_size for layer in layers.values() if layer.scheme == "w4a16"}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def quantization_config(manifest: Manifest) -> dict:
+    """config.json's `quantization_config`: what a loader needs to see that this folder is not a float model."""
+    schemes = sorted({f"{layer.scheme}" + (f"-g{layer.group_size}" if layer.group_size else "")
+                      for layer in manifest.layers.values()})
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION, "weight_bits": 4,
+            "schemes": schemes, "manifest": MANIFEST}
+
+
 # ----------------------------------------------------------------------------------------- write
 def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathLike) -> Manifest:
     """Write `model` (quantized, float parts already in `manifest.float_dtype`) into the new or empty
@@ -152,13 +187,22 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _check_tensors(tensors, model, manifest.dtype, folder / WEIGHTS)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": type(model).__name__, **plain_config(model.config)}
+    config = {"_class_name": type(model).__name__, **plain_config(model.config),
+              "quantization_config": quantization_config(manifest)}
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     # One metadata key: safetensors writes its metadata map in no fixed order, one entry has only one.
     save_file(tensors, str(folder / WEIGHTS), metadata={"mgtq": _metadata_value()})
     written = dataclasses.replace(manifest, files={WEIGHTS: sha256_file(folder / WEIGHTS)})
     atomic_write_text(folder / MANIFEST, json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
     return written
+
+
+def save_pretrained(model: MeissonicTransformer, folder: str | os.PathLike) -> Manifest:
+    """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `manifest_of(model)`, atomically."""
+    from mgtq.utils import atomic_directory
+
+    with atomic_directory(folder) as tmp:
+        return save(model, manifest_of(model), tmp)
 
 
 def _metadata_value() -> str:
@@ -175,6 +219,14 @@ def is_quantized(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         return True
+    config = folder / CONFIG
+    if config.is_file():
+        data = read_json(config)  # mgtq's one JSON reader: a damaged file is an error that names it
+        quantization = data.get("quantization_config") if isinstance(data, dict) else None
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        if method == QUANT_METHOD:
+            raise ValueError(f"{config} says the weights are mgtq-quantized but {folder / MANIFEST} is missing; "
+                             f"the checkpoint is incomplete: {REEXPORT}")
     weights = folder / WEIGHTS
     if not weights.is_file():
         return False
@@ -210,7 +262,11 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
     data = _read_json(path)
-    config = {k: v for k, v in data.items() if not k.startswith("_")}
+    config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
+    method = (data.get("quantization_config") or {}).get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise ValueError(f"{path}: quantization_config.quant_method is {method!r}; mgtq reads its own "
+                         f"({QUANT_METHOD!r}) checkpoints only")
     known = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -242,22 +298,18 @@ def build_empty(config: Mapping, manifest: Manifest) -> MeissonicTransformer:
 
 def install_quantized_(model: nn.Module, layers: Mapping[str, LayerScheme]) -> nn.Module:
     """Replace each named `nn.Linear` by an empty (meta-device) quantized module of its scheme, ready
-    for `load_state_dict(..., assign=True)`. Every name is checked before anything is replaced."""
+    for `load_state_dict(..., assign=True)`, through the one replacement pass (`replace_linears_`).
+    Every name is checked before anything is replaced."""
     modules = dict(model.named_modules())
-    replacements = {}
-    for name, layer in layers.items():
+    for name in layers:
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             what = "does not exist" if linear is None else f"is a {type(linear).__name__}, not an nn.Linear"
             raise ValueError(f"layers.{name}: the module {what} in this model; {REEXPORT}")
-        try:
-            replacements[name] = SCHEMES[layer.scheme](linear.in_features, linear.out_features,
-                                                       bias=linear.bias is not None, group_size=layer.group_size,
-                                                       device="meta")
-        except ValueError as err:
-            raise ValueError(f"layers.{name}: {err}; {REEXPORT}") from None
-    for name, module in replacements.items():
-        set_submodule(model, name, module)
+    try:
+        replace_linears_(model, {name: (f"empty-{layer.scheme}", layer.group_size) for name, layer in layers.items()})
+    except ValueError as err:
+        raise ValueError(f"{err}; {REEXPORT}") from None
     return model
 
 
@@ -296,7 +348,26 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     if dtype is not None:
         cast_float_(model, parse_dtype(dtype))
     model.token_merging = None
+    model.mgtq_manifest = manifest  # so save_pretrained writes the same manifest back (mgtq.quantization.checkpoint.manifest_of)
     return model.eval().requires_grad_(False)
+
+
+def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, torch_dtype=None, device_map=None,
+                    **unsupported) -> MeissonicTransformer:
+    """`MeissonicTransformer.from_pretrained` of a quantized folder: `load`, with diffusers' dtype and device
+    arguments. Options that only make sense for float weights are errors, never silently ignored."""
+    ignored = {"local_files_only", "use_safetensors", "low_cpu_mem_usage"}
+    bad = sorted(k for k, v in unsupported.items() if k not in ignored and v is not None)
+    if bad:
+        raise ValueError(f"{folder}: a quantized mgtq transformer loads with torch_dtype= and device_map= only; "
+                         f"unsupported options {bad}")
+    folder = Path(folder) / subfolder if subfolder else Path(folder)
+    model = load(folder, dtype=None if torch_dtype == "auto" else torch_dtype)
+    if device_map is not None:
+        if not isinstance(device_map, (str, torch.device)):
+            raise ValueError(f"device_map must name one device (\"cpu\", \"cuda\"), got {device_map!r}")
+        model.to(device_map)
+    return model
 
 
 def _check_metadata(weights: Path) -> None:

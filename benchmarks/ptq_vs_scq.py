@@ -1,0 +1,96 @@
+"""PTQ (`mgtq quantize`) W4A16 / W4A8 / SCQ-rule vs SCQ proper (`mgtq calibrate` + `mgtq export`) on ShapeBench test.
+
+Rows: the float embedded model; `mgtq quantize --config w4a16`, `--config w4a16 --group-size 64`,
+`--config w4a8` and `--config scq` (post-training, activation scales from ShapeBench *val* prompts); and an
+SCQ checkpoint from a finished calibration run. Columns: ShapeBench accuracy per category, token agreement
+with the float model at the same seeds, transformer Linear weight bytes.
+
+    mgtq calibrate && mgtq export calibration/tiny-shapes-w4a8-scq --out checkpoints/tiny-shapes-w4a8-scq
+    python benchmarks/ptq_vs_scq.py --scq checkpoints/tiny-shapes-w4a8-scq            # full test split (320)
+    python benchmarks/ptq_vs_scq.py --scq checkpoints/tiny-shapes-w4a8-scq --limit 8  # smoke run
+
+Each PTQ checkpoint is written by the `mgtq quantize` command itself (under --work, reused if present).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mgtq.cli import main as mgtq_cli
+from mgtq.default_model import default_model
+from mgtq.evaluation import evaluate_pipeline
+from mgtq.pipeline import load
+from mgtq.quantization import model_weight_nbytes
+from mgtq.utils import write_json
+
+REPO = Path(__file__).resolve().parent.parent
+PTQ_ROWS = {  # row name: `mgtq quantize` flags
+    "PTQ W4A16": ["--config", "w4a16"],
+    "PTQ W4A16 g64": ["--config", "w4a16", "--group-size", "64"],
+    "PTQ W4A8": ["--config", "w4a8"],
+    "PTQ SCQ rule (no QAT)": ["--config", "scq"],
+}
+
+
+def quantized_checkpoint(flags: list[str], out: Path, calibration_prompts: int) -> Path:
+    """`mgtq quantize FLAGS --out OUT` unless OUT already holds that checkpoint."""
+    if not (out / "transformer" / "manifest.json").is_file():
+        argv = ["quantize", *flags, "--out", str(out), "--no-progress"]
+        if "w4a16" not in flags:
+            argv += ["--calibration-prompts", str(calibration_prompts)]
+        if mgtq_cli(argv) != 0:
+            raise SystemExit(f"mgtq {' '.join(argv)} failed")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scq", type=Path, default=None, help="SCQ checkpoint folder (mgtq export); omitted: no SCQ row")
+    p.add_argument("--limit", type=int, default=None, help="first N ShapeBench test prompts (default: all 320)")
+    p.add_argument("--calibration-prompts", type=int, default=32, help="ShapeBench val prompts for the A8 scales")
+    p.add_argument("--work", type=Path, default=REPO / "calibration" / "ptq", help="where the PTQ checkpoints go")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ptq_vs_scq",
+                   help="results path without suffix (.json and .md are written)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    rows = {"fp32 (embedded)": default_model()}
+    rows.update({name: quantized_checkpoint(flags, args.work / name.split(" (")[0].lower().replace(" ", "-"),
+                                            args.calibration_prompts) for name, flags in PTQ_ROWS.items()})
+    if args.scq is not None:
+        rows["SCQ (mgtq calibrate)"] = args.scq
+
+    results, reference = {}, None
+    for name, path in rows.items():
+        pipe = load(path, progress=False)
+        result = evaluate_pipeline(pipe, limit=args.limit, progress=False, reference_tokens=reference)
+        tokens = result.pop("tokens")
+        reference = tokens if reference is None else reference
+        result.pop("per_prompt", None)
+        results[name] = {"model": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
+                         "linear_weight_bytes": model_weight_nbytes(pipe.transformer), **result}
+        print(f"{name}: {result['overall']:.3f}")
+
+    payload = {"split": "test", "limit": args.limit, "calibration_prompts": args.calibration_prompts,
+               "command": "python benchmarks/ptq_vs_scq.py" + (f" --scq {args.scq}" if args.scq else "")
+                          + (f" --limit {args.limit}" if args.limit else ""), "rows": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), payload)
+    categories = list(next(iter(results.values()))["per_category"])
+    lines = [f"ShapeBench test ({next(iter(results.values()))['n']} prompts), `{payload['command']}`", "",
+             "| row | overall | " + " | ".join(categories) + " | token agreement with fp32 | Linear weight MB |",
+             "|---" * (len(categories) + 4) + "|"]
+    for name, r in results.items():
+        agreement = f"{r['token_agreement']:.3f}" if "token_agreement" in r else "—"
+        lines.append(f"| {name} | {r['overall']:.3f} | " + " | ".join(f"{r['per_category'][c]:.3f}" for c in categories)
+                     + f" | {agreement} | {r['linear_weight_bytes'] / 2**20:.2f} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""`mgtq quantize`: post-training quantization of a pipeline folder into an mgtq checkpoint (no QAT).
+
+    load → mgtq.quantize_(pipe, config, calibration_prompts=…) → pipe.save_pretrained(out)
+
+The checkpoint goes through the one writer (`mgtq.quantization.checkpoint`, via save_pretrained) and,
+like `mgtq export`, only to a new path, or over an existing mgtq checkpoint with overwrite=True.
+For SCQ proper (QAT on the model's own images, then the secondary A8 rule) use `mgtq calibrate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mgtq.export import is_checkpoint
+from mgtq.quantization.api import CONFIGS, SCQConfig, W4A8Config, W4A16Config
+
+__all__ = ["config_from_name", "calibration_prompts", "quantize_pipeline"]
+
+
+def config_from_name(name: str, group_size: int | None = None):
+    """The quantize_ config of a CLI name: "w4a16", "w4a8" or "scq" (group_size for the A16 layers)."""
+    if name not in CONFIGS:
+        raise ValueError(f"--config must be one of {sorted(CONFIGS)}, got {name!r}")
+    if name == "w4a8":
+        if group_size is not None:
+            raise ValueError("--group-size does not apply to w4a8 (int8 activations need per-channel int4 weights); "
+                             "use scq or w4a16 for grouped weights")
+        return W4A8Config()
+    return W4A16Config(group_size=group_size) if name == "w4a16" else SCQConfig(group_size=group_size)
+
+
+def calibration_prompts(count: int) -> list[str]:
+    """The first `count` ShapeBench validation prompts (never the test split that `mgtq eval` reports)."""
+    from mgtq.shapes.bench import shapebench_prompts
+
+    items = shapebench_prompts(split="val")
+    if not 1 <= count <= len(items):
+        raise ValueError(f"--calibration-prompts must be between 1 and {len(items)}, got {count}")
+    return [item.prompt for item in items[:count]]
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> None:
+    """Raise (nothing touched) unless `out` is a new path, or an mgtq checkpoint and overwrite=True."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not is_checkpoint(out):
+        raise ValueError(f"--out {out} is an existing {'folder' if out.is_dir() else 'file'} that is not an mgtq "
+                         "checkpoint; quantize writes only to a new path (or over an mgtq checkpoint with "
+                         "--overwrite): choose a new path")
+    if not overwrite:
+        raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
+                         "new path")
+
+
+def quantize_pipeline(model: str | Path, config, out: str | Path, calibration: list[str] | None = None,
+                      overwrite: bool = False, progress: bool = True, **load_kwargs) -> dict[str, str]:
+    """Load the float pipeline `model`, quantize its transformer with `config`, write `out`; returns
+    {layer: module class}. W4A8/SCQ calibrate activations on `calibration` prompts."""
+    from mgtq.pipeline import load
+    from mgtq.quantization.api import quantize_
+
+    check_target(out, overwrite)
+    pipe = load(model, progress=progress, **load_kwargs)
+    needs = not isinstance(config, W4A16Config)
+    done = quantize_(pipe, config, calibration_prompts=calibration if needs else None)
+    check_target(out, overwrite)  # again: calibration takes a while, the folder may have appeared meanwhile
+    pipe.save_pretrained(out, progress=progress)
+    return done

@@ -1,0 +1,173 @@
+"""Issue 23's "Why", replayed habit by habit as a diffusers user types it, on the embedded model.
+
+Each test is one bullet of the issue: what failed (or silently went wrong) then, and what must hold now.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import mgtq
+from mgtq.cli import main
+from mgtq.models import MeissonicTransformer
+from mgtq.quantization import W4A8Linear, W4Linear
+
+STEPS = dict(num_inference_steps=3)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = mgtq.load(progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory):
+    """A W4A16 export of the embedded model, written by save_pretrained after quantizing in a script."""
+    pipe = mgtq.load(progress=False)
+    mgtq.quantize_(pipe, mgtq.W4A16Config())
+    path = tmp_path_factory.mktemp("habits") / "w4a16"
+    pipe.save_pretrained(path, progress=False)
+    return path
+
+
+def test_output_type_np_pt_and_bogus(pipe):
+    pil = pipe("a red circle", seed=0, **STEPS).images
+    as_np = pipe("a red circle", seed=0, output_type="np", **STEPS).images
+    as_pt = pipe("a red circle", seed=0, output_type="pt", **STEPS).images
+    assert as_np.shape == (1, 64, 64, 3) and as_np.dtype == np.float32 and 0 <= as_np.min() <= as_np.max() <= 1
+    assert as_pt.shape == (1, 3, 64, 64) and torch.equal(torch.from_numpy(as_np).permute(0, 3, 1, 2), as_pt)
+    assert np.array_equal(np.asarray(pil[0]), (as_np[0] * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match=r"output_type must be one of \['pil', 'np', 'pt', 'latent'\]"):
+        pipe("a red circle", output_type="bogus", **STEPS)
+
+
+def test_accelerate_cpu_offload_of_the_transformer(pipe):
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    expected = pipe("a red circle", seed=1, output_type="latent", **STEPS).images
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+    try:
+        assert pipe.transformer.embed.embeddings.weight.is_meta  # what used to become the pipeline's device
+        assert pipe.device == torch.device("cpu")
+        got = pipe("a red circle", seed=1, output_type="latent", **STEPS).images
+    finally:
+        remove_hook_from_module(pipe.transformer, recurse=True)
+    assert torch.equal(got, expected)
+
+
+def test_layerwise_casting_fp8_storage_generates(tmp_path):
+    pipe = mgtq.load(progress=False)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert pipe.transformer.embed.embeddings.weight.dtype == torch.float8_e4m3fn
+    assert pipe.transformer.compute_dtype == torch.float32 and pipe.dtype == torch.float32
+    tokens = pipe("a red circle", seed=0, output_type="latent", progress=False, **STEPS).images
+    assert tokens.shape == (1, 16, 16) and int(tokens.max()) < pipe.transformer.config.codebook_size
+
+
+def test_save_pretrained_of_a_loaded_quantized_pipeline_loads_back(quantized_dir, tmp_path):
+    loaded = mgtq.load(quantized_dir, progress=False)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again, progress=False)
+    assert (again / "transformer" / "manifest.json").is_file()
+    kwargs = dict(prompt="two blue squares", seed=2, output_type="latent", progress=False, **STEPS)
+    assert torch.equal(mgtq.load(again, progress=False)(**kwargs).images, loaded(**kwargs).images)
+    for name in ("manifest.json", "config.json", "diffusion_pytorch_model.safetensors"):
+        assert (again / "transformer" / name).read_bytes() == (quantized_dir / "transformer" / name).read_bytes()
+
+
+def test_transformer_from_pretrained_of_a_quantized_folder_is_the_quantized_model(quantized_dir):
+    model = MeissonicTransformer.from_pretrained(quantized_dir / "transformer")
+    assert all(isinstance(model.get_submodule(n), W4Linear) for n in json.loads(
+        (quantized_dir / "transformer" / "manifest.json").read_text())["layers"])
+    reference = mgtq.load(quantized_dir, progress=False).transformer
+    inputs = _forward_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), reference(**inputs))
+    config = json.loads((quantized_dir / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mgtq"
+    # a loader that does not know mgtq (diffusers' own ModelMixin.from_pretrained) refuses, never random weights
+    plain_loader = super(MeissonicTransformer, MeissonicTransformer).from_pretrained
+    with pytest.raises(ValueError, match="mgtq"):
+        plain_loader(quantized_dir / "transformer")
+
+
+def test_missing_diffusers_conventions(pipe, quantized_dir, capsys):
+    assert isinstance(pipe, DiffusionPipeline)
+    assert set(pipe.components) == {"transformer", "vqvae", "text_encoder", "tokenizer"}
+    out = pipe("a red circle", seed=0, return_dict=False, **STEPS)
+    assert isinstance(out, tuple) and out[0][0].size == (64, 64)
+    assert pipe("a red circle", seed=0, **STEPS)[0][0].size == (64, 64)
+    seen = []
+    pipe("a red circle", seed=0, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw, **STEPS)
+    assert seen == [0, 1, 2]
+    on_cpu = mgtq.load(quantized_dir, device_map="cpu", torch_dtype="auto", progress=False)
+    assert on_cpu.device == torch.device("cpu") and on_cpu.dtype == torch.float32
+    half = mgtq.load(progress=False).to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.vqvae.dtype == torch.float32
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mgtq {mgtq.__version__}"
+
+
+def test_offload_methods_give_the_same_tokens():
+    pipe = mgtq.load(progress=False)
+    kwargs = dict(prompt="a green triangle", seed=3, output_type="latent", progress=False, **STEPS)
+    expected = pipe(**kwargs).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(pipe(**kwargs).images, expected)
+    pipe.remove_all_hooks()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert torch.equal(pipe(**kwargs).images, expected)
+
+
+def test_quantizing_a_pipeline_one_loaded(pipe):
+    own = mgtq.load(progress=False)
+    done = mgtq.quantize_(own, mgtq.W4A16Config(group_size=32))
+    assert done and set(done.values()) == {"W4Linear"}
+    assert own("a red circle", seed=0, output_type="latent", **STEPS).images.shape == (1, 16, 16)
+    from mgtq.quantization import quantize_weights_
+
+    old = mgtq.load(progress=False)
+    with pytest.warns(DeprecationWarning, match="quantize_"):
+        quantize_weights_(old)  # the pipeline itself, as users typed it
+    assert any(isinstance(m, W4Linear) for m in old.transformer.modules())
+    calibrated = mgtq.load(progress=False)
+    with mgtq.calibrate_activations(calibrated) as stats:
+        calibrated(["a red circle", "two blue squares"], seed=0, output_type="latent", **STEPS)
+    done = mgtq.quantize_(calibrated, mgtq.W4A8Config(), activation_stats=stats)
+    assert set(done.values()) == {"W4A8Linear"}
+    assert all(isinstance(calibrated.transformer.get_submodule(n), W4A8Linear) for n in done)
+
+
+def test_tomemgt_after_torch_compile_and_per_call_config():
+    pipe = mgtq.load(progress=False)
+    kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, **STEPS)
+    per_call = pipe(token_merging=mgtq.TomeConfig(0.5), **kwargs).images
+    assert torch.equal(pipe(token_merging=0.5, **kwargs).images, per_call)
+    eager = pipe.transformer
+    # aot_eager: the patch under compile's wrapper is what is tested here, not Inductor's code generation
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    plan = mgtq.apply_tomemgt(pipe, 0.5)
+    assert eager.token_merging is plan
+    assert torch.equal(pipe(**kwargs).images, per_call)
+    mgtq.remove_tomemgt(pipe)
+    assert eager.token_merging is None
+
+
+def test_mgtq_load_after_torchao_quantize():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    other = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    quantize_(other, Int8WeightOnlyConfig())
+    pipe = mgtq.load(progress=False)
+    assert pipe("a red circle", seed=0, output_type="latent", progress=False, **STEPS).images.shape == (1, 16, 16)
+
+
+def _forward_inputs(model):
+    from mgtq.testing import micro_forward_inputs
+
+    return micro_forward_inputs(model, batch=1, grid=8)

@@ -1,0 +1,59 @@
+"""A built wheel carries the embedded default model: installed into a fresh venv, `mgtq` works from any folder
+and writes its outputs there, not into site-packages (issue 23 item 6)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["pyproject.toml", "setup.py", "README.md", "mgtq", "recipes", "checkpoints/tiny-shapes"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (ROOT / "checkpoints/tiny-shapes/model_index.json").is_file(),
+                                 reason="checkpoints/tiny-shapes is not in this checkout")]
+
+
+def run(argv, cwd, timeout=600):
+    done = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """A --system-site-packages venv (torch & co. without downloads) with the wheel installed, built offline."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    for name in SOURCES:  # a copy: building writes build/ and *.egg-info beside the sources
+        src, dst = ROOT / name, source / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+    shutil.rmtree(source / "mgtq" / "_embedded", ignore_errors=True)
+    run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", root / "dist"], cwd=source)
+    wheel = next((root / "dist").glob("mgtq-*.whl"))
+    run([sys.executable, "-m", "venv", "--system-site-packages", root / "venv"], cwd=root)
+    bin_dir = root / "venv" / "bin"
+    run([bin_dir / "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=root)
+    return bin_dir
+
+
+def test_installed_wheel_generates_from_any_folder(venv, tmp_path):
+    where = run([venv / "python", "-c", "import mgtq.default_model as d; print(d.default_model())"], cwd=tmp_path)
+    assert "site-packages" in where and str(ROOT) not in where  # the wheel's own copy, not this checkout's
+    run([venv / "mgtq", "generate", "--prompt", "a red circle", "--steps", "2", "--no-progress"], cwd=tmp_path)
+    assert (tmp_path / "mgtq-out.png").is_file()
+
+
+def test_installed_wheel_evaluates_and_finds_its_recipe(venv, tmp_path):
+    out = run([venv / "mgtq", "eval", "--limit", "2", "--steps", "2", "--no-progress"], cwd=tmp_path)
+    assert out.startswith("ShapeBench overall=")
+    recipe = run([venv / "python", "-c", "from mgtq.default_model import DEFAULT_RECIPE as r; "
+                  "from mgtq.scq.recipe import load_recipe; load_recipe(r); print(r)"], cwd=tmp_path)
+    assert "site-packages" in recipe
