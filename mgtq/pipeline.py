@@ -494,6 +494,9 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
 
 def _existing_dir(path, what: str) -> Path:
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"{what} folder {str(p)!r} is a file, not a folder; pass the folder that holds "
+                                 f"the {what}'s config and weights")
     if not p.is_dir():
         raise FileNotFoundError(
             f"{what} folder {str(p)!r} does not exist. mgtq loads local folders only (no hub downloads): "
@@ -576,6 +579,13 @@ def _load_tokenizer(root: Path, tokenizer):
     folder = Path(tokenizer) if tokenizer is not None else root / "tokenizer"
     if not folder.is_dir():
         raise FileNotFoundError(f"no tokenizer at {folder}; pass tokenizer=PATH to a local CLIPTokenizer folder")
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.txt")):
+        # The tokenizer libraries fail on bad bytes without naming the file; these files are small.
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-create the "
+                             "tokenizer folder with save_pretrained") from None
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 

@@ -176,3 +176,18 @@ def test_a_failed_png_write_leaves_no_temporary_file_and_keeps_the_old_image(tmp
     with pytest.raises(OSError):
         generate_to_files(pipe, "a red circle", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"] and out.read_bytes() == b"the previous image"
+
+
+def test_a_transformer_folder_that_is_a_file_is_named_a_file(model):
+    shutil.rmtree(model / "transformer")
+    (model / "transformer").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{model / 'transformer'}' is a file, not a folder"):
+        MGTPipeline.from_pretrained(model)
+
+
+def test_a_non_utf8_tokenizer_file_names_the_file(model):
+    name = next(p.name for p in sorted((model / "tokenizer").iterdir()) if p.suffix == ".json")
+    path = model / "tokenizer" / name
+    path.write_bytes(path.read_bytes()[:10] + b"\xff\xfe" + path.read_bytes()[10:])
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text"):
+        MGTPipeline.from_pretrained(model)
