@@ -62,8 +62,7 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
         stats = record_activation_stats(probe, data, recipe.magnitudes, sampler, names, progress=False)
         scales = input_scales_from_stats(stats, recipe.secondary.scale_method, recipe.secondary.percentile)
     overrides = {pattern: None for pattern in recipe.qat.skip}  # skipped layers stay float
-    w4a8 = W4A8Config()  # one object for all: quantize_ groups layers by config identity
-    overrides.update({name: w4a8 for name in names} if a8_all else {})
+    overrides.update({name: W4A8Config() for name in names} if a8_all else {})
     quantize_(model, W4A16Config(recipe.qat.group_size), overrides=overrides, input_scales=scales)
     pipe.transformer = model.eval()
     return pipe

@@ -138,10 +138,8 @@ def _from_float_folder(source, fmt, input_scales, seed, notes, device, group_siz
     if fmt not in FLOAT_FORMATS:
         names = linear_names(model)
         a8 = a8_layers_for(fmt, names, seed)
-        # the chosen layers by exact name (their names hold no fnmatch wildcards), all with one config object:
-        # quantize_ groups layers by config identity
-        w4a8 = W4A8Config()
-        quantize_(model, W4A16Config(group_size), overrides={name: w4a8 for name in sorted(a8)},
+        # the chosen layers by exact name (their names hold no fnmatch wildcards), with the given scales
+        quantize_(model, W4A16Config(group_size), overrides={name: W4A8Config() for name in sorted(a8)},
                   input_scales=input_scales)
         a8_note = f"; {len(a8)} of {len(names)} Linears W4A8 with scales from one pass on random inputs" if a8 else ""
         notes.append(f"{fmt}: post-training quantized at load from the float checkpoint (peak memory includes "
