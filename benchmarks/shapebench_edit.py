@@ -43,7 +43,7 @@ def load_model(spec: str) -> tuple[MGTPipeline, Path]:
     name, _, folder = spec.partition("=")
     if name in ("float", "bf16") and not folder:
         path = default_model()
-        return MGTPipeline.from_pretrained(path, dtype="bf16" if name == "bf16" else None), path
+        return MGTPipeline.from_pretrained(path, torch_dtype="bf16" if name == "bf16" else None), path
     if name not in ("scq", "scq+tome") or not folder:
         raise ValueError(f"model {spec!r}: use float, bf16, scq=DIR or scq+tome=DIR")
     path = Path(folder) if Path(folder).is_absolute() else ROOT / folder

@@ -28,7 +28,8 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
 from mgtq.pipeline import MGTPipeline
-from mgtq.quantization import linear_names, model_weight_nbytes, prepare_qat_, quantize_weights_, input_scales_from_stats
+from mgtq.quantization import (W4A8Config, W4A16Config, input_scales_from_stats, linear_names, model_weight_nbytes,
+                               prepare_qat_, quantize_)
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.magnitudes import record_activation_stats
@@ -60,8 +61,9 @@ def ptq_pipeline(base: MGTPipeline, run: Path, recipe, a8_all: bool) -> MGTPipel
         sampler = synthesis_sampler(base.settings.sampler, recipe.synthesis)
         stats = record_activation_stats(probe, data, recipe.magnitudes, sampler, names, progress=False)
         scales = input_scales_from_stats(stats, recipe.secondary.scale_method, recipe.secondary.percentile)
-    quantize_weights_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip,
-                      a8_layers=names if a8_all else (), input_scales=scales)
+    overrides = {pattern: None for pattern in recipe.qat.skip}  # skipped layers stay float
+    overrides.update({name: W4A8Config() for name in names} if a8_all else {})
+    quantize_(model, W4A16Config(recipe.qat.group_size), overrides=overrides, input_scales=scales)
     pipe.transformer = model.eval()
     return pipe
 

@@ -6,16 +6,17 @@
     canvas, mask = mgtq.outpaint_canvas(image, left=16)         # outpainting = inpainting on a canvas
     out = mgtq.MGTImg2ImgPipeline.from_pipe(pipe)("a blue square", image=image, strength=0.5, seed=0)
 
-The pipelines are `MGTPipeline`s with other inputs: the same components, prompt encoding, guided
-model function, sampler (every trick), TomeMGT and compile, and the same output record. The editing
-itself is the sampler's start state (mgtq.sampling.start); this module turns images and masks into
-token ids and token masks. Masks follow diffusers: white (≥ 0.5) = repaint, black = keep. A token
-is repainted when any of its pixels is.
+The pipelines are `MGTPipeline`s with other inputs, as aMUSEd's inpaint and img2img pipelines are
+siblings of its text-to-image one in diffusers: the same components (`from_pipe`), one call path
+(prompt encoding, guided model function, sampler with every trick, TomeMGT and compile, output_type,
+return_dict, callbacks, offload hooks) and the same output record. The editing itself is the sampler's
+start state (mgtq.sampling.start); this module turns images and masks into token ids and token masks.
+Masks follow diffusers: white (≥ 0.5) = repaint, black = keep. A token is repainted when any of its
+pixels is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -23,10 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mgtq.pipeline import MGTPipeline, MGTPipelineOutput, _broadcast_negative
-from mgtq.sampling import SamplerConfig, SamplerHooks, sample
-from mgtq.sampling.start import StartState, check_strength, img2img_start, inpaint_start
-from mgtq.utils import micro_conditions, per_sample_generators
+from mgtq.pipeline import MGTPipeline, MGTPipelineOutput
+from mgtq.sampling import SamplerConfig, SamplerHooks
+from mgtq.sampling.start import check_strength, img2img_start, inpaint_start
 from mgtq.vq import encode_to_tokens
 
 __all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image_array", "mask_array",
@@ -106,15 +106,14 @@ def outpaint_canvas(image, left: int = 0, right: int = 0, top: int = 0, bottom: 
 
 # -------------------------------------------------------------------------------- pipelines
 class _EditingPipeline(MGTPipeline):
-    """What the editing pipelines share: `from_pipe`, `encode_image` and the sampling call from a start."""
+    """What the editing pipelines share: `encode_image`, and the checks of an editing call."""
 
-    @classmethod
-    def from_pipe(cls, pipe: MGTPipeline):
-        """A sibling pipeline on `pipe`'s modules (the same objects: no second copy in memory) and a copy
-        of its settings. TomeMGT or compile installed on the modules apply to both."""
-        return cls(pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.tokenizer, dataclasses.replace(pipe.settings))
+    # As aMUSEd's inpaint/img2img: offloading keeps the VQ on the execution device. Its encoder's quantizer
+    # reads the codebook weight directly, not through a submodule's forward, so sequential offload's
+    # per-submodule hooks would never bring it in (the VQ is a small part of the memory).
+    _exclude_from_cpu_offload = ["vqvae"]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the sampler updates the start tokens in place outside it
     def encode_image(self, image) -> torch.Tensor:
         """VQ-encode RGB image(s) (one, or a list of the same size) → token ids (B, h, w).
 
@@ -125,7 +124,8 @@ class _EditingPipeline(MGTPipeline):
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
         if self.settings.image_range == "-1,1":
             pixels = pixels * 2 - 1
-        return encode_to_tokens(self.vqvae, pixels).to(self.device)
+        device = self._execution_device  # an offload hook's, while the VQ's weights may sit elsewhere
+        return encode_to_tokens(self.vqvae, pixels, device=device).to(device)
 
     def _image_arrays(self, images: list) -> list[np.ndarray]:
         """uint8 (H, W, 3) arrays of RGB images of one size the model takes (errors name the nearest valid size)."""
@@ -138,44 +138,27 @@ class _EditingPipeline(MGTPipeline):
         self.token_grid(*arrays[0].shape[:2])
         return arrays
 
-    def _edit(self, prompts: list[str], size: tuple[int, int], make_start, *, negative_prompt, num_images_per_prompt,
-              num_inference_steps, guidance_scale, generator, seed, micro_conds, sampler, hooks, token_merging,
-              progress, output_type) -> MGTPipelineOutput:
-        """Sample from make_start(config, generators, per_prompt) → StartState, as MGTPipeline.__call__
-        samples from all-mask."""
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "tokens"):
-            raise ValueError(f"output_type must be 'pil' or 'tokens', got {output_type!r}")
-        all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        config = sampler or self.settings.sampler
-        overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale))
-                     if v is not None}
-        config = config.replace(**overrides) if overrides else config
-        height, width = size
-        grid = self.token_grid(height, width)
-        generators = per_sample_generators(len(all_prompts), seed=seed, generator=generator, device=self.device)
-        start = make_start(config, generators, num_images_per_prompt)
-
-        text, pooled = self.encode_prompt(all_prompts)
-        negative = None
-        if config.needs_unconditional:
-            negative = self.encode_prompt(_broadcast_negative(negative_prompt, all_prompts, num_images_per_prompt))
-        if micro_conds is None:
-            micro_conds = micro_conditions(width, height, self.settings.aesthetic_score)
-        micro_conds = micro_conds.to(self.device).reshape(-1, 5)
-        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, token_merging, negative=negative)
-        result = sample(model_fn, len(all_prompts), grid, self.transformer.mask_token_id, config, generators,
-                        device=self.device, hooks=hooks, progress=progress, return_info=True, start=start)
-        images = self.decode_tokens(result.tokens) if output_type == "pil" else []
-        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe)
+    def check_inputs(self, prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
+                     output_type, callback_on_step_end_tensor_inputs, token_merging) -> None:
+        """MGTPipeline's checks (the size comes from the image), then the editing ones: one image (and
+        mask_image, for inpainting) for every prompt or a list of one per prompt; img2img's strength a
+        number in (0, 1] (None: inpainting). What an image holds is checked as it is read, before any
+        encoding."""
+        super().check_inputs(prompt, negative_prompt, None, None, num_images_per_prompt, seed, sampler, output_type,
+                             callback_on_step_end_tensor_inputs, token_merging)
+        count = 1 if isinstance(prompt, str) else len(prompt)
+        _per_prompt(image, count, "image")
+        if mask_image is not None:
+            _per_prompt(mask_image, count, "mask_image")
+        if strength is not None:
+            check_strength(strength)
 
 
 class MGTInpaintPipeline(_EditingPipeline):
     """Inpainting (and outpainting, on an `outpaint_canvas`): repaint the masked tokens, keep every other
     token exactly. The schedule runs over the repainted tokens only."""
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
         self,
         prompt: str | list[str],
@@ -188,43 +171,48 @@ class MGTInpaintPipeline(_EditingPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         micro_conds: torch.Tensor | None = None,
-        sampler: SamplerConfig | None = None,
+        sampler: SamplerConfig | dict | None = None,
         hooks: SamplerHooks | None = None,
         token_merging=None,
         progress: bool = True,
         output_type: str = "pil",
-    ) -> MGTPipelineOutput:
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("tokens",),
+    ) -> MGTPipelineOutput | tuple:
         """Repaint the white area of `mask_image` in `image` from `prompt`.
 
         image / mask_image: one of each (for every prompt) or one per prompt; the mask has the
-        image's size. Other arguments as MGTPipeline.__call__. `.tokens` equals
-        `encode_image(image)` at every token the mask does not touch.
+        image's size. Other arguments as MGTPipeline.__call__ (output types, return_dict, callbacks).
+        `.tokens` equals `encode_image(image)` at every token the mask does not touch.
         """
-        prompts = _prompt_list(prompt)
-        images = _per_prompt(image, len(prompts), "image")
-        masks = _per_prompt(mask_image, len(prompts), "mask_image")
-        arrays = self._image_arrays(images)
+        output_type = self._resolve_output_type(output_type)
+        self.check_inputs(prompt, image, mask_image, None, negative_prompt, num_images_per_prompt, seed, sampler,
+                          output_type, callback_on_step_end_tensor_inputs, token_merging)
+        count = 1 if isinstance(prompt, str) else len(prompt)
+        arrays = self._image_arrays(_per_prompt(image, count, "image"))
         repaint = torch.stack([token_mask(mask_array(m, a.shape[:2]), self.vae_scale_factor)
-                               for m, a in zip(masks, arrays)])
+                               for m, a in zip(_per_prompt(mask_image, count, "mask_image"), arrays)])
         tokens = self.encode_image(arrays)
-
-        def make_start(config, generators, per_prompt) -> StartState:
-            return inpaint_start(tokens.repeat_interleave(per_prompt, 0),
-                                 repaint.to(tokens.device).repeat_interleave(per_prompt, 0),
-                                 self.transformer.mask_token_id)
-
-        return self._edit(prompts, arrays[0].shape[:2], make_start, negative_prompt=negative_prompt,
-                          num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generator, seed=seed, micro_conds=micro_conds,
-                          sampler=sampler, hooks=hooks, token_merging=token_merging, progress=progress,
-                          output_type=output_type)
+        run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,
+                                     num_images_per_prompt=num_images_per_prompt,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     generator=generator, seed=seed, micro_conds=micro_conds, sampler=sampler,
+                                     token_merging=token_merging)
+        start = inpaint_start(tokens.repeat_interleave(num_images_per_prompt, 0),
+                              repaint.to(tokens.device).repeat_interleave(num_images_per_prompt, 0),
+                              self.transformer.mask_token_id)
+        result = self._run_sampler(run, start, hooks=hooks, progress=progress,
+                                   callback_on_step_end=callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return self._finish(result, output_type, return_dict)
 
 
 class MGTImg2ImgPipeline(_EditingPipeline):
     """Mask-free editing: re-mask a `strength` fraction of the image's tokens (random, seeded) and sample
     from the schedule step with that mask ratio (mgtq.sampling.start.img2img_start)."""
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
         self,
         prompt: str | list[str],
@@ -237,40 +225,39 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         micro_conds: torch.Tensor | None = None,
-        sampler: SamplerConfig | None = None,
+        sampler: SamplerConfig | dict | None = None,
         hooks: SamplerHooks | None = None,
         token_merging=None,
         progress: bool = True,
         output_type: str = "pil",
-    ) -> MGTPipelineOutput:
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("tokens",),
+    ) -> MGTPipelineOutput | tuple:
         """Re-draw `image` toward `prompt`; strength in (0, 1] is the fraction of tokens re-drawn.
 
         The sampler runs the steps from the one whose mask ratio is `strength` on (fewer steps for a
         lower strength); at strength 1 the result is text-to-image at the same seed (for an image of the
         model's resolution: the micro-conditions come from the image size). Other arguments as
-        MGTPipeline.__call__.
+        MGTPipeline.__call__ (output types, return_dict, callbacks).
         """
-        check_strength(strength)  # before any encoding
-        prompts = _prompt_list(prompt)
-        arrays = self._image_arrays(_per_prompt(image, len(prompts), "image"))
+        output_type = self._resolve_output_type(output_type)
+        self.check_inputs(prompt, image, None, strength, negative_prompt, num_images_per_prompt, seed, sampler,
+                          output_type, callback_on_step_end_tensor_inputs, token_merging)
+        arrays = self._image_arrays(_per_prompt(image, 1 if isinstance(prompt, str) else len(prompt), "image"))
         tokens = self.encode_image(arrays)
-
-        def make_start(config, generators, per_prompt) -> StartState:
-            return img2img_start(tokens.repeat_interleave(per_prompt, 0), strength, self.transformer.mask_token_id,
-                                 config, generators)
-
-        return self._edit(prompts, arrays[0].shape[:2], make_start, negative_prompt=negative_prompt,
-                          num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generator, seed=seed, micro_conds=micro_conds,
-                          sampler=sampler, hooks=hooks, token_merging=token_merging, progress=progress,
-                          output_type=output_type)
-
-
-def _prompt_list(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
-    return prompts
+        run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,
+                                     num_images_per_prompt=num_images_per_prompt,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     generator=generator, seed=seed, micro_conds=micro_conds, sampler=sampler,
+                                     token_merging=token_merging)
+        # drawn from the per-image generators before the sampler draws from them
+        start = img2img_start(tokens.repeat_interleave(num_images_per_prompt, 0), strength,
+                              self.transformer.mask_token_id, run.config, run.generators)
+        result = self._run_sampler(run, start, hooks=hooks, progress=progress,
+                                   callback_on_step_end=callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return self._finish(result, output_type, return_dict)
 
 
 def _per_prompt(value, count: int, name: str) -> list:

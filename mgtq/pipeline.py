@@ -11,11 +11,13 @@ only, quantized transformers through `mgtq.quantization.checkpoint`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from mgtq.components import check_files, check_index, check_loaded
 from mgtq.config import from_mapping
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
-from mgtq.sampling import SamplerConfig, SamplerHooks, sample
+from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, sample
 from mgtq.utils import atomic_directory, micro_conditions, parse_dtype, per_sample_generators, read_json, write_json
 
 
@@ -75,6 +77,20 @@ class MGTPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
     tokens: torch.Tensor
     nfe: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingRun:
+    """What one pipeline call samples with: `batch` images (prompts × images per prompt), the sampler `config`
+    after the call's overrides, the token `grid` (h, w), one generator per image, the guided `model_fn`
+    (MGTPipeline.guided_model_fn) and the `device` it runs on."""
+
+    batch: int
+    config: SamplerConfig
+    grid: tuple[int, int]
+    generators: list[torch.Generator]
+    model_fn: Callable
+    device: torch.device
 
 
 class MGTPipeline(DiffusionPipeline):
@@ -219,6 +235,24 @@ class MGTPipeline(DiffusionPipeline):
             module.eval()
         return pipe.to(device) if device is not None else pipe
 
+    @classmethod
+    def from_pipe(cls, pipeline: MGTPipeline, **kwargs) -> MGTPipeline:
+        """A pipeline of this class on `pipeline`'s components (the same module objects: no second copy in
+        memory; TomeMGT or compile installed on them apply to both) and a copy of its settings. Keyword
+        arguments replace components (`transformer=…`) or the settings (`settings=PipelineSettings(…)`).
+
+        diffusers' `DiffusionPipeline.from_pipe` is not used: without a dtype it casts the new pipeline to
+        float32, which on shared modules also casts the pipeline they came from (a bf16 or quantized
+        transformer's compute dtype included), and mgtq's settings are not part of the diffusers config it
+        copies, so the sibling would sample with defaults instead of the checkpoint's sampler.
+        """
+        parts = {**pipeline.components, "settings": dataclasses.replace(pipeline.settings)}
+        unknown = sorted(set(kwargs) - set(parts))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pipe takes the components {sorted(pipeline.components)} or "
+                            f"settings as keyword arguments, got {unknown}")
+        return cls(**{**parts, **kwargs})
+
     def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:
         """Write the pipeline in diffusers layout (safetensors only), atomically, so `mgtq.load` reads it back.
 
@@ -334,24 +368,44 @@ class MGTPipeline(DiffusionPipeline):
         `callback_on_step_end_tensor_inputs` ("tokens": (B, h, w) ids); a returned dict may replace them.
         progress=False (or `set_progress_bar_config(disable=True)`) hides the sampler's bar.
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        if output_type == "tokens":
-            warnings.warn('output_type="tokens" is deprecated; use diffusers\' "latent" (the token ids, no decoding)',
-                          DeprecationWarning, stacklevel=3)
-            output_type = "latent"
+        output_type = self._resolve_output_type(output_type)
         self.check_inputs(prompt, negative_prompt, height, width, num_images_per_prompt, seed, sampler, output_type,
                           callback_on_step_end_tensor_inputs, token_merging)
+        height = self.settings.resolution if height is None else height
+        width = self.settings.resolution if width is None else width
+        run = self._prepare_sampling(prompt, height, width, negative_prompt=negative_prompt,
+                                     num_images_per_prompt=num_images_per_prompt,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     generator=generator, seed=seed, micro_conds=micro_conds, sampler=sampler,
+                                     token_merging=token_merging)
+        result = self._run_sampler(run, hooks=hooks, progress=progress, callback_on_step_end=callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return self._finish(result, output_type, return_dict)
+
+    @staticmethod
+    def _resolve_output_type(output_type: str) -> str:
+        """diffusers' output_type of a call; mgtq's old "tokens" is "latent" (deprecated spelling)."""
+        if output_type == "tokens":
+            warnings.warn('output_type="tokens" is deprecated; use diffusers\' "latent" (the token ids, no decoding)',
+                          DeprecationWarning, stacklevel=4)  # the caller of the pipeline, past __call__ and no_grad
+            return "latent"
+        return output_type
+
+    # The steps of a call, shared by text-to-image and the editing pipelines (mgtq.editing), which differ
+    # only in the inputs they check and the sampler's start state.
+    def _prepare_sampling(self, prompt, height: int, width: int, *, negative_prompt=None, num_images_per_prompt=1,
+                          num_inference_steps=None, guidance_scale=None, generator=None, seed=None, micro_conds=None,
+                          sampler=None, token_merging=None) -> SamplingRun:
+        """The prompts repeated per image, the call's sampler config, one generator per image (seed, seed+1,
+        … or the given ones) and the guided model function on the encoded prompts; inputs already checked."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        batch = len(prompts)
         config = SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else sampler or self.settings.sampler
         overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale)) if v is not None}
         config = config.replace(**overrides) if overrides else config
-        height = self.settings.resolution if height is None else height
-        width = self.settings.resolution if width is None else width
         grid = self.token_grid(height, width)
         device = self._execution_device
-        generators = per_sample_generators(batch, seed=seed, generator=generator, device=device)
+        generators = per_sample_generators(len(prompts), seed=seed, generator=generator, device=device)
 
         text, pooled = self.encode_prompt(prompts, device)
         negative = None
@@ -362,11 +416,21 @@ class MGTPipeline(DiffusionPipeline):
         micro_conds = micro_conds.to(device).reshape(-1, 5)
         model_fn = self.guided_model_fn(text, pooled, micro_conds, config, _merging_plan(token_merging),
                                         negative=negative)
-        model_fn, callback = self._step_callback(model_fn, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        progress = progress and not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return SamplingRun(len(prompts), config, grid, generators, model_fn, device)
 
-        result = sample(model_fn, batch, grid, self.transformer.mask_token_id, config, generators,
-                        device=device, hooks=hooks, progress=progress, callback=callback, return_info=True)
+    def _run_sampler(self, run: SamplingRun, start: StartState | None = None, hooks: SamplerHooks | None = None,
+                     progress: bool = True, callback_on_step_end=None,
+                     callback_on_step_end_tensor_inputs=("tokens",)) -> SampleResult:
+        """The sampler from the all-mask grid, or from `start` (editing: mgtq.sampling.start)."""
+        model_fn, callback = self._step_callback(run.model_fn, callback_on_step_end,
+                                                 list(callback_on_step_end_tensor_inputs))
+        progress = progress and not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return sample(model_fn, run.batch, run.grid, self.transformer.mask_token_id, run.config, run.generators,
+                      device=run.device, hooks=hooks, progress=progress, callback=callback, return_info=True,
+                      start=start)
+
+    def _finish(self, result: SampleResult, output_type: str, return_dict: bool) -> MGTPipelineOutput | tuple:
+        """Decode by output_type, put offloaded models back (diffusers' maybe_free_model_hooks) and wrap."""
         images = result.tokens if output_type == "latent" else self.decode_tokens(result.tokens, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -127,12 +127,16 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_to_tokens(vq, images: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, H, W) in [-1, 1] → token ids LongTensor (B, H/f, W/f)."""
+def encode_to_tokens(vq, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] → token ids LongTensor (B, H/f, W/f).
+
+    device: where the VQ computes; default where its weights are (an offloaded pipeline passes its
+    execution device: its weights wait on the CPU or on "meta" until the hooks move them in).
+    """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
     param = next(vq.parameters())
-    latents = vq.encode(images.to(param.device, param.dtype)).latents  # (B, C, h, w)
+    latents = vq.encode(images.to(device or param.device, param.dtype)).latents  # (B, C, h, w)
     _, _, (_, _, indices) = vq.quantize(latents)  # indices (B·h·w, 1), row-major over (B, h, w)
     b, _, h, w = latents.shape
     return indices.reshape(b, h, w).long()

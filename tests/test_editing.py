@@ -228,6 +228,107 @@ def test_compiled_transformer_gives_the_same_edits(scene):
     assert torch.equal(i2i("a red circle", image=scene, strength=0.5, seed=0, progress=False).tokens, eager_i2i)
 
 
+# ------------------------------------------------------------------- diffusers conventions (issue 23)
+def test_output_types_as_text_to_image(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    kw = dict(image=scene, mask_image=_box_mask(), seed=0, progress=False)
+    pil = inpaint("a red circle", **kw)
+    as_np = inpaint("a red circle", output_type="np", **kw)
+    as_pt = inpaint("a red circle", output_type="pt", **kw)
+    latent = inpaint("a red circle", output_type="latent", **kw)
+    assert torch.equal(latent.images, pil.tokens) and torch.equal(as_np.tokens, pil.tokens)
+    assert as_np.images.shape == (1, 64, 64, 3) and as_np.images.dtype == np.float32
+    assert as_pt.images.shape == (1, 3, 64, 64) and torch.equal(torch.from_numpy(as_np.images).permute(0, 3, 1, 2),
+                                                                as_pt.images)
+    assert np.array_equal(np.asarray(pil.images[0]), (as_np.images[0] * 255).round().astype(np.uint8))
+    with pytest.warns(DeprecationWarning, match='"latent"'):
+        assert torch.equal(inpaint("a red circle", output_type="tokens", **kw).images, pil.tokens)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    kw = dict(image=scene, strength=0.5, seed=0, progress=False)
+    assert torch.equal(i2i("a red circle", output_type="latent", **kw).images, i2i("a red circle", **kw).tokens)
+    for pipe, extra in ((inpaint, {"mask_image": _box_mask()}), (i2i, {})):
+        with pytest.raises(ValueError, match=r"output_type must be one of \['pil', 'np', 'pt', 'latent'\]"):
+            pipe("a red circle", image=scene, output_type="bogus", progress=False, **extra)
+
+
+def test_return_dict_false_gives_a_tuple(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    out = inpaint("a red circle", image=scene, mask_image=_box_mask(), seed=0, progress=False, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and out[0][0].size == (64, 64)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    kw = dict(image=scene, strength=0.5, seed=1, output_type="latent", progress=False)
+    (tokens,) = i2i("a red circle", return_dict=False, **kw)
+    assert torch.equal(tokens, i2i("a red circle", **kw).tokens)
+
+
+def test_callback_on_step_end_sees_and_replaces_the_tokens(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    mask = _box_mask()
+    repaint = token_mask(mask, F)
+    encoded = inpaint.encode_image(scene)[0]
+    seen = []
+
+    def record(pipe, step, timestep, kwargs):
+        assert isinstance(pipe, MGTInpaintPipeline) and timestep.shape == (1,) and set(kwargs) == {"tokens"}
+        assert torch.equal(kwargs["tokens"][0][~repaint], encoded[~repaint])  # fixed at every step
+        seen.append((step, kwargs["tokens"].clone()))
+        return kwargs
+
+    out = _inpaint(inpaint, scene, mask, callback_on_step_end=record)
+    steps = inpaint.settings.sampler.num_steps
+    assert [s for s, _ in seen] == list(range(steps)) and torch.equal(seen[-1][1], out.tokens)
+
+    def zero_decoded(pipe, step, timestep, kwargs):  # a returned "tokens" is where the next step starts
+        tokens = kwargs["tokens"]
+        return {"tokens": torch.where(repaint & (tokens != pipe.transformer.mask_token_id), 0, tokens)}
+
+    zeroed = _inpaint(inpaint, scene, mask, callback_on_step_end=zero_decoded).tokens
+    assert (zeroed[0][repaint] == 0).all() and torch.equal(zeroed[0][~repaint], encoded[~repaint])
+
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    seen.clear()
+    out = i2i("a red circle", image=scene, strength=0.5, seed=0, progress=False,
+              callback_on_step_end=lambda p, i, t, kw: seen.append((i, None)) or kw)
+    assert [s for s, _ in seen] == list(range(steps - out.nfe, steps)) and 0 < out.nfe < steps
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs may name \['tokens'\]"):
+        i2i("a red circle", image=scene, progress=False, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_offloading_gives_the_same_tokens(scene):
+    from mgtq.testing import build_random_pipeline
+
+    kw = dict(prompt="a red circle", image=scene, seed=3, output_type="latent", progress=False)
+    calls = [(MGTInpaintPipeline, dict(mask_image=_box_mask(), **kw)), (MGTImg2ImgPipeline, dict(strength=0.5, **kw))]
+    expected = [cls.from_pipe(build_random_pipeline())(**args).images for cls, args in calls]
+    for offload in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        for (cls, args), tokens in zip(calls, expected):
+            sibling = cls.from_pipe(build_random_pipeline())  # the same weights, no hooks left from before
+            getattr(sibling, offload)(device="cpu")
+            assert sibling.transformer.embed.embeddings.weight.is_meta == (offload == "enable_sequential_cpu_offload")
+            assert torch.equal(sibling(**args).images, tokens)
+
+
+def test_from_pipe_keeps_dtype_and_settings_and_round_trips():
+    from mgtq.pipeline import PipelineSettings
+    from mgtq.testing import build_random_pipeline
+
+    pipe = build_random_pipeline().to(torch.bfloat16)
+    pipe.settings.sampler = pipe.settings.sampler.replace(num_steps=3)
+    inpaint = MGTInpaintPipeline.from_pipe(pipe)
+    # diffusers' DiffusionPipeline.from_pipe casts to float32 unless given a dtype: the shared modules too
+    assert pipe.dtype == inpaint.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert inpaint.settings.sampler.num_steps == 3
+    back = mgtq.MGTPipeline.from_pipe(inpaint)
+    assert type(back) is mgtq.MGTPipeline
+    assert all(back.components[k] is v for k, v in pipe.components.items())
+    kw = dict(prompt="a red circle", seed=0, output_type="latent", progress=False)
+    assert torch.equal(back(**kw).images, pipe(**kw).images)
+    other = PipelineSettings(resolution=32)
+    assert MGTImg2ImgPipeline.from_pipe(pipe, settings=other).settings is other
+    with pytest.raises(TypeError, match=r"from_pipe takes the components .* got \['scheduler'\]"):
+        MGTInpaintPipeline.from_pipe(pipe, scheduler=None)
+
+
 # ------------------------------------------------------------------------------------- errors
 def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
     inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)

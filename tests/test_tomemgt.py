@@ -337,3 +337,17 @@ def test_bench_cases_carry_the_tome_options():
         BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
     with pytest.raises(ValueError, match="use tome / tome_blocks"):
         BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})
+
+
+def test_tomemgt_under_inductor_compile_gives_the_eager_tokens():
+    """pipe.compile() (Inductor, block by block) lowers the merged forward while r changes from step to step;
+    it used to fail with "Exponent must be non-negative" (merge/unmerge views sized by the int r)."""
+    import mgtq
+
+    pipe = mgtq.load(progress=False)
+    kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, num_inference_steps=3,
+                  token_merging=0.5)
+    eager = pipe(**kwargs).images
+    torch._dynamo.reset()
+    pipe.compile(persistent_cache=False)
+    assert torch.equal(pipe(**kwargs).images, eager)

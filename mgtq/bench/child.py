@@ -111,7 +111,7 @@ def build_pipeline(source: ModelSource, transformer, dtype: torch.dtype, steps: 
         pipe = MGTPipeline(transformer, vq or build_vq(source, seed), text_encoder, tokenizer,
                            pipeline_settings(source, steps))
     else:
-        pipe = MGTPipeline.from_pretrained(source.path, text_encoder=source.text_encoder, dtype=dtype,
+        pipe = MGTPipeline.from_pretrained(source.path, text_encoder=source.text_encoder, torch_dtype=dtype,
                                            transformer=transformer, vqvae=vq)
         pipe.settings = pipeline_settings(source, steps, pipe.settings)
     pipe.text_encoder.to(device)
@@ -136,7 +136,7 @@ def timed_image(pipe, steps: int, sync: Callable[[], None], warm_decode: bool = 
         timer = CallTimer(pipe.transformer, sync)
         with timer, phases.phase("sampling"):
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
-                                                   output_type="tokens", progress=False), sync)
+                                                   output_type="latent", progress=False), sync)
         calls = (timer.durations, timer.cpu_durations)
         del timer
         with phases.phase("decode"):
@@ -174,7 +174,7 @@ def generate_offloaded(pipe, load_vq: Callable[[], torch.nn.Module], steps: int,
         timer = CallTimer(pipe.transformer, sync)
         with timer, phases.phase("sampling"):
             tokens_s, out = time_call(lambda: pipe(BENCH_PROMPT, num_inference_steps=steps, seed=0,
-                                                   output_type="tokens", progress=False), sync)
+                                                   output_type="latent", progress=False), sync)
         calls = (timer.durations, timer.cpu_durations)
         del timer
         alive = weakref.ref(pipe.transformer)

@@ -132,13 +132,15 @@ def _linear_names_of(config: dict) -> list[str]:
 
 def _from_float_folder(source, fmt, input_scales, seed, notes, device, group_size=None):
     from mgtq.pipeline import load_transformer
-    from mgtq.quantization import linear_names, quantize_weights_
+    from mgtq.quantization import W4A8Config, W4A16Config, linear_names, quantize_
 
     model = load_transformer(Path(source.path) / "transformer", dtype=float_dtype_of(fmt))
     if fmt not in FLOAT_FORMATS:
         names = linear_names(model)
         a8 = a8_layers_for(fmt, names, seed)
-        quantize_weights_(model, group_size=group_size, a8_layers=a8, input_scales=input_scales)
+        # the chosen layers by exact name (their names hold no fnmatch wildcards), with the given scales
+        quantize_(model, W4A16Config(group_size), overrides={name: W4A8Config() for name in sorted(a8)},
+                  input_scales=input_scales)
         a8_note = f"; {len(a8)} of {len(names)} Linears W4A8 with scales from one pass on random inputs" if a8 else ""
         notes.append(f"{fmt}: post-training quantized at load from the float checkpoint (peak memory includes "
                      f"its bf16 weights){a8_note}")

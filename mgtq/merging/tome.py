@@ -146,14 +146,18 @@ def bipartite_soft_matching_2x2(
         slot_rows = _flat(slot, n - r)
         counts = counts.reshape(-1, 1)
 
+    # merge/unmerge take their sizes from the tensors, not from the ints r, n and batch: under torch.compile
+    # an int that changes between calls (r does, with the masked count) becomes a symbol of unknown sign,
+    # and views sized by it give strides like (n − r)·C·(…)/(r − n) whose sign Inductor's range analysis
+    # fails on ("Exponent must be non-negative"); sizes of tensors are known to be positive.
     def merge(x: torch.Tensor) -> torch.Tensor:  # (B, N, C) → (B, N − r, C)
-        rows = x.reshape(batch * n, x.shape[-1])
+        rows = x.flatten(0, 1)
         out = rows.index_select(0, kept_rows)
         out.index_put_((into_rows,), rows.index_select(0, merged_rows), accumulate=True)
-        return (out / counts.to(out.dtype)).view(batch, n - r, -1)  # ÷1 keeps unmerged rows bit-exact
+        return (out / counts.to(out.dtype)).unflatten(0, (x.shape[0], -1))  # ÷1 keeps unmerged rows bit-exact
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:  # (B, N − r, C) → (B, N, C)
-        return y.reshape(batch * (n - r), y.shape[-1]).index_select(0, slot_rows).view(batch, n, -1)
+        return y.flatten(0, 1).index_select(0, slot_rows).unflatten(0, (y.shape[0], -1))
 
     if return_sizes:
         return merge, unmerge, counts.view(batch, n - r)

@@ -256,7 +256,7 @@ def _resolve(plan: Mapping[str, QuantConfig], stats, input_scales) -> dict[str, 
     """{name: ("w4a16", group_size) | ("w4a8", input scale)}: SCQ's selection made, every scale at hand."""
     layers: dict[str, tuple[str, object]] = {}
     for config in dict.fromkeys(plan.values()):  # each distinct config once, in order
-        names = [n for n, c in plan.items() if c is config]
+        names = [n for n, c in plan.items() if c == config]  # equal configs, not only the same object
         if isinstance(config, W4A16Config):
             layers.update({n: ("w4a16", config.group_size) for n in names})
             continue

@@ -55,6 +55,14 @@ def test_overrides_by_pattern_first_match_wins_and_none_keeps_float():
     assert all(model.get_submodule(n).group_size == 16 for n in done)
 
 
+def test_equal_configs_written_separately_quantize_every_layer_they_name():
+    model = micro()
+    a, b, rest = linear_names(model)[:3]
+    done = quantize_(model, W4A16Config(), overrides={a: W4A8Config(), b: W4A8Config()}, input_scales={a: 0.1, b: 0.1})
+    assert done[a] == done[b] == "W4A8Linear" and done[rest] == "W4Linear"
+    assert sorted(done) == sorted(linear_names(micro()))  # none left float
+
+
 def test_unknown_pattern_and_wrong_config_type_fail_before_any_change():
     model = micro()
     with pytest.raises(ValueError, match="matches no nn.Linear"):
