@@ -118,8 +118,11 @@ def to_markdown(data: dict, models: list[str], tasks: list[str]) -> str:
         cells.append(f"{min(kept):.4f}" if kept else "–")
         lines.append("| " + " | ".join(cells) + " |")
     any_row = next(iter(rows.values()))
-    lines += ["", f"Split {any_row['split']}, n = {any_row['n']} per task (first {any_row['limit'] or 'all'} items; "
-              "img2img counts both strengths), the model's own sampler settings. "
+    sizes = ", ".join(f"{t} {r['n']}" for t in tasks
+                      for r in [next((v for k, v in rows.items() if k.endswith(f"|{t}")), None)] if r)
+    limit = f"the first {any_row['limit']}" if any_row['limit'] else "all"
+    lines += ["", f"Split {any_row['split']}, {limit} items per task (images scored: {sizes}; img2img counts both "
+              "strengths), the model's own sampler settings. "
               f"`{data.get('command', 'python benchmarks/shapebench_edit.py')}`", "", *goal_lines(rows, models, tasks)]
     return "\n".join(lines) + "\n"
 
