@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from mgtq.default_model import default_model
 from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline
 from mgtq.evaluation import edit_summary_line, evaluate_editing
+from mgtq.generate import write_png
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import evaluate, score_image
 from mgtq.shapes.edit import DEFAULT_PER_TASK, EDIT_TASKS, edit_inputs, shapebench_edit_items
@@ -184,10 +185,7 @@ def sample_grid(pipe: MGTPipeline, tasks: list[str], split: str, out: Path, per_
             line += (" " if line else "") + w
         lines.append(line)
         draw.multiline_text((x + 3, y + side + 2), "\n".join(lines[:2]), fill=colour)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(out)
+    write_png(grid, out)
 
 
 def main(argv=None) -> int:

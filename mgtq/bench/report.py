@@ -299,11 +299,10 @@ def write_outputs(report: dict, paths: dict[str, Path]) -> None:
     """Write JSON, Markdown and PNG (each atomically: a reader never sees half a file)."""
     import json
 
-    from mgtq.utils import atomic_write_text
+    from mgtq.utils import atomic_file, atomic_write_text
 
     validate_report(report)
     atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
     atomic_write_text(paths["md"], to_markdown(report))
-    tmp = paths["png"].with_name(f".{paths['png'].stem}.tmp.png")
-    plot_png(report, tmp)
-    tmp.replace(paths["png"])
+    with atomic_file(paths["png"]) as tmp:  # the one writer: never over a device, FIFO or link target
+        plot_png(report, tmp)
