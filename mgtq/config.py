@@ -21,6 +21,7 @@ passed through unchecked, to be validated by the dataclass itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,7 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["from_mapping", "check_keys", "check_value", "read_data", "MAX_DEPTH", "MAX_BYTES"]
+__all__ = ["from_mapping", "validate", "check_keys", "check_value", "read_data", "read_mapping", "MAX_DEPTH",
+           "MAX_BYTES"]
 
 # mgtq's own JSON/YAML files (configs, manifests, recipes, run records, results) nest a few levels and
 # weigh kilobytes; these bounds stop a hostile or damaged file before a parser recurses or allocates.
@@ -71,6 +73,19 @@ def read_data(path: str | os.PathLike, label: str | None = None, fmt: str | None
         raise _too_deep(label) from None
     _check_depth(data, label)
     return data
+
+
+def read_mapping(path: str | os.PathLike, label: str | None = None, fmt: str | None = None) -> dict:
+    """The mapping at the top of a JSON/YAML settings file (:func:`read_data`); an empty file is ``{}``.
+
+    Anything else at the top (a list, a number, a string) is a ValueError naming the file as `label`.
+    """
+    data = read_data(path, label, fmt)
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{label or str(path)} must hold a mapping of settings (key: value), got {type(data).__name__}")
+    return dict(data)
 
 
 def _parse(text: str, fmt: str, label: str) -> Any:
@@ -135,6 +150,25 @@ def from_mapping(cls, data: Any, where: str = ""):
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad value in {where or cls.__name__}: {err}") from err
+
+
+def validate(config, where: str = "") -> None:
+    """Check every field of the frozen dataclass `config` against its annotation, normalizing in place.
+
+    The one field check of mgtq's config dataclasses: call it first in ``__post_init__`` so a config
+    built in Python is held to the same rules as one read from a file (lists become tuples, ints
+    become floats, a nested section given as a mapping is built with :func:`from_mapping`). Range and
+    cross-field checks follow it in the ``__post_init__``. Messages name the dotted key.
+    """
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        value = check_value(getattr(config, f.name), hints[f.name], _join(where, f.name))
+        object.__setattr__(config, f.name, value)
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def check_value(value: Any, annotation: Any, name: str) -> Any:

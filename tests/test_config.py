@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 import torch
 
-from mgtq.config import from_mapping
+from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.utils import derive_seed, dtype_name, parse_dtype, set_submodule
 
 
@@ -70,3 +70,40 @@ def test_set_submodule():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
     set_submodule(model, "1.0", torch.nn.Identity())
     assert isinstance(model[1][0], torch.nn.Identity)
+
+
+@dataclass(frozen=True)
+class _Section:
+    steps: int = 3
+
+
+@dataclass(frozen=True)
+class _Validated:
+    scale: float = 1
+    mode: Literal["a", "b"] = "a"
+    sizes: tuple[int, ...] = ()
+    section: _Section = field(default_factory=_Section)
+
+    def __post_init__(self):
+        validate(self, "cfg")
+
+
+def test_validate_holds_python_built_configs_to_the_file_rules():
+    built = _Validated(scale=2, sizes=[1, 2], section={"steps": 4})
+    assert built == _Validated(scale=2.0, sizes=(1, 2), section=_Section(4))
+    assert isinstance(built.scale, float) and isinstance(built.sizes, tuple)
+    for kwargs, message in [({"scale": "big"}, "cfg.scale must be a number"), ({"mode": "c"}, "cfg.mode must be one of"),
+                            ({"section": {"steps": 1.5}}, "cfg.section.steps must be an integer"),
+                            ({"section": {"stesp": 1}}, "unknown key 'cfg.section.stesp'")]:
+        with pytest.raises(ValueError, match=message):
+            _Validated(**kwargs)
+
+
+def test_read_mapping_wants_a_mapping(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="list.yaml must hold a mapping"):
+        read_mapping(tmp_path / "list.yaml")
+    assert read_mapping(tmp_path / "empty.yaml") == {}
+    assert read_mapping(tmp_path / "ok.json") == {"a": 1}
