@@ -321,3 +321,14 @@ def test_the_lab_outside_a_checkout_is_one_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="needs a checkout"):
         BenchConfig(peers=("quanto-w4a8",))
     assert BenchConfig(formats=("bf16",)).cases()[0].label == "bf16"  # formats need no lab
+
+
+def test_config_is_checked_by_the_one_validator_and_forkserver_is_deprecated():
+    with pytest.raises(ValueError, match="bench.isolation must be one of"):
+        BenchConfig(isolation="fork")
+    with pytest.raises(ValueError, match="measure.repeats must be an integer"):
+        MeasureSettings(repeats=1.5)
+    with pytest.raises(ValueError, match="case.offload must be true or false"):
+        BenchCase("bf16", offload="yes")
+    with pytest.warns(DeprecationWarning, match="forkserver"):
+        assert BenchConfig(isolation="forkserver").isolation == "spawn"

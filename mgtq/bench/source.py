@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from mgtq.config import from_mapping
-from mgtq.default_model import DEFAULT_MODEL
+from mgtq.config import from_mapping, validate
+from mgtq.default_model import default_model
 
 BENCH_PROMPT = "a red circle above a blue square"
 
@@ -30,7 +31,7 @@ class ModelSource:
     """
 
     name: str
-    kind: str
+    kind: Literal["preset", "float-dir", "quantized-dir"]
     preset: str | None = None
     path: str | None = None
     resolution: int = 64
@@ -45,10 +46,7 @@ class ModelSource:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.kind not in ("preset", "float-dir", "quantized-dir"):
-            raise ValueError(f"unknown model kind {self.kind!r}")
-        object.__setattr__(self, "vq_channels", tuple(self.vq_channels))
-        object.__setattr__(self, "notes", tuple(self.notes))
+        validate(self, "source")
 
     @property
     def slug(self) -> str:
@@ -80,17 +78,6 @@ def _meissonic_1024() -> ModelSource:
     )
 
 
-def _tiny_shapes_preset(reason: str) -> ModelSource:
-    # Same shapes as the embedded default (mgtq.training.mgt): 64 px, VQ f = 4, 32 text tokens.
-    return ModelSource(
-        name="tiny-shapes", kind="preset", preset="tiny-shapes", resolution=64, vq_factor=4,
-        vq_channels=(16, 32, 64), vq_latent_channels=8, text_length=32, text_layers=2, text_heads=4,
-        guidance_scale=3.0,
-        notes=(f"tiny-shapes: {reason}; using the tiny-shapes preset with random weights (same shapes as the "
-               "trained default, so speed and size are the same)",),
-    )
-
-
 def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> ModelSource:
     """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder (whose CLIP text
     encoder may be the separate folder `text_encoder`)."""
@@ -100,9 +87,7 @@ def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> M
     if name == "meissonic-1024":
         return _meissonic_1024()
     if name == "tiny-shapes":
-        if (DEFAULT_MODEL / "transformer").is_dir():
-            return _folder_source(DEFAULT_MODEL, display="tiny-shapes")
-        return _tiny_shapes_preset(f"the embedded checkpoint {DEFAULT_MODEL} does not exist (yet)")
+        return _folder_source(default_model(), display="tiny-shapes")
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
