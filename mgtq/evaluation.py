@@ -54,8 +54,8 @@ def evaluate_pipeline(
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress, seed_offset=seed_offset,
-                                                split=split, **call_kwargs)
+    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress,
+                                                     seed_offset=seed_offset, split=split, **call_kwargs)
     result = evaluate(images, items)
     result["split"] = split
     result["nfe"] = nfe

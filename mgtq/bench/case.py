@@ -49,7 +49,8 @@ def make_payload(entry: str, source: ModelSource, case: BenchCase | None, measur
 
 # -------------------------------------------------------------------------------------- images
 def timed_image(pipe, steps: int, sync: Callable[[], None] = lambda: None, phases: memory.PhasePeaks | None = None,
-                warm_decode: bool = True, load_vq: Callable[[], torch.nn.Module] | None = None) -> tuple[dict, bool, list]:
+                warm_decode: bool = True, load_vq: Callable[[], torch.nn.Module] | None = None
+                ) -> tuple[dict, bool, list]:
     """One whole image: text encoding, `steps` sampler steps, VQ decode; (seconds, transformer freed, images).
 
     With `load_vq` (the paper's CPU-offloading mode) `pipe.vqvae` is a placeholder: the transformer makes
@@ -190,7 +191,7 @@ class CaseSession:
             budget_s -= sum(self.samples)
             if budget_s <= 0 and self.samples:
                 return []
-        timing = time_repeated(self._forward, 0, n, budget_s, self.sync)
+        timing = time_repeated(self._forward, n, budget_s, self.sync)
         self.samples += timing.samples
         self.cpu_samples += timing.cpu_samples
         self.rounds += [len(self.rounds) if round_index is None else round_index] * len(timing.samples)

@@ -1,7 +1,7 @@
 """The formats `mgtq bench` builds the transformer in: the one place their names are parsed and described.
 
-A name is a base format, optionally followed by a W4A16 group size and then the int8 weight cache:
-`scq`, `scq-g64`, `w4a8-cached`. Non-Linear parts stay bf16 in every format but fp32.
+A name is a base format (BASES), or a base with one suffix: a W4A16 group size (`scq-g64`) or the int8
+weight cache (`w4a8-cached`); HELP says what each does. Non-Linear parts stay bf16 in every format but fp32.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ BASES = {
     "w4a8": "every Linear W4A8Linear (int4 weights, static int8 activations, int8 GEMM)",
     "scq": "SCQ — a third of the Linears W4A8, the rest W4A16",
 }
-# Suffixes, with the bases they apply to: W4A16 layers in groups of g input columns (SCQ's `qat.group_size`;
-# A8 layers stay per channel), and the opt-in int8 weight cache of every W4A8Linear (oneDNN prepacked:
-# faster, +1 byte per A8 weight, counted in the weight bytes).
+# The suffixes and the bases they apply to (HELP says what they do; the group size is SCQ's `qat.group_size`).
 GROUP_SIZES = (32, 64, 128)
 GROUPED = ("w4a16", "scq")
 CACHED = ("w4a8", "scq")

@@ -14,9 +14,11 @@ JSON (bytes and seconds everywhere; ratios are plain numbers):
                   transformer_tokens, text_tokens
     settings      the BenchConfig (formats, tome, offload, peers, measure{…}, threads, isolation, …)
     configs       [{label, target, tome, tome_blocks, offload}] in run order
-    baseline      {unit: "bytes", rss, peak_rss, imports, [fresh_interpreter_rss]}: a case process
-                  that only imported torch + mgtq (null when memory was not measured)
-    calibration   {seconds, layers} of the shared static-scale pass, or null
+    baseline      {unit: "bytes", rss, peak_rss, imports, [fresh_interpreter_rss: only in reports of the
+                  former fork-server isolation]}: a case process that only imported torch + mgtq (null when
+                  memory was not measured)
+    calibration   {seconds, layers} of the shared static-scale pass (mgtq.bench.build.scales_from_random_inputs),
+                  or null
     results       one `mgtq.bench.result.CaseResult` per config
     ratios        {label: {weights_vs_bf16, peak_rss_vs_bf16, forward_vs_bf16, forward_cpu_vs_bf16,
                            per_step_vs_bf16, image_vs_bf16, [forward_speedup_vs_no_tome,
