@@ -23,7 +23,7 @@ def load_lab(name: str) -> ModuleType:
         return sys.modules[module_name]
     path = ROOT / "benchmarks" / f"bench_{name}.py"
     if not ((ROOT / "pyproject.toml").is_file() and path.is_file()):
-        raise ModuleNotFoundError(f"benchmarks/bench_{name}.py is not here: this option of mgtq bench needs a "
+        raise FileNotFoundError(f"benchmarks/bench_{name}.py is not here: this option of mgtq bench needs a "
                                   "checkout of mgtq's repository (git clone, then pip install -e .)")
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
