@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
-from mgtq.factory import tiny_text_encoder
+from mgtq.models.random import tiny_text_encoder
 from mgtq.models.presets import preset_config
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.pipeline import MGTPipeline, PipelineSettings
