@@ -2,6 +2,7 @@
 sources and schedule, exact no-op and removal, batch independence, deterministic per seed."""
 
 import copy
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
