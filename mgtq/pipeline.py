@@ -262,8 +262,8 @@ class MGTPipeline(DiffusionPipeline):
         """
         _reject_save_options(unused)
         with _loading_bars(progress), atomic_directory(path) as tmp:
-            if checkpoint.describe(self.transformer):
-                checkpoint.save(self.transformer, checkpoint.manifest_of(self.transformer), tmp / "transformer")
+            if checkpoint.quantized_layers(self.transformer):
+                checkpoint.save(self.transformer, checkpoint.describe(self.transformer), tmp / "transformer")
             else:
                 self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
             self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)

@@ -11,6 +11,7 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -336,7 +337,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# The canonical names, as a config annotation (recipes, manifests) and as the dtype → name table.
+FloatDtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: dict[torch.dtype, str] = {DTYPES[name]: name for name in get_args(FloatDtype)}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

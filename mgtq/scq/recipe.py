@@ -25,10 +25,7 @@ import yaml
 
 from mgtq.config import check_value, from_mapping, read_data
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
-from mgtq.utils import DTYPE_NAMES
-
-FloatDtype = Literal["float32", "bfloat16", "float16"]
-assert set(typing.get_args(FloatDtype)) == set(DTYPE_NAMES.values())
+from mgtq.utils import FloatDtype
 
 
 def _validated(section, where: str) -> None:

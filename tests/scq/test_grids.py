@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mgtq.quantization import FakeQuantLinear, linear_names
-from mgtq.quantization.checkpoint import describe
+from mgtq.quantization.checkpoint import quantized_layers
 from mgtq.scq import qat, secondary
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.quantize import quantize_from_run
@@ -103,7 +103,7 @@ def test_groupwise_run_with_a8_in_the_loop_exports_the_grids_qat_trained(tmp_pat
     assert set(plan["input_scales"]) == set(plan["a8_layers"])  # calibrated before QAT, for the loop
     assert run.stage_summary("qat")["activations_in_loop"] is True
     model, _ = quantize_from_run(run.root)
-    layers = describe(model)
+    layers = quantized_layers(model)
     for name, layer in layers.items():
         if name in plan["a8_layers"]:
             assert (layer.scheme, layer.group_size) == ("w4a8", None)
@@ -120,6 +120,6 @@ def test_sensitivity_after_qat_when_qat_does_not_need_the_a8_set(tmp_path, rando
     chosen = read_json(run.selection_file)
     assert not run.a8_plan_file.exists() and "chosen_before_qat" not in chosen
     assert chosen["a8_layers"] == secondary.select_a8_layers(chosen["sensitivity"], 1 / 3, "sensitivity")
-    layers = describe(quantize_from_run(run.root)[0])
+    layers = quantized_layers(quantize_from_run(run.root)[0])
     assert {n for n, layer in layers.items() if layer.scheme == "w4a8"} == set(chosen["a8_layers"])
     assert all(layer.group_size is None for layer in layers.values())
