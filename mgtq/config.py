@@ -12,7 +12,7 @@ dataclass's own ``__post_init__`` checks its range, and every message names the 
     from_mapping(QATConfig, {"steps": "many"}, "qat")
     # ValueError: qat.steps must be an integer, got 'many'
 
-Supported annotations: ``int``, ``float`` (finite; a numeric string such as YAML's ``1e-4`` is read as
+Supported annotations: ``int``, ``float`` (finite; YAML's ``1e-4``, which PyYAML reads as a string, is read as
 a number), ``bool``, ``str``, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
 ``list[X]``, ``dict[str, X]`` and nested dataclasses (a mapping, recursed into). Anything else is
 passed through unchecked, to be validated by the dataclass itself.
@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import re
 import stat
 import types
 import typing
@@ -227,12 +228,13 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+# What YAML 1.1 (PyYAML) reads as a string though it is a number: an exponent without a dot, `1e-4`.
+_YAML_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _finite(value: Any, name: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {_show(value)}") from None
+    if isinstance(value, str) and _YAML_EXPONENT.fullmatch(value.strip()):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {_show(value)}")
     if not math.isfinite(value):
