@@ -239,8 +239,10 @@ def write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file's data through mgtq's one bounded reader (`mgtq.config.read_data`)."""
+def read_json(path: str | os.PathLike):
+    """The data `write_json` wrote, read back through mgtq's one bounded reader (`mgtq.config.read_data`) as
+    JSON whatever the file's suffix; callers check its shape with their own messages (a model index, a run
+    record). Settings files a user writes are read with `mgtq.config.read_mapping` instead."""
     from mgtq.config import read_data
 
     return read_data(path, fmt="json")
