@@ -1,4 +1,4 @@
-"""Passes that walk a model: quantize, prepare/convert QAT, calibrate activations, count bytes.
+"""Passes that walk a model: quantize, prepare/convert QAT, calibrate activation scales, count bytes.
 
 One entry point, torchao-style: ``quantize_(model_or_pipeline, W4A16Config() | W4A8Config() | SCQConfig(),
 overrides={"*.proj_out": None})``; `replace_linears_` is the one place a Linear becomes quantized.
@@ -30,7 +30,7 @@ __all__ = [
     "W4A8Config",
     "SCQConfig",
     "replace_linears_",
-    "run_calibration",
+    "calibrate_on_prompts",
     "quantize_weights_",
     "prepare_qat_",
     "convert_qat_",
@@ -209,7 +209,7 @@ def quantize_(
             raise ValueError("W4A8 and SCQ calibrate int8 activation scales: pass calibration_prompts=[...] (with a "
                              "pipeline), activation_stats= from `with mgtq.calibrate_activations(model) as stats:`, "
                              "or input_scales=; W4A16Config needs none")
-        activation_stats = run_calibration(model, calibration_prompts, [n for n, c in plan.items() if c is not None])
+        activation_stats = calibrate_on_prompts(model, calibration_prompts, [n for n, c in plan.items() if c is not None])
     layers = _resolve(plan, activation_stats, input_scales)
     return replace_linears_(target, layers)
 
@@ -340,9 +340,10 @@ def replace_linears_(model: nn.Module, layers: Mapping[str, tuple[str, object]],
     return {name: type(module).__name__ for name, module in built.items()}
 
 
-def run_calibration(model, prompts: list[str], layer_names: Iterable[str] | None = None,
-                    batch_size: int = 8) -> dict[str, ActivationStats]:
-    """Input statistics of the transformer's Linears while `model` (a pipeline) generates `prompts` (seeds 0, 1, …)."""
+def calibrate_on_prompts(model, prompts: list[str], layer_names: Iterable[str] | None = None,
+                         batch_size: int = 8) -> dict[str, ActivationStats]:
+    """Activation-scale calibration on prompts: `calibrate_activations` while `model` (a pipeline) generates
+    `prompts` (seeds 0, 1, …); returns the input statistics of the transformer's Linears."""
     if not hasattr(model, "transformer") or not callable(model):
         raise TypeError("calibration_prompts need a pipeline (its text encoder and sampler run them); for a bare "
                         "module, pass activation_stats from `with calibrate_activations(module) as stats:`")
@@ -460,7 +461,8 @@ def calibrate_activations(
     layer_names: Iterable[str] | None = None,
     bins: int = 2048,
 ) -> Iterator[dict[str, ActivationStats]]:
-    """Record input statistics of the given Linear layers (default: all) during the ``with`` body.
+    """Activation-scale calibration: record input statistics of the given Linear layers (default: all)
+    during the ``with`` body, for the int8 input scales (:func:`input_scales_from_stats`).
 
     `model` may be a pipeline (its transformer's layers are recorded).
 
