@@ -33,7 +33,7 @@ def _data(transformer, n=4) -> CalibrationData:
                            micro_conds=torch.tensor([[64.0, 64, 0, 0, 6]]))
 
 
-def test_runs_made_before_the_new_fields_keep_their_fingerprints():
+def test_optional_fields_at_their_default_keep_the_fingerprints_of_recipes_without_them():
     # Values computed by the code before qat.activations_in_loop / secondary.sensitivity_samples existed:
     # a run folder calibrated then stays complete under the same recipe.
     shipped = load_recipe(__import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
