@@ -322,15 +322,21 @@ def assign_layer_(layer: QuantizedLinear, codes: torch.Tensor, scales: torch.Ten
 
     codes (out, in/2) uint8, two int4 codes per byte; scales (out, groups) weight scales; input_scale
     the static int8 step of a w4a8 layer (None for w4a16); bias in the float dtype, if the layer has
-    one. A missing, extra or misshapen tensor is an error (strict `load_state_dict`).
+    one. A missing, extra or misshapen tensor is a ValueError.
     """
+    if codes.dtype != _OWN_DTYPE["weight_packed"]:
+        raise ValueError(f"codes must be {_OWN_DTYPE['weight_packed']} (two int4 codes per byte), got {codes.dtype}")
     state = {"weight_packed": codes, "weight_scale": scales.to(_OWN_DTYPE["weight_scale"])}
     if input_scale is not None:
         state["input_scale"] = torch.as_tensor(input_scale, dtype=_OWN_DTYPE["input_scale"])
     if bias is not None:
         state["bias"] = bias
-    if codes.dtype != _OWN_DTYPE["weight_packed"]:
-        raise ValueError(f"codes must be {_OWN_DTYPE['weight_packed']} (two int4 codes per byte), got {codes.dtype}")
+    needed = set(layer.state_dict())
+    if set(state) != needed:
+        raise ValueError(f"a {type(layer).__name__} takes {sorted(needed)}, got {sorted(state)}")
+    for key, t in layer.state_dict().items():
+        if tuple(state[key].shape) != tuple(t.shape):
+            raise ValueError(f"{key} of a {type(layer).__name__} is {tuple(t.shape)}, got {tuple(state[key].shape)}")
     layer.load_state_dict(state, assign=True)
     return layer
 

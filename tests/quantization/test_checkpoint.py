@@ -105,6 +105,27 @@ def test_describe_reads_the_manifest_off_the_model_and_keeps_the_loaded_provenan
         ckpt.describe(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+def test_assign_layer_fills_an_empty_quantized_module_and_refuses_what_it_cannot_hold(qpipe):
+    from mgtq.models.transformer import plain_config
+
+    layers = ckpt.quantized_layers(qpipe.transformer)
+    a8 = next(n for n, layer in layers.items() if layer.scheme == "w4a8")
+    source = qpipe.transformer.get_submodule(a8)
+    empty = ckpt.build_empty(plain_config(qpipe.transformer.config), ckpt.describe(qpipe.transformer)).get_submodule(a8)
+    assert empty.weight_packed.is_meta
+    bias = None if source.bias is None else source.bias.detach().clone()
+    args = dict(codes=source.weight_packed.clone(), scales=source.weight_scale.clone(), bias=bias)
+    with pytest.raises(ValueError, match="takes .*'input_scale'"):
+        ckpt.assign_layer_(empty, **args)  # a w4a8 layer needs its input scale
+    with pytest.raises(ValueError, match="codes must be torch.uint8"):
+        ckpt.assign_layer_(empty, **{**args, "codes": source.weight_packed.to(torch.int16)}, input_scale=0.05)
+    with pytest.raises(ValueError, match="weight_scale of a W4A8Linear is"):
+        ckpt.assign_layer_(empty, **{**args, "scales": source.weight_scale[:1]}, input_scale=0.05)
+    ckpt.assign_layer_(empty, **args, input_scale=source.input_scale.clone())
+    x = torch.randn(3, source.in_features)
+    assert torch.equal(empty(x), source(x))
+
+
 def test_a_manifest_with_the_older_top_level_group_size_still_loads(qpipe, exported, tmp_path):
     copy = shutil.copytree(exported, tmp_path / "older")
     data = _manifest(copy)
