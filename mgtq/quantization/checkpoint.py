@@ -250,7 +250,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
-    data = _read_json(path)
+    data = _read_checkpoint_json(path)
     # Each layer records its group size; manifests written before that also had a summary key.
     data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
@@ -267,7 +267,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
-    data = _read_json(path)
+    data = _read_checkpoint_json(path)
     config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
     method = (data.get("quantization_config") or {}).get("quant_method", QUANT_METHOD)
     if method != QUANT_METHOD:
@@ -280,7 +280,8 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def _read_json(path: Path) -> dict:
+def _read_checkpoint_json(path: Path) -> dict:
+    """`read_mapping` of a checkpoint's JSON file, its errors saying how to get a sound one."""
     try:
         return read_mapping(path, fmt="json")
     except ValueError as err:
