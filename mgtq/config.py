@@ -12,8 +12,8 @@ dataclass's own ``__post_init__`` checks its range, and every message names the 
     from_mapping(QATConfig, {"steps": "many"}, "qat")
     # ValueError: qat.steps must be an integer, got 'many'
 
-Supported annotations: ``int``, ``float`` (finite; a numeric string such as YAML's ``1e-4`` is read as
-a number), ``bool``, ``str``, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
+Supported annotations: ``int``, ``float`` (finite; in a mapping, a numeric string such as YAML's ``1e-4`` is
+read as a number), ``bool``, ``str``, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
 ``list[X]``, ``dict[str, X]`` and nested dataclasses (a mapping, recursed into). Anything else is
 passed through unchecked, to be validated by the dataclass itself.
 """
@@ -158,11 +158,13 @@ def validate(config, where: str = "") -> None:
     The one field check of mgtq's config dataclasses: call it first in ``__post_init__`` so a config
     built in Python is held to the same rules as one read from a file (lists become tuples, ints
     become floats, a nested section given as a mapping is built with :func:`from_mapping`). Range and
-    cross-field checks follow it in the ``__post_init__``. Messages name the dotted key.
+    cross-field checks follow it in the ``__post_init__``. Messages name the dotted key. A value passed
+    in Python is held to its type (``ratio="0.5"`` is an error); only a mapping, i.e. file data, may
+    quote a number.
     """
     hints = _hints(type(config))
     for f in dataclasses.fields(config):
-        value = check_value(getattr(config, f.name), hints[f.name], _join(where, f.name))
+        value = check_value(getattr(config, f.name), hints[f.name], _join(where, f.name), text_numbers=False)
         object.__setattr__(config, f.name, value)
 
 
@@ -171,8 +173,11 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def check_value(value: Any, annotation: Any, name: str) -> Any:
-    """`value` checked against (and lightly normalized to) `annotation`; ValueError names `name`."""
+def check_value(value: Any, annotation: Any, name: str, text_numbers: bool = True) -> Any:
+    """`value` checked against (and lightly normalized to) `annotation`; ValueError names `name`.
+
+    text_numbers: a numeric string is a number (file data: YAML 1.1 reads ``1e-4`` as a string).
+    """
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
@@ -183,7 +188,7 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
         errors = []
         for option in options:
             try:
-                return check_value(value, option, name)
+                return check_value(value, option, name, text_numbers)
             except ValueError as err:
                 errors.append(err)
         raise errors[0] if len(errors) == 1 else ValueError(f"{name} has an invalid value {_show(value)}")
@@ -200,7 +205,7 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
             raise ValueError(f"{name} must be an integer, got {_show(value)}")
         return value
     if annotation is float:
-        return _finite(value, name)
+        return _finite(value, name, text_numbers)
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {_show(value)}")
@@ -211,24 +216,25 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ValueError(f"{name} must have {len(args)} entries, got {len(value)}")
-            items = [check_value(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [check_value(v, a, f"{name}[{i}]", text_numbers) for i, (v, a) in enumerate(zip(value, args))]
         else:
             item = args[0] if args else Any
-            items = [check_value(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+            items = [check_value(v, item, f"{name}[{i}]", text_numbers) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ValueError(f"{name} must be a mapping, got {_show(value)}")
         key_type, value_type = args if args else (Any, Any)
-        return {check_value(k, key_type, f"{name} key"): check_value(v, value_type, f"{name}.{k}")
+        return {check_value(k, key_type, f"{name} key", text_numbers): check_value(v, value_type, f"{name}.{k}",
+                                                                                   text_numbers)
                 for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         return from_mapping(annotation, value, name)
     return value
 
 
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+def _finite(value: Any, name: str, text_numbers: bool = True) -> float:
+    if isinstance(value, str) and text_numbers:  # YAML 1.1 reads `1e-4` (no dot) as a string
         try:
             value = float(value)
         except ValueError:

@@ -4,10 +4,10 @@ checkpoint/
   model_index.json, vqvae/, text_encoder/, tokenizer/, scheduler/   copied from the source model
   transformer/                                                       mgtq.quantization.checkpoint's format
 
-The seam with SCQ is `quantize_from_run(run) -> (model, info)`: the real W4/W4A8 transformer and a
-dict of what the run knows (group size, float dtype, source model and fingerprint, A8 selection,
-recipe). `manifest_from_run` turns that dict into the checkpoint's `Manifest`; the per-layer schemes
-are read off the model itself, so the two cannot disagree.
+The seam with SCQ is `quantize_from_run(run) -> (model, provenance)`: the real W4/W4A8 transformer
+and where it came from (source model and fingerprint, A8 selection, recipe). The checkpoint's
+`Manifest` is built by `mgtq.quantization.checkpoint.describe(model, provenance)`, which reads the
+layers and float dtype off the model itself.
 
 Export writes only where it may: a new path, or (with `overwrite=True`) an existing mgtq
 checkpoint, replaced atomically. It never writes over the run folder, the source model, or any
@@ -25,22 +25,7 @@ import torch
 
 from mgtq.quantization import checkpoint
 from mgtq.scq.quantize import quantize_from_run
-from mgtq.utils import atomic_directory, dtype_name, parse_dtype, read_json
-
-# The run facts a manifest records (the rest of `info` — format, layers — is the checkpoint's own).
-PROVENANCE = ("group_size", "float_dtype", "source_model", "source_fingerprint", "selection", "recipe")
-
-
-def manifest_from_run(model: torch.nn.Module, info: dict) -> checkpoint.Manifest:
-    """The checkpoint Manifest of `model` with the run facts of `info` (see PROVENANCE)."""
-    layers = checkpoint.describe(model)
-    claimed = {name: layer["scheme"] for name, layer in info.get("layers", {}).items()}
-    if claimed and claimed != {name: layer.scheme for name, layer in layers.items()}:
-        raise ValueError("the run's layer list does not match the quantized model; re-run the secondary stage")
-    facts = {k: info[k] for k in PROVENANCE if k in info}
-    if "float_dtype" in facts:  # recipes may spell it "bf16"; the manifest stores the canonical name
-        facts["float_dtype"] = dtype_name(parse_dtype(facts["float_dtype"]))
-    return checkpoint.Manifest(layers=layers, **facts)
+from mgtq.utils import atomic_directory, read_json
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -82,10 +67,10 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`mgtq export RUN --out DIR [--overwrite]`: the quantized transformer plus the source model's other parts."""
     check_target(run, out, overwrite)
-    model, info = quantize_from_run(run)
-    manifest = manifest_from_run(model, info)
+    model, provenance = quantize_from_run(run)
+    manifest = checkpoint.describe(model, provenance)
     check_target(run, out, overwrite)  # again: quantizing takes a while, the folder may have appeared meanwhile
-    return write_checkpoint(info["source_model"], model, manifest, out)
+    return write_checkpoint(provenance["source_model"], model, manifest, out)
 
 
 def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: checkpoint.Manifest,

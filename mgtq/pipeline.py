@@ -17,7 +17,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import check_files, check_index, check_loaded
-from mgtq.config import from_mapping
+from mgtq.config import from_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, sample
@@ -47,14 +47,11 @@ class PipelineSettings:
 
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     resolution: int = 1024
-    image_range: str = "0,1"
+    image_range: Literal["0,1", "-1,1"] = "0,1"
     aesthetic_score: float = 6.0
 
     def __post_init__(self):
-        if isinstance(self.sampler, dict):
-            self.sampler = SamplerConfig.from_dict(self.sampler)
-        if self.image_range not in ("0,1", "-1,1"):
-            raise ValueError(f"image_range must be '0,1' or '-1,1', got {self.image_range!r}")
+        validate(self, "mgtq")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
 
@@ -262,8 +259,8 @@ class MGTPipeline(DiffusionPipeline):
         """
         _reject_save_options(unused)
         with _loading_bars(progress), atomic_directory(path) as tmp:
-            if checkpoint.describe(self.transformer):
-                checkpoint.save(self.transformer, checkpoint.manifest_of(self.transformer), tmp / "transformer")
+            if checkpoint.quantized_layers(self.transformer):
+                checkpoint.save(self.transformer, checkpoint.describe(self.transformer), tmp / "transformer")
             else:
                 self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
             self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)

@@ -11,6 +11,7 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -238,8 +239,10 @@ def write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file's data through mgtq's one bounded reader (`mgtq.config.read_data`)."""
+def read_json(path: str | os.PathLike):
+    """The data `write_json` wrote, read back through mgtq's one bounded reader (`mgtq.config.read_data`) as
+    JSON whatever the file's suffix; callers check its shape with their own messages (a model index, a run
+    record). Settings files a user writes are read with `mgtq.config.read_mapping` instead."""
     from mgtq.config import read_data
 
     return read_data(path, fmt="json")
@@ -336,7 +339,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# The canonical names, as a config annotation (recipes, manifests) and as the dtype → name table.
+FloatDtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: dict[torch.dtype, str] = {DTYPES[name]: name for name in get_args(FloatDtype)}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mgtq.config import validate
+
 
 @dataclass(frozen=True)
 class VQConfig:
@@ -36,7 +38,7 @@ class VQConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        validate(self)
         if not self.block_out_channels or min(self.block_out_channels) <= 0:
             raise ValueError(f"block_out_channels must be non-empty and positive, got {self.block_out_channels}")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]

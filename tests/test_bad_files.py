@@ -150,7 +150,7 @@ def test_a_full_disk_during_export_names_the_target(random_pipeline_dir, tmp_pat
 
     monkeypatch.setattr(export.shutil, "copyfile", full)
     pipe = random_quantized_pipeline()
-    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    manifest = checkpoint.describe(pipe.transformer)
     with pytest.raises(OSError) as caught:
         export.write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path / "ckpt")
     assert caught.value.filename == str(tmp_path / "ckpt") and caught.value.errno == errno.ENOSPC

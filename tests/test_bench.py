@@ -186,7 +186,7 @@ def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path
 
     qpipe = random_quantized_pipeline()
     folder = write_checkpoint(random_pipeline_dir, qpipe.transformer,
-                              checkpoint.Manifest(layers=checkpoint.describe(qpipe.transformer)), tmp_path / "q")
+                              checkpoint.describe(qpipe.transformer), tmp_path / "q")
     clip = tmp_path / "clip"
     (folder / "text_encoder").rename(clip)
     config = BenchConfig(model=str(folder), text_encoder=str(clip), formats=("scq",), isolation="none",

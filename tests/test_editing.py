@@ -161,7 +161,7 @@ def quantized(tmp_path_factory, random_pipeline_dir):
     from mgtq.testing import random_quantized_pipeline
 
     pipe = random_quantized_pipeline()
-    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    manifest = checkpoint.describe(pipe.transformer)
     folder = tmp_path_factory.mktemp("q") / "ckpt"
     return pipe, write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, folder)
 

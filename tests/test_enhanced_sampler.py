@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
-from mgtq.sampling import SamplerConfig, mask_ratio, sample
+from mgtq.sampling import SamplerConfig, SamplerHooks, mask_ratio, sample, maskgit
+from mgtq.sampling.tokens import sample_tokens, standard_normal
+from mgtq.sampling.tricks import noise as noise_module
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
 from mgtq.sampling.maskgit import momentum_coefficient
 from mgtq.sampling.tricks.differential import CLIP_FLOOR, differential_probs, num_resampled, token_kl
@@ -127,11 +129,131 @@ def test_vanilla_preset_is_the_default_sampler():
     assert SamplerConfig.preset("vanilla") == SamplerConfig()
 
 
-@pytest.mark.parametrize("name", ["noise", "differential", "zsampling_masked", "momentum2"])
-def test_each_trick_changes_something(name):
-    vanilla = _run(_config(schedule="root", rho=0.6), [1, 2, 3])
-    tricked = _run(_trick_config(name, schedule="root", rho=0.6), [1, 2, 3])
-    assert not torch.equal(vanilla.tokens, tricked.tokens)
+# --------------------------------------------- each trick changes what its equation says, in the loop
+class _Recorder(SamplerHooks):
+    """Records, per unmask step, the model's guided logits (B, N, V), the logits after noise regularization,
+    p_i (the prediction after softmax) and the distribution the step samples from (after the momentum
+    solver and differential sampling); with Z-sampling, also every model call's input and guidance scale."""
+
+    def __init__(self, monkeypatch, cfg=1.0):
+        self.raw, self.noised, self.predictions, self.sampled, self.eps, self.calls = [], [], [], [], [], []
+        model = _toy_model(guidance_scale=cfg)
+
+        def model_fn(tokens, timestep, guidance_scale=None):
+            logits = model(tokens, timestep, guidance_scale=guidance_scale)
+            self.calls.append((tokens.flatten(1).clone(), guidance_scale, logits.flatten(2).transpose(1, 2)))
+            return logits
+
+        self.model_fn = model_fn
+
+        def sampling(probs, generators):
+            self.sampled.append(probs.float().clone())
+            return sample_tokens(probs, generators)
+
+        def noise(shape, generators, device):
+            self.eps.append(standard_normal(shape, generators, device))
+            return self.eps[-1]
+
+        monkeypatch.setattr(maskgit, "sample_tokens", sampling)
+        monkeypatch.setattr(noise_module, "standard_normal", noise)
+
+    def adjust_logits(self, logits, state):
+        self.raw.append(self.calls[-1][2])
+        self.noised.append(logits.float().clone())
+        return logits
+
+    def adjust_probs(self, probs, state):
+        self.predictions.append(probs.float().clone())
+        return probs
+
+    def run(self, config, seeds=(1, 2, 3)):
+        return sample(self.model_fn, len(seeds), GRID, MASK, config, _gens(seeds), hooks=self, progress=False,
+                      return_info=True)
+
+
+def test_noise_regularization_adds_intensity_times_eps_to_the_guided_logits(monkeypatch):
+    # ℓ ← ℓ + I(t)·ε after CFG, before softmax, I(t) = α|cos πt|, t = i/(T−1), ε ~ N(0, I) per sample
+    rec = _Recorder(monkeypatch, cfg=3.0)
+    config = _trick_config("noise")
+    rec.run(config)
+    assert len(rec.eps) == len(rec.noised) == config.num_steps
+    for i, (raw, noised, eps) in enumerate(zip(rec.raw, rec.noised, rec.eps)):
+        intensity = 2.0 * abs(math.cos(math.pi * i / (config.num_steps - 1)))
+        assert intensity > 0 and eps.abs().max() > 0
+        torch.testing.assert_close(noised - raw.float(), intensity * eps)
+        torch.testing.assert_close(rec.predictions[i], noised.softmax(-1))  # nothing else touches p_i
+        torch.testing.assert_close(rec.sampled[i], rec.predictions[i])
+
+
+def test_differential_sampling_resamples_the_lowest_kl_tokens_from_the_difference(monkeypatch):
+    # d_j = KL(p_i^j ‖ p_{i−1}^j); the ⌊z·N/100⌋ tokens of lowest d_j are drawn from |p_i − p_{i−1}| normalized,
+    # the others from p_i; p_{i−1} is the previous step's prediction of the same call, none at step 0
+    rec = _Recorder(monkeypatch)
+    config = _trick_config("differential")
+    rec.run(config)
+    torch.testing.assert_close(rec.sampled[0], rec.predictions[0])
+    k = N * 75 // 100
+    for i in range(1, config.num_steps):
+        p, prev, drawn = rec.predictions[i], rec.predictions[i - 1], rec.sampled[i]
+        kl = (p * (p / prev).log()).sum(-1)  # (B, N); the toy model's probabilities are never 0
+        lowest = torch.zeros_like(kl, dtype=torch.bool).scatter_(1, kl.argsort(-1)[:, :k], True)
+        resampled = ~torch.isclose(drawn, p).all(-1)
+        assert torch.equal(resampled, lowest), f"step {i}"
+        diff = (p - prev).abs()
+        torch.testing.assert_close(drawn[lowest], (diff / diff.sum(-1, keepdim=True))[lowest])
+
+
+def test_masked_zsampling_runs_the_inversion_pass_and_remasks_its_least_confident_tokens(monkeypatch):
+    # each Z-step: z_i → z_{i+1}; one pass on z_{i+1} with the inversion CFG; z̃_i = z_{i+1} with the k decoded
+    # tokens of lowest log p_inv(x_j) re-masked (k = #masked(z_i) − #masked(z_{i+1})); z̃_i → z_{i+1} again
+    rec = _Recorder(monkeypatch, cfg=3.0)
+    config = _trick_config("zsampling_masked").with_overrides({"zsampling.inversion_cfg": -1.0})
+    result = rec.run(config)
+    z_steps = config.num_steps - 1  # every step but the last
+    assert result.nfe == len(rec.calls) == 3 * z_steps + 1
+    for s in range(z_steps):
+        (z_i, scale_i, _), (z_next, scale_inv, inv_logits), (z_back, scale_again, _) = rec.calls[3 * s: 3 * s + 3]
+        assert (scale_i, scale_inv, scale_again) == (None, -1.0, None)
+        masked_i, masked_next, masked_back = (z == MASK for z in (z_i, z_next, z_back))
+        assert torch.equal(masked_back.sum(-1), masked_i.sum(-1)) and (masked_next.sum(-1) < masked_i.sum(-1)).all()
+        confidence = inv_logits.float().log_softmax(-1).gather(-1, z_next.clamp(max=V - 1)[..., None])[..., 0]
+        confidence = confidence.masked_fill(masked_next, float("inf"))
+        for b in range(z_i.shape[0]):
+            k = int(masked_i[b].sum() - masked_next[b].sum())
+            expected = set(confidence[b].argsort()[:k].tolist())
+            assert set((masked_back[b] & ~masked_next[b]).nonzero()[:, 0].tolist()) == expected
+            assert torch.equal(z_back[b][~masked_back[b]], z_next[b][~masked_back[b]])  # nothing else changes
+
+
+def test_second_order_momentum_adds_the_difference_term_of_eq_13(monkeypatch):
+    # D = p_i + c(p_i − p_{i−1}), c = h/(2h'), h = λ(σ_{i+1}) − λ(σ_i), h' = λ(σ_i) − λ(σ_{i−1}), λ(σ) = log((1−σ)/σ),
+    # σ_j = 1 − (j/T)^ρ; D clamped at 0 and renormalized; first order (c = 0) where λ is not finite
+    rec = _Recorder(monkeypatch)
+    config = _trick_config("momentum2")
+    counts = []
+    sample(rec.model_fn, 3, GRID, MASK, config, _gens([1, 2, 3]), hooks=rec, progress=False,
+           callback=lambda step, tokens: counts.append((tokens == MASK).sum()))
+    vanilla_counts = []
+    _run(_config(schedule="root", rho=0.6), [1, 2, 3], callback=lambda step, tokens: vanilla_counts.append(
+        (tokens == MASK).sum()))
+    assert counts == vanilla_counts  # the term changes which tokens, never how many
+
+    def lam(sigma):
+        return math.log((1 - sigma) / sigma) if 0 < sigma < 1 else None
+
+    steps_with_term = 0
+    for i in range(config.num_steps):
+        p, drawn = rec.predictions[i], rec.sampled[i]
+        lams = [lam(1 - ((i + d) / config.num_steps) ** 0.6) for d in (-1, 0, 1)] if i else [None]
+        if None in lams:
+            torch.testing.assert_close(drawn, p)
+            continue
+        c = (lams[2] - lams[1]) / (2 * (lams[1] - lams[0]))
+        d = (p + c * (p - rec.predictions[i - 1])).clamp_min(0)
+        torch.testing.assert_close(drawn, d / d.sum(-1, keepdim=True))
+        assert not torch.allclose(drawn, p)
+        steps_with_term += 1
+    assert steps_with_term == config.num_steps - 3  # not at step 0, 1 (σ_{i−1} = 1) or the last (σ_{i+1} = 0)
 
 
 # ------------------------------------------------------------------------------ noise curves

@@ -28,7 +28,7 @@ def run(tmp_path, random_pipeline_dir):
 @pytest.fixture(scope="module")
 def a_checkpoint(tmp_path_factory, random_pipeline_dir):
     pipe = random_quantized_pipeline()
-    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    manifest = checkpoint.describe(pipe.transformer)
     return write_checkpoint(random_pipeline_dir, pipe.transformer, manifest, tmp_path_factory.mktemp("c") / "ckpt")
 
 
@@ -104,7 +104,7 @@ def source_copy(random_pipeline_dir, tmp_path):
 
 def _write(source, out):
     pipe = random_quantized_pipeline()
-    manifest = checkpoint.Manifest(layers=checkpoint.describe(pipe.transformer))
+    manifest = checkpoint.describe(pipe.transformer)
     return write_checkpoint(source, pipe.transformer, manifest, out)
 
 

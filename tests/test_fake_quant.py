@@ -179,14 +179,14 @@ def test_passes_validate_before_replacing(model):
 def test_load_quantized_into_meta_model(model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mgtq.quantization.checkpoint import describe, install_quantized_
+    from mgtq.quantization.checkpoint import install_quantized_, quantized_layers
 
     x = torch.randn(3, K)
     quantize_weights_(model, group_size=16, skip=["proj_out"], a8_layers={"block.2"}, input_scales={"block.2": 0.05})
     save_file(model.state_dict(), tmp_path / "q.safetensors")
     with torch.device("meta"):
         fresh = Tiny()
-    layers = describe(model)
+    layers = quantized_layers(model)
     assert {n: s.scheme for n, s in layers.items()} == {"proj_in": "w4a16", "block.0": "w4a16", "block.2": "w4a8"}
     install_quantized_(fresh, layers)
     fresh.load_state_dict(load_file(tmp_path / "q.safetensors"), assign=True)

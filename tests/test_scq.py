@@ -226,6 +226,8 @@ def test_export_is_packed_safetensors_with_manifest(exported, run):
     schemes = [v["scheme"] for v in manifest["layers"].values()]
     a8 = read_json(run[0] / "secondary" / "selection.json")["a8_layers"]
     assert schemes.count("w4a8") == len(a8) and schemes.count("w4a16") == len(schemes) - len(a8)
+    assert "group_size" not in manifest and manifest["recipe"] == load_recipe(run[0] / "recipe.yaml").to_dict()
+    assert manifest["selection"]["mode"] == "lowest" and manifest["float_dtype"] == "float32"
     assert not list(exported.rglob("*.bin")) and not list(exported.rglob("*.pt"))
     from safetensors import safe_open
 

@@ -351,3 +351,11 @@ def test_tomemgt_under_inductor_compile_gives_the_eager_tokens():
     torch._dynamo.reset()
     pipe.compile(persistent_cache=False)
     assert torch.equal(pipe(**kwargs).images, eager)
+
+
+def test_config_locality_choices_are_the_matchings_localities():
+    from typing import get_args, get_type_hints
+
+    from mgtq.merging.tome import LOCALITIES
+
+    assert get_args(get_type_hints(TomeConfig)["locality"]) == LOCALITIES

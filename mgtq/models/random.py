@@ -144,16 +144,11 @@ def random_quantized_transformer(config: dict, a8_layers: set[str], input_scales
     model = nn.Module.to(checkpoint.build_empty(config, checkpoint.Manifest(layers=layers)), float_dtype)
     for name in names:
         layer = model.get_submodule(name)
-        state = {
-            "weight_packed": _random_codes(layer.out_features, layer.in_features // 2, seed, name),
-            "weight_scale": torch.full((layer.out_features, _scale_columns(layer, name, a8_layers, group_size)),
-                                       INT4_SCALE, dtype=torch.float32),
-        }
-        if layer.bias is not None:
-            state["bias"] = torch.zeros(layer.out_features, dtype=float_dtype)
-        if name in a8_layers:
-            state["input_scale"] = torch.tensor(float(input_scales[name]), dtype=torch.float32)
-        layer.load_state_dict(state, assign=True)
+        checkpoint.assign_layer_(
+            layer, codes=_random_codes(layer.out_features, layer.in_features // 2, seed, name),
+            scales=torch.full((layer.out_features, _scale_columns(layer, name, a8_layers, group_size)), INT4_SCALE),
+            input_scale=float(input_scales[name]) if name in a8_layers else None,
+            bias=None if layer.bias is None else torch.zeros(layer.out_features, dtype=float_dtype))
     return materialize_random_(model, seed).eval().requires_grad_(False)
 
 

@@ -381,7 +381,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         """diffusers' writer; a quantized model is written in mgtq's checkpoint format (manifest, sha256)."""
         from mgtq.quantization import checkpoint
 
-        if checkpoint.describe(self):
+        if checkpoint.quantized_layers(self):
             checkpoint.save_pretrained(self, save_directory)
             return
         super().save_pretrained(save_directory, **kwargs)

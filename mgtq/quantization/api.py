@@ -1,4 +1,4 @@
-"""Passes that walk a model: quantize, prepare/convert QAT, calibrate activations, count bytes.
+"""Passes that walk a model: quantize, prepare/convert QAT, calibrate activation scales, count bytes.
 
 One entry point, torchao-style: ``quantize_(model_or_pipeline, W4A16Config() | W4A8Config() | SCQConfig(),
 overrides={"*.proj_out": None})``; `replace_linears_` is the one place a Linear becomes quantized.
@@ -13,11 +13,12 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
 
+from mgtq.config import validate
 from mgtq.utils import set_submodule
 
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
@@ -29,7 +30,7 @@ __all__ = [
     "W4A8Config",
     "SCQConfig",
     "replace_linears_",
-    "run_calibration",
+    "calibrate_on_prompts",
     "quantize_weights_",
     "prepare_qat_",
     "convert_qat_",
@@ -120,21 +121,14 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
 
 # ------------------------------------------------------------------- configs, quantize_
 
-SCALE_METHODS = ("absmax", "percentile")
-SELECTIONS = ("lowest", "random")
-
-
-def _check_group_size(where: str, group_size) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
-                                   or group_size % 2):
+def _check_group_size(where: str, group_size: int | None) -> None:
+    if group_size is not None and (group_size <= 0 or group_size % 2):
         raise ValueError(f"{where}.group_size must be None (one scale per output channel) or a positive even "
                          f"integer such as 32, 64 or 128, got {group_size!r}")
 
 
-def _check_scales(where: str, method, percentile) -> None:
-    if method not in SCALE_METHODS:
-        raise ValueError(f"{where}.scale_method must be one of {list(SCALE_METHODS)}, got {method!r}")
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+def _check_percentile(where: str, percentile: float) -> None:
+    if not 0 < percentile <= 100:
         raise ValueError(f"{where}.percentile must be a number in (0, 100], got {percentile!r}")
 
 
@@ -146,6 +140,7 @@ class W4A16Config:
     group_size: int | None = None
 
     def __post_init__(self):
+        validate(self, "W4A16Config")
         _check_group_size("W4A16Config", self.group_size)
 
 
@@ -154,11 +149,12 @@ class W4A8Config:
     """int4 per-channel weights and static int8 activations: each layer's input scale is calibrated
     (`scale_method` "absmax" or "percentile" of |x|) on calibration prompts."""
 
-    scale_method: str = "absmax"
+    scale_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
 
     def __post_init__(self):
-        _check_scales("W4A8Config", self.scale_method, self.percentile)
+        validate(self, "W4A8Config")
+        _check_percentile("W4A8Config", self.percentile)
 
 
 @dataclass(frozen=True)
@@ -168,21 +164,18 @@ class SCQConfig:
     `group_size`. For the full method (QAT on the model's own images first) use `mgtq calibrate`."""
 
     fraction: float = 1 / 3
-    selection: str = "lowest"
+    selection: Literal["lowest", "random"] = "lowest"
     group_size: int | None = None
-    scale_method: str = "absmax"
+    scale_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 <= self.fraction <= 1:
+        validate(self, "SCQConfig")
+        if not 0 <= self.fraction <= 1:
             raise ValueError(f"SCQConfig.fraction must be a number in [0, 1], got {self.fraction!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"SCQConfig.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
         _check_group_size("SCQConfig", self.group_size)
-        _check_scales("SCQConfig", self.scale_method, self.percentile)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"SCQConfig.seed must be an integer, got {self.seed!r}")
+        _check_percentile("SCQConfig", self.percentile)
 
 
 QuantConfig = W4A16Config | W4A8Config | SCQConfig
@@ -216,7 +209,7 @@ def quantize_(
             raise ValueError("W4A8 and SCQ calibrate int8 activation scales: pass calibration_prompts=[...] (with a "
                              "pipeline), activation_stats= from `with mgtq.calibrate_activations(model) as stats:`, "
                              "or input_scales=; W4A16Config needs none")
-        activation_stats = run_calibration(model, calibration_prompts, [n for n, c in plan.items() if c is not None])
+        activation_stats = calibrate_on_prompts(model, calibration_prompts, [n for n, c in plan.items() if c is not None])
     layers = _resolve(plan, activation_stats, input_scales)
     return replace_linears_(target, layers)
 
@@ -347,9 +340,10 @@ def replace_linears_(model: nn.Module, layers: Mapping[str, tuple[str, object]],
     return {name: type(module).__name__ for name, module in built.items()}
 
 
-def run_calibration(model, prompts: list[str], layer_names: Iterable[str] | None = None,
-                    batch_size: int = 8) -> dict[str, ActivationStats]:
-    """Input statistics of the transformer's Linears while `model` (a pipeline) generates `prompts` (seeds 0, 1, …)."""
+def calibrate_on_prompts(model, prompts: list[str], layer_names: Iterable[str] | None = None,
+                         batch_size: int = 8) -> dict[str, ActivationStats]:
+    """Activation-scale calibration on prompts: `calibrate_activations` while `model` (a pipeline) generates
+    `prompts` (seeds 0, 1, …); returns the input statistics of the transformer's Linears."""
     if not hasattr(model, "transformer") or not callable(model):
         raise TypeError("calibration_prompts need a pipeline (its text encoder and sampler run them); for a bare "
                         "module, pass activation_stats from `with calibrate_activations(module) as stats:`")
@@ -467,7 +461,8 @@ def calibrate_activations(
     layer_names: Iterable[str] | None = None,
     bins: int = 2048,
 ) -> Iterator[dict[str, ActivationStats]]:
-    """Record input statistics of the given Linear layers (default: all) during the ``with`` body.
+    """Activation-scale calibration: record input statistics of the given Linear layers (default: all)
+    during the ``with`` body, for the int8 input scales (:func:`input_scales_from_stats`).
 
     `model` may be a pipeline (its transformer's layers are recorded).
 

@@ -36,15 +36,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mgtq.config import from_mapping, read_data
+from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, atomic_write_text, parse_dtype, read_json, sha256_file
+from mgtq.utils import DTYPE_NAMES, FloatDtype, atomic_write_text, parse_dtype, sha256_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LayerScheme", "Manifest", "build_empty", "cast_float_", "describe",
-           "install_quantized_", "is_quantized", "load", "load_pretrained", "manifest_of", "quantization_config",
-           "read_manifest", "save", "save_pretrained"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "PROVENANCE", "LayerScheme", "Manifest", "build_empty", "cast_float_",
+           "assign_layer_", "describe", "install_quantized_", "is_quantized", "load", "load_pretrained",
+           "quantization_config", "quantized_layers", "read_manifest", "save", "save_pretrained"]
 
 FORMAT = "mgtq-quantized-transformer"
 FORMAT_VERSION = 2  # 2: sha256 of the weights file in the manifest, one safetensors metadata key
@@ -68,6 +68,7 @@ class LayerScheme:
     group_size: int | None = None
 
     def __post_init__(self):
+        validate(self, "layer")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
         if self.scheme == "w4a8" and self.group_size is not None:
@@ -77,34 +78,32 @@ class LayerScheme:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a quantized transformer folder holds (manifest.json).
+    """What a quantized transformer folder holds (manifest.json); built by `describe`.
 
     layers: {qualified Linear name: LayerScheme}; float_dtype: dtype of every float tensor except
     the scales ("float32", "bfloat16", "float16"); files: {weights file name: sha256}, filled in by
-    `save`. source_model / source_fingerprint / selection / recipe: where the weights came from
-    (free-form provenance, not needed to load).
+    `save`. source_model / source_fingerprint / selection / recipe (PROVENANCE): where the weights
+    came from (free-form, not needed to load).
     """
 
     layers: dict[str, LayerScheme] = field(default_factory=dict)
-    float_dtype: str = "float32"
+    float_dtype: FloatDtype = "float32"
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     weight_bits: int = 4
-    group_size: int | None = None
     source_model: str | None = None
     source_fingerprint: str | None = None
     selection: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None
 
     def __post_init__(self):
+        validate(self, "manifest")
         if self.format != FORMAT or self.format_version != FORMAT_VERSION:
             raise ValueError(f"format is {self.format!r} version {self.format_version!r}; this mgtq reads "
                              f"{FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
         if self.weight_bits != 4:
             raise ValueError(f"weight_bits must be 4, got {self.weight_bits}")
-        if self.float_dtype not in DTYPE_NAMES.values():
-            raise ValueError(f"float_dtype must be one of {sorted(DTYPE_NAMES.values())}, got {self.float_dtype!r}")
         if not self.layers:
             raise ValueError("layers is missing or empty: a quantized checkpoint names its quantized Linears")
 
@@ -112,12 +111,20 @@ class Manifest:
     def dtype(self) -> torch.dtype:
         return parse_dtype(self.float_dtype)
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in PROVENANCE}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def describe(model: nn.Module) -> dict[str, LayerScheme]:
-    """{name: LayerScheme} of the quantized Linears of `model` (sorted by name)."""
+# The Manifest fields that say where the weights came from (the rest is read off the model).
+PROVENANCE = ("source_model", "source_fingerprint", "selection", "recipe")
+
+
+def quantized_layers(model: nn.Module) -> dict[str, LayerScheme]:
+    """{name: LayerScheme} of the quantized Linears of `model` (sorted by name; empty for a float model)."""
     layers = {}
     for name, module in sorted(model.named_modules()):
         if isinstance(module, W4A8Linear):
@@ -126,6 +133,26 @@ def describe(model: nn.Module) -> dict[str, LayerScheme]:
             per_channel = module.group_size == module.in_features
             layers[name] = LayerScheme("w4a16", None if per_channel else module.group_size)
     return layers
+
+
+def describe(model: nn.Module, provenance: Mapping[str, Any] | None = None) -> Manifest:
+    """The Manifest of the quantized `model` as it is now: the one place a manifest is built.
+
+    Layers (`quantized_layers`) and float dtype (the model's compute dtype) are read off the model, so
+    they cannot disagree with it; `provenance` ({PROVENANCE key: value}) is given by whoever quantized
+    it (`mgtq.scq.quantize_from_run`), else kept from the manifest the model was loaded with.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized Linears; quantize it first (mgtq.quantize_)")
+    float_dtype = DTYPE_NAMES.get(getattr(model, "compute_dtype", None), "float32")
+    if provenance is None:
+        loaded = getattr(model, "mgtq_manifest", None)
+        provenance = loaded.provenance if isinstance(loaded, Manifest) else {}
+    unknown = sorted(set(provenance) - set(PROVENANCE))
+    if unknown:
+        raise ValueError(f"unknown provenance key {unknown[0]!r}; a manifest records {list(PROVENANCE)}")
+    return Manifest(layers=layers, float_dtype=float_dtype, **provenance)
 
 
 def cast_float_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -138,28 +165,6 @@ def cast_float_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for param in module.parameters(recurse=False):
             param.data = param.data.to(dtype)
     return model
-
-
-def manifest_of(model: nn.Module) -> Manifest:
-    """The Manifest that describes `model` now: the one it was loaded with (provenance kept) if its layers and
-    float dtype still match, else a new one built from the model (`describe`, its compute dtype)."""
-    layers = describe(model)
-    if not layers:
-        raise ValueError("the model has no quantized Linears; quantize it first (mgtq.quantize_)")
-    float_dtype = DTYPE_NAMES.get(model.compute_dtype) if hasattr(model, "compute_dtype") else None
-    if float_dtype is None:
-        float_dtype = "float32"
-    loaded = getattr(model, "mgtq_manifest", None)
-    if isinstance(loaded, Manifest) and loaded.layers == layers and loaded.float_dtype == float_dtype:
-        return loaded
-    facts = {} if loaded is None else {k: getattr(loaded, k) for k in ("source_model", "source_fingerprint",
-                                                                       "selection", "recipe")}
-    return Manifest(layers=layers, float_dtype=float_dtype, group_size=_common_group_size(layers), **facts)
-
-
-def _common_group_size(layers: Mapping[str, LayerScheme]) -> int | None:
-    sizes = {layer.group_size for layer in layers.values() if layer.scheme == "w4a16"}
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def quantization_config(manifest: Manifest) -> dict:
@@ -181,7 +186,7 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder} is not empty; save a quantized transformer into a new folder")
-    if describe(model) != manifest.layers:
+    if quantized_layers(model) != manifest.layers:
         raise ValueError("the manifest's layers do not match the model's quantized Linears; build the manifest "
                          "from the model (mgtq.quantization.checkpoint.describe)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -198,11 +203,11 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
 
 
 def save_pretrained(model: MeissonicTransformer, folder: str | os.PathLike) -> Manifest:
-    """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `manifest_of(model)`, atomically."""
+    """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `describe(model)`, atomically."""
     from mgtq.utils import atomic_directory
 
     with atomic_directory(folder) as tmp:
-        return save(model, manifest_of(model), tmp)
+        return save(model, describe(model), tmp)
 
 
 def _metadata_value() -> str:
@@ -221,8 +226,7 @@ def is_quantized(folder: str | os.PathLike) -> bool:
         return True
     config = folder / CONFIG
     if config.is_file():
-        data = read_json(config)  # mgtq's one JSON reader: a damaged file is an error that names it
-        quantization = data.get("quantization_config") if isinstance(data, dict) else None
+        quantization = read_mapping(config, fmt="json").get("quantization_config")
         method = quantization.get("quant_method") if isinstance(quantization, dict) else None
         if method == QUANT_METHOD:
             raise ValueError(f"{config} says the weights are mgtq-quantized but {folder / MANIFEST} is missing; "
@@ -246,7 +250,9 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
-    data = _read_json(path)
+    data = _read_checkpoint_json(path)
+    # Each layer records its group size; manifests written before that also had a summary key.
+    data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
                          f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
@@ -261,7 +267,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
-    data = _read_json(path)
+    data = _read_checkpoint_json(path)
     config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
     method = (data.get("quantization_config") or {}).get("quant_method", QUANT_METHOD)
     if method != QUANT_METHOD:
@@ -274,14 +280,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def _read_json(path: Path) -> dict:
+def _read_checkpoint_json(path: Path) -> dict:
+    """`read_mapping` of a checkpoint's JSON file, its errors saying how to get a sound one."""
     try:
-        data = read_data(path, fmt="json")
+        return read_mapping(path, fmt="json")
     except ValueError as err:
         raise ValueError(f"{err}; {REEXPORT}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}; {REEXPORT}")
-    return data
 
 
 def build_empty(config: Mapping, manifest: Manifest) -> MeissonicTransformer:
@@ -311,6 +315,31 @@ def install_quantized_(model: nn.Module, layers: Mapping[str, LayerScheme]) -> n
     except ValueError as err:
         raise ValueError(f"{err}; {REEXPORT}") from None
     return model
+
+
+def assign_layer_(layer: QuantizedLinear, codes: torch.Tensor, scales: torch.Tensor,
+                  input_scale: torch.Tensor | float | None = None, bias: torch.Tensor | None = None) -> QuantizedLinear:
+    """Give a quantized module of `build_empty` (meta tensors) its values, under the keys `load` reads.
+
+    codes (out, in/2) uint8, two int4 codes per byte; scales (out, groups) weight scales; input_scale
+    the static int8 step of a w4a8 layer (None for w4a16); bias in the float dtype, if the layer has
+    one. A missing, extra or misshapen tensor is a ValueError.
+    """
+    if codes.dtype != _OWN_DTYPE["weight_packed"]:
+        raise ValueError(f"codes must be {_OWN_DTYPE['weight_packed']} (two int4 codes per byte), got {codes.dtype}")
+    state = {"weight_packed": codes, "weight_scale": scales.to(_OWN_DTYPE["weight_scale"])}
+    if input_scale is not None:
+        state["input_scale"] = torch.as_tensor(input_scale, dtype=_OWN_DTYPE["input_scale"])
+    if bias is not None:
+        state["bias"] = bias
+    needed = set(layer.state_dict())
+    if set(state) != needed:
+        raise ValueError(f"a {type(layer).__name__} takes {sorted(needed)}, got {sorted(state)}")
+    for key, t in layer.state_dict().items():
+        if tuple(state[key].shape) != tuple(t.shape):
+            raise ValueError(f"{key} of a {type(layer).__name__} is {tuple(t.shape)}, got {tuple(state[key].shape)}")
+    layer.load_state_dict(state, assign=True)
+    return layer
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> MeissonicTransformer:
@@ -348,7 +377,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     if dtype is not None:
         cast_float_(model, parse_dtype(dtype))
     model.token_merging = None
-    model.mgtq_manifest = manifest  # so save_pretrained writes the same manifest back (mgtq.quantization.checkpoint.manifest_of)
+    model.mgtq_manifest = manifest  # so save_pretrained keeps its provenance (describe)
     return model.eval().requires_grad_(False)
 
 

@@ -10,11 +10,10 @@ out changes nothing. --steps / --cfg stay with the commands (the pipeline applie
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mgtq import argtypes
-from mgtq.config import read_data
+from mgtq.config import read_mapping
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
@@ -46,11 +45,7 @@ def parse_steps(spec: str) -> tuple[int, ...] | str:
 
 def load_sampler_file(path: str | Path) -> dict:
     """A JSON or YAML mapping of SamplerConfig fields (e.g. one point of a benchmark sweep)."""
-    path = Path(path)
-    data = read_data(path, f"sampler config file {str(path)!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of sampler settings, got {type(data).__name__}")
-    return data
+    return read_mapping(path, f"sampler config file {str(path)!r}")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -20,13 +20,11 @@ sampler, token for token.
 
 from __future__ import annotations
 
-import functools
-import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mgtq.config import check_value, from_mapping
+from mgtq.config import from_mapping, validate
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE, MAX_STEPS
 from mgtq.sampling.presets import PRESET_NAMES, preset_fields
 from mgtq.sampling.schedules import Schedule, TimestepConvention
@@ -36,24 +34,6 @@ from mgtq.sampling.tricks.noise import NoiseCurve
 from mgtq.sampling.tricks.zsampling import Remask, ZSamplingVariant
 
 __all__ = ["SamplerConfig", "NoiseConfig", "DifferentialConfig", "ZSamplingConfig", "MomentumConfig", "PRESET_NAMES"]
-
-
-@functools.cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _check_fields(config, where: str) -> None:
-    """Check (and normalize) every plain field of a frozen config against its annotation.
-
-    Sections (nested dataclasses) are left to the owner's __post_init__, which builds them with
-    from_mapping. Messages name the dotted key: "noise.scale must be a finite number, got nan".
-    """
-    hints = _hints(type(config))
-    for f in fields(config):
-        if not is_dataclass(hints[f.name]):
-            name = f"{where}.{f.name}" if where else f.name
-            object.__setattr__(config, f.name, check_value(getattr(config, f.name), hints[f.name], name))
 
 
 @dataclass(frozen=True)
@@ -68,7 +48,7 @@ class NoiseConfig:
     knots: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self):
-        _check_fields(self, "noise")
+        validate(self, "noise")
         if not 0 <= self.scale <= MAX_NOISE_SCALE:
             raise ValueError(f"noise.scale must be in [0, {MAX_NOISE_SCALE:g}] (mgtq.limits), got {self.scale}")
         if self.curve == "piecewise" and len(self.knots) < 2:
@@ -91,7 +71,7 @@ class DifferentialConfig:
     resample: Resample = "abs"
 
     def __post_init__(self):
-        _check_fields(self, "differential")
+        validate(self, "differential")
         if not 0 <= self.percent <= 100:
             raise ValueError(f"differential.percent must be in [0, 100], got {self.percent}")
 
@@ -117,7 +97,7 @@ class ZSamplingConfig:
     remask: Remask = "paper"
 
     def __post_init__(self):
-        _check_fields(self, "zsampling")
+        validate(self, "zsampling")
         if abs(self.inversion_cfg) > MAX_GUIDANCE:
             raise ValueError(f"zsampling.inversion_cfg must be in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (mgtq.limits), "
                              f"got {self.inversion_cfg}")
@@ -141,7 +121,7 @@ class MomentumConfig:
     order: int = 0
 
     def __post_init__(self):
-        _check_fields(self, "momentum")
+        validate(self, "momentum")
         if self.order not in MOMENTUM_ORDERS:
             raise ValueError(f"momentum.order must be one of {MOMENTUM_ORDERS}, got {self.order!r}")
 
@@ -174,7 +154,7 @@ class SamplerConfig:
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def __post_init__(self):
-        _check_fields(self, "")
+        validate(self)
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps}")
         if self.num_steps > MAX_STEPS:
@@ -188,8 +168,6 @@ class SamplerConfig:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         if min(self.gumbel_temperature) < 0:
             raise ValueError(f"gumbel_temperature must be two non-negative numbers, got {self.gumbel_temperature!r}")
-        for name, cls in _SECTIONS.items():
-            object.__setattr__(self, name, from_mapping(cls, getattr(self, name), name))
         late = [s for s in (self.zsampling.steps or ()) if s >= self.num_steps]
         if late:
             raise ValueError(f"zsampling.steps {late} are beyond the last step {self.num_steps - 1} of num_steps "

@@ -11,9 +11,9 @@ them; this module imports nothing from the sampler, so the two cannot form an im
     sampling z = 75 %, masked Z-sampling with inversion CFG 0 at every step but the last
     (NFE = 3T − 2). The official demo differs: 64 steps, noise ×2, and its own re-mask and
     resample rules (zsampling.remask / differential.resample = "official" / "clipped").
-- "paper-combo-root": paper-combo on the 1 − t^0.6 schedule (Table 2's best schedule). The paper's
-    combination tables do not use this schedule; it is kept because mgtq's first "enhanced" preset
-    was exactly this.
+- "paper-combo-root": paper-combo on the 1 − t^0.6 schedule (Table 2's best schedule alone), which
+    the paper's combination tables do not use: it shows whether the best schedule and the best tricks
+    add up (benchmarks/ablations_sampler.py runs both).
 The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
 the combination.
 """

@@ -1,4 +1,4 @@
-"""A finished calibration run → the real W4 / W4A8 transformer and its manifest (what `mgtq export` saves)."""
+"""A finished calibration run → the real W4 / W4A8 transformer and its provenance (what `mgtq export` saves)."""
 
 from __future__ import annotations
 
@@ -12,31 +12,24 @@ from mgtq.utils import model_fingerprint, parse_dtype, read_json
 
 
 def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
-    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, and its manifest."""
+    """The real W4/W4A8 transformer of a finished `mgtq calibrate` run, its float parts in the recipe's
+    export dtype, and its provenance ({`checkpoint.PROVENANCE` key: value}: source model and fingerprint,
+    A8 selection, recipe) for `checkpoint.describe`, which reads everything else off the model."""
     folder = RunFolder(run)
     model_dir = check_run_current(folder.root)
     recipe = folder.recipe()
     selection = read_json(folder.selection_file)
-    a8 = selection["a8_layers"]
     model = MeissonicTransformer.from_pretrained(folder.qat_weights, local_files_only=True, use_safetensors=True)
     model = model.float().eval()
-    prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=a8,
+    prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=selection["a8_layers"],
                  input_scales=selection["input_scales"])
-    converted = convert_qat_(model)
+    convert_qat_(model)
     checkpoint.cast_float_(model, parse_dtype(recipe.export.dtype))
-    manifest = {
-        "format": checkpoint.FORMAT,
-        "format_version": checkpoint.FORMAT_VERSION,
-        "weight_bits": 4,
-        "group_size": recipe.qat.group_size,
-        "float_dtype": recipe.export.dtype,
-        "layers": {name: {"scheme": "w4a8" if kind == "W4A8Linear" else "w4a16",
-                          "group_size": model.get_submodule(name).group_size}
-                   for name, kind in sorted(converted.items())},
+    provenance = {
         "source_model": str(model_dir),
         "source_fingerprint": model_fingerprint(model_dir),
         "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
                       "statistic": selection["magnitude_statistic"]},
         "recipe": recipe.to_dict(),
     }
-    return model, manifest
+    return model, provenance

@@ -13,7 +13,6 @@ An unknown or misspelled key anywhere is an error that names it and lists the kn
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import typing
@@ -23,21 +22,9 @@ from typing import Literal
 
 import yaml
 
-from mgtq.config import check_value, from_mapping, read_data
+from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
-from mgtq.utils import DTYPE_NAMES
-
-FloatDtype = Literal["float32", "bfloat16", "float16"]
-assert set(typing.get_args(FloatDtype)) == set(DTYPE_NAMES.values())
-
-
-def _validated(section, where: str) -> None:
-    """Check every field of `section` against its annotation (so a dataclass built in Python is held to
-    the same rules as one read from YAML), normalizing in place (lists → tuples, ints → floats)."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = check_value(getattr(section, f.name), hints[f.name], f"{where}.{f.name}")
-        object.__setattr__(section, f.name, value)
+from mgtq.utils import FloatDtype
 
 
 def _at_most(section, where: str, maximum: int | float, *names: str) -> None:
@@ -67,7 +54,7 @@ class PromptsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _validated(self, "prompts")
+        validate(self, "prompts")
         if self.source == "file" and not self.file:
             raise ValueError("prompts.source is 'file' but prompts.file is not set")
         _at_least(self, "prompts", 1, "count")
@@ -85,16 +72,13 @@ class SynthesisConfig:
     resolution: int | None = None  # None = the model's default
 
     def __post_init__(self):
-        _validated(self, "synthesis")
+        validate(self, "synthesis")
         _at_least(self, "synthesis", 1, "num_steps", "batch_size", "resolution")
         _at_least(self, "synthesis", 0, "guidance_scale")
         _at_most(self, "synthesis", MAX_STEPS, "num_steps")
         _at_most(self, "synthesis", MAX_RESOLUTION, "resolution")
         _at_most(self, "synthesis", MAX_GUIDANCE, "guidance_scale")
         _at_most(self, "synthesis", MAX_IMAGES, "batch_size")
-
-
-QAT_OBJECTIVES = ("ce", "distill", "ce+distill")
 
 
 @dataclass(frozen=True)
@@ -134,7 +118,7 @@ class QATConfig:
     activations_in_loop: bool = False
 
     def __post_init__(self):
-        _validated(self, "qat")
+        validate(self, "qat")
         if self.weight_bits != 4:
             raise ValueError(f"qat.weight_bits must be 4 (mgtq exports int4 weights), got {self.weight_bits}")
         _at_least(self, "qat", 0, "steps", "weight_decay", "seed")
@@ -167,7 +151,7 @@ class MagnitudeConfig:
     max_samples: int | None = None
 
     def __post_init__(self):
-        _validated(self, "magnitudes")
+        validate(self, "magnitudes")
         if not self.mask_ratios or not all(0 < r <= 1 for r in self.mask_ratios):
             raise ValueError(f"magnitudes.mask_ratios must be values in (0, 1], got {list(self.mask_ratios)}")
         if not 0 < self.percentile <= 100:
@@ -194,7 +178,7 @@ class SecondaryConfig:
     sensitivity_samples: int = 16
 
     def __post_init__(self):
-        _validated(self, "secondary")
+        validate(self, "secondary")
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"secondary.fraction must be in [0, 1], got {self.fraction}")
         if not 0 < self.percentile <= 100:
@@ -210,7 +194,7 @@ class ExportConfig:
     dtype: FloatDtype = "bfloat16"
 
     def __post_init__(self):
-        _validated(self, "export")
+        validate(self, "export")
 
 
 @dataclass(frozen=True)
@@ -225,9 +209,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = check_value(getattr(self, f.name), typing.get_type_hints(Recipe)[f.name], f.name)
-            object.__setattr__(self, f.name, value)
+        validate(self)
         if not self.model:
             raise ValueError("model must name a pipeline folder or be 'default'")
 
@@ -237,11 +219,10 @@ class Recipe:
     def section_fingerprint(self, *names: str) -> str:
         """Hash of the named sections (stage outputs are reused only while these are unchanged).
 
-        Fields added after the first run format count only when set away from their default, so a run
-        made before they existed stays complete under the recipe that leaves them at the default.
+        The fields of _OPTIONAL_FIELDS count only when set away from their default.
         """
         data = {n: self.to_dict()[n] for n in names}
-        for (section, key), default in _ADDED_FIELDS.items():
+        for (section, key), default in _OPTIONAL_FIELDS.items():
             if section in data and data[section].get(key) == default:
                 del data[section][key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -257,8 +238,9 @@ def _diff(a, b, where: str) -> list[str]:
     return [] if a == b else [where]
 
 
-# (section, field) → default, for fields that came after the first run format (see section_fingerprint).
-_ADDED_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16}
+# (section, field) → the default at which the field changes nothing a recipe without it computes. Left out
+# of the fingerprint there, so a run folder whose recipe.yaml lacks the field stays complete.
+_OPTIONAL_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16}
 
 _SECTIONS = ("prompts", "synthesis", "qat", "magnitudes", "secondary", "export")
 
@@ -274,14 +256,11 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for examples")
-    data = read_data(path, f"recipe {path}", fmt="yaml")
-    if data is None:
+    data = read_mapping(path, f"recipe {path}", fmt="yaml")
+    if not data:
         # An empty file would silently run dataclass defaults that differ from every shipped recipe.
         raise ValueError(f"recipe {path} is empty; start from recipes/tiny-shapes-w4a8-scq.yaml (or pass no "
                          "--recipe to use it)")
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a mapping of sections (model, prompts, qat, …), "
-                         f"got {type(data).__name__}")
     try:
         return recipe_from_dict(data)
     except ValueError as err:

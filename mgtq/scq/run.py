@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mgtq.config import read_data
+from mgtq.config import read_mapping
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
 from mgtq.utils import (atomic_directory, atomic_write_text, files_fingerprint, read_json, recover_atomic_target,
                         write_json)
@@ -114,7 +114,7 @@ class RunFolder:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} has no {self.RECIPE}; it is not a calibration run")
         try:
-            return recipe_from_dict(read_data(path, fmt="yaml") or {})
+            return recipe_from_dict(read_mapping(path, fmt="yaml"))
         except ValueError as err:
             raise ValueError(f"{path} cannot be read ({str(err)[:200]}); rerun `mgtq calibrate` with "
                              "--restart and the recipe you want") from None

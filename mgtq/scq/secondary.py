@@ -77,8 +77,9 @@ def measure_a8_sensitivity(model: torch.nn.Module, names: list[str], data: Calib
 def calibrate_input_scales_(model: MeissonicTransformer, a8: list[str], data: CalibrationData, cfg: SecondaryConfig,
                             magnitude_cfg: MagnitudeConfig, sampler: SamplerConfig, progress: bool = True,
                             desc: str = "secondary") -> dict[str, float]:
-    """Switch the A8 layers of fake-quant `model` to per-channel weights (so the calibration sees the
-    exported weights), calibrate and set their static input scales; returns {layer: scale}."""
+    """Activation-scale calibration of SCQ's A8 layers: switch them to per-channel weights in fake-quant
+    `model` (so the calibration sees the exported weights), calibrate and set their static int8 input
+    scales; returns {layer: scale}."""
     for name in a8:
         use_per_channel_weights_(model, name)
     if not a8:

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mgtq.config import validate
+
 from .world import BACKGROUND, COLOURS, IMAGE_SIZE, PALETTE, SHAPES, Spec, parse_prompt
 
 
@@ -49,6 +51,7 @@ class ScorerConfig:
     allow_extra_objects: bool = False
 
     def __post_init__(self) -> None:
+        validate(self, "scorer")
         if not 0 < self.colour_threshold < 255 * 3**0.5:
             raise ValueError(f"colour_threshold must be in (0, 441), got {self.colour_threshold}")
         if self.min_area < 1:

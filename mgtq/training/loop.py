@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mgtq.config import validate
 from mgtq.training.state import load_training_state, save_training_state
 from mgtq.utils import atomic_directory, read_json, recover_atomic_target, write_json
 
@@ -43,6 +44,11 @@ class LoopSettings:
     save_final: bool = False
     desc: str = "training"
     nan_hint: str = "lower the learning rate and run again to resume"
+
+    def __post_init__(self):
+        validate(self, "loop")
+        if self.steps < 0 or self.save_every < 1 or self.accumulation < 1:
+            raise ValueError(f"loop settings need steps ≥ 0, save_every ≥ 1 and accumulation ≥ 1, got {self}")
 
 
 def resume(accelerator, state_dir: Path, model, optimizer, scheduler=None,

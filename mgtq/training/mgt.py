@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from mgtq.models.transformer import MeissonicTransformer
 from mgtq.pipeline import MGTPipeline, PipelineSettings
 from mgtq.sampling import SamplerConfig
 from mgtq.text import build_word_tokenizer
-from mgtq.config import from_mapping
+from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_token_loss
 from mgtq.utils import atomic_directory, micro_conditions, read_json, write_json
@@ -44,7 +45,7 @@ class MGTTrainConfig:
     """Training settings of the default model. Transformer overrides go on top of the preset."""
 
     transformer_preset: str = "tiny-shapes"
-    transformer_overrides: dict = field(default_factory=dict)
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
     text_layers: int = 2
     text_heads: int = 4
     text_max_length: int = 32
@@ -65,9 +66,10 @@ class MGTTrainConfig:
     # Relative frequency of each scene category in the training data (None: uniform, as the world
     # draws it). Lets a stage spend its steps on what the model still gets wrong (attribute binding
     # and relations) instead of what it already draws.
-    category_weights: dict | None = None
+    category_weights: dict[str, float] | None = None
 
     def __post_init__(self):
+        validate(self)
         for name in ("steps", "batch_size", "dataset_size", "save_every", "text_layers", "text_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fields = read_json(args.config) if args.config else {}
+    fields = read_mapping(args.config, f"--config {args.config}", fmt="json") if args.config else {}
     print(json.dumps(train_mgt(args.vq, args.run, args.out, from_mapping(MGTTrainConfig, fields, "config")), indent=2))
     return 0
 

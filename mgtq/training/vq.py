@@ -30,11 +30,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import validate
 from ..shapes.world import render, sample_scene
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
 from .state import load_training_state, save_training_state
@@ -61,13 +63,12 @@ class VQTrainConfig:
     checkpoint_every: int = 200
     log_every: int = 25
     eval_every: int = 0  # 0: only at the end; evaluation = ShapeBench round-trip scorer accuracy
-    mixed_precision: str = "no"  # "no" or "bf16" (accelerate; bf16 works on CPU)
+    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's; bf16 works on CPU
     num_threads: int | None = 1  # torch CPU threads; None leaves torch's default
     model: VQConfig = field(default_factory=VQConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            object.__setattr__(self, "model", VQConfig(**self.model))
+        validate(self)
         positive = ("steps", "batch_size", "checkpoint_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -78,8 +79,6 @@ class VQTrainConfig:
             raise ValueError("warmup_steps, dead_code_every and eval_every must be ≥ 0")
         if not 0 < self.min_lr_ratio <= 1 or not 0 <= self.dead_code_until <= 1:
             raise ValueError("min_lr_ratio must be in (0, 1] and dead_code_until in [0, 1]")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be ≥ 1 or None, got {self.num_threads}")
         if self.seed < 0:

@@ -30,7 +30,7 @@ def qpipe():
 
 
 def _write(qpipe, source, out):
-    manifest = ckpt.Manifest(layers=ckpt.describe(qpipe.transformer), source_model="random")
+    manifest = ckpt.describe(qpipe.transformer, {"source_model": "random"})
     return write_checkpoint(source, qpipe.transformer, manifest, out)
 
 
@@ -44,7 +44,7 @@ def test_round_trip_generates_the_same_tokens(qpipe, exported):
     loaded = mgtq.load(exported)
     kinds = {type(m) for m in loaded.transformer.modules()}
     assert W4A8Linear in kinds and W4Linear in kinds and torch.nn.Linear not in kinds
-    assert ckpt.describe(loaded.transformer) == ckpt.describe(qpipe.transformer)
+    assert ckpt.quantized_layers(loaded.transformer) == ckpt.quantized_layers(qpipe.transformer)
     kwargs = dict(prompt="a red circle", seed=3, num_inference_steps=2, progress=False, output_type="tokens")
     assert torch.equal(qpipe(**kwargs).tokens, loaded(**kwargs).tokens)
 
@@ -84,10 +84,55 @@ def test_manifest_records_sha256_and_round_trips(exported):
 
 
 def test_save_refuses_a_manifest_that_does_not_match_the_model(qpipe, tmp_path):
-    layers = dict(ckpt.describe(qpipe.transformer))
+    layers = ckpt.quantized_layers(qpipe.transformer)
     layers.pop(next(iter(layers)))
     with pytest.raises(ValueError, match="do not match"):
         ckpt.save(qpipe.transformer, ckpt.Manifest(layers=layers), tmp_path / "t")
+
+
+def test_describe_reads_the_manifest_off_the_model_and_keeps_the_loaded_provenance(qpipe, exported):
+    manifest = ckpt.describe(qpipe.transformer, {"source_model": "random", "recipe": {"qat": {"steps": 4}}})
+    assert manifest.layers == ckpt.quantized_layers(qpipe.transformer) and manifest.float_dtype == "float32"
+    assert manifest.provenance == {"source_model": "random", "source_fingerprint": None, "selection": None,
+                                   "recipe": {"qat": {"steps": 4}}}
+    assert "group_size" not in manifest.to_dict()  # each layer has its own
+    loaded = mgtq.load(exported, torch_dtype=torch.bfloat16).transformer
+    again = ckpt.describe(loaded)  # no provenance given: the one it was loaded with
+    assert again.provenance["source_model"] == "random" and again.float_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown provenance key 'group_size'"):
+        ckpt.describe(qpipe.transformer, {"group_size": 64})
+    with pytest.raises(ValueError, match="no quantized Linears"):
+        ckpt.describe(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_assign_layer_fills_an_empty_quantized_module_and_refuses_what_it_cannot_hold(qpipe):
+    from mgtq.models.transformer import plain_config
+
+    layers = ckpt.quantized_layers(qpipe.transformer)
+    a8 = next(n for n, layer in layers.items() if layer.scheme == "w4a8")
+    source = qpipe.transformer.get_submodule(a8)
+    empty = ckpt.build_empty(plain_config(qpipe.transformer.config), ckpt.describe(qpipe.transformer)).get_submodule(a8)
+    assert empty.weight_packed.is_meta
+    bias = None if source.bias is None else source.bias.detach().clone()
+    args = dict(codes=source.weight_packed.clone(), scales=source.weight_scale.clone(), bias=bias)
+    with pytest.raises(ValueError, match="takes .*'input_scale'"):
+        ckpt.assign_layer_(empty, **args)  # a w4a8 layer needs its input scale
+    with pytest.raises(ValueError, match="codes must be torch.uint8"):
+        ckpt.assign_layer_(empty, **{**args, "codes": source.weight_packed.to(torch.int16)}, input_scale=0.05)
+    with pytest.raises(ValueError, match="weight_scale of a W4A8Linear is"):
+        ckpt.assign_layer_(empty, **{**args, "scales": source.weight_scale[:1]}, input_scale=0.05)
+    ckpt.assign_layer_(empty, **args, input_scale=source.input_scale.clone())
+    x = torch.randn(3, source.in_features)
+    assert torch.equal(empty(x), source(x))
+
+
+def test_a_manifest_with_the_older_top_level_group_size_still_loads(qpipe, exported, tmp_path):
+    copy = shutil.copytree(exported, tmp_path / "older")
+    data = _manifest(copy)
+    _set_manifest(copy, {**data, "group_size": None})
+    assert ckpt.read_manifest(copy / "transformer") == ckpt.read_manifest(exported / "transformer")
+    kwargs = dict(prompt="a red circle", seed=1, num_inference_steps=2, progress=False, output_type="tokens")
+    assert torch.equal(mgtq.load(copy)(**kwargs).tokens, qpipe(**kwargs).tokens)
 
 
 def test_float_folder_is_not_quantized(random_pipeline_dir):
@@ -176,7 +221,7 @@ BAD = {
     # name: (damage, error type, the key the message must name)
     "manifest deleted": (lambda f: (f / "transformer" / "manifest.json").unlink(), ValueError, "manifest.json"),
     "manifest a JSON list": (lambda f: (f / "transformer" / "manifest.json").write_text("[1, 2]"), ValueError,
-                             r"manifest.json must hold a JSON object"),
+                             r"manifest.json must hold a mapping"),
     "manifest truncated": (lambda f: (f / "transformer" / "manifest.json").write_text('{"layers": {'), ValueError,
                            r"manifest.json is not valid JSON"),
     "manifest without layers": (_edit_manifest(lambda d: d.pop("layers")), ValueError, "layers is missing"),

@@ -112,7 +112,7 @@ def test_save_pretrained_writes_the_bytes_export_writes(random_pipeline, random_
     pipe.transformer = copy.deepcopy(random_pipeline.transformer)
     quantize_(pipe, W4A16Config(group_size=16))
     pipe.save_pretrained(tmp_path / "saved", progress=False)
-    write_checkpoint(random_pipeline_dir, pipe.transformer, checkpoint.manifest_of(pipe.transformer),
+    write_checkpoint(random_pipeline_dir, pipe.transformer, checkpoint.describe(pipe.transformer),
                      tmp_path / "exported")
     for name in ("config.json", "manifest.json", "diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "saved/transformer" / name).read_bytes() == (tmp_path / "exported/transformer" / name).read_bytes()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mgtq.quantization import FakeQuantLinear, linear_names
-from mgtq.quantization.checkpoint import describe
+from mgtq.quantization.checkpoint import quantized_layers
 from mgtq.scq import qat, secondary
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.quantize import quantize_from_run
@@ -33,7 +33,7 @@ def _data(transformer, n=4) -> CalibrationData:
                            micro_conds=torch.tensor([[64.0, 64, 0, 0, 6]]))
 
 
-def test_runs_made_before_the_new_fields_keep_their_fingerprints():
+def test_optional_fields_at_their_default_keep_the_fingerprints_of_recipes_without_them():
     # Values computed by the code before qat.activations_in_loop / secondary.sensitivity_samples existed:
     # a run folder calibrated then stays complete under the same recipe.
     shipped = load_recipe(__import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
@@ -103,7 +103,7 @@ def test_groupwise_run_with_a8_in_the_loop_exports_the_grids_qat_trained(tmp_pat
     assert set(plan["input_scales"]) == set(plan["a8_layers"])  # calibrated before QAT, for the loop
     assert run.stage_summary("qat")["activations_in_loop"] is True
     model, _ = quantize_from_run(run.root)
-    layers = describe(model)
+    layers = quantized_layers(model)
     for name, layer in layers.items():
         if name in plan["a8_layers"]:
             assert (layer.scheme, layer.group_size) == ("w4a8", None)
@@ -120,6 +120,6 @@ def test_sensitivity_after_qat_when_qat_does_not_need_the_a8_set(tmp_path, rando
     chosen = read_json(run.selection_file)
     assert not run.a8_plan_file.exists() and "chosen_before_qat" not in chosen
     assert chosen["a8_layers"] == secondary.select_a8_layers(chosen["sensitivity"], 1 / 3, "sensitivity")
-    layers = describe(quantize_from_run(run.root)[0])
+    layers = quantized_layers(quantize_from_run(run.root)[0])
     assert {n for n, layer in layers.items() if layer.scheme == "w4a8"} == set(chosen["a8_layers"])
     assert all(layer.group_size is None for layer in layers.values())

@@ -62,7 +62,7 @@ def test_recipe_files(tmp_path):
         load_recipe(latin1)
     listed = tmp_path / "list.yaml"
     listed.write_text("- qat\n")
-    with pytest.raises(ValueError, match="must be a mapping of sections"):
+    with pytest.raises(ValueError, match=f"recipe {listed} must hold a mapping"):
         load_recipe(listed)
     typo = tmp_path / "typo.yaml"
     typo.write_text("qat:\n  steps: many\n")
