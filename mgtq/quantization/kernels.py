@@ -12,7 +12,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
-| cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
+| cpu    | W4A8   | opt-in oneDNN weight cache, compiling          | onednn_inline    |
+| cpu    | W4A8   | opt-in oneDNN weight cache                     | onednn           |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -41,6 +42,10 @@ Kernels:
   the opt-in :func:`prepare_tinygemm`;
 * ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
   weight, rescale / bias / cast fused;
+* ``onednn_inline``: the same GEMM op under ``torch.compile``, with the
+  activation quantization as plain torch ops for Inductor to fuse into its
+  producer (the GEMM is a custom op, so the opaque prepacked weight enters
+  the graph as an argument; no ``freezing`` needed);
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -116,8 +121,8 @@ __all__ = [
     "TINYGEMM_GROUP_SIZES",
 ]
 
-KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "int8pack_exact", "int_mm_chunked",
-           "int_mm_chunked_inline", "int_mm")
+KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "onednn_inline", "int8pack_exact",
+           "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
@@ -237,8 +242,8 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "int8pack"
         return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
     if scheme == "w4a8":
-        if ctx.device == "cpu" and ctx.cache and not ctx.compiling:
-            return "onednn"
+        if ctx.device == "cpu" and ctx.cache:
+            return "onednn_inline" if ctx.compiling else "onednn"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
@@ -415,6 +420,20 @@ def _(x, weight, scales):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("mgtq::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear_op(x_q: torch.Tensor, input_scale: torch.Tensor, prepacked: torch.Tensor,
+                          weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`.qtensor.onednn_int8_linear` as one op: Inductor lowers a bare ``qlinear_pointwise`` only
+    when its prepacked weight is a frozen constant (``freezing``); an opaque op takes it as an argument."""
+    return onednn_int8_linear(x_q, input_scale, prepacked, weight_scale, bias, out_dtype)
+
+
+@onednn_int8_linear_op.register_fake
+def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], weight_scale.shape[0]), dtype=out_dtype)
+
+
 # ------------------------------------------------------------------------------ the two layers
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -461,7 +480,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    if kernel == "int_mm_chunked_inline":
+    if kernel in ("int_mm_chunked_inline", "onednn_inline"):
         # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
         x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
     else:
@@ -476,8 +495,8 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
-    elif kernel == "onednn":
-        y = onednn_int8_linear(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
+    elif kernel in ("onednn", "onednn_inline"):
+        y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
     else:
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
                                      weight_x16)

@@ -271,9 +271,9 @@ class W4A8Linear(QuantizedLinear):
     Opt-in :meth:`enable_weight_cache` trades memory for speed by keeping an
     int8 copy of the weight (+1 byte per weight, i.e. 3x the int4 bytes in
     total; still below bf16): on CPU with oneDNN, prepacked for oneDNN's int8
-    linear, which fuses the rescale/bias/cast epilogue (eager only: an opaque
-    oneDNN tensor cannot enter a compiled graph, so compiled code takes the
-    int4 path); elsewhere as the plain unpacked int8 operand.  The cache is
+    linear, which fuses the rescale/bias/cast epilogue (eager and compiled: the
+    opaque oneDNN tensor enters a compiled graph as an argument of one custom
+    op); elsewhere as the plain unpacked int8 operand.  The cache is
     never saved, is dropped on deepcopy/pickle and when the module leaves the CPU.
     """
 

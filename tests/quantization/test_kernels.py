@@ -30,7 +30,8 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
     ("w4a8", ctx(m=2), "int_mm"),
     ("w4a8", ctx(m=2202), "int_mm_chunked"),
     ("w4a8", ctx(m=2202, cache=True), "onednn"),
-    ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked_inline"),
+    ("w4a8", ctx(m=2202, cache=True, compiling=True), "onednn_inline"),
+    ("w4a8", ctx(m=2, cache=True, compiling=True), "onednn_inline"),
     ("w4a8", ctx(m=2202, compiling=True), "int_mm_chunked_inline"),
     ("w4a8", ctx(m=2, compiling=True), "int_mm"),
     ("w4a16", ctx(m=2202, compiling=True), "dequant_inline"),
@@ -256,3 +257,51 @@ def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
             fn = lambda t: module(torch.relu(t) * 2)  # noqa: E731
             compiled = torch.compile(fn, fullgraph=True)(x)
             torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(layers, dtype):
+    # The prepacked oneDNN weight enters the compiled graph through one custom op (no graph break, no
+    # freezing); activation quantization stays plain torch for Inductor to fuse.
+    linear, _, a8 = layers
+    plain = W4A8Linear.from_float(linear, 0.02)
+    a8.enable_weight_cache("onednn")
+    x = torch.randn(2, 40, K, dtype=dtype) * 3
+    fn = lambda t: a8(torch.relu(t) * 2)  # noqa: E731  (rounds alike compiled and eager)
+    with torch.no_grad():
+        targets, _ = _dynamo_graph_targets(fn, x)
+        assert any("onednn_int8_linear" in t for t in targets), targets
+        assert not any("quantize_int8_rows" in t or "int8_int4_linear_chunked" in t for t in targets), targets
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)(x)
+        eager = fn(x)
+        uncached = plain(torch.relu(x) * 2)
+    # Same int8 codes and the same oneDNN GEMM + epilogue: bit for bit.
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # Against today's int4 path (int32 GEMM, fp32 rescale): the integer sums are exact, only the order of
+    # the fp32 rescale may differ: one fp32 rounding (fp32), one bf16 rounding of the output (bf16).
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(compiled, uncached, rtol=tol, atol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(a8(x[0]), _w4a8_reference(linear, x[0]).to(dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+def test_compiled_onednn_layers_share_one_graph():
+    # Regional compilation compiles a block once for all blocks: the per-layer prepacked weights must be
+    # graph inputs, not constants that Dynamo guards on (which would recompile for every layer).
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    mods = [W4A8Linear.from_float(nn.Linear(K, N), 0.02) for _ in range(3)]
+    x = torch.randn(8, K)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for m in mods:
+            m.enable_weight_cache("onednn")
+            eager = m(x)
+            m.compile(fullgraph=True)
+            torch.testing.assert_close(m(x), eager, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
