@@ -99,7 +99,7 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
         "W4A8": lambda: w4a8(xbf),
         "A8 int_mm chunked": lambda: _forced(w4a8, xbf, "int_mm_chunked"),
         "A8 int_mm one call": lambda: kernels.rescale_acc(
-            torch._int_mm(kernels.quantize_int8_rows(xbf, a8[2]), kernels.unpack_int4_x16_op(a8[0]).t()),
+            torch._int_mm(kernels.quantize_int8_rows(xbf, a8[2]), kernels.unpack_int4_times16_op(a8[0]).t()),
             a8[1], a8[2], a8[3], torch.bfloat16, 1.0 / 16.0),
         "A8 int8pack exact": lambda: _forced(w4a8, xbf, "int8pack_exact"),
         "W4A8+onednn": lambda: w4a8_cached(xbf),

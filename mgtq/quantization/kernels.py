@@ -95,7 +95,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .packing import unpack_int4, unpack_int4_x16
+from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,
     INT8_MIN,
@@ -306,10 +306,10 @@ def _rescale_ref(acc: torch.Tensor, weight_scale: torch.Tensor | None, input_sca
 
 
 def _dequantize_ref(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    w16 = unpack_int4_x16(packed)
-    n, k = w16.shape
+    q_times16 = unpack_int4_times16(packed)
+    n, k = q_times16.shape
     g = scale.shape[1]
-    w = w16.to(torch.float32).view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
+    w = q_times16.to(torch.float32).view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
     return w.view(n, k).to(dtype)
 
 
@@ -340,15 +340,15 @@ def _(x, scale):
     return x.new_empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=torch.int8)
 
 
-@torch.library.custom_op("mgtq::unpack_int4_x16", mutates_args=())
-def unpack_int4_x16_op(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) -> int8 (N, K) holding ``16 * q`` (see :func:`.packing.unpack_int4_x16`)."""
+@torch.library.custom_op("mgtq::unpack_int4_times16", mutates_args=())
+def unpack_int4_times16_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 (N, K) holding ``16 * q`` (see :func:`.packing.unpack_int4_times16`)."""
     if packed.device.type == "cuda":
-        return _fused("unpack_x16", unpack_int4_x16)(packed)
-    return unpack_int4_x16(packed)
+        return _fused("unpack_times16", unpack_int4_times16)(packed)
+    return unpack_int4_times16(packed)
 
 
-@unpack_int4_x16_op.register_fake
+@unpack_int4_times16_op.register_fake
 def _(packed):
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.int8)
 
@@ -398,13 +398,13 @@ def _(packed, scale, dtype):
 @torch.library.custom_op("mgtq::int8_int4_linear_chunked", mutates_args=())
 def int8_int4_linear_chunked(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor,
                              bias: torch.Tensor | None, out_dtype: torch.dtype, chunk_n: int,
-                             weight_x16: torch.Tensor | None = None) -> torch.Tensor:
+                             weight_times16: torch.Tensor | None = None) -> torch.Tensor:
     """CPU W4A8 GEMM, chunked over output columns (see :func:`.qtensor.int8_int4_linear`)."""
-    return int8_int4_linear(x_q, packed, col_scale, bias, out_dtype, chunk_n=chunk_n, weight_x16=weight_x16)
+    return int8_int4_linear(x_q, packed, col_scale, bias, out_dtype, chunk_n=chunk_n, weight_times16=weight_times16)
 
 
 @int8_int4_linear_chunked.register_fake
-def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_x16=None):
+def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_times16=None):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
@@ -469,12 +469,12 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
 
 def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                 bias: torch.Tensor | None, onednn_weight: torch.Tensor | None = None,
-                weight_x16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
+                weight_times16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
                 force_device: str | None = None) -> torch.Tensor:
     """W4A8: ``x (..., K)`` quantized to int8 with ``input_scale ()``, times int4 ``(N, K/2)``, scales ``(N, 1)``.
 
-    ``onednn_weight`` / ``weight_x16``: the opt-in int8 weight caches of
-    :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_x16`` is used by
+    ``onednn_weight`` / ``weight_times16``: the opt-in int8 weight caches of
+    :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_times16`` is used by
     the chunked CPU kernel and by ``int_mm`` in place of unpacking).
     """
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -486,8 +486,8 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     else:
         x_q = quantize_int8_rows(x, input_scale)  # (M, K)
     if kernel == "int_mm":
-        w16 = unpack_int4_x16_op(packed) if weight_x16 is None else weight_x16
-        acc = torch._int_mm(x_q, w16.t())  # 16 * exact int32, (M, N)
+        q_times16 = unpack_int4_times16_op(packed) if weight_times16 is None else weight_times16
+        acc = torch._int_mm(x_q, q_times16.t())  # 16 * exact int32, (M, N)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0 / 16.0)
     elif kernel == "int8pack_exact":
         # Unit scales: the kernel returns the exact integer sums (fp32 holds them exactly for
@@ -499,7 +499,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
     else:
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
-                                     weight_x16)
+                                     weight_times16)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -121,7 +121,7 @@ def test_small_m_exact_path_equals_int32_gemm(layers):
     x = torch.randn(4, K) * 3
     exact = kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, None, force_device="cuda")
     x_q = quantize_int8_per_tensor(x, a8.input_scale)
-    acc = torch._int_mm(x_q, kernels.unpack_int4_x16_op(a8.weight_packed).t())
+    acc = torch._int_mm(x_q, kernels.unpack_int4_times16_op(a8.weight_packed).t())
     int32 = kernels.rescale_acc(acc, a8.weight_scale, a8.input_scale, None, torch.float32, 1.0 / 16.0)
     assert torch.equal(exact, int32)
 
