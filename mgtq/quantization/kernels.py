@@ -12,8 +12,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
-| cpu    | W4A8   | opt-in oneDNN weight cache, compiling          | onednn_inline    |
-| cpu    | W4A8   | opt-in oneDNN weight cache                     | onednn           |
+| cpu    | W4A8   | oneDNN cache, amx-int8/avx512-vnni, compiling  | onednn_inline    |
+| cpu    | W4A8   | oneDNN cache, amx-int8/avx512-vnni             | onednn           |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -127,6 +127,9 @@ KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "onedn
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
 CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
+# Classes whose int8 dot products (AMX tiles, AVX512-VNNI) oneDNN's int8 linear uses: there the W4A8
+# weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8 path.
+ONEDNN_INT8_CLASSES = ("amx-int8", "avx512-vnni")
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -211,7 +214,7 @@ def cpu_class() -> str:
 
 def weight_cache_backend(cls: str) -> str:
     """The W4A8 weight cache for CPU class ``cls``: ``"onednn"`` with int8 dot products, else ``"int8"``."""
-    return "onednn" if cls in ("amx-int8", "avx512-vnni") else "int8"
+    return "onednn" if cls in ONEDNN_INT8_CLASSES else "int8"
 
 
 def int_mm_supported(capability: tuple[int, int] | None, cuda_version: str | None) -> bool:
@@ -242,7 +245,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "int8pack"
         return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
     if scheme == "w4a8":
-        if ctx.device == "cpu" and ctx.cache:
+        # The cache is built for this machine's class (weight_cache_backend); a context without a class
+        # (tests of other rows) trusts it.
+        if ctx.device == "cpu" and ctx.cache and ctx.cpu_class in (None, *ONEDNN_INT8_CLASSES):
             return "onednn_inline" if ctx.compiling else "onednn"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16

@@ -50,6 +50,20 @@ def test_choice_table(scheme, context, expected):
     assert choose_kernel(scheme, context) == expected
 
 
+@pytest.mark.parametrize("cls, compiling, rows, expected", [
+    ("amx-int8", False, 2202, "onednn"), ("amx-int8", True, 2202, "onednn_inline"), ("amx-int8", False, 2, "onednn"),
+    ("avx512-vnni", False, 2202, "onednn"), ("avx512-vnni", True, 2202, "onednn_inline"),
+    # no int8 dot products for oneDNN: its cache is the plain int8 operand of the chunked _int_mm
+    ("amx-bf16", False, 2202, "int_mm_chunked"), ("amx-bf16", True, 2202, "int_mm_chunked_inline"),
+    ("avx2", False, 2202, "int_mm_chunked"), ("avx2", True, 2202, "int_mm_chunked_inline"), ("avx2", False, 2, "int_mm"),
+])
+def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, expected):
+    cache = kernels.weight_cache_backend(cls) == "onednn"
+    assert choose_kernel("w4a8", ctx(m=rows, cache=cache, compiling=compiling, cpu_class=cls)) == expected
+    # a oneDNN cache forced onto a class without int8 dot products is not used by the GEMM choice
+    assert choose_kernel("w4a8", ctx(m=rows, cache=True, compiling=compiling, cpu_class=cls)) == expected
+
+
 @pytest.mark.parametrize("flags, expected", [
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}, "amx-int8"),
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx-bf16"),
@@ -73,6 +87,8 @@ def test_forced_cpu_class_reaches_the_context_and_the_weight_cache(monkeypatch, 
         expected = "int8"
     assert a8.weight_cache == expected
     x = torch.randn(40, K)
+    context = kernels.context_for(x, K, N, K, cache=a8.weight_cache == "onednn")
+    assert choose_kernel("w4a8", context) == ("onednn" if expected == "onednn" else "int_mm_chunked")
     torch.testing.assert_close(a8(x), _w4a8_reference(layers[0], x), rtol=1e-6, atol=1e-6)
     monkeypatch.setenv(kernels.CPU_CLASS_ENV, "sse2")
     with pytest.raises(ValueError, match="MGTQ_CPU_CLASS"):
