@@ -191,6 +191,24 @@ def report(variants: list[Variant], args, shape: Shape) -> tuple[str, dict]:
     return text, dict(machine=machine, shape=dict(shape.__dict__), rounds=args.rounds, variants=records)
 
 
+def profile_table(variants: list[Variant]) -> tuple[str, dict]:
+    """Markdown table + record of one profiled call per variant (mgtq.bench.profile's categories).
+
+    Inductor's generated C++ kernels are not profiler events: a compiled variant's fused elementwise
+    work lands in "other" (the compiled region's own time), its GEMMs and attention stay named.
+    """
+    from mgtq.bench.profile import CATEGORIES, profile_call
+
+    profiles = {v.name: profile_call(v.run) for v in variants}
+    used = [c for c in CATEGORIES if any(p["split_fraction"][c] >= 0.005 for p in profiles.values())]
+    lines = ["## Where a call's time goes (torch.profiler self time, fraction)", "",
+             "| variant | total s | " + " | ".join(used) + " |", "|---|---:|" + "---:|" * len(used)]
+    for name, p in profiles.items():
+        cells = " | ".join(f"{p['split_fraction'][c]:.2f}" for c in used)
+        lines.append(f"| {name} | {p['total_self_s']:.3f} | {cells} |")
+    return "\n".join(lines) + "\n", profiles
+
+
 def _load() -> str:
     try:
         return str([round(x, 2) for x in __import__("os").getloadavg()])
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one call per variant: self time by operator category")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke test of the script)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
@@ -236,6 +256,10 @@ def main(argv: list[str] | None = None) -> str:
                                 runner(blocks, inputs, shape.text_tokens, options), weight_bytes(blocks)))
     measure(variants, args.rounds, args.warmup)
     text, record = report(variants, args, shape)
+    if args.profile:
+        profile_text, profiles = profile_table(variants)
+        text += profile_text
+        record["profile"] = profiles
     if args.out is not None:
         atomic_write_text(args.out.with_suffix(".md"), text)
         write_json(args.out.with_suffix(".json"), record)
