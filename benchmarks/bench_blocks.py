@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> str:
     text, record = report(variants, args, shape)
     if args.profile:
         profile_text, profiles = profile_table(variants)
-        text += profile_text
+        text += "\n" + profile_text
         record["profile"] = profiles
     if args.out is not None:
         atomic_write_text(args.out.with_suffix(".md"), text)
