@@ -10,6 +10,7 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | device | scheme | condition                                      | kernel           |
 |--------|--------|------------------------------------------------|------------------|
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
+| cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | oneDNN cache, amx-int8/avx512-vnni, compiling  | onednn_inline    |
@@ -38,6 +39,11 @@ Kernels:
 * ``dequant_inline``: the same dequantization as plain torch ops, so that
   Inductor fuses unpack, convert, scale and cast into one pass (an opaque
   custom op would make it run the unfused eager code);
+* ``dequant_fp32``: dequantize to fp32 + fp32 GEMM, the output cast back to
+  the activation dtype: on ``avx2`` CPUs oneDNN emulates bf16 / fp16 GEMMs
+  (no such dot products), about 8x slower than its fp32 GEMM (1 thread,
+  2202 x 1024 x 1024, oneDNN capped at AVX2 on an AMX machine); more
+  accurate than the half-precision GEMM, not bit-equal to it;
 * ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
   the opt-in :func:`prepare_tinygemm`;
 * ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
@@ -121,8 +127,8 @@ __all__ = [
     "TINYGEMM_GROUP_SIZES",
 ]
 
-KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "onednn_inline", "int8pack_exact",
-           "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
+KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
+           "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
@@ -243,6 +249,8 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "tinygemm"
         if small and per_channel and (ctx.device == "cuda" or ctx.k % 32 == 0):
             return "int8pack"
+        if ctx.device == "cpu" and ctx.cpu_class == "avx2" and ctx.dtype in (torch.bfloat16, torch.float16):
+            return "dequant_fp32"  # no bf16/fp16 dot products: oneDNN's half-precision GEMM is emulated
         return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
     if scheme == "w4a8":
         # The cache is built for this machine's class (weight_cache_backend); a context without a class
@@ -465,6 +473,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
         y = y if bias is None else y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
+    if kernel == "dequant_fp32":
+        # Plain torch ops: eager runs them as they are, Inductor fuses the dequantization.
+        w = _dequantize_ref(packed, scale, torch.float32)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     if kernel == "dequant_inline":
         w = _dequantize_ref(packed, scale, x.dtype)
     else:

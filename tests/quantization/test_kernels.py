@@ -64,6 +64,34 @@ def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, ex
     assert choose_kernel("w4a8", ctx(m=rows, cache=True, compiling=compiling, cpu_class=cls)) == expected
 
 
+@pytest.mark.parametrize("cls, dtype, rows, compiling, expected", [
+    ("avx2", torch.bfloat16, 2202, False, "dequant_fp32"), ("avx2", torch.bfloat16, 2202, True, "dequant_fp32"),
+    ("avx2", torch.float16, 2202, False, "dequant_fp32"), ("avx2", torch.float32, 2202, False, "dequant"),
+    ("avx2", torch.bfloat16, 2, False, "int8pack"),  # few rows: the weight read once as int8 still wins
+    ("amx-int8", torch.bfloat16, 2202, False, "dequant"), ("amx-bf16", torch.bfloat16, 2202, True, "dequant_inline"),
+    ("avx512-vnni", torch.bfloat16, 2202, False, "dequant"),
+])
+def test_w4a16_choice_by_cpu_class(cls, dtype, rows, compiling, expected):
+    assert choose_kernel("w4a16", ctx(m=rows, dtype=dtype, compiling=compiling, cpu_class=cls)) == expected
+
+
+def test_avx2_w4a16_multiplies_in_fp32(monkeypatch, layers):
+    # On AVX2 the bf16 GEMM is emulated: dequantize to fp32, fp32 GEMM, one rounding of the output to bf16.
+    linear, w4, _ = layers
+    x = torch.randn(2, 40, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        native = w4(x)
+        monkeypatch.setenv(kernels.CPU_CLASS_ENV, "avx2")
+        assert choose_kernel("w4a16", kernels.context_for(x, K, N, K)) == "dequant_fp32"
+        y = w4(x)
+        ref = F.linear(x.float(), dequantize_int4_weight(w4.weight_packed, w4.weight_scale), w4.bias.float())
+        compiled = torch.compile(w4, fullgraph=True)(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(compiled, y, rtol=2 ** -8, atol=1e-5)  # fp32 GEMM, Inductor's own order
+    torch.testing.assert_close(y.float(), native.float(), rtol=2e-2, atol=2e-2)  # the bf16 path: bf16 noise
+
+
 @pytest.mark.parametrize("flags, expected", [
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}, "amx-int8"),
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx-bf16"),
