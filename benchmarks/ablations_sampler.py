@@ -29,7 +29,7 @@ from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
-from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
+from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -192,14 +192,16 @@ def report(variants: list[Variant], args, shape: Shape) -> tuple[str, dict]:
 
 
 def profile_table(variants: list[Variant]) -> tuple[str, dict]:
-    """Markdown table + record of one profiled call per variant (mgtq.bench.profile's categories).
+    """Markdown table + record of one profiled call per variant (bench_profile's categories).
 
     Inductor's generated C++ kernels are not profiler events: a compiled variant's fused elementwise
     work lands in "other" (the compiled region's own time), its GEMMs and attention stay named.
     """
-    from mgtq.bench.profile import CATEGORIES, profile_call
+    from mgtq.bench.lab import load_lab
 
-    profiles = {v.name: profile_call(v.run) for v in variants}
+    lab = load_lab("profile")  # benchmarks/bench_profile.py: the categories `mgtq bench --profile` uses
+    CATEGORIES = lab.CATEGORIES
+    profiles = {v.name: lab.profile_call(v.run) for v in variants}
     used = [c for c in CATEGORIES if any(p["split_fraction"][c] >= 0.005 for p in profiles.values())]
     lines = ["## Where a call's time goes (torch.profiler self time, fraction)", "",
              "| variant | total s | " + " | ".join(used) + " |", "|---|---:|" + "---:|" * len(used)]

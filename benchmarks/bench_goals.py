@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench_peers import W4A8_PEERS  # this folder's; mgtq's W4A8 must be faster and smaller than each of them
+
 # (name, description, ratio label, ratio key, op, target): ratios are those of the bench JSON; forward
 # ratios are the medians of per-round ratios when the bench ran interleaved rounds (its default).
 RATIO_GOALS = (
@@ -33,7 +35,6 @@ RATIO_GOALS = (
      "forward_vs_bf16", "<=", 0.60),
 )
 TOME_SPEEDUP = 1.4  # forward without merging / with TomeMGT 0.5
-W4A8_PEERS = ("quanto-w4a8", "torchao-w4a8")  # mgtq's W4A8 must be faster and smaller than each
 
 
 def _goal(name, description, value, op, target, spread=None):

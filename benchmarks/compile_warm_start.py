@@ -22,13 +22,13 @@ from pathlib import Path
 
 _CHILD = """
 import json, sys, time, torch
-from mgtq.bench.formats import build_transformer_in_format, _linear_names_of
+from mgtq.bench.build import build_transformer, linear_names_of
 from mgtq.bench.source import forward_inputs, resolve_model, transformer_config
 model, fmt, threads, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 source = resolve_model(model)
-scales = dict.fromkeys(_linear_names_of(transformer_config(source)), 0.05)  # speed does not depend on them
-transformer, _ = build_transformer_in_format(source, fmt, scales, 0, "cpu")
+scales = dict.fromkeys(linear_names_of(transformer_config(source)), 0.05)  # speed does not depend on them
+transformer, _ = build_transformer(source, fmt, scales, 0, "cpu")
 inputs = forward_inputs(source, torch.bfloat16, "cpu", seed=0)
 start = time.perf_counter()
 transformer.compile_blocks()

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tests = ({"command": "python -m pytest -q -m cuda tests", "status": "not run (smoke)"} if args.smoke
              else run_cuda_tests(timeout_s=TIME_LIMIT_S / 4))
-    report = run_bench(bench_config(args.smoke, device, args.out, name, args.model), progress=False)
+    report = run_bench(bench_config(args.smoke, device, args.out, name, args.model))
     result = {"device_name": gpu_name(device), "command": "python benchmarks/gpu_check.py"
               + (" --smoke" if args.smoke else ""), "torch": torch.__version__, "cuda": torch.version.cuda,
               "tests": tests, "bench": summarize(report), "kernels": kernel_choices(device),

@@ -15,6 +15,7 @@ Each PTQ checkpoint is written by the `mgtq quantize` command itself (under --wo
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -35,10 +36,10 @@ PTQ_ROWS = {  # row name: `mgtq quantize` flags
 }
 
 
-def quantized_checkpoint(flags: list[str], out: Path, calibration_prompts: int) -> Path:
-    """`mgtq quantize FLAGS --out OUT` unless OUT already holds that checkpoint."""
+def quantized_checkpoint(model: Path, flags: list[str], out: Path, calibration_prompts: int) -> Path:
+    """`mgtq quantize --model MODEL FLAGS --out OUT` unless OUT already holds that checkpoint."""
     if not (out / "transformer" / "manifest.json").is_file():
-        argv = ["quantize", *flags, "--out", str(out), "--no-progress"]
+        argv = ["quantize", "--model", str(model), *flags, "--out", str(out), "--no-progress"]
         if "w4a16" not in flags:
             argv += ["--calibration-prompts", str(calibration_prompts)]
         if mgtq_cli(argv) != 0:
@@ -48,6 +49,7 @@ def quantized_checkpoint(flags: list[str], out: Path, calibration_prompts: int) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="float pipeline folder (default: the embedded model)")
     p.add_argument("--scq", type=Path, default=None, help="SCQ checkpoint folder (mgtq export); omitted: no SCQ row")
     p.add_argument("--limit", type=int, default=None, help="first N ShapeBench test prompts (default: all 320)")
     p.add_argument("--calibration-prompts", type=int, default=32, help="ShapeBench val prompts for the A8 scales")
@@ -58,8 +60,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    rows = {"fp32 (embedded)": default_model()}
-    rows.update({name: quantized_checkpoint(flags, args.work / name.split(" (")[0].lower().replace(" ", "-"),
+    model = args.model or default_model()
+    rows = {"fp32": model}
+    rows.update({name: quantized_checkpoint(model, flags, args.work / name.split(" (")[0].lower().replace(" ", "-"),
                                             args.calibration_prompts) for name, flags in PTQ_ROWS.items()})
     if args.scq is not None:
         rows["SCQ (mgtq calibrate)"] = args.scq
@@ -76,8 +79,8 @@ def main(argv=None) -> int:
         print(f"{name}: {result['overall']:.3f}")
 
     payload = {"split": "test", "limit": args.limit, "calibration_prompts": args.calibration_prompts,
-               "command": "python benchmarks/ptq_vs_scq.py" + (f" --scq {args.scq}" if args.scq else "")
-                          + (f" --limit {args.limit}" if args.limit else ""), "rows": results}
+               "command": " ".join(["python benchmarks/ptq_vs_scq.py", *(sys.argv[1:] if argv is None else argv)]),
+               "rows": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)
     categories = list(next(iter(results.values()))["per_category"])

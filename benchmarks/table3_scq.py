@@ -159,10 +159,11 @@ def main(argv=None) -> int:
         extra_rows.append(("W4A8 SCQ, A8 in the QAT loop",
                            _derived_checkpoint(loop_recipe, scq_run, args.work / "scq-a8-loop", args.work / "ckpt-scq-a8-loop")))
 
-    base = MGTPipeline.from_pretrained(default_model())
+    float_path = default_model() if recipe.model == "default" else Path(recipe.model)  # what the recipe quantizes
+    base = MGTPipeline.from_pretrained(float_path)
     bf16 = copy.copy(base)
     bf16.transformer = copy.deepcopy(base.transformer).to(torch.bfloat16)
-    float_id = model_fingerprint(default_model())
+    float_id = model_fingerprint(float_path)
     ptq_id = json.dumps([float_id, read_json(scq_run / "run.json")["fingerprints"]["synth"], recipe.qat.group_size,
                          recipe.qat.skip, recipe.to_dict()["magnitudes"], recipe.secondary.scale_method,
                          recipe.secondary.percentile])

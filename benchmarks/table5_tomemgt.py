@@ -79,6 +79,7 @@ def variant_name(config: TomeConfig) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="float pipeline folder (default: the embedded model)")
     p.add_argument("--scq", type=Path, default=None, help="an exported SCQ checkpoint to measure too")
     p.add_argument("--models", default="float,scq", help="which of float,scq to run (scq needs --scq)")
     p.add_argument("--split", default="test", choices=["val", "test"])
@@ -106,7 +107,7 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
     torch.set_num_threads(args.threads)
     settings = (table5_settings() if args.grid else []) + list(args.settings)
     configs = {s: parse_setting(s) for s in settings}  # fail before the slow part
-    models = {"float": default_model(), "SCQ W4A8": args.scq}
+    models = {"float": args.model or default_model(), "SCQ W4A8": args.scq}
     wanted = {"float": "float", "scq": "SCQ W4A8"}
     payload.setdefault("commands", [])
     if command not in payload["commands"]:

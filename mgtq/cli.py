@@ -222,10 +222,18 @@ def cmd_bench(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")
     from mgtq.bench import BenchConfig, MeasureSettings, run_bench, to_markdown
-    from mgtq.bench.peers import PEERS
 
     both = not (args.memory or args.latency)  # neither flag: measure both
-    peers = () if args.peers is None else tuple(PEERS) if args.peers == "all" else _csv(args.peers)
+    peers = () if args.peers is None else _csv(args.peers)
+    if args.peers == "all":
+        from mgtq.bench.lab import load_lab
+
+        peers = tuple(load_lab("peers").PEERS)
+    plot = None
+    if args.plot:
+        from mgtq.bench.lab import load_lab
+
+        plot = load_lab("plot")  # now, before the run: it needs a checkout
     config = BenchConfig(
         model=str(args.model), text_encoder=None if args.text_encoder is None else str(args.text_encoder),
         formats=_csv(args.formats), tome=args.tome, tome_blocks=_csv(args.tome_blocks),
@@ -236,7 +244,14 @@ def cmd_bench(args) -> int:
                                 profile=args.profile, latency=both or args.latency, memory=both or args.memory,
                                 interleave=not args.sequential),
     )
-    print(to_markdown(run_bench(config, progress=not args.no_progress)))
+    report = run_bench(config, log=(lambda message: None) if args.no_progress else print)
+    if plot is not None:
+        from mgtq.bench.source import resolve_model
+
+        png = config.output_paths(resolve_model(config.model, config.text_encoder).slug)["json"].with_suffix(".png")
+        plot.write_png(report, png)
+        print(f"wrote {png}")
+    print(to_markdown(report))
     return 0
 
 
@@ -379,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
                    help="only the first N prompts (balanced over categories; per task with --task)")
-    # The names of mgtq.shapes.bench.SPLITS, written out: importing it would slow every CLI start-up.
+    # The names of mgtq.shapes.shapebench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
     e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
@@ -426,15 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mgtq checkpoint")
     x.set_defaults(func=cmd_export)
 
-    b = command("bench", "memory and latency of every format × TomeMGT × offloading, beside peers")
+    from mgtq.bench.formats import DEFAULT_FORMATS, HELP as FORMATS_HELP  # no torch: cheap at start-up
+
+    lab = "needs a checkout of mgtq's repository (benchmarks/)"
+    b = command("bench", "memory and latency of every format × TomeMGT × offloading (with a checkout: beside peers)")
     b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
                    help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
     b.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder for a pipeline DIR (the official Meissonic setup)")
-    b.add_argument("--formats", default="fp32,bf16,w4a16,w4a8,scq",
-                   help="comma list of fp32,bf16,w4a16,w4a8,scq (opt-in: w4a8-cached, scq-cached)")
+    b.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=FORMATS_HELP)
     b.add_argument("--tome", type=argtypes.comma_list(argtypes.ratio), default="0",
                    help="comma list of TomeMGT ratios, e.g. 0,0.5 (0 = no merging)")
     b.add_argument("--tome-blocks", default="joint",
@@ -444,9 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="also run each format with the transformer under torch.compile(fullgraph=True)")
     b.add_argument("--peers", nargs="?", const="all", default=None,
-                   help="run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names")
+                   help=f"run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names; {lab} "
+                        "and optimum-quanto (pip install -e '.[bench]')")
     b.add_argument("--json", type=Path, default=None,
-                   help="JSON output (default benchmarks/results/bench_<model>.json; .md and .png beside it)")
+                   help="JSON output (default bench_<model>.json in the working folder; the .md beside it)")
+    b.add_argument("--plot", action="store_true", help=f"also write a PNG chart beside the JSON; {lab}")
     b.add_argument("--repeats", type=argtypes.integer(minimum=1), default=5,
                    help="timed transformer forwards per config: one per interleaved round (see --sequential)")
     b.add_argument("--sequential", action="store_true",
@@ -459,12 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing a config's forwards after S seconds")
     b.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
                    help="torch threads per config (default: all cores)")
-    b.add_argument("--profile", action="store_true", help="also profile one forward per config (time split)")
+    b.add_argument("--profile", action="store_true",
+                   help=f"also profile one forward per config (time split by operator category); {lab}")
     b.add_argument("--device", type=argtypes.device, default="cpu", help="cpu or cuda[:i]")
     b.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the timed whole-image run")
-    b.add_argument("--isolation", choices=["forkserver", "spawn", "none"], default="forkserver",
-                   help="one fresh process per config (forkserver, spawn) or none (fast, memory not per config)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--isolation", choices=["spawn", "none", "forkserver"], default="spawn",
+                   help="one fresh process per config (spawn) or none (fast, memory not per config); forkserver is "
+                        "deprecated and runs as spawn")
+    b.add_argument("--no-progress", action="store_true", help="hide the per-config progress lines")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import evaluate, shapebench_prompts
-from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
+from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 
 
-def generate_bench(
+def generate_shapebench(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, per_category: int | None = None, seed_offset: int = 0, split: str = "test",
     **call_kwargs,
@@ -54,8 +54,8 @@ def evaluate_pipeline(
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images, nfe = generate_bench(pipe, limit, config, batch_size, progress, seed_offset=seed_offset,
-                                                split=split, **call_kwargs)
+    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress,
+                                                     seed_offset=seed_offset, split=split, **call_kwargs)
     result = evaluate(images, items)
     result["split"] = split
     result["nfe"] = nfe

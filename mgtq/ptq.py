@@ -31,7 +31,7 @@ def config_from_name(name: str, group_size: int | None = None):
 
 def calibration_prompts(count: int) -> list[str]:
     """The first `count` ShapeBench validation prompts (never the test split that `mgtq eval` reports)."""
-    from mgtq.shapes.bench import shapebench_prompts
+    from mgtq.shapes.shapebench import shapebench_prompts
 
     items = shapebench_prompts(split="val")
     if not 1 <= count <= len(items):

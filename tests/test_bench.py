@@ -1,24 +1,27 @@
-"""mgtq bench: memory accounting, the result record, CLI smoke run, folders with a separate CLIP, peers, offload."""
+"""mgtq bench: memory accounting, the result record, CLI smoke run, folders with a separate CLIP, peers, offload.
+
+Peers, profiler categories and the plot are the lab in benchmarks/ (loaded through mgtq.bench.lab).
+"""
 
 from __future__ import annotations
 
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from mgtq.bench import BenchCase, BenchConfig, MeasureSettings, run_bench, validate_report
-from mgtq.bench import peers as peers_module
-from mgtq.bench.formats import a8_layers_for
+from mgtq.bench.build import a8_layers_for
+from mgtq.bench.lab import load_lab
 from mgtq.bench.memory import module_storage_nbytes, storage_nbytes, transformer_weight_nbytes
-from mgtq.bench.profile import categorize
 from mgtq.bench.report import compute_ratios
 from mgtq.bench.result import CaseResult
 from mgtq.models import preset_config
+from mgtq.models.random import random_float_transformer, random_quantized_transformer
 from mgtq.quantization import W4Linear, linear_names
-from mgtq.testing import random_float_transformer, random_quantized_transformer
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -50,13 +53,13 @@ def test_random_quantized_model_is_packed_and_float_parts_stay_bf16():
 
 
 def test_grouped_formats_add_exactly_their_group_scales():
-    from mgtq.bench.child import _format_scheme
-    from mgtq.bench.config import FORMATS
-    from mgtq.bench.formats import base_format, group_size_of
+    from mgtq.bench.formats import FORMATS, Format
 
-    assert all(_format_scheme(f) for f in FORMATS)  # every format describes itself in the report
-    assert (base_format("scq-g64"), group_size_of("scq-g64")) == ("scq", 64)
-    assert (base_format("w4a8-cached"), group_size_of("w4a8-cached")) == ("w4a8", None)
+    assert all(Format.parse(f).scheme for f in FORMATS)  # every format describes itself in the report
+    assert Format.parse("scq-g64") == Format("scq-g64", "scq", 64, False)
+    assert Format.parse("w4a8-cached") == Format("w4a8-cached", "w4a8", None, True)
+    with pytest.raises(ValueError, match="unknown format 'w4a8-g64'"):
+        Format.parse("w4a8-g64")  # A8 layers stay per channel: no grouped w4a8
     config = preset_config("test-micro")
     names = linear_names(random_float_transformer(config, torch.bfloat16))
     a8 = a8_layers_for("scq", names, seed=0)
@@ -103,6 +106,7 @@ def test_config_rejects_unknown_names():
 
 
 def test_profile_categories():
+    categorize = load_lab("profile").categorize
     assert categorize("aten::_int_mm") == "int8 GEMM"
     assert categorize("aten::mm") == "float GEMM"
     assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
@@ -141,12 +145,12 @@ def smoke_report(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench") / "bench_smoke.json"
     code = main(["bench", "--model", "tiny-shapes", "--formats", "bf16,scq", "--repeats", "1", "--warmup", "0",
-                 "--steps", "1", "--threads", "1", "--json", str(out), "--no-progress"])
+                 "--steps", "1", "--threads", "1", "--json", str(out), "--no-progress", "--plot"])
     assert code == 0
     return out
 
 
-def test_cli_smoke_writes_json_markdown_png(smoke_report):
+def test_cli_smoke_writes_json_markdown_and_with_plot_png(smoke_report):
     report = json.loads(smoke_report.read_text())
     assert [r["label"] for r in report["results"]] == ["bf16", "scq"]
     assert all(r["status"] == "ok" for r in report["results"])
@@ -187,18 +191,19 @@ def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path
     (folder / "text_encoder").rename(clip)
     config = BenchConfig(model=str(folder), text_encoder=str(clip), formats=("scq",), isolation="none",
                          measure=MeasureSettings(repeats=1, steps=1, warmup=0, memory=False))
-    report = run_bench(config, progress=False, write=False, log=lambda msg: None)
+    report = run_bench(config, write=False, log=lambda msg: None)
     (result,) = report["results"]
     assert result["status"] == "ok" and "as exported" in " ".join(result["notes"])
     assert report["model"]["kind"] == "quantized-dir" and report["model"]["text_encoder"] == str(clip)
     with pytest.raises(FileNotFoundError, match="text_encoder=PATH"):
         run_bench(BenchConfig(model=str(folder), formats=("scq",), isolation="none",
                               measure=MeasureSettings(repeats=1, steps=1, warmup=0, memory=False)),
-                  progress=False, write=False, log=lambda msg: None)
+                  write=False, log=lambda msg: None)
 
 
 # ------------------------------------------------------------------------------------- peers
 def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
+    peers_module = load_lab("peers")
     real = peers_module.import_module
 
     def fake_import(name):
@@ -211,7 +216,7 @@ def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
     assert "not installed" in reason and "pip install" in reason
     report = run_bench(BenchConfig(model="tiny-shapes", formats=(), peers=("quanto-w4a8",), isolation="none",
                                    measure=MeasureSettings(repeats=1, steps=1, warmup=0)),
-                       progress=False, write=False, log=lambda msg: None)
+                       write=False, log=lambda msg: None)
     (result,) = report["results"]
     assert result["status"] == "skipped" and "optimum.quanto" in result["message"]
     assert report["skipped"] == [result["message"]]
@@ -219,7 +224,7 @@ def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
 
 # ----------------------------------------------------------------------------------- offload
 def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
-    from mgtq.bench.child import generate_offloaded
+    from mgtq.bench.case import timed_image
     from mgtq.bench.memory import PhasePeaks
     from mgtq.testing import build_random_pipeline
 
@@ -233,7 +238,7 @@ def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
         return vq
 
     phases = PhasePeaks()
-    image, freed, images = generate_offloaded(pipe, load_vq, steps=1, phases=phases)
+    image, freed, images = timed_image(pipe, steps=1, phases=phases, load_vq=load_vq)
     assert freed and seen == {"transformer_alive_at_vq_load": False}
     assert set(phases.peaks) == {"sampling", "decode"} and phases.overall > 0
     assert pipe.transformer is None and len(images) == 1
@@ -241,16 +246,16 @@ def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
 
 
 # --------------------------------------------------------------------------------- isolation
-def test_fork_server_reports_a_failing_case_and_keeps_serving():
-    from mgtq.bench.child import make_payload
-    from mgtq.bench.runner import ChildError, Isolation
+def test_a_failing_case_process_is_reported_and_the_next_one_runs(tmp_path):
+    from mgtq.bench.case import make_payload
+    from mgtq.bench.runner import ChildError, Worker
     from mgtq.bench.source import resolve_model
 
-    payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
-    with Isolation("forkserver") as isolation:
-        with pytest.raises(ChildError, match="case must be a mapping"):
-            isolation.run("case", payload)  # no case in the payload: the child fails, the server survives
-        assert isolation.run("baseline", payload)["rss"] > 0
+    source = resolve_model("tiny-shapes")
+    with pytest.raises(ChildError, match="case must be a mapping"):  # no case: the process fails while building
+        Worker(make_payload("case", source, None, MeasureSettings(), threads=1), in_process=False, folder=tmp_path)
+    baseline = Worker(make_payload("baseline", source, None, MeasureSettings(), threads=1), False, tmp_path).result
+    assert baseline["rss"] > 0 and baseline["imports"] == ["torch", "mgtq"]
 
 
 # ------------------------------------------------------------------------- interleaved rounds
@@ -280,7 +285,7 @@ def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     messages = []
     config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
                          measure=MeasureSettings(repeats=3, steps=1, warmup=0, memory=False))
-    report = run_bench(config, progress=False, write=False, log=messages.append)
+    report = run_bench(config, write=False, log=messages.append)
     for r in report["results"]:
         assert r["latency"]["forward"]["rounds"] == [0, 1, 2] and len(r["latency"]["forward"]["samples"]) == 3
     first_round = next(i for i, m in enumerate(messages) if m.startswith("round 1/3"))
@@ -289,11 +294,41 @@ def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]
 
 
-def test_held_case_process_reports_a_failing_case(tmp_path):
-    from mgtq.bench.child import make_payload
-    from mgtq.bench.runner import CaseWorker, ChildError
-    from mgtq.bench.source import resolve_model
+# --------------------------------------------------------------------------- harness and lab
+def test_formats_are_described_once_for_the_cli_and_the_report():
+    from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, HELP
+    from mgtq.cli import build_parser
 
-    payload = make_payload(resolve_model("tiny-shapes"), None, MeasureSettings(), threads=1)
-    with pytest.raises(ChildError, match="case must be a mapping"):
-        CaseWorker(payload, in_process=False, folder=tmp_path)  # no case: the held process fails while building
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                  if a.dest == "formats")
+    assert action.help == HELP and action.default == ",".join(DEFAULT_FORMATS)
+    assert all(f.partition("-")[0] in HELP for f in FORMATS) and "-g64" in HELP and "-cached" in HELP
+
+
+def test_default_outputs_go_to_the_working_folder():
+    assert BenchConfig().output_paths("tiny-shapes") == {"json": Path("bench_tiny-shapes.json"),
+                                                         "md": Path("bench_tiny-shapes.md")}
+    assert BenchConfig(json="out/x.json").output_paths("tiny-shapes")["md"] == Path("out/x.md")
+
+
+def test_the_lab_outside_a_checkout_is_one_clear_error(monkeypatch, tmp_path):
+    from mgtq.bench import lab
+
+    monkeypatch.setattr(lab, "ROOT", tmp_path)  # an installed wheel: no benchmarks/ beside the package
+    monkeypatch.delitem(__import__("sys").modules, "mgtq_bench_lab_peers", raising=False)
+    with pytest.raises(FileNotFoundError, match="needs a checkout"):
+        lab.load_lab("peers")
+    with pytest.raises(FileNotFoundError, match="needs a checkout"):
+        BenchConfig(peers=("quanto-w4a8",))
+    assert BenchConfig(formats=("bf16",)).cases()[0].label == "bf16"  # formats need no lab
+
+
+def test_config_is_checked_by_the_one_validator_and_forkserver_is_deprecated():
+    with pytest.raises(ValueError, match="bench.isolation must be one of"):
+        BenchConfig(isolation="fork")
+    with pytest.raises(ValueError, match="measure.repeats must be an integer"):
+        MeasureSettings(repeats=1.5)
+    with pytest.raises(ValueError, match="case.offload must be true or false"):
+        BenchCase("bf16", offload="yes")
+    with pytest.warns(DeprecationWarning, match="forkserver"):
+        assert BenchConfig(isolation="forkserver").isolation == "spawn"

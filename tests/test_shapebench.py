@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mgtq.shapes.bench import BenchPrompt, bench_scene, render_ground_truth, shapebench_prompts
+from mgtq.shapes.shapebench import ShapeBenchPrompt, shapebench_scene, render_ground_truth, shapebench_prompts
 from mgtq.shapes.scorer import (
     ScorerConfig,
     connected_components,
@@ -45,7 +45,7 @@ def test_prompt_set_is_fixed_balanced_and_large(bench):
     assert set(counts) == set(CATEGORIES) and len(set(counts.values())) == 1
     assert len({i.seed for i in items}) == len(items)
     for item in items:
-        assert caption(bench_scene(item)) == item.prompt
+        assert caption(shapebench_scene(item)) == item.prompt
 
 
 def test_prefix_stability():
@@ -63,7 +63,7 @@ def test_val_split_is_disjoint_from_test_and_same_in_kind(bench):
     assert Counter(i.category for i in val) == Counter(i.category for i in items)
     assert [i.prompt for i in val] != [i.prompt for i in items]
     for item in val[::37]:
-        assert caption(bench_scene(item)) == item.prompt
+        assert caption(shapebench_scene(item)) == item.prompt
     with pytest.raises(ValueError, match="split"):
         shapebench_prompts(split="train")
 
@@ -127,7 +127,7 @@ def _subset(items, per_category=12):
 def test_wrong_colour_is_rejected(bench):
     items, _ = bench
     for item in _subset(items):
-        scene = bench_scene(item)
+        scene = shapebench_scene(item)
         colour = _other(COLOURS, *(o.colour for o in scene.spec.objects))
         wrong, prompt = _restyled(scene, colour=colour)
         ok, details = score_image(render(wrong), prompt)
@@ -137,7 +137,7 @@ def test_wrong_colour_is_rejected(bench):
 def test_wrong_shape_is_rejected(bench):
     items, _ = bench
     for item in _subset(items):
-        scene = bench_scene(item)
+        scene = shapebench_scene(item)
         obj = scene.spec.objects[0]
         taken = {o.shape for o in scene.spec.objects if o.colour == obj.colour}
         shape = _other(SHAPES, *taken)
@@ -158,7 +158,7 @@ def test_wrong_position_is_rejected(bench):
                 "left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
     checked = 0
     for item in items:
-        scene = bench_scene(item)
+        scene = shapebench_scene(item)
         spec = scene.spec
         if spec.category == "position":
             axis = "x" if spec.region in ("left", "right") else "y"
@@ -181,7 +181,7 @@ def test_wrong_count_is_rejected(bench):
     for item, image in zip(items, images):
         if item.category != "counting":
             continue
-        scene = bench_scene(item)
+        scene = shapebench_scene(item)
         fewer = image.copy()
         fewer[shape_mask(scene.shapes[-1])] = BACKGROUND  # erase one of the N objects
         ok, details = score_image(fewer, item.prompt)
@@ -239,7 +239,7 @@ def test_evaluate_validates_lengths_and_config():
     with pytest.raises(ValueError, match="min_area"):
         ScorerConfig(min_area=0)
     with pytest.raises(ValueError, match="unknown category"):
-        BenchPrompt("a red circle", 0, "colors")
+        ShapeBenchPrompt("a red circle", 0, "colors")
 
 
 def test_evaluation_is_reproducible_and_seed_offset_draws_again(random_pipeline):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mgtq.config import from_mapping
-from mgtq.factory import tiny_vqmodel
+from mgtq.models.random import tiny_vqmodel
 from mgtq.pipeline import MGTPipeline
 from mgtq.training.mgt import MGTTrainConfig, train_mgt
 from mgtq.training.objective import mask_tokens, masked_token_loss

@@ -1,6 +1,7 @@
 """A built wheel carries the embedded default model: installed into a fresh venv, `mgtq` works from any folder
 and writes its outputs there, not into site-packages (issue 23 item 6)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -57,3 +58,16 @@ def test_installed_wheel_evaluates_and_finds_its_recipe(venv, tmp_path):
     recipe = run([venv / "python", "-c", "from mgtq.default_model import DEFAULT_RECIPE as r; "
                   "from mgtq.scq.recipe import load_recipe; load_recipe(r); print(r)"], cwd=tmp_path)
     assert "site-packages" in recipe
+
+
+def test_installed_wheel_benches_memory_and_latency_without_the_lab(venv, tmp_path):
+    """The harness is in the wheel (one process per case, outputs in the working folder); the lab is not."""
+    run([venv / "mgtq", "bench", "--formats", "bf16,scq", "--repeats", "2", "--warmup", "0", "--steps", "1",
+         "--threads", "1", "--no-progress"], cwd=tmp_path)
+    report = json.loads((tmp_path / "bench_tiny-shapes.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"] and (tmp_path / "bench_tiny-shapes.md").is_file()
+    assert all(r["latency"]["forward"]["rounds"] == [0, 1] for r in report["results"])  # interleaved rounds
+    assert report["baseline"]["rss"] > 0
+    done = subprocess.run([venv / "mgtq", "bench", "--peers"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "needs a checkout" in done.stderr

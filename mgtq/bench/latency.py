@@ -1,4 +1,4 @@
-"""Wall-clock timing: warm-up, repeats, median with min/max.
+"""Wall-clock and CPU timing of repeated calls: median with min/max, per-round ratios, per-call hooks.
 
 Pure helpers; the device synchronization is passed in (a no-op on CPU, `torch.cuda.synchronize`
 on CUDA) so that a timed call includes the work it queued.
@@ -75,17 +75,10 @@ def time_call(fn: Callable[[], object], sync: Callable[[], None] = _no_sync) -> 
     return time.perf_counter() - start, result
 
 
-def time_repeated(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float | None = None,
+def time_repeated(fn: Callable[[], object], repeats: int, budget_s: float | None = None,
                   sync: Callable[[], None] = _no_sync) -> Timing:
-    """Call `fn` `warmup` times untimed, then up to `repeats` timed times.
-
-    With `budget_s`, timing stops early once the timed calls took that many seconds in total
-    (at least one timed call always runs), so slow configurations still fit a time limit; the
-    number of samples says how many ran.
-    """
-    for _ in range(warmup):
-        fn()
-        sync()
+    """Up to `repeats` timed calls of `fn`; with `budget_s`, none more once they took that many seconds
+    (at least one always runs, so slow configurations still fit a time limit)."""
     samples: list[float] = []
     cpu_samples: list[float] = []
     for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""The `mgtq bench` report: the JSON document a run returns, rendered as a Markdown table and PNG bar charts.
+"""The `mgtq bench` report: the JSON document a run returns, rendered as Markdown tables.
 
 JSON (bytes and seconds everywhere; ratios are plain numbers):
 
@@ -14,9 +14,11 @@ JSON (bytes and seconds everywhere; ratios are plain numbers):
                   transformer_tokens, text_tokens
     settings      the BenchConfig (formats, tome, offload, peers, measure{…}, threads, isolation, …)
     configs       [{label, target, tome, tome_blocks, offload}] in run order
-    baseline      {unit: "bytes", rss, peak_rss, imports, [fresh_interpreter_rss]}: a case process
-                  that only imported torch + mgtq (null when memory was not measured)
-    calibration   {seconds, layers} of the shared static-scale pass, or null
+    baseline      {unit: "bytes", rss, peak_rss, imports, [fresh_interpreter_rss: only in reports of the
+                  former fork-server isolation]}: a case process that only imported torch + mgtq (null when
+                  memory was not measured)
+    calibration   {seconds, layers} of the shared static-scale pass (mgtq.bench.build.scales_from_random_inputs),
+                  or null
     results       one `mgtq.bench.result.CaseResult` per config
     ratios        {label: {weights_vs_bf16, peak_rss_vs_bf16, forward_vs_bf16, forward_cpu_vs_bf16,
                            per_step_vs_bf16, image_vs_bf16, [forward_speedup_vs_no_tome,
@@ -209,14 +211,13 @@ def to_markdown(report: dict) -> str:
     lines += [f"- **{r.label}**: {r.scheme}" for r in results if r.ok and not r.tome and not r.offload]
     profiled = [r for r in results if r.ok and r.profile]
     if profiled:
-        from mgtq.bench.profile import CATEGORIES
-
+        categories = list(profiled[0].profile["split_fraction"])  # benchmarks/bench_profile.py's, in order
         lines += ["", "## Where a forward's time goes (torch.profiler self time, fraction)", "",
-                  "| config | total s | " + " | ".join(CATEGORIES) + " |", "|---|---:|" + "---:|" * len(CATEGORIES)]
+                  "| config | total s | " + " | ".join(categories) + " |", "|---|---:|" + "---:|" * len(categories)]
         for r in profiled:
             p = r.profile
             lines.append(f"| {r.label} | {p['total_self_s']:.2f} | " +
-                         " | ".join(f"{p['split_fraction'][c]:.2f}" for c in CATEGORIES) + " |")
+                         " | ".join(f"{p['split_fraction'][c]:.2f}" for c in categories) + " |")
     lines += _offload_lines(report)
     if report["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {msg.splitlines()[0]}" for msg in report["skipped"]]
@@ -252,57 +253,12 @@ def _first_batch(report: dict) -> str:
     return "2"
 
 
-# ----------------------------------------------------------------------------------------- PNG
-_COLORS = {"mgtq": "#1f77b4", "optimum-quanto": "#ff7f0e", "torchao": "#2ca02c"}
-
-
-def plot_png(report: dict, path: Path) -> None:
-    """Three horizontal bar charts: weight MB, peak RSS MB, forward median s (min–max whiskers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results_of(report) if r.ok]
-    labels = [r.label for r in ok]
-    colors = [_COLORS.get(r.family, "#7f7f7f") for r in ok]
-    panels = [("transformer weights (MB)", [(r.weight_bytes or 0) / MB for r in ok], None),
-              ("peak RSS, whole process (MB)", [(r.peak_rss or 0) / MB for r in ok], None)]
-    medians = [r.forward_median or 0.0 for r in ok]
-    errors = [[m - (r.forward or {}).get("min", m) for m, r in zip(medians, ok)],
-              [(r.forward or {}).get("max", m) - m for m, r in zip(medians, ok)]]
-    panels.append(("transformer forward, CFG batch 2 (s, median)", medians, errors))
-    fig, axes = plt.subplots(1, 3, figsize=(17, 0.42 * len(ok) + 1.8), sharey=True)
-    ys = list(range(len(ok)))
-    for ax, (title, values, err) in zip(axes, panels):
-        ax.barh(ys, values, color=colors, xerr=err, capsize=2)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        ref = dict(zip(labels, values)).get("bf16")
-        for y, v in zip(ys, values):
-            if ref and v:
-                ax.text(v, y, f" {v / ref:.2f}×", va="center", fontsize=7)
-    axes[0].set_yticks(ys, labels, fontsize=8)
-    axes[0].invert_yaxis()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    fig.legend(handles, list(_COLORS), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    threads = report["machine"]["torch_threads"]
-    fig.suptitle(f"mgtq bench — {report['model']['name']} ({threads} thread{'s' if threads != 1 else ''}, "
-                 f"{report['machine']['device']}, load avg {report['machine']['loadavg_start']}); ratios vs bf16",
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_outputs(report: dict, paths: dict[str, Path]) -> None:
-    """Write JSON, Markdown and PNG (each atomically: a reader never sees half a file)."""
+    """Write the JSON and the Markdown (each atomically: a reader never sees half a file)."""
     import json
 
-    from mgtq.utils import atomic_file, atomic_write_text
+    from mgtq.utils import atomic_write_text
 
     validate_report(report)
-    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")  # in run order, unlike write_json
     atomic_write_text(paths["md"], to_markdown(report))
-    with atomic_file(paths["png"]) as tmp:  # the one writer: never over a device, FIFO or link target
-        plot_png(report, tmp)

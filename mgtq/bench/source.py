@@ -1,19 +1,19 @@
 """Which model is benchmarked, and the inputs of its forward pass.
 
 `resolve_model(name)` turns `--model` into a `ModelSource`: a preset with random weights (speed and
-size do not depend on values) or a pipeline folder. The text encoder and VQ of a random preset are
-small random stand-ins sized for its resolution: they only exist so that the whole pipeline runs.
+size do not depend on values) or a pipeline folder.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from mgtq.config import from_mapping
-from mgtq.default_model import DEFAULT_MODEL
+from mgtq.config import from_mapping, validate
+from mgtq.default_model import default_model
 
 BENCH_PROMPT = "a red circle above a blue square"
 
@@ -31,7 +31,7 @@ class ModelSource:
     """
 
     name: str
-    kind: str
+    kind: Literal["preset", "float-dir", "quantized-dir"]
     preset: str | None = None
     path: str | None = None
     resolution: int = 64
@@ -46,10 +46,7 @@ class ModelSource:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.kind not in ("preset", "float-dir", "quantized-dir"):
-            raise ValueError(f"unknown model kind {self.kind!r}")
-        object.__setattr__(self, "vq_channels", tuple(self.vq_channels))
-        object.__setattr__(self, "notes", tuple(self.notes))
+        validate(self, "source")
 
     @property
     def slug(self) -> str:
@@ -81,17 +78,6 @@ def _meissonic_1024() -> ModelSource:
     )
 
 
-def _tiny_shapes_preset(reason: str) -> ModelSource:
-    # Same shapes as the embedded default (mgtq.training.mgt): 64 px, VQ f = 4, 32 text tokens.
-    return ModelSource(
-        name="tiny-shapes", kind="preset", preset="tiny-shapes", resolution=64, vq_factor=4,
-        vq_channels=(16, 32, 64), vq_latent_channels=8, text_length=32, text_layers=2, text_heads=4,
-        guidance_scale=3.0,
-        notes=(f"tiny-shapes: {reason}; using the tiny-shapes preset with random weights (same shapes as the "
-               "trained default, so speed and size are the same)",),
-    )
-
-
 def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> ModelSource:
     """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder (whose CLIP text
     encoder may be the separate folder `text_encoder`)."""
@@ -101,9 +87,7 @@ def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> M
     if name == "meissonic-1024":
         return _meissonic_1024()
     if name == "tiny-shapes":
-        if (DEFAULT_MODEL / "transformer").is_dir():
-            return _folder_source(DEFAULT_MODEL, display="tiny-shapes")
-        return _tiny_shapes_preset(f"the embedded checkpoint {DEFAULT_MODEL} does not exist (yet)")
+        return _folder_source(default_model(), display="tiny-shapes")
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -180,68 +164,3 @@ def forward_inputs(source: ModelSource, dtype: torch.dtype, device: str = "cpu",
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(dtype)
     inputs["pooled_projections"] = inputs["pooled_projections"].to(dtype)
     return {k: v.to(device) for k, v in inputs.items()}
-
-
-# ------------------------------------------------------------------------------- pipeline parts
-def random_text_parts(source: ModelSource, dtype: torch.dtype, seed: int = 0):
-    """(tokenizer, text_encoder): a preset's random stand-ins (folders bring their own)."""
-    from mgtq.factory import tiny_text_encoder
-    from mgtq.shapes import vocabulary
-    from mgtq.text import build_word_tokenizer
-
-    config = transformer_config(source)
-    tokenizer = build_word_tokenizer(vocabulary(), max_length=source.text_length)
-    with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; keep the caller's stream
-        torch.manual_seed(seed + 1)
-        encoder = tiny_text_encoder(tokenizer, config["joint_attention_dim"], config["pooled_projection_dim"],
-                                    layers=source.text_layers, heads=source.text_heads)
-    return tokenizer, encoder.to(dtype).eval()
-
-
-def vq_config(source: ModelSource):
-    """The VQConfig of a preset's random VQ (None for folders, which bring their own)."""
-    from mgtq.vq import VQConfig
-
-    if source.kind != "preset":
-        return None
-    return VQConfig(block_out_channels=source.vq_channels, latent_channels=source.vq_latent_channels,
-                    num_vq_embeddings=transformer_config(source)["codebook_size"],
-                    norm_num_groups=min(8, min(source.vq_channels)), image_size=source.resolution)
-
-
-def build_vq(source: ModelSource, seed: int = 0, empty: bool = False):
-    """The VQ decoder: loaded from the folder or a random stand-in. `empty=True`: on the meta device
-    (a placeholder holding the config only, for the offloading mode that loads it later)."""
-    from diffusers import VQModel
-
-    from mgtq.vq import build_vq as build_random_vq
-    from mgtq.vq import vq_model_kwargs
-
-    folder = None if source.kind == "preset" else Path(source.path) / "vqvae"
-    if empty:
-        from accelerate import init_empty_weights
-
-        kwargs = vq_model_kwargs(vq_config(source)) if folder is None else VQModel.load_config(folder)
-        with init_empty_weights():
-            return VQModel.from_config(kwargs) if folder is not None else VQModel(**kwargs)
-    if folder is not None:
-        from mgtq.pipeline import load_component
-
-        return load_component(VQModel, folder).eval()
-    return build_random_vq(vq_config(source), seed=seed + 2).eval()
-
-
-def pipeline_settings(source: ModelSource, steps: int, settings=None):
-    """PipelineSettings of the benchmark runs: the source's resolution, `steps` steps, CFG on.
-
-    `settings`: those the folder's pipeline loaded with (folders only)."""
-    import dataclasses
-
-    from mgtq.pipeline import PipelineSettings
-    from mgtq.sampling import SamplerConfig
-
-    if settings is not None:
-        sampler = settings.sampler.replace(num_steps=steps, guidance_scale=source.guidance_scale)
-        return dataclasses.replace(settings, sampler=sampler)
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=source.guidance_scale, timestep_convention="mask_ratio")
-    return PipelineSettings(sampler=sampler, resolution=source.resolution, image_range="-1,1")

@@ -29,6 +29,13 @@ PRESETS: dict[str, dict] = {
         joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=(8, 12, 12),
         vocab_size=264, codebook_size=256, downsample=True, upsample=True,
     ),
+    # The same network in the layout without feature compression (Meissonic's 512px models): the
+    # blocks see the 16×16 VQ grid, 4× the tokens of "tiny-shapes".
+    "tiny-shapes-16x16": dict(
+        num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32,
+        joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=(8, 12, 12),
+        vocab_size=264, codebook_size=256, downsample=False, upsample=False,
+    ),
     # Smallest sensible member, for unit tests.
     "test-micro": dict(
         num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,

@@ -3,7 +3,7 @@
     from mgtq.shapes import sample_scene, render, caption, shapebench_prompts, score_image
 """
 
-from .bench import BenchPrompt, bench_scene, render_ground_truth, shapebench_prompts
+from .shapebench import ShapeBenchPrompt, shapebench_scene, render_ground_truth, shapebench_prompts
 from .edit import EDIT_TASKS, EditItem, edit_inputs, shapebench_edit_items, target_scene
 from .scorer import Detection, ScorerConfig, detect_objects, evaluate, score_image
 from .world import (
@@ -32,7 +32,7 @@ __all__ = [
     "BACKGROUND", "CATEGORIES", "COLOURS", "IMAGE_SIZE", "PALETTE", "SHAPES",
     "ObjectSpec", "PlacedShape", "Scene", "Spec", "all_specs", "caption", "parse_prompt", "render",
     "sample_layout", "sample_scene", "sample_spec", "spec_to_caption", "vocabulary",
-    "BenchPrompt", "bench_scene", "render_ground_truth", "shapebench_prompts",
+    "ShapeBenchPrompt", "shapebench_scene", "render_ground_truth", "shapebench_prompts",
     "EDIT_TASKS", "EditItem", "edit_inputs", "shapebench_edit_items", "target_scene",
     "Detection", "ScorerConfig", "detect_objects", "evaluate", "score_image",
 ]

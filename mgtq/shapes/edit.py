@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .bench import SEED_STRIDE, SPLITS
+from .shapebench import SEED_STRIDE, SPLITS
 from .world import (BACKGROUND, CATEGORIES, COLOURS, IMAGE_SIZE, SHAPES, Scene, Spec, parse_prompt, render,
                     sample_scene, spec_to_caption)
 

@@ -253,7 +253,7 @@ def score_image(image, prompt: str | Spec, config: ScorerConfig = ScorerConfig()
 
 
 def evaluate(images: Sequence, prompts: Sequence, config: ScorerConfig = ScorerConfig()) -> dict:
-    """Score ``images[i]`` against ``prompts[i]`` (str or BenchPrompt) and aggregate.
+    """Score ``images[i]`` against ``prompts[i]`` (str or ShapeBenchPrompt) and aggregate.
 
     Returns {"overall": accuracy, "per_category": {category: accuracy}, "n": count,
     "per_prompt": [{"prompt", "category", "seed", "ok", "reason", "detections"}, ...]}.

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
-from mgtq.factory import tiny_text_encoder
+from mgtq.models.random import tiny_text_encoder
 from mgtq.models.presets import preset_config
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.pipeline import MGTPipeline, PipelineSettings
@@ -96,8 +96,8 @@ def category_probabilities(weights: dict) -> np.ndarray:
 def training_scene(index: int, seed: int, category_weights: dict | None = None):
     """Scene `index` of the data drawn with `seed`: from (seed + 1)·10⁹ + index, far from ShapeBench seeds.
 
-    Without weights the world draws the category uniformly (the stage 1–4 data, unchanged); with
-    them the category is drawn first from the same generator.
+    Without weights the world draws the category uniformly; with them the category is drawn first
+    from the same generator, so the unweighted draw stays what it always was for a given seed.
     """
     from mgtq.shapes.world import CATEGORIES, sample_scene
 
@@ -158,15 +158,29 @@ def build_models(config: MGTTrainConfig, tokenizer, codebook_size: int):
     return transformer, text_encoder
 
 
-def _warm_start(transformer, text_encoder, tokenizer, folder: Path) -> None:
-    """Continue from a trained pipeline: same architecture and tokenizer vocabulary required."""
+def _warm_start(transformer, text_encoder, tokenizer, folder: Path) -> dict:
+    """Continue from a trained pipeline: the same tokenizer vocabulary, and every weight of the new
+    transformer present in the source with the same shape.
+
+    The source may hold more: weights of a part the new layout drops (the feature-compression
+    convolutions when a model without them starts from one with them). Returns which weights were
+    reused and which were left behind, for the run record.
+    """
     from mgtq.pipeline import MGTPipeline
 
     source = MGTPipeline.from_pretrained(folder)
     if source.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{folder} was trained with another tokenizer vocabulary; cannot warm-start from it")
-    transformer.load_state_dict(source.transformer.state_dict())
+    state, target = source.transformer.state_dict(), transformer.state_dict()
+    missing = sorted(k for k in target if k not in state)
+    mismatched = sorted(k for k in target if k in state and state[k].shape != target[k].shape)
+    if missing or mismatched:
+        raise ValueError(f"cannot warm-start from {folder}: its transformer lacks {missing[:5]} and has other shapes for "
+                         f"{mismatched[:5]}; only a layout change that drops parts (feature compression) is supported")
+    transformer.load_state_dict({k: state[k] for k in target})
     text_encoder.load_state_dict(source.text_encoder.state_dict())
+    dropped = sorted(k for k in state if k not in target)
+    return {"from": str(folder), "reused": len(target), "dropped": dropped}
 
 
 def lr_at(step: int, config: MGTTrainConfig) -> float:
@@ -177,8 +191,9 @@ def lr_at(step: int, config: MGTTrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _Joint(torch.nn.Module):
-    """Text encoder + transformer as one module, so accelerate prepares and saves them together."""
+class _MaskedTokenLoss(torch.nn.Module):
+    """Text encoder + transformer as one module whose forward is the training loss, so accelerate
+    prepares and saves both together."""
 
     def __init__(self, transformer, text_encoder):
         super().__init__()
@@ -217,8 +232,8 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     torch.manual_seed(config.seed)  # module init uses the global generator; make it repeatable
     transformer, text_encoder = build_models(config, tokenizer, vq.config.num_vq_embeddings)
     if config.init_from:
-        _warm_start(transformer, text_encoder, tokenizer, Path(config.init_from))
-    joint = _Joint(transformer, text_encoder)
+        write_json(run / "warm_start.json", _warm_start(transformer, text_encoder, tokenizer, Path(config.init_from)))
+    joint = _MaskedTokenLoss(transformer, text_encoder)
     optimizer = torch.optim.AdamW(joint.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
@@ -228,7 +243,7 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     start, saved = loop.resume(accelerator, state_dir, joint, optimizer, scheduler)
     micro = micro_conditions(IMAGE_SIZE, IMAGE_SIZE, device=accelerator.device)
     log_path = run / "log.jsonl"
-    t0 = time.time()
+    t0 = time.time() - _elapsed_before(log_path, start)  # elapsed_s counts training time over every resume
 
     def loss_fn(step: int, _micro: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # same batches after a resume
@@ -256,6 +271,14 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
         export_pipeline(unwrapped.transformer, vq, unwrapped.text_encoder, tokenizer, config, out)
         summary["out"] = str(out)
     return summary
+
+
+def _elapsed_before(log_path: Path, step: int) -> float:
+    """Training seconds logged up to `step` (the saved state a resume continues from); 0 for a new run."""
+    if step == 0 or not log_path.exists():
+        return 0.0
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return max((e["elapsed_s"] for e in entries if e["step"] <= step), default=0.0)
 
 
 def export_pipeline(transformer, vq, text_encoder, tokenizer, config: MGTTrainConfig, out) -> None:

@@ -220,7 +220,7 @@ def evaluate_roundtrip(vq, per_category: int = 64, batch_size: int = 64) -> dict
     Returns the :func:`mgtq.shapes.scorer.evaluate` dict plus "ground_truth_overall" (scorer on the
     originals, should be 1.0), "mean_abs_error" (uint8 units) and "codes_used".
     """
-    from ..shapes.bench import render_ground_truth, shapebench_prompts
+    from ..shapes.shapebench import render_ground_truth, shapebench_prompts
     from ..shapes.scorer import evaluate
     from ..vq import encode_to_tokens
 

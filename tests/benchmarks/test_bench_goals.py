@@ -1,22 +1,38 @@
-"""benchmarks/bench_goals.py: which goals a bench JSON meets, compiled weight-cache rows included."""
+"""benchmarks/bench_goals.py: the goal table of a committed bench JSON, peers read from benchmarks/bench_peers.py;
+the compiled weight-cache goals."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_goals.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_goals", SCRIPT)
+def test_goals_compare_mgtq_w4a8_with_each_w4a8_peer_of_the_lab():
+    from mgtq.bench.lab import load_lab
+
+    peers = load_lab("peers").W4A8_PEERS  # the one definition the goals script imports too
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "bench_goals.py",
+                           ROOT / "benchmarks" / "results" / "bench_tiny-shapes.json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for peer in peers:  # that run has every W4A8 peer ok: one forward and one weights goal each
+        assert f"| mgtq w4a8 forward / {peer} forward |" in done.stdout
+        assert f"| mgtq w4a8 weight bytes / {peer} weight bytes |" in done.stdout
+
+
+def _script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its folder's bench_peers
+    spec = importlib.util.spec_from_file_location("bench_goals", ROOT / "benchmarks" / "bench_goals.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def test_compiled_cached_goals_read_the_round_medians():
-    bench_goals = _script()
+def test_compiled_cached_goals_read_the_round_medians(monkeypatch):
+    bench_goals = _script(monkeypatch)
     spread = {"min": 0.7, "max": 0.9, "rounds": 5}
     report = {"results": [], "ratios": {
         "w4a8-cached+compile": {"forward_vs_bf16": 0.82, "forward_vs_bf16_spread": spread},

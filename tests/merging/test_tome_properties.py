@@ -1,6 +1,8 @@
 """TomeMGT properties (hypothesis): locality windows, ties to the nearest, exact counts, mask-aware
 sources and schedule, exact no-op and removal, batch independence, deterministic per seed."""
 
+import copy
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -190,6 +192,16 @@ def _model():
     return _MODEL
 
 
+_MODEL_F64 = None
+
+
+def _model_f64():
+    global _MODEL_F64
+    if _MODEL_F64 is None:
+        _MODEL_F64 = copy.deepcopy(_model()).double()
+    return _MODEL_F64
+
+
 def _inputs(model, batch, sigma, seed):
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -226,12 +238,15 @@ def test_ratio_zero_is_bit_identical_and_remove_restores(config, sigma, seed):
 @settings(max_examples=4, deadline=None)
 @given(config=configs, sigma=st.floats(0, 1), seed=st.integers(0, 99))
 def test_a_sample_does_not_depend_on_its_batch_mates(config, sigma, seed):
-    # Batch-mates at the same step (the sampler's batches): a CFG pair and a third prompt.
-    model = _model()
+    # Batch-mates at the same step (the sampler's batches): a CFG pair and a third prompt. In float64:
+    # in float32 a batch of 3 and a batch of 1 round differently in the GEMMs, which can flip a near-tie
+    # of the merge matching (identical [MASK] tokens tie often), a rounding effect and not a dependence.
+    model = _model_f64()
     inputs = _inputs(model, 3, sigma, seed)
     other = _inputs(model, 3, sigma, seed + 1000)
     inputs["encoder_hidden_states"][1:] = other["encoder_hidden_states"][1:]
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         batch = model(**inputs, token_merging=TomePlan(config))
         alone = model(**{k: v[:1] for k, v in inputs.items()}, token_merging=TomePlan(config))
-    torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch[:1], alone, rtol=1e-9, atol=1e-9)

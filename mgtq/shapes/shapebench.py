@@ -1,7 +1,7 @@
 """ShapeBench: a fixed, code-generated prompt set for the shapes world (GenEval in spirit).
 
 Every prompt carries the seed of the world scene it was captioned from, so the ground-truth image
-of a prompt is ``render(bench_scene(p))``; the same seed is the one a generator should use.
+of a prompt is ``render(shapebench_scene(p))``; the same seed is the one a generator should use.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MAX_PER_CATEGORY = SEED_STRIDE // 2
 
 
 @dataclass(frozen=True)
-class BenchPrompt:
+class ShapeBenchPrompt:
     """One benchmark item: the caption, the seed of its scene (and generation), its category."""
 
     prompt: str
@@ -38,12 +38,12 @@ class BenchPrompt:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
 
 
-def bench_scene(item: BenchPrompt) -> Scene:
+def shapebench_scene(item: ShapeBenchPrompt) -> Scene:
     """The world scene a prompt was captioned from (its ground truth)."""
     return sample_scene(np.random.default_rng(item.seed), item.category)
 
 
-def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "test") -> list[BenchPrompt]:
+def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "test") -> list[ShapeBenchPrompt]:
     """The ShapeBench prompt list, ``per_category`` prompts per category in :data:`CATEGORIES` order.
 
     ``split`` is "test" (the benchmark) or "val" (disjoint seeds, for tuning). Deterministic: the
@@ -60,10 +60,10 @@ def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "t
         for i in range(per_category):
             seed = base_seed + SEED_STRIDE * k + i
             scene = sample_scene(np.random.default_rng(seed), category)
-            items.append(BenchPrompt(caption(scene), seed, category))
+            items.append(ShapeBenchPrompt(caption(scene), seed, category))
     return items
 
 
-def render_ground_truth(items: list[BenchPrompt]) -> np.ndarray:
+def render_ground_truth(items: list[ShapeBenchPrompt]) -> np.ndarray:
     """Ground-truth images of ``items``: uint8 (N, 64, 64, 3)."""
-    return np.stack([render(bench_scene(item)) for item in items])
+    return np.stack([render(shapebench_scene(item)) for item in items])

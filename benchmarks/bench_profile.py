@@ -1,4 +1,4 @@
-"""Where a forward's time goes: torch.profiler self-time summed by operator category.
+"""Where a forward's time goes (`mgtq bench --profile`): torch.profiler self-time summed by operator category.
 
 Categories (by ATen / custom op name):
     int8 GEMM        torch._int_mm, oneDNN int8 linear, quanto/torchao int8 matmuls

@@ -1,4 +1,4 @@
-"""Peer quantization libraries run beside mgtq on the same model and inputs.
+"""Peer quantization libraries run beside mgtq on the same model and inputs (`mgtq bench --peers`).
 
 Each peer quantizes the same Linear layers mgtq quantizes (every `nn.Linear` of the transformer;
 embedding, convs and norms stay bf16) of the same bf16 model:
@@ -16,7 +16,8 @@ embedding, convs and norms stay bf16) of the same bf16 model:
                         on CPU in torchao 0.18 (needs the mslk kernels); kept so the report says so
 
 A peer whose package is missing, or whose config does not run on this device, is skipped with a
-message (`unavailable_reason`), never a crash.
+message (`unavailable_reason`), never a crash. mgtq's harness loads this file from the checkout
+(mgtq.bench.lab); optimum-quanto comes with `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _ao_int4():
     return import_module("torchao.quantization").Int4WeightOnlyConfig()
 
 
-_QUANTO = dict(family="optimum-quanto", package="optimum.quanto", install="pip install 'mgtq[peers]'")
+_QUANTO = dict(family="optimum-quanto", package="optimum.quanto", install="pip install -e '.[bench]'")
 _TORCHAO = dict(family="torchao", package="torchao.quantization", install="pip install torchao")
 
 PEERS: dict[str, Peer] = {p.name: p for p in (

@@ -1,0 +1,23 @@
+"""What importing mgtq pulls in: never the test fixtures (mgtq.testing) nor matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = ("mgtq.testing", "matplotlib")
+
+
+@pytest.mark.parametrize("modules", [("mgtq", "mgtq.cli", "mgtq.bench"),
+                                     ("mgtq.bench.runner", "mgtq.bench.case", "mgtq.bench.build", "mgtq.models.random")])
+def test_mgtq_imports_neither_the_test_fixtures_nor_matplotlib(modules):
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {list(modules)}]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mgtq', 'matplotlib')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = eval(proc.stdout.strip().splitlines()[-1])
+    assert all(m in loaded for m in modules)  # the probe really imported them
+    bad = [m for m in loaded if m.startswith(FORBIDDEN)]
+    assert not bad, f"importing {modules} loaded {bad}"
