@@ -85,8 +85,8 @@ def kernel_choices(device: str) -> list[dict]:
     x = torch.empty(0, device=device)
     capability = torch.cuda.get_device_capability(x.device) if device.startswith("cuda") else None
     cpu_class = kernels.cpu_class() if x.device.type == "cpu" else None
-    # The opt-in W4A8 weight cache is oneDNN's prepacked weight only on CPU classes whose int8 dot
-    # products oneDNN uses; elsewhere it is the plain int8 operand (the same kernel as without it).
+    # The opt-in W4A8 weight cache is oneDNN's prepacked weight only where kernels.weight_cache_backend
+    # says so (amx-int8); elsewhere it is the plain int8 operand (the same kernel as without it).
     onednn_cache = cpu_class is not None and kernels.weight_cache_backend(cpu_class) == "onednn"
     rows = []
     for regime, m in KERNEL_ROWS.items():

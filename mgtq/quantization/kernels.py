@@ -13,8 +13,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
-| cpu    | W4A8   | oneDNN cache, amx-int8/avx512-vnni, compiling  | onednn_inline    |
-| cpu    | W4A8   | oneDNN cache, amx-int8/avx512-vnni             | onednn           |
+| cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling      | onednn_inline    |
+| cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -25,10 +25,12 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
 
 The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacked
-int8 layout on CPU classes with int8 dot products (``amx-int8``: AMX tiles,
-``avx512-vnni``: VNNI), where oneDNN's int8 GEMM beats ``_int_mm`` (on AMX also
-the bf16 GEMM); on ``amx-bf16`` / ``avx2`` it is the plain unpacked int8 weight
-for ``int_mm_chunked`` (no VNNI: oneDNN's int8 path has no edge there).
+int8 layout on ``amx-int8``, where oneDNN's int8 GEMM runs on AMX tiles and beats
+both ``_int_mm`` (VNNI) and the bf16 GEMM; on the other classes it is the plain
+unpacked int8 weight for ``int_mm_chunked``.  With oneDNN capped below AMX
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` on this AMX machine) its int8 linear took
+seconds per call where ``_int_mm`` took milliseconds: until a real VNNI machine
+says otherwise, ``avx512-vnni`` stays on ``_int_mm``.
 
 Kernels:
 
@@ -133,9 +135,9 @@ KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", 
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
 CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
-# Classes whose int8 dot products (AMX tiles, AVX512-VNNI) oneDNN's int8 linear uses: there the W4A8
-# weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8 path.
-ONEDNN_INT8_CLASSES = ("amx-int8", "avx512-vnni")
+# Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
+# path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
+ONEDNN_INT8_CLASSES = ("amx-int8",)
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)

@@ -52,15 +52,15 @@ def test_choice_table(scheme, context, expected):
 
 @pytest.mark.parametrize("cls, compiling, rows, expected", [
     ("amx-int8", False, 2202, "onednn"), ("amx-int8", True, 2202, "onednn_inline"), ("amx-int8", False, 2, "onednn"),
-    ("avx512-vnni", False, 2202, "onednn"), ("avx512-vnni", True, 2202, "onednn_inline"),
-    # no int8 dot products for oneDNN: its cache is the plain int8 operand of the chunked _int_mm
+    # elsewhere the cache is the plain int8 operand of the chunked _int_mm
+    ("avx512-vnni", False, 2202, "int_mm_chunked"), ("avx512-vnni", True, 2202, "int_mm_chunked_inline"),
     ("amx-bf16", False, 2202, "int_mm_chunked"), ("amx-bf16", True, 2202, "int_mm_chunked_inline"),
     ("avx2", False, 2202, "int_mm_chunked"), ("avx2", True, 2202, "int_mm_chunked_inline"), ("avx2", False, 2, "int_mm"),
 ])
 def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, expected):
     cache = kernels.weight_cache_backend(cls) == "onednn"
     assert choose_kernel("w4a8", ctx(m=rows, cache=cache, compiling=compiling, cpu_class=cls)) == expected
-    # a oneDNN cache forced onto a class without int8 dot products is not used by the GEMM choice
+    # a oneDNN cache forced onto another class is not used by the GEMM choice
     assert choose_kernel("w4a8", ctx(m=rows, cache=True, compiling=compiling, cpu_class=cls)) == expected
 
 
@@ -101,7 +101,7 @@ def test_avx2_w4a16_multiplies_in_fp32(monkeypatch, layers):
 ])
 def test_cpu_class_from_flags_and_its_weight_cache(flags, expected):
     assert kernels.detect_cpu_class(flags) == expected
-    assert kernels.weight_cache_backend(expected) == ("onednn" if expected in ("amx-int8", "avx512-vnni") else "int8")
+    assert kernels.weight_cache_backend(expected) == ("onednn" if expected == "amx-int8" else "int8")
 
 
 @pytest.mark.parametrize("cls", kernels.CPU_CLASSES)
