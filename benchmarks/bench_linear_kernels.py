@@ -23,6 +23,10 @@ Usage::
 
     python benchmarks/bench_linear_kernels.py --threads 2 --repeats 15 [--out results.md]
 
+Another CPU class's kernels on this machine: ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` (no AMX) or
+``AVX2`` caps oneDNN (which runs the bf16 GEMMs, ``_int_mm`` and the oneDNN int8 linear), with
+``MGTQ_CPU_CLASS`` set to the matching class for mgtq's dispatch.
+
 On a shared machine (other jobs on the cores) multi-threaded timings are
 dominated by OpenMP barriers waiting for a descheduled thread, which punishes
 kernels made of many small ops far more than one big GEMM; ``--threads 1
@@ -32,6 +36,7 @@ kernels made of many small ops far more than one big GEMM; ``--threads 1
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -44,6 +49,7 @@ from torch import nn
 
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
 from mgtq.quantization import kernels
+from mgtq.utils import atomic_write_text
 
 D = 1024
 STATS = {"median": statistics.median, "min": min}
@@ -68,6 +74,10 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
         LayerShape("proj_mlp 1024->4096", D, 4 * D, m),
         LayerShape("proj_out 5120->1024", 5 * D, D, m),
     ]
+
+
+VARIANTS = ("fp32", "bf16", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
+            "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "W4A8+onednn")
 
 
 def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
@@ -99,7 +109,7 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
         "W4A8": lambda: w4a8(xbf),
         "A8 int_mm chunked": lambda: _forced(w4a8, xbf, "int_mm_chunked"),
         "A8 int_mm one call": lambda: kernels.rescale_acc(
-            torch._int_mm(kernels.quantize_int8_rows(xbf, a8[2]), kernels.unpack_int4_x16_op(a8[0]).t()),
+            torch._int_mm(kernels.quantize_int8_rows(xbf, a8[2]), kernels.unpack_int4_times16_op(a8[0]).t()),
             a8[1], a8[2], a8[3], torch.bfloat16, 1.0 / 16.0),
         "A8 int8pack exact": lambda: _forced(w4a8, xbf, "int8pack_exact"),
         "W4A8+onednn": lambda: w4a8_cached(xbf),
@@ -155,15 +165,20 @@ def main() -> None:
         "--stat", choices=["median", "min"], default="median", help="min = least-disturbed run on a busy machine"
     )
     ap.add_argument("--out", type=str, default=None, help="also write the Markdown report here")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of the variants to time (bf16 is always timed: ratios are to it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    variants = ["fp32", "bf16", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
-                "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "W4A8+onednn"]
+    wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
+    if wanted - set(VARIANTS):
+        raise SystemExit(f"unknown --variants {sorted(wanted - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in wanted]
     rows: list[tuple[str, dict[str, float]]] = []
     block = {v: 0.0 for v in variants}
     for shape in block_shapes(args.batch, args.tokens):
-        t = time_round_robin(make_variants(shape), args.repeats, args.warmup, STATS[args.stat])
+        candidates = {name: fn for name, fn in make_variants(shape).items() if name in wanted}
+        t = time_round_robin(candidates, args.repeats, args.warmup, STATS[args.stat])
         label = f"{shape.name} (M={shape.rows})" + (f", per layer (x{shape.count} in block)" if shape.count > 1 else "")
         rows.append((label, t))
         for v in variants:
@@ -171,15 +186,17 @@ def main() -> None:
     rows.append(("**block total (6 Linears)**", block))
     # SCQ: 1/3 of the Linears get int8 activations (chosen by activation
     # magnitude, so which ones varies); expected cost = 1/3 A8 + 2/3 A16.
-    mix = {v: block[v] for v in variants}
-    mix["W4A16"] = mix["W4A8"] = block["W4A8"] / 3 + 2 * block["W4A16"] / 3
-    mix["W4A8+onednn"] = block["W4A8+onednn"] / 3 + 2 * block["W4A16"] / 3
-    rows.append(("**SCQ mix, expected (1/3 A8, 2/3 A16)**", mix))
+    if {"W4A16", "W4A8", "W4A8+onednn"} <= wanted:
+        mix = {v: block[v] for v in variants}
+        mix["W4A16"] = mix["W4A8"] = block["W4A8"] / 3 + 2 * block["W4A16"] / 3
+        mix["W4A8+onednn"] = block["W4A8+onednn"] / 3 + 2 * block["W4A16"] / 3
+        rows.append(("**SCQ mix, expected (1/3 A8, 2/3 A16)**", mix))
 
     report = [
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"mgtq CPU class {kernels.cpu_class()} (mgtq.quantization.kernels), "
+        f"oneDNN ISA limit {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, "
         f"{args.stat} of {args.repeats} round-robin repeats after {args.warmup} warm-ups, "
         f"batch {args.batch} x {args.tokens} tokens.",
         "",
@@ -194,8 +211,7 @@ def main() -> None:
     text = "\n".join(report)
     print(text)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+        atomic_write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,14 +84,20 @@ def kernel_choices(device: str) -> list[dict]:
 
     x = torch.empty(0, device=device)
     capability = torch.cuda.get_device_capability(x.device) if device.startswith("cuda") else None
+    cpu_class = kernels.cpu_class() if x.device.type == "cpu" else None
+    # The opt-in W4A8 weight cache is oneDNN's prepacked weight only where kernels.weight_cache_backend
+    # says so (amx-int8); elsewhere it is the plain int8 operand (the same kernel as without it).
+    onednn_cache = cpu_class is not None and kernels.weight_cache_backend(cpu_class) == "onednn"
     rows = []
     for regime, m in KERNEL_ROWS.items():
         for compiling in (False, True):
             ctx = kernels.KernelContext(device=x.device.type, m=m, k=1024, n=1024, dtype=torch.bfloat16,
                                         group_size=1024, capability=capability, compiling=compiling,
-                                        cpu_class=kernels.cpu_class() if x.device.type == "cpu" else None)
+                                        cpu_class=cpu_class)
+            cached = replace(ctx, cache=onednn_cache)
             rows.append({"rows": regime, "m": m, "compiled": compiling, "cpu_class": ctx.cpu_class,
-                         **{scheme: kernels.choose_kernel(scheme, ctx) for scheme in ("w4a16", "w4a8")}})
+                         **{scheme: kernels.choose_kernel(scheme, ctx) for scheme in ("w4a16", "w4a8")},
+                         "w4a8_cached": kernels.choose_kernel("w4a8", cached)})
     return rows
 
 
@@ -118,10 +125,10 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {row['label']} | {row['status']} | {fmt(row['forward_s'])} | {fmt(row['forward_vs_bf16'], 2)} "
                      f"| {fmt(row['image_48_s'], 2)} | {'–' if mem is None else f'{mem / 1e6:,.0f}'} |")
     lines += ["", "## Kernels chosen (bf16 activations, K = N = 1024)", "",
-              "| rows | M | compiled | CPU class | W4A16 | W4A8 |", "|---|---:|---|---|---|---|"]
+              "| rows | M | compiled | CPU class | W4A16 | W4A8 | W4A8 + weight cache |", "|---|---:|---|---|---|---|---|"]
     for row in result["kernels"]:
         lines.append(f"| {row['rows']} | {row['m']} | {row['compiled']} | {row['cpu_class'] or '–'} | {row['w4a16']} "
-                     f"| {row['w4a8']} |")
+                     f"| {row['w4a8']} | {row['w4a8_cached']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,8 @@ kernels) keyed by graph, shapes, torch version and config, but in a temporary fo
 (`/tmp/torchinductor_<user>`) that a reboot or a tmp cleaner empties. `use_persistent_compile_cache`
 points those caches at `cache_dir() / "torch-compile"`, so a second `mgtq generate --compile` on the
 same model and shapes loads the compiled code instead of building it; only Dynamo's tracing of each
-distinct block is paid again. Nothing is written into the repository or the install folder.
+distinct block is paid again. Nothing is written into the repository or the install folder. The
+folder's name carries a digest of mgtq's custom-op schemas (`ops_digest`), which torch's keys miss.
 
 Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
 `TORCHINDUCTOR_CACHE_DIR` the user set wins over all of them (torch's own knob keeps its meaning).
@@ -14,6 +15,7 @@ Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
-__all__ = ["CACHE_ENV", "cache_dir", "compile_cache_dir", "use_persistent_compile_cache"]
+__all__ = ["CACHE_ENV", "cache_dir", "compile_cache_dir", "ops_digest", "use_persistent_compile_cache"]
 
 
 def cache_dir() -> Path:
@@ -34,8 +36,22 @@ def cache_dir() -> Path:
 
 
 def compile_cache_dir() -> Path:
-    """Where torch.compile's caches go: one folder per torch version (their keys include it anyway)."""
-    return cache_dir() / "torch-compile" / f"torch-{torch.__version__}"
+    """Where torch.compile's caches go: one folder per torch version and per set of mgtq op schemas."""
+    return cache_dir() / "torch-compile" / f"torch-{torch.__version__}-ops-{ops_digest()}"
+
+
+def ops_digest(namespace: str = "mgtq") -> str:
+    """12 hex digits of the schemas of the custom ops in `namespace` (mgtq's: once its kernels are imported).
+
+    Inductor's cache keys cover the traced graph, not the schemas of the custom ops it calls: code
+    compiled before an op's argument was renamed would be loaded and call the op with the old name.
+    """
+    import mgtq.quantization.kernels  # noqa: F401  (registers mgtq's ops)
+
+    prefix = f"{namespace}::"
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+    schemas = "\n".join(str(torch._C._get_schema(name, "")) for name in names)
+    return hashlib.sha256(schemas.encode()).hexdigest()[:12]
 
 
 def _user_set_inductor_dir() -> str | None:

@@ -24,6 +24,17 @@ def test_cache_dir_follows_mgtq_then_xdg_then_home(monkeypatch, tmp_path):
     assert compilation.compile_cache_dir().parent == tmp_path / "mine" / "torch-compile"
 
 
+def test_cache_folder_changes_with_the_custom_op_schemas():
+    # A cached graph calls mgtq's ops by their argument names: a schema change must not load it.
+    import torch
+
+    assert compilation.compile_cache_dir().name.endswith(compilation.ops_digest())
+    before = compilation.ops_digest("mgtq_schema_probe")
+    torch.library.define("mgtq_schema_probe::op", "(Tensor x, int renamed) -> Tensor")
+    assert compilation.ops_digest("mgtq_schema_probe") != before
+    assert compilation.ops_digest() != before  # mgtq's own ops are registered and counted
+
+
 def test_persistent_cache_goes_to_the_user_folder_unless_torch_s_own_knob_is_set(monkeypatch, tmp_path):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 

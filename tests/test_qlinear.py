@@ -111,7 +111,7 @@ def test_w4a8_weight_cache_is_optional_and_equal(linear, backend):
     x = torch.randn(9, K)
     y = m(x)
     m.enable_weight_cache(backend)
-    assert m.weight_cache == backend and "_weight_x16" not in m.state_dict()
+    assert m.weight_cache == backend and "_weight_times16" not in m.state_dict()
     assert m.weight_nbytes() == N * K // 2 + N * 4 + 4 + N * K
     if backend == "int8":
         assert torch.equal(m(x), y)  # same kernel, unpack skipped
@@ -198,14 +198,15 @@ def test_input_errors(linear):
         W4Linear(K, N, group_size=48)
 
 
-def test_packed_weight_view_and_mappings(linear):
-    from mgtq.quantization import PackedInt4Weight
+def test_packed_int4_weight_round_trip_and_mappings(linear):
+    from mgtq.quantization import dequantize_int4_weight, pack_int4, unpack_int4
     from torchao.quantization.quant_primitives import MappingType
 
-    pw = PackedInt4Weight.from_float(linear.weight.detach(), group_size=32)
-    assert pw.shape == (N, K) and pw.group_size == 32 and pw.nbytes() == N * K // 2 + N * 4 * 4
-    assert torch.equal(pw.dequantize(), reference_weight(linear, 32))
-    assert int(pw.int_values().min()) >= -8 and int(pw.int_values().max()) <= 7
+    q, scale = quantize_int4_weight(linear.weight.detach(), 32)
+    packed = pack_int4(q)
+    assert packed.shape == (N, K // 2) and scale.shape == (N, K // 32)
+    assert torch.equal(dequantize_int4_weight(packed, scale), reference_weight(linear, 32))
+    assert torch.equal(unpack_int4(packed), q) and int(q.min()) >= -8 and int(q.max()) <= 7
     q, s = quantize_int4_weight(linear.weight.detach(), None, MappingType.SYMMETRIC_NO_CLIPPING_ERR)
     w = q.float() * s
     assert (w - linear.weight).abs().max() <= 0.5 * s.max() + 1e-7  # no clipping: error <= half a step

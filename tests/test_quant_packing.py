@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgtq.quantization.packing import pack_int4, unpack_int4, unpack_int4_x16
+from mgtq.quantization.packing import pack_int4, unpack_int4, unpack_int4_times16
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).flatmap(
     lambda lead: st.integers(1, 40).map(lambda half: (*lead, 2 * half))
@@ -21,7 +21,7 @@ def test_round_trip_exact(shape, seed):
     assert packed.dtype == torch.uint8
     assert packed.shape == (*shape[:-1], shape[-1] // 2)
     assert torch.equal(unpack_int4(packed), q)
-    assert torch.equal(unpack_int4_x16(packed), q * 16)
+    assert torch.equal(unpack_int4_times16(packed), q * 16)
 
 
 def test_all_byte_values_round_trip():

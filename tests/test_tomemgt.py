@@ -192,16 +192,26 @@ def test_micro_model_cfg_batch_and_non_square_grid():
 
 
 def test_bf16_runs(model):
-    bf16 = build_transformer("test-micro", num_layers=2, num_single_layers=2).eval()
-    bf16.load_state_dict(model.state_dict())
-    bf16 = bf16.to(torch.bfloat16)
+    # TomeMGT in bf16 computes in bf16 and gives the fp32 merged logits up to bf16 rounding: relative L2
+    # error about 0.01 on this model (bf16 keeps 8 significant bits through 4 blocks), so 0.03 bounds it,
+    # while merging itself moves the logits by about 0.06 (the test would notice a merge gone wrong).
+    def copy(dtype):
+        m = build_transformer("test-micro", num_layers=2, num_single_layers=2).eval()
+        m.load_state_dict(model.state_dict())
+        return m.to(dtype)
+
+    fp32, bf16 = copy(torch.float32), copy(torch.bfloat16)
+    assert bf16.compute_dtype == torch.bfloat16
     inputs = _inputs(bf16, 2, dtype=torch.bfloat16)
     with torch.no_grad():
-        ref = bf16(**inputs)
+        unmerged = bf16(**inputs)
+        apply_tomemgt(fp32, 0.5, blocks="all", merge_mlp=True)
         apply_tomemgt(bf16, 0.5, blocks="all", merge_mlp=True)
         logits = bf16(**inputs)
-    assert logits.dtype == torch.bfloat16 and logits.shape == ref.shape and torch.isfinite(logits.float()).all()
-    assert not torch.equal(logits, ref)
+        ref = fp32(**_inputs(fp32, 2))
+    assert logits.dtype == torch.bfloat16 and logits.shape == ref.shape
+    assert (logits.float() - ref).norm() / ref.norm() < 0.03
+    assert (unmerged.float() - ref).norm() / ref.norm() > 0.03
 
 
 def test_same_seed_same_output_whatever_ran_before(model):

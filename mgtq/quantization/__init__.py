@@ -32,10 +32,9 @@ from .api import (
     quantize_weights_,
     replace_linears_,
 )
-from .packing import pack_int4, unpack_int4, unpack_int4_x16
+from .packing import pack_int4, unpack_int4, unpack_int4_times16
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import (
-    PackedInt4Weight,
     choose_int8_scale,
     dequantize_int4_weight,
     int8_int4_linear,
@@ -53,7 +52,6 @@ __all__ = [
     "ActivationStats",
     "FakeQuantLinear",
     "Int8StaticFakeQuantizer",
-    "PackedInt4Weight",
     "QuantizedLinear",
     "W4A8Linear",
     "W4Linear",
@@ -73,7 +71,7 @@ __all__ = [
     "quantize_int8_per_tensor",
     "quantize_weights_",
     "unpack_int4",
-    "unpack_int4_x16",
+    "unpack_int4_times16",
 ]
 
 # PEP 562 lazy attributes: the QAT module subclasses torchao's FakeQuantizedLinear.

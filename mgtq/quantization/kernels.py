@@ -10,9 +10,11 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | device | scheme | condition                                      | kernel           |
 |--------|--------|------------------------------------------------|------------------|
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
+| cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
-| cpu    | W4A8   | opt-in oneDNN weight cache, eager              | onednn           |
+| cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling      | onednn_inline    |
+| cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -23,10 +25,12 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
 
 The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacked
-int8 layout on CPU classes with int8 dot products (``amx-int8``: AMX tiles,
-``avx512-vnni``: VNNI), where oneDNN's int8 GEMM beats ``_int_mm`` (on AMX also
-the bf16 GEMM); on ``amx-bf16`` / ``avx2`` it is the plain unpacked int8 weight
-for ``int_mm_chunked`` (no VNNI: oneDNN's int8 path has no edge there).
+int8 layout on ``amx-int8``, where oneDNN's int8 GEMM runs on AMX tiles and beats
+both ``_int_mm`` (VNNI) and the bf16 GEMM; on the other classes it is the plain
+unpacked int8 weight for ``int_mm_chunked``.  With oneDNN capped below AMX
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` on this AMX machine) its int8 linear took
+seconds per call where ``_int_mm`` took milliseconds: until a real VNNI machine
+says otherwise, ``avx512-vnni`` stays on ``_int_mm``.
 
 Kernels:
 
@@ -37,10 +41,19 @@ Kernels:
 * ``dequant_inline``: the same dequantization as plain torch ops, so that
   Inductor fuses unpack, convert, scale and cast into one pass (an opaque
   custom op would make it run the unfused eager code);
+* ``dequant_fp32``: dequantize to fp32 + fp32 GEMM, the output cast back to
+  the activation dtype: on ``avx2`` CPUs oneDNN emulates bf16 / fp16 GEMMs
+  (no such dot products), about 8x slower than its fp32 GEMM (1 thread,
+  2202 x 1024 x 1024, oneDNN capped at AVX2 on an AMX machine); more
+  accurate than the half-precision GEMM, not bit-equal to it;
 * ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
   the opt-in :func:`prepare_tinygemm`;
 * ``onednn``: ``onednn.qlinear_pointwise`` on the opt-in prepacked int8
   weight, rescale / bias / cast fused;
+* ``onednn_inline``: the same GEMM op under ``torch.compile``, with the
+  activation quantization as plain torch ops for Inductor to fuse into its
+  producer (the GEMM is a custom op, so the opaque prepacked weight enters
+  the graph as an argument; no ``freezing`` needed);
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -90,7 +103,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .packing import unpack_int4, unpack_int4_x16
+from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,
     INT8_MIN,
@@ -116,12 +129,15 @@ __all__ = [
     "TINYGEMM_GROUP_SIZES",
 ]
 
-KERNELS = ("int8pack", "dequant", "dequant_inline", "tinygemm", "onednn", "int8pack_exact", "int_mm_chunked",
-           "int_mm_chunked_inline", "int_mm")
+KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
+           "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
 CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
+# Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
+# path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
+ONEDNN_INT8_CLASSES = ("amx-int8",)
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -206,7 +222,7 @@ def cpu_class() -> str:
 
 def weight_cache_backend(cls: str) -> str:
     """The W4A8 weight cache for CPU class ``cls``: ``"onednn"`` with int8 dot products, else ``"int8"``."""
-    return "onednn" if cls in ("amx-int8", "avx512-vnni") else "int8"
+    return "onednn" if cls in ONEDNN_INT8_CLASSES else "int8"
 
 
 def int_mm_supported(capability: tuple[int, int] | None, cuda_version: str | None) -> bool:
@@ -235,10 +251,14 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "tinygemm"
         if small and per_channel and (ctx.device == "cuda" or ctx.k % 32 == 0):
             return "int8pack"
+        if ctx.device == "cpu" and ctx.cpu_class == "avx2" and ctx.dtype in (torch.bfloat16, torch.float16):
+            return "dequant_fp32"  # no bf16/fp16 dot products: oneDNN's half-precision GEMM is emulated
         return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
     if scheme == "w4a8":
-        if ctx.device == "cpu" and ctx.cache and not ctx.compiling:
-            return "onednn"
+        # The cache is built for this machine's class (weight_cache_backend); a context without a class
+        # (tests of other rows) trusts it.
+        if ctx.device == "cpu" and ctx.cache and ctx.cpu_class in (None, *ONEDNN_INT8_CLASSES):
+            return "onednn_inline" if ctx.compiling else "onednn"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
@@ -301,10 +321,10 @@ def _rescale_ref(acc: torch.Tensor, weight_scale: torch.Tensor | None, input_sca
 
 
 def _dequantize_ref(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    w16 = unpack_int4_x16(packed)
-    n, k = w16.shape
+    q_times16 = unpack_int4_times16(packed)
+    n, k = q_times16.shape
     g = scale.shape[1]
-    w = w16.to(torch.float32).view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
+    w = q_times16.to(torch.float32).view(n, g, k // g) * (scale.to(torch.float32) * (1.0 / 16.0)).unsqueeze(-1)
     return w.view(n, k).to(dtype)
 
 
@@ -335,15 +355,15 @@ def _(x, scale):
     return x.new_empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=torch.int8)
 
 
-@torch.library.custom_op("mgtq::unpack_int4_x16", mutates_args=())
-def unpack_int4_x16_op(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) -> int8 (N, K) holding ``16 * q`` (see :func:`.packing.unpack_int4_x16`)."""
+@torch.library.custom_op("mgtq::unpack_int4_times16", mutates_args=())
+def unpack_int4_times16_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int8 (N, K) holding ``16 * q`` (see :func:`.packing.unpack_int4_times16`)."""
     if packed.device.type == "cuda":
-        return _fused("unpack_x16", unpack_int4_x16)(packed)
-    return unpack_int4_x16(packed)
+        return _fused("unpack_times16", unpack_int4_times16)(packed)
+    return unpack_int4_times16(packed)
 
 
-@unpack_int4_x16_op.register_fake
+@unpack_int4_times16_op.register_fake
 def _(packed):
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.int8)
 
@@ -393,13 +413,13 @@ def _(packed, scale, dtype):
 @torch.library.custom_op("mgtq::int8_int4_linear_chunked", mutates_args=())
 def int8_int4_linear_chunked(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor,
                              bias: torch.Tensor | None, out_dtype: torch.dtype, chunk_n: int,
-                             weight_x16: torch.Tensor | None = None) -> torch.Tensor:
+                             weight_times16: torch.Tensor | None = None) -> torch.Tensor:
     """CPU W4A8 GEMM, chunked over output columns (see :func:`.qtensor.int8_int4_linear`)."""
-    return int8_int4_linear(x_q, packed, col_scale, bias, out_dtype, chunk_n=chunk_n, weight_x16=weight_x16)
+    return int8_int4_linear(x_q, packed, col_scale, bias, out_dtype, chunk_n=chunk_n, weight_times16=weight_times16)
 
 
 @int8_int4_linear_chunked.register_fake
-def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_x16=None):
+def _(x_q, packed, col_scale, bias, out_dtype, chunk_n, weight_times16=None):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
@@ -413,6 +433,20 @@ def weight_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
 @weight_int8pack_mm.register_fake
 def _(x, weight, scales):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("mgtq::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear_op(x_q: torch.Tensor, input_scale: torch.Tensor, prepacked: torch.Tensor,
+                          weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`.qtensor.onednn_int8_linear` as one op: Inductor lowers a bare ``qlinear_pointwise`` only
+    when its prepacked weight is a frozen constant (``freezing``); an opaque op takes it as an argument."""
+    return onednn_int8_linear(x_q, input_scale, prepacked, weight_scale, bias, out_dtype)
+
+
+@onednn_int8_linear_op.register_fake
+def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], weight_scale.shape[0]), dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------ the two layers
@@ -441,6 +475,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
         y = y if bias is None else y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
+    if kernel == "dequant_fp32":
+        # Plain torch ops: eager runs them as they are, Inductor fuses the dequantization.
+        w = _dequantize_ref(packed, scale, torch.float32)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     if kernel == "dequant_inline":
         w = _dequantize_ref(packed, scale, x.dtype)
     else:
@@ -450,25 +488,25 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
 
 def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                 bias: torch.Tensor | None, onednn_weight: torch.Tensor | None = None,
-                weight_x16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
+                weight_times16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
                 force_device: str | None = None) -> torch.Tensor:
     """W4A8: ``x (..., K)`` quantized to int8 with ``input_scale ()``, times int4 ``(N, K/2)``, scales ``(N, 1)``.
 
-    ``onednn_weight`` / ``weight_x16``: the opt-in int8 weight caches of
-    :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_x16`` is used by
+    ``onednn_weight`` / ``weight_times16``: the opt-in int8 weight caches of
+    :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_times16`` is used by
     the chunked CPU kernel and by ``int_mm`` in place of unpacking).
     """
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    if kernel == "int_mm_chunked_inline":
+    if kernel in ("int_mm_chunked_inline", "onednn_inline"):
         # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
         x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
     else:
         x_q = quantize_int8_rows(x, input_scale)  # (M, K)
     if kernel == "int_mm":
-        w16 = unpack_int4_x16_op(packed) if weight_x16 is None else weight_x16
-        acc = torch._int_mm(x_q, w16.t())  # 16 * exact int32, (M, N)
+        q_times16 = unpack_int4_times16_op(packed) if weight_times16 is None else weight_times16
+        acc = torch._int_mm(x_q, q_times16.t())  # 16 * exact int32, (M, N)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0 / 16.0)
     elif kernel == "int8pack_exact":
         # Unit scales: the kernel returns the exact integer sums (fp32 holds them exactly for
@@ -476,11 +514,11 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
-    elif kernel == "onednn":
-        y = onednn_int8_linear(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
+    elif kernel in ("onednn", "onednn_inline"):
+        y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
     else:
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
-                                     weight_x16)
+                                     weight_times16)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -15,7 +15,7 @@ quantized linear layer, so this matters more than the packing cost (offline).
 Two unpackers are offered:
 
 * :func:`unpack_int4` -- the exact values ``q`` (int8 in [-8, 7]);
-* :func:`unpack_int4_x16` -- ``16 * q`` (int8 in [-128, 112]).  Because the
+* :func:`unpack_int4_times16` -- ``16 * q`` (int8 in [-128, 112]).  Because the
   nibbles already sit in the top 4 bits after one shift / mask, this needs
   only one op per half and no sign-extension shift.  Kernels fold the 1/16
   into their scale, which is exact in floating point (a power of two).
@@ -33,7 +33,7 @@ __all__ = [
     "INT4_MAX",
     "pack_int4",
     "unpack_int4",
-    "unpack_int4_x16",
+    "unpack_int4_times16",
 ]
 
 
@@ -101,7 +101,7 @@ def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return out
 
 
-def unpack_int4_x16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_int4_times16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Unpack to ``16 * q`` as int8: one op per half, no sign extension needed.
 
     ``16 * q`` lies in [-128, 112] so it fits int8 exactly; it is the operand

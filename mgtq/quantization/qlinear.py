@@ -27,11 +27,10 @@ import torch
 from torch import nn
 
 from . import kernels
-from .packing import pack_int4, unpack_int4_x16
+from .packing import pack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MM_CHUNK_N,
     MappingLike,
-    PackedInt4Weight,
     dequantize_int4_weight,
     onednn_int8_linear_available,
     onednn_prepack_int8_weight,
@@ -90,14 +89,6 @@ class QuantizedLinear(nn.Module):
         """Bytes really held for the weight: packed int4 + scales (+ input scale); bias excluded."""
         total = tensor_nbytes(self.weight_packed) + tensor_nbytes(self.weight_scale)
         return total + tensor_nbytes(getattr(self, "input_scale", None))
-
-    def quantized_weight(self) -> PackedInt4Weight:
-        """The quantized weight as a :class:`PackedInt4Weight` view (no copy).
-
-        (Deliberately not called ``weight``: code probing ``module.weight.dtype``
-        must not mistake this module for a float linear.)
-        """
-        return PackedInt4Weight(self.weight_packed, self.weight_scale)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float ``(N, K)`` weight this module computes with."""
@@ -172,9 +163,6 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating point input, got {x.dtype}")
-
-    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(dtype)
 
 
 class W4Linear(QuantizedLinear):
@@ -271,14 +259,14 @@ class W4A8Linear(QuantizedLinear):
     Opt-in :meth:`enable_weight_cache` trades memory for speed by keeping an
     int8 copy of the weight (+1 byte per weight, i.e. 3x the int4 bytes in
     total; still below bf16): on CPU with oneDNN, prepacked for oneDNN's int8
-    linear, which fuses the rescale/bias/cast epilogue (eager only: an opaque
-    oneDNN tensor cannot enter a compiled graph, so compiled code takes the
-    int4 path); elsewhere as the plain unpacked int8 operand.  The cache is
+    linear, which fuses the rescale/bias/cast epilogue (eager and compiled: the
+    opaque oneDNN tensor enters a compiled graph as an argument of one custom
+    op); elsewhere as the plain unpacked int8 operand.  The cache is
     never saved, is dropped on deepcopy/pickle and when the module leaves the CPU.
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
-    _TRANSIENT = ("_onednn_weight", "_weight_x16")
+    _TRANSIENT = ("_onednn_weight", "_weight_times16")
 
     def __init__(
         self,
@@ -300,7 +288,7 @@ class W4A8Linear(QuantizedLinear):
         self.chunk_n = chunk_n
         # Caches are plain attributes, not buffers: never saved, and offload
         # hooks (which move every buffer) must not meet a None buffer.
-        self._weight_x16: torch.Tensor | None = None
+        self._weight_times16: torch.Tensor | None = None
         self._onednn_weight: torch.Tensor | None = None  # opaque MKLDNN tensor, never a buffer
 
     def extra_repr(self) -> str:
@@ -311,7 +299,7 @@ class W4A8Linear(QuantizedLinear):
         self._check_input(x)
         return kernels.w4a8_linear(
             x, self.weight_packed, self.weight_scale, self.input_scale, self.bias,
-            onednn_weight=self._onednn_weight, weight_x16=self._weight_x16, chunk_n=self.chunk_n,
+            onednn_weight=self._onednn_weight, weight_times16=self._weight_times16, chunk_n=self.chunk_n,
         )
 
     # ------------------------------------------------------------------ int8 weight cache (opt-in)
@@ -320,7 +308,7 @@ class W4A8Linear(QuantizedLinear):
         """``"onednn"``, ``"int8"`` or ``None``."""
         if self._onednn_weight is not None:
             return "onednn"
-        return None if self._weight_x16 is None else "int8"
+        return None if self._weight_times16 is None else "int8"
 
     def enable_weight_cache(self, backend: str = "auto") -> None:
         """Keep an int8 copy of the weight (+1 byte/weight, not saved) to skip per-call unpacking.
@@ -342,12 +330,12 @@ class W4A8Linear(QuantizedLinear):
                 raise RuntimeError("oneDNN int8 linear is not available for this device / build")
             self._onednn_weight = onednn_prepack_int8_weight(self.weight_packed)
         elif backend == "int8":
-            self._weight_x16 = unpack_int4_x16(self.weight_packed)
+            self._weight_times16 = unpack_int4_times16(self.weight_packed)
         else:
             raise ValueError(f"backend must be 'auto', 'onednn' or 'int8', got {backend!r}")
 
     def disable_weight_cache(self) -> None:
-        self._weight_x16 = None
+        self._weight_times16 = None
         self._onednn_weight = None
 
     def weight_nbytes(self) -> int:
@@ -359,8 +347,8 @@ class W4A8Linear(QuantizedLinear):
         result = super()._apply(fn, recurse)
         if self._onednn_weight is not None and self.weight_packed.device.type != "cpu":
             self._onednn_weight = None  # oneDNN's layout is CPU-only
-        if self._weight_x16 is not None and self._weight_x16.device != self.weight_packed.device:
-            self._weight_x16 = self._weight_x16.to(self.weight_packed.device)
+        if self._weight_times16 is not None and self._weight_times16.device != self.weight_packed.device:
+            self._weight_times16 = self._weight_times16.to(self.weight_packed.device)
         return result
 
     # ------------------------------------------------------------------ construction

@@ -26,19 +26,17 @@ where is decided in :mod:`mgtq.quantization.kernels`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import Union
 
 import torch
 
-from .packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4, unpack_int4_x16
+from .packing import INT4_MAX, INT4_MIN, unpack_int4, unpack_int4_times16
 
 __all__ = [
     "INT8_MIN",
     "INT8_MAX",
     "MappingLike",
-    "PackedInt4Weight",
     "quantize_int4_weight",
     "dequantize_int4_weight",
     "choose_int8_scale",
@@ -171,57 +169,13 @@ def dequantize_int4_weight(
     stage = None if dtype == torch.float32 else torch.empty(rows, k, dtype=torch.float32, device=packed.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        w16 = unpack_int4_x16(packed[r0:r1], out=buf8[: r1 - r0])
+        q_times16 = unpack_int4_times16(packed[r0:r1], out=buf8[: r1 - r0])
         f = out[r0:r1] if stage is None else stage[: r1 - r0]
-        f.copy_(w16)
+        f.copy_(q_times16)
         f.view(r1 - r0, groups, k // groups).mul_(scale16[r0:r1])
         if stage is not None:
             out[r0:r1].copy_(f)
     return out
-
-
-@dataclass(frozen=True)
-class PackedInt4Weight:
-    """A linear weight stored as packed int4 + fp32 scales.
-
-    Attributes:
-        packed: uint8 ``(N, K // 2)``, split-halves layout (:mod:`.packing`).
-        scale: fp32 ``(N, K // group_size)``.
-    """
-
-    packed: torch.Tensor
-    scale: torch.Tensor
-
-    def __post_init__(self) -> None:
-        _check_weight_pair(self.packed, self.scale)
-
-    @classmethod
-    def from_float(
-        cls,
-        weight: torch.Tensor,
-        group_size: int | None = None,
-        mapping_type: MappingLike = "SYMMETRIC",
-    ) -> "PackedInt4Weight":
-        q, scale = quantize_int4_weight(weight, group_size, mapping_type)
-        return cls(pack_int4(q), scale)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.packed.shape[0], self.packed.shape[1] * 2)
-
-    @property
-    def group_size(self) -> int:
-        return self.shape[1] // self.scale.shape[1]
-
-    def int_values(self) -> torch.Tensor:
-        """int8 ``(N, K)`` in [-8, 7]."""
-        return unpack_int4(self.packed)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4_weight(self.packed, self.scale, dtype)
-
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.packed) + tensor_nbytes(self.scale)
 
 
 def tensor_nbytes(t: torch.Tensor | None) -> int:
@@ -315,7 +269,7 @@ def int8_int4_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     chunk_n: int = INT8_MM_CHUNK_N,
-    weight_x16: torch.Tensor | None = None,
+    weight_times16: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Real W4A8 linear: ``(x_q @ q_w.T) * col_scale + bias`` with an int32 GEMM.
 
@@ -326,13 +280,13 @@ def int8_int4_linear(
         bias: optional ``(N,)``.
         out_dtype: dtype of the result.
         chunk_n: output columns per GEMM call (cache blocking).
-        weight_x16: optional cached ``16 * q_w`` int8 ``(N, K)`` to skip unpacking.
+        weight_times16: optional cached ``16 * q_w`` int8 ``(N, K)`` to skip unpacking.
 
     Returns:
         ``(M, N)`` tensor of ``out_dtype``.
 
     The GEMM runs on ``16 * q_w`` (one unpack op per half, see
-    :func:`unpack_int4_x16`) straight from a transposed view (the (K, N)
+    :func:`unpack_int4_times16`) straight from a transposed view (the (K, N)
     operand ``_int_mm`` wants, no copy); the 1/16 is folded into the column
     scale, which is exact.  The int32 accumulator is exact; the result is
     rounded once in fp32, then once to ``out_dtype``.
@@ -347,7 +301,7 @@ def int8_int4_linear(
     scale16 = col_scale.to(torch.float32) * (1.0 / 16.0)
     bias32 = None if bias is None else bias.to(torch.float32)
     step = max(1, min(chunk_n, n))
-    w_buf = None if weight_x16 is not None else torch.empty(step, k, dtype=torch.int8, device=x_q.device)
+    w_buf = None if weight_times16 is not None else torch.empty(step, k, dtype=torch.int8, device=x_q.device)
     # Reused per-chunk buffers (flat, so a narrower last chunk still gets a
     # contiguous view): no allocator churn inside the loop.
     acc_buf = torch.empty(m * step, dtype=torch.int32, device=x_q.device)
@@ -356,11 +310,11 @@ def int8_int4_linear(
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         c = c1 - c0
-        if weight_x16 is not None:
-            w16 = weight_x16[c0:c1]
+        if weight_times16 is not None:
+            q_times16 = weight_times16[c0:c1]
         else:
-            w16 = unpack_int4_x16(packed[c0:c1], out=w_buf[:c])
-        acc = int8_mm(x_q, w16.t(), out=acc_buf[: m * c].view(m, c))  # (M, c) int32, exact
+            q_times16 = unpack_int4_times16(packed[c0:c1], out=w_buf[:c])
+        acc = int8_mm(x_q, q_times16.t(), out=acc_buf[: m * c].view(m, c))  # (M, c) int32, exact
         dst = out[:, c0:c1]
         f = dst if stage_buf is None else stage_buf[: m * c].view(m, c)
         f.copy_(acc)

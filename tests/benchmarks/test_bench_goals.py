@@ -1,5 +1,7 @@
-"""benchmarks/bench_goals.py: the goal table of a committed bench JSON, peers read from benchmarks/bench_peers.py."""
+"""benchmarks/bench_goals.py: the goal table of a committed bench JSON, peers read from benchmarks/bench_peers.py;
+the compiled weight-cache goals."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +20,27 @@ def test_goals_compare_mgtq_w4a8_with_each_w4a8_peer_of_the_lab():
     for peer in peers:  # that run has every W4A8 peer ok: one forward and one weights goal each
         assert f"| mgtq w4a8 forward / {peer} forward |" in done.stdout
         assert f"| mgtq w4a8 weight bytes / {peer} weight bytes |" in done.stdout
+
+
+def _script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its folder's bench_peers
+    spec = importlib.util.spec_from_file_location("bench_goals", ROOT / "benchmarks" / "bench_goals.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compiled_cached_goals_read_the_round_medians(monkeypatch):
+    bench_goals = _script(monkeypatch)
+    spread = {"min": 0.7, "max": 0.9, "rounds": 5}
+    report = {"results": [], "ratios": {
+        "w4a8-cached+compile": {"forward_vs_bf16": 0.82, "forward_vs_bf16_spread": spread},
+        "scq-cached+compile": {"forward_vs_bf16": 0.74},
+    }}
+    rows = {g["name"]: g for g in bench_goals.goals(report)}
+    assert set(rows) == {"compile_w4a8-cached_forward", "compile_scq-cached_forward"}
+    w4a8, scq = rows["compile_w4a8-cached_forward"], rows["compile_scq-cached_forward"]
+    assert (w4a8["value"], w4a8["target"], w4a8["met"], w4a8["spread"]) == (0.82, 0.60, False, spread)
+    assert scq["met"] and scq["target"] == 0.75
+    assert "compiled w4a8-cached forward / compiled bf16" in bench_goals.to_markdown(list(rows.values()))

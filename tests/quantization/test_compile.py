@@ -56,6 +56,31 @@ def test_compile_blocks_same_output():
     assert set(model.state_dict()) == set(quantized_micro_transformer().state_dict())  # compiled in place, same keys
 
 
+def test_compile_blocks_with_the_onednn_weight_cache():
+    # The opt-in cache's prepacked weights pass through the compiled blocks (custom op, fullgraph) and the
+    # result is the eager cached model's within int8 rounding: Inductor's fused float ops differ from eager
+    # in the last bits, which can flip an activation's int8 code at a rounding boundary (one step, 0.05).
+    import pytest
+
+    from mgtq.quantization import W4A8Linear
+    from mgtq.quantization.qtensor import onednn_int8_linear_available
+
+    if not onednn_int8_linear_available():
+        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+    model = quantized_micro_transformer()
+    layers = [m for m in model.modules() if isinstance(m, W4A8Linear)]
+    assert layers
+    for layer in layers:
+        layer.enable_weight_cache("onednn")
+    inputs = micro_forward_inputs(model)
+    with torch.no_grad():
+        eager = model(**inputs)
+        model.compile_blocks()
+        compiled = model(**inputs)
+    assert all(layer.weight_cache == "onednn" for layer in layers)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
 def test_bench_compile_cases_compare_with_compiled_bf16():
     from mgtq.bench.config import BenchConfig
     from mgtq.bench.report import compute_ratios

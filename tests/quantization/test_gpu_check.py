@@ -18,3 +18,8 @@ def test_gpu_check_smoke(tmp_path, random_pipeline_dir):
     assert (tmp_path / "gpu_smoke.md").read_text().startswith("# GPU check")
     compiled = [row for row in result["kernels"] if row["compiled"] and row["rows"] == "tokens"]
     assert compiled and compiled[0]["w4a8"] == "int_mm_chunked_inline" and compiled[0]["cpu_class"]
+    from mgtq.quantization import kernels
+
+    onednn = kernels.weight_cache_backend(compiled[0]["cpu_class"]) == "onednn"
+    assert compiled[0]["w4a8_cached"] == ("onednn_inline" if onednn else "int_mm_chunked_inline")
+    assert "W4A8 + weight cache" in (tmp_path / "gpu_smoke.md").read_text()

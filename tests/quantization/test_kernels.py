@@ -30,7 +30,8 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
     ("w4a8", ctx(m=2), "int_mm"),
     ("w4a8", ctx(m=2202), "int_mm_chunked"),
     ("w4a8", ctx(m=2202, cache=True), "onednn"),
-    ("w4a8", ctx(m=2202, cache=True, compiling=True), "int_mm_chunked_inline"),
+    ("w4a8", ctx(m=2202, cache=True, compiling=True), "onednn_inline"),
+    ("w4a8", ctx(m=2, cache=True, compiling=True), "onednn_inline"),
     ("w4a8", ctx(m=2202, compiling=True), "int_mm_chunked_inline"),
     ("w4a8", ctx(m=2, compiling=True), "int_mm"),
     ("w4a16", ctx(m=2202, compiling=True), "dequant_inline"),
@@ -49,6 +50,48 @@ def test_choice_table(scheme, context, expected):
     assert choose_kernel(scheme, context) == expected
 
 
+@pytest.mark.parametrize("cls, compiling, rows, expected", [
+    ("amx-int8", False, 2202, "onednn"), ("amx-int8", True, 2202, "onednn_inline"), ("amx-int8", False, 2, "onednn"),
+    # elsewhere the cache is the plain int8 operand of the chunked _int_mm
+    ("avx512-vnni", False, 2202, "int_mm_chunked"), ("avx512-vnni", True, 2202, "int_mm_chunked_inline"),
+    ("amx-bf16", False, 2202, "int_mm_chunked"), ("amx-bf16", True, 2202, "int_mm_chunked_inline"),
+    ("avx2", False, 2202, "int_mm_chunked"), ("avx2", True, 2202, "int_mm_chunked_inline"), ("avx2", False, 2, "int_mm"),
+])
+def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, expected):
+    cache = kernels.weight_cache_backend(cls) == "onednn"
+    assert choose_kernel("w4a8", ctx(m=rows, cache=cache, compiling=compiling, cpu_class=cls)) == expected
+    # a oneDNN cache forced onto another class is not used by the GEMM choice
+    assert choose_kernel("w4a8", ctx(m=rows, cache=True, compiling=compiling, cpu_class=cls)) == expected
+
+
+@pytest.mark.parametrize("cls, dtype, rows, compiling, expected", [
+    ("avx2", torch.bfloat16, 2202, False, "dequant_fp32"), ("avx2", torch.bfloat16, 2202, True, "dequant_fp32"),
+    ("avx2", torch.float16, 2202, False, "dequant_fp32"), ("avx2", torch.float32, 2202, False, "dequant"),
+    ("avx2", torch.bfloat16, 2, False, "int8pack"),  # few rows: the weight read once as int8 still wins
+    ("amx-int8", torch.bfloat16, 2202, False, "dequant"), ("amx-bf16", torch.bfloat16, 2202, True, "dequant_inline"),
+    ("avx512-vnni", torch.bfloat16, 2202, False, "dequant"),
+])
+def test_w4a16_choice_by_cpu_class(cls, dtype, rows, compiling, expected):
+    assert choose_kernel("w4a16", ctx(m=rows, dtype=dtype, compiling=compiling, cpu_class=cls)) == expected
+
+
+def test_avx2_w4a16_multiplies_in_fp32(monkeypatch, layers):
+    # On AVX2 the bf16 GEMM is emulated: dequantize to fp32, fp32 GEMM, one rounding of the output to bf16.
+    linear, w4, _ = layers
+    x = torch.randn(2, 40, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        native = w4(x)
+        monkeypatch.setenv(kernels.CPU_CLASS_ENV, "avx2")
+        assert choose_kernel("w4a16", kernels.context_for(x, K, N, K)) == "dequant_fp32"
+        y = w4(x)
+        ref = F.linear(x.float(), dequantize_int4_weight(w4.weight_packed, w4.weight_scale), w4.bias.float())
+        compiled = torch.compile(w4, fullgraph=True)(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(compiled, y, rtol=2 ** -8, atol=1e-5)  # fp32 GEMM, Inductor's own order
+    torch.testing.assert_close(y.float(), native.float(), rtol=2e-2, atol=2e-2)  # the bf16 path: bf16 noise
+
+
 @pytest.mark.parametrize("flags, expected", [
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}, "amx-int8"),
     ({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx-bf16"),
@@ -58,7 +101,7 @@ def test_choice_table(scheme, context, expected):
 ])
 def test_cpu_class_from_flags_and_its_weight_cache(flags, expected):
     assert kernels.detect_cpu_class(flags) == expected
-    assert kernels.weight_cache_backend(expected) == ("onednn" if expected in ("amx-int8", "avx512-vnni") else "int8")
+    assert kernels.weight_cache_backend(expected) == ("onednn" if expected == "amx-int8" else "int8")
 
 
 @pytest.mark.parametrize("cls", kernels.CPU_CLASSES)
@@ -72,6 +115,8 @@ def test_forced_cpu_class_reaches_the_context_and_the_weight_cache(monkeypatch, 
         expected = "int8"
     assert a8.weight_cache == expected
     x = torch.randn(40, K)
+    context = kernels.context_for(x, K, N, K, cache=a8.weight_cache == "onednn")
+    assert choose_kernel("w4a8", context) == ("onednn" if expected == "onednn" else "int_mm_chunked")
     torch.testing.assert_close(a8(x), _w4a8_reference(layers[0], x), rtol=1e-6, atol=1e-6)
     monkeypatch.setenv(kernels.CPU_CLASS_ENV, "sse2")
     with pytest.raises(ValueError, match="MGTQ_CPU_CLASS"):
@@ -120,7 +165,7 @@ def test_small_m_exact_path_equals_int32_gemm(layers):
     x = torch.randn(4, K) * 3
     exact = kernels.w4a8_linear(x, a8.weight_packed, a8.weight_scale, a8.input_scale, None, force_device="cuda")
     x_q = quantize_int8_per_tensor(x, a8.input_scale)
-    acc = torch._int_mm(x_q, kernels.unpack_int4_x16_op(a8.weight_packed).t())
+    acc = torch._int_mm(x_q, kernels.unpack_int4_times16_op(a8.weight_packed).t())
     int32 = kernels.rescale_acc(acc, a8.weight_scale, a8.input_scale, None, torch.float32, 1.0 / 16.0)
     assert torch.equal(exact, int32)
 
@@ -256,3 +301,51 @@ def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
             fn = lambda t: module(torch.relu(t) * 2)  # noqa: E731
             compiled = torch.compile(fn, fullgraph=True)(x)
             torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(layers, dtype):
+    # The prepacked oneDNN weight enters the compiled graph through one custom op (no graph break, no
+    # freezing); activation quantization stays plain torch for Inductor to fuse.
+    linear, _, a8 = layers
+    plain = W4A8Linear.from_float(linear, 0.02)
+    a8.enable_weight_cache("onednn")
+    x = torch.randn(2, 40, K, dtype=dtype) * 3
+    fn = lambda t: a8(torch.relu(t) * 2)  # noqa: E731  (rounds alike compiled and eager)
+    with torch.no_grad():
+        targets, _ = _dynamo_graph_targets(fn, x)
+        assert any("onednn_int8_linear" in t for t in targets), targets
+        assert not any("quantize_int8_rows" in t or "int8_int4_linear_chunked" in t for t in targets), targets
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)(x)
+        eager = fn(x)
+        uncached = plain(torch.relu(x) * 2)
+    # Same int8 codes and the same oneDNN GEMM + epilogue: bit for bit.
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # Against today's int4 path (int32 GEMM, fp32 rescale): the integer sums are exact, only the order of
+    # the fp32 rescale may differ: one fp32 rounding (fp32), one bf16 rounding of the output (bf16).
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(compiled, uncached, rtol=tol, atol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(a8(x[0]), _w4a8_reference(linear, x[0]).to(dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+def test_compiled_onednn_layers_share_one_graph():
+    # Regional compilation compiles a block once for all blocks: the per-layer prepacked weights must be
+    # graph inputs, not constants that Dynamo guards on (which would recompile for every layer).
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    mods = [W4A8Linear.from_float(nn.Linear(K, N), 0.02) for _ in range(3)]
+    x = torch.randn(8, K)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for m in mods:
+            m.enable_weight_cache("onednn")
+            eager = m(x)
+            m.compile(fullgraph=True)
+            torch.testing.assert_close(m(x), eager, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
