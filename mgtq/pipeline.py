@@ -467,7 +467,7 @@ class MGTPipeline(DiffusionPipeline):
             )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_merging=None, negative=None):
+    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_hook=None, negative=None):
         """model_fn(tokens (B,h,w), timestep (B,), guidance_scale=None) → guided logits (B, V, h, w).
 
         text/pooled: the prompts' features (B, …); negative: the negative prompts' (text, pooled) or
@@ -490,7 +490,7 @@ class MGTPipeline(DiffusionPipeline):
             rows = micro_conds.shape[0]
             micro = micro_conds.expand(n, 5) if rows == 1 else micro_conds.repeat(n // rows, 1)
             return transformer(hidden_states=tokens, encoder_hidden_states=text_b, pooled_projections=pooled_b,
-                               timestep=timestep, micro_conds=micro, token_merging=token_merging).float()
+                               timestep=timestep, micro_conds=micro, token_hook=token_hook).float()
 
         def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
             scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)

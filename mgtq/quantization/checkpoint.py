@@ -347,7 +347,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     model.load_state_dict(tensors, assign=True, strict=True)
     if dtype is not None:
         cast_float_(model, parse_dtype(dtype))
-    model.token_merging = None
+    model.token_hook = None
     model.mgtq_manifest = manifest  # so save_pretrained writes the same manifest back (mgtq.quantization.checkpoint.manifest_of)
     return model.eval().requires_grad_(False)
 
