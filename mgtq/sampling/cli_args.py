@@ -16,6 +16,7 @@ from pathlib import Path
 from mgtq import argtypes
 from mgtq.config import read_data
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
+from mgtq.reuse.config import GROUP_RULES
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
@@ -87,6 +88,14 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="masked Z-sampling's re-mask rule: paper (lowest confidence) or official (the demo's)")
     g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,
                    help="momentum-based solver order: 0 off, 1 first order (= vanilla), 2 second order")
+    g.add_argument("--reuse-interval", type=argtypes.integer(minimum=1), default=None, metavar="N",
+                   help="context reuse: a full step every N steps, local steps (a few tokens, cached K/V) between; "
+                        "1 = off")
+    g.add_argument("--reuse-group", choices=GROUP_RULES, default=None,
+                   help="context reuse: tokens the local steps compute: confidence (ReCAP's group, the cheapest) "
+                        "or masked (every masked token)")
+    g.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
+                   help="context reuse: the first STEPS steps are all full steps")
     return g
 
 
@@ -97,6 +106,7 @@ _FLAG_PATHS = {
     "diff_z": "differential.percent", "diff_resample": "differential.resample",
     "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg", "zsampling_remask": "zsampling.remask",
     "momentum": "momentum.order",
+    "reuse_interval": "reuse.interval", "reuse_group": "reuse.group", "reuse_warmup": "reuse.warmup",
 }
 
 
