@@ -492,15 +492,16 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
         which block), so compiling costs about two blocks instead of the whole model; what stays
         eager between blocks is a few embeddings and the (cached) RoPE tables. Blocks whose
-        quantized layer kinds differ (SCQ) compile once per distinct pattern, so the recompile limit
-        is raised to the number of blocks.
+        quantized layer kinds differ (SCQ) compile once per distinct pattern, and each kind of token
+        hook a block is given (none, merging, a full or a local step of context reuse) is another
+        graph, so the recompile limit is raised to cover both.
         """
         if persistent_cache:
             from mgtq.compilation import use_persistent_compile_cache
 
             use_persistent_compile_cache()
         blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
         for block in blocks:
             block.compile(**{"fullgraph": True, **kwargs})
 

@@ -134,3 +134,34 @@ def _vq_mask(cells, model):
 
 def _at(logits, mask):
     return logits.permute(0, 2, 3, 1)[mask]
+
+
+def test_local_step_of_a_quantized_model_equals_its_full_step():
+    from mgtq.quantization.api import W4A8Config, W4A16Config, linear_names, quantize_
+
+    torch.manual_seed(0)
+    model = build_transformer("test-micro", num_layers=2, num_single_layers=2).eval()
+    names = linear_names(model)[::3]  # a third W4A8 (few-row int8 kernels in local steps), the rest W4A16
+    quantize_(model, W4A16Config(), overrides={n: W4A8Config() for n in names}, input_scales={n: 0.05 for n in names})
+    inputs, active = _inputs(model, 2), _active(2, 5, fraction=0.05)
+    cache = ContextCache()
+    with torch.no_grad():
+        full = model(**inputs, token_hook=cache.full_step())
+        local = model(**inputs, token_hook=cache.local_step(active))
+    torch.testing.assert_close(_at(local, active), _at(full, active), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_local_steps_match_and_stop_recompiling_once_lengths_are_dynamic():
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    inputs = _inputs(model, 2)
+    cache = ContextCache(bucket=4)
+    with torch.no_grad():
+        model.compile_blocks(persistent_cache=False)
+        full = model(**inputs, token_hook=cache.full_step())
+        for seed, fraction in ((1, 0.05), (2, 0.1), (3, 0.2)):
+            active = _active(2, seed, fraction=fraction)
+            local = model(**inputs, token_hook=cache.local_step(active))
+            torch.testing.assert_close(_at(local, active), _at(full, active), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a fourth length: no new graph
+            model(**inputs, token_hook=cache.local_step(_active(2, 4, fraction=0.3)))
