@@ -71,3 +71,23 @@ def test_combinations_left_out_are_clear_errors(random_pipeline):
         random_pipeline("a", sampler=_config(interval=2), token_merging=TomeConfig(0.5), progress=False)
     with pytest.raises(TypeError, match="no token_hook parameter"):
         sample(lambda tokens, timestep: None, 1, (4, 4), 39, _config(interval=2), [torch.Generator()])
+
+
+def test_editing_with_reuse_keeps_the_fixed_tokens_and_decodes_the_rest(random_pipeline):
+    import numpy as np
+    from PIL import Image
+
+    from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline, token_mask
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    pixels = np.zeros((64, 64), dtype=bool)
+    pixels[8:40, 16:48] = True
+    mask_id = random_pipeline.transformer.mask_token_id
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    out = inpaint("a red circle", image=image, mask_image=pixels, sampler=_config(interval=3), progress=False)
+    repaint = token_mask(pixels, 4)  # the random pipeline's VQ factor
+    assert torch.equal(out.tokens[0][~repaint], inpaint.encode_image(image)[0][~repaint])
+    assert out.local_nfe > 0 and not (out.tokens == mask_id).any()
+    out = MGTImg2ImgPipeline.from_pipe(random_pipeline)("a red circle", image=image, strength=0.6,
+                                                        sampler=_config(interval=2), progress=False)
+    assert out.local_nfe > 0 and not (out.tokens == mask_id).any()
