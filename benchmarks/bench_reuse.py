@@ -41,6 +41,7 @@ from mgtq.reuse import ContextCache, active_tokens  # noqa: E402
 from mgtq.sampling import SamplerConfig  # noqa: E402
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args  # noqa: E402
 from mgtq.sampling.maskgit import num_to_mask, sample  # noqa: E402
+from mgtq.sampling.tricks.reuse import most_confident_cells  # noqa: E402
 from mgtq.utils import write_json  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
@@ -66,11 +67,13 @@ def schedule_plan(config: SamplerConfig, grid: tuple[int, int], seed: int = 0) -
     """Per step: {"step", "full", "active" (1, H, W) bool or None}: the schedule's counts, random positions.
 
     Tokens decode in one random order; the local steps after a full step compute the tokens it decoded
-    plus, with group "confidence", those decoded before the next full step, or with "masked", every
-    token masked at its input (mgtq.sampling.maskgit._ContextReuse).
+    plus, with group "confidence", those decoded before the next full step, with "cells" as many taken
+    in whole 2×2 cells of random scores, or with "masked", every token masked at its input
+    (mgtq.sampling.maskgit._ContextReuse).
     """
     n = grid[0] * grid[1]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
     masked_before, masked = [], torch.tensor([n])
     for step in range(config.num_steps):
         masked_before.append(int(masked))
@@ -86,6 +89,14 @@ def schedule_plan(config: SamplerConfig, grid: tuple[int, int], seed: int = 0) -
             stop = n if reuse.group == "masked" else n - masked_before[until]
             chosen = torch.zeros(n, dtype=torch.bool)
             chosen[order[n - masked_before[step]:stop]] = True
+            if reuse.group == "cells":  # the group in whole 2×2 cells, by random cell scores
+                decoded_now = torch.zeros(n, dtype=torch.bool)
+                decoded_now[order[n - masked_before[step]:n - masked_before[step + 1]]] = True
+                left = ~torch.zeros(n, dtype=torch.bool)
+                left[order[:n - masked_before[step + 1]]] = False
+                size = torch.tensor([masked_before[step + 1] - masked_before[until]])
+                scores = torch.rand(1, n, generator=generator)
+                chosen = decoded_now | most_confident_cells(scores, left[None], size, grid)[0]
             active = chosen.view(1, *grid)
         steps.append({"step": step, "full": full, "active": None if full else active})
     return steps

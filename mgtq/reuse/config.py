@@ -7,8 +7,8 @@ from typing import Literal
 
 from mgtq.config import validate
 
-GroupRule = Literal["confidence", "masked"]
-GROUP_RULES = ("confidence", "masked")
+GroupRule = Literal["confidence", "cells", "masked"]
+GROUP_RULES = ("confidence", "cells", "masked")
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,10 @@ class ReuseConfig:
     group: which tokens the local steps after a full step compute, besides the ones that full step
     decoded (their input changed since the cache was built): "confidence" (ReCAP's grouped decoding:
     the tokens the full step left masked that its confidence, log p + τ·Gumbel, ranks highest, as many
-    as the schedule decodes before the next full step; the local steps decode only among them) or
-    "masked" (every token left masked: the local steps decode freely, each costs more).
+    as the schedule decodes before the next full step; the local steps decode only among them),
+    "cells" (the same count, taken in whole 2×2 cells ranked by their most confident token: with
+    feature compression a cell is one transformer token, so local steps compute fewer) or "masked"
+    (every token left masked: the local steps decode freely, each costs more).
     warmup: the first `warmup` steps of a run are all full steps (the layout of the image forms there).
     bucket: a local step's token count is padded up to a multiple of this, so compiled blocks see a
     few lengths instead of one per step.

@@ -92,8 +92,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="context reuse: a full step every N steps, local steps (a few tokens, cached K/V) between; "
                         "1 = off")
     g.add_argument("--reuse-group", choices=GROUP_RULES, default=None,
-                   help="context reuse: tokens the local steps compute: confidence (ReCAP's group, the cheapest) "
-                        "or masked (every masked token)")
+                   help="context reuse: tokens the local steps compute: confidence (ReCAP's group), cells (the "
+                        "group in whole 2×2 cells: fewer transformer tokens with feature compression) or masked "
+                        "(every masked token)")
     g.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
                    help="context reuse: the first STEPS steps are all full steps")
     return g

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mgtq.reuse.cache import ContextCache
-from mgtq.reuse.grouping import decoded_until, most_confident
+from mgtq.sampling.tricks.reuse import decoded_until, most_confident, most_confident_cells
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.schedules import mask_ratio, timestep_value
 from mgtq.sampling.start import StartState
@@ -279,10 +279,10 @@ class _ContextReuse:
         prediction, probs = step_distribution(logits, prev_probs, config, state, hooks)
         new, confidence = _unmask(tokens, probs, self.mask_id, config, state, None if full else self.group)
         if full and confidence is not None:
-            self._plan_local_steps(tokens, new, confidence, state, steps_run)
+            self._plan_local_steps(tokens, new, confidence, state, steps_run, model.grid)
         return new, prediction
 
-    def _plan_local_steps(self, before, after, confidence, state: StepState, steps_run: int) -> None:
+    def _plan_local_steps(self, before, after, confidence, state: StepState, steps_run: int, grid) -> None:
         """After a full step: what the local steps up to the next full step compute and decode."""
         masked_before, masked_after = before == self.mask_id, after == self.mask_id
         decoded_now = masked_before & ~masked_after  # their input changed after the cache was built
@@ -295,7 +295,10 @@ class _ContextReuse:
         num_tokens = before.shape[1] if state.editable is None else state.editable.sum(-1)
         size = decoded_until(lambda step, n, m: num_to_mask(self.config, step, n, m), state.step, until, num_tokens,
                              masked_after.sum(-1))
-        self.group = most_confident(confidence, masked_after, size)
+        if self.reuse.group == "cells":
+            self.group = most_confident_cells(confidence, masked_after, size, grid)
+        else:
+            self.group = most_confident(confidence, masked_after, size)
         self.active = decoded_now | self.group
 
 

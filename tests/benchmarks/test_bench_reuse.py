@@ -21,7 +21,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("group", ["confidence", "masked"])
+@pytest.mark.parametrize("group", ["confidence", "cells", "masked"])
 def test_schedule_plan_computes_what_the_sampler_decodes(bench, group):
     config = SamplerConfig(num_steps=12).replace(reuse=dict(interval=4, group=group, warmup=1))
     plan = bench.schedule_plan(config, (8, 8))

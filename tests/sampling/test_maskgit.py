@@ -34,7 +34,7 @@ def test_interval_1_is_the_plain_sampler_bit_for_bit(random_pipeline):
     assert torch.equal(off.tokens, plain.tokens) and off.local_nfe == 0 and off.nfe == plain.nfe == 8
 
 
-@pytest.mark.parametrize("group", ["confidence", "masked"])
+@pytest.mark.parametrize("group", ["confidence", "cells", "masked"])
 def test_local_steps_follow_the_schedule_and_decode_only_what_they_computed(random_pipeline, monkeypatch, group):
     actives = {}
     local_step = ContextCache.local_step
