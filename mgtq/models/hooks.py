@@ -22,9 +22,9 @@ How the two techniques use it:
 - Context reuse (mgtq.reuse): a full step's plan changes no token and its `keys_values` records every
   block's keys/values; a local step's `enter` keeps only the active image tokens (their RoPE rows,
   no text), each block's `keys_values` puts their fresh keys/values into the recorded ones (the
-  context: text and every other image token), and `leave` places the active tokens' logits in a grid
-  whose other tokens keep the full step's. Every layer but attention is per token, so nothing else
-  needs the inactive tokens.
+  context: text and every other image token), and `leave` places the active tokens' logits in the grid
+  (0 elsewhere: the sampler reads only the tokens it computed). Every layer but attention is per
+  token, so nothing else needs the inactive tokens.
 """
 
 from __future__ import annotations
