@@ -59,7 +59,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
     g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
                    help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
-                        "differential 75%%, masked Z-sampling) or paper-combo-root (the same on 1−t^0.6)")
+                        "differential 75%%, masked Z-sampling), paper-combo-root (the same on 1−t^0.6) or fast "
+                        "(vanilla with context reuse: --reuse-interval 3 --reuse-group cells --reuse-warmup 2)")
     g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,

@@ -14,6 +14,10 @@ def test_reuse_flags_set_the_reuse_section_and_default_to_off():
     assert sampler_config_from_args(parser.parse_args([]), base).reuse == ReuseConfig()
     args = parser.parse_args(["--reuse-interval", "3", "--reuse-group", "masked", "--reuse-warmup", "2"])
     assert sampler_config_from_args(args, base).reuse == ReuseConfig(interval=3, group="masked", warmup=2)
+    fast = sampler_config_from_args(parser.parse_args(["--sampler", "fast"]), base)
+    assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=2) and fast.num_steps == 16
+    off = sampler_config_from_args(parser.parse_args(["--sampler", "fast", "--reuse-interval", "1"]), base)
+    assert not off.reuse.enabled
 
 
 def test_generate_with_reuse_runs_local_steps(tmp_path, random_pipeline_dir, monkeypatch):
