@@ -145,9 +145,7 @@ class _Local(TokenPlan):
     def enter(self, x, context, rope: Rope):
         index, rows = self.index.to(x.device), self.rows.to(x.device)
         x = x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))  # (B, M, D)
-        rope = tuple(table[rows] if table.dim() == 2 else table.gather(1, rows[..., None].expand(-1, -1, table.shape[2]))
-                     for table in rope)
-        return x, None, rope
+        return x, None, (rope[0][rows], rope[1][rows])  # (L + N, Dh) tables → (B, M, Dh) rows
 
     def plan(self, kind, index, x):
         return _Splice(self.cache.keys_values[(kind, index)], self.rows), None
