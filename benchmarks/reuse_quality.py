@@ -12,8 +12,9 @@ Settings (--settings, comma list; the model's own sampler is the base):
     reuse-K-cells   the same group taken in whole 2×2 cells
     reuse-K-masked  the local steps computing every masked token
     reuse-K-wW      ... with the first W steps full (combine: reuse-3-cells-w2)
-For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE and how
-many of them were local steps. The speed of a setting is bench_reuse.py's (meissonic-1024): this script
+For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
+many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
+it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
 measures quality only. Writes the JSON and a Markdown table beside it (.md).
 """
 
@@ -26,10 +27,12 @@ from pathlib import Path
 import torch
 
 from mgtq.default_model import default_model
-from mgtq.evaluation import evaluate_pipeline
+from mgtq.evaluation import evaluate_pipeline, interleave_categories
 from mgtq.merging import TomeConfig
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
+from mgtq.shapes import shapebench_prompts
+from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
 from mgtq.utils import atomic_write_text, write_json
 
 DEFAULT_SETTINGS = "none,steps-12,steps-8,tome,reuse-2,reuse-3,reuse-3-cells,reuse-4-cells,reuse-3-masked"
@@ -64,10 +67,11 @@ def to_markdown(data: dict) -> str:
     rows = list(data["settings"].values())
     lines = [f"# Context reuse on ShapeBench {data['split']} (n = {data['n']}, {data['model']})", "",
              f"`{data['command']}`", "",
-             "| setting | overall | token agreement | NFE | of which local |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| setting | overall | token agreement | NFE | of which local | token NFE |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['overall']:.3f} | {row['token_agreement']:.3f} | {row['nfe']} | "
-                     f"{row['local_nfe']} |")
+                     f"{row['local_nfe']} | {row['token_nfe']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,22 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split=args.split, reference_tokens=reference,
                                    **({"token_merging": tome} if tome is not None else {}))
         reference = result["tokens"] if reference is None else reference
-        local = _local_nfe(pipe, sampler, tome)
+        local_nfe, token_nfe = _costs(pipe, sampler, args.split)
         data["n"] = result["n"]
         data["settings"][name] = {"name": name, "overall": result["overall"], "per_category": result["per_category"],
                                   "token_agreement": result.get("token_agreement", 1.0), "nfe": result["nfe"],
-                                  "local_nfe": local, "sampler": sampler.to_dict()}
+                                  "local_nfe": local_nfe, "token_nfe": token_nfe, "sampler": sampler.to_dict()}
         print(f"{name}: {result['overall']:.3f} (agreement {data['settings'][name]['token_agreement']:.3f})", flush=True)
         write_json(args.json, data)
     atomic_write_text(args.json.with_suffix(".md"), to_markdown(data))
     return 0
 
 
-def _local_nfe(pipe: MGTPipeline, sampler: SamplerConfig, tome) -> int:
-    """Local steps per image of a setting: the schedule fixes them, so one short call tells."""
+def _costs(pipe: MGTPipeline, sampler: SamplerConfig, split: str, prompts: int = 8) -> tuple[int, float]:
+    """(local steps per image, token NFE per image: mean over the first `prompts` prompts of the split).
+
+    TomeMGT's cost is not in token NFE (its blocks still compute every token's MLP): it counts full steps.
+    """
     if not sampler.reuse.enabled:
-        return 0
-    return pipe("a red circle", seed=0, sampler=sampler, progress=False, output_type="latent").local_nfe
+        return 0, float(sampler.num_steps)
+    items = interleave_categories(shapebench_prompts(DEFAULT_PER_CATEGORY, split))[:prompts]
+    out = pipe([it.prompt for it in items], seed=[it.seed for it in items], sampler=sampler, progress=False,
+               output_type="latent")
+    return out.local_nfe, out.token_nfe
 
 
 if __name__ == "__main__":

@@ -73,12 +73,14 @@ class MGTPipelineOutput(BaseOutput):
     """images: PIL images ("pil"), an array (B, H, W, 3) in [0, 1] ("np"), a tensor (B, 3, H, W) in [0, 1]
     ("pt") or the token ids (B, h, w) ("latent"); tokens: the VQ token ids (B, h, w); nfe: transformer
     calls of the sampler (a CFG call, uncond+cond in one batch, counts once); local_nfe: how many of
-    them were local steps of context reuse."""
+    them were local steps of context reuse; token_nfe: the calls counted by the image tokens they
+    computed (mgtq.sampling.maskgit.SampleResult)."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     tokens: torch.Tensor
     nfe: int = 0
     local_nfe: int = 0
+    token_nfe: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -437,7 +439,8 @@ class MGTPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe, local_nfe=result.local_nfe)
+        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe, local_nfe=result.local_nfe,
+                                 token_nfe=result.token_nfe)
 
     def _step_callback(self, model_fn, callback_on_step_end, names: list[str]):
         """(model_fn, sampler callback) that give diffusers' callback_on_step_end(pipe, step, timestep, kwargs)

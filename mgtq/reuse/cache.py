@@ -69,6 +69,7 @@ class ContextCache:
         self.batch: int | None = None
         self.n_text: int | None = None
         self.grid: tuple[int, int] | None = None
+        self.computed = 1.0  # fraction of the image tokens the latest forward computed (batch mean)
 
     def full_step(self) -> "_FullStep":
         """The token hook of a full step: the ordinary forward, recording every block's keys/values."""
@@ -96,6 +97,7 @@ class _Recording(TokenPlan):
     def enter(self, x, context, rope):
         self.cache.keys_values.clear()
         self.cache.batch, self.cache.n_text, self.cache.grid = x.shape[0], context.shape[1], self.grid
+        self.cache.computed = 1.0
         return x, context, rope
 
     def plan(self, kind, index, x):
@@ -132,6 +134,7 @@ class _LocalStep:
         active = self.active.to(masked.device if masked is not None else self.active.device)
         active = active.repeat(batch // active.shape[0], 1, 1)  # CFG: [uncond; cond] share the tokens
         index, valid = padded_indices(active_tokens(active, grid), cache.bucket)
+        cache.computed = float(valid.sum(1).float().mean()) / (grid[0] * grid[1])
         return _Local(cache, index, valid, grid)
 
 

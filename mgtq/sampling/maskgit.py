@@ -65,11 +65,14 @@ class StepState:
 @dataclass
 class SampleResult:
     """tokens (B, H, W); nfe: how many times model_fn was called (a CFG call counts once); local_nfe:
-    how many of those calls were local steps of context reuse (computing a few tokens)."""
+    how many of those calls were local steps of context reuse (computing a few tokens); token_nfe: the
+    calls counted by the image tokens they computed, a local step as its fraction (the Linear layers'
+    share of the cost; attention's is larger)."""
 
     tokens: torch.Tensor
     nfe: int
     local_nfe: int = 0
+    token_nfe: float = 0.0
 
 
 class SamplerHooks:
@@ -211,7 +214,7 @@ class _CountedModel:
                  editable: torch.Tensor | None = None):
         self.model_fn, self.grid, self.mask_id, self.config, self.device = model_fn, grid, mask_id, config, device
         self.num_editable = None if editable is None else editable.sum(-1)
-        self.nfe = self.local_nfe = 0
+        self.nfe = 0
 
     def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None,
                  token_hook=None) -> torch.Tensor:
@@ -265,6 +268,7 @@ class _ContextReuse:
         self.config, self.reuse, self.first_step, self.mask_id = config, config.reuse, first_step, mask_id
         self.cache = ContextCache(self.reuse.bucket)
         self.active = self.group = None
+        self.local_steps, self.local_cost = 0, 0.0  # local steps, and the fractions of tokens they computed
 
     def step(self, model: _CountedModel, tokens, prev_probs, state: StepState, hooks):
         """One full or local step at state.step: → (new tokens (B, N), prediction p_i (B, N, V))."""
@@ -274,8 +278,9 @@ class _ContextReuse:
             hook = self.cache.full_step()
         else:
             hook = self.cache.local_step(self.active.view(tokens.shape[0], *model.grid))
-            model.local_nfe += 1
         logits = model(tokens, state.step, token_hook=hook)
+        if not full:
+            self.local_steps, self.local_cost = self.local_steps + 1, self.local_cost + self.cache.computed
         prediction, probs = step_distribution(logits, prev_probs, config, state, hooks)
         new, confidence = _unmask(tokens, probs, self.mask_id, config, state, None if full else self.group)
         if full and confidence is not None:
@@ -367,7 +372,12 @@ def sample(
         if callback is not None:
             callback(step, tokens.view(batch_size, height, width))
     tokens = tokens.view(batch_size, height, width)
-    return SampleResult(tokens=tokens, nfe=model.nfe, local_nfe=model.local_nfe) if return_info else tokens
+    if not return_info:
+        return tokens
+    if reuse is None:
+        return SampleResult(tokens=tokens, nfe=model.nfe, token_nfe=float(model.nfe))
+    return SampleResult(tokens=tokens, nfe=model.nfe, local_nfe=reuse.local_steps,
+                        token_nfe=model.nfe - reuse.local_steps + reuse.local_cost)
 
 
 def _initial_state(start: StartState | None, batch_size: int, grid: tuple[int, int], mask_id: int,

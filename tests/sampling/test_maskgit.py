@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mgtq.merging import TomeConfig
-from mgtq.reuse import ContextCache
+from mgtq.reuse import ContextCache, active_tokens
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.maskgit import sample
 
@@ -32,6 +32,7 @@ def test_interval_1_is_the_plain_sampler_bit_for_bit(random_pipeline):
     plain, _ = _run(random_pipeline, SamplerConfig(num_steps=8, guidance_scale=3.0, noise={"curve": "abs_cos"}))
     off, _ = _run(random_pipeline, _config(interval=1, group="masked", warmup=2))
     assert torch.equal(off.tokens, plain.tokens) and off.local_nfe == 0 and off.nfe == plain.nfe == 8
+    assert off.token_nfe == plain.token_nfe == 8.0
 
 
 @pytest.mark.parametrize("group", ["confidence", "cells", "masked"])
@@ -55,6 +56,9 @@ def test_local_steps_follow_the_schedule_and_decode_only_what_they_computed(rand
         decoded = (steps[step - 1] == mask_id) & (steps[step] != mask_id)
         assert decoded.any() and not (decoded & ~actives[k]).any()
     assert not torch.equal(out.tokens, plain[-1])  # local steps see stale context: a different image
+    side = 16 // random_pipeline.transformer.grid_factor  # token NFE: each local step as its computed fraction
+    fractions = [active_tokens(a, (side, side)).sum(1).float().mean().item() / side**2 for a in actives.values()]
+    assert out.token_nfe == pytest.approx(4 + sum(fractions)) and out.token_nfe < 8
 
 
 def test_same_seed_same_image_with_reuse(random_pipeline):
