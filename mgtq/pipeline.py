@@ -69,11 +69,15 @@ SEED_LIMIT = 2**63
 class MGTPipelineOutput(BaseOutput):
     """images: PIL images ("pil"), an array (B, H, W, 3) in [0, 1] ("np"), a tensor (B, 3, H, W) in [0, 1]
     ("pt") or the token ids (B, h, w) ("latent"); tokens: the VQ token ids (B, h, w); nfe: transformer
-    calls of the sampler (a CFG call, uncond+cond in one batch, counts once)."""
+    calls of the sampler (a CFG call, uncond+cond in one batch, counts once); local_nfe: how many of
+    them were local steps of context reuse; token_nfe: the calls counted by the image tokens they
+    computed (mgtq.sampling.maskgit.SampleResult)."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     tokens: torch.Tensor
     nfe: int = 0
+    local_nfe: int = 0
+    token_nfe: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -432,7 +436,8 @@ class MGTPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe)
+        return MGTPipelineOutput(images=images, tokens=result.tokens, nfe=result.nfe, local_nfe=result.local_nfe,
+                                 token_nfe=result.token_nfe)
 
     def _step_callback(self, model_fn, callback_on_step_end, names: list[str]):
         """(model_fn, sampler callback) that give diffusers' callback_on_step_end(pipe, step, timestep, kwargs)
@@ -464,15 +469,22 @@ class MGTPipeline(DiffusionPipeline):
             )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_merging=None, negative=None):
-        """model_fn(tokens (B,h,w), timestep (B,), guidance_scale=None) → guided logits (B, V, h, w).
+    def guided_model_fn(self, text, pooled, micro_conds, config: SamplerConfig, token_hook=None, negative=None):
+        """model_fn(tokens (B,h,w), timestep (B,), guidance_scale=None, token_hook=None) → guided logits (B, V, h, w).
 
         text/pooled: the prompts' features (B, …); negative: the negative prompts' (text, pooled) or
         None; micro_conds: (1 or B, 5). Without guidance_scale the call is the configured sampler's
         (CFG when config.use_cfg, batch [uncond, cond]); an explicit guidance_scale s (masked
         Z-sampling's inversion CFG) is literal, ℓu + s(ℓc − ℓu), and runs only the branches it needs.
+        token_hook: the transformer's token hook for every call (TomeMGT); the sampler's per-call
+        token_hook (context reuse) is used instead where given.
         """
         transformer = self.transformer
+        per_call_hook = token_hook
+        if config.reuse.enabled and (token_hook is not None or getattr(transformer, "token_hook", None) is not None):
+            raise ValueError("TomeMGT and context reuse do not combine yet (a local step computes a few scattered "
+                             "tokens, which have no 2×2 cells to merge); use one of them: remove TomeMGT "
+                             "(token_merging=None, mgtq.remove_tomemgt) or set the sampler's reuse.interval to 1")
         dtype = transformer.compute_dtype
         cond = (text.to(dtype), pooled.to(dtype))
         uncond = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))
@@ -481,26 +493,28 @@ class MGTPipeline(DiffusionPipeline):
             raise ValueError(f"micro_conds must have 1 or {text.shape[0]} (one per image) rows of 5, "
                              f"got {tuple(micro_conds.shape)}")
 
-        def forward(tokens, timestep, features):
+        def forward(tokens, timestep, features, hook):
             text_b, pooled_b = features
             n = text_b.shape[0]  # B, or 2B for [uncond, cond]
             rows = micro_conds.shape[0]
             micro = micro_conds.expand(n, 5) if rows == 1 else micro_conds.repeat(n // rows, 1)
             return transformer(hidden_states=tokens, encoder_hidden_states=text_b, pooled_projections=pooled_b,
-                               timestep=timestep, micro_conds=micro, token_merging=token_merging).float()
+                               timestep=timestep, micro_conds=micro, token_hook=hook).float()
 
-        def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None) -> torch.Tensor:
+        def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None,
+                     token_hook=None) -> torch.Tensor:
+            hook = per_call_hook if token_hook is None else token_hook
             scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
             guided = config.use_cfg if guidance_scale is None else scale != 1.0
             if not guided:
-                return forward(tokens, timestep, cond)
+                return forward(tokens, timestep, cond, hook)
             if uncond is None:
                 raise ValueError(f"guidance scale {scale} needs the unconditional branch, but no negative prompt "
                                  "features were given to guided_model_fn")
             if scale == 0.0:  # ℓu + 0·(ℓc − ℓu) = ℓu: skip the conditional branch
-                return forward(tokens, timestep, uncond)
+                return forward(tokens, timestep, uncond, hook)
             both = (torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
-            logits = forward(torch.cat([tokens, tokens]), torch.cat([timestep, timestep]), both)
+            logits = forward(torch.cat([tokens, tokens]), torch.cat([timestep, timestep]), both, hook)
             uncond_logits, cond_logits = logits.chunk(2)
             return uncond_logits + scale * (cond_logits - uncond_logits)
 

@@ -152,10 +152,10 @@ def test_tomemgt_after_torch_compile_and_per_call_config():
     # aot_eager: the patch under compile's wrapper is what is tested here, not Inductor's code generation
     pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
     plan = mgtq.apply_tomemgt(pipe, 0.5)
-    assert eager.token_merging is plan
+    assert eager.token_hook is plan
     assert torch.equal(pipe(**kwargs).images, per_call)
     mgtq.remove_tomemgt(pipe)
-    assert eager.token_merging is None
+    assert eager.token_hook is None
 
 
 def test_mgtq_load_after_torchao_quantize():

@@ -202,7 +202,7 @@ def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
     plain_hook, merged_hook = FirstLogits(), FirstLogits()
     plain = _inpaint(inpaint, scene, mask, hooks=plain_hook).tokens
     plan = apply_tomemgt(pipe, 0.5, blocks="all")
-    assert inpaint.transformer.token_merging is plan  # installed on the shared transformer
+    assert inpaint.transformer.token_hook is plan  # installed on the shared transformer
     merged = _inpaint(inpaint, scene, mask, hooks=merged_hook).tokens
     assert not torch.allclose(merged_hook.logits, plain_hook.logits)  # the merging ran
     repaint = token_mask(mask, F)

@@ -118,11 +118,31 @@ def test_cli_generate_with_enhanced_sampler_flags(tmp_path, random_pipeline_dir)
     assert code == 0 and out.exists()
 
 
-def test_cli_generate_with_tome(tmp_path, random_pipeline_dir):
-    out = tmp_path / "t.png"
-    code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "3",
-                 "--tome", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"])
-    assert code == 0 and out.exists()
+def test_cli_generate_with_tome(tmp_path, random_pipeline_dir, monkeypatch):
+    """--tome merges: the joint blocks' attention sees fewer image tokens than without it, the single blocks the same."""
+    from mgtq.models.transformer import Attention
+
+    seen = []
+    forward = Attention.forward
+
+    def recording(self, x, *args, **kwargs):
+        seen.append((self.joint, x.shape[1]))  # joint: image tokens only; single: [text; image]
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "forward", recording)
+    runs = {}
+    for name, flags in (("plain", []), ("tome", ["--tome", "0.5"])):
+        seen.clear()
+        out = tmp_path / f"{name}.png"
+        code = main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "3",
+                     *flags, "--out", str(out), "--no-progress", "--device", "cpu"])
+        assert code == 0 and out.exists()
+        runs[name] = list(seen)
+    plain, tome = runs["plain"], runs["tome"]
+    assert [joint for joint, _ in plain] == [joint for joint, _ in tome]
+    joint_pairs = [(p, t) for (joint, p), (_, t) in zip(plain, tome) if joint]
+    assert all(t <= p for p, t in joint_pairs) and any(t < p for p, t in joint_pairs)
+    assert [n for joint, n in plain if not joint] == [n for joint, n in tome if not joint]
 
 
 def test_settings_with_an_unknown_key_is_an_error_naming_it(tmp_path, random_pipeline_dir):

@@ -7,8 +7,9 @@ from mgtq.testing import build_random_pipeline
 from mgtq.merging import (
     TomeConfig, TomePlan, apply_tomemgt, bipartite_soft_matching_2x2, cell_destinations, remove_tomemgt,
 )
-from mgtq.models import TokenMerge, build_transformer
-from mgtq.models.transformer import _merge_rope, rope_tables
+from mgtq.merging import TokenMerge, merge_rope
+from mgtq.models import build_transformer
+from mgtq.models.transformer import rope_tables
 from mgtq.sampling import SamplerConfig
 
 
@@ -124,7 +125,7 @@ def test_merged_rope_is_the_members_mean_and_text_rows_are_kept():
     metric = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
     dst = cell_destinations(grid, torch.Generator().manual_seed(1))
     merge, unmerge = bipartite_soft_matching_2x2(metric, grid, 24, dst)
-    m_cos, m_sin = _merge_rope((cos, sin), n_text, TokenMerge(merge, unmerge), batch)
+    m_cos, m_sin = merge_rope((cos, sin), n_text, TokenMerge(merge, unmerge), batch)
     assert m_cos.shape == (batch, n_text + 40, 16)
     slots = _slots(unmerge, batch, 40)
     for table, merged in ((cos, m_cos), (sin, m_sin)):
@@ -154,13 +155,13 @@ def test_apply_then_remove_restores_the_model_exactly(model):
     with torch.no_grad():
         ref = model(**inputs)
         plan = apply_tomemgt(model, 0.5, blocks="all", merge_mlp=True)
-        assert model.token_merging is plan
+        assert model.token_hook is plan
         merged = model(**inputs)
         assert not torch.equal(merged, ref)
         apply_tomemgt(model, 0.25)  # re-applying replaces the plan
-        assert model.token_merging.config.ratio == 0.25
+        assert model.token_hook.config.ratio == 0.25
         remove_tomemgt(model)
-        assert model.token_merging is None
+        assert model.token_hook is None
         assert torch.equal(model(**inputs), ref)
     after = model.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
@@ -187,7 +188,7 @@ def test_micro_model_cfg_batch_and_non_square_grid():
     for batch, grid in ((2, (16, 16)), (3, (16, 16)), (2, (12, 20))):
         inputs = _inputs(micro, batch, grid=grid)
         with torch.no_grad():
-            logits = micro(**inputs, token_merging=TomePlan(TomeConfig(ratio=0.5, blocks="all")))
+            logits = micro(**inputs, token_hook=TomePlan(TomeConfig(ratio=0.5, blocks="all")))
         assert logits.shape == (batch, micro.config.codebook_size, *grid) and torch.isfinite(logits).all()
 
 
@@ -290,12 +291,12 @@ def test_config_from_dict_names_unknown_keys_and_apply_checks_its_target(model):
     plan = apply_tomemgt(model, 0.5, locality="global", sources="decoded", schedule="decoded", generator=3)
     assert plan.config == TomeConfig(ratio=0.5, locality="global", sources="decoded", schedule="decoded", seed=3)
     remove_tomemgt(model)
-    model.token_merging = object()
+    model.token_hook = object()
     try:
         with pytest.raises(ValueError, match="did not install"):
             apply_tomemgt(model, 0.5)
     finally:
-        model.token_merging = None
+        model.token_hook = None
 
 
 # --------------------------------------------------------------------------------- pipelines
@@ -324,7 +325,7 @@ def test_pipeline_per_call_plan_and_decoded_images(pipe):
     plan = TomePlan(TomeConfig(ratio=0.5))
     sampler = SamplerConfig(num_steps=2, guidance_scale=3.0, timestep_convention="mask_ratio")
     images = pipe("a red circle", seed=0, sampler=sampler, progress=False, token_merging=plan).images
-    assert pipe.transformer.token_merging is None and images[0].size == (64, 64)
+    assert pipe.transformer.token_hook is None and images[0].size == (64, 64)
 
 
 def test_cli_flags_reach_the_config():

@@ -4,7 +4,8 @@
     image = pipe("a red circle", seed=0).images[0]
     remove_tomemgt(pipe)                               # the model is exactly as before
 
-Nothing in the model is replaced: the patch only sets `transformer.token_merging` to an immutable
+Nothing in the model is replaced: the patch only sets `transformer.token_hook` (the model's one
+token hook, mgtq.models.hooks) to an immutable
 `TomePlan`. Each forward calls `plan.bind(grid, masked)` with which of its input token ids are
 [MASK] and gets a `ForwardPlan` that lives only in that call's locals; it computes each block's
 matching (`tome.bipartite_soft_matching_2x2`) from the block's input, so nothing carries over
@@ -17,7 +18,7 @@ all decoded has an output the sampler never reads (decoded tokens are never re-m
 Destination randomness: the pattern of block (kind, index) is drawn from a fresh generator seeded
 by hash(seed, kind, index, step); it is a function of those numbers only, never of what ran
 before. By default (`step` 0) every forward uses the same per-block pattern; a custom sampler
-loop may pass `token_merging=plan.at_step(i)` to vary it across steps, still deterministically.
+loop may pass `token_hook=plan.at_step(i)` to vary it across steps, still deterministically.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Literal
 import torch
 
 from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations, identity
-from mgtq.models.transformer import MeissonicTransformer, TokenMerge
+from mgtq.merging.token_merge import TokenMerge
+from mgtq.models.hooks import TokenPlan
+from mgtq.models.transformer import MeissonicTransformer
 from mgtq.config import from_mapping, validate
 from mgtq.utils import derive_seed
 
@@ -98,7 +101,7 @@ class TomeConfig:
 
 @dataclass(frozen=True)
 class TomePlan:
-    """Immutable token-merging plan installed as `transformer.token_merging` (or passed per call)."""
+    """Immutable token-merging plan installed as `transformer.token_hook` (or passed per call)."""
 
     config: TomeConfig
     step: int = 0
@@ -116,7 +119,7 @@ class TomePlan:
         return ForwardPlan(self.config, self.step, grid, masked)
 
 
-class ForwardPlan:
+class ForwardPlan(TokenPlan):
     """One forward's token merging: the model calls `plan(kind, index, x)` per block.
 
     Holds the forward's mask summary and the reused matching of `recompute_every > 1`, and dies
@@ -214,22 +217,22 @@ def apply_tomemgt(
             **settings, "ratio": ratio,
             "seed": _base_seed(generator, settings.get("random_destinations", True)),
         })
-    current = transformer.token_merging
+    current = transformer.token_hook
     if current is not None and not isinstance(current, TomePlan):
         raise ValueError(
-            f"the transformer already holds a token-merging plan of type {type(current).__name__} that "
-            "apply_tomemgt did not install; set `transformer.token_merging = None` first"
+            f"the transformer already holds a token hook of type {type(current).__name__} that "
+            "apply_tomemgt did not install; set `transformer.token_hook = None` first"
         )
     plan = TomePlan(config)
-    transformer.token_merging = plan
+    transformer.token_hook = plan
     return plan
 
 
 def remove_tomemgt(model_or_pipe):
     """Uninstall TomeMGT: the model's forward is exactly the unpatched one again. Returns the input."""
     transformer = _transformer_of(model_or_pipe)
-    if isinstance(transformer.token_merging, TomePlan):
-        transformer.token_merging = None
+    if isinstance(transformer.token_hook, TomePlan):
+        transformer.token_hook = None
     return model_or_pipe
 
 

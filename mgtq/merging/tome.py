@@ -137,9 +137,9 @@ def bipartite_soft_matching_2x2(
         counts = torch.ones(batch, n - r, device=device).scatter_add_(1, into_slot, torch.ones(batch, r, device=device))
 
         # Row indices into the flattened (B·N, C) / (B·(N − r), C) tensors: index_select and
-        # index_put_ move whole rows, several times faster on CPU than gather/scatter with expanded
-        # indices. index_put_(accumulate) rather than index_add_/scatter_add_: on CPU those two stall
-        # for ~0.1 s with 2 threads when a neighbour holds a core; index_put_ is serial and steady.
+        # index_put_ move whole rows instead of gathering/scattering element by element through
+        # expanded indices. index_put_(accumulate) rather than index_add_/scatter_add_: it runs
+        # serially, so its cost does not depend on how many threads are free.
         kept_rows = _flat(kept_tok, n)
         merged_rows = _flat(merged_tok, n)
         into_rows = _flat(into_slot, n - r)

@@ -15,13 +15,12 @@ Data flow (B batch, h×w token grid, L text tokens, D = heads·head_dim):
     num_single_layers × single-stream block on [text; image]
     image tokens ─ project_from_hidden ─ [up 2×] ─ mlm_layer ─ logits (B, codebook, h, w)
 
-Token merging (mgtq.merging) hooks into the image stream of the blocks through `TokenMerge`
-objects passed per call; quantization (mgtq.quantization) swaps the `nn.Linear` layers.
+Techniques that compute fewer image tokens (token merging, context reuse) plug in through one hook,
+`token_hook` (mgtq.models.hooks); quantization (mgtq.quantization) swaps the `nn.Linear` layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +33,8 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
+
+from mgtq.models.hooks import BlockTokens, TokenPlan
 
 # Fixed by the official architecture (inherited from aMUSEd): five micro-conditions, each embedded
 # sinusoidally to 256 channels; norms use eps 1e-6; the conv/projection layers around the
@@ -81,31 +82,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.view_as_real(pairs * torch.complex(c, s)).flatten(-2).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------ token merging hook
-@dataclass
-class TokenMerge:
-    """Merge/unmerge callables for one block's image tokens (see mgtq.merging.tome).
-
-    merge: (B, N, C) → (B, N - r, C); unmerge: (B, N - r, C) → (B, N, C). The block merges the image
-    stream and its RoPE tables with `merge`, and scatters results back with `unmerge`.
-    sizes (B, N - r): how many original tokens each merged token stands for; when given, attention
-    is proportional: log(size) is added to the merged tokens' key logits, so a token that stands for
-    s identical tokens gets the attention weight those s tokens had (ToMe's proportional attention).
-    """
-
-    merge: callable
-    unmerge: callable
-    sizes: torch.Tensor | None = None
-
-    def key_bias(self, n_text: int) -> torch.Tensor | None:
-        """Additive attention-logit bias (B, 1, 1, L + N - r) for [text; merged image] keys, or None."""
-        if self.sizes is None:
-            return None
-        log_sizes = self.sizes.log()
-        text = log_sizes.new_zeros(log_sizes.shape[0], n_text)
-        return torch.cat([text, log_sizes], dim=1)[:, None, None, :]
-
-
 # ------------------------------------------------------------------------------------ attention
 class Attention(nn.Module):
     """Multi-head attention with RMS QK-norm and RoPE; optional second (text) stream.
@@ -141,12 +117,13 @@ class Attention(nn.Module):
         return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None,
-                key_bias: torch.Tensor | None = None):
+                key_bias: torch.Tensor | None = None, tokens: BlockTokens | None = None):
         """x (B, N, D) image (or joint) tokens; context (B, L, D) text tokens for the joint block.
 
-        rope: cos/sin for the concatenated sequence [context; x]. key_bias (B, 1, 1, L + N): added
-        to the attention logits of each key (proportional attention of merged tokens). Returns the
-        attended x, and for the joint block also the attended context.
+        rope: cos/sin for the concatenated sequence [context; x]. key_bias (B, 1, 1, S): added to the
+        attention logits of each key. tokens: the block's token hook, whose `keys_values` may extend
+        the keys/values attention reads (context reuse). Returns the attended x, and for the joint
+        block with a context also the attended context.
         """
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         n_ctx = 0
@@ -158,6 +135,8 @@ class Attention(nn.Module):
             q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if tokens is not None:
+            k, v = tokens.keys_values(k, v)
         mask = None if key_bias is None else key_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
         if context is None:
@@ -221,47 +200,53 @@ class MMDiTBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None,
         temb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        merge: TokenMerge | None = None,
-        merge_mlp: TokenMerge | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens: BlockTokens | None = None,
+        mlp_tokens: BlockTokens | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x (B, N, D) image, context (B, L, D) text → (context, x).
 
-        With `merge`, attention runs on the merged image tokens (and their merged RoPE tables) and
-        its output is unmerged before the residual add; `merge_mlp` does the same for the MLP.
+        tokens / mlp_tokens (mgtq.models.hooks): which image tokens attention / the MLP compute, and
+        how their outputs return to x. context None: the text stream is not computed (its keys and
+        values come through `tokens.keys_values`) and None is returned for it.
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        n_text = 0 if context is None else context.shape[1]
 
         h = _modulate(x, shift_msa, scale_msa)
-        c = _modulate(context, c_shift_msa, c_scale_msa)
-        if merge is not None:
-            h, rope = merge.merge(h), _merge_rope(rope, context.shape[1], merge, x.shape[0])
-        bias = merge.key_bias(context.shape[1]) if merge is not None else None
-        attn_out, ctx_attn_out = self.attn(h, rope, context=c, key_bias=bias)
-        if merge is not None:
-            attn_out = merge.unmerge(attn_out)
+        c = None
+        if context is not None:
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+            c = _modulate(context, c_shift_msa, c_scale_msa)
+        bias = None
+        if tokens is not None:
+            h, rope, bias = tokens.reduce(h), tokens.rope(rope, n_text, x.shape[0]), tokens.key_bias(n_text)
+        attn_out = self.attn(h, rope, context=c, key_bias=bias, tokens=tokens)
+        attn_out, ctx_attn_out = attn_out if context is not None else (attn_out, None)
+        if tokens is not None:
+            attn_out = tokens.restore(attn_out)
         x = x + gate_msa[:, None] * attn_out
 
         h = _modulate(x, shift_mlp, scale_mlp)
-        if merge_mlp is not None:
-            x = x + gate_mlp[:, None] * merge_mlp.unmerge(self.ff(merge_mlp.merge(h)))
+        if mlp_tokens is not None:
+            x = x + gate_mlp[:, None] * mlp_tokens.restore(self.ff(mlp_tokens.reduce(h)))
         else:
             x = x + gate_mlp[:, None] * self.ff(h)
 
-        context = context + c_gate_msa[:, None] * ctx_attn_out
-        c = _modulate(context, c_shift_mlp, c_scale_mlp)
-        context = context + c_gate_mlp[:, None] * self.ff_context(c)
-        return _clip_fp16(context), _clip_fp16(x)
+        if context is not None:
+            context = context + c_gate_msa[:, None] * ctx_attn_out
+            c = _modulate(context, c_shift_mlp, c_scale_mlp)
+            context = _clip_fp16(context + c_gate_mlp[:, None] * self.ff_context(c))
+        return context, _clip_fp16(x)
 
 
 class SingleStreamBlock(nn.Module):
     """Single-stream block on [text; image]: parallel attention and MLP, fused output projection.
 
-    Keys: norm, proj_mlp, proj_out, attn (pre_only). With `merge`, the image part of the sequence
-    is merged before attention/MLP and unmerged after proj_out; text tokens never merge.
+    Keys: norm, proj_mlp, proj_out, attn (pre_only). With `tokens` (mgtq.models.hooks), only the
+    image part of the sequence is reduced before attention/MLP and restored after proj_out.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
@@ -277,32 +262,20 @@ class SingleStreamBlock(nn.Module):
         temb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         n_text: int,
-        merge: TokenMerge | None = None,
+        tokens: BlockTokens | None = None,
     ) -> torch.Tensor:
-        """x (B, L + N, D) = [text; image] → same shape."""
+        """x (B, L + N, D) = [text; image] → same shape (L = n_text, 0 when the text is not computed)."""
         shift, scale, gate = self.norm(temb)
         h = _modulate(x, shift, scale)
-        if merge is not None:
-            h = torch.cat([h[:, :n_text], merge.merge(h[:, n_text:])], dim=1)
-            rope = _merge_rope(rope, n_text, merge, x.shape[0])
-        bias = merge.key_bias(n_text) if merge is not None else None
-        out = self.proj_out(torch.cat([self.attn(h, rope, key_bias=bias), F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
-        if merge is not None:
-            out = torch.cat([out[:, :n_text], merge.unmerge(out[:, n_text:])], dim=1)
+        bias = None
+        if tokens is not None:
+            h = torch.cat([h[:, :n_text], tokens.reduce(h[:, n_text:])], dim=1)
+            rope, bias = tokens.rope(rope, n_text, x.shape[0]), tokens.key_bias(n_text)
+        attn_out = self.attn(h, rope, key_bias=bias, tokens=tokens)
+        out = self.proj_out(torch.cat([attn_out, F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
+        if tokens is not None:
+            out = torch.cat([out[:, :n_text], tokens.restore(out[:, n_text:])], dim=1)
         return _clip_fp16(x + gate[:, None] * out)
-
-
-def _merge_rope(rope: tuple[torch.Tensor, torch.Tensor], n_text: int, merge: TokenMerge, batch: int):
-    """RoPE of merged tokens = mean of the members' cos/sin (paper App. 9.5); text rows kept.
-
-    (L + N, Dh) tables → per-sample (B, L + N - r, Dh) tables, since each sample merges differently.
-    """
-    merged = []
-    for table in rope:
-        text, image = table[:n_text], table[n_text:]
-        image = merge.merge(image.expand(batch, *image.shape))
-        merged.append(torch.cat([text.expand(batch, *text.shape), image], dim=1))
-    return merged[0], merged[1]
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -341,8 +314,9 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         # Default RoPE tables and micro-conditions per (text length, grid, device): pure functions of
         # the key, rebuilt on a miss, never part of the state dict (see _default_tables).
         self._table_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        # Installed by mgtq.merging.apply_tomemgt (tomesd-style patch); None = no token merging.
-        self.token_merging = None
+        # The token hook of every forward (mgtq.models.hooks), installed by a technique such as
+        # mgtq.merging.apply_tomemgt; None = every token computed.
+        self.token_hook = None
 
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=dim)
         self.context_embedder = nn.Linear(joint_attention_dim, dim)
@@ -429,7 +403,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         img_ids: torch.Tensor | None = None,
         txt_ids: torch.Tensor | None = None,
         micro_conds: torch.Tensor | None = None,
-        token_merging=None,
+        token_hook=None,
         return_dict: bool = False,
         **unused,
     ) -> torch.Tensor:
@@ -438,15 +412,13 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         encoder_hidden_states (B, L, joint_attention_dim); pooled_projections (B, pooled_dim);
         timestep (B,) or scalar in [0, 1] (multiplied by 1000 inside, as in the official code);
         img_ids/txt_ids default to the official layout; micro_conds (B, 5) default to
-        [1024, 1024, 0, 0, 6]. `token_merging`: an object whose `bind((h, w), masked)` gives, for this
-        forward on the h×w transformer grid, a plan with `plan(block_kind, index, x)` returning a
-        `(merge, merge_mlp)` pair of TokenMerge or None, called per block with that block's
-        image-token input x (B, N, D); defaults to the one `apply_tomemgt` installed.
+        [1024, 1024, 0, 0, 6]. `token_hook` (mgtq.models.hooks.TokenHook): which image tokens the
+        blocks compute, bound once per forward; defaults to the installed `self.token_hook`.
         Extra official keyword arguments (guidance, joint_attention_kwargs, controlnet_*) are
         accepted and ignored when None, so official call sites work unchanged.
         """
         _reject_unsupported(unused)
-        token_merging = token_merging if token_merging is not None else self.token_merging
+        token_hook = token_hook if token_hook is not None else self.token_hook
         batch, height, width = _check_token_ids(hidden_states, self.config.vocab_size)
         device = hidden_states.device
         dtype = self.compute_dtype
@@ -488,24 +460,27 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
                     f"for {context.shape[1]} text tokens; build them with image_ids()/text_ids() or omit them"
                 )
             rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), axes)
-        # Merging needs the grid (2×2 cells), and its per-forward state must die with this call.
-        masked = hidden_states == self.mask_token_id  # (B, H, W): what mask-aware merging reads
-        token_merging = token_merging.bind((h, w), masked) if token_merging is not None else None
+        # A technique needs the grid (2×2 cells) and which ids are [MASK]; its plan dies with this call.
+        masked = hidden_states == self.mask_token_id  # (B, H, W)
+        plan = token_hook.bind((h, w), masked) if token_hook is not None else TokenPlan()
+        x, context, rope = plan.enter(x, context, rope)
 
         for index, block in enumerate(self.transformer_blocks):
-            merge, merge_mlp = token_merging.plan("joint", index, x) if token_merging is not None else (None, None)
-            context, x = self._run(block, x, context, temb, rope, merge, merge_mlp)
+            context, x = self._run(block, x, context, temb, rope, *plan.plan("joint", index, x))
 
-        n_text = context.shape[1]
-        x = torch.cat([context, x], dim=1)
+        n_text = 0 if context is None else context.shape[1]
+        x = x if context is None else torch.cat([context, x], dim=1)
         for index, block in enumerate(self.single_transformer_blocks):
-            merge, _ = token_merging.plan("single", index, x[:, n_text:]) if token_merging is not None else (None, None)
-            x = self._run(block, x, temb, rope, n_text, merge)
-        x = x[:, n_text:]
+            x = self._run(block, x, temb, rope, n_text, plan.plan("single", index, x[:, n_text:])[0])
+        x = self.project_from_hidden(self.project_from_hidden_norm(x[:, n_text:]))
 
-        x = self.project_from_hidden(self.project_from_hidden_norm(x))
-        x = x.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
-        logits = self.mlm_layer(self.up_block(x))
+        if plan.computes_subset:  # every head layer is per token: run it on each token as a 1×1 grid
+            tokens = x.reshape(-1, channels, 1, 1)
+            logits = self.mlm_layer(self.up_block(tokens))  # (B·M, V, f, f)
+            logits = plan.leave(logits.unflatten(0, (batch, -1)))
+        else:
+            x = x.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
+            logits = self.mlm_layer(self.up_block(x))
         return (logits,) if return_dict else logits
 
     def compile_blocks(self, persistent_cache: bool = True, **kwargs) -> None:
@@ -517,15 +492,16 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
         which block), so compiling costs about two blocks instead of the whole model; what stays
         eager between blocks is a few embeddings and the (cached) RoPE tables. Blocks whose
-        quantized layer kinds differ (SCQ) compile once per distinct pattern, so the recompile limit
-        is raised to the number of blocks.
+        quantized layer kinds differ (SCQ) compile once per distinct pattern, and each kind of token
+        hook a block is given (none, merging, a full or a local step of context reuse) is another
+        graph, so the recompile limit is raised to cover both.
         """
         if persistent_cache:
             from mgtq.compilation import use_persistent_compile_cache
 
             use_persistent_compile_cache()
         blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
         for block in blocks:
             block.compile(**{"fullgraph": True, **kwargs})
 

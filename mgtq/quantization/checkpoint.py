@@ -376,7 +376,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     model.load_state_dict(tensors, assign=True, strict=True)
     if dtype is not None:
         cast_float_(model, parse_dtype(dtype))
-    model.token_merging = None
+    model.token_hook = None
     model.mgtq_manifest = manifest  # so save_pretrained keeps its provenance (describe)
     return model.eval().requires_grad_(False)
 

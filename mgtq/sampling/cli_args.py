@@ -15,6 +15,7 @@ from pathlib import Path
 from mgtq import argtypes
 from mgtq.config import read_mapping
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
+from mgtq.reuse.config import GROUP_RULES
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
@@ -53,7 +54,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
     g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
                    help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
-                        "differential 75%%, masked Z-sampling) or paper-combo-root (the same on 1−t^0.6)")
+                        "differential 75%%, masked Z-sampling), paper-combo-root (the same on 1−t^0.6) or fast "
+                        "(vanilla with context reuse: --reuse-interval 3 --reuse-group cells --reuse-warmup 2)")
     g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -82,6 +84,15 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="masked Z-sampling's re-mask rule: paper (lowest confidence) or official (the demo's)")
     g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,
                    help="momentum-based solver order: 0 off, 1 first order (= vanilla), 2 second order")
+    g.add_argument("--reuse-interval", type=argtypes.integer(minimum=1), default=None, metavar="N",
+                   help="context reuse: a full step every N steps, local steps (a few tokens, cached K/V) between; "
+                        "1 = off")
+    g.add_argument("--reuse-group", choices=GROUP_RULES, default=None,
+                   help="context reuse: tokens the local steps compute: confidence (ReCAP's group), cells (the "
+                        "group in whole 2×2 cells: fewer transformer tokens with feature compression) or masked "
+                        "(every masked token)")
+    g.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
+                   help="context reuse: the first STEPS steps are all full steps")
     return g
 
 
@@ -92,6 +103,7 @@ _FLAG_PATHS = {
     "diff_z": "differential.percent", "diff_resample": "differential.resample",
     "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg", "zsampling_remask": "zsampling.remask",
     "momentum": "momentum.order",
+    "reuse_interval": "reuse.interval", "reuse_group": "reuse.group", "reuse_warmup": "reuse.warmup",
 }
 
 

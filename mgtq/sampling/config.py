@@ -10,6 +10,7 @@ It maps one-to-one onto YAML/JSON: the tricks of the enhanced sampler are small 
     differential: {percent: 75, resample: abs}
     zsampling: {variant: masked, inversion_cfg: 0.0, steps: null, remask: paper}
     momentum: {order: 0}
+    reuse: {interval: 1, group: confidence, warmup: 0, bucket: 16}
 
 Reading goes through mgtq.config's strict loader: an unknown or misspelled key, at any level, is an
 error that names it, and so is a value of the wrong type or a non-finite number
@@ -26,6 +27,7 @@ from typing import Any
 
 from mgtq.config import from_mapping, validate
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE, MAX_STEPS
+from mgtq.reuse.config import ReuseConfig
 from mgtq.sampling.presets import PRESET_NAMES, preset_fields
 from mgtq.sampling.schedules import Schedule, TimestepConvention
 from mgtq.sampling.tricks.differential import Resample
@@ -127,7 +129,7 @@ class MomentumConfig:
 
 
 _SECTIONS = {"noise": NoiseConfig, "differential": DifferentialConfig, "zsampling": ZSamplingConfig,
-             "momentum": MomentumConfig}
+             "momentum": MomentumConfig, "reuse": ReuseConfig}
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class SamplerConfig:
     differential: DifferentialConfig = field(default_factory=DifferentialConfig)
     zsampling: ZSamplingConfig = field(default_factory=ZSamplingConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)  # context reuse (mgtq.reuse); off by default
 
     def __post_init__(self):
         validate(self)

@@ -10,6 +10,8 @@ Each step i of T (DESIGN.md "Sampling"):
     n = clamp(⌊N·σ((i+1)/T)⌋, 1, #masked − 1)             (the last step decodes everything)
     re-mask the n lowest of log p(x̂) + τ_i·Gumbel,  τ = linspace(2, 0, T); decoded tokens stay.
 and, on a Z-step, the step is run, inverted by re-masking and run again (tricks/zsampling.py).
+With context reuse (config.reuse, mgtq.reuse) a full step every `interval` steps runs the whole model and
+caches its keys/values; the local steps between compute only a group of tokens against them.
 Editing starts from a given grid instead of all-mask (start.py): fixed tokens are never re-masked,
 and N counts the positions that are not fixed.
 
@@ -28,6 +30,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mgtq.reuse.cache import ContextCache
+from mgtq.sampling.tricks.reuse import decoded_until, most_confident, most_confident_cells
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.schedules import mask_ratio, timestep_value
 from mgtq.sampling.start import StartState
@@ -60,10 +64,15 @@ class StepState:
 
 @dataclass
 class SampleResult:
-    """tokens (B, H, W) and nfe: how many times model_fn was called (a CFG call counts once)."""
+    """tokens (B, H, W); nfe: how many times model_fn was called (a CFG call counts once); local_nfe:
+    how many of those calls were local steps of context reuse (computing a few tokens); token_nfe: the
+    calls counted by the image tokens they computed, a local step as its fraction (the Linear layers'
+    share of the cost; attention's is larger)."""
 
     tokens: torch.Tensor
     nfe: int
+    local_nfe: int = 0
+    token_nfe: float = 0.0
 
 
 class SamplerHooks:
@@ -119,20 +128,30 @@ def unmask_step(tokens: torch.Tensor, probs: torch.Tensor, mask_id: int, config:
     This is the first-order step of Eq. 4: N·σ_t tokens stay masked, the most confident of the
     rest come from the prediction; decoded tokens never change.
     """
+    return _unmask(tokens, probs, mask_id, config, state)[0]
+
+
+def _unmask(tokens, probs, mask_id, config, state, group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """unmask_step, also returning the confidence (B, N) it ranked by (None at the last step).
+
+    group (B, N) bool or None: masked tokens outside it stay masked (a local step of context reuse
+    decodes only its group; the schedule's count leaves room for them).
+    """
     masked = tokens == mask_id
     sampled = torch.where(masked, sample_tokens(probs, state.generators), tokens)
     num_tokens = tokens.shape[1] if state.editable is None else state.editable.sum(-1)
     n_mask = num_to_mask(config, state.step, num_tokens, masked.sum(-1))
     if int(n_mask.max()) == 0:
-        return sampled
+        return sampled, None
     chosen_p = probs.gather(-1, sampled[..., None])[..., 0]
     tau = gumbel_temperature(config, state.step)
     noise = torch.stack([gumbel_noise(chosen_p.shape[1:], g, chosen_p.device) for g in state.generators])
     confidence = torch.log(chosen_p.clamp(1e-20)) + tau * noise
     # Decoded tokens are never re-masked: they rank above every masked one.
     confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
-    remask = remask_lowest(confidence, n_mask)
-    return torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+    ranked = confidence if group is None else confidence.masked_fill(masked & ~group, float("-inf"))
+    remask = remask_lowest(ranked, n_mask)
+    return torch.where(remask, torch.full_like(sampled, mask_id), sampled), confidence
 
 
 # ------------------------------------------------------------------------- composing the tricks
@@ -197,24 +216,27 @@ class _CountedModel:
         self.num_editable = None if editable is None else editable.sum(-1)
         self.nfe = 0
 
-    def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, step: int, guidance_scale: float | None = None,
+                 token_hook=None) -> torch.Tensor:
         batch = tokens.shape[0]
         masked = tokens == self.mask_id
         ratio = masked.float().mean(-1) if self.num_editable is None else masked.sum(-1) / self.num_editable
         timestep = timestep_value(self.config.timestep_convention, step, self.config.num_steps, ratio)
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).expand(batch)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        if token_hook is not None:
+            kwargs["token_hook"] = token_hook
         logits = self.model_fn(tokens.view(batch, *self.grid), timestep, **kwargs)  # (B, V, H, W)
         self.nfe += 1
         return logits.flatten(2).transpose(1, 2)  # (B, N, V)
 
 
-def _accepts_guidance_scale(model_fn: ModelFn) -> bool:
+def _accepts(model_fn: ModelFn, name: str) -> bool:
     try:
         params = inspect.signature(model_fn).parameters.values()
     except (TypeError, ValueError):
         return True  # cannot tell (e.g. a C callable): let the call decide
-    return any(p.name == "guidance_scale" or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _denoise(model: _CountedModel, tokens, prev_probs, mask_id, config, state, hooks):
@@ -236,6 +258,68 @@ def _z_step(model: _CountedModel, tokens, prev_probs, mask_id, config, state, ho
                                editable=state.editable)
     # the re-step compares with the same committed p_{i−1}: the tentative pass is not a step
     return _denoise(model, back, prev_probs, mask_id, config, state, hooks)
+
+
+class _ContextReuse:
+    """Context reuse over one sampling call (mgtq.reuse): the cache of the last full step, and the
+    tokens the local steps after it compute (`active`) and may decode (`group`, None = any masked)."""
+
+    def __init__(self, config: SamplerConfig, first_step: int, mask_id: int):
+        self.config, self.reuse, self.first_step, self.mask_id = config, config.reuse, first_step, mask_id
+        self.cache = ContextCache(self.reuse.bucket)
+        self.active = self.group = None
+        self.local_steps, self.local_cost = 0, 0.0  # local steps, and the fractions of tokens they computed
+
+    def step(self, model: _CountedModel, tokens, prev_probs, state: StepState, hooks):
+        """One full or local step at state.step: → (new tokens (B, N), prediction p_i (B, N, V))."""
+        config, steps_run = self.config, state.step - self.first_step
+        full = self.active is None or self.reuse.is_full(steps_run)
+        if full:
+            hook = self.cache.full_step()
+        else:
+            hook = self.cache.local_step(self.active.view(tokens.shape[0], *model.grid))
+        logits = model(tokens, state.step, token_hook=hook)
+        if not full:
+            self.local_steps, self.local_cost = self.local_steps + 1, self.local_cost + self.cache.computed
+        prediction, probs = step_distribution(logits, prev_probs, config, state, hooks)
+        new, confidence = _unmask(tokens, probs, self.mask_id, config, state, None if full else self.group)
+        if full and confidence is not None:
+            self._plan_local_steps(tokens, new, confidence, state, steps_run, model.grid)
+        return new, prediction
+
+    def _plan_local_steps(self, before, after, confidence, state: StepState, steps_run: int, grid) -> None:
+        """After a full step: what the local steps up to the next full step compute and decode."""
+        masked_before, masked_after = before == self.mask_id, after == self.mask_id
+        decoded_now = masked_before & ~masked_after  # their input changed after the cache was built
+        if self.reuse.group == "masked":
+            self.group, self.active = None, masked_before
+            return
+        until = state.step + 1
+        while until < self.config.num_steps and not self.reuse.is_full(steps_run + until - state.step):
+            until += 1
+        num_tokens = before.shape[1] if state.editable is None else state.editable.sum(-1)
+        size = decoded_until(lambda step, n, m: num_to_mask(self.config, step, n, m), state.step, until, num_tokens,
+                             masked_after.sum(-1))
+        if self.reuse.group == "cells":
+            self.group = most_confident_cells(confidence, masked_after, size, grid)
+        else:
+            self.group = most_confident(confidence, masked_after, size)
+        self.active = decoded_now | self.group
+
+
+def _check_reuse(config: SamplerConfig, model_fn: ModelFn) -> None:
+    """Refuse the combinations context reuse leaves out, naming them and the fix."""
+    tricks = [name for name, on in (("differential sampling", config.differential.enabled),
+                                    ("the 2nd-order momentum solver", config.momentum.order == 2),
+                                    ("Z-sampling", config.zsampling.enabled)) if on]
+    if tricks:
+        raise ValueError(f"context reuse (reuse.interval {config.reuse.interval}) does not combine with "
+                         f"{' or '.join(tricks)}: a local step computes a few tokens' probabilities, and these "
+                         "tricks read every token's; set reuse.interval to 1 (CLI: --reuse-interval 1) or turn them off")
+    if not _accepts(model_fn, "token_hook"):
+        raise TypeError("context reuse calls model_fn(tokens, timestep, token_hook=h) and passes h to the transformer, "
+                        "but this model_fn has no token_hook parameter; add one (MGTPipeline's model_fn has it) or "
+                        "set reuse.interval to 1")
 
 
 @torch.inference_mode()
@@ -263,26 +347,37 @@ def sample(
     if len(generators) != batch_size:
         raise ValueError(f"need one generator per sample: got {len(generators)} for batch {batch_size}")
     z = config.zsampling
-    if z.variant == "masked" and z.enabled and not _accepts_guidance_scale(model_fn):
+    if z.variant == "masked" and z.enabled and not _accepts(model_fn, "guidance_scale"):
         raise TypeError(
             "masked Z-sampling calls model_fn(tokens, timestep, guidance_scale=s) for its inversion pass, but "
             "this model_fn has no guidance_scale parameter; add one (MGTPipeline's model_fn has it) or use "
             "zsampling variant 'random'/'recover'"
         )
+    if config.reuse.enabled:
+        _check_reuse(config, model_fn)
     hooks = hooks or SamplerHooks()
     height, width = grid
     tokens, editable, first_step = _initial_state(start, batch_size, grid, mask_id, config, device)
     model = _CountedModel(model_fn, grid, mask_id, config, device, editable)
+    reuse = _ContextReuse(config, first_step, mask_id) if config.reuse.enabled else None  # state of this call only
     prev_probs = None  # p_{i−1}: state of this call only
     for step in tqdm(range(first_step, config.num_steps), desc="sampling", disable=not progress, leave=False):
         state = StepState(step=step, num_steps=config.num_steps, generators=generators, editable=editable)
-        run = _z_step if z_step_applies(z.variant, z.steps, step, config.num_steps) else _denoise
-        tokens, prediction = run(model, tokens, prev_probs, mask_id, config, state, hooks)
+        if reuse is not None:
+            tokens, prediction = reuse.step(model, tokens, prev_probs, state, hooks)
+        else:
+            run = _z_step if z_step_applies(z.variant, z.steps, step, config.num_steps) else _denoise
+            tokens, prediction = run(model, tokens, prev_probs, mask_id, config, state, hooks)
         prev_probs = prediction if config.keeps_previous_probs else None
         if callback is not None:
             callback(step, tokens.view(batch_size, height, width))
     tokens = tokens.view(batch_size, height, width)
-    return SampleResult(tokens=tokens, nfe=model.nfe) if return_info else tokens
+    if not return_info:
+        return tokens
+    if reuse is None:
+        return SampleResult(tokens=tokens, nfe=model.nfe, token_nfe=float(model.nfe))
+    return SampleResult(tokens=tokens, nfe=model.nfe, local_nfe=reuse.local_steps,
+                        token_nfe=model.nfe - reuse.local_steps + reuse.local_cost)
 
 
 def _initial_state(start: StartState | None, batch_size: int, grid: tuple[int, int], mask_id: int,

@@ -1,6 +1,6 @@
 """Named sampler presets, as data: the trick fields each one sets.
 
-A preset sets only the trick fields (schedule, ρ, noise, differential, zsampling, momentum); the
+A preset sets only the trick fields (schedule, ρ, noise, differential, zsampling, momentum, reuse); the
 model-specific fields (num_steps, guidance_scale, gumbel_temperature, timestep_convention) come
 from the base config, i.e. from the checkpoint, unless overridden. `SamplerConfig.preset` applies
 them; this module imports nothing from the sampler, so the two cannot form an import cycle.
@@ -14,6 +14,10 @@ them; this module imports nothing from the sampler, so the two cannot form an im
 - "paper-combo-root": paper-combo on the 1 − t^0.6 schedule (Table 2's best schedule alone), which
     the paper's combination tables do not use: it shows whether the best schedule and the best tricks
     add up (benchmarks/ablations_sampler.py runs both).
+- "fast": vanilla with context reuse: a full step every 3 steps after 2 full ones, local steps decoding
+    their group in whole 2×2 cells. Chosen on ShapeBench val (benchmarks/results/reuse_select_val*.md):
+    of the settings that matched no acceleration there (0.787, 80 prompts), the one computing the fewest
+    tokens (token NFE 9.9 of 16); interval 4 computes fewer (9.6) and lost 0.04.
 The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
 the combination.
 """
@@ -28,6 +32,7 @@ _VANILLA = MappingProxyType({
     "differential": {"percent": 0.0, "resample": "abs"},
     "zsampling": {"variant": "off", "inversion_cfg": 0.0, "steps": None, "remask": "paper"},
     "momentum": {"order": 0},
+    "reuse": {"interval": 1, "group": "confidence", "warmup": 0, "bucket": 16},
 })
 _PAPER_COMBO = MappingProxyType({
     **_VANILLA,
@@ -39,6 +44,7 @@ _TRICK_FIELDS = MappingProxyType({
     "vanilla": _VANILLA,
     "paper-combo": _PAPER_COMBO,
     "paper-combo-root": MappingProxyType({**_PAPER_COMBO, "schedule": "root", "rho": 0.6}),
+    "fast": MappingProxyType({**_VANILLA, "reuse": {"interval": 3, "group": "cells", "warmup": 2, "bucket": 16}}),
 })
 PRESET_NAMES = tuple(_TRICK_FIELDS)
 

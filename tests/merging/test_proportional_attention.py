@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from mgtq.merging import TomeConfig, apply_tomemgt, bipartite_soft_matching_2x2, remove_tomemgt
 from mgtq.merging.tome import cell_destinations
 from mgtq.models import build_transformer
-from mgtq.models.transformer import Attention, TokenMerge
+from mgtq.merging import TokenMerge
+from mgtq.models.transformer import Attention
 from mgtq.testing import micro_forward_inputs
 
 

@@ -247,6 +247,6 @@ def test_a_sample_does_not_depend_on_its_batch_mates(config, sigma, seed):
     inputs["encoder_hidden_states"][1:] = other["encoder_hidden_states"][1:]
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
-        batch = model(**inputs, token_merging=TomePlan(config))
-        alone = model(**{k: v[:1] for k, v in inputs.items()}, token_merging=TomePlan(config))
+        batch = model(**inputs, token_hook=TomePlan(config))
+        alone = model(**{k: v[:1] for k, v in inputs.items()}, token_hook=TomePlan(config))
     torch.testing.assert_close(batch[:1], alone, rtol=1e-9, atol=1e-9)

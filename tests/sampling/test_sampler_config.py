@@ -78,7 +78,7 @@ def test_any_finite_inversion_cfg_is_accepted(inversion_cfg):
 
 
 def test_presets():
-    assert PRESET_NAMES == ("vanilla", "paper-combo", "paper-combo-root")
+    assert PRESET_NAMES == ("vanilla", "paper-combo", "paper-combo-root", "fast")
     combo = SamplerConfig.preset("paper-combo", base=SamplerConfig(num_steps=16, guidance_scale=2.0))
     # the paper's combination tables: cosine + noise |cos πt| α=1 + differential 75 % + masked Z (inversion CFG 0)
     assert (combo.schedule, combo.noise.curve, combo.noise.scale) == ("cosine", "abs_cos", 1.0)
@@ -89,8 +89,11 @@ def test_presets():
     assert (root.schedule, root.rho) == ("root", 0.6) and root.replace(schedule="cosine", rho=1.0) == \
         SamplerConfig.preset("paper-combo")
     for name in PRESET_NAMES:  # every preset sets every trick field, so presets never inherit tricks
-        assert set(preset_fields(name)) == {"schedule", "rho", "noise", "differential", "zsampling", "momentum"}
+        assert set(preset_fields(name)) == {"schedule", "rho", "noise", "differential", "zsampling", "momentum", "reuse"}
         SamplerConfig.from_dict(preset_fields(name))
+    fast = SamplerConfig.preset("fast", base=SamplerConfig(num_steps=48))
+    assert fast.reuse.enabled and fast.replace(reuse={}) == SamplerConfig(num_steps=48)  # vanilla + reuse
+    assert not SamplerConfig.preset("vanilla", base=fast).reuse.enabled  # a preset never inherits reuse
     with pytest.raises(ValueError, match="unknown sampler preset 'enhanced'"):
         SamplerConfig.preset("enhanced")
 

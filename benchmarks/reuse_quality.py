@@ -1,0 +1,128 @@
+"""Context reuse quality on ShapeBench: accuracy and token agreement of each setting against no acceleration.
+
+    python benchmarks/reuse_quality.py --split val --json reuse_quality_val.json      # choose settings here
+    python benchmarks/reuse_quality.py --split test --json reuse_quality_test.json    # report these
+    python benchmarks/reuse_quality.py --model checkpoints/tiny-shapes-w4a8-scq --split test --json scq.json
+
+Settings (--settings, comma list; the model's own sampler is the base):
+    none            no acceleration
+    steps-N         N sampling steps instead (the "fewer steps" baseline)
+    tome            TomeMGT at its defaults (ratio 0.5, joint blocks, decoded schedule)
+    reuse-K         context reuse, a full step every K steps, ReCAP's confidence group
+    reuse-K-cells   the same group taken in whole 2×2 cells
+    reuse-K-masked  the local steps computing every masked token
+    reuse-K-wW      ... with the first W steps full (combine: reuse-3-cells-w2)
+For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
+many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
+it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
+measures quality only. Writes the JSON and a Markdown table beside it (.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from mgtq.default_model import default_model
+from mgtq.evaluation import evaluate_pipeline, interleave_categories
+from mgtq.merging import TomeConfig
+from mgtq.pipeline import MGTPipeline
+from mgtq.sampling import SamplerConfig
+from mgtq.shapes import shapebench_prompts
+from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
+from mgtq.utils import atomic_write_text, write_json
+
+DEFAULT_SETTINGS = "none,steps-12,steps-8,tome,reuse-2,reuse-3,reuse-3-cells,reuse-4-cells,reuse-3-masked"
+
+
+def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeConfig | None]:
+    """A setting name (see the module docstring) → (its sampler config, its TomeMGT config or None)."""
+    parts = name.split("-")
+    try:
+        if name == "none":
+            return base, None
+        if name == "tome":
+            return base, TomeConfig()
+        if parts[0] == "steps" and len(parts) == 2:
+            return base.replace(num_steps=int(parts[1])), None
+        if parts[0] == "reuse" and len(parts) >= 2:
+            reuse = {"interval": int(parts[1])}
+            for extra in parts[2:]:
+                if extra in ("masked", "cells"):
+                    reuse["group"] = extra
+                elif extra.startswith("w"):
+                    reuse["warmup"] = int(extra[1:])
+                else:
+                    raise ValueError(extra)
+            return base.replace(reuse=reuse), None
+    except ValueError:
+        pass
+    raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW]")
+
+
+def to_markdown(data: dict) -> str:
+    rows = list(data["settings"].values())
+    lines = [f"# Context reuse on ShapeBench {data['split']} (n = {data['n']}, {data['model']})", "",
+             f"`{data['command']}`", "",
+             "| setting | overall | token agreement | NFE | of which local | token NFE |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['overall']:.3f} | {row['token_agreement']:.3f} | {row['nfe']} | "
+                     f"{row['local_nfe']} | {row['token_nfe']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="val to choose settings, test to report")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma list (see above)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts (default: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = MGTPipeline.from_pretrained(args.model or default_model())
+    base = pipe.settings.sampler
+    names = ["none", *[n for n in args.settings.split(",") if n and n != "none"]]
+    try:
+        configs = {name: parse_setting(name, base) for name in names}
+    except ValueError as err:
+        p.error(str(err))
+    command = "python benchmarks/reuse_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data = {"command": command, "split": args.split, "model": str(args.model or "embedded default"),
+            "base_sampler": base.to_dict(), "settings": {}}
+    reference = None
+    for name, (sampler, tome) in configs.items():
+        result = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split=args.split, reference_tokens=reference,
+                                   **({"token_merging": tome} if tome is not None else {}))
+        reference = result["tokens"] if reference is None else reference
+        local_nfe, token_nfe = _costs(pipe, sampler, args.split)
+        data["n"] = result["n"]
+        data["settings"][name] = {"name": name, "overall": result["overall"], "per_category": result["per_category"],
+                                  "token_agreement": result.get("token_agreement", 1.0), "nfe": result["nfe"],
+                                  "local_nfe": local_nfe, "token_nfe": token_nfe, "sampler": sampler.to_dict()}
+        print(f"{name}: {result['overall']:.3f} (agreement {data['settings'][name]['token_agreement']:.3f})", flush=True)
+        write_json(args.json, data)
+    atomic_write_text(args.json.with_suffix(".md"), to_markdown(data))
+    return 0
+
+
+def _costs(pipe: MGTPipeline, sampler: SamplerConfig, split: str, prompts: int = 8) -> tuple[int, float]:
+    """(local steps per image, token NFE per image: mean over the first `prompts` prompts of the split).
+
+    TomeMGT's cost is not in token NFE (its blocks still compute every token's MLP): it counts full steps.
+    """
+    if not sampler.reuse.enabled:
+        return 0, float(sampler.num_steps)
+    items = interleave_categories(shapebench_prompts(DEFAULT_PER_CATEGORY, split))[:prompts]
+    out = pipe([it.prompt for it in items], seed=[it.seed for it in items], sampler=sampler, progress=False,
+               output_type="latent")
+    return out.local_nfe, out.token_nfe
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

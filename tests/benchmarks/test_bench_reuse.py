@@ -1,0 +1,54 @@
+"""benchmarks/bench_reuse.py: the schedule it composes is the sampler's, and a tiny run writes its JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgtq.sampling import SamplerConfig
+from mgtq.sampling.maskgit import num_to_mask
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_reuse.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_reuse", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("group", ["confidence", "cells", "masked"])
+def test_schedule_plan_computes_what_the_sampler_decodes(bench, group):
+    config = SamplerConfig(num_steps=12).replace(reuse=dict(interval=4, group=group, warmup=1))
+    plan = bench.schedule_plan(config, (8, 8))
+    assert [entry["full"] for entry in plan] == [config.reuse.is_full(i) for i in range(12)]
+    masked = [64]
+    for step in range(12):
+        masked.append(int(num_to_mask(config, step, 64, torch.tensor([masked[-1]]))))
+    for full in (i for i, entry in enumerate(plan) if entry["full"] and i + 1 < 12 and not plan[i + 1]["full"]):
+        active = plan[full + 1]["active"]
+        until = next((i for i in range(full + 1, 12) if plan[i]["full"]), 12)
+        expected = masked[full] - (0 if group == "masked" else masked[until])
+        assert int(active.sum()) == expected
+        assert all(plan[i]["active"] is active for i in range(full + 1, until))
+
+
+def test_tiny_run_writes_the_composed_speedup(bench, tmp_path):
+    out = tmp_path / "reuse.json"
+    assert bench.main(["--model", "test-micro", "--grid", "8", "--steps", "6", "--reuse-interval", "3",
+                       "--formats", "bf16,w4a16", "--rounds", "1", "--check", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sampler"]["reuse"]["interval"] == 3 and set(result["formats"]) == {"bf16", "w4a16"}
+    for row in result["formats"].values():
+        assert row["full_steps"] + sum(item["steps"] for item in row["local_steps"]) == 6
+        assert row["speedup"] == pytest.approx(row["baseline_s"] / row["reuse_s"])
+        assert row["check"]["reuse_s"] > 0
+
+
+def test_no_reuse_is_an_error(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--json", str(tmp_path / "x.json")])

@@ -1,0 +1,32 @@
+"""benchmarks/reuse_quality.py: setting names map onto sampler and TomeMGT configs; unknown ones are errors."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mgtq.merging import TomeConfig
+from mgtq.reuse.config import ReuseConfig
+from mgtq.sampling import SamplerConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reuse_quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("reuse_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setting_names(quality):
+    base = SamplerConfig(num_steps=16)
+    assert quality.parse_setting("none", base) == (base, None)
+    assert quality.parse_setting("steps-8", base)[0].num_steps == 8
+    assert quality.parse_setting("tome", base) == (base, TomeConfig())
+    sampler, tome = quality.parse_setting("reuse-3-cells-w2", base)
+    assert tome is None and sampler.reuse == ReuseConfig(interval=3, group="cells", warmup=2)
+    for bad in ("reuse-x", "steps", "reuse-3-fast", "fast"):
+        with pytest.raises(ValueError, match="unknown setting"):
+            quality.parse_setting(bad, base)

@@ -1,0 +1,167 @@
+"""Context reuse, model side: a full step is the plain forward; a local step equals it on the active tokens."""
+
+import pytest
+import torch
+
+from mgtq.models import build_transformer
+from mgtq.models.transformer import Attention
+from mgtq.reuse import ContextCache, active_tokens, padded_indices
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["compressed", "uncompressed"])
+def model(request):
+    torch.manual_seed(0)
+    compressed = request.param
+    return build_transformer("test-micro", num_layers=2, num_single_layers=2, downsample=compressed,
+                             upsample=compressed).eval()
+
+
+def _inputs(model, batch, seed=0, grid=(16, 16), masked=0.5):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    ids = torch.randint(0, cfg.codebook_size, (batch, *grid), generator=g)
+    ids = torch.where(torch.rand(batch, *grid, generator=g) < masked, model.mask_token_id, ids)
+    return dict(hidden_states=ids, encoder_hidden_states=torch.randn(batch, 5, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.rand(batch, generator=g))
+
+
+def _active(batch, seed, grid=(16, 16), fraction=0.1):
+    return torch.rand(batch, *grid, generator=torch.Generator().manual_seed(seed)) < fraction
+
+
+def test_full_step_is_the_plain_forward_bit_for_bit(model):
+    inputs = _inputs(model, 2)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, token_hook=ContextCache().full_step()), model(**inputs))
+
+
+def test_local_step_equals_the_full_step_on_active_tokens_with_different_counts_per_sample(model):
+    inputs = _inputs(model, 3)
+    active = _active(3, 1)
+    active[1] = False
+    active[1, 3, 5] = True  # one active token here, about 25 in the other samples: padded
+    active[2] = False  # nothing to compute in this sample
+    cache = ContextCache(bucket=8)
+    with torch.no_grad():
+        full = model(**inputs, token_hook=cache.full_step())
+        local = model(**inputs, token_hook=cache.local_step(active))
+    cells = active_tokens(active, _grid(model))  # every VQ token of an active transformer token is exact
+    computed = _vq_mask(cells, model)
+    assert computed[active].all()
+    torch.testing.assert_close(_at(local, computed), _at(full, computed), rtol=1e-5, atol=1e-5)
+    assert (_at(local, ~computed) == 0).all()  # not computed: 0
+
+
+def test_local_step_in_a_cfg_batch_uses_the_samplers_active_set_for_both_halves(model):
+    single = _inputs(model, 2, seed=3)
+    cfg_batch = {k: torch.cat([v, v]) if k == "hidden_states" else torch.cat([v, v.flip(0)]) for k, v in single.items()}
+    active = _active(2, 4)
+    cache = ContextCache()
+    with torch.no_grad():
+        full = model(**cfg_batch, token_hook=cache.full_step())
+        local = model(**cfg_batch, token_hook=cache.local_step(active))
+    computed = _vq_mask(active_tokens(active.repeat(2, 1, 1), _grid(model)), model)
+    torch.testing.assert_close(_at(local, computed), _at(full, computed), rtol=1e-5, atol=1e-5)
+
+
+def test_local_step_computes_only_the_active_tokens_and_no_text(model, monkeypatch):
+    seen = []
+    forward = Attention.forward
+
+    def recording(self, x, *args, context=None, **kwargs):
+        seen.append((x.shape[1], context is None))
+        return forward(self, x, *args, context=context, **kwargs)
+
+    monkeypatch.setattr(Attention, "forward", recording)
+    inputs = _inputs(model, 1)
+    active = torch.zeros(1, 16, 16, dtype=torch.bool)
+    active[0, :2, :4] = True  # 8 VQ tokens: 2 transformer tokens with compression, 8 without
+    cache = ContextCache()
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.full_step())
+        seen.clear()
+        model(**inputs, token_hook=cache.local_step(active))
+    m = int(active_tokens(active, _grid(model)).sum())
+    assert seen == [(m, True)] * 4  # two joint and two single blocks: M queries each, no text stream
+
+
+def test_active_tokens_maps_each_2x2_cell_to_its_transformer_token():
+    active = torch.zeros(1, 4, 6, dtype=torch.bool)
+    active[0, 0, 1] = True  # cell (0, 0)
+    active[0, 3, 4] = True  # cell (1, 2)
+    assert active_tokens(active, (2, 3)).tolist() == [[True, False, False, False, False, True]]
+    assert torch.equal(active_tokens(active, (4, 6)), active.reshape(1, -1))  # no compression: itself
+    with pytest.raises(ValueError, match="does not tile"):
+        active_tokens(active, (3, 3))
+
+
+def test_padded_indices_repeat_the_first_active_token_up_to_the_bucket():
+    active = torch.tensor([[False, True, False, True, True, False], [False, False, True, False, False, False],
+                           [False] * 6])
+    index, valid = padded_indices(active)
+    assert index.tolist() == [[1, 3, 4], [2, 2, 2], [0, 0, 0]]
+    assert valid.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+    index, valid = padded_indices(active, bucket=4)
+    assert index.tolist() == [[1, 3, 4, 1], [2, 2, 2, 2], [0, 0, 0, 0]] and valid.sum(1).tolist() == [3, 1, 0]
+    assert padded_indices(active, bucket=16)[0].shape == (3, 6)  # never more than N
+
+
+def test_local_step_errors_name_the_fix(model):
+    inputs = _inputs(model, 2)
+    with pytest.raises(RuntimeError, match="full_step"):
+        ContextCache().local_step(_active(2, 0))
+    cache = ContextCache()
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.full_step())
+        with pytest.raises(ValueError, match="same batch"):
+            model(**{k: v[:1] for k, v in inputs.items()}, token_hook=cache.local_step(_active(1, 0)))
+    with pytest.raises(ValueError, match="bool mask"):
+        cache.local_step(torch.zeros(2, 16, 16))
+
+
+def _grid(model):
+    f = model.grid_factor
+    return 16 // f, 16 // f
+
+
+def _vq_mask(cells, model):
+    """Transformer-token mask (B, h·w) → the VQ tokens they cover (B, 16, 16)."""
+    f = model.grid_factor
+    h, w = _grid(model)
+    return cells.reshape(-1, h, 1, w, 1).expand(-1, h, f, w, f).reshape(-1, 16, 16)
+
+
+def _at(logits, mask):
+    return logits.permute(0, 2, 3, 1)[mask]
+
+
+def test_local_step_of_a_quantized_model_equals_its_full_step():
+    from mgtq.quantization.api import W4A8Config, W4A16Config, linear_names, quantize_
+
+    torch.manual_seed(0)
+    model = build_transformer("test-micro", num_layers=2, num_single_layers=2).eval()
+    names = linear_names(model)[::3]  # a third W4A8 (few-row int8 kernels in local steps), the rest W4A16
+    quantize_(model, W4A16Config(), overrides={n: W4A8Config() for n in names}, input_scales={n: 0.05 for n in names})
+    inputs, active = _inputs(model, 2), _active(2, 5, fraction=0.05)
+    cache = ContextCache()
+    with torch.no_grad():
+        full = model(**inputs, token_hook=cache.full_step())
+        local = model(**inputs, token_hook=cache.local_step(active))
+    torch.testing.assert_close(_at(local, active), _at(full, active), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_local_steps_match_and_stop_recompiling_once_lengths_are_dynamic():
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    inputs = _inputs(model, 2)
+    cache = ContextCache(bucket=4)
+    with torch.no_grad():
+        model.compile_blocks(persistent_cache=False)
+        full = model(**inputs, token_hook=cache.full_step())
+        for seed, fraction in ((1, 0.05), (2, 0.1), (3, 0.2)):
+            active = _active(2, seed, fraction=fraction)
+            local = model(**inputs, token_hook=cache.local_step(active))
+            torch.testing.assert_close(_at(local, active), _at(full, active), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a fourth length: no new graph
+            model(**inputs, token_hook=cache.local_step(_active(2, 4, fraction=0.3)))

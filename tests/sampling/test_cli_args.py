@@ -1,0 +1,33 @@
+"""The sampler's command-line flags: the context-reuse flags set SamplerConfig.reuse."""
+
+import argparse
+
+from mgtq.reuse.config import ReuseConfig
+from mgtq.sampling import SamplerConfig
+from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
+
+
+def test_reuse_flags_set_the_reuse_section_and_default_to_off():
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    base = SamplerConfig(num_steps=16)
+    assert sampler_config_from_args(parser.parse_args([]), base).reuse == ReuseConfig()
+    args = parser.parse_args(["--reuse-interval", "3", "--reuse-group", "masked", "--reuse-warmup", "2"])
+    assert sampler_config_from_args(args, base).reuse == ReuseConfig(interval=3, group="masked", warmup=2)
+    fast = sampler_config_from_args(parser.parse_args(["--sampler", "fast"]), base)
+    assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=2) and fast.num_steps == 16
+    off = sampler_config_from_args(parser.parse_args(["--sampler", "fast", "--reuse-interval", "1"]), base)
+    assert not off.reuse.enabled
+
+
+def test_generate_with_reuse_runs_local_steps(tmp_path, random_pipeline_dir, monkeypatch):
+    from mgtq.cli import main
+    from mgtq.reuse import ContextCache
+
+    local_steps = []
+    local_step = ContextCache.local_step
+    monkeypatch.setattr(ContextCache, "local_step", lambda self, active: local_steps.append(1) or local_step(self, active))
+    out = tmp_path / "r.png"
+    assert main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
+                 "--reuse-interval", "2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert out.exists() and len(local_steps) == 2  # steps 1 and 3
