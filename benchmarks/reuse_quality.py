@@ -32,7 +32,7 @@ from mgtq.merging import TomeConfig
 from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
-from mgtq.shapes.bench import DEFAULT_PER_CATEGORY
+from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 from mgtq.utils import atomic_write_text, write_json
 
 DEFAULT_SETTINGS = "none,steps-12,steps-8,tome,reuse-2,reuse-3,reuse-3-cells,reuse-4-cells,reuse-3-masked"
