@@ -56,7 +56,7 @@ def random_transformer(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    return model.to(dtype).eval()
+    return torch.nn.Module.to(model, dtype).eval()  # not ModelMixin.to, which warns about fp32-pinned modules it lacks
 
 
 def forward_inputs(model, batch: int, grid: int, text_len: int, dtype: torch.dtype, sigma: float, seed: int = 0) -> dict:

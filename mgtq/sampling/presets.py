@@ -17,7 +17,8 @@ them; this module imports nothing from the sampler, so the two cannot form an im
 - "fast": vanilla with context reuse: a full step every 3 steps after 2 full ones, local steps decoding
     their group in whole 2×2 cells. Chosen on ShapeBench val (benchmarks/results/reuse_select_val*.md):
     of the settings that matched no acceleration there (0.787, 80 prompts), the one computing the fewest
-    tokens (token NFE 9.9 of 16); interval 4 computes fewer (9.6) and lost 0.04.
+    tokens (token NFE 9.9 of 16); interval 4 computes fewer (9.6) and lost 0.04. On the test split it
+    scores what 10 plain steps do (README, "Context reuse"): opt-in, not a default.
 The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
 the combination.
 """
