@@ -119,7 +119,7 @@ def _every_config():
     from mgtq.shapes.scorer import ScorerConfig
     from mgtq.training.loop import LoopSettings
     from mgtq.training.mgt import MGTTrainConfig
-    from mgtq.training.vq import VQTrainConfig
+    from mgtq.training.train_vq import VQTrainConfig
     from mgtq.vq import VQConfig
 
     return [

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgtq.training.vq import (
+from mgtq.training.train_vq import (
     VQTrainConfig,
     lr_factor,
     reinit_codes,
@@ -139,7 +139,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes" / 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="trained VQ not in this checkout")
 def test_shipped_vq_round_trip_keeps_shapebench_accuracy():
-    from mgtq.training.vq import evaluate_roundtrip
+    from mgtq.training.train_vq import evaluate_roundtrip
 
     vq = load_vq(str(SHIPPED))
     assert config_of(vq) == VQConfig()  # the default architecture is the shipped one

@@ -1,6 +1,6 @@
 """Train the tiny VQ image tokenizer (diffusers ``VQModel``) on images of the shapes world.
 
-Run: ``python -m mgtq.training.vq --out runs/vq --steps 3000 --export checkpoints/tiny-shapes/vqvae``
+Run: ``python -m mgtq.training.train_vq --out runs/vq --steps 3000 --export checkpoints/tiny-shapes/vqvae``
 
 * Data: rendered on the fly. The batch of step k is a pure function of (seed, k), so a resumed run
   sees exactly the batches an uninterrupted one would; no data-loader state to save.
@@ -360,7 +360,7 @@ def _log_eval(model, log_path: Path, step: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mgtq.training.vq", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mgtq.training.train_vq", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="run directory (checkpoints, log.jsonl, final/)")
     parser.add_argument("--steps", type=int, default=VQTrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=VQTrainConfig.batch_size)
