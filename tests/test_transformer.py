@@ -2,15 +2,17 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES
 from mgtq.models import MeissonicTransformer, build_transformer, preset_config
 from mgtq.models.transformer import apply_rope, rope_tables
 
+# Outputs of the official Meissonic code; importlib mode cannot import them from conftest.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_NAMES = ["meissonic-tiny-a", "meissonic-tiny-nodown"]
 
 
