@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "setup.py", "README.md", "mgtq", "recipes", "checkpoints/tiny-shapes"]
 
 pytestmark = [pytest.mark.slow,

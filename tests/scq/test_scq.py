@@ -23,7 +23,7 @@ from mgtq.scq.synthesis import calibration_prompts
 from mgtq.testing import tiny_recipe_dict
 from mgtq.utils import read_json
 
-REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _recipe(model_dir, **over):

@@ -70,7 +70,7 @@ def test_training_recipes_are_valid_configs_and_the_default_trains_from_scratch(
     import json
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parent.parent / "recipes" / "train"
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "train"
     recipes = sorted(folder.rglob("*.json"))
     assert len(recipes) >= 4
     for path in recipes:

@@ -134,7 +134,7 @@ def test_no_resume_starts_over(tmp_path):
     assert torch.allclose(_params(fresh), _params(again), atol=1e-6)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes" / "vqvae"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-shapes" / "vqvae"
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="trained VQ not in this checkout")
