@@ -385,3 +385,13 @@ def test_readme_first_example_draws_what_it_says(tmp_path):
     assert main(["generate", "--prompt", prompt, "--seed", seed, "--out", str(out), "--no-progress"]) == 0
     accepted, info = score_image(Image.open(out), prompt)
     assert accepted, info
+
+
+def test_compile_flags_on_generate_eval_bench():
+    from mgtq.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "a red circle", "--compile"]).compile
+    assert parser.parse_args(["eval", "--compile"]).compile
+    assert parser.parse_args(["bench", "--compile"]).compile
+    assert not parser.parse_args(["generate", "--prompt", "a red circle"]).compile
