@@ -395,3 +395,14 @@ def test_compile_flags_on_generate_eval_bench():
     assert parser.parse_args(["eval", "--compile"]).compile
     assert parser.parse_args(["bench", "--compile"]).compile
     assert not parser.parse_args(["generate", "--prompt", "a red circle"]).compile
+
+
+def test_cli_flags_reach_the_config():
+    from mgtq.cli import _tome_options, build_parser
+
+    args = build_parser().parse_args(["eval", "--tome", "0.5", "--tome-locality", "global", "--tome-sources",
+                                      "decoded", "--tome-schedule", "masked", "--tome-window", "5", "--tome-mlp"])
+    assert _tome_options(args) == dict(locality="global", sources="decoded", schedule="masked", window=5, merge_mlp=True)
+    assert _tome_options(build_parser().parse_args(["eval", "--tome", "0.5"])) == {}
+    bench = build_parser().parse_args(["bench", "--tome", "0,0.5", "--tome-sources", "decoded-first"])
+    assert _tome_options(bench) == dict(sources="decoded-first")

@@ -40,3 +40,14 @@ def test_config_is_checked_by_the_one_validator_and_forkserver_is_deprecated():
         BenchCase("bf16", offload="yes")
     with pytest.warns(DeprecationWarning, match="forkserver"):
         assert BenchConfig(isolation="forkserver").isolation == "spawn"
+
+
+def test_bench_cases_carry_the_tome_options():
+    from mgtq.bench import BenchConfig
+
+    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_options={"locality": "global"}).cases()
+    assert [c.tome_options for c in cases] == [{}, {"locality": "global"}]
+    with pytest.raises(ValueError, match="localty"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
+    with pytest.raises(ValueError, match="use tome / tome_blocks"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})
