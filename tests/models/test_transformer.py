@@ -13,7 +13,6 @@ from mgtq.models import MeissonicTransformer, build_transformer, preset_config
 from mgtq.models.transformer import apply_rope, rope_tables
 from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
-
 # Outputs of the official Meissonic code; importlib mode cannot import them from conftest.
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURE_NAMES = ["meissonic-tiny-a", "meissonic-tiny-nodown"]
