@@ -1,10 +1,7 @@
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 warnings.filterwarnings("ignore", message=".*register_constant.*")
 

@@ -4,13 +4,13 @@ sources and schedule, exact no-op and removal, batch independence, deterministic
 import copy
 
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from mgtq.merging import TomeConfig, TomePlan, apply_tomemgt, bipartite_soft_matching_2x2, remove_tomemgt
 from mgtq.merging.patch import merge_count
 from mgtq.merging.tome import cell_destinations, cell_of
 from mgtq.models import build_transformer
+
 
 FAST = settings(max_examples=25, deadline=None)
 localities = st.sampled_from([("cell", 3), ("window", 3), ("window", 5), ("global", 3)])

@@ -18,6 +18,7 @@ from mgtq.scq.synthesis import CalibrationData
 from mgtq.testing import tiny_recipe_dict
 from mgtq.utils import read_json
 
+
 GROUP = 16  # divides every in_features of the test-micro transformer (32 … 1312)
 
 

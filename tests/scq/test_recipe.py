@@ -1,8 +1,12 @@
 """Recipes: every bad value is refused before anything runs, with a message naming its key."""
 
+from pathlib import Path
+
 import pytest
 
 from mgtq.scq.recipe import QATConfig, Recipe, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -75,3 +79,32 @@ def test_differences_name_dotted_keys():
     b = recipe_from_dict({"qat": {"steps": 4}, "secondary": {"selection": "all"}})
     assert a.differences(b) == ["qat.steps", "secondary.selection"]
     assert a.differences(a) == []
+
+
+def test_shipped_recipes_load():
+    tiny = load_recipe(REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml")
+    assert tiny.qat.weight_bits == 4 and abs(tiny.secondary.fraction - 1 / 3) < 1e-9
+    paper = load_recipe(REPO / "recipes" / "meissonic-1024-w4a8-scq.yaml")
+    assert (paper.synthesis.num_steps, paper.synthesis.guidance_scale) == (64, 9.0)
+    assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"qat": {"lerning_rate": 1.0}}, "qat.*lerning_rate"),
+    ({"secundary": {}}, "secundary"),
+    ({"qat": {"weight_bits": 8}}, "weight_bits"),
+    ({"secondary": {"selection": "highest"}}, "selection"),
+    ({"magnitudes": {"statistic": "median"}}, "statistic"),
+    ({"qat": {"objective": "mse"}}, "objective"),
+])
+def test_recipe_errors_name_the_key(bad, match):
+    with pytest.raises(ValueError, match=match):
+        recipe_from_dict(bad)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("qat: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")

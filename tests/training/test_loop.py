@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from mgtq.training import loop
 from mgtq.utils import read_json
 
+
 SETTINGS = loop.LoopSettings(steps=6, save_every=2, accumulation=2, desc="toy")
 
 

@@ -1,4 +1,6 @@
-"""Issue 23's "Why", replayed habit by habit as a diffusers user types it, on the embedded model.
+"""Not per module: each habit crosses loading, the pipeline, quantization and merging, as users do.
+
+Issue 23's "Why", replayed habit by habit as a diffusers user types it, on the embedded model.
 
 Each test is one bullet of the issue: what failed (or silently went wrong) then, and what must hold now.
 """

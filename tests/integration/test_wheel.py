@@ -1,4 +1,6 @@
-"""A built wheel carries the embedded default model: installed into a fresh venv, `mgtq` works from any folder
+"""Not per module: it builds and installs the whole package.
+
+A built wheel carries the embedded default model: installed into a fresh venv, `mgtq` works from any folder
 and writes its outputs there, not into site-packages (issue 23 item 6)."""
 
 import json
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "setup.py", "README.md", "mgtq", "recipes", "checkpoints/tiny-shapes"]
 
 pytestmark = [pytest.mark.slow,

@@ -1,4 +1,6 @@
-"""What importing mgtq pulls in: never the test fixtures (mgtq.testing) nor matplotlib."""
+"""Not per module: it checks what importing the package and its entry points pulls in.
+
+What importing mgtq pulls in: never the test fixtures (mgtq.testing) nor matplotlib."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """SamplerConfig validation (mgtq.config's strict loader), presets, and the sampling package's imports."""
 
 import ast
+import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mgtq.sampling
 from mgtq.sampling import NoiseConfig, SamplerConfig, ZSamplingConfig
@@ -115,3 +117,45 @@ def test_sampling_has_no_hidden_import_cycles():
         assert not hidden, f"{path.name} imports {hidden} inside a function"
     top, _ = _mgtq_imports(root / "presets.py")
     assert not top
+
+
+def test_config_round_trips_and_names_unknown_keys():
+    config = SamplerConfig.preset("paper-combo", num_steps=12, guidance_scale=4.0)
+    assert config.num_steps == 12 and config.guidance_scale == 4.0 and config.schedule == "cosine"
+    assert config.noise.curve == "abs_cos" and config.noise.scale == 1.0 and config.momentum.order == 0
+    assert config.differential.percent == 75 and config.zsampling.variant == "masked"
+    assert config.zsampling.inversion_cfg == 0.0
+    assert SamplerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert SamplerConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+    with pytest.raises(ValueError, match=r"noise\.scal"):
+        SamplerConfig.from_dict({"noise": {"scal": 2}})
+    with pytest.raises(ValueError, match="zigzag"):
+        SamplerConfig.from_dict({"zigzag": {}})
+    with pytest.raises(ValueError, match=r"differential\.z"):
+        config.with_overrides({"differential.z": 50})
+    assert config.with_overrides({"noise.scale": 2, "momentum.order": 2}).noise.scale == 2.0
+    with pytest.raises(ValueError, match="preset"):
+        SamplerConfig.preset("turbo")
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"differential": {"percent": 120}}, "differential.percent"),
+    ({"zsampling": {"variant": "zigzag"}}, "zsampling.variant must be one of"),
+    ({"zsampling": {"steps": [3, 9]}, "num_steps": 6}, "beyond the last step"),
+    ({"momentum": {"order": 3}}, "momentum.order"),
+    ({"noise": {"curve": "piecewise"}}, "knots"),
+    ({"noise": {"scale": -1}}, "noise.scale"),
+    ({"noise": "loud"}, "mapping"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig.from_dict(bad)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="schedule"):
+        SamplerConfig(schedule="square")
+    with pytest.raises(ValueError, match="num_steps"):
+        SamplerConfig(num_steps=0)
+    with pytest.raises(ValueError, match="unknown key 'steps'"):
+        SamplerConfig.from_dict({"steps": 3})

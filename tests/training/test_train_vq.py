@@ -1,4 +1,4 @@
-"""Tiny VQ tokenizer: helpers, a few-step training smoke test, resume, export."""
+"""mgtq.training.train_vq: the tiny VQ tokenizer's training helpers, a few-step training smoke test, resume, export."""
 
 import json
 from pathlib import Path
@@ -7,14 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgtq.training.train_vq import (
-    VQTrainConfig,
-    lr_factor,
-    reinit_codes,
-    train_vq,
-    vq_forward,
-    world_batch,
-)
+from mgtq.training.train_vq import VQTrainConfig, lr_factor, reinit_codes, train_vq, vq_forward, world_batch
 from mgtq.vq import (
     VQConfig,
     build_vq,
@@ -27,14 +20,10 @@ from mgtq.vq import (
     tensor_to_images,
 )
 
+
 TINY = VQConfig(block_out_channels=(8, 16, 16), latent_channels=4, num_vq_embeddings=32, norm_num_groups=4)
 TRAIN = dict(batch_size=2, lr=1e-3, seed=0, model=TINY, warmup_steps=2, checkpoint_every=2, log_every=1,
              dead_code_every=2, progress=False)
-
-
-def test_default_config_maps_64px_to_16x16_tokens():
-    cfg = VQConfig()
-    assert cfg.downsample_factor == 4 and cfg.token_grid == 16 and cfg.num_vq_embeddings == 256
 
 
 def test_config_validation():
@@ -46,16 +35,6 @@ def test_config_validation():
         VQTrainConfig(steps=0)
     with pytest.raises(ValueError, match="mixed_precision"):
         VQTrainConfig(mixed_precision="fp16")
-
-
-def test_build_is_seeded_and_leaves_global_rng_alone():
-    torch.manual_seed(5)
-    state = torch.random.get_rng_state()
-    a, b, c = build_vq(TINY, seed=1), build_vq(TINY, seed=1), build_vq(TINY, seed=2)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
-    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
-    assert config_of(a) == TINY
 
 
 def test_encode_decode_shapes_and_consistency():
@@ -134,7 +113,7 @@ def test_no_resume_starts_over(tmp_path):
     assert torch.allclose(_params(fresh), _params(again), atol=1e-6)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-shapes" / "vqvae"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-shapes" / "vqvae"
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="trained VQ not in this checkout")

@@ -1,4 +1,6 @@
-"""Damaged, hostile or wrong-shaped files are one-line errors naming the file, never a traceback or a
+"""Not per module: every reader (recipes, settings, checkpoints, JSON, CLI) meets the same bad files.
+
+Damaged, hostile or wrong-shaped files are one-line errors naming the file, never a traceback or a
 silently different result: one bounded JSON/YAML reader, shape checks, failed writes that leave nothing."""
 
 import json

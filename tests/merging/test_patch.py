@@ -1,16 +1,13 @@
-"""TomeMGT: the matching (counts, identity, means, RoPE), the patch (exact no-op, removal), batches, errors."""
+"""mgtq.merging.patch: TomeMGT on a model (exact no-op, removal, batches, bf16, plans, config errors) and
+through the pipeline (determinism, per-call plans, Inductor compile)."""
 
 import pytest
 import torch
 
-from mgtq.testing import build_random_pipeline
-from mgtq.merging import (
-    TomeConfig, TomePlan, apply_tomemgt, bipartite_soft_matching_2x2, cell_destinations, remove_tomemgt,
-)
-from mgtq.merging import TokenMerge, merge_rope
+from mgtq.merging import TomeConfig, TomePlan, apply_tomemgt, remove_tomemgt
 from mgtq.models import build_transformer
-from mgtq.models.transformer import rope_tables
 from mgtq.sampling import SamplerConfig
+from mgtq.testing import build_random_pipeline
 
 
 def _inputs(model, batch, grid=(16, 16), text_len=5, seed=0, dtype=torch.float32):
@@ -30,113 +27,6 @@ def model():
     return build_transformer("test-micro", num_layers=2, num_single_layers=2).eval()
 
 
-def _slots(unmerge, batch, n_merged):
-    """(B, N) index of the merged token each original token went to, read back through unmerge."""
-    ids = torch.arange(n_merged, dtype=torch.float64).expand(batch, -1)[..., None]
-    return unmerge(ids)[..., 0].long()
-
-
-# ----------------------------------------------------------------------------------- matching
-@pytest.mark.parametrize("grid", [(8, 8), (5, 7), (6, 4)])
-@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.95])
-def test_merged_count_is_exactly_r_capped_at_sources(grid, ratio):
-    n = grid[0] * grid[1]
-    metric = torch.randn(3, n, 8, generator=torch.Generator().manual_seed(1))
-    n_src = n - (grid[0] // 2) * (grid[1] // 2)
-    r = int(ratio * n)
-    dst = cell_destinations(grid, torch.Generator().manual_seed(2))
-    merge, unmerge = bipartite_soft_matching_2x2(metric, grid, r, dst)
-    expected = n - min(r, n_src)
-    assert merge(metric).shape == (3, expected, 8)
-    assert unmerge(merge(metric)).shape == (3, n, 8)
-    assert (torch.bincount(_slots(unmerge, 3, expected)[0], minlength=expected) >= 1).all()  # every slot used
-
-
-def test_destinations_one_per_2x2_cell():
-    grid = (6, 8)
-    for generator in (None, torch.Generator().manual_seed(0)):
-        dst = cell_destinations(grid, generator)
-        rows, cols = dst // grid[1], dst % grid[1]
-        cells = (rows // 2) * (grid[1] // 2) + cols // 2
-        assert sorted(cells.tolist()) == list(range(12))
-        assert (dst.diff() > 0).all()
-    top_left = cell_destinations(grid)
-    assert ((top_left // grid[1]) % 2 == 0).all() and ((top_left % grid[1]) % 2 == 0).all()
-    a = cell_destinations(grid, torch.Generator().manual_seed(3))
-    assert torch.equal(a, cell_destinations(grid, torch.Generator().manual_seed(3)))
-    assert not torch.equal(a, cell_destinations(grid, torch.Generator().manual_seed(4)))
-
-
-def test_unmerge_of_merge_is_identity_on_untouched_tokens():
-    grid, batch = (8, 8), 2
-    x = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
-    merge, unmerge = bipartite_soft_matching_2x2(x, grid, 20)
-    slots = _slots(unmerge, batch, 44)
-    group_size = torch.stack([torch.bincount(s, minlength=44) for s in slots]).gather(1, slots)  # (B, N)
-    untouched = group_size == 1
-    assert untouched.any() and not untouched.all()
-    restored = unmerge(merge(x))
-    assert torch.equal(restored[untouched], x[untouched])
-    assert not torch.equal(restored[~untouched], x[~untouched])
-
-
-def test_merged_tokens_are_the_mean_of_their_members_and_copied_back():
-    grid, batch = (8, 8), 3
-    x = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
-    merge, unmerge = bipartite_soft_matching_2x2(x, grid, 32, cell_destinations(grid, torch.Generator().manual_seed(1)))
-    merged, slots = merge(x), _slots(unmerge, batch, 32)
-    for b in range(batch):
-        for k in range(32):
-            members = (slots[b] == k).nonzero().squeeze(1)
-            assert len(members) >= 1  # a destination plus any sources (from any cell) that chose it
-            torch.testing.assert_close(merged[b, k], x[b, members].mean(0), rtol=1e-6, atol=1e-6)
-            assert torch.equal(unmerge(merged)[b, members], merged[b, k].expand(len(members), -1))
-
-
-def test_merges_the_most_similar_sources():
-    # Sources that duplicate a destination (cosine 1) must be the ones merged.
-    grid = (4, 4)
-    x = torch.nn.functional.one_hot(torch.arange(16), 16).float()[None]  # all orthogonal
-    dst = cell_destinations(grid)  # top-left of each cell: tokens 0, 2, 8, 10
-    x[0, 5] = x[0, 0]
-    x[0, 15] = 3 * x[0, 10]  # cosine ignores scale
-    merge, unmerge = bipartite_soft_matching_2x2(x, grid, 2, dst)
-    slots = _slots(unmerge, 1, 14)[0]
-    assert slots[5] == slots[0] and slots[15] == slots[10]
-    assert len(set(slots.tolist())) == 14
-
-
-def test_matching_is_per_sample():
-    grid = (8, 8)
-    x = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(0))
-    dst = cell_destinations(grid, torch.Generator().manual_seed(1))
-    merge, _ = bipartite_soft_matching_2x2(x, grid, 30, dst)
-    for b in range(3):
-        alone, _ = bipartite_soft_matching_2x2(x[b:b + 1], grid, 30, dst)
-        assert torch.equal(merge(x)[b], alone(x[b:b + 1])[0])
-
-
-def test_merged_rope_is_the_members_mean_and_text_rows_are_kept():
-    grid, batch, n_text = (8, 8), 2, 5
-    ids = torch.zeros(n_text + 64, 3)
-    ids[n_text:, 1] = torch.arange(64) // 8
-    ids[n_text:, 2] = torch.arange(64) % 8
-    cos, sin = rope_tables(ids, (4, 6, 6))
-    metric = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
-    dst = cell_destinations(grid, torch.Generator().manual_seed(1))
-    merge, unmerge = bipartite_soft_matching_2x2(metric, grid, 24, dst)
-    m_cos, m_sin = merge_rope((cos, sin), n_text, TokenMerge(merge, unmerge), batch)
-    assert m_cos.shape == (batch, n_text + 40, 16)
-    slots = _slots(unmerge, batch, 40)
-    for table, merged in ((cos, m_cos), (sin, m_sin)):
-        assert torch.equal(merged[:, :n_text], table[:n_text].expand(batch, -1, -1))
-        for b in range(batch):
-            for k in range(40):
-                members = n_text + (slots[b] == k).nonzero().squeeze(1)
-                torch.testing.assert_close(merged[b, n_text + k], table[members].mean(0), rtol=0, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------ patch
 def test_ratio_zero_is_bit_identical(model):
     inputs = _inputs(model, 2)
     with torch.no_grad():
@@ -299,7 +189,6 @@ def test_config_from_dict_names_unknown_keys_and_apply_checks_its_target(model):
         model.token_hook = None
 
 
-# --------------------------------------------------------------------------------- pipelines
 @pytest.fixture(scope="module")
 def pipe():
     return build_random_pipeline()
@@ -326,28 +215,6 @@ def test_pipeline_per_call_plan_and_decoded_images(pipe):
     sampler = SamplerConfig(num_steps=2, guidance_scale=3.0, timestep_convention="mask_ratio")
     images = pipe("a red circle", seed=0, sampler=sampler, progress=False, token_merging=plan).images
     assert pipe.transformer.token_hook is None and images[0].size == (64, 64)
-
-
-def test_cli_flags_reach_the_config():
-    from mgtq.cli import _tome_options, build_parser
-
-    args = build_parser().parse_args(["eval", "--tome", "0.5", "--tome-locality", "global", "--tome-sources",
-                                      "decoded", "--tome-schedule", "masked", "--tome-window", "5", "--tome-mlp"])
-    assert _tome_options(args) == dict(locality="global", sources="decoded", schedule="masked", window=5, merge_mlp=True)
-    assert _tome_options(build_parser().parse_args(["eval", "--tome", "0.5"])) == {}
-    bench = build_parser().parse_args(["bench", "--tome", "0,0.5", "--tome-sources", "decoded-first"])
-    assert _tome_options(bench) == dict(sources="decoded-first")
-
-
-def test_bench_cases_carry_the_tome_options():
-    from mgtq.bench import BenchConfig
-
-    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_options={"locality": "global"}).cases()
-    assert [c.tome_options for c in cases] == [{}, {"locality": "global"}]
-    with pytest.raises(ValueError, match="localty"):
-        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
-    with pytest.raises(ValueError, match="use tome / tome_blocks"):
-        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})
 
 
 def test_tomemgt_under_inductor_compile_gives_the_eager_tokens():

@@ -1,15 +1,22 @@
-"""Proportional attention for merged tokens: with log(size) on the keys, a token that stands for s
-identical tokens weighs exactly what those s tokens weighed; without it, merging changes attention."""
+"""mgtq.merging.token_merge: the RoPE tables of merged tokens, and proportional attention: with log(size)
+on the keys, a token that stands for s identical tokens weighs exactly what those s tokens weighed;
+without it, merging changes attention."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgtq.merging import TomeConfig, apply_tomemgt, bipartite_soft_matching_2x2, remove_tomemgt
-from mgtq.merging.tome import cell_destinations
+from mgtq.merging import (
+    TokenMerge,
+    TomeConfig,
+    apply_tomemgt,
+    bipartite_soft_matching_2x2,
+    cell_destinations,
+    merge_rope,
+    remove_tomemgt,
+)
 from mgtq.models import build_transformer
-from mgtq.merging import TokenMerge
-from mgtq.models.transformer import Attention
+from mgtq.models.transformer import Attention, rope_tables
 from mgtq.testing import micro_forward_inputs
 
 
@@ -58,3 +65,23 @@ def test_no_sizes_no_bias_and_option_wires_through():
         proportional = model(**inputs)
         remove_tomemgt(model)
     assert not torch.allclose(plain, proportional)
+
+
+def test_merged_rope_is_the_members_mean_and_text_rows_are_kept(slots_of):
+    grid, batch, n_text = (8, 8), 2, 5
+    ids = torch.zeros(n_text + 64, 3)
+    ids[n_text:, 1] = torch.arange(64) // 8
+    ids[n_text:, 2] = torch.arange(64) % 8
+    cos, sin = rope_tables(ids, (4, 6, 6))
+    metric = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
+    dst = cell_destinations(grid, torch.Generator().manual_seed(1))
+    merge, unmerge = bipartite_soft_matching_2x2(metric, grid, 24, dst)
+    m_cos, m_sin = merge_rope((cos, sin), n_text, TokenMerge(merge, unmerge), batch)
+    assert m_cos.shape == (batch, n_text + 40, 16)
+    slots = slots_of(unmerge, batch, 40)
+    for table, merged in ((cos, m_cos), (sin, m_sin)):
+        assert torch.equal(merged[:, :n_text], table[:n_text].expand(batch, -1, -1))
+        for b in range(batch):
+            for k in range(40):
+                members = n_text + (slots[b] == k).nonzero().squeeze(1)
+                torch.testing.assert_close(merged[b, n_text + k], table[members].mean(0), rtol=0, atol=1e-6)

@@ -1,0 +1,53 @@
+"""mgtq.bench.config: bench cases from the config, its one validator, default output paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mgtq.bench import BenchCase, BenchConfig, MeasureSettings
+
+
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown format"):
+        BenchConfig(formats=("bf16", "int3"))
+    with pytest.raises(ValueError, match="unknown peer"):
+        BenchConfig(peers=("bitsandbytes",))
+    with pytest.raises(ValueError, match="TomeMGT"):
+        BenchCase("quanto-w4a8", tome=0.5)
+    cases = BenchConfig(formats=("bf16", "scq"), tome=(0, 0.5), offload=True, peers=("quanto-w4a8",)).cases()
+    assert [c.label for c in cases] == ["bf16", "bf16+tome0.5", "scq", "scq+tome0.5", "bf16+offload",
+                                        "scq+offload", "quanto-w4a8"]
+    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_blocks=("joint", "all")).cases()
+    assert [c.label for c in cases] == ["bf16", "bf16+tome0.5", "bf16+tome0.5-all"]
+    with pytest.raises(ValueError, match="tome_blocks"):
+        BenchConfig(tome_blocks=("mlp",))
+
+
+def test_default_outputs_go_to_the_working_folder():
+    assert BenchConfig().output_paths("tiny-shapes") == {"json": Path("bench_tiny-shapes.json"),
+                                                         "md": Path("bench_tiny-shapes.md")}
+    assert BenchConfig(json="out/x.json").output_paths("tiny-shapes")["md"] == Path("out/x.md")
+
+
+def test_config_is_checked_by_the_one_validator_and_forkserver_is_deprecated():
+    with pytest.raises(ValueError, match="bench.isolation must be one of"):
+        BenchConfig(isolation="fork")
+    with pytest.raises(ValueError, match="measure.repeats must be an integer"):
+        MeasureSettings(repeats=1.5)
+    with pytest.raises(ValueError, match="case.offload must be true or false"):
+        BenchCase("bf16", offload="yes")
+    with pytest.warns(DeprecationWarning, match="forkserver"):
+        assert BenchConfig(isolation="forkserver").isolation == "spawn"
+
+
+def test_bench_cases_carry_the_tome_options():
+    from mgtq.bench import BenchConfig
+
+    cases = BenchConfig(formats=("bf16",), tome=(0, 0.5), tome_options={"locality": "global"}).cases()
+    assert [c.tome_options for c in cases] == [{}, {"locality": "global"}]
+    with pytest.raises(ValueError, match="localty"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
+    with pytest.raises(ValueError, match="use tome / tome_blocks"):
+        BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})

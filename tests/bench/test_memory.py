@@ -1,0 +1,62 @@
+"""mgtq.bench.memory: weight bytes of packed, grouped and tensor-subclass layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mgtq.bench.build import a8_layers_for
+from mgtq.bench.memory import module_storage_nbytes, storage_nbytes, transformer_weight_nbytes
+from mgtq.models import preset_config
+from mgtq.models.random import random_float_transformer, random_quantized_transformer
+from mgtq.quantization import W4Linear, linear_names
+
+
+def test_w4_linear_counts_about_an_eighth_of_fp32():
+    linear = nn.Linear(1024, 512, bias=False)
+    fp32 = transformer_weight_nbytes(linear)[0]
+    assert fp32 == 1024 * 512 * 4
+    packed = nn.Sequential(W4Linear.from_float(linear))
+    nbytes, method = transformer_weight_nbytes(packed)
+    assert "model_weight_nbytes" in method
+    # int4 = 1/8 of fp32, plus one fp32 scale per output channel
+    assert nbytes == 1024 * 512 // 2 + 512 * 4
+    assert 0.12 < nbytes / fp32 < 0.13
+    assert module_storage_nbytes(packed) == nbytes
+
+
+def test_grouped_formats_add_exactly_their_group_scales():
+    from mgtq.bench.formats import FORMATS, Format
+
+    assert all(Format.parse(f).scheme for f in FORMATS)  # every format describes itself in the report
+    assert Format.parse("scq-g64") == Format("scq-g64", "scq", 64, False)
+    assert Format.parse("w4a8-cached") == Format("w4a8-cached", "w4a8", None, True)
+    with pytest.raises(ValueError, match="unknown format 'w4a8-g64'"):
+        Format.parse("w4a8-g64")  # A8 layers stay per channel: no grouped w4a8
+    config = preset_config("test-micro")
+    names = linear_names(random_float_transformer(config, torch.bfloat16))
+    a8 = a8_layers_for("scq", names, seed=0)
+    scales = {n: 0.01 for n in a8}
+    per_channel = random_quantized_transformer(config, a8, scales)
+    grouped = random_quantized_transformer(config, a8, scales, group_size=16)
+    a16 = [grouped.get_submodule(n) for n in names if n not in a8]
+    assert all(m.weight_scale.shape == (m.out_features, m.in_features // 16) for m in a16)
+    assert all(grouped.get_submodule(n).weight_scale.shape[1] == 1 for n in a8)
+    extra = sum(m.out_features * (m.in_features // 16 - 1) * 4 for m in a16)  # fp32 scales
+    assert transformer_weight_nbytes(grouped)[0] == transformer_weight_nbytes(per_channel)[0] + extra
+    with pytest.raises(ValueError, match="group_size 7 must divide"):
+        random_quantized_transformer(config, set(), None, group_size=7)
+
+
+def test_storage_of_tensor_subclasses_counts_inner_tensors():
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
+
+    model = nn.Sequential(nn.Linear(256, 128)).to(torch.bfloat16)
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)))
+    weight = model[0].weight
+    assert type(weight) is not nn.Parameter
+    # torchao stores int4 one value per byte on x86: about numel bytes, not numel / 2
+    assert 256 * 128 <= storage_nbytes(weight) < 256 * 128 * 1.2
+    nbytes, method = transformer_weight_nbytes(model)
+    assert "__tensor_flatten__" in method and nbytes >= storage_nbytes(weight)

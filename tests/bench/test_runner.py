@@ -1,0 +1,121 @@
+"""mgtq.bench.runner: `mgtq bench` end to end (CLI smoke run, JSON schema), folders with a separate CLIP,
+missing peers, a failing case process, interleaved rounds.
+
+Peers, profiler categories and the plot are the lab in benchmarks/ (loaded through mgtq.bench.lab)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mgtq.bench import BenchConfig, MeasureSettings, run_bench, validate_report
+from mgtq.bench.lab import load_lab
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    from mgtq.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "bench_smoke.json"
+    code = main(["bench", "--model", "tiny-shapes", "--formats", "bf16,scq", "--repeats", "1", "--warmup", "0",
+                 "--steps", "1", "--threads", "1", "--json", str(out), "--no-progress", "--plot"])
+    assert code == 0
+    return out
+
+
+def test_cli_smoke_writes_json_markdown_and_with_plot_png(smoke_report):
+    report = json.loads(smoke_report.read_text())
+    assert [r["label"] for r in report["results"]] == ["bf16", "scq"]
+    assert all(r["status"] == "ok" for r in report["results"])
+    assert smoke_report.with_suffix(".md").read_text().startswith("# mgtq bench")
+    assert smoke_report.with_suffix(".png").stat().st_size > 1000
+
+
+def test_json_schema(smoke_report):
+    report = json.loads(smoke_report.read_text())
+    validate_report(report)
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch_version"] == torch.__version__
+    assert report["baseline"]["unit"] == "bytes" and report["baseline"]["rss"] > 0
+    scq = next(r for r in report["results"] if r["label"] == "scq")
+    assert scq["weights"]["linear_layers"].keys() == {"W4A8Linear", "W4Linear"}
+    assert scq["memory"]["peak_rss_process"] >= scq["memory"]["rss_after_build"] > 0
+    assert set(scq["memory"]["phase_peaks"]) == {"forwards", "sampling", "decode"}
+    forward = scq["latency"]["forward"]
+    assert forward["min"] <= forward["median"] <= forward["max"] and len(forward["samples"]) == 1
+    assert forward["cpu_median"] > 0 and len(forward["cpu_samples"]) == 1
+    assert scq["latency"]["image"]["steps"] == 1 and scq["latency"]["image"]["extrapolated_steps"] == 48
+    assert report["ratios"]["bf16"]["weights_vs_bf16"] == 1.0
+    assert "goals" not in report  # the project's goals live in benchmarks/bench_goals.py
+    broken = {**report, "results": [{k: v for k, v in scq.items() if k != "weights"}] * 2}
+    with pytest.raises(ValueError, match="weights"):
+        validate_report(broken)
+
+
+def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path, random_pipeline_dir):
+    """A folder loads through MGTPipeline.from_pretrained, so a separate CLIP folder works as for mgtq.load."""
+    from mgtq.export import write_checkpoint
+    from mgtq.quantization import checkpoint
+    from mgtq.testing import random_quantized_pipeline
+
+    qpipe = random_quantized_pipeline()
+    folder = write_checkpoint(random_pipeline_dir, qpipe.transformer,
+                              checkpoint.describe(qpipe.transformer), tmp_path / "q")
+    clip = tmp_path / "clip"
+    (folder / "text_encoder").rename(clip)
+    config = BenchConfig(model=str(folder), text_encoder=str(clip), formats=("scq",), isolation="none",
+                         measure=MeasureSettings(repeats=1, steps=1, warmup=0, memory=False))
+    report = run_bench(config, write=False, log=lambda msg: None)
+    (result,) = report["results"]
+    assert result["status"] == "ok" and "as exported" in " ".join(result["notes"])
+    assert report["model"]["kind"] == "quantized-dir" and report["model"]["text_encoder"] == str(clip)
+    with pytest.raises(FileNotFoundError, match="text_encoder=PATH"):
+        run_bench(BenchConfig(model=str(folder), formats=("scq",), isolation="none",
+                              measure=MeasureSettings(repeats=1, steps=1, warmup=0, memory=False)),
+                  write=False, log=lambda msg: None)
+
+
+def test_missing_peer_package_is_skipped_with_a_clear_message(monkeypatch):
+    peers_module = load_lab("peers")
+    real = peers_module.import_module
+
+    def fake_import(name):
+        if name.startswith("optimum"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name)
+
+    monkeypatch.setattr(peers_module, "import_module", fake_import)
+    reason = peers_module.unavailable_reason("quanto-w4a8")
+    assert "not installed" in reason and "pip install" in reason
+    report = run_bench(BenchConfig(model="tiny-shapes", formats=(), peers=("quanto-w4a8",), isolation="none",
+                                   measure=MeasureSettings(repeats=1, steps=1, warmup=0)),
+                       write=False, log=lambda msg: None)
+    (result,) = report["results"]
+    assert result["status"] == "skipped" and "optimum.quanto" in result["message"]
+    assert report["skipped"] == [result["message"]]
+
+
+def test_a_failing_case_process_is_reported_and_the_next_one_runs(tmp_path):
+    from mgtq.bench.case import make_payload
+    from mgtq.bench.runner import ChildError, Worker
+    from mgtq.bench.source import resolve_model
+
+    source = resolve_model("tiny-shapes")
+    with pytest.raises(ChildError, match="case must be a mapping"):  # no case: the process fails while building
+        Worker(make_payload("case", source, None, MeasureSettings(), threads=1), in_process=False, folder=tmp_path)
+    baseline = Worker(make_payload("baseline", source, None, MeasureSettings(), threads=1), False, tmp_path).result
+    assert baseline["rss"] > 0 and baseline["imports"] == ["torch", "mgtq"]
+
+
+def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
+    messages = []
+    config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
+                         measure=MeasureSettings(repeats=3, steps=1, warmup=0, memory=False))
+    report = run_bench(config, write=False, log=messages.append)
+    for r in report["results"]:
+        assert r["latency"]["forward"]["rounds"] == [0, 1, 2] and len(r["latency"]["forward"]["samples"]) == 3
+    first_round = next(i for i, m in enumerate(messages) if m.startswith("round 1/3"))
+    assert sum(m.endswith("building and warming up …") for m in messages[:first_round]) == 2
+    assert report["ratios"]["w4a8"]["forward_vs_bf16_spread"]["rounds"] == 3
+    assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]

@@ -1,0 +1,14 @@
+"""benchmarks/bench_profile.py: the profiler's operator categories."""
+
+from __future__ import annotations
+
+from mgtq.bench.lab import load_lab
+
+
+def test_profile_categories():
+    categorize = load_lab("profile").categorize
+    assert categorize("aten::_int_mm") == "int8 GEMM"
+    assert categorize("aten::mm") == "float GEMM"
+    assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert categorize("aten::bitwise_left_shift") == "int4 unpack"
+    assert categorize("aten::layer_norm") == "other"

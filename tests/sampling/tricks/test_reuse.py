@@ -1,0 +1,144 @@
+"""mgtq.sampling.tricks.reuse: grouped decoding (the group's size is the schedule's count, its members the
+most confident), and the sampler loop with context reuse (config.reuse): off is the plain sampler, on follows
+its schedule."""
+
+import pytest
+import torch
+
+from mgtq.merging import TomeConfig
+from mgtq.reuse import ContextCache, active_tokens
+from mgtq.sampling import SamplerConfig
+from mgtq.sampling.maskgit import num_to_mask, sample
+from mgtq.sampling.tricks.reuse import decoded_until, most_confident
+
+
+def test_decoded_until_sums_the_schedules_counts():
+    config = SamplerConfig(num_steps=8)
+    count = lambda step, n, m: num_to_mask(config, step, n, m)  # noqa: E731
+    masked = torch.tensor([200, 200])
+    left = masked
+    for step in (3, 4):
+        left = count(step, 256, left)
+    assert torch.equal(decoded_until(count, 2, 5, 256, masked), masked - left)
+    assert torch.equal(decoded_until(count, 6, 8, 256, torch.tensor([9])), torch.tensor([9]))  # the last step: all
+    assert torch.equal(decoded_until(count, 2, 3, 256, masked), torch.zeros(2, dtype=torch.long))
+
+
+def test_most_confident_picks_among_candidates_only():
+    confidence = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0]])
+    candidates = torch.tensor([[False, True, True, True, True]])
+    assert most_confident(confidence, candidates, torch.tensor([2])).tolist() == [[False, False, True, True, False]]
+    assert most_confident(confidence, candidates, torch.tensor([9])).tolist() == candidates.tolist()
+
+
+def test_most_confident_cells_takes_whole_cells_best_first():
+    from mgtq.sampling.tricks.reuse import most_confident_cells
+
+    confidence = torch.tensor([[1., 9, 2, 3, 4, 5, 6, 0, 7, 8, 1, 1, 2, 2, 3, 3]])  # 4×4 grid, four 2×2 cells
+    candidates = torch.ones(1, 16, dtype=torch.bool)
+    candidates[0, 1] = False  # decoded: its 9 does not count
+    group = most_confident_cells(confidence, candidates, torch.tensor([5]), (4, 4)).view(4, 4)
+    # best cell: rows 2-3, cols 0-1 (max 8), all four; then the cell of max 6 gives its best token (6)
+    assert group.nonzero().tolist() == [[1, 2], [2, 0], [2, 1], [3, 0], [3, 1]]
+    with pytest.raises(ValueError, match="divisible by 2"):
+        most_confident_cells(confidence[:, :15], candidates[:, :15], torch.tensor([1]), (3, 5))
+
+
+def test_most_confident_cells_fills_the_count_from_candidates_only():
+    from mgtq.sampling.tricks.reuse import most_confident_cells
+
+    generator = torch.Generator().manual_seed(0)
+    confidence = torch.randn(3, 64, generator=generator)
+    candidates = torch.rand(3, 64, generator=generator) < 0.4
+    size = torch.minimum(candidates.sum(1), torch.tensor([5, 9, 13]))
+    group = most_confident_cells(confidence, candidates, size, (8, 8))
+    assert torch.equal(group.sum(1), size) and not (group & ~candidates).any()
+
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def _config(interval=1, **reuse):
+    return SamplerConfig(num_steps=8, guidance_scale=3.0, noise={"curve": "abs_cos"}).replace(
+        reuse=dict(interval=interval, **reuse))
+
+
+def _run(pipe, config, **kwargs):
+    steps = []
+
+    def record(p, step, timestep, kw):
+        steps.append(kw["tokens"].clone())
+        return kw
+
+    out = pipe(PROMPTS, seed=0, sampler=config, progress=False, output_type="latent", callback_on_step_end=record,
+               **kwargs)
+    return out, steps
+
+
+def test_interval_1_is_the_plain_sampler_bit_for_bit(random_pipeline):
+    plain, _ = _run(random_pipeline, SamplerConfig(num_steps=8, guidance_scale=3.0, noise={"curve": "abs_cos"}))
+    off, _ = _run(random_pipeline, _config(interval=1, group="masked", warmup=2))
+    assert torch.equal(off.tokens, plain.tokens) and off.local_nfe == 0 and off.nfe == plain.nfe == 8
+    assert off.token_nfe == plain.token_nfe == 8.0
+
+
+@pytest.mark.parametrize("group", ["confidence", "cells", "masked"])
+def test_local_steps_follow_the_schedule_and_decode_only_what_they_computed(random_pipeline, monkeypatch, group):
+    actives = {}
+    local_step = ContextCache.local_step
+
+    def recording(self, active):
+        actives[len(actives)] = active.clone()
+        return local_step(self, active)
+
+    monkeypatch.setattr(ContextCache, "local_step", recording)
+    mask_id = random_pipeline.transformer.mask_token_id
+    _, plain = _run(random_pipeline, _config())
+    out, steps = _run(random_pipeline, _config(interval=3, group=group, warmup=1))
+    # full steps at 0 (warm-up), 1, 4, 7; local steps at 2, 3, 5, 6
+    assert out.nfe == 8 and out.local_nfe == 4 and len(actives) == 4
+    assert [int((s == mask_id).sum()) for s in steps] == [int((s == mask_id).sum()) for s in plain]
+    assert not (out.tokens == mask_id).any()
+    for k, step in enumerate((2, 3, 5, 6)):
+        decoded = (steps[step - 1] == mask_id) & (steps[step] != mask_id)
+        assert decoded.any() and not (decoded & ~actives[k]).any()
+    assert not torch.equal(out.tokens, plain[-1])  # local steps see stale context: a different image
+    side = 16 // random_pipeline.transformer.grid_factor  # token NFE: each local step as its computed fraction
+    fractions = [active_tokens(a, (side, side)).sum(1).float().mean().item() / side**2 for a in actives.values()]
+    assert out.token_nfe == pytest.approx(4 + sum(fractions)) and out.token_nfe < 8
+
+
+def test_same_seed_same_image_with_reuse(random_pipeline):
+    config = _config(interval=2)
+    assert torch.equal(_run(random_pipeline, config)[0].tokens, _run(random_pipeline, config)[0].tokens)
+
+
+def test_combinations_left_out_are_clear_errors(random_pipeline):
+    with pytest.raises(ValueError, match="does not combine with differential sampling"):
+        random_pipeline("a", sampler=_config(interval=2).replace(differential={"percent": 75}), progress=False)
+    with pytest.raises(ValueError, match="Z-sampling"):
+        random_pipeline("a", sampler=_config(interval=2).replace(zsampling={"variant": "masked"}), progress=False)
+    with pytest.raises(ValueError, match="TomeMGT and context reuse do not combine"):
+        random_pipeline("a", sampler=_config(interval=2), token_merging=TomeConfig(0.5), progress=False)
+    with pytest.raises(TypeError, match="no token_hook parameter"):
+        sample(lambda tokens, timestep: None, 1, (4, 4), 39, _config(interval=2), [torch.Generator()])
+
+
+def test_editing_with_reuse_keeps_the_fixed_tokens_and_decodes_the_rest(random_pipeline):
+    import numpy as np
+    from PIL import Image
+
+    from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline, token_mask
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    pixels = np.zeros((64, 64), dtype=bool)
+    pixels[8:40, 16:48] = True
+    mask_id = random_pipeline.transformer.mask_token_id
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    out = inpaint("a red circle", image=image, mask_image=pixels, sampler=_config(interval=3), progress=False)
+    repaint = token_mask(pixels, 4)  # the random pipeline's VQ factor
+    assert torch.equal(out.tokens[0][~repaint], inpaint.encode_image(image)[0][~repaint])
+    assert out.local_nfe > 0 and not (out.tokens == mask_id).any()
+    out = MGTImg2ImgPipeline.from_pipe(random_pipeline)("a red circle", image=image, strength=0.6,
+                                                        sampler=_config(interval=2), progress=False)
+    assert out.local_nfe > 0 and not (out.tokens == mask_id).any()
