@@ -4,7 +4,7 @@ import torch
 
 from mgtq.vq import VQConfig, build_vq, config_of
 
-# The small architecture of the VQ training tests (tests/training/test_vq.py).
+# The small architecture of the VQ training tests (tests/training/test_train_vq.py).
 TINY = VQConfig(block_out_channels=(8, 16, 16), latent_channels=4, num_vq_embeddings=32, norm_num_groups=4)
 
 
