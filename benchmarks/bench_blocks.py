@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mgtq.bench.build import quantize_in_format_, with_weight_cache
+from mgtq.bench.formats import Format
+from mgtq.models.presets import PRESETS
 from mgtq.models.transformer import MMDiTBlock, SingleStreamBlock, rope_tables
-from mgtq.quantization import W4A8Config, W4A8Linear, W4A16Config, kernels, linear_names, quantize_
-from mgtq.quantization.qlinear import QuantizedLinear
+from mgtq.quantization import kernels, model_weight_nbytes
 from mgtq.utils import atomic_write_text, write_json
 
 FORMATS = ("bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
@@ -44,13 +45,19 @@ FORMATS = ("bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
 
 @dataclass(frozen=True)
 class Shape:
-    dim: int = 1024
-    heads: int = 8
-    head_dim: int = 128
+    dim: int
+    heads: int
+    head_dim: int
+    axes_dims_rope: tuple[int, int, int]  # they sum to head_dim
     image_tokens: int = 1024
     text_tokens: int = 77
     batch: int = 2
-    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)  # meissonic-1024's config; they sum to head_dim
+
+    @classmethod
+    def of_preset(cls, name: str, **sizes) -> "Shape":
+        config = PRESETS[name]
+        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+        return cls(heads * head_dim, heads, head_dim, tuple(config["axes_dims_rope"]), **sizes)
 
 
 @dataclass
@@ -82,32 +89,12 @@ def build_blocks(shape: Shape, fmt: str, seed: int) -> nn.ModuleDict:
     blocks = nn.ModuleDict(dict(mm=MMDiTBlock(shape.dim, shape.heads, shape.head_dim),
                                 single=SingleStreamBlock(shape.dim, shape.heads, shape.head_dim)))
     blocks = blocks.to(torch.bfloat16).eval().requires_grad_(False)
-    base = fmt.removesuffix("-cached")
-    if base == "bf16":
+    parsed = Format.parse(fmt)
+    if parsed.is_float:
         return blocks
-    names = linear_names(blocks)
-    a8 = set(names) if base == "w4a8" else set()
-    if base == "scq":
-        a8 = set(random.Random(seed).sample(sorted(names), round(len(names) / 3)))
     # int8 scales only decide clipping on random weights: one plausible value for every layer.
-    quantize_(blocks, W4A16Config(), overrides={name: W4A8Config() for name in sorted(a8)},
-              input_scales={name: 0.05 for name in a8})
-    if fmt.endswith("-cached"):
-        for layer in blocks.modules():
-            if isinstance(layer, W4A8Linear):
-                layer.enable_weight_cache("auto")
-    return blocks
-
-
-def weight_bytes(blocks: nn.Module) -> int:
-    """Bytes of the Linear weights as held (quantized: packed int4 + scales + any int8 cache)."""
-    total = 0
-    for module in blocks.modules():
-        if isinstance(module, QuantizedLinear):
-            total += module.weight_nbytes()
-        elif isinstance(module, nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
+    quantize_in_format_(blocks, parsed, 0.05, seed)
+    return with_weight_cache(blocks, [])[0] if parsed.cached else blocks
 
 
 def runner(blocks: nn.ModuleDict, inputs: dict, n_text: int, compile_options: dict | None):
@@ -239,8 +226,8 @@ def main(argv: list[str] | None = None) -> str:
     if unknown or "bf16" not in formats:
         raise SystemExit(f"--formats takes {','.join(FORMATS)} and must include bf16; got {args.formats!r}")
     torch.set_num_threads(args.threads)
-    shape = Shape(dim=64, heads=2, head_dim=32, image_tokens=16, text_tokens=5,
-                                   axes_dims_rope=(8, 12, 12)) if args.tiny else Shape()
+    shape = (Shape(dim=64, heads=2, head_dim=32, axes_dims_rope=(8, 12, 12), image_tokens=16, text_tokens=5) if args.tiny
+             else Shape.of_preset("meissonic-1024"))
     inputs = block_inputs(shape, args.seed)
     settings: list[tuple[str | None, dict | None]] = [(None, None)]
     if args.compile:
@@ -251,11 +238,11 @@ def main(argv: list[str] | None = None) -> str:
             blocks = build_blocks(shape, fmt, args.seed)
             name = fmt + ("" if compiled is None else "+compile")
             variants.append(Variant(name, fmt, compiled, runner(blocks, inputs, shape.text_tokens, options),
-                                    weight_bytes(blocks)))
+                                    model_weight_nbytes(blocks)))
     for set_name, options in parse_option_sets(args.inductor).items():
         blocks = build_blocks(shape, "bf16", args.seed)
         variants.append(Variant(f"bf16+compile[{set_name}]", "bf16", set_name,
-                                runner(blocks, inputs, shape.text_tokens, options), weight_bytes(blocks)))
+                                runner(blocks, inputs, shape.text_tokens, options), model_weight_nbytes(blocks)))
     measure(variants, args.rounds, args.warmup)
     text, record = report(variants, args, shape)
     if args.profile:

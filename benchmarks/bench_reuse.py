@@ -24,7 +24,6 @@ measured ratio beside the composed one.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tomemgt import random_transformer  # noqa: E402
 
 from mgtq import argtypes  # noqa: E402
-from mgtq.quantization.api import W4A8Config, W4A16Config, linear_names, quantize_  # noqa: E402
+from mgtq.bench.build import quantize_in_format_  # noqa: E402
+from mgtq.bench.formats import Format  # noqa: E402
 from mgtq.reuse import ContextCache, active_tokens  # noqa: E402
 from mgtq.sampling import SamplerConfig  # noqa: E402
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args  # noqa: E402
@@ -52,14 +52,8 @@ INPUT_SCALE = 0.05  # int8 activation scale of the random-weight W4A8 layers (sp
 def build(preset: str, fmt: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight transformer of `preset` in format `fmt` (see the module docstring)."""
     model = random_transformer(preset, torch.float32 if fmt == "fp32" else torch.bfloat16, seed)
-    if fmt in ("fp32", "bf16"):
-        return model
-    names = linear_names(model)
-    a8 = set(names) if fmt == "w4a8" else set(random.Random(seed).sample(sorted(names), round(len(names) / 3)))
-    if fmt == "w4a16":
-        a8 = set()
-    quantize_(model, W4A16Config(), overrides={name: W4A8Config() for name in sorted(a8)},
-              input_scales={name: INPUT_SCALE for name in a8})
+    if fmt not in ("fp32", "bf16"):
+        quantize_in_format_(model, Format.parse(fmt), INPUT_SCALE, seed)
     return model.eval()
 
 

@@ -56,7 +56,7 @@ def build_transformer(source: ModelSource, name: str, input_scales: dict[str, fl
     fmt = Format.parse(name)
     if fmt.cached:
         model, notes = build_transformer(source, name.removesuffix("-cached"), input_scales, seed, device)
-        return _with_weight_cache(model, notes)
+        return with_weight_cache(model, notes)
     notes: list[str] = []
     if source.kind == "quantized-dir" and fmt.base == "scq" and fmt.group_size is None:
         from mgtq.pipeline import load_transformer
@@ -85,7 +85,21 @@ def build_transformer(source: ModelSource, name: str, input_scales: dict[str, fl
     return model.to(device), notes
 
 
-def _with_weight_cache(model: nn.Module, notes: list[str]) -> tuple[nn.Module, list[str]]:
+def quantize_in_format_(model: nn.Module, fmt: Format, input_scales: dict[str, float] | float, seed: int = 0) -> set[str]:
+    """Quantize the float `model` in place the way format `fmt` is built (weight cache aside: see
+    `with_weight_cache`): every Linear W4A16 (in `fmt.group_size` groups), the `a8_layers_for` layers
+    W4A8 with `input_scales` (a mapping by layer, or one value for all). Returns the W4A8 layer names."""
+    from mgtq.quantization import W4A8Config, W4A16Config, linear_names, quantize_
+
+    a8 = a8_layers_for(fmt.base, linear_names(model), seed)
+    scales = {name: input_scales for name in a8} if isinstance(input_scales, float) else input_scales
+    # the chosen layers by exact name (their names hold no fnmatch wildcards), with the given scales
+    quantize_(model, W4A16Config(fmt.group_size), overrides={name: W4A8Config() for name in sorted(a8)},
+              input_scales=scales)
+    return a8
+
+
+def with_weight_cache(model: nn.Module, notes: list[str]) -> tuple[nn.Module, list[str]]:
     from mgtq.quantization import W4A8Linear
 
     layers = [m for m in model.modules() if isinstance(m, W4A8Linear)]
@@ -99,17 +113,14 @@ def _with_weight_cache(model: nn.Module, notes: list[str]) -> tuple[nn.Module, l
 
 def _from_float_folder(source: ModelSource, fmt: Format, input_scales, seed: int, device: str):
     from mgtq.pipeline import load_transformer
-    from mgtq.quantization import W4A8Config, W4A16Config, linear_names, quantize_
+    from mgtq.quantization import linear_names
 
     notes = []
     model = load_transformer(Path(source.path) / "transformer", dtype=parse_dtype(fmt.float_dtype))
     if not fmt.is_float:
-        names = linear_names(model)
-        a8 = a8_layers_for(fmt.base, names, seed)
-        # the chosen layers by exact name (their names hold no fnmatch wildcards), with the given scales
-        quantize_(model, W4A16Config(fmt.group_size), overrides={name: W4A8Config() for name in sorted(a8)},
-                  input_scales=input_scales)
-        a8_note = f"; {len(a8)} of {len(names)} Linears W4A8 with scales from one pass on random inputs" if a8 else ""
+        count = len(linear_names(model))
+        a8 = quantize_in_format_(model, fmt, input_scales, seed)
+        a8_note = f"; {len(a8)} of {count} Linears W4A8 with scales from one pass on random inputs" if a8 else ""
         notes.append(f"{fmt.base}: post-training quantized at load from the float checkpoint (peak memory includes "
                      f"its bf16 weights){a8_note}")
     return model.eval().requires_grad_(False).to(device), notes
