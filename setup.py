@@ -1,6 +1,6 @@
-"""Ships the embedded default model inside the wheel (the rest of the build is pyproject.toml).
+"""Ships the embedded models inside the wheel (the rest of the build is pyproject.toml).
 
-The model and its SCQ recipes stay where the repository keeps them (checkpoints/, recipes/); building
+The models and their SCQ recipes stay where the repository keeps them (checkpoints/, recipes/); building
 copies them into the package as mgtq/_embedded/, so `pip install <wheel>` then `mgtq generate` works from
 any directory. mgtq.default_model looks there first, then in the repository (editable installs).
 """
@@ -12,7 +12,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-EMBEDDED = {"tiny-shapes": ROOT / "checkpoints" / "tiny-shapes"}
+EMBEDDED = {name: ROOT / "checkpoints" / name for name in ("tiny-shapes", "tiny-shapes-16x16")}
 RECIPES = sorted((ROOT / "recipes").glob("tiny-shapes*.yaml"))
 
 

@@ -6,6 +6,11 @@ at the same seeds, transformer Linear weight bytes, transformer bytes in all.
 
     python benchmarks/table3_scq.py                       # full ShapeBench (320 prompts)
     python benchmarks/table3_scq.py --limit 40            # quick look
+    python benchmarks/table3_scq.py --rows main --recipe recipes/tiny-shapes-16x16-w4a8-scq.yaml \
+        --work calibration/table3-16x16 --out benchmarks/results/table3_scq_16x16 --seed-sets 1
+
+`--rows main` measures fp32, W4A16 PTQ and W4A8 SCQ only, and skips the calibrations the other
+rows need (a copy of the run for the random selection, the CE and A8-in-the-loop variants).
 
 The SCQ and QAT+random rows come from `mgtq calibrate` runs of recipes/tiny-shapes-w4a8-scq.yaml
 (the random row re-runs only the secondary stage of a copy of that run); PTQ rows quantize the float
@@ -24,13 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import (W4A8Config, W4A16Config, input_scales_from_stats, linear_names, model_weight_nbytes,
                                prepare_qat_, quantize_)
-from mgtq.scq.calibrate import calibrate
+from mgtq.scq.calibrate import calibrate, resolve_model
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.magnitudes import record_activation_stats
 from mgtq.scq.run import RunFolder
@@ -41,6 +45,8 @@ from mgtq.utils import model_fingerprint, read_json, write_json
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"
 WORK = REPO / "calibration" / "table3"
+OUT = REPO / "benchmarks" / "results" / "table3_scq"
+MAIN_ROWS = ("fp32", "W4A16 PTQ", "W4A8 SCQ (lowest third A8)")
 SEED_SET_STRIDE = 1_000_000  # seed set k draws every prompt with seed + k·stride (ShapeBench seeds are < 10⁶)
 
 
@@ -118,6 +124,10 @@ def command_line(args) -> str:
         parts.append(f"--work {_shown(args.work)}")
     if args.recipe != RECIPE:
         parts.append(f"--recipe {_shown(args.recipe)}")
+    if args.rows != "all":
+        parts.append(f"--rows {args.rows}")
+    if args.out != OUT:
+        parts.append(f"--out {_shown(args.out)}")
     return " ".join(parts)
 
 
@@ -129,7 +139,9 @@ def main(argv=None) -> int:
                    help="draw ShapeBench this many times with shifted seeds and average (sampling noise is "
                         "large next to the differences between formats)")
     p.add_argument("--work", type=Path, default=WORK, help="calibration runs and checkpoints (reused when complete)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "table3_scq")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--rows", choices=("all", "main"), default="all",
+                   help="main: fp32, W4A16 PTQ and SCQ only (no extra calibrations)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,30 +149,32 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe)
     scq_run = args.work / "scq"
     calibrate(recipe, scq_run)
-    random_recipe = recipe_from_dict({**recipe.to_dict(), "secondary": {**recipe.to_dict()["secondary"],
-                                                                         "selection": "random"}})
-    random_run = args.work / "qat-random"
-    if not random_run.exists():
-        shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
-    calibrate(random_recipe, random_run, restart=True)  # the copy takes the random selection
     scq_ckpt = export_run(scq_run, args.work / "ckpt-scq", overwrite=True)
-    random_ckpt = export_run(random_run, args.work / "ckpt-rand", overwrite=True)
     extra_rows = []
-    if recipe.qat.objective != "ce":
+    if args.rows == "all":
+        random_recipe = recipe_from_dict({**recipe.to_dict(), "secondary": {**recipe.to_dict()["secondary"],
+                                                                             "selection": "random"}})
+        random_run = args.work / "qat-random"
+        if not random_run.exists():
+            shutil.copytree(scq_run, random_run)  # shares synthesize/QAT/magnitudes; only the selection differs
+        calibrate(random_recipe, random_run, restart=True)  # the copy takes the random selection
+        extra_rows.append(("W4A8 QAT + random third A8", export_run(random_run, args.work / "ckpt-rand", overwrite=True)))
+    if args.rows == "all" and recipe.qat.objective != "ce":
         # The same SCQ with the paper's QAT objective (masked-token CE on the synthesized tokens): shows
         # what the recipe's objective changes. Shares the synthesized set; QAT onwards runs again.
         ce_recipe = recipe_from_dict({**recipe.to_dict(), "qat": {**recipe.to_dict()["qat"], "objective": "ce"}})
         ce_ckpt = _derived_checkpoint(ce_recipe, scq_run, args.work / "scq-ce", args.work / "ckpt-scq-ce")
         extra_rows.append(("W4A8 SCQ, paper's CE objective", ce_ckpt))
-    if not recipe.qat.activations_in_loop:
+    if args.rows == "all" and not recipe.qat.activations_in_loop:
         # The official code's QAT: the A8 layers' inputs fake-quantized to int8 (scales calibrated first)
         # inside the loop, so the weights adapt to the activation rounding too.
         loop_recipe = recipe_from_dict({**recipe.to_dict(), "qat": {**recipe.to_dict()["qat"], "activations_in_loop": True}})
         extra_rows.append(("W4A8 SCQ, A8 in the QAT loop",
                            _derived_checkpoint(loop_recipe, scq_run, args.work / "scq-a8-loop", args.work / "ckpt-scq-a8-loop")))
 
-    float_path = default_model() if recipe.model == "default" else Path(recipe.model)  # what the recipe quantizes
+    float_path = resolve_model(recipe)  # what the recipe quantizes
     base = MGTPipeline.from_pretrained(float_path)
+    model_name = Path(float_path).name
     bf16 = copy.copy(base)
     bf16.transformer = copy.deepcopy(base.transformer).to(torch.bfloat16)
     float_id = model_fingerprint(float_path)
@@ -173,10 +187,12 @@ def main(argv=None) -> int:
         ("bf16", (float_id + ":bf16", lambda: bf16)),
         ("W4A16 PTQ", (ptq_id, lambda: ptq_pipeline(base, scq_run, recipe, a8_all=False))),
         ("W4A8 PTQ (all A8)", (ptq_id, lambda: ptq_pipeline(base, scq_run, recipe, a8_all=True))),
-        ("W4A8 QAT + random third A8", checkpoint(random_ckpt)),
+        *[(name, checkpoint(path)) for name, path in extra_rows[:1]],
         ("W4A8 SCQ (lowest third A8)", checkpoint(scq_ckpt)),
-        *[(name, checkpoint(path)) for name, path in extra_rows],
+        *[(name, checkpoint(path)) for name, path in extra_rows[1:]],
     ]
+    if args.rows == "main":
+        rows = [row for row in rows if row[0] in MAIN_ROWS]
     offsets = [k * SEED_SET_STRIDE for k in range(args.seed_sets)]
     json_path = args.out.with_suffix(".json")
     # Resumable: a row measured before on the same model (fingerprint), prompts and seed sets is kept.
@@ -212,12 +228,12 @@ def main(argv=None) -> int:
                         "seconds": time.perf_counter() - t0})
         print(f"{name:30s} acc={results[-1]['shapebench']:.3f} {per_set} agree={results[-1]['token_agreement']:.3f} "
               f"bytes={all_bytes}", flush=True)
-        write_json(json_path, {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit,
+        write_json(json_path, {"model": model_name, "sampler": sampler, "limit": args.limit,
                                "recipe": recipe.to_dict(), "rows": results + [r for r in earlier.values()
                                                                              if r not in results],
                                "command": command_line(args), "partial": True})
 
-    payload = {"model": "tiny-shapes", "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
+    payload = {"model": model_name, "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
                "rows": results, "qat": qat_metrics(args.work), "command": command_line(args)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)

@@ -85,6 +85,19 @@ def existing_folder(what: str) -> Callable[[str], Path]:
     return parse
 
 
+def pipeline_folder(text: str) -> Path:
+    """A pipeline folder, or the name of an embedded model (mgtq.default_model.EMBEDDED_MODELS)."""
+    from mgtq.default_model import model_folder
+
+    try:
+        return model_folder(text)
+    except FileNotFoundError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+pipeline_folder.__name__ = "folder"
+
+
 def existing_file(what: str) -> Callable[[str], Path]:
     """A path that must be an existing file (e.g. a recipe); a folder is named as such."""
 

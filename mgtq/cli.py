@@ -19,8 +19,9 @@ EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
-                   help="pipeline folder (default: the embedded tiny-shapes model)")
+    p.add_argument("--model", type=argtypes.pipeline_folder, default=None,
+                   help="pipeline folder or embedded model name (default: the embedded tiny-shapes model; "
+                        "also tiny-shapes-16x16)")
     p.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
     p.add_argument("--device", type=argtypes.device, default=None,
@@ -415,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     q = command("quantize", "post-training quantization (no QAT, minutes) of a pipeline into a checkpoint")
-    q.add_argument("--model", type=argtypes.existing_folder("pipeline"), default=None,
-                   help="float pipeline folder (default: the embedded tiny-shapes model)")
+    q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
+                   help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")
     q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
     q.add_argument("--config", choices=["w4a16", "w4a8", "scq"], required=True,
@@ -448,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
-                   help="tiny-shapes (embedded default), meissonic-1024 (random weights, full size) or a pipeline DIR")
+                   help="tiny-shapes (embedded default), tiny-shapes-16x16 (embedded), meissonic-1024 (random "
+                        "weights, full size) or a pipeline DIR")
     b.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder for a pipeline DIR (the official Meissonic setup)")
     b.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=FORMATS_HELP)

@@ -775,9 +775,12 @@ def _check_compatible(pipe: MGTPipeline) -> None:
 
 def load(path: str | os.PathLike | None = None, **kwargs) -> MGTPipeline:
     """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate; no path = the
-    embedded default model. kwargs as `MGTPipeline.from_pretrained`."""
-    if path is None:
-        from mgtq.default_model import default_model
+    embedded default model, and an embedded model's name (e.g. "tiny-shapes-16x16") loads that one.
+    kwargs as `MGTPipeline.from_pretrained`."""
+    from mgtq.default_model import EMBEDDED_MODELS, default_model, model_folder
 
+    if path is None:
         path = default_model()
+    elif str(path) in EMBEDDED_MODELS:
+        path = model_folder(path)
     return MGTPipeline.from_pretrained(path, **kwargs)

@@ -47,3 +47,34 @@ def test_eval_limit_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["n"] == 10 and 0.0 <= result["overall"] <= 1.0
     assert set(result["per_category"]) == {"single", "colour", "position", "two_objects", "counting"}
+
+
+def test_embedded_names_resolve_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from mgtq.default_model import model_folder
+
+    assert model_folder("tiny-shapes") == DEFAULT_MODEL
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-shapes").mkdir()
+    assert model_folder("tiny-shapes").resolve() == (tmp_path / "tiny-shapes").resolve()
+
+
+def test_unknown_model_names_every_embedded_one(tmp_path, monkeypatch):
+    from mgtq.default_model import EMBEDDED_MODELS, embedded_model, model_folder
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tiny-shapes-16x16") as err:
+        model_folder("tiny-shape")
+    assert "downloads nothing" in str(err.value)
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        model_folder("a.json")
+    with pytest.raises(FileNotFoundError, match=", ".join(EMBEDDED_MODELS)):
+        embedded_model("meissonic")
+
+
+def test_cli_model_flag_takes_an_embedded_name_and_rejects_an_unknown_one(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "tiny-shapes", "--limit", "2", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["n"] == 2
+    assert main(["eval", "--model", "no-such-model", "--limit", "2"]) == 2
+    assert "not an embedded model" in capsys.readouterr().err

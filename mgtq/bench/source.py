@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from mgtq.config import from_mapping, validate
-from mgtq.default_model import default_model
+from mgtq.default_model import EMBEDDED_MODELS, embedded_model
 
 BENCH_PROMPT = "a red circle above a blue square"
 
@@ -79,19 +79,20 @@ def _meissonic_1024() -> ModelSource:
 
 
 def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> ModelSource:
-    """`--model` → ModelSource: "tiny-shapes", "meissonic-1024" or a pipeline folder (whose CLIP text
-    encoder may be the separate folder `text_encoder`)."""
+    """`--model` → ModelSource: an embedded model ("tiny-shapes", "tiny-shapes-16x16"), "meissonic-1024"
+    or a pipeline folder (whose CLIP text encoder may be the separate folder `text_encoder`)."""
     name = str(name)
-    if name in ("meissonic-1024", "tiny-shapes") and text_encoder is not None:
+    known = ("meissonic-1024", *EMBEDDED_MODELS)
+    if name in known and text_encoder is not None:
         raise ValueError(f"--text-encoder applies to pipeline folders, not to --model {name}")
     if name == "meissonic-1024":
         return _meissonic_1024()
-    if name == "tiny-shapes":
-        return _folder_source(default_model(), display="tiny-shapes")
+    if name in EMBEDDED_MODELS:
+        return _folder_source(embedded_model(name), display=name)
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"--model {name!r} is neither a known model (tiny-shapes, meissonic-1024) nor a pipeline folder")
+            f"--model {name!r} is neither a known model ({', '.join(known)}) nor a pipeline folder")
     return _folder_source(path, text_encoder=text_encoder)
 
 

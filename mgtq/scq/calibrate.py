@@ -14,14 +14,15 @@ from mgtq.scq.stages import STAGES, StageContext, input_fingerprint, stage_finge
 
 
 def resolve_model(recipe: Recipe) -> Path:
-    if recipe.model == "default":
-        from mgtq.default_model import default_model
+    """The recipe's `model:` → a pipeline folder: "default", an embedded model's name or a local folder."""
+    from mgtq.default_model import default_model, model_folder
 
+    if recipe.model == "default":
         return default_model()
-    path = Path(recipe.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"recipe model {path} does not exist (a local pipeline folder is needed)")
-    return path
+    try:
+        return model_folder(recipe.model)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"recipe model: {err}") from None
 
 
 def check_run_current(out: str | Path) -> Path:

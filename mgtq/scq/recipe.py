@@ -1,6 +1,6 @@
 """SCQ recipes: YAML files that map one-to-one onto validated dataclasses.
 
-    model: checkpoints/tiny-shapes        # pipeline folder ("default" = the embedded model)
+    model: checkpoints/tiny-shapes        # pipeline folder ("default" = the embedded model; or an embedded name)
     prompts:   {source: shapebench, count: 64, seed: 0}
     synthesis: {num_steps: 16, guidance_scale: 3.0, batch_size: 16}
     qat:       {steps: 300, lr: 1.0e-4, batch_size: 16, gradient_accumulation: 1, weight_bits: 4, group_size: null}
