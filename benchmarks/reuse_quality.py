@@ -15,16 +15,19 @@ Settings (--settings, comma list; the model's own sampler is the base):
 For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
 many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
 it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
-measures quality only. Writes the JSON and a Markdown table beside it (.md).
+measures quality only. Writes the JSON and a Markdown table beside it (.md). Resumable: a setting already in
+the JSON for the same model, split, prompt count and base sampler is kept (`none`'s tokens are kept beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline, interleave_categories
@@ -33,7 +36,7 @@ from mgtq.pipeline import MGTPipeline
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
-from mgtq.utils import atomic_write_text, write_json
+from mgtq.utils import atomic_write_text, model_fingerprint, read_json, save_safetensors, write_json
 
 DEFAULT_SETTINGS = "none,steps-12,steps-8,tome,reuse-2,reuse-3,reuse-3-cells,reuse-4-cells,reuse-3-masked"
 
@@ -93,13 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
     command = "python benchmarks/reuse_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data = {"command": command, "split": args.split, "model": str(args.model or "embedded default"),
-            "base_sampler": base.to_dict(), "settings": {}}
-    reference = None
+    model_dir = Path(args.model or default_model())
+    identity = json.loads(json.dumps({"model_sha256": model_fingerprint(model_dir), "split": args.split,
+                                      "limit": args.limit, "base_sampler": base.to_dict()}))  # as the JSON reads back
+    data = read_json(args.json) if args.json.is_file() else {}
+    tokens_path = args.json.with_suffix(".none_tokens.safetensors")  # `none`'s tokens: agreement after a resume
+    if data.get("identity") != identity or not tokens_path.is_file():
+        data = {"identity": identity, "settings": {}}  # another model, split or sampler: start over
+    data.update(command=command, split=args.split, model=str(args.model or "embedded default"),
+                base_sampler=base.to_dict())
+    reference = load_file(tokens_path)["tokens"] if "none" in data["settings"] else None
     for name, (sampler, tome) in configs.items():
+        if name in data["settings"]:  # resumable: measured before on the same model, prompts and sampler
+            print(f"{name}: kept from {args.json.name}", flush=True)
+            continue
         result = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split=args.split, reference_tokens=reference,
                                    **({"token_merging": tome} if tome is not None else {}))
-        reference = result["tokens"] if reference is None else reference
+        if reference is None:
+            reference = result["tokens"]
+            save_safetensors({"tokens": reference.contiguous()}, tokens_path)
         local_nfe, token_nfe = _costs(pipe, sampler, args.split)
         data["n"] = result["n"]
         data["settings"][name] = {"name": name, "overall": result["overall"], "per_category": result["per_category"],

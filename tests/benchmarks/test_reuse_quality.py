@@ -30,3 +30,18 @@ def test_setting_names(quality):
     for bad in ("reuse-x", "steps", "reuse-3-fast", "fast"):
         with pytest.raises(ValueError, match="unknown setting"):
             quality.parse_setting(bad, base)
+
+
+def test_a_rerun_keeps_the_settings_it_measured(quality, tmp_path, monkeypatch):
+    out = tmp_path / "q.json"
+    assert quality.main(["--limit", "2", "--threads", "1", "--settings", "none,steps-8", "--json", str(out)]) == 0
+    first = quality.read_json(out)["settings"]
+    measured = []
+    real = quality.evaluate_pipeline
+    monkeypatch.setattr(quality, "evaluate_pipeline",
+                        lambda pipe, limit, sampler, **kw: measured.append(sampler.num_steps) or real(pipe, limit, sampler, **kw))
+    assert quality.main(["--limit", "2", "--threads", "1", "--settings", "none,steps-8,steps-6", "--json", str(out)]) == 0
+    again = quality.read_json(out)["settings"]
+    assert measured == [6]  # none and steps-8 kept; only the new setting ran, against none's saved tokens
+    assert again["steps-8"] == first["steps-8"] and set(again) == {"none", "steps-8", "steps-6"}
+    assert 0.0 <= again["steps-6"]["token_agreement"] < 1.0

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["pyproject.toml", "setup.py", "README.md", "mgtq", "recipes", "checkpoints/tiny-shapes"]
+SOURCES = ["pyproject.toml", "setup.py", "README.md", "mgtq", "recipes", "checkpoints/tiny-shapes",
+           "checkpoints/tiny-shapes-16x16"]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (ROOT / "checkpoints/tiny-shapes/model_index.json").is_file(),
@@ -60,6 +61,17 @@ def test_installed_wheel_evaluates_and_finds_its_recipe(venv, tmp_path):
     recipe = run([venv / "python", "-c", "from mgtq.default_model import DEFAULT_RECIPE as r; "
                   "from mgtq.scq.recipe import load_recipe; load_recipe(r); print(r)"], cwd=tmp_path)
     assert "site-packages" in recipe
+
+
+def test_installed_wheel_carries_the_second_embedded_model_by_name(venv, tmp_path):
+    out = run([venv / "mgtq", "eval", "--model", "tiny-shapes-16x16", "--limit", "2", "--steps", "2", "--no-progress"],
+              cwd=tmp_path)
+    assert out.startswith("ShapeBench overall=")
+    where = run([venv / "python", "-c", "from pathlib import Path; import mgtq.default_model as d, mgtq.scq.calibrate as c; "
+                 "from mgtq.scq.recipe import load_recipe; "
+                 "r = load_recipe(Path(d.DEFAULT_RECIPE).parent / 'tiny-shapes-16x16-w4a8-scq.yaml'); "
+                 "print(c.resolve_model(r))"], cwd=tmp_path)
+    assert "site-packages" in where and where.strip().endswith("tiny-shapes-16x16")
 
 
 def test_installed_wheel_benches_memory_and_latency_without_the_lab(venv, tmp_path):
