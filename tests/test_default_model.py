@@ -1,4 +1,5 @@
-"""The shipped default model (checkpoints/tiny-shapes): it loads and draws what easy prompts ask for."""
+"""The embedded models (checkpoints/tiny-shapes, the default, and checkpoints/tiny-shapes-16x16): they load,
+draw what easy prompts ask for, and every entry point takes them by name."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from mgtq.cli import main
-from mgtq.default_model import DEFAULT_MODEL
+from mgtq.default_model import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_model
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import score_image
 
@@ -17,15 +18,36 @@ EASY = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2), ("a 
         ("a purple square", 4), ("a cyan triangle", 5)]
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return MGTPipeline.from_pretrained(DEFAULT_MODEL)
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def pipe(request):
+    return MGTPipeline.from_pretrained(embedded_model(request.param))
 
 
-def test_checkpoint_is_small_safetensors_only():
-    files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 60 * 2**20
+def test_checkpoints_are_small_safetensors_only():
+    files = [p for name in EMBEDDED_MODELS for p in embedded_model(name).rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 60 * 2**20  # checkpoints/ in all
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
+
+
+def test_the_second_model_computes_every_vq_token_in_every_block():
+    """tiny-shapes-16x16: Meissonic's layout without feature compression, 256 image tokens per block, and the
+    same VQ and text encoder as the default model."""
+    second, first = embedded_model("tiny-shapes-16x16"), DEFAULT_MODEL
+    config = json.loads((second / "transformer" / "config.json").read_text())
+    assert config["downsample"] is False and json.loads((first / "transformer" / "config.json").read_text())["downsample"]
+    for part in ("vqvae", "tokenizer"):
+        assert {p.name: p.read_bytes() for p in (second / part).iterdir()} == \
+            {p.name: p.read_bytes() for p in (first / part).iterdir()}
+    pipe = MGTPipeline.from_pretrained(second)
+    seen = []  # the image tokens (B, N, D) every joint block gets (its first argument)
+    hooks = [block.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for block in pipe.transformer.transformer_blocks]
+    try:
+        out = pipe("a red circle", seed=0, num_inference_steps=2, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert out.tokens.shape == (1, 16, 16) and seen and set(seen) == {256}
 
 
 def test_draws_easy_prompts_the_scorer_accepts(pipe):
@@ -51,8 +73,10 @@ def test_eval_limit_smoke(tmp_path):
 
 def test_embedded_names_resolve_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
     from mgtq.default_model import model_folder
+    from mgtq.pipeline import load
 
     assert model_folder("tiny-shapes") == DEFAULT_MODEL
+    assert load("tiny-shapes-16x16").transformer.config.downsample is False
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-shapes").mkdir()
     assert model_folder("tiny-shapes").resolve() == (tmp_path / "tiny-shapes").resolve()
@@ -74,7 +98,7 @@ def test_unknown_model_names_every_embedded_one(tmp_path, monkeypatch):
 
 def test_cli_model_flag_takes_an_embedded_name_and_rejects_an_unknown_one(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", "tiny-shapes", "--limit", "2", "--json", str(out), "--no-progress"]) == 0
+    assert main(["eval", "--model", "tiny-shapes-16x16", "--limit", "2", "--json", str(out), "--no-progress"]) == 0
     assert json.loads(out.read_text())["n"] == 2
     assert main(["eval", "--model", "no-such-model", "--limit", "2"]) == 2
     assert "not an embedded model" in capsys.readouterr().err
