@@ -96,6 +96,8 @@ BAD_FLAGS = [
     (["bench", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
     (["bench", "--formats", ""], "nothing to benchmark: give at least one format or peer"),
     (["bench", "--reuse-interval", "0"], "argument --reuse-interval: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--reuse-refresh", "1.5"], "argument --reuse-refresh: must be a finite number in"),
+    (["bench", "--reuse-refresh", "-0.1"], "argument --reuse-refresh: must be a finite number in"),
     (["bench", "--sampler", "turbo"], "argument --sampler: invalid choice: 'turbo'"),
     (["bench", "--sampler", "fast", "--tome", "0,0.5"], "does not combine with TomeMGT"),
 ]
@@ -420,3 +422,6 @@ def test_bench_takes_the_sampler_preset_and_reuse_flags_of_generate():
     fast = parser.parse_args(["bench", "--sampler", "fast", "--reuse-interval", "4"])
     assert fast.sampler == "fast" and _bench_reuse(fast) == ReuseConfig(interval=4, group="cells", warmup=2)
     assert _bench_reuse(parser.parse_args(["bench", "--reuse-group", "masked"])) == ReuseConfig(group="masked")
+    assert _bench_reuse(parser.parse_args(["bench", "--sampler", "fast", "--reuse-refresh", "0.1"])).refresh == 0.1
+    for command in (["generate", "--prompt", "x"], ["eval"], ["edit", "--image", __file__, "--prompt", "x", "--strength", "0.5"]):
+        assert parser.parse_args([*command, "--reuse-refresh", "0.2"]).reuse_refresh == 0.2

@@ -105,6 +105,9 @@ def add_reuse_arguments(group) -> None:
                             "(every masked token)")
     group.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
                        help="context reuse: the first STEPS steps are all full steps")
+    group.add_argument("--reuse-refresh", type=argtypes.number(0, 1), default=None, metavar="FRACTION",
+                       help="context reuse: selective K/V refresh (MARché): each local step also recomputes this "
+                            "fraction of the decoded tokens, those the previous local step attended to most; 0 = off")
 
 
 # flag attribute → dotted SamplerConfig path
@@ -115,6 +118,7 @@ _FLAG_PATHS = {
     "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg", "zsampling_remask": "zsampling.remask",
     "momentum": "momentum.order",
     "reuse_interval": "reuse.interval", "reuse_group": "reuse.group", "reuse_warmup": "reuse.warmup",
+    "reuse_refresh": "reuse.refresh",
 }
 
 

@@ -10,7 +10,7 @@ It maps one-to-one onto YAML/JSON: the tricks of the enhanced sampler are small 
     differential: {percent: 75, resample: abs}
     zsampling: {variant: masked, inversion_cfg: 0.0, steps: null, remask: paper}
     momentum: {order: 0}
-    reuse: {interval: 1, group: confidence, warmup: 0, bucket: 16}
+    reuse: {interval: 1, group: confidence, warmup: 0, bucket: 16, refresh: 0.0}
 
 Reading goes through mgtq.config's strict loader: an unknown or misspelled key, at any level, is an
 error that names it, and so is a value of the wrong type or a non-finite number
