@@ -32,9 +32,11 @@ is mgtq's, not measured against others. SDPA does not return attention weights, 
 active queries are scored once more against the keys attention read, softmax(q·kᵀ/√Dh): M × (L + N)
 per head, summed over the active queries (padding and refreshed slots excluded) and averaged over
 heads. A full step clears the scores (its cache is fresh), so the first local step after it refreshes
-nothing. Where mgtq differs from MARché: MARché scores by the tokens generated at a step and refreshes
-in the next; mgtq scores by all tokens a local step computes for the sampler (its group and the tokens
-the full step decoded), every local step, and counts the refresh as a fraction of the decoded tokens.
+nothing. What mgtq follows: MARché's rule as its abstract states it (refresh only the cached tokens the
+new tokens attend to most). Where it differs, or chooses what the abstract leaves open: the scores are
+those of every token a local step computes for the sampler (its group, and the tokens the full step
+decoded), not of the newly decoded ones alone; they are taken in one block, not per layer; and the
+refresh is sized as a fraction of the decoded tokens, applied at the next local step.
 
 Batches: every sample keeps its own active set; the plan pads each to the largest count in the batch,
 rounded up to a multiple of `bucket` (so compiled blocks see few distinct lengths), by repeating the
@@ -184,7 +186,10 @@ class _LocalStep:
         index, valid = padded_indices(active | refreshed, cache.bucket)
         cache.computed = float(valid.sum(1).float().mean()) / (grid[0] * grid[1])
         cache.refreshed = refreshed
-        queries = (active.gather(1, index) & valid) if cache.refresh else None  # slots that score
+        queries = None
+        if cache.refresh:  # the scored block fills cache.attention in place (compiled blocks too: no new attribute)
+            queries = active.gather(1, index) & valid  # the slots whose attention scores: active, not padding
+            cache.attention = torch.zeros(active.shape, dtype=torch.float32, device=active.device)
         return _Local(cache, index, valid, grid, queries)
 
 
@@ -204,7 +209,8 @@ class _Local(TokenPlan):
 
     def plan(self, kind, index, x):
         if (kind, index) == self.scored:
-            return _ScoredSplice(self.cache.keys_values[(kind, index)], self.rows, self.cache, self.queries), None
+            return _ScoredSplice(self.cache.keys_values[(kind, index)], self.rows, self.queries, self.cache.attention,
+                                 self.cache.n_text), None
         return _Splice(self.cache.keys_values[(kind, index)], self.rows), None
 
     def leave(self, logits: torch.Tensor) -> torch.Tensor:
@@ -234,12 +240,12 @@ class _Splice(BlockTokens):
 class _ScoredSplice(_Splice):
     """_Splice that also scores the context for the next local step's refresh (see the module docstring)."""
 
-    def __init__(self, cached, rows: torch.Tensor, cache: ContextCache, queries: torch.Tensor):
+    def __init__(self, cached, rows: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor, n_text: int):
         super().__init__(cached, rows)
-        self.cache, self.queries = cache, queries
+        self.queries, self.scores, self.n_text = queries, scores, n_text
 
     def attention_inputs(self, q, k):
-        """q (B, H, M, Dh) of the computed slots, k (B, H, L + N, Dh) → cache.attention (B, N)."""
+        """q (B, H, M, Dh) of the computed slots, k (B, H, L + N, Dh) → the scores (B, N), written in place."""
         probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
         weight = self.queries.to(probs.device, probs.dtype) / q.shape[1]  # active slots only; mean over heads
-        self.cache.attention = torch.einsum("bhms,bm->bs", probs, weight)[:, self.cache.n_text:]
+        self.scores.copy_(torch.einsum("bhms,bm->bs", probs, weight)[:, self.n_text:])
