@@ -167,6 +167,28 @@ def test_compiled_local_steps_match_and_stop_recompiling_once_lengths_are_dynami
             model(**inputs, token_hook=cache.local_step(_active(2, 4, fraction=0.3)))
 
 
+
+def test_compiled_local_steps_with_refresh_score_and_refresh_as_eager():
+    """The scored block writes its scores in place under torch.compile(fullgraph=True), as the K/V splice does."""
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    inputs, active = _inputs(model, 2, seed=7, masked=0.2), _active(2, 8, fraction=0.08)
+
+    def run():
+        cache = ContextCache(bucket=4, refresh=0.3)
+        logits = [model(**inputs, token_hook=cache.full_step())]
+        logits += [model(**inputs, token_hook=cache.local_step(active)) for _ in range(2)]
+        return logits, cache
+
+    with torch.no_grad():
+        eager, eager_cache = run()
+        model.compile_blocks(persistent_cache=False)
+        compiled, cache = run()
+    assert cache.refreshed.any() and torch.equal(cache.refreshed, eager_cache.refreshed)
+    torch.testing.assert_close(cache.attention, eager_cache.attention, rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
 # ------------------------------------------------------------------------ selective K/V refresh (MARché)
 class _CaptureAttention:
     """A token hook that computes every token (a plain forward) and keeps one block's queries and keys."""
