@@ -4,8 +4,9 @@
         --out reuse_pareto.png
 
 A reuse setting's speed-up is the bench_reuse.py run whose sampler has the same reuse section (interval,
-group, warm-up, K/V refresh; results written before refresh existed count as refresh 0); "none" is 1; "steps-N" is T/N for the quality run's T steps (every step costs a plain
-forward: the "fewer steps" baseline to beat, drawn as a line). Settings without a speed run are listed
+group, warm-up, K/V refresh; results written before refresh existed count as refresh 0); "none" is 1;
+"steps-N" is T/N for the quality run's T steps (every step costs a plain forward: the "fewer steps"
+baseline to beat, drawn as a line). Settings without a speed run are listed
 in the table, not plotted. Writes the PNG and a Markdown table beside it (.md).
 """
 
