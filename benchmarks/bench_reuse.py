@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     config = sampler_config_from_args(args, SamplerConfig(num_steps=args.steps))
     if not config.reuse.enabled:
         parser.error("the sampler has no context reuse: pass --reuse-interval N (N ≥ 2) or a preset that has it")
+    if config.reuse.refresh:
+        parser.error("the composed per-step costs do not model K/V refresh (its extra rows depend on attention); "
+                     "time a refresh setting whole with `mgtq bench --model meissonic-1024 --steps 48 --reuse-refresh R`")
     torch.set_num_threads(args.threads)
     grid = (args.grid, args.grid)
     result = {"model": args.model, "grid": args.grid, "steps": args.steps, "threads": args.threads,

@@ -4,8 +4,9 @@
         --out reuse_pareto.png
 
 A reuse setting's speed-up is the bench_reuse.py run whose sampler has the same reuse section (interval,
-group, warm-up); "none" is 1; "steps-N" is T/N for the quality run's T steps (every step costs a plain
-forward: the "fewer steps" baseline to beat, drawn as a line). Settings without a speed run are listed
+group, warm-up, K/V refresh; results written before refresh existed count as refresh 0); "none" is 1;
+"steps-N" is T/N for the quality run's T steps (every step costs a plain forward: the "fewer steps"
+baseline to beat, drawn as a line). Settings without a speed run are listed
 in the table, not plotted. Writes the PNG and a Markdown table beside it (.md).
 """
 
@@ -16,13 +17,17 @@ from pathlib import Path
 
 from mgtq.utils import atomic_file, atomic_write_text, read_json
 
-REUSE_KEYS = ("interval", "group", "warmup")
+REUSE_KEYS = ("interval", "group", "warmup", "refresh")
+
+
+def _reuse_key(reuse: dict) -> tuple:
+    return tuple(reuse.get(k, 0.0) if k == "refresh" else reuse[k] for k in REUSE_KEYS)
 
 
 def speedups(quality: dict, speeds: list[dict], fmt: str) -> dict[str, float | None]:
     """Setting name → speed-up in format `fmt` (None where no speed run matches)."""
     steps = quality["base_sampler"]["num_steps"]
-    by_reuse = {tuple(run["sampler"]["reuse"][k] for k in REUSE_KEYS): run["formats"][fmt]["speedup"]
+    by_reuse = {_reuse_key(run["sampler"]["reuse"]): run["formats"][fmt]["speedup"]
                 for run in speeds if fmt in run["formats"]}
     out = {}
     for name, row in quality["settings"].items():
@@ -32,7 +37,7 @@ def speedups(quality: dict, speeds: list[dict], fmt: str) -> dict[str, float | N
         elif name.startswith("steps-"):
             out[name] = steps / row["sampler"]["num_steps"]
         elif reuse["interval"] > 1:
-            out[name] = by_reuse.get(tuple(reuse[k] for k in REUSE_KEYS))
+            out[name] = by_reuse.get(_reuse_key(reuse))
         else:
             out[name] = None
     return out

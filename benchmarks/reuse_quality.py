@@ -12,6 +12,7 @@ Settings (--settings, comma list; the model's own sampler is the base):
     reuse-K-cells   the same group taken in whole 2×2 cells
     reuse-K-masked  the local steps computing every masked token
     reuse-K-wW      ... with the first W steps full (combine: reuse-3-cells-w2)
+    reuse-K-rR      ... with selective K/V refresh of the fraction R of the decoded tokens (reuse-3-cells-w2-r0.1)
 For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
 many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
 it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
@@ -58,12 +59,14 @@ def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeCo
                     reuse["group"] = extra
                 elif extra.startswith("w"):
                     reuse["warmup"] = int(extra[1:])
+                elif extra.startswith("r"):
+                    reuse["refresh"] = float(extra[1:])
                 else:
                     raise ValueError(extra)
             return base.replace(reuse=reuse), None
     except ValueError:
         pass
-    raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW]")
+    raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW][-rR]")
 
 
 def to_markdown(data: dict) -> str:

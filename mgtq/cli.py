@@ -241,8 +241,9 @@ def cmd_bench(args) -> int:
         tome_options=_tome_options(args), offload=args.offload, compile=args.compile, peers=peers,
         threads=args.threads, isolation=args.isolation,
         json=str(args.json) if args.json else None, device=args.device, seed=args.seed,
-        measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, budget_s=args.budget,
-                                profile=args.profile, latency=both or args.latency, memory=both or args.memory,
+        measure=MeasureSettings(warmup=args.warmup, repeats=args.repeats, steps=args.steps, sampler=args.sampler,
+                                reuse=_bench_reuse(args), budget_s=args.budget, profile=args.profile,
+                                latency=both or args.latency, memory=both or args.memory,
                                 interleave=not args.sequential),
     )
     report = run_bench(config, log=(lambda message: None) if args.no_progress else print)
@@ -254,6 +255,15 @@ def cmd_bench(args) -> int:
         print(f"wrote {png}")
     print(to_markdown(report))
     return 0
+
+
+def _bench_reuse(args):
+    """The whole image's ReuseConfig from the --reuse-* flags, on top of --sampler's (None: no flag given)."""
+    from mgtq.reuse.config import ReuseConfig
+    from mgtq.sampling import SamplerConfig
+    from mgtq.sampling.cli_args import reuse_from_args
+
+    return reuse_from_args(args, SamplerConfig.preset(args.sampler).reuse if args.sampler else ReuseConfig())
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -476,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=argtypes.integer(minimum=0), default=1, help="untimed forwards before timing")
     b.add_argument("--steps", type=argtypes.integer(minimum=1), default=2,
                    help="sampler steps of the timed whole-image run")
+    from mgtq.sampling.cli_args import add_preset_argument, add_reuse_arguments
+
+    image = b.add_argument_group("whole image", "the sampler of the timed whole image (forwards stay plain full "
+                                                "forwards)")
+    add_preset_argument(image)
+    add_reuse_arguments(image)
     b.add_argument("--budget", type=argtypes.number(minimum=0, above=True), default=None,
                    help="stop timing a config's forwards after S seconds")
     b.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,

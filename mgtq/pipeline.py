@@ -483,8 +483,10 @@ class MGTPipeline(DiffusionPipeline):
         per_call_hook = token_hook
         if config.reuse.enabled and (token_hook is not None or getattr(transformer, "token_hook", None) is not None):
             raise ValueError("TomeMGT and context reuse do not combine yet (a local step computes a few scattered "
-                             "tokens, which have no 2×2 cells to merge); use one of them: remove TomeMGT "
-                             "(token_merging=None, mgtq.remove_tomemgt) or set the sampler's reuse.interval to 1")
+                             "tokens, which have no 2×2 cells to merge); use one of them: for speed, context reuse "
+                             "alone (the `fast` preset; CLI: drop --tome, keep --sampler fast / --reuse-*; Python: "
+                             "token_merging=None or mgtq.remove_tomemgt(pipe)), or TomeMGT alone (CLI: "
+                             "--reuse-interval 1; Python: the sampler's reuse.interval = 1)")
         dtype = transformer.compute_dtype
         cond = (text.to(dtype), pooled.to(dtype))
         uncond = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))

@@ -95,6 +95,11 @@ BAD_FLAGS = [
     (["bench", "--seed", "-3"], "argument --seed: must be an integer in [0, "),
     (["bench", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
     (["bench", "--formats", ""], "nothing to benchmark: give at least one format or peer"),
+    (["bench", "--reuse-interval", "0"], "argument --reuse-interval: must be an integer ≥ 1"),
+    (["generate", "--prompt", "x", "--reuse-refresh", "1.5"], "argument --reuse-refresh: must be a finite number in"),
+    (["bench", "--reuse-refresh", "-0.1"], "argument --reuse-refresh: must be a finite number in"),
+    (["bench", "--sampler", "turbo"], "argument --sampler: invalid choice: 'turbo'"),
+    (["bench", "--sampler", "fast", "--tome", "0,0.5"], "does not combine with TomeMGT"),
 ]
 
 
@@ -406,3 +411,17 @@ def test_cli_flags_reach_the_config():
     assert _tome_options(build_parser().parse_args(["eval", "--tome", "0.5"])) == {}
     bench = build_parser().parse_args(["bench", "--tome", "0,0.5", "--tome-sources", "decoded-first"])
     assert _tome_options(bench) == dict(sources="decoded-first")
+
+
+def test_bench_takes_the_sampler_preset_and_reuse_flags_of_generate():
+    from mgtq.cli import _bench_reuse, build_parser
+    from mgtq.reuse.config import ReuseConfig
+
+    parser = build_parser()
+    assert _bench_reuse(parser.parse_args(["bench"])) is None  # no flag: the preset's (or the model's) reuse
+    fast = parser.parse_args(["bench", "--sampler", "fast", "--reuse-interval", "4"])
+    assert fast.sampler == "fast" and _bench_reuse(fast) == ReuseConfig(interval=4, group="cells", warmup=2)
+    assert _bench_reuse(parser.parse_args(["bench", "--reuse-group", "masked"])) == ReuseConfig(group="masked")
+    assert _bench_reuse(parser.parse_args(["bench", "--sampler", "fast", "--reuse-refresh", "0.1"])).refresh == 0.1
+    for command in (["generate", "--prompt", "x"], ["eval"], ["edit", "--image", __file__, "--prompt", "x", "--strength", "0.5"]):
+        assert parser.parse_args([*command, "--reuse-refresh", "0.2"]).reuse_refresh == 0.2

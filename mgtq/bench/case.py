@@ -12,6 +12,7 @@ imported torch + mgtq) answer {"ok": result} at once. A failure answers {"error"
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -80,11 +81,16 @@ def timed_image(pipe, steps: int, sync: Callable[[], None] = lambda: None, phase
             decode_s, images = time_call(lambda: pipe.decode_tokens(out.tokens), sync)
     per_step = max(tokens_s - text_s, 0.0) / steps
     extra = decode_s + (vq_load_s or 0.0)
-    record = {"unit": "s", "steps": steps, "nfe": out.nfe, "text_s": text_s, "tokens_s": tokens_s,
+    reuse = pipe.settings.sampler.reuse
+    # With context reuse full and local steps differ in cost and their mix depends on the step count,
+    # so a run of other length says nothing exact about a 48-step image: only a 48-step run does.
+    extrapolated = (text_s + EXTRAPOLATE_STEPS * per_step + extra) if not reuse.enabled or steps == EXTRAPOLATE_STEPS \
+        else None
+    record = {"unit": "s", "steps": steps, "nfe": out.nfe, "local_nfe": out.local_nfe, "token_nfe": out.token_nfe,
+              "reuse": dataclasses.asdict(reuse), "text_s": text_s, "tokens_s": tokens_s,
               "per_step_s": per_step, "decode_s": decode_s, "vq_load_s": vq_load_s, "total_s": tokens_s + extra,
               "transformer_calls_s": list(calls[0]), "transformer_calls_cpu_s": list(calls[1]),
-              "extrapolated_steps": EXTRAPOLATE_STEPS,
-              "extrapolated_total_s": text_s + EXTRAPOLATE_STEPS * per_step + extra}
+              "extrapolated_steps": EXTRAPOLATE_STEPS, "extrapolated_total_s": extrapolated}
     return record, freed, images
 
 
@@ -159,6 +165,8 @@ class CaseSession:
             result.scheme = Format.parse(case.target).scheme
         self.pipe = build_pipeline(self.source, transformer.eval(), dtype, measure.steps, seed, str(device),
                                    vq_empty=case.offload)
+        self.pipe.settings = dataclasses.replace(self.pipe.settings,
+                                                 sampler=measure.image_sampler(self.pipe.settings.sampler))
         if case.tome:
             from mgtq.merging import apply_tomemgt
 

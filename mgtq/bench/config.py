@@ -15,6 +15,8 @@ from typing import Literal
 
 from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
+from mgtq.reuse.config import ReuseConfig
+from mgtq.sampling.presets import PRESET_NAMES, preset_fields
 
 TomeBlocks = Literal["joint", "single", "all"]  # where TomeMGT merges; "joint" is the paper's setting
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
@@ -29,7 +31,11 @@ class MeasureSettings:
     allocator). repeats: timed forwards. interleave: time them in rounds across the cases (A B C …
     A B C …, every case built once and held until the last round) so that drift of the machine
     lands on every case alike; else each case times all its forwards in a row. steps: sampler steps
-    of the timed whole-image run. budget_s: stop timing a case's forwards after this many seconds
+    of the timed whole-image run. sampler: a sampler preset (mgtq.sampling.presets, e.g. "fast") the whole
+    image runs with, on top of the model's sampler settings (None: those as they are). reuse: the whole
+    image's context reuse (mgtq.reuse), replacing the sampler's (None: the preset's, or the model's).
+    Forwards are always timed as plain full forwards (every token, no cache): sampler and reuse only
+    change the whole image. budget_s: stop timing a case's forwards after this many seconds
     (at least one always runs). profile: also profile one forward (needs a checkout: benchmarks/
     bench_profile.py). latency / memory: what to measure (memory = peak RSS and weight bytes).
     """
@@ -37,6 +43,8 @@ class MeasureSettings:
     warmup: int = 1
     repeats: int = 5
     steps: int = 2
+    sampler: str | None = None
+    reuse: ReuseConfig | None = None
     budget_s: float | None = None
     profile: bool = False
     latency: bool = True
@@ -48,10 +56,24 @@ class MeasureSettings:
         for name, minimum in (("warmup", 0), ("repeats", 1), ("steps", 1)):
             if getattr(self, name) < minimum:
                 raise ValueError(f"measure.{name} must be an integer ≥ {minimum}, got {getattr(self, name)}")
+        if self.sampler is not None and self.sampler not in PRESET_NAMES:
+            raise ValueError(f"measure.sampler must be a sampler preset, one of {PRESET_NAMES}, got {self.sampler!r}")
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"measure.budget_s must be a positive number of seconds or None, got {self.budget_s}")
         if not (self.latency or self.memory):
             raise ValueError("nothing to measure: enable latency, memory or both")
+
+    @property
+    def reuses_context(self) -> bool:
+        """Whether the whole image runs with context reuse (by `reuse`, else by the preset)."""
+        if self.reuse is not None:
+            return self.reuse.enabled
+        return self.sampler is not None and ReuseConfig(**preset_fields(self.sampler)["reuse"]).enabled
+
+    def image_sampler(self, base):
+        """The whole image's SamplerConfig: `base` (the model's, at `steps` steps) under the preset, then `reuse`."""
+        sampler = base if self.sampler is None else base.preset(self.sampler)
+        return sampler if self.reuse is None else sampler.replace(reuse=self.reuse)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +176,10 @@ class BenchConfig:
         if not self.tome_blocks:
             raise ValueError("tome_blocks must name at least one of joint, single, all")
         _check_tome_options(self.tome_options)
+        if self.measure.reuses_context and any(self.tome):
+            raise ValueError("the whole image's context reuse (measure.sampler / measure.reuse; CLI: --sampler, "
+                             "--reuse-*) does not combine with TomeMGT: bench TomeMGT ratios without it (--tome 0 with "
+                             "reuse, or no reuse flags with --tome)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be an integer ≥ 1, got {self.threads}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -166,6 +166,7 @@ def to_markdown(report: dict) -> str:
         f"of the per-round ratios [min–max]; whole image = text encoding + {measure['steps']} sampler steps + VQ decode, "
         f"48-step image extrapolated as text + 48 × per-step + decode. Created {report['created']}, run took "
         f"{report['wall_s'] / 60:.1f} min.",
+        _sampler_line(measure),
     ]
     if report["baseline"]:
         base = report["baseline"]
@@ -180,13 +181,13 @@ def to_markdown(report: dict) -> str:
               "Peak RSS: whole case process (build + inference). Inference peak: after the build, freed heap "
               "returned to the OS (malloc_trim) and the peak reset; what the built pipeline needs to run.", "",
               "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB | forward s | ×bf16 "
-              "| ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+              "| ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) | image NFE (local) |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     ratios = report["ratios"]
     results = results_of(report)
     for r in results:
         if not r.ok:
-            lines.append(f"| {r.label} | {r.status} | | | | | | | | | | |")
+            lines.append(f"| {r.label} | {r.status} | | | | | | | | | | | |")
             continue
         q = ratios.get(r.label, {})
         image = r.image or {}
@@ -206,7 +207,7 @@ def to_markdown(report: dict) -> str:
             f"{_fmt(q.get('peak_rss_vs_bf16'))} | {mb_text(r.memory.get('peak_rss_inference'))} | {forward} | "
             f"{_ratio_text(q, 'forward_vs_bf16')} | {_ratio_text(q, 'forward_cpu_vs_bf16')} | "
             f"{_fmt(image.get('per_step_s'), 3)} | "
-            f"{_fmt(image.get('total_s'), 2)} | {_fmt(image.get('extrapolated_total_s'), 1)} |")
+            f"{_fmt(image.get('total_s'), 2)} | {_fmt(image.get('extrapolated_total_s'), 1)} | {_nfe(image)} |")
     lines += ["", "Schemes:", ""]
     lines += [f"- **{r.label}**: {r.scheme}" for r in results if r.ok and not r.tome and not r.offload]
     profiled = [r for r in results if r.ok and r.profile]
@@ -225,6 +226,24 @@ def to_markdown(report: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _sampler_line(measure: dict) -> str:
+    """What the whole image ran: the sampler preset and context reuse; forwards are plain either way."""
+    reuse = measure.get("reuse")
+    preset = measure.get("sampler")
+    sampler = f"sampler preset `{preset}` on the model's settings" if preset else "the model's sampler settings"
+    if reuse is not None:
+        sampler += (f", context reuse interval {reuse['interval']}, group {reuse['group']}, warmup {reuse['warmup']}"
+                    + (f", refresh {reuse['refresh']:g}" if reuse.get("refresh") else ""))
+    return (f"Whole image: {sampler}; image NFE = transformer calls (a CFG call counts once), (local) = how many "
+            "were local steps of context reuse. Forwards are plain full forwards (every token, no reuse cache).")
+
+
+def _nfe(image: dict) -> str:
+    if image.get("nfe") is None:
+        return "–"
+    return f"{image['nfe']} ({image.get('local_nfe', 0)})"
 
 
 def _offload_lines(report: dict) -> list[str]:

@@ -10,9 +10,10 @@ Sub-records (bytes and seconds everywhere):
               max_memory_allocated}]}
     latency  {unit: "s", forward_batch, warmup_s [wall s of each untimed warm-up forward; with compile the
               first one includes compiling], forward {median, min, max, samples (wall s), cpu_median,
-              cpu_samples (process CPU s), rounds (interleaved round of each sample, or null)} | null, image {steps, nfe, text_s, tokens_s, per_step_s,
+              cpu_samples (process CPU s), rounds (interleaved round of each sample, or null)} | null, image {steps, nfe, local_nfe (local steps of context
+              reuse), token_nfe, reuse (the ReuseConfig the image ran with), text_s, tokens_s, per_step_s,
               decode_s, vq_load_s, total_s, transformer_calls_s, transformer_calls_cpu_s,
-              extrapolated_steps, extrapolated_total_s}}
+              extrapolated_steps, extrapolated_total_s (null with context reuse unless steps = 48)}}
     profile  null | {unit: "s", total_self_s, split_s {category: s}, split_fraction, top_ops}
 """
 

@@ -24,7 +24,9 @@ How the two techniques use it:
   no text), each block's `keys_values` puts their fresh keys/values into the recorded ones (the
   context: text and every other image token), and `leave` places the active tokens' logits in the grid
   (0 elsewhere: the sampler reads only the tokens it computed). Every layer but attention is per
-  token, so nothing else needs the inactive tokens.
+  token, so nothing else needs the inactive tokens. With K/V refresh (MARché), one block's
+  `attention_inputs` scores which context tokens the active queries attend to most; the next local
+  step recomputes those too.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class BlockTokens:
     def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, H, S, Dh) of the computed sequence, RoPE applied → the ones attention reads."""
         return k, v
+
+    def attention_inputs(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Sees the queries (B, H, M, Dh) and the keys (B, H, S, Dh) attention reads (RoPE applied, after
+        `keys_values`), for a technique that needs attention weights, which SDPA does not return; the
+        default ignores them."""
 
 
 class TokenPlan:

@@ -122,7 +122,8 @@ class Attention(nn.Module):
 
         rope: cos/sin for the concatenated sequence [context; x]. key_bias (B, 1, 1, S): added to the
         attention logits of each key. tokens: the block's token hook, whose `keys_values` may extend
-        the keys/values attention reads (context reuse). Returns the attended x, and for the joint
+        the keys/values attention reads (context reuse) and whose `attention_inputs` sees the queries and
+        those keys (context reuse's K/V refresh scores them). Returns the attended x, and for the joint
         block with a context also the attended context.
         """
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
@@ -137,6 +138,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if tokens is not None:
             k, v = tokens.keys_values(k, v)
+            tokens.attention_inputs(q, k)
         mask = None if key_bias is None else key_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
         if context is None:

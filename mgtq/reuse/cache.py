@@ -19,6 +19,25 @@ transposed up conv and the 1×1-conv head give back exactly those f×f logits fr
 nothing else mixes tokens outside attention. So a transformer token is active when any of its f×f VQ
 tokens is (`active_tokens`), and its f×f logits are all exact.
 
+Selective K/V refresh (MARché, arXiv 2506.12035: "selective KV refresh identifies contextually relevant
+tokens based on attention scores from newly generated tokens and updates only those"): with
+`refresh` r > 0, each local step also recomputes ⌈r · decoded⌉ decoded image tokens of the context (at
+the transformer grid: all f×f VQ ids decoded, not active), those that the previous local step's
+active tokens attended to most, so their cached keys/values are rewritten from the current input.
+Their logits are not read: the sampler decodes only its group. The scores come from ONE block, the
+last joint (MMDiT) block (the last single-stream block if there is none): past the first blocks,
+whose attention is dominated by RoPE position, and the deepest point where the image keys come from
+the image stream's own projections, so the scores rank image tokens against each other. That choice
+is mgtq's, not measured against others. SDPA does not return attention weights, so that block's
+active queries are scored once more against the keys attention read, softmax(q·kᵀ/√Dh): M × (L + N)
+per head, summed over the active queries (padding and refreshed slots excluded) and averaged over
+heads. A full step clears the scores (its cache is fresh), so the first local step after it refreshes
+nothing. What mgtq follows: MARché's rule as its abstract states it (refresh only the cached tokens the
+new tokens attend to most). Where it differs, or chooses what the abstract leaves open: the scores are
+those of every token a local step computes for the sampler (its group, and the tokens the full step
+decoded), not of the newly decoded ones alone; they are taken in one block, not per layer; and the
+refresh is sized as a fraction of the decoded tokens, applied at the next local step.
+
 Batches: every sample keeps its own active set; the plan pads each to the largest count in the batch,
 rounded up to a multiple of `bucket` (so compiled blocks see few distinct lengths), by repeating the
 sample's first active token: a repeat computes the same values as the token it repeats and writes the
@@ -63,13 +82,19 @@ def padded_indices(active: torch.Tensor, bucket: int = 1) -> tuple[torch.Tensor,
 class ContextCache:
     """Per-block keys/values of the last full step of one sampling call (see the module docstring)."""
 
-    def __init__(self, bucket: int = 1):
-        self.bucket = int(bucket)
+    def __init__(self, bucket: int = 1, refresh: float = 0.0):
+        if not 0 <= refresh <= 1:
+            raise ValueError(f"refresh must be a fraction in [0, 1] of the decoded tokens (0 = off), got {refresh}")
+        self.bucket, self.refresh = int(bucket), float(refresh)
         self.keys_values: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.batch: int | None = None
         self.n_text: int | None = None
         self.grid: tuple[int, int] | None = None
         self.computed = 1.0  # fraction of the image tokens the latest forward computed (batch mean)
+        # K/V refresh: (B, N) attention mass each image token got from the latest local step's active queries
+        # in the scored block (None after a full step), and the tokens the latest local step refreshed.
+        self.attention: torch.Tensor | None = None
+        self.refreshed: torch.Tensor | None = None
 
     def full_step(self) -> "_FullStep":
         """The token hook of a full step: the ordinary forward, recording every block's keys/values."""
@@ -80,6 +105,27 @@ class ContextCache:
         if not self.keys_values:
             raise RuntimeError("a local step needs the keys/values of a full step first; run cache.full_step() before")
         return _LocalStep(self, active)
+
+    @property
+    def scored_block(self) -> tuple[str, int]:
+        """The block whose attention scores the refresh: the last joint block (the last single one if none)."""
+        joint = [key for key in self.keys_values if key[0] == "joint"]
+        return max(joint or self.keys_values, key=lambda key: key[1])
+
+    def to_refresh(self, active: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: the context tokens a local step refreshes; active / decoded (B, N) bool at the grid."""
+        if not self.refresh or self.attention is None:
+            return torch.zeros_like(active)
+        count = torch.ceil(self.refresh * decoded.sum(1)).long()
+        return most_attended(self.attention.to(active.device), decoded & ~active, count)
+
+
+def most_attended(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the count[b] candidates of highest score (B, N) per sample (ties: lower index first)."""
+    ranked = scores.float().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=ranked.device)
+                                             .expand_as(ranked))
+    return (rank < count[:, None]) & candidates
 
 
 class _FullStep:
@@ -98,6 +144,7 @@ class _Recording(TokenPlan):
         self.cache.keys_values.clear()
         self.cache.batch, self.cache.n_text, self.cache.grid = x.shape[0], context.shape[1], self.grid
         self.cache.computed = 1.0
+        self.cache.attention = self.cache.refreshed = None  # every cached key/value is fresh now
         return x, context, rope
 
     def plan(self, kind, index, x):
@@ -132,18 +179,28 @@ class _LocalStep:
                 "the full step it reuses"
             )
         active = self.active.to(masked.device if masked is not None else self.active.device)
-        active = active.repeat(batch // active.shape[0], 1, 1)  # CFG: [uncond; cond] share the tokens
-        index, valid = padded_indices(active_tokens(active, grid), cache.bucket)
+        active = active_tokens(active.repeat(batch // active.shape[0], 1, 1), grid)  # CFG: both halves share them
+        refreshed = torch.zeros_like(active)
+        if masked is not None:  # decoded at the grid: none of the f×f ids is [MASK] (the input no longer changes)
+            refreshed = cache.to_refresh(active, ~active_tokens(masked.to(active.device), grid))
+        index, valid = padded_indices(active | refreshed, cache.bucket)
         cache.computed = float(valid.sum(1).float().mean()) / (grid[0] * grid[1])
-        return _Local(cache, index, valid, grid)
+        cache.refreshed = refreshed
+        queries = None
+        if cache.refresh:  # the scored block fills cache.attention in place (compiled blocks too: no new attribute)
+            queries = active.gather(1, index) & valid  # the slots whose attention scores: active, not padding
+            cache.attention = torch.zeros(active.shape, dtype=torch.float32, device=active.device)
+        return _Local(cache, index, valid, grid, queries)
 
 
 class _Local(TokenPlan):
     computes_subset = True
 
-    def __init__(self, cache: ContextCache, index: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int]):
-        self.cache, self.index, self.valid, self.grid = cache, index, valid, grid
-        self.rows = cache.n_text + index  # (B, M): the active tokens' rows of the [text; image] sequence
+    def __init__(self, cache: ContextCache, index: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int],
+                 queries: torch.Tensor | None = None):
+        self.cache, self.index, self.valid, self.grid, self.queries = cache, index, valid, grid, queries
+        self.rows = cache.n_text + index  # (B, M): the computed tokens' rows of the [text; image] sequence
+        self.scored = None if queries is None else cache.scored_block
 
     def enter(self, x, context, rope: Rope):
         index, rows = self.index.to(x.device), self.rows.to(x.device)
@@ -151,6 +208,9 @@ class _Local(TokenPlan):
         return x, None, (rope[0][rows], rope[1][rows])  # (L + N, Dh) tables → (B, M, Dh) rows
 
     def plan(self, kind, index, x):
+        if (kind, index) == self.scored:
+            return _ScoredSplice(self.cache.keys_values[(kind, index)], self.rows, self.queries, self.cache.attention,
+                                 self.cache.n_text), None
         return _Splice(self.cache.keys_values[(kind, index)], self.rows), None
 
     def leave(self, logits: torch.Tensor) -> torch.Tensor:
@@ -175,3 +235,17 @@ class _Splice(BlockTokens):
         cached_k.scatter_(2, where, k.to(cached_k.dtype))
         cached_v.scatter_(2, where, v.to(cached_v.dtype))
         return cached_k, cached_v
+
+
+class _ScoredSplice(_Splice):
+    """_Splice that also scores the context for the next local step's refresh (see the module docstring)."""
+
+    def __init__(self, cached, rows: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor, n_text: int):
+        super().__init__(cached, rows)
+        self.queries, self.scores, self.n_text = queries, scores, n_text
+
+    def attention_inputs(self, q, k):
+        """q (B, H, M, Dh) of the computed slots, k (B, H, L + N, Dh) → the scores (B, N), written in place."""
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        weight = self.queries.to(probs.device, probs.dtype) / q.shape[1]  # active slots only; mean over heads
+        self.scores.copy_(torch.einsum("bhms,bm->bs", probs, weight)[:, self.n_text:])

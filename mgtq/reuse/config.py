@@ -26,12 +26,17 @@ class ReuseConfig:
     warmup: the first `warmup` steps of a run are all full steps (the layout of the image forms there).
     bucket: a local step's token count is padded up to a multiple of this, so compiled blocks see a
     few lengths instead of one per step.
+    refresh: selective K/V refresh (MARché arXiv 2506.12035): at each local step, also recompute this
+    fraction (of the decoded image tokens, at least one when > 0) of the decoded context tokens that the
+    previous local step's active tokens attended to most, so their cached keys/values follow the
+    tokens decoded since the full step (mgtq.reuse.cache). 0 = off; it costs that many more rows.
     """
 
     interval: int = 1
     group: GroupRule = "confidence"
     warmup: int = 0
     bucket: int = 16
+    refresh: float = 0.0
 
     def __post_init__(self):
         validate(self, "reuse")
@@ -41,6 +46,9 @@ class ReuseConfig:
             raise ValueError(f"reuse.warmup must be an integer ≥ 0, got {self.warmup}")
         if self.bucket < 1:
             raise ValueError(f"reuse.bucket must be an integer ≥ 1, got {self.bucket}")
+        if not 0 <= self.refresh <= 1:
+            raise ValueError(f"reuse.refresh must be a fraction in [0, 1] of the decoded tokens (0 = off), "
+                             f"got {self.refresh}")
 
     @property
     def enabled(self) -> bool:

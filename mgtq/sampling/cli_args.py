@@ -10,12 +10,13 @@ out changes nothing. --steps / --cfg stay with the commands (the pipeline applie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from mgtq import argtypes
 from mgtq.config import read_mapping
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
-from mgtq.reuse.config import GROUP_RULES
+from mgtq.reuse.config import GROUP_RULES, ReuseConfig
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
@@ -52,10 +53,7 @@ def load_sampler_file(path: str | Path) -> dict:
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the sampler flags (all default to None = keep the base config's value)."""
     g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
-    g.add_argument("--sampler", choices=PRESET_NAMES, default=None,
-                   help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
-                        "differential 75%%, masked Z-sampling), paper-combo-root (the same on 1−t^0.6) or fast "
-                        "(vanilla with context reuse: --reuse-interval 3 --reuse-group cells --reuse-warmup 2)")
+    add_preset_argument(g)
     g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -84,16 +82,32 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="masked Z-sampling's re-mask rule: paper (lowest confidence) or official (the demo's)")
     g.add_argument("--momentum", type=int, choices=MOMENTUM_ORDERS, default=None,
                    help="momentum-based solver order: 0 off, 1 first order (= vanilla), 2 second order")
-    g.add_argument("--reuse-interval", type=argtypes.integer(minimum=1), default=None, metavar="N",
-                   help="context reuse: a full step every N steps, local steps (a few tokens, cached K/V) between; "
-                        "1 = off")
-    g.add_argument("--reuse-group", choices=GROUP_RULES, default=None,
-                   help="context reuse: tokens the local steps compute: confidence (ReCAP's group), cells (the "
-                        "group in whole 2×2 cells: fewer transformer tokens with feature compression) or masked "
-                        "(every masked token)")
-    g.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
-                   help="context reuse: the first STEPS steps are all full steps")
+    add_reuse_arguments(g)
     return g
+
+
+def add_preset_argument(group) -> None:
+    """--sampler NAME: a preset of mgtq.sampling.presets (default None = keep the base config)."""
+    group.add_argument("--sampler", choices=PRESET_NAMES, default=None,
+                       help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
+                            "differential 75%%, masked Z-sampling), paper-combo-root (the same on 1−t^0.6) or fast "
+                            "(vanilla with context reuse: --reuse-interval 3 --reuse-group cells --reuse-warmup 2)")
+
+
+def add_reuse_arguments(group) -> None:
+    """The --reuse-* flags of ReuseConfig (each default None = keep the base config's value)."""
+    group.add_argument("--reuse-interval", type=argtypes.integer(minimum=1), default=None, metavar="N",
+                       help="context reuse: a full step every N steps, local steps (a few tokens, cached K/V) between; "
+                            "1 = off")
+    group.add_argument("--reuse-group", choices=GROUP_RULES, default=None,
+                       help="context reuse: tokens the local steps compute: confidence (ReCAP's group), cells (the "
+                            "group in whole 2×2 cells: fewer transformer tokens with feature compression) or masked "
+                            "(every masked token)")
+    group.add_argument("--reuse-warmup", type=argtypes.integer(minimum=0), default=None, metavar="STEPS",
+                       help="context reuse: the first STEPS steps are all full steps")
+    group.add_argument("--reuse-refresh", type=argtypes.number(0, 1), default=None, metavar="FRACTION",
+                       help="context reuse: selective K/V refresh (MARché): each local step also recomputes this "
+                            "fraction of the decoded tokens, those the previous local step attended to most; 0 = off")
 
 
 # flag attribute → dotted SamplerConfig path
@@ -104,6 +118,7 @@ _FLAG_PATHS = {
     "zsampling": "zsampling.variant", "inversion_cfg": "zsampling.inversion_cfg", "zsampling_remask": "zsampling.remask",
     "momentum": "momentum.order",
     "reuse_interval": "reuse.interval", "reuse_group": "reuse.group", "reuse_warmup": "reuse.warmup",
+    "reuse_refresh": "reuse.refresh",
 }
 
 
@@ -120,6 +135,13 @@ def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> S
     if steps is not None:
         overrides["zsampling.steps"] = None if steps == "all" else steps  # None = every step but the last
     return config.with_overrides(overrides) if overrides else config
+
+
+def reuse_from_args(args: argparse.Namespace, base: ReuseConfig) -> ReuseConfig | None:
+    """The ReuseConfig the --reuse-* flags ask for on top of `base`, or None when none of them is given."""
+    given = {path.split(".", 1)[1]: getattr(args, flag) for flag, path in _FLAG_PATHS.items()
+             if path.startswith("reuse.") and getattr(args, flag, None) is not None}
+    return dataclasses.replace(base, **given) if given else None
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

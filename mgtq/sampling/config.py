@@ -10,7 +10,7 @@ It maps one-to-one onto YAML/JSON: the tricks of the enhanced sampler are small 
     differential: {percent: 75, resample: abs}
     zsampling: {variant: masked, inversion_cfg: 0.0, steps: null, remask: paper}
     momentum: {order: 0}
-    reuse: {interval: 1, group: confidence, warmup: 0, bucket: 16}
+    reuse: {interval: 1, group: confidence, warmup: 0, bucket: 16, refresh: 0.0}
 
 Reading goes through mgtq.config's strict loader: an unknown or misspelled key, at any level, is an
 error that names it, and so is a value of the wrong type or a non-finite number
@@ -21,6 +21,7 @@ sampler, token for token.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -128,6 +129,31 @@ class MomentumConfig:
             raise ValueError(f"momentum.order must be one of {MOMENTUM_ORDERS}, got {self.order!r}")
 
 
+class _class_or_instance:
+    """A method descriptor: on the class it is a classmethod; on an instance, that instance is passed as `base`.
+
+    A plain classmethod called on an instance silently drops it (`config.preset("fast")` would start from
+    the 48-step defaults, not from `config`); this makes the instance call mean what it reads as.
+    """
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            return functools.partial(self.func, owner)
+
+        @functools.wraps(self.func)
+        def on_instance(name, **overrides):
+            if "base" in overrides:
+                raise TypeError("config.preset(name) already takes `config` as its base; pass base= only on the "
+                                "class: SamplerConfig.preset(name, base=...)")
+            return self.func(owner, name, base=instance, **overrides)
+
+        return on_instance
+
+
 _SECTIONS = {"noise": NoiseConfig, "differential": DifferentialConfig, "zsampling": ZSamplingConfig,
              "momentum": MomentumConfig, "reuse": ReuseConfig}
 
@@ -141,7 +167,8 @@ class SamplerConfig:
     step 0 to the second at step T−1 (confidence = log p + τ·Gumbel); timestep_convention: see
     mgtq.sampling.schedules.timestep_value. noise / differential / zsampling / momentum: the
     enhanced sampler's tricks (arXiv 2411.10781 §3), each neutral by default.
-    Presets: `SamplerConfig.preset(name, **overrides)`, name one of PRESET_NAMES (mgtq.sampling.presets).
+    Presets: `SamplerConfig.preset(name, base=None, **overrides)`, or `config.preset(name, **overrides)` on
+    top of `config`; name one of PRESET_NAMES (mgtq.sampling.presets).
     """
 
     num_steps: int = 48
@@ -221,11 +248,13 @@ class SamplerConfig:
         """Strictly typed load of a mapping (YAML/JSON): unknown keys and bad values are named."""
         return from_mapping(cls, data)
 
-    @classmethod
+    @_class_or_instance
     def preset(cls, name: str, base: "SamplerConfig | None" = None, **overrides) -> "SamplerConfig":
         """A named preset (one of PRESET_NAMES) on top of `base` (default: SamplerConfig()).
 
         The preset sets the trick fields; `base` keeps the model's steps, CFG and timestep convention;
-        keyword overrides (e.g. num_steps=…, guidance_scale=…) win over both.
+        keyword overrides (e.g. num_steps=…, guidance_scale=…) win over both. On an instance,
+        `config.preset(name, **overrides)` takes that instance as the base (a checkpoint's steps and
+        CFG survive `pipe.settings.sampler.preset("fast")`).
         """
         return (base or cls()).replace(**preset_fields(name)).replace(**overrides)

@@ -266,7 +266,7 @@ class _ContextReuse:
 
     def __init__(self, config: SamplerConfig, first_step: int, mask_id: int):
         self.config, self.reuse, self.first_step, self.mask_id = config, config.reuse, first_step, mask_id
-        self.cache = ContextCache(self.reuse.bucket)
+        self.cache = ContextCache(self.reuse.bucket, self.reuse.refresh)
         self.active = self.group = None
         self.local_steps, self.local_cost = 0, 0.0  # local steps, and the fractions of tokens they computed
 

@@ -33,7 +33,7 @@ _VANILLA = MappingProxyType({
     "differential": {"percent": 0.0, "resample": "abs"},
     "zsampling": {"variant": "off", "inversion_cfg": 0.0, "steps": None, "remask": "paper"},
     "momentum": {"order": 0},
-    "reuse": {"interval": 1, "group": "confidence", "warmup": 0, "bucket": 16},
+    "reuse": {"interval": 1, "group": "confidence", "warmup": 0, "bucket": 16, "refresh": 0.0},
 })
 _PAPER_COMBO = MappingProxyType({
     **_VANILLA,
@@ -45,7 +45,7 @@ _TRICK_FIELDS = MappingProxyType({
     "vanilla": _VANILLA,
     "paper-combo": _PAPER_COMBO,
     "paper-combo-root": MappingProxyType({**_PAPER_COMBO, "schedule": "root", "rho": 0.6}),
-    "fast": MappingProxyType({**_VANILLA, "reuse": {"interval": 3, "group": "cells", "warmup": 2, "bucket": 16}}),
+    "fast": MappingProxyType({**_VANILLA, "reuse": {"interval": 3, "group": "cells", "warmup": 2, "bucket": 16, "refresh": 0.0}}),
 })
 PRESET_NAMES = tuple(_TRICK_FIELDS)
 

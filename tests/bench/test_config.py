@@ -51,3 +51,25 @@ def test_bench_cases_carry_the_tome_options():
         BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"localty": "global"})
     with pytest.raises(ValueError, match="use tome / tome_blocks"):
         BenchConfig(formats=("bf16",), tome=(0.5,), tome_options={"ratio": 0.3})
+
+
+def test_the_whole_image_sampler_is_a_preset_and_reuse_on_the_models_settings():
+    from mgtq.reuse.config import ReuseConfig
+    from mgtq.sampling import SamplerConfig
+
+    model = SamplerConfig(num_steps=6, guidance_scale=2.0, timestep_convention="mask_ratio")
+    assert MeasureSettings().image_sampler(model) == model  # no preset, no reuse: the model's settings
+    fast = MeasureSettings(sampler="fast").image_sampler(model)
+    assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=2)
+    assert (fast.num_steps, fast.guidance_scale, fast.timestep_convention) == (6, 2.0, "mask_ratio")
+    measure = MeasureSettings(sampler="fast", reuse=ReuseConfig(interval=2, group="cells", warmup=2))
+    assert measure.image_sampler(model).reuse.interval == 2 and measure.reuses_context
+    assert MeasureSettings.from_dict(measure.to_dict()) == measure  # crosses to the case process as a dict
+    assert not MeasureSettings(sampler="fast", reuse=ReuseConfig()).reuses_context
+    assert not MeasureSettings(sampler="vanilla").reuses_context
+    with pytest.raises(ValueError, match="measure.sampler must be a sampler preset"):
+        MeasureSettings(sampler="turbo")
+    with pytest.raises(ValueError, match="measure.reuse.interval must be an integer"):
+        MeasureSettings.from_dict({"reuse": {"interval": "often"}})
+    with pytest.raises(ValueError, match="does not combine with TomeMGT"):
+        BenchConfig(formats=("bf16",), tome=(0, 0.5), measure=MeasureSettings(sampler="fast"))

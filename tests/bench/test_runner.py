@@ -46,11 +46,34 @@ def test_json_schema(smoke_report):
     assert forward["min"] <= forward["median"] <= forward["max"] and len(forward["samples"]) == 1
     assert forward["cpu_median"] > 0 and len(forward["cpu_samples"]) == 1
     assert scq["latency"]["image"]["steps"] == 1 and scq["latency"]["image"]["extrapolated_steps"] == 48
+    assert scq["latency"]["image"]["local_nfe"] == 0 and scq["latency"]["image"]["reuse"]["interval"] == 1
     assert report["ratios"]["bf16"]["weights_vs_bf16"] == 1.0
     assert "goals" not in report  # the project's goals live in benchmarks/bench_goals.py
     broken = {**report, "results": [{k: v for k, v in scq.items() if k != "weights"}] * 2}
     with pytest.raises(ValueError, match="weights"):
         validate_report(broken)
+
+
+def test_the_whole_image_runs_the_sampler_and_reuse_flags_and_the_report_says_so(tmp_path):
+    from mgtq.cli import main
+
+    out = tmp_path / "bench_fast.json"
+    code = main(["bench", "--model", "tiny-shapes", "--formats", "bf16", "--repeats", "1", "--warmup", "0",
+                 "--steps", "6", "--threads", "1", "--isolation", "none", "--latency", "--json", str(out),
+                 "--no-progress", "--sampler", "fast", "--reuse-interval", "2"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["measure"]["sampler"] == "fast"
+    (result,) = report["results"]
+    image = result["latency"]["image"]
+    assert image["reuse"] == {**report["settings"]["measure"]["reuse"], "interval": 2, "group": "cells", "warmup": 2}
+    # steps 0, 1 (warm-up), 2 and 4 are full, 3 and 5 local; a 6-step run says nothing exact about 48 steps
+    assert (image["nfe"], image["local_nfe"]) == (6, 2) and 4 < image["token_nfe"] < 6
+    assert image["extrapolated_total_s"] is None
+    assert len(result["latency"]["forward"]["samples"]) == 1  # forwards are still timed, as plain full forwards
+    markdown = out.with_suffix(".md").read_text()
+    assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 2" in markdown
+    assert "Forwards are plain full forwards" in markdown and "| 6 (2) |" in markdown
 
 
 def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path, random_pipeline_dir):

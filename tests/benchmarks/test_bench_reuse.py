@@ -52,3 +52,10 @@ def test_tiny_run_writes_the_composed_speedup(bench, tmp_path):
 def test_no_reuse_is_an_error(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--json", str(tmp_path / "x.json")])
+
+
+def test_refresh_is_refused_with_what_to_run_instead(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--reuse-interval", "3",
+                    "--reuse-refresh", "0.1", "--json", str(tmp_path / "x.json")])
+    assert "do not model K/V refresh" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -39,6 +39,15 @@ def test_speedups_and_front(plot_reuse):
     speeds = [_speed(dict(interval=3, group="cells", warmup=2), 2.1), _speed(dict(interval=4, group="cells"), 2.5)]
     speed = plot_reuse.speedups(_quality(), speeds, "bf16")
     assert speed == {"none": 1.0, "steps-8": 2.0, "reuse-3-cells-w2": 2.1, "reuse-4-cells": 2.5, "reuse-2": None}
+    # a K/V refresh setting does not take the speed of the same reuse without refresh; old speed runs lack the key
+    quality = _quality()
+    refresh = SamplerConfig(num_steps=16).replace(reuse=dict(interval=3, group="cells", warmup=2, refresh=0.1))
+    quality["settings"]["reuse-3-cells-w2-r0.1"] = {**quality["settings"]["reuse-3-cells-w2"],
+                                                    "sampler": refresh.to_dict()}
+    old = _speed(dict(interval=3, group="cells", warmup=2), 2.1)
+    del old["sampler"]["reuse"]["refresh"]
+    speed = plot_reuse.speedups(quality, [old], "bf16")
+    assert speed["reuse-3-cells-w2"] == 2.1 and speed["reuse-3-cells-w2-r0.1"] is None
     front = plot_reuse.pareto({"none": (1.0, 0.8), "steps-8": (2.0, 0.66), "a": (2.1, 0.79), "b": (2.5, 0.6)})
     assert front == {"none", "a", "b"}  # steps-8 is beaten by a in both
 

@@ -27,7 +27,9 @@ def test_setting_names(quality):
     assert quality.parse_setting("tome", base) == (base, TomeConfig())
     sampler, tome = quality.parse_setting("reuse-3-cells-w2", base)
     assert tome is None and sampler.reuse == ReuseConfig(interval=3, group="cells", warmup=2)
-    for bad in ("reuse-x", "steps", "reuse-3-fast", "fast"):
+    sampler, _ = quality.parse_setting("reuse-3-cells-w2-r0.1", base)
+    assert sampler.reuse == ReuseConfig(interval=3, group="cells", warmup=2, refresh=0.1)
+    for bad in ("reuse-x", "steps", "reuse-3-fast", "fast", "reuse-3-r2", "reuse-3-rx"):
         with pytest.raises(ValueError, match="unknown setting"):
             quality.parse_setting(bad, base)
 

@@ -165,3 +165,125 @@ def test_compiled_local_steps_match_and_stop_recompiling_once_lengths_are_dynami
             torch.testing.assert_close(_at(local, active), _at(full, active), rtol=1e-5, atol=1e-5)
         with torch._dynamo.config.patch(error_on_recompile=True):  # a fourth length: no new graph
             model(**inputs, token_hook=cache.local_step(_active(2, 4, fraction=0.3)))
+
+
+
+def test_compiled_local_steps_with_refresh_score_and_refresh_as_eager():
+    """The scored block writes its scores in place under torch.compile(fullgraph=True), as the K/V splice does."""
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    inputs, active = _inputs(model, 2, seed=7, masked=0.2), _active(2, 8, fraction=0.08)
+
+    def run():
+        cache = ContextCache(bucket=4, refresh=0.3)
+        logits = [model(**inputs, token_hook=cache.full_step())]
+        logits += [model(**inputs, token_hook=cache.local_step(active)) for _ in range(2)]
+        return logits, cache
+
+    with torch.no_grad():
+        eager, eager_cache = run()
+        model.compile_blocks(persistent_cache=False)
+        compiled, cache = run()
+    assert cache.refreshed.any() and torch.equal(cache.refreshed, eager_cache.refreshed)
+    torch.testing.assert_close(cache.attention, eager_cache.attention, rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+# ------------------------------------------------------------------------ selective K/V refresh (MARché)
+class _CaptureAttention:
+    """A token hook that computes every token (a plain forward) and keeps one block's queries and keys."""
+
+    def __init__(self, block):
+        self.block, self.seen = block, {}
+
+    def bind(self, grid, masked=None):
+        from mgtq.models.hooks import BlockTokens, TokenPlan
+
+        capture = self
+
+        class Keep(BlockTokens):
+            def attention_inputs(self, q, k):
+                capture.seen.update(q=q.clone(), k=k.clone())
+
+        class Plan(TokenPlan):
+            def plan(self, kind, index, x):
+                return (Keep() if (kind, index) == capture.block else None), None
+
+        return Plan()
+
+
+def _refresh_setup(model, refresh=0.25):
+    """Inputs with most tokens decoded, an active set, a cache after a full step and one local step (which scores)."""
+    inputs = _inputs(model, 2, seed=7, masked=0.2)
+    active = _active(2, 8, fraction=0.08)
+    cache = ContextCache(refresh=refresh)
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.full_step())
+        model(**inputs, token_hook=cache.local_step(active))
+    grid = _grid(model)
+    decoded = ~active_tokens(inputs["hidden_states"] == model.mask_token_id, grid)
+    return inputs, active, cache, active_tokens(active, grid), decoded
+
+
+def test_refresh_scores_are_the_active_tokens_attention_in_the_last_joint_block_and_pick_the_most_attended(model):
+    inputs, active, cache, active_t, decoded = _refresh_setup(model)
+    assert cache.scored_block == ("joint", 1) and cache.refreshed.sum() == 0  # no scores before this local step
+    capture = _CaptureAttention(("joint", 1))
+    with torch.no_grad():
+        model(**inputs, token_hook=capture)
+    # Brute force on the plain forward (same input as the cached full step, so same queries and keys):
+    # softmax(q·kᵀ/√Dh) of every query, the active ones' rows summed, heads averaged.
+    q, k = capture.seen["q"], capture.seen["k"]
+    probs = torch.softmax(torch.einsum("bhmd,bhsd->bhms", q, k) / q.shape[-1] ** 0.5, dim=-1)
+    n_text = inputs["encoder_hidden_states"].shape[1]
+    image_rows = probs[:, :, n_text:, :].mean(1)  # (B, N queries, L + N keys)
+    expected = torch.einsum("bns,bn->bs", image_rows, active_t.float())[:, n_text:]
+    torch.testing.assert_close(cache.attention, expected, rtol=1e-4, atol=1e-5)
+    # the next local step refreshes the ⌈0.25 · decoded⌉ decoded, inactive tokens of highest score
+    want = torch.zeros_like(active_t)
+    for b in range(2):
+        candidates = (decoded[b] & ~active_t[b]).nonzero()[:, 0]
+        count = min(int(torch.ceil(0.25 * decoded[b].sum())), len(candidates))
+        want[b, candidates[expected[b, candidates].topk(count).indices]] = True
+    assert want.sum() > 0
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.local_step(active))
+    assert torch.equal(cache.refreshed, want)
+    # refreshed queries do not score: the mass is still the active tokens' alone
+    torch.testing.assert_close(cache.attention, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("refresh", [0.0, 0.3])
+def test_refreshed_tokens_get_the_keys_values_a_full_step_gives_them(model, refresh):
+    """Overwrite the cached keys/values of the tokens the next local step refreshes; that step must write
+    back what the full step on the same input gave them (with refresh 0 they stay overwritten)."""
+    inputs, active, cache, active_t, decoded = _refresh_setup(model, refresh=0.3)
+    chosen = cache.to_refresh(active_t, decoded)
+    assert chosen.any() and not (chosen & (active_t | ~decoded)).any()
+    reference = {key: (k.clone(), v.clone()) for key, (k, v) in cache.keys_values.items()}
+    cache.refresh = refresh
+    rows = chosen.nonzero(as_tuple=True)
+    for k, v in cache.keys_values.values():  # (B, H, L + N, Dh): the chosen tokens' rows
+        k.permute(0, 2, 1, 3)[rows[0], cache.n_text + rows[1]] = 100.0
+        v.permute(0, 2, 1, 3)[rows[0], cache.n_text + rows[1]] = -100.0
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.local_step(active))
+    for key, (k, v) in cache.keys_values.items():
+        got = k.permute(0, 2, 1, 3)[rows[0], cache.n_text + rows[1]], v.permute(0, 2, 1, 3)[rows[0], cache.n_text + rows[1]]
+        want = [t.permute(0, 2, 1, 3)[rows[0], cache.n_text + rows[1]] for t in reference[key]]
+        if refresh:
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        else:
+            assert (got[0] == 100.0).all() and (got[1] == -100.0).all()
+
+
+def test_refresh_0_scores_nothing_and_computes_only_the_active_tokens(model):
+    inputs, active, cache, active_t, _ = _refresh_setup(model, refresh=0.0)
+    assert cache.attention is None  # no extra attention pass
+    with torch.no_grad():
+        model(**inputs, token_hook=cache.local_step(active))
+    assert cache.attention is None and not cache.refreshed.any()
+    assert cache.computed == pytest.approx(active_t.sum(1).float().mean().item() / active_t.shape[1])
+    with pytest.raises(ValueError, match="refresh must be a fraction"):
+        ContextCache(refresh=1.5)

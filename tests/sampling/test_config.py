@@ -100,6 +100,20 @@ def test_presets():
         SamplerConfig.preset("enhanced")
 
 
+def test_preset_on_an_instance_starts_from_that_instance():
+    """The class call starts from `base` (default SamplerConfig()); an instance call starts from the instance,
+    so a checkpoint's 16 steps and CFG 2 are not silently replaced by the 48-step defaults."""
+    checkpoint = SamplerConfig(num_steps=16, guidance_scale=2.0, gumbel_temperature=(1.0, 0.0))
+    fast = checkpoint.preset("fast")
+    assert (fast.num_steps, fast.guidance_scale, fast.gumbel_temperature) == (16, 2.0, (1.0, 0.0))
+    assert fast == SamplerConfig.preset("fast", base=checkpoint) and fast.reuse.interval == 3
+    assert checkpoint.preset("fast", num_steps=12).num_steps == 12  # overrides still win
+    assert SamplerConfig.preset("fast").num_steps == SamplerConfig().num_steps == 48  # the class call is unchanged
+    assert SamplerConfig.preset("fast", checkpoint) == fast  # base by position, as before
+    with pytest.raises(TypeError, match="base= only on the class"):
+        checkpoint.preset("fast", base=SamplerConfig())
+
+
 def _mgtq_imports(path: Path) -> tuple[set[str], set[str]]:
     """(module-level, function-level) imports of mgtq modules in one file."""
     tree = ast.parse(path.read_text())

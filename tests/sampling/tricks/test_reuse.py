@@ -118,7 +118,8 @@ def test_combinations_left_out_are_clear_errors(random_pipeline):
         random_pipeline("a", sampler=_config(interval=2).replace(differential={"percent": 75}), progress=False)
     with pytest.raises(ValueError, match="Z-sampling"):
         random_pipeline("a", sampler=_config(interval=2).replace(zsampling={"variant": "masked"}), progress=False)
-    with pytest.raises(ValueError, match="TomeMGT and context reuse do not combine"):
+    instead = "TomeMGT and context reuse do not combine.*context reuse alone .*--sampler fast.*TomeMGT alone .*--reuse-interval 1"
+    with pytest.raises(ValueError, match=instead):  # the error says what to use instead
         random_pipeline("a", sampler=_config(interval=2), token_merging=TomeConfig(0.5), progress=False)
     with pytest.raises(TypeError, match="no token_hook parameter"):
         sample(lambda tokens, timestep: None, 1, (4, 4), 39, _config(interval=2), [torch.Generator()])
@@ -142,3 +143,46 @@ def test_editing_with_reuse_keeps_the_fixed_tokens_and_decodes_the_rest(random_p
     out = MGTImg2ImgPipeline.from_pipe(random_pipeline)("a red circle", image=image, strength=0.6,
                                                         sampler=_config(interval=2), progress=False)
     assert out.local_nfe > 0 and not (out.tokens == mask_id).any()
+
+
+def _recording_refresh(monkeypatch):
+    refreshed = []
+    to_refresh = ContextCache.to_refresh
+
+    def recording(self, active, decoded):
+        chosen = to_refresh(self, active, decoded)
+        refreshed.append((chosen.clone(), active.clone(), decoded.clone()))
+        return chosen
+
+    monkeypatch.setattr(ContextCache, "to_refresh", recording)
+    return refreshed
+
+
+def test_refresh_0_and_a_refresh_that_never_triggers_are_todays_reuse_bit_for_bit(random_pipeline, monkeypatch):
+    """With interval 2 every local step directly follows a full step, whose cache is fresh: nothing is scored
+    or refreshed, so any refresh gives reuse without refresh, token for token."""
+    refreshed = _recording_refresh(monkeypatch)
+    without, _ = _run(random_pipeline, _config(interval=2, warmup=1))
+    with_refresh, _ = _run(random_pipeline, _config(interval=2, warmup=1, refresh=0.5))
+    assert torch.equal(with_refresh.tokens, without.tokens) and with_refresh.token_nfe == without.token_nfe
+    assert with_refresh.local_nfe == without.local_nfe > 0 and not any(chosen.any() for chosen, _, _ in refreshed)
+
+
+def test_refresh_recomputes_decoded_context_and_still_decodes_only_the_group(random_pipeline, monkeypatch):
+    refreshed = _recording_refresh(monkeypatch)
+    mask_id = random_pipeline.transformer.mask_token_id
+    plain, _ = _run(random_pipeline, _config(interval=4, warmup=1, group="cells"))
+    assert not any(chosen.any() for chosen, _, _ in refreshed)  # refresh 0: nothing chosen
+    refreshed.clear()
+    out, steps = _run(random_pipeline, _config(interval=4, warmup=1, group="cells", refresh=0.25))
+    # full steps at 0, 1, 5; local steps at 2, 3, 4 and 6, 7: the first after a full step has no scores yet,
+    # later ones refresh once there are decoded transformer tokens outside the group
+    assert out.local_nfe == plain.local_nfe == 5 and len(refreshed) == 5
+    assert not refreshed[0][0].any() and not refreshed[3][0].any() and refreshed[4][0].any()
+    for chosen, active, decoded in refreshed:  # decoded context only, ⌈0.25 · decoded⌉ (or all candidates)
+        count = torch.minimum(torch.ceil(0.25 * decoded.sum(1)).long(), (decoded & ~active).sum(1))
+        assert not (chosen & (active | ~decoded)).any() and torch.equal(chosen.sum(1), count * (chosen.sum(1) > 0))
+    assert out.token_nfe > plain.token_nfe  # the refreshed rows are computed, and counted
+    assert not (out.tokens == mask_id).any()
+    assert torch.equal(_run(random_pipeline, _config(interval=4, warmup=1, group="cells", refresh=0.25))[0].tokens,
+                       out.tokens)  # same seed, same image
