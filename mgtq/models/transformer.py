@@ -35,6 +35,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from mgtq.models.hooks import BlockTokens, TokenPlan
+from mgtq.models.layers import Linear, linear_act
 
 # Fixed by the official architecture (inherited from aMUSEd): five micro-conditions, each embedded
 # sinusoidally to 256 channels; norms use eps 1e-6; the conv/projection layers around the
@@ -82,6 +83,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.view_as_real(pairs * torch.complex(c, s)).flatten(-2).to(x.dtype)
 
 
+class QKNorm(RMSNorm):
+    """Attention's RMS QK-norm (diffusers' RMSNorm: same `weight` key), optionally followed by RoPE.
+
+    ``forward(x, rope)`` is ``apply_rope(RMSNorm(x), *rope)``. In eager inference both run as one
+    chain of in-place fp32 passes over one buffer (upcast, mean square, scale by the row's rsqrt and
+    by the weight, one complex product per pair, cast back): five passes where the two functions
+    make eleven, and the normed values are not rounded to the model dtype before the rotation (one
+    rounding instead of two: within one ulp of the composed functions, exactly equal in fp32).
+    Compiled or with autograd, it is the composition itself (Inductor fuses it into one kernel).
+    Reached through the module call, so offload hooks see it like any RMSNorm.
+    """
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        fused = (rope is not None and self.weight is not None and self.bias is None
+                 and not torch.compiler.is_compiling()
+                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        if not fused:
+            y = super().forward(x)
+            return y if rope is None else apply_rope(y, *rope)
+        cos, sin = rope
+        if cos.dim() == 3:  # per-sample tables (B, N, Dh) broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        y = x.to(torch.float32, copy=True)  # the one fp32 buffer every pass below writes in place
+        y.mul_(y.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_())
+        y.mul_(self.weight.to(torch.float32))
+        torch.view_as_complex(y.unflatten(-1, (-1, 2))).mul_(torch.complex(cos[..., ::2].float(), sin[..., ::2].float()))
+        return y.to(x.dtype)
+
+
 # ------------------------------------------------------------------------------------ attention
 class Attention(nn.Module):
     """Multi-head attention with RMS QK-norm and RoPE; optional second (text) stream.
@@ -95,26 +125,27 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.norm_q = RMSNorm(head_dim, eps=NORM_EPS)
-        self.norm_k = RMSNorm(head_dim, eps=NORM_EPS)
-        self.to_out = None if pre_only else nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
+        self.norm_q = QKNorm(head_dim, eps=NORM_EPS)
+        self.norm_k = QKNorm(head_dim, eps=NORM_EPS)
+        self.to_out = None if pre_only else nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
         self.joint = joint
         if joint:
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
-            self.norm_added_q = RMSNorm(head_dim, eps=NORM_EPS)
-            self.norm_added_k = RMSNorm(head_dim, eps=NORM_EPS)
-            self.to_add_out = nn.Linear(inner, dim)
+            self.add_q_proj = Linear(dim, inner)
+            self.add_k_proj = Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
+            self.norm_added_q = QKNorm(head_dim, eps=NORM_EPS)
+            self.norm_added_k = QKNorm(head_dim, eps=NORM_EPS)
+            self.to_add_out = Linear(inner, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H·Dh) → (B, H, N, Dh)
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
+    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k, rope):
+        # QK-norm and RoPE in one call per tensor (QKNorm); rope holds this stream's rows of the tables.
+        return norm_q(self._heads(to_q(x)), rope), norm_k(self._heads(to_k(x)), rope), self._heads(to_v(x))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None,
                 key_bias: torch.Tensor | None = None, tokens: BlockTokens | None = None):
@@ -126,24 +157,26 @@ class Attention(nn.Module):
         those keys (context reuse's K/V refresh scores them). Returns the attended x, and for the joint
         block with a context also the attended context.
         """
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        n_ctx = 0
+        n_ctx = 0 if context is None else context.shape[1]
+        cos, sin = rope  # rows for [context; x]
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k,
+                            (cos[..., n_ctx:, :], sin[..., n_ctx:, :]))
         if context is not None:
-            cq, ck, cv = self._qkv(
-                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
-            )
-            n_ctx = context.shape[1]
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
+                                   self.norm_added_k, (cos[..., :n_ctx, :], sin[..., :n_ctx, :]))
             q, k, v = torch.cat([cq, q], dim=2), torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if tokens is not None:
             k, v = tokens.keys_values(k, v)
             tokens.attention_inputs(q, k)
         mask = None if key_bias is None else key_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).to(q.dtype)  # (B, S, H, Dh)
         if context is None:
+            out = out.flatten(2)
             return out if self.to_out is None else self.to_out[0](out)
-        ctx_out, out = out[:, :n_ctx], out[:, n_ctx:]
+        # Split before flattening: each stream's heads are gathered into its own contiguous (B, ·, D) in
+        # one copy. A row slice of the flattened joint output is not a (B·N, D) matrix, and a linear
+        # on it falls back to a batched GEMM with the weight copied per sample.
+        ctx_out, out = out[:, :n_ctx].flatten(2), out[:, n_ctx:].flatten(2)
         return self.to_out[0](out), self.to_add_out(ctx_out)
 
 
@@ -153,11 +186,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         proj_in = nn.Module()
-        proj_in.proj = nn.Linear(dim, dim * mult)
-        self.net = nn.ModuleList([proj_in, nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+        proj_in.proj = Linear(dim, dim * mult)
+        self.net = nn.ModuleList([proj_in, nn.Dropout(0.0), Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](linear_act(self.net[0].proj, x, "gelu_tanh"))
 
 
 class AdaNormZero(nn.Module):
@@ -168,15 +201,22 @@ class AdaNormZero(nn.Module):
 
     def __init__(self, dim: int, n_chunks: int):
         super().__init__()
-        self.linear = nn.Linear(dim, n_chunks * dim)
+        self.linear = Linear(dim, n_chunks * dim)
         self.n_chunks = n_chunks
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(F.silu(temb)).chunk(self.n_chunks, dim=1)
 
 
+# adaLN modulation and the gated residual as one addcmul each: one pass over the tokens where a
+# product and a sum make two, rounded once (the official code rounds the product first).
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=NORM_EPS), 1 + scale[:, None])
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate (B, D) · y, per sample."""
+    return torch.addcmul(x, gate[:, None], y)
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -229,18 +269,18 @@ class MMDiTBlock(nn.Module):
         attn_out, ctx_attn_out = attn_out if context is not None else (attn_out, None)
         if tokens is not None:
             attn_out = tokens.restore(attn_out)
-        x = x + gate_msa[:, None] * attn_out
+        x = _gated(x, gate_msa, attn_out)
 
         h = _modulate(x, shift_mlp, scale_mlp)
         if mlp_tokens is not None:
-            x = x + gate_mlp[:, None] * mlp_tokens.restore(self.ff(mlp_tokens.reduce(h)))
+            x = _gated(x, gate_mlp, mlp_tokens.restore(self.ff(mlp_tokens.reduce(h))))
         else:
-            x = x + gate_mlp[:, None] * self.ff(h)
+            x = _gated(x, gate_mlp, self.ff(h))
 
         if context is not None:
-            context = context + c_gate_msa[:, None] * ctx_attn_out
+            context = _gated(context, c_gate_msa, ctx_attn_out)
             c = _modulate(context, c_shift_mlp, c_scale_mlp)
-            context = _clip_fp16(context + c_gate_mlp[:, None] * self.ff_context(c))
+            context = _clip_fp16(_gated(context, c_gate_mlp, self.ff_context(c)))
         return context, _clip_fp16(x)
 
 
@@ -254,8 +294,8 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm = AdaNormZero(dim, 3)
-        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
-        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
+        self.proj_mlp = Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = Linear(dim + int(dim * mlp_ratio), dim)
         self.attn = Attention(dim, heads, head_dim, pre_only=True)
 
     def forward(
@@ -274,10 +314,10 @@ class SingleStreamBlock(nn.Module):
             h = torch.cat([h[:, :n_text], tokens.reduce(h[:, n_text:])], dim=1)
             rope, bias = tokens.rope(rope, n_text, x.shape[0]), tokens.key_bias(n_text)
         attn_out = self.attn(h, rope, key_bias=bias, tokens=tokens)
-        out = self.proj_out(torch.cat([attn_out, F.gelu(self.proj_mlp(h), approximate="tanh")], dim=2))
+        out = self.proj_out(torch.cat([attn_out, linear_act(self.proj_mlp, h, "gelu_tanh")], dim=2))
         if tokens is not None:
             out = torch.cat([out[:, :n_text], tokens.restore(out[:, n_text:])], dim=1)
-        return _clip_fp16(x + gate[:, None] * out)
+        return _clip_fp16(_gated(x, gate, out))
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -321,7 +361,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         self.token_hook = None
 
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=dim)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
             [MMDiTBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
         )
@@ -335,9 +375,9 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         )
         self.encoder_proj_layer_norm = RMSNorm(dim, NORM_EPS)
         self.project_to_hidden_norm = RMSNorm(dim, NORM_EPS)
-        self.project_to_hidden = nn.Linear(dim, dim, bias=False)
+        self.project_to_hidden = Linear(dim, dim, bias=False)
         self.project_from_hidden_norm = RMSNorm(dim, NORM_EPS)
-        self.project_from_hidden = nn.Linear(dim, dim, bias=False)
+        self.project_from_hidden = Linear(dim, dim, bias=False)
         self.down_block = _Resample(dim, down=downsample, up=False)
         self.up_block = _Resample(dim, down=False, up=upsample)
 

@@ -103,6 +103,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mgtq.models.layers import apply_activation, check_activation, float_linear
+
 from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,
@@ -438,26 +440,31 @@ def _(x, weight, scales):
 @torch.library.custom_op("mgtq::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear_op(x_q: torch.Tensor, input_scale: torch.Tensor, prepacked: torch.Tensor,
                           weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                          out_dtype: torch.dtype) -> torch.Tensor:
+                          out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
     """:func:`.qtensor.onednn_int8_linear` as one op: Inductor lowers a bare ``qlinear_pointwise`` only
-    when its prepacked weight is a frozen constant (``freezing``); an opaque op takes it as an argument."""
-    return onednn_int8_linear(x_q, input_scale, prepacked, weight_scale, bias, out_dtype)
+    when its prepacked weight is a frozen constant (``freezing``); an opaque op takes it as an argument.
+    ``activation``: a :data:`mgtq.models.layers.ACTIVATIONS` name fused into the epilogue, "" for none."""
+    return onednn_int8_linear(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation or None)
 
 
 @onednn_int8_linear_op.register_fake
-def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype):
+def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation=""):
     return x_q.new_empty((x_q.shape[0], weight_scale.shape[0]), dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------ the two layers
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 force_device: str | None = None) -> torch.Tensor:
+                 force_device: str | None = None, activation: str | None = None) -> torch.Tensor:
     """W4A16: float ``x (..., K)`` times packed int4 ``(N, K/2)`` with scales ``(N, G)`` (+ bias).
 
     ``tinygemm``: the prepared ``(weight, scales_and_zeros)`` of :func:`prepare_tinygemm`, if any.
     ``force_device`` runs another device's choice (tests check the CUDA path on CPU).
+    ``activation`` (a :data:`mgtq.models.layers.ACTIVATIONS` name): applied to the output; fused
+    into the GEMM epilogue where the dequantized weight goes through
+    :func:`~mgtq.models.layers.float_linear` (bf16 on CPU).
     """
+    check_activation(activation)
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k // scale.shape[1], tinygemm=tinygemm is not None, force_device=force_device)
     kernel = choose_kernel("w4a16", ctx)
@@ -466,7 +473,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         x2 = x.reshape(-1, k)
         y = torch._weight_int4pack_mm(x2, weight, k // scales_zeros.shape[0], scales_zeros)
         y = y if bias is None else y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], n)
+        return apply_activation(y.reshape(*x.shape[:-1], n), activation)
     if kernel == "int8pack":
         x2 = x.reshape(-1, k)
         if not x2.is_contiguous():
@@ -474,28 +481,31 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         # Scales must share x's dtype (bf16: rounded once more, within bf16 noise).
         y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
         y = y if bias is None else y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], n)
+        return apply_activation(y.reshape(*x.shape[:-1], n), activation)
     if kernel == "dequant_fp32":
         # Plain torch ops: eager runs them as they are, Inductor fuses the dequantization.
         w = _dequantize_ref(packed, scale, torch.float32)
-        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+        y = F.linear(x.float(), w, None if bias is None else bias.float())
+        return apply_activation(y, activation).to(x.dtype)
     if kernel == "dequant_inline":
         w = _dequantize_ref(packed, scale, x.dtype)
     else:
         w = dequantize_int4_op(packed, scale, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return float_linear(x, w, None if bias is None else bias.to(x.dtype), activation)
 
 
 def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                 bias: torch.Tensor | None, onednn_weight: torch.Tensor | None = None,
                 weight_times16: torch.Tensor | None = None, chunk_n: int = INT8_MM_CHUNK_N,
-                force_device: str | None = None) -> torch.Tensor:
+                force_device: str | None = None, activation: str | None = None) -> torch.Tensor:
     """W4A8: ``x (..., K)`` quantized to int8 with ``input_scale ()``, times int4 ``(N, K/2)``, scales ``(N, 1)``.
 
     ``onednn_weight`` / ``weight_times16``: the opt-in int8 weight caches of
     :class:`~mgtq.quantization.qlinear.W4A8Linear` (``weight_times16`` is used by
-    the chunked CPU kernel and by ``int_mm`` in place of unpacking).
+    the chunked CPU kernel and by ``int_mm`` in place of unpacking). ``activation``: applied to the
+    output, in oneDNN's epilogue (on the fp32 result, before the cast) with the oneDNN weight cache.
     """
+    check_activation(activation)
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
@@ -515,11 +525,12 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
     elif kernel in ("onednn", "onednn_inline"):
-        y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype)
+        y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype, activation or "")
+        return y.reshape(*x.shape[:-1], n)
     else:
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
                                      weight_times16)
-    return y.reshape(*x.shape[:-1], n)
+    return apply_activation(y.reshape(*x.shape[:-1], n), activation)
 
 
 # ------------------------------------------------------------------------------------ tinygemm

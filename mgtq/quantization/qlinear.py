@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from mgtq.models.layers import ACTIVATIONS
+
 from . import kernels
 from .packing import pack_int4, unpack_int4_times16
 from .qtensor import (
@@ -51,6 +53,9 @@ class QuantizedLinear(nn.Module):
     """
 
     _FP32_BUFFERS: tuple[str, ...] = ("weight_scale",)
+    # forward(x, activation=...) applies these (mgtq.models.layers.linear_act), in the GEMM epilogue
+    # where the kernel allows it.
+    fused_activations = tuple(ACTIVATIONS)
     # Opt-in accelerators (e.g. opaque oneDNN tensors): neither
     # picklable nor deep-copyable, so copies come back without them.
     _TRANSIENT: tuple[str, ...] = ()
@@ -183,9 +188,10 @@ class W4Linear(QuantizedLinear):
         super().__init__(*args, **kwargs)
         self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         self._check_input(x)
-        return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.bias, tinygemm=self._tinygemm)
+        return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.bias, tinygemm=self._tinygemm,
+                                    activation=activation)
 
     def prepare_tinygemm(self) -> None:
         """Derive tinygemm's weight layout (CUDA only; an extra int4 copy, not saved, dropped on a device move)."""
@@ -295,11 +301,12 @@ class W4A8Linear(QuantizedLinear):
         scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.4g}"
         return f"{super().extra_repr()}, input_scale={scale}, weight_cache={self.weight_cache}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         self._check_input(x)
         return kernels.w4a8_linear(
             x, self.weight_packed, self.weight_scale, self.input_scale, self.bias,
             onednn_weight=self._onednn_weight, weight_times16=self._weight_times16, chunk_n=self.chunk_n,
+            activation=activation,
         )
 
     # ------------------------------------------------------------------ int8 weight cache (opt-in)

@@ -31,6 +31,8 @@ from typing import Union
 
 import torch
 
+from mgtq.models.layers import onednn_post_op
+
 from .packing import INT4_MAX, INT4_MIN, unpack_int4, unpack_int4_times16
 
 __all__ = [
@@ -357,14 +359,17 @@ def onednn_int8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """W4A8 through oneDNN's int8 linear (AMX/VNNI) with the rescale + bias + cast fused in.
 
     Same math as :func:`int8_int4_linear` (int32 accumulation, one fp32
     rescale ``input_scale * weight_scale``, bias, cast) but no int32
     accumulator round-trips through memory.  ``x_q`` int8 ``(M, K)``
-    contiguous; ``weight_scale`` fp32 ``(N,)``.
+    contiguous; ``weight_scale`` fp32 ``(N,)``.  ``activation``
+    (:data:`mgtq.models.layers.ACTIVATIONS`): applied to the fp32 result before the cast.
     """
+    post_op, algorithm = onednn_post_op(activation)
     n = weight_scale.shape[0]
     zero_points = torch.zeros(n, dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
@@ -378,7 +383,7 @@ def onednn_int8_linear(
         1.0,
         0,
         out_dtype,
-        "none",
+        post_op,
         [],
-        "",
+        algorithm,
     )

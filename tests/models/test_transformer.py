@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from mgtq.models import MeissonicTransformer, build_transformer, preset_config
-from mgtq.models.transformer import apply_rope, rope_tables
+from diffusers.models.normalization import RMSNorm
+
+from mgtq.models.transformer import QKNorm, apply_rope, rope_tables
 from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
 # Outputs of the official Meissonic code; importlib mode cannot import them from conftest.
@@ -173,6 +175,52 @@ def test_rope_in_one_complex_product_equals_the_official_formula(dtype, per_samp
     torch.testing.assert_close(apply_rope(x, cos, sin), _official_rope(x, cos, sin), **tol)
     torch.testing.assert_close(apply_rope(x.transpose(1, 2).contiguous().transpose(1, 2), cos, sin),
                                _official_rope(x, cos, sin), **tol)  # strided input, as after a head split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_qk_norm_with_rope_in_one_chain_equals_the_two_functions(dtype, per_sample):
+    # Eager inference fuses RMSNorm and RoPE into in-place fp32 passes: equal in fp32 (same products in
+    # the same order), within one bf16 step in bf16 (one rounding instead of two).
+    g = torch.Generator().manual_seed(3)
+    cos, sin = rope_tables(torch.randint(0, 64, (40, 3), generator=g).float(), (16, 56, 56))
+    if per_sample:
+        cos, sin = torch.stack([cos, cos.flip(0)]), torch.stack([sin, sin.flip(0)])
+    norm = QKNorm(128, eps=1e-6)
+    norm.weight.data = torch.rand(128, generator=g) + 0.5
+    norm = norm.to(dtype).requires_grad_(False)
+    heads = (torch.randn(2, 40, 8 * 128, generator=g) * 3).to(dtype).unflatten(-1, (8, 128)).transpose(1, 2)
+    fused = norm(heads, (cos, sin))
+    # The two functions in fp32, rounded once at the end: what the fused chain computes.
+    exact = apply_rope(RMSNorm.forward(norm.float(), heads.float()), cos, sin).to(dtype)
+    norm.to(dtype)
+    torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
+    if dtype == torch.bfloat16:  # the composition in bf16 rounds the normed values first: one more step
+        composed = apply_rope(RMSNorm.forward(norm, heads), cos, sin)
+        assert (fused.float() - composed.float()).abs().max() <= 2 ** -7 * composed.float().abs().max()
+    assert torch.equal(norm(heads), RMSNorm.forward(norm, heads))  # without tables: the plain RMSNorm
+    # Autograd takes the composition (in-place passes would break backward).
+    norm.requires_grad_(True)
+    out = norm(heads.detach().float().requires_grad_(), (cos, sin)) if dtype == torch.float32 else None
+    if out is not None:
+        out.sum().backward()
+        assert norm.weight.grad is not None
+
+
+def test_multi_modal_block_runs_no_batched_gemm():
+    # Each stream's attention output is gathered contiguous before its projection: a row slice of the
+    # joint output would make F.linear fall back to bmm with the weight copied per sample.
+    from mgtq.models.transformer import MMDiTBlock
+
+    torch.manual_seed(0)
+    block = MMDiTBlock(64, 2, 32).to(torch.bfloat16).eval()
+    ids = torch.zeros(5 + 16, 3)
+    ids[5:, 1], ids[5:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    x, ctx, temb = (torch.randn(2, n, 64).to(torch.bfloat16) for n in (16, 5, 1))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        block(x, ctx, temb[:, 0], rope_tables(ids, (8, 12, 12)))
+    names = {e.name for e in prof.events()}
+    assert "aten::bmm" not in names and "aten::addmm" not in names, sorted(names)
 
 
 def test_compiled_rope_equals_eager_rope():

@@ -349,3 +349,41 @@ def test_compiled_onednn_layers_share_one_graph():
             m.compile(fullgraph=True)
             torch.testing.assert_close(m(x), eager, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [None, "onednn", "int8"])
+def test_fused_activation_equals_the_activation_of_the_output(layers, dtype, cache):
+    # forward(x, activation=...) is activation(forward(x)): applied to the fp32 result inside oneDNN's
+    # epilogue (W4A8 with the oneDNN cache, W4A16 in bf16 on CPU), so within one rounding step of the
+    # composition; every other kernel applies it to the output and is exactly the composition.
+    _, w4, a8 = layers
+    if cache == "onednn" and not onednn_int8_linear_available():
+        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+    if cache is not None:
+        a8.enable_weight_cache(cache)
+    x = (torch.randn(2, 40, K) * 3).to(dtype)
+    with torch.no_grad():
+        for module in (a8, w4):
+            plain = module(x)
+            fused = module(x, activation="gelu_tanh")
+            composed = F.gelu(plain, approximate="tanh")
+            one_step = (cache == "onednn" and module is a8) or (dtype == torch.bfloat16 and module is w4)
+            if one_step:
+                torch.testing.assert_close(fused, composed, rtol=2 ** -7, atol=2 ** -7)
+            else:
+                assert torch.equal(fused, composed)
+    with pytest.raises(ValueError, match="unknown activation"):
+        a8(x, activation="relu")
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+def test_compiled_onednn_cache_fuses_the_activation_and_equals_eager(layers):
+    _, _, a8 = layers
+    a8.enable_weight_cache("onednn")
+    x = torch.randn(2, 40, K, dtype=torch.bfloat16) * 3
+    fn = lambda t: a8(torch.relu(t) * 2, activation="gelu_tanh")  # noqa: E731
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)

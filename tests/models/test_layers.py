@@ -1,0 +1,103 @@
+"""mgtq.models.layers: the float Linear's oneDNN path and fused activations, and when linear_act fuses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgtq.models.layers import Linear, apply_activation, float_linear, fuses, linear_act
+
+BF16_ULP = 2 ** -7  # relative spacing of bf16: the fused epilogue rounds once where the composition rounds twice
+
+
+def _linear(dtype, seed=0, bias=True):
+    torch.manual_seed(seed)
+    layer = Linear(64, 96, bias=bias).to(dtype).eval().requires_grad_(False)
+    return layer, (torch.randn(2, 33, 64) * 2).to(dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_equals_f_linear_and_fuses_gelu(bias):
+    layer, x = _linear(torch.bfloat16, bias=bias)
+    ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    torch.testing.assert_close(layer(x).float(), ref, rtol=BF16_ULP, atol=1e-2)
+    fused = layer(x, activation="gelu_tanh")
+    assert fused.dtype == torch.bfloat16 and fused.shape == (2, 33, 96)
+    torch.testing.assert_close(fused.float(), F.gelu(ref, approximate="tanh"), rtol=BF16_ULP, atol=1e-2)
+
+
+def test_bf16_linear_runs_onednn_and_takes_a_strided_input():
+    layer, x = _linear(torch.bfloat16)
+    strided = torch.cat([x, x], dim=1)[:, 5:38]  # a row slice of a longer sequence, as attention hands it
+    with torch.profiler.profile() as prof:
+        y = layer(strided)
+    names = {e.name for e in prof.events()}
+    assert "mkldnn::_linear_pointwise" in names and "aten::addmm" not in names and "aten::bmm" not in names
+    torch.testing.assert_close(y, layer(strided.contiguous()), rtol=0, atol=0)
+
+
+def test_fp32_and_training_keep_f_linear():
+    layer, x = _linear(torch.float32)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert torch.equal(layer(x, activation="gelu_tanh"), F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh"))
+    bf16, xb = _linear(torch.bfloat16)
+    bf16.requires_grad_(True)
+    y = bf16(xb, activation="gelu_tanh")  # oneDNN's op has no autograd: this must be the differentiable path
+    y.float().sum().backward()
+    assert bf16.weight.grad is not None and torch.isfinite(bf16.weight.grad.float()).all()
+
+
+def test_unknown_activation_is_an_error():
+    layer, x = _linear(torch.float32)
+    with pytest.raises(ValueError, match="unknown activation"):
+        layer(x, activation="relu6")
+    with pytest.raises(ValueError, match="unknown activation"):
+        float_linear(x, layer.weight, layer.bias, "swish")
+
+
+def test_linear_act_fuses_only_where_nobody_sees_the_difference():
+    layer, x = _linear(torch.bfloat16)
+    assert fuses(layer, "gelu_tanh")
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        assert not fuses(layer, "gelu_tanh")
+        y = linear_act(layer, x, "gelu_tanh")
+    finally:
+        handle.remove()
+    # The hook saw the linear output, not the activated one, and the result is the composition.
+    assert torch.equal(seen[0], layer(x))
+    assert torch.equal(y, F.gelu(seen[0], approximate="tanh"))
+
+    class Wrapper(nn.Module):  # e.g. an adapter adding its own term after the base layer
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) + 1
+
+        def __getattr__(self, name):  # forwards attributes, as some wrappers do
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.base, name)
+
+    wrapped = Wrapper(layer)
+    assert not fuses(wrapped, "gelu_tanh")
+    assert torch.equal(linear_act(wrapped, x, "gelu_tanh"), apply_activation(layer(x) + 1, "gelu_tanh"))
+
+
+def test_compiled_bf16_linear_calls_onednn_and_equals_eager():
+    layer, x = _linear(torch.bfloat16)
+    fn = lambda t: linear_act(layer, torch.relu(t) * 2, "gelu_tanh")  # noqa: E731
+    torch._dynamo.reset()
+    with torch.no_grad():
+        graphs = []
+        compiled = torch.compile(fn, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)(x)
+        targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert any("onednn_linear" in t for t in targets), targets
+        torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
+        torch._dynamo.reset()
+        inductor = torch.compile(fn, fullgraph=True)(x)
+    torch.testing.assert_close(inductor, fn(x), rtol=0, atol=0)
