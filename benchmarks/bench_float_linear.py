@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -30,9 +31,9 @@ SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024), (5120, 1024))  # (K, N)
 ROWS = 2 * (1024 + 77)
 
 
-def variants(dtype: torch.dtype, k: int, n: int, seed: int = 0) -> dict:
+def variants(dtype: torch.dtype, k: int, n: int, rows: int = ROWS, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(ROWS, k, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
     lp = torch.ops.mkldnn._linear_pointwise
@@ -45,11 +46,11 @@ def variants(dtype: torch.dtype, k: int, n: int, seed: int = 0) -> dict:
     }
 
 
-def measure(rounds: int, warmup: int) -> list[dict]:
+def measure(rounds: int, warmup: int, m: int = ROWS) -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for k, n in SHAPES:
-            fns = variants(dtype, k, n)
+            fns = variants(dtype, k, n, m)
             with torch.no_grad():
                 for fn in fns.values():
                     for _ in range(warmup):
@@ -70,14 +71,15 @@ def measure(rounds: int, warmup: int) -> list[dict]:
 def report(rows: list[dict], args) -> str:
     names = list(rows[0]["ms"])
     lines = ["# Float linear kernels at Meissonic-1024 sizes (CPU)", "",
-             f"M = {ROWS} rows; {platform.machine()}, mgtq CPU class {kernels.cpu_class()}, torch {torch.__version__}, "
-             f"{args.threads} thread(s), load average {list(round(v, 2) for v in __import__('os').getloadavg())}; "
+             f"M = {args.rows} rows; {platform.machine()}, mgtq CPU class {kernels.cpu_class()}, torch {torch.__version__}, "
+             f"{args.threads} thread(s), load average {[round(v, 2) for v in os.getloadavg()]}; "
              f"{args.rounds} interleaved rounds, median ms [min–max].", "",
              "| dtype | K × N | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for r in rows:
         cells = [f"{r['ms'][m]:.2f} [{r['ms_min'][m]:.2f}–{r['ms_max'][m]:.2f}]" for m in names]
         lines.append(f"| {r['dtype']} | {r['k']} × {r['n']} | " + " | ".join(cells) + " |")
     cmd = (f"python benchmarks/bench_float_linear.py --threads {args.threads} --rounds {args.rounds}"
+           + (f" --rows {args.rows}" if args.rows != ROWS else "")
            + (f" --out {args.out}" if args.out else ""))
     return "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
 
@@ -87,12 +89,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=ROWS, help="GEMM rows M (default: CFG 2 x 1101 tokens)")
     parser.add_argument("--out", help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1:
-        parser.error("--rounds and --threads must be >= 1")
+    if min(args.rounds, args.threads, args.rows) < 1 or args.warmup < 0:
+        parser.error("--rounds, --threads and --rows must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
-    rows = measure(args.rounds, args.warmup)
+    rows = measure(args.rounds, args.warmup, args.rows)
     text = report(rows, args)
     if args.out:
         out = Path(args.out)

@@ -22,7 +22,7 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
     ("conv", ("conv",)),
     ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-                    "aten::_addmm_activation", "mkldnn_linear")),
+                    "aten::_addmm_activation", "mkldnn_linear", "_linear_pointwise", "mgtq::onednn_linear")),
     ("int4 unpack", ("bitwise_", "__rshift__", "__lshift__", "__and__", "__or__")),
     ("int8 quantize", ("aten::round", "aten::round_", "aten::clamp", "aten::clamp_")),
     ("copy/cast", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),

@@ -17,6 +17,8 @@ forward hooks (they must see the pre-activation output).
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,14 +46,19 @@ def onednn_post_op(activation: str | None) -> tuple[str, str]:
     return ACTIVATIONS[activation] if activation is not None else ("none", "")
 
 
+# oneDNN's x86 kernels: elsewhere (aarch64 builds run oneDNN through ACL) F.linear stays the default.
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _onednn_float_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's linear runs this bf16 GEMM (CPU inference only: the op has no autograd).
+    """Whether oneDNN's linear runs this bf16 GEMM (x86 CPU inference only: the op has no autograd).
 
     fp32 stays on F.linear: MKL's sgemm was as fast or faster at every Meissonic size measured
     (benchmarks/results/float_linear_kernels.md).
     """
     return (
-        x.device.type == "cpu"
+        _X86
+        and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and torch._C._has_mkldnn  # a constant, readable under torch.compile

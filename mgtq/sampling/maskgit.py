@@ -183,7 +183,9 @@ def step_distribution(
 
 def _check_finite(logits: torch.Tensor, config: SamplerConfig, state: StepState) -> None:
     """Refuse NaN/inf logits (B, N, V) before softmax and multinomial fail on them, naming the cause."""
-    if bool(torch.isfinite(logits).all()):
+    # min and max carry any NaN (they propagate it) and any ±inf: one reduction pass instead of the
+    # four an elementwise isfinite().all() makes over the (B, N, V) logits (a tenth of a sampler step).
+    if bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
         return
     causes = [f"guidance_scale {config.guidance_scale:g}"] if config.use_cfg else []
     if config.noise.enabled:

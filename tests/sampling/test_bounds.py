@@ -88,9 +88,10 @@ def test_limits_in_the_help_are_the_enforced_ones(capsys):
      r"step 0 are not finite: noise.scale 100 is too large"),
 ])
 def test_non_finite_logits_are_caught_before_sampling_naming_the_setting(config, match):
-    model_fn = _model(float("inf"), where=(0, 0, 0))  # what an overflowing s(ℓc − ℓu) or α·ε gives
-    with pytest.raises(FloatingPointError, match=match):
-        sample(model_fn, 1, (2, 2), MASK, config, _gens(), progress=False)
+    for bad in (float("inf"), -float("inf"), float("nan")):  # what an overflowing s(ℓc − ℓu) or α·ε gives
+        model_fn = _model(bad, where=(0, 0, 0))
+        with pytest.raises(FloatingPointError, match=match):
+            sample(model_fn, 1, (2, 2), MASK, config, _gens(), progress=False)
 
 
 def test_finite_logits_sample_as_before():

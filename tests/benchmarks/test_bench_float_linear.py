@@ -1,0 +1,30 @@
+"""benchmarks/bench_float_linear.py on few rows: every variant timed each round, both dtypes, every shape."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_float_linear.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_float_linear", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_float_linear_few_rows(tmp_path):
+    bench = _script()
+    out = tmp_path / "float_linear"
+    text = bench.main(["--rows", "8", "--rounds", "2", "--warmup", "0", "--out", str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["dtype"], r["k"], r["n"]) for r in record["rows"]] == [
+        (d, k, n) for d in ("bfloat16", "float32") for k, n in bench.SHAPES]
+    for row in record["rows"]:
+        assert set(row["ms"]) == {"F.linear", "oneDNN linear", "F.linear + GELU", "oneDNN linear+GELU",
+                                  "mgtq float_linear+GELU"}
+        assert all(row["ms_min"][k] <= row["ms"][k] <= row["ms_max"][k] for k in row["ms"])
+    assert "--rows 8" in text and out.with_suffix(".md").read_text() == text
