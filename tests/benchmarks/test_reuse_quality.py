@@ -47,3 +47,21 @@ def test_a_rerun_keeps_the_settings_it_measured(quality, tmp_path, monkeypatch):
     assert measured == [6]  # none and steps-8 kept; only the new setting ran, against none's saved tokens
     assert again["steps-8"] == first["steps-8"] and set(again) == {"none", "steps-8", "steps-6"}
     assert 0.0 <= again["steps-6"]["token_agreement"] < 1.0
+
+
+def test_the_committed_16x16_test_run_still_reproduces_token_for_token():
+    # The README's ShapeBench figures must come out of a fresh run: the tokens the 16×16 model's plain
+    # sampler gave the first 16 test prompts in the committed run (benchmarks/results/
+    # reuse_quality_test_float_16x16.json; kept in tests/fixtures) are regenerated. A change to the
+    # forward or the sampler that moves them must re-run the evaluations.
+    from safetensors.torch import load_file
+
+    from mgtq.default_model import model_folder
+    from mgtq.evaluation import evaluate_pipeline
+    from mgtq.pipeline import MGTPipeline
+
+    stored = Path(__file__).resolve().parents[1] / "fixtures" / "shapebench_test_first16_tiny-shapes-16x16_tokens.safetensors"
+    reference = load_file(stored)["tokens"][:16]
+    pipe = MGTPipeline.from_pretrained(model_folder("tiny-shapes-16x16"))
+    result = evaluate_pipeline(pipe, 16, progress=False, split="test", reference_tokens=reference)  # its batches of 16
+    assert result["token_agreement"] == 1.0

@@ -101,3 +101,15 @@ def test_compiled_bf16_linear_calls_onednn_and_equals_eager():
         torch._dynamo.reset()
         inductor = torch.compile(fn, fullgraph=True)(x)
     torch.testing.assert_close(inductor, fn(x), rtol=0, atol=0)
+
+
+def test_off_x86_bf16_keeps_f_linear(monkeypatch):
+    # oneDNN's x86 kernels only: an aarch64 build (oneDNN through ACL) keeps F.linear.
+    import mgtq.models.layers as layers
+
+    monkeypatch.setattr(layers, "_X86", False)
+    layer, x = _linear(torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        y = layer(x, activation="gelu_tanh")
+    assert "mkldnn::_linear_pointwise" not in {e.name for e in prof.events()}
+    assert torch.equal(y, F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh"))
