@@ -211,6 +211,8 @@ class MGTPipeline(DiffusionPipeline):
         folder was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
         or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
         here is used as is instead of the folder's. progress=False hides the weight-loading bars.
+        `path` may also name an embedded model ("tiny-shapes", "tiny-shapes-16x16") where no folder of
+        that name exists, as a hub id would on diffusers.
         """
         if dtype is not None:
             if torch_dtype is not None:
@@ -219,7 +221,7 @@ class MGTPipeline(DiffusionPipeline):
                           DeprecationWarning, stacklevel=2)
             torch_dtype = dtype
         device = _single_device(device, device_map)
-        root = _existing_dir(path, "pipeline")
+        root = _existing_dir(_embedded_or_path(path), "pipeline")
         auto = torch_dtype == "auto"
         dtype = None if auto else parse_dtype(torch_dtype)
         with _loading_bars(progress):
@@ -569,6 +571,13 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     return model
 
 
+def _embedded_or_path(path: str | os.PathLike) -> str | os.PathLike:
+    """An embedded model's folder for its name when no folder of that name exists; else `path` as given."""
+    from mgtq.default_model import EMBEDDED_MODELS, model_folder
+
+    return model_folder(path) if str(path) in EMBEDDED_MODELS and not Path(path).is_dir() else path
+
+
 def _existing_dir(path, what: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -779,10 +788,6 @@ def load(path: str | os.PathLike | None = None, **kwargs) -> MGTPipeline:
     """Load any mgtq or Meissonic pipeline folder (float or quantized), ready to generate; no path = the
     embedded default model, and an embedded model's name (e.g. "tiny-shapes-16x16") loads that one.
     kwargs as `MGTPipeline.from_pretrained`."""
-    from mgtq.default_model import EMBEDDED_MODELS, default_model, model_folder
+    from mgtq.default_model import default_model
 
-    if path is None:
-        path = default_model()
-    elif str(path) in EMBEDDED_MODELS:
-        path = model_folder(path)
-    return MGTPipeline.from_pretrained(path, **kwargs)
+    return MGTPipeline.from_pretrained(default_model() if path is None else path, **kwargs)

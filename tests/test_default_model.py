@@ -77,6 +77,10 @@ def test_embedded_names_resolve_and_a_local_folder_of_that_name_wins(tmp_path, m
 
     assert model_folder("tiny-shapes") == DEFAULT_MODEL
     assert load("tiny-shapes-16x16").transformer.config.downsample is False
+    # diffusers habit: the name goes straight to from_pretrained, as a hub id would
+    from mgtq.pipeline import MGTPipeline
+
+    assert MGTPipeline.from_pretrained("tiny-shapes-16x16", progress=False).transformer.config.downsample is False
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-shapes").mkdir()
     assert model_folder("tiny-shapes").resolve() == (tmp_path / "tiny-shapes").resolve()
