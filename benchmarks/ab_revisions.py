@@ -2,7 +2,7 @@
 
 A change to the forward cannot be timed against itself in one process, so each revision is checked
 out in a temporary git worktree and round after round each revision runs a fresh
-`benchmarks/bench_blocks.py --rounds 1` process in turn (A B A B …), its own code on its own
+`benchmarks/bench_blocks.py --rounds 1` process in turn, the order alternating (A B, B A, …), its own code on its own
 PYTHONPATH; the machine's drift lands on both sides of every per-round ratio. Reported per format
 and compile setting: the median ms per call of each revision [min–max] and the median of the
 per-round ratios new / base [min–max].
@@ -70,17 +70,19 @@ def main(argv: list[str] | None = None) -> str:
     revs = {"base": git("rev-parse", "--short", args.base), "head": git("rev-parse", "--short", args.head)}
     samples: dict[str, dict[str, list[float]]] = {"base": {}, "head": {}}
     with tempfile.TemporaryDirectory(prefix="mgtq-ab-") as tmp:
-        trees = {side: Path(tmp) / side for side in revs}
-        for side, rev in revs.items():
-            git("worktree", "add", "--detach", str(trees[side]), rev)
+        trees, added = {side: Path(tmp) / side for side in revs}, []
         try:
+            for side, rev in revs.items():
+                git("worktree", "add", "--detach", str(trees[side]), rev)
+                added.append(trees[side])
             for r in range(args.rounds):
-                for side in revs:
+                order = ("base", "head") if r % 2 == 0 else ("head", "base")  # A B B A: neither always first
+                for side in order:
                     for name, ms in one_round(trees[side], args, Path(tmp) / f"{side}-{r}").items():
                         samples[side].setdefault(name, []).append(ms)
                 print(f"round {r + 1}/{args.rounds}", flush=True)
         finally:
-            for tree in trees.values():
+            for tree in added:
                 git("worktree", "remove", "--force", str(tree))
     names = [n for n in samples["base"] if n in samples["head"]]
     rows = [{"variant": n, "base_ms": samples["base"][n], "head_ms": samples["head"][n],
@@ -90,13 +92,14 @@ def main(argv: list[str] | None = None) -> str:
                     "--threads", str(args.threads), *(["--out", str(args.out)] if args.out else [])])
     lines = [f"# One MMDiT + one single-stream block (Meissonic-1024 sizes): {revs['base']} against {revs['head']}", "",
              f"{args.threads} thread(s), {args.rounds} rounds, each a fresh `bench_blocks.py --rounds 1` process per "
-             f"revision in turn; load average at the end {[round(v, 2) for v in os.getloadavg()]}.", "",
+             f"revision, the order alternating; load average at the end {[round(v, 2) for v in os.getloadavg()]}.", "",
              f"| variant | {revs['base']} ms per call | {revs['head']} ms per call | {revs['head']} / {revs['base']} |",
              "|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {summary(r['base_ms'], 1)} | {summary(r['head_ms'], 1)} | {summary(r['ratio'])} |"
               for r in rows]
     text = "\n".join(lines) + f"\n\nCommand: `{cmd}`\n"
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out.with_suffix(".md"), text)
         write_json(args.out.with_suffix(".json"), dict(revisions=revs, rounds=args.rounds, threads=args.threads,
                                                        rows=rows))

@@ -1,10 +1,11 @@
 """Float linear kernels at Meissonic-1024's GEMM sizes on CPU: F.linear against oneDNN's linear, with and
 without the MLP's tanh-GELU, bf16 and fp32, in interleaved rounds.
 
-The evidence for `mgtq.models.layers.float_linear`'s choice (oneDNN for bf16, F.linear for fp32) and
+The evidence for `mgtq.fused.float_linear`'s choice (oneDNN for bf16, F.linear for fp32) and
 for fusing the GELU into the GEMM epilogue. Rows: M = CFG batch 2 x (1024 image + 77 text) tokens;
 (K, N) of the attention projections, the MLP's two layers and the single-stream block's output
-projection. Each round times every variant once, in turn; a cell is the median over rounds.
+projection. Each round times every variant once, in turn, the order rotated from round to round; a cell
+is the median over rounds.
 
 Usage::
 
@@ -23,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mgtq.models.layers import float_linear
 from mgtq.quantization import kernels
 from mgtq.utils import atomic_write_text, write_json
 
@@ -41,8 +41,7 @@ def variants(dtype: torch.dtype, k: int, n: int, rows: int = ROWS, seed: int = 0
         "F.linear": lambda: F.linear(x, w, b),
         "oneDNN linear": lambda: lp(x, w, b, "none", [], ""),
         "F.linear + GELU": lambda: F.gelu(F.linear(x, w, b), approximate="tanh"),
-        "oneDNN linear+GELU": lambda: lp(x, w, b, "gelu", [], "tanh"),
-        "mgtq float_linear+GELU": lambda: float_linear(x, w, b, "gelu_tanh"),
+        "oneDNN linear+GELU": lambda: lp(x, w, b, "gelu", [], "tanh"),  # what mgtq.fused.float_linear runs in bf16
     }
 
 
@@ -56,8 +55,10 @@ def measure(rounds: int, warmup: int, m: int = ROWS) -> list[dict]:
                     for _ in range(warmup):
                         fn()
                 samples = {name: [] for name in fns}
-                for _ in range(rounds):
-                    for name, fn in fns.items():
+                names = list(fns)
+                for r in range(rounds):
+                    for name in names[r % len(names):] + names[:r % len(names)]:  # each variant first in turn
+                        fn = fns[name]
                         t0 = time.perf_counter()
                         fn()
                         samples[name].append(1000 * (time.perf_counter() - t0))

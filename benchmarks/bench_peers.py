@@ -51,7 +51,8 @@ class Peer:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    # Every float Linear (mgtq's transformer uses an nn.Linear subclass), none of mgtq's quantized layers.
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def _quanto(weights_only: bool) -> Callable[[nn.Module, Callable[[], object]], None]:

@@ -103,7 +103,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mgtq.models.layers import apply_activation, check_activation, float_linear
+from mgtq.fused import apply_activation, check_activation, float_linear
 
 from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (

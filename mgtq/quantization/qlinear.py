@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from mgtq.models.layers import ACTIVATIONS
+from mgtq.fused import fuses_activations
 
 from . import kernels
 from .packing import pack_int4, unpack_int4_times16
@@ -53,9 +53,6 @@ class QuantizedLinear(nn.Module):
     """
 
     _FP32_BUFFERS: tuple[str, ...] = ("weight_scale",)
-    # forward(x, activation=...) applies these (mgtq.models.layers.linear_act), in the GEMM epilogue
-    # where the kernel allows it.
-    fused_activations = tuple(ACTIVATIONS)
     # Opt-in accelerators (e.g. opaque oneDNN tensors): neither
     # picklable nor deep-copyable, so copies come back without them.
     _TRANSIENT: tuple[str, ...] = ()
@@ -188,6 +185,7 @@ class W4Linear(QuantizedLinear):
         super().__init__(*args, **kwargs)
         self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @fuses_activations  # in the GEMM epilogue where the kernel allows it (mgtq.models.layers.linear_act)
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         self._check_input(x)
         return kernels.w4a16_linear(x, self.weight_packed, self.weight_scale, self.bias, tinygemm=self._tinygemm,
@@ -301,6 +299,7 @@ class W4A8Linear(QuantizedLinear):
         scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.4g}"
         return f"{super().extra_repr()}, input_scale={scale}, weight_cache={self.weight_cache}"
 
+    @fuses_activations  # oneDNN's epilogue with the oneDNN weight cache, after the GEMM otherwise
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         self._check_input(x)
         return kernels.w4a8_linear(

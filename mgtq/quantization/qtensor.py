@@ -31,7 +31,7 @@ from typing import Union
 
 import torch
 
-from mgtq.models.layers import onednn_post_op
+from mgtq.fused import onednn_post_op
 
 from .packing import INT4_MAX, INT4_MIN, unpack_int4, unpack_int4_times16
 

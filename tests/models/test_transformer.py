@@ -5,13 +5,15 @@ import json
 import shutil
 from pathlib import Path
 
+import copy
+
 import pytest
 import torch
+from diffusers.models.normalization import RMSNorm
 from safetensors.torch import load_file
 
+import mgtq.fused
 from mgtq.models import MeissonicTransformer, build_transformer, preset_config
-from diffusers.models.normalization import RMSNorm
-
 from mgtq.models.transformer import QKNorm, apply_rope, rope_tables
 from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
@@ -192,8 +194,7 @@ def test_qk_norm_with_rope_in_one_chain_equals_the_two_functions(dtype, per_samp
     heads = (torch.randn(2, 40, 8 * 128, generator=g) * 3).to(dtype).unflatten(-1, (8, 128)).transpose(1, 2)
     fused = norm(heads, (cos, sin))
     # The two functions in fp32, rounded once at the end: what the fused chain computes.
-    exact = apply_rope(RMSNorm.forward(norm.float(), heads.float()), cos, sin).to(dtype)
-    norm.to(dtype)
+    exact = apply_rope(RMSNorm.forward(copy.deepcopy(norm).float(), heads.float()), cos, sin).to(dtype)
     torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
     if dtype == torch.bfloat16:  # the composition in bf16 rounds the normed values first: one more step
         composed = apply_rope(RMSNorm.forward(norm, heads), cos, sin)
@@ -220,7 +221,9 @@ def test_multi_modal_block_runs_no_batched_gemm():
     with torch.no_grad(), torch.profiler.profile() as prof:
         block(x, ctx, temb[:, 0], rope_tables(ids, (8, 12, 12)))
     names = {e.name for e in prof.events()}
-    assert "aten::bmm" not in names and "aten::addmm" not in names, sorted(names)
+    assert "aten::bmm" not in names, sorted(names)
+    if mgtq.fused._X86 and torch._C._has_mkldnn:  # every bf16 Linear on oneDNN's linear
+        assert "aten::addmm" not in names, sorted(names)
 
 
 def test_compiled_rope_equals_eager_rope():

@@ -1,0 +1,105 @@
+"""The activation a linear layer may fuse into its GEMM epilogue, and the float linear that fuses it.
+
+On a CPU with oneDNN, a bf16 ``F.linear`` becomes ``addmm``, which first copies the broadcast bias
+into the output and then accumulates onto it, and the MLP's tanh-GELU then runs as a separate eager
+pass over the (tokens x 4·D) activation — at Meissonic-1024 sizes the slowest elementwise op of a
+block. oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op Inductor itself emits for
+linear + pointwise patterns) adds the bias and applies GELU to the fp32 accumulator before the one
+bf16 rounding: fewer passes, and no extra rounding between the GEMM and the GELU.
+
+Depends on torch only: the float layers (mgtq.models.layers) and the quantized ones
+(mgtq.quantization) both build on it. A layer whose ``forward(x, activation=None)`` applies these
+names marks that forward with :func:`fuses_activations`; ``mgtq.models.layers.linear_act`` calls
+it with an activation only then.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+
+# Activation name -> (oneDNN post-op name, algorithm). "gelu_tanh" is F.gelu(approximate="tanh").
+ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh")}
+
+# oneDNN's x86 kernels: elsewhere (aarch64 builds run oneDNN through ACL) F.linear stays the default.
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def check_activation(activation: str | None) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)} or None")
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The unfused activation: what a fused epilogue computes (up to its single rounding)."""
+    check_activation(activation)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    return y
+
+
+def onednn_post_op(activation: str | None) -> tuple[str, str]:
+    """(post-op name, algorithm) of oneDNN's linear ops for ``activation`` (None: no post-op)."""
+    check_activation(activation)
+    return ACTIVATIONS[activation] if activation is not None else ("none", "")
+
+
+def fuses_activations(forward):
+    """Mark a layer's ``forward(x, activation=None)`` as applying every name in :data:`ACTIVATIONS`.
+
+    The mark is on the function, not the class: a subclass that overrides ``forward`` without it is
+    called the plain way.
+    """
+    forward.fused_activations = tuple(ACTIVATIONS)
+    return forward
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    # Tensor subclasses (torchao's quantized weights, DTensor) dispatch ops themselves; oneDNN's op is
+    # not among those they implement.
+    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _onednn_float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN's linear runs this bf16 GEMM (x86 CPU inference only: the op has no autograd).
+
+    fp32 stays on F.linear: MKL's sgemm was faster at every Meissonic size measured
+    (benchmarks/results/float_linear_kernels.md).
+    """
+    return (
+        _X86
+        and torch._C._has_mkldnn  # a constant, readable under torch.compile
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and _plain(x) and _plain(weight) and _plain(bias)
+        and not (torch.is_grad_enabled()
+                 and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+    )
+
+
+@torch.library.custom_op("mgtq::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "") -> torch.Tensor:
+    """``activation(x @ weight.T + bias)`` by oneDNN, as one op Inductor calls as it is: its own lowering
+    of ``mkldnn._linear_pointwise`` expects a weight prepacked at freezing (a second copy of every
+    weight), not a parameter or a weight dequantized in the graph."""
+    post, algorithm = onednn_post_op(activation or None)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], algorithm)
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias, activation=""):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str | None = None) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))``, in one oneDNN call where :func:`_onednn_float_linear` says so."""
+    if _onednn_float_linear(x, weight, bias):
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, weight, bias, activation or "")
+        post, algorithm = onednn_post_op(activation)  # eager: the op itself, without custom-op dispatch
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], algorithm)
+    return apply_activation(F.linear(x, weight, bias), activation)
