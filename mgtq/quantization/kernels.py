@@ -443,7 +443,7 @@ def onednn_int8_linear_op(x_q: torch.Tensor, input_scale: torch.Tensor, prepacke
                           out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
     """:func:`.qtensor.onednn_int8_linear` as one op: Inductor lowers a bare ``qlinear_pointwise`` only
     when its prepacked weight is a frozen constant (``freezing``); an opaque op takes it as an argument.
-    ``activation``: a :data:`mgtq.models.layers.ACTIVATIONS` name fused into the epilogue, "" for none."""
+    ``activation``: a :data:`mgtq.fused.ACTIVATIONS` name fused into the epilogue, "" for none."""
     return onednn_int8_linear(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation or None)
 
 
@@ -460,9 +460,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
 
     ``tinygemm``: the prepared ``(weight, scales_and_zeros)`` of :func:`prepare_tinygemm`, if any.
     ``force_device`` runs another device's choice (tests check the CUDA path on CPU).
-    ``activation`` (a :data:`mgtq.models.layers.ACTIVATIONS` name): applied to the output; fused
+    ``activation`` (a :data:`mgtq.fused.ACTIVATIONS` name): applied to the output; fused
     into the GEMM epilogue where the dequantized weight goes through
-    :func:`~mgtq.models.layers.float_linear` (bf16 on CPU).
+    :func:`~mgtq.fused.float_linear` (bf16 on CPU).
     """
     check_activation(activation)
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -526,7 +526,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
     elif kernel in ("onednn", "onednn_inline"):
         y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype, activation or "")
-        return y.reshape(*x.shape[:-1], n)
+        activation = None  # applied in oneDNN's epilogue
     else:
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
                                      weight_times16)

@@ -367,7 +367,7 @@ def onednn_int8_linear(
     rescale ``input_scale * weight_scale``, bias, cast) but no int32
     accumulator round-trips through memory.  ``x_q`` int8 ``(M, K)``
     contiguous; ``weight_scale`` fp32 ``(N,)``.  ``activation``
-    (:data:`mgtq.models.layers.ACTIVATIONS`): applied to the fp32 result before the cast.
+    (:data:`mgtq.fused.ACTIVATIONS`): applied to the fp32 result before the cast.
     """
     post_op, algorithm = onednn_post_op(activation)
     n = weight_scale.shape[0]

@@ -1,27 +1,16 @@
 """benchmarks/bench_float_linear.py on few rows: every variant timed each round, both dtypes, every shape."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_float_linear.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_float_linear", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from mgtq.bench.lab import load_lab
 
 
 @pytest.mark.skipif(not torch._C._has_mkldnn, reason="times oneDNN's linear")
 def test_bench_float_linear_few_rows(tmp_path):
-    bench = _script()
+    bench = load_lab("float_linear")
     out = tmp_path / "float_linear"
     text = bench.main(["--rows", "8", "--rounds", "2", "--warmup", "0", "--out", str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
