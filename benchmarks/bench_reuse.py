@@ -38,7 +38,7 @@ from mgtq import argtypes  # noqa: E402
 from mgtq.bench.build import quantize_in_format_  # noqa: E402
 from mgtq.bench.formats import Format  # noqa: E402
 from mgtq.reuse import ContextCache, active_tokens  # noqa: E402
-from mgtq.sampling import SamplerConfig  # noqa: E402
+from mgtq.sampling import SamplerConfig, classifier_free_guidance  # noqa: E402
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args  # noqa: E402
 from mgtq.sampling.maskgit import num_to_mask, sample  # noqa: E402
 from mgtq.sampling.tricks.reuse import most_confident_cells  # noqa: E402
@@ -181,9 +181,8 @@ def whole_image_check(model, config: SamplerConfig, grid: tuple[int, int], seed:
     def model_fn(tokens, timestep, token_hook=None):
         logits = model(hidden_states=torch.cat([tokens, tokens]), encoder_hidden_states=case.inputs["encoder_hidden_states"],
                        pooled_projections=case.inputs["pooled_projections"], timestep=torch.cat([timestep, timestep]),
-                       token_hook=token_hook).float()
-        uncond, cond = logits.chunk(2)
-        return uncond + scale * (cond - uncond)
+                       token_hook=token_hook)
+        return classifier_free_guidance(*logits.chunk(2), scale)
 
     seconds = {}
     for name, run_config in (("baseline", config.replace(reuse={})), ("reuse", config)):

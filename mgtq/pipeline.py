@@ -32,7 +32,7 @@ from mgtq.components import check_files, check_index, check_loaded
 from mgtq.config import from_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
-from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, sample
+from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.utils import atomic_directory, micro_conditions, parse_dtype, per_sample_generators, read_json, write_json
 
 
@@ -503,7 +503,7 @@ class MGTPipeline(DiffusionPipeline):
             rows = micro_conds.shape[0]
             micro = micro_conds.expand(n, 5) if rows == 1 else micro_conds.repeat(n // rows, 1)
             return transformer(hidden_states=tokens, encoder_hidden_states=text_b, pooled_projections=pooled_b,
-                               timestep=timestep, micro_conds=micro, token_hook=hook).float()
+                               timestep=timestep, micro_conds=micro, token_hook=hook)
 
         def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None,
                      token_hook=None) -> torch.Tensor:
@@ -511,16 +511,16 @@ class MGTPipeline(DiffusionPipeline):
             scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
             guided = config.use_cfg if guidance_scale is None else scale != 1.0
             if not guided:
-                return forward(tokens, timestep, cond, hook)
+                return forward(tokens, timestep, cond, hook).float()
             if uncond is None:
                 raise ValueError(f"guidance scale {scale} needs the unconditional branch, but no negative prompt "
                                  "features were given to guided_model_fn")
             if scale == 0.0:  # ℓu + 0·(ℓc − ℓu) = ℓu: skip the conditional branch
-                return forward(tokens, timestep, uncond, hook)
+                return forward(tokens, timestep, uncond, hook).float()
             both = (torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
             logits = forward(torch.cat([tokens, tokens]), torch.cat([timestep, timestep]), both, hook)
             uncond_logits, cond_logits = logits.chunk(2)
-            return uncond_logits + scale * (cond_logits - uncond_logits)
+            return classifier_free_guidance(uncond_logits, cond_logits, scale)
 
         return model_fn
 

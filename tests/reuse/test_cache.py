@@ -53,6 +53,19 @@ def test_local_step_equals_the_full_step_on_active_tokens_with_different_counts_
     assert (_at(local, ~computed) == 0).all()  # not computed: 0
 
 
+def test_local_step_logits_are_laid_out_as_the_full_steps_with_each_tokens_vocabulary_contiguous(model):
+    # The sampler reads (B, N, V) rows: in NCHW a local step's logits made its softmax read across rows.
+    inputs = _inputs(model, 2)
+    cache = ContextCache()
+    with torch.no_grad():
+        full = model(**inputs, token_hook=cache.full_step())
+        local = model(**inputs, token_hook=cache.local_step(_active(2, 5)))
+    assert local.shape == full.shape
+    for logits in (full, local):
+        assert logits.is_contiguous(memory_format=torch.channels_last)
+        assert logits.flatten(2).transpose(1, 2).is_contiguous()
+
+
 def test_local_step_in_a_cfg_batch_uses_the_samplers_active_set_for_both_halves(model):
     single = _inputs(model, 2, seed=3)
     cfg_batch = {k: torch.cat([v, v]) if k == "hidden_states" else torch.cat([v, v.flip(0)]) for k, v in single.items()}

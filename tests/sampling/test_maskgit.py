@@ -483,3 +483,16 @@ def test_same_seed_same_tokens_whatever_the_batch():
     b = sample(model_rowwise, 2, (4, 4), MASK, config, [torch.Generator().manual_seed(s) for s in (3, 7)], progress=False)
     assert torch.equal(a[0], b[1])
     assert not torch.equal(run([8])[0], alone[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_classifier_free_guidance_rounds_as_the_expression_and_keeps_its_inputs_and_layout(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 64, 6, 6, generator=g) * 8).to(dtype).contiguous(memory_format=torch.channels_last)
+    before = logits.clone()
+    uncond, cond = logits.chunk(2)
+    guided = maskgit.classifier_free_guidance(uncond, cond, 9.0)
+    u, c = uncond.float(), cond.float()
+    assert guided.dtype == torch.float32 and torch.equal(guided, u + 9.0 * (c - u))
+    assert torch.equal(logits, before)  # float32 logits are not guided in place
+    assert guided.is_contiguous(memory_format=torch.channels_last)
