@@ -148,7 +148,8 @@ def _unmask(tokens, probs, mask_id, config, state, group=None) -> tuple[torch.Te
     decodes only its group; the schedule's count leaves room for them).
     """
     masked = tokens == mask_id
-    sampled = torch.where(masked, sample_tokens(probs, state.generators), tokens)
+    drawn = sample_tokens(probs, state.generators, None if group is None else group & masked)
+    sampled = torch.where(masked, drawn, tokens)  # outside the group a masked token stays masked (below)
     num_tokens = tokens.shape[1] if state.editable is None else state.editable.sum(-1)
     n_mask = num_to_mask(config, state.step, num_tokens, masked.sum(-1))
     if int(n_mask.max()) == 0:

@@ -130,9 +130,9 @@ class _Recorder(SamplerHooks):
 
         self.model_fn = model_fn
 
-        def sampling(probs, generators):
+        def sampling(probs, generators, rows=None):
             self.sampled.append(probs.float().clone())
-            return sample_tokens(probs, generators)
+            return sample_tokens(probs, generators, rows)
 
         def noise(shape, generators, device):
             self.eps.append(standard_normal(shape, generators, device))
