@@ -24,6 +24,7 @@ measured ratio beside the composed one.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -220,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                      "time a refresh setting whole with `mgtq bench --model meissonic-1024 --steps 48 --reuse-refresh R`")
     torch.set_num_threads(args.threads)
     grid = (args.grid, args.grid)
-    result = {"model": args.model, "grid": args.grid, "steps": args.steps, "threads": args.threads,
-              "compile": args.compile, "sampler": config.to_dict(), "timing": "process CPU time, median of rounds",
-              "formats": {}}
+    result = {"command": " ".join(["python", "benchmarks/bench_reuse.py", *(sys.argv[1:] if argv is None else argv)]),
+              "model": args.model, "grid": args.grid, "steps": args.steps, "threads": args.threads,
+              "rounds": args.rounds, "compile": args.compile, "sampler": config.to_dict(),
+              "timing": "process CPU time, median of rounds", "loadavg_start": list(os.getloadavg()), "formats": {}}
     for fmt in args.formats:
         result["formats"][fmt] = measure_format(args.model, fmt, config, grid, args.rounds, args.compile, args.check,
                                                 args.seed)
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fmt}: plain {row['plain_step_s']:.3f} s, full {row['full_step_s']:.3f} s, "
               f"{len(row['local_steps'])} local sets; composed speed-up {row['speedup']:.2f}×"
               + (f", whole image {row['check']['speedup']:.2f}×" if "check" in row else ""))
+    result["loadavg_end"] = list(os.getloadavg())
     write_json(args.json, result)
     return 0
 

@@ -13,6 +13,7 @@ Settings (--settings, comma list; the model's own sampler is the base):
     reuse-K-masked  the local steps computing every masked token
     reuse-K-wW      ... with the first W steps full (combine: reuse-3-cells-w2)
     reuse-K-rR      ... with selective K/V refresh of the fraction R of the decoded tokens (reuse-3-cells-w2-r0.1)
+    reuse-K-...-tome  ... with TomeMGT at its defaults inside the full steps (reuse-3-cells-w2-tome)
 For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
 many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
 it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
@@ -53,8 +54,8 @@ def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeCo
         if parts[0] == "steps" and len(parts) == 2:
             return base.replace(num_steps=int(parts[1])), None
         if parts[0] == "reuse" and len(parts) >= 2:
-            reuse = {"interval": int(parts[1])}
-            for extra in parts[2:]:
+            reuse, tome = {"interval": int(parts[1])}, parts[-1] == "tome"
+            for extra in parts[2:len(parts) - tome]:
                 if extra in ("masked", "cells"):
                     reuse["group"] = extra
                 elif extra.startswith("w"):
@@ -63,10 +64,10 @@ def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeCo
                     reuse["refresh"] = float(extra[1:])
                 else:
                     raise ValueError(extra)
-            return base.replace(reuse=reuse), None
+            return base.replace(reuse=reuse), (TomeConfig() if tome else None)
     except ValueError:
         pass
-    raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW][-rR]")
+    raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW][-rR][-tome]")
 
 
 def to_markdown(data: dict) -> str:

@@ -478,17 +478,12 @@ class MGTPipeline(DiffusionPipeline):
         None; micro_conds: (1 or B, 5). Without guidance_scale the call is the configured sampler's
         (CFG when config.use_cfg, batch [uncond, cond]); an explicit guidance_scale s (masked
         Z-sampling's inversion CFG) is literal, ℓu + s(ℓc − ℓu), and runs only the branches it needs.
-        token_hook: the transformer's token hook for every call (TomeMGT); the sampler's per-call
-        token_hook (context reuse) is used instead where given.
+        token_hook: the transformer's token hook for every call (TomeMGT); with the sampler's per-call
+        token_hook (context reuse), its full steps run it inside (`around`) and its local steps alone.
         """
         transformer = self.transformer
         per_call_hook = token_hook
-        if config.reuse.enabled and (token_hook is not None or getattr(transformer, "token_hook", None) is not None):
-            raise ValueError("TomeMGT and context reuse do not combine yet (a local step computes a few scattered "
-                             "tokens, which have no 2×2 cells to merge); use one of them: for speed, context reuse "
-                             "alone (the `fast` preset; CLI: drop --tome, keep --sampler fast / --reuse-*; Python: "
-                             "token_merging=None or mgtq.remove_tomemgt(pipe)), or TomeMGT alone (CLI: "
-                             "--reuse-interval 1; Python: the sampler's reuse.interval = 1)")
+        inner_hook = token_hook if token_hook is not None else getattr(transformer, "token_hook", None)
         dtype = transformer.compute_dtype
         cond = (text.to(dtype), pooled.to(dtype))
         uncond = None if negative is None else (negative[0].to(dtype), negative[1].to(dtype))
@@ -507,7 +502,7 @@ class MGTPipeline(DiffusionPipeline):
 
         def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None,
                      token_hook=None) -> torch.Tensor:
-            hook = per_call_hook if token_hook is None else token_hook
+            hook = per_call_hook if token_hook is None else token_hook if inner_hook is None else token_hook.around(inner_hook)
             scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
             guided = config.use_cfg if guidance_scale is None else scale != 1.0
             if not guided:

@@ -99,7 +99,6 @@ BAD_FLAGS = [
     (["generate", "--prompt", "x", "--reuse-refresh", "1.5"], "argument --reuse-refresh: must be a finite number in"),
     (["bench", "--reuse-refresh", "-0.1"], "argument --reuse-refresh: must be a finite number in"),
     (["bench", "--sampler", "turbo"], "argument --sampler: invalid choice: 'turbo'"),
-    (["bench", "--sampler", "fast", "--tome", "0,0.5"], "does not combine with TomeMGT"),
 ]
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
 from mgtq.reuse.config import ReuseConfig
-from mgtq.sampling.presets import PRESET_NAMES, preset_fields
+from mgtq.sampling.presets import PRESET_NAMES
 
 TomeBlocks = Literal["joint", "single", "all"]  # where TomeMGT merges; "joint" is the paper's setting
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
@@ -63,12 +63,6 @@ class MeasureSettings:
         if not (self.latency or self.memory):
             raise ValueError("nothing to measure: enable latency, memory or both")
 
-    @property
-    def reuses_context(self) -> bool:
-        """Whether the whole image runs with context reuse (by `reuse`, else by the preset)."""
-        if self.reuse is not None:
-            return self.reuse.enabled
-        return self.sampler is not None and ReuseConfig(**preset_fields(self.sampler)["reuse"]).enabled
 
     def image_sampler(self, base):
         """The whole image's SamplerConfig: `base` (the model's, at `steps` steps) under the preset, then `reuse`."""
@@ -176,10 +170,6 @@ class BenchConfig:
         if not self.tome_blocks:
             raise ValueError("tome_blocks must name at least one of joint, single, all")
         _check_tome_options(self.tome_options)
-        if self.measure.reuses_context and any(self.tome):
-            raise ValueError("the whole image's context reuse (measure.sampler / measure.reuse; CLI: --sampler, "
-                             "--reuse-*) does not combine with TomeMGT: bench TomeMGT ratios without it (--tome 0 with "
-                             "reuse, or no reuse flags with --tome)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be an integer ≥ 1, got {self.threads}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

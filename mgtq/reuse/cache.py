@@ -38,6 +38,13 @@ those of every token a local step computes for the sampler (its group, and the t
 decoded), not of the newly decoded ones alone; they are taken in one block, not per layer; and the
 refresh is sized as a fraction of the decoded tokens, applied at the next local step.
 
+With TomeMGT (`full_step().around(plan)`, as the pipeline composes them): a full step merges as
+TomeMGT says and records, per block, each image token's keys/values as its merged token's (the
+merged row repeated once per member; with proportional attention, which TomeMGT uses by default,
+attending to the repeats equals attending to the merged token with its log-size bias). A local step
+merges nothing: its few scattered active tokens have no 2×2 cells to merge, and it writes their fresh
+rows per token.
+
 Batches: every sample keeps its own active set; the plan pads each to the largest count in the batch,
 rounded up to a multiple of `bucket` (so compiled blocks see few distinct lengths), by repeating the
 sample's first active token: a repeat computes the same values as the token it repeats and writes the
@@ -98,7 +105,7 @@ class ContextCache:
 
     def full_step(self) -> "_FullStep":
         """The token hook of a full step: the ordinary forward, recording every block's keys/values."""
-        return _FullStep(self)
+        return _FullStep(self, None)
 
     def local_step(self, active: torch.Tensor) -> "_LocalStep":
         """The token hook of a local step; active (B, H, W) bool on the VQ grid: the tokens to recompute."""
@@ -129,18 +136,28 @@ def most_attended(scores: torch.Tensor, candidates: torch.Tensor, count: torch.T
 
 
 class _FullStep:
-    def __init__(self, cache: ContextCache):
-        self.cache = cache
+    def __init__(self, cache: ContextCache, inner):
+        self.cache, self.inner = cache, inner
+
+    def around(self, hook) -> "_FullStep":
+        """This full step run with another technique's token hook inside (TomeMGT; None = alone)."""
+        return _FullStep(self.cache, hook)
 
     def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> TokenPlan:
-        return _Recording(self.cache, grid)
+        inner = None if self.inner is None else self.inner.bind(grid, masked)
+        if inner is not None and inner.computes_subset:
+            raise ValueError("a full step of context reuse computes every token; the token hook it runs around "
+                             f"({type(self.inner).__name__}) computes a subset")
+        return _Recording(self.cache, grid, inner)
 
 
 class _Recording(TokenPlan):
-    def __init__(self, cache: ContextCache, grid: tuple[int, int]):
-        self.cache, self.grid = cache, grid
+    def __init__(self, cache: ContextCache, grid: tuple[int, int], inner: TokenPlan | None = None):
+        self.cache, self.grid, self.inner = cache, grid, inner
 
     def enter(self, x, context, rope):
+        if self.inner is not None:
+            x, context, rope = self.inner.enter(x, context, rope)
         self.cache.keys_values.clear()
         self.cache.batch, self.cache.n_text, self.cache.grid = x.shape[0], context.shape[1], self.grid
         self.cache.computed = 1.0
@@ -148,16 +165,51 @@ class _Recording(TokenPlan):
         return x, context, rope
 
     def plan(self, kind, index, x):
-        return _Record(self.cache.keys_values, (kind, index)), None
+        attention, mlp = (None, None) if self.inner is None else self.inner.plan(kind, index, x)
+        return _Record(self.cache.keys_values, (kind, index), self.cache.n_text, attention), mlp
 
 
 class _Record(BlockTokens):
-    def __init__(self, store: dict, key: tuple[str, int]):
-        self.store, self.key = store, key
+    """Records the keys/values attention reads, one row per image token (see `_per_token`); with an inner
+    technique's block tokens (TomeMGT's merge), the block computes as that technique says."""
+
+    def __init__(self, store: dict, key: tuple[str, int], n_text: int, inner: BlockTokens | None = None):
+        self.store, self.key, self.n_text, self.inner = store, key, n_text, inner
+
+    def reduce(self, x):
+        return x if self.inner is None else self.inner.reduce(x)
+
+    def restore(self, y):
+        return y if self.inner is None else self.inner.restore(y)
+
+    def rope(self, rope, n_text, batch):
+        return rope if self.inner is None else self.inner.rope(rope, n_text, batch)
+
+    def key_bias(self, n_text):
+        return None if self.inner is None else self.inner.key_bias(n_text)
 
     def keys_values(self, k, v):
-        self.store[self.key] = (k.contiguous(), v.contiguous())  # written into in place by local steps
+        if self.inner is not None:
+            k, v = self.inner.keys_values(k, v)
+        self.store[self.key] = (self._per_token(k), self._per_token(v))  # written into in place by local steps
         return k, v
+
+    def attention_inputs(self, q, k):
+        if self.inner is not None:
+            self.inner.attention_inputs(q, k)
+
+    def _per_token(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, L + M, Dh) → (B, H, L + N, Dh): under merging, each image token gets its merged token's row.
+
+        Attention over a merged token's row repeated once per member is proportional attention (the
+        log-size key bias TomeMGT adds), so a local step attending to these rows sees the context the
+        merged full step computed, and writes its fresh rows per token."""
+        if self.inner is None:
+            return t.contiguous()
+        batch, heads, _, dh = t.shape
+        image = t[:, :, self.n_text:].transpose(1, 2).flatten(2)  # (B, M, H·Dh)
+        image = self.inner.restore(image).unflatten(2, (heads, dh)).transpose(1, 2)  # (B, H, N, Dh)
+        return torch.cat([t[:, :, :self.n_text], image], dim=2)
 
 
 class _LocalStep:
@@ -165,6 +217,11 @@ class _LocalStep:
         if active.dim() != 3 or active.dtype != torch.bool:
             raise ValueError(f"active must be a (B, H, W) bool mask of VQ tokens; got {tuple(active.shape)} {active.dtype}")
         self.cache, self.active = cache, active
+
+    def around(self, hook) -> "_LocalStep":
+        """A local step runs no other technique's hook: its few scattered active tokens have no 2×2 cells
+        for TomeMGT to merge, so it computes them all."""
+        return self
 
     def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> TokenPlan:
         cache = self.cache

@@ -63,13 +63,12 @@ def test_the_whole_image_sampler_is_a_preset_and_reuse_on_the_models_settings():
     assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=2)
     assert (fast.num_steps, fast.guidance_scale, fast.timestep_convention) == (6, 2.0, "mask_ratio")
     measure = MeasureSettings(sampler="fast", reuse=ReuseConfig(interval=2, group="cells", warmup=2))
-    assert measure.image_sampler(model).reuse.interval == 2 and measure.reuses_context
+    assert measure.image_sampler(model).reuse.interval == 2
     assert MeasureSettings.from_dict(measure.to_dict()) == measure  # crosses to the case process as a dict
-    assert not MeasureSettings(sampler="fast", reuse=ReuseConfig()).reuses_context
-    assert not MeasureSettings(sampler="vanilla").reuses_context
+    assert not MeasureSettings(sampler="fast", reuse=ReuseConfig()).image_sampler(model).reuse.enabled
     with pytest.raises(ValueError, match="measure.sampler must be a sampler preset"):
         MeasureSettings(sampler="turbo")
     with pytest.raises(ValueError, match="measure.reuse.interval must be an integer"):
         MeasureSettings.from_dict({"reuse": {"interval": "often"}})
-    with pytest.raises(ValueError, match="does not combine with TomeMGT"):
-        BenchConfig(formats=("bf16",), tome=(0, 0.5), measure=MeasureSettings(sampler="fast"))
+    both = BenchConfig(formats=("bf16",), tome=(0, 0.5), measure=MeasureSettings(sampler="fast"))
+    assert [case.tome for case in both.cases()] == [0, 0.5]  # TomeMGT runs inside the full steps of reuse

@@ -29,7 +29,9 @@ def test_setting_names(quality):
     assert tome is None and sampler.reuse == ReuseConfig(interval=3, group="cells", warmup=2)
     sampler, _ = quality.parse_setting("reuse-3-cells-w2-r0.1", base)
     assert sampler.reuse == ReuseConfig(interval=3, group="cells", warmup=2, refresh=0.1)
-    for bad in ("reuse-x", "steps", "reuse-3-fast", "fast", "reuse-3-r2", "reuse-3-rx"):
+    assert quality.parse_setting("reuse-3-cells-w2-tome", base) == (quality.parse_setting("reuse-3-cells-w2", base)[0],
+                                                                   TomeConfig())
+    for bad in ("reuse-x", "steps", "reuse-3-fast", "fast", "reuse-3-r2", "reuse-3-rx", "reuse-3-tome-w2", "tome-reuse-3"):
         with pytest.raises(ValueError, match="unknown setting"):
             quality.parse_setting(bad, base)
 

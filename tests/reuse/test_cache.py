@@ -300,3 +300,43 @@ def test_refresh_0_scores_nothing_and_computes_only_the_active_tokens(model):
     assert cache.computed == pytest.approx(active_t.sum(1).float().mean().item() / active_t.shape[1])
     with pytest.raises(ValueError, match="refresh must be a fraction"):
         ContextCache(refresh=1.5)
+
+
+def test_full_step_around_tomemgt_is_the_merged_forward_and_records_a_row_per_image_token(model):
+    from mgtq.merging.patch import TomeConfig, TomePlan
+
+    tome = TomePlan(TomeConfig(0.5, schedule="constant"))
+    inputs = _inputs(model, 2)
+    cache = ContextCache()
+    with torch.no_grad():
+        merged = model(**inputs, token_hook=tome)
+        recorded = model(**inputs, token_hook=cache.full_step().around(tome))
+        plain = model(**inputs)
+    assert torch.equal(recorded, merged) and not torch.equal(merged, plain)  # TomeMGT ran inside the full step
+    n = _grid(model)[0] * _grid(model)[1] + inputs["encoder_hidden_states"].shape[1]
+    assert all(k.shape[2] == v.shape[2] == n for k, v in cache.keys_values.values())
+    with torch.no_grad():  # a local step merges nothing and reads those rows
+        local = model(**inputs, token_hook=cache.local_step(_active(2, 6)).around(tome))
+    assert local.shape == plain.shape
+
+
+def test_attending_to_a_merged_row_repeated_per_member_is_proportional_attention():
+    import torch.nn.functional as F
+
+    from mgtq.merging.tome import bipartite_soft_matching_2x2
+    from mgtq.merging.token_merge import TokenMerge
+    from mgtq.reuse.cache import _Record
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, dh, n_text, grid = 2, 2, 8, 3, (4, 4)
+    x = torch.randn(batch, 16, 12, generator=g)
+    merge, unmerge, sizes = bipartite_soft_matching_2x2(x, grid, 6, return_sizes=True)
+    tokens = TokenMerge(merge, unmerge, sizes)
+    keys, values = (torch.randn(batch, heads, n_text + 10, dh, generator=g) for _ in range(2))  # [text; 10 merged]
+    q = torch.randn(batch, heads, 5, dh, generator=g)
+    proportional = F.scaled_dot_product_attention(q, keys, values, attn_mask=tokens.key_bias(n_text))
+    store = {}
+    _Record(store, ("joint", 0), n_text, tokens).keys_values(keys, values)
+    per_token_k, per_token_v = store[("joint", 0)]
+    assert per_token_k.shape == (batch, heads, n_text + 16, dh)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, per_token_k, per_token_v), proportional)

@@ -118,9 +118,6 @@ def test_combinations_left_out_are_clear_errors(random_pipeline):
         random_pipeline("a", sampler=_config(interval=2).replace(differential={"percent": 75}), progress=False)
     with pytest.raises(ValueError, match="Z-sampling"):
         random_pipeline("a", sampler=_config(interval=2).replace(zsampling={"variant": "masked"}), progress=False)
-    instead = "TomeMGT and context reuse do not combine.*context reuse alone .*--sampler fast.*TomeMGT alone .*--reuse-interval 1"
-    with pytest.raises(ValueError, match=instead):  # the error says what to use instead
-        random_pipeline("a", sampler=_config(interval=2), token_merging=TomeConfig(0.5), progress=False)
     with pytest.raises(TypeError, match="no token_hook parameter"):
         sample(lambda tokens, timestep: None, 1, (4, 4), 39, _config(interval=2), [torch.Generator()])
 
@@ -186,3 +183,19 @@ def test_refresh_recomputes_decoded_context_and_still_decodes_only_the_group(ran
     assert not (out.tokens == mask_id).any()
     assert torch.equal(_run(random_pipeline, _config(interval=4, warmup=1, group="cells", refresh=0.25))[0].tokens,
                        out.tokens)  # same seed, same image
+
+
+def test_tomemgt_runs_inside_the_full_steps_of_reuse(random_pipeline, monkeypatch):
+    from mgtq.merging.patch import TomePlan
+
+    tome = TomeConfig(0.5, schedule="constant")
+    merged, merged_steps = _run(random_pipeline, _config(), token_merging=tome)
+    binds = []
+    bind = TomePlan.bind
+    monkeypatch.setattr(TomePlan, "bind", lambda self, grid, masked=None: binds.append(1) or bind(self, grid, masked))
+    both, both_steps = _run(random_pipeline, _config(interval=3, warmup=3), token_merging=tome)
+    assert not (both.tokens == random_pipeline.transformer.mask_token_id).any() and both.local_nfe > 0
+    assert len(binds) == both.nfe - both.local_nfe  # every full step merges, no local step does
+    for step in range(3):  # full steps: TomeMGT's forward, the plain sampler's draws
+        assert torch.equal(both_steps[step], merged_steps[step])
+    assert torch.equal(_run(random_pipeline, _config(interval=3, warmup=3), token_merging=tome)[0].tokens, both.tokens)
