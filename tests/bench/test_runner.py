@@ -66,14 +66,14 @@ def test_the_whole_image_runs_the_sampler_and_reuse_flags_and_the_report_says_so
     assert report["settings"]["measure"]["sampler"] == "fast"
     (result,) = report["results"]
     image = result["latency"]["image"]
-    assert image["reuse"] == {**report["settings"]["measure"]["reuse"], "interval": 2, "group": "cells", "warmup": 2}
-    # steps 0, 1 (warm-up), 2 and 4 are full, 3 and 5 local; a 6-step run says nothing exact about 48 steps
-    assert (image["nfe"], image["local_nfe"]) == (6, 2) and 4 < image["token_nfe"] < 6
+    assert image["reuse"] == {**report["settings"]["measure"]["reuse"], "interval": 2, "group": "cells", "warmup": 3}
+    # steps 0-2 (warm-up), 3 and 5 are full, 4 local; a 6-step run says nothing exact about 48 steps
+    assert (image["nfe"], image["local_nfe"]) == (6, 1) and 5 < image["token_nfe"] < 6
     assert image["extrapolated_total_s"] is None
     assert len(result["latency"]["forward"]["samples"]) == 1  # forwards are still timed, as plain full forwards
     markdown = out.with_suffix(".md").read_text()
-    assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 2" in markdown
-    assert "Forwards are plain full forwards" in markdown and "| 6 (2) |" in markdown
+    assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 3" in markdown
+    assert "Forwards are plain full forwards" in markdown and "| 6 (1) |" in markdown
 
 
 def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path, random_pipeline_dir):
