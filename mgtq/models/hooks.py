@@ -26,7 +26,8 @@ How the two techniques use it:
   (0 elsewhere: the sampler reads only the tokens it computed). Every layer but attention is per
   token, so nothing else needs the inactive tokens. With K/V refresh (MARché), one block's
   `attention_inputs` scores which context tokens the active queries attend to most; the next local
-  step recomputes those too.
+  step recomputes those too. A full step can run another technique's hook inside it (`around`):
+  TomeMGT merges as usual and the full step records one key/value row per image token.
 """
 
 from __future__ import annotations
