@@ -7,7 +7,8 @@ One sampler call: CFG batch 2, 77 text tokens, a --grid × --grid VQ grid (meiss
 32×32 = 1024 transformer tokens). Latency does not depend on the weight values, so the model has random
 weights; quantized formats are built with `mgtq.quantize_` (w4a8: every Linear W4A8; scq: a seeded
 random third W4A8 and the rest W4A16, standing in for the lowest-magnitude third; int8 scales fixed,
-since values do not change speed).
+since values do not change speed; `-cached`: with the W4A8 layers' opt-in int8 weight cache, as in
+`mgtq bench`).
 
 What is timed, per format, interleaved round by round after a warm-up (process CPU time, medians):
 - the plain forward (no hook): the step of the sampler without acceleration;
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tomemgt import random_transformer  # noqa: E402
 
 from mgtq import argtypes  # noqa: E402
-from mgtq.bench.build import quantize_in_format_  # noqa: E402
+from mgtq.bench.build import quantize_in_format_, with_weight_cache  # noqa: E402
 from mgtq.bench.formats import Format  # noqa: E402
 from mgtq.reuse import ContextCache, active_tokens  # noqa: E402
 from mgtq.sampling import SamplerConfig, classifier_free_guidance  # noqa: E402
@@ -45,7 +46,7 @@ from mgtq.sampling.maskgit import num_to_mask, sample  # noqa: E402
 from mgtq.sampling.tricks.reuse import most_confident_cells  # noqa: E402
 from mgtq.utils import write_json  # noqa: E402
 
-FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq")
+FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
 TEXT_TOKENS = 77
 INPUT_SCALE = 0.05  # int8 activation scale of the random-weight W4A8 layers (speed does not depend on it)
 
@@ -54,7 +55,10 @@ def build(preset: str, fmt: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight transformer of `preset` in format `fmt` (see the module docstring)."""
     model = random_transformer(preset, torch.float32 if fmt == "fp32" else torch.bfloat16, seed)
     if fmt not in ("fp32", "bf16"):
-        quantize_in_format_(model, Format.parse(fmt), INPUT_SCALE, seed)
+        parsed = Format.parse(fmt)
+        quantize_in_format_(model, parsed, INPUT_SCALE, seed)
+        if parsed.cached:  # the opt-in int8 weight cache of the W4A8 layers (mgtq bench's -cached formats)
+            with_weight_cache(model, [])
     return model.eval()
 
 

@@ -59,3 +59,11 @@ def test_refresh_is_refused_with_what_to_run_instead(bench, tmp_path, capsys):
         bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--reuse-interval", "3",
                     "--reuse-refresh", "0.1", "--json", str(tmp_path / "x.json")])
     assert "do not model K/V refresh" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_cached_formats_carry_the_w4a8_weight_cache(bench):
+    from mgtq.quantization import W4A8Linear
+
+    layers = [m for m in bench.build("test-micro", "scq-cached").modules() if isinstance(m, W4A8Linear)]
+    assert layers and all(layer.weight_cache is not None for layer in layers)
+    assert all(m.weight_cache is None for m in bench.build("test-micro", "scq").modules() if isinstance(m, W4A8Linear))
