@@ -478,8 +478,8 @@ class MGTPipeline(DiffusionPipeline):
         None; micro_conds: (1 or B, 5). Without guidance_scale the call is the configured sampler's
         (CFG when config.use_cfg, batch [uncond, cond]); an explicit guidance_scale s (masked
         Z-sampling's inversion CFG) is literal, ℓu + s(ℓc − ℓu), and runs only the branches it needs.
-        token_hook: the transformer's token hook for every call (TomeMGT); with the sampler's per-call
-        token_hook (context reuse), its full steps run it inside (`around`) and its local steps alone.
+        token_hook: the transformer's token hook for every call (TomeMGT); a per-call token_hook replaces
+        it, except context reuse's (the sampler's), whose full steps run it inside (`around`).
         """
         transformer = self.transformer
         per_call_hook = token_hook
@@ -502,7 +502,9 @@ class MGTPipeline(DiffusionPipeline):
 
         def model_fn(tokens: torch.Tensor, timestep: torch.Tensor, guidance_scale: float | None = None,
                      token_hook=None) -> torch.Tensor:
-            hook = per_call_hook if token_hook is None else token_hook if inner_hook is None else token_hook.around(inner_hook)
+            hook = per_call_hook if token_hook is None else token_hook
+            if token_hook is not None and inner_hook is not None and hasattr(token_hook, "around"):
+                hook = token_hook.around(inner_hook)  # context reuse's step, with TomeMGT inside its full steps
             scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
             guided = config.use_cfg if guidance_scale is None else scale != 1.0
             if not guided:

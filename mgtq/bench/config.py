@@ -63,7 +63,6 @@ class MeasureSettings:
         if not (self.latency or self.memory):
             raise ValueError("nothing to measure: enable latency, memory or both")
 
-
     def image_sampler(self, base):
         """The whole image's SamplerConfig: `base` (the model's, at `steps` steps) under the preset, then `reuse`."""
         sampler = base if self.sampler is None else base.preset(self.sampler)

@@ -237,7 +237,7 @@ def _sampler_line(measure: dict) -> str:
         sampler += (f", context reuse interval {reuse['interval']}, group {reuse['group']}, warmup {reuse['warmup']}"
                     + (f", refresh {reuse['refresh']:g}" if reuse.get("refresh") else ""))
     return (f"Whole image: {sampler}; image NFE = transformer calls (a CFG call counts once), (local) = how many "
-            "were local steps of context reuse. Forwards are plain full forwards (every token, no reuse cache).")
+            "were local steps of context reuse. Forwards are full forwards (every token, no reuse cache; merged where TomeMGT is on).")
 
 
 def _nfe(image: dict) -> str:

@@ -540,8 +540,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         which block), so compiling costs about two blocks instead of the whole model; what stays
         eager between blocks is a few embeddings and the (cached) RoPE tables. Blocks whose
         quantized layer kinds differ (SCQ) compile once per distinct pattern, and each kind of token
-        hook a block is given (none, merging, a full or a local step of context reuse) is another
-        graph, so the recompile limit is raised to cover both.
+        hook a block is given (none, merging, a full step of context reuse with or without merging
+        inside, a local step) is another graph, so the recompile limit is raised to cover both.
         """
         if persistent_cache:
             from mgtq.compilation import use_persistent_compile_cache

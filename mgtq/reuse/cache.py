@@ -141,6 +141,12 @@ class _FullStep:
 
     def around(self, hook) -> "_FullStep":
         """This full step run with another technique's token hook inside (TomeMGT; None = alone)."""
+        if getattr(getattr(hook, "config", None), "proportional_attention", True) is False:
+            # The recorded repeats of a merged row weigh it by its size in every local step: what proportional
+            # attention does; without it the full step weighs it once, and the two steps would disagree.
+            raise ValueError("context reuse runs TomeMGT with proportional attention only (each merged token's "
+                             "cached row repeats once per member); set TomeConfig(proportional_attention=True) "
+                             "or turn context reuse off (reuse.interval 1)")
         return _FullStep(self.cache, hook)
 
     def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> TokenPlan:

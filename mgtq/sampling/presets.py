@@ -17,8 +17,8 @@ them; this module imports nothing from the sampler, so the two cannot form an im
 - "fast": vanilla with context reuse: a full step every 3 steps after 3 full ones, local steps decoding
     their group in whole 2×2 cells. Chosen on ShapeBench val (benchmarks/results/reuse_select_val*.md) by
     one rule: of the settings that matched no acceleration there (0.787, 80 prompts), the one computing
-    the fewest tokens. Only this one did (token NFE 10.8 of 16), with or without TomeMGT in its full
-    steps (0.775 with). Until local steps drew for their group only, 2 full first matched too with fewer
+    the fewest tokens. Only this one did (token NFE 10.8 of 16); with TomeMGT inside its full steps it
+    scored 0.775, so `fast` leaves TomeMGT out. Until local steps drew for their group only, 2 full first matched too with fewer
     tokens (9.9) and was `fast`; it now scores 0.750 there: at n = 80 the noise is about ±0.05. At 48
     steps both make 18 full steps. On the test split reuse does not beat fewer plain steps (README,
     "Context reuse"): opt-in, not a default.

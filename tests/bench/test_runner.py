@@ -73,7 +73,7 @@ def test_the_whole_image_runs_the_sampler_and_reuse_flags_and_the_report_says_so
     assert len(result["latency"]["forward"]["samples"]) == 1  # forwards are still timed, as plain full forwards
     markdown = out.with_suffix(".md").read_text()
     assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 3" in markdown
-    assert "Forwards are plain full forwards" in markdown and "| 6 (1) |" in markdown
+    assert "Forwards are full forwards" in markdown and "| 6 (1) |" in markdown
 
 
 def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path, random_pipeline_dir):

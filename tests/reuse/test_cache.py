@@ -340,3 +340,16 @@ def test_attending_to_a_merged_row_repeated_per_member_is_proportional_attention
     per_token_k, per_token_v = store[("joint", 0)]
     assert per_token_k.shape == (batch, heads, n_text + 16, dh)
     torch.testing.assert_close(F.scaled_dot_product_attention(q, per_token_k, per_token_v), proportional)
+    # row by row: text rows as they were, each image token's row its merged token's
+    merged_of = unmerge(torch.arange(10.0).expand(batch, 10)[..., None])[..., 0].long()  # (B, 16)
+    for t, row in ((keys, per_token_k), (values, per_token_v)):
+        assert torch.equal(row[:, :, :n_text], t[:, :, :n_text])
+        expected = torch.stack([t[b, :, n_text + merged_of[b]] for b in range(batch)])
+        assert torch.equal(row[:, :, n_text:], expected)
+
+
+def test_reuse_refuses_tomemgt_without_proportional_attention():
+    from mgtq.merging.patch import TomeConfig, TomePlan
+
+    with pytest.raises(ValueError, match="proportional attention only"):
+        ContextCache().full_step().around(TomePlan(TomeConfig(0.5, proportional_attention=False)))

@@ -199,3 +199,25 @@ def test_tomemgt_runs_inside_the_full_steps_of_reuse(random_pipeline, monkeypatc
     for step in range(3):  # full steps: TomeMGT's forward, the plain sampler's draws
         assert torch.equal(both_steps[step], merged_steps[step])
     assert torch.equal(_run(random_pipeline, _config(interval=3, warmup=3), token_merging=tome)[0].tokens, both.tokens)
+
+
+def test_a_per_call_token_hook_still_replaces_the_installed_one(random_pipeline):
+    # Only context reuse's hooks run the installed TomeMGT inside them; any other per-call hook (a custom
+    # loop's TomePlan.at_step(i)) replaces it, as before reuse and TomeMGT combined.
+    from mgtq.merging.patch import TomePlan
+
+    transformer, g = random_pipeline.transformer, torch.Generator().manual_seed(0)
+    cfg = transformer.config
+    text = torch.randn(1, 5, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    micro = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0]])
+    installed = TomePlan(TomeConfig(0.5, schedule="constant"))
+    per_call = TomePlan(TomeConfig(0.25, schedule="constant")).at_step(1)
+    model_fn = random_pipeline.guided_model_fn(text, pooled, micro, SamplerConfig(num_steps=4, guidance_scale=1.0),
+                                               token_hook=installed)
+    tokens = torch.randint(0, cfg.codebook_size, (1, 16, 16), generator=g)
+    with torch.no_grad():
+        out = model_fn(tokens, torch.tensor([0.5]), token_hook=per_call)
+        expected = transformer(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled,
+                               timestep=torch.tensor([0.5]), micro_conds=micro, token_hook=per_call).float()
+    assert torch.equal(out, expected)
