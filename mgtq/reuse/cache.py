@@ -159,11 +159,11 @@ class _FullStep:
 
 class _Recording(TokenPlan):
     def __init__(self, cache: ContextCache, grid: tuple[int, int], inner: TokenPlan | None = None):
-        self.cache, self.grid, self.inner = cache, grid, inner
+        self.cache, self.grid = cache, grid
+        self.inner = inner if inner is not None else TokenPlan()  # the defaults change nothing
 
     def enter(self, x, context, rope):
-        if self.inner is not None:
-            x, context, rope = self.inner.enter(x, context, rope)
+        x, context, rope = self.inner.enter(x, context, rope)
         self.cache.keys_values.clear()
         self.cache.batch, self.cache.n_text, self.cache.grid = x.shape[0], context.shape[1], self.grid
         self.cache.computed = 1.0
@@ -171,7 +171,7 @@ class _Recording(TokenPlan):
         return x, context, rope
 
     def plan(self, kind, index, x):
-        attention, mlp = (None, None) if self.inner is None else self.inner.plan(kind, index, x)
+        attention, mlp = self.inner.plan(kind, index, x)
         return _Record(self.cache.keys_values, (kind, index), self.cache.n_text, attention), mlp
 
 
@@ -180,29 +180,28 @@ class _Record(BlockTokens):
     technique's block tokens (TomeMGT's merge), the block computes as that technique says."""
 
     def __init__(self, store: dict, key: tuple[str, int], n_text: int, inner: BlockTokens | None = None):
-        self.store, self.key, self.n_text, self.inner = store, key, n_text, inner
+        self.store, self.key, self.n_text, self.merging = store, key, n_text, inner is not None
+        self.inner = inner if inner is not None else BlockTokens()  # the defaults change nothing
 
     def reduce(self, x):
-        return x if self.inner is None else self.inner.reduce(x)
+        return self.inner.reduce(x)
 
     def restore(self, y):
-        return y if self.inner is None else self.inner.restore(y)
+        return self.inner.restore(y)
 
     def rope(self, rope, n_text, batch):
-        return rope if self.inner is None else self.inner.rope(rope, n_text, batch)
+        return self.inner.rope(rope, n_text, batch)
 
     def key_bias(self, n_text):
-        return None if self.inner is None else self.inner.key_bias(n_text)
+        return self.inner.key_bias(n_text)
 
     def keys_values(self, k, v):
-        if self.inner is not None:
-            k, v = self.inner.keys_values(k, v)
+        k, v = self.inner.keys_values(k, v)
         self.store[self.key] = (self._per_token(k), self._per_token(v))  # written into in place by local steps
         return k, v
 
     def attention_inputs(self, q, k):
-        if self.inner is not None:
-            self.inner.attention_inputs(q, k)
+        self.inner.attention_inputs(q, k)
 
     def _per_token(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H, L + M, Dh) → (B, H, L + N, Dh): under merging, each image token gets its merged token's row.
@@ -210,7 +209,7 @@ class _Record(BlockTokens):
         Attention over a merged token's row repeated once per member is proportional attention (the
         log-size key bias TomeMGT adds), so a local step attending to these rows sees the context the
         merged full step computed, and writes its fresh rows per token."""
-        if self.inner is None:
+        if not self.merging:
             return t.contiguous()
         batch, heads, _, dh = t.shape
         image = t[:, :, self.n_text:].transpose(1, 2).flatten(2)  # (B, M, H·Dh)
