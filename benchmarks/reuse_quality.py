@@ -3,6 +3,8 @@
     python benchmarks/reuse_quality.py --split val --json reuse_quality_val.json      # choose settings here
     python benchmarks/reuse_quality.py --split test --json reuse_quality_test.json    # report these
     python benchmarks/reuse_quality.py --model checkpoints/tiny-shapes-w4a8-scq --split test --json scq.json
+    python benchmarks/reuse_quality.py --split val --per-category 256 --json val1280.json  # 1280 prompts: less noise
+    python benchmarks/reuse_quality.py --split val --steps 48 --json val48.json           # at 48 steps
 
 Settings (--settings, comma list; the model's own sampler is the base):
     none            no acceleration
@@ -88,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("val", "test"), default="val", help="val to choose settings, test to report")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma list (see above)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts (default: all)")
+    p.add_argument("--per-category", type=int, default=None,
+                   help=f"prompts per category (default {DEFAULT_PER_CATEGORY}: ShapeBench's 320); more on val "
+                        "tells settings apart that differ by less than the 320's noise")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps of every setting but steps-N (default: the model's, 16 for the embedded one)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = MGTPipeline.from_pretrained(args.model or default_model())
-    base = pipe.settings.sampler
+    base = pipe.settings.sampler if args.steps is None else pipe.settings.sampler.replace(num_steps=args.steps)
     names = ["none", *[n for n in args.settings.split(",") if n and n != "none"]]
     try:
         configs = {name: parse_setting(name, base) for name in names}
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/reuse_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     model_dir = Path(args.model or default_model())
     identity = json.loads(json.dumps({"model_sha256": model_fingerprint(model_dir), "split": args.split,
-                                      "limit": args.limit, "base_sampler": base.to_dict()}))  # as the JSON reads back
+                                      "limit": args.limit, **({"per_category": args.per_category} if args.per_category else {}),
+                                      "base_sampler": base.to_dict()}))  # as the JSON reads back
     data = read_json(args.json) if args.json.is_file() else {}
     tokens_path = args.json.with_suffix(".none_tokens.safetensors")  # `none`'s tokens: agreement after a resume
     if data.get("identity") != identity or not tokens_path.is_file():
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: kept from {args.json.name}", flush=True)
             continue
         result = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split=args.split, reference_tokens=reference,
+                                   per_category=args.per_category,
                                    **({"token_merging": tome} if tome is not None else {}))
         if reference is None:
             reference = result["tokens"]

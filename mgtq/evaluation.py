@@ -45,7 +45,7 @@ def generate_shapebench(
 def evaluate_pipeline(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, split: str = "test",
-    **call_kwargs,
+    per_category: int | None = None, **call_kwargs,
 ) -> dict:
     """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "per_prompt", ...}.
 
@@ -54,7 +54,7 @@ def evaluate_pipeline(
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress,
+    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress, per_category,
                                                      seed_offset=seed_offset, split=split, **call_kwargs)
     result = evaluate(images, items)
     result["split"] = split

@@ -419,7 +419,7 @@ def test_bench_takes_the_sampler_preset_and_reuse_flags_of_generate():
     parser = build_parser()
     assert _bench_reuse(parser.parse_args(["bench"])) is None  # no flag: the preset's (or the model's) reuse
     fast = parser.parse_args(["bench", "--sampler", "fast", "--reuse-interval", "4"])
-    assert fast.sampler == "fast" and _bench_reuse(fast) == ReuseConfig(interval=4, group="cells", warmup=3)
+    assert fast.sampler == "fast" and _bench_reuse(fast) == ReuseConfig(interval=4, group="cells", warmup=5)
     assert _bench_reuse(parser.parse_args(["bench", "--reuse-group", "masked"])) == ReuseConfig(group="masked")
     assert _bench_reuse(parser.parse_args(["bench", "--sampler", "fast", "--reuse-refresh", "0.1"])).refresh == 0.1
     for command in (["generate", "--prompt", "x"], ["eval"], ["edit", "--image", __file__, "--prompt", "x", "--strength", "0.5"]):

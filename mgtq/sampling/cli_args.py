@@ -91,7 +91,7 @@ def add_preset_argument(group) -> None:
     group.add_argument("--sampler", choices=PRESET_NAMES, default=None,
                        help="preset: vanilla (official), paper-combo (the paper's combination: cosine, noise, "
                             "differential 75%%, masked Z-sampling), paper-combo-root (the same on 1−t^0.6) or fast "
-                            "(vanilla with context reuse: --reuse-interval 3 --reuse-group cells --reuse-warmup 3)")
+                            "(vanilla with context reuse: --reuse-interval 4 --reuse-group cells --reuse-warmup 5)")
 
 
 def add_reuse_arguments(group) -> None:

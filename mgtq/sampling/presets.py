@@ -14,13 +14,14 @@ them; this module imports nothing from the sampler, so the two cannot form an im
 - "paper-combo-root": paper-combo on the 1 − t^0.6 schedule (Table 2's best schedule alone), which
     the paper's combination tables do not use: it shows whether the best schedule and the best tricks
     add up (benchmarks/ablations_sampler.py runs both).
-- "fast": vanilla with context reuse: a full step every 3 steps after 3 full ones, local steps decoding
-    their group in whole 2×2 cells. Chosen on ShapeBench val (benchmarks/results/reuse_select_val*.md) by
-    one rule: of the settings that matched no acceleration there (0.787, 80 prompts), the one computing
-    the fewest tokens. Only this one did (token NFE 10.8 of 16); with TomeMGT inside its full steps it
-    scored 0.775, so `fast` leaves TomeMGT out. Until local steps drew for their group only, 2 full first matched too with fewer
-    tokens (9.9) and was `fast`; it now scores 0.750 there: at n = 80 the noise is about ±0.05. At 48
-    steps both make 18 full steps. On the test split reuse does not beat fewer plain steps (README,
+- "fast": vanilla with context reuse: the first 6 steps full, then a full step every 4, local steps
+    decoding their group in whole 2×2 cells. Chosen on 1280 ShapeBench val prompts
+    (benchmarks/results/reuse_select_val1280.md) by one rule: of the settings within 0.02 of no
+    acceleration there (0.752), the one with the fewest full steps at 48 steps (16, against 19 for
+    every 3 with 4 full first, 0.741); it scores 0.740. Earlier picks came from 80 val prompts, whose
+    noise (about ±0.05) let every 3 with 3 full first match no acceleration there (0.787) and lose
+    0.023 on these 1280 (0.729); TomeMGT inside its full steps lost on those 80, so `fast` leaves it
+    out. Reuse does not beat fewer plain steps at the same token cost (12 steps: 0.738 on val, README
     "Context reuse"): opt-in, not a default.
 The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
 the combination.
@@ -48,7 +49,7 @@ _TRICK_FIELDS = MappingProxyType({
     "vanilla": _VANILLA,
     "paper-combo": _PAPER_COMBO,
     "paper-combo-root": MappingProxyType({**_PAPER_COMBO, "schedule": "root", "rho": 0.6}),
-    "fast": MappingProxyType({**_VANILLA, "reuse": {"interval": 3, "group": "cells", "warmup": 3, "bucket": 16, "refresh": 0.0}}),
+    "fast": MappingProxyType({**_VANILLA, "reuse": {"interval": 4, "group": "cells", "warmup": 5, "bucket": 16, "refresh": 0.0}}),
 })
 PRESET_NAMES = tuple(_TRICK_FIELDS)
 

@@ -59,21 +59,21 @@ def test_the_whole_image_runs_the_sampler_and_reuse_flags_and_the_report_says_so
 
     out = tmp_path / "bench_fast.json"
     code = main(["bench", "--model", "tiny-shapes", "--formats", "bf16", "--repeats", "1", "--warmup", "0",
-                 "--steps", "6", "--threads", "1", "--isolation", "none", "--latency", "--json", str(out),
+                 "--steps", "8", "--threads", "1", "--isolation", "none", "--latency", "--json", str(out),
                  "--no-progress", "--sampler", "fast", "--reuse-interval", "2"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["settings"]["measure"]["sampler"] == "fast"
     (result,) = report["results"]
     image = result["latency"]["image"]
-    assert image["reuse"] == {**report["settings"]["measure"]["reuse"], "interval": 2, "group": "cells", "warmup": 3}
-    # steps 0-2 (warm-up), 3 and 5 are full, 4 local; a 6-step run says nothing exact about 48 steps
-    assert (image["nfe"], image["local_nfe"]) == (6, 1) and 5 < image["token_nfe"] < 6
+    assert image["reuse"] == {**report["settings"]["measure"]["reuse"], "interval": 2, "group": "cells", "warmup": 5}
+    # steps 0-4 (warm-up), 5 and 7 are full, 6 local; an 8-step run says nothing exact about 48 steps
+    assert (image["nfe"], image["local_nfe"]) == (8, 1) and 7 < image["token_nfe"] < 8
     assert image["extrapolated_total_s"] is None
     assert len(result["latency"]["forward"]["samples"]) == 1  # forwards are still timed, as plain full forwards
     markdown = out.with_suffix(".md").read_text()
-    assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 3" in markdown
-    assert "Forwards are full forwards" in markdown and "| 6 (1) |" in markdown
+    assert "sampler preset `fast`" in markdown and "context reuse interval 2, group cells, warmup 5" in markdown
+    assert "Forwards are full forwards" in markdown and "| 8 (1) |" in markdown
 
 
 def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path, random_pipeline_dir):

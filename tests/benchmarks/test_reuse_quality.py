@@ -51,6 +51,17 @@ def test_a_rerun_keeps_the_settings_it_measured(quality, tmp_path, monkeypatch):
     assert 0.0 <= again["steps-6"]["token_agreement"] < 1.0
 
 
+def test_steps_and_prompts_per_category_are_part_of_what_a_rerun_keeps(quality, tmp_path):
+    out = tmp_path / "q.json"
+    assert quality.main(["--limit", "2", "--threads", "1", "--steps", "4", "--settings", "none", "--json", str(out)]) == 0
+    data = quality.read_json(out)
+    assert data["base_sampler"]["num_steps"] == 4 and data["settings"]["none"]["nfe"] == 4
+    assert quality.main(["--limit", "2", "--threads", "1", "--steps", "4", "--per-category", "2", "--settings", "none",
+                         "--json", str(out)]) == 0
+    again = quality.read_json(out)
+    assert again["identity"]["per_category"] == 2 and again["identity"] != data["identity"]
+
+
 def test_the_committed_16x16_test_run_still_reproduces_token_for_token():
     # The README's ShapeBench figures must come out of a fresh run: the tokens the 16×16 model's plain
     # sampler gave the first 16 test prompts in the committed run (benchmarks/results/

@@ -15,11 +15,11 @@ def test_reuse_flags_set_the_reuse_section_and_default_to_off():
     args = parser.parse_args(["--reuse-interval", "3", "--reuse-group", "masked", "--reuse-warmup", "2"])
     assert sampler_config_from_args(args, base).reuse == ReuseConfig(interval=3, group="masked", warmup=2)
     fast = sampler_config_from_args(parser.parse_args(["--sampler", "fast"]), base)
-    assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=3) and fast.num_steps == 16
+    assert fast.reuse == ReuseConfig(interval=4, group="cells", warmup=5) and fast.num_steps == 16
     off = sampler_config_from_args(parser.parse_args(["--sampler", "fast", "--reuse-interval", "1"]), base)
     assert not off.reuse.enabled
     refresh = sampler_config_from_args(parser.parse_args(["--sampler", "fast", "--reuse-refresh", "0.1"]), base)
-    assert refresh.reuse == ReuseConfig(interval=3, group="cells", warmup=3, refresh=0.1)
+    assert refresh.reuse == ReuseConfig(interval=4, group="cells", warmup=5, refresh=0.1)
 
 
 def test_generate_with_reuse_runs_local_steps(tmp_path, random_pipeline_dir, monkeypatch):

@@ -106,7 +106,7 @@ def test_preset_on_an_instance_starts_from_that_instance():
     checkpoint = SamplerConfig(num_steps=16, guidance_scale=2.0, gumbel_temperature=(1.0, 0.0))
     fast = checkpoint.preset("fast")
     assert (fast.num_steps, fast.guidance_scale, fast.gumbel_temperature) == (16, 2.0, (1.0, 0.0))
-    assert fast == SamplerConfig.preset("fast", base=checkpoint) and fast.reuse.interval == 3
+    assert fast == SamplerConfig.preset("fast", base=checkpoint) and fast.reuse.interval == 4
     assert checkpoint.preset("fast", num_steps=12).num_steps == 12  # overrides still win
     assert SamplerConfig.preset("fast").num_steps == SamplerConfig().num_steps == 48  # the class call is unchanged
     assert SamplerConfig.preset("fast", checkpoint) == fast  # base by position, as before
