@@ -60,7 +60,7 @@ def test_the_whole_image_sampler_is_a_preset_and_reuse_on_the_models_settings():
     model = SamplerConfig(num_steps=6, guidance_scale=2.0, timestep_convention="mask_ratio")
     assert MeasureSettings().image_sampler(model) == model  # no preset, no reuse: the model's settings
     fast = MeasureSettings(sampler="fast").image_sampler(model)
-    assert fast.reuse == ReuseConfig(interval=3, group="cells", warmup=3)
+    assert fast.reuse == ReuseConfig(interval=4, group="cells", warmup=5)
     assert (fast.num_steps, fast.guidance_scale, fast.timestep_convention) == (6, 2.0, "mask_ratio")
     measure = MeasureSettings(sampler="fast", reuse=ReuseConfig(interval=2, group="cells", warmup=2))
     assert measure.image_sampler(model).reuse.interval == 2
