@@ -33,18 +33,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tomemgt import random_transformer  # noqa: E402
-
-from mgtq import argtypes  # noqa: E402
-from mgtq.bench.build import quantize_in_format_, with_weight_cache  # noqa: E402
-from mgtq.bench.formats import Format  # noqa: E402
-from mgtq.reuse import ContextCache, active_tokens  # noqa: E402
-from mgtq.sampling import SamplerConfig, classifier_free_guidance  # noqa: E402
-from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args  # noqa: E402
-from mgtq.sampling.maskgit import num_to_mask, sample  # noqa: E402
-from mgtq.sampling.tricks.reuse import most_confident_cells  # noqa: E402
-from mgtq.utils import write_json  # noqa: E402
+from mgtq import argtypes
+from mgtq.bench.build import quantize_in_format_, with_weight_cache
+from mgtq.bench.formats import Format
+from mgtq.models.presets import preset_config
+from mgtq.models.random import random_float_transformer
+from mgtq.reuse import ContextCache, active_tokens
+from mgtq.sampling import SamplerConfig, classifier_free_guidance
+from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
+from mgtq.sampling.maskgit import num_to_mask, sample
+from mgtq.sampling.tricks.reuse import most_confident_cells
+from mgtq.utils import write_json
 
 FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
 TEXT_TOKENS = 77
@@ -53,7 +52,7 @@ INPUT_SCALE = 0.05  # int8 activation scale of the random-weight W4A8 layers (sp
 
 def build(preset: str, fmt: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight transformer of `preset` in format `fmt` (see the module docstring)."""
-    model = random_transformer(preset, torch.float32 if fmt == "fp32" else torch.bfloat16, seed)
+    model = random_float_transformer(preset_config(preset), torch.float32 if fmt == "fp32" else torch.bfloat16, seed)
     if fmt not in ("fp32", "bf16"):
         parsed = Format.parse(fmt)
         quantize_in_format_(model, parsed, INPUT_SCALE, seed)

@@ -37,26 +37,12 @@ from table5_tomemgt import parse_setting, table5_settings, variant_name  # noqa:
 
 from mgtq.merging import TomePlan, apply_tomemgt, remove_tomemgt  # noqa: E402
 from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations  # noqa: E402
-from mgtq.models import build_transformer  # noqa: E402
+from mgtq.models.presets import preset_config  # noqa: E402
+from mgtq.models.random import random_float_transformer  # noqa: E402
 from mgtq.utils import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEPS, TOTAL_STEPS = (2, 6, 10, 14), 16
-
-
-def random_transformer(preset: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A preset with random values (N(0, 0.02) weights, unit norms); meissonic-1024 ≈ 2 GB in bf16."""
-    model = build_transformer(preset, empty=True).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    return torch.nn.Module.to(model, dtype).eval()  # not ModelMixin.to, which warns about fp32-pinned modules it lacks
 
 
 def forward_inputs(model, batch: int, grid: int, text_len: int, dtype: torch.dtype, sigma: float, seed: int = 0) -> dict:
@@ -235,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype, batch = torch.bfloat16, 2
 
     t0, load_before = time.perf_counter(), round(os.getloadavg()[0], 2)
-    model = random_transformer(args.preset, dtype)
+    model = random_float_transformer(preset_config(args.preset), dtype)
     grid = args.token_grid // model.grid_factor
     n_tokens = grid * grid
     inputs = {s: forward_inputs(model, batch, args.token_grid, args.text_tokens, dtype, step_sigma(s), seed=s)
