@@ -1,23 +1,12 @@
 """benchmarks/ab_revisions.py: two revisions' blocks timed in alternating fresh processes, worktrees removed."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "ab_revisions.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("ab_revisions", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _git(*args):
@@ -25,10 +14,10 @@ def _git(*args):
 
 
 @pytest.mark.skipif(_git("rev-parse", "HEAD").returncode != 0, reason="needs a git checkout")
-def test_ab_revisions_tiny_same_revision(tmp_path):
+def test_ab_revisions_tiny_same_revision(tmp_path, benchmark_script):
     before = _git("worktree", "list").stdout
     out = tmp_path / "ab"
-    _script().main(["--base", "HEAD", "--head", "HEAD", "--formats", "bf16", "--rounds", "2", "--warmup", "0",
+    benchmark_script("ab_revisions").main(["--base", "HEAD", "--head", "HEAD", "--formats", "bf16", "--rounds", "2", "--warmup", "0",
                     "--tiny", "--out", str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["revisions"]["base"] == record["revisions"]["head"]

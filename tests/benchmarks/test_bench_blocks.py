@@ -1,25 +1,12 @@
 """benchmarks/bench_blocks.py on tiny shapes: every variant is timed in each round, bytes count the caches."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_blocks.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_blocks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_blocks_tiny(tmp_path):
-    bench = _script()
+def test_bench_blocks_tiny(tmp_path, benchmark_script):
+    bench = benchmark_script("bench_blocks")
     out = tmp_path / "blocks"
     bench.main(["--tiny", "--rounds", "2", "--warmup", "1", "--formats", "bf16,w4a8,w4a8-cached", "--profile",
                 "--out", str(out)])

@@ -1,7 +1,6 @@
 """benchmarks/bench_goals.py: the goal table of a committed bench JSON, peers read from benchmarks/bench_peers.py;
 the compiled weight-cache goals."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +21,8 @@ def test_goals_compare_mgtq_w4a8_with_each_w4a8_peer_of_the_lab():
         assert f"| mgtq w4a8 weight bytes / {peer} weight bytes |" in done.stdout
 
 
-def _script(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its folder's bench_peers
-    spec = importlib.util.spec_from_file_location("bench_goals", ROOT / "benchmarks" / "bench_goals.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_compiled_cached_goals_read_the_round_medians(monkeypatch):
-    bench_goals = _script(monkeypatch)
+def test_compiled_cached_goals_read_the_round_medians(benchmark_script):
+    bench_goals = benchmark_script("bench_goals")
     spread = {"min": 0.7, "max": 0.9, "rounds": 5}
     report = {"results": [], "ratios": {
         "w4a8-cached+compile": {"forward_vs_bf16": 0.82, "forward_vs_bf16_spread": spread},

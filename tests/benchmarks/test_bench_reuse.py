@@ -1,8 +1,6 @@
 """benchmarks/bench_reuse.py: the schedule it composes is the sampler's, and a tiny run writes its JSON."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,10 @@ import torch
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.maskgit import num_to_mask
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_reuse.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_reuse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(benchmark_script):
+    return benchmark_script("bench_reuse")
 
 
 @pytest.mark.parametrize("group", ["confidence", "cells", "masked"])

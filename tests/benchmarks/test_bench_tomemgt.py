@@ -1,22 +1,13 @@
 """benchmarks/bench_tomemgt.py: a tiny run composes each setting's speed-up against no merging in the same run."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tomemgt.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_tomemgt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))  # the script puts benchmarks/ on the path for table5_tomemgt
+def bench(benchmark_script):
+    return benchmark_script("bench_tomemgt")
 
 
 def test_tiny_run_writes_composed_and_whole_forward_speedups(bench, tmp_path):

@@ -1,16 +1,10 @@
 """benchmarks/gpu_check.py --smoke: every step of the GPU check runs on CPU and writes its files."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
-def test_gpu_check_smoke(tmp_path, random_pipeline_dir):
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+def test_gpu_check_smoke(tmp_path, random_pipeline_dir, benchmark_script):
+    gpu_check = benchmark_script("gpu_check")
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--model", str(random_pipeline_dir)]) == 0
     result = json.loads((tmp_path / "gpu_smoke.json").read_text())
     assert [row["label"] for row in result["bench"]] == ["bf16", "w4a16"]

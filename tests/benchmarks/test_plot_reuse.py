@@ -1,22 +1,15 @@
 """benchmarks/plot_reuse.py: speed-ups joined by reuse section, the fewer-steps baseline, the Pareto front."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from mgtq.sampling import SamplerConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_reuse.py"
-
 
 @pytest.fixture(scope="module")
-def plot_reuse():
-    spec = importlib.util.spec_from_file_location("plot_reuse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def plot_reuse(benchmark_script):
+    return benchmark_script("plot_reuse")
 
 
 def _quality():

@@ -1,6 +1,5 @@
 """benchmarks/reuse_quality.py: setting names map onto sampler and TomeMGT configs; unknown ones are errors."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,15 +8,10 @@ from mgtq.merging import TomeConfig
 from mgtq.reuse.config import ReuseConfig
 from mgtq.sampling import SamplerConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reuse_quality.py"
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("reuse_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quality(benchmark_script):
+    return benchmark_script("reuse_quality")
 
 
 def test_setting_names(quality):
