@@ -15,6 +15,9 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling      | onednn_inline    |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
+| cpu    | W4A8   | amx-int8, mgtq's AMX kernel built, M > 16,     | amx_inline       |
+|        |        | K % 128 == 0, N % 32 == 0, compiling           |                  |
+| cpu    | W4A8   | the same, eager                                | amx              |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -54,6 +57,11 @@ Kernels:
   activation quantization as plain torch ops for Inductor to fuse into its
   producer (the GEMM is a custom op, so the opaque prepacked weight enters
   the graph as an argument; no ``freezing`` needed);
+* ``amx``: mgtq's own AMX int8 GEMM (:mod:`.amx`): the int4 weight unpacked into
+  AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
+  ``int_mm_chunked``, no weight cache;
+* ``amx_inline``: the same GEMM op under ``torch.compile``, the activation
+  quantization as plain torch ops for Inductor to fuse into its producer;
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -105,6 +113,8 @@ import torch.nn.functional as F
 
 from mgtq.fused import apply_activation, check_activation, float_linear
 
+from . import amx
+from .cpu import CPU_CLASS_ENV, CPU_CLASSES, cpu_class, detect_cpu_class
 from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,
@@ -132,11 +142,7 @@ __all__ = [
 ]
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
-           "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
-# CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
-# AVX2 (the floor torch's CPU wheels need).
-CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
-CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
+           "amx", "amx_inline", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
@@ -156,7 +162,8 @@ class KernelContext:
     or None; m, k, n: rows, in, out features; dtype: activation dtype;
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
-    compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only).
+    compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only);
+    native: mgtq's AMX kernel (:mod:`.amx`) built and allowed to use AMX tiles on this machine.
     """
 
     device: str
@@ -170,56 +177,11 @@ class KernelContext:
     tinygemm: bool = False
     compiling: bool = False
     cpu_class: str | None = None
+    native: bool = False
 
     def __post_init__(self):
         if self.cpu_class is not None and self.cpu_class not in CPU_CLASSES:
             raise ValueError(f"cpu_class must be one of {CPU_CLASSES}, got {self.cpu_class!r}")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
-
-
-def detect_cpu_class(flags: set[str] | None = None) -> str:
-    """The CPU class of this machine (or of the given /proc/cpuinfo ``flags``): see ``CPU_CLASSES``.
-
-    Reads torch's own CPU feature checks where /proc/cpuinfo says nothing (not Linux).
-    """
-    flags = _cpu_flags() if flags is None else flags
-    cpu = getattr(torch, "cpu", None)
-    def has(flag: str, probe: str) -> bool:
-        if flags:
-            return flag in flags
-        check = getattr(cpu, probe, None)
-        return bool(check()) if check is not None else False
-
-    if has("amx_int8", "_is_amx_tile_supported"):
-        return "amx-int8"
-    if has("amx_bf16", "_is_amx_tile_supported"):
-        return "amx-bf16"
-    if has("avx512_vnni", "_is_vnni_supported"):
-        return "avx512-vnni"
-    return "avx2"
-
-
-@functools.lru_cache(maxsize=None)
-def _machine_cpu_class(override: str | None) -> str:
-    if override is None:
-        return detect_cpu_class()
-    if override not in CPU_CLASSES:
-        raise ValueError(f"{CPU_CLASS_ENV}={override!r} is not a CPU class; use one of {CPU_CLASSES} or unset it")
-    return override
-
-
-@torch.compiler.assume_constant_result
-def cpu_class() -> str:
-    """This machine's CPU class (``MGTQ_CPU_CLASS`` overrides the detection; read once per value)."""
-    return _machine_cpu_class(os.environ.get(CPU_CLASS_ENV) or None)
 
 
 def weight_cache_backend(cls: str) -> str:
@@ -261,6 +223,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         # (tests of other rows) trusts it.
         if ctx.device == "cpu" and ctx.cache and ctx.cpu_class in (None, *ONEDNN_INT8_CLASSES):
             return "onednn_inline" if ctx.compiling else "onednn"
+        if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native and not small
+                and amx.supports(ctx.k, ctx.n, ctx.dtype)):
+            return "amx_inline" if ctx.compiling else "amx"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
@@ -292,7 +257,8 @@ def context_for(x: torch.Tensor, k: int, n: int, group_size: int, cache: bool = 
         capability = (8, 0) if x.device.type != "cuda" else _cuda_capability(x.device.index or 0)
     return KernelContext(device=device, m=x.numel() // max(k, 1), k=k, n=n, dtype=x.dtype,
                          group_size=group_size, capability=capability, cache=cache, tinygemm=tinygemm,
-                         compiling=torch.compiler.is_compiling(), cpu_class=cpu_class() if device == "cpu" else None)
+                         compiling=torch.compiler.is_compiling(), cpu_class=cpu_class() if device == "cpu" else None,
+                         native=device == "cpu" and x.device.type == "cpu" and amx.available())
 
 
 # ------------------------------------------------------------------ fused elementwise kernels
@@ -349,6 +315,8 @@ def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
         return _fused("quantize", _quantize_rows_ref)(x, inv)
+    if amx.available() and x.dtype in (torch.bfloat16, torch.float32):
+        return amx.quantize_int8(x, scale)  # one vectorised pass instead of four cache-blocked torch ops
     return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
 
 
@@ -452,6 +420,18 @@ def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation="")
     return x_q.new_empty((x_q.shape[0], weight_scale.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("mgtq::w4a8_amx", mutates_args=())
+def w4a8_amx_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`.amx.w4a8_linear` as one op (opaque to Inductor, like the other GEMM ops here)."""
+    return amx.w4a8_linear(x_q, packed, col_scale, bias, out_dtype)
+
+
+@w4a8_amx_op.register_fake
+def _(x_q, packed, col_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
 # ------------------------------------------------------------------------------ the two layers
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -509,7 +489,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    if kernel in ("int_mm_chunked_inline", "onednn_inline"):
+    if kernel in ("int_mm_chunked_inline", "onednn_inline", "amx_inline"):
         # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
         x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
     else:
@@ -524,6 +504,8 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
+    elif kernel in ("amx", "amx_inline"):
+        y = w4a8_amx_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype)
     elif kernel in ("onednn", "onednn_inline"):
         y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype, activation or "")
         activation = None  # applied in oneDNN's epilogue

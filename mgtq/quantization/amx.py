@@ -1,0 +1,304 @@
+"""mgtq's own W4A8 GEMM for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles, no weight cache.
+
+Why hand-written: nothing torch or torchao ship multiplies int8 activations by *int4* weights on
+AMX without a second copy of the weight. ``torch._int_mm`` runs on AVX512-VNNI, needs the weight
+unpacked to int8 first and leaves an int32 accumulator whose rescale epilogue costs as much as the
+GEMM; oneDNN's AMX int8 linear (``onednn.qlinear_pointwise``) needs its own prepacked int8 copy of
+every weight (+1 byte per weight: mgtq's opt-in weight cache), and prepacking per call costs as much
+as the GEMM; Inductor's CPP GEMM template reaches AMX int8 only on a frozen int8 weight (the same
+copy); torchao's ``da8w4`` CPU kernel is not in its PyPI wheel.
+
+What it computes, for int8 ``x_q (M, K)``, the split-halves packed int4 weight ``(N, K/2)`` of
+:mod:`.packing`, fp32 column scales and bias: exactly :func:`.qtensor.int8_int4_linear`, bit for bit
+(the int32 sums of ``x_q * 16q`` are exact; then ``fma(acc, scale / 16, bias)`` in fp32, as torch's
+``addcmul``, rounded once to bf16 or kept in fp32).
+
+How: the output columns go in chunks of about 1 MiB of unpacked weight (``chunk_n``). A chunk's
+int4 weights are unpacked once per call into AMX's B-tile layout (4 consecutive inputs of one
+output column side by side), 16q as in ``unpack_int4_times16``, so no sign extension; then every
+32-row block of ``x_q`` runs 2 x 2 tiles (``tdpbssd``, int8 x int8 -> int32) against it, and each
+16 x 16 int32 tile is rescaled and stored from L1. OpenMP threads split the chunks.
+
+Built at first use with the C++ compiler ``torch.compile`` uses on CPU (Inductor's ``CppCodeCache``,
+cached on disk by source hash). Where the build fails (no compiler, not x86-64 Linux) or the kernel
+may not use AMX tiles (``arch_prctl`` permission), :func:`available` is False and
+:func:`mgtq.quantization.kernels.choose_kernel` keeps torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import platform
+
+import torch
+
+from .cpu import cpu_flags
+
+__all__ = ["available", "supports", "chunk_n", "quantize_int8", "w4a8_linear"]
+
+log = logging.getLogger(__name__)
+
+# Rows of x per block (2 A tiles of 16 rows), columns per B tile pair, inputs per tile.
+BLOCK_M = 32
+BLOCK_N = 32
+TILE_K = 64
+# Unpacked weight bytes per column chunk: 1 MiB stays in L2 while all row blocks stream past it
+# (1024 -> 4096 at 2202 rows: 64-column chunks 1.9x slower than 1024-column ones, 1 thread).
+CHUNK_BYTES = 1 << 20
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <omp.h>
+
+// Only these functions need AMX / AVX-512; the rest of the build keeps the compiler's defaults.
+// fp-contract off: the epilogue's one fma is written out; nothing else may be contracted.
+#define TGT __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-int8"), optimize("fp-contract=off")))
+
+extern "C" int mgtq_amx_init() {
+  // Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+}
+
+struct alignas(64) TileCfg {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+TGT static void config_tiles() {
+  TileCfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }  // every tile 16 x 64 bytes
+  _tile_loadconfig(&cfg);
+}
+
+// Columns [n0, n0 + nb) of the split-halves int4 weight -> B tiles of 16q, [nb/16][K/64][16 rows][64 bytes]:
+// tile row r holds, for each of the 16 columns, its inputs 4r .. 4r+3 of that 64-input block.
+// One 64-byte load of a packed row gives inputs j0 .. j0+63 (low nibbles) and j0+K/2 .. (high nibbles).
+TGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t nb, int8_t* buf) {
+  const int64_t half = K / 2, kblocks = K / 64;
+  alignas(64) int32_t lo[256], hi[256];
+  const __m512i top = _mm512_set1_epi8((char)0xF0);
+  const __m512i rows = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+  for (int64_t t = 0; t < nb / 16; ++t) {
+    for (int64_t j0 = 0; j0 < half; j0 += 64) {
+      for (int c = 0; c < 16; ++c) {
+        const __m512i p = _mm512_loadu_si512(packed + (n0 + t * 16 + c) * half + j0);
+        _mm512_store_si512(lo + c * 16, _mm512_and_si512(_mm512_slli_epi16(p, 4), top));  // 16 * low nibble
+        _mm512_store_si512(hi + c * 16, _mm512_and_si512(p, top));                        // 16 * high nibble
+      }
+      int8_t* tlo = buf + (t * kblocks + j0 / 64) * 1024;
+      int8_t* thi = buf + (t * kblocks + (j0 + half) / 64) * 1024;
+      for (int r = 0; r < 16; ++r) {  // transpose 16 x 16 groups of 4 bytes
+        const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(r));
+        _mm512_store_si512(tlo + r * 64, _mm512_i32gather_epi32(idx, lo, 4));
+        _mm512_store_si512(thi + r * 64, _mm512_i32gather_epi32(idx, hi, 4));
+      }
+    }
+  }
+}
+
+extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const float* scale16, const float* bias,
+                                 void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t chunk_n,
+                                 int64_t nthreads) {
+  const int64_t kblocks = K / 64;
+  const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+#pragma omp parallel num_threads(nthreads)
+  {
+    config_tiles();
+    int8_t* bbuf = (int8_t*)aligned_alloc(64, chunk_n * K);
+    int8_t* apad = (int8_t*)aligned_alloc(64, 32 * K);
+    alignas(64) int32_t cbuf[4][256];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk_n;
+      const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
+      unpack_b(packed, K, n0, nb, bbuf);
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int8_t* a = x + m0 * K;
+        const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
+        if (mrows < 32) {  // last rows: a zero-padded copy, so every tile is full
+          memcpy(apad, a, mrows * K);
+          memset(apad + mrows * K, 0, (32 - mrows) * K);
+          a = apad;
+        }
+        for (int64_t s = 0; s < nb / 32; ++s) {
+          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          const int8_t* b0 = bbuf + (2 * s) * kblocks * 1024;
+          const int8_t* b1 = bbuf + (2 * s + 1) * kblocks * 1024;
+          for (int64_t kb = 0; kb < kblocks; ++kb) {
+            _tile_loadd(4, a + kb * 64, K);
+            _tile_loadd(5, a + 16 * K + kb * 64, K);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+          _tile_stored(0, cbuf[0], 64);
+          _tile_stored(1, cbuf[1], 64);
+          _tile_stored(2, cbuf[2], 64);
+          _tile_stored(3, cbuf[3], 64);
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int64_t n = n0 + 32 * s + 16 * j;
+              const __m512 sc = _mm512_loadu_ps(scale16 + n);
+              const __m512 bi = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+              for (int r = 0; r < 16; ++r) {
+                const int64_t m = m0 + 16 * i + r;
+                if (m >= M) break;
+                const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf[2 * i + j] + r * 16));
+                const __m512 y = bias ? _mm512_fmadd_ps(acc, sc, bi) : _mm512_mul_ps(acc, sc);
+                if (out_bf16) {
+                  _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
+                } else {
+                  _mm512_storeu_ps((float*)out + m * N + n, y);
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    free(bbuf);
+    free(apad);
+    _tile_release();
+  }
+}
+// x (numel, bf16 or fp32) -> int8: round-half-even of x * inv_scale in fp32, clamped to [-128, 127] (the
+// clamp first: its bounds are integers, so the result is the same as torch's round-then-clamp).
+extern "C" TGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_scale, int8_t* out, int64_t numel,
+                                      int64_t nthreads) {
+  const int64_t blocks = numel / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 f;
+    if (x_bf16) {
+      f = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + b * 16))), 16));
+    } else {
+      f = _mm512_loadu_ps((const float*)x + b * 16);
+    }
+    f = _mm512_mul_ps(f, _mm512_set1_ps(inv_scale));
+    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
+    _mm_storeu_si128((__m128i*)(out + b * 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(f)));  // MXCSR: nearest-even
+  }
+  for (int64_t i = blocks * 16; i < numel; ++i) {
+    float v;
+    if (x_bf16) {
+      const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16;
+      memcpy(&v, &u, 4);
+    } else {
+      v = ((const float*)x)[i];
+    }
+    v *= inv_scale;
+    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+    out[i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(v));
+  }
+}
+"""
+
+
+def _has_amx_int8() -> bool:
+    # The real hardware, not MGTQ_CPU_CLASS: forcing the class on a CPU without AMX must not run tile code.
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") and "amx_int8" in cpu_flags()
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """The built kernel library, or None where it cannot run here (logged once, at debug level)."""
+    if not _has_amx_int8():
+        return None
+    try:
+        from torch._inductor.codecache import CppCodeCache
+
+        lib = CppCodeCache.load(_SOURCE)
+        if not lib.mgtq_amx_init():
+            log.debug("mgtq AMX kernel: the kernel refused AMX tile state (arch_prctl); using torch's kernels")
+            return None
+    except Exception as err:  # no compiler, headers or Inductor: torch's kernels still run
+        log.debug("mgtq AMX kernel unavailable (%s); using torch's kernels", err)
+        return None
+    lib.mgtq_w4a8_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    lib.mgtq_w4a8_amx.restype = None
+    lib.mgtq_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64]
+    lib.mgtq_quantize_int8.restype = None
+    return lib
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether this machine has AMX-int8 and the kernel built and got AMX permission (built on first call)."""
+    return _library() is not None
+
+
+def supports(k: int, n: int, out_dtype: torch.dtype) -> bool:
+    """Shapes and dtypes the kernel takes: K a multiple of 128 (two 64-input tiles per packed byte run),
+    N a multiple of 32 (two 16-column tiles), bf16 or fp32 output."""
+    return k > 0 and n > 0 and k % (2 * TILE_K) == 0 and n % BLOCK_N == 0 and out_dtype in (torch.bfloat16,
+                                                                                            torch.float32)
+
+
+def chunk_n(k: int, n: int) -> int:
+    """Output columns per chunk: about ``CHUNK_BYTES`` of unpacked weight, a multiple of 32, at most N."""
+    return max(BLOCK_N, min(n, CHUNK_BYTES // k // BLOCK_N * BLOCK_N))
+
+
+def _checked_library() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("mgtq's AMX kernel is not available on this machine (see mgtq.quantization.amx)")
+    return lib
+
+
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp32 ``x (..., K)`` -> int8 ``(M, K)`` in one pass, as :func:`.qtensor.quantize_int8_per_tensor`
+    (``clamp(round(x_fp32 * (1 / scale)))``, round-half-even; a NaN becomes -128 here)."""
+    lib = _checked_library()
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"the AMX quantizer takes bf16 or fp32 activations, got {x.dtype}")
+    x = x.contiguous()
+    out = torch.empty(x.numel() // x.shape[-1], x.shape[-1], dtype=torch.int8)
+    inv = float(torch.reciprocal(scale.to(torch.float32)))  # IEEE reciprocal, as the torch quantizer
+    lib.mgtq_quantize_int8(x.data_ptr(), int(x.dtype == torch.bfloat16), inv, out.data_ptr(), x.numel(),
+                           torch.get_num_threads())
+    return out
+
+
+def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """``(x_q @ q.T) * col_scale + bias`` as :func:`.qtensor.int8_int4_linear`, on AMX tiles.
+
+    x_q: int8 ``(M, K)``; packed: uint8 ``(N, K/2)``; col_scale: ``(N,)`` (input scale x weight scale);
+    bias: ``(N,)`` or None. Needs :func:`available` and :func:`supports`.
+    """
+    lib = _checked_library()
+    m, k = x_q.shape
+    n = packed.shape[0]
+    if x_q.dtype != torch.int8 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
+        raise ValueError(f"expected int8 x (M, K) and uint8 packed (N, K/2), got {x_q.dtype} {tuple(x_q.shape)} "
+                         f"and {packed.dtype} {tuple(packed.shape)}")
+    if not supports(k, n, out_dtype):
+        raise ValueError(f"the AMX kernel needs K % 128 == 0, N % 32 == 0 and a bf16/fp32 output, "
+                         f"got K={k}, N={n}, {out_dtype}")
+    out = torch.empty(m, n, dtype=out_dtype)
+    if m == 0:
+        return out
+    x_q = x_q.contiguous()
+    packed = packed.contiguous()
+    scale16 = (col_scale.to(torch.float32) * (1.0 / 16.0)).contiguous()  # the 16 of 16q, exact
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    lib.mgtq_w4a8_amx(x_q.data_ptr(), packed.data_ptr(), scale16.data_ptr(),
+                      None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+                      m, k, n, int(out_dtype == torch.bfloat16), chunk_n(k, n), torch.get_num_threads())
+    return out

@@ -1,0 +1,65 @@
+"""The CPU class of this machine, read once at run time: what mgtq's kernel choice depends on.
+
+``amx-int8``, ``amx-bf16``, ``avx512-vnni``, ``avx2`` (:data:`CPU_CLASSES`); ``MGTQ_CPU_CLASS``
+overrides the detection (benchmarks of another class's dispatch on this machine, tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["CPU_CLASSES", "CPU_CLASS_ENV", "cpu_class", "detect_cpu_class", "cpu_flags"]
+
+# CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
+# AVX2 (the floor torch's CPU wheels need).
+CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
+CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def detect_cpu_class(flags: set[str] | None = None) -> str:
+    """The CPU class of this machine (or of the given /proc/cpuinfo ``flags``): see ``CPU_CLASSES``.
+
+    Reads torch's own CPU feature checks where /proc/cpuinfo says nothing (not Linux).
+    """
+    flags = cpu_flags() if flags is None else flags
+    cpu = getattr(torch, "cpu", None)
+    def has(flag: str, probe: str) -> bool:
+        if flags:
+            return flag in flags
+        check = getattr(cpu, probe, None)
+        return bool(check()) if check is not None else False
+
+    if has("amx_int8", "_is_amx_tile_supported"):
+        return "amx-int8"
+    if has("amx_bf16", "_is_amx_tile_supported"):
+        return "amx-bf16"
+    if has("avx512_vnni", "_is_vnni_supported"):
+        return "avx512-vnni"
+    return "avx2"
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_cpu_class(override: str | None) -> str:
+    if override is None:
+        return detect_cpu_class()
+    if override not in CPU_CLASSES:
+        raise ValueError(f"{CPU_CLASS_ENV}={override!r} is not a CPU class; use one of {CPU_CLASSES} or unset it")
+    return override
+
+
+@torch.compiler.assume_constant_result
+def cpu_class() -> str:
+    """This machine's CPU class (``MGTQ_CPU_CLASS`` overrides the detection; read once per value)."""
+    return _machine_cpu_class(os.environ.get(CPU_CLASS_ENV) or None)

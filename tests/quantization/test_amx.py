@@ -1,0 +1,133 @@
+"""mgtq's AMX W4A8 kernel (mgtq.quantization.amx): bit-equal to the torch reference, and where it is chosen.
+
+The numerics tests need an AMX-int8 CPU with a C++ compiler (what `torch.compile` on CPU needs too)
+and are skipped elsewhere; the dispatch is checked everywhere with forced contexts.
+"""
+
+import pytest
+import torch
+
+from mgtq.quantization import W4A8Linear, amx, kernels
+from mgtq.quantization.kernels import KernelContext, choose_kernel
+from mgtq.quantization.packing import pack_int4
+from mgtq.quantization.qtensor import int8_int4_linear, quantize_int8_per_tensor
+
+needs_amx = pytest.mark.skipif(not amx.available(), reason="needs an AMX-int8 CPU and a C++ compiler")
+
+
+def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, **kw):
+    kw = {"cpu_class": "amx-int8", "native": True, **kw}
+    return KernelContext(device="cpu", m=m, k=k, n=n, dtype=dtype, group_size=k, **kw)
+
+
+@pytest.mark.parametrize("context, expected", [
+    (ctx(), "amx"),
+    (ctx(compiling=True), "amx_inline"),
+    (ctx(m=17, k=128, n=32, dtype=torch.float32), "amx"),
+    (ctx(native=False), "int_mm_chunked"),  # not built here (no compiler, no AMX permission)
+    (ctx(cpu_class="avx512-vnni"), "int_mm_chunked"),  # MGTQ_CPU_CLASS forced to another class
+    (ctx(m=16), "int_mm"),  # few rows: one _int_mm
+    (ctx(k=96), "int_mm_chunked"),  # K % 128 != 0
+    (ctx(n=48), "int_mm_chunked"),  # N % 32 != 0
+    (ctx(dtype=torch.float16), "int_mm_chunked"),  # the kernel stores bf16 or fp32 only
+    (ctx(cache=True), "onednn"),  # the opt-in oneDNN weight cache, where the user made one
+])
+def test_choice(context, expected):
+    assert choose_kernel("w4a8", context) == expected
+
+
+def test_supported_shapes_and_chunks():
+    assert amx.supports(1024, 4096, torch.bfloat16) and amx.supports(128, 32, torch.float32)
+    assert not amx.supports(64, 32, torch.bfloat16) and not amx.supports(128, 16, torch.bfloat16)
+    assert not amx.supports(128, 32, torch.float16)
+    # about 1 MiB of unpacked weight per chunk, a multiple of 32 columns, never more than N
+    assert amx.chunk_n(1024, 4096) == 1024 and amx.chunk_n(4096, 1024) == 256 and amx.chunk_n(5120, 1024) == 192
+    assert amx.chunk_n(1024, 96) == 96 and amx.chunk_n(1 << 16, 4096) == 32
+
+
+def _operands(m, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    col_scale = torch.rand(n, generator=g) * 1e-3 + 1e-5
+    bias = torch.randn(n, generator=g)
+    return x_q, pack_int4(q), col_scale, bias
+
+
+@needs_amx
+@pytest.mark.parametrize("m, k, n", [
+    (1, 128, 32), (17, 128, 64), (33, 256, 96), (100, 384, 32),
+    (50, 4096, 544),  # three column chunks (256, 256, 32): chunk edges
+    (70, 1024, 2048),  # two chunks of 1024
+])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bit_equal_to_the_reference(m, k, n, out_dtype, with_bias):
+    x_q, packed, col_scale, bias = _operands(m, k, n)
+    bias = bias if with_bias else None
+    ref = int8_int4_linear(x_q, packed, col_scale, bias, out_dtype)
+    got = amx.w4a8_linear(x_q, packed, col_scale, bias, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert torch.equal(got, ref)
+
+
+@needs_amx
+def test_threads_split_the_chunks_without_changing_a_bit():
+    x_q, packed, col_scale, bias = _operands(40, 4096, 1024)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16)
+        torch.set_num_threads(2)
+        two = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+@needs_amx
+def test_the_layer_runs_it_and_equals_the_torch_kernel(monkeypatch):
+    torch.manual_seed(0)
+    float_layer = torch.nn.Linear(256, 96)
+    layer = W4A8Linear.from_float(float_layer, input_scale=0.02).eval()
+    x = torch.randn(2, 40, 256, dtype=torch.bfloat16)
+    assert choose_kernel("w4a8", kernels.context_for(x, 256, 96, 256)) == "amx"
+    with torch.inference_mode():
+        native = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        monkeypatch.setenv(kernels.CPU_CLASS_ENV, "avx512-vnni")  # torch's _int_mm path on the same machine
+        assert choose_kernel("w4a8", kernels.context_for(x, 256, 96, 256)) == "int_mm_chunked"
+        reference = layer(x)
+    assert torch.equal(native, reference)
+    assert torch.equal(compiled, reference)  # activation quantization inline: the same rounding
+
+
+def test_a_clear_error_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(amx, "_library", lambda: None)
+    x_q, packed, col_scale, bias = _operands(4, 128, 32)
+    with pytest.raises(RuntimeError, match="not available on this machine"):
+        amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16)
+
+
+@needs_amx
+def test_bad_operands_are_refused():
+    x_q, packed, col_scale, bias = _operands(4, 128, 32)
+    with pytest.raises(ValueError, match="K % 128"):
+        amx.w4a8_linear(x_q, packed, col_scale, bias, torch.float16)
+    with pytest.raises(ValueError, match="int8 x"):
+        amx.w4a8_linear(x_q.float(), packed, col_scale, bias, torch.bfloat16)
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 77, 128), (3, 37), (1, 5)])  # a 16-wide body and a scalar tail
+def test_quantizer_equals_the_torch_one(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 8).to(dtype)
+    scale = torch.tensor(0.05)
+    flat = x.view(-1)
+    # out of range both ways, and exact halves (round half to even)
+    flat[:4] = torch.tensor([1e9, -1e9, 0.5 * 0.05, 2.5 * 0.05]).to(dtype)
+    expected = quantize_int8_per_tensor(x, scale).reshape(-1, shape[-1])
+    assert torch.equal(amx.quantize_int8(x, scale), expected)
+    assert torch.equal(kernels.quantize_int8_rows(x, scale), expected)  # what every CPU W4A8 kernel runs
