@@ -15,8 +15,8 @@ candidate CPU kernel of that dispatch forced on each shape (the evidence for
 its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed);
 W4A8 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer,
-the exact ``_weight_int8pack_mm`` path, and the opt-in oneDNN int8 weight
-cache.  Variants are timed round-robin (one call of each in turn, repeated)
+the exact ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``, AMX-int8
+CPUs only, :mod:`mgtq.quantization.amx`), and the opt-in oneDNN int8 weight cache.  Variants are timed round-robin (one call of each in turn, repeated)
 so background load hits all of them alike; we report medians.
 
 Usage::
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
-from mgtq.quantization import kernels
+from mgtq.quantization import amx, kernels
 from mgtq.utils import atomic_write_text
 
 D = 1024
@@ -77,7 +77,7 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
 
 
 VARIANTS = ("fp32", "bf16", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
-            "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "W4A8+onednn")
+            "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "A8 amx", "W4A8+onednn")
 
 
 def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
@@ -114,6 +114,8 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
         "A8 int8pack exact": lambda: _forced(w4a8, xbf, "int8pack_exact"),
         "W4A8+onednn": lambda: w4a8_cached(xbf),
     }
+    if amx.available():  # mgtq's own AMX kernel: AMX-int8 CPUs with a C++ compiler only
+        variants["A8 amx"] = lambda: _forced(w4a8, xbf, "amx")
     return variants
 
 
@@ -173,6 +175,8 @@ def main() -> None:
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if wanted - set(VARIANTS):
         raise SystemExit(f"unknown --variants {sorted(wanted - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
+    if not amx.available():
+        wanted.discard("A8 amx")
     variants = [v for v in VARIANTS if v in wanted]
     rows: list[tuple[str, dict[str, float]]] = []
     block = {v: 0.0 for v in variants}

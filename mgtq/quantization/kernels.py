@@ -15,7 +15,7 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling      | onednn_inline    |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
-| cpu    | W4A8   | amx-int8, mgtq's AMX kernel built, M > 16,     | amx_inline       |
+| cpu    | W4A8   | amx-int8, mgtq's AMX kernel built,             | amx_inline       |
 |        |        | K % 128 == 0, N % 32 == 0, compiling           |                  |
 | cpu    | W4A8   | the same, eager                                | amx              |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
@@ -223,8 +223,7 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         # (tests of other rows) trusts it.
         if ctx.device == "cpu" and ctx.cache and ctx.cpu_class in (None, *ONEDNN_INT8_CLASSES):
             return "onednn_inline" if ctx.compiling else "onednn"
-        if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native and not small
-                and amx.supports(ctx.k, ctx.n, ctx.dtype)):
+        if ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native and amx.supports(ctx.k, ctx.n, ctx.dtype):
             return "amx_inline" if ctx.compiling else "amx"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
