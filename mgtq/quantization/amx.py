@@ -36,7 +36,7 @@ import torch
 
 from .cpu import cpu_flags
 
-__all__ = ["available", "supports", "chunk_n", "quantize_int8", "w4a8_linear"]
+__all__ = ["available", "supports", "supports_w4a16", "chunk_n", "quantize_int8", "w4a8_linear", "w4a16_linear"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _SOURCE = r"""
 
 // Only these functions need AMX / AVX-512; the rest of the build keeps the compiler's defaults.
 // fp-contract off: the epilogue's one fma is written out; nothing else may be contracted.
-#define TGT __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-int8"), optimize("fp-contract=off")))
+#define TGT __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-int8,amx-bf16"), optimize("fp-contract=off")))
 
 extern "C" int mgtq_amx_init() {
   // Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
@@ -205,6 +205,109 @@ extern "C" TGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_
     out[i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(v));
   }
 }
+// W4A16: columns [n0, n0 + nb) dequantized to bf16 B tiles, [nb/16][K/32][16 rows][32 bf16]: tile row r holds, for
+// each of the 16 columns, its inputs 2r, 2r+1 of that 32-input block. Each weight is (16q) * (scale / 16) in fp32,
+// rounded once to bf16: the bits mgtq's torch dequantizer gives.
+TGT static void unpack_b_bf16(const uint8_t* packed, const float* scale16, int64_t groups, int64_t K, int64_t n0,
+                              int64_t nb, uint16_t* buf) {
+  const int64_t half = K / 2, kblocks = K / 32, gsize = K / groups;
+  alignas(64) int32_t tmp[4][256];
+  const __m512i top = _mm512_set1_epi8((char)0xF0);
+  const __m512i rows = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+  for (int64_t t = 0; t < nb / 16; ++t) {
+    for (int64_t j0 = 0; j0 < half; j0 += 64) {
+      for (int c = 0; c < 16; ++c) {
+        const int64_t n = n0 + t * 16 + c;
+        const __m512i p = _mm512_loadu_si512(packed + n * half + j0);
+        const __m512i q16[2] = {_mm512_and_si512(_mm512_slli_epi16(p, 4), top), _mm512_and_si512(p, top)};
+        for (int h = 0; h < 2; ++h) {
+          const int64_t kbase = j0 + h * half;
+          for (int q = 0; q < 4; ++q) {
+            const __m128i b = q == 0 ? _mm512_extracti32x4_epi32(q16[h], 0)
+                            : q == 1 ? _mm512_extracti32x4_epi32(q16[h], 1)
+                            : q == 2 ? _mm512_extracti32x4_epi32(q16[h], 2)
+                                     : _mm512_extracti32x4_epi32(q16[h], 3);
+            const float s = scale16[n * groups + (kbase + q * 16) / gsize];
+            const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(s));
+            _mm256_store_si256((__m256i*)(tmp[h * 2 + q / 2] + c * 16 + (q % 2) * 8), (__m256i)_mm512_cvtneps_pbh(w));
+          }
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        for (int sub = 0; sub < 2; ++sub) {
+          uint16_t* dst = buf + (t * kblocks + (j0 + h * half) / 32 + sub) * 512;
+          for (int r = 0; r < 16; ++r) {
+            const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(r));
+            _mm512_store_si512(dst + r * 32, _mm512_i32gather_epi32(idx, tmp[h * 2 + sub], 4));
+          }
+        }
+      }
+    }
+  }
+}
+
+extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, const float* scale16, int64_t groups,
+                                  const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t chunk_n,
+                                  int64_t nthreads) {
+  const int64_t kblocks = K / 32;
+  const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+#pragma omp parallel num_threads(nthreads)
+  {
+    config_tiles();
+    uint16_t* bbuf = (uint16_t*)aligned_alloc(64, chunk_n * K * 2);
+    uint16_t* apad = (uint16_t*)aligned_alloc(64, 32 * K * 2);
+    alignas(64) float cbuf[4][256];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n0 = c * chunk_n;
+      const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
+      unpack_b_bf16(packed, scale16, groups, K, n0, nb, bbuf);
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const uint16_t* a = x + m0 * K;
+        const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
+        if (mrows < 32) {
+          memcpy(apad, a, mrows * K * 2);
+          memset(apad + mrows * K, 0, (32 - mrows) * K * 2);
+          a = apad;
+        }
+        for (int64_t s = 0; s < nb / 32; ++s) {
+          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          const uint16_t* b0 = bbuf + (2 * s) * kblocks * 512;
+          const uint16_t* b1 = bbuf + (2 * s + 1) * kblocks * 512;
+          for (int64_t kb = 0; kb < kblocks; ++kb) {
+            _tile_loadd(4, a + kb * 32, K * 2);
+            _tile_loadd(5, a + 16 * K + kb * 32, K * 2);
+            _tile_loadd(6, b0 + kb * 512, 64);
+            _tile_loadd(7, b1 + kb * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, cbuf[0], 64);
+          _tile_stored(1, cbuf[1], 64);
+          _tile_stored(2, cbuf[2], 64);
+          _tile_stored(3, cbuf[3], 64);
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int64_t n = n0 + 32 * s + 16 * j;
+              const __m512 bi = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+              for (int r = 0; r < 16; ++r) {
+                const int64_t m = m0 + 16 * i + r;
+                if (m >= M) break;
+                const __m512 y = _mm512_add_ps(_mm512_load_ps(cbuf[2 * i + j] + r * 16), bi);
+                _mm256_storeu_si256((__m256i*)(out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
+              }
+            }
+          }
+        }
+      }
+    }
+    free(bbuf);
+    free(apad);
+    _tile_release();
+  }
+}
 """
 
 
@@ -233,6 +336,9 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64]
     lib.mgtq_quantize_int8.restype = None
+    lib.mgtq_w4a16_amx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p] + [ctypes.c_int64] * 5
+    lib.mgtq_w4a16_amx.restype = None
     return lib
 
 
@@ -247,6 +353,11 @@ def supports(k: int, n: int, out_dtype: torch.dtype) -> bool:
     N a multiple of 32 (two 16-column tiles), bf16 or fp32 output."""
     return k > 0 and n > 0 and k % (2 * TILE_K) == 0 and n % BLOCK_N == 0 and out_dtype in (torch.bfloat16,
                                                                                             torch.float32)
+
+
+def supports_w4a16(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
+    """The W4A16 kernel's shapes: as :func:`supports`, bf16 activations, groups a multiple of 16 inputs."""
+    return supports(k, n, dtype) and dtype == torch.bfloat16 and group_size % 16 == 0 and k % group_size == 0
 
 
 def chunk_n(k: int, n: int) -> int:
@@ -301,4 +412,32 @@ def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor
     lib.mgtq_w4a8_amx(x_q.data_ptr(), packed.data_ptr(), scale16.data_ptr(),
                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
                       m, k, n, int(out_dtype == torch.bfloat16), chunk_n(k, n), torch.get_num_threads())
+    return out
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 ``x (M, K)`` times the int4 weight dequantized to bf16 on the fly (``(N, G)`` scales), + bias, in bf16.
+
+    The weights are the bf16 values of :func:`.qtensor.dequantize_int4_weight`; the products are summed
+    in fp32 on AMX tiles, in another order than oneDNN's bf16 GEMM (the same kind of difference as
+    between two GEMM libraries). Needs :func:`available` and :func:`supports_w4a16`.
+    """
+    lib = _checked_library()
+    m, k = x.shape
+    n, groups = packed.shape[0], scale.shape[1]
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
+        raise ValueError(f"expected bf16 x (M, K) and uint8 packed (N, K/2), got {x.dtype} {tuple(x.shape)} and "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    if not supports_w4a16(k, n, k // groups, x.dtype):
+        raise ValueError(f"the AMX W4A16 kernel needs K % 128 == 0, N % 32 == 0, groups of a multiple of 16 inputs "
+                         f"and bf16 activations, got K={k}, N={n}, group {k // groups}, {x.dtype}")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m == 0:
+        return out
+    x = x.contiguous()
+    scale16 = (scale.to(torch.float32) * (1.0 / 16.0)).contiguous()
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    lib.mgtq_w4a16_amx(x.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(), groups,
+                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n,
+                       chunk_n(2 * k, n), torch.get_num_threads())
     return out

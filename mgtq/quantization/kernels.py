@@ -9,6 +9,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 
 | device | scheme | condition                                      | kernel           |
 |--------|--------|------------------------------------------------|------------------|
+| cpu    | W4A16  | amx-int8, mgtq's AMX kernel built, bf16,       | amx              |
+|        |        | K % 128 == 0, N % 32 == 0, group % 16 == 0     |                  |
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
@@ -57,9 +59,12 @@ Kernels:
   activation quantization as plain torch ops for Inductor to fuse into its
   producer (the GEMM is a custom op, so the opaque prepacked weight enters
   the graph as an argument; no ``freezing`` needed);
-* ``amx``: mgtq's own AMX int8 GEMM (:mod:`.amx`): the int4 weight unpacked into
-  AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
+* ``amx`` (W4A8): mgtq's own AMX int8 GEMM (:mod:`.amx`): the int4 weight unpacked
+  into AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
   ``int_mm_chunked``, no weight cache;
+* ``amx`` (W4A16): mgtq's own AMX bf16 GEMM: the int4 weight dequantized into
+  AMX tiles per call (the same bf16 weights as ``dequant``), fp32 sums, bias and
+  cast per tile; eager and compiled alike (it quantizes nothing for Inductor to fuse);
 * ``amx_inline``: the same GEMM op under ``torch.compile``, the activation
   quantization as plain torch ops for Inductor to fuse into its producer;
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
@@ -210,6 +215,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
     per_channel = ctx.group_size == ctx.k
     small = ctx.m <= SMALL_M
     if scheme == "w4a16":
+        if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native
+                and amx.supports_w4a16(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
+            return "amx"
         if (ctx.device == "cuda" and ctx.tinygemm and ctx.dtype == torch.bfloat16
                 and ctx.capability is not None and ctx.capability >= (8, 0)):
             return "tinygemm"
@@ -431,6 +439,17 @@ def _(x_q, packed, col_scale, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("mgtq::w4a16_amx", mutates_args=())
+def w4a16_amx_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`.amx.w4a16_linear` as one op."""
+    return amx.w4a16_linear(x, packed, scale, bias)
+
+
+@w4a16_amx_op.register_fake
+def _(x, packed, scale, bias):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
 # ------------------------------------------------------------------------------ the two layers
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -447,6 +466,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k // scale.shape[1], tinygemm=tinygemm is not None, force_device=force_device)
     kernel = choose_kernel("w4a16", ctx)
+    if kernel == "amx":
+        # The bias in the activation dtype first, as the dequant path gives it to the GEMM.
+        y = w4a16_amx_op(x.reshape(-1, k), packed, scale, None if bias is None else bias.to(x.dtype))
+        return apply_activation(y.reshape(*x.shape[:-1], n), activation)
     if kernel == "tinygemm":
         weight, scales_zeros = tinygemm
         x2 = x.reshape(-1, k)

@@ -1,4 +1,5 @@
-"""mgtq's AMX W4A8 kernel (mgtq.quantization.amx): bit-equal to the torch reference, and where it is chosen.
+"""mgtq's AMX kernels (mgtq.quantization.amx): W4A8 bit-equal to the torch reference, W4A16 on the same bf16
+weights, and where each is chosen.
 
 The numerics tests need an AMX-int8 CPU with a C++ compiler (what `torch.compile` on CPU needs too)
 and are skipped elsewhere; the dispatch is checked everywhere with forced contexts.
@@ -7,17 +8,17 @@ and are skipped elsewhere; the dispatch is checked everywhere with forced contex
 import pytest
 import torch
 
-from mgtq.quantization import W4A8Linear, amx, kernels
+from mgtq.quantization import W4A8Linear, W4Linear, amx, kernels
 from mgtq.quantization.kernels import KernelContext, choose_kernel
 from mgtq.quantization.packing import pack_int4
-from mgtq.quantization.qtensor import int8_int4_linear, quantize_int8_per_tensor
+from mgtq.quantization.qtensor import dequantize_int4_weight, int8_int4_linear, quantize_int8_per_tensor
 
 needs_amx = pytest.mark.skipif(not amx.available(), reason="needs an AMX-int8 CPU and a C++ compiler")
 
 
-def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, **kw):
+def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, group_size=None, **kw):
     kw = {"cpu_class": "amx-int8", "native": True, **kw}
-    return KernelContext(device="cpu", m=m, k=k, n=n, dtype=dtype, group_size=k, **kw)
+    return KernelContext(device="cpu", m=m, k=k, n=n, dtype=dtype, group_size=group_size or k, **kw)
 
 
 @pytest.mark.parametrize("context, expected", [
@@ -132,3 +133,38 @@ def test_quantizer_equals_the_torch_one(dtype, shape):
     expected = quantize_int8_per_tensor(x, scale).reshape(-1, shape[-1])
     assert torch.equal(amx.quantize_int8(x, scale), expected)
     assert torch.equal(kernels.quantize_int8_rows(x, scale), expected)  # what every CPU W4A8 kernel runs
+
+
+@pytest.mark.parametrize("context, expected", [
+    (ctx(), "amx"),
+    (ctx(m=2), "amx"),
+    (ctx(compiling=True), "amx"),  # nothing for Inductor to fuse: the same op compiled
+    (ctx(group_size=128), "amx"),
+    (ctx(group_size=8), "dequant"),  # groups must hold whole 16-input vectors
+    (ctx(dtype=torch.float32), "dequant"),  # AMX multiplies bf16 only: fp32 models keep the fp32 GEMM
+    (ctx(native=False), "dequant"),
+    (ctx(cpu_class="avx2"), "dequant_fp32"),
+    (ctx(n=48), "dequant"),
+])
+def test_w4a16_choice(context, expected):
+    assert choose_kernel("w4a16", context) == expected
+
+
+@needs_amx
+@pytest.mark.parametrize("m, k, n, group", [(1, 128, 32, None), (37, 256, 96, 64), (70, 1024, 544, None),
+                                            (33, 4096, 64, 128)])
+def test_w4a16_sums_the_dequantized_weights(m, k, n, group):
+    torch.manual_seed(0)
+    float_layer = torch.nn.Linear(k, n)
+    layer = W4Linear.from_float(float_layer, group_size=group) if group else W4Linear.from_float(float_layer)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    weight = dequantize_int4_weight(layer.weight_packed, layer.weight_scale, torch.bfloat16)
+    exact = x.double() @ weight.double().t() + layer.bias.double()
+    got = amx.w4a16_linear(x, layer.weight_packed, layer.weight_scale, layer.bias)
+    # fp32 sums of the same bf16 products, rounded once to bf16: within one bf16 rounding of the exact result
+    torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-3)
+    assert choose_kernel("w4a16", kernels.context_for(x, k, n, group or k)) == "amx"
+    with torch.inference_mode():
+        assert torch.equal(layer(x), got)
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), got)
