@@ -9,14 +9,16 @@ batch of 2 (the adaLN projection sees one row per sample):
     proj_mlp             1024 -> 4096   M = 2202
     proj_out             5120 -> 1024   M = 2202
 
-Variants: fp32 / bf16 ``F.linear``; ``W4Linear`` and ``W4A8Linear`` as
-dispatched by :mod:`mgtq.quantization.kernels` ("W4A16", "W4A8"), and every
-candidate CPU kernel of that dispatch forced on each shape (the evidence for
-its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed);
-W4A8 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer,
-the exact ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``, AMX-int8
-CPUs only, :mod:`mgtq.quantization.amx`), and the opt-in oneDNN int8 weight cache.  Variants are timed round-robin (one call of each in turn, repeated)
+Variants: fp32 ``F.linear``; bf16 through mgtq's float Linear (oneDNN's linear on
+x86: the baseline of every ratio) and through ``F.linear``; ``W4Linear`` and
+``W4A8Linear`` as dispatched by :mod:`mgtq.quantization.kernels` ("W4A16", "W4A8"),
+and every candidate CPU kernel of that dispatch forced on each shape (the evidence
+for its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed); W4A8
+``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer, the exact
+``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``: AMX-int8 CPUs with a
+C++ compiler, :mod:`mgtq.quantization.amx`), and the opt-in oneDNN int8 weight cache.
+Variants are timed round-robin (one call of each in turn, repeated)
 so background load hits all of them alike; we report medians.
 
 Usage::
@@ -39,6 +41,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
+from mgtq.fused import float_linear
 from mgtq.quantization import amx, kernels
 from mgtq.utils import atomic_write_text
 
@@ -76,7 +80,7 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
     ]
 
 
-VARIANTS = ("fp32", "bf16", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
+VARIANTS = ("fp32", "bf16", "bf16 F.linear", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
             "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "A8 amx", "W4A8+onednn")
 
 
@@ -99,7 +103,8 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
     a8 = (w4a8.weight_packed, w4a8.weight_scale, w4a8.input_scale, w4a8.bias)
     variants = {
         "fp32": lambda: F.linear(x32, w32, b32),
-        "bf16": lambda: F.linear(xbf, wbf, bbf),
+        "bf16": lambda: float_linear(xbf, wbf, bbf),  # what mgtq's float Linear runs (oneDNN on x86)
+        "bf16 F.linear": lambda: F.linear(xbf, wbf, bbf),
         "W4A16": lambda: w4(xbf),
         "A16 dequant": lambda: F.linear(xbf, kernels.dequantize_int4_op(w4.weight_packed, w4.weight_scale,
                                                                         torch.bfloat16), bbf),
@@ -117,6 +122,10 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
     if amx.available():  # mgtq's own AMX kernel: AMX-int8 CPUs with a C++ compiler only
         variants["A8 amx"] = lambda: _forced(w4a8, xbf, "amx")
     return variants
+
+
+def _quoted(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
 
 
 def _forced(layer: W4A8Linear, x: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -210,7 +219,10 @@ def main() -> None:
         "(mgtq.quantization.kernels); A16 * / A8 * = one candidate kernel forced on every shape; "
         "+onednn = opt-in enable_weight_cache('onednn'): int8 weight prepacked for oneDNN's fused int8 linear. "
         "SCQ-mix row: the W4A16 and W4A8 columns both show 1/3 W4A8 + 2/3 W4A16, "
-        "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16.",
+        "the +onednn column 1/3 W4A8+onednn + 2/3 W4A16. bf16 = mgtq's float Linear (oneDNN's linear on x86), "
+        "bf16 F.linear = torch's.",
+        "",
+        "Command: `python " + " ".join(["benchmarks/bench_linear_kernels.py", *map(_quoted, sys.argv[1:])]) + "`",
     ]
     text = "\n".join(report)
     print(text)

@@ -80,6 +80,28 @@ TGT static void config_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// tanh-GELU of the fp32 result before its one rounding, as F.gelu(approximate="tanh") and oneDNN's post-op:
+// y * sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3); exp by 2^n * p(r), |r| <= ln2 / 2, p of degree 6
+// (a few fp32 ulps; the bf16 output rounds them away but for rare ties).
+TGT static inline __m512 gelu_tanh(__m512 y) {
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), y), _mm512_mul_ps(y, y), y));
+  __m512 z = _mm512_mul_ps(_mm512_set1_ps(-2.0f), u);
+  z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.4426950408889634f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_scalef_ps(p, n);  // exp(-2u)
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
 // Columns [n0, n0 + nb) of the split-halves int4 weight -> B tiles of 16q, [nb/16][K/64][16 rows][64 bytes]:
 // tile row r holds, for each of the 16 columns, its inputs 4r .. 4r+3 of that 64-input block.
 // One 64-byte load of a packed row gives inputs j0 .. j0+63 (low nibbles) and j0+K/2 .. (high nibbles).
@@ -107,8 +129,8 @@ TGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t n
 }
 
 extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const float* scale16, const float* bias,
-                                 void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t chunk_n,
-                                 int64_t nthreads) {
+                                 void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t gelu,
+                                 int64_t chunk_n, int64_t nthreads) {
   const int64_t kblocks = K / 64;
   const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
 #pragma omp parallel num_threads(nthreads)
@@ -157,7 +179,8 @@ extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const 
                 const int64_t m = m0 + 16 * i + r;
                 if (m >= M) break;
                 const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf[2 * i + j] + r * 16));
-                const __m512 y = bias ? _mm512_fmadd_ps(acc, sc, bi) : _mm512_mul_ps(acc, sc);
+                __m512 y = bias ? _mm512_fmadd_ps(acc, sc, bi) : _mm512_mul_ps(acc, sc);
+                if (gelu) y = gelu_tanh(y);
                 if (out_bf16) {
                   _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
                 } else {
@@ -247,8 +270,8 @@ TGT static void unpack_b_bf16(const uint8_t* packed, const float* scale16, int64
 }
 
 extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, const float* scale16, int64_t groups,
-                                  const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t chunk_n,
-                                  int64_t nthreads) {
+                                  const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t gelu,
+                                  int64_t chunk_n, int64_t nthreads) {
   const int64_t kblocks = K / 32;
   const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
 #pragma omp parallel num_threads(nthreads)
@@ -295,7 +318,8 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
               for (int r = 0; r < 16; ++r) {
                 const int64_t m = m0 + 16 * i + r;
                 if (m >= M) break;
-                const __m512 y = _mm512_add_ps(_mm512_load_ps(cbuf[2 * i + j] + r * 16), bi);
+                __m512 y = _mm512_add_ps(_mm512_load_ps(cbuf[2 * i + j] + r * 16), bi);
+                if (gelu) y = gelu_tanh(y);
                 _mm256_storeu_si256((__m256i*)(out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
               }
             }
@@ -331,13 +355,13 @@ def _library() -> ctypes.CDLL | None:
     except Exception as err:  # no compiler, headers or Inductor: torch's kernels still run
         log.debug("mgtq AMX kernel unavailable (%s); using torch's kernels", err)
         return None
-    lib.mgtq_w4a8_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    lib.mgtq_w4a8_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
     lib.mgtq_w4a8_amx.restype = None
     lib.mgtq_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64]
     lib.mgtq_quantize_int8.restype = None
     lib.mgtq_w4a16_amx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                   ctypes.c_void_p] + [ctypes.c_int64] * 5
+                                   ctypes.c_void_p] + [ctypes.c_int64] * 6
     lib.mgtq_w4a16_amx.restype = None
     return lib
 
@@ -365,6 +389,12 @@ def chunk_n(k: int, n: int) -> int:
     return max(BLOCK_N, min(n, CHUNK_BYTES // k // BLOCK_N * BLOCK_N))
 
 
+def _gelu_flag(activation: str | None) -> int:
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"the AMX kernels fuse 'gelu_tanh' only, got {activation!r}")
+    return int(activation == "gelu_tanh")
+
+
 def _checked_library() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
@@ -387,11 +417,12 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, activation: str | None = None) -> torch.Tensor:
     """``(x_q @ q.T) * col_scale + bias`` as :func:`.qtensor.int8_int4_linear`, on AMX tiles.
 
     x_q: int8 ``(M, K)``; packed: uint8 ``(N, K/2)``; col_scale: ``(N,)`` (input scale x weight scale);
-    bias: ``(N,)`` or None. Needs :func:`available` and :func:`supports`.
+    bias: ``(N,)`` or None. ``activation``: ``"gelu_tanh"`` applied to the fp32 result before the cast, or None.
+    Needs :func:`available` and :func:`supports`.
     """
     lib = _checked_library()
     m, k = x_q.shape
@@ -411,16 +442,19 @@ def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     lib.mgtq_w4a8_amx(x_q.data_ptr(), packed.data_ptr(), scale16.data_ptr(),
                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-                      m, k, n, int(out_dtype == torch.bfloat16), chunk_n(k, n), torch.get_num_threads())
+                      m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), chunk_n(k, n),
+                      torch.get_num_threads())
     return out
 
 
-def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str | None = None) -> torch.Tensor:
     """bf16 ``x (M, K)`` times the int4 weight dequantized to bf16 on the fly (``(N, G)`` scales), + bias, in bf16.
 
     The weights are the bf16 values of :func:`.qtensor.dequantize_int4_weight`; the products are summed
     in fp32 on AMX tiles, in another order than oneDNN's bf16 GEMM (the same kind of difference as
-    between two GEMM libraries). Needs :func:`available` and :func:`supports_w4a16`.
+    between two GEMM libraries). ``activation``: as in :func:`w4a8_linear`. Needs :func:`available` and
+    :func:`supports_w4a16`.
     """
     lib = _checked_library()
     m, k = x.shape
@@ -438,6 +472,6 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     scale16 = (scale.to(torch.float32) * (1.0 / 16.0)).contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     lib.mgtq_w4a16_amx(x.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(), groups,
-                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n,
+                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n, _gelu_flag(activation),
                        chunk_n(2 * k, n), torch.get_num_threads())
     return out

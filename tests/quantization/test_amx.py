@@ -168,3 +168,26 @@ def test_w4a16_sums_the_dequantized_weights(m, k, n, group):
     with torch.inference_mode():
         assert torch.equal(layer(x), got)
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), got)
+
+
+@needs_amx
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a16"])
+def test_gelu_in_the_epilogue(scheme):
+    # The fp32 result's tanh-GELU before the one rounding: within one bf16 step of the exact GELU of the
+    # unfused result (torch's own 0.5 y (1 + tanh u) loses digits to cancellation for negative y).
+    x_q, packed, col_scale, bias = _operands(300, 1024, 512)
+    if scheme == "w4a8":
+        plain = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.float32)
+        fused = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16, "gelu_tanh")
+    else:
+        x = (x_q.float() / 64).bfloat16()
+        scale = col_scale[:, None] * 100
+        plain = amx.w4a16_linear(x, packed, scale, bias).float()  # no fp32 output here: rounded to bf16 once
+        fused = amx.w4a16_linear(x, packed, scale, bias, "gelu_tanh")
+    y = plain.double()
+    exact = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+    # W4A16: the reference's pre-activation carries one bf16 rounding of its own
+    rtol, atol = (2 ** -8, 1e-6) if scheme == "w4a8" else (2 ** -7, 2e-3)
+    torch.testing.assert_close(fused.double(), exact, rtol=rtol, atol=atol)
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16, "relu")
