@@ -1,8 +1,9 @@
 """Where a forward's time goes (`mgtq bench --profile`): torch.profiler self-time summed by operator category.
 
 Categories (by ATen / custom op name):
-    int8 GEMM        torch._int_mm, oneDNN int8 linear, quanto/torchao int8 matmuls
-    int8-weight GEMM float activations × int8 weights (_weight_int8pack_mm) and int4 tinygemm
+    int8 GEMM        torch._int_mm, oneDNN int8 linear, mgtq's AMX W4A8, quanto/torchao int8 matmuls
+    int8-weight GEMM float activations × int8 / int4 weights (_weight_int8pack_mm, int4 tinygemm,
+                     mgtq's AMX W4A16)
     float GEMM       mm / addmm / bmm / linear / matmul in float
     int4 unpack      bit shifts / masks that unpack packed int4 weights
     int8 quantize    round / clamp of activations to int8
@@ -17,14 +18,14 @@ from __future__ import annotations
 from typing import Callable
 
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm")),
-    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm")),
+    ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm", "mgtq::w4a16_amx")),
+    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_amx")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
     ("conv", ("conv",)),
     ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                     "aten::_addmm_activation", "mkldnn_linear", "_linear_pointwise", "mgtq::onednn_linear")),
     ("int4 unpack", ("bitwise_", "__rshift__", "__lshift__", "__and__", "__or__")),
-    ("int8 quantize", ("aten::round", "aten::round_", "aten::clamp", "aten::clamp_")),
+    ("int8 quantize", ("aten::round", "aten::round_", "aten::clamp", "aten::clamp_", "mgtq::quantize_int8_rows")),
     ("copy/cast", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
 )
 CATEGORIES = tuple(name for name, _ in _RULES) + ("other",)

@@ -15,11 +15,11 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
-| cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling      | onednn_inline    |
+| cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling,     | onednn_inline    |
+|        |        | mgtq's AMX kernels not built                   |                  |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
-| cpu    | W4A8   | amx-int8, mgtq's AMX kernel built,             | amx_inline       |
-|        |        | K % 128 == 0, N % 32 == 0, compiling           |                  |
-| cpu    | W4A8   | the same, eager                                | amx              |
+| cpu    | W4A8   | amx-int8, mgtq's AMX kernels built,            | amx              |
+|        |        | K % 128 == 0, N % 32 == 0                      |                  |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -61,12 +61,13 @@ Kernels:
   the graph as an argument; no ``freezing`` needed);
 * ``amx`` (W4A8): mgtq's own AMX int8 GEMM (:mod:`.amx`): the int4 weight unpacked
   into AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
-  ``int_mm_chunked``, no weight cache;
+  ``int_mm_chunked``, no weight cache. Eager and compiled alike: the activation
+  quantization stays mgtq's one-pass op (:func:`.amx.quantize_int8`), which
+  Inductor's inline version did not match (2202 x 1024 -> 4096 after a norm and
+  modulation, compiled: 19.2 ms inline against 13.1 ms, 1 thread);
 * ``amx`` (W4A16): mgtq's own AMX bf16 GEMM: the int4 weight dequantized into
   AMX tiles per call (the same bf16 weights as ``dequant``), fp32 sums, bias and
   cast per tile; eager and compiled alike (it quantizes nothing for Inductor to fuse);
-* ``amx_inline``: the same GEMM op under ``torch.compile``, the activation
-  quantization as plain torch ops for Inductor to fuse into its producer;
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -154,7 +155,7 @@ __all__ = [
 ]
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
-           "amx", "amx_inline", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
+           "amx", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
@@ -237,9 +238,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         # The cache is built for this machine's class (weight_cache_backend); a context without a class
         # (tests of other rows) trusts it.
         if ctx.device == "cpu" and ctx.cache and ctx.cpu_class in (None, *ONEDNN_INT8_CLASSES):
-            return "onednn_inline" if ctx.compiling else "onednn"
+            return "onednn_inline" if ctx.compiling and not ctx.native else "onednn"  # native: see "amx"
         if ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native and amx.supports(ctx.k, ctx.n, ctx.dtype):
-            return "amx_inline" if ctx.compiling else "amx"
+            return "amx"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
@@ -519,7 +520,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    if kernel in ("int_mm_chunked_inline", "onednn_inline", "amx_inline"):
+    if kernel in ("int_mm_chunked_inline", "onednn_inline"):
         # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
         x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
     else:
@@ -534,7 +535,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
-    elif kernel in ("amx", "amx_inline"):
+    elif kernel == "amx":
         y = w4a8_amx_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "")
         activation = None  # applied in the kernel's epilogue
     elif kernel in ("onednn", "onednn_inline"):

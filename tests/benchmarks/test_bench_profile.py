@@ -11,4 +11,7 @@ def test_profile_categories():
     assert categorize("aten::mm") == "float GEMM"
     assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert categorize("aten::bitwise_left_shift") == "int4 unpack"
+    assert categorize("mgtq::w4a8_amx") == "int8 GEMM"
+    assert categorize("mgtq::w4a16_amx") == "int8-weight GEMM"
+    assert categorize("mgtq::quantize_int8_rows") == "int8 quantize"
     assert categorize("aten::layer_norm") == "other"

@@ -23,7 +23,9 @@ def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, group_size=None, **kw):
 
 @pytest.mark.parametrize("context, expected", [
     (ctx(), "amx"),
-    (ctx(compiling=True), "amx_inline"),
+    (ctx(compiling=True), "amx"),  # the one-pass quantizer op under compile too (Inductor's inline one is slower)
+    (ctx(cache=True, compiling=True), "onednn"),  # ... also before the oneDNN cache
+    (ctx(cache=True, compiling=True, native=False), "onednn_inline"),
     (ctx(m=17, k=128, n=32, dtype=torch.float32), "amx"),
     (ctx(native=False), "int_mm_chunked"),  # not built here (no compiler, no AMX permission)
     (ctx(cpu_class="avx512-vnni"), "int_mm_chunked"),  # MGTQ_CPU_CLASS forced to another class
@@ -101,7 +103,7 @@ def test_the_layer_runs_it_and_equals_the_torch_kernel(monkeypatch):
         assert choose_kernel("w4a8", kernels.context_for(x, 256, 96, 256)) == "int_mm_chunked"
         reference = layer(x)
     assert torch.equal(native, reference)
-    assert torch.equal(compiled, reference)  # activation quantization inline: the same rounding
+    assert torch.equal(compiled, reference)
 
 
 def test_a_clear_error_where_it_cannot_run(monkeypatch):

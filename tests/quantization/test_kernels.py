@@ -305,9 +305,14 @@ def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
 
 @pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(layers, dtype):
+@pytest.mark.parametrize("native", [False, True])
+def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, layers, dtype, native):
     # The prepacked oneDNN weight enters the compiled graph through one custom op (no graph break, no
-    # freezing); activation quantization stays plain torch for Inductor to fuse.
+    # freezing); activation quantization stays plain torch for Inductor to fuse, unless mgtq's AMX kernels
+    # are built here: then their one-pass quantizer op (faster than Inductor's inline code).
+    if native and not kernels.amx.available():
+        pytest.skip("needs mgtq's AMX kernels (an AMX-int8 CPU and a C++ compiler)")
+    monkeypatch.setattr(kernels.amx, "available", lambda: native)
     linear, _, a8 = layers
     plain = W4A8Linear.from_float(linear, 0.02)
     a8.enable_weight_cache("onednn")
@@ -316,7 +321,8 @@ def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(layers, dtype):
     with torch.no_grad():
         targets, _ = _dynamo_graph_targets(fn, x)
         assert any("onednn_int8_linear" in t for t in targets), targets
-        assert not any("quantize_int8_rows" in t or "int8_int4_linear_chunked" in t for t in targets), targets
+        assert not any("int8_int4_linear_chunked" in t for t in targets), targets
+        assert any("quantize_int8_rows" in t for t in targets) == native, targets
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True)(x)
         eager = fn(x)
