@@ -1,4 +1,4 @@
-"""mgtq's own W4A8 GEMM for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles, no weight cache.
+"""mgtq's own GEMMs for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles, no weight cache.
 
 Why hand-written: nothing torch or torchao ship multiplies int8 activations by *int4* weights on
 AMX without a second copy of the weight. ``torch._int_mm`` runs on AVX512-VNNI, needs the weight
@@ -8,7 +8,11 @@ every weight (+1 byte per weight: mgtq's opt-in weight cache), and prepacking pe
 as the GEMM; Inductor's CPP GEMM template reaches AMX int8 only on a frozen int8 weight (the same
 copy); torchao's ``da8w4`` CPU kernel is not in its PyPI wheel.
 
-What it computes, for int8 ``x_q (M, K)``, the split-halves packed int4 weight ``(N, K/2)`` of
+Three kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
+dequantized to bf16, on ``tdpbf16ps``) and :func:`quantize_int8` (the activation quantizer, one
+AVX-512 pass). Both GEMMs can apply the MLP's tanh-GELU to the fp32 result before the one rounding.
+
+What W4A8 computes, for int8 ``x_q (M, K)``, the split-halves packed int4 weight ``(N, K/2)`` of
 :mod:`.packing`, fp32 column scales and bias: exactly :func:`.qtensor.int8_int4_linear`, bit for bit
 (the int32 sums of ``x_q * 16q`` are exact; then ``fma(acc, scale / 16, bias)`` in fp32, as torch's
 ``addcmul``, rounded once to bf16 or kept in fp32).
@@ -44,8 +48,8 @@ log = logging.getLogger(__name__)
 BLOCK_M = 32
 BLOCK_N = 32
 TILE_K = 64
-# Unpacked weight bytes per column chunk: 1 MiB stays in L2 while all row blocks stream past it
-# (1024 -> 4096 at 2202 rows: 64-column chunks 1.9x slower than 1024-column ones, 1 thread).
+# Unpacked weight bytes per column chunk: about 1 MiB stays in L2 while all row blocks stream past it;
+# every chunk streams the activations once more, so smaller chunks re-read them from L3 more often.
 CHUNK_BYTES = 1 << 20
 
 _SOURCE = r"""

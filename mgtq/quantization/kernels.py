@@ -63,8 +63,7 @@ Kernels:
   into AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
   ``int_mm_chunked``, no weight cache. Eager and compiled alike: the activation
   quantization stays mgtq's one-pass op (:func:`.amx.quantize_int8`), which
-  Inductor's inline version did not match (2202 x 1024 -> 4096 after a norm and
-  modulation, compiled: 19.2 ms inline against 13.1 ms, 1 thread);
+  Inductor's inline version was slower than (measured after a norm and modulation);
 * ``amx`` (W4A16): mgtq's own AMX bf16 GEMM: the int4 weight dequantized into
   AMX tiles per call (the same bf16 weights as ``dequant``), fp32 sums, bias and
   cast per tile; eager and compiled alike (it quantizes nothing for Inductor to fuse);
