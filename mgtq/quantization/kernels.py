@@ -90,11 +90,11 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
   a column-chunked ``_int_mm`` (its int32 accumulator stays in cache) for W4A8.
 * AMX-int8 CPUs: none of torch's kernels reads int4 weights into AMX tiles, so
   mgtq's own (:mod:`.amx`) do, for every row count: per layer at Meissonic-1024
-  shapes (2202 rows, 1 thread) W4A8 takes 0.6-0.7x the bf16 linear's time, where
-  the chunked ``_int_mm`` took 1.3-1.7x, and W4A16 about 1.0x where dequantize +
-  bf16 GEMM took 1.1-1.2x (and at 100-700 rows, a local step of context reuse,
-  about half the time of dequantize + GEMM). The oneDNN cache keeps its row: a
-  user who made it chose it.
+  shapes (2202 rows, 1 thread) W4A8 takes about 0.7x the bf16 linear's time, where
+  the chunked ``_int_mm`` took up to 2x, and W4A16 about 1.0x where dequantize +
+  bf16 GEMM took 1.1-1.3x (at 98 rows, a local step of context reuse, about half
+  the time of dequantize + GEMM). The oneDNN cache keeps its row: a user who made
+  it chose it.
 * Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
   it as int8 beats materialising a float weight; for W4A8 on CPU one
   ``_int_mm`` on the whole layer (chunking only pays for large accumulators).

@@ -29,7 +29,7 @@ def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, group_size=None, **kw):
     (ctx(m=17, k=128, n=32, dtype=torch.float32), "amx"),
     (ctx(native=False), "int_mm_chunked"),  # not built here (no compiler, no AMX permission)
     (ctx(cpu_class="avx512-vnni"), "int_mm_chunked"),  # MGTQ_CPU_CLASS forced to another class
-    (ctx(m=2), "amx"),  # few rows too: the weight read once as int4 (adaLN: 0.5 ms against 1.2 for _int_mm)
+    (ctx(m=2), "amx"),  # few rows too: the weight read once as int4 (bench_linear_kernels' adaLN row)
     (ctx(m=2, k=96), "int_mm"),  # ... elsewhere one _int_mm
     (ctx(k=96), "int_mm_chunked"),  # K % 128 != 0
     (ctx(n=48), "int_mm_chunked"),  # N % 32 != 0
