@@ -137,6 +137,11 @@ extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const 
                                  int64_t chunk_n, int64_t nthreads) {
   const int64_t kblocks = K / 64;
   const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+  // With more threads than column chunks, each chunk's 32-row blocks are split among several threads too
+  // (each unpacks the chunk for itself), so no thread idles on a layer of few chunks.
+  const int64_t mblocks = (M + 31) / 32;
+  int64_t mparts = (nthreads + nchunks - 1) / nchunks;
+  if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
 #pragma omp parallel num_threads(nthreads)
   {
     config_tiles();
@@ -144,11 +149,13 @@ extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const 
     int8_t* apad = (int8_t*)aligned_alloc(64, 32 * K);
     alignas(64) int32_t cbuf[4][256];
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t item = 0; item < nchunks * mparts; ++item) {
+      const int64_t c = item / mparts, part = item % mparts;
+      const int64_t m_begin = mblocks * part / mparts * 32, m_end = mblocks * (part + 1) / mparts * 32;
       const int64_t n0 = c * chunk_n;
       const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
       unpack_b(packed, K, n0, nb, bbuf);
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += 32) {
         const int8_t* a = x + m0 * K;
         const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
         if (mrows < 32) {  // last rows: a zero-padded copy, so every tile is full
@@ -278,6 +285,11 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
                                   int64_t chunk_n, int64_t nthreads) {
   const int64_t kblocks = K / 32;
   const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+  // With more threads than column chunks, each chunk's 32-row blocks are split among several threads too
+  // (each unpacks the chunk for itself), so no thread idles on a layer of few chunks.
+  const int64_t mblocks = (M + 31) / 32;
+  int64_t mparts = (nthreads + nchunks - 1) / nchunks;
+  if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
 #pragma omp parallel num_threads(nthreads)
   {
     config_tiles();
@@ -285,11 +297,13 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
     uint16_t* apad = (uint16_t*)aligned_alloc(64, 32 * K * 2);
     alignas(64) float cbuf[4][256];
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t item = 0; item < nchunks * mparts; ++item) {
+      const int64_t c = item / mparts, part = item % mparts;
+      const int64_t m_begin = mblocks * part / mparts * 32, m_end = mblocks * (part + 1) / mparts * 32;
       const int64_t n0 = c * chunk_n;
       const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
       unpack_b_bf16(packed, scale16, groups, K, n0, nb, bbuf);
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += 32) {
         const uint16_t* a = x + m0 * K;
         const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
         if (mrows < 32) {

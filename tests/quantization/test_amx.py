@@ -76,17 +76,23 @@ def test_bit_equal_to_the_reference(m, k, n, out_dtype, with_bias):
 
 
 @needs_amx
-def test_threads_split_the_chunks_without_changing_a_bit():
-    x_q, packed, col_scale, bias = _operands(40, 4096, 1024)
+@pytest.mark.parametrize("m, k, n", [(40, 4096, 1024),  # four column chunks
+                                     (100, 1024, 1024), (33, 1024, 64)])  # one chunk: its row blocks split
+def test_threads_split_the_work_without_changing_a_bit(m, k, n):
+    x_q, packed, col_scale, bias = _operands(m, k, n)
+    x = (x_q.float() / 64).bfloat16()
+    scale = col_scale[:, None] * 100
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16)
-        torch.set_num_threads(2)
-        two = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16)
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append((amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16),
+                         amx.w4a16_linear(x, packed, scale, bias)))
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(one, two)
+    for a8, a16 in runs[1:]:
+        assert torch.equal(a8, runs[0][0]) and torch.equal(a16, runs[0][1])
 
 
 @needs_amx
