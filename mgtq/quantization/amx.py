@@ -132,82 +132,6 @@ TGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t n
   }
 }
 
-extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const float* scale16, const float* bias,
-                                 void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t gelu,
-                                 int64_t chunk_n, int64_t nthreads) {
-  const int64_t kblocks = K / 64;
-  const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
-  // With more threads than column chunks, each chunk's 32-row blocks are split among several threads too
-  // (each unpacks the chunk for itself), so no thread idles on a layer of few chunks.
-  const int64_t mblocks = (M + 31) / 32;
-  int64_t mparts = (nthreads + nchunks - 1) / nchunks;
-  if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
-#pragma omp parallel num_threads(nthreads)
-  {
-    config_tiles();
-    int8_t* bbuf = (int8_t*)aligned_alloc(64, chunk_n * K);
-    int8_t* apad = (int8_t*)aligned_alloc(64, 32 * K);
-    alignas(64) int32_t cbuf[4][256];
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < nchunks * mparts; ++item) {
-      const int64_t c = item / mparts, part = item % mparts;
-      const int64_t m_begin = mblocks * part / mparts * 32, m_end = mblocks * (part + 1) / mparts * 32;
-      const int64_t n0 = c * chunk_n;
-      const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
-      unpack_b(packed, K, n0, nb, bbuf);
-      for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += 32) {
-        const int8_t* a = x + m0 * K;
-        const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
-        if (mrows < 32) {  // last rows: a zero-padded copy, so every tile is full
-          memcpy(apad, a, mrows * K);
-          memset(apad + mrows * K, 0, (32 - mrows) * K);
-          a = apad;
-        }
-        for (int64_t s = 0; s < nb / 32; ++s) {
-          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-          const int8_t* b0 = bbuf + (2 * s) * kblocks * 1024;
-          const int8_t* b1 = bbuf + (2 * s + 1) * kblocks * 1024;
-          for (int64_t kb = 0; kb < kblocks; ++kb) {
-            _tile_loadd(4, a + kb * 64, K);
-            _tile_loadd(5, a + 16 * K + kb * 64, K);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
-          _tile_stored(0, cbuf[0], 64);
-          _tile_stored(1, cbuf[1], 64);
-          _tile_stored(2, cbuf[2], 64);
-          _tile_stored(3, cbuf[3], 64);
-          for (int i = 0; i < 2; ++i) {
-            for (int j = 0; j < 2; ++j) {
-              const int64_t n = n0 + 32 * s + 16 * j;
-              const __m512 sc = _mm512_loadu_ps(scale16 + n);
-              const __m512 bi = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
-              for (int r = 0; r < 16; ++r) {
-                const int64_t m = m0 + 16 * i + r;
-                if (m >= M) break;
-                const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf[2 * i + j] + r * 16));
-                __m512 y = bias ? _mm512_fmadd_ps(acc, sc, bi) : _mm512_mul_ps(acc, sc);
-                if (gelu) y = gelu_tanh(y);
-                if (out_bf16) {
-                  _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
-                } else {
-                  _mm512_storeu_ps((float*)out + m * N + n, y);
-                }
-              }
-            }
-          }
-        }
-      }
-    }
-    free(bbuf);
-    free(apad);
-    _tile_release();
-  }
-}
 // x (numel, bf16 or fp32) -> int8: round-half-even of x * inv_scale in fp32, clamped to [-128, 127] (the
 // clamp first: its bounds are integers, so the result is the same as torch's round-then-clamp).
 extern "C" TGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_scale, int8_t* out, int64_t numel,
@@ -280,50 +204,66 @@ TGT static void unpack_b_bf16(const uint8_t* packed, const float* scale16, int64
   }
 }
 
-extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, const float* scale16, int64_t groups,
-                                  const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t gelu,
-                                  int64_t chunk_n, int64_t nthreads) {
-  const int64_t kblocks = K / 32;
+// The driver both GEMMs share. Output columns in chunks (and a chunk's 32-row blocks split among threads
+// when there are more threads than chunks: each unpacks the chunk for itself, so none idles); every 32-row
+// block of x runs 2 x 2 tiles against the chunk; each 16 x 16 tile gets its epilogue from L1.
+// INT8: x int8, B tiles of 16q, tdpbssd, int32 sums times scale / 16 (+ bias, fma as torch's addcmul);
+// else: x bf16, B tiles of bf16 weights, tdpbf16ps, fp32 sums + bias.
+template <bool INT8>
+TGT static void amx_gemm(const void* x, const uint8_t* packed, const float* scale16, int64_t groups, const float* bias,
+                         void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t gelu, int64_t chunk_n,
+                         int64_t nthreads) {
+  const int64_t es = INT8 ? 1 : 2;  // bytes per element of x and of the unpacked weight
+  const int64_t kblocks = K * es / 64;  // 64-byte tile rows along K
   const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
-  // With more threads than column chunks, each chunk's 32-row blocks are split among several threads too
-  // (each unpacks the chunk for itself), so no thread idles on a layer of few chunks.
   const int64_t mblocks = (M + 31) / 32;
   int64_t mparts = (nthreads + nchunks - 1) / nchunks;
   if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
 #pragma omp parallel num_threads(nthreads)
   {
     config_tiles();
-    uint16_t* bbuf = (uint16_t*)aligned_alloc(64, chunk_n * K * 2);
-    uint16_t* apad = (uint16_t*)aligned_alloc(64, 32 * K * 2);
-    alignas(64) float cbuf[4][256];
+    uint8_t* bbuf = (uint8_t*)aligned_alloc(64, chunk_n * K * es);
+    uint8_t* apad = (uint8_t*)aligned_alloc(64, 32 * K * es);
+    alignas(64) int32_t cbuf[4][256];  // int32 sums (INT8) or fp32 sums' bits
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < nchunks * mparts; ++item) {
       const int64_t c = item / mparts, part = item % mparts;
       const int64_t m_begin = mblocks * part / mparts * 32, m_end = mblocks * (part + 1) / mparts * 32;
       const int64_t n0 = c * chunk_n;
       const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
-      unpack_b_bf16(packed, scale16, groups, K, n0, nb, bbuf);
+      if constexpr (INT8) {
+        unpack_b(packed, K, n0, nb, (int8_t*)bbuf);
+      } else {
+        unpack_b_bf16(packed, scale16, groups, K, n0, nb, (uint16_t*)bbuf);
+      }
       for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += 32) {
-        const uint16_t* a = x + m0 * K;
+        const uint8_t* a = (const uint8_t*)x + m0 * K * es;
         const int64_t mrows = (M - m0) < 32 ? (M - m0) : 32;
-        if (mrows < 32) {
-          memcpy(apad, a, mrows * K * 2);
-          memset(apad + mrows * K, 0, (32 - mrows) * K * 2);
+        if (mrows < 32) {  // last rows: a zero-padded copy, so every tile is full
+          memcpy(apad, a, mrows * K * es);
+          memset(apad + mrows * K * es, 0, (32 - mrows) * K * es);
           a = apad;
         }
         for (int64_t s = 0; s < nb / 32; ++s) {
           _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-          const uint16_t* b0 = bbuf + (2 * s) * kblocks * 512;
-          const uint16_t* b1 = bbuf + (2 * s + 1) * kblocks * 512;
+          const uint8_t* b0 = bbuf + (2 * s) * kblocks * 1024;
+          const uint8_t* b1 = bbuf + (2 * s + 1) * kblocks * 1024;
           for (int64_t kb = 0; kb < kblocks; ++kb) {
-            _tile_loadd(4, a + kb * 32, K * 2);
-            _tile_loadd(5, a + 16 * K + kb * 32, K * 2);
-            _tile_loadd(6, b0 + kb * 512, 64);
-            _tile_loadd(7, b1 + kb * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            _tile_loadd(4, a + kb * 64, K * es);
+            _tile_loadd(5, a + 16 * K * es + kb * 64, K * es);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            if constexpr (INT8) {
+              _tile_dpbssd(0, 4, 6);
+              _tile_dpbssd(1, 4, 7);
+              _tile_dpbssd(2, 5, 6);
+              _tile_dpbssd(3, 5, 7);
+            } else {
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
           }
           _tile_stored(0, cbuf[0], 64);
           _tile_stored(1, cbuf[1], 64);
@@ -333,12 +273,23 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
             for (int j = 0; j < 2; ++j) {
               const int64_t n = n0 + 32 * s + 16 * j;
               const __m512 bi = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+              const __m512 sc = INT8 ? _mm512_loadu_ps(scale16 + n) : _mm512_setzero_ps();
               for (int r = 0; r < 16; ++r) {
                 const int64_t m = m0 + 16 * i + r;
                 if (m >= M) break;
-                __m512 y = _mm512_add_ps(_mm512_load_ps(cbuf[2 * i + j] + r * 16), bi);
+                __m512 y;
+                if constexpr (INT8) {
+                  const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(cbuf[2 * i + j] + r * 16));
+                  y = bias ? _mm512_fmadd_ps(acc, sc, bi) : _mm512_mul_ps(acc, sc);
+                } else {
+                  y = _mm512_add_ps(_mm512_load_ps((const float*)cbuf[2 * i + j] + r * 16), bi);
+                }
                 if (gelu) y = gelu_tanh(y);
-                _mm256_storeu_si256((__m256i*)(out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
+                if (out_bf16) {
+                  _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * N + n), (__m256i)_mm512_cvtneps_pbh(y));
+                } else {
+                  _mm512_storeu_ps((float*)out + m * N + n, y);
+                }
               }
             }
           }
@@ -349,6 +300,18 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
     free(apad);
     _tile_release();
   }
+}
+
+extern "C" TGT void mgtq_w4a8_amx(const int8_t* x, const uint8_t* packed, const float* scale16, const float* bias,
+                                 void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t gelu,
+                                 int64_t chunk_n, int64_t nthreads) {
+  amx_gemm<true>(x, packed, scale16, 1, bias, out, M, K, N, out_bf16, gelu, chunk_n, nthreads);
+}
+
+extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, const float* scale16, int64_t groups,
+                                  const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t gelu,
+                                  int64_t chunk_n, int64_t nthreads) {
+  amx_gemm<false>(x, packed, scale16, groups, bias, out, M, K, N, 1, gelu, chunk_n, nthreads);
 }
 """
 
