@@ -7,10 +7,14 @@ block. oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op Inductor 
 linear + pointwise patterns) adds the bias and applies GELU to the fp32 accumulator before the one
 bf16 rounding: fewer passes, and no extra rounding between the GEMM and the GELU.
 
-Depends on torch only: the float layers (mgtq.models.layers) and the quantized ones
+Depends on torch and mgtq.native only: the float layers (mgtq.models.layers) and the quantized ones
 (mgtq.quantization) both build on it. A layer whose ``forward(x, activation=None)`` applies these
 names marks that forward with :func:`fuses_activations`; ``mgtq.models.layers.linear_act`` calls
 it with an activation only then.
+
+Attention: :func:`attention` is ``F.scaled_dot_product_attention`` with an optional bias per key; on
+CPUs with AMX it runs mgtq's own kernel (:func:`mgtq.native.amx.attention`; against torch's CPU flash
+attention in ``benchmarks/results/attention_kernels_1thread.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import platform
 
 import torch
 import torch.nn.functional as F
+
+from mgtq.native import amx
+from mgtq.native.cpu import cpu_class
 
 # Activation name -> (oneDNN post-op name, algorithm). "gelu_tanh" is F.gelu(approximate="tanh").
 ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh")}
@@ -103,3 +110,42 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         post, algorithm = onednn_post_op(activation)  # eager: the op itself, without custom-op dispatch
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], algorithm)
     return apply_activation(F.linear(x, weight, bias), activation)
+
+
+def _amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
+    """Whether mgtq's AMX attention runs this call (bf16 CPU inference on an AMX-int8 class CPU: no autograd)."""
+    return (
+        _X86
+        and q.device.type == "cpu"
+        and cpu_class() == "amx-int8"  # MGTQ_CPU_CLASS set to another class turns it off
+        and amx.available()
+        and _plain(q) and _plain(k) and _plain(v) and _plain(key_bias)
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and amx.supports_attention(q, k, v, key_bias)
+    )
+
+
+@torch.library.custom_op("mgtq::attention_amx", mutates_args=())
+def attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`mgtq.native.amx.attention` as one op (Inductor calls it as it is, as it calls SDPA's kernel)."""
+    return amx.attention(q, k, v, key_bias)
+
+
+@attention_amx.register_fake
+def _(q, k, v, key_bias):
+    b, h, sq, d = q.shape
+    return q.new_empty((b, sq, h, d)).transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)`` for ``(B, H, S, D)`` tensors; ``key_bias``:
+    None or ``(B, 1, 1, Sk)``, added to every query's logits of that key (cast to q's dtype).
+
+    Where :func:`_amx_attention` says so, mgtq's AMX kernel: the same attention within bf16 rounding, returned
+    as a view of a ``(B, Sq, H, D)`` tensor (``.transpose(1, 2)`` of it is contiguous).
+    """
+    if _amx_attention(q, k, v, key_bias):
+        if torch.compiler.is_compiling():
+            return attention_amx(q, k, v, key_bias)
+        return amx.attention(q, k, v, key_bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))

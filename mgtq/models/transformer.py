@@ -34,6 +34,7 @@ from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from mgtq.fused import attention
 from mgtq.models.hooks import BlockTokens, TokenPlan
 from mgtq.models.layers import Linear, linear_act
 
@@ -168,8 +169,7 @@ class Attention(nn.Module):
         if tokens is not None:
             k, v = tokens.keys_values(k, v)
             tokens.attention_inputs(q, k)
-        mask = None if key_bias is None else key_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).to(q.dtype)  # (B, S, H, Dh)
+        out = attention(q, k, v, key_bias).transpose(1, 2).to(q.dtype)  # (B, S, H, Dh)
         if context is None:
             out = out.flatten(2)
             return out if self.to_out is None else self.to_out[0](out)

@@ -125,8 +125,8 @@ import torch.nn.functional as F
 
 from mgtq.fused import apply_activation, check_activation, float_linear
 
-from . import amx
-from .cpu import CPU_CLASS_ENV, CPU_CLASSES, cpu_class, detect_cpu_class
+from mgtq.native import amx
+from mgtq.native.cpu import CPU_CLASS_ENV, CPU_CLASSES, cpu_class, detect_cpu_class
 from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,

@@ -1,4 +1,4 @@
-"""mgtq's AMX kernels (mgtq.quantization.amx): W4A8 bit-equal to the torch reference, W4A16 on the same bf16
+"""mgtq's AMX GEMMs (mgtq.native.amx): W4A8 bit-equal to the torch reference, W4A16 on the same bf16
 weights, and where each is chosen.
 
 The numerics tests need an AMX-int8 CPU with a C++ compiler (what `torch.compile` on CPU needs too)
@@ -8,7 +8,8 @@ and are skipped elsewhere; the dispatch is checked everywhere with forced contex
 import pytest
 import torch
 
-from mgtq.quantization import W4A8Linear, W4Linear, amx, kernels
+from mgtq.native import amx
+from mgtq.quantization import W4A8Linear, W4Linear, kernels
 from mgtq.quantization.kernels import KernelContext, choose_kernel
 from mgtq.quantization.packing import pack_int4
 from mgtq.quantization.qtensor import dequantize_int4_weight, int8_int4_linear, quantize_int8_per_tensor

@@ -1,4 +1,5 @@
-"""mgtq's own GEMMs for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles, no weight cache.
+"""mgtq's own kernels for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles (no weight cache),
+and bf16 attention.
 
 Why hand-written: nothing torch or torchao ship multiplies int8 activations by *int4* weights on
 AMX without a second copy of the weight. ``torch._int_mm`` runs on AVX512-VNNI, needs the weight
@@ -8,9 +9,15 @@ every weight (+1 byte per weight: mgtq's opt-in weight cache), and prepacking pe
 as the GEMM; Inductor's CPP GEMM template reaches AMX int8 only on a frozen int8 weight (the same
 copy); torchao's ``da8w4`` CPU kernel is not in its PyPI wheel.
 
-Three kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
-dequantized to bf16, on ``tdpbf16ps``) and :func:`quantize_int8` (the activation quantizer, one
-AVX-512 pass). Both GEMMs can apply the MLP's tanh-GELU to the fp32 result before the one rounding.
+Four kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
+dequantized to bf16, on ``tdpbf16ps``), :func:`quantize_int8` (the activation quantizer, one
+AVX-512 pass) and :func:`attention`. Both GEMMs can apply the MLP's tanh-GELU to the fp32 result
+before the one rounding.
+
+Attention is here because torch's CPU flash attention runs its two bf16 products far below the AMX
+throughput oneDNN's linear layers reach on the same CPU (``benchmarks/bench_attention.py`` times both
+attentions at Meissonic's shapes); with the score rows of 32 queries held whole in L2, the softmax needs no running
+rescale, and the kernel writes the ``(B, S, H, D)`` layout the output projection reads.
 
 What W4A8 computes, for int8 ``x_q (M, K)``, the split-halves packed int4 weight ``(N, K/2)`` of
 :mod:`.packing`, fp32 column scales and bias: exactly :func:`.qtensor.int8_int4_linear`, bit for bit
@@ -27,7 +34,7 @@ already work on the next 32 columns. OpenMP threads split the chunks.
 Built at first use with the C++ compiler ``torch.compile`` uses on CPU (Inductor's ``CppCodeCache``,
 cached on disk by source hash). Where the build fails (no compiler, not x86-64 Linux) or the kernel
 may not use AMX tiles (``arch_prctl`` permission), :func:`available` is False and
-:func:`mgtq.quantization.kernels.choose_kernel` keeps torch's kernels.
+:func:`mgtq.quantization.kernels.choose_kernel` and :func:`mgtq.fused.attention` keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import torch
 
 from .cpu import cpu_flags
 
-__all__ = ["available", "supports", "supports_w4a16", "chunk_n", "quantize_int8", "w4a8_linear", "w4a16_linear"]
+__all__ = ["available", "supports", "supports_w4a16", "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
+           "w4a16_linear", "attention"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,7 @@ _SOURCE = r"""
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <omp.h>
+#include <math.h>
 
 // Only these functions need AMX / AVX-512; the rest of the build keeps the compiler's defaults.
 // fp-contract off: the epilogue's one fma is written out; nothing else may be contracted.
@@ -328,6 +337,201 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
                                   int64_t chunk_n, int64_t nthreads) {
   amx_gemm<false>(x, packed, scale16, groups, bias, out, M, K, N, 1, gelu, chunk_n, nthreads);
 }
+// 2^z for z <= 0 (clamped at -126): 2^n * p(r), r = z - round(z) in [-1/2, 1/2], p the degree-5 Taylor polynomial
+// of 2^r (relative error < 3e-6, far below the bf16 rounding of the probabilities it makes; cheaper than gelu_tanh's
+// exp, which keeps a few ulps because its result is not rounded to bf16 before it is used).
+TGT static inline __m512 exp2_ps(__m512 z) {
+  z = _mm512_max_ps(z, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT);
+  const __m512 r = _mm512_sub_ps(z, n);
+  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (batch, head)'s keys as B tiles of k^T: tile (key tile t, D block db), row r, dword n = the pair
+// d = 32 db + 2r, +1 of key 16 t + n (zero past Sk). kst: the key stride, in elements.
+TGT static void pack_keys(const uint16_t* k, int64_t kst, int64_t Sk, int64_t skp, int64_t D, uint16_t* kp) {
+  const int64_t dblocks = D / 32;
+  const __m512i keys = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)(kst / 2)));
+  for (int64_t t = 0; t < skp / 16; ++t) {
+    const int64_t valid = Sk - 16 * t;
+    const __mmask16 live = valid >= 16 ? (__mmask16)0xFFFF : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
+    for (int64_t db = 0; db < dblocks; ++db) {
+      uint16_t* tile = kp + (t * dblocks + db) * 512;
+      const int32_t* base = live ? (const int32_t*)(k + 16 * t * kst + db * 32) : (const int32_t*)k;
+      for (int r = 0; r < 16; ++r) {
+        _mm512_store_si512(tile + r * 32, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, keys, base + r, 4));
+      }
+    }
+  }
+}
+
+// One (batch, head)'s values as B tiles: tile (D tile u, key block j), row r, dword n = v[32 j + 2r][16 u + n]
+// (low half) and v[32 j + 2r + 1][16 u + n] (high half); zero past Sk.
+TGT static void pack_values(const uint16_t* v, int64_t vst, int64_t Sk, int64_t skp, int64_t D, uint16_t* vp) {
+  const int64_t kblocks = skp / 32;
+  for (int64_t j = 0; j < kblocks; ++j) {
+    for (int r = 0; r < 16; ++r) {
+      const int64_t k0 = 32 * j + 2 * r, k1 = k0 + 1;
+      for (int64_t u = 0; u < D / 16; ++u) {
+        const __m512i lo = k0 < Sk ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + k0 * vst + 16 * u)))
+                                   : _mm512_setzero_si512();
+        const __m512i hi = k1 < Sk ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + k1 * vst + 16 * u)))
+                                   : _mm512_setzero_si512();
+        _mm512_store_si512(vp + (u * kblocks + j) * 512 + r * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+  }
+}
+
+// softmax(q k^T * scale + key_bias) v for bf16 q (B, H, Sq, D) and k, v (B, H, Sk, D), given by element strides
+// {batch, head, row} (last dim contiguous), D a multiple of 32; out bf16 (B, Sq, H, D), contiguous.
+// key_bias: null or (B, skp) fp32, log2(e) * bias, -inf past Sk (skp = Sk rounded up to 32).
+// Work items are (batch, head, 32 queries); a thread packs k and v of each (batch, head) it meets (L2-sized).
+// Per item: the whole score rows s = q k^T (fp32, 32 x skp, in L2) on tiles; an exact softmax per row in
+// base 2 (max, 2^(t - max), sum; probabilities rounded to bf16 for the second GEMM, as torch's CPU flash
+// attention does); o = p v on tiles, keys in chunks of 256 whose probabilities stay in L1, the fp32 sums
+// kept between chunks; o / sum stored.
+extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* key_bias,
+                                      uint16_t* out, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
+                                      const int64_t* qst, const int64_t* kst, const int64_t* vst, float scale,
+                                      int64_t nthreads) {
+  const int64_t skp = (Sk + 31) / 32 * 32, kblocks = skp / 32, dblocks = D / 32, qblocks = (Sq + 31) / 32;
+  const int64_t full = Sk / 16 * 16;  // keys in whole vectors of 16; the rest in one masked vector
+  const __mmask16 tail = (__mmask16)((1u << (Sk - full)) - 1);
+  const float sl = scale * 1.4426950408889634f;  // scores in base 2
+#pragma omp parallel num_threads(nthreads)
+  {
+    config_tiles();
+    uint16_t* kp = (uint16_t*)aligned_alloc(64, skp * D * 2);
+    uint16_t* vp = (uint16_t*)aligned_alloc(64, skp * D * 2);
+    float* sbuf = (float*)aligned_alloc(64, 32 * skp * 4);
+    uint16_t* pbuf = (uint16_t*)aligned_alloc(64, 32 * skp * 2);
+    uint16_t* qpad = (uint16_t*)aligned_alloc(64, 32 * D * 2);
+    float* obuf = (float*)aligned_alloc(64, 32 * D * 4);
+    float rinv[32];
+    int64_t packed_bh = -1;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * H * qblocks; ++item) {
+      const int64_t bh = item / qblocks, q0 = (item % qblocks) * 32;
+      const int64_t b = bh / H, h = bh % H;
+      if (bh != packed_bh) {
+        pack_keys(k + b * kst[0] + h * kst[1], kst[2], Sk, skp, D, kp);
+        pack_values(v + b * vst[0] + h * vst[1], vst[2], Sk, skp, D, vp);
+        packed_bh = bh;
+      }
+      const int64_t rows = Sq - q0 < 32 ? Sq - q0 : 32;
+      const uint16_t* qa = q + b * qst[0] + h * qst[1] + q0 * qst[2];
+      int64_t qstride = qst[2] * 2;  // bytes
+      if (rows < 32) {  // last queries: a zero-padded copy, so every tile is full
+        for (int64_t r = 0; r < 32; ++r) {
+          if (r < rows) memcpy(qpad + r * D, qa + r * qst[2], D * 2);
+          else memset(qpad + r * D, 0, D * 2);
+        }
+        qa = qpad;
+        qstride = D * 2;
+      }
+      // s = q k^T, 32 keys at a time.
+      for (int64_t j = 0; j < kblocks; ++j) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t db = 0; db < dblocks; ++db) {
+          _tile_loadd(4, qa + db * 32, qstride);
+          _tile_loadd(5, (const uint8_t*)qa + 16 * qstride + db * 64, qstride);
+          _tile_loadd(6, kp + ((2 * j) * dblocks + db) * 512, 64);
+          _tile_loadd(7, kp + ((2 * j + 1) * dblocks + db) * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, sbuf + 32 * j, skp * 4);
+        _tile_stored(1, sbuf + 32 * j + 16, skp * 4);
+        _tile_stored(2, sbuf + 16 * skp + 32 * j, skp * 4);
+        _tile_stored(3, sbuf + 16 * skp + 32 * j + 16, skp * 4);
+      }
+      // Softmax per row, in base 2: t = s * scale * log2(e) (+ bias); p = 2^(t - max t) -> bf16; 1 / sum p.
+      const float* bias = key_bias ? key_bias + b * skp : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* srow = sbuf + r * skp;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        if (bias) {  // t stored in place
+          for (int64_t c = 0; c < skp; c += 16) {
+            const __m512 t = _mm512_fmadd_ps(_mm512_load_ps(srow + c), _mm512_set1_ps(sl), _mm512_load_ps(bias + c));
+            _mm512_store_ps(srow + c, t);
+            mx = _mm512_max_ps(mx, t);
+          }
+        } else {  // max s; t - max t is one fma of s below
+          for (int64_t c = 0; c < full; c += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(srow + c));
+          if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + full));
+        }
+        const float m = _mm512_reduce_max_ps(mx);
+        const __m512 mul = _mm512_set1_ps(bias ? 1.0f : sl), sub = _mm512_set1_ps(bias ? m : m * sl);
+        __m512 sum = _mm512_setzero_ps();
+        uint16_t* prow = pbuf + r * skp;
+        for (int64_t c = 0; c < skp; c += 16) {
+          __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(srow + c), mul, sub));
+          if (c >= full) p = _mm512_maskz_mov_ps(c == full ? tail : 0, p);  // past Sk: probability 0
+          sum = _mm512_add_ps(sum, p);
+          _mm256_store_si256((__m256i*)(prow + c), (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        rinv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      }
+      for (int64_t r = rows; r < 32; ++r) memset(pbuf + r * skp, 0, skp * 2);
+      // o = p v: per chunk of 256 keys, every 32 outputs of D on 2 x 2 tiles, sums carried in obuf (32 x D fp32).
+      for (int64_t j0 = 0; j0 < kblocks; j0 += 8) {
+        const int64_t j1 = j0 + 8 < kblocks ? j0 + 8 : kblocks;
+        for (int64_t u = 0; u < D / 32; ++u) {
+          float* acc = obuf + u * 32;
+          if (j0 == 0) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          } else {
+            _tile_loadd(0, acc, D * 4);
+            _tile_loadd(1, acc + 16, D * 4);
+            _tile_loadd(2, acc + 16 * D, D * 4);
+            _tile_loadd(3, acc + 16 * D + 16, D * 4);
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            _tile_loadd(4, pbuf + 32 * j, skp * 2);
+            _tile_loadd(5, pbuf + 16 * skp + 32 * j, skp * 2);
+            _tile_loadd(6, vp + ((2 * u) * kblocks + j) * 512, 64);
+            _tile_loadd(7, vp + ((2 * u + 1) * kblocks + j) * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, acc, D * 4);
+          _tile_stored(1, acc + 16, D * 4);
+          _tile_stored(2, acc + 16 * D, D * 4);
+          _tile_stored(3, acc + 16 * D + 16, D * 4);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 inv = _mm512_set1_ps(rinv[r]);
+        uint16_t* orow = out + ((b * Sq + q0 + r) * H + h) * D;
+        for (int64_t d = 0; d < D; d += 32) {
+          const __m512 y0 = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + d), inv);
+          const __m512 y1 = _mm512_mul_ps(_mm512_load_ps(obuf + r * D + d + 16), inv);
+          _mm512_storeu_si512(orow + d, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(y0)),
+                                                           (__m256i)_mm512_cvtneps_pbh(y1), 1));
+        }
+      }
+    }
+    free(kp);
+    free(vp);
+    free(sbuf);
+    free(pbuf);
+    free(qpad);
+    free(obuf);
+    _tile_release();
+  }
+}
 """
 
 
@@ -359,6 +563,9 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_w4a16_amx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p] + [ctypes.c_int64] * 6
     lib.mgtq_w4a16_amx.restype = None
+    lib.mgtq_attention_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [
+        ctypes.c_float, ctypes.c_int64]
+    lib.mgtq_attention_amx.restype = None
     return lib
 
 
@@ -394,7 +601,7 @@ def _gelu_flag(activation: str | None) -> int:
 def _checked_library() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
-        raise RuntimeError("mgtq's AMX kernel is not available on this machine (see mgtq.quantization.amx)")
+        raise RuntimeError("mgtq's AMX kernel is not available on this machine (see mgtq.native.amx)")
     return lib
 
 
@@ -471,3 +678,49 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
                        None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n, _gelu_flag(activation),
                        chunk_n(2 * k, n), torch.get_num_threads())
     return out
+
+
+# Keys per call at most: one thread's score rows (32 x keys fp32) and packed keys/values stay L2-sized.
+MAX_KEYS = 16384
+
+
+def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
+    """Inputs :func:`attention` takes: bf16 ``(B, H, S, D)`` q, k, v with a contiguous last dim, D a multiple
+    of 32, at most ``MAX_KEYS`` keys, and no bias or one bias per key, ``(B, 1, 1, Sk)``."""
+    if not all(t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v)):
+        return False
+    (b, h, _, d), sk = q.shape, k.shape[2]
+    if k.shape != (b, h, sk, d) or v.shape != (b, h, sk, d) or d % 32 or not 0 < sk <= MAX_KEYS or k.stride(2) % 2:
+        return False
+    return key_bias is None or (key_bias.dim() == 4 and key_bias.shape[1:3] == (1, 1) and key_bias.shape[3] == sk
+                                and key_bias.shape[0] in (1, b))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)`` for bf16 q, k, v ``(B, H, S, D)`` on AMX tiles.
+
+    Scale ``1 / sqrt(D)``; ``key_bias``: None or ``(B or 1, 1, 1, Sk)``, added to every query's logits of that
+    key. Returns ``(B, H, Sq, D)`` as a view of a contiguous ``(B, Sq, H, D)`` tensor (what the model's
+    output projection reads, so ``.transpose(1, 2).flatten(2)`` needs no copy). Scores and the softmax in
+    fp32, probabilities rounded to bf16 for the second product (as torch's CPU flash attention); results
+    differ from SDPA's by the order of fp32 sums and the exp approximation, within bf16 rounding. Needs
+    :func:`available` and :func:`supports_attention`.
+    """
+    lib = _checked_library()
+    if not supports_attention(q, k, v, key_bias):
+        raise ValueError(f"the AMX attention takes bf16 (B, H, S, D) q/k/v with D % 32 == 0, at most {MAX_KEYS} keys "
+                         f"and a (B, 1, 1, Sk) key bias, got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, bias {None if key_bias is None else tuple(key_bias.shape)}")
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.empty(b, sq, h, d, dtype=torch.bfloat16)
+    bias2 = None
+    if key_bias is not None:  # (B, keys rounded up to 32) fp32 in base 2, -inf past the last key
+        skp = (sk + 31) // 32 * 32
+        bias2 = torch.full((b, skp), float("-inf"), dtype=torch.float32)
+        bias2[:, :sk] = key_bias.reshape(-1, sk).to(torch.float32) * 1.4426950408889634
+    strides = torch.tensor([q.stride()[:3], k.stride()[:3], v.stride()[:3]], dtype=torch.int64)
+    lib.mgtq_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if bias2 is None else bias2.data_ptr(),
+                           out.data_ptr(), b, h, sq, sk, d, strides[0].data_ptr(), strides[1].data_ptr(),
+                           strides[2].data_ptr(), d ** -0.5, torch.get_num_threads())
+    return out.transpose(1, 2)
