@@ -17,7 +17,7 @@ for its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed); W4A8
 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer, the exact
 ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``: AMX-int8 CPUs with a
-C++ compiler, :mod:`mgtq.quantization.amx`), and the opt-in oneDNN int8 weight cache.
+C++ compiler, :mod:`mgtq.native.amx`), and the opt-in oneDNN int8 weight cache.
 Variants are timed round-robin (one call of each in turn, repeated)
 so background load hits all of them alike; we report medians.
 
@@ -52,7 +52,8 @@ from torch import nn
 
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
 from mgtq.fused import float_linear
-from mgtq.quantization import amx, kernels
+from mgtq.native import amx
+from mgtq.quantization import kernels
 from mgtq.utils import atomic_write_text
 
 D = 1024
