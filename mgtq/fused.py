@@ -149,3 +149,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
             return attention_amx(q, k, v, key_bias)
         return amx.attention(q, k, v, key_bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
+
+
+def native_qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 on an AMX-int8 class CPU)."""
+    return (_X86 and x.device.type == "cpu" and cpu_class() == "amx-int8" and amx.available() and _plain(x)
+            and amx.supports_qknorm_rope(x, weight, cos, sin))
+
+
+@torch.library.custom_op("mgtq::qknorm_rope_amx", mutates_args=())
+def qk_norm_rope_amx(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """:func:`mgtq.native.amx.qknorm_rope` as one op: under compile it sits between two opaque ops (the
+    projection's GEMM and attention), so there is nothing for Inductor to fuse it with."""
+    return amx.qknorm_rope(x, weight, eps, cos, sin)
+
+
+@qk_norm_rope_amx.register_fake
+def _(x, weight, eps, cos, sin):
+    return torch.empty_like(x)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope(rms_norm(x) * weight, cos, sin)`` for inference: x ``(B, H, N, D)``, tables ``(N, D)`` or
+    ``(B, N, D)`` (rope_tables' interleaved pairs).
+
+    On an AMX-int8 class CPU in bf16, mgtq's one-pass kernel (:func:`mgtq.native.amx.qknorm_rope`); elsewhere a
+    chain of in-place fp32 passes over one buffer (upcast, mean square, scale by the row's rsqrt and by the
+    weight, one complex product per pair, cast back). Both round once, after the rotation.
+    """
+    if native_qk_norm_rope(x, weight, cos, sin):
+        if torch.compiler.is_compiling():
+            return qk_norm_rope_amx(x, weight, eps, cos, sin)
+        return amx.qknorm_rope(x, weight, eps, cos, sin)
+    if cos.dim() == 3:  # per-sample tables (B, N, D) broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    y = x.to(torch.float32, copy=True)  # the one fp32 buffer every pass below writes in place
+    y.mul_(y.square().mean(-1, keepdim=True).add_(eps).rsqrt_())
+    y.mul_(weight.to(torch.float32))
+    torch.view_as_complex(y.unflatten(-1, (-1, 2))).mul_(torch.complex(cos[..., ::2].float(), sin[..., ::2].float()))
+    return y.to(x.dtype)

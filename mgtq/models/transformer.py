@@ -34,7 +34,7 @@ from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from mgtq.fused import attention
+from mgtq.fused import attention, native_qk_norm_rope, qk_norm_rope
 from mgtq.models.hooks import BlockTokens, TokenPlan
 from mgtq.models.layers import Linear, linear_act
 
@@ -87,30 +87,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class QKNorm(RMSNorm):
     """Attention's RMS QK-norm (diffusers' RMSNorm: same `weight` key), optionally followed by RoPE.
 
-    ``forward(x, rope)`` is ``apply_rope(RMSNorm(x), *rope)``. In eager inference both run as one
-    chain of in-place fp32 passes over one buffer (upcast, mean square, scale by the row's rsqrt and
-    by the weight, one complex product per pair, cast back): five passes where the two functions
-    make eleven, and the normed values are not rounded to the model dtype before the rotation (one
-    rounding instead of two: within one ulp of the composed functions, exactly equal in fp32).
-    Compiled or with autograd, it is the composition itself (Inductor fuses it into one kernel).
+    ``forward(x, rope)`` is ``apply_rope(RMSNorm(x), *rope)``. In eager inference both run as
+    :func:`mgtq.fused.qk_norm_rope`: one pass per row on AMX-class CPUs in bf16, else five in-place fp32
+    passes where the two functions make eleven; the normed values are not rounded to the model dtype
+    before the rotation (one rounding instead of two: within one ulp of the composed functions).
+    With autograd, and compiled where mgtq's kernel does not run, it is the composition itself (Inductor
+    fuses it into one kernel).
     Reached through the module call, so offload hooks see it like any RMSNorm.
     """
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         fused = (rope is not None and self.weight is not None and self.bias is None
-                 and not torch.compiler.is_compiling()
                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        if fused and torch.compiler.is_compiling():  # Inductor fuses the composition, unless mgtq's kernel runs
+            fused = native_qk_norm_rope(x, self.weight, *rope)
         if not fused:
             y = super().forward(x)
             return y if rope is None else apply_rope(y, *rope)
-        cos, sin = rope
-        if cos.dim() == 3:  # per-sample tables (B, N, Dh) broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-        y = x.to(torch.float32, copy=True)  # the one fp32 buffer every pass below writes in place
-        y.mul_(y.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_())
-        y.mul_(self.weight.to(torch.float32))
-        torch.view_as_complex(y.unflatten(-1, (-1, 2))).mul_(torch.complex(cos[..., ::2].float(), sin[..., ::2].float()))
-        return y.to(x.dtype)
+        return qk_norm_rope(x, self.weight, self.eps, *rope)
 
 
 # ------------------------------------------------------------------------------------ attention

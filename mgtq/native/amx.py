@@ -49,7 +49,7 @@ import torch
 from .cpu import cpu_flags
 
 __all__ = ["available", "supports", "supports_w4a16", "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
-           "w4a16_linear", "attention"]
+           "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope"]
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +532,38 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
     _tile_release();
   }
 }
+// Attention's RMS QK-norm then RoPE, one pass per row of D (a multiple of 16): x (B, H, N, D) bf16 by element strides
+// {batch, head, row}, out likewise; w (D) fp32; cos/sin fp32 with strides {batch (0: shared), row}, each frequency
+// twice (interleaved pairs). As the torch chain it replaces (QKNorm's eager path): y = x * (1 / sqrt(mean(x^2) + eps))
+// * w in fp32, then per pair (a, b) -> (a c - b s, b c + a s) with each product rounded (a complex product), then bf16.
+// Only the sum of squares runs in another order than torch's mean.
+extern "C" TGT void mgtq_qknorm_rope(const uint16_t* x, const int64_t* xst, uint16_t* out, const int64_t* ost,
+                                    const float* w, const float* cosv, const float* sinv, const int64_t* cst,
+                                    int64_t B, int64_t H, int64_t N, int64_t D, float eps, int64_t nthreads) {
+  const __mmask16 even = 0x5555;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t row = 0; row < B * H * N; ++row) {
+    const int64_t b = row / (H * N), h = (row / N) % H, n = row % N;
+    const uint16_t* xr = x + b * xst[0] + h * xst[1] + n * xst[2];
+    uint16_t* orow = out + b * ost[0] + h * ost[1] + n * ost[2];
+    const float* cr = cosv + b * cst[0] + n * cst[1];
+    const float* sr = sinv + b * cst[0] + n * cst[1];
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + d))), 16));
+      ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+    }
+    const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) * (1.0f / (float)D) + eps);  // mean as torch: sum x 1/D
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + d))), 16));
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(r)), _mm512_loadu_ps(w + d));
+      const __m512 p1 = _mm512_mul_ps(y, _mm512_loadu_ps(cr + d));                         // a c | b c
+      const __m512 p2 = _mm512_mul_ps(_mm512_permute_ps(y, 0xB1), _mm512_loadu_ps(sr + d));  // b s | a s
+      const __m512 o = _mm512_mask_sub_ps(_mm512_add_ps(p1, p2), even, p1, p2);             // a c - b s | b c + a s
+      _mm256_storeu_si256((__m256i*)(orow + d), (__m256i)_mm512_cvtneps_pbh(o));
+    }
+  }
+}
 """
 
 
@@ -566,6 +598,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_attention_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [
         ctypes.c_float, ctypes.c_int64]
     lib.mgtq_attention_amx.restype = None
+    lib.mgtq_qknorm_rope.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    lib.mgtq_qknorm_rope.restype = None
     return lib
 
 
@@ -724,3 +758,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
                            out.data_ptr(), b, h, sq, sk, d, strides[0].data_ptr(), strides[1].data_ptr(),
                            strides[2].data_ptr(), d ** -0.5, torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+def supports_qknorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Inputs :func:`qknorm_rope` takes: bf16 ``x (B, H, N, D)`` with a contiguous last dim, D a multiple of 16,
+    fp32 ``cos``/``sin`` of ``(N, D)`` or ``(B, N, D)`` with a contiguous last dim, a ``(D,)`` weight."""
+    if x.dtype != torch.bfloat16 or x.dim() != 4 or x.stride(-1) != 1 or x.shape[-1] % 16:
+        return False
+    b, _, n, d = x.shape
+    tables_ok = all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.shape[-2:] == (n, d)
+                    and (t.dim() == 2 or (t.dim() == 3 and t.shape[0] == b)) for t in (cos, sin))
+    return tables_ok and cos.shape == sin.shape and cos.stride() == sin.stride() and weight.shape == (d,)
+
+
+def qknorm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE(RMSNorm(x) * weight) in one pass per row, as QKNorm's eager torch chain (fp32 inside, one rounding
+    to bf16; only the sum of squares adds in another order). ``cos``/``sin``: rope_tables' interleaved
+    tables, shared ``(N, D)`` or per sample ``(B, N, D)``. The output has x's strides. Needs :func:`available`
+    and :func:`supports_qknorm_rope`."""
+    lib = _checked_library()
+    if not supports_qknorm_rope(x, weight, cos, sin):
+        raise ValueError(f"the fused QK-norm takes bf16 x (B, H, N, D) with D % 16 == 0 and fp32 (N, D) or (B, N, D) "
+                         f"tables, got x {tuple(x.shape)} {x.dtype}, cos {tuple(cos.shape)} {cos.dtype}")
+    b, h, n, d = x.shape
+    out = torch.empty_like(x)  # x's layout (dense: the heads view of a projection's output)
+    w = weight.to(torch.float32).contiguous()
+    strides = torch.tensor([x.stride()[:3], out.stride()[:3],
+                            (cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), 0)], dtype=torch.int64)
+    lib.mgtq_qknorm_rope(x.data_ptr(), strides[0].data_ptr(), out.data_ptr(), strides[1].data_ptr(), w.data_ptr(),
+                         cos.data_ptr(), sin.data_ptr(), strides[2].data_ptr(), b, h, n, d, eps,
+                         torch.get_num_threads())
+    return out

@@ -13,6 +13,7 @@ from diffusers.models.normalization import RMSNorm
 from safetensors.torch import load_file
 
 import mgtq.fused
+from mgtq.fused import native_qk_norm_rope
 from mgtq.models import MeissonicTransformer, build_transformer, preset_config
 from mgtq.models.transformer import QKNorm, apply_rope, rope_tables
 from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
@@ -193,9 +194,14 @@ def test_qk_norm_with_rope_in_one_chain_equals_the_two_functions(dtype, per_samp
     norm = norm.to(dtype).requires_grad_(False)
     heads = (torch.randn(2, 40, 8 * 128, generator=g) * 3).to(dtype).unflatten(-1, (8, 128)).transpose(1, 2)
     fused = norm(heads, (cos, sin))
-    # The two functions in fp32, rounded once at the end: what the fused chain computes.
+    # The two functions in fp32, rounded once at the end: what the fused chain computes. mgtq's one-pass
+    # kernel (bf16 on AMX-class CPUs) adds the sum of squares in another order: a rare last-bit difference.
     exact = apply_rope(RMSNorm.forward(copy.deepcopy(norm).float(), heads.float()), cos, sin).to(dtype)
-    torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
+    if native_qk_norm_rope(heads, norm.weight, cos, sin):
+        steps = (fused.view(torch.int16).int() - exact.view(torch.int16).int()).abs()
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+    else:
+        torch.testing.assert_close(fused, exact, rtol=1e-6, atol=1e-6)
     if dtype == torch.bfloat16:  # the composition in bf16 rounds the normed values first: one more step
         composed = apply_rope(RMSNorm.forward(norm, heads), cos, sin)
         assert (fused.float() - composed.float()).abs().max() <= 2 ** -7 * composed.float().abs().max()
