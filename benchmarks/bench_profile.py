@@ -7,10 +7,11 @@ Categories (by ATen / custom op name):
     float GEMM       mm / addmm / bmm / linear / matmul in float
     int4 unpack      bit shifts / masks that unpack packed int4 weights
     int8 quantize    round / clamp of activations to int8
-    attention        scaled-dot-product attention kernels
+    attention        scaled-dot-product attention kernels (torch's SDPA, mgtq's AMX attention)
     conv             convolutions (embedding, feature compression, logits head)
     copy/cast        copies and dtype conversions (quantize/dequantize traffic lands here)
-    other            everything else (norms, RoPE, elementwise, TomeMGT gathers …)
+    other            everything else (norms, RoPE (mgtq's one-pass QK-norm + RoPE op too), elementwise,
+                     TomeMGT gathers …)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm", "mgtq::w4a16_amx")),
     ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_amx")),
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "mgtq::attention_amx")),
     ("conv", ("conv",)),
     ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                     "aten::_addmm_activation", "mkldnn_linear", "_linear_pointwise", "mgtq::onednn_linear")),

@@ -145,9 +145,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     as a view of a ``(B, Sq, H, D)`` tensor (``.transpose(1, 2)`` of it is contiguous).
     """
     if _amx_attention(q, k, v, key_bias):
-        if torch.compiler.is_compiling():
-            return attention_amx(q, k, v, key_bias)
-        return amx.attention(q, k, v, key_bias)
+        return attention_amx(q, k, v, key_bias)  # an op in eager too: profilers and dispatch modes see it
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
 
 
@@ -179,9 +177,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     weight, one complex product per pair, cast back). Both round once, after the rotation.
     """
     if native_qk_norm_rope(x, weight, cos, sin):
-        if torch.compiler.is_compiling():
-            return qk_norm_rope_amx(x, weight, eps, cos, sin)
-        return amx.qknorm_rope(x, weight, eps, cos, sin)
+        return qk_norm_rope_amx(x, weight, eps, cos, sin)  # an op in eager too, as attention_amx
     if cos.dim() == 3:  # per-sample tables (B, N, D) broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     y = x.to(torch.float32, copy=True)  # the one fp32 buffer every pass below writes in place

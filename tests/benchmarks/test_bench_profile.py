@@ -14,4 +14,6 @@ def test_profile_categories():
     assert categorize("mgtq::w4a8_amx") == "int8 GEMM"
     assert categorize("mgtq::w4a16_amx") == "int8-weight GEMM"
     assert categorize("mgtq::quantize_int8_rows") == "int8 quantize"
+    assert categorize("mgtq::attention_amx") == "attention"
+    assert categorize("mgtq::qknorm_rope_amx") == "other"
     assert categorize("aten::layer_norm") == "other"
