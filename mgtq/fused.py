@@ -1,4 +1,5 @@
-"""The activation a linear layer may fuse into its GEMM epilogue, and the float linear that fuses it.
+"""Float-path fusions: the activation a linear layer may fuse into its GEMM epilogue and the float linear
+that fuses it; attention; the QK-norm + RoPE.
 
 On a CPU with oneDNN, a bf16 ``F.linear`` becomes ``addmm``, which first copies the broadcast bias
 into the output and then accumulates onto it, and the MLP's tanh-GELU then runs as a separate eager
@@ -14,7 +15,8 @@ it with an activation only then.
 
 Attention: :func:`attention` is ``F.scaled_dot_product_attention`` with an optional bias per key; on
 CPUs with AMX it runs mgtq's own kernel (:func:`mgtq.native.amx.attention`; against torch's CPU flash
-attention in ``benchmarks/results/attention_kernels_1thread.md``).
+attention in ``benchmarks/results/attention_kernels_1thread.md``). :func:`qk_norm_rope` is attention's
+RMS QK-norm followed by RoPE, one pass per row there.
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
 
 
 def native_qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 on an AMX-int8 class CPU)."""
+    """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
     return (_X86 and x.device.type == "cpu" and cpu_class() == "amx-int8" and amx.available() and _plain(x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward
             and amx.supports_qknorm_rope(x, weight, cos, sin))
 
 
@@ -168,7 +171,8 @@ def _(x, weight, eps, cos, sin):
     return torch.empty_like(x)
 
 
-def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
     """``apply_rope(rms_norm(x) * weight, cos, sin)`` for inference: x ``(B, H, N, D)``, tables ``(N, D)`` or
     ``(B, N, D)`` (rope_tables' interleaved pairs).
 

@@ -20,7 +20,8 @@ attentions at Meissonic's shapes); with the score rows of 32 queries held whole 
 rescale, and the kernel writes the ``(B, S, H, D)`` layout the output projection reads.
 
 What W4A8 computes, for int8 ``x_q (M, K)``, the split-halves packed int4 weight ``(N, K/2)`` of
-:mod:`.packing`, fp32 column scales and bias: exactly :func:`.qtensor.int8_int4_linear`, bit for bit
+:mod:`mgtq.quantization.packing`, fp32 column scales and bias: exactly
+:func:`mgtq.quantization.qtensor.int8_int4_linear`, bit for bit
 (the int32 sums of ``x_q * 16q`` are exact; then ``fma(acc, scale / 16, bias)`` in fp32, as torch's
 ``addcmul``, rounded once to bf16 or kept in fp32).
 
@@ -78,6 +79,11 @@ _SOURCE = r"""
 extern "C" int mgtq_amx_init() {
   // Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+}
+
+// 16 bf16 values -> fp32 (exact: a bf16 is the top half of an fp32).
+TGT static inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 struct alignas(64) TileCfg {
@@ -151,8 +157,7 @@ extern "C" TGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 f;
     if (x_bf16) {
-      f = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + b * 16))), 16));
+      f = load_bf16((const uint16_t*)x + b * 16);
     } else {
       f = _mm512_loadu_ps((const float*)x + b * 16);
     }
@@ -309,7 +314,9 @@ TGT static void amx_gemm(const void* x, const uint8_t* packed, const float* scal
               _tile_dpbf16ps(2, 5, 6);
               _tile_dpbf16ps(3, 5, 7);
             }
-            if (s > 0 && kb * rows_per_step < 32) epilogue(pending, s - 1, kb * rows_per_step, (kb + 1) * rows_per_step);
+            if (s > 0 && kb * rows_per_step < 32) {
+              epilogue(pending, s - 1, kb * rows_per_step, (kb + 1) * rows_per_step);
+            }
           }
           int32_t (*sums)[256] = cbuf[s & 1];
           _tile_stored(0, sums[0], 64);
@@ -550,12 +557,12 @@ extern "C" TGT void mgtq_qknorm_rope(const uint16_t* x, const int64_t* xst, uint
     const float* sr = sinv + b * cst[0] + n * cst[1];
     __m512 ss = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + d))), 16));
+      const __m512 v = load_bf16(xr + d);
       ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
     }
     const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) * (1.0f / (float)D) + eps);  // mean as torch: sum x 1/D
     for (int64_t d = 0; d < D; d += 16) {
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + d))), 16));
+      const __m512 v = load_bf16(xr + d);
       const __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(r)), _mm512_loadu_ps(w + d));
       const __m512 p1 = _mm512_mul_ps(y, _mm512_loadu_ps(cr + d));                         // a c | b c
       const __m512 p2 = _mm512_mul_ps(_mm512_permute_ps(y, 0xB1), _mm512_loadu_ps(sr + d));  // b s | a s
@@ -640,7 +647,8 @@ def _checked_library() -> ctypes.CDLL:
 
 
 def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp32 ``x (..., K)`` -> int8 ``(M, K)`` in one pass, as :func:`.qtensor.quantize_int8_per_tensor`
+    """bf16 / fp32 ``x (..., K)`` -> int8 ``(M, K)`` in one pass, as
+    :func:`mgtq.quantization.qtensor.quantize_int8_per_tensor`
     (``clamp(round(x_fp32 * (1 / scale)))``, round-half-even; a NaN becomes -128 here)."""
     lib = _checked_library()
     if x.dtype not in (torch.bfloat16, torch.float32):
@@ -655,7 +663,7 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, activation: str | None = None) -> torch.Tensor:
-    """``(x_q @ q.T) * col_scale + bias`` as :func:`.qtensor.int8_int4_linear`, on AMX tiles.
+    """``(x_q @ q.T) * col_scale + bias`` as :func:`mgtq.quantization.qtensor.int8_int4_linear`, on AMX tiles.
 
     x_q: int8 ``(M, K)``; packed: uint8 ``(N, K/2)``; col_scale: ``(N,)`` (input scale x weight scale);
     bias: ``(N,)`` or None. ``activation``: ``"gelu_tanh"`` applied to the fp32 result before the cast, or None.
@@ -688,7 +696,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
                  activation: str | None = None) -> torch.Tensor:
     """bf16 ``x (M, K)`` times the int4 weight dequantized to bf16 on the fly (``(N, G)`` scales), + bias, in bf16.
 
-    The weights are the bf16 values of :func:`.qtensor.dequantize_int4_weight`; the products are summed
+    The weights are the bf16 values of :func:`mgtq.quantization.qtensor.dequantize_int4_weight`; the products are summed
     in fp32 on AMX tiles, in another order than oneDNN's bf16 GEMM (the same kind of difference as
     between two GEMM libraries). ``activation``: as in :func:`w4a8_linear`. Needs :func:`available` and
     :func:`supports_w4a16`.
@@ -771,7 +779,8 @@ def supports_qknorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tenso
     return tables_ok and cos.shape == sin.shape and cos.stride() == sin.stride() and weight.shape == (d,)
 
 
-def qknorm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def qknorm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
     """RoPE(RMSNorm(x) * weight) in one pass per row, as QKNorm's eager torch chain (fp32 inside, one rounding
     to bf16; only the sum of squares adds in another order). ``cos``/``sin``: rope_tables' interleaved
     tables, shared ``(N, D)`` or per sample ``(B, N, D)``. The output has x's strides. Needs :func:`available`

@@ -59,14 +59,15 @@ Kernels:
   activation quantization as plain torch ops for Inductor to fuse into its
   producer (the GEMM is a custom op, so the opaque prepacked weight enters
   the graph as an argument; no ``freezing`` needed);
-* ``amx`` (W4A8): mgtq's own AMX int8 GEMM (:mod:`.amx`): the int4 weight unpacked
-  into AMX tiles per call, the rescale / bias / cast done per tile; bit-equal to
+* ``amx`` (W4A8): mgtq's own AMX int8 GEMM (:mod:`mgtq.native.amx`): the int4 weight unpacked
+  into AMX tiles per call, the rescale / bias / cast of one 32-column pair overlapped with the
+  next pair's tiles; bit-equal to
   ``int_mm_chunked``, no weight cache. Eager and compiled alike: the activation
-  quantization stays mgtq's one-pass op (:func:`.amx.quantize_int8`), which
+  quantization stays mgtq's one-pass op (:func:`mgtq.native.amx.quantize_int8`), which
   Inductor's inline version was slower than (measured after a norm and modulation);
 * ``amx`` (W4A16): mgtq's own AMX bf16 GEMM: the int4 weight dequantized into
   AMX tiles per call (the same bf16 weights as ``dequant``), fp32 sums, bias and
-  cast per tile; eager and compiled alike (it quantizes nothing for Inductor to fuse);
+  cast overlapped as in W4A8; eager and compiled alike (it quantizes nothing for Inductor to fuse);
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -89,8 +90,8 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
   slower at M in the thousands.  Hence dequantize + bf16 GEMM for W4A16, and
   a column-chunked ``_int_mm`` (its int32 accumulator stays in cache) for W4A8.
 * AMX-int8 CPUs: none of torch's kernels reads int4 weights into AMX tiles, so
-  mgtq's own (:mod:`.amx`) do, for every row count: per layer at Meissonic-1024
-  shapes (2202 rows, 1 thread) W4A8 takes about 0.7x the bf16 linear's time, where
+  mgtq's own (:mod:`mgtq.native.amx`) do, for every row count: per layer at Meissonic-1024
+  shapes (2202 rows, 1 thread) W4A8 takes about 0.6x the bf16 linear's time, where
   the chunked ``_int_mm`` took up to 2x, and W4A16 about 1.0x where dequantize +
   bf16 GEMM took 1.1-1.3x (at 98 rows, a local step of context reuse, about half
   the time of dequantize + GEMM). The oneDNN cache keeps its row: a user who made
@@ -175,7 +176,7 @@ class KernelContext:
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
     compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only);
-    native: mgtq's AMX kernel (:mod:`.amx`) built and allowed to use AMX tiles on this machine.
+    native: mgtq's AMX kernel (:mod:`mgtq.native.amx`) built and allowed to use AMX tiles on this machine.
     """
 
     device: str
@@ -437,7 +438,7 @@ def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation="")
 @torch.library.custom_op("mgtq::w4a8_amx", mutates_args=())
 def w4a8_amx_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
-    """:func:`.amx.w4a8_linear` as one op (opaque to Inductor, like the other GEMM ops here)."""
+    """:func:`mgtq.native.amx.w4a8_linear` as one op (opaque to Inductor, like the other GEMM ops here)."""
     return amx.w4a8_linear(x_q, packed, col_scale, bias, out_dtype, activation or None)
 
 
@@ -449,7 +450,7 @@ def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
 @torch.library.custom_op("mgtq::w4a16_amx", mutates_args=())
 def w4a16_amx_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  activation: str = "") -> torch.Tensor:
-    """:func:`.amx.w4a16_linear` as one op."""
+    """:func:`mgtq.native.amx.w4a16_linear` as one op."""
     return amx.w4a16_linear(x, packed, scale, bias, activation or None)
 
 

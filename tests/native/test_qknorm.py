@@ -87,3 +87,12 @@ def test_compiled_module_runs_the_kernel():
         eager = norm(x, (cos, sin))
         compiled = torch.compile(norm, fullgraph=True)(x, (cos, sin))
     assert torch.equal(eager, amx.qknorm_rope(x, weight, EPS, cos, sin)) and torch.equal(eager, compiled)
+
+
+def test_autograd_takes_the_composition():
+    x, weight, cos, sin = _inputs(b=1, n=8, h=2, d=32)
+    x = x.detach().requires_grad_(True)
+    assert not fused.native_qk_norm_rope(x, weight, cos, sin)  # the kernel has no backward
+    norm = QKNorm(32, eps=EPS).to(torch.bfloat16)
+    norm(x, (cos, sin)).float().sum().backward()  # the module composes RMSNorm and RoPE when grads flow
+    assert x.grad is not None and norm.weight.grad is not None
