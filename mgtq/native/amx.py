@@ -478,9 +478,14 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
           if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + full));
         }
         const float m = _mm512_reduce_max_ps(mx);
+        uint16_t* prow = pbuf + r * skp;
+        if (m == -INFINITY) {  // every key masked: no weight anywhere, a zero row (as SDPA)
+          memset(prow, 0, skp * 2);
+          rinv[r] = 0.0f;
+          continue;
+        }
         const __m512 mul = _mm512_set1_ps(bias ? 1.0f : sl), sub = _mm512_set1_ps(bias ? m : m * sl);
         __m512 sum = _mm512_setzero_ps();
-        uint16_t* prow = pbuf + r * skp;
         for (int64_t c = 0; c < skp; c += 16) {
           __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(srow + c), mul, sub));
           if (c >= full) p = _mm512_maskz_mov_ps(c == full ? tail : 0, p);  // past Sk: probability 0
@@ -728,14 +733,14 @@ MAX_KEYS = 16384
 
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
     """Inputs :func:`attention` takes: bf16 ``(B, H, S, D)`` q, k, v with a contiguous last dim, D a multiple
-    of 32, at most ``MAX_KEYS`` keys, and no bias or one bias per key, ``(B, 1, 1, Sk)``."""
+    of 32, at most ``MAX_KEYS`` keys, and no bias or one floating-point bias per key, ``(B, 1, 1, Sk)``."""
     if not all(t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v)):
         return False
     (b, h, _, d), sk = q.shape, k.shape[2]
     if k.shape != (b, h, sk, d) or v.shape != (b, h, sk, d) or d % 32 or not 0 < sk <= MAX_KEYS or k.stride(2) % 2:
         return False
-    return key_bias is None or (key_bias.dim() == 4 and key_bias.shape[1:3] == (1, 1) and key_bias.shape[3] == sk
-                                and key_bias.shape[0] in (1, b))
+    return key_bias is None or (key_bias.is_floating_point() and key_bias.dim() == 4 and key_bias.shape[1:3] == (1, 1)
+                                and key_bias.shape[3] == sk and key_bias.shape[0] in (1, b))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -760,7 +765,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     if key_bias is not None:  # (B, keys rounded up to 32) fp32 in base 2, -inf past the last key
         skp = (sk + 31) // 32 * 32
         bias2 = torch.full((b, skp), float("-inf"), dtype=torch.float32)
-        bias2[:, :sk] = key_bias.reshape(-1, sk).to(torch.float32) * 1.4426950408889634
+        scaled = key_bias.reshape(-1, sk).to(torch.float64) * 1.4426950408889634
+        # a finite bias stays finite in fp32 (a mask of finfo.min times log2(e) would overflow to -inf)
+        bias2[:, :sk] = torch.where(scaled.isfinite(), scaled.clamp_min(-torch.finfo(torch.float32).max), scaled)
     strides = torch.tensor([q.stride()[:3], k.stride()[:3], v.stride()[:3]], dtype=torch.int64)
     lib.mgtq_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if bias2 is None else bias2.data_ptr(),
                            out.data_ptr(), b, h, sq, sk, d, strides[0].data_ptr(), strides[1].data_ptr(),

@@ -130,3 +130,24 @@ def test_dispatch_runs_the_kernel_eager_and_compiled():
         compiled = torch.compile(f, fullgraph=True)(q, k, v, key_bias)
     assert torch.equal(eager, amx.attention(q, k, v, key_bias).transpose(1, 2).flatten(2))
     assert torch.equal(eager, compiled)
+
+
+@needs_amx
+def test_rows_with_every_key_masked():
+    q, k, v, _ = _inputs(2, 2, 20, 50, 64)
+    key_bias = torch.zeros(2, 1, 1, 50)
+    key_bias[1] = float("-inf")  # the second sample sees no key: zeros, as SDPA gives
+    out = amx.attention(q, k, v, key_bias)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    mine, torch_err = _errors(q[:1], k[:1], v[:1], key_bias[:1], out[:1])
+    assert mine <= 1.5 * torch_err + 1e-3
+    # a finite "minus infinity" (finfo.min) on every key: every key equally unlikely, the mean of v (as SDPA)
+    key_bias[1] = torch.finfo(torch.float32).min
+    mine, torch_err = _errors(q, k, v, key_bias, amx.attention(q, k, v, key_bias))
+    assert mine <= 1.5 * torch_err + 1e-3
+
+
+def test_integer_or_bool_masks_are_not_taken():
+    q, k, v, _ = _inputs(1, 2, 8, 8, 64)
+    assert not amx.supports_attention(q, k, v, torch.ones(1, 1, 1, 8, dtype=torch.bool))
+    assert not amx.supports_attention(q, k, v, torch.ones(1, 1, 1, 8, dtype=torch.int64))
