@@ -100,6 +100,29 @@ TGT static void config_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// One K step of a 2 x 2 block of 16 x 16 accumulators (tiles 0-3): A tiles of rows 0-15 (a0) and 16-31 (a1), with
+// their row stride in bytes, times B tiles of columns 0-15 (b0) and 16-31 (b1), 64-byte rows. INT8: tdpbssd, else
+// tdpbf16ps. Every GEMM here runs this step.
+template <bool INT8>
+TGT static inline __attribute__((always_inline)) void tile_step(const void* a0, const void* a1, int64_t a_stride,
+                                                                const void* b0, const void* b1) {
+  _tile_loadd(4, a0, a_stride);
+  _tile_loadd(5, a1, a_stride);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  if constexpr (INT8) {
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  } else {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // tanh-GELU of the fp32 result before its one rounding, as F.gelu(approximate="tanh") and oneDNN's post-op:
 // y * sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3); exp by 2^n * p(r), |r| <= ln2 / 2, p of degree 6
 // (a few fp32 ulps; the bf16 output rounds them away but for rare ties).
@@ -299,21 +322,7 @@ TGT static void amx_gemm(const void* x, const uint8_t* packed, const float* scal
           const uint8_t* b0 = bbuf + (2 * s) * kblocks * 1024;
           const uint8_t* b1 = bbuf + (2 * s + 1) * kblocks * 1024;
           for (int64_t kb = 0; kb < kblocks; ++kb) {
-            _tile_loadd(4, a + kb * 64, K * es);
-            _tile_loadd(5, a + 16 * K * es + kb * 64, K * es);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            if constexpr (INT8) {
-              _tile_dpbssd(0, 4, 6);
-              _tile_dpbssd(1, 4, 7);
-              _tile_dpbssd(2, 5, 6);
-              _tile_dpbssd(3, 5, 7);
-            } else {
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
+            tile_step<INT8>(a + kb * 64, a + 16 * K * es + kb * 64, K * es, b0 + kb * 1024, b1 + kb * 1024);
             if (s > 0 && kb * rows_per_step < 32) {
               epilogue(pending, s - 1, kb * rows_per_step, (kb + 1) * rows_per_step);
             }
@@ -448,14 +457,8 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
       for (int64_t j = 0; j < kblocks; ++j) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t db = 0; db < dblocks; ++db) {
-          _tile_loadd(4, qa + db * 32, qstride);
-          _tile_loadd(5, (const uint8_t*)qa + 16 * qstride + db * 64, qstride);
-          _tile_loadd(6, kp + ((2 * j) * dblocks + db) * 512, 64);
-          _tile_loadd(7, kp + ((2 * j + 1) * dblocks + db) * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+          tile_step<false>(qa + db * 32, (const uint8_t*)qa + 16 * qstride + db * 64, qstride,
+                           kp + ((2 * j) * dblocks + db) * 512, kp + ((2 * j + 1) * dblocks + db) * 512);
         }
         _tile_stored(0, sbuf + 32 * j, skp * 4);
         _tile_stored(1, sbuf + 32 * j + 16, skp * 4);
@@ -509,14 +512,8 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
             _tile_loadd(3, acc + 16 * D + 16, D * 4);
           }
           for (int64_t j = j0; j < j1; ++j) {
-            _tile_loadd(4, pbuf + 32 * j, skp * 2);
-            _tile_loadd(5, pbuf + 16 * skp + 32 * j, skp * 2);
-            _tile_loadd(6, vp + ((2 * u) * kblocks + j) * 512, 64);
-            _tile_loadd(7, vp + ((2 * u + 1) * kblocks + j) * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            tile_step<false>(pbuf + 32 * j, pbuf + 16 * skp + 32 * j, skp * 2, vp + ((2 * u) * kblocks + j) * 512,
+                             vp + ((2 * u + 1) * kblocks + j) * 512);
           }
           _tile_stored(0, acc, D * 4);
           _tile_stored(1, acc + 16, D * 4);
