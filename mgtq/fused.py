@@ -16,7 +16,8 @@ it with an activation only then.
 Attention: :func:`attention` is ``F.scaled_dot_product_attention`` with an optional bias per key; on
 CPUs with AMX it runs mgtq's own kernel (:func:`mgtq.native.amx.attention`; against torch's CPU flash
 attention in ``benchmarks/results/attention_kernels_1thread.md``). :func:`qk_norm_rope` is attention's
-RMS QK-norm followed by RoPE, one pass per row there.
+RMS QK-norm followed by RoPE, one pass per row there, and :func:`rms_norm_amx` the RMSNorm of the
+token grids around the transformer (:class:`mgtq.models.layers.RMSNorm`).
 """
 
 from __future__ import annotations
@@ -189,3 +190,22 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     y.mul_(weight.to(torch.float32))
     torch.view_as_complex(y.unflatten(-1, (-1, 2))).mul_(torch.complex(cos[..., ::2].float(), sin[..., ::2].float()))
     return y.to(x.dtype)
+
+
+def native_rms_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether :func:`rms_norm` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
+    return (_X86 and x.device.type == "cpu" and weight is not None and cpu_class() == "amx-int8" and amx.available()
+            and _plain(x) and _plain(weight)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward
+            and amx.supports_rms_norm(x, weight))
+
+
+@torch.library.custom_op("mgtq::rms_norm_amx", mutates_args=())
+def rms_norm_amx(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`mgtq.native.amx.rms_norm` as one op (profilers and dispatch modes see it, as attention_amx)."""
+    return amx.rms_norm(x, weight, eps)
+
+
+@rms_norm_amx.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mgtq.fused import apply_activation, float_linear, fuses_activations
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+from mgtq.fused import apply_activation, float_linear, fuses_activations, native_rms_norm, rms_norm_amx
 
 
 class Linear(nn.Linear):
@@ -45,3 +47,52 @@ def linear_act(layer: nn.Module, x: torch.Tensor, activation: str) -> torch.Tens
     if fuses(layer, activation):
         return layer(x, activation=activation)
     return apply_activation(layer(x), activation)
+
+
+class RMSNorm(DiffusersRMSNorm):
+    """diffusers' RMSNorm (same `weight` key and values) that runs as one pass per row where
+    :func:`mgtq.fused.native_rms_norm` says so: diffusers' chain makes five passes over the tensor, two of
+    them fp32 copies, which at Meissonic-1024's 64×64 token grids cost more than the 1×1 convolutions
+    between them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and native_rms_norm(x, self.weight):
+            return rms_norm_amx(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def _channels_last_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """(B, H, W, C) view of an NCHW tensor stored channels last (each pixel's channels one dense row), else None."""
+    rows = x.permute(0, 2, 3, 1) if x.dim() == 4 else None
+    return rows if rows is not None and rows.is_contiguous() else None
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1×1 ``nn.Conv2d`` (same parameters and keys) that runs as a linear over each pixel's channels when its
+    input is stored channels last: oneDNN's convolution took 1.3× the time of its linear for the same GEMM
+    (Meissonic's 1024 → 8192 logits head). Output channels last, as the convolution's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _channels_last_rows(x) if self.kernel_size == (1, 1) and self.groups == 1 else None
+        if rows is None or self.stride != (1, 1) or self.padding not in ((0, 0), "valid"):
+            return super().forward(x)
+        return float_linear(rows, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
+class PatchConv2d(nn.Conv2d):
+    """A k×k convolution with stride k and no overlap (feature compression's 2×2 down) as one linear over
+    k×k patches of a channels-last input. diffusers' Downsample2D pads one row and column that such a
+    convolution never reads on even sizes; here they are not made. Odd sizes and other layouts: the
+    convolution itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        rows = _channels_last_rows(x)
+        if (rows is None or self.kernel_size != (k, k) or self.stride != (k, k) or self.groups != 1
+                or self.padding not in ((0, 0), "valid") or x.shape[2] % k or x.shape[3] % k):
+            return super().forward(x)
+        b, h, w, c = rows.shape
+        patches = rows.reshape(b, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h // k, w // k, -1)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, k·k·C) as the patches
+        return float_linear(patches, weight, self.bias).permute(0, 3, 1, 2)
+

@@ -26,17 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, TimestepEmbedding, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.normalization import RMSNorm
-from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
-from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from mgtq.fused import attention, native_qk_norm_rope, qk_norm_rope
 from mgtq.models.hooks import BlockTokens, TokenPlan
-from mgtq.models.layers import Linear, linear_act
+from mgtq.models.layers import Linear, PatchConv2d, PointwiseConv2d, RMSNorm, linear_act
 
 # Fixed by the official architecture (inherited from aMUSEd): five micro-conditions, each embedded
 # sinusoidally to 256 channels; norms use eps 1e-6; the conv/projection layers around the
@@ -362,8 +358,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         self.single_transformer_blocks = nn.ModuleList(
             [SingleStreamBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)]
         )
-        self.embed = UVit2DConvEmbed(dim, dim, vocab_size, True, NORM_EPS, False)
-        self.mlm_layer = ConvMlmLayer(dim, dim, False, True, NORM_EPS, codebook_size)
+        self.embed = _ConvEmbed(dim, vocab_size)
+        self.mlm_layer = _MlmHead(dim, codebook_size)
         self.cond_embed = TimestepEmbedding(
             MICRO_COND_ENCODE_DIM * NUM_MICRO_CONDS + pooled_projection_dim, dim, sample_proj_bias=False
         )
@@ -570,24 +566,71 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         return block(*args)
 
 
-class _Resample(nn.Module):
-    """Feature compression around the transformer: 2×2 conv down / transposed-conv up with RMSNorm.
+# Around the transformer: the token-grid layers of aMUSEd's U-ViT that Meissonic keeps, under diffusers'
+# module and key names (UVit2DConvEmbed, ConvMlmLayer, Downsample2D, Upsample2D), the same arithmetic.
+# Every tensor between them is stored channels last (each token's channels one dense row), so the 1×1 and
+# 2×2 convolutions run as linears (mgtq.models.layers) and the RMSNorms in one pass per row.
+class _ConvEmbed(nn.Module):
+    """Token ids (B, h, w) → embedding → RMSNorm → 1×1 conv → (B, D, h, w), stored channels last."""
 
-    Wraps diffusers' Downsample2D/Upsample2D under the official names (`downsample`, `upsample`).
-    """
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab_size, dim)
+        self.layer_norm = RMSNorm(dim, NORM_EPS)
+        self.conv = PointwiseConv2d(dim, dim, kernel_size=1, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.layer_norm(self.embeddings(ids)).permute(0, 3, 1, 2))
+
+
+class _MlmHead(nn.Module):
+    """(B, D, h, w) → 1×1 conv → RMSNorm → 1×1 conv → logits (B, codebook, h, w), per token."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        self.conv1 = PointwiseConv2d(dim, dim, kernel_size=1, bias=False)
+        self.layer_norm = RMSNorm(dim, NORM_EPS)
+        self.conv2 = PointwiseConv2d(dim, codebook_size, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        return self.conv2(self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class _Down(nn.Module):
+    """RMSNorm then the 2×2 stride-2 conv. diffusers' Downsample2D first pads one row and column that this
+    convolution never reads on the even grids Meissonic allows (validated by image_ids), so none is made."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, NORM_EPS)
+        self.conv = PatchConv2d(dim, dim, kernel_size=2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] % 2 or x.shape[3] % 2:  # where diffusers' pad is read
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class _Up(nn.Module):
+    """RMSNorm then the 2×2 stride-2 transposed conv (each token's own 2×2 cell)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, NORM_EPS)
+        self.conv = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class _Resample(nn.Module):
+    """Feature compression around the transformer under the official names (`downsample`, `upsample`)."""
 
     def __init__(self, dim: int, down: bool, up: bool):
         super().__init__()
-        self.downsample = (
-            Downsample2D(dim, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2, norm_type="rms_norm",
-                         eps=NORM_EPS, elementwise_affine=True, bias=False)
-            if down else None
-        )
-        self.upsample = (
-            Upsample2D(dim, use_conv_transpose=True, kernel_size=2, padding=0, name="conv", norm_type="rms_norm",
-                       eps=NORM_EPS, elementwise_affine=True, bias=False, interpolate=False)
-            if up else None
-        )
+        self.downsample = _Down(dim) if down else None
+        self.upsample = _Up(dim) if up else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:

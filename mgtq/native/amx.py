@@ -50,7 +50,8 @@ import torch
 from .cpu import cpu_flags
 
 __all__ = ["available", "supports", "supports_w4a16", "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
-           "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope"]
+           "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
+           "supports_rms_norm", "rms_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -573,6 +574,28 @@ extern "C" TGT void mgtq_qknorm_rope(const uint16_t* x, const int64_t* xst, uint
     }
   }
 }
+// RMSNorm over rows of D (a multiple of 16), x and out (R, D) bf16 contiguous, w (D) bf16: as diffusers' RMSNorm in
+// bf16, y = bf16(bf16(x * r) * w) with r = 1 / sqrt(mean(x^2) + eps) in fp32 (its two roundings: the normed value is
+// cast to the weight's dtype before the product). Only the sum of squares runs in another order than torch's mean.
+extern "C" TGT void mgtq_rms_norm(const uint16_t* x, uint16_t* out, const uint16_t* w, int64_t R, int64_t D, float eps,
+                                  int64_t nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t row = 0; row < R; ++row) {
+    const uint16_t* xr = x + row * D;
+    uint16_t* orow = out + row * D;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = load_bf16(xr + d);
+      ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+    }
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) * (1.0f / (float)D) + eps));
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 normed = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16(xr + d), r)));
+      _mm256_storeu_si256((__m256i*)(orow + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(normed, load_bf16(w + d))));
+    }
+  }
+}
 """
 
 
@@ -609,6 +632,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_attention_amx.restype = None
     lib.mgtq_qknorm_rope.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.mgtq_qknorm_rope.restype = None
+    lib.mgtq_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64]
+    lib.mgtq_rms_norm.restype = None
     return lib
 
 
@@ -801,4 +826,25 @@ def qknorm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Te
     lib.mgtq_qknorm_rope(x.data_ptr(), strides[0].data_ptr(), out.data_ptr(), strides[1].data_ptr(), w.data_ptr(),
                          cos.data_ptr(), sin.data_ptr(), strides[2].data_ptr(), b, h, n, d, eps,
                          torch.get_num_threads())
+    return out
+
+
+def supports_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inputs :func:`rms_norm` takes: contiguous bf16 ``x (..., D)``, D a multiple of 16, a bf16 ``(D,)`` weight."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.dim() >= 1 and x.shape[-1] % 16 == 0
+            and x.is_contiguous() and weight.shape == (x.shape[-1],))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """diffusers' RMSNorm of bf16 ``x`` with a bf16 weight in one pass per row: ``bf16(bf16(x * r) * weight)``,
+    ``r = rsqrt(mean(x²) + eps)`` in fp32, its two roundings; only the sum of squares adds in another order.
+    Needs :func:`available` and :func:`supports_rms_norm`."""
+    lib = _checked_library()
+    if not supports_rms_norm(x, weight):
+        raise ValueError(f"the fused RMSNorm takes contiguous bf16 x (..., D) with D % 16 == 0 and a bf16 (D,) "
+                         f"weight, got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty_like(x)
+    w = weight.contiguous()
+    d = x.shape[-1]
+    lib.mgtq_rms_norm(x.data_ptr(), out.data_ptr(), w.data_ptr(), x.numel() // d, d, eps, torch.get_num_threads())
     return out

@@ -7,7 +7,8 @@ from torch import nn
 
 import mgtq.fused
 from mgtq.fused import apply_activation
-from mgtq.models.layers import Linear, fuses, linear_act
+import mgtq.models.layers
+from mgtq.models.layers import Linear, PatchConv2d, PointwiseConv2d, fuses, linear_act
 
 ONEDNN = pytest.mark.skipif(not (mgtq.fused._X86 and torch._C._has_mkldnn),
                             reason="oneDNN's linear runs on x86 builds with mkldnn only")
@@ -128,3 +129,53 @@ def test_a_subclass_with_its_own_forward_is_called_the_plain_way():
     x = torch.randn(2, 5, 64).to(torch.bfloat16)
     assert fuses(Linear(4, 4), "gelu_tanh") and not fuses(layer, "gelu_tanh")
     assert torch.equal(linear_act(layer, x, "gelu_tanh"), apply_activation(layer(x), "gelu_tanh"))
+
+
+# ------------------------------------------------------------------ convolutions as linears
+def _conv_pair(kind, cin, cout, bias, dtype, seed=0):
+    torch.manual_seed(seed)
+    if kind == "pointwise":
+        ref, mine = nn.Conv2d(cin, cout, 1, bias=bias), PointwiseConv2d(cin, cout, 1, bias=bias)
+    else:
+        ref, mine = nn.Conv2d(cin, cout, 2, 2, bias=bias), PatchConv2d(cin, cout, 2, 2, bias=bias)
+    ref = ref.to(dtype)
+    mine = mine.to(dtype)
+    mine.load_state_dict(ref.state_dict())
+    return ref, mine
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "patch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_convolutions_as_linears_equal_the_convolution(kind, dtype, bias):
+    ref, mine = _conv_pair(kind, 64, 96, bias, dtype)
+    x = torch.randn(2, 64, 6, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, expected = mine(x), ref(x)
+    assert y.shape == expected.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)  # as the convolution returns for this input
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # one GEMM either way; the summation order may differ
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "patch"])
+def test_convolutions_as_linears_fall_back_where_the_layout_or_shape_does_not_fit(kind, monkeypatch):
+    ref, mine = _conv_pair(kind, 16, 8, True, torch.float32)
+    monkeypatch.setattr(mgtq.models.layers, "float_linear", None)  # a call would fail: only the conv may run
+    nchw = torch.randn(1, 16, 4, 6)
+    odd = torch.randn(1, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(nchw), ref(nchw))
+        if kind == "patch":
+            torch.testing.assert_close(mine(odd), ref(odd))
+
+
+def test_convolutions_as_linears_train():
+    ref, mine = _conv_pair("patch", 16, 8, True, torch.float32)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    mine(x).square().sum().backward()
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(mine.bias.grad, ref.bias.grad)

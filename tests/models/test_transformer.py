@@ -314,3 +314,37 @@ def test_compile_blocks_with_the_onednn_weight_cache():
         compiled = model(**inputs)
     assert all(layer.weight_cache == "onednn" for layer in layers)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [(8, 12), (7, 9)])
+def test_token_grid_layers_equal_diffusers_modules(dtype, grid):
+    """The embedding, head and feature compression run as linears and one-pass norms; diffusers' modules
+    (what the official code uses) give the same values from the same state dict, odd grids included."""
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.unets.uvit_2d import ConvMlmLayer, UVit2DConvEmbed
+    from diffusers.models.upsampling import Upsample2D
+
+    model = build_transformer("tiny-shapes").to(dtype).eval()
+    dim, vocab, codebook = 128, model.config.vocab_size, model.config.codebook_size
+    pairs = [
+        (model.embed, UVit2DConvEmbed(dim, dim, vocab, True, 1e-6, False)),
+        (model.mlm_layer, ConvMlmLayer(dim, dim, False, True, 1e-6, codebook)),
+        (model.down_block.downsample, Downsample2D(dim, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2,
+                                                   norm_type="rms_norm", eps=1e-6, elementwise_affine=True, bias=False)),
+        (model.up_block.upsample, Upsample2D(dim, use_conv_transpose=True, kernel_size=2, padding=0, name="conv",
+                                             norm_type="rms_norm", eps=1e-6, elementwise_affine=True, bias=False,
+                                             interpolate=False)),
+    ]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, *grid), generator=g)
+    image = torch.randn(2, *grid, dim, generator=g).to(dtype).permute(0, 3, 1, 2)  # channels last, as in the model
+    for mine, theirs in pairs:
+        theirs = theirs.to(dtype).eval()
+        theirs.load_state_dict(mine.state_dict())
+        x = ids if mine is model.embed else image
+        with torch.inference_mode():
+            y, expected = mine(x), theirs(x)
+        assert y.shape == expected.shape
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol)
