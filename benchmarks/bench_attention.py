@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,8 @@ import torch.nn.functional as F
 from mgtq.native import amx
 from mgtq.native.cpu import cpu_class
 from mgtq.utils import atomic_write_text, write_json
+
+from bench_timing import interleaved_rounds, spread  # this folder's
 
 # name, batch, heads, queries, keys, head dim, key bias
 SHAPES = (
@@ -57,27 +57,10 @@ def variants(q, k, v, key_bias) -> dict:
 def measure(shapes, rounds: int, warmup: int) -> list[dict]:
     rows = []
     for name, b, h, sq, sk, d, bias in shapes:
-        args = inputs(b, h, sq, sk, d, bias)
-        fns = variants(*args)
         with torch.no_grad():
-            for fn in fns.values():
-                for _ in range(warmup):
-                    fn()
-            samples = {n: [] for n in fns}
-            names = list(fns)
-            for r in range(rounds):
-                for n in names[r % len(names):] + names[:r % len(names)]:
-                    t0 = time.perf_counter()
-                    fns[n]()
-                    samples[n].append(1000 * (time.perf_counter() - t0))
-        base = samples["torch SDPA"]
+            samples = interleaved_rounds(variants(*inputs(b, h, sq, sk, d, bias)), rounds, warmup)
         rows.append(dict(name=name, batch=b, heads=h, queries=sq, keys=sk, head_dim=d, key_bias=bias,
-                         ms={n: statistics.median(s) for n, s in samples.items()},
-                         ms_min={n: min(s) for n, s in samples.items()},
-                         ms_max={n: max(s) for n, s in samples.items()},
-                         ratio={n: statistics.median([a / c for a, c in zip(s, base)]) for n, s in samples.items()},
-                         ratio_min={n: min(a / c for a, c in zip(s, base)) for n, s in samples.items()},
-                         ratio_max={n: max(a / c for a, c in zip(s, base)) for n, s in samples.items()}))
+                         **spread(samples, base="torch SDPA")))
     return rows
 
 

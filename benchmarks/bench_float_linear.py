@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,8 @@ import torch.nn.functional as F
 
 from mgtq.quantization import kernels
 from mgtq.utils import atomic_write_text, write_json
+
+from bench_timing import interleaved_rounds, spread  # this folder's
 
 SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024), (5120, 1024))  # (K, N)
 ROWS = 2 * (1024 + 77)
@@ -49,23 +49,9 @@ def measure(rounds: int, warmup: int, m: int = ROWS) -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for k, n in SHAPES:
-            fns = variants(dtype, k, n, m)
             with torch.no_grad():
-                for fn in fns.values():
-                    for _ in range(warmup):
-                        fn()
-                samples = {name: [] for name in fns}
-                names = list(fns)
-                for r in range(rounds):
-                    for name in names[r % len(names):] + names[:r % len(names)]:  # each variant first in turn
-                        fn = fns[name]
-                        t0 = time.perf_counter()
-                        fn()
-                        samples[name].append(1000 * (time.perf_counter() - t0))
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), k=k, n=n,
-                             ms={name: statistics.median(v) for name, v in samples.items()},
-                             ms_min={name: min(v) for name, v in samples.items()},
-                             ms_max={name: max(v) for name, v in samples.items()}))
+                samples = interleaved_rounds(variants(dtype, k, n, m), rounds, warmup)
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), k=k, n=n, **spread(samples)))
     return rows
 
 

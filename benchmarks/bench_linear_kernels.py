@@ -18,7 +18,7 @@ for its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer, the exact
 ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``: AMX-int8 CPUs with a
 C++ compiler, :mod:`mgtq.native.amx`), and the opt-in oneDNN int8 weight cache.
-Variants are timed round-robin (one call of each in turn, repeated)
+Variants are timed round-robin (one call of each in turn, repeated; bench_timing.py)
 so background load hits all of them alike; we report medians.
 
 Usage::
@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +54,8 @@ from mgtq.fused import float_linear
 from mgtq.native import amx
 from mgtq.quantization import kernels
 from mgtq.utils import atomic_write_text
+
+from bench_timing import interleaved_rounds  # this folder's
 
 D = 1024
 STATS = {"median": statistics.median, "min": min}
@@ -142,17 +143,9 @@ def _forced(layer: W4A8Linear, x: torch.Tensor, kernel: str) -> torch.Tensor:
 def time_round_robin(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int, stat: Callable = statistics.median
 ) -> dict[str, float]:
-    """Milliseconds per variant (median by default), variants interleaved call by call."""
+    """Milliseconds per variant (median by default), variants interleaved call by call in a fixed order."""
     with torch.inference_mode():
-        for f in fns.values():
-            for _ in range(warmup):
-                f()
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                samples[k].append((time.perf_counter() - t0) * 1e3)
+        samples = interleaved_rounds(fns, repeats, warmup, rotate=False)
     return {k: stat(v) for k, v in samples.items()}
 
 

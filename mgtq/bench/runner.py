@@ -6,8 +6,8 @@ measured the same way, so readers can subtract it themselves (nothing is subtrac
 "none" runs everything in this process.
 
 Interleaved rounds (the default, `MeasureSettings.interleave`): every case is built and warmed up once,
-all are held at once, and round after round each case in turn times one forward (A B C … A B C …);
-then each finishes (whole image, profile) one after the other. Drift of the machine then lands on
+all are held at once, and round after round each case in turn times one forward, each case first in
+turn (A B C, B C A, C A B …: the first forward of a round follows the longest wait); then each finishes (whole image, profile) one after the other. Drift of the machine then lands on
 every case of a round alike, and the report's ratios are medians of per-round ratios (mgtq.bench.report).
 Memory: all cases are resident together. Sequential: one case after another, each timing all its forwards.
 """
@@ -145,8 +145,11 @@ def run_cases(cases: list[BenchCase], payloads: list[dict], config: BenchConfig,
         timed = [w for w in workers if w is not None and w.timed]
         for r in range(measure.repeats if timed else 0):
             loadavgs.append(memory.loadavg())
-            seconds = [w.time_forwards(1, r, measure.budget_s) for w in timed]
-            log(f"round {r + 1}/{measure.repeats}: " + ", ".join(f"{s[0]:.3g} s" if s else "–" for s in seconds))
+            seconds = {}
+            for i in round_order(len(timed), r):
+                seconds[i] = timed[i].time_forwards(1, r, measure.budget_s)
+            log(f"round {r + 1}/{measure.repeats}: " + ", ".join(
+                f"{seconds[i][0]:.3g} s" if seconds[i] else "–" for i in range(len(timed))))
         for i in range(len(cases)):
             finish(i)
         return results, loadavgs
@@ -154,6 +157,13 @@ def run_cases(cases: list[BenchCase], payloads: list[dict], config: BenchConfig,
         for worker in workers:
             if worker is not None:
                 worker.close()
+
+
+def round_order(n: int, r: int) -> list[int]:
+    """The order in which round `r` times `n` configs: each one first in turn, so that whatever the first
+    forward of a round pays (its process waited through every other config's forward) does not land on
+    one config, the bf16 baseline above all, every round."""
+    return [(r + i) % n for i in range(n)] if n else []
 
 
 def _failed(case: BenchCase, err: ChildError, log: Callable[[str], None]) -> CaseResult:
@@ -249,7 +259,8 @@ def run_bench(config: BenchConfig, write: bool = True, log: Callable[[str], None
         interleave = config.measure.interleave and config.measure.latency
         if interleave:
             machine["timing"] = (f"interleaved rounds: {config.measure.repeats} rounds, one timed forward per config "
-                                 "per round, every config held in its own live process across the rounds")
+                                 "per round, each config first in turn (round r starts at config r), every config held "
+                                 "in its own live process across the rounds")
         else:
             machine["timing"] = "sequential: each config times all its forwards in a row, one config after another"
         results, loadavgs = run_cases(cases, [payload("case", c, scales) for c in cases], config, folder, log)

@@ -9,10 +9,11 @@ every weight (+1 byte per weight: mgtq's opt-in weight cache), and prepacking pe
 as the GEMM; Inductor's CPP GEMM template reaches AMX int8 only on a frozen int8 weight (the same
 copy); torchao's ``da8w4`` CPU kernel is not in its PyPI wheel.
 
-Four kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
+Kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
 dequantized to bf16, on ``tdpbf16ps``), :func:`quantize_int8` (the activation quantizer, one
-AVX-512 pass) and :func:`attention`. Both GEMMs can apply the MLP's tanh-GELU to the fp32 result
-before the one rounding.
+AVX-512 pass) and :func:`attention`; with them two one-pass AVX-512 norms, :func:`qknorm_rope`
+(attention's QK-norm + RoPE) and :func:`rms_norm` (diffusers' RMSNorm of the token grids around the
+transformer). Both GEMMs can apply the MLP's tanh-GELU to the fp32 result before the one rounding.
 
 Attention is here because torch's CPU flash attention runs its two bf16 products far below the AMX
 throughput oneDNN's linear layers reach on the same CPU (``benchmarks/bench_attention.py`` times both

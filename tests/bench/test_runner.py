@@ -142,3 +142,32 @@ def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     assert sum(m.endswith("building and warming up …") for m in messages[:first_round]) == 2
     assert report["ratios"]["w4a8"]["forward_vs_bf16_spread"]["rounds"] == 3
     assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]
+
+
+def test_each_config_leads_a_round_in_turn():
+    from mgtq.bench.runner import round_order
+
+    assert [round_order(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert round_order(1, 5) == [0] and round_order(0, 2) == []
+
+
+def test_interleaved_rounds_start_at_another_config_each_round(monkeypatch):
+    from mgtq.bench import runner
+
+    order = []
+    original = runner.Worker.time_forwards
+
+    def recording(self, n, round_index, budget_s):
+        order.append((round_index, id(self)))
+        return original(self, n, round_index, budget_s)
+
+    monkeypatch.setattr(runner.Worker, "time_forwards", recording)
+    config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
+                         measure=MeasureSettings(repeats=2, steps=1, warmup=0, memory=False))
+    messages = []
+    report = run_bench(config, write=False, log=messages.append)
+    first, second = [who for r, who in order if r == 0], [who for r, who in order if r == 1]
+    assert len(first) == 2 and second == first[::-1]  # round 2 starts at the second config
+    # the log and the samples stay in config order
+    assert all(len(r["latency"]["forward"]["samples"]) == 2 for r in report["results"])
+    assert "each config first in turn" in report["machine"]["timing"]

@@ -2,12 +2,11 @@
 
 import json
 
-from mgtq.bench.lab import load_lab
 from mgtq.native import amx
 
 
-def test_bench_attention_small_shapes(tmp_path):
-    bench = load_lab("attention")
+def test_bench_attention_small_shapes(tmp_path, benchmark_script):
+    bench = benchmark_script("bench_attention")
     out = tmp_path / "attention"
     shapes = (("small", 1, 2, 20, 40, 64, False), ("small + bias", 1, 2, 20, 40, 64, True))
     text = bench.main(["--rounds", "2", "--warmup", "0", "--out", str(out)], shapes=shapes)

@@ -5,12 +5,10 @@ import json
 import pytest
 import torch
 
-from mgtq.bench.lab import load_lab
-
 
 @pytest.mark.skipif(not torch._C._has_mkldnn, reason="times oneDNN's linear")
-def test_bench_float_linear_few_rows(tmp_path):
-    bench = load_lab("float_linear")
+def test_bench_float_linear_few_rows(tmp_path, benchmark_script):
+    bench = benchmark_script("bench_float_linear")
     out = tmp_path / "float_linear"
     text = bench.main(["--rows", "8", "--rounds", "2", "--warmup", "0", "--out", str(out)])
     record = json.loads(out.with_suffix(".json").read_text())
