@@ -89,7 +89,7 @@ class PatchConv2d(nn.Conv2d):
         k = self.kernel_size[0]
         rows = _channels_last_rows(x)
         if (rows is None or self.kernel_size != (k, k) or self.stride != (k, k) or self.groups != 1
-                or self.padding not in ((0, 0), "valid") or x.shape[2] % k or x.shape[3] % k):
+                or self.dilation != (1, 1) or self.padding not in ((0, 0), "valid") or x.shape[2] % k or x.shape[3] % k):
             return super().forward(x)
         b, h, w, c = rows.shape
         patches = rows.reshape(b, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h // k, w // k, -1)

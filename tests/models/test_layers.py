@@ -168,6 +168,11 @@ def test_convolutions_as_linears_fall_back_where_the_layout_or_shape_does_not_fi
         torch.testing.assert_close(mine(nchw), ref(nchw))
         if kind == "patch":
             torch.testing.assert_close(mine(odd), ref(odd))
+    dilated, dilated_ref = PatchConv2d(16, 8, 2, 2, dilation=2), nn.Conv2d(16, 8, 2, 2, dilation=2)
+    dilated.load_state_dict(dilated_ref.state_dict())
+    x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(dilated(x), dilated_ref(x))  # reads pixels 2 apart: not patches
 
 
 def test_convolutions_as_linears_train():
