@@ -115,17 +115,20 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return apply_activation(F.linear(x, weight, bias), activation)
 
 
+def _amx_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether mgtq's AMX kernels may take a call on `x` and `others`: a CPU tensor `x`, an AMX-int8 class CPU
+    (``MGTQ_CPU_CLASS`` set to another class turns them off) with the kernels built, plain tensors (subclasses
+    dispatch ops themselves), and no autograd (the kernels have no backward). What shapes and dtypes a kernel
+    takes is its own ``amx.supports_*``."""
+    tensors = [t for t in (x, *others) if t is not None]
+    return (_X86 and x.device.type == "cpu" and cpu_class() == "amx-int8" and amx.available()
+            and all(_plain(t) for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
 def _amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
     """Whether mgtq's AMX attention runs this call (bf16 CPU inference on an AMX-int8 class CPU: no autograd)."""
-    return (
-        _X86
-        and q.device.type == "cpu"
-        and cpu_class() == "amx-int8"  # MGTQ_CPU_CLASS set to another class turns it off
-        and amx.available()
-        and _plain(q) and _plain(k) and _plain(v) and _plain(key_bias)
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and amx.supports_attention(q, k, v, key_bias)
-    )
+    return _amx_inference(q, k, v, key_bias) and amx.supports_attention(q, k, v, key_bias)
 
 
 @torch.library.custom_op("mgtq::attention_amx", mutates_args=())
@@ -154,9 +157,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
 
 def native_qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
-    return (_X86 and x.device.type == "cpu" and cpu_class() == "amx-int8" and amx.available() and _plain(x)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward
-            and amx.supports_qknorm_rope(x, weight, cos, sin))
+    return _amx_inference(x, weight) and amx.supports_qknorm_rope(x, weight, cos, sin)
 
 
 @torch.library.custom_op("mgtq::qknorm_rope_amx", mutates_args=())
@@ -194,10 +195,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
 
 def native_rms_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether :func:`rms_norm` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
-    return (_X86 and x.device.type == "cpu" and weight is not None and cpu_class() == "amx-int8" and amx.available()
-            and _plain(x) and _plain(weight)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward
-            and amx.supports_rms_norm(x, weight))
+    return weight is not None and _amx_inference(x, weight) and amx.supports_rms_norm(x, weight)
 
 
 @torch.library.custom_op("mgtq::rms_norm_amx", mutates_args=())
