@@ -17,7 +17,8 @@ for its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed); W4A8
 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer, the exact
 ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``: AMX-int8 CPUs with a
-C++ compiler, :mod:`mgtq.native.amx`), and the opt-in oneDNN int8 weight cache.
+C++ compiler, :mod:`mgtq.native.amx`), its AVX512-VNNI kernel (``A8 vnni``: VNNI CPUs with a C++
+compiler), and the opt-in oneDNN int8 weight cache.
 Variants are timed round-robin (one call of each in turn, repeated; bench_timing.py)
 so background load hits all of them alike; we report medians.
 
@@ -83,7 +84,7 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
 
 
 VARIANTS = ("fp32", "bf16", "bf16 F.linear", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
-            "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "A8 amx", "W4A8+onednn")
+            "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "A8 amx", "A8 vnni", "W4A8+onednn")
 
 
 def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
@@ -123,6 +124,8 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
     }
     if amx.available():  # mgtq's own AMX kernel: AMX-int8 CPUs with a C++ compiler only
         variants["A8 amx"] = lambda: _forced(w4a8, xbf, "amx")
+    if amx.vnni_available():  # mgtq's own AVX512-VNNI kernel: VNNI CPUs (AMX ones included) with a C++ compiler
+        variants["A8 vnni"] = lambda: _forced(w4a8, xbf, "vnni")
     return variants
 
 
@@ -180,6 +183,8 @@ def main() -> None:
         raise SystemExit(f"unknown --variants {sorted(wanted - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     if not amx.available():
         wanted.discard("A8 amx")
+    if not amx.vnni_available():
+        wanted.discard("A8 vnni")
     variants = [v for v in VARIANTS if v in wanted]
     rows: list[tuple[str, dict[str, float]]] = []
     block = {v: 0.0 for v in variants}

@@ -20,7 +20,8 @@ from typing import Callable
 
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm", "mgtq::w4a16_amx")),
-    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_amx")),
+    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_amx",
+                   "mgtq::w4a8_vnni")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "mgtq::attention_amx")),
     ("conv", ("conv",)),
     ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",

@@ -50,8 +50,9 @@ import torch
 
 from .cpu import cpu_flags
 
-__all__ = ["available", "supports", "supports_w4a16", "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
-           "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
+__all__ = ["available", "vnni_available", "supports", "supports_vnni", "supports_w4a16", "vnni_chunk_n",
+           "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
+           "w4a8_vnni_linear", "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
            "supports_rms_norm", "rms_norm"]
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ TILE_K = 64
 # Unpacked weight bytes per column chunk: about 1 MiB stays in L2 while all row blocks stream past it;
 # every chunk streams the activations once more, so smaller chunks re-read them from L3 more often.
 CHUNK_BYTES = 1 << 20
+# The AVX512-VNNI W4A8 kernel: 64 columns per register block (4 zmm of 16 int32 sums); about 512 KiB of
+# unpacked weight per chunk (half of a 1 MiB L2, as on Zen 4 and Cascade Lake).
+VNNI_BLOCK_N = 64
+VNNI_CHUNK_BYTES = 1 << 19
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -77,6 +82,8 @@ _SOURCE = r"""
 // Only these functions need AMX / AVX-512; the rest of the build keeps the compiler's defaults.
 // fp-contract off: the epilogue's one fma is written out; nothing else may be contracted.
 #define TGT __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-int8,amx-bf16"), optimize("fp-contract=off")))
+// What the AVX512-VNNI class has (Intel since Cascade Lake, AMD since Zen 4): the code every class here runs.
+#define VTGT __attribute__((target("avx512f,avx512bw,avx512vnni"), optimize("fp-contract=off")))
 
 extern "C" int mgtq_amx_init() {
   // Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
@@ -84,7 +91,7 @@ extern "C" int mgtq_amx_init() {
 }
 
 // 16 bf16 values -> fp32 (exact: a bf16 is the top half of an fp32).
-TGT static inline __m512 load_bf16(const uint16_t* p) {
+VTGT static inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
@@ -128,7 +135,7 @@ TGT static inline __attribute__((always_inline)) void tile_step(const void* a0, 
 // tanh-GELU of the fp32 result before its one rounding, as F.gelu(approximate="tanh") and oneDNN's post-op:
 // y * sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3); exp by 2^n * p(r), |r| <= ln2 / 2, p of degree 6
 // (a few fp32 ulps; the bf16 output rounds them away but for rare ties).
-TGT static inline __m512 gelu_tanh(__m512 y) {
+VTGT static inline __m512 gelu_tanh(__m512 y) {
   const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
                                  _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), y), _mm512_mul_ps(y, y), y));
   __m512 z = _mm512_mul_ps(_mm512_set1_ps(-2.0f), u);
@@ -150,7 +157,7 @@ TGT static inline __m512 gelu_tanh(__m512 y) {
 // Columns [n0, n0 + nb) of the split-halves int4 weight -> B tiles of 16q, [nb/16][K/64][16 rows][64 bytes]:
 // tile row r holds, for each of the 16 columns, its inputs 4r .. 4r+3 of that 64-input block.
 // One 64-byte load of a packed row gives inputs j0 .. j0+63 (low nibbles) and j0+K/2 .. (high nibbles).
-TGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t nb, int8_t* buf) {
+VTGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t nb, int8_t* buf) {
   const int64_t half = K / 2, kblocks = K / 64;
   alignas(64) int32_t lo[256], hi[256];
   const __m512i top = _mm512_set1_epi8((char)0xF0);
@@ -175,7 +182,7 @@ TGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t n
 
 // x (numel, bf16 or fp32) -> int8: round-half-even of x * inv_scale in fp32, clamped to [-128, 127] (the
 // clamp first: its bounds are integers, so the result is the same as torch's round-then-clamp).
-extern "C" TGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_scale, int8_t* out, int64_t numel,
+extern "C" VTGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv_scale, int8_t* out, int64_t numel,
                                       int64_t nthreads) {
   const int64_t blocks = numel / 16;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -355,6 +362,110 @@ extern "C" TGT void mgtq_w4a16_amx(const uint16_t* x, const uint8_t* packed, con
                                   int64_t chunk_n, int64_t nthreads) {
   amx_gemm<false>(x, packed, scale16, groups, bias, out, M, K, N, 1, gelu, chunk_n, nthreads);
 }
+// fp32 -> bf16, round to nearest even, NaN -> 0xFFFF: torch's vectorised CPU cast, without AVX512-BF16 (Ice Lake
+// has none).
+VTGT static inline __m256i cvt_bf16(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32((int)0xFFFF0000u));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// W4A8 on AVX512-VNNI (no AMX): the AMX kernel's numerics (exact int32 sums of x_q * 16q, then
+// fma(acc, scale / 16, bias) in fp32, optional tanh-GELU, one rounding) on vpdpbusd. A chunk's weights are
+// unpacked once per call by unpack_b, whose 64-byte rows (4 inputs of 16 columns) are vpdpbusd's operand
+// layout. vpdpbusd multiplies unsigned by signed bytes: each row block of x is copied as x + 128 (xor
+// 0x80), and 128 * (column sum of 16q) comes off the int32 sums (exact: |sums| < 2^31 for K <= 2^14).
+// Register block: 6 rows x 64 columns = 24 zmm sums, 4 weight rows and one broadcast per input quad.
+constexpr int VNNI_MR = 6;
+
+extern "C" VTGT void mgtq_w4a8_vnni(const int8_t* x, const uint8_t* packed, const float* scale16, const float* bias,
+                                   void* out, int64_t M, int64_t K, int64_t N, int64_t out_bf16, int64_t gelu,
+                                   int64_t chunk_n, int64_t nthreads) {
+  const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+  const int64_t mblocks = (M + VNNI_MR - 1) / VNNI_MR;
+  const int64_t quads = K / 4;
+  int64_t mparts = (nthreads + nchunks - 1) / nchunks;
+  if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    int8_t* bbuf = (int8_t*)aligned_alloc(64, chunk_n * K);
+    int32_t* csum = (int32_t*)aligned_alloc(64, chunk_n * 4);  // 128 * column sums of 16q
+    uint8_t* abuf = (uint8_t*)aligned_alloc(64, VNNI_MR * K);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < nchunks * mparts; ++item) {
+      const int64_t c = item / mparts, part = item % mparts;
+      const int64_t m_begin = mblocks * part / mparts * VNNI_MR, m_end = mblocks * (part + 1) / mparts * VNNI_MR;
+      const int64_t n0 = c * chunk_n;
+      const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
+      unpack_b(packed, K, n0, nb, bbuf);
+      const __m512i ones = _mm512_set1_epi8(1);
+      for (int64_t t = 0; t < nb / 16; ++t) {
+        __m512i s = _mm512_setzero_si512();
+        for (int64_t q = 0; q < quads; ++q) s = _mm512_dpbusd_epi32(s, ones, _mm512_load_si512(bbuf + (t * quads + q) * 64));
+        _mm512_store_si512(csum + t * 16, _mm512_slli_epi32(s, 7));
+      }
+      for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += VNNI_MR) {
+        const int64_t rows = (M - m0) < VNNI_MR ? (M - m0) : VNNI_MR;
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int64_t r = 0; r < VNNI_MR; ++r) {  // rows past M: x = 0 (their sums are never stored)
+          for (int64_t k = 0; k < K; k += 64) {
+            const __m512i v = r < rows ? _mm512_loadu_si512(x + (m0 + r) * K + k) : _mm512_setzero_si512();
+            _mm512_store_si512(abuf + r * K + k, _mm512_xor_si512(v, flip));
+          }
+        }
+        for (int64_t p = 0; p < nb / 64; ++p) {
+          const int8_t* b = bbuf + p * 4 * quads * 64;
+          __m512i acc[VNNI_MR][4];
+#pragma GCC unroll 6
+          for (int r = 0; r < VNNI_MR; ++r) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+          }
+          for (int64_t q = 0; q < quads; ++q) {
+            __m512i w[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) w[j] = _mm512_load_si512(b + (j * quads + q) * 64);
+#pragma GCC unroll 6
+            for (int r = 0; r < VNNI_MR; ++r) {
+              const __m512i a = _mm512_set1_epi32(*(const int32_t*)(abuf + r * K + 4 * q));
+#pragma GCC unroll 4
+              for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a, w[j]);
+            }
+          }
+          alignas(64) int32_t sbuf[VNNI_MR][4][16];  // constant indices above keep the sums in registers
+#pragma GCC unroll 6
+          for (int r = 0; r < VNNI_MR; ++r) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) _mm512_store_si512(sbuf[r][j], acc[r][j]);
+          }
+          const int64_t n = n0 + 64 * p;
+          for (int r = 0; r < rows; ++r) {
+            const int64_t m = m0 + r;
+            for (int j = 0; j < 4; ++j) {
+              const __m512i sums = _mm512_sub_epi32(_mm512_load_si512(sbuf[r][j]),
+                                                    _mm512_load_si512(csum + 64 * p + 16 * j));
+              const __m512 f = _mm512_cvtepi32_ps(sums);
+              const __m512 sc = _mm512_loadu_ps(scale16 + n + 16 * j);
+              __m512 y = bias ? _mm512_fmadd_ps(f, sc, _mm512_loadu_ps(bias + n + 16 * j)) : _mm512_mul_ps(f, sc);
+              if (gelu) y = gelu_tanh(y);
+              if (out_bf16) {
+                _mm256_storeu_si256((__m256i*)((uint16_t*)out + m * N + n + 16 * j), cvt_bf16(y));
+              } else {
+                _mm512_storeu_ps((float*)out + m * N + n + 16 * j, y);
+              }
+            }
+          }
+        }
+      }
+    }
+    free(bbuf);
+    free(csum);
+    free(abuf);
+  }
+}
+
 // 2^z for z <= 0 (clamped at -126): 2^n * p(r), r = z - round(z) in [-1/2, 1/2], p the degree-5 Taylor polynomial
 // of 2^r (relative error < 3e-6, far below the bf16 rounding of the probabilities it makes; cheaper than gelu_tanh's
 // exp, which keeps a few ulps because its result is not rounded to bf16 before it is used).
@@ -600,28 +711,36 @@ extern "C" TGT void mgtq_rms_norm(const uint16_t* x, uint16_t* out, const uint16
 """
 
 
+def _x86_linux() -> bool:
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
 def _has_amx_int8() -> bool:
     # The real hardware, not MGTQ_CPU_CLASS: forcing the class on a CPU without AMX must not run tile code.
-    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") and "amx_int8" in cpu_flags()
+    return _x86_linux() and "amx_int8" in cpu_flags()
+
+
+def _has_avx512_vnni() -> bool:
+    # What every kernel of the library needs (each AMX CPU has it too); the real hardware, as above.
+    return _x86_linux() and {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot run here (logged once, at debug level)."""
-    if not _has_amx_int8():
+    if not _has_avx512_vnni():
         return None
     try:
         from torch._inductor.codecache import CppCodeCache
 
         lib = CppCodeCache.load(_SOURCE)
-        if not lib.mgtq_amx_init():
-            log.debug("mgtq AMX kernel: the kernel refused AMX tile state (arch_prctl); using torch's kernels")
-            return None
     except Exception as err:  # no compiler, headers or Inductor: torch's kernels still run
-        log.debug("mgtq AMX kernel unavailable (%s); using torch's kernels", err)
+        log.debug("mgtq CPU kernels unavailable (%s); using torch's kernels", err)
         return None
     lib.mgtq_w4a8_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
     lib.mgtq_w4a8_amx.restype = None
+    lib.mgtq_w4a8_vnni.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+    lib.mgtq_w4a8_vnni.restype = None
     lib.mgtq_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64]
     lib.mgtq_quantize_int8.restype = None
@@ -638,9 +757,28 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.lru_cache(maxsize=None)
+def _amx_library() -> ctypes.CDLL | None:
+    """The library where its AMX kernels may run: an AMX-int8 CPU whose kernel grants AMX tile state."""
+    lib = _library()
+    if lib is None or not _has_amx_int8():
+        return None
+    if not lib.mgtq_amx_init():
+        log.debug("mgtq AMX kernel: the kernel refused AMX tile state (arch_prctl); using torch's kernels")
+        return None
+    return lib
+
+
 @torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether this machine has AMX-int8 and the kernel built and got AMX permission (built on first call)."""
+    """Whether this machine has AMX-int8 and the kernels built and got AMX permission (built on first call)."""
+    return _amx_library() is not None
+
+
+@torch.compiler.assume_constant_result
+def vnni_available() -> bool:
+    """Whether the AVX512-VNNI kernels (:func:`w4a8_vnni_linear`, :func:`quantize_int8`) built and may run here:
+    an x86-64 Linux CPU with AVX512-BW and AVX512-VNNI (the ``avx512-vnni`` class and every AMX CPU)."""
     return _library() is not None
 
 
@@ -661,16 +799,31 @@ def chunk_n(k: int, n: int) -> int:
     return max(BLOCK_N, min(n, CHUNK_BYTES // k // BLOCK_N * BLOCK_N))
 
 
+def supports_vnni(k: int, n: int, out_dtype: torch.dtype) -> bool:
+    """Shapes and dtypes the AVX512-VNNI W4A8 kernel takes: K a multiple of 128 (as :func:`supports`), N a
+    multiple of 64 (its 64-column register block), bf16 or fp32 output."""
+    return supports(k, n, out_dtype) and n % VNNI_BLOCK_N == 0
+
+
+def vnni_chunk_n(k: int, n: int) -> int:
+    """Output columns per chunk of the VNNI kernel: about ``VNNI_CHUNK_BYTES`` of unpacked weight, a multiple
+    of 64, at most N."""
+    return max(VNNI_BLOCK_N, min(n, VNNI_CHUNK_BYTES // k // VNNI_BLOCK_N * VNNI_BLOCK_N))
+
+
 def _gelu_flag(activation: str | None) -> int:
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"the AMX kernels fuse 'gelu_tanh' only, got {activation!r}")
     return int(activation == "gelu_tanh")
 
 
-def _checked_library() -> ctypes.CDLL:
+def _checked_library(amx_tiles: bool = True) -> ctypes.CDLL:
     lib = _library()
+    if lib is not None and amx_tiles and _amx_library() is None:
+        lib = None
     if lib is None:
-        raise RuntimeError("mgtq's AMX kernel is not available on this machine (see mgtq.native.amx)")
+        what = "AMX" if amx_tiles else "AVX512-VNNI"
+        raise RuntimeError(f"mgtq's {what} kernel is not available on this machine (see mgtq.native.amx)")
     return lib
 
 
@@ -678,7 +831,7 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 / fp32 ``x (..., K)`` -> int8 ``(M, K)`` in one pass, as
     :func:`mgtq.quantization.qtensor.quantize_int8_per_tensor`
     (``clamp(round(x_fp32 * (1 / scale)))``, round-half-even; a NaN becomes -128 here)."""
-    lib = _checked_library()
+    lib = _checked_library(amx_tiles=False)
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the AMX quantizer takes bf16 or fp32 activations, got {x.dtype}")
     x = x.contiguous()
@@ -717,6 +870,34 @@ def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor
                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
                       m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), chunk_n(k, n),
                       torch.get_num_threads())
+    return out
+
+
+def w4a8_vnni_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype, activation: str | None = None) -> torch.Tensor:
+    """:func:`w4a8_linear` on AVX512-VNNI (``vpdpbusd``) for CPUs without AMX, bit for bit the same result.
+
+    Needs :func:`vnni_available` and :func:`supports_vnni`.
+    """
+    lib = _checked_library(amx_tiles=False)
+    m, k = x_q.shape
+    n = packed.shape[0]
+    if x_q.dtype != torch.int8 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
+        raise ValueError(f"expected int8 x (M, K) and uint8 packed (N, K/2), got {x_q.dtype} {tuple(x_q.shape)} "
+                         f"and {packed.dtype} {tuple(packed.shape)}")
+    if not supports_vnni(k, n, out_dtype):
+        raise ValueError(f"the VNNI kernel needs K % 128 == 0, N % 64 == 0 and a bf16/fp32 output, "
+                         f"got K={k}, N={n}, {out_dtype}")
+    out = torch.empty(m, n, dtype=out_dtype)
+    if m == 0:
+        return out
+    x_q = x_q.contiguous()
+    scale16 = (col_scale.to(torch.float32) * (1.0 / 16.0)).contiguous()  # the 16 of 16q, exact
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    lib.mgtq_w4a8_vnni(x_q.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(),
+                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+                       m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), vnni_chunk_n(k, n),
+                       torch.get_num_threads())
     return out
 
 

@@ -159,6 +159,8 @@ KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", 
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
+# Classes whose W4A8 runs mgtq's AVX512-VNNI kernel (mgtq.native.amx.w4a8_vnni_linear) where it is built.
+VNNI_NATIVE_CLASSES = ("amx-bf16", "avx512-vnni")
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -241,6 +243,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "onednn_inline" if ctx.compiling and not ctx.native else "onednn"  # native: see "amx"
         if ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native and amx.supports(ctx.k, ctx.n, ctx.dtype):
             return "amx"
+        if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native
+                and amx.supports_vnni(ctx.k, ctx.n, ctx.dtype)):
+            return "vnni"
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
@@ -273,7 +278,15 @@ def context_for(x: torch.Tensor, k: int, n: int, group_size: int, cache: bool = 
     return KernelContext(device=device, m=x.numel() // max(k, 1), k=k, n=n, dtype=x.dtype,
                          group_size=group_size, capability=capability, cache=cache, tinygemm=tinygemm,
                          compiling=torch.compiler.is_compiling(), cpu_class=cpu_class() if device == "cpu" else None,
-                         native=device == "cpu" and x.device.type == "cpu" and amx.available())
+                         native=device == "cpu" and x.device.type == "cpu" and native_available(cpu_class()))
+
+
+def native_available(cls: str) -> bool:
+    """Whether mgtq's own kernels for CPU class ``cls`` are built and may run on this machine: the AMX ones on
+    ``amx-int8``, the AVX512-VNNI ones on the classes of ``VNNI_NATIVE_CLASSES``."""
+    if cls == "amx-int8":
+        return amx.available()
+    return cls in VNNI_NATIVE_CLASSES and amx.vnni_available()
 
 
 # ------------------------------------------------------------------ fused elementwise kernels
@@ -330,7 +343,7 @@ def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
         return _fused("quantize", _quantize_rows_ref)(x, inv)
-    if amx.available() and x.dtype in (torch.bfloat16, torch.float32):
+    if amx.vnni_available() and x.dtype in (torch.bfloat16, torch.float32):
         return amx.quantize_int8(x, scale)  # one vectorised pass instead of four cache-blocked torch ops
     return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
 
@@ -447,6 +460,18 @@ def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("mgtq::w4a8_vnni", mutates_args=())
+def w4a8_vnni_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
+    """:func:`mgtq.native.amx.w4a8_vnni_linear` as one op."""
+    return amx.w4a8_vnni_linear(x_q, packed, col_scale, bias, out_dtype, activation or None)
+
+
+@w4a8_vnni_op.register_fake
+def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
+    return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
 @torch.library.custom_op("mgtq::w4a16_amx", mutates_args=())
 def w4a16_amx_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  activation: str = "") -> torch.Tensor:
@@ -537,6 +562,9 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
     elif kernel == "amx":
         y = w4a8_amx_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "")
+        activation = None  # applied in the kernel's epilogue
+    elif kernel == "vnni":
+        y = w4a8_vnni_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "")
         activation = None  # applied in the kernel's epilogue
     elif kernel in ("onednn", "onednn_inline"):
         y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype, activation or "")

@@ -11,7 +11,7 @@ def test_profile_categories():
     assert categorize("aten::mm") == "float GEMM"
     assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert categorize("aten::bitwise_left_shift") == "int4 unpack"
-    assert categorize("mgtq::w4a8_amx") == "int8 GEMM"
+    assert categorize("mgtq::w4a8_amx") == "int8 GEMM" and categorize("mgtq::w4a8_vnni") == "int8 GEMM"
     assert categorize("mgtq::w4a16_amx") == "int8-weight GEMM"
     assert categorize("mgtq::quantize_int8_rows") == "int8 quantize"
     assert categorize("mgtq::attention_amx") == "attention"

@@ -29,7 +29,8 @@ def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, group_size=None, **kw):
     (ctx(cache=True, compiling=True, native=False), "onednn_inline"),
     (ctx(m=17, k=128, n=32, dtype=torch.float32), "amx"),
     (ctx(native=False), "int_mm_chunked"),  # not built here (no compiler, no AMX permission)
-    (ctx(cpu_class="avx512-vnni"), "int_mm_chunked"),  # MGTQ_CPU_CLASS forced to another class
+    (ctx(cpu_class="avx512-vnni"), "vnni"),  # MGTQ_CPU_CLASS forced to another class: that class's kernel
+    (ctx(cpu_class="avx2"), "int_mm_chunked"),
     (ctx(m=2), "amx"),  # few rows too: the weight read once as int4 (bench_linear_kernels' adaLN row)
     (ctx(m=2, k=96), "int_mm"),  # ... elsewhere one _int_mm
     (ctx(k=96), "int_mm_chunked"),  # K % 128 != 0
@@ -106,7 +107,7 @@ def test_the_layer_runs_it_and_equals_the_torch_kernel(monkeypatch):
     with torch.inference_mode():
         native = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
-        monkeypatch.setenv(kernels.CPU_CLASS_ENV, "avx512-vnni")  # torch's _int_mm path on the same machine
+        monkeypatch.setenv(kernels.CPU_CLASS_ENV, "avx2")  # torch's _int_mm path on the same machine
         assert choose_kernel("w4a8", kernels.context_for(x, 256, 96, 256)) == "int_mm_chunked"
         reference = layer(x)
     assert torch.equal(native, reference)

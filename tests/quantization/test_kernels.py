@@ -312,6 +312,9 @@ def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, laye
     # are built here: then their one-pass quantizer op (faster than Inductor's inline code).
     if native and not kernels.amx.available():
         pytest.skip("needs mgtq's AMX kernels (an AMX-int8 CPU and a C++ compiler)")
+    # The class whose dispatch reads the oneDNN cache, whatever this machine is (oneDNN's int8 linear runs
+    # on any x86 CPU; only the choice is the class's).
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, kernels.ONEDNN_INT8_CLASSES[0])
     monkeypatch.setattr(kernels.amx, "available", lambda: native)
     linear, _, a8 = layers
     plain = W4A8Linear.from_float(linear, 0.02)
