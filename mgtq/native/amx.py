@@ -64,10 +64,9 @@ TILE_K = 64
 # Unpacked weight bytes per column chunk: about 1 MiB stays in L2 while all row blocks stream past it;
 # every chunk streams the activations once more, so smaller chunks re-read them from L3 more often.
 CHUNK_BYTES = 1 << 20
-# The AVX512-VNNI W4A8 kernel: 64 columns per register block (4 zmm of 16 int32 sums); about 512 KiB of
-# unpacked weight per chunk (half of a 1 MiB L2, as on Zen 4 and Cascade Lake).
+# The AVX512-VNNI W4A8 kernel: 64 columns per register block (4 zmm of 16 int32 sums), chunks of about
+# CHUNK_BYTES of unpacked weight as the AMX kernels (fewer, larger chunks copy each row block of x less often).
 VNNI_BLOCK_N = 64
-VNNI_CHUNK_BYTES = 1 << 19
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -806,9 +805,9 @@ def supports_vnni(k: int, n: int, out_dtype: torch.dtype) -> bool:
 
 
 def vnni_chunk_n(k: int, n: int) -> int:
-    """Output columns per chunk of the VNNI kernel: about ``VNNI_CHUNK_BYTES`` of unpacked weight, a multiple
+    """Output columns per chunk of the VNNI kernel: about ``CHUNK_BYTES`` of unpacked weight, a multiple
     of 64, at most N."""
-    return max(VNNI_BLOCK_N, min(n, VNNI_CHUNK_BYTES // k // VNNI_BLOCK_N * VNNI_BLOCK_N))
+    return max(VNNI_BLOCK_N, min(n, CHUNK_BYTES // k // VNNI_BLOCK_N * VNNI_BLOCK_N))
 
 
 def _gelu_flag(activation: str | None) -> int:

@@ -43,8 +43,8 @@ def test_supported_shapes_and_chunks():
     assert amx.supports_vnni(1024, 4096, torch.bfloat16) and amx.supports_vnni(128, 64, torch.float32)
     assert not amx.supports_vnni(128, 32, torch.bfloat16) and not amx.supports_vnni(64, 64, torch.bfloat16)
     assert not amx.supports_vnni(128, 64, torch.float16)
-    # about 512 KiB of unpacked weight per chunk, a multiple of 64 columns, never more than N
-    assert amx.vnni_chunk_n(1024, 4096) == 512 and amx.vnni_chunk_n(5120, 1024) == 64
+    # about 1 MiB of unpacked weight per chunk, a multiple of 64 columns, never more than N
+    assert amx.vnni_chunk_n(1024, 4096) == 1024 and amx.vnni_chunk_n(5120, 1024) == 192
     assert amx.vnni_chunk_n(1024, 128) == 128 and amx.vnni_chunk_n(1 << 16, 4096) == 64
 
 
@@ -60,8 +60,8 @@ def _operands(m, k, n, seed=0, low=-128, high=128):
 @needs_vnni
 @pytest.mark.parametrize("m, k, n", [
     (1, 128, 64), (5, 128, 64), (6, 256, 128), (7, 128, 192), (100, 384, 64),
-    (50, 4096, 640),  # three column chunks (128, 128, ... 64): chunk edges
-    (70, 1024, 1536),  # three chunks of 512
+    (50, 4096, 640),  # three column chunks (256, 256, 128): chunk edges
+    (70, 1024, 2560),  # three chunks (1024, 1024, 512)
 ])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_bias", [True, False])
