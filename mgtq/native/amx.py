@@ -1,5 +1,5 @@
 """mgtq's own kernels for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles (no weight cache),
-and bf16 attention.
+and bf16 attention; and its W4A8 GEMM for AVX512-VNNI CPUs without AMX (AMD Zen 4, Intel Cascade / Ice Lake).
 
 Why hand-written: nothing torch or torchao ship multiplies int8 activations by *int4* weights on
 AMX without a second copy of the weight. ``torch._int_mm`` runs on AVX512-VNNI, needs the weight
@@ -9,7 +9,8 @@ every weight (+1 byte per weight: mgtq's opt-in weight cache), and prepacking pe
 as the GEMM; Inductor's CPP GEMM template reaches AMX int8 only on a frozen int8 weight (the same
 copy); torchao's ``da8w4`` CPU kernel is not in its PyPI wheel.
 
-Kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a16_linear` (bf16 x int4
+Kernels: :func:`w4a8_linear` (int8 x int4 on ``tdpbssd``), :func:`w4a8_vnni_linear` (the same on
+``vpdpbusd``, bit for bit), :func:`w4a16_linear` (bf16 x int4
 dequantized to bf16, on ``tdpbf16ps``), :func:`quantize_int8` (the activation quantizer, one
 AVX-512 pass) and :func:`attention`; with them two one-pass AVX-512 norms, :func:`qknorm_rope`
 (attention's QK-norm + RoPE) and :func:`rms_norm` (diffusers' RMSNorm of the token grids around the
@@ -33,9 +34,15 @@ output column side by side), 16q as in ``unpack_int4_times16``, so no sign exten
 time; each 32 x 32 int32 result is rescaled and stored (one 64-byte line per output row) while the tiles
 already work on the next 32 columns. OpenMP threads split the chunks.
 
-Built at first use with the C++ compiler ``torch.compile`` uses on CPU (Inductor's ``CppCodeCache``,
-cached on disk by source hash). Where the build fails (no compiler, not x86-64 Linux) or the kernel
-may not use AMX tiles (``arch_prctl`` permission), :func:`available` is False and
+Without AMX (:func:`w4a8_vnni_linear`): the same chunks and unpacked rows, 6 rows x 64 columns of int32
+sums in 24 zmm registers; ``vpdpbusd`` takes unsigned x, so x + 128 goes in and 128 x the column sums
+of 16q come off (exact). Its only instructions beyond AVX512-BW are VNNI's; the bf16 rounding is written
+out, as Ice Lake has no AVX512-BF16.
+
+Built at first use on x86-64 Linux CPUs with AVX512-VNNI, with the C++ compiler ``torch.compile`` uses on
+CPU (Inductor's ``CppCodeCache``, cached on disk by source hash). Where the build fails (no compiler,
+another CPU) :func:`vnni_available` and :func:`available` are False; where the CPU has no AMX-int8 or the
+kernel may not use AMX tiles (``arch_prctl`` permission), :func:`available` is False. Then
 :func:`mgtq.quantization.kernels.choose_kernel` and :func:`mgtq.fused.attention` keep torch's kernels.
 """
 

@@ -20,6 +20,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A8   | oneDNN weight cache (amx-int8)                 | onednn           |
 | cpu    | W4A8   | amx-int8, mgtq's AMX kernels built,            | amx              |
 |        |        | K % 128 == 0, N % 32 == 0                      |                  |
+| cpu    | W4A8   | avx512-vnni / amx-bf16, mgtq's kernels built,  | vnni             |
+|        |        | K % 128 == 0, N % 64 == 0                      |                  |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -32,10 +34,11 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacked
 int8 layout on ``amx-int8``, where oneDNN's int8 GEMM runs on AMX tiles and beats
 both ``_int_mm`` (VNNI) and the bf16 GEMM; on the other classes it is the plain
-unpacked int8 weight for ``int_mm_chunked``.  With oneDNN capped below AMX
-(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` on this AMX machine) its int8 linear took
-seconds per call where ``_int_mm`` took milliseconds: until a real VNNI machine
-says otherwise, ``avx512-vnni`` stays on ``_int_mm``.
+unpacked int8 weight for ``int_mm_chunked`` (where mgtq's VNNI kernel is built, that kernel
+runs instead and the cache is not read).  Without AMX, oneDNN's int8 linear took
+seconds per call where ``_int_mm`` took milliseconds, both on an AMX machine with oneDNN
+capped (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``) and on a real ``avx512-vnni`` CPU (AMD
+EPYC, Zen 4): ``avx512-vnni`` never takes the oneDNN path.
 
 Kernels:
 
@@ -68,6 +71,12 @@ Kernels:
 * ``amx`` (W4A16): mgtq's own AMX bf16 GEMM: the int4 weight dequantized into
   AMX tiles per call (the same bf16 weights as ``dequant``), fp32 sums, bias and
   cast overlapped as in W4A8; eager and compiled alike (it quantizes nothing for Inductor to fuse);
+* ``vnni`` (W4A8): mgtq's own AVX512-VNNI int8 GEMM (``vpdpbusd``) for CPUs without AMX,
+  on the AMX kernel's unpacked weight rows (their 4-inputs-of-16-columns rows are
+  ``vpdpbusd``'s operand), rescale / bias / GELU / cast in its epilogue; bit-equal to
+  ``int_mm_chunked``, eager and compiled, with the one-pass quantizer op. Against
+  ``int_mm_chunked`` it saves the int32 accumulator's round trip, the epilogue's
+  passes and a separate GELU (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``);
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -146,6 +155,7 @@ __all__ = [
     "KernelContext",
     "choose_kernel",
     "cpu_class",
+    "native_available",
     "weight_cache_backend",
     "int_mm_supported",
     "w4a16_linear",
@@ -155,7 +165,7 @@ __all__ = [
 ]
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
-           "amx", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
+           "amx", "vnni", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
@@ -178,7 +188,8 @@ class KernelContext:
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
     compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only);
-    native: mgtq's AMX kernel (:mod:`mgtq.native.amx`) built and allowed to use AMX tiles on this machine.
+    native: mgtq's own kernels for ``cpu_class`` (:mod:`mgtq.native.amx`) built and allowed to run on this
+    machine (:func:`native_available`: the AMX ones on ``amx-int8``, the AVX512-VNNI one elsewhere).
     """
 
     device: str
