@@ -115,15 +115,19 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return apply_activation(F.linear(x, weight, bias), activation)
 
 
-def _amx_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether mgtq's AMX kernels may take a call on `x` and `others`: a CPU tensor `x`, an AMX-int8 class CPU
-    (``MGTQ_CPU_CLASS`` set to another class turns them off) with the kernels built, plain tensors (subclasses
-    dispatch ops themselves), and no autograd (the kernels have no backward). What shapes and dtypes a kernel
-    takes is its own ``amx.supports_*``."""
+def _native_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a call on `x` and `others` is one mgtq's CPU kernels may take on an x86 CPU: a CPU tensor `x`, plain
+    tensors (subclasses dispatch ops themselves), and no autograd (the kernels have no backward)."""
     tensors = [t for t in (x, *others) if t is not None]
-    return (_X86 and x.device.type == "cpu" and cpu_class() == "amx-int8" and amx.available()
-            and all(_plain(t) for t in tensors)
+    return (_X86 and x.device.type == "cpu" and all(_plain(t) for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _amx_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether mgtq's AMX kernels may take a call on `x` and `others`: :func:`_native_inference` on an AMX-int8
+    class CPU (``MGTQ_CPU_CLASS`` set to another class turns them off) with the kernels built. What shapes and
+    dtypes a kernel takes is its own ``amx.supports_*``."""
+    return _native_inference(x, *others) and cpu_class() == "amx-int8" and amx.available()
 
 
 def _amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
@@ -131,14 +135,23 @@ def _amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: 
     return _amx_inference(q, k, v, key_bias) and amx.supports_attention(q, k, v, key_bias)
 
 
+def _avx512_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> bool:
+    """Whether mgtq's attention runs this call without AMX tiles: bf16 CPU inference on a CPU of another class
+    than ``amx-int8`` and ``avx2`` whose AVX512-BF16 the kernel needs (AMD Zen 4, Intel Cooper Lake)."""
+    return (_native_inference(q, k, v, key_bias) and cpu_class() in ("amx-bf16", "avx512-vnni")
+            and amx.attention_avx512_available() and amx.supports_attention(q, k, v, key_bias))
+
+
 @torch.library.custom_op("mgtq::attention_amx", mutates_args=())
-def attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`mgtq.native.amx.attention` as one op (Inductor calls it as it is, as it calls SDPA's kernel)."""
-    return amx.attention(q, k, v, key_bias)
+def attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None,
+                  tiles: bool = True) -> torch.Tensor:
+    """:func:`mgtq.native.amx.attention` as one op (Inductor calls it as it is, as it calls SDPA's kernel);
+    ``tiles=False``: its AVX512-BF16 version."""
+    return amx.attention(q, k, v, key_bias, tiles)
 
 
 @attention_amx.register_fake
-def _(q, k, v, key_bias):
+def _(q, k, v, key_bias, tiles=True):
     b, h, sq, d = q.shape
     return q.new_empty((b, sq, h, d)).transpose(1, 2)
 
@@ -147,11 +160,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)`` for ``(B, H, S, D)`` tensors; ``key_bias``:
     None or ``(B, 1, 1, Sk)``, added to every query's logits of that key (cast to q's dtype).
 
-    Where :func:`_amx_attention` says so, mgtq's AMX kernel: the same attention within bf16 rounding, returned
-    as a view of a ``(B, Sq, H, D)`` tensor (``.transpose(1, 2)`` of it is contiguous).
+    Where :func:`_amx_attention` says so, mgtq's AMX kernel (where :func:`_avx512_attention` does, its AVX512-BF16
+    version): the same attention within bf16 rounding, returned as a view of a ``(B, Sq, H, D)`` tensor
+    (``.transpose(1, 2)`` of it is contiguous).
     """
     if _amx_attention(q, k, v, key_bias):
         return attention_amx(q, k, v, key_bias)  # an op in eager too: profilers and dispatch modes see it
+    if _avx512_attention(q, k, v, key_bias):
+        return attention_amx(q, k, v, key_bias, False)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
 
 

@@ -57,7 +57,7 @@ import torch
 
 from .cpu import cpu_flags
 
-__all__ = ["available", "vnni_available", "supports", "supports_vnni", "supports_w4a16", "vnni_chunk_n",
+__all__ = ["available", "vnni_available", "attention_avx512_available", "supports", "supports_vnni", "supports_w4a16", "vnni_chunk_n",
            "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
            "w4a8_vnni_linear", "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
            "supports_rms_norm", "rms_norm"]
@@ -533,17 +533,21 @@ TGT static void pack_values(const uint16_t* v, int64_t vst, int64_t Sk, int64_t 
 // base 2 (max, 2^(t - max), sum; probabilities rounded to bf16 for the second GEMM, as torch's CPU flash
 // attention does); o = p v on tiles, keys in chunks of 256 whose probabilities stay in L1, the fp32 sums
 // kept between chunks; o / sum stored.
-extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* key_bias,
-                                      uint16_t* out, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
-                                      const int64_t* qst, const int64_t* kst, const int64_t* vst, float scale,
-                                      int64_t nthreads) {
+// AMX: both products on tiles. Otherwise (CPUs with AVX512-BF16 but no AMX, e.g. AMD Zen 4) the same packed
+// k and v rows are vdpbf16ps's operands: 8 query rows x 32 keys (scores) or x 32 outputs (p v) of fp32 sums in
+// 16 zmm registers, a broadcast pair of q or p per step; the softmax and the stores are shared.
+template <bool AMX>
+TGT static void attention_impl(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* key_bias,
+                               uint16_t* out, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
+                               const int64_t* qst, const int64_t* kst, const int64_t* vst, float scale,
+                               int64_t nthreads) {
   const int64_t skp = (Sk + 31) / 32 * 32, kblocks = skp / 32, dblocks = D / 32, qblocks = (Sq + 31) / 32;
   const int64_t full = Sk / 16 * 16;  // keys in whole vectors of 16; the rest in one masked vector
   const __mmask16 tail = (__mmask16)((1u << (Sk - full)) - 1);
   const float sl = scale * 1.4426950408889634f;  // scores in base 2
 #pragma omp parallel num_threads(nthreads)
   {
-    config_tiles();
+    if constexpr (AMX) config_tiles();
     uint16_t* kp = (uint16_t*)aligned_alloc(64, skp * D * 2);
     uint16_t* vp = (uint16_t*)aligned_alloc(64, skp * D * 2);
     float* sbuf = (float*)aligned_alloc(64, 32 * skp * 4);
@@ -573,7 +577,35 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
         qstride = D * 2;
       }
       // s = q k^T, 32 keys at a time.
-      for (int64_t j = 0; j < kblocks; ++j) {
+      if constexpr (!AMX) {
+        // key tile t, pair dp of d: kp + t * 16 D + 32 dp (pack_keys' tiles of one key tile are consecutive)
+        for (int64_t r0 = 0; r0 < 32; r0 += 8) {
+          for (int64_t j = 0; j < kblocks; ++j) {
+            __m512 acc[8][2];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) { acc[r][0] = _mm512_setzero_ps(); acc[r][1] = _mm512_setzero_ps(); }
+            const uint16_t* k0 = kp + (2 * j) * 16 * D;
+            const uint16_t* k1 = k0 + 16 * D;
+            for (int64_t dp = 0; dp < D / 2; ++dp) {
+              const __m512bh b0 = (__m512bh)_mm512_load_si512(k0 + 32 * dp);
+              const __m512bh b1 = (__m512bh)_mm512_load_si512(k1 + 32 * dp);
+#pragma GCC unroll 8
+              for (int r = 0; r < 8; ++r) {
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(
+                    *(const int32_t*)((const uint8_t*)qa + (r0 + r) * qstride + 4 * dp));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+              }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+              _mm512_store_ps(sbuf + (r0 + r) * skp + 32 * j, acc[r][0]);
+              _mm512_store_ps(sbuf + (r0 + r) * skp + 32 * j + 16, acc[r][1]);
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; AMX && j < kblocks; ++j) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t db = 0; db < dblocks; ++db) {
           tile_step<false>(qa + db * 32, (const uint8_t*)qa + 16 * qstride + db * 64, qstride,
@@ -618,7 +650,34 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
       }
       for (int64_t r = rows; r < 32; ++r) memset(pbuf + r * skp, 0, skp * 2);
       // o = p v: per chunk of 256 keys, every 32 outputs of D on 2 x 2 tiles, sums carried in obuf (32 x D fp32).
-      for (int64_t j0 = 0; j0 < kblocks; j0 += 8) {
+      if constexpr (!AMX) {
+        // D tile u, key pair kp: vp + u * 16 skp + 32 kp (pack_values' tiles of one D tile are consecutive)
+        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+          for (int64_t u = 0; u < D / 16; u += 2) {
+            __m512 acc[8][2];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) { acc[r][0] = _mm512_setzero_ps(); acc[r][1] = _mm512_setzero_ps(); }
+            const uint16_t* v0 = vp + u * 16 * skp;
+            const uint16_t* v1 = v0 + 16 * skp;
+            for (int64_t kq = 0; kq < skp / 2; ++kq) {
+              const __m512bh b0 = (__m512bh)_mm512_load_si512(v0 + 32 * kq);
+              const __m512bh b1 = (__m512bh)_mm512_load_si512(v1 + 32 * kq);
+#pragma GCC unroll 8
+              for (int r = 0; r < 8; ++r) {
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(pbuf + (r0 + r) * skp + 2 * kq));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+              }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+              _mm512_store_ps(obuf + (r0 + r) * D + 16 * u, acc[r][0]);
+              _mm512_store_ps(obuf + (r0 + r) * D + 16 * u + 16, acc[r][1]);
+            }
+          }
+        }
+      }
+      for (int64_t j0 = 0; AMX && j0 < kblocks; j0 += 8) {
         const int64_t j1 = j0 + 8 < kblocks ? j0 + 8 : kblocks;
         for (int64_t u = 0; u < D / 32; ++u) {
           float* acc = obuf + u * 32;
@@ -657,8 +716,22 @@ extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, con
     free(pbuf);
     free(qpad);
     free(obuf);
-    _tile_release();
+    if constexpr (AMX) _tile_release();
   }
+}
+
+extern "C" TGT void mgtq_attention_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* key_bias,
+                                      uint16_t* out, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
+                                      const int64_t* qst, const int64_t* kst, const int64_t* vst, float scale,
+                                      int64_t nthreads) {
+  attention_impl<true>(q, k, v, key_bias, out, B, H, Sq, Sk, D, qst, kst, vst, scale, nthreads);
+}
+
+extern "C" TGT void mgtq_attention_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                         const float* key_bias, uint16_t* out, int64_t B, int64_t H, int64_t Sq,
+                                         int64_t Sk, int64_t D, const int64_t* qst, const int64_t* kst,
+                                         const int64_t* vst, float scale, int64_t nthreads) {
+  attention_impl<false>(q, k, v, key_bias, out, B, H, Sq, Sk, D, qst, kst, vst, scale, nthreads);
 }
 // Attention's RMS QK-norm then RoPE, one pass per row of D (a multiple of 16): x (B, H, N, D) bf16 by element strides
 // {batch, head, row}, out likewise; w (D) fp32; cos/sin fp32 with strides {batch (0: shared), row}, each frequency
@@ -756,6 +829,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_attention_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [
         ctypes.c_float, ctypes.c_int64]
     lib.mgtq_attention_amx.restype = None
+    lib.mgtq_attention_avx512.argtypes = lib.mgtq_attention_amx.argtypes
+    lib.mgtq_attention_avx512.restype = None
     lib.mgtq_qknorm_rope.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.mgtq_qknorm_rope.restype = None
     lib.mgtq_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64]
@@ -779,6 +854,13 @@ def _amx_library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether this machine has AMX-int8 and the kernels built and got AMX permission (built on first call)."""
     return _amx_library() is not None
+
+
+@torch.compiler.assume_constant_result
+def attention_avx512_available() -> bool:
+    """Whether :func:`attention` may run without AMX tiles (``tiles=False``): the library built on a CPU with
+    AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and every AMX CPU)."""
+    return _library() is not None and "avx512_bf16" in cpu_flags()
 
 
 @torch.compiler.assume_constant_result
@@ -953,17 +1035,21 @@ def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bi
                                 and key_bias.shape[3] == sk and key_bias.shape[0] in (1, b))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)`` for bf16 q, k, v ``(B, H, S, D)`` on AMX tiles.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None,
+              tiles: bool = True) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)`` for bf16 q, k, v ``(B, H, S, D)`` on AMX tiles
+    (``tiles=False``: the same algorithm on AVX512-BF16's ``vdpbf16ps``, for CPUs without AMX).
 
     Scale ``1 / sqrt(D)``; ``key_bias``: None or ``(B or 1, 1, 1, Sk)``, added to every query's logits of that
     key. Returns ``(B, H, Sq, D)`` as a view of a contiguous ``(B, Sq, H, D)`` tensor (what the model's
     output projection reads, so ``.transpose(1, 2).flatten(2)`` needs no copy). Scores and the softmax in
     fp32, probabilities rounded to bf16 for the second product (as torch's CPU flash attention); results
     differ from SDPA's by the order of fp32 sums and the exp approximation, within bf16 rounding. Needs
-    :func:`available` and :func:`supports_attention`.
+    :func:`available` (``tiles=False``: :func:`attention_avx512_available`) and :func:`supports_attention`.
     """
-    lib = _checked_library()
+    lib = _checked_library(amx_tiles=tiles)
+    if not tiles and not attention_avx512_available():
+        raise RuntimeError("mgtq's AVX512-BF16 attention needs a CPU with AVX512-BF16 (see mgtq.native.amx)")
     if not supports_attention(q, k, v, key_bias):
         raise ValueError(f"the AMX attention takes bf16 (B, H, S, D) q/k/v with D % 32 == 0, at most {MAX_KEYS} keys "
                          f"and a (B, 1, 1, Sk) key bias, got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
@@ -979,9 +1065,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
         # a finite bias stays finite in fp32 (a mask of finfo.min times log2(e) would overflow to -inf)
         bias2[:, :sk] = torch.where(scaled.isfinite(), scaled.clamp_min(-torch.finfo(torch.float32).max), scaled)
     strides = torch.tensor([q.stride()[:3], k.stride()[:3], v.stride()[:3]], dtype=torch.int64)
-    lib.mgtq_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if bias2 is None else bias2.data_ptr(),
-                           out.data_ptr(), b, h, sq, sk, d, strides[0].data_ptr(), strides[1].data_ptr(),
-                           strides[2].data_ptr(), d ** -0.5, torch.get_num_threads())
+    entry = lib.mgtq_attention_amx if tiles else lib.mgtq_attention_avx512
+    entry(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if bias2 is None else bias2.data_ptr(),
+          out.data_ptr(), b, h, sq, sk, d, strides[0].data_ptr(), strides[1].data_ptr(),
+          strides[2].data_ptr(), d ** -0.5, torch.get_num_threads())
     return out.transpose(1, 2)
 
 
