@@ -1,4 +1,5 @@
-"""Attention on CPU at Meissonic's shapes: torch's SDPA against mgtq's AMX kernel, bf16, in interleaved rounds.
+"""Attention on CPU at Meissonic's shapes: torch's SDPA against mgtq's kernel (on AMX tiles, and on AVX512-BF16
+where the CPU has it), bf16, in interleaved rounds.
 
 The evidence for `mgtq.fused.attention`'s choice. Shapes: CFG batch 2, 8 heads of 128, image + 77 text
 tokens as the transformer runs them (Meissonic-1024: 1024 image tokens after the 2 x 2 feature
@@ -51,6 +52,8 @@ def variants(q, k, v, key_bias) -> dict:
     fns = {"torch SDPA": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)}
     if amx.available() and amx.supports_attention(q, k, v, key_bias):
         fns["mgtq AMX"] = lambda: amx.attention(q, k, v, key_bias)
+    if amx.attention_avx512_available() and amx.supports_attention(q, k, v, key_bias):
+        fns["mgtq AVX512-BF16"] = lambda: amx.attention(q, k, v, key_bias, tiles=False)
     return fns
 
 
@@ -68,7 +71,9 @@ def report(rows: list[dict], args) -> str:
     names = list(dict.fromkeys(n for r in rows for n in r["ms"]))
     lines = ["# Attention kernels at Meissonic's shapes (CPU, bf16)", "",
              f"{platform.machine()}, mgtq CPU class {cpu_class()}, mgtq AMX kernel "
-             f"{'built' if amx.available() else 'not available'}, torch {torch.__version__}, {args.threads} thread(s), "
+             f"{'built' if amx.available() else 'not available'}, its AVX512-BF16 version "
+             f"{'built' if amx.attention_avx512_available() else 'not available'}, "
+             f"torch {torch.__version__}, {args.threads} thread(s), "
              f"load average {[round(v, 2) for v in os.getloadavg()]}; {args.rounds} interleaved rounds, "
              "median ms [min–max]; × SDPA: median of per-round ratios [min–max].", "",
              "| shape (B, H, queries, keys, D) | " + " | ".join(f"{n} ms | × SDPA" for n in names) + " |",

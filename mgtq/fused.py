@@ -15,7 +15,9 @@ it with an activation only then.
 
 Attention: :func:`attention` is ``F.scaled_dot_product_attention`` with an optional bias per key; on
 CPUs with AMX it runs mgtq's own kernel (:func:`mgtq.native.amx.attention`; against torch's CPU flash
-attention in ``benchmarks/results/attention_kernels_1thread.md``). :func:`qk_norm_rope` is attention's
+attention in ``benchmarks/results/attention_kernels_1thread.md``), on CPUs without AMX but with AVX512-BF16
+(``avx512-vnni`` class, e.g. AMD Zen 4) its AVX512-BF16 version
+(``benchmarks/results/attention_kernels_avx512-vnni_1thread.md``). :func:`qk_norm_rope` is attention's
 RMS QK-norm followed by RoPE, one pass per row there, and :func:`rms_norm_amx` the RMSNorm of the
 token grids around the transformer (:class:`mgtq.models.layers.RMSNorm`).
 """
