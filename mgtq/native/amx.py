@@ -938,14 +938,21 @@ def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor
     bias: ``(N,)`` or None. ``activation``: ``"gelu_tanh"`` applied to the fp32 result before the cast, or None.
     Needs :func:`available` and :func:`supports`.
     """
-    lib = _checked_library()
+    return _w4a8(x_q, packed, col_scale, bias, out_dtype, activation, tiles=True)
+
+
+def _w4a8(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+          out_dtype: torch.dtype, activation: str | None, tiles: bool) -> torch.Tensor:
+    """Both W4A8 GEMMs' checks and call: on AMX tiles (``tiles``) or on AVX512-VNNI."""
+    lib = _checked_library(amx_tiles=tiles)
     m, k = x_q.shape
     n = packed.shape[0]
     if x_q.dtype != torch.int8 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
         raise ValueError(f"expected int8 x (M, K) and uint8 packed (N, K/2), got {x_q.dtype} {tuple(x_q.shape)} "
                          f"and {packed.dtype} {tuple(packed.shape)}")
-    if not supports(k, n, out_dtype):
-        raise ValueError(f"the AMX kernel needs K % 128 == 0, N % 32 == 0 and a bf16/fp32 output, "
+    if not (supports if tiles else supports_vnni)(k, n, out_dtype):
+        name, block = ("AMX", BLOCK_N) if tiles else ("VNNI", VNNI_BLOCK_N)
+        raise ValueError(f"the {name} kernel needs K % 128 == 0, N % {block} == 0 and a bf16/fp32 output, "
                          f"got K={k}, N={n}, {out_dtype}")
     out = torch.empty(m, n, dtype=out_dtype)
     if m == 0:
@@ -954,10 +961,10 @@ def w4a8_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor
     packed = packed.contiguous()
     scale16 = (col_scale.to(torch.float32) * (1.0 / 16.0)).contiguous()  # the 16 of 16q, exact
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    lib.mgtq_w4a8_amx(x_q.data_ptr(), packed.data_ptr(), scale16.data_ptr(),
-                      None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-                      m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), chunk_n(k, n),
-                      torch.get_num_threads())
+    entry, chunk = (lib.mgtq_w4a8_amx, chunk_n) if tiles else (lib.mgtq_w4a8_vnni, vnni_chunk_n)
+    entry(x_q.data_ptr(), packed.data_ptr(), scale16.data_ptr(), None if bias32 is None else bias32.data_ptr(),
+          out.data_ptr(), m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), chunk(k, n),
+          torch.get_num_threads())
     return out
 
 
@@ -967,26 +974,7 @@ def w4a8_vnni_linear(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.T
 
     Needs :func:`vnni_available` and :func:`supports_vnni`.
     """
-    lib = _checked_library(amx_tiles=False)
-    m, k = x_q.shape
-    n = packed.shape[0]
-    if x_q.dtype != torch.int8 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
-        raise ValueError(f"expected int8 x (M, K) and uint8 packed (N, K/2), got {x_q.dtype} {tuple(x_q.shape)} "
-                         f"and {packed.dtype} {tuple(packed.shape)}")
-    if not supports_vnni(k, n, out_dtype):
-        raise ValueError(f"the VNNI kernel needs K % 128 == 0, N % 64 == 0 and a bf16/fp32 output, "
-                         f"got K={k}, N={n}, {out_dtype}")
-    out = torch.empty(m, n, dtype=out_dtype)
-    if m == 0:
-        return out
-    x_q = x_q.contiguous()
-    scale16 = (col_scale.to(torch.float32) * (1.0 / 16.0)).contiguous()  # the 16 of 16q, exact
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    lib.mgtq_w4a8_vnni(x_q.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(),
-                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-                       m, k, n, int(out_dtype == torch.bfloat16), _gelu_flag(activation), vnni_chunk_n(k, n),
-                       torch.get_num_threads())
-    return out
+    return _w4a8(x_q, packed, col_scale, bias, out_dtype, activation, tiles=False)
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
