@@ -805,6 +805,12 @@ def _has_avx512_vnni() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _has_avx512_bf16() -> bool:
+    # Read once: attention asks on every call.
+    return "avx512_bf16" in cpu_flags()
+
+
+@functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot run here (logged once, at debug level)."""
     if not _has_avx512_vnni():
@@ -860,7 +866,7 @@ def available() -> bool:
 def attention_avx512_available() -> bool:
     """Whether :func:`attention` may run without AMX tiles (``tiles=False``): the library built on a CPU with
     AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and every AMX CPU)."""
-    return _library() is not None and "avx512_bf16" in cpu_flags()
+    return _library() is not None and _has_avx512_bf16()
 
 
 @torch.compiler.assume_constant_result
