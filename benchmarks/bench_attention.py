@@ -52,7 +52,7 @@ def variants(q, k, v, key_bias) -> dict:
     fns = {"torch SDPA": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)}
     if amx.available() and amx.supports_attention(q, k, v, key_bias):
         fns["mgtq AMX"] = lambda: amx.attention(q, k, v, key_bias)
-    if amx.attention_avx512_available() and amx.supports_attention(q, k, v, key_bias):
+    if amx.avx512_bf16_available() and amx.supports_attention(q, k, v, key_bias):
         fns["mgtq AVX512-BF16"] = lambda: amx.attention(q, k, v, key_bias, tiles=False)
     return fns
 
@@ -72,7 +72,7 @@ def report(rows: list[dict], args) -> str:
     lines = ["# Attention kernels at Meissonic's shapes (CPU, bf16)", "",
              f"{platform.machine()}, mgtq CPU class {cpu_class()}, mgtq AMX kernel "
              f"{'built' if amx.available() else 'not available'}, its AVX512-BF16 version "
-             f"{'built' if amx.attention_avx512_available() else 'not available'}, "
+             f"{'built' if amx.avx512_bf16_available() else 'not available'}, "
              f"torch {torch.__version__}, {args.threads} thread(s), "
              f"load average {[round(v, 2) for v in os.getloadavg()]}; {args.rounds} interleaved rounds, "
              "median ms [min–max]; × SDPA: median of per-round ratios [min–max].", "",

@@ -122,8 +122,11 @@ def make_variants(shape: LayerShape, seed: int = 0) -> dict[str, Callable[[], to
         "A8 int8pack exact": lambda: _forced(w4a8, xbf, "int8pack_exact"),
         "W4A8+onednn": lambda: w4a8_cached(xbf),
     }
-    if amx.available():  # mgtq's own AMX kernel: AMX-int8 CPUs with a C++ compiler only
+    if amx.available():  # mgtq's own AMX kernels: AMX-int8 CPUs with a C++ compiler only
         variants["A8 amx"] = lambda: _forced(w4a8, xbf, "amx")
+        variants["A16 amx"] = lambda: _forced(w4, xbf, "amx")
+    if amx.avx512_bf16_available():  # mgtq's own AVX512-BF16 W4A16 kernel
+        variants["A16 avx512"] = lambda: _forced(w4, xbf, "avx512")
     if amx.vnni_available():  # mgtq's own AVX512-VNNI kernel: VNNI CPUs (AMX ones included) with a C++ compiler
         variants["A8 vnni"] = lambda: _forced(w4a8, xbf, "vnni")
     return variants
@@ -133,8 +136,8 @@ def _quoted(arg: str) -> str:
     return f'"{arg}"' if " " in arg else arg
 
 
-def _forced(layer: W4A8Linear, x: torch.Tensor, kernel: str) -> torch.Tensor:
-    """A W4A8 layer run through one named kernel of the dispatch, whatever the dispatch would pick."""
+def _forced(layer: torch.nn.Module, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """A quantized layer run through one named kernel of the dispatch, whatever the dispatch would pick."""
     original = kernels.choose_kernel
     kernels.choose_kernel = lambda scheme, ctx: kernel
     try:

@@ -141,7 +141,7 @@ def _avx512_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bia
     """Whether mgtq's attention runs this call without AMX tiles: bf16 CPU inference on a CPU of another class
     than ``amx-int8`` and ``avx2`` whose AVX512-BF16 the kernel needs (AMD Zen 4, Intel Cooper Lake)."""
     return (_native_inference(q, k, v, key_bias) and cpu_class() in ("amx-bf16", "avx512-vnni")
-            and amx.attention_avx512_available() and amx.supports_attention(q, k, v, key_bias))
+            and amx.avx512_bf16_available() and amx.supports_attention(q, k, v, key_bias))
 
 
 @torch.library.custom_op("mgtq::attention_amx", mutates_args=())

@@ -1,5 +1,6 @@
 """mgtq's own kernels for CPUs with AMX-int8: int4 weights unpacked straight into AMX tiles (no weight cache),
-and bf16 attention; and its W4A8 GEMM for AVX512-VNNI CPUs without AMX (AMD Zen 4, Intel Cascade / Ice Lake).
+and bf16 attention; and their versions for AVX-512 CPUs without AMX: W4A8 on AVX512-VNNI (AMD Zen 4, Intel
+Cascade / Ice Lake), W4A16 and attention on AVX512-BF16 (AMD Zen 4, Intel Cooper Lake).
 
 Why hand-written: nothing torch or torchao ship multiplies int8 activations by *int4* weights on
 AMX without a second copy of the weight. ``torch._int_mm`` runs on AVX512-VNNI, needs the weight
@@ -37,7 +38,9 @@ already work on the next 32 columns. OpenMP threads split the chunks.
 Without AMX (:func:`w4a8_vnni_linear`): the same chunks and unpacked rows, 6 rows x 64 columns of int32
 sums in 24 zmm registers; ``vpdpbusd`` takes unsigned x, so x + 128 goes in and 128 x the column sums
 of 16q come off (exact). Its only instructions beyond AVX512-BW are VNNI's; the bf16 rounding is written
-out, as Ice Lake has no AVX512-BF16.
+out, as Ice Lake has no AVX512-BF16. :func:`w4a16_avx512_linear` runs the same register block on ``vdpbf16ps``
+over the AMX W4A16 kernel's dequantized chunks (2 inputs of 16 columns per 64-byte row, ``vdpbf16ps``'s
+operand), so the bf16 weight is never written out whole as dequantize + oneDNN's GEMM does.
 
 Built at first use on x86-64 Linux CPUs with AVX512-VNNI, with the C++ compiler ``torch.compile`` uses on
 CPU (Inductor's ``CppCodeCache``, cached on disk by source hash). Where the build fails (no compiler,
@@ -57,9 +60,9 @@ import torch
 
 from .cpu import cpu_flags
 
-__all__ = ["available", "vnni_available", "attention_avx512_available", "supports", "supports_vnni", "supports_w4a16", "vnni_chunk_n",
-           "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
-           "w4a8_vnni_linear", "w4a16_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
+__all__ = ["available", "vnni_available", "avx512_bf16_available", "supports", "supports_vnni", "supports_w4a16",
+           "supports_w4a16_avx512", "vnni_chunk_n", "supports_attention", "chunk_n", "quantize_int8", "w4a8_linear",
+           "w4a8_vnni_linear", "w4a16_linear", "w4a16_avx512_linear", "attention", "supports_qknorm_rope", "qknorm_rope",
            "supports_rms_norm", "rms_norm"]
 
 log = logging.getLogger(__name__)
@@ -472,6 +475,77 @@ extern "C" VTGT void mgtq_w4a8_vnni(const int8_t* x, const uint8_t* packed, cons
   }
 }
 
+// W4A16 on AVX512-BF16 (no AMX: AMD Zen 4, Intel Cooper Lake): the AMX W4A16 kernel's numerics (the bf16 weights
+// of mgtq's dequantizer, fp32 sums of bf16 products, + bias, optional tanh-GELU, one rounding) on vdpbf16ps. A
+// chunk's weights are dequantized once per call by unpack_b_bf16, whose 64-byte tile rows (2 inputs of 16 columns)
+// are vdpbf16ps's operand layout: the dequantized weight never leaves the cache, where dequantize + oneDNN's GEMM
+// writes and reads it whole. The register block of the VNNI kernel (6 rows x 64 columns of fp32 sums), one
+// broadcast input pair per row.
+extern "C" TGT void mgtq_w4a16_avx512(const uint16_t* x, const uint8_t* packed, const float* scale16, int64_t groups,
+                                     const float* bias, uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t gelu,
+                                     int64_t chunk_n, int64_t nthreads) {
+  const int64_t nchunks = (N + chunk_n - 1) / chunk_n;
+  const int64_t mblocks = (M + VNNI_MR - 1) / VNNI_MR;
+  const int64_t pairs = K / 2;
+  int64_t mparts = (nthreads + nchunks - 1) / nchunks;
+  if (mparts > mblocks) mparts = mblocks > 0 ? mblocks : 1;
+#pragma omp parallel num_threads(nthreads)
+  {
+    uint16_t* bbuf = (uint16_t*)aligned_alloc(64, chunk_n * K * 2);
+    int32_t* zero = (int32_t*)calloc(pairs, 4);  // the input row of rows past M (their sums are never stored)
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < nchunks * mparts; ++item) {
+      const int64_t c = item / mparts, part = item % mparts;
+      const int64_t m_begin = mblocks * part / mparts * VNNI_MR, m_end = mblocks * (part + 1) / mparts * VNNI_MR;
+      const int64_t n0 = c * chunk_n;
+      const int64_t nb = (N - n0) < chunk_n ? (N - n0) : chunk_n;
+      unpack_b_bf16(packed, scale16, groups, K, n0, nb, bbuf);
+      for (int64_t m0 = m_begin; m0 < m_end && m0 < M; m0 += VNNI_MR) {
+        const int64_t rows = (M - m0) < VNNI_MR ? (M - m0) : VNNI_MR;
+        const int32_t* a[VNNI_MR];  // each row's inputs as bf16 pairs
+        for (int r = 0; r < VNNI_MR; ++r) a[r] = r < rows ? (const int32_t*)(x + (m0 + r) * K) : zero;
+        for (int64_t p = 0; p < nb / 64; ++p) {
+          const uint16_t* b = bbuf + p * 4 * pairs * 32;
+          __m512 acc[VNNI_MR][4];
+#pragma GCC unroll 6
+          for (int r = 0; r < VNNI_MR; ++r) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+          }
+          for (int64_t q = 0; q < pairs; ++q) {
+            __m512bh w[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_load_si512(b + (j * pairs + q) * 32);
+#pragma GCC unroll 6
+            for (int r = 0; r < VNNI_MR; ++r) {
+              const __m512bh ar = (__m512bh)_mm512_set1_epi32(a[r][q]);
+#pragma GCC unroll 4
+              for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, w[j]);
+            }
+          }
+          alignas(64) float sbuf[VNNI_MR][4][16];  // constant indices above keep the sums in registers
+#pragma GCC unroll 6
+          for (int r = 0; r < VNNI_MR; ++r) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) _mm512_store_ps(sbuf[r][j], acc[r][j]);
+          }
+          const int64_t n = n0 + 64 * p;
+          for (int r = 0; r < rows; ++r) {
+            for (int j = 0; j < 4; ++j) {
+              __m512 y = _mm512_add_ps(_mm512_load_ps(sbuf[r][j]),
+                                       bias ? _mm512_loadu_ps(bias + n + 16 * j) : _mm512_setzero_ps());
+              if (gelu) y = gelu_tanh(y);
+              _mm256_storeu_si256((__m256i*)(out + (m0 + r) * N + n + 16 * j), (__m256i)_mm512_cvtneps_pbh(y));
+            }
+          }
+        }
+      }
+    }
+    free(bbuf);
+    free(zero);
+  }
+}
+
 // 2^z for z <= 0 (clamped at -126): 2^n * p(r), r = z - round(z) in [-1/2, 1/2], p the degree-5 Taylor polynomial
 // of 2^r (relative error < 3e-6, far below the bf16 rounding of the probabilities it makes; cheaper than gelu_tanh's
 // exp, which keeps a few ulps because its result is not rounded to bf16 before it is used).
@@ -832,6 +906,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mgtq_w4a16_amx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p] + [ctypes.c_int64] * 6
     lib.mgtq_w4a16_amx.restype = None
+    lib.mgtq_w4a16_avx512.argtypes = lib.mgtq_w4a16_amx.argtypes
+    lib.mgtq_w4a16_avx512.restype = None
     lib.mgtq_attention_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [
         ctypes.c_float, ctypes.c_int64]
     lib.mgtq_attention_amx.restype = None
@@ -863,9 +939,9 @@ def available() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def attention_avx512_available() -> bool:
-    """Whether :func:`attention` may run without AMX tiles (``tiles=False``): the library built on a CPU with
-    AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and every AMX CPU)."""
+def avx512_bf16_available() -> bool:
+    """Whether the AVX512-BF16 kernels (:func:`attention` with ``tiles=False``, :func:`w4a16_avx512_linear`) may run
+    here: the library built on a CPU with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake and every AMX CPU)."""
     return _library() is not None and _has_avx512_bf16()
 
 
@@ -886,6 +962,11 @@ def supports(k: int, n: int, out_dtype: torch.dtype) -> bool:
 def supports_w4a16(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
     """The W4A16 kernel's shapes: as :func:`supports`, bf16 activations, groups a multiple of 16 inputs."""
     return supports(k, n, dtype) and dtype == torch.bfloat16 and group_size % 16 == 0 and k % group_size == 0
+
+
+def supports_w4a16_avx512(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
+    """The AVX512-BF16 W4A16 kernel's shapes: as :func:`supports_w4a16`, N a multiple of 64 (its register block)."""
+    return supports_w4a16(k, n, group_size, dtype) and n % VNNI_BLOCK_N == 0
 
 
 def chunk_n(k: int, n: int) -> int:
@@ -992,24 +1073,45 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     between two GEMM libraries). ``activation``: as in :func:`w4a8_linear`. Needs :func:`available` and
     :func:`supports_w4a16`.
     """
-    lib = _checked_library()
+    return _w4a16(x, packed, scale, bias, activation, tiles=True)
+
+
+def w4a16_avx512_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        activation: str | None = None) -> torch.Tensor:
+    """:func:`w4a16_linear` on AVX512-BF16 (``vdpbf16ps``) for CPUs without AMX: the same bf16 weights and fp32
+    sums, summed in another order. Needs :func:`avx512_bf16_available` and :func:`supports_w4a16_avx512`."""
+    return _w4a16(x, packed, scale, bias, activation, tiles=False)
+
+
+def _w4a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           activation: str | None, tiles: bool) -> torch.Tensor:
+    """Both W4A16 GEMMs' checks and call: on AMX tiles (``tiles``) or on AVX512-BF16."""
+    if tiles:
+        lib = _checked_library()
+    elif not avx512_bf16_available():
+        raise RuntimeError("mgtq's AVX512-BF16 kernel is not available on this machine (see mgtq.native.amx)")
+    else:
+        lib = _library()
     m, k = x.shape
     n, groups = packed.shape[0], scale.shape[1]
     if x.dtype != torch.bfloat16 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
         raise ValueError(f"expected bf16 x (M, K) and uint8 packed (N, K/2), got {x.dtype} {tuple(x.shape)} and "
                          f"{packed.dtype} {tuple(packed.shape)}")
-    if not supports_w4a16(k, n, k // groups, x.dtype):
-        raise ValueError(f"the AMX W4A16 kernel needs K % 128 == 0, N % 32 == 0, groups of a multiple of 16 inputs "
-                         f"and bf16 activations, got K={k}, N={n}, group {k // groups}, {x.dtype}")
+    if not (supports_w4a16 if tiles else supports_w4a16_avx512)(k, n, k // groups, x.dtype):
+        name, block = ("AMX", BLOCK_N) if tiles else ("AVX512-BF16", VNNI_BLOCK_N)
+        raise ValueError(f"the {name} W4A16 kernel needs K % 128 == 0, N % {block} == 0, groups of a multiple of 16 "
+                         f"inputs and bf16 activations, got K={k}, N={n}, group {k // groups}, {x.dtype}")
     out = torch.empty(m, n, dtype=torch.bfloat16)
     if m == 0:
         return out
     x = x.contiguous()
     scale16 = (scale.to(torch.float32) * (1.0 / 16.0)).contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    lib.mgtq_w4a16_amx(x.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(), groups,
-                       None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n, _gelu_flag(activation),
-                       chunk_n(2 * k, n), torch.get_num_threads())
+    # chunks of about CHUNK_BYTES of bf16 weights: 2 bytes per input
+    entry, chunk = (lib.mgtq_w4a16_amx, chunk_n) if tiles else (lib.mgtq_w4a16_avx512, vnni_chunk_n)
+    entry(x.data_ptr(), packed.contiguous().data_ptr(), scale16.data_ptr(), groups,
+          None if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, k, n, _gelu_flag(activation),
+          chunk(2 * k, n), torch.get_num_threads())
     return out
 
 
@@ -1039,10 +1141,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     output projection reads, so ``.transpose(1, 2).flatten(2)`` needs no copy). Scores and the softmax in
     fp32, probabilities rounded to bf16 for the second product (as torch's CPU flash attention); results
     differ from SDPA's by the order of fp32 sums and the exp approximation, within bf16 rounding. Needs
-    :func:`available` (``tiles=False``: :func:`attention_avx512_available`) and :func:`supports_attention`.
+    :func:`available` (``tiles=False``: :func:`avx512_bf16_available`) and :func:`supports_attention`.
     """
     lib = _checked_library(amx_tiles=tiles)
-    if not tiles and not attention_avx512_available():
+    if not tiles and not avx512_bf16_available():
         raise RuntimeError("mgtq's AVX512-BF16 attention needs a CPU with AVX512-BF16 (see mgtq.native.amx)")
     if not supports_attention(q, k, v, key_bias):
         raise ValueError(f"the AMX attention takes bf16 (B, H, S, D) q/k/v with D % 32 == 0, at most {MAX_KEYS} keys "

@@ -11,6 +11,9 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 |--------|--------|------------------------------------------------|------------------|
 | cpu    | W4A16  | amx-int8, mgtq's AMX kernel built, bf16,       | amx              |
 |        |        | K % 128 == 0, N % 32 == 0, group % 16 == 0     |                  |
+| cpu    | W4A16  | avx512-vnni / amx-bf16 with AVX512-BF16,       | avx512           |
+|        |        | mgtq's kernels built, bf16, K % 128 == 0,      |                  |
+|        |        | N % 64 == 0, group % 16 == 0                   |                  |
 | cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
@@ -77,6 +80,10 @@ Kernels:
   ``int_mm_chunked``, eager and compiled, with the one-pass quantizer op. Against
   ``int_mm_chunked`` it saves the int32 accumulator's round trip, the epilogue's
   passes and a separate GELU (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``);
+* ``avx512`` (W4A16): mgtq's own AVX512-BF16 bf16 GEMM (``vdpbf16ps``) for CPUs without AMX, on the
+  AMX kernel's dequantized chunks (the same bf16 weights as ``dequant``), in the VNNI kernel's register
+  block, bias / GELU / cast in its epilogue; eager and compiled. The dequantized weight stays in cache,
+  where ``dequant`` writes it whole before oneDNN's GEMM reads it back;
 * ``int8pack_exact``: int8 activations (as fp32) x int4 weights through
   ``torch._weight_int8pack_mm`` with unit scales, then the W4A8 rescale;
 * ``int_mm_chunked``: ``torch._int_mm`` per 256 output columns, the int32
@@ -165,11 +172,12 @@ __all__ = [
 ]
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
-           "amx", "vnni", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
+           "amx", "vnni", "avx512", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
-# Classes whose W4A8 runs mgtq's AVX512-VNNI kernel (mgtq.native.amx.w4a8_vnni_linear) where it is built.
+# Classes whose W4A8 runs mgtq's AVX512-VNNI kernel (mgtq.native.amx.w4a8_vnni_linear) where it is built, and
+# whose W4A16 runs its AVX512-BF16 kernel (w4a16_avx512_linear) where the CPU has AVX512-BF16.
 VNNI_NATIVE_CLASSES = ("amx-bf16", "avx512-vnni")
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
 # weight is fed to it as groups of 256 carrying the same scale (exact).
@@ -189,7 +197,8 @@ class KernelContext:
     weight cache present; tinygemm: a prepared tinygemm weight present;
     compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only);
     native: mgtq's own kernels for ``cpu_class`` (:mod:`mgtq.native.amx`) built and allowed to run on this
-    machine (:func:`native_available`: the AMX ones on ``amx-int8``, the AVX512-VNNI one elsewhere).
+    machine (:func:`native_available`: the AMX ones on ``amx-int8``, the AVX512-VNNI one elsewhere);
+    avx512_bf16: the CPU also has AVX512-BF16 dot products for them (:func:`mgtq.native.amx.avx512_bf16_available`).
     """
 
     device: str
@@ -204,6 +213,7 @@ class KernelContext:
     compiling: bool = False
     cpu_class: str | None = None
     native: bool = False
+    avx512_bf16: bool = False
 
     def __post_init__(self):
         if self.cpu_class is not None and self.cpu_class not in CPU_CLASSES:
@@ -239,6 +249,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native
                 and amx.supports_w4a16(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
             return "amx"
+        if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native and ctx.avx512_bf16
+                and amx.supports_w4a16_avx512(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
+            return "avx512"
         if (ctx.device == "cuda" and ctx.tinygemm and ctx.dtype == torch.bfloat16
                 and ctx.capability is not None and ctx.capability >= (8, 0)):
             return "tinygemm"
@@ -289,7 +302,8 @@ def context_for(x: torch.Tensor, k: int, n: int, group_size: int, cache: bool = 
     return KernelContext(device=device, m=x.numel() // max(k, 1), k=k, n=n, dtype=x.dtype,
                          group_size=group_size, capability=capability, cache=cache, tinygemm=tinygemm,
                          compiling=torch.compiler.is_compiling(), cpu_class=cpu_class() if device == "cpu" else None,
-                         native=device == "cpu" and x.device.type == "cpu" and native_available(cpu_class()))
+                         native=device == "cpu" and x.device.type == "cpu" and native_available(cpu_class()),
+                         avx512_bf16=device == "cpu" and x.device.type == "cpu" and amx.avx512_bf16_available())
 
 
 def native_available(cls: str) -> bool:
@@ -485,13 +499,14 @@ def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
 
 @torch.library.custom_op("mgtq::w4a16_amx", mutates_args=())
 def w4a16_amx_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 activation: str = "") -> torch.Tensor:
-    """:func:`mgtq.native.amx.w4a16_linear` as one op."""
-    return amx.w4a16_linear(x, packed, scale, bias, activation or None)
+                 activation: str = "", tiles: bool = True) -> torch.Tensor:
+    """:func:`mgtq.native.amx.w4a16_linear` (``tiles``) or :func:`~mgtq.native.amx.w4a16_avx512_linear` as one op."""
+    fn = amx.w4a16_linear if tiles else amx.w4a16_avx512_linear
+    return fn(x, packed, scale, bias, activation or None)
 
 
 @w4a16_amx_op.register_fake
-def _(x, packed, scale, bias, activation=""):
+def _(x, packed, scale, bias, activation="", tiles=True):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
@@ -511,9 +526,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k // scale.shape[1], tinygemm=tinygemm is not None, force_device=force_device)
     kernel = choose_kernel("w4a16", ctx)
-    if kernel == "amx":
+    if kernel in ("amx", "avx512"):
         # The bias in the activation dtype first, as the dequant path gives it to the GEMM.
-        y = w4a16_amx_op(x.reshape(-1, k), packed, scale, None if bias is None else bias.to(x.dtype), activation or "")
+        y = w4a16_amx_op(x.reshape(-1, k), packed, scale, None if bias is None else bias.to(x.dtype), activation or "",
+                         kernel == "amx")
         return y.reshape(*x.shape[:-1], n)  # the activation applied in the kernel's epilogue
     if kernel == "tinygemm":
         weight, scales_zeros = tinygemm

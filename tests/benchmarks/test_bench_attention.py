@@ -13,7 +13,7 @@ def test_bench_attention_small_shapes(tmp_path, benchmark_script):
     record = json.loads(out.with_suffix(".json").read_text())
     assert [r["name"] for r in record["rows"]] == ["small", "small + bias"]
     expected = ({"torch SDPA"} | ({"mgtq AMX"} if amx.available() else set())
-                | ({"mgtq AVX512-BF16"} if amx.attention_avx512_available() else set()))
+                | ({"mgtq AVX512-BF16"} if amx.avx512_bf16_available() else set()))
     for row in record["rows"]:
         assert set(row["ms"]) == expected and row["ratio"]["torch SDPA"] == 1.0
         assert all(row["ms_min"][k] <= row["ms"][k] <= row["ms_max"][k] for k in row["ms"])

@@ -1,8 +1,9 @@
 """mgtq's AMX GEMMs (mgtq.native.amx): W4A8 bit-equal to the torch reference, W4A16 on the same bf16
-weights, and where each is chosen.
+weights (on AMX tiles, and on AVX512-BF16 for CPUs without AMX), and where each is chosen.
 
-The numerics tests need an AMX-int8 CPU with a C++ compiler (what `torch.compile` on CPU needs too)
-and are skipped elsewhere; the dispatch is checked everywhere with forced contexts.
+The numerics tests need an AMX-int8 CPU (the AVX512-BF16 W4A16 one: an AVX512-BF16 CPU) with a C++ compiler
+(what `torch.compile` on CPU needs too) and are skipped elsewhere; the dispatch is checked everywhere with forced
+contexts.
 """
 
 import pytest
@@ -15,6 +16,19 @@ from mgtq.quantization.packing import pack_int4
 from mgtq.quantization.qtensor import dequantize_int4_weight, int8_int4_linear, quantize_int8_per_tensor
 
 needs_amx = pytest.mark.skipif(not amx.available(), reason="needs an AMX-int8 CPU and a C++ compiler")
+# Each W4A16 kernel version: its entry point and the CPU class whose dispatch picks it.
+W4A16_VERSIONS = {"amx": (amx.w4a16_linear, "amx-int8"), "avx512": (amx.w4a16_avx512_linear, "avx512-vnni")}
+
+
+@pytest.fixture(params=list(W4A16_VERSIONS))
+def w4a16(request, monkeypatch):
+    """A W4A16 kernel version (skipped where this CPU cannot run it), with MGTQ_CPU_CLASS forced to its class."""
+    if request.param == "amx" and not amx.available():
+        pytest.skip("needs an AMX-int8 CPU and a C++ compiler")
+    if request.param == "avx512" and not amx.avx512_bf16_available():
+        pytest.skip("needs an AVX512-BF16 CPU and a C++ compiler")
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, W4A16_VERSIONS[request.param][1])
+    return request.param
 
 
 def ctx(m=2202, k=1024, n=1024, dtype=torch.bfloat16, group_size=None, **kw):
@@ -82,19 +96,15 @@ def test_bit_equal_to_the_reference(m, k, n, out_dtype, with_bias):
                                      (100, 1024, 1024), (33, 1024, 64)])  # one chunk: its row blocks split
 def test_threads_split_the_work_without_changing_a_bit(m, k, n):
     x_q, packed, col_scale, bias = _operands(m, k, n)
-    x = (x_q.float() / 64).bfloat16()
-    scale = col_scale[:, None] * 100
     previous = torch.get_num_threads()
     try:
         runs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            runs.append((amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16),
-                         amx.w4a16_linear(x, packed, scale, bias)))
+            runs.append(amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16))
     finally:
         torch.set_num_threads(previous)
-    for a8, a16 in runs[1:]:
-        assert torch.equal(a8, runs[0][0]) and torch.equal(a16, runs[0][1])
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
 
 
 @needs_amx
@@ -155,15 +165,24 @@ def test_quantizer_equals_the_torch_one(dtype, shape):
     (ctx(native=False), "dequant"),
     (ctx(cpu_class="avx2"), "dequant_fp32"),
     (ctx(n=48), "dequant"),
+    # AVX512-BF16 without AMX (AMD Zen 4): mgtq's vdpbf16ps kernel, for every row count, eager and compiled
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True), "avx512"),
+    (ctx(cpu_class="amx-bf16", avx512_bf16=True), "avx512"),
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, m=2), "avx512"),
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, compiling=True), "avx512"),
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, n=96), "dequant"),  # N % 64 != 0: its register block
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, dtype=torch.float32), "dequant"),
+    (ctx(cpu_class="avx512-vnni"), "dequant"),  # AVX512-VNNI without AVX512-BF16 (Cascade / Ice Lake)
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, native=False), "dequant"),
+    (ctx(cpu_class="avx2", avx512_bf16=True), "dequant_fp32"),
 ])
 def test_w4a16_choice(context, expected):
     assert choose_kernel("w4a16", context) == expected
 
 
-@needs_amx
-@pytest.mark.parametrize("m, k, n, group", [(1, 128, 32, None), (37, 256, 96, 64), (70, 1024, 544, None),
-                                            (33, 4096, 64, 128)])
-def test_w4a16_sums_the_dequantized_weights(m, k, n, group):
+@pytest.mark.parametrize("m, k, n, group", [(1, 128, 64, None), (37, 256, 192, 64), (70, 1024, 576, None),
+                                            (33, 4096, 64, 128), (100, 1024, 2048, None)])  # two column chunks
+def test_w4a16_sums_the_dequantized_weights(m, k, n, group, w4a16):
     torch.manual_seed(0)
     float_layer = torch.nn.Linear(k, n)
     layer = W4Linear.from_float(float_layer, group_size=group) if group else W4Linear.from_float(float_layer)
@@ -171,33 +190,70 @@ def test_w4a16_sums_the_dequantized_weights(m, k, n, group):
     x = torch.randn(m, k, dtype=torch.bfloat16)
     weight = dequantize_int4_weight(layer.weight_packed, layer.weight_scale, torch.bfloat16)
     exact = x.double() @ weight.double().t() + layer.bias.double()
-    got = amx.w4a16_linear(x, layer.weight_packed, layer.weight_scale, layer.bias)
+    got = W4A16_VERSIONS[w4a16][0](x, layer.weight_packed, layer.weight_scale, layer.bias)
     # fp32 sums of the same bf16 products, rounded once to bf16: within one bf16 rounding of the exact result
     torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-3)
-    assert choose_kernel("w4a16", kernels.context_for(x, k, n, group or k)) == "amx"
+    assert choose_kernel("w4a16", kernels.context_for(x, k, n, group or k)) == w4a16
     with torch.inference_mode():
         assert torch.equal(layer(x), got)
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), got)
 
 
+@pytest.mark.parametrize("m, k, n", [(40, 4096, 1024), (100, 1024, 1024), (33, 1024, 64)])
+def test_w4a16_threads_split_the_work_without_changing_a_bit(m, k, n, w4a16):
+    x_q, packed, col_scale, bias = _operands(m, k, n)
+    x, scale = (x_q.float() / 64).bfloat16(), col_scale[:, None] * 100
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(W4A16_VERSIONS[w4a16][0](x, packed, scale, bias))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+def test_w4a16_avx512_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(amx, "_has_avx512_bf16", lambda: False)
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    packed, scale = torch.zeros(64, 64, dtype=torch.uint8), torch.ones(64, 1)
+    with pytest.raises(RuntimeError, match="AVX512-BF16 kernel is not available"):
+        amx.w4a16_avx512_linear(x, packed, scale, None)
+
+
+@pytest.mark.skipif(not amx.avx512_bf16_available(), reason="needs an AVX512-BF16 CPU and a C++ compiler")
+def test_w4a16_avx512_refuses_bad_operands():
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="N % 64"):
+        amx.w4a16_avx512_linear(x, torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 1), None)
+    with pytest.raises(ValueError, match="bf16 x"):
+        amx.w4a16_avx512_linear(x.float(), torch.zeros(64, 64, dtype=torch.uint8), torch.ones(64, 1), None)
+
+
+def _gelu_exact(y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+
+
 @needs_amx
-@pytest.mark.parametrize("scheme", ["w4a8", "w4a16"])
-def test_gelu_in_the_epilogue(scheme):
+def test_gelu_in_the_epilogue():
     # The fp32 result's tanh-GELU before the one rounding: within one bf16 step of the exact GELU of the
     # unfused result (torch's own 0.5 y (1 + tanh u) loses digits to cancellation for negative y).
     x_q, packed, col_scale, bias = _operands(300, 1024, 512)
-    if scheme == "w4a8":
-        plain = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.float32)
-        fused = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16, "gelu_tanh")
-    else:
-        x = (x_q.float() / 64).bfloat16()
-        scale = col_scale[:, None] * 100
-        plain = amx.w4a16_linear(x, packed, scale, bias).float()  # no fp32 output here: rounded to bf16 once
-        fused = amx.w4a16_linear(x, packed, scale, bias, "gelu_tanh")
-    y = plain.double()
-    exact = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
-    # W4A16: the reference's pre-activation carries one bf16 rounding of its own
-    rtol, atol = (2 ** -8, 1e-6) if scheme == "w4a8" else (2 ** -7, 2e-3)
-    torch.testing.assert_close(fused.double(), exact, rtol=rtol, atol=atol)
+    plain = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.float32)
+    fused = amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16, "gelu_tanh")
+    torch.testing.assert_close(fused.double(), _gelu_exact(plain.double()), rtol=2 ** -8, atol=1e-6)
     with pytest.raises(ValueError, match="gelu_tanh"):
         amx.w4a8_linear(x_q, packed, col_scale, bias, torch.bfloat16, "relu")
+
+
+def test_w4a16_gelu_in_the_epilogue(w4a16):
+    x_q, packed, col_scale, bias = _operands(300, 1024, 512)
+    x, scale = (x_q.float() / 64).bfloat16(), col_scale[:, None] * 100
+    fn = W4A16_VERSIONS[w4a16][0]
+    plain = fn(x, packed, scale, bias).float()  # no fp32 output here: rounded to bf16 once
+    fused = fn(x, packed, scale, bias, "gelu_tanh")
+    # the reference's pre-activation carries one bf16 rounding of its own
+    torch.testing.assert_close(fused.double(), _gelu_exact(plain.double()), rtol=2 ** -7, atol=2e-3)
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        fn(x, packed, scale, bias, "relu")

@@ -21,7 +21,7 @@ def tiles(request):
     """Which version of the kernel: AMX tiles, or AVX512-BF16 (skipped where this CPU cannot run it)."""
     if request.param and not amx.available():
         pytest.skip("needs an AMX-int8 CPU and a C++ compiler")
-    if not request.param and not amx.attention_avx512_available():
+    if not request.param and not amx.avx512_bf16_available():
         pytest.skip("needs an AVX512-BF16 CPU and a C++ compiler")
     return request.param
 
