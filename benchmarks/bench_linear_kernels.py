@@ -14,7 +14,8 @@ x86: the baseline of every ratio) and through ``F.linear``; ``W4Linear`` and
 ``W4A8Linear`` as dispatched by :mod:`mgtq.quantization.kernels` ("W4A16", "W4A8"),
 and every candidate CPU kernel of that dispatch forced on each shape (the evidence
 for its choice table): W4A16 dequantize + bf16 GEMM, ``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed); W4A8
+``_weight_int4pack_mm_for_cpu`` (its layout prepared beforehand, untimed), mgtq's own W4A16 kernels
+(``A16 amx`` on AMX-int8 CPUs, ``A16 avx512`` on AVX512-BF16 CPUs, with a C++ compiler); W4A8
 ``_int_mm`` chunked by 256 columns, one ``_int_mm`` for the whole layer, the exact
 ``_weight_int8pack_mm`` path, mgtq's own AMX kernel (``A8 amx``: AMX-int8 CPUs with a
 C++ compiler, :mod:`mgtq.native.amx`), its AVX512-VNNI kernel (``A8 vnni``: VNNI CPUs with a C++
@@ -83,7 +84,8 @@ def block_shapes(batch: int, tokens: int) -> list[LayerShape]:
     ]
 
 
-VARIANTS = ("fp32", "bf16", "bf16 F.linear", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "W4A8",
+VARIANTS = ("fp32", "bf16", "bf16 F.linear", "W4A16", "A16 dequant", "A16 int8pack", "A16 int4pack_cpu", "A16 amx",
+            "A16 avx512", "W4A8",
             "A8 int_mm chunked", "A8 int_mm one call", "A8 int8pack exact", "A8 amx", "A8 vnni", "W4A8+onednn")
 
 
@@ -185,7 +187,9 @@ def main() -> None:
     if wanted - set(VARIANTS):
         raise SystemExit(f"unknown --variants {sorted(wanted - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
     if not amx.available():
-        wanted.discard("A8 amx")
+        wanted -= {"A8 amx", "A16 amx"}
+    if not amx.avx512_bf16_available():
+        wanted.discard("A16 avx512")
     if not amx.vnni_available():
         wanted.discard("A8 vnni")
     variants = [v for v in VARIANTS if v in wanted]
