@@ -11,10 +11,10 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 |--------|--------|------------------------------------------------|------------------|
 | cpu    | W4A16  | amx-int8, mgtq's AMX kernel built, bf16,       | amx              |
 |        |        | K % 128 == 0, N % 32 == 0, group % 16 == 0     |                  |
+| cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | avx512-vnni / amx-bf16 with AVX512-BF16,       | avx512           |
 |        |        | mgtq's kernels built, bf16, K % 128 == 0,      |                  |
 |        |        | N % 64 == 0, group % 16 == 0                   |                  |
-| cpu    | W4A16  | M <= 16, per-channel, K % 32 == 0              | int8pack         |
 | cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
@@ -112,6 +112,10 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
   bf16 GEMM took 1.1-1.3x (at 98 rows, a local step of context reuse, about half
   the time of dequantize + GEMM). The oneDNN cache keeps its row: a user who made
   it chose it.
+* AVX512-BF16 CPUs without AMX (AMD Zen 4): mgtq's ``avx512`` W4A16 takes 0.96x the bf16
+  linear's time at those shapes where dequantize + oneDNN's GEMM took 1.05x
+  (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``); at 2 rows
+  (adaLN) ``int8pack`` took 0.6x its time, so few per-channel rows keep ``int8pack``.
 * Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
   it as int8 beats materialising a float weight; for W4A8 on CPU one
   ``_int_mm`` on the whole layer (chunking only pays for large accumulators).
@@ -249,14 +253,14 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native
                 and amx.supports_w4a16(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
             return "amx"
-        if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native and ctx.avx512_bf16
-                and amx.supports_w4a16_avx512(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
-            return "avx512"
         if (ctx.device == "cuda" and ctx.tinygemm and ctx.dtype == torch.bfloat16
                 and ctx.capability is not None and ctx.capability >= (8, 0)):
             return "tinygemm"
         if small and per_channel and (ctx.device == "cuda" or ctx.k % 32 == 0):
             return "int8pack"
+        if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native and ctx.avx512_bf16
+                and amx.supports_w4a16_avx512(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
+            return "avx512"  # after int8pack: its dequantized chunks cost more than int8pack's GEMV at few rows
         if ctx.device == "cpu" and ctx.cpu_class == "avx2" and ctx.dtype in (torch.bfloat16, torch.float16):
             return "dequant_fp32"  # no bf16/fp16 dot products: oneDNN's half-precision GEMM is emulated
         return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"

@@ -165,10 +165,11 @@ def test_quantizer_equals_the_torch_one(dtype, shape):
     (ctx(native=False), "dequant"),
     (ctx(cpu_class="avx2"), "dequant_fp32"),
     (ctx(n=48), "dequant"),
-    # AVX512-BF16 without AMX (AMD Zen 4): mgtq's vdpbf16ps kernel, for every row count, eager and compiled
+    # AVX512-BF16 without AMX (AMD Zen 4): mgtq's vdpbf16ps kernel, eager and compiled
     (ctx(cpu_class="avx512-vnni", avx512_bf16=True), "avx512"),
     (ctx(cpu_class="amx-bf16", avx512_bf16=True), "avx512"),
-    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, m=2), "avx512"),
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, m=2), "int8pack"),  # few rows: int8pack's GEMV was faster
+    (ctx(cpu_class="avx512-vnni", avx512_bf16=True, m=2, group_size=128), "avx512"),
     (ctx(cpu_class="avx512-vnni", avx512_bf16=True, compiling=True), "avx512"),
     (ctx(cpu_class="avx512-vnni", avx512_bf16=True, n=96), "dequant"),  # N % 64 != 0: its register block
     (ctx(cpu_class="avx512-vnni", avx512_bf16=True, dtype=torch.float32), "dequant"),
@@ -180,7 +181,7 @@ def test_w4a16_choice(context, expected):
     assert choose_kernel("w4a16", context) == expected
 
 
-@pytest.mark.parametrize("m, k, n, group", [(1, 128, 64, None), (37, 256, 192, 64), (70, 1024, 576, None),
+@pytest.mark.parametrize("m, k, n, group", [(1, 128, 64, 64), (37, 256, 192, 64), (70, 1024, 576, None),
                                             (33, 4096, 64, 128), (100, 1024, 2048, None)])  # two column chunks
 def test_w4a16_sums_the_dequantized_weights(m, k, n, group, w4a16):
     torch.manual_seed(0)
