@@ -125,6 +125,13 @@ def _native_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
+def _bf16_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether mgtq's AVX512-BF16 kernels (the one-pass norms; no AMX tiles) may take a call: :func:`_native_inference`
+    on a CPU with AVX512-BF16 and the kernels built, whose class is not forced to ``avx2`` (which turns off every mgtq
+    kernel)."""
+    return _native_inference(x, *others) and cpu_class() != "avx2" and amx.avx512_bf16_available()
+
+
 def _amx_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether mgtq's AMX kernels may take a call on `x` and `others`: :func:`_native_inference` on an AMX-int8
     class CPU (``MGTQ_CPU_CLASS`` set to another class turns them off) with the kernels built. What shapes and
@@ -174,8 +181,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
 
 
 def native_qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
-    return _amx_inference(x, weight) and amx.supports_qknorm_rope(x, weight, cos, sin)
+    """Whether :func:`qk_norm_rope` runs mgtq's one-pass kernel here (bf16 inference on a CPU with AVX512-BF16)."""
+    return _bf16_inference(x, weight) and amx.supports_qknorm_rope(x, weight, cos, sin)
 
 
 @torch.library.custom_op("mgtq::qknorm_rope_amx", mutates_args=())
@@ -196,7 +203,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     """``apply_rope(rms_norm(x) * weight, cos, sin)`` for inference: x ``(B, H, N, D)``, tables ``(N, D)`` or
     ``(B, N, D)`` (rope_tables' interleaved pairs).
 
-    On an AMX-int8 class CPU in bf16, mgtq's one-pass kernel (:func:`mgtq.native.amx.qknorm_rope`); elsewhere a
+    On a CPU with AVX512-BF16 in bf16, mgtq's one-pass kernel (:func:`mgtq.native.amx.qknorm_rope`); elsewhere a
     chain of in-place fp32 passes over one buffer (upcast, mean square, scale by the row's rsqrt and by the
     weight, one complex product per pair, cast back). Both round once, after the rotation.
     """
@@ -212,8 +219,8 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
 
 
 def native_rms_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether :func:`rms_norm` runs mgtq's one-pass kernel here (bf16 inference on an AMX-int8 class CPU)."""
-    return weight is not None and _amx_inference(x, weight) and amx.supports_rms_norm(x, weight)
+    """Whether :func:`rms_norm` runs mgtq's one-pass kernel here (bf16 inference on a CPU with AVX512-BF16)."""
+    return weight is not None and _bf16_inference(x, weight) and amx.supports_rms_norm(x, weight)
 
 
 @torch.library.custom_op("mgtq::rms_norm_amx", mutates_args=())

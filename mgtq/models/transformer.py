@@ -84,7 +84,7 @@ class QKNorm(RMSNorm):
     """Attention's RMS QK-norm (diffusers' RMSNorm: same `weight` key), optionally followed by RoPE.
 
     ``forward(x, rope)`` is ``apply_rope(RMSNorm(x), *rope)``. In eager inference both run as
-    :func:`mgtq.fused.qk_norm_rope`: one pass per row on AMX-class CPUs in bf16, else five in-place fp32
+    :func:`mgtq.fused.qk_norm_rope`: one pass per row on AVX512-BF16 CPUs in bf16, else five in-place fp32
     passes where the two functions make eleven; the normed values are not rounded to the model dtype
     before the rotation (one rounding instead of two: within one ulp of the composed functions).
     With autograd, and compiled where mgtq's kernel does not run, it is the composition itself (Inductor

@@ -1002,6 +1002,13 @@ def _checked_library(amx_tiles: bool = True) -> ctypes.CDLL:
     return lib
 
 
+def _bf16_library() -> ctypes.CDLL:
+    """The library where its AVX512-BF16 kernels may run (no AMX tiles needed), else a clear error."""
+    if not avx512_bf16_available():
+        raise RuntimeError("mgtq's AVX512-BF16 kernels are not available on this machine (see mgtq.native.amx)")
+    return _library()
+
+
 def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 / fp32 ``x (..., K)`` -> int8 ``(M, K)`` in one pass, as
     :func:`mgtq.quantization.qtensor.quantize_int8_per_tensor`
@@ -1086,12 +1093,7 @@ def w4a16_avx512_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 def _w4a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            activation: str | None, tiles: bool) -> torch.Tensor:
     """Both W4A16 GEMMs' checks and call: on AMX tiles (``tiles``) or on AVX512-BF16."""
-    if tiles:
-        lib = _checked_library()
-    elif not avx512_bf16_available():
-        raise RuntimeError("mgtq's AVX512-BF16 kernel is not available on this machine (see mgtq.native.amx)")
-    else:
-        lib = _library()
+    lib = _checked_library() if tiles else _bf16_library()
     m, k = x.shape
     n, groups = packed.shape[0], scale.shape[1]
     if x.dtype != torch.bfloat16 or packed.dtype != torch.uint8 or packed.shape[1] * 2 != k:
@@ -1143,9 +1145,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     differ from SDPA's by the order of fp32 sums and the exp approximation, within bf16 rounding. Needs
     :func:`available` (``tiles=False``: :func:`avx512_bf16_available`) and :func:`supports_attention`.
     """
-    lib = _checked_library(amx_tiles=tiles)
-    if not tiles and not avx512_bf16_available():
-        raise RuntimeError("mgtq's AVX512-BF16 attention needs a CPU with AVX512-BF16 (see mgtq.native.amx)")
+    lib = _checked_library() if tiles else _bf16_library()
     if not supports_attention(q, k, v, key_bias):
         raise ValueError(f"the AMX attention takes bf16 (B, H, S, D) q/k/v with D % 32 == 0, at most {MAX_KEYS} keys "
                          f"and a (B, 1, 1, Sk) key bias, got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
@@ -1183,9 +1183,9 @@ def qknorm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Te
                 sin: torch.Tensor) -> torch.Tensor:
     """RoPE(RMSNorm(x) * weight) in one pass per row, as QKNorm's eager torch chain (fp32 inside, one rounding
     to bf16; only the sum of squares adds in another order). ``cos``/``sin``: rope_tables' interleaved
-    tables, shared ``(N, D)`` or per sample ``(B, N, D)``. The output has x's strides. Needs :func:`available`
-    and :func:`supports_qknorm_rope`."""
-    lib = _checked_library()
+    tables, shared ``(N, D)`` or per sample ``(B, N, D)``. The output has x's strides. Needs
+    :func:`avx512_bf16_available` (no AMX tiles) and :func:`supports_qknorm_rope`."""
+    lib = _bf16_library()
     if not supports_qknorm_rope(x, weight, cos, sin):
         raise ValueError(f"the fused QK-norm takes bf16 x (B, H, N, D) with D % 16 == 0 and fp32 (N, D) or (B, N, D) "
                          f"tables, got x {tuple(x.shape)} {x.dtype}, cos {tuple(cos.shape)} {cos.dtype}")
@@ -1209,8 +1209,8 @@ def supports_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """diffusers' RMSNorm of bf16 ``x`` with a bf16 weight in one pass per row: ``bf16(bf16(x * r) * weight)``,
     ``r = rsqrt(mean(x²) + eps)`` in fp32, its two roundings; only the sum of squares adds in another order.
-    Needs :func:`available` and :func:`supports_rms_norm`."""
-    lib = _checked_library()
+    Needs :func:`avx512_bf16_available` (no AMX tiles) and :func:`supports_rms_norm`."""
+    lib = _bf16_library()
     if not supports_rms_norm(x, weight):
         raise ValueError(f"the fused RMSNorm takes contiguous bf16 x (..., D) with D % 16 == 0 and a bf16 (D,) "
                          f"weight, got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")

@@ -219,7 +219,7 @@ def test_w4a16_avx512_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(amx, "_has_avx512_bf16", lambda: False)
     x = torch.zeros(4, 128, dtype=torch.bfloat16)
     packed, scale = torch.zeros(64, 64, dtype=torch.uint8), torch.ones(64, 1)
-    with pytest.raises(RuntimeError, match="AVX512-BF16 kernel is not available"):
+    with pytest.raises(RuntimeError, match="AVX512-BF16 kernels are not available"):
         amx.w4a16_avx512_linear(x, packed, scale, None)
 
 

@@ -1,5 +1,5 @@
 """mgtq's one-pass QK-norm + RoPE (mgtq.native.amx.qknorm_rope) against QKNorm's torch chain, and its dispatch
-(mgtq.fused.qk_norm_rope). Numerics need an AMX-int8 CPU with a C++ compiler and are skipped elsewhere."""
+(mgtq.fused.qk_norm_rope). Numerics need an AVX512-BF16 CPU (AMX ones and AMD Zen 4 have it) with a C++ compiler and are skipped elsewhere."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from mgtq import fused
 from mgtq.models.transformer import QKNorm, apply_rope, rope_tables
 from mgtq.native import amx
 
-needs_amx = pytest.mark.skipif(not amx.available(), reason="needs an AMX-int8 CPU and a C++ compiler")
+needs_bf16 = pytest.mark.skipif(not amx.avx512_bf16_available(), reason="needs an AVX512-BF16 CPU and a C++ compiler")
 EPS = 1e-6
 
 
@@ -37,7 +37,7 @@ def _ulps_apart(a, b):  # bf16 steps between a and b, elementwise
     return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("b, n, h, d", [(2, 300, 8, 128), (1, 5, 2, 32), (3, 77, 4, 64)])
 def test_within_one_ulp_of_the_torch_chain(b, n, h, d, monkeypatch):
     x, weight, cos, sin = _inputs(b, n, h, d)
@@ -48,7 +48,7 @@ def test_within_one_ulp_of_the_torch_chain(b, n, h, d, monkeypatch):
     assert apart.max() <= 1 and (apart > 0).float().mean() < 1e-3  # only the sum of squares adds in another order
 
 
-@needs_amx
+@needs_bf16
 def test_per_sample_tables(monkeypatch):
     x, weight, cos, sin = _inputs(b=2, n=40, h=2, d=64)
     cos3, sin3 = cos.expand(2, 40, 64).clone(), sin.expand(2, 40, 64).clone()
@@ -57,7 +57,7 @@ def test_per_sample_tables(monkeypatch):
     assert apart.max() <= 1
 
 
-@needs_amx
+@needs_bf16
 def test_module_path_matches_the_composed_functions():
     x, weight, cos, sin = _inputs(b=1, n=64, h=2, d=128)
     norm = QKNorm(128, eps=EPS).to(torch.bfloat16)
@@ -78,7 +78,7 @@ def test_supported_inputs():
     assert not amx.supports_qknorm_rope(x24, w24, c24, s24)  # D % 16
 
 
-@needs_amx
+@needs_bf16
 def test_compiled_module_runs_the_kernel():
     x, weight, cos, sin = _inputs(b=2, n=40, h=2, d=64)
     norm = QKNorm(64, eps=EPS).to(torch.bfloat16).requires_grad_(False)
