@@ -6,8 +6,10 @@ which input ids are [MASK] (B, H, W), and the `TokenPlan` it gets lives only for
 model asks the plan at three points:
 
     enter(x, context, rope)      after the embeddings: the image tokens (B, N, D) → the ones the
-                                 blocks compute (B, M, D), the text tokens (or None when their
-                                 keys/values come from elsewhere) and the RoPE rows of [text; image]
+                                 blocks compute (B, M, D) (a plan whose `tokens` names them gets
+                                 them already selected: the model embeds only those), the text
+                                 tokens (or None when their keys/values come from elsewhere) and
+                                 the RoPE rows of [text; image]
     plan(kind, index, x)         per block, with its image-token input: a (attention, mlp) pair of
                                  `BlockTokens` (or None), which reduce the image tokens and their
                                  RoPE rows before the sub-layer, add a key bias, extend the keys and
@@ -20,8 +22,8 @@ How the two techniques use it:
   tokens, `rope` gives a merged token the mean of its members' tables, `key_bias` is proportional
   attention (log member count) and `restore` copies each merged output back to its members.
 - Context reuse (mgtq.reuse): a full step's plan changes no token and its `keys_values` records every
-  block's keys/values; a local step's `enter` keeps only the active image tokens (their RoPE rows,
-  no text), each block's `keys_values` puts their fresh keys/values into the recorded ones (the
+  block's keys/values; a local step's plan names the active image tokens (`tokens`: only they are
+  embedded) and its `enter` keeps their RoPE rows and no text, each block's `keys_values` puts their fresh keys/values into the recorded ones (the
   context: text and every other image token), and `leave` places the active tokens' logits in the grid
   (0 elsewhere: the sampler reads only the tokens it computed). Every layer but attention is per
   token, so nothing else needs the inactive tokens. With K/V refresh (MARché), one block's
@@ -69,9 +71,15 @@ class BlockTokens:
 
 
 class TokenPlan:
-    """One forward's token plan (see the module docstring); the defaults change nothing."""
+    """One forward's token plan (see the module docstring); the defaults change nothing.
+
+    tokens: None, or the indices (B, M) of the image tokens the blocks compute, known before the embeddings
+    (a plan that `computes_subset` of fixed tokens): the model then embeds only those (every layer before the
+    blocks is per token) and `enter` gets them already selected.
+    """
 
     computes_subset = False
+    tokens: torch.Tensor | None = None
 
     def enter(self, x: torch.Tensor, context: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor | None, Rope]:
         return x, context, rope

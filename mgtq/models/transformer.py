@@ -464,11 +464,19 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         pooled = torch.cat([pooled_projections, micro.to(pooled_projections.dtype)], dim=1).to(dtype)
         pooled = self.cond_embed(pooled).to(encoder_hidden_states.dtype)
 
-        x = self.embed(hidden_states)  # (B, D, H, W)
+        # A technique needs the grid (2×2 cells) and which ids are [MASK]; its plan dies with this call.
+        f = self.grid_factor
+        h, w = -(-height // f), -(-width // f)  # the down conv's grid (odd sides: diffusers' pad row/column)
+        masked = hidden_states == self.mask_token_id  # (B, H, W)
+        plan = token_hook.bind((h, w), masked) if token_hook is not None else TokenPlan()
+
         context = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states.to(dtype)))
-        x = self.down_block(x)
-        _, channels, h, w = x.shape
-        x = x.permute(0, 2, 3, 1).reshape(batch, h * w, channels)
+        if plan.tokens is None:
+            x = self.down_block(self.embed(hidden_states))  # (B, D, h, w)
+        else:
+            x = self.down_block(self.embed(_cells_row(hidden_states, plan.tokens, f)))  # (B, D, 1, M)
+        channels = x.shape[1]
+        x = x.permute(0, 2, 3, 1).reshape(batch, -1, channels)
         x = self.project_to_hidden(self.project_to_hidden_norm(x))
 
         timestep = torch.as_tensor(timestep, device=device)
@@ -492,9 +500,6 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
                     f"for {context.shape[1]} text tokens; build them with image_ids()/text_ids() or omit them"
                 )
             rope = rope_tables(torch.cat([txt_ids, img_ids], dim=0), axes)
-        # A technique needs the grid (2×2 cells) and which ids are [MASK]; its plan dies with this call.
-        masked = hidden_states == self.mask_token_id  # (B, H, W)
-        plan = token_hook.bind((h, w), masked) if token_hook is not None else TokenPlan()
         x, context, rope = plan.enter(x, context, rope)
 
         for index, block in enumerate(self.transformer_blocks):
@@ -570,6 +575,18 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
 # module and key names (UVit2DConvEmbed, ConvMlmLayer, Downsample2D, Upsample2D), the same arithmetic.
 # Every tensor between them is stored channels last (each token's channels one dense row), so the 1×1 and
 # 2×2 convolutions run as linears (mgtq.models.layers) and the RMSNorms in one pass per row.
+def _cells_row(ids: torch.Tensor, tokens: torch.Tensor, f: int) -> torch.Tensor:
+    """Token ids (B, H, W) → the f×f cells of transformer tokens `tokens` (B, M) side by side, (B, f, M·f):
+    token t's cell is columns f·t … f·t + f − 1. Every layer before the blocks is per transformer token (the
+    embedding, its RMSNorm and 1×1 conv per id, the 2×2 stride-2 conv per cell, the projection per token),
+    so embedding this row gives exactly those tokens' inputs (B, D, 1, M), without the rest of the grid."""
+    batch, height, width = ids.shape
+    h, w = height // f, width // f
+    cells = ids.reshape(batch, h, f, w, f).transpose(2, 3).reshape(batch, h * w, f, f)
+    cells = cells.gather(1, tokens.to(ids.device)[..., None, None].expand(-1, -1, f, f))  # (B, M, f, f)
+    return cells.transpose(1, 2).reshape(batch, f, -1)
+
+
 class _ConvEmbed(nn.Module):
     """Token ids (B, h, w) → embedding → RMSNorm → 1×1 conv → (B, D, h, w), stored channels last."""
 

@@ -261,13 +261,13 @@ class _Local(TokenPlan):
     def __init__(self, cache: ContextCache, index: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int],
                  queries: torch.Tensor | None = None):
         self.cache, self.index, self.valid, self.grid, self.queries = cache, index, valid, grid, queries
+        self.tokens = index  # the model embeds only these (B, M)
         self.rows = cache.n_text + index  # (B, M): the computed tokens' rows of the [text; image] sequence
         self.scored = None if queries is None else cache.scored_block
 
     def enter(self, x, context, rope: Rope):
-        index, rows = self.index.to(x.device), self.rows.to(x.device)
-        x = x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))  # (B, M, D)
-        return x, None, (rope[0][rows], rope[1][rows])  # (L + N, Dh) tables → (B, M, Dh) rows
+        rows = self.rows.to(x.device)
+        return x, None, (rope[0][rows], rope[1][rows])  # x: the tokens' (B, M, D); (L + N, Dh) tables → (B, M, Dh)
 
     def plan(self, kind, index, x):
         if (kind, index) == self.scored:

@@ -99,6 +99,27 @@ def test_local_step_computes_only_the_active_tokens_and_no_text(model, monkeypat
     assert seen == [(m, True)] * 4  # two joint and two single blocks: M queries each, no text stream
 
 
+def test_local_step_embeds_only_the_active_tokens_cells(model):
+    # Every layer before the blocks is per transformer token, so a local step embeds the f×f ids of its tokens
+    # only (and the 2×2 down conv sees their cells side by side), not the whole grid.
+    seen = []
+    handle = model.embed.embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    inputs = _inputs(model, 2)
+    active = torch.zeros(2, 16, 16, dtype=torch.bool)
+    active[0, :2, :4] = True
+    active[1, 4:6, 2:4] = True
+    cache = ContextCache()
+    try:
+        with torch.no_grad():
+            model(**inputs, token_hook=cache.full_step())
+            model(**inputs, token_hook=cache.local_step(active))
+    finally:
+        handle.remove()
+    f = model.grid_factor
+    m = int(active_tokens(active, _grid(model)).sum(1).max())  # each sample padded to the larger count
+    assert seen == [2 * 16 * 16, 2 * m * f * f]
+
+
 def test_active_tokens_maps_each_2x2_cell_to_its_transformer_token():
     active = torch.zeros(1, 4, 6, dtype=torch.bool)
     active[0, 0, 1] = True  # cell (0, 0)
