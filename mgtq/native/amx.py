@@ -163,27 +163,54 @@ VTGT static inline __m512 gelu_tanh(__m512 y) {
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
+// 16 x 16 dwords in registers: r[i] holds row i on entry and column i on return (dword j of the result = dword i
+// of row j). Three rounds of in-lane unpacks and 128-bit lane shuffles, no memory round trip.
+VTGT static inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // b[4g + k], lane L: rows 4g .. 4g+3 of column 4L + k
+    b[4 * g] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k: lane L of b[k], b[4 + k], b[8 + k], b[12 + k]
+    const __m512i d0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44), d1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
+    const __m512i d2 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44);
+    const __m512i d3 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_i32x4(d0, d2, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(d0, d2, 0xDD);
+    r[8 + k] = _mm512_shuffle_i32x4(d1, d3, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(d1, d3, 0xDD);
+  }
+}
+
+// One 64-input block of 16 columns as 16 rows of 16q (row r: inputs 4r .. 4r+3 of each column): the low nibbles
+// (high = 0) of packed bytes j0 .. j0+63 give inputs j0 .. j0+63, the high nibbles inputs j0+K/2 .. (high = 1).
+VTGT static inline void unpack_block(const uint8_t* packed, int64_t half, int64_t n, int64_t j0, int high,
+                                     __m512i rows[16]) {
+  const __m512i top = _mm512_set1_epi8((char)0xF0);
+  for (int c = 0; c < 16; ++c) {
+    const __m512i p = _mm512_loadu_si512(packed + (n + c) * half + j0);
+    rows[c] = _mm512_and_si512(high ? p : _mm512_slli_epi16(p, 4), top);  // 16 * the nibble
+  }
+  transpose16(rows);
+}
+
 // Columns [n0, n0 + nb) of the split-halves int4 weight -> B tiles of 16q, [nb/16][K/64][16 rows][64 bytes]:
 // tile row r holds, for each of the 16 columns, its inputs 4r .. 4r+3 of that 64-input block.
-// One 64-byte load of a packed row gives inputs j0 .. j0+63 (low nibbles) and j0+K/2 .. (high nibbles).
 VTGT static void unpack_b(const uint8_t* packed, int64_t K, int64_t n0, int64_t nb, int8_t* buf) {
   const int64_t half = K / 2, kblocks = K / 64;
-  alignas(64) int32_t lo[256], hi[256];
-  const __m512i top = _mm512_set1_epi8((char)0xF0);
-  const __m512i rows = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
   for (int64_t t = 0; t < nb / 16; ++t) {
     for (int64_t j0 = 0; j0 < half; j0 += 64) {
-      for (int c = 0; c < 16; ++c) {
-        const __m512i p = _mm512_loadu_si512(packed + (n0 + t * 16 + c) * half + j0);
-        _mm512_store_si512(lo + c * 16, _mm512_and_si512(_mm512_slli_epi16(p, 4), top));  // 16 * low nibble
-        _mm512_store_si512(hi + c * 16, _mm512_and_si512(p, top));                        // 16 * high nibble
-      }
-      int8_t* tlo = buf + (t * kblocks + j0 / 64) * 1024;
-      int8_t* thi = buf + (t * kblocks + (j0 + half) / 64) * 1024;
-      for (int r = 0; r < 16; ++r) {  // transpose 16 x 16 groups of 4 bytes
-        const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(r));
-        _mm512_store_si512(tlo + r * 64, _mm512_i32gather_epi32(idx, lo, 4));
-        _mm512_store_si512(thi + r * 64, _mm512_i32gather_epi32(idx, hi, 4));
+      for (int high = 0; high < 2; ++high) {
+        __m512i rows[16];
+        unpack_block(packed, half, n0 + t * 16, j0, high, rows);
+        int8_t* tile = buf + (t * kblocks + (j0 + high * half) / 64) * 1024;
+        for (int r = 0; r < 16; ++r) _mm512_store_si512(tile + r * 64, rows[r]);
       }
     }
   }
@@ -221,38 +248,39 @@ extern "C" VTGT void mgtq_quantize_int8(const void* x, int64_t x_bf16, float inv
 }
 // W4A16: columns [n0, n0 + nb) dequantized to bf16 B tiles, [nb/16][K/32][16 rows][32 bf16]: tile row r holds, for
 // each of the 16 columns, its inputs 2r, 2r+1 of that 32-input block. Each weight is (16q) * (scale / 16) in fp32,
-// rounded once to bf16: the bits mgtq's torch dequantizer gives.
+// rounded once to bf16: the bits mgtq's torch dequantizer gives. From unpack_block's rows (4 inputs of each column
+// per dword): the low words of the dwords are one pair row, the high words the next.
 TGT static void unpack_b_bf16(const uint8_t* packed, const float* scale16, int64_t groups, int64_t K, int64_t n0,
                               int64_t nb, uint16_t* buf) {
-  const int64_t half = K / 2, kblocks = K / 32, gsize = K / groups;
-  alignas(64) int32_t tmp[4][256];
-  const __m512i top = _mm512_set1_epi8((char)0xF0);
-  const __m512i rows = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+  const int64_t half = K / 2, gsize = K / groups;
+  const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i dup_hi = _mm512_add_epi32(dup_lo, _mm512_set1_epi32(8));
+  const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32((int)groups));
   for (int64_t t = 0; t < nb / 16; ++t) {
+    const float* s0 = scale16 + (n0 + t * 16) * groups;
+    uint16_t* tile = buf + t * 16 * K;  // pair q of this column tile: tile + 32 q
     for (int64_t j0 = 0; j0 < half; j0 += 64) {
-      for (int c = 0; c < 16; ++c) {
-        const int64_t n = n0 + t * 16 + c;
-        const __m512i p = _mm512_loadu_si512(packed + n * half + j0);
-        const __m512i q16[2] = {_mm512_and_si512(_mm512_slli_epi16(p, 4), top), _mm512_and_si512(p, top)};
-        for (int h = 0; h < 2; ++h) {
-          const int64_t kbase = j0 + h * half;
-          for (int q = 0; q < 4; ++q) {
-            const __m128i b = q == 0 ? _mm512_extracti32x4_epi32(q16[h], 0)
-                            : q == 1 ? _mm512_extracti32x4_epi32(q16[h], 1)
-                            : q == 2 ? _mm512_extracti32x4_epi32(q16[h], 2)
-                                     : _mm512_extracti32x4_epi32(q16[h], 3);
-            const float s = scale16[n * groups + (kbase + q * 16) / gsize];
-            const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(s));
-            _mm256_store_si256((__m256i*)(tmp[h * 2 + q / 2] + c * 16 + (q % 2) * 8), (__m256i)_mm512_cvtneps_pbh(w));
+      for (int high = 0; high < 2; ++high) {
+        __m512i rows[16];
+        unpack_block(packed, half, n0 + t * 16, j0, high, rows);
+        const int64_t kbase = j0 + high * half;
+        int64_t group = -1;
+        __m512 s_lo = _mm512_setzero_ps(), s_hi = s_lo;
+        for (int r = 0; r < 16; ++r) {
+          const int64_t k = kbase + 4 * r;
+          if (k / gsize != group) {  // each column's scale, twice (a pair of inputs per column)
+            group = k / gsize;
+            const __m512 s = _mm512_i32gather_ps(col, s0 + group, 4);
+            s_lo = _mm512_permutexvar_ps(dup_lo, s);
+            s_hi = _mm512_permutexvar_ps(dup_hi, s);
           }
-        }
-      }
-      for (int h = 0; h < 2; ++h) {
-        for (int sub = 0; sub < 2; ++sub) {
-          uint16_t* dst = buf + (t * kblocks + (j0 + h * half) / 32 + sub) * 512;
-          for (int r = 0; r < 16; ++r) {
-            const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(r));
-            _mm512_store_si512(dst + r * 32, _mm512_i32gather_epi32(idx, tmp[h * 2 + sub], 4));
+          for (int w = 0; w < 2; ++w) {  // inputs 4r, 4r+1 (low words), then 4r+2, 4r+3
+            const __m256i pairs = _mm512_cvtepi32_epi16(w ? _mm512_srli_epi32(rows[r], 16) : rows[r]);
+            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(pairs))), s_lo);
+            const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(pairs, 1))),
+                                            s_hi);
+            _mm512_store_si512(tile + (k / 2 + w) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
           }
         }
       }
