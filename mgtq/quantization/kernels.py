@@ -112,10 +112,10 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
   bf16 GEMM took 1.1-1.3x (at 98 rows, a local step of context reuse, about half
   the time of dequantize + GEMM). The oneDNN cache keeps its row: a user who made
   it chose it.
-* AVX512-BF16 CPUs without AMX (AMD Zen 4): mgtq's ``avx512`` W4A16 takes 0.96x the bf16
+* AVX512-BF16 CPUs without AMX (AMD Zen 4): mgtq's ``avx512`` W4A16 takes about 0.9x the bf16
   linear's time at those shapes where dequantize + oneDNN's GEMM took 1.05x
   (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``); at 2 rows
-  (adaLN) ``int8pack`` took 0.6x its time, so few per-channel rows keep ``int8pack``.
+  (adaLN) ``int8pack`` is at least as fast, so few per-channel rows keep ``int8pack``.
 * Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
   it as int8 beats materialising a float weight; for W4A8 on CPU one
   ``_int_mm`` on the whole layer (chunking only pays for large accumulators).
