@@ -1,13 +1,13 @@
 """Where a forward's time goes (`mgtq bench --profile`): torch.profiler self-time summed by operator category.
 
 Categories (by ATen / custom op name):
-    int8 GEMM        torch._int_mm, oneDNN int8 linear, mgtq's AMX W4A8, quanto/torchao int8 matmuls
+    int8 GEMM        torch._int_mm, oneDNN int8 linear, mgtq's W4A8 (AMX / VNNI), quanto/torchao int8 matmuls
     int8-weight GEMM float activations × int8 / int4 weights (_weight_int8pack_mm, int4 tinygemm,
-                     mgtq's AMX W4A16)
+                     mgtq's W4A16 (AMX / AVX512-BF16))
     float GEMM       mm / addmm / bmm / linear / matmul in float
     int4 unpack      bit shifts / masks that unpack packed int4 weights
     int8 quantize    round / clamp of activations to int8
-    attention        scaled-dot-product attention kernels (torch's SDPA, mgtq's AMX attention)
+    attention        scaled-dot-product attention kernels (torch's SDPA, mgtq's CPU attention)
     conv             convolutions (embedding, feature compression, logits head)
     copy/cast        copies and dtype conversions (quantize/dequantize traffic lands here)
     other            everything else (norms, RoPE (mgtq's one-pass QK-norm + RoPE op too), elementwise,
@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Callable
 
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm", "mgtq::w4a16_amx")),
-    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_amx",
-                   "mgtq::w4a8_vnni")),
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "mgtq::attention_amx")),
+    ("int8-weight GEMM", ("_weight_int8pack_mm", "_weight_int4pack_mm", "mgtq::w4a16_cpu")),
+    ("int8 GEMM", ("_int_mm", "qlinear", "int_mm", "int8_mm", "quantized::", "qgemm", "mgtq::w4a8_cpu")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "mgtq::attention_cpu")),
     ("conv", ("conv",)),
     ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                     "aten::_addmm_activation", "mkldnn_linear", "_linear_pointwise", "mgtq::onednn_linear")),

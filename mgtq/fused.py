@@ -18,7 +18,7 @@ CPUs with AMX it runs mgtq's own kernel (:func:`mgtq.native.amx.attention`; agai
 attention in ``benchmarks/results/attention_kernels_1thread.md``), on CPUs without AMX but with AVX512-BF16
 (``avx512-vnni`` class, e.g. AMD Zen 4) its AVX512-BF16 version
 (``benchmarks/results/attention_kernels_avx512-vnni_1thread.md``). :func:`qk_norm_rope` is attention's
-RMS QK-norm followed by RoPE, one pass per row there, and :func:`rms_norm_amx` the RMSNorm of the
+RMS QK-norm followed by RoPE, one pass per row there, and :func:`rms_norm_cpu` the RMSNorm of the
 token grids around the transformer (:class:`mgtq.models.layers.RMSNorm`).
 """
 
@@ -151,15 +151,15 @@ def _avx512_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bia
             and amx.avx512_bf16_available() and amx.supports_attention(q, k, v, key_bias))
 
 
-@torch.library.custom_op("mgtq::attention_amx", mutates_args=())
-def attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None,
+@torch.library.custom_op("mgtq::attention_cpu", mutates_args=())
+def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None,
                   tiles: bool = True) -> torch.Tensor:
     """:func:`mgtq.native.amx.attention` as one op (Inductor calls it as it is, as it calls SDPA's kernel);
     ``tiles=False``: its AVX512-BF16 version."""
     return amx.attention(q, k, v, key_bias, tiles)
 
 
-@attention_amx.register_fake
+@attention_cpu.register_fake
 def _(q, k, v, key_bias, tiles=True):
     b, h, sq, d = q.shape
     return q.new_empty((b, sq, h, d)).transpose(1, 2)
@@ -174,9 +174,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch
     (``.transpose(1, 2)`` of it is contiguous).
     """
     if _amx_attention(q, k, v, key_bias):
-        return attention_amx(q, k, v, key_bias)  # an op in eager too: profilers and dispatch modes see it
+        return attention_cpu(q, k, v, key_bias)  # an op in eager too: profilers and dispatch modes see it
     if _avx512_attention(q, k, v, key_bias):
-        return attention_amx(q, k, v, key_bias, False)
+        return attention_cpu(q, k, v, key_bias, False)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
 
 
@@ -185,15 +185,15 @@ def native_qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor
     return _bf16_inference(x, weight) and amx.supports_qknorm_rope(x, weight, cos, sin)
 
 
-@torch.library.custom_op("mgtq::qknorm_rope_amx", mutates_args=())
-def qk_norm_rope_amx(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+@torch.library.custom_op("mgtq::qknorm_rope_cpu", mutates_args=())
+def qk_norm_rope_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
     """:func:`mgtq.native.amx.qknorm_rope` as one op: under compile it sits between two opaque ops (the
     projection's GEMM and attention), so there is nothing for Inductor to fuse it with."""
     return amx.qknorm_rope(x, weight, eps, cos, sin)
 
 
-@qk_norm_rope_amx.register_fake
+@qk_norm_rope_cpu.register_fake
 def _(x, weight, eps, cos, sin):
     return torch.empty_like(x)
 
@@ -208,7 +208,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     weight, one complex product per pair, cast back). Both round once, after the rotation.
     """
     if native_qk_norm_rope(x, weight, cos, sin):
-        return qk_norm_rope_amx(x, weight, eps, cos, sin)  # an op in eager too, as attention_amx
+        return qk_norm_rope_cpu(x, weight, eps, cos, sin)  # an op in eager too, as attention_cpu
     if cos.dim() == 3:  # per-sample tables (B, N, D) broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     y = x.to(torch.float32, copy=True)  # the one fp32 buffer every pass below writes in place
@@ -223,12 +223,12 @@ def native_rms_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     return weight is not None and _bf16_inference(x, weight) and amx.supports_rms_norm(x, weight)
 
 
-@torch.library.custom_op("mgtq::rms_norm_amx", mutates_args=())
-def rms_norm_amx(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`mgtq.native.amx.rms_norm` as one op (profilers and dispatch modes see it, as attention_amx)."""
+@torch.library.custom_op("mgtq::rms_norm_cpu", mutates_args=())
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`mgtq.native.amx.rms_norm` as one op (profilers and dispatch modes see it, as attention_cpu)."""
     return amx.rms_norm(x, weight, eps)
 
 
-@rms_norm_amx.register_fake
+@rms_norm_cpu.register_fake
 def _(x, weight, eps):
     return torch.empty_like(x)

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 
-from mgtq.fused import apply_activation, float_linear, fuses_activations, native_rms_norm, rms_norm_amx
+from mgtq.fused import apply_activation, float_linear, fuses_activations, native_rms_norm, rms_norm_cpu
 
 
 class Linear(nn.Linear):
@@ -56,7 +56,7 @@ class RMSNorm(DiffusersRMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and native_rms_norm(x, self.weight):
-            return rms_norm_amx(x, self.weight, self.eps)
+            return rms_norm_cpu(x, self.weight, self.eps)
         return super().forward(x)
 
 

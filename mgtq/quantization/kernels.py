@@ -477,39 +477,29 @@ def _(x_q, input_scale, prepacked, weight_scale, bias, out_dtype, activation="")
     return x_q.new_empty((x_q.shape[0], weight_scale.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("mgtq::w4a8_amx", mutates_args=())
-def w4a8_amx_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
-    """:func:`mgtq.native.amx.w4a8_linear` as one op (opaque to Inductor, like the other GEMM ops here)."""
-    return amx.w4a8_linear(x_q, packed, col_scale, bias, out_dtype, activation or None)
+@torch.library.custom_op("mgtq::w4a8_cpu", mutates_args=())
+def w4a8_cpu_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype, activation: str = "", tiles: bool = True) -> torch.Tensor:
+    """:func:`mgtq.native.amx.w4a8_linear` (``tiles``) or :func:`~mgtq.native.amx.w4a8_vnni_linear` (the same
+    sums on AVX512-VNNI) as one op (opaque to Inductor, like the other GEMM ops here)."""
+    fn = amx.w4a8_linear if tiles else amx.w4a8_vnni_linear
+    return fn(x_q, packed, col_scale, bias, out_dtype, activation or None)
 
 
-@w4a8_amx_op.register_fake
-def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
+@w4a8_cpu_op.register_fake
+def _(x_q, packed, col_scale, bias, out_dtype, activation="", tiles=True):
     return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("mgtq::w4a8_vnni", mutates_args=())
-def w4a8_vnni_op(x_q: torch.Tensor, packed: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
-    """:func:`mgtq.native.amx.w4a8_vnni_linear` as one op."""
-    return amx.w4a8_vnni_linear(x_q, packed, col_scale, bias, out_dtype, activation or None)
-
-
-@w4a8_vnni_op.register_fake
-def _(x_q, packed, col_scale, bias, out_dtype, activation=""):
-    return x_q.new_empty((x_q.shape[0], packed.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("mgtq::w4a16_amx", mutates_args=())
-def w4a16_amx_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+@torch.library.custom_op("mgtq::w4a16_cpu", mutates_args=())
+def w4a16_cpu_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  activation: str = "", tiles: bool = True) -> torch.Tensor:
     """:func:`mgtq.native.amx.w4a16_linear` (``tiles``) or :func:`~mgtq.native.amx.w4a16_avx512_linear` as one op."""
     fn = amx.w4a16_linear if tiles else amx.w4a16_avx512_linear
     return fn(x, packed, scale, bias, activation or None)
 
 
-@w4a16_amx_op.register_fake
+@w4a16_cpu_op.register_fake
 def _(x, packed, scale, bias, activation="", tiles=True):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
@@ -532,7 +522,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     kernel = choose_kernel("w4a16", ctx)
     if kernel in ("amx", "avx512"):
         # The bias in the activation dtype first, as the dequant path gives it to the GEMM.
-        y = w4a16_amx_op(x.reshape(-1, k), packed, scale, None if bias is None else bias.to(x.dtype), activation or "",
+        y = w4a16_cpu_op(x.reshape(-1, k), packed, scale, None if bias is None else bias.to(x.dtype), activation or "",
                          kernel == "amx")
         return y.reshape(*x.shape[:-1], n)  # the activation applied in the kernel's epilogue
     if kernel == "tinygemm":
@@ -591,11 +581,9 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
-    elif kernel == "amx":
-        y = w4a8_amx_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "")
-        activation = None  # applied in the kernel's epilogue
-    elif kernel == "vnni":
-        y = w4a8_vnni_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "")
+    elif kernel in ("amx", "vnni"):
+        y = w4a8_cpu_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "",
+                        kernel == "amx")
         activation = None  # applied in the kernel's epilogue
     elif kernel in ("onednn", "onednn_inline"):
         y = onednn_int8_linear_op(x_q, input_scale, onednn_weight, weight_scale[:, 0], bias, x.dtype, activation or "")
