@@ -23,13 +23,14 @@ How the two techniques use it:
   attention (log member count) and `restore` copies each merged output back to its members.
 - Context reuse (mgtq.reuse): a full step's plan changes no token and its `keys_values` records every
   block's keys/values; a local step's plan names the active image tokens (`tokens`: only they are
-  embedded) and its `enter` keeps their RoPE rows and no text, each block's `keys_values` puts their fresh keys/values into the recorded ones (the
-  context: text and every other image token), and `leave` places the active tokens' logits in the grid
-  (0 elsewhere: the sampler reads only the tokens it computed). Every layer but attention is per
-  token, so nothing else needs the inactive tokens. With K/V refresh (MARché), one block's
-  `attention_inputs` scores which context tokens the active queries attend to most; the next local
-  step recomputes those too. A full step can run another technique's hook inside it (`around`):
-  TomeMGT merges as usual and the full step records one key/value row per image token.
+  embedded) and its `enter` keeps their RoPE rows and no text, each block's `keys_values` puts their
+  fresh keys/values into the recorded ones (the context: text and every other image token), and
+  `leave` places the active tokens' logits in the grid (0 elsewhere: the sampler reads only the tokens
+  it computed). Every layer but attention is per token, so nothing else needs the inactive tokens.
+  With K/V refresh (MARché), one block's `attention_inputs` scores which context tokens the active
+  queries attend to most; the next local step recomputes those too. A full step can run another
+  technique's hook inside it (`around`): TomeMGT merges as usual and the full step records one
+  key/value row per image token.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """mgtq's one-pass QK-norm + RoPE (mgtq.native.amx.qknorm_rope) against QKNorm's torch chain, and its dispatch
-(mgtq.fused.qk_norm_rope). Numerics need an AVX512-BF16 CPU (AMX ones and AMD Zen 4 have it) with a C++ compiler and are skipped elsewhere."""
+(mgtq.fused.qk_norm_rope). Numerics need an AVX512-BF16 CPU (AMX ones and AMD Zen 4 have it) with a C++
+compiler and are skipped elsewhere."""
 
 import pytest
 import torch

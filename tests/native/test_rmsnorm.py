@@ -1,5 +1,6 @@
 """mgtq's one-pass RMSNorm (mgtq.native.amx.rms_norm) against diffusers' RMSNorm, and its dispatch
-(mgtq.models.layers.RMSNorm). Numerics need an AVX512-BF16 CPU (AMX ones and AMD Zen 4 have it) with a C++ compiler and are skipped elsewhere."""
+(mgtq.models.layers.RMSNorm). Numerics need an AVX512-BF16 CPU (AMX ones and AMD Zen 4 have it) with a C++
+compiler and are skipped elsewhere."""
 
 import pytest
 import torch
