@@ -27,6 +27,7 @@ import torch
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
@@ -101,8 +102,8 @@ def load_evaluations(path: Path, identity: dict, fresh: bool) -> dict[str, dict]
     if "fingerprint" not in data:  # earlier layout: the model is named, not fingerprinted
         theirs["fingerprint"] = identity["fingerprint"] if data.get("model") == identity["model"] else None
     if theirs != identity:
-        raise SystemExit(f"{path} holds results of another model, prompt count or split ({theirs} ≠ {identity}); "
-                         "pass --fresh to start it over or --tag to write elsewhere")
+        raise SystemExit(f"{path} holds results of another model, prompt count, split or kernels "
+                         f"({theirs} ≠ {identity}); pass --fresh to start it over or --tag to write elsewhere")
     if "evaluations" in data:
         return data["evaluations"]
     out = {}
@@ -149,7 +150,8 @@ def write_results(tag: str, payload: dict, selected: dict, base: SamplerConfig) 
     write_json(RESULTS / f"ablations_{tag}.json", {**payload, "groups": rows})
     lines = [f"ShapeBench {payload['split']} split, first n={payload['n']} prompts (balanced over categories), "
              f"CFG {base.guidance_scale:g}, model: {payload['model']}", "",
-             "Commands (each run adds the settings it lacks): " + "; ".join(f"`{c}`" for c in payload["commands"]), ""]
+             "Commands (each run adds the settings it lacks): " + "; ".join(f"`{c}`" for c in payload["commands"]), "",
+             f"Kernels: {kernels_label(payload['kernels'])}", ""]
     if any(r["carried_over"] for group in rows.values() for r in group):
         lines += ["Rows marked * were measured by an earlier run of this script on the same model and prompts "
                   "(before the results file kept per-prompt outcomes) and carried over unchanged.", ""]
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     n = len(shapebench_prompts(DEFAULT_PER_CATEGORY, args.split)[: args.limit])
     # the folder's name, not its path: results files are shared; the fingerprint identifies the weights
     identity = {"model": args.model.name if args.model else "tiny-shapes (embedded)", "fingerprint": model_fingerprint(model),
-                "n": n, "split": args.split}
+                "n": n, "split": args.split, "kernels": describe_kernels(pipe.device)}
     evaluations = load_evaluations(path, identity, args.fresh)
     old = read_json(path) if path.exists() and not args.fresh else {}
     for group in filter(None, args.redo.split(",")):

@@ -25,6 +25,7 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import load
 from mgtq.quantization import model_weight_nbytes
+from mgtq.quantization.kernels import kernels_label
 from mgtq.utils import write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     write_json(args.out.with_suffix(".json"), payload)
     categories = list(next(iter(results.values()))["per_category"])
     lines = [f"ShapeBench test ({next(iter(results.values()))['n']} prompts), `{payload['command']}`", "",
+             f"Kernels: {kernels_label(next(iter(results.values()))['kernels'])}", "",
              "| row | overall | " + " | ".join(categories) + " | token agreement with fp32 | Linear weight MB |",
              "|---" * (len(categories) + 4) + "|"]
     for name, r in results.items():

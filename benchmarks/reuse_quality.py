@@ -20,7 +20,8 @@ For each: overall and per-category accuracy, token agreement with `none` (same s
 many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
 it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
 measures quality only. Writes the JSON and a Markdown table beside it (.md). Resumable: a setting already in
-the JSON for the same model, split, prompt count and base sampler is kept (`none`'s tokens are kept beside it).
+the JSON for the same model, split, prompt count, base sampler and kernels is kept (`none`'s tokens are kept
+beside it); a quantized model's scores follow the CPU class's kernels, so another machine starts over.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline, interleave_categories
 from mgtq.merging import TomeConfig
 from mgtq.pipeline import MGTPipeline
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
@@ -74,8 +76,9 @@ def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeCo
 
 def to_markdown(data: dict) -> str:
     rows = list(data["settings"].values())
+    kernels = data.get("identity", {}).get("kernels")
     lines = [f"# Context reuse on ShapeBench {data['split']} (n = {data['n']}, {data['model']})", "",
-             f"`{data['command']}`", "",
+             f"`{data['command']}`", "", *([f"Kernels: {kernels_label(kernels)}", ""] if kernels else []),
              "| setting | overall | token agreement | NFE | of which local | token NFE |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
@@ -108,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     command = "python benchmarks/reuse_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     model_dir = Path(args.model or default_model())
+    # What a kept setting must share with this run, as the JSON reads it back (lists, not tuples).
     identity = json.loads(json.dumps({"model_sha256": model_fingerprint(model_dir), "split": args.split,
                                       "limit": args.limit, **({"per_category": args.per_category} if args.per_category else {}),
-                                      "base_sampler": base.to_dict()}))  # as the JSON reads back
+                                      "base_sampler": base.to_dict(), "kernels": describe_kernels(pipe.device)}))
     data = read_json(args.json) if args.json.is_file() else {}
     tokens_path = args.json.with_suffix(".none_tokens.safetensors")  # `none`'s tokens: agreement after a resume
     if data.get("identity") != identity or not tokens_path.is_file():

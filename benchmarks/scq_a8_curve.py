@@ -31,6 +31,7 @@ from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import model_weight_nbytes
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.utils import atomic_write_text, read_json, write_json
@@ -120,7 +121,11 @@ def run_grid(args, payload: dict, json_path: Path) -> None:
     base_recipe = load_recipe(args.recipe)
     if not (args.base_run / "synth").is_dir():
         calibrate(base_recipe, args.base_run, progress=False)
-    payload.update(recipe=base_recipe.to_dict(), group_size=group_size,
+    kernels = describe_kernels("cpu")  # a quantized model's score follows the CPU class's kernels
+    if payload["points"] and payload.get("kernels") != kernels:
+        raise SystemExit(f"{json_path} holds points measured with other kernels ({payload.get('kernels')}); "
+                         "pass another --out, or remove the file to start over")
+    payload.update(recipe=base_recipe.to_dict(), group_size=group_size, kernels=kernels,
                    command=" ".join(["python benchmarks/scq_a8_curve.py", *sys.argv[1:]]))
     splits = (("val", args.val_limit), ("test", args.test_limit))
     float_pipe = MGTPipeline.from_pretrained(default_model())
@@ -173,6 +178,7 @@ def render(payload: dict, out: Path) -> None:
         "with the float model at the same seeds; QAT KL: QAT's own fit to the float model's masked-token "
         "predictions on a fixed set of masks (lower is better).", "",
         f"Command: `{payload['command']}`", "",
+        *([f"Kernels: {kernels_label(payload['kernels'])}", ""] if payload.get("kernels") else []),
         f"Float model: val {fv['accuracy']:.3f}, test {ft['accuracy']:.3f}.", "",
         "| A8 fraction | selection | A8 layers | val acc. | test acc. | Δ test vs float | test token agreement | QAT KL | Linear weight bytes |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -28,6 +28,7 @@ from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline
 from mgtq.evaluation import edit_summary_line, evaluate_editing
 from mgtq.generate import write_png
 from mgtq.pipeline import MGTPipeline
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.shapes import evaluate, score_image
 from mgtq.shapes.edit import DEFAULT_PER_TASK, EDIT_TASKS, edit_inputs, shapebench_edit_items
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
@@ -68,7 +69,8 @@ def text_to_image_reference(pipe: MGTPipeline, limit: int | None, split: str, ba
         chunk = items[k : k + batch_size]
         images += pipe([it.prompt for it in chunk], seed=[it.seed for it in chunk], progress=False).images
     result = evaluate(images, items)
-    result.update(task="t2i", split=split, seconds=time.perf_counter() - t0, preserved=None)
+    result.update(task="t2i", split=split, seconds=time.perf_counter() - t0, preserved=None,
+                  kernels=describe_kernels(pipe.device))
     return result
 
 
@@ -77,11 +79,13 @@ def run(models: list[str], tasks: list[str], split: str, limit: int | None, batc
     data = read_json(path) if path.exists() else {"rows": {}}
     for spec in models:
         pipe, folder = load_model(spec)
-        fingerprint = model_fingerprint(folder)
+        fingerprint, kernels = model_fingerprint(folder), describe_kernels(pipe.device)
         for task in [*tasks, "t2i"]:
             key = f"{spec}|{task}"
             old = data["rows"].get(key)
-            if old and (old["split"], old["limit"], old["fingerprint"]) == (split, limit, fingerprint):
+            # kept if measured on the same weights, prompts and kernels (a quantized model's score follows them)
+            measured = (old["split"], old["limit"], old["fingerprint"], old.get("kernels")) if old else None
+            if measured == (split, limit, fingerprint, kernels):
                 print(f"{key}: kept from {path.name}")
                 continue
             if task == "t2i":
@@ -124,7 +128,9 @@ def to_markdown(data: dict, models: list[str], tasks: list[str]) -> str:
     limit = f"the first {any_row['limit']}" if any_row['limit'] else "all"
     lines += ["", f"Split {any_row['split']}, {limit} items per task (images scored: {sizes}; img2img counts both "
               "strengths), the model's own sampler settings. "
-              f"`{data.get('command', 'python benchmarks/shapebench_edit.py')}`", "", *goal_lines(rows, models, tasks)]
+              f"`{data.get('command', 'python benchmarks/shapebench_edit.py')}`", "",
+              *sorted({f"Kernels: {kernels_label(r['kernels'])}" for r in rows.values() if r.get("kernels")}),
+              "", *goal_lines(rows, models, tasks)]
     return "\n".join(lines) + "\n"
 
 

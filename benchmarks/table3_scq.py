@@ -34,6 +34,7 @@ from mgtq.export import export_run
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import (W4A8Config, W4A16Config, input_scales_from_stats, linear_names, model_weight_nbytes,
                                prepare_qat_, quantize_)
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.scq.calibrate import calibrate, resolve_model
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.magnitudes import record_activation_stats
@@ -196,8 +197,11 @@ def main(argv=None) -> int:
     offsets = [k * SEED_SET_STRIDE for k in range(args.seed_sets)]
     json_path = args.out.with_suffix(".json")
     # Resumable: a row measured before on the same model (fingerprint), prompts and seed sets is kept.
+    # ... and the same kernels (a quantized model's score follows the CPU class's).
+    kernels = describe_kernels(base.device)
     earlier = {(r["row"], r.get("identity")): r for r in (read_json(json_path)["rows"] if json_path.exists() else [])
-               if r.get("limit", "absent") == args.limit and len(r["shapebench_per_seed_set"]) == args.seed_sets}
+               if r.get("limit", "absent") == args.limit and len(r["shapebench_per_seed_set"]) == args.seed_sets
+               and r.get("kernels") == kernels}
     sampler = base.settings.sampler.to_dict()
     results, references = [], {}
     for name, (identity, make) in rows:
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
                         "per_category": runs[0]["per_category"],
                         "token_agreement": sum(r["token_agreement"] for r in runs) / len(runs),
                         "linear_weight_bytes": linear_bytes, "transformer_bytes": all_bytes, "n": runs[0]["n"],
-                        "seconds": time.perf_counter() - t0})
+                        "kernels": kernels, "seconds": time.perf_counter() - t0})
         print(f"{name:30s} acc={results[-1]['shapebench']:.3f} {per_set} agree={results[-1]['token_agreement']:.3f} "
               f"bytes={all_bytes}", flush=True)
         write_json(json_path, {"model": model_name, "sampler": sampler, "limit": args.limit,
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
                                "command": command_line(args), "partial": True})
 
     payload = {"model": model_name, "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
-               "rows": results, "qat": qat_metrics(args.work), "command": command_line(args)}
+               "rows": results, "qat": qat_metrics(args.work), "command": command_line(args), "kernels": kernels}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)
     fp32_bytes = results[0]["transformer_bytes"]
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
              f"CFG {sampler['guidance_scale']}, the same seeds for every row. Accuracy is the mean over the seed "
              "sets (each set's value in brackets); token agreement is the fraction of tokens equal to fp32's at "
              "the same seed.", "",
-             f"Command: `{payload['command']}`", "",
+             f"Command: `{payload['command']}`", "", f"Kernels: {kernels_label(kernels)}", "",
              "| format | ShapeBench acc. | token agreement vs fp32 | Linear weight bytes | transformer bytes (× fp32) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:

@@ -31,6 +31,7 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.merging import TomeConfig, apply_tomemgt, remove_tomemgt
 from mgtq.pipeline import MGTPipeline
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.utils import atomic_write_text, sha256_file, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,12 +116,14 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
     rows = payload["rows"]
 
     identity = {name: _weights_sha256(path) for name, path in models.items() if path is not None}
+    kernels = describe_kernels("cpu")  # a quantized model's score follows the CPU class's kernels
 
     def done(model, key):
         # the stored config, not only the key: "default" means another config after TomeConfig's defaults change
         config = asdict(configs[key]) if key != "none" else None
         return any(r["model"] == model and r["split"] == args.split and r["limit"] == args.limit and r["key"] == key
-                   and r["config"] == config and r.get("weights_sha256") == identity[model] for r in rows)
+                   and r["config"] == config and r.get("weights_sha256") == identity[model]
+                   and r.get("kernels") == kernels for r in rows)
 
     for short in args.models.split(","):
         name = wanted[short]
@@ -128,10 +131,12 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             raise SystemExit("--models scq needs --scq CHECKPOINT")
         if all(done(name, k) for k in ["none", *configs]):
             continue
-        # rows of another checkpoint under the same name (a re-exported SCQ) are stale: drop them
-        rows[:] = [r for r in rows if r["model"] != name or r.get("weights_sha256") == identity[name]]
+        # rows of another checkpoint under the same name (a re-exported SCQ) or of other kernels are stale: drop them
+        rows[:] = [r for r in rows
+                   if r["model"] != name or (r.get("weights_sha256"), r.get("kernels")) == (identity[name], kernels)]
         pipe = MGTPipeline.from_pretrained(models[name])
-        cache = args.cache / f"{short}_{identity[name][:12]}_{args.split}_{args.limit or 'all'}.pt"
+        cache = args.cache / (f"{short}_{identity[name][:12]}_{kernels['cpu_class']}_{args.split}_"
+                              f"{args.limit or 'all'}.pt")
         if cache.exists():
             reference = torch.load(cache)
         else:
@@ -142,7 +147,8 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(reference, cache)
         if not done(name, "none"):
-            rows.append(_row(name, args, "none", None, reference, 1.0) | {"weights_sha256": identity[name]})
+            rows.append(_row(name, args, "none", None, reference, 1.0) | {"weights_sha256": identity[name],
+                                                                          "kernels": kernels})
             _save(json_path, payload, pipe)
         for key, config in configs.items():
             if done(name, key):
@@ -155,7 +161,8 @@ def run(args, payload: dict, command: str, json_path: Path) -> None:
             finally:
                 remove_tomemgt(pipe)
             res["seconds"] = time.perf_counter() - start
-            rows.append(_row(name, args, key, config, res, res["token_agreement"]) | {"weights_sha256": identity[name]})
+            rows.append(_row(name, args, key, config, res, res["token_agreement"]) | {"weights_sha256": identity[name],
+                                                                                       "kernels": kernels})
             print(f"{name} {key}: acc {res['overall']:.3f} agreement {res['token_agreement']:.3f} "
                   f"({res['seconds']:.0f} s)", flush=True)
             _save(json_path, payload, pipe)
@@ -185,7 +192,9 @@ def write_markdown(path: Path, payload: dict) -> None:
     lines = ["ShapeBench accuracy; token agreement = fraction of tokens equal to the same model without merging at "
              "the same seeds. Variant = the TomeConfig fields that differ from the current default "
              f"({_describe(asdict(TomeConfig()))}).", "",
-             "Commands: " + "; ".join(f"`{c}`" for c in payload.get("commands", [])), ""]
+             "Commands: " + "; ".join(f"`{c}`" for c in payload.get("commands", [])), "",
+             *[f"Kernels: {label}" for label in sorted({kernels_label(r["kernels"]) for r in payload["rows"]
+                                                        if r.get("kernels")})], ""]
     groups: dict = {}
     for r in payload["rows"]:
         groups.setdefault((r["model"], r["split"], r["limit"]), []).append(r)

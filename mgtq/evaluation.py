@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mgtq.pipeline import MGTPipeline
+from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import evaluate, shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
@@ -47,8 +48,9 @@ def evaluate_pipeline(
     progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, split: str = "test",
     per_category: int | None = None, **call_kwargs,
 ) -> dict:
-    """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "per_prompt", ...}.
+    """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "kernels", "per_prompt", ...}.
 
+    "kernels": what ran it (``describe_kernels``), since a quantized model's score follows its kernels.
     With `reference_tokens` (from another model at the same seeds), also the token agreement: the
     fraction of token positions equal to the reference.
     """
@@ -61,6 +63,7 @@ def evaluate_pipeline(
     result["nfe"] = nfe
     result["seconds"] = time.perf_counter() - t0
     result["sampler"] = config.to_dict()
+    result["kernels"] = describe_kernels(pipe.device)
     result["tokens"] = tokens
     if reference_tokens is not None:
         if reference_tokens.shape != tokens.shape:
@@ -112,7 +115,7 @@ def evaluate_editing(
         nfe = max(nfe, out.nfe)
     result = evaluate([outputs[i] for i in range(len(items))], items)
     result.update(task=task, split=split, nfe=nfe, seconds=time.perf_counter() - t0, sampler=config.to_dict(),
-                  preserved=kept / total if total else None)
+                  kernels=describe_kernels(pipe.device), preserved=kept / total if total else None)
     for row, item in zip(result["per_prompt"], items):
         row["strength"] = item.strength
     if task == "img2img":
@@ -145,4 +148,5 @@ def interleave_categories(items: list) -> list:
 def summary_line(result: dict) -> str:
     cats = "  ".join(f"{c}={v:.3f}" for c, v in result["per_category"].items())
     split = "" if result.get("split", "test") == "test" else f" [{result['split']} split]"
-    return f"ShapeBench{split} overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}"
+    ran = f"\n  on {kernels_label(result['kernels'])}" if "kernels" in result else ""
+    return f"ShapeBench{split} overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}{ran}"

@@ -63,12 +63,17 @@ def test_same_seed_same_image(pipe):
     assert torch.equal(a[0], b[1])
 
 
-def test_eval_limit_smoke(tmp_path):
+def test_eval_limit_smoke(tmp_path, capsys):
+    from mgtq.quantization.kernels import cpu_class
+
     out = tmp_path / "eval.json"
     assert main(["eval", "--limit", "10", "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 10 and 0.0 <= result["overall"] <= 1.0
     assert set(result["per_category"]) == {"single", "colour", "position", "two_objects", "counting"}
+    # which kernels made the score, in the JSON and on screen (a quantized model's score follows them)
+    assert result["kernels"]["device"] == "cpu" and result["kernels"]["cpu_class"] == cpu_class()
+    assert f"class {cpu_class()}" in capsys.readouterr().out
 
 
 def test_embedded_names_resolve_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):

@@ -178,6 +178,7 @@ def machine_info(config: BenchConfig) -> dict:
     """Top-level facts a reader needs to judge the numbers."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from mgtq.native.cpu import cpu_isa, cpu_model
     from mgtq.quantization.kernels import cpu_class
 
     def installed(dist: str) -> str | None:
@@ -186,14 +187,6 @@ def machine_info(config: BenchConfig) -> dict:
         except PackageNotFoundError:
             return None
 
-    cpu_model, flags = platform.processor() or None, ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read().splitlines()
-        cpu_model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu_model)
-        flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        pass
     try:
         import psutil
 
@@ -201,9 +194,7 @@ def machine_info(config: BenchConfig) -> dict:
     except ImportError:
         total_memory = None
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model,
-        "isa": [x for x in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-                if f" {x}" in flags], "cpu_class": cpu_class(),
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "isa": cpu_isa(), "cpu_class": cpu_class(),
         "torch_threads": config.num_threads, "torch_version": torch.__version__, "mgtq_version": installed("mgtq"),
         "torchao_version": installed("torchao"), "optimum_quanto_version": installed("optimum-quanto"),
         "python": platform.python_version(), "platform": platform.platform(), "device": config.device,

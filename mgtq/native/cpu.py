@@ -11,12 +11,14 @@ import os
 
 import torch
 
-__all__ = ["CPU_CLASSES", "CPU_CLASS_ENV", "cpu_class", "detect_cpu_class", "cpu_flags"]
+__all__ = ["CPU_CLASSES", "CPU_CLASS_ENV", "cpu_class", "detect_cpu_class", "cpu_flags", "cpu_model", "cpu_isa"]
 
 # CPU classes, fastest int8 first: AMX with int8 tiles, AMX with bf16 tiles only, AVX512 with VNNI,
 # AVX2 (the floor torch's CPU wheels need).
 CPU_CLASSES = ("amx-int8", "amx-bf16", "avx512-vnni", "avx2")
 CPU_CLASS_ENV = "MGTQ_CPU_CLASS"
+# The instruction-set extensions mgtq's and torch's CPU kernels choose between, as /proc/cpuinfo names them.
+KERNEL_ISA = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -26,6 +28,24 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return set(line.partition(":")[2].split())
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo's, else the platform's; None where neither says)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        name = None
+    return name or platform.processor() or None
+
+
+def cpu_isa(flags: set[str] | None = None) -> list[str]:
+    """Which of the extensions the kernels choose between (``KERNEL_ISA``) this CPU has."""
+    flags = cpu_flags() if flags is None else flags
+    return [x for x in KERNEL_ISA if x in flags]
 
 
 def detect_cpu_class(flags: set[str] | None = None) -> str:

@@ -147,7 +147,7 @@ import torch.nn.functional as F
 from mgtq.fused import apply_activation, check_activation, float_linear
 
 from mgtq.native import amx
-from mgtq.native.cpu import CPU_CLASS_ENV, CPU_CLASSES, cpu_class, detect_cpu_class
+from mgtq.native.cpu import CPU_CLASS_ENV, CPU_CLASSES, cpu_class, cpu_isa, cpu_model, detect_cpu_class
 from .packing import unpack_int4, unpack_int4_times16
 from .qtensor import (
     INT8_MAX,
@@ -166,6 +166,8 @@ __all__ = [
     "KernelContext",
     "choose_kernel",
     "cpu_class",
+    "describe_kernels",
+    "kernels_label",
     "native_available",
     "weight_cache_backend",
     "int_mm_supported",
@@ -316,6 +318,35 @@ def native_available(cls: str) -> bool:
     if cls == "amx-int8":
         return amx.available()
     return cls in VNNI_NATIVE_CLASSES and amx.vnni_available()
+
+
+def describe_kernels(device: str | torch.device) -> dict:
+    """What decides which kernels run on ``device``, for a result to record beside its figures.
+
+    A quantized model's outputs follow its kernels (int8 and bf16 sums run in each kernel's own order), so
+    a score measured with one CPU class's kernels can differ from another's: CPU model, its extensions, the
+    class and whether mgtq's kernels for it are built; on CUDA the GPU and its compute capability.
+    """
+    device = torch.device(device)
+    out = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return out | {"gpu": torch.cuda.get_device_name(index),
+                      "capability": list(torch.cuda.get_device_capability(index))}
+    cls = cpu_class()
+    return out | {"cpu_model": cpu_model(), "isa": cpu_isa(), "cpu_class": cls, "native": native_available(cls)}
+
+
+def kernels_label(description: dict) -> str:
+    """One line for a report from :func:`describe_kernels`'s dict.
+
+    e.g. "cpu AMD EPYC, class avx512-vnni (mgtq's kernels)", "cuda NVIDIA H200 (sm_90)".
+    """
+    if description["device"] == "cuda":
+        major, minor = description["capability"]
+        return f"cuda {description['gpu']} (sm_{major}{minor})"
+    own = "mgtq's kernels" if description["native"] else "torch's kernels only"
+    return f"cpu {description['cpu_model'] or 'unknown model'}, class {description['cpu_class']} ({own})"
 
 
 # ------------------------------------------------------------------ fused elementwise kernels

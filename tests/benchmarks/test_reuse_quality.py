@@ -56,6 +56,24 @@ def test_steps_and_prompts_per_category_are_part_of_what_a_rerun_keeps(quality, 
     assert again["identity"]["per_category"] == 2 and again["identity"] != data["identity"]
 
 
+def test_a_run_with_other_kernels_starts_over(quality, tmp_path, monkeypatch):
+    # A quantized model's scores follow the CPU class's kernels: settings measured on another class are not kept.
+    out = tmp_path / "q.json"
+    run = ["--limit", "2", "--threads", "1", "--steps", "4", "--settings", "none", "--json", str(out)]
+    assert quality.main(run) == 0
+    first = quality.read_json(out)
+    assert first["identity"]["kernels"]["cpu_class"] == quality.describe_kernels("cpu")["cpu_class"]
+    assert "Kernels: cpu " in out.with_suffix(".md").read_text()
+    other = {**first["identity"]["kernels"], "cpu_class": "another-class"}
+    monkeypatch.setattr(quality, "describe_kernels", lambda device: other)
+    measured = []
+    real = quality.evaluate_pipeline
+    monkeypatch.setattr(quality, "evaluate_pipeline", lambda pipe, limit, sampler, **kw:
+                        measured.append(sampler.num_steps) or real(pipe, limit, sampler, **kw))
+    assert quality.main(run) == 0
+    assert measured == [4] and quality.read_json(out)["identity"]["kernels"] == other
+
+
 def test_the_committed_16x16_test_run_still_reproduces_token_for_token():
     # The README's ShapeBench figures must come out of a fresh run: the tokens the 16×16 model's plain
     # sampler gave the first 16 test prompts in the committed run (benchmarks/results/

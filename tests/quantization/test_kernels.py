@@ -125,6 +125,33 @@ def test_forced_cpu_class_reaches_the_context_and_the_weight_cache(monkeypatch, 
         ctx(cpu_class="sse2")
 
 
+def test_cpu_isa_names_the_extensions_the_kernels_choose_between():
+    from mgtq.native.cpu import cpu_isa
+
+    assert cpu_isa({"fpu", "avx512_bf16", "avx2", "amx_int8", "sse4_2"}) == ["avx2", "avx512_bf16", "amx_int8"]
+    assert cpu_isa(set()) == []
+
+
+@pytest.mark.parametrize("cls", ["avx2", "avx512-vnni", "amx-int8"])
+def test_describe_kernels_says_which_class_ran(monkeypatch, cls):
+    # What a quality result records beside its figures: a forced class is what its kernels follow.
+    from mgtq.native.cpu import cpu_flags, cpu_isa
+
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, cls)
+    described = kernels.describe_kernels("cpu")
+    assert described["device"] == "cpu" and described["cpu_class"] == cls and described["torch"] == torch.__version__
+    assert described["native"] == kernels.native_available(cls)
+    assert described["isa"] == cpu_isa(cpu_flags())
+    label = kernels.kernels_label(described)
+    assert f"class {cls}" in label and ("mgtq's kernels" if described["native"] else "torch's kernels only") in label
+    assert cls != "avx2" or not described["native"]  # avx2 has no mgtq kernels: the label must not claim them
+
+
+def test_kernels_label_of_a_gpu():
+    described = {"device": "cuda", "torch": "2.13.0", "gpu": "NVIDIA H200", "capability": [9, 0]}
+    assert kernels.kernels_label(described) == "cuda NVIDIA H200 (sm_90)"
+
+
 def test_int_mm_capability_check():
     assert int_mm_supported((8, 0), "12.1") and int_mm_supported((9, 0), None)
     assert int_mm_supported((7, 5), "12.4") and not int_mm_supported((7, 5), "12.1")
