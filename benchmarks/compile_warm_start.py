@@ -5,7 +5,9 @@
 Per format, two fresh interpreters share one mgtq cache folder (mgtq.compilation; a new temporary
 folder unless --cache is given, so the first start is really cold). Each builds the transformer
 (random weights), calls `compile_blocks()`, and times the first forward (compiling included) and then
-`--repeats` more. Compile time = first forward − median of the others. Writes
+`--repeats` more, in inference mode as the sampler calls it. Compile time = first forward − median of the
+others. Reports the graphs Dynamo traced, Inductor's FX-graph cache and mgtq's precompiled blocks (loaded
+or compiled: mgtq.compilation.PrecompiledBlocks), and the kernels. Writes
 benchmarks/results/compile_warm_start_<model>.json and .md.
 """
 
@@ -39,8 +41,13 @@ with torch.inference_mode():
         transformer(**inputs)
         seconds.append(time.perf_counter() - t)
 from torch._dynamo.utils import counters
+from mgtq.quantization.kernels import describe_kernels
+store = transformer.precompiled
 print(json.dumps({"first_forward_s": seconds[0], "forwards_s": seconds[1:],
-                  "fxgraph_cache": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")}}))
+                  "fxgraph_cache": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+                  "dynamo_graphs": counters["stats"]["unique_graphs"],
+                  "precompiled": None if store is None else {k: store.counts[k] for k in ("loaded", "compiled")},
+                  "kernels": describe_kernels("cpu")}))
 """
 
 
@@ -60,12 +67,20 @@ def to_markdown(report: dict) -> str:
     lines = [f"# torch.compile start, {report['model']} ({report['threads']} thread(s), load average "
              f"{report['loadavg_start']} → {report['loadavg_end']})", "",
              f"`{report['command']}`", "",
-             "| format | start | first forward s | steady forward s | compile s (first − steady) | FX-graph cache |",
-             "|---|---|---:|---:|---:|---|"]
+             "| format | start | first forward s | steady forward s | compile s (first − steady) | graphs traced "
+             "| precompiled blocks | FX-graph cache |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     for fmt, starts in report["formats"].items():
         for name, r in starts.items():
             lines.append(f"| {fmt} | {name} | {r['first_forward_s']:.1f} | {statistics.median(r['forwards_s']):.2f} | "
-                         f"{r['compile_s']:.1f} | {r['fxgraph_cache']} |")
+                         f"{r['compile_s']:.1f} | {r.get('dynamo_graphs', '')} | {r.get('precompiled')} | "
+                         f"{r['fxgraph_cache']} |")
+    kernels = next((r["kernels"] for starts in report["formats"].values() for r in starts.values() if "kernels" in r),
+                   None)
+    if kernels is not None:
+        from mgtq.quantization.kernels import kernels_label
+
+        lines += ["", f"Kernels: {kernels_label(kernels)}"]
     return "\n".join(lines) + "\n"
 
 

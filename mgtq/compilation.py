@@ -15,8 +15,10 @@ Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ import torch
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
-__all__ = ["CACHE_ENV", "cache_dir", "compile_cache_dir", "ops_digest", "use_persistent_compile_cache"]
+__all__ = ["CACHE_ENV", "PrecompiledBlocks", "cache_dir", "compile_cache_dir", "ops_digest", "source_digest",
+           "use_persistent_compile_cache"]
 
 
 def cache_dir() -> Path:
@@ -84,3 +87,241 @@ def use_persistent_compile_cache() -> Path:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     return folder
+
+
+# ---------------------------------------------------------------------------------------- precompiled blocks
+# The caches above keep Inductor's and AOTAutograd's output, but every process still runs Dynamo over each
+# distinct block (about 0.8 s a block on a 2-core Zen 4): a SCQ model, whose blocks each mix W4A8 and W4A16
+# layers differently, has 37 distinct blocks at meissonic-1024. torch's ahead-of-time compile
+# (`torch.compile(...).aot_compile`, `AOTCompiledFunction`) serializes Dynamo's output too: the rewritten
+# bytecode, the guards and the compiled graph. Loading one takes a tenth of a second and no tracing. It is
+# experimental in torch, so everything here falls back to plain torch.compile when it is unavailable or fails.
+PRECOMPILED_FOLDER = "mgtq-precompiled"
+PRECOMPILED_MAGIC = b"mgtq-precompiled-v1\n"
+PRECOMPILED_PER_GROUP = 8  # artifacts kept for one block structure and input signature (guards pick one)
+_PRECOMPILE_OPTIONS = {"mode", "options"}  # torch.compile kwargs the store keys on; others: plain torch.compile
+
+
+class _Ineligible(Exception):
+    """A call the precompiled path does not serve (it runs through plain torch.compile)."""
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """12 hex digits of mgtq's Python sources: a traced block inlines mgtq code, and its guards do not cover it."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _settings_key(compile_kwargs: dict) -> str:
+    """What the serialized guards leave out (torch drops guards on globals): versions, mgtq's sources and
+    kernel settings (MGTQ_* variables such as MGTQ_CPU_CLASS), threads, the torch.compile options."""
+    import platform
+    import sys
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("MGTQ_") and k != CACHE_ENV)
+    facts = (torch.__version__, sys.version_info[:3], platform.machine(), source_digest(), ops_digest(), env,
+             torch.get_num_threads(), sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
+
+
+def _signature(value):
+    """A hashable description of a call argument: tensor metadata, plain values; anything else is ineligible
+    (token hooks and other objects: their guards may not serialize)."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise _Ineligible
+        return ("T", tuple(value.shape), value.stride(), str(value.dtype), str(value.device), value.is_inference())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    raise _Ineligible
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def _structure(module: torch.nn.Module) -> tuple:
+    """Every submodule's name and class: SCQ blocks differ exactly here (W4A8 or W4A16 layers)."""
+    return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}") for name, m in module.named_modules())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class PrecompiledBlocks:
+    """Ahead-of-time compiled forwards of blocks, kept in `folder` and shared by the blocks of one model.
+
+    A block call is served by a saved function whose guards accept this block and these arguments; the
+    first call of a new structure or input signature compiles one (Dynamo + Inductor, as torch.compile
+    would) and saves it, so a later process only loads. Calls it does not serve (grad enabled,
+    module hooks, arguments that are not tensors or plain values) go to the block's plain torch.compile.
+    Each file carries a SHA-256 of its bytes: a damaged one is removed with a warning and compiled again.
+    """
+
+    def __init__(self, folder: Path, compile_kwargs: dict):
+        self.folder = Path(folder) / PRECOMPILED_FOLDER / _settings_key(compile_kwargs)
+        self.compile_kwargs = dict(compile_kwargs)
+        self.counts = {"loaded": 0, "compiled": 0, "calls": 0, "fallback_calls": 0}
+        self.disabled: str | None = None
+        self._groups: dict[str, list] = {}
+        self._devices: dict[str, str] = {}
+        self._memo: dict[int, tuple] = {}  # id(block) -> (signature, structure digest, function)
+
+    @staticmethod
+    def supports(compile_kwargs: dict) -> bool:
+        """Whether torch.compile with these kwargs can be precompiled here (Inductor, no dynamic shapes)."""
+        backend = compile_kwargs.get("backend", "inductor")
+        return backend == "inductor" and set(compile_kwargs) - {"backend"} <= _PRECOMPILE_OPTIONS
+
+    def install(self, block: torch.nn.Module) -> None:
+        """Route `block`'s calls through the store; `block.compile(...)` must have run (the fallback)."""
+        fallback = block._compiled_call_impl
+        if fallback is None:
+            raise RuntimeError("call block.compile(...) before PrecompiledBlocks.install(block)")
+        block._compiled_call_impl = _PrecompiledCall(block, self, fallback)
+
+    def function_for(self, block: torch.nn.Module, args: tuple, kwargs: dict):
+        """The saved function that runs `block(*args, **kwargs)`, compiled now if none fits; None: fall back."""
+        if self.disabled is not None or torch.is_grad_enabled():
+            return None
+        if _has_hooks(block):
+            return None
+        try:
+            signature = _signature((args, tuple(sorted(kwargs.items()))))
+        except _Ineligible:
+            return None
+        memo = self._memo.get(id(block))
+        if memo is not None and memo[0] == signature and _guards_pass(memo[2], block, args, kwargs):
+            return memo[2]
+        key = self._group_key(block, signature, args)
+        group = self._load_group(key)
+        fn = next((f for f in group if _guards_pass(f, block, args, kwargs)), None)
+        if fn is None:
+            if len(group) >= PRECOMPILED_PER_GROUP:
+                return None
+            fn = self._compile(block, args, kwargs, key)
+            if fn is None:
+                return None
+            group.append(fn)
+        self._memo[id(block)] = (signature, key, fn)
+        return fn
+
+    def _group_key(self, block, signature, args) -> str:
+        device = next((str(t.device.type) for t in _tensors(args)), "cpu")
+        if device not in self._devices:
+            from mgtq.quantization.kernels import describe_kernels
+
+            self._devices[device] = repr(sorted(describe_kernels(device).items()))
+        # Saved guards check tensors' dispatch keys against the inference mode they are loaded in: a group is
+        # saved and loaded in one mode (the sampler runs in inference mode, the pipelines' callers in no_grad).
+        facts = (type(block).__qualname__, _structure(block), signature, self._devices[device],
+                 torch.is_inference_mode_enabled())
+        return hashlib.sha256(repr(facts).encode()).hexdigest()[:24]
+
+    def _load_group(self, key: str) -> list:
+        if key in self._groups:
+            return self._groups[key]
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        group = self._groups[key] = []
+        for path in sorted((self.folder / key).glob("*.bin")):
+            payload = _read_checked(path)
+            if payload is None:
+                continue
+            try:
+                fn = AOTCompiledFunction.deserialize(payload)
+            except Exception as err:  # noqa: BLE001 (a file of another torch build, say): compile it again
+                _warn_once(f"cannot load the precompiled block {path.name} ({type(err).__name__}: {err}); "
+                           "compiling it again")
+                path.unlink(missing_ok=True)
+                continue
+            fn.disable_guard_check()  # function_for checks the guards once per call itself
+            group.append(fn)
+            self.counts["loaded"] += 1
+        return group
+
+    def _compile(self, block, args, kwargs, key):
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        try:
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(block.forward, fullgraph=True, **self.compile_kwargs)
+            fn = compiled.aot_compile((args, kwargs))
+            payload = AOTCompiledFunction.serialize(fn).serialized_data
+        except Exception as err:  # noqa: BLE001 (experimental in torch): plain torch.compile from now on
+            self.disabled = f"{type(err).__name__}: {err}"
+            _warn_once(f"torch's ahead-of-time compile failed ({self.disabled}); compiling blocks with plain "
+                       "torch.compile (no precompiled warm start)")
+            return None
+        fn.disable_guard_check()
+        try:
+            folder = self.folder / key
+            folder.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(payload).hexdigest()
+            _write_atomic(folder / f"{digest[:16]}.bin", PRECOMPILED_MAGIC + digest.encode() + b"\n" + payload)
+        except OSError as err:
+            _warn_once(f"cannot save a precompiled block in {self.folder} ({err.strerror}); it stays in memory")
+        self.counts["compiled"] += 1
+        return fn
+
+
+class _PrecompiledCall:
+    """A block's `_compiled_call_impl`: the store's function where it serves the call, else plain torch.compile."""
+
+    def __init__(self, block: torch.nn.Module, store: PrecompiledBlocks, fallback):
+        self.block, self.store, self.fallback = block, store, fallback
+
+    def __call__(self, *args, **kwargs):
+        fn = self.store.function_for(self.block, args, kwargs)
+        if fn is None:
+            self.store.counts["fallback_calls"] += 1
+            return self.fallback(*args, **kwargs)
+        self.store.counts["calls"] += 1
+        return fn(self.block, *args, **kwargs)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _guards_pass(fn, block, args, kwargs) -> bool:
+    try:
+        return bool(fn.guard_check(block, *args, **kwargs))
+    except Exception:  # noqa: BLE001 (a guard that cannot even be evaluated on this block does not hold)
+        return False
+
+
+def _read_checked(path: Path) -> bytes | None:
+    """A saved function's bytes if the file is whole and unaltered; else None (the file is removed, warned)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head, _, rest = data.partition(b"\n")
+    digest, _, payload = rest.partition(b"\n")
+    if head + b"\n" == PRECOMPILED_MAGIC and hashlib.sha256(payload).hexdigest().encode() == digest:
+        return payload
+    _warn_once(f"the precompiled block {path} is damaged (its checksum does not match); removed, compiling it again")
+    path.unlink(missing_ok=True)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -346,6 +346,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         # Default RoPE tables and micro-conditions per (text length, grid, device): pure functions of
         # the key, rebuilt on a miss, never part of the state dict (see _default_tables).
         self._table_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.precompiled = None  # compile_blocks' PrecompiledBlocks (its counts say what was loaded / compiled)
         # The token hook of every forward (mgtq.models.hooks), installed by a technique such as
         # mgtq.merging.apply_tomemgt; None = every token computed.
         self.token_hook = None
@@ -529,7 +530,9 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         """torch.compile every transformer block in place (regional compilation); kwargs go to torch.compile.
 
         persistent_cache: keep the compiled code in mgtq's user cache folder (mgtq.compilation), so a
-        later process compiling the same blocks at the same shapes loads it instead of building it.
+        later process compiling the same blocks at the same shapes loads it instead of building it; with
+        Inductor's default options, whole blocks are saved ahead of time (`PrecompiledBlocks`: Dynamo's
+        bytecode and guards too), so a later process does not trace them either.
 
         Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
         which block), so compiling costs about two blocks instead of the whole model; what stays
@@ -538,14 +541,19 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         hook a block is given (none, merging, a full step of context reuse with or without merging
         inside, a local step) is another graph, so the recompile limit is raised to cover both.
         """
+        store = None
         if persistent_cache:
-            from mgtq.compilation import use_persistent_compile_cache
+            from mgtq.compilation import PrecompiledBlocks, use_persistent_compile_cache
 
-            use_persistent_compile_cache()
+            folder = use_persistent_compile_cache()
+            store = PrecompiledBlocks(folder, kwargs) if PrecompiledBlocks.supports(kwargs) else None
         blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
         for block in blocks:
             block.compile(**{"fullgraph": True, **kwargs})
+            if store is not None:
+                store.install(block)
+        self.precompiled = store
 
     def _default_tables(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
         """`build()` memoised under `key` (eager only: a compiled graph computes them inside, once).
