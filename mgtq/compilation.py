@@ -150,8 +150,12 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def _structure(module: torch.nn.Module) -> tuple:
-    """Every submodule's name and class: SCQ blocks differ exactly here (W4A8 or W4A16 layers)."""
-    return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}") for name, m in module.named_modules())
+    """Every submodule's name and class (SCQ blocks differ here: W4A8 or W4A16 layers) and its own tensors'
+    dtypes and shapes: one group per kind of block, whose guards then only confirm it."""
+    return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}",
+                  tuple((n, str(t.dtype), tuple(t.shape)) for n, t in [*m.named_parameters(recurse=False),
+                                                                      *m.named_buffers(recurse=False)]))
+                 for name, m in module.named_modules())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

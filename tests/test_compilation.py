@@ -90,5 +90,115 @@ def test_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
     assert warm.get("fxgraph_cache_hit", 0) > 0 and warm.get("fxgraph_cache_miss", 0) == 0, warm
 
 
+
+# ------------------------------------------------------------------------------------------ precompiled blocks
+_PRECOMPILE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+torch.set_num_threads(1)
+model = quantized_micro_transformer()
+model.compile_blocks()
+with torch.inference_mode():  # as the sampler calls the transformer
+    out = model(**micro_forward_inputs(model))
+torch.save(out, sys.argv[1])
+print(json.dumps({"counts": model.precompiled.counts, "graphs": counters["stats"]["unique_graphs"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_precompiled_blocks_without_tracing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
+    env[compilation.CACHE_ENV] = str(tmp_path / "cache")
+
+    def run(name: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _PRECOMPILE, str(tmp_path / name)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    import torch
+
+    cold = run("cold.pt")
+    assert cold["counts"]["compiled"] > 0 and cold["counts"]["loaded"] == 0 and cold["graphs"] > 0, cold
+    assert cold["counts"]["fallback_calls"] == 0, cold
+    warm = run("warm.pt")
+    assert warm["counts"]["loaded"] == cold["counts"]["compiled"] and warm["counts"]["compiled"] == 0, warm
+    assert warm["graphs"] == 0, "Dynamo traced a block that was precompiled"
+    assert torch.equal(torch.load(tmp_path / "warm.pt"), torch.load(tmp_path / "cold.pt"))
+
+
+def _micro(monkeypatch, tmp_path):
+    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
+    model = quantized_micro_transformer()
+    return model, micro_forward_inputs(model, grid=4)
+
+
+@pytest.mark.slow
+def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_compiled_again(monkeypatch, tmp_path):
+    import torch
+
+    model, inputs = _micro(monkeypatch, tmp_path)
+    with torch.no_grad():
+        model.compile_blocks(persistent_cache=False)  # plain torch.compile: no store
+        assert model.precompiled is None
+        plain = model(**inputs)
+    model, _ = _micro(monkeypatch, tmp_path)
+    model.compile_blocks()
+    with torch.no_grad():
+        first = model(**inputs)
+    assert torch.equal(first, plain)
+    store = model.precompiled
+    assert store.counts["compiled"] > 0 and store.counts["fallback_calls"] == 0
+    files = sorted(store.folder.rglob("*.bin"))
+    assert len(files) == store.counts["compiled"]
+    files[0].write_bytes(files[0].read_bytes()[:-1] + b"x")  # one byte changed: its checksum no longer matches
+
+    model, _ = _micro(monkeypatch, tmp_path)
+    model.compile_blocks()
+    with pytest.warns(RuntimeWarning, match="damaged"), torch.no_grad():
+        again = model(**inputs)
+    assert torch.equal(again, plain)
+    assert model.precompiled.counts["loaded"] == len(files) - 1 and model.precompiled.counts["compiled"] == 1
+
+
+def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(monkeypatch, tmp_path):
+    import torch
+
+    model, inputs = _micro(monkeypatch, tmp_path)
+    model.compile_blocks(backend="aot_eager")  # another backend: torch.compile as asked, nothing saved
+    assert model.precompiled is None
+
+    model, inputs = _micro(monkeypatch, tmp_path)
+    model.compile_blocks()
+    store = model.precompiled
+    monkeypatch.setattr(store, "_compile", lambda *a: pytest.fail("compiled ahead of time for a call it cannot serve"))
+    block = model.transformer_blocks[0]
+    x = torch.zeros(1, 2, requires_grad=True)
+    assert store.function_for(block, (x,), {}) is None  # grad: training graphs are not saved
+    with torch.no_grad():
+        handle = block.register_forward_pre_hook(lambda *a: None)
+        assert store.function_for(block, (), {}) is None  # a hook: Dynamo traces it, the saved function would not
+        handle.remove()
+        assert store.function_for(block, (object(),), {}) is None  # an argument the guards may not serialize
+    assert not list(store.folder.rglob("*.bin"))
+
+def test_precompiled_folder_changes_with_what_the_saved_guards_leave_out(monkeypatch, tmp_path):
+    from mgtq.compilation import PrecompiledBlocks
+
+    monkeypatch.delenv("MGTQ_CPU_CLASS", raising=False)
+    base = PrecompiledBlocks(tmp_path, {}).folder
+    assert base.parent == tmp_path / compilation.PRECOMPILED_FOLDER
+    assert PrecompiledBlocks(tmp_path, {}).folder == base
+    assert PrecompiledBlocks(tmp_path, {"mode": "max-autotune"}).folder != base
+    monkeypatch.setenv("MGTQ_CPU_CLASS", "avx2")  # another kernel choice, read through a global
+    assert PrecompiledBlocks(tmp_path, {}).folder != base
+    assert PrecompiledBlocks.supports({}) and PrecompiledBlocks.supports({"mode": "max-autotune"})
+    assert not PrecompiledBlocks.supports({"backend": "eager"}) and not PrecompiledBlocks.supports({"dynamic": True})
+    assert len(compilation.source_digest()) == 12
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
