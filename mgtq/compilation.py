@@ -152,6 +152,10 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def _structure(module: torch.nn.Module) -> tuple:
     """Every submodule's name and class (SCQ blocks differ here: W4A8 or W4A16 layers) and its own tensors'
     dtypes and shapes: one group per kind of block, whose guards then only confirm it."""
+    for m in module.modules():
+        if any(isinstance(v, torch.Tensor) and v.is_mkldnn for v in vars(m).values()):
+            # oneDNN-prepacked tensors (W4A8's opt-in weight cache) have no fake-tensor form to trace ahead of time
+            raise _Ineligible
     return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}",
                   tuple((n, str(t.dtype), tuple(t.shape)) for n, t in [*m.named_parameters(recurse=False),
                                                                       *m.named_buffers(recurse=False)]))
@@ -181,7 +185,7 @@ class PrecompiledBlocks:
         self.disabled: str | None = None
         self._groups: dict[str, list] = {}
         self._devices: dict[str, str] = {}
-        self._memo: dict[int, tuple] = {}  # id(block) -> (signature, structure digest, function)
+        self._memo: dict[int, tuple] = {}  # id(block) -> (signature, group key, function or None: not served)
 
     @staticmethod
     def supports(compile_kwargs: dict) -> bool:
@@ -207,9 +211,14 @@ class PrecompiledBlocks:
         except _Ineligible:
             return None
         memo = self._memo.get(id(block))
-        if memo is not None and memo[0] == signature and _guards_pass(memo[2], block, args, kwargs):
-            return memo[2]
-        key = self._group_key(block, signature, args)
+        if memo is not None and memo[0] == signature:
+            if memo[2] is None or _guards_pass(memo[2], block, args, kwargs):
+                return memo[2]
+        try:
+            key = self._group_key(block, signature, args)
+        except _Ineligible:
+            self._memo[id(block)] = (signature, None, None)
+            return None
         group = self._load_group(key)
         fn = next((f for f in group if _guards_pass(f, block, args, kwargs)), None)
         if fn is None:
