@@ -200,5 +200,28 @@ def test_precompiled_folder_changes_with_what_the_saved_guards_leave_out(monkeyp
     assert not PrecompiledBlocks.supports({"backend": "eager"}) and not PrecompiledBlocks.supports({"dynamic": True})
     assert len(compilation.source_digest()) == 12
 
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_precompiled_blocks_on_cuda(monkeypatch, tmp_path):
+    # Triton kernels in the saved functions: a second model in this process loads them from disk and gives
+    # the first one's output (benchmarks/gpu_check.py runs the tests marked cuda).
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    outputs, counts = [], []
+    for _ in range(2):
+        model, inputs = _micro(monkeypatch, tmp_path)
+        model = model.to("cuda", torch.bfloat16)
+        inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        model.compile_blocks()
+        with torch.inference_mode():
+            outputs.append(model(**inputs).cpu())
+        counts.append(dict(model.precompiled.counts))
+    assert counts[0]["compiled"] > 0 and counts[0]["fallback_calls"] == 0, counts
+    assert counts[1]["loaded"] == counts[0]["compiled"] and counts[1]["compiled"] == 0, counts
+    assert torch.equal(outputs[0], outputs[1])
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
