@@ -182,7 +182,8 @@ class PrecompiledBlocks:
         self.folder = Path(folder) / PRECOMPILED_FOLDER / _settings_key(compile_kwargs)
         self.compile_kwargs = dict(compile_kwargs)
         self.counts = {"loaded": 0, "compiled": 0, "calls": 0, "fallback_calls": 0}
-        self.disabled: str | None = None
+        self.disabled: str | None = None  # why the store serves no call any more
+        self.failure: str | None = None  # the last ahead-of-time compile's error, until plain torch.compile runs
         self._groups: dict[str, list] = {}
         self._devices: dict[str, str] = {}
         self._memo: dict[int, tuple] = {}  # id(block) -> (signature, group key, function or None: not served)
@@ -273,10 +274,8 @@ class PrecompiledBlocks:
                 compiled = torch.compile(block.forward, fullgraph=True, **self.compile_kwargs)
             fn = compiled.aot_compile((args, kwargs))
             payload = AOTCompiledFunction.serialize(fn).serialized_data
-        except Exception as err:  # noqa: BLE001 (experimental in torch): plain torch.compile from now on
-            self.disabled = f"{type(err).__name__}: {err}"
-            _warn_once(f"torch's ahead-of-time compile failed ({self.disabled}); compiling blocks with plain "
-                       "torch.compile (no precompiled warm start)")
+        except Exception as err:  # noqa: BLE001 (experimental in torch): _PrecompiledCall decides, see there
+            self.failure = f"{type(err).__name__}: {err}"
             return None
         fn.disable_guard_check()
         try:
@@ -297,12 +296,19 @@ class _PrecompiledCall:
         self.block, self.store, self.fallback = block, store, fallback
 
     def __call__(self, *args, **kwargs):
-        fn = self.store.function_for(self.block, args, kwargs)
-        if fn is None:
-            self.store.counts["fallback_calls"] += 1
-            return self.fallback(*args, **kwargs)
-        self.store.counts["calls"] += 1
-        return fn(self.block, *args, **kwargs)
+        store = self.store
+        fn = store.function_for(self.block, args, kwargs)
+        if fn is not None:
+            store.counts["calls"] += 1
+            return fn(self.block, *args, **kwargs)
+        store.counts["fallback_calls"] += 1
+        failure, store.failure = store.failure, None
+        out = self.fallback(*args, **kwargs)  # an error of the call itself (bad inputs) is raised here, as before
+        if failure is not None:  # plain torch.compile ran what the ahead-of-time compile could not: a limit of
+            store.disabled = failure  # the latter, so plain torch.compile from now on
+            _warn_once(f"torch's ahead-of-time compile failed ({failure}); compiling blocks with plain torch.compile "
+                       "(no precompiled warm start)")
+        return out
 
 
 def _tensors(value):

@@ -186,6 +186,41 @@ def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(mon
         assert store.function_for(block, (object(),), {}) is None  # an argument the guards may not serialize
     assert not list(store.folder.rglob("*.bin"))
 
+def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_own_error(monkeypatch, tmp_path):
+    import torch
+
+    model, inputs = _micro(monkeypatch, tmp_path)
+    block = model.transformer_blocks[0]
+    captured = []
+    handle = block.register_forward_pre_hook(lambda module, args: captured.append(args))
+    with torch.no_grad():
+        model(**inputs)  # eager: the block's arguments
+    handle.remove()
+    model.compile_blocks()
+    store = model.precompiled
+    x, *rest = captured[0]
+    with torch.no_grad(), pytest.raises(Exception):
+        block(x[..., :-1], *rest)  # one feature short: the block's own error
+    assert store.disabled is None and store.failure is None  # the inputs were wrong, not the ahead-of-time compile
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(torch._dynamo.aot_compile, "aot_compile_fullgraph", fail)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="ahead-of-time compile failed"):
+        out = model(**inputs)
+    assert store.disabled and store.counts["fallback_calls"] > 0 and store.counts["compiled"] == 0
+    torch.testing.assert_close(out, quantized_eager(inputs), rtol=2e-2, atol=2e-2)
+
+
+def quantized_eager(inputs):
+    import torch
+
+    from mgtq.testing import quantized_micro_transformer
+
+    with torch.no_grad():
+        return quantized_micro_transformer()(**inputs)
+
 def test_precompiled_folder_changes_with_what_the_saved_guards_leave_out(monkeypatch, tmp_path):
     from mgtq.compilation import PrecompiledBlocks
 
