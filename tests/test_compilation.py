@@ -165,6 +165,23 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
     assert model.precompiled.counts["loaded"] == len(files) - 1 and model.precompiled.counts["compiled"] == 1
 
 
+@pytest.mark.slow
+def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_blocks(monkeypatch, tmp_path):
+    # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2.
+    import torch
+
+    from mgtq.testing import build_random_pipeline
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
+    pipe = build_random_pipeline()
+    eager = pipe("a red circle", seed=0, num_inference_steps=3, output_type="latent", progress=False).images
+    pipe.compile()
+    compiled = pipe("a red circle", seed=0, num_inference_steps=3, output_type="latent", progress=False).images
+    counts = pipe.transformer.precompiled.counts
+    assert counts["compiled"] > 0 and counts["calls"] > 0 and counts["fallback_calls"] == 0, counts
+    assert (compiled == eager).float().mean() > 0.9  # Inductor's last bits may flip a near-tie draw, not the image
+
 def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(monkeypatch, tmp_path):
     import torch
 
