@@ -168,8 +168,6 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
 @pytest.mark.slow
 def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_blocks(monkeypatch, tmp_path):
     # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2.
-    import torch
-
     from mgtq.testing import build_random_pipeline
 
     monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
