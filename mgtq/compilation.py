@@ -15,6 +15,7 @@ Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -188,6 +189,9 @@ class PrecompiledBlocks:
         self._devices: dict[str, str] = {}
         self._memo: dict[int, tuple] = {}  # id(block) -> (signature, group key, function or None: not served)
 
+    def __deepcopy__(self, memo):
+        return self  # a cache of compiled code, shared by copies of the model (its functions do not pickle)
+
     @staticmethod
     def supports(compile_kwargs: dict) -> bool:
         """Whether torch.compile with these kwargs can be precompiled here (Inductor, no dynamic shapes)."""
@@ -294,6 +298,9 @@ class _PrecompiledCall:
 
     def __init__(self, block: torch.nn.Module, store: PrecompiledBlocks, fallback):
         self.block, self.store, self.fallback = block, store, fallback
+
+    def __deepcopy__(self, memo):  # copy.deepcopy(model): the copy's block, the same store
+        return _PrecompiledCall(copy.deepcopy(self.block, memo), self.store, copy.deepcopy(self.fallback, memo))
 
     def __call__(self, *args, **kwargs):
         store = self.store

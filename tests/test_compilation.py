@@ -1,5 +1,6 @@
 """mgtq.compilation: torch.compile's caches in mgtq's user cache folder, and a warm start that uses them."""
 
+import copy
 import json
 import os
 import subprocess
@@ -152,6 +153,10 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
         first = model(**inputs)
     assert torch.equal(first, plain)
     store = model.precompiled
+    twin = copy.deepcopy(model)  # the copy computes with its own weights, through the same store
+    with torch.no_grad():
+        next(p for p in twin.transformer_blocks[0].parameters() if p.is_floating_point()).add_(1.0)
+        assert not torch.equal(twin(**inputs), first) and torch.equal(model(**inputs), first)
     assert store.counts["compiled"] > 0 and store.counts["fallback_calls"] == 0
     files = sorted(store.folder.rglob("*.bin"))
     assert len(files) == store.counts["compiled"]
