@@ -192,6 +192,9 @@ class PrecompiledBlocks:
     def __deepcopy__(self, memo):
         return self  # a cache of compiled code, shared by copies of the model (its functions do not pickle)
 
+    def __reduce__(self):
+        return _none, ()  # torch.save(model) pickles a model uncompiled (nn.Module drops _compiled_call_impl)
+
     @staticmethod
     def supports(compile_kwargs: dict) -> bool:
         """Whether torch.compile with these kwargs can be precompiled here (Inductor, no dynamic shapes)."""
@@ -316,6 +319,10 @@ class _PrecompiledCall:
             _warn_once(f"torch's ahead-of-time compile failed ({failure}); compiling blocks with plain torch.compile "
                        "(no precompiled warm start)")
         return out
+
+
+def _none():
+    return None
 
 
 def _tensors(value):

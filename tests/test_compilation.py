@@ -1,6 +1,7 @@
 """mgtq.compilation: torch.compile's caches in mgtq's user cache folder, and a warm start that uses them."""
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -157,6 +158,13 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
     with torch.no_grad():
         next(p for p in twin.transformer_blocks[0].parameters() if p.is_floating_point()).add_(1.0)
         assert not torch.equal(twin(**inputs), first) and torch.equal(model(**inputs), first)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # whole-module pickling: torch saves the modules uncompiled
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    assert unpickled.precompiled is None
+    with torch.no_grad():
+        assert torch.equal(unpickled(**inputs), first)
     assert store.counts["compiled"] > 0 and store.counts["fallback_calls"] == 0
     files = sorted(store.folder.rglob("*.bin"))
     assert len(files) == store.counts["compiled"]
