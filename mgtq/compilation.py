@@ -157,6 +157,8 @@ def _structure(module: torch.nn.Module) -> tuple:
         if any(isinstance(v, torch.Tensor) and v.is_mkldnn for v in vars(m).values()):
             # oneDNN-prepacked tensors (W4A8's opt-in weight cache) have no fake-tensor form to trace ahead of time
             raise _Ineligible
+        if _has_hooks(m):  # e.g. accelerate's sequential offload wraps every leaf's forward: not saved code
+            raise _Ineligible
     return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}",
                   tuple((n, str(t.dtype), tuple(t.shape)) for n, t in [*m.named_parameters(recurse=False),
                                                                       *m.named_buffers(recurse=False)]))

@@ -211,6 +211,9 @@ def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(mon
         handle = block.register_forward_pre_hook(lambda *a: None)
         assert store.function_for(block, (), {}) is None  # a hook: Dynamo traces it, the saved function would not
         handle.remove()
+        handle = block.attn.to_q.register_forward_hook(lambda *a: None)
+        assert store.function_for(block, (), {}) is None  # on a submodule too (accelerate's sequential offload)
+        handle.remove()
         assert store.function_for(block, (object(),), {}) is None  # an argument the guards may not serialize
     assert not list(store.folder.rglob("*.bin"))
 
