@@ -242,7 +242,7 @@ class PrecompiledBlocks:
         return fn
 
     def _group_key(self, block, signature, args) -> str:
-        device = next((str(t.device.type) for t in _tensors(args)), "cpu")
+        device = next((t.device.type for t in _tensors(args)), "cpu")
         if device not in self._devices:
             from mgtq.quantization.kernels import describe_kernels
 
