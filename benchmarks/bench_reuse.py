@@ -100,6 +100,19 @@ def schedule_plan(config: SamplerConfig, grid: tuple[int, int], seed: int = 0) -
     return steps
 
 
+def local_sets(plan: list[dict]) -> list[dict]:
+    """The distinct active sets of a `schedule_plan` (consecutive local steps share one), each with its
+    number of steps: {"active", "steps"}. One timed call stands for all the steps of a set."""
+    sets, last = [], None
+    for entry in plan:
+        if entry["active"] is not None and entry["active"] is not last:
+            last = entry["active"]
+            sets.append({"active": last, "steps": 0})
+        if entry["active"] is not None:
+            sets[-1]["steps"] += 1
+    return sets
+
+
 class Case:
     """Inputs of one sampler forward (CFG batch 2) and the calls to time on them."""
 
@@ -138,14 +151,7 @@ def measure_format(preset: str, fmt: str, config: SamplerConfig, grid: tuple[int
         model.compile_blocks(persistent_cache=False)
     plan = schedule_plan(config, grid, seed)
     case = Case(model, grid, seed, config.reuse.bucket)
-    # one timed call per distinct local active set (consecutive local steps share it)
-    locals_, last = [], None
-    for entry in plan:
-        if entry["active"] is not None and entry["active"] is not last:
-            last = entry["active"]
-            locals_.append({"active": last, "steps": 0})
-        if entry["active"] is not None:
-            locals_[-1]["steps"] += 1
+    locals_ = local_sets(plan)
     calls = {"plain": case.plain, "full": case.full}
     for k, item in enumerate(locals_):
         calls[f"local{k}"] = lambda a=item["active"]: case.local(a)

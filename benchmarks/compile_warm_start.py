@@ -1,80 +1,152 @@
 """Cold and warm torch.compile start of the transformer: the same compile in two fresh processes.
 
     python benchmarks/compile_warm_start.py --model meissonic-1024 --formats bf16,scq --threads 1
+    python benchmarks/compile_warm_start.py --model meissonic-1024 --formats bf16,scq --threads 1 \
+        --sampler fast --steps 48 --compare-plain
 
 Per format, two fresh interpreters share one mgtq cache folder (mgtq.compilation; a new temporary
 folder unless --cache is given, so the first start is really cold). Each builds the transformer
-(random weights), calls `compile_blocks()`, and times the first forward (compiling included) and then
-`--repeats` more, in inference mode as the sampler calls it. Compile time = first forward − median of the
-others. Reports the graphs Dynamo traced, Inductor's FX-graph cache and mgtq's precompiled blocks (loaded
-or compiled: mgtq.compilation.PrecompiledBlocks), and the kernels. Writes
-benchmarks/results/compile_warm_start_<model>.json and .md.
+(random weights), calls `compile_blocks()`, and times a first pass (compiling included) and then
+`--repeats` more, in inference mode as the sampler calls it. A pass is one forward, or with `--sampler`
+(a preset with context reuse), the step kinds of one `--steps`-step image: the full step and each
+distinct local step (bench_reuse's schedule). Compile time = first pass − median of the others. Reports
+the graphs Dynamo traced, Inductor's FX-graph cache and mgtq's precompiled blocks (loaded or compiled:
+mgtq.compilation.PrecompiledBlocks), and the kernels. `--compare-plain`: the warm process then compiles
+a copy of the model with plain torch.compile (no cache: Dynamo's own recompiles) and times both, call
+by call in `--repeats` interleaved rounds (the order alternating), to tell whether the precompiled
+code runs as fast. Writes benchmarks/results/compile_warm_start_<model>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-_CHILD = """
-import json, sys, time, torch
-from mgtq.bench.build import build_transformer, linear_names_of
-from mgtq.bench.source import forward_inputs, resolve_model, transformer_config
-model, fmt, threads, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(threads)
-source = resolve_model(model)
-scales = dict.fromkeys(linear_names_of(transformer_config(source)), 0.05)  # speed does not depend on them
-transformer, _ = build_transformer(source, fmt, scales, 0, "cpu")
-inputs = forward_inputs(source, torch.bfloat16, "cpu", seed=0)
-start = time.perf_counter()
-transformer.compile_blocks()
-seconds = []
-with torch.inference_mode():
-    for i in range(1 + repeats):
-        t = time.perf_counter()
-        transformer(**inputs)
-        seconds.append(time.perf_counter() - t)
-from torch._dynamo.utils import counters
-from mgtq.quantization.kernels import describe_kernels
-store = transformer.precompiled
-print(json.dumps({"first_forward_s": seconds[0], "forwards_s": seconds[1:],
+import torch
+
+
+def step_calls(transformer, source, sampler: str | None, steps: int) -> list[tuple[str, object]]:
+    """The calls one start times, in order: the sampler's forward (no sampler), or with `sampler`, the step
+    kinds of one `steps`-step image under its context reuse: the full step and each distinct local step
+    (bench_reuse's schedule: the sampler's counts, random positions)."""
+    from mgtq.bench.source import forward_inputs, token_grid
+
+    if sampler is None:
+        inputs = forward_inputs(source, torch.bfloat16, "cpu", seed=0)
+        return [("forward", lambda: transformer(**inputs))]
+    from bench_reuse import Case, local_sets, schedule_plan
+
+    from mgtq.sampling import SamplerConfig
+
+    config = SamplerConfig.preset(sampler, num_steps=steps)
+    if not config.reuse.enabled:
+        raise SystemExit(f"--sampler {sampler} has no context reuse: leave --sampler out to time the forward")
+    grid = tuple(token_grid(source))
+    case = Case(transformer, grid, 0, config.reuse.bucket)
+    sets = local_sets(schedule_plan(config, grid, 0))
+    return [("full", case.full), *((f"local{k}", lambda a=item["active"]: case.local(a)) for k, item in enumerate(sets))]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def child_main(argv: list[str]) -> None:
+    """One start in a fresh process (run_once): build, compile_blocks(), time the first pass and `repeats` more;
+    with compare, then time a twin compiled with plain torch.compile against it in interleaved rounds."""
+    from torch._dynamo.utils import counters
+
+    from mgtq.bench.build import build_transformer, linear_names_of
+    from mgtq.bench.source import resolve_model, transformer_config
+    from mgtq.quantization.kernels import describe_kernels
+
+    model, fmt, threads, repeats, sampler, steps, compare = argv
+    repeats, steps, compare, sampler = int(repeats), int(steps), compare == "1", sampler or None
+    torch.set_num_threads(int(threads))
+    source = resolve_model(model)
+    scales = dict.fromkeys(linear_names_of(transformer_config(source)), 0.05)  # speed does not depend on them
+    transformer, _ = build_transformer(source, fmt, scales, 0, "cpu")
+    twin = copy.deepcopy(transformer) if compare else None
+    transformer.compile_blocks()
+    with torch.inference_mode():
+        calls = step_calls(transformer, source, sampler, steps)
+        passes = [{name: _timed(fn) for name, fn in calls} for _ in range(1 + repeats)]
+        store = transformer.precompiled
+        record = {"first_pass_s": passes[0], "passes_s": passes[1:],
                   "fxgraph_cache": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
                   "dynamo_graphs": counters["stats"]["unique_graphs"],
-                  "precompiled": None if store is None else {k: store.counts[k] for k in ("loaded", "compiled")},
-                  "kernels": describe_kernels("cpu")}))
-"""
+                  "precompiled": None if store is None else dict(store.counts),
+                  "kernels": describe_kernels("cpu")}
+        if compare:
+            twin.compile_blocks(persistent_cache=False)
+            twin_calls = step_calls(twin, source, sampler, steps)
+            record["plain_first_pass_s"] = {name: _timed(fn) for name, fn in twin_calls}
+            rounds = []
+            for r in range(repeats):  # interleaved call by call, the order alternating from round to round
+                row = {}
+                for (name, fn), (_, twin_fn) in zip(calls, twin_calls):
+                    first, second = (fn, twin_fn) if r % 2 == 0 else (twin_fn, fn)
+                    a, b = _timed(first), _timed(second)
+                    row[name] = (a, b) if r % 2 == 0 else (b, a)
+                rounds.append(row)
+            record["versus_plain"] = rounds  # per round, per call: (precompiled s, plain torch.compile s)
+    print(json.dumps(record))
 
 
-def run_once(model: str, fmt: str, threads: int, repeats: int, cache: Path) -> dict:
+def run_once(model: str, fmt: str, threads: int, repeats: int, cache: Path, sampler: str | None = None,
+             steps: int = 48, compare: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["MGTQ_CACHE_DIR"] = str(cache)
-    out = subprocess.run([sys.executable, "-c", _CHILD, model, fmt, str(threads), str(repeats)], env=env,
-                         capture_output=True, text=True)
+    child = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); " \
+            "from compile_warm_start import child_main; child_main(sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", child, model, fmt, str(threads), str(repeats), sampler or "",
+                          str(steps), "1" if compare else "0"], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{fmt}: the child failed:\n{out.stderr[-3000:]}")
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    record["compile_s"] = record["first_forward_s"] - statistics.median(record["forwards_s"])
+    record["compile_s"] = sum(record["first_pass_s"].values()) - statistics.median(
+        sum(p.values()) for p in record["passes_s"])
+    if "versus_plain" in record:
+        ratios = [sum(a for a, _ in row.values()) / sum(b for _, b in row.values()) for row in record["versus_plain"]]
+        record["versus_plain_ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     return record
 
 
 def to_markdown(report: dict) -> str:
+    what = "one forward" if report.get("sampler") is None else \
+        f"the full and local steps of one {report['steps']}-step image, sampler {report['sampler']}"
     lines = [f"# torch.compile start, {report['model']} ({report['threads']} thread(s), load average "
              f"{report['loadavg_start']} → {report['loadavg_end']})", "",
-             f"`{report['command']}`", "",
-             "| format | start | first forward s | steady forward s | compile s (first − steady) | graphs traced "
+             f"`{report['command']}`", "", f"A pass: {what}.", "",
+             "| format | start | first pass s | steady pass s | compile s (first − steady) | graphs traced "
              "| precompiled blocks | FX-graph cache |",
              "|---|---|---:|---:|---:|---:|---|---|"]
+    versus = []
     for fmt, starts in report["formats"].items():
         for name, r in starts.items():
-            lines.append(f"| {fmt} | {name} | {r['first_forward_s']:.1f} | {statistics.median(r['forwards_s']):.2f} | "
+            steady = statistics.median(sum(p.values()) for p in r["passes_s"])
+            lines.append(f"| {fmt} | {name} | {sum(r['first_pass_s'].values()):.1f} | {steady:.2f} | "
                          f"{r['compile_s']:.1f} | {r.get('dynamo_graphs', '')} | {r.get('precompiled')} | "
                          f"{r['fxgraph_cache']} |")
+            if "versus_plain_ratio" in r:
+                v = r["versus_plain_ratio"]
+                versus.append(f"- {fmt}, {name} start: a pass with the precompiled blocks takes {v['median']:.3f}× "
+                              f"[{v['min']:.3f}–{v['max']:.3f}] the time with plain torch.compile "
+                              f"({len(r['versus_plain'])} interleaved rounds; plain torch.compile's first pass "
+                              f"{sum(r['plain_first_pass_s'].values()):.1f} s)")
+    if versus:
+        lines += ["", "Precompiled against plain torch.compile, in the warm process (median [min–max] of per-round "
+                  "ratios of pass times):", "", *versus]
     kernels = next((r["kernels"] for starts in report["formats"].values() for r in starts.values() if "kernels" in r),
                    None)
     if kernels is not None:
@@ -89,23 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="meissonic-1024")
     parser.add_argument("--formats", default="bf16,scq")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="steady forwards after the first")
+    parser.add_argument("--repeats", type=int, default=2, help="steady passes after the first")
+    parser.add_argument("--sampler", default=None, help="a sampler preset with context reuse (e.g. fast): time the "
+                        "step kinds of one image instead of one forward")
+    parser.add_argument("--steps", type=int, default=48, help="sampler steps of that image (with --sampler)")
+    parser.add_argument("--compare-plain", action="store_true", help="the warm start also times plain torch.compile "
+                        "against the precompiled blocks, interleaved")
     parser.add_argument("--cache", type=Path, default=None, help="mgtq cache folder (default: a new temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (.md beside it)")
     args = parser.parse_args(argv)
     from mgtq.utils import atomic_write_text
 
-    report = {"model": args.model, "threads": args.threads, "command": "python " + " ".join(
+    report = {"model": args.model, "threads": args.threads, "sampler": args.sampler, "steps": args.steps,
+              "command": "python " + " ".join(
         ["benchmarks/compile_warm_start.py", *(argv if argv is not None else sys.argv[1:])]),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "formats": {}}
     with tempfile.TemporaryDirectory(prefix="mgtq-compile-cache-") as tmp:
         cache = args.cache or Path(tmp)
         for fmt in (f.strip() for f in args.formats.split(",") if f.strip()):
-            report["formats"][fmt] = {start: run_once(args.model, fmt, args.threads, args.repeats, cache)
+            report["formats"][fmt] = {start: run_once(args.model, fmt, args.threads, args.repeats, cache, args.sampler,
+                                                      args.steps, args.compare_plain and start == "warm")
                                       for start in ("cold", "warm")}
             print(fmt, {k: round(v["compile_s"], 1) for k, v in report["formats"][fmt].items()}, flush=True)
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = args.out or Path("benchmarks") / "results" / f"compile_warm_start_{args.model}.json"
+    suffix = "" if args.sampler is None else f"_{args.sampler}{args.steps}"
+    out = args.out or Path("benchmarks") / "results" / f"compile_warm_start_{args.model}{suffix}.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), to_markdown(report))
     print(to_markdown(report), end="")

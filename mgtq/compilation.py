@@ -129,18 +129,33 @@ def _settings_key(compile_kwargs: dict) -> str:
     return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
-def _signature(value):
-    """A hashable description of a call argument: tensor metadata, plain values; anything else is ineligible
-    (token hooks and other objects: their guards may not serialize)."""
+def _signature(value, any_size: bool = False, hooked: bool = False):
+    """A hashable description of a call argument: tensor metadata, plain values, the block tokens of token
+    hooks that declare themselves precompilable (mgtq.models.hooks); anything else is ineligible (other
+    objects: their guards may not serialize). any_size: tensors without their sizes (a dynamic-shape call).
+    hooked: inside block tokens, whose dicts and lists are written into (their contents are left to guards)."""
     if isinstance(value, torch.Tensor):
         if value.requires_grad:
             raise _Ineligible
-        return ("T", tuple(value.shape), value.stride(), str(value.dtype), str(value.device), value.is_inference())
+        shape = (value.dim(),) if any_size else (tuple(value.shape), value.stride())
+        return ("T", *shape, str(value.dtype), str(value.device), value.is_inference())
     if value is None or isinstance(value, (bool, int, float, str)):
         return (type(value).__name__, value)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, tuple) or (isinstance(value, list) and not hooked):
+        return (type(value).__name__, tuple(_signature(v, any_size, hooked) for v in value))
+    if hooked and isinstance(value, (list, dict)):
+        return (type(value).__name__,)
+    if getattr(type(value), "precompilable", False) is True:
+        return ("tokens", f"{type(value).__module__}.{type(value).__qualname__}",
+                tuple(sorted((k, _signature(v, any_size, True)) for k, v in vars(value).items())))
     raise _Ineligible
+
+
+def _varying_tokens(value) -> bool:
+    """Whether a call argument holds block tokens whose token count changes from call to call."""
+    if isinstance(value, (tuple, list)):
+        return any(_varying_tokens(v) for v in value)
+    return getattr(type(value), "varying_tokens", False) is True
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -216,8 +231,10 @@ class PrecompiledBlocks:
             return None
         if _has_hooks(block):
             return None
+        call = (args, tuple(sorted(kwargs.items())))
+        dynamic = _varying_tokens(call)  # a local step of context reuse: compiled once for every token count
         try:
-            signature = _signature((args, tuple(sorted(kwargs.items()))))
+            signature = _signature(call, any_size=dynamic)
         except _Ineligible:
             return None
         memo = self._memo.get(id(block))
@@ -225,7 +242,7 @@ class PrecompiledBlocks:
             if memo[2] is None or _guards_pass(memo[2], block, args, kwargs):
                 return memo[2]
         try:
-            key = self._group_key(block, signature, args)
+            key = self._group_key(block, (dynamic, signature), args)
         except _Ineligible:
             self._memo[id(block)] = (signature, None, None)
             return None
@@ -234,7 +251,7 @@ class PrecompiledBlocks:
         if fn is None:
             if len(group) >= PRECOMPILED_PER_GROUP:
                 return None
-            fn = self._compile(block, args, kwargs, key)
+            fn = self._compile(block, args, kwargs, key, dynamic)
             if fn is None:
                 return None
             group.append(fn)
@@ -275,13 +292,26 @@ class PrecompiledBlocks:
             self.counts["loaded"] += 1
         return group
 
-    def _compile(self, block, args, kwargs, key):
+    def _compile(self, block, args, kwargs, key, dynamic: bool = False):
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
+        # Dynamic shapes: plain torch.compile would recompile such a block for the second token count it sees
+        # and mark the count dynamic; an ahead-of-time compile traces once, so it is told up front. Floats are
+        # specialised: with dynamic shapes Dynamo otherwise turns float scalars into tensors by restarting its
+        # trace, which the ahead-of-time compile does not support. No duck sizing: a token count that happens
+        # to equal another size (the head dim, say) would otherwise be guarded equal to it for good.
+        patches = {"enable_aot_compile": True, **({"specialize_float": True} if dynamic else {})}
+        if dynamic:  # dynamic=True covers the arguments; tensors held by block tokens are static unless marked
+            for t in _hook_tensors((args, tuple(kwargs.values()))):
+                for dim in range(t.dim()):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        from torch.fx.experimental import _config as shape_config
+
         try:
-            with torch._dynamo.config.patch(enable_aot_compile=True):
-                compiled = torch.compile(block.forward, fullgraph=True, **self.compile_kwargs)
-            fn = compiled.aot_compile((args, kwargs))
+            with torch._dynamo.config.patch(**patches), shape_config.patch(use_duck_shape=not dynamic):
+                compiled = torch.compile(block.forward, fullgraph=True, **self.compile_kwargs,
+                                         **({"dynamic": True} if dynamic else {}))
+                fn = compiled.aot_compile((args, kwargs))
             payload = AOTCompiledFunction.serialize(fn).serialized_data
         except Exception as err:  # noqa: BLE001 (experimental in torch): _PrecompiledCall decides, see there
             self.failure = f"{type(err).__name__}: {err}"
@@ -333,6 +363,22 @@ def _tensors(value):
     elif isinstance(value, (tuple, list)):
         for v in value:
             yield from _tensors(v)
+
+
+def _hook_tensors(value, inside: bool = False):
+    """The tensors that block tokens (objects with `precompilable`) hold, however nested."""
+    if isinstance(value, torch.Tensor):
+        if inside:
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _hook_tensors(v, inside)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _hook_tensors(v, inside)
+    elif getattr(type(value), "precompilable", False) is True:
+        for v in vars(value).values():
+            yield from _hook_tensors(v, True)
 
 
 def _guards_pass(fn, block, args, kwargs) -> bool:

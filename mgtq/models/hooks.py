@@ -43,7 +43,18 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (S, Dh) shared by the batc
 
 
 class BlockTokens:
-    """What one block's sub-layer (attention, or the MLP) does to its image tokens; the defaults change nothing."""
+    """What one block's sub-layer (attention, or the MLP) does to its image tokens; the defaults change nothing.
+
+    Two class attributes tell a compiled model's precompiled blocks (mgtq.compilation) about a subclass:
+    `precompilable`: its methods are tensor code over its own attributes only (tensors, plain values, other
+    precompilable block tokens, dicts it writes into), so a block called with it can be compiled ahead of
+    time and saved; off by default, as a hook holding other objects may not survive saving. `varying_tokens`:
+    the number of image tokens it computes changes from call to call (a local step's active set), so such
+    calls are compiled once for every count (dynamic shapes) rather than once per count.
+    """
+
+    precompilable = False
+    varying_tokens = False
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) image tokens (or rows of a per-sample table) → (B, M, C) the ones the sub-layer computes."""

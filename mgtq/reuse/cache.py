@@ -93,7 +93,10 @@ class ContextCache:
         if not 0 <= refresh <= 1:
             raise ValueError(f"refresh must be a fraction in [0, 1] of the decoded tokens (0 = off), got {refresh}")
         self.bucket, self.refresh = int(bucket), float(refresh)
-        self.keys_values: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (kind, block index) → [keys, values], filled by the block during a full step. One list per block
+        # that its block tokens write into, rather than the dict and the key: a compiled block would be
+        # specialised to the key's value (one graph per block instead of one per kind of block).
+        self.keys_values: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.batch: int | None = None
         self.n_text: int | None = None
         self.grid: tuple[int, int] | None = None
@@ -109,7 +112,7 @@ class ContextCache:
 
     def local_step(self, active: torch.Tensor) -> "_LocalStep":
         """The token hook of a local step; active (B, H, W) bool on the VQ grid: the tokens to recompute."""
-        if not self.keys_values:
+        if not self.keys_values or not all(self.keys_values.values()):
             raise RuntimeError("a local step needs the keys/values of a full step first; run cache.full_step() before")
         return _LocalStep(self, active)
 
@@ -172,16 +175,19 @@ class _Recording(TokenPlan):
 
     def plan(self, kind, index, x):
         attention, mlp = self.inner.plan(kind, index, x)
-        return _Record(self.cache.keys_values, (kind, index), self.cache.n_text, attention), mlp
+        slot = self.cache.keys_values[(kind, index)] = []
+        return _Record(slot, self.cache.n_text, attention), mlp
 
 
 class _Record(BlockTokens):
     """Records the keys/values attention reads, one row per image token (see `_per_token`); with an inner
     technique's block tokens (TomeMGT's merge), the block computes as that technique says."""
 
-    def __init__(self, store: dict, key: tuple[str, int], n_text: int, inner: BlockTokens | None = None):
-        self.store, self.key, self.n_text, self.merging = store, key, n_text, inner is not None
-        self.inner = inner if inner is not None else BlockTokens()  # the defaults change nothing
+    precompilable = True  # with an inner technique's block tokens, only if those are too
+
+    def __init__(self, slot: list, n_text: int, inner: BlockTokens | None = None):
+        self.slot, self.n_text, self.merging = slot, n_text, inner is not None
+        self.inner = inner if inner is not None else _Unchanged()
 
     def reduce(self, x):
         return self.inner.reduce(x)
@@ -197,7 +203,7 @@ class _Record(BlockTokens):
 
     def keys_values(self, k, v):
         k, v = self.inner.keys_values(k, v)
-        self.store[self.key] = (self._per_token(k), self._per_token(v))  # written into in place by local steps
+        self.slot[:] = (self._per_token(k), self._per_token(v))  # written into in place by local steps
         return k, v
 
     def attention_inputs(self, q, k):
@@ -215,6 +221,12 @@ class _Record(BlockTokens):
         image = t[:, :, self.n_text:].transpose(1, 2).flatten(2)  # (B, M, H·Dh)
         image = self.inner.restore(image).unflatten(2, (heads, dh)).transpose(1, 2)  # (B, H, N, Dh)
         return torch.cat([t[:, :, :self.n_text], image], dim=2)
+
+
+class _Unchanged(BlockTokens):
+    """The defaults (nothing changes), declared precompilable: a full step's block tokens when it runs alone."""
+
+    precompilable = True
 
 
 class _LocalStep:
@@ -295,6 +307,8 @@ class _Local(TokenPlan):
 
 class _Splice(BlockTokens):
     """Writes the active tokens' fresh keys/values into the cached [text; image] ones; attention reads all."""
+
+    precompilable = varying_tokens = True  # one compiled block serves every local step's token count
 
     def __init__(self, cached: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor):
         self.cached, self.rows = cached, rows

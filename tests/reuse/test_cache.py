@@ -356,9 +356,9 @@ def test_attending_to_a_merged_row_repeated_per_member_is_proportional_attention
     keys, values = (torch.randn(batch, heads, n_text + 10, dh, generator=g) for _ in range(2))  # [text; 10 merged]
     q = torch.randn(batch, heads, 5, dh, generator=g)
     proportional = F.scaled_dot_product_attention(q, keys, values, attn_mask=tokens.key_bias(n_text))
-    store = {}
-    _Record(store, ("joint", 0), n_text, tokens).keys_values(keys, values)
-    per_token_k, per_token_v = store[("joint", 0)]
+    slot = []
+    _Record(slot, n_text, tokens).keys_values(keys, values)
+    per_token_k, per_token_v = slot
     assert per_token_k.shape == (batch, heads, n_text + 16, dh)
     torch.testing.assert_close(F.scaled_dot_product_attention(q, per_token_k, per_token_v), proportional)
     # row by row: text rows as they were, each image token's row its merged token's
