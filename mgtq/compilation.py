@@ -191,8 +191,11 @@ class PrecompiledBlocks:
 
     A block call is served by a saved function whose guards accept this block and these arguments; the
     first call of a new structure or input signature compiles one (Dynamo + Inductor, as torch.compile
-    would) and saves it, so a later process only loads. Calls it does not serve (grad enabled,
-    module hooks, arguments that are not tensors or plain values) go to the block's plain torch.compile.
+    would) and saves it, so a later process only loads. Token hooks' block tokens that declare themselves
+    `precompilable` (context reuse's full and local steps, mgtq.models.hooks) are served too; those with
+    `varying_tokens` (local steps) are compiled with dynamic shapes, one function for every token count.
+    Calls it does not serve (grad enabled, module hooks, arguments that are not tensors, plain values or
+    precompilable block tokens, such as TomeMGT's merges) go to the block's plain torch.compile.
     Each file carries a SHA-256 of its bytes: a damaged one is removed with a warning and compiled again.
     """
 
@@ -214,7 +217,7 @@ class PrecompiledBlocks:
 
     @staticmethod
     def supports(compile_kwargs: dict) -> bool:
-        """Whether torch.compile with these kwargs can be precompiled here (Inductor, no dynamic shapes)."""
+        """Whether torch.compile with these kwargs can be precompiled here (Inductor; mode and options only)."""
         backend = compile_kwargs.get("backend", "inductor")
         return backend == "inductor" and set(compile_kwargs) - {"backend"} <= _PRECOMPILE_OPTIONS
 

@@ -130,6 +130,67 @@ def test_a_second_process_loads_the_precompiled_blocks_without_tracing(tmp_path)
     assert torch.equal(torch.load(tmp_path / "warm.pt"), torch.load(tmp_path / "cold.pt"))
 
 
+# Context reuse (mgtq.reuse) through the store: a full step, then local steps of three token counts.
+_REUSE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from mgtq.reuse import ContextCache
+from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+torch.set_num_threads(1)
+model = quantized_micro_transformer()
+model.compile_blocks()
+inputs = micro_forward_inputs(model, grid=8)  # 4x4 transformer tokens
+cache = ContextCache()  # bucket 1: every local step its own token count
+outs, counts = [], []
+with torch.inference_mode():
+    outs.append(model(**inputs, token_hook=cache.full_step()))
+    for count in (3, 6, 10):
+        active = torch.zeros(1, 8, 8, dtype=torch.bool)
+        active.view(-1)[torch.randperm(64, generator=torch.Generator().manual_seed(count))[:count]] = True
+        outs.append(model(**inputs, token_hook=cache.local_step(active)))
+        counts.append(dict(model.precompiled.counts))
+torch.save(outs, sys.argv[1])
+print(json.dumps({"counts": counts, "graphs": counters["stats"]["unique_graphs"]}))
+"""
+
+
+@pytest.mark.slow
+def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path):
+    # --sampler fast --compile: full steps and local steps of any token count load in a second process.
+    env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
+    env[compilation.CACHE_ENV] = str(tmp_path / "cache")
+
+    def run(name: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _REUSE, str(tmp_path / name)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    import torch
+
+    from mgtq.reuse import ContextCache
+    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+
+    cold = run("cold.pt")
+    first, *later = cold["counts"]
+    assert first["compiled"] > 0 and all(c["compiled"] == first["compiled"] for c in later), cold  # no new count
+    assert all(c["fallback_calls"] == 0 for c in cold["counts"]), cold
+    warm = run("warm.pt")
+    assert warm["graphs"] == 0, "Dynamo traced a block that was precompiled"
+    assert warm["counts"][-1]["loaded"] == first["compiled"] and warm["counts"][-1]["compiled"] == 0, warm
+    outs = torch.load(tmp_path / "warm.pt")
+    assert all(torch.equal(a, b) for a, b in zip(outs, torch.load(tmp_path / "cold.pt")))
+    # and what eager computes, within int8 rounding (the local steps' logits of their active tokens)
+    model, cache = quantized_micro_transformer(), ContextCache()
+    inputs = micro_forward_inputs(model, grid=8)
+    with torch.inference_mode():
+        torch.testing.assert_close(outs[0], model(**inputs, token_hook=cache.full_step()), rtol=2e-2, atol=2e-2)
+        active = torch.zeros(1, 8, 8, dtype=torch.bool)
+        active.view(-1)[torch.randperm(64, generator=torch.Generator().manual_seed(10))[:10]] = True
+        torch.testing.assert_close(outs[-1], model(**inputs, token_hook=cache.local_step(active)), rtol=2e-2,
+                                   atol=2e-2)
+
+
 def _micro(monkeypatch, tmp_path):
     from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
@@ -180,18 +241,27 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
 
 @pytest.mark.slow
 def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_blocks(monkeypatch, tmp_path):
-    # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2.
+    # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2;
+    # with the fast preset, context reuse's full and local steps (token hooks) are served too.
+    from mgtq.sampling import SamplerConfig
     from mgtq.testing import build_random_pipeline
 
     monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
     pipe = build_random_pipeline()
-    eager = pipe("a red circle", seed=0, num_inference_steps=3, output_type="latent", progress=False).images
+    runs = [(None, 3), (SamplerConfig.preset("fast", num_steps=8), 8)]  # fast: 5 full steps, then local ones
+    eager = [pipe("a red circle", seed=0, num_inference_steps=steps, sampler=sampler, output_type="latent",
+                  progress=False).images for sampler, steps in runs]
     pipe.compile()
-    compiled = pipe("a red circle", seed=0, num_inference_steps=3, output_type="latent", progress=False).images
-    counts = pipe.transformer.precompiled.counts
-    assert counts["compiled"] > 0 and counts["calls"] > 0 and counts["fallback_calls"] == 0, counts
-    assert (compiled == eager).float().mean() > 0.9  # Inductor's last bits may flip a near-tie draw, not the image
+    compiled_before = 0
+    for (sampler, steps), expected in zip(runs, eager):
+        compiled = pipe("a red circle", seed=0, num_inference_steps=steps, sampler=sampler, output_type="latent",
+                        progress=False).images
+        counts = pipe.transformer.precompiled.counts
+        assert counts["compiled"] > compiled_before and counts["fallback_calls"] == 0, counts  # new kinds of call
+        compiled_before = counts["compiled"]
+        assert (compiled == expected).float().mean() > 0.9  # Inductor's last bits may flip a near-tie draw
+
 
 def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(monkeypatch, tmp_path):
     import torch
@@ -215,6 +285,10 @@ def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(mon
         assert store.function_for(block, (), {}) is None  # on a submodule too (accelerate's sequential offload)
         handle.remove()
         assert store.function_for(block, (object(),), {}) is None  # an argument the guards may not serialize
+        from mgtq.models.hooks import BlockTokens
+
+        # block tokens that do not declare themselves precompilable (TomeMGT's merges, a user's own hook)
+        assert store.function_for(block, (BlockTokens(),), {}) is None
     assert not list(store.folder.rglob("*.bin"))
 
 def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_own_error(monkeypatch, tmp_path):

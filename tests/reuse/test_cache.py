@@ -374,3 +374,31 @@ def test_reuse_refuses_tomemgt_without_proportional_attention():
 
     with pytest.raises(ValueError, match="proportional attention only"):
         ContextCache().full_step().around(TomePlan(TomeConfig(0.5, proportional_attention=False)))
+
+
+def test_a_compiled_full_step_traces_one_graph_per_kind_of_block_not_per_block():
+    # Each block records into its own list: a compiled block is not specialised to which block it is.
+    from torch._dynamo.utils import counters
+
+    from mgtq.models.presets import build_transformer
+    from mgtq.testing import micro_forward_inputs
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_transformer("test-micro", num_layers=2, num_single_layers=3).eval()
+    inputs = micro_forward_inputs(model)
+    cache = ContextCache()
+    with torch.no_grad():
+        eager = model(**inputs, token_hook=cache.full_step())
+        model.compile_blocks(persistent_cache=False, backend="eager")
+        compiled = model(**inputs, token_hook=cache.full_step())
+    assert counters["stats"]["unique_graphs"] == 2  # one joint, one single-stream
+    torch.testing.assert_close(compiled, eager)
+    assert sorted(cache.keys_values) == [("joint", 0), ("joint", 1), ("single", 0), ("single", 1), ("single", 2)]
+
+
+def test_a_local_step_needs_a_complete_full_step():
+    cache = ContextCache()
+    cache.keys_values[("joint", 0)] = []  # a full step that stopped before this block recorded
+    with pytest.raises(RuntimeError, match="full step first"):
+        cache.local_step(torch.ones(1, 4, 4, dtype=torch.bool))
