@@ -52,7 +52,8 @@ def step_calls(transformer, source, sampler: str | None, steps: int) -> list[tup
     grid = tuple(token_grid(source))
     case = Case(transformer, grid, 0, config.reuse.bucket)
     sets = local_sets(schedule_plan(config, grid, 0))
-    return [("full", case.full), *((f"local{k}", lambda a=item["active"]: case.local(a)) for k, item in enumerate(sets))]
+    locals_ = [(f"local{k}", lambda a=item["active"]: case.local(a)) for k, item in enumerate(sets)]
+    return [("full", case.full), *locals_]
 
 
 def _timed(fn) -> float:
