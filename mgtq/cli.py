@@ -219,6 +219,25 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    import time
+
+    from mgtq.compilation import cache_dir, cache_entries, clear_cache
+
+    if args.unused_days is not None and not args.clear:
+        raise ValueError("--unused-days says which folders --clear removes; add --clear")
+    if args.clear:
+        removed = clear_cache(args.unused_days)
+        print(f"removed {len(removed)} folder(s), {sum(e.size for e in removed) / 2**20:.1f} MiB, from {cache_dir()}")
+        return 0
+    entries = cache_entries()
+    print(f"{cache_dir()}: {sum(e.size for e in entries) / 2**20:.1f} MiB in {len(entries)} folder(s)")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d", time.localtime(e.last_used))
+        print(f"  {e.kind:<11} {e.size / 2**20:9.1f} MiB  last used {used}  {e.path}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")
@@ -505,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "deprecated and runs as spawn")
     b.add_argument("--no-progress", action="store_true", help="hide the per-config progress lines")
     b.set_defaults(func=cmd_bench)
+
+    k = command("cache", "list mgtq's compile cache (what --compile keeps for a later run), or remove it")
+    k.add_argument("--clear", action="store_true", help="remove the cache's folders (all, or see --unused-days)")
+    k.add_argument("--unused-days", type=argtypes.number(0), default=None, metavar="DAYS",
+                   help="with --clear: only the folders no run used for DAYS days")
+    k.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -19,7 +19,10 @@ import copy
 import functools
 import hashlib
 import os
+import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +30,8 @@ import torch
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
-__all__ = ["CACHE_ENV", "PrecompiledBlocks", "cache_dir", "compile_cache_dir", "ops_digest", "source_digest",
-           "use_persistent_compile_cache"]
+__all__ = ["CACHE_ENV", "CacheEntry", "PrecompiledBlocks", "cache_dir", "cache_entries", "clear_cache",
+           "compile_cache_dir", "ops_digest", "source_digest", "use_persistent_compile_cache"]
 
 
 def cache_dir() -> Path:
@@ -85,9 +88,76 @@ def use_persistent_compile_cache() -> Path:
         raise OSError(f"cannot create the compile cache folder {folder} ({err.strerror}); set {CACHE_ENV} to a "
                       "writable folder") from None
     os.environ[INDUCTOR_CACHE_ENV] = str(folder)
+    if not user:
+        _mark_used(folder)
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     return folder
+
+
+# ------------------------------------------------------------------------------------------- cache folders
+# Every torch version, set of mgtq ops and (for precompiled blocks) mgtq release or setting makes new folders,
+# and the old ones are never read again: `mgtq cache` lists them and removes those unused for a while. A
+# folder's mtime says when a process last used it (renewed on use: reading does not change it by itself).
+@dataclass(frozen=True)
+class CacheEntry:
+    """One folder of the compile cache: torch.compile's own caches for one torch version and set of mgtq op
+    schemas ("inductor", the precompiled blocks inside it not counted), or the precompiled blocks of one set
+    of settings ("precompiled"). size in bytes; last_used in seconds since the epoch."""
+
+    path: Path
+    kind: str
+    size: int
+    last_used: float
+
+
+def _mark_used(folder: Path) -> None:
+    try:
+        os.utime(folder)
+    except OSError:  # a read-only cache still serves; it only cannot say it was used
+        pass
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
+def cache_entries(root: Path | None = None) -> list[CacheEntry]:
+    """The folders of mgtq's compile cache under `root` (default `cache_dir()`), precompiled ones first
+    within each torch folder. A TORCHINDUCTOR_CACHE_DIR of the user's own is not mgtq's and not listed."""
+    base = (cache_dir() if root is None else Path(root)) / "torch-compile"
+    entries = []
+    for inductor in sorted(p for p in base.glob("*") if p.is_dir()):
+        children = sorted(p for p in (inductor / PRECOMPILED_FOLDER).glob("*") if p.is_dir())
+        sizes = [_folder_size(p) for p in children]
+        entries += [CacheEntry(p, "precompiled", size, p.stat().st_mtime) for p, size in zip(children, sizes)]
+        entries.append(CacheEntry(inductor, "inductor", _folder_size(inductor) - sum(sizes), inductor.stat().st_mtime))
+    return entries
+
+
+def clear_cache(unused_days: float | None = None, root: Path | None = None) -> list[CacheEntry]:
+    """Remove the compile cache's folders that no process used for `unused_days` days (all with None); the
+    removed entries. Always safe: a later compile builds what it needs again. A torch folder takes its
+    precompiled blocks with it (each use of those renews it too)."""
+    if unused_days is not None and unused_days < 0:
+        raise ValueError(f"unused_days must be ≥ 0, got {unused_days}")
+    cutoff = None if unused_days is None else time.time() - unused_days * 86400
+    removed = []
+    for entry in cache_entries(root):
+        if entry.path.exists() and (cutoff is None or entry.last_used < cutoff):
+            # renamed first: a process starting meanwhile never finds a half-removed folder under the live name
+            doomed = entry.path.with_name(f".{entry.path.name}.removing-{os.getpid()}")
+            os.replace(entry.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------- precompiled blocks
@@ -201,6 +271,8 @@ class PrecompiledBlocks:
 
     def __init__(self, folder: Path, compile_kwargs: dict):
         self.folder = Path(folder) / PRECOMPILED_FOLDER / _settings_key(compile_kwargs)
+        if self.folder.is_dir():
+            _mark_used(self.folder)
         self.compile_kwargs = dict(compile_kwargs)
         self.counts = {"loaded": 0, "compiled": 0, "calls": 0, "fallback_calls": 0}
         self.disabled: str | None = None  # why the store serves no call any more

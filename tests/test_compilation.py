@@ -365,3 +365,68 @@ def test_precompiled_blocks_on_cuda(monkeypatch, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def _fake_cache(root: Path, name: str, settings: list[str], days_ago: float) -> Path:
+    """A torch folder of the compile cache with some bytes, and precompiled settings folders in it."""
+    import time
+
+    folder = root / "torch-compile" / name
+    (folder / "fxgraph").mkdir(parents=True)
+    (folder / "fxgraph" / "entry").write_bytes(b"x" * 1000)
+    for key in settings:
+        (folder / compilation.PRECOMPILED_FOLDER / key / "group").mkdir(parents=True)
+        (folder / compilation.PRECOMPILED_FOLDER / key / "group" / "a.bin").write_bytes(b"y" * 300)
+    when = time.time() - days_ago * 86400
+    for path in [folder, *(folder / compilation.PRECOMPILED_FOLDER).glob("*")]:
+        os.utime(path, (when, when))
+    return folder
+
+
+def test_cache_entries_list_each_folder_with_its_size_and_clear_removes_the_unused(monkeypatch, tmp_path):
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    assert compilation.cache_entries() == [] and compilation.clear_cache() == []  # nothing there yet
+    old = _fake_cache(tmp_path, "torch-2.12.0-ops-aaa", ["k1", "k2"], days_ago=40)
+    new = _fake_cache(tmp_path, "torch-2.13.0-ops-bbb", ["k3"], days_ago=1)
+    entries = compilation.cache_entries()
+    assert [(e.path.name, e.kind, e.size) for e in entries] == [
+        ("k1", "precompiled", 300), ("k2", "precompiled", 300), ("torch-2.12.0-ops-aaa", "inductor", 1000),
+        ("k3", "precompiled", 300), ("torch-2.13.0-ops-bbb", "inductor", 1000)]
+    with pytest.raises(ValueError, match="≥ 0"):
+        compilation.clear_cache(-1)
+    removed = compilation.clear_cache(unused_days=30)
+    assert {e.path.name for e in removed} == {"k1", "k2", "torch-2.12.0-ops-aaa"}
+    assert not old.exists() and new.exists() and (new / compilation.PRECOMPILED_FOLDER / "k3").exists()
+    assert not list((tmp_path / "torch-compile").glob(".*"))  # nothing half-removed left behind
+    assert {e.path.name for e in compilation.clear_cache()} == {"k3", "torch-2.13.0-ops-bbb"}
+    assert compilation.cache_entries() == []
+
+
+def test_using_the_cache_renews_its_folders(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
+    folder = compilation.compile_cache_dir()
+    _fake_cache(tmp_path, folder.name, [], days_ago=40)
+    store = compilation.PrecompiledBlocks(folder, {})
+    store.folder.mkdir(parents=True)
+    os.utime(store.folder, (time.time() - 40 * 86400,) * 2)
+    compilation.use_persistent_compile_cache()  # what compile_blocks() does first
+    compilation.PrecompiledBlocks(folder, {})
+    assert compilation.clear_cache(unused_days=30) == []  # both were used just now
+
+
+def test_mgtq_cache_lists_and_clears(monkeypatch, tmp_path, capsys):
+    from mgtq.cli import main
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    _fake_cache(tmp_path, "torch-2.12.0-ops-aaa", ["k1"], days_ago=40)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "2 folder(s)" in out and "precompiled" in out and "inductor" in out and "k1" in out
+    assert main(["cache", "--unused-days", "30"]) == 2  # without --clear: says what to add
+    assert "add --clear" in capsys.readouterr().err
+    assert main(["cache", "--clear", "--unused-days", "60"]) == 0 and "removed 0 folder(s)" in capsys.readouterr().out
+    assert main(["cache", "--clear", "--unused-days", "30"]) == 0 and "removed 2 folder(s)" in capsys.readouterr().out
+    assert compilation.cache_entries() == []

@@ -47,7 +47,7 @@ class BlockTokens:
 
     Two class attributes tell a compiled model's precompiled blocks (mgtq.compilation) about a subclass:
     `precompilable`: its methods are tensor code over its own attributes only (tensors, plain values, other
-    precompilable block tokens, dicts it writes into), so a block called with it can be compiled ahead of
+    precompilable block tokens, lists or dicts it writes into), so a block called with it can be compiled ahead of
     time and saved; off by default, as a hook holding other objects may not survive saving. `varying_tokens`:
     the number of image tokens it computes changes from call to call (a local step's active set), so such
     calls are compiled once for every count (dynamic shapes) rather than once per count.

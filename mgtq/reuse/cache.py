@@ -310,7 +310,7 @@ class _Splice(BlockTokens):
 
     precompilable = varying_tokens = True  # one compiled block serves every local step's token count
 
-    def __init__(self, cached: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor):
+    def __init__(self, cached: list[torch.Tensor], rows: torch.Tensor):
         self.cached, self.rows = cached, rows
 
     def keys_values(self, k, v):
