@@ -108,18 +108,22 @@ print(json.dumps({"counts": model.precompiled.counts, "graphs": counters["stats"
 """
 
 
+def _run_in_fresh_process(script: str, cache: Path, out: Path) -> dict:
+    """`script` in a new interpreter with `cache` as mgtq's cache folder, writing `out`; its last JSON line."""
+    env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
+    env[compilation.CACHE_ENV] = str(cache)
+    done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_second_process_loads_the_precompiled_blocks_without_tracing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
-    env[compilation.CACHE_ENV] = str(tmp_path / "cache")
+    import torch
 
     def run(name: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", _PRECOMPILE, str(tmp_path / name)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    import torch
+        return _run_in_fresh_process(_PRECOMPILE, tmp_path / "cache", tmp_path / name)
 
     cold = run("cold.pt")
     assert cold["counts"]["compiled"] > 0 and cold["counts"]["loaded"] == 0 and cold["graphs"] > 0, cold
@@ -157,16 +161,10 @@ print(json.dumps({"counts": counts, "graphs": counters["stats"]["unique_graphs"]
 @pytest.mark.slow
 def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path):
     # --sampler fast --compile: full steps and local steps of any token count load in a second process.
-    env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
-    env[compilation.CACHE_ENV] = str(tmp_path / "cache")
+    import torch
 
     def run(name: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", _REUSE, str(tmp_path / name)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    import torch
+        return _run_in_fresh_process(_REUSE, tmp_path / "cache", tmp_path / name)
 
     from mgtq.reuse import ContextCache
     from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
