@@ -46,9 +46,7 @@ def step_calls(transformer, source, sampler: str | None, steps: int) -> list[tup
 
     from mgtq.sampling import SamplerConfig
 
-    config = SamplerConfig.preset(sampler, num_steps=steps)
-    if not config.reuse.enabled:
-        raise SystemExit(f"--sampler {sampler} has no context reuse: leave --sampler out to time the forward")
+    config = SamplerConfig.preset(sampler, num_steps=steps)  # main() checked that it has context reuse
     grid = tuple(token_grid(source))
     case = Case(transformer, grid, 0, config.reuse.bucket)
     sets = local_sets(schedule_plan(config, grid, 0))
@@ -114,7 +112,12 @@ def run_once(model: str, fmt: str, threads: int, repeats: int, cache: Path, samp
                           str(steps), "1" if compare else "0"], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{fmt}: the child failed:\n{out.stderr[-3000:]}")
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+    return summarize(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def summarize(record: dict) -> dict:
+    """A child's record with compile_s (first pass − median steady pass) and, with --compare-plain, the per-round
+    ratios of pass times, precompiled ÷ plain torch.compile: their median, min and max."""
     record["compile_s"] = sum(record["first_pass_s"].values()) - statistics.median(
         sum(p.values()) for p in record["passes_s"])
     if "versus_plain" in record:
@@ -172,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (.md beside it)")
     args = parser.parse_args(argv)
     from mgtq.utils import atomic_write_text
+
+    if args.sampler is not None:
+        from mgtq.sampling import SamplerConfig
+
+        try:
+            reuse = SamplerConfig.preset(args.sampler).reuse.enabled
+        except ValueError as err:
+            parser.error(f"--sampler: {err}")
+        if not reuse:
+            parser.error(f"--sampler {args.sampler} has no context reuse: leave --sampler out to time the forward")
 
     report = {"model": args.model, "threads": args.threads, "sampler": args.sampler, "steps": args.steps,
               "command": "python " + " ".join(
