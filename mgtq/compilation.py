@@ -369,6 +369,7 @@ class PrecompiledBlocks:
 
     def _compile(self, block, args, kwargs, key, dynamic: bool = False):
         from torch._dynamo.aot_compile import AOTCompiledFunction
+        from torch.fx.experimental import _config as shape_config
 
         # Dynamic shapes: plain torch.compile would recompile such a block for the second token count it sees
         # and mark the count dynamic; an ahead-of-time compile traces once, so it is told up front. Floats are
@@ -380,8 +381,6 @@ class PrecompiledBlocks:
             for t in _hook_tensors((args, tuple(kwargs.values()))):
                 for dim in range(t.dim()):
                     torch._dynamo.maybe_mark_dynamic(t, dim)
-        from torch.fx.experimental import _config as shape_config
-
         try:
             with torch._dynamo.config.patch(**patches), shape_config.patch(use_duck_shape=not dynamic):
                 compiled = torch.compile(block.forward, fullgraph=True, **self.compile_kwargs,
