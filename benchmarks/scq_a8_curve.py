@@ -34,7 +34,8 @@ from mgtq.quantization import model_weight_nbytes
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
-from mgtq.utils import atomic_write_text, read_json, write_json
+from mgtq.scq.run import RunFolder
+from mgtq.utils import atomic_directory, atomic_write_text, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,11 +71,18 @@ def point_recipe(base: dict, fraction: float, selection: str, group_size: int | 
                              "secondary": {**base["secondary"], "fraction": fraction, "selection": selection}})
 
 
+def seed_run(base_run: Path, run: Path) -> None:
+    """A point's run folder starts as a copy of the base run (whole: `mgtq calibrate` takes only its own runs), so
+    the point's calibration, restarted with the point's recipe, reuses the stages whose inputs are the same: the
+    synthesized images always (every point is calibrated on the same images), QAT where its settings match."""
+    with atomic_directory(run, overwrite=False) as tmp:
+        shutil.copytree(base_run, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(RunFolder.LOCK))
+
+
 def calibrated_checkpoint(recipe, base_run: Path, work: Path, name: str, progress: bool) -> tuple[Path, Path]:
     run, ckpt = work / name, work / f"{name}-ckpt"
-    if not run.exists():  # reuse the base run's synthesized images: same synth fingerprint
-        run.mkdir(parents=True)
-        shutil.copytree(base_run / "synth", run / "synth")
+    if not run.exists():
+        seed_run(base_run, run)
     calibrate(recipe, run, progress=progress, restart=True)
     if not (ckpt / "model_index.json").is_file():
         export_run(run, ckpt, overwrite=True)
