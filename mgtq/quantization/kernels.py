@@ -33,6 +33,8 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cuda   | W4A16  | otherwise                                      | dequant          |
 | cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0 | int_mm           |
 | cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
+| other  | W4A16  | any (Apple's mps, Intel's xpu, …)              | dequant          |
+| other  | W4A8   | any                                            | fp32_exact       |
 
 The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacked
 int8 layout on ``amx-int8``, where oneDNN's int8 GEMM runs on AMX tiles and beats
@@ -92,7 +94,11 @@ Kernels:
   as plain torch ops that Inductor fuses into the norm / modulation / GELU
   producing the input (one pass fewer over the activations per layer);
 * ``int_mm``: quantize, ONE ``torch._int_mm`` on the whole layer, rescale
-  epilogue (each one fused kernel on CUDA).
+  epilogue (each one fused kernel on CUDA);
+* ``fp32_exact``: devices other than the CPU and CUDA, where neither torch's integer GEMMs nor mgtq's kernels
+  are known to run: the int8 activations and int4 weights as fp32 through ``torch.matmul`` (exact integer
+  sums, see :func:`exact_int_sums`), then the W4A8 rescale; plain torch ops only, so it runs wherever torch
+  does, bit-equal to the integer GEMMs where the device's fp32 matmul is IEEE fp32.
 
 ``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
 (:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
@@ -178,7 +184,8 @@ __all__ = [
 ]
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
-           "amx", "vnni", "avx512", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm")
+           "amx", "vnni", "avx512", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm",
+           "fp32_exact")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
@@ -189,7 +196,7 @@ VNNI_NATIVE_CLASSES = ("amx-bf16", "avx512-vnni")
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 TINYGEMM_INNER_K_TILES = 8
-# Exactness bound of int8pack_exact: 2**24 / (|int8| max 128 * |int4| max 8).
+# Exactness bound of int8pack_exact and fp32_exact: 2**24 / (|int8| max 128 * |int4| max 8).
 EXACT_FP32_MAX_K = 1 << 14
 
 
@@ -197,7 +204,7 @@ EXACT_FP32_MAX_K = 1 << 14
 class KernelContext:
     """What the choice depends on, all known before the call (no tensor data read).
 
-    device: "cpu" or "cuda"; capability: CUDA compute capability (major, minor)
+    device: "cpu", "cuda" or another torch device type (mps, xpu, …); capability: CUDA compute capability (major, minor)
     or None; m, k, n: rows, in, out features; dtype: activation dtype;
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
@@ -251,6 +258,11 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
     """The kernel name (see the module table) for ``scheme`` "w4a16" or "w4a8" in context ``ctx``."""
     per_channel = ctx.group_size == ctx.k
     small = ctx.m <= SMALL_M
+    if scheme not in ("w4a16", "w4a8"):
+        raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
+    if ctx.device not in ("cpu", "cuda"):
+        # mgtq's kernels read host memory and torch's integer GEMMs are CPU / CUDA ops: plain torch ops only.
+        return "dequant" if scheme == "w4a16" else "fp32_exact"
     if scheme == "w4a16":
         if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native
                 and amx.supports_w4a16(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
@@ -285,7 +297,6 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if small:
             return "int_mm"
         return "int_mm_chunked_inline" if ctx.compiling else "int_mm_chunked"
-    raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
 
 
 @torch.compiler.assume_constant_result
@@ -325,7 +336,8 @@ def describe_kernels(device: str | torch.device) -> dict:
 
     A quantized model's outputs follow its kernels (int8 and bf16 sums run in each kernel's own order), so
     a score measured with one CPU class's kernels can differ from another's: CPU model, its extensions, the
-    class and whether mgtq's kernels for it are built; on CUDA the GPU and its compute capability.
+    class and whether mgtq's kernels for it are built; on CUDA the GPU and its compute capability; on another
+    device (mps, xpu, …) its type, as every such device runs the same plain torch ops (``choose_kernel``).
     """
     device = torch.device(device)
     out = {"device": device.type, "torch": torch.__version__}
@@ -333,6 +345,8 @@ def describe_kernels(device: str | torch.device) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return out | {"gpu": torch.cuda.get_device_name(index),
                       "capability": list(torch.cuda.get_device_capability(index))}
+    if device.type != "cpu":
+        return out
     cls = cpu_class()
     return out | {"cpu_model": cpu_model(), "isa": cpu_isa(), "cpu_class": cls, "native": native_available(cls)}
 
@@ -340,11 +354,13 @@ def describe_kernels(device: str | torch.device) -> dict:
 def kernels_label(description: dict) -> str:
     """One line for a report from :func:`describe_kernels`'s dict.
 
-    e.g. "cpu AMD EPYC, class avx512-vnni (mgtq's kernels)", "cuda NVIDIA H200 (sm_90)".
+    e.g. "cpu AMD EPYC, class avx512-vnni (mgtq's kernels)", "cuda NVIDIA H200 (sm_90)", "mps (torch's ops)".
     """
     if description["device"] == "cuda":
         major, minor = description["capability"]
         return f"cuda {description['gpu']} (sm_{major}{minor})"
+    if description["device"] != "cpu":
+        return f"{description['device']} (torch's ops)"
     own = "mgtq's kernels" if description["native"] else "torch's kernels only"
     return f"cpu {description['cpu_model'] or 'unknown model'}, class {description['cpu_class']} ({own})"
 
@@ -403,7 +419,7 @@ def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda":
         inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
         return _fused("quantize", _quantize_rows_ref)(x, inv)
-    if amx.vnni_available() and x.dtype in (torch.bfloat16, torch.float32):
+    if x.device.type == "cpu" and amx.vnni_available() and x.dtype in (torch.bfloat16, torch.float32):
         return amx.quantize_int8(x, scale)  # one vectorised pass instead of four cache-blocked torch ops
     return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
 
@@ -612,6 +628,8 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         ones = torch.ones(n, dtype=torch.float32, device=x.device)
         acc = weight_int8pack_mm(x_q.to(torch.float32), unpack_int4_op(packed), ones)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0)
+    elif kernel == "fp32_exact":
+        y = rescale_acc(exact_int_sums(x_q, unpack_int4_op(packed)), weight_scale, input_scale, bias, x.dtype, 1.0)
     elif kernel in ("amx", "vnni"):
         y = w4a8_cpu_op(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, activation or "",
                         kernel == "amx")
@@ -623,6 +641,18 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         y = int8_int4_linear_chunked(x_q, packed, weight_scale[:, 0] * input_scale, bias, x.dtype, chunk_n,
                                      weight_times16)
     return apply_activation(y.reshape(*x.shape[:-1], n), activation)
+
+
+def exact_int_sums(x_q: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """int8 ``x_q (M, K)`` times int4 values ``q (N, K)`` (int8 holding [-8, 7]) -> the exact int32 sums ``(M, N)``,
+    through fp32 matmuls: every partial sum over at most EXACT_FP32_MAX_K products stays below 2**24, which fp32
+    holds exactly in any order of addition; longer rows go in such pieces, added in int32."""
+    acc = None
+    for k0 in range(0, x_q.shape[1], EXACT_FP32_MAX_K):
+        piece = slice(k0, k0 + EXACT_FP32_MAX_K)
+        part = torch.matmul(x_q[:, piece].to(torch.float32), q[:, piece].to(torch.float32).t()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 # ------------------------------------------------------------------------------------ tinygemm

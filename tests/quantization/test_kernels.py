@@ -1,7 +1,8 @@
 """Kernel dispatch (mgtq.quantization.kernels): the choice table, each path's numerics, op counts.
 
-The CUDA paths are checked on CPU by forcing their branch (`force_device="cuda"`): the same torch
-ops run, with the CPU implementation of mgtq's fused custom ops. Tests marked `cuda` run them on a GPU.
+The CUDA paths and the plain torch ops of other devices are checked on CPU by forcing their branch
+(`force_device="cuda"` / `"mps"`): the same torch ops run, with the CPU implementation of mgtq's fused custom
+ops. Tests marked `cuda` run them on a GPU.
 """
 
 import pytest
@@ -150,6 +151,53 @@ def test_describe_kernels_says_which_class_ran(monkeypatch, cls):
 def test_kernels_label_of_a_gpu():
     described = {"device": "cuda", "torch": "2.13.0", "gpu": "NVIDIA H200", "capability": [9, 0]}
     assert kernels.kernels_label(described) == "cuda NVIDIA H200 (sm_90)"
+
+
+def test_another_device_is_described_by_its_type_alone():
+    # No CPU facts for a model on Apple's or Intel's GPUs: they run the same plain torch ops on any host.
+    described = kernels.describe_kernels("meta")
+    assert described == {"device": "meta", "torch": torch.__version__}
+    assert kernels.kernels_label(described) == "meta (torch's ops)"
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+@pytest.mark.parametrize("rows", [2, 2202])
+@pytest.mark.parametrize("kw", [{}, {"compiling": True}, {"cache": True}, {"group": 64}])
+def test_other_devices_run_plain_torch_ops(device, rows, kw):
+    # mgtq's CPU kernels read host memory (a device pointer would be read as one), and torch's integer GEMMs are
+    # CPU / CUDA ops: whatever the host CPU, another device gets the kernels made of plain torch ops.
+    for cls in ("amx-int8", "avx512-vnni"):
+        context = ctx(device, m=rows, cpu_class=cls, native=True, avx512_bf16=True, **kw)
+        assert choose_kernel("w4a16", context) == "dequant"
+        assert choose_kernel("w4a8", context) == "fp32_exact"
+
+
+@pytest.mark.parametrize("rows", [2, 33])
+def test_the_plain_w4a8_path_of_other_devices_is_the_int32_gemm_bit_for_bit(layers, rows):
+    _, w4, a8 = layers
+    x = torch.randn(rows, K, dtype=torch.bfloat16) * 3
+    args = (x, a8.weight_packed, a8.weight_scale, a8.input_scale, a8.bias)
+    with OpCounter() as counter:
+        other = kernels.w4a8_linear(*args, force_device="mps")
+    assert torch.equal(other, kernels.w4a8_linear(*args))  # the CPU's own kernel (int_mm / chunked / vnni)
+    assert not [n for n in counter.names() if n.endswith("_cpu") or n.startswith("_int_mm")], counter.names()
+    dequantized = dequantize_int4_weight(w4.weight_packed, w4.weight_scale, x.dtype)
+    assert torch.equal(kernels.w4a16_linear(x, w4.weight_packed, w4.weight_scale, w4.bias, force_device="mps"),
+                       F.linear(x, dequantized, w4.bias.to(x.dtype)))
+
+
+def test_exact_int_sums_past_the_fp32_bound():
+    # Rows longer than fp32 can sum exactly go in pieces added in int32: the int64 reference's sums.
+    g = torch.Generator().manual_seed(0)
+    k = kernels.EXACT_FP32_MAX_K + 40
+    x_q = torch.randint(-128, 128, (3, k), generator=g, dtype=torch.int8)
+    q = torch.randint(-8, 8, (5, k), generator=g, dtype=torch.int8)
+    x_q[0], q[0] = -128, -8
+    x_q[0, -1], q[0, -1] = 127, -1  # an odd sum above 2**24: no fp32 holds it
+    expected = x_q.long() @ q.long().t()
+    assert int(expected[0, 0]) > 1 << 24 and int(expected[0, 0]) % 2
+    assert int(torch.matmul(x_q.float(), q.float().t())[0, 0]) != int(expected[0, 0])  # no fp32 sum is exact
+    assert torch.equal(kernels.exact_int_sums(x_q, q), expected.to(torch.int32))
 
 
 def test_int_mm_capability_check():
