@@ -10,7 +10,9 @@ random third W4A8 and the rest W4A16, standing in for the lowest-magnitude third
 since values do not change speed; `-cached`: with the W4A8 layers' opt-in int8 weight cache, as in
 `mgtq bench`).
 
-What is timed, per format, interleaved round by round after a warm-up (process CPU time, medians):
+What is timed, per format, interleaved round by round after a warm-up (medians; `--clock`: process CPU time by
+default at 1 thread, wall-clock time with more, where CPU time adds the threads up and hides a step that leaves one
+idle):
 - the plain forward (no hook): the step of the sampler without acceleration;
 - the full step (the same forward, recording every block's keys/values);
 - each local step the schedule produces: the sampler's counts (`num_to_mask` on the config's schedule)
@@ -137,15 +139,20 @@ class Case:
         self.model(**self.inputs, token_hook=self.cache.local_step(active))
 
 
-def cpu_seconds(fn) -> float:
-    start = time.process_time()
+CLOCKS = {"cpu": ("process CPU time", time.process_time), "wall": ("wall-clock time", time.perf_counter)}
+
+
+def seconds_on(fn, clock: str = "cpu") -> float:
+    """Seconds `fn()` takes on `clock` (a key of CLOCKS)."""
+    read = CLOCKS[clock][1]
+    start = read()
     fn()
-    return time.process_time() - start
+    return read() - start
 
 
 @torch.inference_mode()
 def measure_format(preset: str, fmt: str, config: SamplerConfig, grid: tuple[int, int], rounds: int, compile_: bool,
-                   check: bool, seed: int) -> dict:
+                   check: bool, seed: int, clock: str = "cpu") -> dict:
     model = build(preset, fmt, seed)
     if compile_:
         model.compile_blocks(persistent_cache=False)
@@ -161,7 +168,7 @@ def measure_format(preset: str, fmt: str, config: SamplerConfig, grid: tuple[int
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            times[name].append(cpu_seconds(fn))
+            times[name].append(seconds_on(fn, clock))
     median = {name: statistics.median(values) for name, values in times.items()}
     n_full = sum(entry["full"] for entry in plan)
     composed = n_full * median["full"] + sum(item["steps"] * median[f"local{k}"] for k, item in enumerate(locals_))
@@ -174,7 +181,7 @@ def measure_format(preset: str, fmt: str, config: SamplerConfig, grid: tuple[int
         "baseline_s": baseline, "reuse_s": composed, "speedup": baseline / composed,
     }
     if check:
-        row["check"] = whole_image_check(model, config, grid, seed)
+        row["check"] = whole_image_check(model, config, grid, seed, clock)
     return row
 
 
@@ -183,8 +190,8 @@ def _grid_of(model, grid):
     return grid[0] // f, grid[1] // f
 
 
-def whole_image_check(model, config: SamplerConfig, grid: tuple[int, int], seed: int) -> dict:
-    """One sampler call without and one with reuse (same seed): CPU seconds and their ratio."""
+def whole_image_check(model, config: SamplerConfig, grid: tuple[int, int], seed: int, clock: str = "cpu") -> dict:
+    """One sampler call without and one with reuse (same seed): seconds on `clock` and their ratio."""
     case = Case(model, grid, seed)
     scale = config.guidance_scale
 
@@ -197,8 +204,8 @@ def whole_image_check(model, config: SamplerConfig, grid: tuple[int, int], seed:
     seconds = {}
     for name, run_config in (("baseline", config.replace(reuse={})), ("reuse", config)):
         generators = [torch.Generator().manual_seed(seed)]
-        seconds[name] = cpu_seconds(lambda c=run_config, g=generators: sample(
-            model_fn, 1, grid, model.mask_token_id, c, g, progress=False))
+        seconds[name] = seconds_on(lambda c=run_config, g=generators: sample(
+            model_fn, 1, grid, model.mask_token_id, c, g, progress=False), clock)
     return {"baseline_s": seconds["baseline"], "reuse_s": seconds["reuse"],
             "speedup": seconds["baseline"] / seconds["reuse"]}
 
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {','.join(FORMATS)}")
     parser.add_argument("--rounds", type=argtypes.integer(minimum=1), default=3, help="timed calls per step kind")
     parser.add_argument("--threads", type=argtypes.integer(minimum=1), default=1, help="torch threads")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
+                        help="what a timing reads: cpu (process CPU time) or wall; default cpu at 1 thread, else wall")
     parser.add_argument("--compile", action="store_true", help="compile the blocks (mgtq's regional compilation)")
     parser.add_argument("--check", action="store_true", help="also time one whole image without and with reuse")
     parser.add_argument("--seed", type=argtypes.seed, default=0)
@@ -229,14 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the composed per-step costs do not model K/V refresh (its extra rows depend on attention); "
                      "time a refresh setting whole with `mgtq bench --model meissonic-1024 --steps 48 --reuse-refresh R`")
     torch.set_num_threads(args.threads)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     grid = (args.grid, args.grid)
     result = {"command": " ".join(["python", "benchmarks/bench_reuse.py", *(sys.argv[1:] if argv is None else argv)]),
               "model": args.model, "grid": args.grid, "steps": args.steps, "threads": args.threads,
               "rounds": args.rounds, "compile": args.compile, "sampler": config.to_dict(),
-              "timing": "process CPU time, median of rounds", "loadavg_start": list(os.getloadavg()), "formats": {}}
+              "timing": f"{CLOCKS[clock][0]}, median of rounds", "loadavg_start": list(os.getloadavg()),
+              "formats": {}}
     for fmt in args.formats:
         result["formats"][fmt] = measure_format(args.model, fmt, config, grid, args.rounds, args.compile, args.check,
-                                                args.seed)
+                                                args.seed, clock)
         row = result["formats"][fmt]
         print(f"{fmt}: plain {row['plain_step_s']:.3f} s, full {row['full_step_s']:.3f} s, "
               f"{len(row['local_steps'])} local sets; composed speed-up {row['speedup']:.2f}×"

@@ -42,6 +42,21 @@ def test_tiny_run_writes_the_composed_speedup(bench, tmp_path):
         assert row["check"]["reuse_s"] > 0
 
 
+@pytest.mark.parametrize("threads, flags, timing", [
+    (1, [], "process CPU time"), (2, [], "wall-clock time"), (2, ["--clock", "cpu"], "process CPU time")])
+def test_more_threads_are_timed_on_the_wall_clock(bench, tmp_path, monkeypatch, threads, flags, timing):
+    # CPU time adds the threads up: a step that leaves one idle would read cheaper than it runs.
+    read = {"cpu": [], "wall": []}
+    for clock, (name, fn) in list(bench.CLOCKS.items()):
+        monkeypatch.setitem(bench.CLOCKS, clock, (name, lambda c=clock, f=fn: read[c].append(1) or f()))
+    out = tmp_path / "reuse.json"
+    assert bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--reuse-interval", "2", "--formats",
+                       "bf16", "--rounds", "1", "--threads", str(threads), *flags, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["timing"] == f"{timing}, median of rounds"
+    used = "cpu" if timing.startswith("process") else "wall"
+    assert read[used] and not read["wall" if used == "cpu" else "cpu"]
+
+
 def test_no_reuse_is_an_error(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--model", "test-micro", "--grid", "8", "--steps", "4", "--json", str(tmp_path / "x.json")])
