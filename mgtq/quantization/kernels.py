@@ -204,8 +204,8 @@ EXACT_FP32_MAX_K = 1 << 14
 class KernelContext:
     """What the choice depends on, all known before the call (no tensor data read).
 
-    device: "cpu", "cuda" or another torch device type (mps, xpu, …); capability: CUDA compute capability (major, minor)
-    or None; m, k, n: rows, in, out features; dtype: activation dtype;
+    device: "cpu", "cuda" or another torch device type (mps, xpu, …); capability: CUDA compute capability
+    (major, minor) or None; m, k, n: rows, in, out features; dtype: activation dtype;
     group_size: weight group size (== k for per-channel); cache: W4A8 "onednn"
     weight cache present; tinygemm: a prepared tinygemm weight present;
     compiling: inside torch.compile tracing; cpu_class: one of CPU_CLASSES (CPU only);
@@ -261,7 +261,7 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
     if scheme not in ("w4a16", "w4a8"):
         raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
     if ctx.device not in ("cpu", "cuda"):
-        # mgtq's kernels read host memory and torch's integer GEMMs are CPU / CUDA ops: plain torch ops only.
+        # mgtq's kernels read host memory, and torch's integer GEMMs are not known to run there: plain torch ops.
         return "dequant" if scheme == "w4a16" else "fp32_exact"
     if scheme == "w4a16":
         if (ctx.device == "cpu" and ctx.cpu_class == "amx-int8" and ctx.native
@@ -413,13 +413,18 @@ def _fused(name: str, fn):
     return _COMPILED[name]
 
 
+def _native_quantizer(x: torch.Tensor) -> bool:
+    """Whether mgtq's one-pass CPU quantizer takes `x`: it reads `x`'s memory from the host, so a CPU tensor only."""
+    return x.device.type == "cpu" and amx.vnni_available() and x.dtype in (torch.bfloat16, torch.float32)
+
+
 @torch.library.custom_op("mgtq::quantize_int8_rows", mutates_args=())
 def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) float, static scale () -> int8 (M, K), round-half-even of ``x_fp32 * (1/scale)``."""
     if x.device.type == "cuda":
         inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
         return _fused("quantize", _quantize_rows_ref)(x, inv)
-    if x.device.type == "cpu" and amx.vnni_available() and x.dtype in (torch.bfloat16, torch.float32):
+    if _native_quantizer(x):
         return amx.quantize_int8(x, scale)  # one vectorised pass instead of four cache-blocked torch ops
     return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
 
@@ -645,13 +650,14 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
 
 def exact_int_sums(x_q: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """int8 ``x_q (M, K)`` times int4 values ``q (N, K)`` (int8 holding [-8, 7]) -> the exact int32 sums ``(M, N)``,
-    through fp32 matmuls: every partial sum over at most EXACT_FP32_MAX_K products stays below 2**24, which fp32
-    holds exactly in any order of addition; longer rows go in such pieces, added in int32."""
-    acc = None
+    through fp32 matmuls: every partial sum over at most EXACT_FP32_MAX_K products is at most 2**24 in magnitude,
+    which fp32 holds exactly in any order of addition; longer rows go in such pieces, added in int32 (exact for
+    K <= 2**21, int32's range). Written for correctness on any device: it makes an fp32 copy of the weight per call."""
+    acc = torch.zeros(x_q.shape[0], q.shape[0], dtype=torch.int32, device=x_q.device)
     for k0 in range(0, x_q.shape[1], EXACT_FP32_MAX_K):
         piece = slice(k0, k0 + EXACT_FP32_MAX_K)
         part = torch.matmul(x_q[:, piece].to(torch.float32), q[:, piece].to(torch.float32).t()).to(torch.int32)
-        acc = part if acc is None else acc.add_(part)
+        acc.add_(part)
     return acc
 
 

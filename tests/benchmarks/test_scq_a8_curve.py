@@ -26,4 +26,21 @@ def test_a_point_starts_from_the_base_run_and_reruns_only_what_its_recipe_change
     assert RunFolder(base).recipe().secondary.selection != RunFolder(point).recipe().secondary.selection
     with pytest.raises(FileExistsError):  # a point's folder is never overwritten: resuming reuses it
         curve.seed_run(base, point)
-    assert sorted(p.name for p in point.parent.iterdir()) == ["point"]  # nothing half-copied beside it
+
+
+def test_a_point_interrupted_while_seeded_leaves_nothing(tmp_path, monkeypatch, benchmark_script):
+    curve = benchmark_script("scq_a8_curve")
+    base = tmp_path / "base"
+    (base / "synth").mkdir(parents=True)
+    (base / "synth" / "images.bin").write_bytes(b"x" * 1000)
+    copytree = curve.shutil.copytree
+
+    def killed_midway(src, dst, *args, **kw):  # copytree calls itself for sub-folders: be killed in one of them
+        copytree(src, dst, *args, **kw)
+        if src.name == "synth":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(curve.shutil, "copytree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        curve.seed_run(base, tmp_path / "work" / "point")
+    assert list((tmp_path / "work").iterdir()) == []  # no point and no half-copied sibling: the next run starts anew

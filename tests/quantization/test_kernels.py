@@ -1,8 +1,9 @@
 """Kernel dispatch (mgtq.quantization.kernels): the choice table, each path's numerics, op counts.
 
-The CUDA paths and the plain torch ops of other devices are checked on CPU by forcing their branch
+The CUDA paths and the kernels of other devices are checked on CPU by forcing their branch
 (`force_device="cuda"` / `"mps"`): the same torch ops run, with the CPU implementation of mgtq's fused custom
-ops. Tests marked `cuda` run them on a GPU.
+ops (the int8 quantizer's included: which tensors may take mgtq's CPU kernel is tested on its own). Tests marked
+`cuda` run them on a GPU.
 """
 
 import pytest
@@ -180,10 +181,21 @@ def test_the_plain_w4a8_path_of_other_devices_is_the_int32_gemm_bit_for_bit(laye
     with OpCounter() as counter:
         other = kernels.w4a8_linear(*args, force_device="mps")
     assert torch.equal(other, kernels.w4a8_linear(*args))  # the CPU's own kernel (int_mm / chunked / vnni)
-    assert not [n for n in counter.names() if n.endswith("_cpu") or n.startswith("_int_mm")], counter.names()
+    names = counter.names()
+    assert "mm" in names, names  # torch.matmul's fp32 GEMM ...
+    assert not {"_int_mm", "int8_int4_linear_chunked", "weight_int8pack_mm", "onednn_int8_linear", "w4a8_cpu",
+                "w4a16_cpu"} & set(names), names  # ... and none of the CPU / CUDA integer kernels
     dequantized = dequantize_int4_weight(w4.weight_packed, w4.weight_scale, x.dtype)
     assert torch.equal(kernels.w4a16_linear(x, w4.weight_packed, w4.weight_scale, w4.bias, force_device="mps"),
                        F.linear(x, dequantized, w4.bias.to(x.dtype)))
+
+
+def test_only_cpu_tensors_reach_the_native_quantizer():
+    # It reads a tensor's memory from the host: another device's tensor must take the torch ops.
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert kernels._native_quantizer(x) == kernels.amx.vnni_available()
+    assert not kernels._native_quantizer(x.to("meta"))
+    assert not kernels._native_quantizer(x.float().double())
 
 
 def test_exact_int_sums_past_the_fp32_bound():
