@@ -196,6 +196,9 @@ VNNI_NATIVE_CLASSES = ("amx-bf16", "avx512-vnni")
 # weight is fed to it as groups of 256 carrying the same scale (exact).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 TINYGEMM_INNER_K_TILES = 8
+# Devices whose kernels are torch's integer GEMMs or mgtq's; any other (mps, xpu, ...) runs plain torch ops
+# (dequant / fp32_exact), which read no int8 weight cache.
+INTEGER_KERNEL_DEVICES = ("cpu", "cuda")
 # Exactness bound of int8pack_exact and fp32_exact: 2**24 / (|int8| max 128 * |int4| max 8).
 EXACT_FP32_MAX_K = 1 << 14
 
@@ -260,7 +263,7 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
     small = ctx.m <= SMALL_M
     if scheme not in ("w4a16", "w4a8"):
         raise ValueError(f"scheme must be 'w4a16' or 'w4a8', got {scheme!r}")
-    if ctx.device not in ("cpu", "cuda"):
+    if ctx.device not in INTEGER_KERNEL_DEVICES:
         # mgtq's kernels read host memory, and torch's integer GEMMs are not known to run there: plain torch ops.
         return "dequant" if scheme == "w4a16" else "fp32_exact"
     if scheme == "w4a16":

@@ -266,7 +266,8 @@ class W4A8Linear(QuantizedLinear):
     linear, which fuses the rescale/bias/cast epilogue (eager and compiled: the
     opaque oneDNN tensor enters a compiled graph as an argument of one custom
     op); elsewhere as the plain unpacked int8 operand.  The cache is
-    never saved, is dropped on deepcopy/pickle and when the module leaves the CPU.
+    never saved, is dropped on deepcopy/pickle, oneDNN's when the module leaves the CPU, and both on devices
+    other than the CPU and CUDA (mps, xpu), whose kernel reads none.
     """
 
     _FP32_BUFFERS = ("weight_scale", "input_scale")
@@ -324,9 +325,15 @@ class W4A8Linear(QuantizedLinear):
                 linear), ``"int8"`` (plain ``16 * q`` int8 operand for
                 ``_int_mm``), or ``"auto"`` (oneDNN where the CPU class has int8
                 dot products and oneDNN is available, see
-                :func:`~mgtq.quantization.kernels.weight_cache_backend`).
+                :func:`~mgtq.quantization.kernels.weight_cache_backend`; no cache on
+                devices other than the CPU and CUDA, whose kernel reads none).
         """
         self.disable_weight_cache()
+        if self.weight_packed.device.type not in kernels.INTEGER_KERNEL_DEVICES:
+            if backend != "auto":
+                raise ValueError(f"no W4A8 kernel on {self.weight_packed.device.type!r} reads a weight cache; "
+                                 "enable it on the CPU or CUDA, or use backend='auto' (no cache here)")
+            return  # fp32_exact unpacks per call: a cache would only cost memory
         if backend == "auto":
             on_cpu = self.weight_packed.device.type == "cpu"
             backend = ("onednn" if on_cpu and onednn_int8_linear_available(self.weight_packed.device)
@@ -353,7 +360,9 @@ class W4A8Linear(QuantizedLinear):
         result = super()._apply(fn, recurse)
         if self._onednn_weight is not None and self.weight_packed.device.type != "cpu":
             self._onednn_weight = None  # oneDNN's layout is CPU-only
-        if self._weight_times16 is not None and self._weight_times16.device != self.weight_packed.device:
+        if self._weight_times16 is not None and self.weight_packed.device.type not in kernels.INTEGER_KERNEL_DEVICES:
+            self._weight_times16 = None  # no kernel there reads it
+        elif self._weight_times16 is not None and self._weight_times16.device != self.weight_packed.device:
             self._weight_times16 = self._weight_times16.to(self.weight_packed.device)
         return result
 

@@ -125,6 +125,22 @@ def test_w4a8_weight_cache_is_optional_and_equal(linear, backend):
     assert m.weight_cache is None and m.weight_nbytes() == N * K // 2 + N * 4 + 4
 
 
+def test_w4a8_weight_cache_on_other_devices(linear):
+    # "meta" stands for mps / xpu here: a device whose W4A8 kernel (fp32_exact) reads no cache.
+    m = W4A8Linear.from_float(linear, 0.02)
+    m.enable_weight_cache("int8")
+    m.to("meta")
+    assert m.weight_cache is None  # moved there: dropped, not carried along
+    m.enable_weight_cache("auto")
+    assert m.weight_cache is None and m.weight_nbytes() == N * K // 2 + N * 4 + 4
+    with pytest.raises(ValueError, match="reads a weight cache"):
+        m.enable_weight_cache("int8")
+    cpu = W4A8Linear.from_float(linear, 0.02)
+    cpu.enable_weight_cache("int8")
+    cpu.to(torch.float64).to(torch.float32)  # staying on the CPU keeps it
+    assert cpu.weight_cache == "int8"
+
+
 def test_w4_small_m_path_matches_dequantized(linear):
     # <= SMALL_M rows take torch._weight_int8pack_mm on CPU; more rows dequantize + GEMM
     m = W4Linear.from_float(linear)
