@@ -197,7 +197,7 @@ def merged_fraction(config, masks_by_step: dict, grid: int) -> float:
         masked = masks_by_step[step]
         x = torch.randn(masked.shape[0], n, 8, generator=torch.Generator().manual_seed(step))
         merge, _ = TomePlan(config).bind((grid, grid), masked).plan(kind, 0, x)
-        out.append(0.0 if merge is None else (n - merge.merge(x).shape[1]) / n)
+        out.append(0.0 if merge is None else (n - merge.reduce(x).shape[1]) / n)
     return statistics.mean(out)
 
 

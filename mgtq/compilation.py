@@ -222,10 +222,13 @@ def _signature(value, any_size: bool = False, hooked: bool = False):
 
 
 def _varying_tokens(value) -> bool:
-    """Whether a call argument holds block tokens whose token count changes from call to call."""
+    """Whether a call argument holds block tokens whose token count changes from call to call (also inside
+    other block tokens: a full step of context reuse recording around TomeMGT's merge)."""
     if isinstance(value, (tuple, list)):
         return any(_varying_tokens(v) for v in value)
-    return getattr(type(value), "varying_tokens", False) is True
+    if getattr(type(value), "varying_tokens", False) is True:
+        return True
+    return getattr(type(value), "precompilable", False) is True and any(_varying_tokens(v) for v in vars(value).values())
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -262,10 +265,11 @@ class PrecompiledBlocks:
     A block call is served by a saved function whose guards accept this block and these arguments; the
     first call of a new structure or input signature compiles one (Dynamo + Inductor, as torch.compile
     would) and saves it, so a later process only loads. Token hooks' block tokens that declare themselves
-    `precompilable` (context reuse's full and local steps, mgtq.models.hooks) are served too; those with
-    `varying_tokens` (local steps) are compiled with dynamic shapes, one function for every token count.
-    Calls it does not serve (grad enabled, module hooks, arguments that are not tensors, plain values or
-    precompilable block tokens, such as TomeMGT's merges) go to the block's plain torch.compile.
+    `precompilable` (context reuse's full and local steps and TomeMGT's merges, mgtq.models.hooks) are served
+    too; those with `varying_tokens` (local steps; merges, whose merged count changes with the step) are
+    compiled with dynamic shapes, one function for every token count. Calls it does not serve
+    (grad enabled, module hooks, arguments that are not tensors, plain values or precompilable block tokens,
+    such as a user's own hook) go to the block's plain torch.compile.
     Each file carries a SHA-256 of its bytes: a damaged one is removed with a warning and compiled again.
     """
 

@@ -189,6 +189,49 @@ def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path
                                    atol=2e-2)
 
 
+# TomeMGT (mgtq.merging) through the store: the decoded schedule merges more tokens as fewer are masked.
+_TOME = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from mgtq.merging import TomeConfig, TomePlan
+from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+torch.set_num_threads(1)
+model = quantized_micro_transformer()
+model.compile_blocks()
+inputs = micro_forward_inputs(model, grid=8)  # 4x4 transformer tokens
+plan = TomePlan(TomeConfig(ratio=0.5, blocks="all", merge_mlp=False))
+outs, counts = [], []
+with torch.inference_mode():
+    # r = 1, 3, 5, 7 of 16 tokens; more would leave <= 16 rows, where the kernel choice changes (SMALL_M)
+    for step, masked in enumerate((56, 40, 24, 8)):
+        ids = inputs["hidden_states"].clone()
+        ids.view(-1)[torch.randperm(64, generator=torch.Generator().manual_seed(step))[:masked]] = model.mask_token_id
+        outs.append(model(**{**inputs, "hidden_states": ids}, token_hook=plan.at_step(step)))
+        counts.append(dict(model.precompiled.counts))
+torch.save(outs, sys.argv[1])
+print(json.dumps({"counts": counts, "graphs": counters["stats"]["unique_graphs"]}))
+"""
+
+
+@pytest.mark.slow
+def test_tomemgt_merges_are_precompiled_once_for_every_merged_count(tmp_path):
+    # --tome --compile: every step's merged count is served by one function per block kind, loaded next time.
+    import torch
+
+    def run(name: str) -> dict:
+        return _run_in_fresh_process(_TOME, tmp_path / "cache", tmp_path / name)
+
+    cold = run("cold.pt")
+    first, *later = cold["counts"]
+    assert first["compiled"] > 0 and all(c["compiled"] == first["compiled"] for c in later), cold  # no new count
+    assert all(c["fallback_calls"] == 0 for c in cold["counts"]), cold
+    warm = run("warm.pt")
+    assert warm["graphs"] == 0, "Dynamo traced a block that was precompiled"
+    assert warm["counts"][-1]["loaded"] == first["compiled"] and warm["counts"][-1]["compiled"] == 0, warm
+    outs = torch.load(tmp_path / "warm.pt")
+    assert all(torch.equal(a, b) for a, b in zip(outs, torch.load(tmp_path / "cold.pt")))
+
+
 def _micro(monkeypatch, tmp_path):
     from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
@@ -285,7 +328,7 @@ def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(mon
         assert store.function_for(block, (object(),), {}) is None  # an argument the guards may not serialize
         from mgtq.models.hooks import BlockTokens
 
-        # block tokens that do not declare themselves precompilable (TomeMGT's merges, a user's own hook)
+        # block tokens that do not declare themselves precompilable (a user's own hook)
         assert store.function_for(block, (BlockTokens(),), {}) is None
     assert not list(store.folder.rglob("*.bin"))
 

@@ -8,7 +8,7 @@ Nothing in the model is replaced: the patch only sets `transformer.token_hook` (
 token hook, mgtq.models.hooks) to an immutable
 `TomePlan`. Each forward calls `plan.bind(grid, masked)` with which of its input token ids are
 [MASK] and gets a `ForwardPlan` that lives only in that call's locals; it computes each block's
-matching (`tome.bipartite_soft_matching_2x2`) from the block's input, so nothing carries over
+matching (`tome.match_2x2`) from the block's input, so nothing carries over
 between blocks, sampler steps or images.
 
 Mask awareness needs no sampler change: the masked fraction σ of the input ids is the sampler's
@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations, identity
+from mgtq.merging.tome import cell_destinations, match_2x2
 from mgtq.merging.token_merge import TokenMerge
 from mgtq.models.hooks import TokenPlan
 from mgtq.models.transformer import MeissonicTransformer
@@ -161,11 +161,10 @@ class ForwardPlan(TokenPlan):
                 preferred = ~token_masked
             else:
                 eligible = token_masked if config.sources == "masked" else ~token_masked
-        merge, unmerge, sizes = bipartite_soft_matching_2x2(x, self.grid, r, destinations, config.locality,
-                                                            config.window, eligible, preferred, return_sizes=True)
-        if merge is identity:
-            return None
-        return TokenMerge(merge, unmerge, sizes.to(x.device) if config.proportional_attention else None)
+        merge = match_2x2(x, self.grid, r, destinations, config.locality, config.window, eligible, preferred)
+        if merge is not None:
+            merge.proportional = config.proportional_attention
+        return merge
 
 
 def merge_count(config: TomeConfig, n: int, masked_fraction: float) -> int:

@@ -8,37 +8,59 @@ a merged token's key logits, so a token standing for s identical tokens gets the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from mgtq.models.hooks import BlockTokens, Rope
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenMerge(BlockTokens):
-    """Merge/unmerge callables for one block's image tokens (see mgtq.merging.tome).
+    """One block's matching (see mgtq.merging.tome.match_2x2) as row indices over the flattened batch.
 
-    merge: (B, N, C) → (B, N - r, C); unmerge: (B, N - r, C) → (B, N, C).
-    sizes (B, N - r): how many original tokens each merged token stands for; None = plain attention.
+    With N image tokens per sample and r merged: kept_rows (B·(N − r),) the rows of (B·N, C) that stay, in
+    their order; merged_rows (B·r,) the rows merged away and into_rows (B·r,) the rows of (B·(N − r), C) they
+    are added into; slot_rows (B·N,) where each original row lives in the merged sequence; sizes (B, N − r)
+    float32 how many original tokens each merged token stands for. proportional: attention with log-size key
+    bias; off: plain attention.
+
+    Plain tensors, not closures, so a block called with it can be compiled ahead of time and saved
+    (mgtq.compilation); r changes with the sampler step, hence `varying_tokens`.
     """
 
-    merge: Callable[[torch.Tensor], torch.Tensor]
-    unmerge: Callable[[torch.Tensor], torch.Tensor]
-    sizes: torch.Tensor | None = None
+    precompilable = varying_tokens = True
+
+    kept_rows: torch.Tensor
+    merged_rows: torch.Tensor
+    into_rows: torch.Tensor
+    slot_rows: torch.Tensor
+    sizes: torch.Tensor
+    proportional: bool = True
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(x)
+        """(B, N, C) → (B, N − r, C): each merged token the mean of its members, survivors in their order."""
+        # Sizes come from the tensors, not from ints r, n and batch: under torch.compile an int that changes
+        # between calls (r does, with the masked count) becomes a symbol of unknown sign, and views sized by it
+        # give strides like (n − r)·C·(…)/(r − n) whose sign Inductor's range analysis fails on ("Exponent must
+        # be non-negative"); sizes of tensors are known to be positive. index_select / index_put_ move whole rows
+        # rather than gathering element by element through expanded indices, and index_put_(accumulate) runs
+        # serially, so its cost does not depend on how many threads are free.
+        rows = x.flatten(0, 1)
+        out = rows.index_select(0, self.kept_rows)
+        out.index_put_((self.into_rows,), rows.index_select(0, self.merged_rows), accumulate=True)
+        counts = self.sizes.reshape(-1, 1).to(out.dtype)
+        return (out / counts).unflatten(0, (x.shape[0], -1))  # ÷1 keeps unmerged rows bit-exact
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
-        return self.unmerge(y)
+        """(B, N − r, C) → (B, N, C): every merged source receives its destination's row."""
+        return y.flatten(0, 1).index_select(0, self.slot_rows).unflatten(0, (y.shape[0], -1))
 
     def rope(self, rope: Rope, n_text: int, batch: int) -> Rope:
         return merge_rope(rope, n_text, self, batch)
 
     def key_bias(self, n_text: int) -> torch.Tensor | None:
         """Additive attention-logit bias (B, 1, 1, L + N - r) for [text; merged image] keys, or None."""
-        if self.sizes is None:
+        if not self.proportional:
             return None
         log_sizes = self.sizes.log()
         text = log_sizes.new_zeros(log_sizes.shape[0], n_text)
@@ -54,5 +76,5 @@ def merge_rope(rope: Rope, n_text: int, merge: TokenMerge, batch: int) -> Rope:
     merged = []
     for table in rope:
         table = table.expand(batch, *table.shape[-2:])
-        merged.append(torch.cat([table[:, :n_text], merge.merge(table[:, n_text:])], dim=1))
+        merged.append(torch.cat([table[:, :n_text], merge.reduce(table[:, n_text:])], dim=1))
     return merged[0], merged[1]

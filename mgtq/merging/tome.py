@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mgtq.merging.token_merge import TokenMerge
+
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
 LOCALITIES = ("cell", "window", "global")
 # Cosines this close to a source's best count as ties (float32 rounding of identical rows).
@@ -55,7 +57,7 @@ def cell_of(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return rows * cw + cols
 
 
-def bipartite_soft_matching_2x2(
+def match_2x2(
     metric: torch.Tensor,
     grid: tuple[int, int],
     r: int,
@@ -64,8 +66,7 @@ def bipartite_soft_matching_2x2(
     window: int = 3,
     eligible: torch.Tensor | None = None,
     preferred: torch.Tensor | None = None,
-    return_sizes: bool = False,
-) -> tuple[MergeFn, MergeFn] | tuple[MergeFn, MergeFn, torch.Tensor | None]:
+) -> TokenMerge | None:
     """Merge the r image tokens most similar to a destination in their window into it; unmerge by copy.
 
     Paper §4.2 (ToMe-SD matching): j*(i) = argmax_{j ∈ W(i)} cos(m_i, m_j); merge the r sources of
@@ -77,21 +78,20 @@ def bipartite_soft_matching_2x2(
     destinations (N_dst,): flat destination indices shared by the batch (default: `cell_destinations`
     top-left). locality: W(i) = the destination of i's own cell ("cell": one score per source, no
     N_src × N_dst product), those within the window×window square centred on i and its own cell's
-    ("window", window odd; the own cell matters only for odd leftover rows/columns), or all ("global", ToMe-SD and the paper). Ties (cosines within
-    TIE_TOLERANCE of the best) go to i's own cell's destination, then the nearest, then the lowest index.
+    ("window", window odd; the own cell matters only for odd leftover rows/columns), or all ("global", ToMe-SD
+    and the paper). Ties (cosines within TIE_TOLERANCE of the best) go to i's own cell's destination, then the
+    nearest, then the lowest index.
     eligible (B, N) bool: tokens that may be sources (default all); then r is capped at the
     smallest count of eligible sources in the batch, so every sample keeps N − r tokens.
     preferred (B, N) bool: sources merged before all others (then by cos), e.g. decoded tokens.
     The matching itself is per sample: a sample's result depends on its batch-mates only through
     that cap.
 
-    Returns (merge, unmerge): merge (B, N, C') → (B, N − r, C') for any tensor on the same tokens
-    (hidden states, per-sample RoPE tables), keeping surviving tokens in their original order;
-    unmerge (B, N − r, C') → (B, N, C'), every merged source receiving its destination's row.
+    Returns the matching as a `TokenMerge` (None when nothing merges): its `reduce` (B, N, C') → (B, N − r, C')
+    for any tensor on the same tokens (hidden states, per-sample RoPE tables), keeping surviving tokens in
+    their original order; `restore` (B, N − r, C') → (B, N, C'); `sizes` each merged token's member count.
     A plain (unweighted) mean is exact here because the matching is recomputed from unmerged
     tokens: every merged token is the mean of its original members, RoPE tables included.
-    With `return_sizes`, also each merged-sequence token's member count (B, N − r) float32 (None
-    when nothing merges), for proportional attention.
     """
     batch, n, _ = metric.shape
     if grid[0] * grid[1] != n:
@@ -101,7 +101,7 @@ def bipartite_soft_matching_2x2(
     device = metric.device
     dst_idx = cell_destinations(grid, device=device) if destinations is None else destinations.to(device)
     if dst_idx.numel() == 0 or int(r) <= 0:
-        return (identity, identity, None) if return_sizes else (identity, identity)
+        return None
     is_src = torch.ones(n, dtype=torch.bool, device=device)
     is_src[dst_idx] = False
     src_idx = is_src.nonzero().squeeze(1)  # (N_src,)
@@ -120,7 +120,7 @@ def bipartite_soft_matching_2x2(
         if preferred is not None:  # cos ≤ 1, so +3 ranks every preferred source first
             best = best + 3.0 * preferred.to(device)[:, src_idx]
         if r <= 0:
-            return (identity, identity, None) if return_sizes else (identity, identity)
+            return None
         order = best.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # positions in src_idx of the r merged sources, (B, r)
         merged_tok = src_idx[merged]  # (B, r) token indices
@@ -134,34 +134,27 @@ def bipartite_soft_matching_2x2(
         slot.scatter_(1, kept_tok, torch.arange(n - r, device=device).expand(batch, -1))
         into_slot = slot.gather(1, into_tok)  # (B, r)
         slot.scatter_(1, merged_tok, into_slot)
-        counts = torch.ones(batch, n - r, device=device).scatter_add_(1, into_slot, torch.ones(batch, r, device=device))
+        sizes = torch.ones(batch, n - r, device=device).scatter_add_(1, into_slot, torch.ones(batch, r, device=device))
+        return TokenMerge(_flat(kept_tok, n), _flat(merged_tok, n), _flat(into_slot, n - r), _flat(slot, n - r), sizes)
 
-        # Row indices into the flattened (B·N, C) / (B·(N − r), C) tensors: index_select and
-        # index_put_ move whole rows instead of gathering/scattering element by element through
-        # expanded indices. index_put_(accumulate) rather than index_add_/scatter_add_: it runs
-        # serially, so its cost does not depend on how many threads are free.
-        kept_rows = _flat(kept_tok, n)
-        merged_rows = _flat(merged_tok, n)
-        into_rows = _flat(into_slot, n - r)
-        slot_rows = _flat(slot, n - r)
-        counts = counts.reshape(-1, 1)
 
-    # merge/unmerge take their sizes from the tensors, not from the ints r, n and batch: under torch.compile
-    # an int that changes between calls (r does, with the masked count) becomes a symbol of unknown sign,
-    # and views sized by it give strides like (n − r)·C·(…)/(r − n) whose sign Inductor's range analysis
-    # fails on ("Exponent must be non-negative"); sizes of tensors are known to be positive.
-    def merge(x: torch.Tensor) -> torch.Tensor:  # (B, N, C) → (B, N − r, C)
-        rows = x.flatten(0, 1)
-        out = rows.index_select(0, kept_rows)
-        out.index_put_((into_rows,), rows.index_select(0, merged_rows), accumulate=True)
-        return (out / counts.to(out.dtype)).unflatten(0, (x.shape[0], -1))  # ÷1 keeps unmerged rows bit-exact
-
-    def unmerge(y: torch.Tensor) -> torch.Tensor:  # (B, N − r, C) → (B, N, C)
-        return y.flatten(0, 1).index_select(0, slot_rows).unflatten(0, (y.shape[0], -1))
-
-    if return_sizes:
-        return merge, unmerge, counts.view(batch, n - r)
-    return merge, unmerge
+def bipartite_soft_matching_2x2(
+    metric: torch.Tensor,
+    grid: tuple[int, int],
+    r: int,
+    destinations: torch.Tensor | None = None,
+    locality: str = "cell",
+    window: int = 3,
+    eligible: torch.Tensor | None = None,
+    preferred: torch.Tensor | None = None,
+    return_sizes: bool = False,
+) -> tuple[MergeFn, MergeFn] | tuple[MergeFn, MergeFn, torch.Tensor | None]:
+    """`match_2x2` as ToMe's pair of functions: (merge, unmerge), identities when nothing merges; with
+    `return_sizes`, also each merged-sequence token's member count (B, N − r) float32 (None when nothing merges)."""
+    matching = match_2x2(metric, grid, r, destinations, locality, window, eligible, preferred)
+    merge, unmerge, sizes = (identity, identity, None) if matching is None else (
+        matching.reduce, matching.restore, matching.sizes)
+    return (merge, unmerge, sizes) if return_sizes else (merge, unmerge)
 
 
 def _match_cell(a, metric, grid, src_idx, dst_idx):

@@ -150,7 +150,7 @@ def test_step_salt_changes_destinations_deterministically():
     plan = TomePlan(TomeConfig(ratio=0.5))
 
     def merged(p):
-        return p.bind((8, 8)).plan("joint", 0, x)[0].merge(x)
+        return p.bind((8, 8)).plan("joint", 0, x)[0].reduce(x)
 
     assert torch.equal(merged(plan), merged(plan)) and torch.equal(merged(plan.at_step(3)), merged(plan.at_step(3)))
     assert not torch.equal(merged(plan), merged(plan.at_step(3)))

@@ -7,11 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mgtq.merging import (
-    TokenMerge,
     TomeConfig,
     apply_tomemgt,
-    bipartite_soft_matching_2x2,
     cell_destinations,
+    match_2x2,
     merge_rope,
     remove_tomemgt,
 )
@@ -37,14 +36,15 @@ def test_identical_members_attend_exactly_as_unmerged(seed, r, batch):
     context = torch.randn(batch, n_text, dim, generator=g)
     n = n_text + grid[0] * grid[1]
     rope = (torch.ones(n, 16), torch.zeros(n, 16))  # no rotation: merged tables equal their members'
-    merge, unmerge, sizes = bipartite_soft_matching_2x2(x, grid, r, cell_destinations(grid, g), return_sizes=True)
+    tokens = match_2x2(x, grid, r, cell_destinations(grid, g))
+    merge, unmerge, sizes = tokens.reduce, tokens.restore, tokens.sizes
     assert sizes.shape == (batch, grid[0] * grid[1] - r) and float(sizes.sum()) == batch * grid[0] * grid[1]
     merged_rope = tuple(torch.cat([t[:n_text].expand(batch, -1, -1), merge(t[n_text:].expand(batch, -1, -1))], 1)
                         for t in rope)
     with torch.no_grad():
         full, full_ctx = attn(x, rope, context=context)
         prop, prop_ctx = attn(merge(x), merged_rope, context=context,
-                              key_bias=TokenMerge(merge, unmerge, sizes).key_bias(n_text))
+                              key_bias=tokens.key_bias(n_text))
         plain, plain_ctx = attn(merge(x), merged_rope, context=context)
     torch.testing.assert_close(unmerge(prop), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prop_ctx, full_ctx, atol=1e-5, rtol=1e-5)
@@ -53,7 +53,9 @@ def test_identical_members_attend_exactly_as_unmerged(seed, r, batch):
 
 
 def test_no_sizes_no_bias_and_option_wires_through():
-    merge = TokenMerge(lambda t: t, lambda t: t)
+    merge = match_2x2(torch.randn(1, 16, 4), (4, 4), 3)
+    assert merge.key_bias(3) is not None
+    merge.proportional = False
     assert merge.key_bias(3) is None
     torch.manual_seed(0)
     model = build_transformer("test-micro").eval()
@@ -75,8 +77,9 @@ def test_merged_rope_is_the_members_mean_and_text_rows_are_kept(slots_of):
     cos, sin = rope_tables(ids, (4, 6, 6))
     metric = torch.randn(batch, 64, 16, generator=torch.Generator().manual_seed(0))
     dst = cell_destinations(grid, torch.Generator().manual_seed(1))
-    merge, unmerge = bipartite_soft_matching_2x2(metric, grid, 24, dst)
-    m_cos, m_sin = merge_rope((cos, sin), n_text, TokenMerge(merge, unmerge), batch)
+    tokens = match_2x2(metric, grid, 24, dst)
+    unmerge = tokens.restore
+    m_cos, m_sin = merge_rope((cos, sin), n_text, tokens, batch)
     assert m_cos.shape == (batch, n_text + 40, 16)
     slots = slots_of(unmerge, batch, 40)
     for table, merged in ((cos, m_cos), (sin, m_sin)):

@@ -149,7 +149,7 @@ def test_step_plan_is_deterministic_per_seed(seed, step, schedule, sources):
 
     def merged(plan):
         merge = plan.bind((8, 8), masked).plan("joint", 1, x)[0]
-        return None if merge is None else merge.merge(x)
+        return None if merge is None else merge.reduce(x)
 
     first = merged(TomePlan(config).at_step(step))
     again = merged(TomePlan(config).at_step(step))
@@ -163,8 +163,8 @@ def test_mask_aware_sources_respect_the_mask():
     token_masked = masked.reshape(2, 8, 2, 8, 2).any(4).any(2).reshape(2, 64)
     for sources, allowed in (("decoded", ~token_masked), ("masked", token_masked)):
         token_merge = TomePlan(TomeConfig(ratio=0.5, sources=sources, schedule="constant", random_destinations=False)).bind((8, 8), masked).plan("joint", 0, x)[0]
-        kept = token_merge.merge(x).shape[1]
-        slots = _groups(token_merge.unmerge, 2, kept)
+        kept = token_merge.reduce(x).shape[1]
+        slots = _groups(token_merge.restore, 2, kept)
         is_dst = _dst_mask(8)
         for b in range(2):
             sizes = torch.bincount(slots[b], minlength=kept)[slots[b]]

@@ -344,15 +344,14 @@ def test_full_step_around_tomemgt_is_the_merged_forward_and_records_a_row_per_im
 def test_attending_to_a_merged_row_repeated_per_member_is_proportional_attention():
     import torch.nn.functional as F
 
-    from mgtq.merging.tome import bipartite_soft_matching_2x2
-    from mgtq.merging.token_merge import TokenMerge
+    from mgtq.merging.tome import match_2x2
     from mgtq.reuse.cache import _Record
 
     g = torch.Generator().manual_seed(0)
     batch, heads, dh, n_text, grid = 2, 2, 8, 3, (4, 4)
     x = torch.randn(batch, 16, 12, generator=g)
-    merge, unmerge, sizes = bipartite_soft_matching_2x2(x, grid, 6, return_sizes=True)
-    tokens = TokenMerge(merge, unmerge, sizes)
+    tokens = match_2x2(x, grid, 6)
+    unmerge = tokens.restore
     keys, values = (torch.randn(batch, heads, n_text + 10, dh, generator=g) for _ in range(2))  # [text; 10 merged]
     q = torch.randn(batch, heads, 5, dh, generator=g)
     proportional = F.scaled_dot_product_attention(q, keys, values, attn_mask=tokens.key_bias(n_text))
