@@ -33,7 +33,8 @@ from mgtq.config import from_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
-from mgtq.utils import atomic_directory, micro_conditions, parse_dtype, per_sample_generators, read_json, write_json
+from mgtq.utils import (atomic_entries, micro_conditions, parse_dtype, per_sample_generators, read_json, unwrapped,
+                        write_json)
 
 
 @dataclass
@@ -257,20 +258,23 @@ class MGTPipeline(DiffusionPipeline):
         return cls(**{**parts, **kwargs})
 
     def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:
-        """Write the pipeline in diffusers layout (safetensors only), atomically, so `mgtq.load` reads it back.
+        """Write the pipeline in diffusers layout (safetensors only) so `mgtq.load` reads it back.
 
-        A quantized transformer is written by mgtq's checkpoint writer (`mgtq.quantization.checkpoint`,
+        As diffusers' does, it writes into `path` and leaves other files there alone (a model repo's `.git`
+        and model card); each part it writes (a component folder, `model_index.json` last) is replaced
+        whole by a rename, never half-written. A quantized transformer is written by mgtq's checkpoint writer (`mgtq.quantization.checkpoint`,
         the same bytes as `mgtq export`: manifest, sha256, `quantization_config` in config.json).
         progress=False hides the weight-writing bars.
         """
         _reject_save_options(unused)
-        with _loading_bars(progress), atomic_directory(path) as tmp:
-            if checkpoint.quantized_layers(self.transformer):
-                checkpoint.save(self.transformer, checkpoint.describe(self.transformer), tmp / "transformer")
+        transformer = unwrapped(self.transformer)  # pipe.transformer = torch.compile(...): keys without `_orig_mod.`
+        with _loading_bars(progress), atomic_entries(path) as tmp:
+            if checkpoint.quantized_layers(transformer):
+                checkpoint.save(transformer, checkpoint.describe(transformer), tmp / "transformer")
             else:
-                self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            self.vqvae.save_pretrained(tmp / "vqvae", safe_serialization=True)
-            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            unwrapped(self.vqvae).save_pretrained(tmp / "vqvae", safe_serialization=True)
+            unwrapped(self.text_encoder).save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             write_json(tmp / "scheduler" / "scheduler_config.json", {
                 "_class_name": "Scheduler",

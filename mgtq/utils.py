@@ -11,7 +11,7 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 
@@ -49,6 +49,51 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
     os.replace(tmp, target)
     if old is not None:
         _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_entries(target: str | os.PathLike, stale: Callable[[str], bool] | None = None):
+    """`save_pretrained`'s writer, for a folder that may hold files of the user's (a clone of a model repo with
+    its `.git` and model card, say): yield a temporary folder; on success each of its entries replaces the entry
+    of that name in `target`, and entries of `target` that `stale(name)` says an earlier save left (and this
+    one did not write) are removed. Nothing else in `target` is touched, as with diffusers' `save_pretrained`.
+
+    Each entry is replaced atomically (written whole beside it, then renamed in; folders before files, so a
+    pipeline's `model_index.json` comes last). A new or empty `target` is swapped in whole (`atomic_directory`).
+    """
+    target = _through_link(Path(target))
+    if not target.is_dir() or not any(target.iterdir()):
+        with atomic_directory(target) as tmp:
+            yield tmp
+        return
+    recover_directory(target)
+    tmp = _debris_name(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _normal_permissions(tmp)
+        written = sorted(tmp.iterdir(), key=lambda p: (p.is_file(), p.name))
+        for entry in written:
+            place = target / entry.name
+            if (place.exists() or place.is_symlink()) and place.is_dir() != entry.is_dir():
+                raise ValueError(f"{place} is {_kind(place)}, where the save writes a "
+                                 f"{'folder' if entry.is_dir() else 'file'}; move it away or save elsewhere")
+        for entry in written:
+            place = _through_link(target / entry.name)
+            recover_directory(place)
+            old = None
+            if place.exists():
+                old = _debris_name(place, "old")
+                os.replace(place, old)
+            os.replace(entry, place)
+            if old is not None:
+                _remove(old)
+        names = {entry.name for entry in written}
+        for path in target.iterdir():
+            if stale is not None and path.name not in names and stale(path.name):
+                _remove(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recover_directory(target: str | os.PathLike) -> None:
@@ -385,6 +430,12 @@ def derive_seed(*parts: int | str) -> int:
 
 
 # ---------------------------------------------------------------------------------- module surgery
+def unwrapped(module):
+    """The module under `torch.compile(module)`'s wrapper (its `_orig_mod`), or `module` itself: what holds the
+    state-dict keys and submodule names without the wrapper's `_orig_mod.` prefix."""
+    return getattr(module, "_orig_mod", module)
+
+
 def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     """Replace the submodule at dotted `name` ("blocks.0.attn.to_q") by `module`."""
     parent_name, _, child = name.rpartition(".")

@@ -138,3 +138,34 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_entries_replaces_only_what_it_writes_and_a_failed_write_changes_nothing(tmp_path):
+    from mgtq.utils import atomic_entries
+
+    target = tmp_path / "repo"
+    (target / "part").mkdir(parents=True)
+    (target / "part" / "old.bin").write_text("old")
+    (target / "mine.txt").write_text("user's")
+    (target / "weights-1.bin").write_text("stale")
+    with pytest.raises(RuntimeError), atomic_entries(target) as tmp:
+        (tmp / "part").mkdir()
+        (tmp / "index.json").write_text("{}")
+        raise RuntimeError("killed midway")
+    assert sorted(p.name for p in target.iterdir()) == ["mine.txt", "part", "weights-1.bin"]
+    assert (target / "part" / "old.bin").read_text() == "old" and not list(tmp_path.glob(".repo.*"))
+    with atomic_entries(target, stale=lambda name: name.startswith("weights")) as tmp:
+        (tmp / "part").mkdir()
+        (tmp / "part" / "new.bin").write_text("new")
+        (tmp / "index.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["index.json", "mine.txt", "part"]
+    assert [p.name for p in (target / "part").iterdir()] == ["new.bin"]
+    (target / "index.json").unlink()
+    (target / "index.json").mkdir()  # a folder where the save writes a file: refused, nothing replaced
+    with pytest.raises(ValueError, match="is a folder, where the save writes a file"), atomic_entries(target) as tmp:
+        (tmp / "part").mkdir()
+        (tmp / "index.json").write_text("{}")
+    assert [p.name for p in (target / "part").iterdir()] == ["new.bin"]
+    with atomic_entries(tmp_path / "new") as tmp:  # a new folder: written whole
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "new" / "a.txt").read_text() == "a"

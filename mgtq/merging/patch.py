@@ -34,7 +34,7 @@ from mgtq.merging.token_merge import TokenMerge
 from mgtq.models.hooks import TokenPlan
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.config import from_mapping, validate
-from mgtq.utils import derive_seed
+from mgtq.utils import derive_seed, unwrapped
 
 BLOCK_SETS = {"joint": ("joint",), "single": ("single",), "all": ("joint", "single")}
 _KIND_IDS = {"joint": 1, "single": 2}
@@ -239,7 +239,7 @@ def _transformer_of(model_or_pipe) -> MeissonicTransformer:
     """The MeissonicTransformer of a pipeline or module; under torch.compile's wrapper, the module it compiled
     (the plan is an attribute the forward reads, so patching it needs no recompile of the wrapper's code)."""
     transformer = getattr(model_or_pipe, "transformer", model_or_pipe)
-    transformer = getattr(transformer, "_orig_mod", transformer)
+    transformer = unwrapped(transformer)
     if not isinstance(transformer, MeissonicTransformer):
         raise TypeError(
             f"TomeMGT patches an MGTPipeline or a MeissonicTransformer (compiled or not); got "

@@ -392,6 +392,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
             checkpoint.save_pretrained(self, save_directory)
             return
         super().save_pretrained(save_directory, **kwargs)
+        checkpoint.remove_stale_manifest(save_directory)
 
     # ------------------------------------------------------------------------------- properties
     @property

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mgtq.config import validate
-from mgtq.utils import set_submodule
+from mgtq.utils import set_submodule, unwrapped
 
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
@@ -217,7 +217,7 @@ def quantize_(
 def _module_of(model) -> nn.Module:
     """The nn.Module to quantize: a pipeline's transformer, the module under torch.compile's wrapper."""
     module = getattr(model, "transformer", model)
-    module = getattr(module, "_orig_mod", module)
+    module = unwrapped(module)
     if not isinstance(module, nn.Module):
         raise TypeError(f"quantize_ takes an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
     return module

@@ -203,11 +203,26 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
 
 
 def save_pretrained(model: MeissonicTransformer, folder: str | os.PathLike) -> Manifest:
-    """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `describe(model)`, atomically."""
-    from mgtq.utils import atomic_directory
+    """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `describe(model)`. As diffusers'
+    writer, into `folder`, leaving files of others alone; its own three files are each replaced by a rename,
+    and weight files an earlier save left (`diffusion_pytorch_model*`: a float model's shards) are removed."""
+    from mgtq.utils import atomic_entries
 
-    with atomic_directory(folder) as tmp:
+    with atomic_entries(folder, stale=lambda name: name.startswith("diffusion_pytorch_model")) as tmp:
         return save(model, describe(model), tmp)
+
+
+def remove_stale_manifest(folder: str | os.PathLike) -> None:
+    """After a float model's `save_pretrained` into `folder`: an mgtq manifest an earlier quantized save left
+    there would make the folder read as a (damaged) quantized checkpoint; it is removed. A manifest.json that
+    is not mgtq's stays."""
+    path = Path(folder) / MANIFEST
+    try:
+        ours = path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if ours:
+        path.unlink()
 
 
 def _metadata_value() -> str:

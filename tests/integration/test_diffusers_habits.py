@@ -83,6 +83,48 @@ def test_save_pretrained_of_a_loaded_quantized_pipeline_loads_back(quantized_dir
         assert (again / "transformer" / name).read_bytes() == (quantized_dir / "transformer" / name).read_bytes()
 
 
+def test_save_pretrained_into_a_users_folder_keeps_its_other_files(quantized_dir, tmp_path):
+    # a clone of a model repo: its .git, model card and a part of another pipeline stay, as with diffusers
+    loaded = mgtq.load(quantized_dir, progress=False)
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "README.md").write_text("my model card")
+    (repo / "unet").mkdir()
+    (repo / "transformer").mkdir()
+    (repo / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    loaded.save_pretrained(repo, progress=False)
+    assert (repo / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (repo / "README.md").read_text() == "my model card" and (repo / "unet").is_dir()
+    assert sorted(p.name for p in (repo / "transformer").iterdir()) == sorted(  # replaced whole: no old shard
+        p.name for p in (quantized_dir / "transformer").iterdir())
+    assert not [p for p in repo.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    kwargs = dict(prompt="two blue squares", seed=2, output_type="latent", progress=False, **STEPS)
+    assert torch.equal(mgtq.load(repo, progress=False)(**kwargs).images, loaded(**kwargs).images)
+    # the quantized transformer alone, into a folder with a card and a float model's shards
+    folder = tmp_path / "transformer-only"
+    folder.mkdir()
+    (folder / "README.md").write_text("card")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    loaded.transformer.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+                                                        "diffusion_pytorch_model.safetensors", "manifest.json"]
+    # a float model saved over it: the quantized save's manifest goes too, so it loads as the float model
+    float_model = mgtq.load(progress=False).transformer
+    float_model.save_pretrained(folder)
+    assert not (folder / "manifest.json").exists() and (folder / "README.md").read_text() == "card"
+    assert not any(isinstance(m, (W4Linear, W4A8Linear)) for m in MeissonicTransformer.from_pretrained(folder).modules())
+
+
+def test_save_pretrained_of_a_torch_compiled_quantized_transformer(quantized_dir, tmp_path):
+    loaded = mgtq.load(quantized_dir, progress=False)
+    loaded.transformer = torch.compile(loaded.transformer)  # the wrapper's keys carry `_orig_mod.`
+    loaded.save_pretrained(tmp_path / "out", progress=False)
+    for name in ("manifest.json", "diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "out" / "transformer" / name).read_bytes() == (quantized_dir / "transformer" / name).read_bytes()
+    assert mgtq.load(tmp_path / "out", progress=False).transformer is not None
+
+
 def test_transformer_from_pretrained_of_a_quantized_folder_is_the_quantized_model(quantized_dir):
     model = MeissonicTransformer.from_pretrained(quantized_dir / "transformer")
     assert all(isinstance(model.get_submodule(n), W4Linear) for n in json.loads(
