@@ -372,7 +372,8 @@ class MGTPipeline(DiffusionPipeline):
         output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent" (the token
         ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,
         timestep, callback_kwargs) runs after every sampler step with {name: tensor} of
-        `callback_on_step_end_tensor_inputs` ("tokens": (B, h, w) ids); a returned dict may replace them.
+        `callback_on_step_end_tensor_inputs` ("tokens": (B, h, w) ids, a copy) and returns that dict, whose
+        tokens (changed in place or replaced) the sampler goes on from.
         progress=False (or `set_progress_bar_config(disable=True)`) hides the sampler's bar.
         """
         output_type = self._resolve_output_type(output_type)
@@ -447,7 +448,8 @@ class MGTPipeline(DiffusionPipeline):
 
     def _step_callback(self, model_fn, callback_on_step_end, names: list[str]):
         """(model_fn, sampler callback) that give diffusers' callback_on_step_end(pipe, step, timestep, kwargs)
-        the step's tokens and the timestep the model saw; a returned "tokens" replaces the sampler's in place."""
+        the step's tokens (a copy) and the timestep the model saw; the tokens it returns (or the copy, changed in
+        place) become the sampler's."""
         if callback_on_step_end is None:
             return model_fn, None
         seen = {}
@@ -457,10 +459,19 @@ class MGTPipeline(DiffusionPipeline):
             return model_fn(tokens, timestep, *args, **kwargs)
 
         def callback(step: int, tokens: torch.Tensor) -> None:
-            available = {"tokens": tokens}
-            out = callback_on_step_end(self, step, seen.get("timestep"), {n: available[n] for n in names})
-            if out is not None and out.get("tokens") is not None and out["tokens"] is not tokens:
-                tokens.copy_(out["tokens"])  # a view of the sampler's state: the next step starts from it
+            with torch.inference_mode(False):  # the sampler's state is an inference tensor; hand over a plain copy
+                given = tokens.clone()
+            out = callback_on_step_end(self, step, seen.get("timestep"), {n: given for n in names})
+            if out is None or not isinstance(out, dict):
+                raise TypeError("callback_on_step_end must return a dict (the callback_kwargs it got, changed or "
+                                f"not), as in diffusers; it returned {type(out).__name__}")
+            new = out.get("tokens", given)
+            if (not isinstance(new, torch.Tensor) or new.shape != tokens.shape or new.dtype.is_floating_point
+                    or new.dtype.is_complex or new.dtype == torch.bool):
+                what = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"callback_on_step_end returned tokens {what}; return integer token ids of the shape "
+                                 f"it was given, {tuple(tokens.shape)}")
+            tokens.copy_(new)  # into the sampler's state (changed in place or returned): the next step starts from it
 
         return recording_model_fn, callback
 

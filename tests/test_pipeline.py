@@ -224,6 +224,30 @@ def test_callback_sees_every_step_and_can_replace_tokens(pipe):
         pipe("a red circle", callback_on_step_end=lambda *a: a[-1], callback_on_step_end_tensor_inputs=["latents"])
 
 
+def test_returned_tokens_are_plain_tensors_and_a_callback_s_bad_return_is_named(pipe):
+    kwargs = dict(prompt="a red circle", seed=0, progress=False, **STEPS)
+    out = pipe(output_type="latent", **kwargs)
+    for tokens in (out.images, out.tokens):  # the sampler runs in inference mode; its outputs are ordinary tensors
+        assert not tokens.is_inference()
+        tokens[0, 0, 0] = 5  # writable, as a diffusers pipeline's outputs
+    embedded = torch.nn.Embedding(pipe.transformer.config.vocab_size, 4)(pipe(output_type="latent", **kwargs).images)
+    embedded.sum().backward()  # and usable in autograd
+    seen = []
+
+    def in_place(p, step, timestep, kw):  # changed in place and handed back, diffusers' way
+        seen.append(kw["tokens"].is_inference())
+        kw["tokens"].fill_(pipe.transformer.mask_token_id)
+        return kw
+
+    masked = pipe(output_type="latent", callback_on_step_end=in_place, **{**kwargs, "num_inference_steps": 2})
+    assert seen == [False, False] and (masked.images == pipe.transformer.mask_token_id).all()
+    for bad, match in ((lambda p, i, t, kw: None, "must return a dict"),
+                       (lambda p, i, t, kw: {"tokens": kw["tokens"][:, :3]}, r"return integer token ids of the shape"),
+                       (lambda p, i, t, kw: {"tokens": kw["tokens"].float()}, "torch.float32")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            pipe(callback_on_step_end=bad, **kwargs)
+
+
 def test_set_progress_bar_config_silences_the_sampler(pipe, capsys):
     pipe("a red circle", seed=0, output_type="latent", **STEPS)
     assert "sampling" in capsys.readouterr().err

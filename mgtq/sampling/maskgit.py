@@ -23,7 +23,7 @@ is in the batch; the state a trick needs (the previous step's probabilities) liv
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -339,7 +339,6 @@ def _check_reuse(config: SamplerConfig, model_fn: ModelFn) -> None:
                         "set reuse.interval to 1")
 
 
-@torch.inference_mode()
 def sample(
     model_fn: ModelFn,
     batch_size: int,
@@ -360,7 +359,21 @@ def sample(
     model_fn receives the token grid and the per-sample timestep of the configured convention
     (and guidance_scale=… for masked Z-sampling's inversion pass). callback(step, tokens (B, H, W))
     sees every committed step.
+
+    Runs in inference mode; the tokens it returns are ordinary tensors (a copy made outside it), which a caller
+    may write into or use in autograd, as a diffusers pipeline's outputs.
     """
+    result = _sample(model_fn, batch_size, grid, mask_id, config, generators, device, hooks, progress, callback,
+                     return_info, start)
+    with torch.inference_mode(False):
+        if not return_info:
+            return result.clone()
+        return replace(result, tokens=result.tokens.clone())
+
+
+@torch.inference_mode()
+def _sample(model_fn, batch_size, grid, mask_id, config, generators, device, hooks, progress, callback, return_info,
+            start):
     if len(generators) != batch_size:
         raise ValueError(f"need one generator per sample: got {len(generators)} for batch {batch_size}")
     z = config.zsampling
