@@ -9,6 +9,7 @@ ids directly: ``vq.decode(tokens, force_not_quantize=True, shape=(B, h, w, C))``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,23 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _onloaded(module: torch.nn.Module):
+    """`module`'s weights on its execution device for the block. Sequential offload (accelerate) keeps them on
+    "meta" until the module's own forward runs, and the quantizer reads its codebook weight directly, never
+    calling the embedding's forward; so the hook's own loading is run around the call (what accelerate's
+    `align_module_device` does, which its 1.0 lacks)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
 def encode_to_tokens(vq, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] → token ids LongTensor (B, H/f, W/f).
 
@@ -139,7 +157,8 @@ def encode_to_tokens(vq, images: torch.Tensor, device: torch.device | str | None
         raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
     param = next(vq.parameters())
     latents = vq.encode(images.to(device or param.device, param.dtype)).latents  # (B, C, h, w)
-    _, _, (_, _, indices) = vq.quantize(latents)  # indices (B·h·w, 1), row-major over (B, h, w)
+    with _onloaded(vq.quantize.embedding):
+        _, _, (_, _, indices) = vq.quantize(latents)  # indices (B·h·w, 1), row-major over (B, h, w)
     b, _, h, w = latents.shape
     return indices.reshape(b, h, w).long()
 

@@ -215,3 +215,22 @@ def _forward_inputs(model):
     from mgtq.testing import micro_forward_inputs
 
     return micro_forward_inputs(model, batch=1, grid=8)
+
+
+def test_editing_from_a_pipeline_with_sequential_offload():
+    # offload enabled on the text-to-image pipeline, editing pipelines made from it afterwards (README's pattern):
+    # the VQ's weights wait on "meta", and its quantizer reads the codebook without the embedding's forward
+    from PIL import Image
+
+    pipe = mgtq.load(progress=False)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    calls = {mgtq.MGTInpaintPipeline: dict(mask_image=Image.fromarray(mask)), mgtq.MGTImg2ImgPipeline: dict(strength=0.6)}
+    kwargs = dict(prompt="a red circle", image=image, seed=0, output_type="latent", progress=False, **STEPS)
+    expected = {cls: cls.from_pipe(pipe)(**kwargs, **extra).images for cls, extra in calls.items()}
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.vqvae.quantize.embedding.weight.is_meta
+    for cls, extra in calls.items():
+        assert torch.equal(cls.from_pipe(pipe)(**kwargs, **extra).images, expected[cls])
+    assert pipe.vqvae.quantize.embedding.weight.is_meta  # offloaded again after the call
