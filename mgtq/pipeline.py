@@ -208,8 +208,8 @@ class MGTPipeline(DiffusionPipeline):
         The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
         tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
         folder). Local folders only, safetensors only: nothing is downloaded or unpickled.
-        `torch_dtype` applies to the transformer and text encoder; "auto" (or None) keeps the dtype the
-        folder was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
+        `torch_dtype` applies to the transformer and text encoder; "auto" (or None, the default) keeps the
+        dtype each was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
         or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
         here is used as is instead of the folder's. progress=False hides the weight-loading bars.
         `path` may also name an embedded model ("tiny-shapes", "tiny-shapes-16x16") where no folder of
@@ -223,7 +223,10 @@ class MGTPipeline(DiffusionPipeline):
             torch_dtype = dtype
         device = _single_device(device, device_map)
         root = _existing_dir(_embedded_or_path(path), "pipeline")
-        auto = torch_dtype == "auto"
+        # None is "auto" for every component: transformers (v5) loads as saved by default, diffusers in float32;
+        # one rule keeps a pipeline in one dtype (a bf16 save used to load with an fp32 transformer beside a bf16
+        # text encoder), and a quantized folder loads as saved either way.
+        auto = torch_dtype is None or torch_dtype == "auto"
         dtype = None if auto else parse_dtype(torch_dtype)
         with _loading_bars(progress):
             settings = read_settings(root)

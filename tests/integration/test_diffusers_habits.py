@@ -234,3 +234,13 @@ def test_editing_from_a_pipeline_with_sequential_offload():
     for cls, extra in calls.items():
         assert torch.equal(cls.from_pipe(pipe)(**kwargs, **extra).images, expected[cls])
     assert pipe.vqvae.quantize.embedding.weight.is_meta  # offloaded again after the call
+
+
+def test_a_pipeline_loads_in_the_dtype_it_was_saved_in_by_default(quantized_dir, tmp_path):
+    pipe = mgtq.load(progress=False).to(torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "bf16", progress=False)
+    for folder in (tmp_path / "bf16", quantized_dir):
+        loaded = mgtq.load(folder, progress=False)  # no torch_dtype: each component as saved, one dtype
+        assert loaded.transformer.dtype == loaded.text_encoder.dtype == mgtq.pipeline.saved_dtype(folder / "transformer")
+    loaded = mgtq.load(tmp_path / "bf16", torch_dtype=torch.float32, progress=False)
+    assert loaded.transformer.dtype == loaded.text_encoder.dtype == torch.float32
