@@ -203,6 +203,7 @@ def quantize_(
     """
     target = _module_of(model)
     plan = _plan_configs(target, config, overrides or {})
+    _check_materialized(target, plan)
     needs_stats = any(isinstance(c, (W4A8Config, SCQConfig)) for c in plan.values())
     if needs_stats and input_scales is None and activation_stats is None:
         if calibration_prompts is None:
@@ -221,6 +222,16 @@ def _module_of(model) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"quantize_ takes an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
     return module
+
+
+def _check_materialized(model: nn.Module, names) -> None:
+    """Refuse Linears whose weights are not there: accelerate's sequential offload keeps them on "meta" until each
+    forward, and quantizing such a layer would quantize an empty tensor."""
+    empty = [n for n in names if model.get_submodule(n).weight.is_meta]
+    if empty:
+        raise ValueError(f"{len(empty)} Linear(s), e.g. {empty[0]!r}, hold no weights (on 'meta': sequential CPU "
+                         "offload, or a model built without weights); quantize first and enable offload after, or "
+                         "call pipe.remove_all_hooks() and load the weights again")
 
 
 def _plan_configs(model: nn.Module, config, overrides: Mapping[str, QuantConfig | None]) -> dict[str, QuantConfig]:

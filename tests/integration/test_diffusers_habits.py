@@ -244,3 +244,11 @@ def test_a_pipeline_loads_in_the_dtype_it_was_saved_in_by_default(quantized_dir,
         assert loaded.transformer.dtype == loaded.text_encoder.dtype == mgtq.pipeline.saved_dtype(folder / "transformer")
     loaded = mgtq.load(tmp_path / "bf16", torch_dtype=torch.float32, progress=False)
     assert loaded.transformer.dtype == loaded.text_encoder.dtype == torch.float32
+
+
+def test_quantizing_after_sequential_offload_is_refused_before_anything_changes():
+    pipe = mgtq.load(progress=False)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="hold no weights.*quantize first and enable offload after"):
+        mgtq.quantize_(pipe, mgtq.W4A16Config())
+    assert not any(isinstance(m, (W4Linear, W4A8Linear)) for m in pipe.transformer.modules())
