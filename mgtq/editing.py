@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mgtq.pipeline import MGTPipeline, MGTPipelineOutput
 from mgtq.sampling import SamplerConfig, SamplerHooks
@@ -35,40 +35,56 @@ __all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image
 
 # ---------------------------------------------------------------------------------- pixels
 def image_array(image) -> np.ndarray:
-    """An RGB image (PIL "RGB", or uint8 (H, W, 3)) → uint8 (H, W, 3); anything else is a clear error."""
+    """An image → uint8 RGB (H, W, 3): a PIL image of any mode without transparency (converted to RGB), a uint8
+    array (H, W, 3), or a float array (H, W, 3) in [0, 1] (diffusers' "np" images); anything else is a clear
+    error. An image with transparency is refused rather than guessed at (what lies under transparent pixels
+    is often black)."""
     if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            raise ValueError(f"image has mode {image.mode!r}; editing takes RGB images: convert it with "
-                             "image.convert('RGB')")
-        return np.asarray(image)
-    arr = np.asarray(image) if isinstance(image, np.ndarray) else None
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            raise ValueError(f"image has transparency (mode {image.mode!r}); editing takes RGB images: composite it "
+                             "onto a background, or drop the alpha channel with image.convert('RGB')")
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    arr = image if isinstance(image, np.ndarray) else None
+    if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype.kind == "f" and arr.size:
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("a float image array must hold values in [0, 1] (diffusers' 'np' images); got "
+                             f"[{float(np.nanmin(arr)):.3g}, {float(np.nanmax(arr)):.3g}]")
+        return np.round(arr * 255).astype(np.uint8)
     if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         what = f"{arr.dtype} array of shape {arr.shape}" if arr is not None else type(image).__name__
-        raise ValueError(f"image must be an RGB PIL image or a uint8 array (H, W, 3), got {what}")
+        raise ValueError(f"image must be a PIL image, a uint8 array (H, W, 3) or a float one in [0, 1], got {what}")
     return arr
 
 
 def mask_array(mask, size: tuple[int, int]) -> np.ndarray:
-    """A mask (PIL "1"/"L"/"RGB", or an (H, W) bool/uint8 array) → bool (H, W), True = repaint.
+    """A mask → bool (H, W), True = repaint. White (≥ 0.5 of full scale) repaints, as in diffusers: a PIL image of
+    any mode (its grey level, as diffusers' mask processor converts it), an (H, W) bool array, a uint8 one (0–255),
+    or a float one or a torch tensor (H, W) with values in [0, 1].
 
-    White (≥ 0.5 of full scale) repaints, as in diffusers. size: the image's (height, width); a mask
-    of another size, or one that repaints nothing, is an error.
+    size: the image's (height, width); a mask of another size, or one that repaints nothing, is an error.
     """
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().squeeze().numpy() if mask.dim() > 2 else mask.detach().cpu().numpy()
     if isinstance(mask, Image.Image):
-        if mask.mode not in ("1", "L", "RGB"):
-            raise ValueError(f"mask_image has mode {mask.mode!r}; use a black-and-white mask (mode 'L' or '1', "
-                             "white = repaint): mask.convert('L')")
         arr = np.asarray(mask.convert("L")) >= 128
-    elif isinstance(mask, np.ndarray) and mask.ndim == 2 and (mask.dtype == bool or mask.dtype == np.uint8):
-        arr = mask >= 128 if mask.dtype == np.uint8 else mask
+    elif isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype.kind in "buf":
+        if mask.dtype.kind == "f" and mask.size and (not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1):
+            raise ValueError("a float mask must hold values in [0, 1] (1 = repaint); got "
+                             f"[{float(np.nanmin(mask)):.3g}, {float(np.nanmax(mask)):.3g}]")
+        if mask.dtype.kind == "u" and mask.dtype != np.uint8:
+            raise ValueError(f"mask_image of dtype {mask.dtype}: give a bool, uint8 (0–255) or float [0, 1] mask")
+        arr = mask >= {"b": True, "u": 128, "f": 0.5}[mask.dtype.kind]
     else:
         what = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise ValueError(f"mask_image must be a PIL image or a bool/uint8 array (H, W), got {what}")
+        raise ValueError(f"mask_image must be a PIL image, a tensor or a bool/uint8/float array (H, W), got {what}")
     if arr.shape != tuple(size):
         raise ValueError(f"mask_image is {arr.shape[1]}×{arr.shape[0]} (W×H) but the image is {size[1]}×{size[0]}; "
                          "give a mask of the image's size")
     if not arr.any():
-        raise ValueError("mask_image is all black: nothing to repaint; paint the area to repaint white")
+        peak = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask).max()
+        hint = (f" (its brightest value is {peak} of 255: a 0/1 mask must be scaled to 0/255, or given as a bool "
+                "array)" if 0 < peak < 128 and not isinstance(peak, (np.floating, float)) else "")
+        raise ValueError(f"mask_image is all black: nothing to repaint{hint}; paint the area to repaint white")
     return arr
 
 
@@ -298,10 +314,13 @@ def edit_to_file(
 
 
 def _open_image(path, flag: str) -> Image.Image:
+    """A file as diffusers' `load_image` reads one: turned upright by its EXIF orientation, then RGB (an image:
+    transparency dropped) or grey levels (a mask)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im
+            upright = ImageOps.exif_transpose(im)
+            return upright.convert("L" if flag == "--mask" else "RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag} {path} does not exist") from None
     except (OSError, Image.UnidentifiedImageError) as err:

@@ -342,14 +342,16 @@ def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
         inpaint("a red circle", image=scene, mask_image=np.zeros((64, 64), bool), progress=False)
     with pytest.raises(ValueError, match="all black"):
         inpaint("a red circle", image=scene, mask_image=Image.new("L", (64, 64), 100), progress=False)
-    with pytest.raises(ValueError, match=r"convert it with image.convert\('RGB'\)"):
+    with pytest.raises(ValueError, match=r"has transparency .* image.convert\('RGB'\)"):
         inpaint("a red circle", image=Image.fromarray(scene).convert("RGBA"), mask_image=mask, progress=False)
-    with pytest.raises(ValueError, match=r"convert it with image.convert\('RGB'\)"):
-        i2i("a red circle", image=Image.fromarray(scene).convert("L"), progress=False)
-    with pytest.raises(ValueError, match=r"uint8 array \(H, W, 3\)"):
-        i2i("a red circle", image=scene.astype(np.float32) / 255, progress=False)
-    with pytest.raises(ValueError, match="mask_image has mode 'RGBA'"):
-        inpaint("a red circle", image=scene, mask_image=Image.new("RGBA", (64, 64)), progress=False)
+    with pytest.raises(ValueError, match=r"uint8 array \(H, W, 3\) or a float one in \[0, 1\]"):
+        i2i("a red circle", image=scene.astype(np.int32), progress=False)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        i2i("a red circle", image=scene.astype(np.float32), progress=False)  # 0–255 floats
+    with pytest.raises(ValueError, match=r"brightest value is 1 of 255: a 0/1 mask must be scaled"):
+        inpaint("a red circle", image=scene, mask_image=mask.astype(np.uint8), progress=False)
+    with pytest.raises(ValueError, match=r"float mask must hold values in \[0, 1\]"):
+        inpaint("a red circle", image=scene, mask_image=mask * 255.0, progress=False)
     for strength in (0, 1.2, -1, float("nan")):
         with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
             i2i("a red circle", image=scene, strength=strength, progress=False)
@@ -359,6 +361,22 @@ def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
         outpaint_canvas(scene)
     with pytest.raises(ValueError, match="whole pixels"):
         outpaint_canvas(scene, left=-8)
+
+
+def test_images_and_masks_in_the_forms_diffusers_takes_read_alike(scene):
+    from mgtq.editing import image_array, mask_array
+
+    grey = Image.fromarray(scene).convert("L")
+    assert np.array_equal(image_array(grey), np.asarray(grey.convert("RGB")))  # modes without alpha: to RGB
+    palette = Image.fromarray(scene).convert("P")
+    assert np.array_equal(image_array(palette), np.asarray(palette.convert("RGB")))
+    assert np.array_equal(image_array(scene.astype(np.float32) / 255), scene)  # diffusers' "np" images
+    box = _box_mask()
+    forms = [box, box.astype(np.uint8) * 255, box.astype(np.float32), torch.from_numpy(box).float(),
+             torch.from_numpy(box)[None], Image.fromarray(box.astype(np.uint8) * 255).convert("RGBA"),
+             Image.fromarray(box.astype(np.uint8) * 255).convert("P")]
+    for form in forms:
+        assert np.array_equal(mask_array(form, box.shape), box), type(form)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -377,6 +395,15 @@ def test_cli_edit_mask_outpaint_and_strength(tmp_path, random_pipeline_dir, scen
     pipe = MGTInpaintPipeline.from_pretrained(random_pipeline_dir)
     api = pipe("a red circle", image=scene, mask_image=_box_mask(), seed=0, progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), np.asarray(api))
+    # files as they come: an opaque RGBA PNG stored sideways (EXIF orientation) and a palette mask, read as
+    # diffusers' load_image reads them
+    rgba = Image.fromarray(np.rot90(scene).copy()).convert("RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view": the stored pixels are the scene turned counter-clockwise
+    rgba.save(image, exif=exif)
+    Image.fromarray(_box_mask().astype(np.uint8) * 255, mode="L").convert("P").save(mask)
+    assert main(base + ["--mask", str(mask), "--out", str(tmp_path / "m2.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m2.png")), np.asarray(api))
 
 
 def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
