@@ -26,6 +26,7 @@ import json
 import math
 import os
 import stat
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -201,6 +202,7 @@ def check_value(value: Any, annotation: Any, name: str, text_numbers: bool = Tru
             raise ValueError(f"{name} must be true or false, got {_show(value)}")
         return value
     if annotation is int:
+        value = plain_scalar(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {_show(value)}")
         return value
@@ -239,11 +241,23 @@ def _finite(value: Any, name: str, text_numbers: bool = True) -> float:
             value = float(value)
         except ValueError:
             raise ValueError(f"{name} must be a number, got {_show(value)}") from None
+    value = plain_scalar(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {_show(value)}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
+
+
+def plain_scalar(value: Any) -> Any:
+    """A numpy scalar (np.int64, np.float32, np.bool_) or a 0-d torch tensor as the Python value it holds (what
+    users pass from arrays and tensors, e.g. ``strength=np.float32(0.5)``); anything else as it is."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")  # neither is imported here for this
+    if numpy is not None and isinstance(value, numpy.generic):
+        return value.item()
+    if torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta:
+        return value.item()
+    return value
 
 
 def _join(where: str, name: str) -> str:

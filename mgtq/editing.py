@@ -260,6 +260,7 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         output_type = self._resolve_output_type(output_type)
         self.check_inputs(prompt, image, None, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                           output_type, callback_on_step_end_tensor_inputs, token_merging)
+        strength = check_strength(strength)  # as a float (it may come as a numpy or torch scalar)
         arrays = self._image_arrays(_per_prompt(image, 1 if isinstance(prompt, str) else len(prompt), "image"))
         tokens = self.encode_image(arrays)
         run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import check_files, check_index, check_loaded
-from mgtq.config import from_mapping, validate
+from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
@@ -711,6 +711,7 @@ def _shown(value) -> str:
 
 def _merging_plan(token_merging):
     """The per-call TomeMGT plan: None, a TomePlan (anything with `bind`), a TomeConfig or a ratio."""
+    token_merging = plain_scalar(token_merging)
     if token_merging is None or hasattr(token_merging, "bind"):
         return token_merging
     from mgtq.merging.patch import TomeConfig, TomePlan

@@ -362,7 +362,14 @@ def per_sample_generators(
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} samples")
+        wrong = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if wrong:
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got a list holding {wrong[0]}; "
+                            "pass integer seeds as seed=")
         return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
+                        "pass integer seeds as seed=")
     if isinstance(generator, torch.Generator):
         seeds = torch.randint(0, 2**62, (batch_size,), generator=generator).tolist()
     elif isinstance(seed, (list, tuple)):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mgtq.config import plain_scalar
 from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.schedules import mask_ratio
 from mgtq.sampling.tokens import remask_lowest, uniform_scores
@@ -113,7 +114,9 @@ def img2img_start(tokens: torch.Tensor, strength: float, mask_id: int, config: S
                       first_step=start_step_for_strength(config, strength))
 
 
-def check_strength(strength: float) -> None:
-    """img2img's strength must be a number in (0, 1]."""
+def check_strength(strength: float) -> float:
+    """img2img's strength must be a number in (0, 1] (a numpy or 0-d torch scalar too); returns it as a float."""
+    strength = plain_scalar(strength)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (the fraction of tokens re-drawn), got {strength!r}")
+    return float(strength)

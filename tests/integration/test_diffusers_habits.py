@@ -252,3 +252,22 @@ def test_quantizing_after_sequential_offload_is_refused_before_anything_changes(
     with pytest.raises(ValueError, match="hold no weights.*quantize first and enable offload after"):
         mgtq.quantize_(pipe, mgtq.W4A16Config())
     assert not any(isinstance(m, (W4Linear, W4A8Linear)) for m in pipe.transformer.modules())
+
+
+def test_numpy_and_torch_scalars_are_numbers_and_a_wrong_generator_is_named(pipe):
+    kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False)
+    expected = pipe(num_inference_steps=3, guidance_scale=2.0, token_merging=0.5, **kwargs).images
+    for steps, scale, ratio in ((np.int64(3), np.float32(2), np.float32(0.5)),
+                                (torch.tensor(3), torch.tensor(2.0), torch.tensor(0.5))):
+        got = pipe(num_inference_steps=steps, guidance_scale=scale, token_merging=ratio, **kwargs).images
+        assert torch.equal(got, expected)
+    from PIL import Image
+
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    i2i = mgtq.MGTImg2ImgPipeline.from_pipe(pipe)
+    assert torch.equal(i2i(image=image, strength=np.float32(0.5), **kwargs, **STEPS).images,
+                       i2i(image=image, strength=0.5, **kwargs, **STEPS).images)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator.*got int; pass integer seeds as seed="):
+        pipe("a red circle", generator=42, **STEPS)
+    with pytest.raises(TypeError, match="a list holding int"):
+        pipe(["a", "b"], generator=[0, 1], **STEPS)
