@@ -190,7 +190,7 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
         raise ValueError("the manifest's layers do not match the model's quantized Linears; build the manifest "
                          "from the model (mgtq.quantization.checkpoint.describe)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _check_tensors(tensors, model, manifest.dtype, folder / WEIGHTS)
+    _check_tensors(tensors, model, manifest.dtype, "cannot save the quantized transformer", advice=_SAVE_ADVICE)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": type(model).__name__, **plain_config(model.config),
               "quantization_config": quantization_config(manifest)}
@@ -439,22 +439,28 @@ def _expected(model: nn.Module, float_dtype: torch.dtype) -> dict[str, tuple[tup
     return expected
 
 
+# What to do when a model about to be saved does not hold what its checkpoint would (the loader says REEXPORT).
+_SAVE_ADVICE = ("the model does not hold what a checkpoint of it stores: save it in float32, bfloat16 or float16 "
+                "(pipe.to(torch.bfloat16), say) and without layerwise casting or other storage changes")
+
+
 def _check_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, float_dtype: torch.dtype,
-                   path: Path) -> None:
+                   path: Path | str, advice: str = REEXPORT) -> None:
+    """`tensors` against what `model` in `float_dtype` stores; errors start with `path` (the file, or what failed)."""
     expected = _expected(model, float_dtype)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing:
         raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all) though the manifest and "
-                         f"config need it; {REEXPORT}")
+                         f"config need it; {advice}")
     if extra:
         raise ValueError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all) that the manifest and config "
-                         f"do not account for; {REEXPORT}")
+                         f"do not account for; {advice}")
     for key, (shape, dtype) in expected.items():
         t = tensors[key]
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; {REEXPORT}")
+            raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; {advice}")
         if t.is_floating_point():
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{path}: {key} holds NaN or infinite values; {REEXPORT}")
+                raise ValueError(f"{path}: {key} holds NaN or infinite values; {advice}")
             if key.rpartition(".")[2] in _SCALES and not bool((t > 0).all()):
-                raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {REEXPORT}")
+                raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {advice}")

@@ -271,3 +271,12 @@ def test_numpy_and_torch_scalars_are_numbers_and_a_wrong_generator_is_named(pipe
         pipe("a red circle", generator=42, **STEPS)
     with pytest.raises(TypeError, match="a list holding int"):
         pipe(["a", "b"], generator=[0, 1], **STEPS)
+
+
+def test_a_quantized_pipeline_in_float64_says_what_to_do(quantized_dir, tmp_path):
+    loaded = mgtq.load(quantized_dir, progress=False).to(torch.float64)
+    with pytest.raises(TypeError, match="quantized layers compute in float32, bfloat16 or float16"):
+        loaded("a red circle", progress=False, **STEPS)
+    with pytest.raises(ValueError, match="cannot save the quantized transformer: .* save it in float32, bfloat16"):
+        loaded.save_pretrained(tmp_path / "f64", progress=False)
+    assert not (tmp_path / "f64").exists()
