@@ -328,8 +328,8 @@ class MGTPipeline(DiffusionPipeline):
             if side is not None and (not _is_int(side) or side <= 0 or side % f):
                 near = max(f, round(side / f) * f) if _is_int(side) else self.settings.resolution
                 raise ValueError(f"{name} must be a positive multiple of {f} (VQ factor {self.vae_scale_factor} × "
-                                 f"feature compression {self.transformer.grid_factor}) or None for the model's "
-                                 f"{self.settings.resolution}, got {side!r}; try {near}")
+                                 f"feature compression {self.transformer.grid_factor}; leave it out for the model's "
+                                 f"{self.settings.resolution}), got {side!r}; try {near}")
         seeds = seed if isinstance(seed, (list, tuple)) else [seed]
         if seed is not None and not all(_is_int(s) and 0 <= s < SEED_LIMIT for s in seeds):
             raise ValueError(f"seed must be an int in [0, 2**63) (or a list of them), got {seed!r}")
@@ -415,6 +415,12 @@ class MGTPipeline(DiffusionPipeline):
         overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale)) if v is not None}
         config = config.replace(**overrides) if overrides else config
         grid = self.token_grid(height, width)
+        if config.reuse.enabled and config.reuse.group == "cells" and (grid[0] % 2 or grid[1] % 2):
+            side = 2 * self.vae_scale_factor
+            raise ValueError(f"context reuse's group 'cells' decodes 2×2 token cells, which a {width}×{height} image "
+                             f"({grid[1]}×{grid[0]} tokens) does not tile: use a width and height that are multiples "
+                             f"of {side}, or the group 'confidence' (CLI: --reuse-group confidence; Python: "
+                             "sampler=config.with_overrides({'reuse.group': 'confidence'}))")
         device = self._execution_device
         generators = per_sample_generators(len(prompts), seed=seed, generator=generator, device=device)
 

@@ -280,3 +280,12 @@ def test_a_quantized_pipeline_in_float64_says_what_to_do(quantized_dir, tmp_path
     with pytest.raises(ValueError, match="cannot save the quantized transformer: .* save it in float32, bfloat16"):
         loaded.save_pretrained(tmp_path / "f64", progress=False)
     assert not (tmp_path / "f64").exists()
+
+
+def test_context_reuse_by_cells_on_an_odd_token_grid_names_the_size_and_the_fix():
+    pipe = mgtq.load("tiny-shapes-16x16", progress=False)  # no feature compression: 4 pixels a token
+    with pytest.raises(ValueError, match=r"68×64 image \(17×16 tokens\) does not tile.*--reuse-group confidence"):
+        pipe("a red circle", width=68, height=64, sampler=mgtq.SamplerConfig.preset("fast"), **STEPS)
+    fast = mgtq.SamplerConfig.preset("fast").with_overrides({"reuse.group": "confidence"})
+    assert pipe("a red circle", width=68, height=64, sampler=fast, output_type="latent", progress=False,
+                **STEPS).images.shape == (1, 16, 17)
