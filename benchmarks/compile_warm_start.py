@@ -3,13 +3,16 @@
     python benchmarks/compile_warm_start.py --model meissonic-1024 --formats bf16,scq --threads 1
     python benchmarks/compile_warm_start.py --model meissonic-1024 --formats bf16,scq --threads 1 \
         --sampler fast --steps 48 --compare-plain
+    python benchmarks/compile_warm_start.py --model meissonic-1024 --formats bf16,scq --threads 1 --tome 0.5
 
 Per format, two fresh interpreters share one mgtq cache folder (mgtq.compilation; a new temporary
 folder unless --cache is given, so the first start is really cold). Each builds the transformer
 (random weights), calls `compile_blocks()`, and times a first pass (compiling included) and then
 `--repeats` more, in inference mode as the sampler calls it. A pass is one forward, or with `--sampler`
 (a preset with context reuse), the step kinds of one `--steps`-step image: the full step and each
-distinct local step (bench_reuse's schedule). Compile time = first pass − median of the others. Reports
+distinct local step (bench_reuse's schedule); with `--tome RATIO`, three forwards under TomeMGT (its default
+settings at that ratio) at masked fractions 0.75, 0.5 and 0.25, so the decoded schedule merges three different
+token counts. Compile time = first pass − median of the others. Reports
 the graphs Dynamo traced, Inductor's FX-graph cache and mgtq's precompiled blocks (loaded or compiled:
 mgtq.compilation.PrecompiledBlocks), and the kernels. `--compare-plain`: the warm process then compiles
 a copy of the model with plain torch.compile (no cache: Dynamo's own recompiles) and times both, call
@@ -33,12 +36,26 @@ from pathlib import Path
 import torch
 
 
-def step_calls(transformer, source, sampler: str | None, steps: int) -> list[tuple[str, object]]:
+def step_calls(transformer, source, sampler: str | None, steps: int, tome: float = 0.0) -> list[tuple[str, object]]:
     """The calls one start times, in order: the sampler's forward (no sampler), or with `sampler`, the step
     kinds of one `steps`-step image under its context reuse: the full step and each distinct local step
-    (bench_reuse's schedule: the sampler's counts, random positions)."""
+    (bench_reuse's schedule: the sampler's counts, random positions); with `tome` > 0, forwards under TomeMGT
+    at three masked fractions (random positions masked), each at its own sampler step."""
     from mgtq.bench.source import forward_inputs, token_grid
 
+    if tome:
+        from mgtq.merging import TomeConfig, TomePlan
+
+        plan, inputs = TomePlan(TomeConfig(ratio=tome)), forward_inputs(source, torch.bfloat16, "cpu", seed=0)
+        calls = []
+        for step, fraction in enumerate((0.75, 0.5, 0.25)):
+            ids = inputs["hidden_states"].clone()
+            flat = ids.view(ids.shape[0], -1)
+            order = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(step))
+            flat[:, order[:round(fraction * flat.shape[1])]] = transformer.mask_token_id
+            masked = {**inputs, "hidden_states": ids}
+            calls.append((f"tome{fraction}", lambda m=masked, k=step: transformer(**m, token_hook=plan.at_step(k))))
+        return calls
     if sampler is None:
         inputs = forward_inputs(source, torch.bfloat16, "cpu", seed=0)
         return [("forward", lambda: transformer(**inputs))]
@@ -69,8 +86,8 @@ def child_main(argv: list[str]) -> None:
     from mgtq.bench.source import resolve_model, transformer_config
     from mgtq.quantization.kernels import describe_kernels
 
-    model, fmt, threads, repeats, sampler, steps, compare = argv
-    repeats, steps, compare, sampler = int(repeats), int(steps), compare == "1", sampler or None
+    model, fmt, threads, repeats, sampler, steps, compare, tome = argv
+    repeats, steps, compare, sampler, tome = int(repeats), int(steps), compare == "1", sampler or None, float(tome)
     torch.set_num_threads(int(threads))
     source = resolve_model(model)
     scales = dict.fromkeys(linear_names_of(transformer_config(source)), 0.05)  # speed does not depend on them
@@ -78,7 +95,7 @@ def child_main(argv: list[str]) -> None:
     twin = copy.deepcopy(transformer) if compare else None
     transformer.compile_blocks()
     with torch.inference_mode():
-        calls = step_calls(transformer, source, sampler, steps)
+        calls = step_calls(transformer, source, sampler, steps, tome)
         passes = [{name: _timed(fn) for name, fn in calls} for _ in range(1 + repeats)]
         store = transformer.precompiled
         record = {"first_pass_s": passes[0], "passes_s": passes[1:],
@@ -88,7 +105,7 @@ def child_main(argv: list[str]) -> None:
                   "kernels": describe_kernels("cpu")}
         if compare:
             twin.compile_blocks(persistent_cache=False)
-            twin_calls = step_calls(twin, source, sampler, steps)
+            twin_calls = step_calls(twin, source, sampler, steps, tome)
             record["plain_first_pass_s"] = {name: _timed(fn) for name, fn in twin_calls}
             rounds = []
             for r in range(repeats):  # interleaved call by call, the order alternating from round to round
@@ -103,13 +120,13 @@ def child_main(argv: list[str]) -> None:
 
 
 def run_once(model: str, fmt: str, threads: int, repeats: int, cache: Path, sampler: str | None = None,
-             steps: int = 48, compare: bool = False) -> dict:
+             steps: int = 48, compare: bool = False, tome: float = 0.0) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["MGTQ_CACHE_DIR"] = str(cache)
     child = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); " \
             "from compile_warm_start import child_main; child_main(sys.argv[1:])"
     out = subprocess.run([sys.executable, "-c", child, model, fmt, str(threads), str(repeats), sampler or "",
-                          str(steps), "1" if compare else "0"], env=env, capture_output=True, text=True)
+                          str(steps), "1" if compare else "0", str(tome)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{fmt}: the child failed:\n{out.stderr[-3000:]}")
     return summarize(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -129,6 +146,8 @@ def summarize(record: dict) -> dict:
 def to_markdown(report: dict) -> str:
     what = "one forward" if report.get("sampler") is None else \
         f"the full and local steps of one {report['steps']}-step image, sampler {report['sampler']}"
+    if report.get("tome"):
+        what = f"three forwards under TomeMGT ratio {report['tome']}, masked fractions 0.75, 0.5, 0.25"
     lines = [f"# torch.compile start, {report['model']} ({report['threads']} thread(s), load average "
              f"{report['loadavg_start']} → {report['loadavg_end']})", "",
              f"`{report['command']}`", "", f"A pass: {what}.", "",
@@ -171,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=48, help="sampler steps of that image (with --sampler)")
     parser.add_argument("--compare-plain", action="store_true", help="the warm start also times plain torch.compile "
                         "against the precompiled blocks, interleaved")
+    parser.add_argument("--tome", type=float, default=0.0, help="TomeMGT ratio: time forwards under token merging "
+                        "at three masked fractions instead of one plain forward")
     parser.add_argument("--cache", type=Path, default=None, help="mgtq cache folder (default: a new temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (.md beside it)")
     args = parser.parse_args(argv)
@@ -185,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--sampler: {err}")
         if not reuse:
             parser.error(f"--sampler {args.sampler} has no context reuse: leave --sampler out to time the forward")
+    if args.tome and args.sampler is not None:
+        parser.error("--tome times plain forwards under token merging; leave --sampler out")
+    if not 0 <= args.tome < 1:
+        parser.error(f"--tome must be a ratio in [0, 1), got {args.tome}")
 
     report = {"model": args.model, "threads": args.threads, "sampler": args.sampler, "steps": args.steps,
+              "tome": args.tome,
               "command": "python " + " ".join(
         ["benchmarks/compile_warm_start.py", *(argv if argv is not None else sys.argv[1:])]),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "formats": {}}
@@ -194,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or Path(tmp)
         for fmt in (f.strip() for f in args.formats.split(",") if f.strip()):
             report["formats"][fmt] = {start: run_once(args.model, fmt, args.threads, args.repeats, cache, args.sampler,
-                                                      args.steps, args.compare_plain and start == "warm")
+                                                      args.steps, args.compare_plain and start == "warm", args.tome)
                                       for start in ("cold", "warm")}
             print(fmt, {k: round(v["compile_s"], 1) for k, v in report["formats"][fmt].items()}, flush=True)
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     suffix = "" if args.sampler is None else f"_{args.sampler}{args.steps}"
+    suffix += f"_tome{args.tome:g}" if args.tome else ""
     out = args.out or Path("benchmarks") / "results" / f"compile_warm_start_{args.model}{suffix}.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), to_markdown(report))

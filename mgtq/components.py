@@ -35,11 +35,17 @@ def check_files(folder: str | Path) -> dict[str, Path]:
     config = read_data(folder / "config.json") if (folder / "config.json").exists() else {}
     if not isinstance(config, dict):
         raise ValueError(f"{folder / 'config.json'} must hold a JSON object, got {type(config).__name__}; fix it")
-    for key, value in sorted(config.items()):
-        if LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > len(stored):
-            raise ValueError(f"{folder / 'config.json'}: {key} {value} describes more layers than the {len(stored)} "
-                             "tensors of its weights files can hold; fix config.json")
+    check_layer_counts(config, len(stored), folder / "config.json")
     return stored
+
+
+def check_layer_counts(config: dict, tensors: int, path: Path) -> None:
+    """Refuse a config.json (at `path`) whose layer counts exceed the number of stored `tensors`: each layer holds
+    at least one, and the model would be allocated before any weight is compared."""
+    for key, value in sorted(config.items()):
+        if LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > tensors:
+            raise ValueError(f"{path}: {key} {value} describes more layers than the {tensors} tensors of its "
+                             "weights files can hold; fix config.json")
 
 
 def stored_keys(folder: str | Path) -> dict[str, Path]:

@@ -40,7 +40,7 @@ from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, FloatDtype, atomic_write_text, parse_dtype, sha256_file
+from mgtq.utils import DTYPE_NAMES, FloatDtype, atomic_write_text, describe_path, parse_dtype, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PROVENANCE", "LayerScheme", "Manifest", "build_empty", "cast_float_",
            "assign_layer_", "describe", "install_quantized_", "is_quantized", "load", "load_pretrained",
@@ -49,6 +49,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "PROVENANCE", "LayerScheme", "Manifest", 
 FORMAT = "mgtq-quantized-transformer"
 FORMAT_VERSION = 2  # 2: sha256 of the weights file in the manifest, one safetensors metadata key
 CONFIG, MANIFEST, WEIGHTS = "config.json", "manifest.json", "diffusion_pytorch_model.safetensors"
+HASHED = (CONFIG, WEIGHTS)  # the files the manifest records the sha256 of
 SCHEMES: dict[str, type[QuantizedLinear]] = {"w4a16": W4Linear, "w4a8": W4A8Linear}
 # Tensors of a quantized module that keep their own dtype whatever the checkpoint's float dtype.
 _OWN_DTYPE = {"weight_packed": torch.uint8, "weight_scale": torch.float32, "input_scale": torch.float32}
@@ -197,7 +198,8 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     # One metadata key: safetensors writes its metadata map in no fixed order, one entry has only one.
     save_file(tensors, str(folder / WEIGHTS), metadata={"mgtq": _metadata_value()})
-    written = dataclasses.replace(manifest, files={WEIGHTS: sha256_file(folder / WEIGHTS)})
+    # config.json too: a valid-looking edit of it (RoPE axes, say) would build another model over the same weights.
+    written = dataclasses.replace(manifest, files={name: sha256_file(folder / name) for name in HASHED})
     atomic_write_text(folder / MANIFEST, json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
     return written
 
@@ -264,7 +266,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     """The folder's manifest.json, strictly validated (unknown keys and bad values are errors)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
+        raise FileNotFoundError(f"{path} {describe_path(path)}, not a manifest file; {REEXPORT}")
     data = _read_checkpoint_json(path)
     # Each layer records its group size; manifests written before that also had a summary key.
     data.pop("group_size", None)
@@ -284,7 +286,11 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
     data = _read_checkpoint_json(path)
     config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
-    method = (data.get("quantization_config") or {}).get("quant_method", QUANT_METHOD)
+    quantization = data.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise ValueError(f"{path}: quantization_config must be a mapping, got {type(quantization).__name__}; "
+                         f"fix the file or {REEXPORT}")
+    method = (quantization or {}).get("quant_method", QUANT_METHOD)
     if method != QUANT_METHOD:
         raise ValueError(f"{path}: quantization_config.quant_method is {method!r}; mgtq reads its own "
                          f"({QUANT_METHOD!r}) checkpoints only")
@@ -366,18 +372,22 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the transformer/ folder of a quantized checkpoint")
     manifest = read_manifest(folder)
-    config = read_config(folder)
     weights = folder / WEIGHTS
-    if set(manifest.files) != {WEIGHTS}:
-        raise ValueError(f"{folder / MANIFEST}: files must name exactly {WEIGHTS!r}, got {sorted(manifest.files)}; "
-                         f"{REEXPORT}")
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist; {REEXPORT}")
-    digest = sha256_file(weights)
-    if digest != manifest.files[WEIGHTS]:
-        raise ValueError(f"{weights}: sha256 {digest[:16]}… differs from files.{WEIGHTS} in {MANIFEST} "
-                         f"({manifest.files[WEIGHTS][:16]}…): the file was modified or damaged; {REEXPORT}")
+    # Checkpoints written before config.json was hashed name the weights only.
+    if set(manifest.files) not in ({WEIGHTS}, set(HASHED)):
+        raise ValueError(f"{folder / MANIFEST}: files must name {list(HASHED)} (or {WEIGHTS!r} alone), got "
+                         f"{sorted(manifest.files)}; {REEXPORT}")
+    for name, expected in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} {describe_path(path)}; {REEXPORT}")
+        digest = sha256_file(path)
+        if digest != expected:
+            raise ValueError(f"{path}: sha256 {digest[:16]}… differs from files.{name} in {MANIFEST} "
+                             f"({expected[:16]}…): the file was modified or damaged; {REEXPORT}")
+    config = read_config(folder)
     _check_metadata(weights)
+    _check_layer_counts(config, weights)
     try:
         model = build_empty(config, manifest)
     except ValueError as err:
@@ -412,6 +422,18 @@ def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, tor
             raise ValueError(f"device_map must name one device (\"cpu\", \"cuda\"), got {device_map!r}")
         model.to(device_map)
     return model
+
+
+def _check_layer_counts(config: Mapping, weights: Path) -> None:
+    """Before the model is built: layer counts its weights can hold (`num_layers: 10**9` would be allocated first)."""
+    from mgtq.components import check_layer_counts
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            count = len(list(f.keys()))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is damaged or truncated ({err}); {REEXPORT}") from None
+    check_layer_counts(config, count, weights.parent / CONFIG)
 
 
 def _check_metadata(weights: Path) -> None:

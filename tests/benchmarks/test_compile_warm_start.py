@@ -44,3 +44,38 @@ def test_a_sampler_without_context_reuse_is_refused(script, capsys, sampler, mes
     with pytest.raises(SystemExit):
         script.main(["--sampler", sampler])
     assert message in capsys.readouterr().err
+
+
+def test_a_tome_pass_merges_three_different_token_counts(script):
+    import torch
+
+    from mgtq.bench.source import resolve_model
+    from mgtq.merging.patch import merge_count
+    from mgtq.merging import TomeConfig
+    from mgtq.models.presets import build_transformer
+
+    source = resolve_model("tiny-shapes")
+    model = build_transformer("tiny-shapes").eval()
+    seen = []
+    calls = script.step_calls(model, source, None, 16, tome=0.5)
+    assert [name for name, _ in calls] == ["tome0.75", "tome0.5", "tome0.25"]
+    original = model.forward
+
+    def recording(hidden_states, *args, token_hook=None, **kwargs):
+        plan = token_hook.bind(model_grid, hidden_states == model.mask_token_id)
+        seen.append(round(float(plan.masked_fraction.mean()), 2))
+        return original(hidden_states, *args, token_hook=token_hook, **kwargs)
+
+    from mgtq.bench.source import token_grid
+
+    h, w = token_grid(source)
+    model_grid = (h // model.grid_factor, w // model.grid_factor)
+    model.forward = recording
+    with torch.inference_mode():
+        for _, fn in calls:
+            fn()
+    assert seen == [0.75, 0.5, 0.25]
+    counts = {merge_count(TomeConfig(ratio=0.5), model_grid[0] * model_grid[1], s) for s in seen}
+    assert len(counts) == 3
+    with pytest.raises(SystemExit):
+        script.main(["--tome", "0.5", "--sampler", "fast"])

@@ -77,8 +77,8 @@ def test_files_get_normal_permissions(exported):
 
 def test_manifest_records_sha256_and_round_trips(exported):
     manifest = ckpt.read_manifest(exported / "transformer")
-    digest = hashlib.sha256((exported / "transformer" / WEIGHTS).read_bytes()).hexdigest()
-    assert manifest.files == {WEIGHTS: digest}
+    assert manifest.files == {name: hashlib.sha256((exported / "transformer" / name).read_bytes()).hexdigest()
+                              for name in (WEIGHTS, "config.json")}
     assert ckpt.read_manifest(exported / "transformer") == manifest
     assert ckpt.is_quantized(exported / "transformer")
 
@@ -206,9 +206,16 @@ def _flip_bytes(folder):
     path.write_bytes(bytes(raw))
 
 
-def _config_key(folder):
-    path = folder / "transformer" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "bogus_key": 1}))
+def _edit_config(changes: dict, record_sha: bool = True):
+    """Change config.json; with record_sha, also its sha256 in the manifest, so that the checks of its values run."""
+    def edit(folder):
+        path = folder / "transformer" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        if record_sha:
+            data = _manifest(folder)
+            data["files"]["config.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            _set_manifest(folder, data)
+    return edit
 
 
 def _pickle_vq(folder):
@@ -264,10 +271,25 @@ BAD = {
                        r"tensor '[\w.]+\.input_scale' is missing"),
     "unexpected tensor": (_rewrite_tensors(lambda t, d: t.update(stray=torch.zeros(2))), ValueError,
                           "unexpected tensor 'stray'"),
-    "config.json unknown key": (_config_key, ValueError, "bogus_key"),
+    "config.json unknown key": (_edit_config({"bogus_key": 1}), ValueError, "bogus_key"),
+    "config.json edited": (_edit_config({"axes_dims_rope": [12, 8, 12]}, record_sha=False), ValueError,
+                           r"config.json: sha256 .* the file was modified"),
+    "quantization_config a string": (_edit_config({"quantization_config": "mgtq"}), ValueError,
+                                     "quantization_config must be a mapping"),
+    "more layers than tensors": (_edit_config({"num_single_layers": 10**9}), ValueError,
+                                 "num_single_layers 1000000000 describes more layers"),
     "config.json missing": (lambda f: (f / "transformer" / "config.json").unlink(), FileNotFoundError, "config.json"),
     "pickle .bin in vqvae": (_pickle_vq, FileNotFoundError, r"vqvae has no \.safetensors"),
 }
+
+
+def test_a_manifest_of_an_older_mgtq_names_the_weights_only_and_loads(exported, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(exported, copy)
+    data = _manifest(copy)
+    del data["files"]["config.json"]  # written before config.json was hashed
+    _set_manifest(copy, data)
+    assert mgtq.load(copy).transformer is not None
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
