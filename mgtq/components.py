@@ -16,6 +16,10 @@ import torch
 from mgtq.limits import MAX_RESOLUTION
 from mgtq.utils import describe_path
 
+class BadComponent(ValueError):
+    """A component folder that fails mgtq's checks; the message names the file, the key and the fix."""
+
+
 # A CLIP text tower may be loaded from a whole CLIPModel's weights (the official Meissonic setup loads
 # CLIP ViT-H/14 this way): the image tower's tensors are there and are not the text encoder's.
 OTHER_TOWER = ("vision_model.", "visual_projection.", "logit_scale")
@@ -34,7 +38,7 @@ def check_files(folder: str | Path) -> dict[str, Path]:
     stored = stored_keys(folder)
     config = read_data(folder / "config.json") if (folder / "config.json").exists() else {}
     if not isinstance(config, dict):
-        raise ValueError(f"{folder / 'config.json'} must hold a JSON object, got {type(config).__name__}; fix it")
+        raise BadComponent(f"{folder / 'config.json'} must hold a JSON object, got {type(config).__name__}; fix it")
     check_layer_counts(config, len(stored), folder / "config.json")
     return stored
 
@@ -44,7 +48,7 @@ def check_layer_counts(config: dict, tensors: int, path: Path) -> None:
     at least one, and the model would be allocated before any weight is compared."""
     for key, value in sorted(config.items()):
         if LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > tensors:
-            raise ValueError(f"{path}: {key} {value} describes more layers than the {tensors} tensors of its "
+            raise BadComponent(f"{path}: {key} {value} describes more layers than the {tensors} tensors of its "
                              "weights files can hold; fix config.json")
 
 
@@ -55,12 +59,12 @@ def stored_keys(folder: str | Path) -> dict[str, Path]:
     stored = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
-            raise ValueError(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
+            raise BadComponent(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 stored.update(dict.fromkeys(f.keys(), path))
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
-            raise ValueError(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
+            raise BadComponent(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
                              "re-create it") from None
     return stored
 
@@ -74,19 +78,19 @@ def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
     optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
     missing = sorted(set(expected) - set(stored) - optional)
     if missing:
-        raise ValueError(f"{folder}: the {what}'s weights files lack tensor {missing[0]!r} ({len(missing)} missing in "
+        raise BadComponent(f"{folder}: the {what}'s weights files lack tensor {missing[0]!r} ({len(missing)} missing in "
                          "all) that its config.json needs; the folder is incomplete: re-create it")
     unexpected = sorted(k for k in set(stored) - set(expected) - optional if not k.startswith(OTHER_TOWER))
     if unexpected:
-        raise ValueError(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
+        raise BadComponent(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
                          f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
                          "the folder")
     for name, tensor in expected.items():
         if tensor.is_meta:
-            raise ValueError(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
+            raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
                              "the folder")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
+            raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
                              "values; the weights are damaged: re-create them")
 
 
@@ -97,10 +101,10 @@ def check_index(index, path: Path) -> None:
     a 1024 px image from whatever model the folder holds.
     """
     if not isinstance(index, dict):
-        raise ValueError(f"{path} must hold a JSON object (diffusers' model_index), got {type(index).__name__}; "
+        raise BadComponent(f"{path} must hold a JSON object (diffusers' model_index), got {type(index).__name__}; "
                          "fix it or re-create the folder")
     settings = index.get("mgtq")
     resolution = settings.get("resolution") if isinstance(settings, dict) else None
     if isinstance(resolution, int) and resolution > MAX_RESOLUTION:
-        raise ValueError(f"{path}: mgtq.resolution {resolution} is past mgtq's limit of {MAX_RESOLUTION} px "
+        raise BadComponent(f"{path}: mgtq.resolution {resolution} is past mgtq's limit of {MAX_RESOLUTION} px "
                          "(mgtq.limits); set the model's real resolution")

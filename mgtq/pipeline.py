@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgtq.components import check_files, check_index, check_loaded
+from mgtq.components import BadComponent, check_files, check_index, check_loaded, stored_keys
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -578,9 +578,14 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
-    check_files(folder)  # damaged weights, a deep or oversized config.json: named before anything is built
+    # MeissonicTransformer.from_pretrained runs both checks itself (users call it directly too)
+    checked = cls is MeissonicTransformer
+    if not checked:
+        check_files(folder)  # damaged weights, a deep or oversized config.json: named before anything is built
     try:
         model = cls.from_pretrained(folder, **kwargs)
+    except BadComponent:
+        raise
     except (RuntimeError, ValueError, OSError, TypeError) as err:
         what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(cls.__name__, "text encoder")
         raise ValueError(
@@ -588,7 +593,8 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
             f"or the weights are damaged ({str(err).strip().splitlines()[0][:300] if str(err).strip() else err!r}); "
             "fix config.json or re-create the folder"
         ) from None
-    check_loaded(model, folder)  # missing, unexpected and non-finite tensors are errors naming file and key
+    if not checked:
+        check_loaded(model, folder)  # missing, unexpected and non-finite tensors are errors naming file and key
     return model
 
 
@@ -656,6 +662,7 @@ def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     folder = Path(folder)
     if checkpoint.is_quantized(folder):
         return checkpoint.read_manifest(folder).dtype
+    stored_keys(folder)  # a damaged or unreadable weights file: named here, in one line
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():

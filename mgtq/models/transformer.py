@@ -379,10 +379,17 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         (diffusers would build random float weights for its packed Linears)."""
         from mgtq.quantization import checkpoint  # it imports this module
 
+        from mgtq.components import check_files, check_loaded
+
         folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
         if folder.is_dir() and checkpoint.is_quantized(folder):
             return checkpoint.load_pretrained(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if folder.is_dir():  # a local float folder is held to mgtq's checks, as mgtq.load holds it
+            check_files(folder)  # layer counts the weights can hold, before anything is allocated
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if folder.is_dir():
+            check_loaded(model, folder)  # no tensor missing (random init), none ignored, none NaN
+        return model
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' writer; a quantized model is written in mgtq's checkpoint format (manifest, sha256)."""

@@ -101,6 +101,30 @@ def test_a_config_with_more_layers_than_its_weights_is_refused_before_building(m
     (model / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"transformer/config.json: num_layers 1000000 describes more layers than"):
         MGTPipeline.from_pretrained(model)
+    from mgtq.models import MeissonicTransformer
+
+    with pytest.raises(ValueError, match=r"transformer/config.json: num_layers 1000000 describes more layers than"):
+        MeissonicTransformer.from_pretrained(model / "transformer")  # the class's own loader, as users call it
+
+
+def test_the_transformer_class_loader_holds_a_float_folder_to_mgtq_s_checks(model):
+    from safetensors.torch import load_file, save_file
+
+    from mgtq.models import MeissonicTransformer
+
+    path = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    for damage, match in ((lambda t: t[key].fill_(float("nan")), "holds NaN or infinite"),
+                          (lambda t: t.pop(key), f"lack tensor {key!r}"),
+                          (lambda t: t.update(stray=torch.zeros(2)), "tensor 'stray' is not part of the transformer")):
+        damaged = {k: v.clone() for k, v in tensors.items()}
+        damage(damaged)
+        save_file(damaged, str(path))
+        with pytest.raises(ValueError, match=match):
+            MeissonicTransformer.from_pretrained(model / "transformer")
+        with pytest.raises(ValueError, match=match):
+            MGTPipeline.from_pretrained(model)  # one message through either loader
 
 
 def test_a_full_disk_while_saving_tensors_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
