@@ -57,7 +57,7 @@ def stored_keys(folder: str | Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     stored = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in weights_files(folder):
         if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
             raise BadComponent(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
         try:
@@ -67,6 +67,27 @@ def stored_keys(folder: str | Path) -> dict[str, Path]:
             raise BadComponent(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
                              "re-create it") from None
     return stored
+
+
+# The weights file names diffusers and transformers read (unsharded; sharded ones are listed by an index).
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def weights_files(folder: str | Path) -> list[Path]:
+    """The safetensors files `from_pretrained` reads from `folder`: the ones a `*.safetensors.index.json` lists,
+    else diffusers' or transformers' single weights file, else every `*.safetensors` (other files, such as a
+    user's own tensors beside the weights, are not the model's)."""
+    from mgtq.config import read_data
+
+    folder = Path(folder)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        data = read_data(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise BadComponent(f"{index} has no weight_map; fix it or re-create the folder")
+        return [folder / name for name in sorted(set(map(str, weight_map.values())))]
+    single = [folder / name for name in WEIGHTS_NAMES if (folder / name).exists() or (folder / name).is_symlink()]
+    return single[:1] or sorted(folder.glob("*.safetensors"))
 
 
 def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:

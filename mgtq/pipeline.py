@@ -639,10 +639,19 @@ def read_settings(root: str | os.PathLike) -> PipelineSettings:
     """The settings a pipeline folder stores (model_index.json "mgtq"); an official Meissonic folder's
     otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
     root = Path(root)
-    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
-    check_index(index, root / "model_index.json")  # a JSON object; its resolution within mgtq.limits
+    path = root / "model_index.json"
+    if not path.exists():
+        # Official and mgtq folders both have one; without it the official defaults (1024 px, 48 steps, CFG 9)
+        # would silently apply to whatever model the folder holds.
+        raise FileNotFoundError(f"{root} has no model_index.json; every pipeline folder (official Meissonic or "
+                                "mgtq's) has one: restore it, or re-create the folder (save_pretrained, mgtq export)")
+    index = read_json(path)
+    check_index(index, path)  # a JSON object; its resolution within mgtq.limits
     if "mgtq" in index:
-        return _settings(index["mgtq"], root / "model_index.json")
+        return _settings(index["mgtq"], path)
+    if (root / "transformer").is_dir() and checkpoint.is_quantized(root / "transformer"):
+        raise ValueError(f"{path} has no 'mgtq' settings, but {root / 'transformer'} is an mgtq quantized checkpoint, "
+                         "whose folder always has them (resolution, sampler): restore the file or re-export")
     # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.
     sched = root / "scheduler" / "scheduler_config.json"
     schedule = read_json(sched).get("masking_schedule", "cosine") if sched.exists() else "cosine"

@@ -217,3 +217,20 @@ def test_a_non_utf8_tokenizer_file_names_the_file(model):
     path.write_bytes(path.read_bytes()[:10] + b"\xff\xfe" + path.read_bytes()[10:])
     with pytest.raises(ValueError, match=f"{path} is not UTF-8 text"):
         MGTPipeline.from_pretrained(model)
+
+
+def test_a_pipeline_folder_without_its_model_index_or_settings_is_refused(model, tmp_path):
+    (model / "model_index.json").rename(tmp_path / "index.json")
+    with pytest.raises(FileNotFoundError, match="has no model_index.json; every pipeline folder"):
+        MGTPipeline.from_pretrained(model)  # not read as an official folder: 1024 px, 48 steps, CFG 9
+    import mgtq
+
+    (tmp_path / "index.json").rename(model / "model_index.json")
+    pipe = MGTPipeline.from_pretrained(model)
+    mgtq.quantize_(pipe, mgtq.W4A16Config())
+    pipe.save_pretrained(tmp_path / "q", progress=False)
+    index = json.loads((tmp_path / "q" / "model_index.json").read_text())
+    del index["mgtq"]
+    (tmp_path / "q" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="no 'mgtq' settings, but .* is an mgtq quantized checkpoint"):
+        MGTPipeline.from_pretrained(tmp_path / "q")
