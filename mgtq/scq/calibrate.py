@@ -20,9 +20,15 @@ def resolve_model(recipe: Recipe) -> Path:
     if recipe.model == "default":
         return default_model()
     try:
-        return model_folder(recipe.model)
+        folder = model_folder(recipe.model)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"recipe model: {err}") from None
+    from mgtq.quantization import checkpoint
+
+    if (folder / "transformer").is_dir() and checkpoint.is_quantized(folder / "transformer"):
+        raise ValueError(f"recipe model: {recipe.model} is a quantized mgtq checkpoint; SCQ calibrates a float model "
+                         "(its QAT trains the float weights): set model: to the float pipeline it was made from")
+    return folder
 
 
 def check_run_current(out: str | Path) -> Path:

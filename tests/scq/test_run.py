@@ -124,6 +124,19 @@ def test_calibrate_refuses_the_source_model_as_its_run_folder(tmp_path, capsys):
     assert sorted(str(p.relative_to(model)) for p in model.rglob("*")) == before
 
 
+def test_calibrate_refuses_a_quantized_checkpoint_as_its_model_before_any_work(tmp_path, capsys):
+    import mgtq
+
+    pipe = mgtq.load(progress=False)
+    mgtq.quantize_(pipe, mgtq.W4A16Config())
+    pipe.save_pretrained(tmp_path / "q", progress=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(dump_recipe(recipe_from_dict({"model": str(tmp_path / "q")})))
+    assert main(["calibrate", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "is a quantized mgtq checkpoint; SCQ calibrates a float model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_folder_or_an_mgtq_run_is_accepted(tmp_path):
     empty = RunFolder(tmp_path / "empty")
     empty.root.mkdir()
