@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["finite_float", "number", "integer", "seed", "ratio", "existing_folder", "existing_file",
            "comma_list", "device"]
 
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; leave room for seed + i
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds
 
 
 def finite_float(text: str) -> float:
@@ -174,6 +174,8 @@ def _show(bound) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
-seed = integer(0, SEED_LIMIT - 1)
+# Image i of a call uses seed + i: the largest seed leaves room for 2**20 of them under SEED_LIMIT.
+SEED_ROOM = 2**20
+seed = integer(0, SEED_LIMIT - SEED_ROOM)
 # TomeMGT: the fraction of a block's image tokens merged away (mgtq.merging.TomeConfig.ratio).
 ratio = number(0, 1, below=True)

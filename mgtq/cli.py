@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="outpainting: pixels to add on the left, right, top and bottom")
     how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
                      help="img2img: fraction of the image's tokens re-drawn, in (0, 1]")
-    d.add_argument("--prompt", required=True)
+    d.add_argument("--prompt", type=_prompt, required=True)
     d.add_argument("--negative-prompt", default=None)
     d.add_argument("--seed", type=argtypes.seed, default=0)
     d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
@@ -533,10 +533,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_tome_flags(parser: argparse.ArgumentParser, args) -> None:
+    """TomeMGT's option flags without --tome would be ignored: an error instead (generate, edit, eval)."""
+    if args.command == "bench" or getattr(args, "tome", None) or not _tome_options(args):
+        return
+    flags = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(_tome_options_flags(args)))
+    parser.error(f"{args.command}: {flags}: TomeMGT's options apply only with --tome RATIO; add --tome 0.5, say")
+
+
+def _tome_options_flags(args) -> list[str]:
+    return [k for k in vars(args) if k.startswith("tome_") and k != "tome_blocks" and getattr(args, k) is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure is one line on stderr and a non-zero exit code."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        _check_tome_flags(parser, args)
     except SystemExit as stop:  # argparse printed --help or its one-line error
         return stop.code
     try:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from mgtq.limits import MAX_RESOLUTION
 from mgtq.pipeline import MGTPipeline, MGTPipelineOutput
 from mgtq.sampling import SamplerConfig, SamplerHooks
 from mgtq.sampling.start import check_strength, img2img_start, inpaint_start
@@ -112,6 +113,10 @@ def outpaint_canvas(image, left: int = 0, right: int = 0, top: int = 0, bottom: 
     if not any(pads.values()):
         raise ValueError("outpaint padding is 0 on every side: nothing to outpaint; give left/right/top/bottom")
     h, w = pixels.shape[:2]
+    if max(top + h + bottom, left + w + right) > MAX_RESOLUTION:
+        raise ValueError(f"outpainting {w}×{h} by {left},{right},{top},{bottom} (L,R,T,B) makes a "
+                         f"{left + w + right}×{top + h + bottom} canvas, past mgtq's limit of {MAX_RESOLUTION} px a "
+                         "side (mgtq.limits); pad less")
     canvas = np.empty((top + h + bottom, left + w + right, 3), dtype=np.uint8)
     canvas[:] = fill
     canvas[top:top + h, left:left + w] = pixels
@@ -319,6 +324,9 @@ def _open_image(path, flag: str) -> Image.Image:
     transparency dropped) or grey levels (a mask)."""
     try:
         with Image.open(path) as im:
+            if max(im.size) > MAX_RESOLUTION:  # read from the header: nothing decoded yet
+                raise ValueError(f"{flag} {path} is {im.size[0]}×{im.size[1]}, past mgtq's limit of {MAX_RESOLUTION} "
+                                 "px a side (mgtq.limits); resize it")
             im.load()
             upright = ImageOps.exif_transpose(im)
             return upright.convert("L" if flag == "--mask" else "RGB")

@@ -99,6 +99,8 @@ BAD_FLAGS = [
     (["generate", "--prompt", "x", "--reuse-refresh", "1.5"], "argument --reuse-refresh: must be a finite number in"),
     (["bench", "--reuse-refresh", "-0.1"], "argument --reuse-refresh: must be a finite number in"),
     (["bench", "--sampler", "turbo"], "argument --sampler: invalid choice: 'turbo'"),
+    (["generate", "--prompt", "x", "--seed", str(2**63 - 1)], "argument --seed: must be an integer in [0, "),
+    (["edit", "--image", sys.executable, "--strength", "0.5", "--prompt", " "], "argument --prompt: the prompt is empty"),
 ]
 
 
@@ -108,6 +110,11 @@ def test_bad_flag_is_one_line_naming_it(capsys, no_model, argv, message):
     assert message in err
     # the top-level parser reports unrecognized arguments, as "mgtq: error: …"
     assert err.startswith(f"mgtq{' ' + argv[0] if argv and 'unrecognized' not in message else ''}: error:")
+
+
+def test_tome_options_without_tome_are_refused_before_loading(capsys, no_model):
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--tome-locality", "bogus", "--tome-window", "-7"])
+    assert "--tome-locality, --tome-window: TomeMGT's options apply only with --tome RATIO" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

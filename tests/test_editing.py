@@ -361,6 +361,8 @@ def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
         outpaint_canvas(scene)
     with pytest.raises(ValueError, match="whole pixels"):
         outpaint_canvas(scene, left=-8)
+    with pytest.raises(ValueError, match=r"makes a 100064×64 canvas, past mgtq's limit of 4096 px"):
+        outpaint_canvas(scene, left=100000)  # refused before the canvas is allocated
 
 
 def test_images_and_masks_in_the_forms_diffusers_takes_read_alike(scene):
