@@ -273,6 +273,11 @@ def cmd_bench(args) -> int:
         plot.write_png(report, png)
         print(f"wrote {png}")
     print(to_markdown(report))
+    failed = [r["label"] for r in report["results"] if r.get("status") == "failed"]
+    if failed:  # the report is written (the other cases' figures stand); the exit code says it is incomplete
+        print(f"mgtq bench: error: {len(failed)} case(s) failed ({', '.join(failed)}); see Skipped above for why",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -431,3 +431,20 @@ def test_bench_takes_the_sampler_preset_and_reuse_flags_of_generate():
     assert _bench_reuse(parser.parse_args(["bench", "--sampler", "fast", "--reuse-refresh", "0.1"])).refresh == 0.1
     for command in (["generate", "--prompt", "x"], ["eval"], ["edit", "--image", __file__, "--prompt", "x", "--strength", "0.5"]):
         assert parser.parse_args([*command, "--reuse-refresh", "0.2"]).reuse_refresh == 0.2
+
+
+def test_bench_with_a_failed_case_prints_the_report_and_exits_non_zero(capsys, monkeypatch, tmp_path):
+    import mgtq.bench
+
+    def run_bench(config, log):
+        ok = {"label": "bf16", "status": "ok"}
+        failed = {"label": "scq", "status": "failed", "message": "case failed: Traceback (most recent call last):\n"
+                  "ValueError: sha256 differs; re-export the checkpoint"}
+        return {"results": [ok, failed]}
+
+    monkeypatch.setattr(mgtq.bench, "run_bench", run_bench)
+    monkeypatch.setattr(mgtq.bench, "to_markdown", lambda report: "the report")
+    assert main(["bench", "--formats", "bf16,scq", "--json", str(tmp_path / "b.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "the report" in out
+    assert err.strip() == "mgtq bench: error: 1 case(s) failed (scq); see Skipped above for why"

@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 
 from mgtq.bench.latency import round_ratios
-from mgtq.bench.result import MB, CaseResult, mb_text
+from mgtq.bench.result import MB, CaseResult, mb_text, message_line
 
 SCHEMA_VERSION = "mgtq-bench/2"
 TOP_LEVEL_KEYS = ("schema", "created", "wall_s", "machine", "model", "settings", "configs", "baseline",
@@ -221,7 +221,7 @@ def to_markdown(report: dict) -> str:
                          " | ".join(f"{p['split_fraction'][c]:.2f}" for c in categories) + " |")
     lines += _offload_lines(report)
     if report["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- {msg.splitlines()[0]}" for msg in report["skipped"]]
+        lines += ["", "## Skipped", ""] + [f"- {message_line(msg)}" for msg in report["skipped"]]
     notes = sorted({n for r in results for n in r.notes})
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

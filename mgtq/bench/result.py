@@ -122,7 +122,7 @@ class CaseResult:
     def one_line(self) -> str:
         """The headline numbers, for progress logs."""
         if not self.ok:
-            return f"{self.label}: {self.status} — {self.message.splitlines()[0]}"
+            return f"{self.label}: {self.status} — {message_line(self.message)}"
         parts = [f"weights {mb_text(self.weight_bytes)} MB", f"peak RSS {mb_text(self.peak_rss)} MB"]
         if self.forward_median is not None:
             parts.append(f"forward {self.forward_median:.3g} s")
@@ -134,3 +134,14 @@ class CaseResult:
 def mb_text(x) -> str:
     """Bytes as whole megabytes with thousands separators ("–" for unknown)."""
     return "–" if x is None else f"{x / MB:,.0f}"
+
+
+def message_line(message: str) -> str:
+    """A failure message in one line: a traceback's last line (the error and what to do), else its first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if "Traceback (most recent call last)" in lines[0]:
+        head = lines[0].split("Traceback (most recent call last)")[0].strip()
+        return f"{head} {lines[-1]}".strip()
+    return lines[0]
