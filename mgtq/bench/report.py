@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 
 from mgtq.bench.latency import round_ratios
-from mgtq.bench.result import MB, CaseResult, mb_text, message_line
+from mgtq.bench.result import CaseResult, mb_text, message_line
 
 SCHEMA_VERSION = "mgtq-bench/2"
 TOP_LEVEL_KEYS = ("schema", "created", "wall_s", "machine", "model", "settings", "configs", "baseline",
