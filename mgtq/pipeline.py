@@ -643,6 +643,10 @@ def read_settings(root: str | os.PathLike) -> PipelineSettings:
     if not path.exists():
         # Official and mgtq folders both have one; without it the official defaults (1024 px, 48 steps, CFG 9)
         # would silently apply to whatever model the folder holds.
+        if (root / "config.json").is_file() and not (root / "transformer").exists():
+            raise FileNotFoundError(f"{root} is a component folder (a config.json, no model_index.json): pass the "
+                                    f"pipeline folder that holds it ({root.parent}), or load a transformer alone with "
+                                    "MeissonicTransformer.from_pretrained")
         raise FileNotFoundError(f"{root} has no model_index.json; every pipeline folder (official Meissonic or "
                                 "mgtq's) has one: restore it, or re-create the folder (save_pretrained, mgtq export)")
     index = read_json(path)

@@ -397,8 +397,14 @@ DTYPE_NAMES: dict[torch.dtype, str] = {DTYPES[name]: name for name in get_args(F
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype from a name ("bf16", "bfloat16", …); None stays None; errors list the names."""
-    if name is None or isinstance(name, torch.dtype):
+    """torch dtype from a name ("bf16", "bfloat16", …) or a torch floating dtype a model can compute in; None stays
+    None; errors list the choices. fp8 dtypes are storage-only (diffusers' `enable_layerwise_casting`)."""
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        if not name.is_floating_point or name.itemsize < 2:
+            raise ValueError(f"dtype {name} is not one a model computes in; use torch.float32, torch.bfloat16 or "
+                             "torch.float16 (fp8 storage: transformer.enable_layerwise_casting)")
         return name
     try:
         return DTYPES[name]

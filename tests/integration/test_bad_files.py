@@ -234,3 +234,14 @@ def test_a_pipeline_folder_without_its_model_index_or_settings_is_refused(model,
     (tmp_path / "q" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="no 'mgtq' settings, but .* is an mgtq quantized checkpoint"):
         MGTPipeline.from_pretrained(tmp_path / "q")
+
+
+def test_a_component_folder_given_as_the_pipeline_names_its_parent(model):
+    with pytest.raises(FileNotFoundError, match=r"is a component folder .* pass the pipeline folder that holds it"):
+        MGTPipeline.from_pretrained(model / "transformer")
+
+
+def test_a_dtype_no_model_computes_in_is_refused_by_name(model):
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=f"dtype {dtype} is not one a model computes in"):
+            MGTPipeline.from_pretrained(model, torch_dtype=dtype)
