@@ -107,6 +107,8 @@ def existing_file(what: str) -> Callable[[str], Path]:
             return path
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a {what} file")
+        if path.exists():  # /dev/null, a FIFO: not a regular file mgtq reads
+            raise argparse.ArgumentTypeError(f"{what} file {text!r} is not a regular file (a device, FIFO or socket)")
         raise argparse.ArgumentTypeError(f"{what} file {text!r} does not exist")
 
     parse.__name__ = "file"

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(g)
     what = g.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", type=_prompt, help="what the image shows")
-    what.add_argument("--prompts", type=argtypes.existing_file("prompts file"), metavar="FILE",
+    what.add_argument("--prompts", type=argtypes.existing_file("prompts"), metavar="FILE",
                       help="a text file with one prompt per line (blank lines skipped): one batch run")
     g.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
     g.add_argument("--seed", type=argtypes.seed, default=0,

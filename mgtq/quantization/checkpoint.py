@@ -418,9 +418,14 @@ def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, tor
     folder = Path(folder) / subfolder if subfolder else Path(folder)
     model = load(folder, dtype=None if torch_dtype == "auto" else torch_dtype)
     if device_map is not None:
-        if not isinstance(device_map, (str, torch.device)):
-            raise ValueError(f"device_map must name one device (\"cpu\", \"cuda\"), got {device_map!r}")
-        model.to(device_map)
+        try:
+            device = torch.device(device_map) if isinstance(device_map, (str, torch.device)) else None
+        except RuntimeError:
+            device = None
+        if device is None:
+            raise ValueError(f"device_map must name one device (\"cpu\", \"cuda\", \"cuda:1\"): a quantized mgtq "
+                             f"transformer is not split across devices; got {device_map!r}")
+        model.to(device)
     return model
 
 

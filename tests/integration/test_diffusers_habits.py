@@ -139,6 +139,8 @@ def test_transformer_from_pretrained_of_a_quantized_folder_is_the_quantized_mode
     plain_loader = super(MeissonicTransformer, MeissonicTransformer).from_pretrained
     with pytest.raises(ValueError, match="mgtq"):
         plain_loader(quantized_dir / "transformer")
+    with pytest.raises(ValueError, match="not split across devices; got 'auto'"):
+        MeissonicTransformer.from_pretrained(quantized_dir / "transformer", device_map="auto")
 
 
 def test_missing_diffusers_conventions(pipe, quantized_dir, capsys):
