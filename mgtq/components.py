@@ -9,6 +9,7 @@ and refuses any of those, naming the file and the key.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -129,3 +130,55 @@ def check_index(index, path: Path) -> None:
     if isinstance(resolution, int) and resolution > MAX_RESOLUTION:
         raise BadComponent(f"{path}: mgtq.resolution {resolution} is past mgtq's limit of {MAX_RESOLUTION} px "
                          "(mgtq.limits); set the model's real resolution")
+
+
+# ------------------------------------------------------------------------------- pipeline checksums
+# model_index.json key of {relative path: sha256} of the files an mgtq writer put beside the transformer (VQ, text
+# encoder, tokenizer, scheduler); the transformer's own manifest covers its folder.
+CHECKSUMS_KEY = "mgtq_files"
+_UNHASHED = ("model_index.json", "transformer")
+
+
+def pipeline_checksums(root: str | Path) -> dict[str, str]:
+    """{path relative to `root`: sha256} of every file of a pipeline folder but model_index.json and transformer/
+    (hidden files and folders left out)."""
+    from mgtq.utils import sha256_file
+
+    root = Path(root)
+    found = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in _UNHASHED or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file():
+            found[relative.as_posix()] = sha256_file(path)
+    return found
+
+
+def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:
+    """Refuse a pipeline folder whose files differ from the checksums its model_index.json records (an mgtq
+    writer's); a folder without them (an official one) is not checked. Components the caller passes in its place
+    (`provided`: "text_encoder", …) and component folders that are gone are left to the loader, which uses the
+    given one or names what to pass (a CLIP shared by several checkpoints is a common set-up)."""
+    from mgtq.utils import sha256_file
+
+    root = Path(root)
+    recorded = index.get(CHECKSUMS_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} must map file paths to sha256 digests; "
+                           "re-create the folder")
+    for name, digest in sorted(recorded.items()):
+        path = root / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} names {name!r}, outside the folder")
+        component = Path(name).parts[0]
+        if component in provided or (len(Path(name).parts) > 1 and not (root / component).exists()):
+            continue
+        if not path.is_file():
+            raise BadComponent(f"{path} {describe_path(path)}, but the folder's model_index.json records it; "
+                               "the checkpoint is incomplete: re-create it")
+        if sha256_file(path) != digest:
+            raise BadComponent(f"{path}: sha256 differs from the one model_index.json records: the file was "
+                               "modified or damaged; re-create the checkpoint")

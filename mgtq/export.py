@@ -25,7 +25,8 @@ import torch
 
 from mgtq.quantization import checkpoint
 from mgtq.scq.quantize import quantize_from_run
-from mgtq.utils import atomic_directory, read_json
+from mgtq.components import CHECKSUMS_KEY, pipeline_checksums
+from mgtq.utils import atomic_directory, read_json, write_json
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -83,6 +84,10 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                 if item.name == "transformer" or item.name.startswith("."):
                     continue
                 _copy(item, tmp / item.name, source.resolve())
+            index = tmp / "model_index.json"
+            if index.is_file():  # record what was copied, so a damaged VQ or text encoder never loads silently
+                data = read_json(index)
+                write_json(index, {**data, CHECKSUMS_KEY: pipeline_checksums(tmp)})
             checkpoint.save(model, manifest, tmp / "transformer")
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the OS names the file copied from, not the one written

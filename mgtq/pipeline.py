@@ -17,7 +17,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from mgtq.components import BadComponent, check_files, check_index, check_loaded, stored_keys
+from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
+                             pipeline_checksums, stored_keys)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -229,7 +230,9 @@ class MGTPipeline(DiffusionPipeline):
         auto = torch_dtype is None or torch_dtype == "auto"
         dtype = None if auto else parse_dtype(torch_dtype)
         with _loading_bars(progress):
-            settings = read_settings(root)
+            given = {name for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer), ("vqvae", vqvae),
+                                             ("transformer", transformer)) if part is not None}
+            settings = read_settings(root, given)
             if transformer is None:
                 folder = root / "transformer"
                 transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype)
@@ -285,6 +288,7 @@ class MGTPipeline(DiffusionPipeline):
                 "masking_schedule": self.settings.sampler.schedule,
             })
             write_json(tmp / "model_index.json", {
+                CHECKSUMS_KEY: pipeline_checksums(tmp),
                 "_class_name": "MGTPipeline",
                 "transformer": ["mgtq", "MeissonicTransformer"],
                 "vqvae": ["diffusers", "VQModel"],
@@ -635,7 +639,7 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     write_json(index_path, index)
 
 
-def read_settings(root: str | os.PathLike) -> PipelineSettings:
+def read_settings(root: str | os.PathLike, provided: Iterable[str] = ()) -> PipelineSettings:
     """The settings a pipeline folder stores (model_index.json "mgtq"); an official Meissonic folder's
     otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
     root = Path(root)
@@ -651,6 +655,7 @@ def read_settings(root: str | os.PathLike) -> PipelineSettings:
                                 "mgtq's) has one: restore it, or re-create the folder (save_pretrained, mgtq export)")
     index = read_json(path)
     check_index(index, path)  # a JSON object; its resolution within mgtq.limits
+    check_checksums(index, root, provided)  # what an mgtq writer put beside the transformer is what it wrote
     if "mgtq" in index:
         return _settings(index["mgtq"], path)
     if (root / "transformer").is_dir() and checkpoint.is_quantized(root / "transformer"):

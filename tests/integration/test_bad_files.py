@@ -24,7 +24,12 @@ DEEP_YAML = "".join("  " * i + "a:\n" for i in range(2000))
 
 @pytest.fixture
 def model(random_pipeline_dir, tmp_path):
+    """A copy of a saved pipeline without its recorded checksums (as an official folder has none), so that each
+    damage below meets the check that names it, not the checksum's "modified or damaged"."""
     shutil.copytree(random_pipeline_dir, tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    index.pop("mgtq_files")
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
     return tmp_path / "model"
 
 
@@ -245,3 +250,27 @@ def test_a_dtype_no_model_computes_in_is_refused_by_name(model):
     for dtype in (torch.int8, torch.float8_e4m3fn):
         with pytest.raises(ValueError, match=f"dtype {dtype} is not one a model computes in"):
             MGTPipeline.from_pretrained(model, torch_dtype=dtype)
+
+
+def test_a_damaged_vq_or_text_encoder_of_an_mgtq_checkpoint_is_refused(model, tmp_path):
+    import mgtq
+
+    pipe = MGTPipeline.from_pretrained(model)
+    mgtq.quantize_(pipe, mgtq.W4A16Config())
+    pipe.save_pretrained(tmp_path / "q", progress=False)
+    (tmp_path / "q" / "README.md").write_text("a model card added later")  # not recorded, not checked
+    MGTPipeline.from_pretrained(tmp_path / "q")
+    for part in ("vqvae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "tokenizer/tokenizer.json"):
+        path = tmp_path / "q" / part
+        original = path.read_bytes()
+        raw = bytearray(original)
+        raw[-2] ^= 0x01  # one bit: still a readable file with plausible values
+        path.write_bytes(bytes(raw))
+        with pytest.raises(ValueError, match=f"{part}: sha256 differs from the one model_index.json records"):
+            MGTPipeline.from_pretrained(tmp_path / "q")
+        path.write_bytes(original)
+    shutil.move(tmp_path / "q" / "text_encoder", tmp_path / "shared-clip")  # one CLIP for several checkpoints
+    MGTPipeline.from_pretrained(tmp_path / "q", text_encoder=tmp_path / "shared-clip")
+    (tmp_path / "q" / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json does not exist, but the folder's model_index.json records it"):
+        MGTPipeline.from_pretrained(tmp_path / "q")
