@@ -163,21 +163,10 @@ def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path
     # --sampler fast --compile: full steps and local steps of any token count load in a second process.
     import torch
 
-    def run(name: str) -> dict:
-        return _run_in_fresh_process(_REUSE, tmp_path / "cache", tmp_path / name)
-
     from mgtq.reuse import ContextCache
     from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
 
-    cold = run("cold.pt")
-    first, *later = cold["counts"]
-    assert first["compiled"] > 0 and all(c["compiled"] == first["compiled"] for c in later), cold  # no new count
-    assert all(c["fallback_calls"] == 0 for c in cold["counts"]), cold
-    warm = run("warm.pt")
-    assert warm["graphs"] == 0, "Dynamo traced a block that was precompiled"
-    assert warm["counts"][-1]["loaded"] == first["compiled"] and warm["counts"][-1]["compiled"] == 0, warm
-    outs = torch.load(tmp_path / "warm.pt")
-    assert all(torch.equal(a, b) for a, b in zip(outs, torch.load(tmp_path / "cold.pt")))
+    outs = _compiled_once_then_loaded(_REUSE, tmp_path)
     # and what eager computes, within int8 rounding (the local steps' logits of their active tokens)
     model, cache = quantized_micro_transformer(), ContextCache()
     inputs = micro_forward_inputs(model, grid=8)
@@ -218,8 +207,28 @@ def test_tomemgt_merges_are_precompiled_once_for_every_merged_count(tmp_path):
     # --tome --compile: every step's merged count is served by one function per block kind, loaded next time.
     import torch
 
+    from mgtq.merging import TomeConfig, TomePlan
+    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+
+    outs = _compiled_once_then_loaded(_TOME, tmp_path)
+    # and what eager computes with the same merges, within int8 rounding (the last step: 7 of 16 tokens merged)
+    model = quantized_micro_transformer()
+    inputs = micro_forward_inputs(model, grid=8)
+    ids = inputs["hidden_states"].clone()
+    ids.view(-1)[torch.randperm(64, generator=torch.Generator().manual_seed(3))[:8]] = model.mask_token_id
+    plan = TomePlan(TomeConfig(ratio=0.5, blocks="all", merge_mlp=False)).at_step(3)
+    with torch.inference_mode():
+        eager = model(**{**inputs, "hidden_states": ids}, token_hook=plan)
+    torch.testing.assert_close(outs[-1], eager, rtol=2e-2, atol=2e-2)
+
+
+def _compiled_once_then_loaded(script: str, tmp_path) -> list:
+    """Run `script` cold then warm on one cache: each block kind compiled once whatever its calls' token counts,
+    nothing served by plain torch.compile, the warm process tracing nothing and computing the same; its outputs."""
+    import torch
+
     def run(name: str) -> dict:
-        return _run_in_fresh_process(_TOME, tmp_path / "cache", tmp_path / name)
+        return _run_in_fresh_process(script, tmp_path / "cache", tmp_path / name)
 
     cold = run("cold.pt")
     first, *later = cold["counts"]
@@ -230,6 +239,7 @@ def test_tomemgt_merges_are_precompiled_once_for_every_merged_count(tmp_path):
     assert warm["counts"][-1]["loaded"] == first["compiled"] and warm["counts"][-1]["compiled"] == 0, warm
     outs = torch.load(tmp_path / "warm.pt")
     assert all(torch.equal(a, b) for a, b in zip(outs, torch.load(tmp_path / "cold.pt")))
+    return outs
 
 
 def _micro(monkeypatch, tmp_path):

@@ -21,6 +21,9 @@ def finished(tmp_path_factory, random_pipeline_dir):
     """A folder with a source model, a prompts file and a finished run, all named relatively to it."""
     root = tmp_path_factory.mktemp("stale")
     shutil.copytree(random_pipeline_dir, root / "model")
+    index = json.loads((root / "model" / "model_index.json").read_text())
+    index.pop("mgtq_files")  # a source model its owner edits (its files are not pinned, as an official folder's)
+    (root / "model" / "model_index.json").write_text(json.dumps(index))
     (root / "prompts.txt").write_text("a red circle\na blue square\n")
     cwd = os.getcwd()
     os.chdir(root)
