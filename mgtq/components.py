@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from mgtq.limits import MAX_RESOLUTION
-from mgtq.utils import describe_path
+from mgtq.utils import describe_path, sha256_file
+
 
 class BadComponent(ValueError):
     """A component folder that fails mgtq's checks; the message names the file, the key and the fix."""
@@ -50,7 +51,7 @@ def check_layer_counts(config: dict, tensors: int, path: Path) -> None:
     for key, value in sorted(config.items()):
         if LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > tensors:
             raise BadComponent(f"{path}: {key} {value} describes more layers than the {tensors} tensors of its "
-                             "weights files can hold; fix config.json")
+                               "weights files can hold; fix config.json")
 
 
 def stored_keys(folder: str | Path) -> dict[str, Path]:
@@ -66,7 +67,7 @@ def stored_keys(folder: str | Path) -> dict[str, Path]:
                 stored.update(dict.fromkeys(f.keys(), path))
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
             raise BadComponent(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
-                             "re-create it") from None
+                               "re-create it") from None
     return stored
 
 
@@ -100,20 +101,20 @@ def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
     optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
     missing = sorted(set(expected) - set(stored) - optional)
     if missing:
-        raise BadComponent(f"{folder}: the {what}'s weights files lack tensor {missing[0]!r} ({len(missing)} missing in "
-                         "all) that its config.json needs; the folder is incomplete: re-create it")
+        raise BadComponent(f"{folder}: the {what}'s weights files lack tensor {missing[0]!r} ({len(missing)} missing "
+                           "in all) that its config.json needs; the folder is incomplete: re-create it")
     unexpected = sorted(k for k in set(stored) - set(expected) - optional if not k.startswith(OTHER_TOWER))
     if unexpected:
         raise BadComponent(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
-                         f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
-                         "the folder")
+                           f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
+                           "the folder")
     for name, tensor in expected.items():
         if tensor.is_meta:
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
-                             "the folder")
+                               "the folder")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
-                             "values; the weights are damaged: re-create them")
+                               "values; the weights are damaged: re-create them")
 
 
 def check_index(index, path: Path) -> None:
@@ -124,12 +125,12 @@ def check_index(index, path: Path) -> None:
     """
     if not isinstance(index, dict):
         raise BadComponent(f"{path} must hold a JSON object (diffusers' model_index), got {type(index).__name__}; "
-                         "fix it or re-create the folder")
+                           "fix it or re-create the folder")
     settings = index.get("mgtq")
     resolution = settings.get("resolution") if isinstance(settings, dict) else None
     if isinstance(resolution, int) and resolution > MAX_RESOLUTION:
         raise BadComponent(f"{path}: mgtq.resolution {resolution} is past mgtq's limit of {MAX_RESOLUTION} px "
-                         "(mgtq.limits); set the model's real resolution")
+                           "(mgtq.limits); set the model's real resolution")
 
 
 # ------------------------------------------------------------------------------- pipeline checksums
@@ -142,8 +143,6 @@ _UNHASHED = ("model_index.json", "transformer")
 def pipeline_checksums(root: str | Path) -> dict[str, str]:
     """{path relative to `root`: sha256} of every file of a pipeline folder but model_index.json and transformer/
     (hidden files and folders left out)."""
-    from mgtq.utils import sha256_file
-
     root = Path(root)
     found = {}
     for path in sorted(root.rglob("*")):
@@ -160,13 +159,12 @@ def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ())
     writer's); a folder without them (an official one) is not checked. Components the caller passes in its place
     (`provided`: "text_encoder", …) and component folders that are gone are left to the loader, which uses the
     given one or names what to pass (a CLIP shared by several checkpoints is a common set-up)."""
-    from mgtq.utils import sha256_file
-
     root = Path(root)
     recorded = index.get(CHECKSUMS_KEY)
     if recorded is None:
         return
-    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in recorded.items()):
         raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} must map file paths to sha256 digests; "
                            "re-create the folder")
     for name, digest in sorted(recorded.items()):
