@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mgtq.limits import MAX_RESOLUTION
-from mgtq.utils import describe_path, sha256_file
+from mgtq.utils import all_finite, describe_path, sha256_file
 
 
 class BadComponent(ValueError):
@@ -112,7 +112,7 @@ def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
         if tensor.is_meta:
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
                                "the folder")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
                                "values; the weights are damaged: re-create them")
 

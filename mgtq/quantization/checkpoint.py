@@ -40,7 +40,8 @@ from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from mgtq.utils import DTYPE_NAMES, FloatDtype, atomic_write_text, describe_path, parse_dtype, sha256_file
+from mgtq.utils import (DTYPE_NAMES, FloatDtype, all_finite, atomic_write_text, describe_path, parse_dtype,
+                        sha256_file)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PROVENANCE", "LayerScheme", "Manifest", "build_empty", "cast_float_",
            "assign_layer_", "describe", "install_quantized_", "is_quantized", "load", "load_pretrained",
@@ -487,7 +488,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, float_
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; {advice}")
         if t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"{path}: {key} holds NaN or infinite values; {advice}")
             if key.rpartition(".")[2] in _SCALES and not bool((t > 0).all()):
                 raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {advice}")

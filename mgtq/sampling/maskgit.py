@@ -40,6 +40,7 @@ from mgtq.sampling.tricks.differential import differential_probs
 from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
 from mgtq.sampling.tricks.noise import noise_intensity, regularize_logits, step_progress
 from mgtq.sampling.tricks.zsampling import invert_by_remasking, z_step_applies
+from mgtq.utils import all_finite
 
 __all__ = ["ModelFn", "classifier_free_guidance", "StepState", "SamplerHooks", "SampleResult", "sample", "gumbel_noise",
            "sample_tokens", "remask_lowest", "num_to_mask", "gumbel_temperature"]
@@ -198,9 +199,7 @@ def step_distribution(
 
 def _check_finite(logits: torch.Tensor, config: SamplerConfig, state: StepState) -> None:
     """Refuse NaN/inf logits (B, N, V) before softmax and multinomial fail on them, naming the cause."""
-    # min and max carry any NaN (they propagate it) and any ±inf: one reduction pass instead of the
-    # four an elementwise isfinite().all() makes over the (B, N, V) logits (a tenth of a sampler step).
-    if bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
+    if all_finite(logits):  # one aminmax pass: an elementwise check was a tenth of a sampler step
         return
     causes = [f"guidance_scale {config.guidance_scale:g}"] if config.use_cfg else []
     if config.noise.enabled:
