@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Literal, get_args
@@ -21,9 +24,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
     """Yield a temporary sibling folder; on success it replaces `target`.
 
     On any exception the temporary folder is removed and `target` is left as it was, so a reader
-    never sees a half-written folder. The swap renames `target` to a hidden `.old` sibling, the new
-    folder into place, then deletes the old one; a process killed in between leaves debris that
-    `recover_directory` (called first, every time) cleans up or, if `target` went missing, restores.
+    never sees a half-written folder. The swap exchanges the two folders in one step where the OS can
+    (`_swap_in`), so `target` is never missing; elsewhere it renames `target` to a hidden `.old` sibling and the
+    new folder into place. A process killed along the way leaves debris that `recover_directory` (called first,
+    every time) cleans up or, if `target` went missing, restores.
     Files and folders get the user's normal permissions (umask), not a temporary folder's 0700.
     """
     target = _through_link(Path(target))
@@ -42,13 +46,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _normal_permissions(tmp)
-    old = None
-    if target.exists() or target.is_symlink():
-        old = _debris_name(target, "old")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        _remove(old)
+    _swap_in(tmp, target)
 
 
 @contextlib.contextmanager
@@ -81,19 +79,60 @@ def atomic_entries(target: str | os.PathLike, stale: Callable[[str], bool] | Non
         for entry in written:
             place = _through_link(target / entry.name)
             recover_directory(place)
-            old = None
-            if place.exists():
-                old = _debris_name(place, "old")
-                os.replace(place, old)
-            os.replace(entry, place)
-            if old is not None:
-                _remove(old)
+            _swap_in(entry, place)
         names = {entry.name for entry in written}
         for path in target.iterdir():
             if stale is not None and path.name not in names and stale(path.name):
                 _remove(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, place: Path) -> None:
+    """Put the finished entry `new` at `place` and delete what was there.
+
+    A file is renamed over in one step. A folder cannot be (rename refuses a non-empty target), so the two are
+    exchanged in one step where the OS can (`_exchange`) and the old one, now at `new`'s hidden name, deleted:
+    a reader of `place` finds the old folder or the new one, never neither. Elsewhere the old folder is first
+    renamed to a hidden `.old` sibling, which `recover_directory` puts back if a kill comes before the new one
+    is in place.
+    """
+    if not (place.exists() or place.is_symlink()) or (new.is_file() and not place.is_dir()):
+        os.replace(new, place)
+        return
+    if _exchange(new, place):
+        _remove(new)  # the old entry; a kill before this leaves `.tmp` debris that recover_directory deletes
+        return
+    old = _debris_name(place, "old")
+    os.replace(place, old)
+    os.replace(new, place)
+    _remove(old)
+
+
+_AT_FDCWD = -100  # linux/fcntl.h
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2():
+    """glibc's renameat2 (Linux 3.15+, glibc 2.28+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries at `a` and `b` atomically (renameat2 RENAME_EXCHANGE); False where the OS or the file
+    system cannot (no renameat2, or a file system without exchange), and the caller renames twice instead."""
+    renameat2 = _renameat2()
+    return renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                               _RENAME_EXCHANGE) == 0
 
 
 def recover_directory(target: str | os.PathLike) -> None:

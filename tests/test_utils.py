@@ -1,9 +1,11 @@
 """Atomic writes: nothing half-written, debris of killed writers recovered, normal permissions; the finite check."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +195,40 @@ def test_all_finite_agrees_with_isfinite_and_takes_empty_and_extreme_tensors():
         t = torch.randn(64, generator=gen)
         t[torch.rand(64, generator=gen) < 0.05] = float("nan")
         assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def _exchange_supported(tmp_path) -> bool:
+    from mgtq.utils import _exchange
+
+    a, b = tmp_path / "probe" / "a", tmp_path / "probe" / "b"
+    a.mkdir(parents=True), b.mkdir()
+    supported = _exchange(a, b)
+    shutil.rmtree(tmp_path / "probe")
+    return supported
+
+
+def test_a_replaced_folder_is_never_missing(tmp_path, monkeypatch):
+    """Where the OS exchanges folders in one step, the target is never renamed away (no moment without it)."""
+    if not _exchange_supported(tmp_path):
+        pytest.skip("this OS or file system has no atomic exchange (renameat2 RENAME_EXCHANGE)")
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moves.append(Path(src)), real_replace(src, dst)))
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("two")
+    assert target not in moves
+    assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypatch):
+    import mgtq.utils
+
+    monkeypatch.setattr(mgtq.utils, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    for text in ("one", "two"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text(text)
+    assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

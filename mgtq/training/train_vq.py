@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from ..config import validate
 from ..shapes.world import render, sample_scene
+from ..utils import atomic_directory, recover_atomic_target, write_json
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
 from .state import load_training_state, save_training_state
 
@@ -160,30 +160,18 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` directory to ``final``, replacing it (never leaving neither)."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def save_checkpoint(accelerator, run_dir: Path, step: int, usage: torch.Tensor, config: VQTrainConfig,
                     model, optimizer, scheduler) -> Path:
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINT_DIR
-    tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_training_state(tmp, accelerator, model, optimizer, scheduler)
-    save_file({"code_usage": usage.contiguous()}, str(tmp / "trainer_state.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
-    _replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(final) as tmp:
+            save_training_state(tmp, accelerator, model, optimizer, scheduler)
+            save_file({"code_usage": usage.contiguous()}, str(tmp / "trainer_state.safetensors"))
+            write_json(tmp / "trainer_state.json", {"step": step, "config": asdict(config)})
+    accelerator.wait_for_everyone()
     return final
 
 
@@ -198,12 +186,8 @@ def load_trainer_state(checkpoint: Path) -> tuple[int, torch.Tensor]:
 def export_vq(vq, out_dir: str | os.PathLike) -> Path:
     """``save_pretrained`` (config.json + safetensors) into ``out_dir``, atomically."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vq.save_pretrained(str(tmp), safe_serialization=True)
-    _replace_dir(tmp, out)
+    with atomic_directory(out) as tmp:
+        vq.save_pretrained(str(tmp), safe_serialization=True)
     return out
 
 
@@ -280,6 +264,9 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
 
     start, usage, last_dead = 0, torch.zeros(num_codes, dtype=torch.long), 0
     checkpoint = run_dir / CHECKPOINT_DIR
+    if resume and accelerator.is_main_process:
+        recover_atomic_target(checkpoint)  # a save killed mid-swap leaves its last complete copy beside it
+    accelerator.wait_for_everyone()
     if resume and checkpoint.exists():
         load_training_state(checkpoint, accelerator, vq, optimizer, scheduler)
         start, usage = load_trainer_state(checkpoint)

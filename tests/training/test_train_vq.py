@@ -1,6 +1,8 @@
 """mgtq.training.train_vq: the tiny VQ tokenizer's training helpers, a few-step training smoke test, resume, export."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +105,21 @@ def test_train_smoke_resume_and_export(tmp_path):
     assert loaded.config.lookup_from_codebook
     x = images_to_tensor(world_batch(1, 0, 2))
     assert torch.equal(encode_to_tokens(loaded, x), encode_to_tokens(straight.eval(), x))
-    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+    assert not list(tmp_path.rglob(".*"))  # atomic writes leave no temporaries or old copies
+
+
+def test_a_checkpoint_whose_swap_was_killed_is_resumed_from(tmp_path):
+    """A kill between the two renames of a save (where folders cannot be exchanged in one step) leaves only the
+    hidden old copy; resuming puts it back instead of starting over."""
+    straight = train_vq(tmp_path / "a", steps=4, **TRAIN)
+    train_vq(tmp_path / "b", steps=4, stop_after=2, **TRAIN)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "b" / "checkpoint").rename(tmp_path / "b" / f".checkpoint.old-{dead.pid}-cccc0000")
+    resumed = train_vq(tmp_path / "b", steps=4, **TRAIN)
+    assert torch.allclose(_params(resumed), _params(straight), atol=1e-6)
+    log = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
 def test_no_resume_starts_over(tmp_path):
