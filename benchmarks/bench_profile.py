@@ -49,23 +49,35 @@ def split_by_category(events: list[tuple[str, float]]) -> dict[str, float]:
     return split
 
 
-def profile_call(fn: Callable[[], object], top: int = 12) -> dict:
-    """Profile one call of `fn` on CPU: total self time, split by category, and the top operators.
+def profile_call(fn: Callable[[], object], top: int = 12, device: str = "cpu") -> dict:
+    """Profile one call of `fn`: total self time, split by category, and the top operators.
 
-    Returns {"unit": "s", "total_self_s", "split_s": {category: s}, "split_fraction": {category: 0–1},
+    On a CUDA device the time is the GPU's (each kernel's self device time, under the op that launched it);
+    the host's would be launch overhead and waiting. Returns {"unit": "s", "clock": "cpu" | "cuda",
+    "total_self_s", "split_s": {category: s}, "split_fraction": {category: 0–1},
     "top_ops": [{"name", "self_s", "calls", "category"}]}. Profiler overhead makes the total a
     bit larger than an unprofiled call; the split is what this is for.
     """
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         fn()
-    rows = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    if on_gpu:  # an op's self device time is its kernels'; the kernels' own rows would count them twice
+        rows = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+                if e.device_type == torch.autograd.DeviceType.CPU]
+    else:
+        rows = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
     split = split_by_category([(name, s) for name, s, _ in rows])
     total = sum(split.values())
     rows.sort(key=lambda r: r[1], reverse=True)
     return {
         "unit": "s",
+        "clock": "cuda" if on_gpu else "cpu",
         "total_self_s": total,
         "split_s": split,
         "split_fraction": {k: (v / total if total else 0.0) for k, v in split.items()},

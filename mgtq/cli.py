@@ -56,7 +56,8 @@ def _add_tome_option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tome-sources", default=None,
                    help="TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first")
     p.add_argument("--tome-schedule", default=None,
-                   help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or masked (·σ)")
+                   help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or "
+                        "masked (·σ)")
     p.add_argument("--tome-mlp", action="store_true", default=None,
                    help="TomeMGT: also merge before the MLP of joint blocks (the official code)")
     p.add_argument("--tome-proportional", action=argparse.BooleanOptionalAction, default=None,
@@ -416,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--outpaint", type=_outpaint_padding, default=None, metavar="L,R,T,B",
                      help="outpainting: pixels to add on the left, right, top and bottom")
     how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
-                     help="img2img: fraction of the image's tokens re-drawn, in (0, 1]")
+                     help="img2img: the share of the steps run from the image, as in diffusers (0.5: the last "
+                          "half), in (0, 1]")
     d.add_argument("--prompt", type=_prompt, required=True)
     d.add_argument("--negative-prompt", default=None)
     d.add_argument("--seed", type=argtypes.seed, default=0)

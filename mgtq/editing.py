@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from mgtq.limits import MAX_RESOLUTION
 from mgtq.pipeline import MGTPipeline, MGTPipelineOutput
 from mgtq.sampling import SamplerConfig, SamplerHooks
-from mgtq.sampling.start import check_strength, img2img_start, inpaint_start
+from mgtq.sampling.start import check_strength, img2img_start, inpaint_start, start_step_for_strength
 from mgtq.vq import encode_to_tokens
 
 __all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image_array", "mask_array",
@@ -162,17 +162,15 @@ class _EditingPipeline(MGTPipeline):
     def check_inputs(self, prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                      output_type, callback_on_step_end_tensor_inputs, token_merging) -> None:
         """MGTPipeline's checks (the size comes from the image), then the editing ones: one image (and
-        mask_image, for inpainting) for every prompt or a list of one per prompt; img2img's strength a
-        number in (0, 1] (None: inpainting). What an image holds is checked as it is read, before any
-        encoding."""
+        mask_image, for inpainting) for every prompt or a list of one per prompt; strength a number in (0, 1].
+        What an image holds is checked as it is read, before any encoding."""
         super().check_inputs(prompt, negative_prompt, None, None, num_images_per_prompt, seed, sampler, output_type,
                              callback_on_step_end_tensor_inputs, token_merging)
         count = 1 if isinstance(prompt, str) else len(prompt)
         _per_prompt(image, count, "image")
         if mask_image is not None:
             _per_prompt(mask_image, count, "mask_image")
-        if strength is not None:
-            check_strength(strength)
+        check_strength(strength)
 
 
 class MGTInpaintPipeline(_EditingPipeline):
@@ -185,6 +183,7 @@ class MGTInpaintPipeline(_EditingPipeline):
         prompt: str | list[str],
         image,
         mask_image,
+        strength: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -204,11 +203,13 @@ class MGTInpaintPipeline(_EditingPipeline):
         """Repaint the white area of `mask_image` in `image` from `prompt`.
 
         image / mask_image: one of each (for every prompt) or one per prompt; the mask has the
-        image's size. Other arguments as MGTPipeline.__call__ (output types, return_dict, callbacks).
-        `.tokens` equals `encode_image(image)` at every token the mask does not touch.
+        image's size. strength in (0, 1]: only the last int(steps × strength) steps run, as in diffusers'
+        aMUSEd inpainting (the masked tokens all start masked). Other arguments as MGTPipeline.__call__
+        (output types, return_dict, callbacks). `.tokens` equals `encode_image(image)` at every token the mask
+        does not touch.
         """
         output_type = self._resolve_output_type(output_type)
-        self.check_inputs(prompt, image, mask_image, None, negative_prompt, num_images_per_prompt, seed, sampler,
+        self.check_inputs(prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                           output_type, callback_on_step_end_tensor_inputs, token_merging)
         count = 1 if isinstance(prompt, str) else len(prompt)
         arrays = self._image_arrays(_per_prompt(image, count, "image"))
@@ -222,7 +223,7 @@ class MGTInpaintPipeline(_EditingPipeline):
                                      token_merging=token_merging)
         start = inpaint_start(tokens.repeat_interleave(num_images_per_prompt, 0),
                               repaint.to(tokens.device).repeat_interleave(num_images_per_prompt, 0),
-                              self.transformer.mask_token_id)
+                              self.transformer.mask_token_id, start_step_for_strength(run.config, strength))
         result = self._run_sampler(run, start, hooks=hooks, progress=progress,
                                    callback_on_step_end=callback_on_step_end,
                                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
@@ -230,8 +231,8 @@ class MGTInpaintPipeline(_EditingPipeline):
 
 
 class MGTImg2ImgPipeline(_EditingPipeline):
-    """Mask-free editing: re-mask a `strength` fraction of the image's tokens (random, seeded) and sample
-    from the schedule step with that mask ratio (mgtq.sampling.start.img2img_start)."""
+    """Mask-free editing: run the last int(steps × strength) steps of the schedule from the image's tokens, re-masked
+    (random, seeded) as text-to-image holds them at that step (mgtq.sampling.start.img2img_start)."""
 
     @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
@@ -255,12 +256,12 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("tokens",),
     ) -> MGTPipelineOutput | tuple:
-        """Re-draw `image` toward `prompt`; strength in (0, 1] is the fraction of tokens re-drawn.
+        """Re-draw `image` toward `prompt`; strength in (0, 1] as in diffusers: the share of the steps run.
 
-        The sampler runs the steps from the one whose mask ratio is `strength` on (fewer steps for a
-        lower strength); at strength 1 the result is text-to-image at the same seed (for an image of the
-        model's resolution: the micro-conditions come from the image size). Other arguments as
-        MGTPipeline.__call__ (output types, return_dict, callbacks).
+        The sampler runs the last int(steps × strength) steps, from the image's tokens re-masked in the count
+        text-to-image holds masked there (cosine schedule, strength 0.5: 71 %); at strength 1 the result is
+        text-to-image at the same seed (for an image of the model's resolution: the micro-conditions come from
+        the image size). Other arguments as MGTPipeline.__call__ (output types, return_dict, callbacks).
         """
         output_type = self._resolve_output_type(output_type)
         self.check_inputs(prompt, image, None, strength, negative_prompt, num_images_per_prompt, seed, sampler,

@@ -405,8 +405,11 @@ def per_sample_generators(
 ) -> list[torch.Generator]:
     """One torch.Generator per sample, so each sample is reproducible whatever shares its batch.
 
-    seed s → generators seeded s, s+1, …; a list of seeds or generators is used as given; a single
-    generator draws one seed per sample (deterministic given its state); nothing → seed 0.
+    seed s → generators seeded s, s+1, …; a list of seeds, or of generators on `device`, is used as given; a single
+    generator draws one seed per sample (deterministic given its state), and so does each generator of a list
+    on another device (diffusers' `[torch.Generator("cpu").manual_seed(i) …]` for a CUDA pipeline): the sampler
+    draws from them every step, which on the CPU would mean copying each step's probabilities to the host;
+    nothing → seed 0.
     """
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
@@ -417,12 +420,14 @@ def per_sample_generators(
         if wrong:
             raise TypeError(f"generator must be a torch.Generator or a list of them, got a list holding {wrong[0]}; "
                             "pass integer seeds as seed=")
-        return list(generator)
+        if all(_same_device(g.device, torch.device(device)) for g in generator):
+            return list(generator)
+        return [_generator_on(device, _draw_seeds(g, 1)[0]) for g in generator]
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
                         "pass integer seeds as seed=")
     if isinstance(generator, torch.Generator):
-        seeds = torch.randint(0, 2**62, (batch_size,), generator=generator).tolist()
+        seeds = _draw_seeds(generator, batch_size)
     elif isinstance(seed, (list, tuple)):
         if len(seed) != batch_size:
             raise ValueError(f"got {len(seed)} seeds for {batch_size} samples")
@@ -430,9 +435,22 @@ def per_sample_generators(
     else:
         base = 0 if seed is None else int(seed)
         seeds = [base + i for i in range(batch_size)]
-    device = torch.device(device)
-    # CPU generators keep results identical across devices; CUDA ones are faster for CUDA sampling.
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return [_generator_on(device, s) for s in seeds]
+
+
+def _draw_seeds(generator: torch.Generator, count: int) -> list[int]:
+    """`count` seeds drawn from `generator`, on its own device (a CUDA generator cannot draw a CPU tensor)."""
+    return torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
+
+
+def _generator_on(device: str | torch.device, seed: int) -> torch.Generator:
+    """A generator on the device the sampler runs on: drawing there keeps the noise and the sampling on it."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 alike (an index left out is the current device)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 # ------------------------------------------------------------------------------------ dtype names

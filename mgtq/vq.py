@@ -1,6 +1,7 @@
 """The VQ image tokenizer: a diffusers ``VQModel`` plus token-level encode/decode helpers.
 
-Images are float tensors (B, 3, H, W) in [-1, 1]; tokens are LongTensors (B, H/f, W/f) of codebook
+Images are float tensors (B, 3, H, W) in [-1, 1] for the VQs mgtq trains (Meissonic's take [0, 1]: a
+pipeline's `settings.image_range`); tokens are LongTensors (B, H/f, W/f) of codebook
 indices, f = 2^(len(block_out_channels) − 1). For the tiny shapes model, 64×64 → 16×16 tokens.
 
 Models are built with ``lookup_from_codebook=True`` so that, like Meissonic's VQ, they decode token
@@ -148,7 +149,10 @@ def _onloaded(module: torch.nn.Module):
 
 
 def encode_to_tokens(vq, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """images (B, 3, H, W) in [-1, 1] → token ids LongTensor (B, H/f, W/f).
+    """images (B, 3, H, W) in the VQ's range → token ids LongTensor (B, H/f, W/f).
+
+    The range is the one the VQ was trained on: [-1, 1] for the VQs mgtq trains, [0, 1] for Meissonic's
+    (a pipeline's `settings.image_range`; the editing pipelines' `encode_image` converts).
 
     device: where the VQ computes; default where its weights are (an offloaded pipeline passes its
     execution device: its weights wait on the CPU or on "meta" until the hooks move them in).

@@ -10,7 +10,7 @@ import mgtq
 from mgtq.cli import main
 from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline, outpaint_canvas, token_mask
 from mgtq.sampling import SamplerConfig, SamplerHooks
-from mgtq.sampling.start import num_remasked
+from mgtq.sampling.start import num_remasked, start_step_for_strength
 from mgtq.shapes import render, sample_scene
 
 F = 4  # the random pipeline's VQ factor: 64×64 pixels → 16×16 tokens
@@ -112,6 +112,13 @@ def test_full_mask_inpaint_and_strength_one_are_text_to_image(random_pipeline, s
     assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=3, progress=False).tokens, t2i)
 
 
+
+def _remasked(pipe, strength: float) -> int:
+    """How many of the 16×16 tokens an img2img start at `strength` re-masks with `pipe`'s sampler."""
+    config = pipe.settings.sampler
+    return num_remasked(config, start_step_for_strength(config, strength), 256)
+
+
 def test_img2img_keeps_the_tokens_it_did_not_remask(random_pipeline, scene):
     i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
     encoded = i2i.encode_image(scene)
@@ -120,7 +127,7 @@ def test_img2img_keeps_the_tokens_it_did_not_remask(random_pipeline, scene):
     high = i2i("a red circle", image=scene, strength=0.9, seed=0, progress=False)
     kept_low, kept_high = (low.tokens == encoded).sum(), (high.tokens == encoded).sum()
     # every token that was not re-masked is kept (a re-drawn one may also happen to come back)
-    assert kept_low >= 256 - num_remasked(0.3, 256) and kept_high >= 256 - num_remasked(0.9, 256)
+    assert kept_low >= 256 - _remasked(i2i, 0.3) and kept_high >= 256 - _remasked(i2i, 0.9)
     assert kept_low > kept_high
     assert low.nfe < high.nfe <= steps  # a lower strength starts at a later step
 
@@ -182,7 +189,7 @@ def test_quantized_checkpoint_edits(quantized, scene):
     assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=2, progress=False).tokens,
                        pipe("a red circle", seed=2, progress=False).tokens)
     half = i2i("a red circle", image=scene, strength=0.5, seed=2, progress=False)
-    assert (half.tokens == encoded).sum() >= 256 - num_remasked(0.5, 256)
+    assert (half.tokens == encoded).sum() >= 256 - _remasked(i2i, 0.5)
     # with Z-sampling, the kept tokens are decoded tokens like any other: its inversion may re-draw them
     assert i2i("a red circle", image=scene, strength=0.5, seed=2, sampler=config, progress=False).nfe > half.nfe
 
@@ -208,7 +215,7 @@ def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
     repaint = token_mask(mask, F)
     assert torch.equal(merged[0][~repaint], plain[0][~repaint])
     i2i = MGTImg2ImgPipeline.from_pipe(pipe)("a red circle", image=scene, strength=0.5, seed=0, progress=False)
-    assert (i2i.tokens == inpaint.encode_image(scene)).sum() >= 256 - num_remasked(0.5, 256)
+    assert (i2i.tokens == inpaint.encode_image(scene)).sum() >= 256 - _remasked(pipe, 0.5)
     remove_tomemgt(pipe)
     assert torch.equal(_inpaint(inpaint, scene, mask).tokens, plain)
 
@@ -430,3 +437,17 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
 
     parsed = build_parser().parse_args(args)
     assert parsed.compile and parsed.tome == 0.5 and parsed.func.__name__ == "cmd_edit"
+
+
+def test_inpaint_strength_runs_only_the_last_steps_as_amused_does(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    mask, steps = _box_mask(), inpaint.settings.sampler.num_steps
+    seen = []
+    out = _inpaint(inpaint, scene, mask, strength=0.5, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == list(range(steps - int(steps * 0.5), steps))
+    repaint = token_mask(mask, F)
+    assert torch.equal(out.tokens[0][~repaint], inpaint.encode_image(scene)[0][~repaint])
+    assert (out.tokens < inpaint.transformer.mask_token_id).all()  # every repainted token decoded
+    assert torch.equal(_inpaint(inpaint, scene, mask, strength=1.0).tokens, _inpaint(inpaint, scene, mask).tokens)
+    with pytest.raises(ValueError, match="runs no step"):
+        _inpaint(inpaint, scene, mask, strength=0.5 / steps)

@@ -232,3 +232,30 @@ def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypa
         with atomic_directory(target) as tmp:
             (tmp / "a.txt").write_text(text)
     assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_generators_of_another_device_seed_generators_on_the_sampling_device(monkeypatch):
+    """A CUDA generator draws its seeds on its own device (a CPU draw from it is an error), and generators on
+    another device than the sampler's seed one each there, so no step samples on the host."""
+    import mgtq.utils
+    from mgtq.utils import per_sample_generators
+
+    made, draws = [], []
+    monkeypatch.setattr(mgtq.utils, "_generator_on", lambda device, seed: made.append((str(device), seed)) or seed)
+    real_randint = torch.randint
+
+    def randint(*args, generator=None, device=None, **kw):
+        draws.append(device)
+        return real_randint(*args, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "randint", randint)
+    cpu = [torch.Generator().manual_seed(i) for i in (7, 8)]
+    assert per_sample_generators(2, generator=cpu, device="cpu") == cpu and not made  # same device: as given
+    seeds = per_sample_generators(2, generator=[torch.Generator().manual_seed(i) for i in (7, 8)], device="cuda")
+    assert [d for d, _ in made] == ["cuda", "cuda"] and seeds == [s for _, s in made]
+    assert seeds == per_sample_generators(2, generator=[torch.Generator().manual_seed(i) for i in (7, 8)],
+                                          device="cuda:0")  # the same seeds: reproducible
+    assert len(set(seeds)) == 2
+    draws.clear()
+    per_sample_generators(3, generator=torch.Generator().manual_seed(1), device="cuda")
+    assert draws == [torch.device("cpu")]  # on the generator's device, whatever the sampler's

@@ -247,7 +247,7 @@ class CaseSession:
         if self.measure.profile and not case.offload:  # last: the profiler's own memory must not count above
             from mgtq.bench.lab import load_lab
 
-            result.profile = load_lab("profile").profile_call(self._forward)
+            result.profile = load_lab("profile").profile_call(self._forward, device=str(device))
 
 
 def _peer_lab():

@@ -67,6 +67,14 @@ def _forward_ratio(entry: dict, name: str, a: CaseResult, b: CaseResult, cpu: bo
         entry[name] = _ratio(a.forward_median, b.forward_median)
 
 
+def gpu_peak(result: CaseResult) -> int | None:
+    """The case's GPU memory peak (torch's max_memory_allocated over build and inference); None off CUDA."""
+    peaks = [(result.memory or {}).get(phase, {}).get("max_memory_allocated") for phase in ("cuda_build",
+                                                                                             "cuda_inference")]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
 def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
     """Per label: ratios against the "bf16" result of the same run (and tome/offload comparisons).
 
@@ -81,6 +89,7 @@ def compute_ratios(results: list[CaseResult]) -> dict[str, dict]:
             entry = {
                 "weights_vs_bf16": _ratio(r.weight_bytes, ref.weight_bytes),
                 "peak_rss_vs_bf16": _ratio(r.peak_rss, ref.peak_rss),
+                "gpu_peak_vs_bf16": _ratio(gpu_peak(r), gpu_peak(ref)),
                 "per_step_vs_bf16": _ratio(r.per_step, ref.per_step),
                 "image_vs_bf16": _ratio(r.image_total, ref.image_total),
             }
@@ -177,17 +186,23 @@ def to_markdown(report: dict) -> str:
                         else "") + "; included in every peak below, nothing subtracted.")
     for note in model.get("notes", []):
         lines.append(f"- {note}")
+    results = results_of(report)
+    on_gpu = any(gpu_peak(r) is not None for r in results if r.ok)
     lines += ["", "## Results (ratios vs bf16 of the same run; latency ratio < 1 = faster)", "",
               "Peak RSS: whole case process (build + inference). Inference peak: after the build, freed heap "
-              "returned to the OS (malloc_trim) and the peak reset; what the built pipeline needs to run.", "",
-              "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB | forward s | ×bf16 "
-              "| ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) | image NFE (local) |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "returned to the OS (malloc_trim) and the peak reset; what the built pipeline needs to run."
+              + (" GPU peak: torch.cuda.max_memory_allocated over build and inference, what the GPU must hold; "
+                 "×bf16 CPU time there is mostly the host waiting for the GPU." if on_gpu else ""), "",
+              "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB |"
+              + (" GPU peak MB | ×bf16 |" if on_gpu else "")
+              + " forward s | ×bf16 | ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) "
+              "| image NFE (local) |",
+              "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if on_gpu else "")
+              + "---|---:|---:|---:|---:|---:|---:|"]
     ratios = report["ratios"]
-    results = results_of(report)
     for r in results:
         if not r.ok:
-            lines.append(f"| {r.label} | {r.status} | | | | | | | | | | | |")
+            lines.append(f"| {r.label} | {r.status} |" + " |" * (13 if on_gpu else 11))
             continue
         q = ratios.get(r.label, {})
         image = r.image or {}
@@ -204,7 +219,8 @@ def to_markdown(report: dict) -> str:
             peak += f" ({q['peak_rss_vs_no_offload']:.2f}× normal)"
         lines.append(
             f"| {r.label} | {mb_text(r.weight_bytes)} | {_fmt(q.get('weights_vs_bf16'), 3)} | {peak} | "
-            f"{_fmt(q.get('peak_rss_vs_bf16'))} | {mb_text(r.memory.get('peak_rss_inference'))} | {forward} | "
+            f"{_fmt(q.get('peak_rss_vs_bf16'))} | {mb_text(r.memory.get('peak_rss_inference'))} | "
+            + (f"{mb_text(gpu_peak(r))} | {_fmt(q.get('gpu_peak_vs_bf16'))} | " if on_gpu else "") + f"{forward} | "
             f"{_ratio_text(q, 'forward_vs_bf16')} | {_ratio_text(q, 'forward_cpu_vs_bf16')} | "
             f"{_fmt(image.get('per_step_s'), 3)} | "
             f"{_fmt(image.get('total_s'), 2)} | {_fmt(image.get('extrapolated_total_s'), 1)} | {_nfe(image)} |")

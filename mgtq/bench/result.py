@@ -14,7 +14,8 @@ Sub-records (bytes and seconds everywhere):
               reuse), token_nfe, reuse (the ReuseConfig the image ran with), text_s, tokens_s, per_step_s,
               decode_s, vq_load_s, total_s, transformer_calls_s, transformer_calls_cpu_s,
               extrapolated_steps, extrapolated_total_s (null with context reuse unless steps = 48)}}
-    profile  null | {unit: "s", total_self_s, split_s {category: s}, split_fraction, top_ops}
+    profile  null | {unit: "s", clock ("cpu" | "cuda": whose time), total_self_s, split_s {category: s}, split_fraction,
+              top_ops}
 """
 
 from __future__ import annotations

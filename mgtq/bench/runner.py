@@ -198,7 +198,8 @@ def machine_info(config: BenchConfig) -> dict:
         "torch_threads": config.num_threads, "torch_version": torch.__version__, "mgtq_version": installed("mgtq"),
         "torchao_version": installed("torchao"), "optimum_quanto_version": installed("optimum-quanto"),
         "python": platform.python_version(), "platform": platform.platform(), "device": config.device,
-        "cuda_device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else None,
+        "cuda_device": (torch.cuda.get_device_name(torch.device(config.device)) if config.device.startswith("cuda")
+                        else None),
         "isolation": ISOLATION[config.isolation], "memory_total_bytes": total_memory,
         "loadavg_start": memory.loadavg(),
     }

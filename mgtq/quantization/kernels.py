@@ -145,6 +145,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -407,13 +408,30 @@ _COMPILED: dict[str, object] = {}
 
 
 def _fused(name: str, fn):
-    """``fn`` compiled into one CUDA kernel (once per process); ``fn`` itself where compiling fails."""
+    """``fn`` compiled into one CUDA kernel (once per process); ``fn`` itself, with one warning, where compiling
+    fails (no Triton, no C compiler, a GPU Triton does not support): the eager reference gives the same results."""
     if name not in _COMPILED:
-        try:
-            _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-        except Exception:  # no Triton / no compiler: the eager reference is still right
-            _COMPILED[name] = fn
+        _COMPILED[name] = _compiled_or_eager(name, fn)
     return _COMPILED[name]
+
+
+def _compiled_or_eager(name: str, fn):
+    """The first call's runner: torch.compile is lazy, so a backend that cannot compile fails only when it is
+    first called, and that is where the eager `fn` takes over."""
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def first_call(*args):
+        try:
+            out = compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            warnings.warn(f"mgtq: compiling the fused {name!r} kernel failed ({str(err).splitlines()[0][:200]}); "
+                          "its eager reference runs instead: same results, slower", RuntimeWarning, stacklevel=2)
+            _COMPILED[name] = fn
+            return fn(*args)
+        _COMPILED[name] = compiled
+        return out
+
+    return first_call
 
 
 def _native_quantizer(x: torch.Tensor) -> bool:

@@ -8,13 +8,17 @@ start than the all-mask grid of text-to-image:
   repainted tokens only, as if they were the whole image (N = #repainted in n = ⌊N·σ⌋), and the
   "mask_ratio" timestep is their masked fraction (1 at the start), as the "step_index" one follows
   the schedule: the official inpainting feeds the step index, whatever share of the image is given.
-- img2img (mask-free editing): a `strength` fraction of the tokens is re-masked, chosen uniformly
-  at random without replacement from each sample's own generator, and the loop starts at the
-  schedule step whose input mask ratio matches that fraction. Nothing is fixed: the kept tokens are
-  what the earlier steps would have decoded. diffusers' aMUSEd img2img does the same in spirit
-  (`AmusedImg2ImgPipeline.__call__` starts at step T − int(T·strength) and
-  `AmusedScheduler.add_noise` masks each token with that step's mask ratio from `torch.rand`); mgtq
-  re-masks an exact count, so `strength` is the re-masked fraction and not only its expectation.
+- img2img (mask-free editing): `strength` is diffusers' and the official pipelines': the last
+  int(T·strength) steps of the schedule run, from step i = T − int(T·strength), and the image's tokens
+  start re-masked in the count text-to-image holds masked when it enters step i (⌊N·σ(i/T)⌋; with the
+  cosine schedule, 71 % at strength 0.5). The positions are chosen uniformly at random without
+  replacement from each sample's own generator. Nothing is fixed: the kept tokens are what the earlier
+  steps would have decoded. The official img2img (`src/pipeline_img2img.py`, `Scheduler.add_noise`) masks
+  each token with probability σ(i/T) from `torch.rand` (diffusers' aMUSEd σ((i+1)/T)); mgtq masks that
+  exact count, so a start is one a text-to-image run passes through, and at strength 1 everything (the
+  official code's σ(1) masks nothing there).
+- inpainting takes a `strength` too, as aMUSEd's and the official inpainting do: the repainted tokens
+  all start masked, and only the last int(T·strength) steps run.
 """
 
 from __future__ import annotations
@@ -69,54 +73,65 @@ class StartState:
             raise ValueError("a fixed position holds the mask id: fixed tokens are context and must be real tokens")
 
 
-def inpaint_start(tokens: torch.Tensor, repaint: torch.Tensor, mask_id: int) -> StartState:
-    """tokens (B, H, W) of the image and repaint (B, H, W) bool → the start with repaint as [MASK], the rest fixed."""
+def inpaint_start(tokens: torch.Tensor, repaint: torch.Tensor, mask_id: int, first_step: int = 0) -> StartState:
+    """tokens (B, H, W) of the image and repaint (B, H, W) bool → the start with repaint as [MASK], the rest fixed,
+    at step `first_step` (`start_step_for_strength`)."""
     if repaint.shape != tokens.shape:
         raise ValueError(f"repaint mask {tuple(repaint.shape)} ≠ tokens {tuple(tokens.shape)}")
     empty = (~repaint.flatten(1).any(-1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"the mask of image(s) {empty} repaints nothing (all black): nothing to do; "
                          "paint the area to repaint white")
-    return StartState(tokens=torch.where(repaint, torch.full_like(tokens, mask_id), tokens), fixed=~repaint)
+    return StartState(tokens=torch.where(repaint, torch.full_like(tokens, mask_id), tokens), fixed=~repaint,
+                      first_step=first_step)
 
 
-def num_remasked(strength: float, num_tokens: int) -> int:
-    """How many of num_tokens an img2img start re-masks: round(strength·N), at least 1."""
-    return max(1, min(num_tokens, round(strength * num_tokens)))
+def num_remasked(config: SamplerConfig, first_step: int, num_tokens: int) -> int:
+    """How many of num_tokens an img2img start at `first_step` re-masks: all at step 0, else the ⌊N·σ(i/T)⌋
+    that text-to-image keeps masked after step i − 1 (`mgtq.sampling.maskgit.num_to_mask`), at least 1."""
+    if first_step == 0:
+        return num_tokens
+    ratio = mask_ratio(config.schedule, first_step / config.num_steps, config.rho)
+    return max(1, min(num_tokens, int(num_tokens * ratio)))
 
 
 def start_step_for_strength(config: SamplerConfig, strength: float) -> int:
-    """The last step i whose input mask ratio σ(i/T) is still ≥ strength (σ(0) = 1, so strength 1 → 0)."""
-    check_strength(strength)
-    ratios = [mask_ratio(config.schedule, i / config.num_steps, config.rho) for i in range(config.num_steps)]
-    return max(i for i, r in enumerate(ratios) if r >= strength - 1e-12)
+    """T − int(T·strength): the step an edit at `strength` starts at, so that its last int(T·strength) steps run
+    (diffusers' aMUSEd and the official Meissonic pipelines count them so); 0 at strength 1."""
+    strength = check_strength(strength)
+    steps = int(config.num_steps * strength)
+    if steps == 0:
+        raise ValueError(f"strength {strength:g} runs no step of {config.num_steps} (int(steps × strength) = 0): "
+                         f"use a strength of at least 1/{config.num_steps} = {1 / config.num_steps:.3g}, or more steps")
+    return config.num_steps - steps
 
 
 def img2img_start(tokens: torch.Tensor, strength: float, mask_id: int, config: SamplerConfig,
                   generators: list[torch.Generator]) -> StartState:
-    """tokens (B, H, W) of the image → the start with round(strength·N) random tokens of each sample re-masked.
+    """tokens (B, H, W) of the image → the start at `start_step_for_strength`, with `num_remasked` random tokens of
+    each sample re-masked.
 
     The positions are the lowest of per-sample uniform scores (one draw per sample from its
     generator). At strength 1 every token is re-masked and nothing is drawn, so the run is the
     text-to-image run of the same seed.
     """
-    check_strength(strength)
     if len(generators) != tokens.shape[0]:
         raise ValueError(f"need one generator per image: got {len(generators)} for {tokens.shape[0]}")
+    first_step = start_step_for_strength(config, strength)
     b, h, w = tokens.shape
-    n = num_remasked(strength, h * w)
+    n = num_remasked(config, first_step, h * w)
     if n == h * w:
         remask = torch.ones_like(tokens, dtype=torch.bool)
     else:
         scores = uniform_scores((h * w,), generators, tokens.device)
         remask = remask_lowest(scores, torch.full((b,), n, device=tokens.device)).view(b, h, w)
-    return StartState(tokens=torch.where(remask, torch.full_like(tokens, mask_id), tokens),
-                      first_step=start_step_for_strength(config, strength))
+    return StartState(tokens=torch.where(remask, torch.full_like(tokens, mask_id), tokens), first_step=first_step)
 
 
 def check_strength(strength: float) -> float:
     """img2img's strength must be a number in (0, 1] (a numpy or 0-d torch scalar too); returns it as a float."""
     strength = plain_scalar(strength)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be a number in (0, 1] (the fraction of tokens re-drawn), got {strength!r}")
+        raise ValueError(f"strength must be a number in (0, 1] (the share of the schedule's steps run), "
+                         f"got {strength!r}")
     return float(strength)

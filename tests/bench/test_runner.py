@@ -171,3 +171,20 @@ def test_interleaved_rounds_start_at_another_config_each_round(monkeypatch):
     # the log and the samples stay in config order
     assert all(len(r["latency"]["forward"]["samples"]) == 2 for r in report["results"])
     assert "each config first in turn" in report["machine"]["timing"]
+
+
+def test_a_cuda_run_reports_the_gpu_peak_beside_host_memory(smoke_report):
+    from mgtq.bench.report import compute_ratios, results_of, to_markdown
+
+    report = json.loads(smoke_report.read_text())
+    assert "GPU peak" not in to_markdown(report)  # a CPU run has none
+    for result, allocated in zip(report["results"], (4e9, 1e9)):  # what case.py records on CUDA
+        result["memory"]["cuda_build"] = {"max_memory_reserved": allocated, "max_memory_allocated": allocated / 2}
+        result["memory"]["cuda_inference"] = {"max_memory_reserved": allocated, "max_memory_allocated": allocated}
+    report["ratios"] = compute_ratios(results_of(report))
+    assert report["ratios"]["scq"]["gpu_peak_vs_bf16"] == 0.25
+    report["results"].append({**report["results"][1], "label": "w4a8", "status": "failed", "message": "boom"})
+    table = [line for line in to_markdown(report).splitlines() if line.startswith("| ")]
+    assert "GPU peak MB" in table[0]
+    assert "| 1,000 | 0.25 |" in next(line for line in table if line.startswith("| scq |"))
+    assert len({line.count("|") for line in table}) == 1  # every row, a failed one too, has the header's columns

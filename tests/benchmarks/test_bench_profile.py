@@ -17,3 +17,13 @@ def test_profile_categories():
     assert categorize("mgtq::attention_cpu") == "attention"
     assert categorize("mgtq::qknorm_rope_cpu") == "other"
     assert categorize("aten::layer_norm") == "other"
+
+
+def test_profile_call_splits_a_cpu_call_by_category():
+    import torch
+
+    a = torch.randn(256, 256)
+    profile = load_lab("profile").profile_call(lambda: torch.relu(a @ a), device="cpu")
+    assert profile["clock"] == "cpu" and profile["split_s"]["float GEMM"] > 0
+    assert abs(sum(profile["split_fraction"].values()) - 1) < 1e-9
+    assert profile["top_ops"][0]["self_s"] >= profile["top_ops"][-1]["self_s"]

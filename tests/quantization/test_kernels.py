@@ -483,3 +483,20 @@ def test_compiled_onednn_cache_fuses_the_activation_and_equals_eager(layers):
     with torch.no_grad():
         compiled = torch.compile(fn, fullgraph=True)(x)
         torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
+
+
+def test_a_fused_cuda_kernel_that_cannot_compile_falls_back_to_its_eager_reference(monkeypatch):
+    """torch.compile is lazy: a backend that cannot compile (no Triton, no C compiler, an old GPU) fails at the
+    first call, which must still return the reference's result, warn once, and use the reference from then on."""
+    real_compile = torch.compile
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("simulated: no working Triton installation")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": no_compiler}))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    x, inv = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), torch.tensor(10.0)
+    with pytest.warns(RuntimeWarning, match="compiling the fused 'quantize' kernel failed"):
+        out = kernels._fused("quantize", kernels._quantize_rows_ref)(x, inv)
+    assert torch.equal(out, kernels._quantize_rows_ref(x, inv))
+    assert kernels._COMPILED["quantize"] is kernels._quantize_rows_ref  # later calls go straight to it

@@ -143,24 +143,31 @@ def test_differential_ranks_editable_positions_only():
     assert chosen.sum(-1).tolist() == [int(n) // 2 for n in editable.sum(-1)]
 
 
-def test_start_step_for_strength_is_the_step_with_that_mask_ratio():
+def test_strength_runs_the_last_steps_as_diffusers_counts_them():
     config = SamplerConfig(num_steps=16)
     assert start_step_for_strength(config, 1.0) == 0
-    for strength in (0.2, 0.5, 0.8, 0.999):
-        s = start_step_for_strength(config, strength)
-        assert mask_ratio("cosine", s / 16) >= strength > mask_ratio("cosine", (s + 1) / 16)
+    for strength, first in ((0.5, 8), (0.8, 4), (0.7, 5), (0.99, 1), (1 / 16, 15)):
+        assert start_step_for_strength(config, strength) == first  # T − int(T·strength)
+    with pytest.raises(ValueError, match=r"runs no step of 16 .* at least 1/16"):
+        start_step_for_strength(config, 0.06)
 
 
-def test_img2img_start_remasks_a_seeded_strength_fraction():
+def test_img2img_start_remasks_what_text_to_image_holds_masked_at_its_start_step():
     tokens = _image_tokens(2)
     a = img2img_start(tokens, 0.5, MASK, BASE, _gens([0, 1]))
     again = img2img_start(tokens, 0.5, MASK, BASE, _gens([0, 1]))
     assert torch.equal(a.tokens, again.tokens)
-    assert ((a.tokens == MASK).flatten(1).sum(-1) == num_remasked(0.5, N)).all()
+    first = start_step_for_strength(BASE, 0.5)
+    assert a.first_step == first == BASE.num_steps - int(BASE.num_steps * 0.5) > 0
+    expected = int(N * mask_ratio(BASE.schedule, first / BASE.num_steps))  # ⌊N·σ(i/T)⌋, as text-to-image
+    assert num_remasked(BASE, first, N) == expected
+    assert ((a.tokens == MASK).flatten(1).sum(-1) == expected).all()
     assert not torch.equal(a.tokens[0] == MASK, a.tokens[1] == MASK)  # each sample's own generator
     kept = a.tokens != MASK
     assert torch.equal(a.tokens[kept], tokens[kept]) and a.fixed is None
-    assert a.first_step == start_step_for_strength(BASE, 0.5) > 0
+    history = []
+    _run(BASE, [0, 1], history=history)  # text-to-image: masked after step first − 1, the input of step first
+    assert ((history[first - 1][1] == MASK).sum(-1) == expected).all()
 
 
 @pytest.mark.parametrize("name", ["vanilla", "paper-combo", "momentum2"])
