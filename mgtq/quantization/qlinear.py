@@ -307,10 +307,14 @@ class W4A8Linear(QuantizedLinear):
     @fuses_activations  # oneDNN's epilogue with the oneDNN weight cache, after the GEMM otherwise
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         self._check_input(x)
+        # Offload hooks move parameters and buffers to the input's device, not these cached copies: one left on
+        # another device is not read (the kernel unpacks per call, as without a cache).
+        onednn, times16 = self._onednn_weight, self._weight_times16
         return kernels.w4a8_linear(
             x, self.weight_packed, self.weight_scale, self.input_scale, self.bias,
-            onednn_weight=self._onednn_weight, weight_times16=self._weight_times16, chunk_n=self.chunk_n,
-            activation=activation,
+            onednn_weight=onednn if onednn is not None and x.device.type == "cpu" else None,
+            weight_times16=times16 if times16 is not None and times16.device == x.device else None,
+            chunk_n=self.chunk_n, activation=activation,
         )
 
     # ------------------------------------------------------------------ int8 weight cache (opt-in)

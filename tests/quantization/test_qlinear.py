@@ -141,6 +141,22 @@ def test_w4a8_weight_cache_on_other_devices(linear):
     assert cpu.weight_cache == "int8"
 
 
+
+def test_a_weight_cache_left_on_another_device_is_not_read(linear, monkeypatch):
+    """Sequential offload moves a layer's parameters and buffers to the GPU for its forward, not the cached
+    int8 copy: the kernel must not get a cache from another device than its input's."""
+    from mgtq.quantization import kernels
+
+    m = W4A8Linear.from_float(linear, 0.02)
+    x = torch.randn(9, K)
+    y = m(x)
+    m.enable_weight_cache("int8")
+    m._weight_times16 = m._weight_times16.to("meta")  # as if x and the parameters were on the GPU, it on the host
+    seen = {}
+    real = kernels.w4a8_linear
+    monkeypatch.setattr(kernels, "w4a8_linear", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert torch.equal(m(x), y) and seen["weight_times16"] is None
+
 def test_w4_small_m_path_matches_dequantized(linear):
     # <= SMALL_M rows take torch._weight_int8pack_mm on CPU; more rows dequantize + GEMM
     m = W4Linear.from_float(linear)
