@@ -102,9 +102,10 @@ def match_2x2(
     dst_idx = cell_destinations(grid, device=device) if destinations is None else destinations.to(device)
     if dst_idx.numel() == 0 or int(r) <= 0:
         return None
-    is_src = torch.ones(n, dtype=torch.bool, device=device)
-    is_src[dst_idx] = False
-    src_idx = is_src.nonzero().squeeze(1)  # (N_src,)
+    is_dst = torch.zeros(n, dtype=torch.int8, device=device)
+    is_dst[dst_idx] = 1
+    # (N_src,) ascending; a stable sort rather than nonzero(): its size is known, so a GPU need not wait for it
+    src_idx = is_dst.argsort(stable=True)[: n - dst_idx.numel()]
 
     with torch.no_grad():
         # float32 for the ranking: bf16 cosines tie often and would make the choice arbitrary
@@ -128,7 +129,7 @@ def match_2x2(
 
         keep = torch.ones(batch, n, dtype=torch.bool, device=device)
         keep.scatter_(1, merged_tok, False)
-        kept_tok = keep.nonzero()[:, 1].view(batch, n - r)  # (B, N − r) ascending: original order
+        kept_tok = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, : n - r]  # (B, N − r) in original order
         # slot (B, N): where each original token lives in the merged sequence
         slot = torch.empty(batch, n, dtype=torch.long, device=device)
         slot.scatter_(1, kept_tok, torch.arange(n - r, device=device).expand(batch, -1))
