@@ -2,19 +2,22 @@
 
     python benchmarks/shapebench_edit.py --threads 2        # after the README set-up (it exports the SCQ checkpoint)
     python benchmarks/shapebench_edit.py --limit 4 --out "$(mktemp -d)/edit"     # a smoke run
+    python benchmarks/shapebench_edit.py --split val --per-task 512 --tasks inpaint replace outpaint \
+        --inpaint-schedule cosine --out edit_val_cosine     # inpainting on another schedule than its default
 
 A model is `float`, `bf16` (the embedded model in that dtype), `scq=DIR` (an exported checkpoint) or
 `scq+tome=DIR` (the same with TomeMGT at its defaults, ratio 0.5). Each model runs every task of
 mgtq.shapes.edit and, as the reference of the inpaint goal, text-to-image on the inpaint items'
 captions and seeds (`t2i`). Resumable: a (model, task) row already in OUT.json for the same split,
-limit and model weights is kept. Writes OUT.json, OUT.md and OUT.png (inputs, masks and one
-model's outputs; green frame: accepted by the scorer, red: rejected); default OUT is
-benchmarks/results/shapebench_edit.
+items, model weights, kernels, sampler settings and editing rules is kept. Writes OUT.json, OUT.md and
+OUT.png (inputs, masks and one model's outputs; green frame: accepted by the scorer, red: rejected);
+default OUT is benchmarks/results/shapebench_edit.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ from mgtq.evaluation import edit_summary_line, evaluate_editing
 from mgtq.generate import write_png
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
+from mgtq.sampling.schedules import SCHEDULES
 from mgtq.shapes import evaluate, score_image
 from mgtq.shapes.edit import DEFAULT_PER_TASK, EDIT_TASKS, edit_inputs, shapebench_edit_items
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
@@ -38,6 +42,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCQ = "checkpoints/tiny-shapes-w4a8-scq"
 DEFAULT_MODELS = ("float", "bf16", f"scq={SCQ}", f"scq+tome={SCQ}")
 GOAL_MARGIN = 0.03  # SCQ ≥ float − 0.03 on every task
+# mgtq's editing rules, part of a row's key: 2 = img2img strength as diffusers counts it (the share of the steps
+# run), inpainting on SamplerConfig.inpaint_schedule; 1 (rows without the key) = strength as the masked fraction.
+EDIT_RULES = 2
 
 
 def load_model(spec: str) -> tuple[MGTPipeline, Path]:
@@ -60,9 +67,16 @@ def load_model(spec: str) -> tuple[MGTPipeline, Path]:
     return pipe, path
 
 
-def text_to_image_reference(pipe: MGTPipeline, limit: int | None, split: str, batch_size: int) -> dict:
+def set_inpaint_schedule(pipe: MGTPipeline, schedule: str | None) -> None:
+    """Inpaint on `schedule` ("same": text-to-image's; None: leave the model's setting)."""
+    if schedule is not None:
+        pipe.settings.sampler = pipe.settings.sampler.replace(inpaint_schedule=None if schedule == "same" else schedule)
+
+
+def text_to_image_reference(pipe: MGTPipeline, limit: int | None, split: str, batch_size: int,
+                            per_task: int = DEFAULT_PER_TASK) -> dict:
     """Text-to-image accuracy on the inpaint items' captions and seeds (what inpainting is compared with)."""
-    items = shapebench_edit_items("inpaint", DEFAULT_PER_TASK, split)[:limit]
+    items = shapebench_edit_items("inpaint", per_task, split)[:limit]
     t0 = time.perf_counter()
     images = []
     for k in range(0, len(items), batch_size):
@@ -74,25 +88,33 @@ def text_to_image_reference(pipe: MGTPipeline, limit: int | None, split: str, ba
     return result
 
 
-def run(models: list[str], tasks: list[str], split: str, limit: int | None, batch_size: int, out: Path) -> dict:
+def run(models: list[str], tasks: list[str], split: str, limit: int | None, batch_size: int, out: Path,
+        per_task: int = DEFAULT_PER_TASK, inpaint_schedule: str | None = None) -> dict:
+    """Every (model, task) row not already in OUT.json for the same inputs; `inpaint_schedule` overrides the
+    models' SamplerConfig.inpaint_schedule ("same": text-to-image's schedule)."""
     path = out.with_suffix(".json")
     data = read_json(path) if path.exists() else {"rows": {}}
     for spec in models:
         pipe, folder = load_model(spec)
+        set_inpaint_schedule(pipe, inpaint_schedule)
         fingerprint, kernels = model_fingerprint(folder), describe_kernels(pipe.device)
+        sampler = pipe.settings.sampler.to_dict()
         for task in [*tasks, "t2i"]:
             key = f"{spec}|{task}"
             old = data["rows"].get(key)
-            # kept if measured on the same weights, prompts and kernels (a quantized model's score follows them)
-            measured = (old["split"], old["limit"], old["fingerprint"], old.get("kernels")) if old else None
-            if measured == (split, limit, fingerprint, kernels):
+            # kept if measured on the same weights, prompts, kernels (a quantized model's score follows them),
+            # sampler settings and editing rules
+            inputs = json.loads(json.dumps([split, limit, per_task, fingerprint, kernels, sampler, EDIT_RULES]))
+            if old and [old.get(k) for k in ROW_KEY] == inputs:  # as JSON holds them (tuples are lists there)
                 print(f"{key}: kept from {path.name}")
                 continue
             if task == "t2i":
-                result = text_to_image_reference(pipe, limit, split, batch_size)
+                result = text_to_image_reference(pipe, limit, split, batch_size, per_task)
             else:
-                result = evaluate_editing(pipe, task, limit=limit, batch_size=batch_size, split=split, progress=False)
-            result.update(model=spec, limit=limit, fingerprint=fingerprint)
+                result = evaluate_editing(pipe, task, limit=limit, batch_size=batch_size, split=split, progress=False,
+                                          per_task=per_task)
+            result.update(model=spec, limit=limit, per_task=per_task, fingerprint=fingerprint, sampler=sampler,
+                          edit_rules=EDIT_RULES)
             data["rows"][key] = result
             print(f"{spec}: " + (edit_summary_line(result) if task != "t2i" else
                                  f"text-to-image on the inpaint captions accuracy={result['overall']:.3f}"))
@@ -100,6 +122,9 @@ def run(models: list[str], tasks: list[str], split: str, limit: int | None, batc
     data["command"] = "python benchmarks/shapebench_edit.py " + " ".join(sys.argv[1:])
     write_json(path, data)
     return data
+
+
+ROW_KEY = ("split", "limit", "per_task", "fingerprint", "kernels", "sampler", "edit_rules")
 
 
 def to_markdown(data: dict, models: list[str], tasks: list[str]) -> str:
@@ -125,9 +150,11 @@ def to_markdown(data: dict, models: list[str], tasks: list[str]) -> str:
     any_row = next(iter(rows.values()))
     sizes = ", ".join(f"{t} {r['n']}" for t in tasks
                       for r in [next((v for k, v in rows.items() if k.endswith(f"|{t}")), None)] if r)
-    limit = f"the first {any_row['limit']}" if any_row['limit'] else "all"
+    limit = f"the first {any_row['limit']}" if any_row['limit'] else f"all {any_row.get('per_task', DEFAULT_PER_TASK)}"
+    schedules = sorted({str((r.get("sampler") or {}).get("inpaint_schedule", "cosine")) for r in rows.values()})
     lines += ["", f"Split {any_row['split']}, {limit} items per task (images scored: {sizes}; img2img counts both "
-              "strengths), the model's own sampler settings. "
+              f"strengths), the model's own sampler settings; inpainting on the {' / '.join(schedules)} schedule "
+              "(None: text-to-image's). "
               f"`{data.get('command', 'python benchmarks/shapebench_edit.py')}`", "",
               *sorted({f"Kernels: {kernels_label(r['kernels'])}" for r in rows.values() if r.get("kernels")}),
               "", *goal_lines(rows, models, tasks)]
@@ -200,6 +227,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", choices=EDIT_TASKS, default=list(EDIT_TASKS))
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (default: all)")
+    p.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK, help="items drawn per task")
+    p.add_argument("--inpaint-schedule", choices=(*SCHEDULES, "same"), default=None,
+                   help="inpainting's mask schedule for every model (default: each model's SamplerConfig's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--grid-model", default=None,
@@ -208,11 +238,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = run(args.models, args.tasks, args.split, args.limit, args.batch_size, args.out)
+    data = run(args.models, args.tasks, args.split, args.limit, args.batch_size, args.out, args.per_task,
+               args.inpaint_schedule)
     md = to_markdown(data, args.models, args.tasks)
     atomic_write_text(args.out.with_suffix(".md"), md)
     grid_model = args.grid_model or next((m for m in args.models if m.startswith("scq=")), args.models[0])
-    sample_grid(load_model(grid_model)[0], args.tasks, args.split, args.out.with_suffix(".png"))
+    grid_pipe = load_model(grid_model)[0]
+    set_inpaint_schedule(grid_pipe, args.inpaint_schedule)
+    sample_grid(grid_pipe, args.tasks, args.split, args.out.with_suffix(".png"))
     print(md)
     return 0
 

@@ -219,7 +219,8 @@ class MGTInpaintPipeline(_EditingPipeline):
         run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,
                                      num_images_per_prompt=num_images_per_prompt,
                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                     generator=generator, seed=seed, micro_conds=micro_conds, sampler=sampler,
+                                     generator=generator, seed=seed, micro_conds=micro_conds,
+                                     sampler=self.sampler_config(sampler).for_inpainting(),
                                      token_merging=token_merging)
         start = inpaint_start(tokens.repeat_interleave(num_images_per_prompt, 0),
                               repaint.to(tokens.device).repeat_interleave(num_images_per_prompt, 0),

@@ -408,6 +408,10 @@ class MGTPipeline(DiffusionPipeline):
 
     # The steps of a call, shared by text-to-image and the editing pipelines (mgtq.editing), which differ
     # only in the inputs they check and the sampler's start state.
+    def sampler_config(self, sampler: SamplerConfig | dict | None = None) -> SamplerConfig:
+        """The SamplerConfig a call runs: `sampler` (a dict is read as one), or the pipeline's settings."""
+        return SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else sampler or self.settings.sampler
+
     def _prepare_sampling(self, prompt, height: int, width: int, *, negative_prompt=None, num_images_per_prompt=1,
                           num_inference_steps=None, guidance_scale=None, generator=None, seed=None, micro_conds=None,
                           sampler=None, token_merging=None) -> SamplingRun:
@@ -415,7 +419,7 @@ class MGTPipeline(DiffusionPipeline):
         … or the given ones) and the guided model function on the encoded prompts; inputs already checked."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        config = SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else sampler or self.settings.sampler
+        config = self.sampler_config(sampler)
         overrides = {k: v for k, v in (("num_steps", num_inference_steps), ("guidance_scale", guidance_scale)) if v is not None}
         config = config.replace(**overrides) if overrides else config
         grid = self.token_grid(height, width)

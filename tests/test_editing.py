@@ -107,7 +107,14 @@ def test_same_seed_same_image_and_batch_independence(random_pipeline, scene):
 def test_full_mask_inpaint_and_strength_one_are_text_to_image(random_pipeline, scene):
     t2i = random_pipeline("a red circle", seed=3, progress=False).tokens
     full = np.ones((64, 64), dtype=bool)
-    assert torch.equal(_inpaint(random_pipeline, scene, full, seed=3).tokens, t2i)
+    config = random_pipeline.settings.sampler
+    assert config.schedule == "cosine" and config.inpaint_schedule == "linear"
+    # inpainting runs the linear schedule (as the official and aMUSEd's do): text-to-image on that schedule
+    linear = random_pipeline("a red circle", seed=3, progress=False, sampler=config.replace(schedule="linear")).tokens
+    assert torch.equal(_inpaint(random_pipeline, scene, full, seed=3).tokens, linear)
+    same = config.replace(inpaint_schedule=None)  # or on text-to-image's own
+    assert torch.equal(_inpaint(random_pipeline, scene, full, seed=3, sampler=same).tokens, t2i)
+    assert not torch.equal(linear, t2i)
     i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
     assert torch.equal(i2i("a red circle", image=scene, strength=1.0, seed=3, progress=False).tokens, t2i)
 

@@ -58,6 +58,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="mask schedule: cosine cos(πt/2), linear 1−t, pow (1−t)^ρ, root 1−t^ρ")
+    g.add_argument("--inpaint-schedule", choices=(*SCHEDULES, "same"), default=None,
+                   help="mask schedule of inpainting and outpainting (default linear, as the official Meissonic "
+                        "inpainting; same: --schedule's)")
     g.add_argument("--rho", type=argtypes.number(minimum=0, above=True), default=None,
                    help="ρ of the pow/root schedules")
     g.add_argument("--gumbel-temperature", type=argtypes.number(minimum=0),
@@ -131,6 +134,9 @@ def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> S
         config = config.with_overrides(_flatten(load_sampler_file(args.sampler_config)))
     overrides = {path: getattr(args, flag) for flag, path in _FLAG_PATHS.items()
                  if getattr(args, flag, None) is not None}
+    inpaint = getattr(args, "inpaint_schedule", None)
+    if inpaint is not None:
+        overrides["inpaint_schedule"] = None if inpaint == "same" else inpaint
     steps = getattr(args, "zsampling_steps", None)
     if steps is not None:
         overrides["zsampling.steps"] = None if steps == "all" else steps  # None = every step but the last

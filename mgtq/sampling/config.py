@@ -163,7 +163,8 @@ class SamplerConfig:
     """Settings of the MaskGIT-style sampler (defaults = official Meissonic vanilla sampling).
 
     num_steps: T; guidance_scale: CFG scale s on logits, ℓ = ℓu + s(ℓc − ℓu) (≤ 1 disables CFG);
-    schedule/rho: mask schedule σ(t); gumbel_temperature: τ goes linearly from the first value at
+    schedule/rho: mask schedule σ(t); inpaint_schedule: the one inpainting and outpainting run instead (linear, as
+    the official Meissonic and diffusers' aMUSEd inpainting do; None: `schedule`); gumbel_temperature: τ goes linearly from the first value at
     step 0 to the second at step T−1 (confidence = log p + τ·Gumbel); timestep_convention: see
     mgtq.sampling.schedules.timestep_value. noise / differential / zsampling / momentum: the
     enhanced sampler's tricks (arXiv 2411.10781 §3), each neutral by default.
@@ -175,6 +176,7 @@ class SamplerConfig:
     guidance_scale: float = 9.0
     schedule: Schedule = "cosine"
     rho: float = 1.0
+    inpaint_schedule: Schedule | None = "linear"
     gumbel_temperature: tuple[float, float] = (2.0, 0.0)
     timestep_convention: TimestepConvention = "step_index"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -217,6 +219,12 @@ class SamplerConfig:
     def keeps_previous_probs(self) -> bool:
         """Whether a trick reads the previous step's probabilities (differential, 2nd-order solver)."""
         return self.differential.enabled or self.momentum.order == 2
+
+    def for_inpainting(self) -> "SamplerConfig":
+        """These settings as inpainting runs them: on `inpaint_schedule` (when set)."""
+        if self.inpaint_schedule is None or self.inpaint_schedule == self.schedule:
+            return self
+        return self.replace(schedule=self.inpaint_schedule)
 
     def replace(self, **changes) -> "SamplerConfig":
         return type(self)(**{**asdict(self), **changes})

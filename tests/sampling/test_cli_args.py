@@ -33,3 +33,14 @@ def test_generate_with_reuse_runs_local_steps(tmp_path, random_pipeline_dir, mon
     assert main(["generate", "--model", str(random_pipeline_dir), "--prompt", "a red circle", "--steps", "4",
                  "--reuse-interval", "2", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert out.exists() and len(local_steps) == 2  # steps 1 and 3
+
+
+def test_inpaint_schedule_flag_sets_or_clears_the_inpainting_schedule():
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    base = SamplerConfig(schedule="pow", rho=2.0)
+    assert sampler_config_from_args(parser.parse_args([]), base).for_inpainting().schedule == "linear"
+    cosine = sampler_config_from_args(parser.parse_args(["--inpaint-schedule", "cosine"]), base)
+    assert cosine.inpaint_schedule == "cosine" and cosine.for_inpainting().schedule == "cosine"
+    same = sampler_config_from_args(parser.parse_args(["--inpaint-schedule", "same"]), base)
+    assert same.inpaint_schedule is None and same.for_inpainting() == base.replace(inpaint_schedule=None)
