@@ -110,6 +110,9 @@ class CaseSession:
         self.measure = MeasureSettings.from_dict(payload["measure"])
         self.device = torch.device(payload["device"])
         self.sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        # Interleaved cases are processes sharing one GPU: each hands the activation memory its allocator keeps
+        # back after its turn, or a 16–24 GB card runs out with every case's cache resident at once.
+        self.release = torch.cuda.empty_cache if self.device.type == "cuda" else (lambda: None)
         self.peer = _peer(self.case.target) if self.case.is_peer else None
         self.result = CaseResult.of(self.case, family=self.peer.family if self.peer else "mgtq")
         self.result.loadavg = {"before": memory.loadavg(), "after": None}
@@ -200,6 +203,7 @@ class CaseSession:
             if budget_s <= 0 and self.samples:
                 return []
         timing = time_repeated(self._forward, n, budget_s, self.sync)
+        self.release()
         self.samples += timing.samples
         self.cpu_samples += timing.cpu_samples
         self.rounds += [len(self.rounds) if round_index is None else round_index] * len(timing.samples)
