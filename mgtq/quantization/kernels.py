@@ -608,8 +608,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         x2 = x.reshape(-1, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        # Scales must share x's dtype (bf16: rounded once more, within bf16 noise).
-        y = weight_int8pack_mm(x2, unpack_int4_op(packed), scale.reshape(-1).to(x.dtype))
+        # The CPU kernel needs the scales in x's dtype (bf16: rounded once more, within bf16 noise); the CUDA one
+        # converts them to fp32 itself (aten/src/ATen/native/cuda/int8mm.cu), so there they keep their precision.
+        scales = scale.reshape(-1) if x.device.type == "cuda" else scale.reshape(-1).to(x.dtype)
+        y = weight_int8pack_mm(x2, unpack_int4_op(packed), scales)
         y = y if bias is None else y + bias.to(y.dtype)
         return apply_activation(y.reshape(*x.shape[:-1], n), activation)
     if kernel == "dequant_fp32":
