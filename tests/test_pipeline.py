@@ -309,6 +309,35 @@ def test_device_map_cuda_matches_moving_later(quantized_dir):
     assert torch.equal(on_gpu(**kwargs).images.cpu(), mgtq.load(quantized_dir, progress=False).to("cuda")(**kwargs).images.cpu())
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generators_and_cpu_generator_lists_on_a_cuda_pipeline(quantized_dir):
+    """diffusers' idioms on a GPU: generator=torch.Generator("cuda") (its seeds are drawn on the GPU), and a list
+    of CPU generators (each seeds one on the GPU): both reproducible."""
+    pipe = mgtq.load(quantized_dir, progress=False).to("cuda")
+    kwargs = dict(prompt=["a red circle", "a blue square"], output_type="latent", progress=False, **STEPS)
+    first = pipe(generator=torch.Generator("cuda").manual_seed(5), **kwargs).images
+    assert torch.equal(first, pipe(generator=torch.Generator("cuda").manual_seed(5), **kwargs).images)
+    cpu_list = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    assert torch.equal(pipe(generator=cpu_list(), **kwargs).images, pipe(generator=cpu_list(), **kwargs).images)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sequential_offload_with_a_w4a8_weight_cache_on_cuda(quantized_dir):
+    kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, **STEPS)
+    reference = mgtq.load(quantized_dir, progress=False).to("cuda")(**kwargs).images.cpu()
+    from mgtq.quantization import W4A8Linear
+
+    pipe = mgtq.load(quantized_dir, progress=False)
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, W4A8Linear)]
+    for layer in layers:
+        layer.enable_weight_cache("int8")  # built on the host; the offload hooks move only parameters and buffers
+    assert layers
+    pipe.enable_sequential_cpu_offload()
+    assert torch.equal(pipe(**kwargs).images.cpu(), reference)
+
 # ------------------------------------------------------------------------------ issue 29: check_inputs
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(prompt="a", num_images_per_prompt=0), ValueError, "num_images_per_prompt must be an integer ≥ 1"),
