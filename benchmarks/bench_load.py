@@ -9,8 +9,9 @@ about 300M of the real one's 354M parameters). Then, in `--rounds` interleaved r
 process per format does what a user's script does, `mgtq.load(folder)`, timed, and then, on the files and
 tensors that load read:
 - import: `import mgtq.pipeline` (diffusers, transformers), timed apart from the load;
-- hashing: sha256 of every file the load verifies (the quantized transformer's manifest files, the other
-  components' files `model_index.json` records), from the page cache as at load;
+- hashing: sha256 of every file the load verifies (`mgtq.components.verified_files`: the quantized transformer's
+  manifest files, the other components' files `model_index.json` records), one after another, from the page cache;
+  the load itself hashes them side by side (`mgtq.utils.hashed_ahead`);
 - finite check: every floating-point tensor of the loaded components checked for NaN/inf, with mgtq's
   one-pass check (`mgtq.utils.all_finite`, aminmax) and with `isfinite().all()`, side by side in the process.
 Writes benchmarks/results/load_<model>_<cpu class>.json and .md (median [min–max] over the rounds).
@@ -59,24 +60,13 @@ def build_folder(model: str, fmt: str, folder: Path, clip_h: bool = True) -> Non
     pipe.save_pretrained(folder, progress=False)
 
 
-def verified_files(folder: Path) -> list[Path]:
-    """The files `mgtq.load` hashes: the quantized transformer's manifest entries and the recorded other files."""
-    from mgtq.components import CHECKSUMS_KEY
-    from mgtq.utils import read_json
-
-    files = [folder / name for name in read_json(folder / "model_index.json").get(CHECKSUMS_KEY, {})]
-    manifest = folder / "transformer" / "manifest.json"
-    if manifest.exists():
-        files += [folder / "transformer" / name for name in read_json(manifest).get("files", {})]
-    return files
-
-
 def measure(folder: Path, threads: int, checks: int) -> dict:
     """One fresh process's figures (runs in the child)."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     import mgtq
     import mgtq.pipeline  # noqa: F401  (diffusers and transformers: imported once per process, timed apart)
+    from mgtq.components import verified_files
     from mgtq.utils import all_finite, sha256_file
 
     import_s = time.perf_counter() - t0

@@ -154,6 +154,25 @@ def pipeline_checksums(root: str | Path) -> dict[str, str]:
     return found
 
 
+def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
+    """The files loading `root` hashes: those its model_index.json records and its quantized transformer's manifest
+    names, but the components in `skip` (passed in by the caller), read loosely (the checks that follow judge the
+    files and refuse what is wrong in them)."""
+    from mgtq.config import read_data
+
+    root, found = Path(root), []
+    for listing, folder, key in ((root / "model_index.json", root, CHECKSUMS_KEY),
+                                 (root / "transformer" / "manifest.json", root / "transformer", "files")):
+        try:
+            names = read_data(listing, fmt="json").get(key) if listing.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(names, dict):
+            found += [folder / n for n in names
+                      if isinstance(n, str) and not Path(n).is_absolute() and ".." not in Path(n).parts]
+    return [p for p in found if p.relative_to(root).parts[0] not in set(skip)]
+
+
 def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:
     """Refuse a pipeline folder whose files differ from the checksums its model_index.json records (an mgtq
     writer's); a folder without them (an official one) is not checked. Components the caller passes in its place

@@ -29,13 +29,13 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
-                             pipeline_checksums, stored_keys)
+                             pipeline_checksums, stored_keys, verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
-from mgtq.utils import (atomic_entries, micro_conditions, parse_dtype, per_sample_generators, read_json, unwrapped,
-                        write_json)
+from mgtq.utils import (atomic_entries, hashed_ahead, micro_conditions, parse_dtype, per_sample_generators, read_json,
+                        unwrapped, write_json)
 
 
 @dataclass
@@ -229,9 +229,10 @@ class MGTPipeline(DiffusionPipeline):
         # text encoder), and a quantized folder loads as saved either way.
         auto = torch_dtype is None or torch_dtype == "auto"
         dtype = None if auto else parse_dtype(torch_dtype)
-        with _loading_bars(progress):
-            given = {name for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer), ("vqvae", vqvae),
-                                             ("transformer", transformer)) if part is not None}
+        given = {name for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer), ("vqvae", vqvae),
+                                         ("transformer", transformer)) if part is not None}
+        # the files the checks below hash, hashed side by side first (half an SCQ load was hashing one by one)
+        with _loading_bars(progress), hashed_ahead(verified_files(root, skip=given)):
             settings = read_settings(root, given)
             if transformer is None:
                 folder = root / "transformer"

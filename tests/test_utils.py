@@ -259,3 +259,26 @@ def test_generators_of_another_device_seed_generators_on_the_sampling_device(mon
     draws.clear()
     per_sample_generators(3, generator=torch.Generator().manual_seed(1), device="cuda")
     assert draws == [torch.device("cpu")]  # on the generator's device, whatever the sampler's
+
+
+def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_again(tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    import mgtq.utils
+    from mgtq.utils import hashed_ahead, sha256_file
+
+    files = [tmp_path / f"{name}.bin" for name in "abc"]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i]) * (1 << 20))
+    reads = []
+    real_feed = mgtq.utils._feed_file
+    monkeypatch.setattr(mgtq.utils, "_feed_file", lambda h, p: reads.append(p.name) or real_feed(h, p))
+    with hashed_ahead(files + [tmp_path / "missing.bin"]):  # a missing file is left to the checks
+        assert sorted(reads) == ["a.bin", "b.bin", "c.bin"]
+        assert [sha256_file(p) for p in files] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+        assert len(reads) == 3  # answered from the hashes made ahead
+        time.sleep(0.01)
+        files[0].write_bytes(b"changed")  # after it was hashed ahead: hashed again, as it is now
+        assert sha256_file(files[0]) == hashlib.sha256(b"changed").hexdigest() and len(reads) == 4
+    assert sha256_file(files[1]) == hashlib.sha256(files[1].read_bytes()).hexdigest() and len(reads) == 5

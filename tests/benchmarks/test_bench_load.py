@@ -12,7 +12,9 @@ def test_a_round_loads_the_folder_and_times_its_checks(benchmark_script, tmp_pat
     scq = report["formats"]["scq"]
     assert scq["load_s"]["median"] > 0 and scq["import_s"]["median"] > 0
     folder = tmp_path / "work" / "tiny-shapes-scq-model"
-    hashed = script.verified_files(folder)
+    from mgtq.components import verified_files
+
+    hashed = verified_files(folder)
     names = {p.relative_to(folder).as_posix() for p in hashed}
     assert {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"} <= names  # its manifest
     assert any(n.startswith("text_encoder/") for n in names) and any(n.startswith("vqvae/") for n in names)

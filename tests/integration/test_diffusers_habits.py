@@ -6,6 +6,7 @@ Each test is one bullet of the issue: what failed (or silently went wrong) then,
 """
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -291,3 +292,40 @@ def test_context_reuse_by_cells_on_an_odd_token_grid_names_the_size_and_the_fix(
     fast = mgtq.SamplerConfig.preset("fast").with_overrides({"reuse.group": "confidence"})
     assert pipe("a red circle", width=68, height=64, sampler=fast, output_type="latent", progress=False,
                 **STEPS).images.shape == (1, 16, 17)
+
+
+def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_changed_one(quantized_dir, tmp_path,
+                                                                                            monkeypatch):
+    import shutil
+
+    import mgtq.utils
+    from mgtq.components import verified_files
+
+    files = verified_files(quantized_dir)
+    names = {p.relative_to(quantized_dir).as_posix() for p in files}
+    assert {"transformer/diffusion_pytorch_model.safetensors", "transformer/config.json"} <= names
+    assert any(n.startswith("text_encoder/") for n in names) and any(n.startswith("vqvae/") for n in names)
+    own_text_encoder = mgtq.load(progress=False).text_encoder
+    reads, threads = [], set()
+    real_feed = mgtq.utils._feed_file
+
+    def feed(h, path):
+        reads.append(path)
+        threads.add(threading.current_thread() is threading.main_thread())
+        return real_feed(h, path)
+
+    monkeypatch.setattr(mgtq.utils, "_feed_file", feed)
+    mgtq.load(quantized_dir, progress=False)
+    assert sorted(reads) == sorted(files) and threads == {False}  # each once, side by side in worker threads
+    reads.clear()
+    mgtq.load(quantized_dir, text_encoder=own_text_encoder, progress=False)
+    assert reads and not any("text_encoder" in p.parts for p in reads)  # a component passed in is not hashed
+    damaged = tmp_path / "damaged"
+    shutil.copytree(quantized_dir, damaged)
+    with open(damaged / "transformer" / "diffusion_pytorch_model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match="sha256"):
+        mgtq.load(damaged, progress=False)
