@@ -20,6 +20,7 @@ Writes benchmarks/results/load_<model>_<cpu class>.json and .md (median [min–m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -60,14 +61,18 @@ def build_folder(model: str, fmt: str, folder: Path, clip_h: bool = True) -> Non
     pipe.save_pretrained(folder, progress=False)
 
 
-def measure(folder: Path, threads: int, checks: int) -> dict:
-    """One fresh process's figures (runs in the child)."""
+def measure(folder: Path, threads: int, checks: int, one_by_one: bool = False) -> dict:
+    """One fresh process's figures (runs in the child); `one_by_one`: the load hashes its files one check after
+    another, as before `hashed_ahead`."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     import mgtq
     import mgtq.pipeline  # noqa: F401  (diffusers and transformers: imported once per process, timed apart)
     from mgtq.components import verified_files
     from mgtq.utils import all_finite, sha256_file
+
+    if one_by_one:
+        mgtq.pipeline.hashed_ahead = lambda paths: contextlib.nullcontext()
 
     import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -86,7 +91,8 @@ def measure(folder: Path, threads: int, checks: int) -> dict:
             t0 = time.perf_counter()
             assert all(check(t) for t in tensors)
             times[name].append(time.perf_counter() - t0)
-    return {"import_s": import_s, "load_s": load_s, "hashing_s": hashing_s, "hashed_bytes": sum(p.stat().st_size for p in files),
+    return {"import_s": import_s, "load_s": load_s, "hashing_s": hashing_s,
+            "hashed_bytes": sum(p.stat().st_size for p in files),
             "finite_aminmax_s": min(times["aminmax"]), "finite_isfinite_s": min(times["isfinite"]),
             "checked_elements": sum(t.numel() for t in tensors)}
 
@@ -105,9 +111,13 @@ def to_markdown(report: dict) -> str:
              "isfinite().all() s | elements checked (M) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt, r in report["formats"].items():
         cell = lambda k: f"{r[k]['median']:.2f} [{r[k]['min']:.2f}–{r[k]['max']:.2f}]"  # noqa: E731
-        lines.append(f"| {fmt} | {r['folder_bytes'] / 1e6:,.0f} | {cell('import_s')} | {cell('load_s')} | {cell('hashing_s')} "
+        lines.append(f"| {fmt} | {r['folder_bytes'] / 1e6:,.0f} | {cell('import_s')} | {cell('load_s')} | "
+                     f"{cell('hashing_s')} "
                      f"({r['hashed_bytes'] / 1e6:,.0f}) | {cell('finite_aminmax_s')} | {cell('finite_isfinite_s')} | "
                      f"{r['checked_elements'] / 1e6:,.0f} |")
+    for fmt, r in report.get("load_vs_one_by_one", {}).items():
+        lines.append(f"\n{fmt}: load with the files hashed side by side ÷ one by one, median of the per-round ratios "
+                     f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]")
     lines += ["", f"`{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -123,10 +133,13 @@ def main(argv=None) -> int:
                    help="CLIP-ViT-H-14's text-tower shape (Meissonic's), or the model's own")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-load")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--compare-one-by-one", action="store_true",
+                   help="also time each format's load hashing its files one after another (before hashed_ahead)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--one-by-one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(Path(args.child), args.threads, args.checks)))
+        print(json.dumps(measure(Path(args.child), args.threads, args.checks, args.one_by_one)))
         return 0
     from mgtq.native.cpu import cpu_class, cpu_model
 
@@ -136,24 +149,30 @@ def main(argv=None) -> int:
         if not (folder / "model_index.json").exists():
             print(f"building {folder.name} …", flush=True)
             build_folder(args.model, fmt, folder, clip_h=args.text_encoder == "clip-h")
-    samples = {fmt: [] for fmt in formats}
+    variants = [(fmt, False) for fmt in formats] + ([(fmt, True) for fmt in formats] if args.compare_one_by_one
+                                                      else [])
+    label = lambda fmt, one_by_one: f"{fmt}, hashed one by one" if one_by_one else fmt  # noqa: E731
+    samples = {label(*v): [] for v in variants}
     for k in range(args.rounds):
-        for fmt in formats[k % len(formats):] + formats[: k % len(formats)]:  # each format leads a round in turn
+        for fmt, one_by_one in variants[k % len(variants):] + variants[: k % len(variants)]:  # each leads in turn
             out = subprocess.run([sys.executable, __file__, "--child", str(folders[fmt]), "--threads",
-                                  str(args.threads), "--checks", str(args.checks)],
+                                  str(args.threads), "--checks", str(args.checks)] + ["--one-by-one"] * one_by_one,
                                  capture_output=True, text=True, check=True)
-            samples[fmt].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(fmt, samples[fmt][-1], flush=True)
-    report = {"model": args.model, "text_encoder": args.text_encoder, "cpu": cpu_model(), "cpu_class": cpu_class(), "threads": args.threads,
-              "torch": torch.__version__, "rounds": args.rounds,
+            samples[label(fmt, one_by_one)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(label(fmt, one_by_one), samples[label(fmt, one_by_one)][-1], flush=True)
+    report = {"model": args.model, "text_encoder": args.text_encoder, "cpu": cpu_model(), "cpu_class": cpu_class(),
+              "threads": args.threads, "torch": torch.__version__, "rounds": args.rounds,
               "command": "python benchmarks/bench_load.py " + " ".join(a for a in (argv or sys.argv[1:])),
-              "formats": {}}
+              "formats": {}, "load_vs_one_by_one": {}}
     for fmt, runs in samples.items():
         entry = {key: summary([r[key] for r in runs]) for key in
                  ("import_s", "load_s", "hashing_s", "finite_aminmax_s", "finite_isfinite_s")}
         entry.update(hashed_bytes=runs[0]["hashed_bytes"], checked_elements=runs[0]["checked_elements"],
-                     folder_bytes=sum(f.stat().st_size for f in folders[fmt].rglob("*") if f.is_file()))
+                     folder_bytes=sum(f.stat().st_size for f in folders[fmt.split(",")[0]].rglob("*") if f.is_file()))
         report["formats"][fmt] = entry
+    for fmt in formats if args.compare_one_by_one else ():  # per-round ratios: the rounds ran side by side
+        pairs = zip(samples[fmt], samples[label(fmt, True)])
+        report["load_vs_one_by_one"][fmt] = summary([a["load_s"] / b["load_s"] for a, b in pairs])
     out = args.out or RESULTS / f"load_{args.model}_{cpu_class()}"
     from mgtq.utils import atomic_write_text, write_json
 
