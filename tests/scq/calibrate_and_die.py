@@ -7,7 +7,9 @@ next child resumes the same run folder. The children are forked from this proces
 imported mgtq, so each kill point costs the calibration work only, not a Python start-up.
 
 POINT: synth (second synthesis batch), qat-save (while the second QAT state of this process is
-written), qat-swap (between the two renames that put a QAT state in place), qat-step:N (in the N-th
+written), qat-swap (between the two renames that put a QAT state in place where folders cannot be
+exchanged in one step), qat-exchanged (right after the exchange that put one in place, the old state not yet
+deleted), qat-step:N (in the N-th
 training step of this process), magnitudes (while activations are recorded), secondary (while its
 folder is written), none.
 """
@@ -53,9 +55,22 @@ def install(point: str) -> None:
             return real(path, data)
 
         loop.write_json = write_json
+    elif point == "qat-exchanged":
+        import mgtq.utils
+
+        real_exchange = mgtq.utils._exchange
+
+        def exchange(a, b):
+            done = real_exchange(a, b)
+            if done and os.path.basename(b) == "qat-state":
+                die()  # the new state is in place, the old one under the temporary name, not yet deleted
+            return done
+
+        mgtq.utils._exchange = exchange
     elif point == "qat-swap":
         import mgtq.utils
 
+        mgtq.utils._exchange = lambda a, b: False  # the two renames of systems without an atomic exchange
         real_replace = os.replace
 
         class Os:

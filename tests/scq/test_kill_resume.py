@@ -32,8 +32,9 @@ def test_sigkill_in_every_stage_then_resume_is_byte_identical(tmp_path, random_p
     recipe_file.write_text(yaml.safe_dump(_tiny_recipe(random_pipeline_dir)))
     run, reference = tmp_path / "killed", tmp_path / "reference"
     # Each child resumes where the one before was killed; QAT saves its state every 4 steps, so the
-    # kills land in a half-written state, between the renames of a state swap, and between saves.
-    points = ["synth", "qat-save", "qat-swap", "qat-step:7", "magnitudes", "secondary", "none"]
+    # kills land in a half-written state, between the renames of a state swap (where folders cannot be exchanged),
+    # right after an exchange, and between saves.
+    points = ["synth", "qat-save", "qat-swap", "qat-exchanged", "qat-step:7", "magnitudes", "secondary", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     children = [f"{run}={point}" for point in points] + [f"{reference}=none"]
