@@ -380,8 +380,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element of the floating-point `tensor` is NaN or ±inf.
 
     min and max carry any NaN (they propagate it) and any infinity, so one aminmax pass decides; an elementwise
-    isfinite().all() writes a bool tensor and reads it again, about 50× slower on CPU half types (seconds per
-    load for a billion-parameter transformer).
+    isfinite().all() writes a bool tensor and reads it again, many times slower on CPU half types (seconds per
+    load for a billion-parameter transformer: benchmarks/bench_load.py).
     """
     if tensor.numel() == 0:
         return True
@@ -407,7 +407,7 @@ def hashed_ahead(paths: Iterable[str | os.PathLike]):
 
     A load verifies several big files (the quantized transformer's, the text encoder's) one check after another;
     sha256 and file reads release the GIL, so hashing them side by side takes about as long as the biggest
-    (an SCQ Meissonic-1024 load spent half its time hashing). A file is matched by path, inode, size and
+    (benchmarks/bench_load.py --compare-one-by-one). A file is matched by path, inode, size and
     modification time: one changed after it was hashed ahead is hashed again. Missing or unreadable files are
     left to the checks, whose errors name them.
     """
