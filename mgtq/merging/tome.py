@@ -117,7 +117,10 @@ def match_2x2(
             best, best_dst = _match_windowed(a, b, grid, src_idx, dst_idx, locality, window)
         if eligible is not None:
             best = best.masked_fill(~eligible.to(device)[:, src_idx], float("-inf"))
-        r = min(int(r), int((best > float("-inf")).sum(1).min()))
+        if eligible is not None or locality != "cell":  # only these leave sources with no destination (-inf)
+            r = min(int(r), int((best > float("-inf")).sum(1).min()))  # a host sync: r sets shapes
+        else:  # every source has its own cell's destination: no sync
+            r = min(int(r), src_idx.numel())
         if preferred is not None:  # cos ≤ 1, so +3 ranks every preferred source first
             best = best + 3.0 * preferred.to(device)[:, src_idx]
         if r <= 0:
