@@ -170,7 +170,7 @@ def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
         if isinstance(names, dict):
             found += [folder / n for n in names
                       if isinstance(n, str) and not Path(n).is_absolute() and ".." not in Path(n).parts]
-    return [p for p in found if p.relative_to(root).parts[0] not in set(skip)]
+    return [p for p in found if p != root and p.relative_to(root).parts[0] not in set(skip)]
 
 
 def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:
@@ -188,8 +188,9 @@ def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ())
                            "re-create the folder")
     for name, digest in sorted(recorded.items()):
         path = root / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} names {name!r}, outside the folder")
+        if ".." in Path(name).parts or Path(name).is_absolute() or not Path(name).parts:
+            raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} names {name!r}, not a file inside the "
+                               "folder; re-create the folder")
         component = Path(name).parts[0]
         if component in provided or (len(Path(name).parts) > 1 and not (root / component).exists()):
             continue

@@ -385,6 +385,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """
     if tensor.numel() == 0:
         return True
+    if tensor.element_size() == 1:  # float8: no aminmax kernel on the CPU
+        return bool(torch.isfinite(tensor).all())
     return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
@@ -407,9 +409,9 @@ def hashed_ahead(paths: Iterable[str | os.PathLike]):
 
     A load verifies several big files (the quantized transformer's, the text encoder's) one check after another;
     sha256 and file reads release the GIL, so hashing them side by side takes about as long as the biggest
-    (benchmarks/bench_load.py --compare-one-by-one). A file is matched by path, inode, size and
-    modification time: one changed after it was hashed ahead is hashed again. Missing or unreadable files are
-    left to the checks, whose errors name them.
+    (benchmarks/bench_load.py --compare-one-by-one). A file is matched by path, inode, size and modification and
+    change times: one changed after it was hashed ahead is hashed again. Missing or unreadable files are left to
+    the checks, whose errors name them.
     """
     files = list(dict.fromkeys(Path(p) for p in paths if Path(p).is_file()))
     digests = {}
@@ -425,19 +427,23 @@ def hashed_ahead(paths: Iterable[str | os.PathLike]):
 
 
 def _file_key(path: Path) -> tuple | None:
+    """What tells a file from a changed one: path, inode, size, and the modification and change times (a write
+    can restore the first, `os.utime`, not the second)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _hash_keyed(path: Path) -> tuple[tuple, str] | None:
+    """(key, sha256) of `path`, or None where it changed while it was read (or cannot be read)."""
     key = _file_key(path)
     try:
-        return (key, _feed_file(hashlib.sha256(), path).hexdigest()) if key is not None else None
+        digest = _feed_file(hashlib.sha256(), path).hexdigest() if key is not None else None
     except OSError:
         return None
+    return (key, digest) if digest is not None and _file_key(path) == key else None
 
 
 def _feed_file(h, path: Path):

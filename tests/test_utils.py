@@ -282,3 +282,25 @@ def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_aga
         files[0].write_bytes(b"changed")  # after it was hashed ahead: hashed again, as it is now
         assert sha256_file(files[0]) == hashlib.sha256(b"changed").hexdigest() and len(reads) == 4
     assert sha256_file(files[1]) == hashlib.sha256(files[1].read_bytes()).hexdigest() and len(reads) == 5
+
+
+def test_a_file_rewritten_with_its_old_size_and_time_is_not_taken_for_its_hash_ahead(tmp_path):
+    import hashlib
+
+    from mgtq.utils import hashed_ahead, sha256_file
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 4096)
+    with hashed_ahead([path]):
+        before = path.stat()
+        with open(path, "r+b") as f:  # rewritten in place, same size, modification time put back
+            f.write(b"b" * 100)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert sha256_file(path) == hashlib.sha256(b"b" * 100 + b"a" * 3996).hexdigest()
+
+
+def test_all_finite_takes_one_byte_floats():
+    t = torch.zeros(8).to(torch.float8_e5m2)
+    assert all_finite(t)
+    t[3] = float("inf")
+    assert not all_finite(t)

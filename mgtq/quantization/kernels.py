@@ -417,21 +417,30 @@ def _fused(name: str, fn):
 
 def _compiled_or_eager(name: str, fn):
     """The first call's runner: torch.compile is lazy, so a backend that cannot compile fails only when it is
-    first called, and that is where the eager `fn` takes over."""
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    first called, and that is where the eager `fn` takes over (as it does at once where torch.compile itself
+    refuses, e.g. a Python that Dynamo does not support)."""
+    try:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    except Exception as err:  # noqa: BLE001 (any refusal: the eager reference is right everywhere)
+        _fallback_warning(name, err)
+        return fn
 
     def first_call(*args):
         try:
             out = compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as err:
-            warnings.warn(f"mgtq: compiling the fused {name!r} kernel failed ({str(err).splitlines()[0][:200]}); "
-                          "its eager reference runs instead: same results, slower", RuntimeWarning, stacklevel=2)
+            _fallback_warning(name, err)
             _COMPILED[name] = fn
             return fn(*args)
         _COMPILED[name] = compiled
         return out
 
     return first_call
+
+
+def _fallback_warning(name: str, err: Exception) -> None:
+    warnings.warn(f"mgtq: compiling the fused {name!r} kernel failed ({(str(err).splitlines() or [''])[0][:200]}); "
+                  "its eager reference runs instead: same results, slower", RuntimeWarning, stacklevel=3)
 
 
 def _native_quantizer(x: torch.Tensor) -> bool:

@@ -15,8 +15,8 @@ start than the all-mask grid of text-to-image:
   replacement from each sample's own generator. Nothing is fixed: the kept tokens are what the earlier
   steps would have decoded. The official img2img (`src/pipeline_img2img.py`, `Scheduler.add_noise`) masks
   each token with probability σ(i/T) from `torch.rand` (diffusers' aMUSEd σ((i+1)/T)); mgtq masks that
-  exact count, so a start is one a text-to-image run passes through, and at strength 1 everything (the
-  official code's σ(1) masks nothing there).
+  exact count, so a start is (up to a few tokens, `num_remasked`) one a text-to-image run passes through,
+  and at strength 1 everything (the official code's σ(1) masks nothing there).
 - inpainting takes a `strength` too, as aMUSEd's and the official inpainting do: the repainted tokens
   all start masked, and only the last int(T·strength) steps run.
 """
@@ -87,8 +87,10 @@ def inpaint_start(tokens: torch.Tensor, repaint: torch.Tensor, mask_id: int, fir
 
 
 def num_remasked(config: SamplerConfig, first_step: int, num_tokens: int) -> int:
-    """How many of num_tokens an img2img start at `first_step` re-masks: all at step 0, else the ⌊N·σ(i/T)⌋
-    that text-to-image keeps masked after step i − 1 (`mgtq.sampling.maskgit.num_to_mask`), at least 1."""
+    """How many of num_tokens an img2img start at `first_step` re-masks: all at step 0, else ⌊N·σ(i/T)⌋, at least
+    1: what text-to-image keeps masked after step i − 1 (`mgtq.sampling.maskgit.num_to_mask`), unless its
+    schedule decodes less than a token a step before there (long runs' first steps), where text-to-image, which
+    decodes at least one a step, holds a few fewer."""
     if first_step == 0:
         return num_tokens
     ratio = mask_ratio(config.schedule, first_step / config.num_steps, config.rho)

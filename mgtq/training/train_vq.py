@@ -166,6 +166,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, usage: torch.Tensor, 
 
     final = run_dir / CHECKPOINT_DIR
     accelerator.wait_for_everyone()
+    # One writer: the state (and the RNG state in it) is the main process's, as mgtq.training.loop.save keeps it.
     if accelerator.is_main_process:
         with atomic_directory(final) as tmp:
             save_training_state(tmp, accelerator, model, optimizer, scheduler)

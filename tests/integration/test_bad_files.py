@@ -274,3 +274,17 @@ def test_a_damaged_vq_or_text_encoder_of_an_mgtq_checkpoint_is_refused(model, tm
     (tmp_path / "q" / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="tokenizer.json does not exist, but the folder's model_index.json records it"):
         MGTPipeline.from_pretrained(tmp_path / "q")
+
+
+@pytest.mark.parametrize("name", [".", "", "../outside.bin", "/etc/hostname"])
+def test_a_recorded_checksum_naming_no_file_of_the_folder_is_the_checks_error(model, name):
+    """The load lists the files to hash ahead from model_index.json before any check: a key naming the folder
+    itself or something outside it must reach the checks' error, not an IndexError."""
+    from mgtq.components import BadComponent, verified_files
+
+    index = json.loads((model / "model_index.json").read_text())
+    index["mgtq_files"] = {name: "0" * 64}
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert verified_files(model) == []
+    with pytest.raises(BadComponent, match="not a file inside the folder"):
+        MGTPipeline.from_pretrained(model, progress=False)

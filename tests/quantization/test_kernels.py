@@ -500,3 +500,16 @@ def test_a_fused_cuda_kernel_that_cannot_compile_falls_back_to_its_eager_referen
         out = kernels._fused("quantize", kernels._quantize_rows_ref)(x, inv)
     assert torch.equal(out, kernels._quantize_rows_ref(x, inv))
     assert kernels._COMPILED["quantize"] is kernels._quantize_rows_ref  # later calls go straight to it
+
+
+def test_a_fused_cuda_kernel_falls_back_where_torch_compile_refuses_at_once(monkeypatch):
+    """Where torch.compile itself raises (a Python that Dynamo does not support), the reference runs, with a warning."""
+    def refuse(fn, **kw):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    x, inv = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), torch.tensor(10.0)
+    with pytest.warns(RuntimeWarning, match="Dynamo is not supported"):
+        out = kernels._fused("quantize", kernels._quantize_rows_ref)(x, inv)
+    assert torch.equal(out, kernels._quantize_rows_ref(x, inv))
