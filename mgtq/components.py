@@ -168,9 +168,15 @@ def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(names, dict):
-            found += [folder / n for n in names
-                      if isinstance(n, str) and not Path(n).is_absolute() and ".." not in Path(n).parts]
-    return [p for p in found if p != root and p.relative_to(root).parts[0] not in set(skip)]
+            found += [folder / n for n in names if isinstance(n, str) and _inside(n)]
+    skip = set(skip)
+    return [p for p in found if p.relative_to(root).parts[0] not in skip]
+
+
+def _inside(name: str) -> bool:
+    """Whether a recorded relative path names a file inside its folder (not the folder, nothing above it)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
 def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:
@@ -188,7 +194,7 @@ def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ())
                            "re-create the folder")
     for name, digest in sorted(recorded.items()):
         path = root / name
-        if ".." in Path(name).parts or Path(name).is_absolute() or not Path(name).parts:
+        if not _inside(name):
             raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} names {name!r}, not a file inside the "
                                "folder; re-create the folder")
         component = Path(name).parts[0]

@@ -164,8 +164,9 @@ class SamplerConfig:
 
     num_steps: T; guidance_scale: CFG scale s on logits, ℓ = ℓu + s(ℓc − ℓu) (≤ 1 disables CFG);
     schedule/rho: mask schedule σ(t); inpaint_schedule: the one inpainting and outpainting run instead (linear, as
-    the official Meissonic and diffusers' aMUSEd inpainting do; None: `schedule`); gumbel_temperature: τ goes linearly from the first value at
-    step 0 to the second at step T−1 (confidence = log p + τ·Gumbel); timestep_convention: see
+    the official Meissonic and diffusers' aMUSEd inpainting do; None: `schedule`); gumbel_temperature: τ goes
+    linearly from the first value at step 0 to the second at step T−1 (confidence = log p + τ·Gumbel);
+    timestep_convention: see
     mgtq.sampling.schedules.timestep_value. noise / differential / zsampling / momentum: the
     enhanced sampler's tricks (arXiv 2411.10781 §3), each neutral by default.
     Presets: `SamplerConfig.preset(name, base=None, **overrides)`, or `config.preset(name, **overrides)` on
