@@ -411,14 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     _add_sampler_args(d)
     d.add_argument("--image", type=argtypes.existing_file("image"), required=True, help="RGB image to edit")
-    how = d.add_mutually_exclusive_group(required=True)
+    how = d.add_mutually_exclusive_group()
     how.add_argument("--mask", type=argtypes.existing_file("mask"), default=None,
                      help="inpainting: mask image of the same size, white = repaint")
     how.add_argument("--outpaint", type=_outpaint_padding, default=None, metavar="L,R,T,B",
                      help="outpainting: pixels to add on the left, right, top and bottom")
-    how.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
-                     help="img2img: the share of the steps run from the image, as in diffusers (0.5: the last "
-                          "half), in (0, 1]")
+    d.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
+                   help="the share of the steps run, as in diffusers (0.5: the last half), in (0, 1]; alone: "
+                        "img2img from the image; with --mask or --outpaint: the inpainting's (default 1)")
     d.add_argument("--prompt", type=_prompt, required=True)
     d.add_argument("--negative-prompt", default=None)
     d.add_argument("--seed", type=argtypes.seed, default=0)
@@ -548,6 +548,12 @@ def _check_tome_flags(parser: argparse.ArgumentParser, args) -> None:
     parser.error(f"{args.command}: {flags}: TomeMGT's options apply only with --tome RATIO; add --tome 0.5, say")
 
 
+def _check_edit_flags(parser: argparse.ArgumentParser, args) -> None:
+    """`mgtq edit` needs --mask, --outpaint or --strength (argparse's groups cannot say "at least one of")."""
+    if args.command == "edit" and args.mask is None and args.outpaint is None and args.strength is None:
+        parser.error("edit: give --mask (inpaint), --outpaint L,R,T,B or --strength alone (img2img)")
+
+
 def _tome_options_flags(args) -> list[str]:
     return [k for k in vars(args) if k.startswith("tome_") and k != "tome_blocks" and getattr(args, k) is not None]
 
@@ -558,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _check_tome_flags(parser, args)
+        _check_edit_flags(parser, args)
     except SystemExit as stop:  # argparse printed --help or its one-line error
         return stop.code
     try:

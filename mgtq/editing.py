@@ -299,15 +299,17 @@ def edit_to_file(
     mask: str | os.PathLike | None = None, outpaint: tuple[int, int, int, int] | None = None,
     strength: float | None = None, seed: int = 0, **call_kwargs,
 ) -> Path:
-    """What `mgtq edit` calls: edit the image file by exactly one of mask / outpaint (L, R, T, B) / strength,
-    and write the result as PNG (atomically)."""
+    """What `mgtq edit` calls: inpaint the image file by `mask` or `outpaint` (L, R, T, B), or re-draw it
+    (img2img) by `strength` alone; write the result as PNG (atomically). With a mask or outpaint, `strength`
+    is the inpainting's share of the steps run (default 1: all of them), as in diffusers' aMUSEd."""
     from mgtq.generate import write_png
 
-    chosen = [name for name, v in (("mask", mask), ("outpaint", outpaint), ("strength", strength)) if v is not None]
-    if len(chosen) != 1:
-        raise ValueError(f"give exactly one of --mask, --outpaint or --strength, got {chosen or 'none'}")
+    if mask is not None and outpaint is not None:
+        raise ValueError("give --mask or --outpaint, not both")
     source = _open_image(image, "--image")
-    if strength is not None:
+    if mask is None and outpaint is None:
+        if strength is None:
+            raise ValueError("give --mask, --outpaint or --strength")
         result = MGTImg2ImgPipeline.from_pipe(pipe)(prompt, image=source, strength=strength, seed=seed, **call_kwargs)
     else:
         if outpaint is not None:
@@ -315,7 +317,7 @@ def edit_to_file(
         else:
             mask_image = _open_image(mask, "--mask")
         result = MGTInpaintPipeline.from_pipe(pipe)(prompt, image=source, mask_image=mask_image, seed=seed,
-                                                    **call_kwargs)
+                                                    strength=1.0 if strength is None else strength, **call_kwargs)
     out = Path(out)
     write_png(result.images[0], out)
     return out

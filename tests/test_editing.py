@@ -428,9 +428,11 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
             "--out", str(tmp_path / "o.png"), "--no-progress"]
     assert main(base) == 2
-    assert "one of the arguments --mask --outpaint --strength is required" in capsys.readouterr().err
-    assert main(base + ["--strength", "0.5", "--outpaint", "8,0,0,0"]) == 2
+    assert "give --mask (inpaint), --outpaint L,R,T,B or --strength alone" in capsys.readouterr().err
+    assert main(base + ["--mask", str(image), "--outpaint", "8,0,0,0"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+    assert main(base + ["--strength", "0.5", "--mask", str(image), "--out", str(tmp_path)]) == 2
+    assert "--out" in capsys.readouterr().err  # a folder: refused before any weight loads
     assert main(base + ["--strength", "2"]) == 2
     assert "strength" in capsys.readouterr().err
     assert main(base + ["--outpaint", "8,8"]) == 2
@@ -458,3 +460,21 @@ def test_inpaint_strength_runs_only_the_last_steps_as_amused_does(random_pipelin
     assert torch.equal(_inpaint(inpaint, scene, mask, strength=1.0).tokens, _inpaint(inpaint, scene, mask).tokens)
     with pytest.raises(ValueError, match="runs no step"):
         _inpaint(inpaint, scene, mask, strength=0.5 / steps)
+
+
+def test_cli_edit_strength_with_a_mask_or_outpaint_is_the_inpaintings(tmp_path, random_pipeline_dir, scene):
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(scene).save(image)
+    Image.fromarray(_box_mask().astype(np.uint8) * 255, mode="L").save(mask)
+    base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
+            "--no-progress", "--device", "cpu", "--seed", "2"]
+    assert main(base + ["--mask", str(mask), "--strength", "0.5", "--out", str(tmp_path / "m.png")]) == 0
+    assert main(base + ["--outpaint", "8,8,0,0", "--strength", "0.5", "--out", str(tmp_path / "o.png")]) == 0
+    inpaint = MGTInpaintPipeline.from_pretrained(random_pipeline_dir)
+    api = inpaint("a red circle", image=scene, mask_image=_box_mask(), strength=0.5, seed=2, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), np.asarray(api.images[0]))
+    canvas, pad_mask = outpaint_canvas(Image.fromarray(scene), 8, 8, 0, 0)
+    api = inpaint("a red circle", image=canvas, mask_image=pad_mask, strength=0.5, seed=2, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(api.images[0]))
+    full = inpaint("a red circle", image=scene, mask_image=_box_mask(), seed=2, progress=False)
+    assert not np.array_equal(np.asarray(full.images[0]), np.asarray(Image.open(tmp_path / "m.png")))
