@@ -231,7 +231,7 @@ class MGTPipeline(DiffusionPipeline):
         dtype = None if auto else parse_dtype(torch_dtype)
         given = {name for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer), ("vqvae", vqvae),
                                          ("transformer", transformer)) if part is not None}
-        # the files the checks below hash, hashed side by side first rather than one check after another
+        # the files the checks below hash, hashed side by side in the background while the unhashed ones load
         with _loading_bars(progress), hashed_ahead(verified_files(root, skip=given)):
             settings = read_settings(root, given)
             if transformer is None:

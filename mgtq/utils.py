@@ -392,38 +392,50 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in blocks (weights files are gigabytes); inside `hashed_ahead`, the
-    digest it computed for the file as it still is."""
+    digest it computes for the file as it still is (waiting for it if it is still being read)."""
     path = Path(path)
-    ahead = getattr(_AHEAD, "digests", None)
-    digest = ahead.get(_file_key(path)) if ahead else None
-    return digest if digest is not None else _feed_file(hashlib.sha256(), path).hexdigest()
+    ahead = getattr(_AHEAD, "pending", None)
+    future = ahead.get(_path_id(path)) if ahead else None
+    keyed = future.result() if future is not None else None
+    if keyed is not None and keyed[0] == _file_key(path):
+        return keyed[1]
+    return _feed_file(hashlib.sha256(), path).hexdigest()
 
 
-# .digests: {file key: sha256} of the calling thread's `hashed_ahead` block, for the checks inside it
+# .pending: {resolved path: future of (file key, sha256) or None} of the calling thread's `hashed_ahead` blocks
 _AHEAD = threading.local()
 
 
 @contextlib.contextmanager
 def hashed_ahead(paths: Iterable[str | os.PathLike]):
-    """Hash `paths` at once, in threads, for the `sha256_file` calls inside the block.
+    """Hash `paths` in background threads, side by side, for the `sha256_file` calls inside the block.
 
-    A load verifies several big files (the quantized transformer's, the text encoder's) one check after another;
-    sha256 and file reads release the GIL, so hashing them side by side takes about as long as the biggest
-    (benchmarks/bench_load.py --compare-one-by-one). A file is matched by path, inode, size and modification and
-    change times: one changed after it was hashed ahead is hashed again. Missing or unreadable files are left to
-    the checks, whose errors name them.
+    A load verifies several big files (the quantized transformer's, the text encoder's) one check after another
+    and reads unhashed ones (a float transformer's) between them; sha256 and file reads release the GIL, so the
+    hashes run beside each other and beside that work (benchmarks/bench_load.py --compare-one-by-one). A check
+    waits only for its own file's hash. A file is matched by path, inode, size and modification and change times:
+    one changed after it was hashed ahead is hashed again. Missing or unreadable files are left to the checks,
+    whose errors name them. Leaving the block stops the hashes nobody asked for.
     """
     files = list(dict.fromkeys(Path(p) for p in paths if Path(p).is_file()))
-    digests = {}
-    if files:
-        with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
-            digests = dict(k for k in pool.map(_hash_keyed, files) if k is not None)
-    outer = getattr(_AHEAD, "digests", None)
-    _AHEAD.digests = {**(outer or {}), **digests}
+    outer = getattr(_AHEAD, "pending", None)
+    if not files:
+        yield
+        return
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8), thread_name_prefix="mgtq-hash")
     try:
+        pending = {_path_id(p): pool.submit(_hash_keyed, p, stop) for p in files}
+        _AHEAD.pending = {**(outer or {}), **pending}
         yield
     finally:
-        _AHEAD.digests = outer
+        _AHEAD.pending = outer
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _path_id(path: Path) -> str:
+    return str(path.resolve())
 
 
 def _file_key(path: Path) -> tuple | None:
@@ -433,22 +445,27 @@ def _file_key(path: Path) -> tuple | None:
         st = path.stat()
     except OSError:
         return None
-    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (_path_id(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _hash_keyed(path: Path) -> tuple[tuple, str] | None:
-    """(key, sha256) of `path`, or None where it changed while it was read (or cannot be read)."""
+def _hash_keyed(path: Path, stop: threading.Event | None = None) -> tuple[tuple, str] | None:
+    """(key, sha256) of `path`, or None where it changed while it was read, cannot be read or `stop` was set."""
     key = _file_key(path)
     try:
-        digest = _feed_file(hashlib.sha256(), path).hexdigest() if key is not None else None
+        h = _feed_file(hashlib.sha256(), path, stop) if key is not None else None
     except OSError:
         return None
-    return (key, digest) if digest is not None and _file_key(path) == key else None
+    if h is None or (stop is not None and stop.is_set()) or _file_key(path) != key:
+        return None
+    return key, h.hexdigest()
 
 
-def _feed_file(h, path: Path):
+def _feed_file(h, path: Path, stop: threading.Event | None = None):
+    """`h` fed with the file's bytes, 16 MiB at a time; None where `stop` was set before the end."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
+            if stop is not None and stop.is_set():
+                return None
             h.update(chunk)
     return h
 

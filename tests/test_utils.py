@@ -273,11 +273,11 @@ def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_aga
         path.write_bytes(bytes([i]) * (1 << 20))
     reads = []
     real_feed = mgtq.utils._feed_file
-    monkeypatch.setattr(mgtq.utils, "_feed_file", lambda h, p: reads.append(p.name) or real_feed(h, p))
+    monkeypatch.setattr(mgtq.utils, "_feed_file",
+                        lambda h, p, stop=None: reads.append(p.name) or real_feed(h, p, stop))
     with hashed_ahead(files + [tmp_path / "missing.bin"]):  # a missing file is left to the checks
-        assert sorted(reads) == ["a.bin", "b.bin", "c.bin"]
         assert [sha256_file(p) for p in files] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
-        assert len(reads) == 3  # answered from the hashes made ahead
+        assert sorted(reads) == ["a.bin", "b.bin", "c.bin"]  # answered from the hashes made ahead
         time.sleep(0.01)
         files[0].write_bytes(b"changed")  # after it was hashed ahead: hashed again, as it is now
         assert sha256_file(files[0]) == hashlib.sha256(b"changed").hexdigest() and len(reads) == 4
@@ -304,3 +304,38 @@ def test_all_finite_takes_one_byte_floats():
     assert all_finite(t)
     t[3] = float("inf")
     assert not all_finite(t)
+
+
+def test_hashes_ahead_run_beside_the_block_and_stop_when_it_ends(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    import mgtq.utils
+    from mgtq.utils import hashed_ahead, sha256_file
+
+    slow, quick = tmp_path / "slow.bin", tmp_path / "quick.bin"
+    slow.write_bytes(b"s" * (3 << 24))  # three chunks
+    quick.write_bytes(b"q" * 100)
+    started, release, chunks = threading.Event(), threading.Event(), []
+    real_update = hashlib.sha256
+
+    class Gated:  # the slow file's hash waits after its first chunk until the test lets it go on
+        def __init__(self):
+            self.h = real_update()
+
+        def update(self, chunk):
+            if chunk[:1] == b"s":
+                chunks.append(len(chunk))
+                started.set()
+                release.wait(5)
+            self.h.update(chunk)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(mgtq.utils.hashlib, "sha256", Gated)
+    with hashed_ahead([slow, quick]):
+        assert started.wait(5)  # the block runs while the slow hash is under way
+        assert sha256_file(quick) == real_update(b"q" * 100).hexdigest()  # another file's check does not wait
+        threading.Timer(0.2, release.set).start()  # lets the first chunk through once the block is left
+    assert chunks == [1 << 24]  # leaving the block stopped the hash nobody asked for: no second chunk read

@@ -309,10 +309,10 @@ def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_
     reads, threads = [], set()
     real_feed = mgtq.utils._feed_file
 
-    def feed(h, path):
+    def feed(h, path, stop=None):
         reads.append(path)
         threads.add(threading.current_thread() is threading.main_thread())
-        return real_feed(h, path)
+        return real_feed(h, path, stop)
 
     monkeypatch.setattr(mgtq.utils, "_feed_file", feed)
     mgtq.load(quantized_dir, progress=False)
