@@ -4,6 +4,9 @@ checkpoint/
   model_index.json, vqvae/, text_encoder/, tokenizer/, scheduler/   copied from the source model
   transformer/                                                       mgtq.quantization.checkpoint's format
 
+text_encoder/ is the recipe's `text_encoder:` folder where it names one (the official Meissonic setup keeps
+CLIP apart): the encoder the calibration conditioned on, so the checkpoint loads with it and nothing else.
+
 The seam with SCQ is `quantize_from_run(run) -> (model, provenance)`: the real W4/W4A8 transformer
 and where it came from (source model and fingerprint, A8 selection, recipe). The checkpoint's
 `Manifest` is built by `mgtq.quantization.checkpoint.describe(model, provenance)`, which reads the
@@ -71,22 +74,29 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     model, provenance = quantize_from_run(run)
     manifest = checkpoint.describe(model, provenance)
     check_target(run, out, overwrite)  # again: quantizing takes a while, the folder may have appeared meanwhile
-    return write_checkpoint(provenance["source_model"], model, manifest, out)
+    return write_checkpoint(provenance["source_model"], model, manifest, out,
+                            text_encoder=provenance["recipe"].get("text_encoder"))
 
 
 def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: checkpoint.Manifest,
-                     out: str | Path) -> Path:
-    """Write `out` atomically: the pipeline folder `source` with its transformer replaced by `model`."""
+                     out: str | Path, text_encoder: str | Path | None = None) -> Path:
+    """Write `out` atomically: the pipeline folder `source` with its transformer replaced by `model`, and its
+    text encoder by the folder `text_encoder` where one is given."""
     source, out = Path(source), Path(out)
+    replaced = {"transformer"} | ({"text_encoder"} if text_encoder is not None else set())
     try:
         with atomic_directory(out) as tmp:
             for item in sorted(source.iterdir()):
-                if item.name == "transformer" or item.name.startswith("."):
+                if item.name in replaced or item.name.startswith("."):
                     continue
                 _copy(item, tmp / item.name, source.resolve())
+            if text_encoder is not None:
+                _copy(Path(text_encoder).resolve(), tmp / "text_encoder", Path(text_encoder).resolve())
             index = tmp / "model_index.json"
             if index.is_file():  # record what was copied, so a damaged VQ or text encoder never loads silently
                 data = read_json(index)
+                if text_encoder is not None:
+                    data.setdefault("text_encoder", ["transformers", "CLIPTextModelWithProjection"])
                 write_json(index, {**data, CHECKSUMS_KEY: pipeline_checksums(tmp)})
             checkpoint.save(model, manifest, tmp / "transformer")
     except OSError as err:

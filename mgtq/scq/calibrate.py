@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mgtq.scq import qat
 from mgtq.scq.recipe import Recipe, load_recipe
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import STAGES, StageContext, input_fingerprint, stage_fingerprints
@@ -54,6 +55,23 @@ def check_run_current(out: str | Path) -> Path:
     return model_dir
 
 
+def _preflight(recipe: Recipe, model_dir: Path, run: RunFolder, fps: dict[str, str]) -> None:
+    """What would fail only in the QAT stage, said before the first stage (synthesis can take hours)."""
+    from accelerate import init_empty_weights
+
+    from mgtq.models import MeissonicTransformer
+
+    folder = model_dir / "transformer"
+    try:
+        with init_empty_weights(include_buffers=True):  # shapes only, no memory
+            skeleton = MeissonicTransformer.from_config(MeissonicTransformer.load_config(folder))
+    except (OSError, ValueError, TypeError):
+        return  # a folder the loader will refuse, naming what is wrong
+    qat.check_fits(skeleton, recipe.qat)
+    if not run.stage_complete("qat", fps["qat"]):
+        qat.check_accelerator(recipe.qat)
+
+
 def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = True, restart: bool = False) -> dict:
     """Run (or resume) SCQ; returns {stage: "ran" | "skipped"} plus the run's summary.
 
@@ -75,6 +93,7 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
     report, t0 = {}, time.time()
     with run.lock() if main else contextlib.nullcontext():
         fps = stage_fingerprints(recipe, input_fingerprint(recipe, model_dir))
+        _preflight(recipe, model_dir, run, fps)
         if main:
             run.start(recipe, model_dir, fps, restart)
         state.wait_for_everyone()

@@ -9,7 +9,9 @@ model handed in is copied, never changed.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from mgtq.models.transformer import MeissonicTransformer, plain_config
-from mgtq.quantization import FakeQuantLinear, prepare_qat_
+from mgtq.quantization import FakeQuantLinear, linear_names, prepare_qat_
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.schedules import timestep_for_mask_ratio
 from mgtq.scq.recipe import QATConfig
@@ -51,6 +53,42 @@ def prepare_fake_quant_(model: torch.nn.Module, cfg: QATConfig, a8_layers=(),
     prepare_qat_(model, group_size=cfg.group_size, skip=cfg.skip)
     for name in a8_layers:
         use_per_channel_weights_(model, name)
+
+
+def check_fits(transformer: torch.nn.Module, cfg: QATConfig) -> None:
+    """Raise ValueError where the recipe's qat section cannot apply to `transformer` (the meta-device model will
+    do), so that `mgtq calibrate` says so before synthesizing anything: a `skip` pattern that matches no Linear
+    (a typo would quantize the layer it meant), a `group_size` that does not divide a quantized Linear's input
+    width."""
+    names = linear_names(transformer)
+    unused = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise ValueError(f"qat.skip pattern {unused[0]!r} matches no nn.Linear of the model (names look like "
+                         f"{names[0]!r}; patterns are fnmatch's, e.g. 'transformer_blocks.*.ff.*'); fix it in the "
+                         "recipe")
+    if cfg.group_size:
+        widths = {n: transformer.get_submodule(n).in_features for n in linear_names(transformer, cfg.skip)}
+        odd = [n for n, w in widths.items() if w % cfg.group_size]
+        if odd:
+            fits = math.gcd(*widths.values())
+            raise ValueError(f"qat.group_size {cfg.group_size} does not divide the input width of {len(odd)} "
+                             f"quantized Linear(s), e.g. {odd[0]} ({widths[odd[0]]}); choose a size that divides "
+                             f"every one (their common divisor is {fits}), or add them to qat.skip")
+
+
+def check_accelerator(cfg: QATConfig) -> None:
+    """Raise ValueError where accelerate cannot train as `qat.mixed_precision` says: fp16 without a GPU (accelerate
+    would train in float32 and say nothing), or another setting than this process's accelerate already holds
+    (one per process)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("qat.mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate trains in float32); use "
+                         "bf16 or no in the recipe")
+    if is_initialized() and AcceleratorState().mixed_precision != cfg.mixed_precision:
+        raise ValueError(f"qat.mixed_precision {cfg.mixed_precision!r}: this Python process already trained with "
+                         f"{AcceleratorState().mixed_precision!r}, and accelerate holds one setting per process; run "
+                         "this recipe in a new process (e.g. `mgtq calibrate`)")
 
 
 def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
@@ -155,7 +193,9 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
     def fixed_metrics(m) -> dict:
         return fixed_eval_metrics(m, data, sampler, device, teacher=teacher)
 
-    start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity={"fingerprint": fingerprint})
+    # each process draws its own batches: a state saved under another process count would go on as neither run
+    identity = {"fingerprint": fingerprint, "processes": accelerator.num_processes}
+    start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity=identity)
     loss_before = saved["loss_before"] if start else fixed_metrics(model)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
@@ -171,7 +211,7 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
                                  desc="SCQ 2/4 QAT",
                                  nan_hint="lower qat.lr in the recipe and run `mgtq calibrate` again to resume")
     losses = loop.train(accelerator, model, optimizer, loss_fn, settings, state_dir, start,
-                        {**saved, "fingerprint": fingerprint, "loss_before": loss_before}, progress=progress)
+                        {**saved, **identity, "loss_before": loss_before}, progress=progress)
     unwrapped = accelerator.unwrap_model(model)
     loss_after = fixed_metrics(unwrapped)
     summary = {"steps": cfg.steps, "processes": accelerator.num_processes, "objective": cfg.objective,

@@ -15,6 +15,7 @@ loss, a log line) is also the same after a resume.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,12 @@ def resume(accelerator, state_dir: Path, model, optimizer, scheduler=None,
         info = read_json(marker)
     except ValueError:
         return 0, {}  # a damaged marker: start over rather than load a state we cannot vouch for
-    if any(info.get(k) != v for k, v in (identity or {}).items()):
+    changed = {k: (info.get(k), v) for k, v in (identity or {}).items() if info.get(k) != v}
+    if changed:
+        if accelerator.is_main_process:
+            said = "; ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in changed.items())
+            warnings.warn(f"the training state in {state_dir} was saved by another run ({said}): starting over",
+                          stacklevel=2)
         return 0, {}
     load_training_state(state_dir, accelerator, model, optimizer, scheduler)
     return int(info["step"]), info
@@ -99,6 +105,12 @@ def train(accelerator, model, optimizer, loss_fn: Callable[[int, int], torch.Ten
     saved state stays in `state_dir`. `on_save(step, losses)` runs after each save (e.g. to log).
     """
     s = settings
+    if accelerator.gradient_accumulation_steps != s.accumulation:
+        # accumulate() decides when to step from the Accelerator's count, the loop draws from settings': they
+        # must agree, or each micro-batch steps the optimizer (or steps straddle two loop steps)
+        raise ValueError(f"{s.desc}: the Accelerator accumulates {accelerator.gradient_accumulation_steps} "
+                         f"micro-batches a step, the loop settings {s.accumulation}; create it with "
+                         f"Accelerator(gradient_accumulation_steps={s.accumulation})")
     info = dict(info or {})
     losses: list[float] = list(info.pop("recent_losses", []))
     info.pop("step", None)
@@ -113,7 +125,8 @@ def train(accelerator, model, optimizer, loss_fn: Callable[[int, int], torch.Ten
                         f"{s.desc}: the loss became {loss.item()} at step {step}; stopped. The last good state is "
                         f"kept in {state_dir}; {s.nan_hint}")
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
+                if accelerator.sync_gradients:  # the summed gradient of the step, once: clipping each partial
+                    accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)  # sum damps the first ones
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()

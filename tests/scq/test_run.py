@@ -21,7 +21,7 @@ from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import dump_recipe, load_recipe, recipe_from_dict
 from mgtq.scq.run import STAGES, RunFolder, RunFolderBusy
 from mgtq.testing import tiny_recipe_dict
-from mgtq.utils import read_json, recover_atomic_target
+from mgtq.utils import read_json, recover_atomic_target, write_json
 
 
 def test_a_second_calibrate_on_a_held_folder_fails_at_once_naming_the_holder(tmp_path, capsys):
@@ -154,6 +154,32 @@ def _recipe(model_dir, **over):
     return recipe_from_dict(data)
 
 
+@pytest.mark.parametrize("qat_section, message", [
+    ({"skip": ["context_embedder", "transformer_block.*"]}, r"qat.skip pattern 'transformer_block\.\*' matches no nn.Linear"),
+    ({"group_size": 64}, r"qat.group_size 64 does not divide the input width of \d+ quantized Linear\(s\), e\.g\. "
+                         r".* \(32\); .*common divisor is 32\), or add them to qat.skip"),
+])
+def test_a_qat_section_that_cannot_apply_is_refused_before_any_stage(tmp_path, random_pipeline_dir, qat_section,
+                                                                     message):
+    with pytest.raises(ValueError, match=message):
+        calibrate(_recipe(random_pipeline_dir, qat=qat_section), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "synth").exists()
+
+
+def test_a_mixed_precision_accelerate_cannot_give_is_refused_before_any_stage(tmp_path, random_pipeline_dir):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="qat.mixed_precision fp16 needs a CUDA GPU"):
+            calibrate(_recipe(random_pipeline_dir, qat={"mixed_precision": "fp16"}), tmp_path / "a", progress=False)
+    Accelerator(cpu=True)  # this process's accelerate holds one setting from now on
+    other = "bf16" if AcceleratorState().mixed_precision != "bf16" else "no"
+    with pytest.raises(ValueError, match=f"qat.mixed_precision '{other}': this Python process already trained"):
+        calibrate(_recipe(random_pipeline_dir, qat={"mixed_precision": other}), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a" / "synth").exists() and not (tmp_path / "b" / "synth").exists()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, random_pipeline_dir):
     out = tmp_path_factory.mktemp("scq") / "run"
@@ -236,6 +262,29 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
     assert read_json(out / "qat" / "stage.json")["steps"] == 12
 
 
+def test_a_qat_state_of_another_process_count_is_not_resumed(tmp_path, random_pipeline_dir, monkeypatch):
+    out = tmp_path / "run"
+    real_loss, calls = qat.qat_loss, {"n": 0}
+
+    def stop_in_step_9(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(qat, "qat_loss", stop_in_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    marker = out / "qat-state" / "trainer.json"
+    assert read_json(marker)["processes"] == 1
+    write_json(marker, {**read_json(marker), "processes": 2})  # as a 2-process torchrun run leaves it
+    steps = []
+    monkeypatch.setattr(qat, "qat_loss", lambda *a, **k: steps.append(torch.is_grad_enabled()) or real_loss(*a, **k))
+    with pytest.warns(UserWarning, match=r"processes 2 there, 1 now\): starting over"):
+        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    assert sum(steps) == 12  # every step again, not the 4 after step 8: its batches were drawn per process
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_state(tmp_path, random_pipeline_dir, monkeypatch):
     out = tmp_path / "run"
     real_loss, calls = qat.qat_loss, {"n": 0}
@@ -271,6 +320,26 @@ def exported(tmp_path_factory, run):
     ckpt = tmp_path_factory.mktemp("ckpt") / "w4a8"
     assert main(["export", str(out), "--out", str(ckpt)]) == 0
     return ckpt
+
+
+def test_export_ships_the_text_encoder_the_recipe_calibrated_with(tmp_path, random_pipeline_dir):
+    from transformers import CLIPTextModelWithProjection
+
+    import mgtq
+
+    clip = CLIPTextModelWithProjection.from_pretrained(random_pipeline_dir / "text_encoder")
+    with torch.no_grad():
+        clip.text_projection.weight.mul_(-1)  # another encoder than the model folder's, as a separate CLIP is
+    clip.save_pretrained(tmp_path / "clip")
+    run = tmp_path / "run"
+    calibrate(_recipe(random_pipeline_dir, text_encoder=str(tmp_path / "clip")), run, progress=False)
+    assert main(["export", str(run), "--out", str(tmp_path / "ckpt")]) == 0
+    loaded = mgtq.load(tmp_path / "ckpt", progress=False).text_encoder.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in clip.state_dict().items())
+    calibrated_with = MGTPipeline.from_pretrained(random_pipeline_dir, text_encoder=tmp_path / "clip")
+    prompt = ["two blue squares"]
+    assert torch.equal(mgtq.load(tmp_path / "ckpt", progress=False).encode_prompt(prompt)[0],
+                       calibrated_with.encode_prompt(prompt)[0])
 
 
 def test_export_is_packed_safetensors_with_manifest(exported, run):

@@ -16,7 +16,7 @@ SETTINGS = loop.LoopSettings(steps=6, save_every=2, accumulation=2, desc="toy")
 
 def _train(state_dir, stop_at=None, identity=None, loss_hook=None):
     """A toy regression on the loop; `stop_at` interrupts it in that step (before its update)."""
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=SETTINGS.accumulation)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -50,7 +50,8 @@ def test_resume_ends_byte_identical_with_the_same_loss_history(tmp_path):
 def test_a_state_of_other_inputs_is_not_resumed(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "s", stop_at=3)
-    start, _, _ = _train(tmp_path / "s", identity={"fingerprint": "b"})
+    with pytest.warns(UserWarning, match=r"saved by another run \(fingerprint 'a' there, 'b' now\): starting over"):
+        start, _, _ = _train(tmp_path / "s", identity={"fingerprint": "b"})
     assert start == 0
 
 
@@ -88,3 +89,32 @@ def test_the_state_is_safetensors_and_json_only_and_an_altered_file_is_refused(t
     optimizer.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"optimizer.safetensors is missing or does not match the sha256.*delete"):
         _train(tmp_path / "s")
+
+
+def _one_accumulated_step(tmp_path, accumulation, grads):
+    """One SGD step (lr 1) of a 2-vector over micro-batches whose gradients are `grads`: the update."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    w = torch.nn.Parameter(torch.zeros(2))
+    module = torch.nn.ParameterList([w])
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    settings = loop.LoopSettings(steps=1, save_every=1, accumulation=accumulation, grad_clip=1.0, desc="toy")
+    loop.train(accelerator, module, optimizer, lambda step, micro: (module[0] * grads[micro]).sum(), settings,
+               tmp_path / "s", progress=False)
+    return -module[0].detach()
+
+
+def test_accumulated_gradients_are_clipped_once_as_one_batchs(tmp_path):
+    # micro-batch gradients (10, 0) and (0, 10): their mean (5, 5) clipped to norm 1 is the update, both halves
+    # alike; clipping each partial sum instead gave (0.196, 0.981)
+    update = _one_accumulated_step(tmp_path, 2, [torch.tensor([10.0, 0.0]), torch.tensor([0.0, 10.0])])
+    assert torch.allclose(update, torch.full((2,), 0.5 ** 0.5), atol=1e-6)
+
+
+def test_the_accelerator_must_accumulate_as_the_loop_settings_say(tmp_path):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=1)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2"):
+        loop.train(accelerator, model, optimizer, lambda step, micro: model.weight.sum(), SETTINGS, tmp_path / "s",
+                   progress=False)
