@@ -34,6 +34,7 @@ from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
+from mgtq.sampling.config import flatten_overrides
 from mgtq.utils import (atomic_entries, hashed_ahead, micro_conditions, parse_dtype, per_sample_generators, read_json,
                         unwrapped, write_json)
 
@@ -56,6 +57,8 @@ class PipelineSettings:
         validate(self, "mgtq")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if self.sampler.timestep_convention is None:  # a checkpoint says which one its model takes
+            self.sampler = self.sampler.replace(timestep_convention=self.sampler.convention)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -410,8 +413,17 @@ class MGTPipeline(DiffusionPipeline):
     # The steps of a call, shared by text-to-image and the editing pipelines (mgtq.editing), which differ
     # only in the inputs they check and the sampler's start state.
     def sampler_config(self, sampler: SamplerConfig | dict | None = None) -> SamplerConfig:
-        """The SamplerConfig a call runs: `sampler` (a dict is read as one), or the pipeline's settings."""
-        return SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else sampler or self.settings.sampler
+        """The SamplerConfig a call runs: the pipeline's settings, `sampler` in their place, or a dict of changes
+        to them (nested or dotted: {"noise": {"scale": 2.0}}, {"noise.scale": 2.0}), as the CLI's
+        --sampler-config FILE. The model's timestep convention where `sampler` leaves it None: it is the model's
+        input, not a sampling choice, and another one feeds it values it never saw."""
+        base = self.settings.sampler
+        if sampler is None:
+            return base
+        config = base.with_overrides(flatten_overrides(sampler)) if isinstance(sampler, dict) else sampler
+        if config.timestep_convention is None:
+            config = config.replace(timestep_convention=base.timestep_convention)
+        return config
 
     def _prepare_sampling(self, prompt, height: int, width: int, *, negative_prompt=None, num_images_per_prompt=1,
                           num_inference_steps=None, guidance_scale=None, generator=None, seed=None, micro_conds=None,

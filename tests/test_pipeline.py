@@ -360,9 +360,20 @@ def test_bad_arguments_are_refused_in_mgtq_words(embedded, kwargs, error, match)
         embedded(progress=False, **kwargs)
 
 
-def test_sampler_mapping_is_a_sampler_config(embedded):
-    pipe = embedded
+def test_a_sampler_mapping_changes_the_checkpoints_settings_and_the_model_keeps_its_timestep_convention(embedded):
+    pipe, base = embedded, embedded.settings.sampler
+    assert base.timestep_convention == "mask_ratio"  # what the embedded model was trained with
     kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False)
-    as_dict = pipe(sampler={"num_steps": 3, "guidance_scale": 2.0}, **kwargs).images
-    as_config = pipe(sampler=SamplerConfig(num_steps=3, guidance_scale=2.0), **kwargs).images
-    assert torch.equal(as_dict, as_config)
+    as_dict = pipe(sampler={"num_steps": 3, "noise": {"curve": "abs_cos"}}, **kwargs).images
+    assert torch.equal(as_dict, pipe(sampler=base.replace(num_steps=3, noise={"curve": "abs_cos"}), **kwargs).images)
+    assert torch.equal(as_dict, pipe(sampler={"num_steps": 3, "noise.curve": "abs_cos"}, **kwargs).images)
+    # a config made without the checkpoint (the class's preset) leaves the convention to the model: it used to
+    # feed this model the official step indices, which it never saw in training
+    own = SamplerConfig.preset("vanilla", num_steps=3, guidance_scale=base.guidance_scale,
+                               gumbel_temperature=base.gumbel_temperature)
+    assert own.timestep_convention is None and pipe.sampler_config(own).timestep_convention == "mask_ratio"
+    assert torch.equal(pipe(sampler=own, **kwargs).images, pipe(sampler=base.replace(num_steps=3), **kwargs).images)
+    explicit = own.replace(timestep_convention="step_index")  # an explicit choice is the caller's
+    assert pipe.sampler_config(explicit).timestep_convention == "step_index"
+    with pytest.raises(ValueError, match="unknown sampler setting 'noise.curb'"):
+        pipe(sampler={"noise": {"curb": "abs_cos"}}, **kwargs)

@@ -17,7 +17,7 @@ from mgtq import argtypes
 from mgtq.config import read_mapping
 from mgtq.limits import MAX_GUIDANCE, MAX_NOISE_SCALE
 from mgtq.reuse.config import GROUP_RULES, ReuseConfig
-from mgtq.sampling.config import SamplerConfig
+from mgtq.sampling.config import SamplerConfig, flatten_overrides
 from mgtq.sampling.presets import PRESET_NAMES
 from mgtq.sampling.schedules import SCHEDULES
 from mgtq.sampling.tricks.differential import RESAMPLE_RULES
@@ -131,7 +131,7 @@ def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> S
     if getattr(args, "sampler", None) is not None:
         config = SamplerConfig.preset(args.sampler, base=config)
     if getattr(args, "sampler_config", None) is not None:
-        config = config.with_overrides(_flatten(load_sampler_file(args.sampler_config)))
+        config = config.with_overrides(flatten_overrides(load_sampler_file(args.sampler_config)))
     overrides = {path: getattr(args, flag) for flag, path in _FLAG_PATHS.items()
                  if getattr(args, flag, None) is not None}
     inpaint = getattr(args, "inpaint_schedule", None)
@@ -150,13 +150,3 @@ def reuse_from_args(args: argparse.Namespace, base: ReuseConfig) -> ReuseConfig 
     return dataclasses.replace(base, **given) if given else None
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """{"noise": {"scale": 2}} → {"noise.scale": 2}; lists and scalars are leaves."""
-    flat = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat

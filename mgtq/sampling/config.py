@@ -158,6 +158,19 @@ _SECTIONS = {"noise": NoiseConfig, "differential": DifferentialConfig, "zsamplin
              "momentum": MomentumConfig, "reuse": ReuseConfig}
 
 
+def flatten_overrides(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"noise": {"scale": 2}} → {"noise.scale": 2} (`SamplerConfig.with_overrides`' keys); lists and scalars are
+    leaves, dotted keys stay as they are."""
+    flat = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_overrides(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Settings of the MaskGIT-style sampler (defaults = official Meissonic vanilla sampling).
@@ -166,8 +179,9 @@ class SamplerConfig:
     schedule/rho: mask schedule σ(t); inpaint_schedule: the one inpainting and outpainting run instead (linear, as
     the official Meissonic and diffusers' aMUSEd inpainting do; None: `schedule`); gumbel_temperature: τ goes
     linearly from the first value at step 0 to the second at step T−1 (confidence = log p + τ·Gumbel);
-    timestep_convention: see
-    mgtq.sampling.schedules.timestep_value. noise / differential / zsampling / momentum: the
+    timestep_convention: what the transformer's `timestep` input means (mgtq.sampling.schedules.timestep_value),
+    a property of the model: None (the default) is the model's, which a pipeline fills in from its checkpoint
+    (`convention` reads None as "step_index", the official pipeline's, where no checkpoint says). noise / differential / zsampling / momentum: the
     enhanced sampler's tricks (arXiv 2411.10781 §3), each neutral by default.
     Presets: `SamplerConfig.preset(name, base=None, **overrides)`, or `config.preset(name, **overrides)` on
     top of `config`; name one of PRESET_NAMES (mgtq.sampling.presets).
@@ -179,7 +193,7 @@ class SamplerConfig:
     rho: float = 1.0
     inpaint_schedule: Schedule | None = "linear"
     gumbel_temperature: tuple[float, float] = (2.0, 0.0)
-    timestep_convention: TimestepConvention = "step_index"
+    timestep_convention: TimestepConvention | None = None
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     differential: DifferentialConfig = field(default_factory=DifferentialConfig)
     zsampling: ZSamplingConfig = field(default_factory=ZSamplingConfig)
@@ -205,6 +219,11 @@ class SamplerConfig:
         if late:
             raise ValueError(f"zsampling.steps {late} are beyond the last step {self.num_steps - 1} of num_steps "
                              f"{self.num_steps}; use steps < num_steps or null (every step but the last)")
+
+    @property
+    def convention(self) -> TimestepConvention:
+        """The timestep convention the sampler feeds: `timestep_convention`, or the official "step_index"."""
+        return self.timestep_convention or "step_index"
 
     @property
     def use_cfg(self) -> bool:

@@ -237,7 +237,7 @@ class _CountedModel:
         batch = tokens.shape[0]
         masked = tokens == self.mask_id
         ratio = masked.float().mean(-1) if self.num_editable is None else masked.sum(-1) / self.num_editable
-        timestep = timestep_value(self.config.timestep_convention, step, self.config.num_steps, ratio)
+        timestep = timestep_value(self.config.convention, step, self.config.num_steps, ratio)
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).expand(batch)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         if token_hook is not None:

@@ -40,7 +40,7 @@ def calibration_inputs(data: CalibrationData, cfg: MagnitudeConfig, sampler: Sam
         tokens = data.tokens[idx]
         inp = torch.where(mask.view_as(tokens), torch.full_like(tokens, mask_token_id), tokens)
         b = len(idx)
-        t = timestep_for_mask_ratio(sampler.timestep_convention, frac, sampler.num_steps, sampler.schedule,
+        t = timestep_for_mask_ratio(sampler.convention, frac, sampler.num_steps, sampler.schedule,
                                     sampler.rho)
         text = torch.cat([data.uncond_text.expand(b, -1, -1), data.text[idx]])
         pooled = torch.cat([data.uncond_pooled.expand(b, -1), data.pooled[idx]])

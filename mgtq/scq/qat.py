@@ -110,7 +110,7 @@ def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: Sampl
     text, pooled = _conditioning(data, idx, drop)
     transformer = model.module if hasattr(model, "module") else model
     masked, mask, ratio = mask_tokens(tokens, transformer.mask_token_id, generator)
-    timestep = timestep_for_mask_ratio(sampler.timestep_convention, ratio, sampler.num_steps, sampler.schedule,
+    timestep = timestep_for_mask_ratio(sampler.convention, ratio, sampler.num_steps, sampler.schedule,
                                        sampler.rho)
     inputs = dict(hidden_states=masked, encoder_hidden_states=text.to(device), pooled_projections=pooled.to(device),
                   timestep=torch.as_tensor(timestep, device=device),
