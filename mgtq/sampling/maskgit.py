@@ -284,12 +284,17 @@ class _ContextReuse:
         self.config, self.reuse, self.first_step, self.mask_id = config, config.reuse, first_step, mask_id
         self.cache = ContextCache(self.reuse.bucket, self.reuse.refresh)
         self.active = self.group = None
+        self.returned = None  # the tokens the last step returned
         self.local_steps, self.local_cost = 0, 0.0  # local steps, and the fractions of tokens they computed
 
     def step(self, model: _CountedModel, tokens, prev_probs, state: StepState, hooks):
-        """One full or local step at state.step: → (new tokens (B, N), prediction p_i (B, N, V))."""
+        """One full or local step at state.step: → (new tokens (B, N), prediction p_i (B, N, V)).
+
+        A step callback that changed the tokens (re-masked some, or replaced decoded ones) makes this step full:
+        the plan and the cached context were made for the tokens the sampler had."""
         config, steps_run = self.config, state.step - self.first_step
-        full = self.active is None or self.reuse.is_full(steps_run)
+        changed = self.returned is not None and not torch.equal(tokens, self.returned)
+        full = self.active is None or changed or self.reuse.is_full(steps_run)
         if full:
             hook = self.cache.full_step()
         else:
@@ -301,6 +306,7 @@ class _ContextReuse:
         new, confidence = _unmask(tokens, probs, self.mask_id, config, state, None if full else self.group)
         if full and confidence is not None:
             self._plan_local_steps(tokens, new, confidence, state, steps_run, model.grid)
+        self.returned = new.clone()  # a callback may write into `new` in place
         return new, prediction
 
     def _plan_local_steps(self, before, after, confidence, state: StepState, steps_run: int, grid) -> None:

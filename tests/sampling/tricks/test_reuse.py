@@ -224,3 +224,35 @@ def test_a_per_call_token_hook_still_replaces_the_installed_one(random_pipeline)
         expected = transformer(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled,
                                timestep=torch.tensor([0.5]), micro_conds=micro, token_hook=per_call).float()
     assert torch.equal(out, expected)
+
+
+def test_a_step_callback_that_changes_the_tokens_makes_the_next_step_full(random_pipeline, monkeypatch):
+    kinds = []
+    full_step, local_step = ContextCache.full_step, ContextCache.local_step
+    monkeypatch.setattr(ContextCache, "full_step", lambda self: kinds.append("full") or full_step(self))
+    monkeypatch.setattr(ContextCache, "local_step", lambda self, a: kinds.append("local") or local_step(self, a))
+    mask_id, codebook = random_pipeline.transformer.mask_token_id, random_pipeline.transformer.config.codebook_size
+    config = _config(interval=3, group="cells", warmup=1)  # full at 0, 1, 4, 7; local at 2, 3, 5, 6
+    _run(random_pipeline, config)
+    assert kinds == ["full", "full", "local", "local", "full", "local", "local", "full"]
+    for edit in ("remask", "replace"):
+        kinds.clear()
+        edited = []
+
+        def callback(p, step, timestep, kw, edit=edit):
+            flat = kw["tokens"].flatten(1)
+            if step == 1:  # after the full step that planned steps 2 and 3
+                rows, cols = (flat != mask_id).nonzero()[:3].unbind(1)
+                flat[rows, cols] = mask_id if edit == "remask" else (flat[rows, cols] + 1) % codebook
+                edited.append((rows, cols, flat[rows, cols].clone()))
+            return kw
+
+        out = random_pipeline(PROMPTS, seed=0, sampler=config, progress=False, output_type="latent",
+                              callback_on_step_end=callback)
+        # step 2 runs full (its plan and cached context were made for other tokens), then the schedule goes on
+        assert kinds == ["full", "full", "full", "local", "full", "local", "local", "full"], edit
+        rows, cols, values = edited[0]
+        final = out.tokens.flatten(1)[rows, cols]
+        assert not (out.tokens == mask_id).any() and (final < codebook).all()  # re-masked ones decoded again
+        if edit == "replace":
+            assert torch.equal(final, values)  # a decoded token the callback set is kept
