@@ -75,9 +75,7 @@ def _sampler(args, pipe):
     """The checkpoint's sampler settings, then the preset/trick flags, then --steps/--cfg."""
     from mgtq.sampling.cli_args import sampler_config_from_args
 
-    config = sampler_config_from_args(args, pipe.settings.sampler)
-    overrides = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.cfg)) if v is not None}
-    return config.replace(**overrides) if overrides else config
+    return sampler_config_from_args(args, pipe.settings.sampler, num_steps=args.steps, guidance_scale=args.cfg)
 
 
 def _load_pipe(args):

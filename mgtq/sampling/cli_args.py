@@ -4,7 +4,7 @@
     config = sampler_config_from_args(args, base)       # base = the checkpoint's SamplerConfig
 
 Precedence: base → --sampler preset → --sampler-config file → the individual flags. A flag left
-out changes nothing. --steps / --cfg stay with the commands (the pipeline applies them).
+out changes nothing. A command's --steps / --cfg come in as `fields`, set together with the flags.
 """
 
 from __future__ import annotations
@@ -125,8 +125,10 @@ _FLAG_PATHS = {
 }
 
 
-def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> SamplerConfig:
-    """The SamplerConfig the flags ask for, starting from `base` (flags not given keep base's values)."""
+def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig, **fields) -> SamplerConfig:
+    """The SamplerConfig the flags ask for, starting from `base` (flags not given keep base's values); `fields`
+    (a command's --steps / --cfg: num_steps=…, guidance_scale=…; None = not given) are set with the flags, so that
+    the flags are checked against them (--zsampling-steps against --steps, not the checkpoint's steps)."""
     config = base
     if getattr(args, "sampler", None) is not None:
         config = SamplerConfig.preset(args.sampler, base=config)
@@ -140,6 +142,7 @@ def sampler_config_from_args(args: argparse.Namespace, base: SamplerConfig) -> S
     steps = getattr(args, "zsampling_steps", None)
     if steps is not None:
         overrides["zsampling.steps"] = None if steps == "all" else steps  # None = every step but the last
+    overrides.update((k, v) for k, v in fields.items() if v is not None)
     return config.with_overrides(overrides) if overrides else config
 
 

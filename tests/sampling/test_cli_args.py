@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from mgtq.reuse.config import ReuseConfig
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
@@ -44,3 +46,19 @@ def test_inpaint_schedule_flag_sets_or_clears_the_inpainting_schedule():
     assert cosine.inpaint_schedule == "cosine" and cosine.for_inpainting().schedule == "cosine"
     same = sampler_config_from_args(parser.parse_args(["--inpaint-schedule", "same"]), base)
     assert same.inpaint_schedule is None and same.for_inpainting() == base.replace(inpaint_schedule=None)
+
+
+def test_zsampling_steps_are_checked_against_the_commands_steps_not_the_checkpoints():
+    from mgtq.cli import _sampler, build_parser
+
+    class Pipe:  # what _sampler reads of a pipeline
+        class settings:
+            sampler = SamplerConfig(num_steps=16, guidance_scale=2.0)
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--steps", "32", "--zsampling", "masked",
+                                      "--zsampling-steps", "20:30"])
+    config = _sampler(args, Pipe)
+    assert config.num_steps == 32 and config.zsampling.steps == tuple(range(20, 30))
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--zsampling", "masked", "--zsampling-steps", "20:30"])
+    with pytest.raises(ValueError, match=r"zsampling.steps \[20.*beyond the last step 15 of num_steps 16"):
+        _sampler(args, Pipe)
