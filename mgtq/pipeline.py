@@ -236,10 +236,13 @@ class MGTPipeline(DiffusionPipeline):
                                          ("transformer", transformer)) if part is not None}
         # the files the checks below hash, hashed side by side in the background while the unhashed ones load
         with _loading_bars(progress), hashed_ahead(verified_files(root, skip=given)):
-            settings = read_settings(root, given)
+            # the other components' recorded files are checked after the transformer loads (which checks its own),
+            # before any of them loads: their hashes run meanwhile
+            settings = read_settings(root, given, verify=False)
             if transformer is None:
                 folder = root / "transformer"
                 transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype)
+            check_checksums(read_json(root / "model_index.json"), root, given)
             if vqvae is None:
                 vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
             text_encoder = _load_text_encoder(root, text_encoder, dtype, auto)
@@ -656,9 +659,10 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     write_json(index_path, index)
 
 
-def read_settings(root: str | os.PathLike, provided: Iterable[str] = ()) -> PipelineSettings:
+def read_settings(root: str | os.PathLike, provided: Iterable[str] = (), verify: bool = True) -> PipelineSettings:
     """The settings a pipeline folder stores (model_index.json "mgtq"); an official Meissonic folder's
-    otherwise (its scheduler's mask schedule, the step-index timestep convention)."""
+    otherwise (its scheduler's mask schedule, the step-index timestep convention). verify: also check the files
+    its model_index.json records (`check_checksums`); a caller that does not must check them before it loads them."""
     root = Path(root)
     path = root / "model_index.json"
     if not path.exists():
@@ -672,7 +676,8 @@ def read_settings(root: str | os.PathLike, provided: Iterable[str] = ()) -> Pipe
                                 "mgtq's) has one: restore it, or re-create the folder (save_pretrained, mgtq export)")
     index = read_json(path)
     check_index(index, path)  # a JSON object; its resolution within mgtq.limits
-    check_checksums(index, root, provided)  # what an mgtq writer put beside the transformer is what it wrote
+    if verify:
+        check_checksums(index, root, provided)  # what an mgtq writer put beside the transformer is what it wrote
     if "mgtq" in index:
         return _settings(index["mgtq"], path)
     if (root / "transformer").is_dir() and checkpoint.is_quantized(root / "transformer"):

@@ -48,7 +48,9 @@ rows per token.
 Batches: every sample keeps its own active set; the plan pads each to the largest count in the batch,
 rounded up to a multiple of `bucket` (so compiled blocks see few distinct lengths), by repeating the
 sample's first active token: a repeat computes the same values as the token it repeats and writes the
-same keys/values, so padding changes nothing. A CFG forward (batch [uncond; cond] of the same tokens)
+same keys/values, so padding changes nothing. A sample with no active token (others in its batch have
+some) computes token 0 at the local step and writes its keys/values over the full step's: that sample's
+outputs are not read until the next full step, which rebuilds the cache. A CFG forward (batch [uncond; cond] of the same tokens)
 uses the sampler's active set for both halves.
 """
 

@@ -92,6 +92,8 @@ class SamplerHooks:
 
     adjust_logits: after CFG and noise regularization, before softmax;
     adjust_probs: after softmax, before the momentum solver and differential sampling.
+    Under context reuse a local step computes only its active tokens: the other rows are zero logits (uniform
+    probabilities), which the sampler does not read; a hook that reads every token sees them too.
     """
 
     def adjust_logits(self, logits: torch.Tensor, state: StepState) -> torch.Tensor:  # (B, N, V)
@@ -111,14 +113,17 @@ def num_to_mask(config: SamplerConfig, step: int, num_tokens: int | torch.Tensor
     if step == config.num_steps - 1:
         return torch.zeros_like(num_masked)
     ratio = mask_ratio(config.schedule, (step + 1) / config.num_steps, config.rho)
-    # float64 floor of N·σ: int(N·σ) of a Python int and float, for one N or one per sample
-    target = (torch.as_tensor(num_tokens, dtype=torch.float64, device=num_masked.device) * ratio).floor().long()
+    # float64 floor of N·σ: int(N·σ) of a Python int and float, for one N or one per sample. On the host: Apple's
+    # mps has no float64 (the official scheduler computes in float32: see README "Enhanced sampler")
+    count = num_tokens.cpu() if isinstance(num_tokens, torch.Tensor) else num_tokens
+    target = (torch.as_tensor(count, dtype=torch.float64) * ratio).floor().long().to(num_masked.device)
     n = torch.minimum(num_masked - 1, target.expand_as(num_masked))
     return n.clamp(min=1)
 
 
 def gumbel_temperature(config: SamplerConfig, step: int) -> float:
-    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it.
+    """τ_i of linspace(τ0, τ1, T), as the official scheduler builds it, but in float64 (the official table is
+    float32: the two differ by one float32 rounding at some steps).
 
     Computed for step i alone (building the T-long table every step made memory grow with T), bit for
     bit as torch.linspace's float64 CPU kernel does: from the start in the first half, from the end in

@@ -73,6 +73,11 @@ def measure_magnitudes(model: MeissonicTransformer, data: CalibrationData, cfg: 
                        desc: str = "magnitudes") -> tuple[dict[str, float], dict[str, dict]]:
     """({layer: the recipe's statistic}, {layer: every statistic}) over data × timesteps."""
     stats = record_activation_stats(model, data, cfg, sampler, names, progress, desc=desc)
+    unreached = [n for n in names if stats[n].count == 0]
+    if unreached:
+        raise ValueError(f"calibration never reached the Linear(s) {unreached[:3]}{' …' if len(unreached) > 3 else ''} "
+                         "(no input passed through them): their activation magnitudes cannot be measured; add them "
+                         "to qat.skip in the recipe")
     table = {n: {"mean_abs": s.mean_abs, "absmax": s.absmax, f"p{cfg.percentile:g}": s.percentile(cfg.percentile)}
              for n, s in stats.items()}
     chosen = {n: magnitude_of(stats[n], cfg.statistic, cfg.percentile) for n in names}
