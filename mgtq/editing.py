@@ -221,7 +221,8 @@ class MGTInpaintPipeline(_EditingPipeline):
                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                      generator=generator, seed=seed, micro_conds=micro_conds,
                                      sampler=self.sampler_config(sampler).for_inpainting(),
-                                     token_merging=token_merging)
+                                     token_merging=token_merging,
+                                     merge_area=repaint.repeat_interleave(num_images_per_prompt, 0))
         start = inpaint_start(tokens.repeat_interleave(num_images_per_prompt, 0),
                               repaint.to(tokens.device).repeat_interleave(num_images_per_prompt, 0),
                               self.transformer.mask_token_id, start_step_for_strength(run.config, strength))

@@ -430,7 +430,7 @@ class MGTPipeline(DiffusionPipeline):
 
     def _prepare_sampling(self, prompt, height: int, width: int, *, negative_prompt=None, num_images_per_prompt=1,
                           num_inference_steps=None, guidance_scale=None, generator=None, seed=None, micro_conds=None,
-                          sampler=None, token_merging=None) -> SamplingRun:
+                          sampler=None, token_merging=None, merge_area=None) -> SamplingRun:
         """The prompts repeated per image, the call's sampler config, one generator per image (seed, seed+1,
         … or the given ones) and the guided model function on the encoded prompts; inputs already checked."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -455,8 +455,11 @@ class MGTPipeline(DiffusionPipeline):
         if micro_conds is None:
             micro_conds = micro_conditions(width, height, self.settings.aesthetic_score)
         micro_conds = micro_conds.to(device).reshape(-1, 5)
-        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, _merging_plan(token_merging),
-                                        negative=negative)
+        plan = _merging_plan(token_merging)
+        if merge_area is not None:  # editing: TomeMGT's masked fraction over the area the call repaints
+            hook = plan if plan is not None else getattr(unwrapped(self.transformer), "token_hook", None)
+            plan = hook.within(merge_area.to(device)) if hasattr(hook, "within") else plan
+        model_fn = self.guided_model_fn(text, pooled, micro_conds, config, plan, negative=negative)
         return SamplingRun(len(prompts), config, grid, generators, model_fn, device)
 
     def _run_sampler(self, run: SamplingRun, start: StartState | None = None, hooks: SamplerHooks | None = None,

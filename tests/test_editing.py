@@ -205,15 +205,15 @@ def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
     from mgtq.merging import apply_tomemgt, remove_tomemgt
     from mgtq.testing import build_random_pipeline
 
-    class FirstLogits(SamplerHooks):
+    class LastLogits(SamplerHooks):  # the first step merges nothing: every repainted token is still masked
         def adjust_logits(self, logits, state):
-            self.logits = getattr(self, "logits", logits.clone())
+            self.logits = logits.clone()
             return logits
 
     pipe = build_random_pipeline()
     inpaint = MGTInpaintPipeline.from_pipe(pipe)
     mask = _box_mask()
-    plain_hook, merged_hook = FirstLogits(), FirstLogits()
+    plain_hook, merged_hook = LastLogits(), LastLogits()
     plain = _inpaint(inpaint, scene, mask, hooks=plain_hook).tokens
     plan = apply_tomemgt(pipe, 0.5, blocks="all")
     assert inpaint.transformer.token_hook is plan  # installed on the shared transformer
@@ -478,3 +478,23 @@ def test_cli_edit_strength_with_a_mask_or_outpaint_is_the_inpaintings(tmp_path, 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(api.images[0]))
     full = inpaint("a red circle", image=scene, mask_image=_box_mask(), seed=2, progress=False)
     assert not np.array_equal(np.asarray(full.images[0]), np.asarray(Image.open(tmp_path / "m.png")))
+
+
+def test_inpainting_with_tomemgt_takes_sigma_over_the_repainted_area_and_any_batch(random_pipeline, scene,
+                                                                                    monkeypatch):
+    from mgtq.merging import TomeConfig, patch
+
+    seen = []
+    summary = patch._mask_summary
+    monkeypatch.setattr(patch, "_mask_summary", lambda *a: seen.append(summary(*a)[0].tolist()) or summary(*a))
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    small, large = _box_mask(8, 16, 8, 16), _box_mask(0, 48, 0, 48)
+    kwargs = dict(progress=False, output_type="latent", token_merging=TomeConfig(ratio=0.5),
+                  sampler=inpaint.settings.sampler.replace(num_steps=4, guidance_scale=1.0))
+    inpaint("a red circle", image=scene, mask_image=small, seed=0, **kwargs)
+    assert seen[0] == [1.0]  # the first step: every repainted token masked (it was 1/16 of the whole image)
+    batch = inpaint(["a red circle", "a blue square"], image=scene, mask_image=[small, large], seed=[0, 1],
+                    **kwargs).tokens
+    for b, (prompt, mask) in enumerate([("a red circle", small), ("a blue square", large)]):
+        alone = inpaint(prompt, image=scene, mask_image=mask, seed=b, **kwargs).tokens[0]
+        assert torch.equal(batch[b], alone), b

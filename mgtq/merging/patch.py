@@ -24,7 +24,7 @@ loop may pass `token_hook=plan.at_step(i)` to vary it across steps, still determ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -105,10 +105,18 @@ class TomePlan:
 
     config: TomeConfig
     step: int = 0
+    # (B, H, W) bool: the token ids a call may change (inpainting's repainted area); None = all of them
+    area: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def at_step(self, step: int) -> "TomePlan":
         """The same plan with destination patterns salted by a sampler step (deterministic)."""
         return replace(self, step=int(step))
+
+    def within(self, area: torch.Tensor | None) -> "TomePlan":
+        """The same plan for a call that changes only the ids of `area` (B, H, W) bool, one row per image: the
+        masked fraction σ is taken over that area, as the sampler's schedule is (the kept ids of inpainting
+        are not "decoded" the way the schedule counts)."""
+        return replace(self, area=area)
 
     def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> "ForwardPlan":
         """A plan for one forward pass on an h×w transformer grid (called by the model).
@@ -116,7 +124,7 @@ class TomePlan:
         masked (B, H, W) bool: which input token ids are [MASK] (H, W a multiple of the grid, as
         with feature compression); needed by the mask-aware settings, None = all decoded.
         """
-        return ForwardPlan(self.config, self.step, grid, masked)
+        return ForwardPlan(self.config, self.step, grid, masked, self.area)
 
 
 class ForwardPlan(TokenPlan):
@@ -126,10 +134,11 @@ class ForwardPlan(TokenPlan):
     with the forward call.
     """
 
-    def __init__(self, config: TomeConfig, step: int, grid: tuple[int, int], masked: torch.Tensor | None = None):
+    def __init__(self, config: TomeConfig, step: int, grid: tuple[int, int], masked: torch.Tensor | None = None,
+                 area: torch.Tensor | None = None):
         self.config, self.step, self.grid = config, step, (int(grid[0]), int(grid[1]))
         self._latest: dict[str, TokenMerge | None] = {}
-        self.masked_fraction, self.token_masked = _mask_summary(masked, self.grid)
+        self.masked_fraction, self.token_masked = _mask_summary(masked, self.grid, area)
 
     def plan(self, kind: str, index: int, x: torch.Tensor) -> tuple[TokenMerge | None, TokenMerge | None]:
         """x (B, N, D): the block's image-token input → (merge, merge_mlp) for that block, or None."""
@@ -144,11 +153,10 @@ class ForwardPlan(TokenPlan):
 
     def _match(self, kind: str, index: int, x: torch.Tensor) -> TokenMerge | None:
         config = self.config
-        # One r for the batch (the smallest per-sample r), so every sample keeps the same length;
-        # the sampler's batches share one σ, so this only matters for hand-made mixed batches.
-        sigmas = self.masked_fraction.tolist() if self.masked_fraction is not None else [0.0]
-        r = min(merge_count(config, x.shape[1], sigma) for sigma in sigmas)
-        if r == 0:
+        # each sample its own r (σ differs within a batch in editing, one mask per prompt); match_2x2 pads
+        sigmas = self.masked_fraction.tolist() if self.masked_fraction is not None else [0.0] * x.shape[0]
+        r = [merge_count(config, x.shape[1], sigma) for sigma in sigmas]
+        if max(r) == 0:
             return None  # nothing to merge: the block runs exactly as unpatched
         destinations = None
         if config.random_destinations:
@@ -175,10 +183,11 @@ def merge_count(config: TomeConfig, n: int, masked_fraction: float) -> int:
     return math.floor(config.ratio * weight * n + 1e-9)  # ε: 0.29·100 must give 29, not 28
 
 
-def _mask_summary(masked: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(σ (B,), token_masked (B, N) bool): each sample's masked fraction of input ids, and which
-    transformer tokens hold at least one [MASK] id (a transformer token covers f×f ids with
-    feature compression)."""
+def _mask_summary(masked: torch.Tensor | None, grid: tuple[int, int],
+                  area: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(σ (B,), token_masked (B, N) bool): each sample's masked fraction of input ids (of those in `area`, one row
+    per image, repeated over a CFG batch's halves), and which transformer tokens hold at least one [MASK] id (a
+    transformer token covers f×f ids with feature compression)."""
     if masked is None:
         return None, None
     batch, height, width = masked.shape
@@ -187,7 +196,14 @@ def _mask_summary(masked: torch.Tensor | None, grid: tuple[int, int]) -> tuple[t
         raise ValueError(f"mask of {height}×{width} token ids does not tile the {h}×{w} transformer grid")
     f = height // h
     per_token = masked.reshape(batch, h, f, w, f).any(dim=4).any(dim=2).reshape(batch, h * w)
-    return masked.float().mean(dim=(1, 2)).cpu(), per_token
+    if area is None:
+        return masked.float().mean(dim=(1, 2)).cpu(), per_token
+    if area.shape[1:] != masked.shape[1:] or batch % area.shape[0]:
+        raise ValueError(f"TomeMGT's area {tuple(area.shape)} does not match the forward's token ids "
+                         f"{tuple(masked.shape)} (one row per image; a CFG batch repeats them)")
+    area = area.to(masked.device).repeat(batch // area.shape[0], 1, 1)
+    inside = area.sum(dim=(1, 2)).clamp(min=1)
+    return ((masked & area).sum(dim=(1, 2)) / inside).float().cpu(), per_token
 
 
 def apply_tomemgt(

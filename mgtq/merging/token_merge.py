@@ -22,7 +22,9 @@ class TokenMerge(BlockTokens):
     their order; merged_rows (B·r,) the rows merged away and into_rows (B·r,) the rows of (B·(N − r), C) they
     are added into; slot_rows (B·N,) where each original row lives in the merged sequence; sizes (B, N − r)
     float32 how many original tokens each merged token stands for. proportional: attention with log-size key
-    bias; off: plain attention.
+    bias; off: plain attention. weights (B·r,) float or None: where samples merge different counts, 1 for the
+    merged_rows that merge and 0 for the rest (they stay in their own row); the merged sequence then has padding
+    rows of size 0, which attention never attends to and `restore` never reads.
 
     Plain tensors, not closures, so a block called with it can be compiled ahead of time and saved
     (mgtq.compilation); r changes with the sampler step, hence `varying_tokens`.
@@ -36,6 +38,7 @@ class TokenMerge(BlockTokens):
     slot_rows: torch.Tensor
     sizes: torch.Tensor
     proportional: bool = True
+    weights: torch.Tensor | None = None
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) → (B, N − r, C): each merged token the mean of its members, survivors in their order."""
@@ -47,8 +50,13 @@ class TokenMerge(BlockTokens):
         # serially, so its cost does not depend on how many threads are free.
         rows = x.flatten(0, 1)
         out = rows.index_select(0, self.kept_rows)
-        out.index_put_((self.into_rows,), rows.index_select(0, self.merged_rows), accumulate=True)
+        sources = rows.index_select(0, self.merged_rows)
+        if self.weights is not None:
+            sources = sources * self.weights[:, None].to(sources.dtype)
+        out.index_put_((self.into_rows,), sources, accumulate=True)
         counts = self.sizes.reshape(-1, 1).to(out.dtype)
+        if self.weights is not None:
+            counts = counts.clamp(min=1)  # padding rows (size 0) keep what they hold
         return (out / counts).unflatten(0, (x.shape[0], -1))  # ÷1 keeps unmerged rows bit-exact
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
@@ -59,10 +67,12 @@ class TokenMerge(BlockTokens):
         return merge_rope(rope, n_text, self, batch)
 
     def key_bias(self, n_text: int) -> torch.Tensor | None:
-        """Additive attention-logit bias (B, 1, 1, L + N - r) for [text; merged image] keys, or None."""
-        if not self.proportional:
+        """Additive attention-logit bias (B, 1, 1, L + N - r) for [text; merged image] keys, or None: log-sizes
+        (proportional attention), and −inf for padding rows (size 0) either way."""
+        if not self.proportional and self.weights is None:
             return None
-        log_sizes = self.sizes.log()
+        log_sizes = self.sizes.log() if self.proportional else torch.zeros_like(self.sizes).masked_fill(
+            self.sizes == 0, float("-inf"))
         text = log_sizes.new_zeros(log_sizes.shape[0], n_text)
         return torch.cat([text, log_sizes], dim=1)[:, None, None, :]
 

@@ -11,6 +11,7 @@ a `torch.Generator` passed in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -60,7 +61,7 @@ def cell_of(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def match_2x2(
     metric: torch.Tensor,
     grid: tuple[int, int],
-    r: int,
+    r: int | Sequence[int],
     destinations: torch.Tensor | None = None,
     locality: str = "cell",
     window: int = 3,
@@ -74,18 +75,20 @@ def match_2x2(
     becomes the mean of its destination and the sources merged into it.
 
     metric (B, N, C): the tokens to compare (the block input), N = h·w on `grid` (h, w), row-major.
-    r: number of tokens to remove per sample, capped at the number of sources that may merge.
+    r: number of tokens to remove, one for every sample or one per sample, each capped at the number of that
+    sample's sources that may merge.
     destinations (N_dst,): flat destination indices shared by the batch (default: `cell_destinations`
     top-left). locality: W(i) = the destination of i's own cell ("cell": one score per source, no
     N_src × N_dst product), those within the window×window square centred on i and its own cell's
     ("window", window odd; the own cell matters only for odd leftover rows/columns), or all ("global", ToMe-SD
     and the paper). Ties (cosines within TIE_TOLERANCE of the best) go to i's own cell's destination, then the
     nearest, then the lowest index.
-    eligible (B, N) bool: tokens that may be sources (default all); then r is capped at the
-    smallest count of eligible sources in the batch, so every sample keeps N − r tokens.
+    eligible (B, N) bool: tokens that may be sources (default all).
     preferred (B, N) bool: sources merged before all others (then by cos), e.g. decoded tokens.
-    The matching itself is per sample: a sample's result depends on its batch-mates only through
-    that cap.
+    The matching is per sample, and so is the count: where samples merge different counts r_b, the merged
+    sequences all have N − min r_b rows, a sample that merges more ending in padding rows (size 0) that
+    attention ignores (`TokenMerge.key_bias`) and `restore` never reads. A sample's result does not depend
+    on its batch-mates.
 
     Returns the matching as a `TokenMerge` (None when nothing merges): its `reduce` (B, N, C') → (B, N − r, C')
     for any tensor on the same tokens (hidden states, per-sample RoPE tables), keeping surviving tokens in
@@ -100,7 +103,10 @@ def match_2x2(
         raise ValueError(f"locality must be one of {LOCALITIES}; got {locality!r}")
     device = metric.device
     dst_idx = cell_destinations(grid, device=device) if destinations is None else destinations.to(device)
-    if dst_idx.numel() == 0 or int(r) <= 0:
+    wanted = [int(r)] * batch if isinstance(r, (int, float)) else [int(v) for v in r]
+    if len(wanted) != batch:
+        raise ValueError(f"r gives {len(wanted)} counts for a batch of {batch}; give one, or one per sample")
+    if dst_idx.numel() == 0 or max(wanted) <= 0:
         return None
     is_dst = torch.zeros(n, dtype=torch.int8, device=device)
     is_dst[dst_idx] = 1
@@ -118,28 +124,41 @@ def match_2x2(
         if eligible is not None:
             best = best.masked_fill(~eligible.to(device)[:, src_idx], float("-inf"))
         if eligible is not None or locality != "cell":  # only these leave sources with no destination (-inf)
-            r = min(int(r), int((best > float("-inf")).sum(1).min()))  # a host sync: r sets shapes
+            free = (best > float("-inf")).sum(1).tolist()  # a host sync: r sets shapes
         else:  # every source has its own cell's destination: no sync
-            r = min(int(r), src_idx.numel())
+            free = [src_idx.numel()] * batch
+        counts = [min(w, f) for w, f in zip(wanted, free)]
         if preferred is not None:  # cos ≤ 1, so +3 ranks every preferred source first
             best = best + 3.0 * preferred.to(device)[:, src_idx]
+        r, length = max(counts), n - min(counts)  # the most any sample merges; the merged sequences' length
         if r <= 0:
             return None
         order = best.argsort(dim=-1, descending=True, stable=True)
-        merged = order[:, :r]  # positions in src_idx of the r merged sources, (B, r)
+        merged = order[:, :r]  # positions in src_idx of the merged sources, (B, r): the first r_b of row b merge
         merged_tok = src_idx[merged]  # (B, r) token indices
         into_tok = dst_idx[best_dst.gather(1, merged)]  # (B, r) their destinations' token indices
+        uneven = min(counts) != r
+        taken = (torch.arange(r, device=device) < torch.tensor(counts, device=device)[:, None]) if uneven else None
 
         keep = torch.ones(batch, n, dtype=torch.bool, device=device)
-        keep.scatter_(1, merged_tok, False)
-        kept_tok = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, : n - r]  # (B, N − r) in original order
+        keep.scatter_(1, merged_tok, False if taken is None else ~taken)
+        # (B, length): the kept tokens in original order; where a sample merged more, its merged sources follow
+        # as padding rows (sized 0 below)
+        kept_tok = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :length]
         # slot (B, N): where each original token lives in the merged sequence
         slot = torch.empty(batch, n, dtype=torch.long, device=device)
-        slot.scatter_(1, kept_tok, torch.arange(n - r, device=device).expand(batch, -1))
+        slot.scatter_(1, kept_tok, torch.arange(length, device=device).expand(batch, -1))
         into_slot = slot.gather(1, into_tok)  # (B, r)
+        if taken is not None:  # a source row b does not merge stays in its own slot and adds nothing
+            into_slot = torch.where(taken, into_slot, slot.gather(1, merged_tok))
         slot.scatter_(1, merged_tok, into_slot)
-        sizes = torch.ones(batch, n - r, device=device).scatter_add_(1, into_slot, torch.ones(batch, r, device=device))
-        return TokenMerge(_flat(kept_tok, n), _flat(merged_tok, n), _flat(into_slot, n - r), _flat(slot, n - r), sizes)
+        weight = torch.ones(batch, r, device=device) if taken is None else taken.float()
+        sizes = torch.ones(batch, length, device=device).scatter_add_(1, into_slot, weight)
+        if taken is not None:  # row b's slots from N − r_b on are padding
+            pad = torch.arange(length, device=device) >= (n - torch.tensor(counts, device=device))[:, None]
+            sizes = sizes.masked_fill(pad, 0.0)
+        return TokenMerge(_flat(kept_tok, n), _flat(merged_tok, n), _flat(into_slot, length), _flat(slot, length),
+                          sizes, weights=None if taken is None else taken.flatten().float())
 
 
 def bipartite_soft_matching_2x2(

@@ -97,7 +97,7 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
         if main:
             run.start(recipe, model_dir, fps, restart)
         state.wait_for_everyone()
-        ctx = StageContext(recipe, run, model_dir, fps, progress)
+        ctx = StageContext(recipe, run, model_dir, fps, progress, device=state.device)
         for stage in STAGES:
             if run.stage_complete(stage.name, fps[stage.name]):
                 report[stage.name] = "skipped"

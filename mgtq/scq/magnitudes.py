@@ -31,8 +31,8 @@ def calibration_batches(n_samples: int, grid_size: int, cfg: MagnitudeConfig, se
 
 
 def calibration_inputs(data: CalibrationData, cfg: MagnitudeConfig, sampler: SamplerConfig, mask_token_id: int,
-                       progress: bool = True, desc: str = "calibration"):
-    """The calibration inputs as the sampler feeds them ([uncond, cond] batch): yields (the model's
+                       progress: bool = True, desc: str = "calibration", device: torch.device | str = "cpu"):
+    """The calibration inputs as the sampler feeds them ([uncond, cond] batch), on `device`: yields (the model's
     keyword arguments, mask (2b, h, w) of the masked positions) per batch."""
     grid = data.tokens[0].numel()
     batches = list(calibration_batches(data.tokens.shape[0], grid, cfg))
@@ -46,7 +46,13 @@ def calibration_inputs(data: CalibrationData, cfg: MagnitudeConfig, sampler: Sam
         pooled = torch.cat([data.uncond_pooled.expand(b, -1), data.pooled[idx]])
         inputs = dict(hidden_states=torch.cat([inp, inp]), encoder_hidden_states=text, pooled_projections=pooled,
                       timestep=torch.full((2 * b,), float(t)), micro_conds=data.micro_conds.expand(2 * b, 5))
-        yield inputs, torch.cat([mask, mask]).view(2 * b, *tokens.shape[1:])
+        yield ({k: v.to(device) for k, v in inputs.items()},
+               torch.cat([mask, mask]).view(2 * b, *tokens.shape[1:]).to(device))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s weights are (its first parameter's device)."""
+    return next(model.parameters()).device
 
 
 def record_activation_stats(model: MeissonicTransformer, data: CalibrationData, cfg: MagnitudeConfig,
@@ -55,7 +61,8 @@ def record_activation_stats(model: MeissonicTransformer, data: CalibrationData, 
     """Run the calibration inputs through `model` as the sampler would ([uncond, cond] batch) and
     record the input statistics of the Linear layers `names`: {name: ActivationStats}."""
     with calibrate_activations(model, names) as stats, torch.inference_mode():
-        for inputs, _ in calibration_inputs(data, cfg, sampler, model.mask_token_id, progress, desc):
+        for inputs, _ in calibration_inputs(data, cfg, sampler, model.mask_token_id, progress, desc,
+                                            device_of(model)):
             model(**inputs)
     return stats
 

@@ -17,7 +17,7 @@ import torch
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import FakeQuantLinear, input_scales_from_stats
 from mgtq.sampling import SamplerConfig
-from mgtq.scq.magnitudes import calibration_inputs, record_activation_stats
+from mgtq.scq.magnitudes import calibration_inputs, device_of, record_activation_stats
 from mgtq.scq.qat import use_per_channel_weights_
 from mgtq.scq.recipe import MagnitudeConfig, SecondaryConfig
 from mgtq.scq.synthesis import CalibrationData
@@ -62,7 +62,8 @@ def measure_a8_sensitivity(model: torch.nn.Module, names: list[str], data: Calib
     batches = 0
     with torch.inference_mode():
         # Batch-major, so only one batch of reference logits is held at a time.
-        for inputs, mask in calibration_inputs(data, sub, sampler, model.mask_token_id, progress, desc):
+        for inputs, mask in calibration_inputs(data, sub, sampler, model.mask_token_id, progress, desc,
+                                               device_of(model)):
             reference = model(**inputs)
             for name in names:
                 set_submodule(model, name, a8[name])

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import linear_names
 from mgtq.sampling import SamplerConfig
@@ -45,10 +47,11 @@ class StageContext:
     model_dir: Path
     fingerprints: dict[str, str]
     progress: bool = True
+    device: torch.device | str = "cpu"  # where the stages compute (accelerate's: this process's GPU where there is one)
 
     @cached_property
     def pipe(self) -> MGTPipeline:
-        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder)
+        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device)
 
     @cached_property
     def sampler(self) -> SamplerConfig:
@@ -64,7 +67,7 @@ class StageContext:
         return read_json(self.run.a8_plan_file)["a8_layers"] if self.recipe.qat.needs_a8_set else []
 
     def fake_quant_qat_model(self):
-        return qat.fake_quant_transformer(self.run.qat_weights, self.recipe.qat, self.planned_a8)
+        return qat.fake_quant_transformer(self.run.qat_weights, self.recipe.qat, self.planned_a8).to(self.device)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ def _plan_a8(ctx: StageContext) -> dict:
 
 def _qat(ctx: StageContext) -> StageOutput:
     plan = _plan_a8(ctx) if ctx.recipe.qat.needs_a8_set else None
-    result = qat.train_qat(ctx.pipe.transformer, ctx.data, ctx.recipe.qat, ctx.sampler, ctx.run.qat_state,
+    data = ctx.data  # the prompts encoded while the text encoder is on the device
+    ctx.pipe.to("cpu")  # QAT trains a copy on accelerate's device: the pipeline's would only take its memory
+    result = qat.train_qat(ctx.pipe.transformer, data, ctx.recipe.qat, ctx.sampler, ctx.run.qat_state,
                            ctx.fingerprints["qat"], ctx.progress, a8_layers=plan["a8_layers"] if plan else (),
                            input_scales=plan["input_scales"] if plan else None)
     config = ctx.pipe.transformer.config
@@ -170,7 +175,7 @@ def _secondary(ctx: StageContext) -> StageOutput:
     model = ctx.fake_quant_qat_model()
     scales = secondary.calibrate_input_scales_(model, a8, ctx.data, cfg, recipe.magnitudes, ctx.sampler,
                                                ctx.progress, desc="SCQ 4/4 secondary")
-    loss = qat.fixed_eval_metrics(model, ctx.data, ctx.sampler, "cpu")["ce"]
+    loss = qat.fixed_eval_metrics(model, ctx.data, ctx.sampler, ctx.device)["ce"]
 
     def write(folder: Path) -> None:
         write_json(folder / RunFolder.SELECTION, {"selection": cfg.selection, "fraction": cfg.fraction, "a8_layers": a8,

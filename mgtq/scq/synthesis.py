@@ -93,5 +93,8 @@ def calibration_data(dataset, pipe: MGTPipeline, token_grid: tuple[int, int], re
         text, pooled = pipe.encode_prompt(list(dataset["prompt"]))
         utext, upooled = pipe.encode_prompt([""])
     micro = micro_conditions(resolution, resolution, pipe.settings.aesthetic_score)
-    return CalibrationData(tokens, text.float().clone(), pooled.float().clone(), utext.float().clone(),
-                           upooled.float().clone(), micro)
+    # fp32 copies on the host, as the tokens (ordinary tensors, not inference ones: QAT trains on them); each stage
+    # moves what a batch needs to its model's device
+    host = dict(device="cpu", dtype=torch.float32, copy=True)
+    return CalibrationData(tokens, text.to(**host), pooled.to(**host), utext.to(**host), upooled.to(**host),
+                           micro.to(**host))

@@ -237,3 +237,35 @@ def test_config_locality_choices_are_the_matchings_localities():
     from mgtq.merging.tome import LOCALITIES
 
     assert get_args(get_type_hints(TomeConfig)["locality"]) == LOCALITIES
+
+
+@pytest.mark.parametrize("sources", ["decoded", "masked"])
+def test_a_batch_of_samples_that_merge_different_counts_gives_each_its_image_alone(pipe, sources):
+    # mask-aware sources: how many transformer tokens may merge differs per sample, so r does
+    sampler = pipe.settings.sampler.replace(num_steps=4)
+    merging = TomeConfig(ratio=0.5, sources=sources, blocks="all")
+    kwargs = dict(sampler=sampler, progress=False, output_type="latent", token_merging=merging)
+    batch = pipe(["a red circle", "two blue squares"], seed=[0, 1], **kwargs).tokens
+    for b, (prompt, seed) in enumerate([("a red circle", 0), ("two blue squares", 1)]):
+        assert torch.equal(batch[b], pipe(prompt, seed=seed, **kwargs).tokens[0]), (sources, b)
+
+
+def test_uneven_counts_pad_the_merged_sequences_with_rows_nothing_reads():
+    from mgtq.merging.tome import match_2x2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 8, generator=g)
+    merge = match_2x2(x, (4, 4), [3, 6])  # 4×4 grid: 4 destinations, 12 sources
+    reduced = merge.reduce(x)
+    assert reduced.shape == (2, 13, 8)  # N − min r
+    assert merge.sizes[0].tolist().count(0.0) == 0 and merge.sizes[1, 10:].tolist() == [0.0, 0.0, 0.0]
+    assert merge.sizes[0].sum() == 16 and merge.sizes[1].sum() == 16  # every token counted once, padding none
+    for b, r in enumerate((3, 6)):
+        alone = match_2x2(x[b:b + 1], (4, 4), r)
+        assert torch.equal(reduced[b, : 16 - r], alone.reduce(x[b:b + 1])[0])
+        assert torch.equal(merge.restore(reduced)[b], alone.restore(alone.reduce(x[b:b + 1]))[0])
+    bias = merge.key_bias(n_text=2)
+    assert bias.shape == (2, 1, 1, 15) and torch.isinf(bias[1, 0, 0, -3:]).all() and torch.isfinite(bias[0]).all()
+    merge.proportional = False
+    assert torch.equal(merge.key_bias(2)[:, 0, 0, :12], torch.zeros(2, 12))  # padding masked without proportions
+    assert torch.isinf(merge.key_bias(2)[1, 0, 0, -3:]).all()

@@ -102,8 +102,8 @@ def test_merged_count_is_exactly_r_or_the_cap(grid, loc, r, seed, sources):
     is_src = torch.ones(n, dtype=torch.bool)
     is_src[dst] = False
     may = is_src.expand(2, -1) & (eligible if eligible is not None else True)
-    cap = int(may.sum(1).min())
-    assert n - kept == min(r, cap) == len(pairs) // 2
+    counts = [min(r, int(c)) for c in may.sum(1)]  # each sample's own cap; the sequences are as long as the longest
+    assert n - kept == min(counts) and [sum(bb == b for bb, _, _ in pairs) for b in range(2)] == counts
     if eligible is not None:
         assert all(eligible[b, s] for b, s, _ in pairs)
     if preferred is not None:  # no masked token merges while a decoded source is left unmerged

@@ -450,3 +450,18 @@ def test_accelerate_launch_and_torchrun_give_the_same_artifacts(tmp_path, random
         layouts[name] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "qat-state" not in str(p))
     assert layouts["accelerate"] == layouts["torchrun"]
     assert read_json(tmp_path / "torchrun" / "qat" / "stage.json")["processes"] == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrate_on_a_gpu_computes_every_stage_there(tmp_path, random_pipeline_dir, monkeypatch):
+    from mgtq.models import MeissonicTransformer
+
+    devices = []
+    forward = MeissonicTransformer.forward
+    monkeypatch.setattr(MeissonicTransformer, "forward",
+                        lambda self, *a, **k: devices.append(next(self.parameters()).device.type) or forward(self, *a, **k))
+    calibrate(_recipe(random_pipeline_dir), tmp_path / "run", progress=False)
+    assert devices and set(devices) == {"cuda"}  # synthesis, QAT, magnitudes, secondary
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert MGTPipeline.from_pretrained(tmp_path / "ckpt", device="cuda")("a red circle", progress=False).images
