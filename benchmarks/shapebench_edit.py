@@ -45,6 +45,9 @@ GOAL_MARGIN = 0.03  # SCQ ≥ float − 0.03 on every task
 # mgtq's editing rules, part of a row's key: 2 = img2img strength as diffusers counts it (the share of the steps
 # run), inpainting on SamplerConfig.inpaint_schedule; 1 (rows without the key) = strength as the masked fraction.
 EDIT_RULES = 2
+# TomeMGT's rules, part of the key of a merging model's rows: 2 = each sample its own merge count, σ over the
+# repainted area in inpainting; 1 (rows without the key) = one count a batch, σ over the whole image.
+MERGE_RULES = 2
 
 
 def load_model(spec: str) -> tuple[MGTPipeline, Path]:
@@ -104,7 +107,9 @@ def run(models: list[str], tasks: list[str], split: str, limit: int | None, batc
             old = data["rows"].get(key)
             # kept if measured on the same weights, prompts, kernels (a quantized model's score follows them),
             # sampler settings and editing rules
-            inputs = json.loads(json.dumps([split, limit, per_task, fingerprint, kernels, sampler, EDIT_RULES]))
+            merge_rules = MERGE_RULES if pipe.transformer.token_hook is not None else None
+            inputs = json.loads(json.dumps([split, limit, per_task, fingerprint, kernels, sampler, EDIT_RULES,
+                                            merge_rules]))
             if old and [old.get(k) for k in ROW_KEY] == inputs:  # as JSON holds them (tuples are lists there)
                 print(f"{key}: kept from {path.name}")
                 continue
@@ -114,7 +119,7 @@ def run(models: list[str], tasks: list[str], split: str, limit: int | None, batc
                 result = evaluate_editing(pipe, task, limit=limit, batch_size=batch_size, split=split, progress=False,
                                           per_task=per_task)
             result.update(model=spec, limit=limit, per_task=per_task, fingerprint=fingerprint, sampler=sampler,
-                          edit_rules=EDIT_RULES)
+                          edit_rules=EDIT_RULES, merge_rules=merge_rules)
             data["rows"][key] = result
             print(f"{spec}: " + (edit_summary_line(result) if task != "t2i" else
                                  f"text-to-image on the inpaint captions accuracy={result['overall']:.3f}"))
@@ -124,7 +129,7 @@ def run(models: list[str], tasks: list[str], split: str, limit: int | None, batc
     return data
 
 
-ROW_KEY = ("split", "limit", "per_task", "fingerprint", "kernels", "sampler", "edit_rules")
+ROW_KEY = ("split", "limit", "per_task", "fingerprint", "kernels", "sampler", "edit_rules", "merge_rules")
 
 
 def to_markdown(data: dict, models: list[str], tasks: list[str]) -> str:
