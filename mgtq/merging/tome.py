@@ -164,7 +164,7 @@ def match_2x2(
 def bipartite_soft_matching_2x2(
     metric: torch.Tensor,
     grid: tuple[int, int],
-    r: int,
+    r: int | Sequence[int],
     destinations: torch.Tensor | None = None,
     locality: str = "cell",
     window: int = 3,

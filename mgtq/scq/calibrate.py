@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +56,34 @@ def check_run_current(out: str | Path) -> Path:
     return model_dir
 
 
+def environment(device) -> dict:
+    """What a stage's numbers depend on besides its inputs: mgtq's and torch's versions and the kernels that ran
+    (`describe_kernels`: the CPU class, or the GPU); recorded in each stage.json as "made_with"."""
+    import mgtq
+    from mgtq.quantization.kernels import describe_kernels
+
+    return {"mgtq": mgtq.__version__, **describe_kernels(device)}
+
+
+def _warn_reused_from_elsewhere(run: RunFolder, fps: dict[str, str], made_with: dict) -> None:
+    """Say so where complete stages that this call reuses were computed by another mgtq, torch or machine class:
+    kernels round sums in their own order, so a fresh run here could differ a little."""
+    elsewhere = {}
+    for stage in STAGES:
+        if run.stage_complete(stage.name, fps[stage.name]):
+            recorded = run.stage_summary(stage.name).get("made_with")
+            if recorded != made_with:
+                keys = sorted(set(made_with) | set(recorded or {}))
+                elsewhere[stage.name] = ("not recorded (an older mgtq)" if recorded is None else
+                                         ", ".join(f"{k} {recorded.get(k)!r}" for k in keys
+                                                   if recorded.get(k) != made_with.get(k)))
+    if elsewhere:
+        said = "; ".join(f"{name}: {what}" for name, what in elsewhere.items())
+        warnings.warn(f"{run.root}: reusing stages computed elsewhere ({said}; here: mgtq {made_with['mgtq']}, "
+                      f"torch {made_with['torch']}, {made_with['device']}); a fresh run here could differ a little: "
+                      "delete those stage folders to compute them here", stacklevel=3)
+
+
 def _preflight(recipe: Recipe, model_dir: Path, run: RunFolder, fps: dict[str, str]) -> None:
     """What would fail only in the QAT stage, said before the first stage (synthesis can take hours)."""
     from accelerate import init_empty_weights
@@ -98,6 +127,9 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
             run.start(recipe, model_dir, fps, restart)
         state.wait_for_everyone()
         ctx = StageContext(recipe, run, model_dir, fps, progress, device=state.device)
+        made_with = environment(state.device)
+        if main:
+            _warn_reused_from_elsewhere(run, fps, made_with)
         for stage in STAGES:
             if run.stage_complete(stage.name, fps[stage.name]):
                 report[stage.name] = "skipped"
@@ -105,7 +137,8 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
                 if stage.all_processes or main:
                     output = stage.compute(ctx)
                     if main:
-                        run.write_stage(stage.name, fps[stage.name], output.summary, output.write)
+                        run.write_stage(stage.name, fps[stage.name], {**output.summary, "made_with": made_with},
+                                        output.write)
                 report[stage.name] = "ran"
             state.wait_for_everyone()
     report["seconds"] = round(time.time() - t0, 1)

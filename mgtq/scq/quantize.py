@@ -16,10 +16,12 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
     export dtype, and its provenance ({`checkpoint.PROVENANCE` key: value}: source model and fingerprint,
     A8 selection, recipe) for `checkpoint.describe`, which reads everything else off the model."""
     folder = RunFolder(run)
-    model_dir = check_run_current(folder.root)
-    recipe = folder.recipe()
-    selection = read_json(folder.selection_file)
-    model = MeissonicTransformer.from_pretrained(folder.qat_weights, local_files_only=True, use_safetensors=True)
+    with folder.reading():  # no calibrate --restart may change the run between these reads
+        model_dir = check_run_current(folder.root)
+        recipe = folder.recipe()
+        selection = read_json(folder.selection_file)
+        model = MeissonicTransformer.from_pretrained(folder.qat_weights, local_files_only=True,
+                                                     use_safetensors=True)
     model = model.float().eval()
     prepare_qat_(model, group_size=recipe.qat.group_size, skip=recipe.qat.skip, a8_layers=selection["a8_layers"],
                  input_scales=selection["input_scales"])

@@ -57,6 +57,9 @@ class PromptsConfig:
         validate(self, "prompts")
         if self.source == "file" and not self.file:
             raise ValueError("prompts.source is 'file' but prompts.file is not set")
+        if self.source != "file" and self.file:  # it would be ignored
+            raise ValueError(f"prompts.file is set but prompts.source is {self.source!r}: set source: file to "
+                             "calibrate on that file's prompts, or remove file")
         _at_least(self, "prompts", 1, "count")
         _at_most(self, "prompts", MAX_PROMPTS, "count")
         _at_least(self, "prompts", 0, "seed")
@@ -189,7 +192,8 @@ class SecondaryConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """dtype of the parts that stay float (embeddings, norms, convs, biases) in the exported checkpoint."""
+    """dtype of the parts that stay float (embeddings, norms, convs, biases) in the exported checkpoint (default
+    bfloat16, Meissonic's; the tiny-shapes recipes export float32)."""
 
     dtype: FloatDtype = "bfloat16"
 

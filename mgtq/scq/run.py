@@ -202,11 +202,7 @@ class RunFolder:
         path = self.root / self.LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}; wait for it to "
-                                    "finish (or stop it), or calibrate into another --out folder") from None
+            self._flock(fd, fcntl.LOCK_EX, "or calibrate into another --out folder")
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "command": " ".join(sys.argv)[:300]}
             os.ftruncate(fd, 0)
@@ -214,6 +210,30 @@ class RunFolder:
             yield self
         finally:
             os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Hold the run folder against a `mgtq calibrate` while reading it (export): a shared lock, so exports
+        may run side by side and a read-only folder can be read; a calibrate at work makes it fail at once."""
+        path = self.root / self.LOCK
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # no calibrate ever held it
+            yield self
+            return
+        try:
+            self._flock(fd, fcntl.LOCK_SH, "then export")
+            yield self
+        finally:
+            os.close(fd)
+
+    def _flock(self, fd: int, mode: int, then: str) -> None:
+        """flock `mode` on the lock file, at once or RunFolderBusy naming the holder it records."""
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}; wait for it to "
+                                f"finish (or stop it), {then}") from None
 
     def start(self, recipe: Recipe, model_dir: Path, fingerprints: dict[str, str], restart: bool = False) -> None:
         """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,

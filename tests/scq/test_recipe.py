@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
     ({"prompts": {"count": 2.5}}, "prompts.count must be an integer, got 2.5"),
     ({"prompts": {"count": 0}}, "prompts.count must be ≥ 1, got 0"),
     ({"prompts": {"source": "file"}}, "prompts.source is 'file' but prompts.file is not set"),
+    ({"prompts": {"file": "prompts.txt"}}, "prompts.file is set but prompts.source is 'shapebench': set source: file"),
     ({"synthesis": {"resolution": 0}}, "synthesis.resolution must be ≥ 1, got 0"),
     ({"synthesis": {"guidance_scale": float("nan")}}, "synthesis.guidance_scale must be a finite number, got nan"),
     ({"secondary": {"fraction": "a third"}}, "secondary.fraction must be a number, got 'a third'"),

@@ -229,6 +229,21 @@ def test_rerun_skips_completed_stages(run, random_pipeline_dir):
     assert [report[s] for s in STAGES] == ["skipped"] * 4
 
 
+def test_reused_stages_made_by_another_torch_or_machine_class_are_said(tmp_path, random_pipeline_dir):
+    import mgtq
+    from mgtq.quantization.kernels import describe_kernels
+
+    out = tmp_path / "run"
+    calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    marker = out / "qat" / "stage.json"
+    assert read_json(marker)["made_with"] == {"mgtq": mgtq.__version__, **describe_kernels("cpu")}
+    write_json(marker, {**read_json(marker), "made_with": {**read_json(marker)["made_with"], "torch": "0.0"}})
+    with pytest.warns(UserWarning, match=r"reusing stages computed elsewhere \(qat: torch '0.0'; here: mgtq .*"
+                                         r"delete those stage folders"):
+        report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    assert report["qat"] == "skipped"
+
+
 def test_changed_section_reruns_that_stage_and_after(tmp_path, run, random_pipeline_dir):
     out, _ = run
     copy = tmp_path / "run"
@@ -419,6 +434,16 @@ def test_tampered_safetensors_is_clear_error(tmp_path, exported):
     weights.write_bytes(weights.read_bytes()[:2000])
     with pytest.raises(ValueError, match="sha256"):
         load_quantized_transformer(copy / "transformer")
+
+
+def test_export_waits_for_no_one_and_refuses_a_run_a_calibrate_holds(tmp_path, run, capsys):
+    out, _ = run
+    with RunFolder(out).lock():
+        assert main(["export", str(out), "--out", str(tmp_path / "ckpt")]) == 2
+        assert f"is in use by pid {os.getpid()} on " in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+    with RunFolder(out).reading(), RunFolder(out).reading():  # exports side by side
+        pass
 
 
 def test_export_of_unfinished_run_is_clear_error(tmp_path, run):
