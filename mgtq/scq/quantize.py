@@ -30,8 +30,9 @@ def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:
     provenance = {
         "source_model": str(model_dir),
         "source_fingerprint": model_fingerprint(model_dir),
+        # the magnitude statistic chose the A8 set only for "lowest" (sensitivity, random and all ignore it)
         "selection": {"mode": selection["selection"], "fraction": selection["fraction"],
-                      "statistic": selection["magnitude_statistic"]},
+                      "statistic": selection["magnitude_statistic"] if selection["selection"] == "lowest" else None},
         "recipe": recipe.to_dict(),
     }
     return model, provenance

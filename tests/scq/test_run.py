@@ -365,6 +365,7 @@ def test_export_is_packed_safetensors_with_manifest(exported, run):
     assert schemes.count("w4a8") == len(a8) and schemes.count("w4a16") == len(schemes) - len(a8)
     assert "group_size" not in manifest and manifest["recipe"] == load_recipe(run[0] / "recipe.yaml").to_dict()
     assert manifest["selection"]["mode"] == "lowest" and manifest["float_dtype"] == "float32"
+    assert manifest["selection"]["statistic"] == load_recipe(run[0] / "recipe.yaml").magnitudes.statistic
     assert not list(exported.rglob("*.bin")) and not list(exported.rglob("*.pt"))
     from safetensors import safe_open
 
