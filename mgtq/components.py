@@ -155,14 +155,15 @@ def pipeline_checksums(root: str | Path) -> dict[str, str]:
 
 
 def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
-    """The files loading `root` hashes: those its model_index.json records and its quantized transformer's manifest
-    names, but the components in `skip` (passed in by the caller), read loosely (the checks that follow judge the
-    files and refuse what is wrong in them)."""
+    """The files loading `root` hashes: those its quantized transformer's manifest names, then those its
+    model_index.json records (the order a load checks them in, so hashing them ahead in that order serves the first
+    check first), but the components in `skip` (passed in by the caller), read loosely (the checks that follow judge
+    the files and refuse what is wrong in them)."""
     from mgtq.config import read_data
 
     root, found = Path(root), []
-    for listing, folder, key in ((root / "model_index.json", root, CHECKSUMS_KEY),
-                                 (root / "transformer" / "manifest.json", root / "transformer", "files")):
+    for listing, folder, key in ((root / "transformer" / "manifest.json", root / "transformer", "files"),
+                                 (root / "model_index.json", root, CHECKSUMS_KEY)):
         try:
             names = read_data(listing, fmt="json").get(key) if listing.is_file() else None
         except (OSError, ValueError, AttributeError):

@@ -4,8 +4,9 @@ checkpoint/
   model_index.json, vqvae/, text_encoder/, tokenizer/, scheduler/   copied from the source model
   transformer/                                                       mgtq.quantization.checkpoint's format
 
-text_encoder/ is the recipe's `text_encoder:` folder where it names one (the official Meissonic setup keeps
-CLIP apart): the encoder the calibration conditioned on, so the checkpoint loads with it and nothing else.
+text_encoder/ is the recipe's `text_encoder:` where it names one (the official Meissonic setup keeps CLIP apart):
+the encoder the calibration conditioned on, so the checkpoint loads with it and nothing else; only what the loader
+reads of that folder is copied (config.json and the safetensors weights).
 
 The seam with SCQ is `quantize_from_run(run) -> (model, provenance)`: the real W4/W4A8 transformer
 and where it came from (source model and fingerprint, A8 selection, recipe). The checkpoint's
@@ -28,6 +29,7 @@ import torch
 
 from mgtq.quantization import checkpoint
 from mgtq.scq.quantize import quantize_from_run
+from mgtq.scq.run import RunFolder
 from mgtq.components import CHECKSUMS_KEY, pipeline_checksums
 from mgtq.utils import atomic_directory, read_json, write_json
 
@@ -49,6 +51,9 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
         model = read_json(run / "run.json").get("model")
         if isinstance(model, str):
             protected["the run's source model"] = Path(model).resolve()
+    text_encoder = _recipe_text_encoder(run)
+    if text_encoder is not None:
+        protected["the recipe's text encoder"] = Path(text_encoder).resolve()
     for what, path in protected.items():
         if out == path or path in out.parents or out in path.parents:
             raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
@@ -91,7 +96,7 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                     continue
                 _copy(item, tmp / item.name, source.resolve())
             if text_encoder is not None:
-                _copy(Path(text_encoder).resolve(), tmp / "text_encoder", Path(text_encoder).resolve())
+                _copy_text_encoder(Path(text_encoder).resolve(), tmp / "text_encoder")
             index = tmp / "model_index.json"
             if index.is_file():  # record what was copied, so a damaged VQ or text encoder never loads silently
                 data = read_json(index)
@@ -104,6 +109,34 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
             raise OSError(err.errno, os.strerror(err.errno), str(out)) from None
         raise
     return out
+
+
+def _recipe_text_encoder(run: Path) -> str | None:
+    """The `text_encoder:` of the run's recipe, or None (none named, or no readable recipe: quantizing says why)."""
+    try:
+        return RunFolder(run).recipe().text_encoder
+    except (OSError, ValueError):
+        return None
+
+
+def _copy_text_encoder(src: Path, dst: Path) -> None:
+    """The files of text encoder folder `src` its loader (transformers, safetensors only) reads, into `dst`: its
+    config.json and model.safetensors, or the shards its model.safetensors.index.json names. A downloaded CLIP
+    folder also holds pickled and open_clip weights and hidden caches, which a checkpoint must not carry (nor hash
+    at every load)."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shards = read_json(index).get("weight_map", {}).values()
+        files = [src / "config.json", index, *sorted({src / name for name in shards})]
+    else:
+        files = [src / "config.json", src / "model.safetensors"]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise ValueError(f"the recipe's text_encoder {src} lacks {missing}: a transformers text encoder folder in "
+                         "safetensors (save_pretrained) is what mgtq loads")
+    dst.mkdir()
+    for path in files:
+        _copy(path, dst / path.name, src)
 
 
 def _copy(src: Path, dst: Path, root: Path) -> None:

@@ -57,8 +57,14 @@ class PipelineSettings:
         validate(self, "mgtq")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
-        if self.sampler.timestep_convention is None:  # a checkpoint says which one its model takes
-            self.sampler = self.sampler.replace(timestep_convention=self.sampler.convention)
+
+    def __setattr__(self, name, value):
+        # A checkpoint says which timestep convention its model takes: a sampler set without one (a class-made
+        # SamplerConfig, set_default_sampler's) keeps the one these settings had (the official one at first).
+        if name == "sampler" and isinstance(value, SamplerConfig) and value.timestep_convention is None:
+            current = getattr(self, "sampler", None)
+            value = value.replace(timestep_convention=current.convention if current is not None else "step_index")
+        super().__setattr__(name, value)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -345,7 +351,8 @@ class MGTPipeline(DiffusionPipeline):
         if seed is not None and not all(_is_int(s) and 0 <= s < SEED_LIMIT for s in seeds):
             raise ValueError(f"seed must be an int in [0, 2**63) (or a list of them), got {seed!r}")
         if sampler is not None and not isinstance(sampler, (SamplerConfig, dict)):
-            raise TypeError(f"sampler must be a SamplerConfig (or a mapping of its fields), got {type(sampler).__name__}")
+            raise TypeError(f"sampler must be a SamplerConfig (or a mapping of changes to the checkpoint's settings), "
+                            f"got {type(sampler).__name__}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         unknown = [n for n in callback_on_step_end_tensor_inputs if n not in self._callback_tensor_inputs]
@@ -380,8 +387,8 @@ class MGTPipeline(DiffusionPipeline):
         Each image gets its own generator (seed, seed+1, … or the given list), so an image is
         the same whatever else is in the batch.
 
-        sampler: a SamplerConfig or a mapping of its fields (SamplerConfig.from_dict); default the
-        checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a ratio (a TomeConfig
+        sampler: a SamplerConfig, or a mapping of changes to the checkpoint's settings ({"noise": {"scale": 2.0}},
+        `sampler_config`); default the checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a ratio (a TomeConfig
         with that ratio) or a `TomePlan`; default the one `apply_tomemgt` installed.
         output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent" (the token
         ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,

@@ -377,3 +377,17 @@ def test_a_sampler_mapping_changes_the_checkpoints_settings_and_the_model_keeps_
     assert pipe.sampler_config(explicit).timestep_convention == "step_index"
     with pytest.raises(ValueError, match="unknown sampler setting 'noise.curb'"):
         pipe(sampler={"noise": {"curb": "abs_cos"}}, **kwargs)
+
+
+def test_settings_keep_their_models_timestep_convention_for_a_sampler_set_without_one(tmp_path, embedded):
+    from mgtq.pipeline import read_settings, set_default_sampler
+
+    embedded.save_pretrained(tmp_path / "p", progress=False)
+    set_default_sampler(tmp_path / "p", SamplerConfig.preset("paper-combo", num_steps=8))  # convention None
+    saved = read_settings(tmp_path / "p").sampler
+    assert saved.timestep_convention == "mask_ratio" and saved.num_steps == 8
+    pipe = mgtq.load(tmp_path / "p", progress=False)
+    pipe.settings.sampler = SamplerConfig(num_steps=3)
+    assert pipe.settings.sampler.timestep_convention == "mask_ratio"
+    pipe.settings.sampler = SamplerConfig(num_steps=3, timestep_convention="step_index")  # an explicit choice
+    assert pipe.settings.sampler.timestep_convention == "step_index"

@@ -55,6 +55,12 @@ def linear_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
     ]
 
 
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The fnmatch `patterns` that match none of `names` (a typo would silently select nothing)."""
+    names = list(names)
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _check_names(model: nn.Module, names: Iterable[str], what: str) -> set[str]:
     names = set(names)
     modules = dict(model.named_modules())
@@ -245,7 +251,7 @@ def _plan_configs(model: nn.Module, config, overrides: Mapping[str, QuantConfig 
     names = linear_names(model)
     if not names:
         raise ValueError("the model has no float nn.Linear layers to quantize (already quantized?)")
-    unused = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unused = unmatched_patterns(names, overrides)
     if unused:
         raise ValueError(f"override pattern {unused[0]!r} matches no nn.Linear of the model (e.g. {names[0]!r})")
     plan = {}

@@ -9,7 +9,6 @@ model handed in is copied, never changed.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization import FakeQuantLinear, linear_names, prepare_qat_
+from mgtq.quantization.api import unmatched_patterns
 from mgtq.sampling import SamplerConfig
 from mgtq.sampling.schedules import timestep_for_mask_ratio
 from mgtq.scq.recipe import QATConfig
@@ -61,7 +61,7 @@ def check_fits(transformer: torch.nn.Module, cfg: QATConfig) -> None:
     (a typo would quantize the layer it meant), a `group_size` that does not divide a quantized Linear's input
     width."""
     names = linear_names(transformer)
-    unused = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unused = unmatched_patterns(names, cfg.skip)
     if unused:
         raise ValueError(f"qat.skip pattern {unused[0]!r} matches no nn.Linear of the model (names look like "
                          f"{names[0]!r}; patterns are fnmatch's, e.g. 'transformer_blocks.*.ff.*'); fix it in the "

@@ -232,7 +232,8 @@ class RunFolder:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}; wait for it to "
+            reader = " or by an `mgtq export` reading it" if mode == fcntl.LOCK_EX else ""  # exports record nothing
+            raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}{reader}; wait for it to "
                                 f"finish (or stop it), {then}") from None
 
     def start(self, recipe: Recipe, model_dir: Path, fingerprints: dict[str, str], restart: bool = False) -> None:

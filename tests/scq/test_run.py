@@ -346,9 +346,15 @@ def test_export_ships_the_text_encoder_the_recipe_calibrated_with(tmp_path, rand
     with torch.no_grad():
         clip.text_projection.weight.mul_(-1)  # another encoder than the model folder's, as a separate CLIP is
     clip.save_pretrained(tmp_path / "clip")
+    for name in ("pytorch_model.bin", "open_clip_model.safetensors", ".cache/huge.bin"):  # as a downloaded CLIP has
+        (tmp_path / "clip" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "clip" / name).write_bytes(b"not read by the loader")
     run = tmp_path / "run"
     calibrate(_recipe(random_pipeline_dir, text_encoder=str(tmp_path / "clip")), run, progress=False)
+    assert main(["export", str(run), "--out", str(tmp_path / "clip" / "ckpt")]) == 2  # never into the encoder
     assert main(["export", str(run), "--out", str(tmp_path / "ckpt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "text_encoder").iterdir()) == ["config.json",
+                                                                                      "model.safetensors"]
     loaded = mgtq.load(tmp_path / "ckpt", progress=False).text_encoder.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in clip.state_dict().items())
     calibrated_with = MGTPipeline.from_pretrained(random_pipeline_dir, text_encoder=tmp_path / "clip")
