@@ -490,9 +490,9 @@ def test_inpainting_with_tomemgt_takes_sigma_over_the_repainted_area_and_any_bat
     inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
     small, large = _box_mask(8, 16, 8, 16), _box_mask(0, 48, 0, 48)
     kwargs = dict(progress=False, output_type="latent", token_merging=TomeConfig(ratio=0.5),
-                  sampler=inpaint.settings.sampler.replace(num_steps=4, guidance_scale=1.0))
+                  sampler=inpaint.settings.sampler.replace(num_steps=4, guidance_scale=3.0))  # CFG: batch [u; c]
     inpaint("a red circle", image=scene, mask_image=small, seed=0, **kwargs)
-    assert seen[0] == [1.0]  # the first step: every repainted token masked (it was 1/16 of the whole image)
+    assert seen[0] == [1.0, 1.0]  # the first step: every repainted token masked (it was 1/16 of the whole image)
     batch = inpaint(["a red circle", "a blue square"], image=scene, mask_image=[small, large], seed=[0, 1],
                     **kwargs).tokens
     for b, (prompt, mask) in enumerate([("a red circle", small), ("a blue square", large)]):

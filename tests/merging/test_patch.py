@@ -240,12 +240,18 @@ def test_config_locality_choices_are_the_matchings_localities():
 
 
 @pytest.mark.parametrize("sources", ["decoded", "masked"])
-def test_a_batch_of_samples_that_merge_different_counts_gives_each_its_image_alone(pipe, sources):
+def test_a_batch_of_samples_that_merge_different_counts_gives_each_its_image_alone(pipe, sources, monkeypatch):
     # mask-aware sources: how many transformer tokens may merge differs per sample, so r does
-    sampler = pipe.settings.sampler.replace(num_steps=4)
-    merging = TomeConfig(ratio=0.5, sources=sources, blocks="all")
+    from mgtq.merging import patch
+
+    uneven, match = [], patch.match_2x2
+    monkeypatch.setattr(patch, "match_2x2", lambda *a, **k: (lambda m: uneven.append(
+        m is not None and m.weights is not None) or m)(match(*a, **k)))
+    sampler = pipe.settings.sampler.replace(num_steps=6)
+    merging = TomeConfig(ratio=0.75, sources=sources, blocks="all")
     kwargs = dict(sampler=sampler, progress=False, output_type="latent", token_merging=merging)
     batch = pipe(["a red circle", "two blue squares"], seed=[0, 1], **kwargs).tokens
+    assert any(uneven), sources  # some block did merge different counts in this batch
     for b, (prompt, seed) in enumerate([("a red circle", 0), ("two blue squares", 1)]):
         assert torch.equal(batch[b], pipe(prompt, seed=seed, **kwargs).tokens[0]), (sources, b)
 
