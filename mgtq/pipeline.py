@@ -388,8 +388,8 @@ class MGTPipeline(DiffusionPipeline):
         the same whatever else is in the batch.
 
         sampler: a SamplerConfig, or a mapping of changes to the checkpoint's settings ({"noise": {"scale": 2.0}},
-        `sampler_config`); default the checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a ratio (a TomeConfig
-        with that ratio) or a `TomePlan`; default the one `apply_tomemgt` installed.
+        `sampler_config`); default the checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a
+        ratio (a TomeConfig with that ratio) or a `TomePlan`; default the one `apply_tomemgt` installed.
         output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent" (the token
         ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,
         timestep, callback_kwargs) runs after every sampler step with {name: tensor} of

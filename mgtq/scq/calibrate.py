@@ -65,18 +65,17 @@ def environment(device) -> dict:
     return {"mgtq": mgtq.__version__, **describe_kernels(device)}
 
 
-def _warn_reused_from_elsewhere(run: RunFolder, fps: dict[str, str], made_with: dict) -> None:
-    """Say so where complete stages that this call reuses were computed by another mgtq, torch or machine class:
+def _warn_reused_from_elsewhere(run: RunFolder, reused: list[str], made_with: dict) -> None:
+    """Say so where the complete stages this call reuses were computed by another mgtq, torch or machine class:
     kernels round sums in their own order, so a fresh run here could differ a little."""
     elsewhere = {}
-    for stage in STAGES:
-        if run.stage_complete(stage.name, fps[stage.name]):
-            recorded = run.stage_summary(stage.name).get("made_with")
-            if recorded != made_with:
-                keys = sorted(set(made_with) | set(recorded or {}))
-                elsewhere[stage.name] = ("not recorded (an older mgtq)" if recorded is None else
-                                         ", ".join(f"{k} {recorded.get(k)!r}" for k in keys
-                                                   if recorded.get(k) != made_with.get(k)))
+    for name in reused:
+        recorded = run.stage_summary(name).get("made_with")
+        if recorded is None:
+            elsewhere[name] = "not recorded (an older mgtq)"
+        elif recorded != made_with:
+            keys = sorted(set(made_with) | set(recorded))
+            elsewhere[name] = ", ".join(f"{k} {recorded.get(k)!r}" for k in keys if recorded.get(k) != made_with.get(k))
     if elsewhere:
         said = "; ".join(f"{name}: {what}" for name, what in elsewhere.items())
         warnings.warn(f"{run.root}: reusing stages computed elsewhere ({said}; here: mgtq {made_with['mgtq']}, "
@@ -84,7 +83,7 @@ def _warn_reused_from_elsewhere(run: RunFolder, fps: dict[str, str], made_with: 
                       "delete those stage folders to compute them here", stacklevel=3)
 
 
-def _preflight(recipe: Recipe, model_dir: Path, run: RunFolder, fps: dict[str, str]) -> None:
+def _preflight(recipe: Recipe, model_dir: Path) -> None:
     """What would fail only in the QAT stage, said before the first stage (synthesis can take hours)."""
     from accelerate import init_empty_weights
 
@@ -97,8 +96,6 @@ def _preflight(recipe: Recipe, model_dir: Path, run: RunFolder, fps: dict[str, s
     except (OSError, ValueError, TypeError):
         return  # a folder the loader will refuse, naming what is wrong
     qat.check_fits(skeleton, recipe.qat)
-    if not run.stage_complete("qat", fps["qat"]):
-        qat.check_accelerator(recipe.qat)
 
 
 def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = True, restart: bool = False) -> dict:
@@ -122,16 +119,21 @@ def calibrate(recipe: Recipe | str | Path, out: str | Path, progress: bool = Tru
     report, t0 = {}, time.time()
     with run.lock() if main else contextlib.nullcontext():
         fps = stage_fingerprints(recipe, input_fingerprint(recipe, model_dir))
-        _preflight(recipe, model_dir, run, fps)
+        _preflight(recipe, model_dir)
         if main:
             run.start(recipe, model_dir, fps, restart)
         state.wait_for_everyone()
+        # checked once: it hashes each stage's outputs (the QAT weights are gigabytes at Meissonic's size), and
+        # running a stage never changes whether a later one is complete (fingerprints chain inputs, not outputs)
+        complete = {stage.name: run.stage_complete(stage.name, fps[stage.name]) for stage in STAGES}
+        if not complete["qat"]:
+            qat.check_accelerator(recipe.qat)  # before synthesis, which can take hours
         ctx = StageContext(recipe, run, model_dir, fps, progress, device=state.device)
         made_with = environment(state.device)
         if main:
-            _warn_reused_from_elsewhere(run, fps, made_with)
+            _warn_reused_from_elsewhere(run, [name for name, done in complete.items() if done], made_with)
         for stage in STAGES:
-            if run.stage_complete(stage.name, fps[stage.name]):
+            if complete[stage.name]:
                 report[stage.name] = "skipped"
             else:
                 if stage.all_processes or main:
