@@ -1,7 +1,15 @@
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+# The test fixtures (`testkit.py`) live beside the tests, not in the installed package; test folders are not
+# packages (pyproject's --import-mode=importlib), so this folder goes on the path for them.
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 warnings.filterwarnings("ignore", message=".*register_constant.*")
 
@@ -21,7 +29,7 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def random_pipeline():
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     return build_random_pipeline()
 

@@ -97,7 +97,7 @@ def test_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
 _PRECOMPILE = """
 import json, sys, torch
 from torch._dynamo.utils import counters
-from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+from testkit import micro_forward_inputs, quantized_micro_transformer
 torch.set_num_threads(1)
 model = quantized_micro_transformer()
 model.compile_blocks()
@@ -112,6 +112,7 @@ def _run_in_fresh_process(script: str, cache: Path, out: Path) -> dict:
     """`script` in a new interpreter with `cache` as mgtq's cache folder, writing `out`; its last JSON line."""
     env = {k: v for k, v in os.environ.items() if k != compilation.INDUCTOR_CACHE_ENV}
     env[compilation.CACHE_ENV] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))  # testkit
     done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -139,7 +140,7 @@ _REUSE = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 from mgtq.reuse import ContextCache
-from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+from testkit import micro_forward_inputs, quantized_micro_transformer
 torch.set_num_threads(1)
 model = quantized_micro_transformer()
 model.compile_blocks()
@@ -164,7 +165,7 @@ def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path
     import torch
 
     from mgtq.reuse import ContextCache
-    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+    from testkit import micro_forward_inputs, quantized_micro_transformer
 
     outs = _compiled_once_then_loaded(_REUSE, tmp_path)
     # and what eager computes, within int8 rounding (the local steps' logits of their active tokens)
@@ -183,7 +184,7 @@ _TOME = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 from mgtq.merging import TomeConfig, TomePlan
-from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+from testkit import micro_forward_inputs, quantized_micro_transformer
 torch.set_num_threads(1)
 model = quantized_micro_transformer()
 model.compile_blocks()
@@ -208,7 +209,7 @@ def test_tomemgt_merges_are_precompiled_once_for_every_merged_count(tmp_path):
     import torch
 
     from mgtq.merging import TomeConfig, TomePlan
-    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+    from testkit import micro_forward_inputs, quantized_micro_transformer
 
     outs = _compiled_once_then_loaded(_TOME, tmp_path)
     # and what eager computes with the same merges, within int8 rounding (the last step: 7 of 16 tokens merged)
@@ -243,7 +244,7 @@ def _compiled_once_then_loaded(script: str, tmp_path) -> list:
 
 
 def _micro(monkeypatch, tmp_path):
-    from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+    from testkit import micro_forward_inputs, quantized_micro_transformer
 
     monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
@@ -295,7 +296,7 @@ def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_block
     # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2;
     # with the fast preset, context reuse's full and local steps (token hooks) are served too.
     from mgtq.sampling import SamplerConfig
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
@@ -372,7 +373,7 @@ def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_
 def quantized_eager(inputs):
     import torch
 
-    from mgtq.testing import quantized_micro_transformer
+    from testkit import quantized_micro_transformer
 
     with torch.no_grad():
         return quantized_micro_transformer()(**inputs)

@@ -172,7 +172,7 @@ def quantized(tmp_path_factory, random_pipeline_dir):
     """A random W4A8/W4A16 pipeline and its checkpoint, written by `mgtq export`'s writer."""
     from mgtq.export import write_checkpoint
     from mgtq.quantization import checkpoint
-    from mgtq.testing import random_quantized_pipeline
+    from testkit import random_quantized_pipeline
 
     pipe = random_quantized_pipeline()
     manifest = checkpoint.describe(pipe.transformer)
@@ -203,7 +203,7 @@ def test_quantized_checkpoint_edits(quantized, scene):
 
 def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
     from mgtq.merging import apply_tomemgt, remove_tomemgt
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     class LastLogits(SamplerHooks):  # the first step merges nothing: every repainted token is still masked
         def adjust_logits(self, logits, state):
@@ -228,7 +228,7 @@ def test_tomemgt_applies_to_the_siblings_and_keeps_unmasked_tokens(scene):
 
 
 def test_compiled_transformer_gives_the_same_edits(scene):
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     pipe = build_random_pipeline()
     mask = _box_mask()
@@ -309,7 +309,7 @@ def test_callback_on_step_end_sees_and_replaces_the_tokens(random_pipeline, scen
 
 
 def test_offloading_gives_the_same_tokens(scene):
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     kw = dict(prompt="a red circle", image=scene, seed=3, output_type="latent", progress=False)
     calls = [(MGTInpaintPipeline, dict(mask_image=_box_mask(), **kw)), (MGTImg2ImgPipeline, dict(strength=0.5, **kw))]
@@ -324,7 +324,7 @@ def test_offloading_gives_the_same_tokens(scene):
 
 def test_from_pipe_keeps_dtype_and_settings_and_round_trips():
     from mgtq.pipeline import PipelineSettings
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     pipe = build_random_pipeline().to(torch.bfloat16)
     pipe.settings.sampler = pipe.settings.sampler.replace(num_steps=3)

@@ -8,7 +8,7 @@ import pytest
 from mgtq.cli import main
 from mgtq.export import check_target, export_run, is_checkpoint, write_checkpoint
 from mgtq.quantization import checkpoint
-from mgtq.testing import random_quantized_pipeline
+from testkit import random_quantized_pipeline
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 

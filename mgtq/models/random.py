@@ -5,7 +5,7 @@ here: the transformer is created on the meta device and filled directly in its f
 quantized one is built the way a checkpoint is loaded (`mgtq.quantization.checkpoint.build_empty`,
 then random packed int4 codes and scales), so no float copy of its Linears ever exists. The embedded
 model's training starts from `tiny_text_encoder`; tests build whole pipelines from these parts
-(`mgtq.testing`).
+(the tests' `testkit`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import weakref
 def test_offload_frees_the_transformer_before_the_decoder_is_loaded():
     from mgtq.bench.case import timed_image
     from mgtq.bench.memory import PhasePeaks
-    from mgtq.testing import build_random_pipeline
+    from testkit import build_random_pipeline
 
     pipe = build_random_pipeline("test-micro", resolution=32, text_max_length=16)
     vq = pipe.vqvae

@@ -80,7 +80,7 @@ def test_folder_with_a_separate_text_encoder_and_a_quantized_checkpoint(tmp_path
     """A folder loads through MGTPipeline.from_pretrained, so a separate CLIP folder works as for mgtq.load."""
     from mgtq.export import write_checkpoint
     from mgtq.quantization import checkpoint
-    from mgtq.testing import random_quantized_pipeline
+    from testkit import random_quantized_pipeline
 
     qpipe = random_quantized_pipeline()
     folder = write_checkpoint(random_pipeline_dir, qpipe.transformer,

@@ -5,7 +5,7 @@ import pytest
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import recipe_from_dict
 from mgtq.scq.run import STAGES, RunFolder
-from mgtq.testing import tiny_recipe_dict
+from testkit import tiny_recipe_dict
 
 
 def _recipe(model_dir, **secondary):

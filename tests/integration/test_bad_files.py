@@ -174,7 +174,7 @@ def test_a_full_disk_during_export_names_the_target(random_pipeline_dir, tmp_pat
 
     from mgtq import export
     from mgtq.quantization import checkpoint
-    from mgtq.testing import random_quantized_pipeline
+    from testkit import random_quantized_pipeline
 
     def full(src, dst, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(src))

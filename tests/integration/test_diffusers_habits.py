@@ -215,7 +215,7 @@ def test_mgtq_load_after_torchao_quantize():
 
 
 def _forward_inputs(model):
-    from mgtq.testing import micro_forward_inputs
+    from testkit import micro_forward_inputs
 
     return micro_forward_inputs(model, batch=1, grid=8)
 

@@ -85,3 +85,13 @@ def test_installed_wheel_benches_memory_and_latency_without_the_lab(venv, tmp_pa
     done = subprocess.run([venv / "mgtq", "bench", "--peers"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "needs a checkout" in done.stderr
+
+
+def test_the_wheel_ships_the_package_without_test_fixtures_or_the_benchmark_lab(venv):
+    import zipfile
+
+    wheel = next((venv.parent.parent / "dist").glob("mgtq-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mgtq/cli.py" in names and "mgtq/bench/runner.py" in names  # the package and its bench harness
+    shipped = [n for n in names if n.split("/")[0] in ("tests", "benchmarks") or n.endswith(("testkit.py", "conftest.py"))]
+    assert not shipped, shipped

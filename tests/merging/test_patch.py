@@ -7,7 +7,7 @@ import torch
 from mgtq.merging import TomeConfig, TomePlan, apply_tomemgt, remove_tomemgt
 from mgtq.models import build_transformer
 from mgtq.sampling import SamplerConfig
-from mgtq.testing import build_random_pipeline
+from testkit import build_random_pipeline
 
 
 def _inputs(model, batch, grid=(16, 16), text_len=5, seed=0, dtype=torch.float32):

@@ -16,7 +16,7 @@ from mgtq.merging import (
 )
 from mgtq.models import build_transformer
 from mgtq.models.transformer import Attention, rope_tables
-from mgtq.testing import micro_forward_inputs
+from testkit import micro_forward_inputs
 
 
 def _cell_duplicated(batch: int, grid: tuple[int, int], dim: int, generator: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,7 @@ import mgtq.fused
 from mgtq.fused import native_qk_norm_rope
 from mgtq.models import MeissonicTransformer, build_transformer, preset_config
 from mgtq.models.transformer import QKNorm, apply_rope, rope_tables
-from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+from testkit import micro_forward_inputs, quantized_micro_transformer
 
 # Outputs of the official Meissonic code; importlib mode cannot import them from conftest.
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

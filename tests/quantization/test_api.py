@@ -11,7 +11,7 @@ from mgtq.export import write_checkpoint
 from mgtq.models.presets import build_transformer
 from mgtq.quantization import (SCQConfig, W4A8Config, W4A8Linear, W4A16Config, W4Linear, calibrate_activations,
                                checkpoint, linear_names, quantize_)
-from mgtq.testing import micro_forward_inputs
+from testkit import micro_forward_inputs
 
 
 def micro():

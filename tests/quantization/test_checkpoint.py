@@ -1,6 +1,6 @@
 """The quantized checkpoint format: round trip of a small random quantized pipeline, and strict loading.
 
-No calibration run is needed: the transformer is random (mgtq.testing), written by the same
+No calibration run is needed: the transformer is random (tests' testkit), written by the same
 `write_checkpoint` that `mgtq export` uses.
 """
 
@@ -19,7 +19,7 @@ import mgtq
 from mgtq.export import write_checkpoint
 from mgtq.quantization import W4A8Linear, W4Linear
 from mgtq.quantization import checkpoint as ckpt
-from mgtq.testing import random_quantized_pipeline
+from testkit import random_quantized_pipeline
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mgtq.quantization import W4A8Linear, W4Linear
-from mgtq.testing import micro_forward_inputs, quantized_micro_transformer
+from testkit import micro_forward_inputs, quantized_micro_transformer
 
 
 @pytest.mark.parametrize("offload_buffers", [False, True])

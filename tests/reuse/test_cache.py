@@ -380,7 +380,7 @@ def test_a_compiled_full_step_traces_one_graph_per_kind_of_block_not_per_block()
     from torch._dynamo.utils import counters
 
     from mgtq.models.presets import build_transformer
-    from mgtq.testing import micro_forward_inputs
+    from testkit import micro_forward_inputs
 
     torch._dynamo.reset()
     counters.clear()

@@ -15,7 +15,7 @@ from mgtq.scq.recipe import MagnitudeConfig, QATConfig, Recipe, SecondaryConfig,
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import stage_fingerprints
 from mgtq.scq.synthesis import CalibrationData
-from mgtq.testing import tiny_recipe_dict
+from testkit import tiny_recipe_dict
 from mgtq.utils import read_json
 
 

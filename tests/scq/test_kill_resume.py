@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mgtq.testing import tiny_recipe_dict
+from testkit import tiny_recipe_dict
 
 
 HARNESS = Path(__file__).with_name("calibrate_and_die.py")

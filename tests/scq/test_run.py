@@ -20,7 +20,7 @@ from mgtq.scq import qat, stages
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import dump_recipe, load_recipe, recipe_from_dict
 from mgtq.scq.run import STAGES, RunFolder, RunFolderBusy
-from mgtq.testing import tiny_recipe_dict
+from testkit import tiny_recipe_dict
 from mgtq.utils import read_json, recover_atomic_target, write_json
 
 

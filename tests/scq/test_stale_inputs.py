@@ -13,7 +13,7 @@ from mgtq.cli import main
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import recipe_from_dict
 from mgtq.scq.run import STAGES
-from mgtq.testing import tiny_recipe_dict
+from testkit import tiny_recipe_dict
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Test fixtures: random-weight pipelines, small quantized transformers, seconds-long recipes.
 
-Only tests import this module; the random-weight models it assembles come from `mgtq.models.random`.
+Tests import it as `testkit` (tests/conftest.py puts this folder on the path; a test's subprocess gets it through
+`PYTHONPATH`); the installed package never does. The random-weight models it assembles come from
+`mgtq.models.random`.
 """
 
 from __future__ import annotations
