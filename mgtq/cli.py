@@ -43,25 +43,31 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help=f"classifier-free guidance scale, at most {MAX_GUIDANCE:g} (default: the model's)")
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
-                   help="TomeMGT token merging: merge this fraction of image tokens per block (0 = off)")
+                   help="TomeMGT token merging: merge this fraction of image tokens per block (default: 0, off)")
     p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
                    help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
     _add_tome_option_args(p)
 
 
 def _add_tome_option_args(p: argparse.ArgumentParser) -> None:
-    """TomeConfig's other fields as flags (validated by TomeConfig; unset = its default)."""
-    p.add_argument("--tome-locality", default=None, help="TomeMGT: where a source may merge: cell, window or global")
-    p.add_argument("--tome-window", type=int, default=None, help="TomeMGT: window side for --tome-locality window")
+    """TomeConfig's other fields as flags (validated by TomeConfig; unset = its default, said in the help)."""
+    from mgtq.merging import TomeConfig
+
+    d = TomeConfig()
+    p.add_argument("--tome-locality", default=None,
+                   help=f"TomeMGT: where a source may merge: cell, window or global (default: {d.locality})")
+    p.add_argument("--tome-window", type=int, default=None,
+                   help=f"TomeMGT: window side for --tome-locality window (default: {d.window})")
     p.add_argument("--tome-sources", default=None,
-                   help="TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first")
+                   help=f"TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first (default: {d.sources})")
     p.add_argument("--tome-schedule", default=None,
                    help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or "
-                        "masked (·σ)")
+                        f"masked (·σ) (default: {d.schedule})")
     p.add_argument("--tome-mlp", action="store_true", default=None,
                    help="TomeMGT: also merge before the MLP of joint blocks (the official code)")
     p.add_argument("--tome-proportional", action=argparse.BooleanOptionalAction, default=None,
-                   help="TomeMGT: proportional attention (a merged token's keys weigh as many tokens as it replaced)")
+                   help="TomeMGT: proportional attention (a merged token's keys weigh as many tokens as it replaced; "
+                        f"default: {'on' if d.proportional_attention else 'off'})")
 
 
 def _tome_options(args) -> dict:
@@ -365,11 +371,23 @@ def _prompt(text: str) -> str:
     return text
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, except where the help says its default in words ("the
+    model's", "cuda if available") and where X is None or False: an unset option or a switch that is off (what
+    an unset flag keeps is said in its help or its group's)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "(default" in help or action.default is None or action.default is False:
+            return help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mgtq import __version__
 
     parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"mgtq {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     # --debug is also accepted after the command; SUPPRESS keeps `mgtq --debug CMD` from being reset.
@@ -380,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[debug],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
 
     g = command("generate", "generate images from a prompt")
     _add_model_args(g)
@@ -417,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--strength", type=argtypes.number(0, 1, above=True), default=None,
                    help="the share of the steps run, as in diffusers (0.5: the last half), in (0, 1]; alone: "
                         "img2img from the image; with --mask or --outpaint: the inpainting's (default 1)")
-    d.add_argument("--prompt", type=_prompt, required=True)
-    d.add_argument("--negative-prompt", default=None)
-    d.add_argument("--seed", type=argtypes.seed, default=0)
+    d.add_argument("--prompt", type=_prompt, required=True, help="what the edited image shows")
+    d.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
+    d.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the edit (the same seed, the same image)")
     d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     d.set_defaults(func=cmd_edit)
@@ -483,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
-                   help="tiny-shapes (embedded default), tiny-shapes-16x16 (embedded), meissonic-1024 (random "
+                   help="tiny-shapes or tiny-shapes-16x16 (embedded), meissonic-1024 (random "
                         "weights, full size) or a pipeline DIR")
     b.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder for a pipeline DIR (the official Meissonic setup)")

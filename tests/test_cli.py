@@ -6,6 +6,7 @@ The failure cases fail before a model is loaded (argument types, output-path che
 long work with monkeypatch; the tests after them run the embedded model.
 """
 
+import argparse
 import errno
 import os
 import re
@@ -321,13 +322,20 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"mgtq {mgtq.__version__}"
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "calibrate", "export", "bench", "quantize"])
+@pytest.mark.parametrize("command", ["generate", "edit", "eval", "calibrate", "export", "bench", "quantize", "cache"])
 def test_every_flag_has_help_and_shows_its_default(command):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    formatter = sub._get_formatter()
     for action in sub._actions:
         if action.dest in ("help",):
             continue
         assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+        shown = formatter._expand_help(action)
+        # one default, said once: never argparse's literal None/False after a default said in words
+        assert shown.count("default") <= 1 and "(default: None)" not in shown, shown
+        assert "(default: False)" not in shown, shown
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in shown, f"{command} {action.option_strings}: {shown}"
     text = " ".join(sub.format_help().split())
     if command == "generate":
         for shown in (r"reproducible alone \(default: 0\)", r"images per prompt[^()]*\(default: 1\)",

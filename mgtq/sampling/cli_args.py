@@ -52,7 +52,8 @@ def load_sampler_file(path: str | Path) -> dict:
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the sampler flags (all default to None = keep the base config's value)."""
-    g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3)")
+    g = parser.add_argument_group("sampler", "mask schedule and the enhanced-sampler tricks (arXiv 2411.10781 §3); a "
+                                  "flag left out keeps the model's setting (or --sampler's, --sampler-config's)")
     add_preset_argument(g)
     g.add_argument("--sampler-config", type=argtypes.existing_file("sampler config"), default=None, metavar="FILE",
                    help="JSON/YAML file of SamplerConfig fields (applied after --sampler)")
