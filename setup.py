@@ -13,11 +13,15 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED = {name: ROOT / "checkpoints" / name for name in ("tiny-shapes", "tiny-shapes-16x16")}
-RECIPES = sorted((ROOT / "recipes").glob("tiny-shapes*.yaml"))
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))  # the shipped ones, taken by name (mgtq.default_model)
 
 
 class BuildWithEmbeddedModel(build_py):
     def run(self):
+        if not self.editable_mode:
+            # setuptools never empties build/lib: a module or model file deleted from the sources since an earlier
+            # build of this checkout would still go into the wheel
+            shutil.rmtree(Path(self.build_lib) / "mgtq", ignore_errors=True)
         super().run()
         if self.editable_mode:  # an editable install reads the repository's own folders
             return

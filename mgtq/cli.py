@@ -365,6 +365,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _recipe(text: str) -> Path:
+    """--recipe: a file (argtypes' checks) or a shipped recipe's name."""
+    from mgtq.default_model import recipe_file
+
+    if Path(text).exists():
+        return argtypes.existing_file("recipe")(text)
+    try:
+        return recipe_file(text)
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _prompt(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty; describe the image, e.g. --prompt \"a red circle\"")
@@ -385,6 +397,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from mgtq import __version__
+    from mgtq.default_model import RECIPES, shipped_recipes
 
     parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.",
                      formatter_class=_HelpFormatter)
@@ -459,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     c = command("calibrate", "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
-    c.add_argument("--recipe", type=argtypes.existing_file("recipe"), default=None,
-                   help="recipe YAML (default: the embedded model's tiny-shapes-w4a8-scq.yaml)")
+    c.add_argument("--recipe", type=_recipe, default=None,
+                   help="recipe YAML file, or a shipped recipe's name: " + ", ".join(shipped_recipes())
+                        + f" (the files in {RECIPES}; default: tiny-shapes-w4a8-scq, the embedded model's)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: calibration/<recipe name>)")
     c.add_argument("--restart", action="store_true",
                    help="let an existing run folder take this recipe (stages whose inputs changed run again)")

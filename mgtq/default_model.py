@@ -5,7 +5,8 @@ Two are embedded, both trained on the shapes world with the same VQ and text enc
 the default (Meissonic-1024's layout: 2×2 feature compression, an 8×8 transformer grid), and
 `tiny-shapes-16x16` (Meissonic's 512 px layout: no compression, 16×16 = 256 image tokens per block).
 Wherever mgtq takes a pipeline folder (`--model`, a recipe's `model:`, `mgtq.load`) it also takes
-one of these names when no folder of that name exists.
+one of these names when no folder of that name exists. The shipped SCQ recipes (`recipes/*.yaml`, in a wheel
+`mgtq/_embedded/recipes/`) are taken by name the same way (`--recipe tiny-shapes-16x16-w4a8-scq`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def _first_existing(*candidates: Path) -> Path:
 
 
 DEFAULT_MODEL = _first_existing(_PACKAGED / "tiny-shapes", _REPOSITORY / "checkpoints" / "tiny-shapes")
-DEFAULT_RECIPE = _first_existing(_PACKAGED / "recipes" / "tiny-shapes-w4a8-scq.yaml",
-                                 _REPOSITORY / "recipes" / "tiny-shapes-w4a8-scq.yaml")
+RECIPES = _first_existing(_PACKAGED / "recipes", _REPOSITORY / "recipes")
+DEFAULT_RECIPE = RECIPES / "tiny-shapes-w4a8-scq.yaml"
 
 
 def embedded_model(name: str = "tiny-shapes") -> Path:
@@ -58,4 +59,24 @@ def model_folder(name: str | Path) -> Path:
     raise FileNotFoundError(
         f"pipeline folder {str(name)!r} does not exist and is not an embedded model ({', '.join(EMBEDDED_MODELS)}); "
         "mgtq reads local folders only, it downloads nothing"
+    )
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the SCQ recipes mgtq ships (file stems of `RECIPES/*.yaml`)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_file(name: str | Path) -> Path:
+    """A recipe file, or the name of a shipped recipe (with or without `.yaml`) when no such file exists → its
+    file. FileNotFoundError naming the shipped recipes otherwise."""
+    path = Path(name)
+    if path.exists():
+        return path
+    stem = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(name) in (stem, f"{stem}.yaml") and stem in shipped_recipes():
+        return RECIPES / f"{stem}.yaml"
+    raise FileNotFoundError(
+        f"recipe {str(name)!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())}); pass a "
+        f"recipe YAML file (copy a shipped one from {RECIPES} and edit it)"
     )

@@ -82,7 +82,7 @@ BAD_FLAGS = [
     (["eval", "--limit", "-318"], "argument --limit: must be an integer ≥ 1, got '-318'"),
     (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1, got '0'"),
     (["eval", "--split", "train"], "argument --split: invalid choice: 'train'"),
-    (["calibrate", "--recipe", "no-such.yaml"], "argument --recipe: recipe file 'no-such.yaml' does not exist"),
+    (["calibrate", "--recipe", "no-such.yaml"], "argument --recipe: recipe 'no-such.yaml' is neither a file nor a shipped recipe"),
     (["export", "no-such-run", "--out", "x"], "argument run: calibration run folder 'no-such-run' does not exist"),
     (["bench", "--threads", "0"], "argument --threads: must be an integer ≥ 1, got '0'"),
     (["bench", "--repeats", "0"], "argument --repeats: must be an integer ≥ 1, got '0'"),

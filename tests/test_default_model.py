@@ -111,3 +111,30 @@ def test_cli_model_flag_takes_an_embedded_name_and_rejects_an_unknown_one(tmp_pa
     assert json.loads(out.read_text())["n"] == 2
     assert main(["eval", "--model", "no-such-model", "--limit", "2"]) == 2
     assert "not an embedded model" in capsys.readouterr().err
+
+
+def test_shipped_recipes_are_taken_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    from mgtq.cli import build_parser
+    from mgtq.default_model import RECIPES, recipe_file, shipped_recipes
+    from mgtq.scq.recipe import load_recipe
+
+    assert {"tiny-shapes-w4a8-scq", "tiny-shapes-16x16-w4a8-scq", "meissonic-1024-w4a8-scq"} <= set(shipped_recipes())
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny-shapes-16x16-w4a8-scq", "tiny-shapes-16x16-w4a8-scq.yaml"):
+        assert recipe_file(name) == RECIPES / "tiny-shapes-16x16-w4a8-scq.yaml"
+        assert build_parser().parse_args(["calibrate", "--recipe", name]).recipe == recipe_file(name)
+    assert load_recipe("tiny-shapes-16x16-w4a8-scq").model == "tiny-shapes-16x16"
+    mine = tmp_path / "tiny-shapes-w4a8-scq"
+    mine.write_text("model: tiny-shapes\n")
+    assert recipe_file("tiny-shapes-w4a8-scq").resolve() == mine.resolve()
+    for wrong in ("tiny-shapes-w4a8", "recipes/nothing.yaml", "sub/tiny-shapes-w4a8-scq"):
+        with pytest.raises(FileNotFoundError, match="meissonic-1024-w4a8-scq"):
+            recipe_file(wrong)
+
+
+def test_cli_recipe_flag_names_the_shipped_recipes_when_it_finds_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "--recipe", "tiny-shapes-w4a8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny-shapes-16x16-w4a8-scq" in err and "neither a file nor a shipped recipe" in err
+    assert not (tmp_path / "run").exists()

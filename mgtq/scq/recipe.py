@@ -257,9 +257,9 @@ def recipe_from_dict(data: typing.Mapping) -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for examples")
+    from mgtq.default_model import recipe_file
+
+    path = recipe_file(path)
     data = read_mapping(path, f"recipe {path}", fmt="yaml")
     if not data:
         # An empty file would silently run dataclass defaults that differ from every shipped recipe.

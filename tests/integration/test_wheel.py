@@ -39,6 +39,10 @@ def venv(tmp_path_factory):
         else:
             shutil.copyfile(src, dst)
     shutil.rmtree(source / "mgtq" / "_embedded", ignore_errors=True)
+    stale = source / "build" / "lib" / "mgtq"  # what an earlier build of a checkout left: never shipped again
+    (stale / "_embedded" / "tiny-shapes").mkdir(parents=True)
+    (stale / "removed_since.py").write_text("")
+    (stale / "_embedded" / "tiny-shapes" / "removed_since.json").write_text("{}")
     run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-q",
          "-w", root / "dist"], cwd=source)
     wheel = next((root / "dist").glob("mgtq-*.whl"))
@@ -61,6 +65,9 @@ def test_installed_wheel_evaluates_and_finds_its_recipe(venv, tmp_path):
     recipe = run([venv / "python", "-c", "from mgtq.default_model import DEFAULT_RECIPE as r; "
                   "from mgtq.scq.recipe import load_recipe; load_recipe(r); print(r)"], cwd=tmp_path)
     assert "site-packages" in recipe
+    named = run([venv / "python", "-c", "from mgtq.default_model import recipe_file as f; "
+                 "print(f('meissonic-1024-w4a8-scq')); print(f('tiny-shapes-16x16-w4a8-scq'))"], cwd=tmp_path)
+    assert named.count("site-packages") == 2  # every shipped recipe, by name, from the wheel
 
 
 def test_installed_wheel_carries_the_second_embedded_model_by_name(venv, tmp_path):
@@ -87,11 +94,12 @@ def test_installed_wheel_benches_memory_and_latency_without_the_lab(venv, tmp_pa
     assert done.returncode != 0 and "needs a checkout" in done.stderr
 
 
-def test_the_wheel_ships_the_package_without_test_fixtures_or_the_benchmark_lab(venv):
+def test_the_wheel_ships_the_package_without_test_fixtures_the_benchmark_lab_or_stale_build_files(venv):
     import zipfile
 
     wheel = next((venv.parent.parent / "dist").glob("mgtq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "mgtq/cli.py" in names and "mgtq/bench/runner.py" in names  # the package and its bench harness
-    shipped = [n for n in names if n.split("/")[0] in ("tests", "benchmarks") or n.endswith(("testkit.py", "conftest.py"))]
+    shipped = [n for n in names if n.split("/")[0] in ("tests", "benchmarks") or "removed_since" in n
+               or n.endswith(("testkit.py", "conftest.py"))]
     assert not shipped, shipped
