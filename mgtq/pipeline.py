@@ -128,6 +128,13 @@ class MGTPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------- properties
     @property
+    def components(self) -> dict:
+        """diffusers' components (the four modules, shared) plus a copy of the settings: diffusers' idiom for
+        sharing weights, `MGTInpaintPipeline(**pipe.components)`, then samples with this checkpoint's settings
+        (resolution, image range, sampler and timestep convention) instead of the official defaults."""
+        return {**super().components, "settings": dataclasses.replace(self.settings)}
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per VQ token side: 2^(number of VQ encoder blocks − 1) (16 for Meissonic)."""
         return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
@@ -269,11 +276,17 @@ class MGTPipeline(DiffusionPipeline):
         transformer's compute dtype included), and mgtq's settings are not part of the diffusers config it
         copies, so the sibling would sample with defaults instead of the checkpoint's sampler.
         """
-        parts = {**pipeline.components, "settings": dataclasses.replace(pipeline.settings)}
+        parts = pipeline.components  # the modules and a copy of the settings
+        dtype = kwargs.pop("torch_dtype", None)
+        if dtype not in (None, "auto") and parse_dtype(dtype) != pipeline.dtype:
+            # diffusers' from_pipe casts; here the modules are shared, so a cast would change `pipeline` too
+            raise TypeError(f"{cls.__name__}.from_pipe shares {type(pipeline).__name__}'s modules, so it does not cast "
+                            f"them to {dtype}: call .to({dtype}) on the pipeline (it casts both), or leave torch_dtype "
+                            "out")
         unknown = sorted(set(kwargs) - set(parts))
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pipe takes the components {sorted(pipeline.components)} or "
-                            f"settings as keyword arguments, got {unknown}")
+            raise TypeError(f"{cls.__name__}.from_pipe takes the components {sorted(parts)} as keyword arguments "
+                            f"(and torch_dtype, of the pipeline's own dtype), got {unknown}")
         return cls(**{**parts, **kwargs})
 
     def save_pretrained(self, path: str | os.PathLike, progress: bool = True, **unused) -> None:

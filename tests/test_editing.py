@@ -334,13 +334,20 @@ def test_from_pipe_keeps_dtype_and_settings_and_round_trips():
     assert inpaint.settings.sampler.num_steps == 3
     back = mgtq.MGTPipeline.from_pipe(inpaint)
     assert type(back) is mgtq.MGTPipeline
-    assert all(back.components[k] is v for k, v in pipe.components.items())
+    assert all(back.components[k] is v for k, v in pipe.components.items() if k != "settings")
+    assert back.components["settings"] == pipe.settings and back.settings is not pipe.settings
     kw = dict(prompt="a red circle", seed=0, output_type="latent", progress=False)
     assert torch.equal(back(**kw).images, pipe(**kw).images)
     other = PipelineSettings(resolution=32)
     assert MGTImg2ImgPipeline.from_pipe(pipe, settings=other).settings is other
     with pytest.raises(TypeError, match=r"from_pipe takes the components .* got \['scheduler'\]"):
         MGTInpaintPipeline.from_pipe(pipe, scheduler=None)
+    # diffusers' torch_dtype: its own dtype (or "auto") is fine; another would cast the shared modules
+    assert MGTInpaintPipeline.from_pipe(pipe, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert MGTInpaintPipeline.from_pipe(pipe, torch_dtype="auto").dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"call \.to\(torch.float32\) on the pipeline"):
+        MGTInpaintPipeline.from_pipe(pipe, torch_dtype=torch.float32)
+    assert pipe.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -498,3 +505,16 @@ def test_inpainting_with_tomemgt_takes_sigma_over_the_repainted_area_and_any_bat
     for b, (prompt, mask) in enumerate([("a red circle", small), ("a blue square", large)]):
         alone = inpaint(prompt, image=scene, mask_image=mask, seed=b, **kwargs).tokens[0]
         assert torch.equal(batch[b], alone), b
+
+
+def test_a_sibling_built_from_components_samples_with_the_checkpoints_settings():
+    """diffusers' idiom `Sibling(**pipe.components)` shares the modules and copies the settings: without them the
+    sibling ran the official defaults (1024 px, 48 steps, CFG 9, step-index timesteps, 0..1 images)."""
+    pipe = mgtq.load(progress=False)
+    inpaint = MGTInpaintPipeline(**pipe.components)
+    assert inpaint.settings == pipe.settings and inpaint.settings is not pipe.settings
+    assert all(getattr(inpaint, k) is getattr(pipe, k) for k in ("transformer", "vqvae", "text_encoder", "tokenizer"))
+    inpaint.settings.sampler = inpaint.settings.sampler.replace(num_steps=3)  # the copy's, not pipe's
+    assert pipe.settings.sampler.num_steps != 3
+    kw = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, num_inference_steps=2)
+    assert torch.equal(mgtq.MGTPipeline(**pipe.components)(**kw).images, pipe(**kw).images)

@@ -146,7 +146,7 @@ def test_transformer_from_pretrained_of_a_quantized_folder_is_the_quantized_mode
 
 def test_missing_diffusers_conventions(pipe, quantized_dir, capsys):
     assert isinstance(pipe, DiffusionPipeline)
-    assert set(pipe.components) == {"transformer", "vqvae", "text_encoder", "tokenizer"}
+    assert set(pipe.components) == {"transformer", "vqvae", "text_encoder", "tokenizer", "settings"}
     out = pipe("a red circle", seed=0, return_dict=False, **STEPS)
     assert isinstance(out, tuple) and out[0][0].size == (64, 64)
     assert pipe("a red circle", seed=0, **STEPS)[0][0].size == (64, 64)
