@@ -9,6 +9,7 @@ and refuses any of those, naming the file and the key.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -108,13 +109,31 @@ def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
         raise BadComponent(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
                            f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
                            "the folder")
+    floats = _stored_float_keys(stored)
     for name, tensor in expected.items():
+        if tensor.is_floating_point() and name in stored and name not in floats:
+            raise BadComponent(f"{stored[name]}: tensor {name!r} of the {what} is stored as an integer or bool type, "
+                               "but the model's is floating point; the file was altered: re-create it")
         if tensor.is_meta:
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} was not loaded; re-create "
                                "the folder")
         if tensor.is_floating_point() and not all_finite(tensor):
             raise BadComponent(f"{stored.get(name, folder)}: tensor {name!r} of the {what} holds NaN or infinite "
                                "values; the weights are damaged: re-create them")
+
+
+_FLOAT_TYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _stored_float_keys(stored: dict[str, Path]) -> set[str]:
+    """The keys of `stored` whose safetensors header says a floating-point type (read from the headers only)."""
+    from safetensors import safe_open
+
+    found = set()
+    for path in sorted(set(stored.values())):
+        with safe_open(str(path), framework="pt") as f:
+            found |= {k for k in f.keys() if f.get_slice(k).get_dtype() in _FLOAT_TYPES}
+    return found
 
 
 def check_index(index, path: Path) -> None:
@@ -134,24 +153,56 @@ def check_index(index, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- pipeline checksums
-# model_index.json key of {relative path: sha256} of the files an mgtq writer put beside the transformer (VQ, text
-# encoder, tokenizer, scheduler); the transformer's own manifest covers its folder.
+# model_index.json key of {relative path: sha256} of every file an mgtq writer put in a pipeline folder (a quantized
+# transformer by its manifest.json, which holds its files' digests), and, under SETTINGS_ENTRY, the digest of the
+# folder's "mgtq" settings (the sampler and timestep convention its images depend on).
 CHECKSUMS_KEY = "mgtq_files"
-_UNHASHED = ("model_index.json", "transformer")
+SETTINGS_ENTRY = "model_index.json#mgtq"
+PIPELINE_COMPONENTS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")  # the folders a load reads
+_MANIFEST = "manifest.json"  # mgtq.quantization.checkpoint.MANIFEST (not imported: that module imports this one)
 
 
-def pipeline_checksums(root: str | Path) -> dict[str, str]:
-    """{path relative to `root`: sha256} of every file of a pipeline folder but model_index.json and transformer/
-    (hidden files and folders left out)."""
-    root = Path(root)
-    found = {}
+def settings_digest(settings) -> str:
+    """sha256 of a folder's "mgtq" settings as JSON with sorted keys (what model_index.json holds)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _recorded_files(root: Path) -> list[Path]:
+    """The files of a pipeline folder its checksums cover: all but model_index.json and hidden ones, and of a
+    quantized transformer/ only its manifest (whose checks cover the files it loads)."""
+    quantized = (root / "transformer" / _MANIFEST).is_file()
+    found = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if relative.parts[0] in _UNHASHED or any(part.startswith(".") for part in relative.parts):
+        if relative.parts == ("model_index.json",) or any(part.startswith(".") for part in relative.parts):
+            continue
+        if quantized and relative.parts[0] == "transformer" and relative.parts[1:] != (_MANIFEST,):
             continue
         if path.is_file():
-            found[relative.as_posix()] = sha256_file(path)
+            found.append(path)
     return found
+
+
+def pipeline_checksums(root: str | Path, settings=None) -> dict[str, str]:
+    """{path relative to `root`: sha256} of the files `_recorded_files` names, and the digest of `settings` (the
+    "mgtq" entry the writer puts in model_index.json) under SETTINGS_ENTRY."""
+    root = Path(root)
+    found = {path.relative_to(root).as_posix(): sha256_file(path) for path in _recorded_files(root)}
+    if settings is not None:
+        found[SETTINGS_ENTRY] = settings_digest(settings)
+    return found
+
+
+def record_settings(index: dict) -> dict:
+    """`index` (a model_index.json's content) with its recorded settings digest brought up to date: for the one
+    sanctioned edit of a written folder, a new default sampler (`mgtq.pipeline.set_default_sampler`)."""
+    recorded = index.get(CHECKSUMS_KEY)
+    if isinstance(recorded, dict) and "mgtq" in index:
+        return {**index, CHECKSUMS_KEY: {**recorded, SETTINGS_ENTRY: settings_digest(index["mgtq"])}}
+    return index
 
 
 def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
@@ -169,9 +220,9 @@ def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(names, dict):
-            found += [folder / n for n in names if isinstance(n, str) and _inside(n)]
+            found += [folder / n for n in names if isinstance(n, str) and n != SETTINGS_ENTRY and _inside(n)]
     skip = set(skip)
-    return [p for p in found if p.relative_to(root).parts[0] not in skip]
+    return [p for p in dict.fromkeys(found) if p.relative_to(root).parts[0] not in skip]
 
 
 def _inside(name: str) -> bool:
@@ -181,23 +232,37 @@ def _inside(name: str) -> bool:
 
 
 def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:
-    """Refuse a pipeline folder whose files differ from the checksums its model_index.json records (an mgtq
-    writer's); a folder without them (an official one) is not checked. Components the caller passes in its place
+    """Refuse a pipeline folder whose files or settings differ from the checksums its model_index.json records (an
+    mgtq writer's), or that holds a file its checksums do not cover in a component folder they cover; a folder
+    without them (an official one) is not checked, and one an mgtq writer made before they covered the settings and
+    the transformer is checked as far as they go, with a warning. Components the caller passes in its place
     (`provided`: "text_encoder", …) and component folders that are gone are left to the loader, which uses the
     given one or names what to pass (a CLIP shared by several checkpoints is a common set-up)."""
     root = Path(root)
+    where = root / "model_index.json"
     recorded = index.get(CHECKSUMS_KEY)
     if recorded is None:
+        if "mgtq" in index or (root / "transformer" / _MANIFEST).is_file():
+            warnings.warn(f"{where} records no checksums ({CHECKSUMS_KEY}), so its files are not verified; a folder "
+                          "mgtq writes has them: once you trust this one, re-save it (mgtq.load(...).save_pretrained)",
+                          stacklevel=3)
         return
     if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in recorded.items()):
-        raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} must map file paths to sha256 digests; "
-                           "re-create the folder")
-    for name, digest in sorted(recorded.items()):
-        path = root / name
+        raise BadComponent(f"{where}: {CHECKSUMS_KEY} must map file paths to sha256 digests; re-create the folder")
+    files = {k: v for k, v in recorded.items() if k != SETTINGS_ENTRY}
+    for name in sorted(files):
         if not _inside(name):
-            raise BadComponent(f"{root / 'model_index.json'}: {CHECKSUMS_KEY} names {name!r}, not a file inside the "
-                               "folder; re-create the folder")
+            raise BadComponent(f"{where}: {CHECKSUMS_KEY} names {name!r}, not a file inside the folder; re-create "
+                               "the folder")
+    if SETTINGS_ENTRY in recorded:
+        _check_settings(index, recorded[SETTINGS_ENTRY], where)
+    else:
+        warnings.warn(f"{where}: an earlier mgtq recorded these checksums; they cover neither the transformer nor the "
+                      "sampler settings: re-save the folder (mgtq.load(...).save_pretrained) to record them",
+                      stacklevel=3)
+    for name, digest in sorted(files.items()):
+        path = root / name
         component = Path(name).parts[0]
         if component in provided or (len(Path(name).parts) > 1 and not (root / component).exists()):
             continue
@@ -207,3 +272,42 @@ def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ())
         if sha256_file(path) != digest:
             raise BadComponent(f"{path}: sha256 differs from the one model_index.json records: the file was "
                                "modified or damaged; re-create the checkpoint")
+    if SETTINGS_ENTRY in recorded:
+        _check_covered(root, files, set(provided))
+
+
+def check_recorded(folder: str | Path) -> None:
+    """A component folder loaded on its own (`MeissonicTransformer.from_pretrained(DIR/"transformer")`, the VQ):
+    when the pipeline folder around it records checksums, its files are held to them as a whole load holds them."""
+    from mgtq.config import read_data
+
+    folder = Path(folder).resolve()
+    index_path = folder.parent / "model_index.json"
+    if folder.name not in PIPELINE_COMPONENTS or not index_path.is_file():
+        return
+    index = read_data(index_path, fmt="json")
+    recorded = index.get(CHECKSUMS_KEY) if isinstance(index, dict) else None
+    if isinstance(recorded, dict) and SETTINGS_ENTRY in recorded:  # an earlier writer's: the whole load warns
+        check_checksums(index, folder.parent, provided=set(PIPELINE_COMPONENTS) - {folder.name})
+
+
+def _check_settings(index: dict, digest: str, where: Path) -> None:
+    if "mgtq" not in index:
+        raise BadComponent(f"{where} lost its 'mgtq' settings (resolution, sampler), which its {CHECKSUMS_KEY} "
+                           "record; restore the file or re-create the folder")
+    if settings_digest(index["mgtq"]) != digest:
+        raise BadComponent(f"{where}: the 'mgtq' settings differ from the ones recorded when it was written; change "
+                           "the default sampler with mgtq.pipeline.set_default_sampler (it records them), or restore "
+                           "the file")
+
+
+def _check_covered(root: Path, files: dict[str, str], provided: set[str]) -> None:
+    """Every file a loader may read from the pipeline's component folders is one the checksums record: a file
+    added (a pickle beside the weights, a second weights file, another transformer) or whose entry was dropped is
+    refused."""
+    covered = set(PIPELINE_COMPONENTS) - provided
+    for path in _recorded_files(root):
+        relative = path.relative_to(root)
+        if len(relative.parts) > 1 and relative.parts[0] in covered and relative.as_posix() not in files:
+            raise BadComponent(f"{path} is not among the files {root / 'model_index.json'} records: the folder was "
+                               "changed after it was written; remove the file, or re-create the checkpoint")

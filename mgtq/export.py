@@ -97,13 +97,13 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                 _copy(item, tmp / item.name, source.resolve())
             if text_encoder is not None:
                 _copy_text_encoder(Path(text_encoder).resolve(), tmp / "text_encoder")
+            checkpoint.save(model, manifest, tmp / "transformer")
             index = tmp / "model_index.json"
-            if index.is_file():  # record what was copied, so a damaged VQ or text encoder never loads silently
+            if index.is_file():  # record what was written, so a damaged or swapped part never loads silently
                 data = read_json(index)
                 if text_encoder is not None:
                     data.setdefault("text_encoder", ["transformers", "CLIPTextModelWithProjection"])
-                write_json(index, {**data, CHECKSUMS_KEY: pipeline_checksums(tmp)})
-            checkpoint.save(model, manifest, tmp / "transformer")
+                write_json(index, {**data, CHECKSUMS_KEY: pipeline_checksums(tmp, data.get("mgtq"))})
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the OS names the file copied from, not the one written
             raise OSError(err.errno, os.strerror(err.errno), str(out)) from None

@@ -29,7 +29,8 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
-                             pipeline_checksums, stored_keys, verified_files)
+                             check_recorded, pipeline_checksums, record_settings, stored_keys,
+                             verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
@@ -254,10 +255,10 @@ class MGTPipeline(DiffusionPipeline):
             settings = read_settings(root, given, verify=False)
             if transformer is None:
                 folder = root / "transformer"
-                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype)
+                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype, checksums=False)
             check_checksums(read_json(root / "model_index.json"), root, given)
             if vqvae is None:
-                vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"))
+                vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"), checksums=False)
             text_encoder = _load_text_encoder(root, text_encoder, dtype, auto)
             tokenizer = _load_tokenizer(root, tokenizer)
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
@@ -314,7 +315,7 @@ class MGTPipeline(DiffusionPipeline):
                 "masking_schedule": self.settings.sampler.schedule,
             })
             write_json(tmp / "model_index.json", {
-                CHECKSUMS_KEY: pipeline_checksums(tmp),
+                CHECKSUMS_KEY: pipeline_checksums(tmp, self.settings.to_dict()),
                 "_class_name": "MGTPipeline",
                 "transformer": ["mgtq", "MeissonicTransformer"],
                 "vqvae": ["diffusers", "VQModel"],
@@ -604,19 +605,25 @@ class MGTPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------- loading
-def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> MeissonicTransformer:
-    """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized checkpoint."""
+def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                     checksums: bool = True) -> MeissonicTransformer:
+    """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized checkpoint. checksums: hold it to
+    those its pipeline folder records (`load_component`)."""
     folder = _existing_dir(folder, "transformer")
     if checkpoint.is_quantized(folder):
+        if checksums:
+            check_recorded(folder)
         return checkpoint.load(folder, dtype=dtype)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a diffusers-layout transformer folder?")
-    return load_component(MeissonicTransformer, folder, dtype)
+    return load_component(MeissonicTransformer, folder, dtype, checksums)
 
 
-def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None):
-    """`cls.from_pretrained` of a local folder, safetensors only; failures become one-line ValueErrors."""
+def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None, checksums: bool = True):
+    """`cls.from_pretrained` of a local folder, safetensors only; failures become one-line ValueErrors.
+    checksums: hold the folder to those the pipeline folder around it records (`components.check_recorded`);
+    False for a caller that checks them itself."""
     folder = Path(folder)
     if not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.iterdir() if p.is_file())
@@ -625,9 +632,13 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     kwargs = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:  # diffusers calls it torch_dtype, transformers dtype
         kwargs["dtype" if cls is CLIPTextModelWithProjection else "torch_dtype"] = dtype
-    # MeissonicTransformer.from_pretrained runs both checks itself (users call it directly too)
+    # MeissonicTransformer.from_pretrained runs the checks itself (users call it directly too)
     checked = cls is MeissonicTransformer
-    if not checked:
+    if checked:
+        kwargs["checksums"] = checksums
+    else:
+        if checksums:
+            check_recorded(folder)
         check_files(folder)  # damaged weights, a deep or oversized config.json: named before anything is built
     try:
         model = cls.from_pretrained(folder, **kwargs)
@@ -679,7 +690,7 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     settings = _settings(index["mgtq"], index_path)  # validates what is there before rewriting it
     settings.sampler = sampler
     index["mgtq"] = settings.to_dict()
-    write_json(index_path, index)
+    write_json(index_path, record_settings(index))
 
 
 def read_settings(root: str | os.PathLike, provided: Iterable[str] = (), verify: bool = True) -> PipelineSettings:
@@ -747,7 +758,8 @@ def _load_text_encoder(root: Path, text_encoder, dtype, auto: bool = False):
             f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
             "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
         )
-    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype)
+    # the pipeline's checksums were checked; a separate CLIP folder (the official set-up) records none
+    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype, checksums=False)
 
 
 def _load_tokenizer(root: Path, tokenizer):

@@ -95,10 +95,13 @@ def build_vq(config: VQConfig, seed: int = 0):
 
 
 def load_vq(path: str):
-    """Load a VQModel saved with ``save_pretrained`` (diffusers layout), in eval mode."""
+    """Load a VQModel saved with ``save_pretrained`` (diffusers layout), in eval mode, held to the checks a
+    pipeline load applies (safetensors only, no tensor missing, unexpected or non-finite, recorded checksums)."""
     from diffusers import VQModel
 
-    return VQModel.from_pretrained(path).eval()
+    from mgtq.pipeline import load_component
+
+    return load_component(VQModel, path).eval()
 
 
 def config_of(vq) -> VQConfig:

@@ -376,12 +376,21 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader; a quantized mgtq folder loads through mgtq.quantization.checkpoint instead
-        (diffusers would build random float weights for its packed Linears)."""
+        (diffusers would build random float weights for its packed Linears). A local folder inside a pipeline
+        folder whose model_index.json records checksums is held to them, unless `checksums=False` (a caller that
+        checks them itself: mgtq.load hashes them beside the load and checks them before it returns)."""
         from mgtq.quantization import checkpoint  # it imports this module
 
-        from mgtq.components import check_files, check_loaded
+        from mgtq.components import check_files, check_loaded, check_recorded
 
         folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if folder.is_dir():
+            if kwargs.get("use_safetensors") is False:  # diffusers would unpickle a .bin beside the safetensors
+                raise ValueError(f"{folder}: mgtq loads safetensors only, never pickle files; leave use_safetensors "
+                                 "out (or pass True)")
+            kwargs["use_safetensors"] = True
+            if kwargs.pop("checksums", True):
+                check_recorded(folder)  # the checksums of the pipeline folder around it, if it records them
         if folder.is_dir() and checkpoint.is_quantized(folder):
             return checkpoint.load_pretrained(pretrained_model_name_or_path, **kwargs)
         if folder.is_dir():  # a local float folder is held to mgtq's checks, as mgtq.load holds it

@@ -36,6 +36,7 @@ from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_token_loss
 from mgtq.utils import atomic_directory, micro_conditions, read_json, write_json
+from mgtq.vq import load_vq
 
 IMAGE_SIZE = 64
 
@@ -223,7 +224,7 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     write_json(saved, _jsonable(config))
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    vq = VQModel.from_pretrained(vq_path, local_files_only=True).eval()
+    vq = load_vq(vq_path)  # safetensors only, every tensor checked
     data = load_or_build_dataset(run, vq, config)
     all_tokens = torch.tensor(data["tokens"], dtype=torch.long)
     side = int(math.isqrt(all_tokens.shape[1]))

@@ -288,3 +288,134 @@ def test_a_recorded_checksum_naming_no_file_of_the_folder_is_the_checks_error(mo
     assert verified_files(model) == []
     with pytest.raises(BadComponent, match="not a file inside the folder"):
         MGTPipeline.from_pretrained(model, progress=False)
+
+
+def _flip_last_bit(path):
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x01  # one bit: still a readable file with plausible values
+    path.write_bytes(bytes(raw))
+
+
+def _index(folder):
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def _write_index(folder, index):
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The embedded model as an mgtq writer saves it (float), and a quantized save of it."""
+    import mgtq
+
+    root = tmp_path_factory.mktemp("saved")
+    pipe = mgtq.load(progress=False)
+    pipe.save_pretrained(root / "float", progress=False)
+    mgtq.quantize_(pipe, mgtq.W4A16Config())
+    pipe.save_pretrained(root / "quantized", progress=False)
+    return root
+
+
+@pytest.mark.parametrize("origin", ["saved", "embedded"])
+def test_a_float_transformer_of_an_mgtq_folder_is_held_to_its_checksums_through_every_loader(saved, tmp_path, origin):
+    from mgtq.default_model import default_model
+    from mgtq.models.transformer import MeissonicTransformer
+
+    folder = shutil.copytree(saved / "float" if origin == "saved" else default_model(), tmp_path / "m")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
+    _flip_last_bit(weights)
+    for load in (MGTPipeline.from_pretrained, lambda f: MeissonicTransformer.from_pretrained(f / "transformer")):
+        with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors: sha256 differs"):
+            load(folder)
+    weights.write_bytes(original)
+    config = folder / "transformer" / "config.json"
+    data = json.loads(config.read_text())
+    data["axes_dims_rope"] = data["axes_dims_rope"][::-1]  # same shapes, other RoPE: a silently different model
+    config.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="transformer/config.json: sha256 differs"):
+        MGTPipeline.from_pretrained(folder, progress=False)
+
+
+def test_a_transformer_swapped_for_another_is_refused(saved, tmp_path):
+    floats = shutil.copytree(saved / "float", tmp_path / "float")
+    quantized = shutil.copytree(saved / "quantized", tmp_path / "quantized")
+    shutil.rmtree(floats / "transformer")
+    shutil.copytree(saved / "quantized" / "transformer", floats / "transformer")
+    with pytest.raises(ValueError, match=r"transformer/\S+( is not among the files|: sha256 differs)"):
+        MGTPipeline.from_pretrained(floats, progress=False)
+    shutil.rmtree(quantized / "transformer")
+    shutil.copytree(saved / "float" / "transformer", quantized / "transformer")
+    with pytest.raises(ValueError, match="transformer/manifest.json .*does not exist"):
+        MGTPipeline.from_pretrained(quantized, progress=False)
+
+
+def test_an_mgtq_folder_whose_checksums_were_dropped_is_refused_or_said(saved, tmp_path):
+    folder = shutil.copytree(saved / "quantized", tmp_path / "q")
+    _flip_last_bit(folder / "vqvae" / "diffusion_pytorch_model.safetensors")
+    index = _index(folder)
+    del index["mgtq_files"]["vqvae/diffusion_pytorch_model.safetensors"]  # one entry dropped: that file is uncovered
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is not among the files"):
+        MGTPipeline.from_pretrained(folder, progress=False)
+    del index["mgtq_files"]  # all of them: an mgtq folder (settings, a quantized transformer) without checksums
+    _write_index(folder, index)
+    with pytest.warns(UserWarning, match="records no checksums .* its files are not verified"):
+        MGTPipeline.from_pretrained(folder, progress=False)
+
+
+def test_the_settings_an_mgtq_folder_was_written_with_are_held_to_its_checksums(saved, tmp_path):
+    from mgtq.pipeline import set_default_sampler
+
+    folder = shutil.copytree(saved / "float", tmp_path / "f")
+    index = _index(folder)
+    edited = json.loads(json.dumps(index))
+    edited["mgtq"]["sampler"]["timestep_convention"] = "step_index"
+    _write_index(folder, edited)
+    with pytest.raises(ValueError, match="'mgtq' settings differ .*set_default_sampler"):
+        MGTPipeline.from_pretrained(folder, progress=False)
+    _write_index(folder, {k: v for k, v in index.items() if k != "mgtq"})  # settings gone: not the official defaults
+    with pytest.raises(ValueError, match="lost its 'mgtq' settings"):
+        MGTPipeline.from_pretrained(folder, progress=False)
+    _write_index(folder, index)
+    pipe = MGTPipeline.from_pretrained(folder, progress=False)
+    set_default_sampler(folder, pipe.settings.sampler.replace(num_steps=5))  # the sanctioned edit records them
+    assert MGTPipeline.from_pretrained(folder, progress=False).settings.sampler.num_steps == 5
+
+
+def test_a_float_tensor_stored_as_integers_is_refused(model):
+    """Same byte length, another dtype in the header: diffusers would convert the integers to floats."""
+    path = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    key = next(k for k, v in sorted(header.items()) if k != "__metadata__" and v["dtype"] == "F32")
+    header[key]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    path.write_bytes(raw[:8] + text + raw[8 + size:])
+    with pytest.raises(ValueError, match=f"{key}' of the transformer is stored as an integer or bool type"):
+        MGTPipeline.from_pretrained(model, progress=False)
+
+
+def test_the_transformer_class_loader_never_unpickles(model):
+    from mgtq.models.transformer import MeissonicTransformer
+
+    torch.save({"harmless": torch.zeros(1)}, model / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors only, never pickle files"):
+        MeissonicTransformer.from_pretrained(model / "transformer", use_safetensors=False)
+    assert MeissonicTransformer.from_pretrained(model / "transformer") is not None  # its safetensors
+
+
+def test_load_vq_holds_the_vq_to_the_loaders_checks(model):
+    from mgtq.utils import save_safetensors
+    from mgtq.vq import load_vq
+    from safetensors.torch import load_file
+
+    path = model / "vqvae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if k.endswith("bias"))[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_safetensors(tensors, path)
+    with pytest.raises(ValueError, match=f"{key}' of the VQ model holds NaN"):
+        load_vq(model / "vqvae")

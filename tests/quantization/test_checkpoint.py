@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mgtq
+from mgtq.components import CHECKSUMS_KEY, SETTINGS_ENTRY
 from mgtq.export import write_checkpoint
 from mgtq.quantization import W4A8Linear, W4Linear
 from mgtq.quantization import checkpoint as ckpt
@@ -130,9 +131,12 @@ def test_a_manifest_with_the_older_top_level_group_size_still_loads(qpipe, expor
     copy = shutil.copytree(exported, tmp_path / "older")
     data = _manifest(copy)
     _set_manifest(copy, {**data, "group_size": None})
+    _as_an_earlier_mgtq_wrote_it(copy)
     assert ckpt.read_manifest(copy / "transformer") == ckpt.read_manifest(exported / "transformer")
     kwargs = dict(prompt="a red circle", seed=1, num_inference_steps=2, progress=False, output_type="tokens")
-    assert torch.equal(mgtq.load(copy)(**kwargs).tokens, qpipe(**kwargs).tokens)
+    with pytest.warns(UserWarning, match="an earlier mgtq recorded these checksums"):
+        older = mgtq.load(copy)
+    assert torch.equal(older(**kwargs).tokens, qpipe(**kwargs).tokens)
 
 
 def test_float_folder_is_not_quantized(random_pipeline_dir):
@@ -149,6 +153,14 @@ def test_loading_a_checkpoint_imports_neither_scq_nor_bench(exported):
 
 
 # ---------------------------------------------------------------------------- bad checkpoints
+def _as_an_earlier_mgtq_wrote_it(folder):
+    """model_index.json as mgtq wrote it before its checksums covered the settings and the transformer's manifest."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index[CHECKSUMS_KEY] = {k: v for k, v in index[CHECKSUMS_KEY].items()
+                            if k != SETTINGS_ENTRY and not k.startswith("transformer/")}
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
 def _manifest(folder):
     return json.loads((folder / "transformer" / "manifest.json").read_text())
 
@@ -290,7 +302,11 @@ def test_a_manifest_of_an_older_mgtq_names_the_weights_only_and_loads(exported, 
     data = _manifest(copy)
     del data["files"]["config.json"]  # written before config.json was hashed
     _set_manifest(copy, data)
-    assert mgtq.load(copy).transformer is not None
+    with pytest.raises(ValueError, match="manifest.json: sha256 differs"):  # today's export records its manifest
+        mgtq.load(copy)
+    _as_an_earlier_mgtq_wrote_it(copy)
+    with pytest.warns(UserWarning, match="an earlier mgtq"):
+        assert mgtq.load(copy).transformer is not None
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
