@@ -102,3 +102,20 @@ def tiny_recipe_dict(model_dir, **sections) -> dict:
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
     return data
+
+
+# ------------------------------------------------------------------------------------ training states
+
+
+def resave_trainer_json(state_dir, **changes) -> None:
+    """trainer.json of the training state in `state_dir` with `changes`, its sha256 and state.json's digest
+    written as mgtq's writer writes them: the state another run (another process count, say) would leave."""
+    from mgtq.training import loop, state
+    from mgtq.utils import read_json, sha256_file, write_json
+
+    marker = state_dir / loop.TRAINER_FILE
+    write_json(marker, {**read_json(marker), **changes})
+    meta = read_json(state_dir / state.STATE_FILE)
+    meta.pop(state.DIGEST_KEY)
+    meta["files"][loop.TRAINER_FILE] = sha256_file(marker)
+    write_json(state_dir / state.STATE_FILE, {**meta, state.DIGEST_KEY: state._digest(meta)})

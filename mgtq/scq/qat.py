@@ -195,7 +195,10 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     # each process draws its own batches: a state saved under another process count would go on as neither run
     identity = {"fingerprint": fingerprint, "processes": accelerator.num_processes}
-    start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity=identity)
+    settings = loop.LoopSettings(steps=cfg.steps, save_every=cfg.save_every, accumulation=cfg.gradient_accumulation,
+                                 desc="SCQ 2/4 QAT",
+                                 nan_hint="lower qat.lr in the recipe and run `mgtq calibrate` again to resume")
+    start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity=identity, settings=settings)
     loss_before = saved["loss_before"] if start else fixed_metrics(model)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
@@ -207,9 +210,6 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
         return qat_loss(model, data, idx, drop, gen, sampler, device, cfg.objective, teacher)
 
-    settings = loop.LoopSettings(steps=cfg.steps, save_every=cfg.save_every, accumulation=cfg.gradient_accumulation,
-                                 desc="SCQ 2/4 QAT",
-                                 nan_hint="lower qat.lr in the recipe and run `mgtq calibrate` again to resume")
     losses = loop.train(accelerator, model, optimizer, loss_fn, settings, state_dir, start,
                         {**saved, **identity, "loss_before": loss_before}, progress=progress)
     unwrapped = accelerator.unwrap_model(model)

@@ -7,10 +7,11 @@ optimizer, scheduler and RNG states restored (`mgtq.training.state`: safetensors
 pickle) a resumed run ends byte-identical to an uninterrupted one.
 
 The state folder (written atomically every `save_every` steps) holds that state and
-`trainer.json` = {"step": next step, "recent_losses": [...], **info}; a state is resumed only while
-its info matches the `identity` the caller passes (e.g. the fingerprint of everything the training
-depends on). The recent losses travel with the state so that what is computed from them (a final
-loss, a log line) is also the same after a resume.
+`trainer.json` = {"step": next step, "recent_losses": [...], **info}, covered by the state's
+checksums; a state is resumed only while its info matches the `identity` the caller passes (e.g. the
+fingerprint of everything the training depends on) and its step is one these loop settings save at.
+The recent losses travel with the state so that what is computed from them (a final loss, a log
+line) is also the same after a resume.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mgtq.config import validate
-from mgtq.training.state import load_training_state, save_training_state
+from mgtq.training.state import (STATE_FILE, OutdatedTrainingState, checked_meta, load_training_state,
+                                 save_training_state)
 from mgtq.utils import atomic_directory, read_json, recover_atomic_target, write_json
 
 TRAINER_FILE = "trainer.json"
@@ -53,44 +55,68 @@ class LoopSettings:
 
 
 def resume(accelerator, state_dir: Path, model, optimizer, scheduler=None,
-           identity: dict | None = None) -> tuple[int, dict]:
+           identity: dict | None = None, *, settings: LoopSettings) -> tuple[int, dict]:
     """Load the saved state in `state_dir` into the prepared model/optimizer/scheduler when its info
     matches `identity`: (next step, saved info).
 
-    (0, {}) when there is nothing to resume. Debris of a save that was killed is cleaned first (a
-    state whose swap was cut short is restored), so a kill at any moment loses at most the steps
-    since the last save.
+    (0, {}) when there is nothing to resume, and with a warning for a state of another run or of an
+    earlier mgtq (no digest covers its step and settings). A corrupt or altered state, or one whose
+    step the loop with `settings` would not have saved at, is an error saying what to do. Debris of a
+    save that was killed is cleaned first (a state whose swap was cut short is restored), so a kill at
+    any moment loses at most the steps since the last save.
     """
     state_dir = Path(state_dir)
     if accelerator.is_main_process:
         recover_atomic_target(state_dir)
     accelerator.wait_for_everyone()
-    marker = state_dir / TRAINER_FILE
-    if not marker.exists():
+    if not (state_dir / TRAINER_FILE).exists() and not (state_dir / STATE_FILE).exists():
         return 0, {}
     try:
-        info = read_json(marker)
-    except ValueError:
-        return 0, {}  # a damaged marker: start over rather than load a state we cannot vouch for
+        meta = checked_meta(state_dir, (TRAINER_FILE,))  # trainer.json too, before it is read
+    except OutdatedTrainingState:
+        _say(accelerator, f"the training state in {state_dir} was written by an earlier mgtq, with no digest "
+                          "over its step and settings: starting over")
+        return 0, {}
+    info = read_json(state_dir / TRAINER_FILE)
     changed = {k: (info.get(k), v) for k, v in (identity or {}).items() if info.get(k) != v}
     if changed:
-        if accelerator.is_main_process:
-            said = "; ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in changed.items())
-            warnings.warn(f"the training state in {state_dir} was saved by another run ({said}): starting over",
-                          stacklevel=2)
+        said = "; ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in changed.items())
+        _say(accelerator, f"the training state in {state_dir} was saved by another run ({said}): starting over")
         return 0, {}
-    load_training_state(state_dir, accelerator, model, optimizer, scheduler)
-    return int(info["step"]), info
+    step = info.get("step")
+    if not saves_at(step, settings):
+        raise ValueError(f"{state_dir / TRAINER_FILE}: step {step!r} is not one {settings.desc} saves a state at "
+                         f"(every {settings.save_every} of {settings.steps} steps"
+                         f"{', and the last' if settings.save_final else ''}): the state was saved with other "
+                         f"settings or altered; run with the settings it was saved with, or delete {state_dir} to "
+                         "start this training over")
+    load_training_state(state_dir, accelerator, model, optimizer, scheduler, meta=meta)
+    return step, info
+
+
+def saves_at(step, settings: LoopSettings) -> bool:
+    """Whether the loop with `settings` saves a state at `step` (the next step of the state): every
+    `save_every` steps before the last, and after the last with `save_final`."""
+    if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+        return False
+    if step == settings.steps:
+        return settings.save_final
+    return step < settings.steps and step % settings.save_every == 0
+
+
+def _say(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        warnings.warn(message, stacklevel=3)
 
 
 def save(accelerator, state_dir: Path, step: int, losses: list[float], model, optimizer, scheduler=None,
          info: dict | None = None) -> None:
-    """Save the training state and trainer.json, atomically (main process)."""
+    """Save the training state with trainer.json among its checked files, atomically (main process)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(state_dir) as tmp:
-            save_training_state(tmp, accelerator, model, optimizer, scheduler)
             write_json(tmp / TRAINER_FILE, {**(info or {}), "step": step, "recent_losses": losses[-LOSS_HISTORY:]})
+            save_training_state(tmp, accelerator, model, optimizer, scheduler, extra=(TRAINER_FILE,))
     accelerator.wait_for_everyone()
 
 

@@ -243,7 +243,10 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
 
     state_dir = run / "state"
-    start, saved = loop.resume(accelerator, state_dir, joint, optimizer, scheduler)
+    settings = loop.LoopSettings(steps=config.steps, save_every=config.save_every, grad_clip=config.grad_clip,
+                                 save_final=True, desc="training MGT",
+                                 nan_hint="lower lr in the config and run again to resume")
+    start, saved = loop.resume(accelerator, state_dir, joint, optimizer, scheduler, settings=settings)
     micro = micro_conditions(IMAGE_SIZE, IMAGE_SIZE, device=accelerator.device)
     log_path = run / "log.jsonl"
     t0 = time.time() - _elapsed_before(log_path, start)  # elapsed_s counts training time over every resume
@@ -263,9 +266,6 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
             f.write(json.dumps({"step": step, "loss": float(np.mean(losses[-config.save_every:])),
                                 "elapsed_s": time.time() - t0}) + "\n")
 
-    settings = loop.LoopSettings(steps=config.steps, save_every=config.save_every, grad_clip=config.grad_clip,
-                                 save_final=True, desc="training MGT",
-                                 nan_hint="lower lr in the config and run again to resume")
     losses = loop.train(accelerator, joint, optimizer, loss_fn, settings, state_dir, start, saved,
                         scheduler=scheduler, progress=progress, on_save=log)
     summary = {"steps": config.steps, "final_loss": float(np.mean(losses[-200:])) if losses else None}

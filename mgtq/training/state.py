@@ -3,15 +3,19 @@
 `accelerator.save_state` writes the optimizer, the RNG states and the grad scaler with pickle
 (`optimizer.bin`, `random_states_0.pkl`, `scaler.pt`), and `load_state` unpickles them: a state
 folder someone else handed you could run code. Here every tensor goes to a safetensors file and
-everything else to JSON, and `state.json` records the sha256 of each file, checked before anything
-is read, so a corrupt or altered state is refused with a message rather than loaded.
+everything else to JSON. `state.json` lists the sha256 of exactly the files the state is made of
+(the caller's own files, e.g. its step, among them) and carries a digest of its own content (the
+optimizer's settings, the scheduler's state, the file list), all checked before anything is read,
+so a corrupt or altered state is refused with a message rather than loaded.
 
-    save_training_state(folder, accelerator, model, optimizer, scheduler)   # main process, into a fresh folder
-    load_training_state(folder, accelerator, model, optimizer, scheduler)   # every process
+    save_training_state(folder, accelerator, model, optimizer, scheduler, extra)  # main process, a fresh folder
+    load_training_state(folder, accelerator, model, optimizer, scheduler, extra)  # every process
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -23,11 +27,20 @@ from mgtq.utils import read_json, save_safetensors, sha256_file, write_json
 
 STATE_FILE = "state.json"
 FORMAT = "mgtq-training-state"
-VERSION = 1
+VERSION = 2  # 2: the digest of state.json's content; the files listed exactly, the caller's among them
+DIGEST_KEY = "digest"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
-def save_training_state(folder: Path, accelerator, model, optimizer, scheduler=None) -> None:
-    """Write the state of a prepared (model, optimizer, scheduler) and this process's RNGs into `folder`."""
+class OutdatedTrainingState(ValueError):
+    """A state an mgtq before format 2 wrote: no digest covers its metadata, so it is never loaded."""
+
+
+def save_training_state(folder: Path, accelerator, model, optimizer, scheduler=None, extra: tuple[str, ...] = ()
+                        ) -> None:
+    """Write the state of a prepared (model, optimizer, scheduler) and this process's RNGs into `folder`.
+
+    `extra`: files the caller has already written into `folder` (its step, say), covered by the same checks."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = accelerator.unwrap_model(model).state_dict()
@@ -40,15 +53,17 @@ def save_training_state(folder: Path, accelerator, model, optimizer, scheduler=N
     meta = {"format": FORMAT, "version": VERSION, "optimizer": optimizer_meta, "rng": rng_meta,
             "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None,
             "scaler": _plain(scaler.state_dict()) if scaler is not None else None,
-            "files": {name: sha256_file(folder / name) for name in ("model.safetensors", "optimizer.safetensors",
-                                                                 "rng.safetensors")}}
-    write_json(folder / STATE_FILE, meta)
+            "files": {name: sha256_file(folder / name) for name in _needed_files(extra)}}
+    write_json(folder / STATE_FILE, {**meta, DIGEST_KEY: _digest(meta)})
 
 
-def load_training_state(folder: Path, accelerator, model, optimizer, scheduler=None) -> None:
-    """Restore what :func:`save_training_state` wrote; a missing, corrupt or altered file is an error."""
+def load_training_state(folder: Path, accelerator, model, optimizer, scheduler=None, extra: tuple[str, ...] = (),
+                        meta: dict | None = None) -> None:
+    """Restore what :func:`save_training_state` wrote; a missing, corrupt or altered file is an error, a
+    state of an older format an :class:`OutdatedTrainingState`. `meta`: what :func:`checked_meta` returned
+    for this folder when the caller checked it first (its files are not hashed again)."""
     folder = Path(folder)
-    meta = _checked_meta(folder)
+    meta = meta if meta is not None else checked_meta(folder, extra)
     accelerator.unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
     optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")), meta["optimizer"]))
     if (scheduler is None) != (meta["scheduler"] is None):
@@ -62,20 +77,61 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler=N
     _set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
 
 
-def _checked_meta(folder: Path) -> dict:
+def checked_meta(folder: Path, extra: tuple[str, ...] = ()) -> dict:
+    """state.json's content, once it matches its digest, lists exactly the state's files (`extra`: the
+    caller's) and every one matches its sha256; else an error saying what to do."""
+    folder = Path(folder)
     path = folder / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no mgtq training state ({STATE_FILE} is missing); delete the "
                                 "folder to start the training over")
-    meta = read_json(path)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    redo = f"delete {folder} to start this training over, or restore the folder from a copy"
+    try:
+        meta = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"{path} cannot be read ({err}); {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an mgtq training state; delete {folder} to start over")
+    if meta.get("version") == 1:
+        raise OutdatedTrainingState(f"{path}: a training state of format 1, whose metadata no digest covers, "
+                                    f"written by an earlier mgtq; delete {folder} to start this training over")
+    if meta.get("version") != VERSION:
         raise ValueError(f"{path}: not an mgtq training state of version {VERSION}; delete {folder} to start over")
-    for name, digest in meta["files"].items():
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    if meta.get(DIGEST_KEY) != _digest(body):
+        raise ValueError(f"{path} does not match the digest written with it (its optimizer, scheduler or file "
+                         f"list was altered or damaged); {redo}")
+    files = body.get("files")
+    problem = _file_list_problem(files, _needed_files(extra))
+    if problem:
+        raise ValueError(f"{path}: {problem}; {redo}")
+    for name, digest in files.items():
         file = folder / name
         if not file.is_file() or sha256_file(file) != digest:
             raise ValueError(f"{file} is missing or does not match the sha256 recorded in {STATE_FILE} (corrupt or "
-                             f"altered); delete {folder} to start the training over")
+                             f"altered); {redo}")
     return meta
+
+
+def _needed_files(extra: tuple[str, ...]) -> tuple[str, ...]:
+    return (*TENSOR_FILES, *sorted(set(extra) - set(TENSOR_FILES)))
+
+
+def _file_list_problem(files, needed: tuple[str, ...]) -> str | None:
+    """What is wrong with state.json's {file: sha256} list given the files the state needs; None when nothing."""
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return "its 'files' is not a map of file names to sha256 digests"
+    missing, unknown = [n for n in needed if n not in files], sorted(set(files) - set(needed))
+    if missing:
+        return f"it records no sha256 for {', '.join(missing)}"
+    if unknown:
+        return f"it records files this training state is not made of: {', '.join(unknown)}"
+    return None
+
+
+def _digest(meta: dict) -> str:
+    """sha256 of the JSON content, independent of how it is laid out (JSON reads back floats exactly)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -42,6 +42,7 @@ from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
 from .state import load_training_state, save_training_state
 
 CHECKPOINT_DIR = "checkpoint"
+TRAINER_FILES = ("trainer_state.json", "trainer_state.safetensors")  # covered by the training state's checks
 FINAL_DIR = "final"
 
 
@@ -169,9 +170,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, usage: torch.Tensor, 
     # One writer: the state (and the RNG state in it) is the main process's, as mgtq.training.loop.save keeps it.
     if accelerator.is_main_process:
         with atomic_directory(final) as tmp:
-            save_training_state(tmp, accelerator, model, optimizer, scheduler)
             save_file({"code_usage": usage.contiguous()}, str(tmp / "trainer_state.safetensors"))
             write_json(tmp / "trainer_state.json", {"step": step, "config": asdict(config)})
+            save_training_state(tmp, accelerator, model, optimizer, scheduler, extra=TRAINER_FILES)
     accelerator.wait_for_everyone()
     return final
 
@@ -269,7 +270,7 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
         recover_atomic_target(checkpoint)  # a save killed mid-swap leaves its last complete copy beside it
     accelerator.wait_for_everyone()
     if resume and checkpoint.exists():
-        load_training_state(checkpoint, accelerator, vq, optimizer, scheduler)
+        load_training_state(checkpoint, accelerator, vq, optimizer, scheduler, extra=TRAINER_FILES)
         start, usage = load_trainer_state(checkpoint)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     if stop_after is not None and start >= min(stop_after, config.steps) and start < config.steps:

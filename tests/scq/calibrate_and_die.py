@@ -40,21 +40,21 @@ def install(point: str) -> None:
 
     from mgtq.pipeline import MGTPipeline
     from mgtq.scq import magnitudes, qat, secondary
-    from mgtq.training import loop
+    from mgtq.training import state
 
     if point == "synth":
         MGTPipeline.__call__ = after_calls(2, MGTPipeline.__call__)
     elif point == "qat-save":
-        real = loop.write_json
+        real = state.write_json
 
         def write_json(path, data, _seen=[]):
-            if path.name == loop.TRAINER_FILE:
+            if path.name == state.STATE_FILE:
                 _seen.append(path)
                 if len(_seen) == 2:
-                    die()  # the accelerate state is written, trainer.json is not: a half-written state
+                    die()  # trainer.json and the tensors are written, state.json is not: a half-written state
             return real(path, data)
 
-        loop.write_json = write_json
+        state.write_json = write_json
     elif point == "qat-exchanged":
         import mgtq.utils
 

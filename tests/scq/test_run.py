@@ -20,7 +20,7 @@ from mgtq.scq import qat, stages
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import dump_recipe, load_recipe, recipe_from_dict
 from mgtq.scq.run import STAGES, RunFolder, RunFolderBusy
-from testkit import tiny_recipe_dict
+from testkit import resave_trainer_json, tiny_recipe_dict
 from mgtq.utils import read_json, recover_atomic_target, write_json
 
 
@@ -292,12 +292,37 @@ def test_a_qat_state_of_another_process_count_is_not_resumed(tmp_path, random_pi
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     marker = out / "qat-state" / "trainer.json"
     assert read_json(marker)["processes"] == 1
-    write_json(marker, {**read_json(marker), "processes": 2})  # as a 2-process torchrun run leaves it
+    resave_trainer_json(marker.parent, processes=2)  # as a 2-process torchrun run leaves it
     steps = []
     monkeypatch.setattr(qat, "qat_loss", lambda *a, **k: steps.append(torch.is_grad_enabled()) or real_loss(*a, **k))
     with pytest.warns(UserWarning, match=r"processes 2 there, 1 now\): starting over"):
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert sum(steps) == 12  # every step again, not the 4 after step 8: its batches were drawn per process
+
+
+def test_an_edited_qat_step_is_refused(tmp_path, random_pipeline_dir, monkeypatch):
+    out = tmp_path / "run"
+    real_loss, calls = qat.qat_loss, {"n": 0}
+
+    def stop_in_step_9(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(qat, "qat_loss", stop_in_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    monkeypatch.setattr(qat, "qat_loss", real_loss)
+    marker = out / "qat-state" / "trainer.json"
+    write_json(marker, {**read_json(marker), "step": 11})  # 8 → 11: one step left instead of 4 (audit F8)
+    with pytest.raises(ValueError, match=r"trainer.json is missing or does not match the sha256.*delete .*qat-state "
+                                         r"to start this training over, or restore"):
+        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    resave_trainer_json(marker.parent, step=11)  # checksums made to fit: the step itself is still refused
+    with pytest.raises(ValueError, match=r"step 11 is not one SCQ 2/4 QAT saves a state at \(every 4 of 12 steps\)"):
+        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    assert not (out / "qat").exists()
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_state(tmp_path, random_pipeline_dir, monkeypatch):

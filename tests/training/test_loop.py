@@ -7,8 +7,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mgtq.training import loop
-from mgtq.utils import read_json
+from mgtq.training import loop, state
+from mgtq.utils import read_json, write_json
+from testkit import resave_trainer_json
 
 
 SETTINGS = loop.LoopSettings(steps=6, save_every=2, accumulation=2, desc="toy")
@@ -22,7 +23,8 @@ def _train(state_dir, stop_at=None, identity=None, loss_hook=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start, info = loop.resume(accelerator, state_dir, model, optimizer, scheduler, identity or {"fingerprint": "a"})
+    start, info = loop.resume(accelerator, state_dir, model, optimizer, scheduler, identity or {"fingerprint": "a"},
+                              settings=SETTINGS)
 
     def loss_fn(step, micro):
         if step == stop_at:
@@ -89,6 +91,48 @@ def test_the_state_is_safetensors_and_json_only_and_an_altered_file_is_refused(t
     optimizer.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"optimizer.safetensors is missing or does not match the sha256.*delete"):
         _train(tmp_path / "s")
+
+
+def test_an_edited_step_in_trainer_json_is_refused(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    marker = tmp_path / "s" / loop.TRAINER_FILE
+    write_json(marker, {**read_json(marker), "step": 4})  # would skip steps 2 and 3
+    with pytest.raises(ValueError, match=r"trainer.json is missing or does not match the sha256 recorded in "
+                                         r"state.json .*delete .* to start this training over, or restore"):
+        _train(tmp_path / "s")
+
+
+@pytest.mark.parametrize("step", [3, 6, 8, 0, -2, 2.0, True, None])
+def test_a_step_the_loop_does_not_save_at_is_refused(tmp_path, step):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    resave_trainer_json(tmp_path / "s", step=step)  # checksums and all, as if the settings had been others
+    with pytest.raises(ValueError, match=rf"trainer.json: step {step!r} is not one toy saves a state at \(every 2 "
+                                         r"of 6 steps\).*run with the settings it was saved with, or delete"):
+        _train(tmp_path / "s")
+
+
+def test_the_steps_a_loop_saves_at():
+    assert [s for s in range(-1, 9) if loop.saves_at(s, SETTINGS)] == [2, 4]
+    final = loop.LoopSettings(steps=6, save_every=4, save_final=True)
+    assert [s for s in range(-1, 9) if loop.saves_at(s, final)] == [4, 6]
+    assert not loop.saves_at(0, loop.LoopSettings(steps=0, save_every=1, save_final=True))
+
+
+def test_a_state_of_an_earlier_mgtq_starts_over_with_a_warning(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "s", stop_at=3)
+    meta = read_json(tmp_path / "s" / state.STATE_FILE)  # as mgtq wrote it before the metadata's digest
+    meta.pop(state.DIGEST_KEY)
+    meta["version"] = 1
+    meta["files"].pop(loop.TRAINER_FILE)
+    write_json(tmp_path / "s" / state.STATE_FILE, meta)
+    _, losses, weight = _train(tmp_path / "straight")
+    with pytest.warns(UserWarning, match=r"written by an earlier mgtq, with no digest over its step and settings: "
+                                         r"starting over"):
+        start, restarted_losses, restarted_weight = _train(tmp_path / "s")
+    assert start == 0 and restarted_losses == losses and torch.equal(restarted_weight, weight)
 
 
 def _one_accumulated_step(tmp_path, accumulation, grads):
