@@ -32,7 +32,7 @@ from mgtq.sampling.start import check_strength, img2img_start, inpaint_start, st
 from mgtq.vq import encode_to_tokens
 
 __all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image_array", "image_batch", "mask_array",
-           "mask_batch", "token_mask", "tiled_size", "edit_to_file"]
+           "mask_batch", "token_mask", "tiled_size", "edit_to_file", "check_edit_files"]
 
 
 # ---------------------------------------------------------------------------------- pixels
@@ -392,13 +392,18 @@ def edit_to_file(
     strength: float | None = None, seed: int = 0, **call_kwargs,
 ) -> Path:
     """What `mgtq edit` calls: inpaint the image file by `mask` or `outpaint` (L, R, T, B), or re-draw it
-    (img2img) by `strength` alone; write the result as PNG (atomically). With a mask or outpaint, `strength`
+    (img2img) by `strength` alone; write the result as PNG (atomically) to `out`, a .png path or a folder (then
+    0.png in it), as `mgtq generate` takes --out; returns the path written. With a mask or outpaint, `strength`
     is the inpainting's share of the steps run (default 1: all of them), as in diffusers' aMUSEd."""
-    from mgtq.generate import write_png
+    from mgtq.generate import output_paths, write_png
 
     if mask is not None and outpaint is not None:
         raise ValueError("give --mask or --outpaint, not both")
+    out = output_paths(Path(out), 1)[0]  # before any work: a .jpg path is refused
     source = _open_image(image, "--image")
+    mask_image = None if mask is None else _open_image(mask, "--mask")
+    check_edit_sizes(image, source.size, mask, None if mask_image is None else mask_image.size, outpaint,
+                     pipe.vae_scale_factor * pipe.transformer.grid_factor)
     if mask is None and outpaint is None:
         if strength is None:
             raise ValueError("give --mask, --outpaint or --strength")
@@ -406,18 +411,50 @@ def edit_to_file(
     else:
         if outpaint is not None:
             source, mask_image = outpaint_canvas(source, *outpaint)
-        else:
-            mask_image = _open_image(mask, "--mask")
         result = MGTInpaintPipeline.from_pipe(pipe)(prompt, image=source, mask_image=mask_image, seed=seed,
                                                     strength=1.0 if strength is None else strength, **call_kwargs)
-    out = Path(out)
     write_png(result.images[0], out)
     return out
 
 
+def check_edit_files(image: str | os.PathLike, mask: str | os.PathLike | None = None,
+                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None) -> None:
+    """What `mgtq edit` checks before any weight loads, in its flags' words: the --image file reads as an RGB
+    image (transparency refused), the --mask file as a mask of its size, and, with `tile` (the model's pixels per
+    token side, when known), that the image or the outpainting canvas tiles into tokens. Reads the files as
+    edit_to_file does (small next to loading a model)."""
+    source = _open_image(image, "--image")
+    mask_size = None if mask is None else _open_image(mask, "--mask").size
+    check_edit_sizes(image, source.size, mask, mask_size, outpaint, tile)
+
+
+def check_edit_sizes(image, size: tuple[int, int], mask=None, mask_size: tuple[int, int] | None = None,
+                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None) -> None:
+    """The sizes (W, H) of the --image and --mask files against each other and the model's `tile` (None: not
+    checked here; the pipeline checks it); errors name the flags and the fix."""
+    w, h = size
+    if mask_size is not None and tuple(mask_size) != (w, h):
+        raise ValueError(f"--mask {mask} is {mask_size[0]}×{mask_size[1]} but --image {image} is {w}×{h}; resize "
+                         f"--mask to {w}×{h} (nearest-neighbour keeps it black and white)")
+    if not tile:
+        return
+    left, right, top, bottom = outpaint or (0, 0, 0, 0)
+    cw, ch = left + w + right, top + h + bottom
+    if not (cw % tile or ch % tile):
+        return
+    if outpaint is not None:  # the canvas must tile, not the image: widen the right and bottom padding
+        raise ValueError(f"--outpaint {left},{right},{top},{bottom} on the {w}×{h} --image makes a {cw}×{ch} canvas, "
+                         f"but the model's sides must be multiples of {tile} px; try --outpaint {left},"
+                         f"{right + -cw % tile},{top},{bottom + -ch % tile}")
+    near = tiled_size(w, h, tile)
+    also = " and --mask alike" if mask is not None else ""
+    raise ValueError(f"--image {image} is {w}×{h}, but the model's sides must be multiples of {tile} px; try "
+                     f"{near[0]}×{near[1]}: resize or crop --image{also}")
+
+
 def _open_image(path, flag: str) -> Image.Image:
     """A file as diffusers' `load_image` reads one: turned upright by its EXIF orientation, then RGB (an image:
-    transparency dropped) or grey levels (a mask)."""
+    an alpha channel is dropped only when every pixel is opaque) or grey levels (a mask)."""
     try:
         with Image.open(path) as im:
             if max(im.size) > MAX_RESOLUTION:  # read from the header: nothing decoded yet
@@ -425,7 +462,7 @@ def _open_image(path, flag: str) -> Image.Image:
                                  "px a side (mgtq.limits); resize it")
             im.load()
             upright = ImageOps.exif_transpose(im)
-            return upright.convert("L" if flag == "--mask" else "RGB")
+            return upright.convert("L") if flag == "--mask" else _opaque_rgb(upright, f"{flag} {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag} {path} does not exist") from None
     except (OSError, Image.UnidentifiedImageError) as err:

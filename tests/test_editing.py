@@ -519,14 +519,14 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     assert "give --mask (inpaint), --outpaint L,R,T,B or --strength alone" in capsys.readouterr().err
     assert main(base + ["--mask", str(image), "--outpaint", "8,0,0,0"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
-    assert main(base + ["--strength", "0.5", "--mask", str(image), "--out", str(tmp_path)]) == 2
-    assert "--out" in capsys.readouterr().err  # a folder: refused before any weight loads
+    assert main(base + ["--strength", "0.5", "--mask", str(image), "--out", str(tmp_path / "o.jpg")]) == 2
+    assert "--out" in capsys.readouterr().err  # not a PNG: refused before any weight loads
     assert main(base + ["--strength", "2"]) == 2
     assert "strength" in capsys.readouterr().err
     assert main(base + ["--outpaint", "8,8"]) == 2
     assert "L,R,T,B" in capsys.readouterr().err
     assert main(base + ["--outpaint", "4,0,0,0"]) == 2
-    assert "try" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
+    assert "try --outpaint 4,4,0,0" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
     assert not (tmp_path / "o.png").exists()
     args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile",
             "--tome", "0.5"]
@@ -534,6 +534,17 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
 
     parsed = build_parser().parse_args(args)
     assert parsed.compile and parsed.tome == 0.5 and parsed.func.__name__ == "cmd_edit"
+
+
+def test_cli_edit_out_follows_generates_rule(tmp_path, random_pipeline_dir, scene, capsys):
+    # a path without .png is a folder, as `mgtq generate --out` takes it (it used to be a PNG file named "results")
+    image = tmp_path / "in.png"
+    Image.fromarray(scene).save(image)
+    base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
+            "--no-progress", "--device", "cpu", "--strength", "0.5"]
+    assert main(base + ["--out", str(tmp_path / "results")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "results" / "0.png")
+    assert (tmp_path / "results").is_dir() and Image.open(tmp_path / "results" / "0.png").format == "PNG"
 
 
 def test_inpaint_strength_runs_only_the_last_steps_as_amused_does(random_pipeline, scene):
