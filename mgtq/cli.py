@@ -134,15 +134,36 @@ def cmd_generate(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    _check_output_path(args.out, "--out")
-    from mgtq.editing import edit_to_file
+    from mgtq.generate import output_paths
 
+    out = output_paths(args.out, 1)[0]  # generate's --out rule: a .png path or a folder, never x.jpg
+    _check_output_path(out, "--out")
+    from mgtq.editing import check_edit_files, edit_to_file
+
+    check_edit_files(args.image, mask=args.mask, outpaint=args.outpaint, tile=_model_tile(args.model))
     pipe = _load_pipe(args)
-    out = edit_to_file(pipe, args.image, args.prompt, args.out, mask=args.mask, outpaint=args.outpaint,
+    out = edit_to_file(pipe, args.image, args.prompt, out, mask=args.mask, outpaint=args.outpaint,
                        strength=args.strength, seed=args.seed, negative_prompt=args.negative_prompt,
                        progress=not args.no_progress, sampler=_sampler(args, pipe))
     print(out)
     return 0
+
+
+def _model_tile(model: Path | None) -> int | None:
+    """Pixels per token side of the model (VQ factor × the transformer's feature compression), from its config
+    files alone, so `mgtq edit` can check the image's size before the weights load; None when they do not read
+    (loading the model then says why)."""
+    from mgtq.default_model import default_model
+    from mgtq.utils import read_json
+
+    try:
+        folder = Path(model or default_model())
+        channels = read_json(folder / "vqvae" / "config.json")["block_out_channels"]
+        # MeissonicTransformer's default when the key is absent: compression on
+        downsample = read_json(folder / "transformer" / "config.json").get("downsample", True)
+        return 2 ** (len(channels) - 1) * (2 if downsample else 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _outpaint_padding(text: str) -> tuple[int, int, int, int]:
@@ -439,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
     _add_model_args(d)
     _add_sampler_args(d)
-    d.add_argument("--image", type=argtypes.existing_file("image"), required=True, help="RGB image to edit")
+    d.add_argument("--image", type=argtypes.existing_file("image"), required=True,
+                   help="image to edit: RGB (an RGBA one without transparent pixels reads as RGB)")
     how = d.add_mutually_exclusive_group()
     how.add_argument("--mask", type=argtypes.existing_file("mask"), default=None,
                      help="inpainting: mask image of the same size, white = repaint")
@@ -451,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", type=_prompt, required=True, help="what the edited image shows")
     d.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
     d.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the edit (the same seed, the same image)")
-    d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"), help="PNG path")
+    d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"),
+                   help="PNG path, or a folder (the image is then 0.png in it), as generate's --out")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     d.set_defaults(func=cmd_edit)
 

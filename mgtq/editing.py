@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from mgtq.limits import MAX_RESOLUTION
@@ -30,63 +31,127 @@ from mgtq.sampling import SamplerConfig, SamplerHooks
 from mgtq.sampling.start import check_strength, img2img_start, inpaint_start, start_step_for_strength
 from mgtq.vq import encode_to_tokens
 
-__all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image_array", "mask_array",
-           "token_mask", "edit_to_file"]
+__all__ = ["MGTInpaintPipeline", "MGTImg2ImgPipeline", "outpaint_canvas", "image_array", "image_batch", "mask_array",
+           "mask_batch", "token_mask", "tiled_size", "edit_to_file", "check_edit_files"]
 
 
 # ---------------------------------------------------------------------------------- pixels
 def image_array(image) -> np.ndarray:
-    """An image → uint8 RGB (H, W, 3): a PIL image of any mode without transparency (converted to RGB), a uint8
-    array (H, W, 3), or a float array (H, W, 3) in [0, 1] (diffusers' "np" images); anything else is a clear
-    error. An image with transparency is refused rather than guessed at (what lies under transparent pixels
-    is often black)."""
+    """One image → uint8 RGB (H, W, 3), from the forms diffusers' VaeImageProcessor.preprocess takes and mgtq's
+    own outputs come in: a PIL image of any mode (converted to RGB), a uint8 array (H, W, 3), a float array
+    (H, W, 3) in [0, 1] ("np" images) or a torch tensor (3, H, W) in [0, 1] ("pt" images, any float dtype);
+    anything else is a clear error. An image with transparent pixels is refused rather than guessed at (what
+    lies under them is often black); a fully opaque one is read as RGB. Batches: `image_batch`."""
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            raise ValueError(f"image has transparency (mode {image.mode!r}); editing takes RGB images: composite it "
-                             "onto a background, or drop the alpha channel with image.convert('RGB')")
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        return np.asarray(_opaque_rgb(image, "image"))
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError("a torch image must be (3, H, W), or a batch (N, 3, H, W), with values in [0, 1] (as "
+                             f"diffusers' 'pt' images), got shape {tuple(image.shape)}")
+        image = image.detach().cpu()
+        # .float() first: numpy has no bfloat16; uint8 stays 0–255
+        image = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
     arr = image if isinstance(image, np.ndarray) else None
     if arr is not None and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype.kind == "f" and arr.size:
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("a float image array must hold values in [0, 1] (diffusers' 'np' images); got "
-                             f"[{float(np.nanmin(arr)):.3g}, {float(np.nanmax(arr)):.3g}]")
+            raise ValueError("a float image must hold values in [0, 1] (as diffusers' 'np' and 'pt' images), got "
+                             f"[{float(np.nanmin(arr)):.3g}, {float(np.nanmax(arr)):.3g}]; map a [-1, 1] tensor with "
+                             "(x + 1) / 2, and 0–255 values with x / 255")
         return np.round(arr * 255).astype(np.uint8)
     if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         what = f"{arr.dtype} array of shape {arr.shape}" if arr is not None else type(image).__name__
-        raise ValueError(f"image must be a PIL image, a uint8 array (H, W, 3) or a float one in [0, 1], got {what}")
+        raise ValueError("image must be a PIL image, a uint8 array (H, W, 3) or a float one in [0, 1], a torch "
+                         f"tensor (3, H, W) in [0, 1], or a batch of arrays or tensors (N, …), got {what}")
     return arr
 
 
+def image_batch(image) -> list:
+    """One `image=` value → the images it holds: a batch (N, 3, H, W) tensor or (N, H, W, 3) array is N images,
+    as diffusers' VaeImageProcessor.preprocess takes them and mgtq's 'pt' / 'np' outputs come (so an output
+    can be fed back); anything else is one image (image_array checks it)."""
+    if (isinstance(image, torch.Tensor) and image.dim() == 4) or (isinstance(image, np.ndarray) and image.ndim == 4):
+        return list(image)
+    return [image]
+
+
+def _opaque_rgb(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image as RGB. Its alpha (or transparent palette entry) is dropped only when every pixel is opaque,
+    as in the RGBA files editors and screenshots save: under transparent pixels lies whatever colour the file
+    kept there, so an image with real transparency is refused (name: how the message names it)."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    rgba = image.convert("RGBA")
+    lowest = rgba.getchannel("A").getextrema()[0]
+    if lowest < 255:
+        raise ValueError(f"{name} has transparent pixels (mode {image.mode!r}, alpha down to {lowest}); editing "
+                         "takes RGB images: flatten it onto a background first, e.g. Image.alpha_composite(Image.new("
+                         "'RGBA', image.size, 'white'), image.convert('RGBA')).convert('RGB') (image.convert('RGB') "
+                         "drops alpha, leaving whatever colour lies under the transparent pixels)")
+    return rgba.convert("RGB")
+
+
 def mask_array(mask, size: tuple[int, int]) -> np.ndarray:
-    """A mask → bool (H, W), True = repaint. White (≥ 0.5 of full scale) repaints, as in diffusers: a PIL image of
-    any mode (its grey level, as diffusers' mask processor converts it), an (H, W) bool array, a uint8 one (0–255),
-    or a float one or a torch tensor (H, W) with values in [0, 1].
+    """One mask → bool (H, W), True = repaint. White (≥ 0.5 of full scale) repaints, as in diffusers: a PIL image of
+    any mode (its grey level, as diffusers' mask processor converts it), or a numpy array or torch tensor (H, W),
+    (H, W, 1) or (1, H, W) that is bool, integer (0–255, as uint8) or float (any dtype) with values in [0, 1].
+    Batches: `mask_batch`.
 
     size: the image's (height, width); a mask of another size, or one that repaints nothing, is an error.
     """
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().squeeze().numpy() if mask.dim() > 2 else mask.detach().cpu().numpy()
+    if not isinstance(mask, Image.Image):
+        masks = mask_batch(mask)  # a tensor → numpy; a singleton channel dimension dropped
+        if len(masks) != 1:
+            raise ValueError(f"mask_array takes one mask, got a batch of {len(masks)}; pass one of them")
+        mask = masks[0]
     if isinstance(mask, Image.Image):
         arr = np.asarray(mask.convert("L")) >= 128
-    elif isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype.kind in "buf":
+    elif isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype.kind in "buif":
         if mask.dtype.kind == "f" and mask.size and (not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1):
             raise ValueError("a float mask must hold values in [0, 1] (1 = repaint); got "
                              f"[{float(np.nanmin(mask)):.3g}, {float(np.nanmax(mask)):.3g}]")
-        if mask.dtype.kind == "u" and mask.dtype != np.uint8:
-            raise ValueError(f"mask_image of dtype {mask.dtype}: give a bool, uint8 (0–255) or float [0, 1] mask")
-        arr = mask >= {"b": True, "u": 128, "f": 0.5}[mask.dtype.kind]
+        if mask.dtype.kind in "iu" and mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError("an integer mask must hold values in 0–255 (255 = repaint), as a uint8 one; got "
+                             f"{mask.dtype} values in [{mask.min()}, {mask.max()}]")
+        arr = mask >= {"b": True, "u": 128, "i": 128, "f": 0.5}[mask.dtype.kind]
     else:
         what = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise ValueError(f"mask_image must be a PIL image, a tensor or a bool/uint8/float array (H, W), got {what}")
+        raise ValueError("mask_image must be a PIL image, or a bool, integer (0–255) or float ([0, 1]) array or "
+                         "tensor (H, W), (H, W, 1) or (1, H, W), or a batch of them (B, H, W), (B, 1, H, W), "
+                         f"(B, H, W, 1); got {what}")
     if arr.shape != tuple(size):
         raise ValueError(f"mask_image is {arr.shape[1]}×{arr.shape[0]} (W×H) but the image is {size[1]}×{size[0]}; "
-                         "give a mask of the image's size")
+                         "give a mask of the image's size (a PIL mask: mask.resize(image.size, Image.NEAREST), which "
+                         "keeps it black and white)")
     if not arr.any():
         peak = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask).max()
         hint = (f" (its brightest value is {peak} of 255: a 0/1 mask must be scaled to 0/255, or given as a bool "
                 "array)" if 0 < peak < 128 and not isinstance(peak, (np.floating, float)) else "")
         raise ValueError(f"mask_image is all black: nothing to repaint{hint}; paint the area to repaint white")
     return arr
+
+
+def mask_batch(mask) -> list:
+    """One `mask_image=` value → the masks it holds, in the shapes aMUSEd's inpainting takes: an array or tensor
+    (H, W), (H, W, 1) or (1, H, W) is one mask; (B, H, W), (B, 1, H, W) or (B, H, W, 1) is B masks (one per prompt,
+    as a list). Tensors become numpy arrays (bool stays bool, integers int64, floats float32: numpy has no
+    bfloat16); a PIL image, or anything else, is one mask (mask_array checks it)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu()
+        if mask.dtype != torch.bool and not mask.is_complex():
+            mask = mask.float() if mask.is_floating_point() else mask.long()
+        mask = mask.numpy()
+    if not isinstance(mask, np.ndarray):
+        return [mask]
+    if mask.ndim == 3:
+        return [mask[..., 0]] if mask.shape[2] == 1 else list(mask)
+    if mask.ndim == 4 and 1 in (mask.shape[1], mask.shape[3]):
+        return list(mask[:, 0] if mask.shape[1] == 1 else mask[..., 0])
+    return [mask]
+
+
+def tiled_size(width: int, height: int, tile: int) -> tuple[int, int]:
+    """The nearest (width, height) whose sides are positive multiples of `tile` (what an error suggests)."""
+    return max(tile, round(width / tile) * tile), max(tile, round(height / tile) * tile)
 
 
 def token_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
@@ -136,12 +201,14 @@ class _EditingPipeline(MGTPipeline):
 
     @torch.no_grad()  # not inference_mode: the sampler updates the start tokens in place outside it
     def encode_image(self, image) -> torch.Tensor:
-        """VQ-encode RGB image(s) (one, or a list of the same size) → token ids (B, h, w).
+        """VQ-encode RGB image(s) → token ids (B, h, w): one image, a batch (N, 3, H, W) tensor or (N, H, W, 3)
+        array, or a list of these, all of one size (the forms of `image_array` and `image_batch`).
 
         The image size must be a multiple of the VQ factor (× the feature compression); the error
         names the nearest valid size.
         """
-        arrays = self._image_arrays(list(image) if isinstance(image, (list, tuple)) else [image])
+        images = [one for item in (image if isinstance(image, (list, tuple)) else [image]) for one in image_batch(item)]
+        arrays = self._image_arrays(images)
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
         if self.settings.image_range == "-1,1":
             pixels = pixels * 2 - 1
@@ -156,7 +223,14 @@ class _EditingPipeline(MGTPipeline):
         sizes = {a.shape[:2] for a in arrays}
         if len(sizes) > 1:
             raise ValueError(f"the images of one call must share a size, got {sorted(sizes)} (H, W)")
-        self.token_grid(*arrays[0].shape[:2])
+        (h, w), f = arrays[0].shape[:2], self.vae_scale_factor * self.transformer.grid_factor
+        if h % f or w % f:  # token_grid's message speaks of height and width, which an editing call does not take
+            near = tiled_size(w, h, f)
+            raise ValueError(f"image is {w}×{h} (W×H) but its sides must be multiples of {f} (VQ factor "
+                             f"{self.vae_scale_factor} × feature compression {self.transformer.grid_factor}); try "
+                             f"{near[0]}×{near[1]}: image.resize({near}) for a PIL image (and its mask with "
+                             "Image.NEAREST), or crop both")
+        self.token_grid(h, w)
         return arrays
 
     def check_inputs(self, prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
@@ -167,15 +241,23 @@ class _EditingPipeline(MGTPipeline):
         super().check_inputs(prompt, negative_prompt, None, None, num_images_per_prompt, seed, sampler, output_type,
                              callback_on_step_end_tensor_inputs, token_merging)
         count = 1 if isinstance(prompt, str) else len(prompt)
-        _per_prompt(image, count, "image")
+        _per_prompt(image, count, "image", image_batch)
         if mask_image is not None:
-            _per_prompt(mask_image, count, "mask_image")
+            _per_prompt(mask_image, count, "mask_image", mask_batch)
         check_strength(strength)
 
 
 class MGTInpaintPipeline(_EditingPipeline):
     """Inpainting (and outpainting, on an `outpaint_canvas`): repaint the masked tokens, keep every other
     token exactly. The schedule runs over the repainted tokens only."""
+
+    def __init__(self, transformer, vqvae, text_encoder, tokenizer, settings=None):
+        # The signature spelled out, not *args: diffusers reads the components' names from it (`components`).
+        super().__init__(transformer, vqvae, text_encoder, tokenizer, settings)
+        # For users' scripts (`pipe.mask_processor.blur(mask, blur_factor=…)`), configured as aMUSEd's inpainting
+        # pipeline's. The call itself reads masks with mask_array (a token is repainted when any of its pixels is).
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
 
     @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(
@@ -202,19 +284,20 @@ class MGTInpaintPipeline(_EditingPipeline):
     ) -> MGTPipelineOutput | tuple:
         """Repaint the white area of `mask_image` in `image` from `prompt`.
 
-        image / mask_image: one of each (for every prompt) or one per prompt; the mask has the
-        image's size. strength in (0, 1]: only the last int(steps × strength) steps run, as in diffusers'
-        aMUSEd inpainting (the masked tokens all start masked). Other arguments as MGTPipeline.__call__
-        (output types, return_dict, callbacks). `.tokens` equals `encode_image(image)` at every token the mask
-        does not touch.
+        image / mask_image: one of each (for every prompt) or one per prompt, as a list or a batch (an image
+        tensor (N, 3, H, W) or array (N, H, W, 3), a mask (B, H, W), (B, 1, H, W) or (B, H, W, 1): aMUSEd's forms,
+        see image_array and mask_array); the mask has the image's size. strength in (0, 1]: only the last
+        int(steps × strength) steps run, as in diffusers' aMUSEd inpainting (the masked tokens all start masked).
+        Other arguments as MGTPipeline.__call__ (output types, return_dict, callbacks). `.tokens` equals
+        `encode_image(image)` at every token the mask does not touch.
         """
         output_type = self._resolve_output_type(output_type)
         self.check_inputs(prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                           output_type, callback_on_step_end_tensor_inputs, token_merging)
         count = 1 if isinstance(prompt, str) else len(prompt)
-        arrays = self._image_arrays(_per_prompt(image, count, "image"))
+        arrays = self._image_arrays(_per_prompt(image, count, "image", image_batch))
         repaint = torch.stack([token_mask(mask_array(m, a.shape[:2]), self.vae_scale_factor)
-                               for m, a in zip(_per_prompt(mask_image, count, "mask_image"), arrays)])
+                               for m, a in zip(_per_prompt(mask_image, count, "mask_image", mask_batch), arrays)])
         tokens = self.encode_image(arrays)
         run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,
                                      num_images_per_prompt=num_images_per_prompt,
@@ -269,7 +352,8 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         self.check_inputs(prompt, image, None, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                           output_type, callback_on_step_end_tensor_inputs, token_merging)
         strength = check_strength(strength)  # as a float (it may come as a numpy or torch scalar)
-        arrays = self._image_arrays(_per_prompt(image, 1 if isinstance(prompt, str) else len(prompt), "image"))
+        arrays = self._image_arrays(_per_prompt(image, 1 if isinstance(prompt, str) else len(prompt), "image",
+                                                image_batch))
         tokens = self.encode_image(arrays)
         run = self._prepare_sampling(prompt, *arrays[0].shape[:2], negative_prompt=negative_prompt,
                                      num_images_per_prompt=num_images_per_prompt,
@@ -285,13 +369,20 @@ class MGTImg2ImgPipeline(_EditingPipeline):
         return self._finish(result, output_type, return_dict)
 
 
-def _per_prompt(value, count: int, name: str) -> list:
-    """One value for every prompt, or a list with one per prompt."""
+def _per_prompt(value, count: int, name: str, batch) -> list:
+    """One value for every prompt, or one per prompt: a list, or a batch along a leading dimension (`batch`
+    splits one value into what it holds: image_batch, mask_batch); a list's items may be batches too, as
+    diffusers' processors concatenate them. A batch of one is one value."""
     if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"got {len(value)} {name}s for {count} prompts; give one, or one per prompt")
-        return list(value)
-    return [value] * count
+        values = [one for item in value for one in batch(item)]
+    else:
+        values = batch(value)
+        if len(values) == 1:
+            return values * count
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} {name}s for {count} prompts (a batch of N counts as N); give one, or "
+                         "one per prompt")
+    return values
 
 
 # -------------------------------------------------------------------------------------- files
@@ -301,13 +392,18 @@ def edit_to_file(
     strength: float | None = None, seed: int = 0, **call_kwargs,
 ) -> Path:
     """What `mgtq edit` calls: inpaint the image file by `mask` or `outpaint` (L, R, T, B), or re-draw it
-    (img2img) by `strength` alone; write the result as PNG (atomically). With a mask or outpaint, `strength`
+    (img2img) by `strength` alone; write the result as PNG (atomically) to `out`, a .png path or a folder (then
+    0.png in it), as `mgtq generate` takes --out; returns the path written. With a mask or outpaint, `strength`
     is the inpainting's share of the steps run (default 1: all of them), as in diffusers' aMUSEd."""
-    from mgtq.generate import write_png
+    from mgtq.generate import output_paths, write_png
 
     if mask is not None and outpaint is not None:
         raise ValueError("give --mask or --outpaint, not both")
+    out = output_paths(Path(out), 1)[0]  # before any work: a .jpg path is refused
     source = _open_image(image, "--image")
+    mask_image = None if mask is None else _open_image(mask, "--mask")
+    check_edit_sizes(image, source.size, mask, None if mask_image is None else mask_image.size, outpaint,
+                     pipe.vae_scale_factor * pipe.transformer.grid_factor)
     if mask is None and outpaint is None:
         if strength is None:
             raise ValueError("give --mask, --outpaint or --strength")
@@ -315,18 +411,50 @@ def edit_to_file(
     else:
         if outpaint is not None:
             source, mask_image = outpaint_canvas(source, *outpaint)
-        else:
-            mask_image = _open_image(mask, "--mask")
         result = MGTInpaintPipeline.from_pipe(pipe)(prompt, image=source, mask_image=mask_image, seed=seed,
                                                     strength=1.0 if strength is None else strength, **call_kwargs)
-    out = Path(out)
     write_png(result.images[0], out)
     return out
 
 
+def check_edit_files(image: str | os.PathLike, mask: str | os.PathLike | None = None,
+                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None) -> None:
+    """What `mgtq edit` checks before any weight loads, in its flags' words: the --image file reads as an RGB
+    image (transparency refused), the --mask file as a mask of its size, and, with `tile` (the model's pixels per
+    token side, when known), that the image or the outpainting canvas tiles into tokens. Reads the files as
+    edit_to_file does (small next to loading a model)."""
+    source = _open_image(image, "--image")
+    mask_size = None if mask is None else _open_image(mask, "--mask").size
+    check_edit_sizes(image, source.size, mask, mask_size, outpaint, tile)
+
+
+def check_edit_sizes(image, size: tuple[int, int], mask=None, mask_size: tuple[int, int] | None = None,
+                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None) -> None:
+    """The sizes (W, H) of the --image and --mask files against each other and the model's `tile` (None: not
+    checked here; the pipeline checks it); errors name the flags and the fix."""
+    w, h = size
+    if mask_size is not None and tuple(mask_size) != (w, h):
+        raise ValueError(f"--mask {mask} is {mask_size[0]}×{mask_size[1]} but --image {image} is {w}×{h}; resize "
+                         f"--mask to {w}×{h} (nearest-neighbour keeps it black and white)")
+    if not tile:
+        return
+    left, right, top, bottom = outpaint or (0, 0, 0, 0)
+    cw, ch = left + w + right, top + h + bottom
+    if not (cw % tile or ch % tile):
+        return
+    if outpaint is not None:  # the canvas must tile, not the image: widen the right and bottom padding
+        raise ValueError(f"--outpaint {left},{right},{top},{bottom} on the {w}×{h} --image makes a {cw}×{ch} canvas, "
+                         f"but the model's sides must be multiples of {tile} px; try --outpaint {left},"
+                         f"{right + -cw % tile},{top},{bottom + -ch % tile}")
+    near = tiled_size(w, h, tile)
+    also = " and --mask alike" if mask is not None else ""
+    raise ValueError(f"--image {image} is {w}×{h}, but the model's sides must be multiples of {tile} px; try "
+                     f"{near[0]}×{near[1]}: resize or crop --image{also}")
+
+
 def _open_image(path, flag: str) -> Image.Image:
     """A file as diffusers' `load_image` reads one: turned upright by its EXIF orientation, then RGB (an image:
-    transparency dropped) or grey levels (a mask)."""
+    an alpha channel is dropped only when every pixel is opaque) or grey levels (a mask)."""
     try:
         with Image.open(path) as im:
             if max(im.size) > MAX_RESOLUTION:  # read from the header: nothing decoded yet
@@ -334,7 +462,7 @@ def _open_image(path, flag: str) -> Image.Image:
                                  "px a side (mgtq.limits); resize it")
             im.load()
             upright = ImageOps.exif_transpose(im)
-            return upright.convert("L" if flag == "--mask" else "RGB")
+            return upright.convert("L") if flag == "--mask" else _opaque_rgb(upright, f"{flag} {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag} {path} does not exist") from None
     except (OSError, Image.UnidentifiedImageError) as err:

@@ -200,6 +200,46 @@ def test_generate_out_png_that_is_a_folder(capsys, no_model, tmp_path):
     assert "mgtq writes PNG images; give a .png path or a folder" in err
 
 
+def test_edit_out_that_is_not_png_is_refused_as_generate_refuses_it(capsys, no_model, tmp_path):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(image)
+    for name in ("e.jpg", "e.WEBP"):
+        err = one_line_error(capsys, ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "x",
+                                      "--out", str(tmp_path / name)])
+        assert err == f"mgtq edit: error: --out {tmp_path / name}: mgtq writes PNG images; give a .png path or a folder"
+    assert not any(p.name.startswith("e.") for p in tmp_path.iterdir())
+
+
+def _edit_files(tmp_path, image_size=(64, 64), mask_size=None, alpha=255):
+    image = tmp_path / "in.png"
+    Image.new("RGBA", image_size, (200, 10, 10, alpha)).save(image)
+    mask = None
+    if mask_size:
+        mask = tmp_path / "mask.png"
+        Image.new("L", mask_size, 255).save(mask)
+    return ["edit", "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")] + (
+        ["--mask", str(mask)] if mask else [])
+
+
+def test_edit_image_and_mask_sizes_and_transparency_are_checked_before_loading(capsys, no_model, tmp_path):
+    # the embedded model: 8 px per token side (VQ factor 4 × feature compression 2), read from its config files
+    err = one_line_error(capsys, _edit_files(tmp_path, mask_size=(32, 32)))
+    assert err == (f"mgtq edit: error: --mask {tmp_path / 'mask.png'} is 32×32 but --image {tmp_path / 'in.png'} is "
+                   "64×64; resize --mask to 64×64 (nearest-neighbour keeps it black and white)")
+    err = one_line_error(capsys, _edit_files(tmp_path, (60, 60), (60, 60)))
+    assert err == (f"mgtq edit: error: --image {tmp_path / 'in.png'} is 60×60, but the model's sides must be "
+                   "multiples of 8 px; try 64×64: resize or crop --image and --mask alike")
+    err = one_line_error(capsys, _edit_files(tmp_path) + ["--outpaint", "4,0,0,3"])
+    assert err.endswith("makes a 68×67 canvas, but the model's sides must be multiples of 8 px; "
+                        "try --outpaint 4,4,0,8")
+    # an RGBA file with transparent pixels (its alpha used to be dropped silently); an opaque one reads as RGB
+    err = one_line_error(capsys, _edit_files(tmp_path, alpha=0) + ["--strength", "0.5"])
+    assert f"--image {tmp_path / 'in.png'} has transparent pixels" in err and "flatten it onto a background" in err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # every check passed: the load comes next
+        main(_edit_files(tmp_path, mask_size=(64, 64)))
+    assert not (tmp_path / "o.png").exists()
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder_fails_at_once(capsys, no_model, tmp_path):
     ro = tmp_path / "ro"

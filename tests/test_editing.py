@@ -363,8 +363,11 @@ def test_bad_inputs_get_one_clear_error(random_pipeline, scene):
         inpaint("a red circle", image=scene, mask_image=np.zeros((64, 64), bool), progress=False)
     with pytest.raises(ValueError, match="all black"):
         inpaint("a red circle", image=scene, mask_image=Image.new("L", (64, 64), 100), progress=False)
-    with pytest.raises(ValueError, match=r"has transparency .* image.convert\('RGB'\)"):
-        inpaint("a red circle", image=Image.fromarray(scene).convert("RGBA"), mask_image=mask, progress=False)
+    see_through = Image.fromarray(scene).convert("RGBA")
+    see_through.putpixel((3, 5), (0, 0, 0, 0))
+    with pytest.raises(ValueError, match=r"transparent pixels .* flatten it onto a background "
+                                         r".*image.convert\('RGB'\) drops alpha"):
+        inpaint("a red circle", image=see_through, mask_image=mask, progress=False)
     with pytest.raises(ValueError, match=r"uint8 array \(H, W, 3\) or a float one in \[0, 1\]"):
         i2i("a red circle", image=scene.astype(np.int32), progress=False)
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
@@ -400,6 +403,91 @@ def test_images_and_masks_in_the_forms_diffusers_takes_read_alike(scene):
              Image.fromarray(box.astype(np.uint8) * 255).convert("P")]
     for form in forms:
         assert np.array_equal(mask_array(form, box.shape), box), type(form)
+
+
+def test_images_come_as_diffusers_preprocess_takes_them_and_as_mgtq_outputs_them(random_pipeline, scene):
+    # torch (C, H, W) / (N, C, H, W) in [0, 1], numpy (N, H, W, 3) float or uint8, and lists of them: a batch of N is N
+    # images, one per prompt as a list's are (these were refused; "np"/"pt" outputs could not be fed back)
+    from mgtq.editing import image_array
+
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    i2i = MGTImg2ImgPipeline.from_pipe(random_pipeline)
+    chw = torch.from_numpy(scene).permute(2, 0, 1).float() / 255
+    other = np.ascontiguousarray(scene[::-1])
+    pair_pt = torch.stack([chw, torch.from_numpy(other).permute(2, 0, 1).float() / 255])
+    assert np.array_equal(image_array(chw), scene) and np.array_equal(image_array(chw.half()), scene)
+    expected = inpaint.encode_image([scene, other])
+    for form in (pair_pt, pair_pt.numpy().transpose(0, 2, 3, 1), np.stack([scene, other]), list(pair_pt),
+                 [pair_pt[:1], other[None]], inpaint.image_processor.preprocess([Image.fromarray(scene),
+                                                                                 Image.fromarray(other)])):
+        assert torch.equal(inpaint.encode_image(form), expected), type(form)
+    reference = i2i(["a red circle", "a blue square"], image=[scene, other], strength=0.6, seed=[1, 2], progress=False)
+    for form in (pair_pt, np.stack([scene, other]).astype(np.float32) / 255):
+        out = i2i(["a red circle", "a blue square"], image=form, strength=0.6, seed=[1, 2], progress=False)
+        assert torch.equal(out.tokens, reference.tokens)
+    one = i2i(["a red circle", "a blue square"], image=scene, strength=0.6, seed=[1, 2], progress=False)
+    batch_of_one = i2i(["a red circle", "a blue square"], image=chw[None], strength=0.6, seed=[1, 2], progress=False)
+    assert torch.equal(batch_of_one.tokens, one.tokens)  # a batch of one is one image for every prompt
+    with pytest.raises(ValueError, match=r"got 2 images for 1 prompts \(a batch of N counts as N\)"):
+        i2i("a red circle", image=pair_pt, progress=False)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\] .* got \[-1, .*map a \[-1, 1\] tensor with "
+                                         r"\(x \+ 1\) / 2"):
+        i2i("a red circle", image=chw * 2 - 1, progress=False)
+    with pytest.raises(ValueError, match=r"a torch image must be \(3, H, W\).* got shape \(64, 64, 3\)"):
+        inpaint.encode_image(torch.from_numpy(scene).float() / 255)
+
+
+def test_masks_in_amuseds_shapes_and_dtypes_and_a_batch_gives_one_per_prompt(random_pipeline, scene):
+    # numpy (H, W, 1), (1, H, W), (B, H, W), (B, H, W, 1); torch (B, 1, H, W), (B, H, W); integer dtypes as uint8;
+    # a bfloat16 tensor (it raised numpy's "unsupported ScalarType BFloat16")
+    from mgtq.editing import mask_array
+
+    box = _box_mask()
+    as255 = box.astype(np.int64) * 255
+    forms = [box[..., None], box[None], as255, as255.astype(np.int32)[..., None], torch.from_numpy(as255),
+             torch.from_numpy(box)[None, None].to(torch.bfloat16), torch.from_numpy(box).to(torch.bfloat16)[None]]
+    for form in forms:
+        assert np.array_equal(mask_array(form, box.shape), box), (type(form), form.shape, form.dtype)
+    with pytest.raises(ValueError, match=r"brightest value is 1 of 255: a 0/1 mask must be scaled"):
+        mask_array(box.astype(np.int64), box.shape)
+    with pytest.raises(ValueError, match=r"integer mask must hold values in 0–255 .* \[0, 1000\]"):
+        mask_array(box.astype(np.int64) * 1000, box.shape)
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    other = _box_mask(40, 60, 4, 20)
+    prompts = ["a red circle", "a blue square"]
+    expected = inpaint(prompts, image=scene, mask_image=[box, other], seed=[0, 1], progress=False).tokens
+    pair = np.stack([box, other])
+    for form in (torch.from_numpy(pair)[:, None].float(), torch.from_numpy(pair).to(torch.bfloat16), pair,
+                 pair[..., None].astype(np.uint8) * 255, [torch.from_numpy(box)[None, None], other]):
+        out = inpaint(prompts, image=scene, mask_image=form, seed=[0, 1], progress=False)
+        assert torch.equal(out.tokens, expected), type(form)
+    with pytest.raises(ValueError, match=r"got 2 mask_images for 1 prompts"):
+        inpaint("a red circle", image=scene, mask_image=pair, progress=False)
+
+
+def test_inpainting_has_amuseds_mask_processor(random_pipeline, scene):
+    # diffusers users' scripts blur masks with it (it was an AttributeError); the call still reads masks itself
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    config = inpaint.mask_processor.config
+    assert config.do_binarize and config.do_convert_grayscale and not config.do_normalize
+    assert config.vae_scale_factor == inpaint.vae_scale_factor
+    assert set(inpaint.components) == {"transformer", "vqvae", "text_encoder", "tokenizer"}
+    blurred = inpaint.mask_processor.blur(Image.fromarray(_box_mask().astype(np.uint8) * 255), blur_factor=3)
+    out = inpaint("a red circle", image=scene, mask_image=blurred, seed=0, progress=False)
+    assert torch.equal(out.tokens[0][~token_mask(np.asarray(blurred) >= 128, F)],
+                       inpaint.encode_image(scene)[0][~token_mask(np.asarray(blurred) >= 128, F)])
+
+
+def test_an_opaque_rgba_image_reads_as_rgb_and_size_errors_say_the_fix(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    mask = _box_mask()
+    rgba = Image.fromarray(scene).convert("RGBA")  # as editors and screenshots save: alpha 255 everywhere
+    assert torch.equal(_inpaint(inpaint, rgba, mask).tokens, _inpaint(inpaint, scene, mask).tokens)
+    with pytest.raises(ValueError, match=r"mask_image is 32×32 .* mask.resize\(image.size, Image.NEAREST\)"):
+        _inpaint(inpaint, scene, Image.fromarray(mask[::2, ::2]))
+    with pytest.raises(ValueError, match=r"image is 60×60 .* multiples of 8 .* try 64×64: "
+                                         r"image.resize\(\(64, 64\)\)"):
+        _inpaint(inpaint, scene[:60, :60], mask[:60, :60])
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -438,14 +526,14 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     assert "give --mask (inpaint), --outpaint L,R,T,B or --strength alone" in capsys.readouterr().err
     assert main(base + ["--mask", str(image), "--outpaint", "8,0,0,0"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
-    assert main(base + ["--strength", "0.5", "--mask", str(image), "--out", str(tmp_path)]) == 2
-    assert "--out" in capsys.readouterr().err  # a folder: refused before any weight loads
+    assert main(base + ["--strength", "0.5", "--mask", str(image), "--out", str(tmp_path / "o.jpg")]) == 2
+    assert "--out" in capsys.readouterr().err  # not a PNG: refused before any weight loads
     assert main(base + ["--strength", "2"]) == 2
     assert "strength" in capsys.readouterr().err
     assert main(base + ["--outpaint", "8,8"]) == 2
     assert "L,R,T,B" in capsys.readouterr().err
     assert main(base + ["--outpaint", "4,0,0,0"]) == 2
-    assert "try" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
+    assert "try --outpaint 4,4,0,0" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
     assert not (tmp_path / "o.png").exists()
     args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile",
             "--tome", "0.5"]
@@ -453,6 +541,17 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
 
     parsed = build_parser().parse_args(args)
     assert parsed.compile and parsed.tome == 0.5 and parsed.func.__name__ == "cmd_edit"
+
+
+def test_cli_edit_out_follows_generates_rule(tmp_path, random_pipeline_dir, scene, capsys):
+    # a path without .png is a folder, as `mgtq generate --out` takes it (it used to be a PNG file named "results")
+    image = tmp_path / "in.png"
+    Image.fromarray(scene).save(image)
+    base = ["edit", "--model", str(random_pipeline_dir), "--image", str(image), "--prompt", "a red circle",
+            "--no-progress", "--device", "cpu", "--strength", "0.5"]
+    assert main(base + ["--out", str(tmp_path / "results")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "results" / "0.png")
+    assert (tmp_path / "results").is_dir() and Image.open(tmp_path / "results" / "0.png").format == "PNG"
 
 
 def test_inpaint_strength_runs_only_the_last_steps_as_amused_does(random_pipeline, scene):

@@ -239,6 +239,28 @@ def test_editing_from_a_pipeline_with_sequential_offload():
     assert pipe.vqvae.quantize.embedding.weight.is_meta  # offloaded again after the call
 
 
+def test_outputs_and_the_image_processors_chain_into_the_editing_pipelines(pipe):
+    # t2i → img2img with output_type "np" / "pt" images, the pipeline's own image_processor.preprocess, and
+    # aMUSEd's mask_processor.blur: each was refused (or missing) before
+    from PIL import Image
+
+    prompts = ["a red circle", "a blue square"]
+    first = pipe(prompts, seed=[0, 1], **STEPS)
+    as_np = pipe(prompts, seed=[0, 1], output_type="np", **STEPS).images
+    as_pt = pipe(prompts, seed=[0, 1], output_type="pt", **STEPS).images
+    i2i = mgtq.MGTImg2ImgPipeline.from_pipe(pipe)
+    kwargs = dict(strength=0.5, seed=[2, 3], output_type="latent", progress=False, **STEPS)
+    expected = i2i(prompts, image=first.images, **kwargs).images
+    for images in (as_np, as_pt, i2i.image_processor.preprocess(first.images)):
+        assert torch.equal(i2i(prompts, image=images, **kwargs).images, expected)
+    inpaint = mgtq.MGTInpaintPipeline.from_pipe(pipe)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    blurred = inpaint.mask_processor.blur(Image.fromarray(mask), blur_factor=2)
+    out = inpaint("a green triangle", image=as_pt[:1], mask_image=blurred, seed=0, progress=False, **STEPS)
+    assert out.images[0].size == (64, 64)
+
+
 def test_a_pipeline_loads_in_the_dtype_it_was_saved_in_by_default(quantized_dir, tmp_path):
     pipe = mgtq.load(progress=False).to(torch.bfloat16)
     pipe.save_pretrained(tmp_path / "bf16", progress=False)
