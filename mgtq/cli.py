@@ -179,6 +179,7 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
     from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
+    from mgtq.quantization.kernels import kernels_label
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
@@ -193,6 +194,7 @@ def cmd_eval(args) -> int:
         result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
         for task_result in result["tasks"].values():
             print(edit_summary_line(task_result))
+        print(f"  on {kernels_label(task_result['kernels'])}")  # one pipeline: the same for every task
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -275,6 +277,10 @@ def cmd_bench(args) -> int:
         from mgtq.bench.lab import load_lab
 
         peers = tuple(load_lab("peers").PEERS)
+    if args.profile:  # each case process loads it; a missing checkout is said now, before any case runs
+        from mgtq.bench.lab import load_lab
+
+        load_lab("profile")
     plot = None
     if args.plot:
         from mgtq.bench.lab import load_lab

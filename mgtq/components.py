@@ -38,6 +38,10 @@ def check_files(folder: str | Path) -> dict[str, Path]:
     from mgtq.config import read_data
 
     folder = Path(folder)
+    if not weights_files(folder):  # else the config's layer counts would be blamed for the missing weights
+        found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        raise BadComponent(f"{folder} has no .safetensors weights (found {found}); mgtq loads safetensors only, never "
+                           "pickle files: convert the weights to safetensors")
     stored = stored_keys(folder)
     config = read_data(folder / "config.json") if (folder / "config.json").exists() else {}
     if not isinstance(config, dict):

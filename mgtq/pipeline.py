@@ -36,8 +36,8 @@ from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.sampling.config import flatten_overrides
-from mgtq.utils import (atomic_entries, hashed_ahead, micro_conditions, parse_dtype, per_sample_generators, read_json,
-                        unwrapped, write_json)
+from mgtq.utils import (all_finite, atomic_entries, hashed_ahead, micro_conditions, parse_dtype, per_sample_generators,
+                        read_json, unwrapped, write_json)
 
 
 @dataclass
@@ -301,6 +301,9 @@ class MGTPipeline(DiffusionPipeline):
         """
         _reject_save_options(unused)
         transformer = unwrapped(self.transformer)  # pipe.transformer = torch.compile(...): keys without `_orig_mod.`
+        for name in ("transformer", "vqvae", "text_encoder"):  # a save that loads; the quantized writer checks its own
+            if name != "transformer" or not checkpoint.quantized_layers(transformer):
+                _check_finite(unwrapped(getattr(self, name)), name)
         with _loading_bars(progress), atomic_entries(path) as tmp:
             if checkpoint.quantized_layers(transformer):
                 checkpoint.save(transformer, checkpoint.describe(transformer), tmp / "transformer")
@@ -605,6 +608,14 @@ class MGTPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------- loading
+def _check_finite(module: torch.nn.Module, name: str) -> None:
+    """Refuse to save a component holding NaN or infinite values, naming the tensor: a load would refuse it."""
+    for key, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
+            raise ValueError(f"{name}: tensor {key!r} holds NaN or infinite values, which a load of the saved folder "
+                             "would refuse; nothing was written: find what damaged the weights and save a good copy")
+
+
 def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None,
                      checksums: bool = True) -> MeissonicTransformer:
     """Load `transformer/`: an official/mgtq float folder, or an mgtq quantized checkpoint. checksums: hold it to

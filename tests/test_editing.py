@@ -471,7 +471,7 @@ def test_inpainting_has_amuseds_mask_processor(random_pipeline, scene):
     config = inpaint.mask_processor.config
     assert config.do_binarize and config.do_convert_grayscale and not config.do_normalize
     assert config.vae_scale_factor == inpaint.vae_scale_factor
-    assert set(inpaint.components) == {"transformer", "vqvae", "text_encoder", "tokenizer"}
+    assert set(inpaint.components) == {"transformer", "vqvae", "text_encoder", "tokenizer", "settings"}
     blurred = inpaint.mask_processor.blur(Image.fromarray(_box_mask().astype(np.uint8) * 255), blur_factor=3)
     out = inpaint("a red circle", image=scene, mask_image=blurred, seed=0, progress=False)
     assert torch.equal(out.tokens[0][~token_mask(np.asarray(blurred) >= 128, F)],

@@ -9,7 +9,6 @@ Folders load through `mgtq.pipeline` (float or `mgtq.quantization.checkpoint`).
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,7 +60,7 @@ def build_transformer(source: ModelSource, name: str, input_scales: dict[str, fl
     if source.kind == "quantized-dir" and fmt.base == "scq" and fmt.group_size is None:
         from mgtq.pipeline import load_transformer
 
-        model = load_transformer(Path(source.path) / "transformer", dtype=torch.bfloat16)
+        model = load_transformer(source.folder / "transformer", dtype=torch.bfloat16)
         notes.append("scq: the checkpoint as exported (its manifest's A8 layers and calibrated scales)")
         return model.eval().requires_grad_(False).to(device), notes
     if source.kind == "float-dir":
@@ -116,7 +115,7 @@ def _from_float_folder(source: ModelSource, fmt: Format, input_scales, seed: int
     from mgtq.quantization import linear_names
 
     notes = []
-    model = load_transformer(Path(source.path) / "transformer", dtype=parse_dtype(fmt.float_dtype))
+    model = load_transformer(source.folder / "transformer", dtype=parse_dtype(fmt.float_dtype))
     if not fmt.is_float:
         count = len(linear_names(model))
         a8 = quantize_in_format_(model, fmt, input_scales, seed)
@@ -155,7 +154,7 @@ def build_pipeline(source: ModelSource, transformer, dtype: torch.dtype, steps: 
         pipe = MGTPipeline(transformer, vq or build_vq(source, seed), text_encoder, tokenizer,
                            _pipeline_settings(source, steps))
     else:
-        pipe = MGTPipeline.from_pretrained(source.path, text_encoder=source.text_encoder, torch_dtype=dtype,
+        pipe = MGTPipeline.from_pretrained(source.folder, text_encoder=source.text_encoder, torch_dtype=dtype,
                                            transformer=transformer, vqvae=vq)
         pipe.settings = _pipeline_settings(source, steps, pipe.settings)
     pipe.text_encoder.to(device)
@@ -187,7 +186,7 @@ def build_vq(source: ModelSource, seed: int = 0, empty: bool = False):
     from mgtq.vq import build_vq as random_vq
 
     if source.kind != "preset":
-        folder = Path(source.path) / "vqvae"
+        folder = source.folder / "vqvae"
         if empty:
             from accelerate import init_empty_weights
 

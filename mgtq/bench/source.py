@@ -49,6 +49,12 @@ class ModelSource:
         validate(self, "source")
 
     @property
+    def folder(self) -> Path:
+        """The pipeline folder: `path`, or the embedded model `path` names (reports are shared: they name an
+        embedded model, not where an install keeps it)."""
+        return embedded_model(self.path) if self.path in EMBEDDED_MODELS else Path(self.path)
+
+    @property
     def slug(self) -> str:
         """File-name friendly model name (bench_<slug>.json)."""
         return Path(self.name).name.replace(" ", "_") if self.kind != "preset" else self.name
@@ -88,7 +94,7 @@ def resolve_model(name: str | Path, text_encoder: str | Path | None = None) -> M
     if name == "meissonic-1024":
         return _meissonic_1024()
     if name in EMBEDDED_MODELS:
-        return _folder_source(embedded_model(name), display=name)
+        return _folder_source(embedded_model(name), display=name, shown=name)
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -105,7 +111,8 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _folder_source(path: Path, display: str | None = None, text_encoder: str | Path | None = None) -> ModelSource:
+def _folder_source(path: Path, display: str | None = None, text_encoder: str | Path | None = None,
+                   shown: str | None = None) -> ModelSource:
     from mgtq.pipeline import read_settings
     from mgtq.quantization import checkpoint
     from mgtq.utils import read_json
@@ -119,11 +126,13 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
     vq_cfg = read_json(path / "vqvae" / "config.json")
     vq_factor = 2 ** (len(vq_cfg["block_out_channels"]) - 1)
     guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else 9.0
-    notes = [f"pipeline folder {_shown(path)}" + (" (quantized transformer: its manifest says which layers are A8)"
-                                           if quantized else " (float transformer)")]
+    shown = shown or _shown(path)
+    notes = [(f"embedded model {shown}" if shown in EMBEDDED_MODELS else f"pipeline folder {shown}")
+             + (" (quantized transformer: its manifest says which layers are A8)" if quantized
+                else " (float transformer)")]
     if not settings.sampler.use_cfg:
         notes.append("the checkpoint's sampler has CFG off; the benchmark uses CFG 9 so each step is a batch of 2")
-    return ModelSource(name=display or _shown(path), kind="quantized-dir" if quantized else "float-dir", path=_shown(path),
+    return ModelSource(name=display or shown, kind="quantized-dir" if quantized else "float-dir", path=shown,
                        resolution=settings.resolution, vq_factor=vq_factor, text_length=text_length,
                        guidance_scale=guidance, notes=tuple(notes),
                        text_encoder=None if text_encoder is None else _shown(Path(text_encoder)))
@@ -136,7 +145,7 @@ def transformer_config(source: ModelSource) -> dict:
 
     if source.kind == "preset":
         return preset_config(source.preset)
-    raw = read_json(Path(source.path) / "transformer" / "config.json")
+    raw = read_json(source.folder / "transformer" / "config.json")
     return {k: v for k, v in raw.items() if not k.startswith("_") and k != "quantization_config"}
 
 

@@ -103,7 +103,7 @@ class Manifest:
         validate(self, "manifest")
         if self.format != FORMAT or self.format_version != FORMAT_VERSION:
             raise ValueError(f"format is {self.format!r} version {self.format_version!r}; this mgtq reads "
-                             f"{FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
+                             f"{FORMAT!r} version {FORMAT_VERSION}: {_version_fix(self.format, self.format_version)}")
         if self.weight_bits != 4:
             raise ValueError(f"weight_bits must be 4, got {self.weight_bits}")
         if not self.layers:
@@ -167,6 +167,14 @@ def cast_float_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for param in module.parameters(recurse=False):
             param.data = param.data.to(dtype)
     return model
+
+
+def _version_fix(fmt, version) -> str:
+    """What to do about a manifest this mgtq cannot read: a newer format needs a newer mgtq; an older one, or one
+    that is not a version number at all, a new export."""
+    if fmt == FORMAT and isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        return f"upgrade mgtq, or {REEXPORT}"
+    return REEXPORT
 
 
 def quantization_config(manifest: Manifest) -> dict:
@@ -273,7 +281,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
-                         f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: upgrade mgtq or {REEXPORT}")
+                         f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: "
+                         f"{_version_fix(data.get('format'), data.get('format_version'))}")
     try:
         return from_mapping(Manifest, data)
     except ValueError as err:

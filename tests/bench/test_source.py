@@ -11,6 +11,9 @@ def test_the_second_embedded_model_is_benched_by_name_on_its_16x16_grid():
     assert token_grid(source) == (16, 16)
     assert transformer_config(source)["downsample"] is False
     assert transformer_config(resolve_model("tiny-shapes"))["downsample"] is True
+    # a report names an embedded model, not where the install keeps it
+    assert source.path == "tiny-shapes-16x16" and source.notes[0] == "embedded model tiny-shapes-16x16 (float transformer)"
+    assert (source.folder / "model_index.json").is_file()
 
 
 def test_an_unknown_model_names_the_known_ones():

@@ -419,3 +419,26 @@ def test_load_vq_holds_the_vq_to_the_loaders_checks(model):
     save_safetensors(tensors, path)
     with pytest.raises(ValueError, match=f"{key}' of the VQ model holds NaN"):
         load_vq(model / "vqvae")
+
+
+def test_a_float_save_of_damaged_weights_writes_nothing(tmp_path):
+    import mgtq
+
+    pipe = mgtq.load(progress=False)
+    pipe.save_pretrained(tmp_path / "good", progress=False)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "good").rglob("*")) if p.is_file()}
+    with torch.no_grad():
+        next(pipe.transformer.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="transformer: tensor .* holds NaN or infinite values.*nothing was written"):
+        pipe.save_pretrained(tmp_path / "good", progress=False)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "good").rglob("*")) if p.is_file()} == before
+
+
+def test_a_transformer_folder_of_pickles_only_says_so(model):
+    from mgtq.models.transformer import MeissonicTransformer
+
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save({"harmless": torch.zeros(1)}, weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(ValueError, match="has no .safetensors weights .*never pickle files"):
+        MeissonicTransformer.from_pretrained(model / "transformer")

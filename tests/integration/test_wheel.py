@@ -89,9 +89,11 @@ def test_installed_wheel_benches_memory_and_latency_without_the_lab(venv, tmp_pa
     assert [r["status"] for r in report["results"]] == ["ok", "ok"] and (tmp_path / "bench_tiny-shapes.md").is_file()
     assert all(r["latency"]["forward"]["rounds"] == [0, 1] for r in report["results"])  # interleaved rounds
     assert report["baseline"]["rss"] > 0
-    done = subprocess.run([venv / "mgtq", "bench", "--peers"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode != 0 and "needs a checkout" in done.stderr
+    for flag in ("--peers", "--profile", "--plot"):  # refused at once, before any case runs
+        done = subprocess.run([venv / "mgtq", "bench", flag, "--json", tmp_path / "lab.json"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "needs a checkout" in done.stderr, (flag, done.stderr[-500:])
+        assert not (tmp_path / "lab.json").exists()
 
 
 def test_the_wheel_ships_the_package_without_test_fixtures_the_benchmark_lab_or_stale_build_files(venv):

@@ -318,3 +318,14 @@ def test_bad_checkpoint_is_a_one_line_error_naming_the_key(case, exported, tmp_p
     with pytest.raises(error, match=key) as info:
         mgtq.load(copy)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("version,advice", [(1, "(?<!upgrade mgtq, or )re-export the checkpoint"),
+                                            ("2", "(?<!upgrade mgtq, or )re-export the checkpoint"),
+                                            (3, "upgrade mgtq, or re-export")])
+def test_a_manifest_of_another_format_version_says_what_helps(exported, tmp_path, version, advice):
+    """Only a newer format is helped by upgrading mgtq; an older one (or one that is no number) needs a new export."""
+    copy = shutil.copytree(exported, tmp_path / "ckpt")
+    _set_manifest(copy, {**_manifest(copy), "format_version": version})
+    with pytest.raises(ValueError, match=f"this mgtq reads 'mgtq-quantized-transformer' version 2: {advice}"):
+        ckpt.read_manifest(copy / "transformer")

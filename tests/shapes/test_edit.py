@@ -110,6 +110,7 @@ def test_cli_eval_task(tmp_path, random_pipeline_dir, capsys):
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert all(f"ShapeBench-Edit {task}" in printed for task in EDIT_TASKS)
+    assert printed.count("\n  on ") == 1  # the kernels that ran, as a ShapeBench eval prints them, once
     data = json.loads(out.read_text())
     assert set(data["tasks"]) == set(EDIT_TASKS) and data["tasks"]["outpaint"]["preserved"] == 1.0
     assert main(["eval", "--model", str(random_pipeline_dir), "--task", "paint"]) == 2
