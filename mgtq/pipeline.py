@@ -411,7 +411,10 @@ class MGTPipeline(DiffusionPipeline):
         ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,
         timestep, callback_kwargs) runs after every sampler step with {name: tensor} of
         `callback_on_step_end_tensor_inputs` ("tokens": (B, h, w) ids, a copy) and returns that dict, whose
-        tokens (changed in place or replaced) the sampler goes on from.
+        tokens (changed in place or replaced) the sampler goes on from; timestep is the one the model saw, a 0-d
+        tensor (a (B,) one where the samples' differ: inpainting with a mask per prompt). To stop a call early,
+        raise from the callback: an MGT has no partial image to return (undecoded tokens are [MASK]), so diffusers'
+        `pipe._interrupt` is not read.
         progress=False (or `set_progress_bar_config(disable=True)`) hides the sampler's bar.
         """
         output_type = self._resolve_output_type(output_type)
@@ -508,8 +511,8 @@ class MGTPipeline(DiffusionPipeline):
 
     def _step_callback(self, model_fn, callback_on_step_end, names: list[str]):
         """(model_fn, sampler callback) that give diffusers' callback_on_step_end(pipe, step, timestep, kwargs)
-        the step's tokens (a copy) and the timestep the model saw; the tokens it returns (or the copy, changed in
-        place) become the sampler's."""
+        the step's tokens (a copy) and the timestep the model saw (`_callback_timestep`); the tokens it returns (or
+        the copy, changed in place) become the sampler's."""
         if callback_on_step_end is None:
             return model_fn, None
         seen = {}
@@ -521,7 +524,7 @@ class MGTPipeline(DiffusionPipeline):
         def callback(step: int, tokens: torch.Tensor) -> None:
             with torch.inference_mode(False):  # the sampler's state is an inference tensor; hand over a plain copy
                 given = tokens.clone()
-            out = callback_on_step_end(self, step, seen.get("timestep"), {n: given for n in names})
+            out = callback_on_step_end(self, step, _callback_timestep(seen.get("timestep")), {n: given for n in names})
             if out is None or not isinstance(out, dict):
                 raise TypeError("callback_on_step_end must return a dict (the callback_kwargs it got, changed or "
                                 f"not), as in diffusers; it returned {type(out).__name__}")
@@ -608,6 +611,14 @@ class MGTPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------- loading
+def _callback_timestep(timestep: torch.Tensor | None) -> torch.Tensor | None:
+    """The step's timestep as diffusers' callbacks get it, one 0-d tensor (`if t < 500:` works for any batch),
+    where every sample saw the same; (B,) where they differ (inpainting with a mask of its own per prompt)."""
+    if timestep is None or timestep.ndim == 0 or not bool((timestep == timestep.reshape(-1)[0]).all()):
+        return timestep
+    return timestep.reshape(-1)[0].clone()
+
+
 def _check_finite(module: torch.nn.Module, name: str) -> None:
     """Refuse to save a component holding NaN or infinite values, naming the tensor: a load would refuse it."""
     for key, tensor in module.state_dict().items():

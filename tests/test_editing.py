@@ -283,7 +283,7 @@ def test_callback_on_step_end_sees_and_replaces_the_tokens(random_pipeline, scen
     seen = []
 
     def record(pipe, step, timestep, kwargs):
-        assert isinstance(pipe, MGTInpaintPipeline) and timestep.shape == (1,) and set(kwargs) == {"tokens"}
+        assert isinstance(pipe, MGTInpaintPipeline) and timestep.shape == () and set(kwargs) == {"tokens"}
         assert torch.equal(kwargs["tokens"][0][~repaint], encoded[~repaint])  # fixed at every step
         seen.append((step, kwargs["tokens"].clone()))
         return kwargs
@@ -617,3 +617,13 @@ def test_a_sibling_built_from_components_samples_with_the_checkpoints_settings()
     assert pipe.settings.sampler.num_steps != 3
     kw = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, num_inference_steps=2)
     assert torch.equal(mgtq.MGTPipeline(**pipe.components)(**kw).images, pipe(**kw).images)
+
+
+def test_the_callback_gets_each_samples_timestep_where_their_masks_make_them_differ(random_pipeline, scene):
+    inpaint = MGTInpaintPipeline.from_pipe(random_pipeline)
+    shapes, steps = [], []
+    inpaint(["a red circle", "a red circle"], image=scene, mask_image=[_box_mask(), _box_mask(0, 64, 0, 64)],
+            progress=False, seed=0, num_inference_steps=4,
+            callback_on_step_end=lambda p, i, t, kw: shapes.append(tuple(t.shape)) or steps.append(t.clone()) or kw)
+    assert (2,) in shapes and all(s in ((), (2,)) for s in shapes)  # (2,) where the two samples' timesteps differ
+    assert all(t.ndim == 0 or t[0] != t[1] for t in steps)

@@ -218,11 +218,23 @@ def test_callback_sees_every_step_and_can_replace_tokens(pipe):
 
     out = pipe("a red circle", seed=0, output_type="latent", progress=False, callback_on_step_end=keep_everything_masked,
                callback_on_step_end_tensor_inputs=["tokens"], **STEPS)
-    assert [c[:3] for c in calls] == [(True, 0, (1,)), (True, 1, (1,)), (True, 2, (1,))]
+    assert [c[:3] for c in calls] == [(True, 0, ()), (True, 1, ()), (True, 2, ())]  # diffusers' one timestep
     assert calls[1][3] < 1.0  # step 1 unmasked some tokens of the all-mask grid the callback put back
     assert (out.tokens != mask).all()
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipe("a red circle", callback_on_step_end=lambda *a: a[-1], callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_a_callback_compares_the_timestep_as_diffusers_callbacks_do_for_any_batch(pipe):
+    seen = []
+
+    def late_steps_only(p, step, t, kwargs):
+        seen.append((tuple(t.shape), bool(t < 0.5)))  # a (B,) tensor made this comparison an error for B > 1
+        return kwargs
+
+    pipe(["a red circle", "two blue squares"], seed=0, output_type="latent", progress=False,
+         callback_on_step_end=late_steps_only, **STEPS)
+    assert [shape for shape, _ in seen] == [()] * 3
 
 
 def test_returned_tokens_are_plain_tensors_and_a_callback_s_bad_return_is_named(pipe):
