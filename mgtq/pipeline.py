@@ -496,9 +496,19 @@ class MGTPipeline(DiffusionPipeline):
         model_fn, callback = self._step_callback(run.model_fn, callback_on_step_end,
                                                  list(callback_on_step_end_tensor_inputs))
         progress = progress and not getattr(self, "_progress_bar_config", {}).get("disable", False)
-        return sample(model_fn, run.batch, run.grid, self.transformer.mask_token_id, run.config, run.generators,
-                      device=run.device, hooks=hooks, progress=progress, callback=callback, return_info=True,
-                      start=start)
+        try:
+            return sample(model_fn, run.batch, run.grid, self.transformer.mask_token_id, run.config, run.generators,
+                          device=run.device, hooks=hooks, progress=progress, callback=callback, return_info=True,
+                          start=start)
+        except FloatingPointError:
+            # the sampler blames the guidance or noise scale; damaged weights (a module passed in, never checked
+            # by a load) are the likelier cause, and one pass over them, on this error only, tells
+            for name in ("transformer", "text_encoder"):
+                for key, tensor in unwrapped(getattr(self, name)).state_dict().items():
+                    if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
+                        raise FloatingPointError(f"the {name}'s tensor {key!r} holds NaN or infinite values, so the "
+                                                 "logits are not finite; load undamaged weights") from None
+            raise
 
     def _finish(self, result: SampleResult, output_type: str, return_dict: bool) -> MGTPipelineOutput | tuple:
         """Decode by output_type, put offloaded models back (diffusers' maybe_free_model_hooks) and wrap."""

@@ -404,3 +404,13 @@ def test_settings_keep_their_models_timestep_convention_for_a_sampler_set_withou
     assert pipe.settings.sampler.timestep_convention == "mask_ratio"
     pipe.settings.sampler = SamplerConfig(num_steps=3, timestep_convention="step_index")  # an explicit choice
     assert pipe.settings.sampler.timestep_convention == "step_index"
+
+
+def test_non_finite_logits_from_damaged_weights_name_the_weights_not_the_guidance():
+    import mgtq
+
+    pipe = mgtq.load(progress=False)
+    with torch.no_grad():
+        pipe.transformer.project_from_hidden.weight[0, 0] = float("nan")  # a module damaged after loading
+    with pytest.raises(FloatingPointError, match="transformer's tensor 'project_from_hidden.weight' holds NaN"):
+        pipe("a red circle", seed=0, output_type="latent", progress=False, num_inference_steps=2)

@@ -200,7 +200,8 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
         raise ValueError("the manifest's layers do not match the model's quantized Linears; build the manifest "
                          "from the model (mgtq.quantization.checkpoint.describe)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _check_tensors(tensors, model, manifest.dtype, "cannot save the quantized transformer", advice=_SAVE_ADVICE)
+    _check_tensors(tensors, model, manifest.dtype, "cannot save the quantized transformer", advice=_SAVE_ADVICE,
+                   values_advice=_DAMAGED_ADVICE)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": type(model).__name__, **plain_config(model.config),
               "quantization_config": quantization_config(manifest)}
@@ -479,11 +480,15 @@ def _expected(model: nn.Module, float_dtype: torch.dtype) -> dict[str, tuple[tup
 # What to do when a model about to be saved does not hold what its checkpoint would (the loader says REEXPORT).
 _SAVE_ADVICE = ("the model does not hold what a checkpoint of it stores: save it in float32, bfloat16 or float16 "
                 "(pipe.to(torch.bfloat16), say) and without layerwise casting or other storage changes")
+_DAMAGED_ADVICE = ("the model's values are damaged, and a load would refuse them; nothing was written: find what "
+                   "changed them (a NaN in calibration, a bad edit) and save an undamaged model")
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, float_dtype: torch.dtype,
-                   path: Path | str, advice: str = REEXPORT) -> None:
-    """`tensors` against what `model` in `float_dtype` stores; errors start with `path` (the file, or what failed)."""
+                   path: Path | str, advice: str = REEXPORT, values_advice: str | None = None) -> None:
+    """`tensors` against what `model` in `float_dtype` stores; errors start with `path` (the file, or what failed)
+    and end with `advice` (a wrong key, shape or dtype) or `values_advice` (NaN, infinite or non-positive scales)."""
+    values_advice = values_advice or advice
     expected = _expected(model, float_dtype)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing:
@@ -498,6 +503,6 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, float_
             raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; {advice}")
         if t.is_floating_point():
             if not all_finite(t):
-                raise ValueError(f"{path}: {key} holds NaN or infinite values; {advice}")
+                raise ValueError(f"{path}: {key} holds NaN or infinite values; {values_advice}")
             if key.rpartition(".")[2] in _SCALES and not bool((t > 0).all()):
-                raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {advice}")
+                raise ValueError(f"{path}: {key} holds scales ≤ 0 (scales must be positive); {values_advice}")

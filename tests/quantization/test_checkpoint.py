@@ -329,3 +329,15 @@ def test_a_manifest_of_another_format_version_says_what_helps(exported, tmp_path
     _set_manifest(copy, {**_manifest(copy), "format_version": version})
     with pytest.raises(ValueError, match=f"this mgtq reads 'mgtq-quantized-transformer' version 2: {advice}"):
         ckpt.read_manifest(copy / "transformer")
+
+
+def test_saving_damaged_scales_says_they_are_damaged_and_writes_nothing(tmp_path):
+    from mgtq.quantization import W4A8Linear
+
+    pipe = random_quantized_pipeline(seed=1)
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, W4A8Linear))
+    layer.input_scale.fill_(float("nan"))
+    with pytest.raises(ValueError, match="input_scale holds NaN or infinite values; the model's values are damaged.*"
+                                         "nothing was written"):
+        pipe.save_pretrained(tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
