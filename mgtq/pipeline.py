@@ -301,9 +301,8 @@ class MGTPipeline(DiffusionPipeline):
         """
         _reject_save_options(unused)
         transformer = unwrapped(self.transformer)  # pipe.transformer = torch.compile(...): keys without `_orig_mod.`
-        for name in ("transformer", "vqvae", "text_encoder"):  # a save that loads; the quantized writer checks its own
-            if name != "transformer" or not checkpoint.quantized_layers(transformer):
-                _check_finite(unwrapped(getattr(self, name)), name)
+        for name in ("vqvae", "text_encoder"):  # a save that loads (the transformer's writers check their own)
+            _check_finite(unwrapped(getattr(self, name)), name)
         with _loading_bars(progress), atomic_entries(path) as tmp:
             if checkpoint.quantized_layers(transformer):
                 checkpoint.save(transformer, checkpoint.describe(transformer), tmp / "transformer")

@@ -94,6 +94,25 @@ def test_save_load_round_trip_identical(tmp_path):
         assert torch.equal(model(**inputs), again(**inputs))
 
 
+def test_a_float_save_of_damaged_weights_leaves_the_folder_as_it_was(tmp_path):
+    model, _, _ = _load_fixture("meissonic-tiny-a")
+    model.save_pretrained(tmp_path / "t", safe_serialization=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()}
+    (tmp_path / "t" / "README.md").write_text("a model card of the user's")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN or infinite values, which a load would refuse; nothing was written"):
+        model.save_pretrained(tmp_path / "t", safe_serialization=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.name != "README.md"} == before
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = 0.0
+    model.save_pretrained(tmp_path / "t", safe_serialization=True, max_shard_size="500KB")
+    model.save_pretrained(tmp_path / "t", safe_serialization=True)  # into the folder: the user's file stays
+    assert (tmp_path / "t" / "README.md").is_file() and not list((tmp_path / "t").glob(".*"))
+    assert sorted(p.name for p in (tmp_path / "t").glob("diffusion_pytorch_model*")) == [
+        "diffusion_pytorch_model.safetensors"]  # the earlier save's shards and their index are gone
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     model, inputs, expected = _load_fixture("meissonic-tiny-a")
     model.save_pretrained(tmp_path / "s", safe_serialization=True, max_shard_size="500KB")
