@@ -174,19 +174,26 @@ def settings_digest(settings) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _recorded_files(root: Path) -> list[Path]:
+def _recorded_files(root: Path, components: Iterable[str] | None = None) -> list[Path]:
     """The files of a pipeline folder its checksums cover: all but model_index.json and hidden ones, and of a
-    quantized transformer/ only its manifest (whose checks cover the files it loads)."""
+    quantized transformer/ only its manifest (whose checks cover the files it loads); with `components`, those of
+    these component folders only. A component folder that is a link (a shared CLIP) is walked like a folder."""
     quantized = (root / "transformer" / _MANIFEST).is_file()
+    tops = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.name != "model_index.json")
+    if components is not None:
+        tops = [p for p in tops if p.name in set(components)]
     found = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if relative.parts == ("model_index.json",) or any(part.startswith(".") for part in relative.parts):
-            continue
-        if quantized and relative.parts[0] == "transformer" and relative.parts[1:] != (_MANIFEST,):
-            continue
-        if path.is_file():
-            found.append(path)
+    for top in tops:
+        if top.is_file():
+            found.append(top)
+        elif top.is_dir():  # rglob does not descend into links: start it at the folder itself
+            for path in sorted(top.rglob("*")):
+                relative = path.relative_to(root)
+                if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+                    continue
+                if quantized and relative.parts[0] == "transformer" and relative.parts[1:] != (_MANIFEST,):
+                    continue
+                found.append(path)
     return found
 
 
@@ -204,7 +211,8 @@ def record_settings(index: dict) -> dict:
     """`index` (a model_index.json's content) with its recorded settings digest brought up to date: for the one
     sanctioned edit of a written folder, a new default sampler (`mgtq.pipeline.set_default_sampler`)."""
     recorded = index.get(CHECKSUMS_KEY)
-    if isinstance(recorded, dict) and "mgtq" in index:
+    # only a record that covers the settings: an earlier mgtq's (no transformer files) must not pass for a current one
+    if isinstance(recorded, dict) and SETTINGS_ENTRY in recorded and "mgtq" in index:
         return {**index, CHECKSUMS_KEY: {**recorded, SETTINGS_ENTRY: settings_digest(index["mgtq"])}}
     return index
 
@@ -295,23 +303,32 @@ def check_recorded(folder: str | Path) -> None:
         check_checksums(index, folder.parent, provided=set(PIPELINE_COMPONENTS) - {folder.name})
 
 
+def check_recorded_settings(index: dict, where: Path) -> None:
+    """Refuse settings that differ from the digest `index` records (where it records one): before a writer builds
+    on them (`set_default_sampler` would otherwise record a hand edit as the folder's own)."""
+    recorded = index.get(CHECKSUMS_KEY)
+    if isinstance(recorded, dict) and isinstance(recorded.get(SETTINGS_ENTRY), str):
+        _check_settings(index, recorded[SETTINGS_ENTRY], where)
+
+
 def _check_settings(index: dict, digest: str, where: Path) -> None:
     if "mgtq" not in index:
         raise BadComponent(f"{where} lost its 'mgtq' settings (resolution, sampler), which its {CHECKSUMS_KEY} "
                            "record; restore the file or re-create the folder")
     if settings_digest(index["mgtq"]) != digest:
-        raise BadComponent(f"{where}: the 'mgtq' settings differ from the ones recorded when it was written; change "
-                           "the default sampler with mgtq.pipeline.set_default_sampler (it records them), or restore "
-                           "the file")
+        raise BadComponent(f"{where}: the 'mgtq' settings differ from the ones recorded when it was written (edited "
+                           "by hand?); restore the file (mgtq.pipeline.set_default_sampler changes the default "
+                           "sampler of an intact folder and records it)")
 
 
 def _check_covered(root: Path, files: dict[str, str], provided: set[str]) -> None:
     """Every file a loader may read from the pipeline's component folders is one the checksums record: a file
     added (a pickle beside the weights, a second weights file, another transformer) or whose entry was dropped is
-    refused."""
+    refused. Only those folders are listed (not a user's folders beside them)."""
     covered = set(PIPELINE_COMPONENTS) - provided
-    for path in _recorded_files(root):
+    for path in _recorded_files(root, covered):
         relative = path.relative_to(root)
-        if len(relative.parts) > 1 and relative.parts[0] in covered and relative.as_posix() not in files:
+        if len(relative.parts) > 1 and relative.as_posix() not in files:
             raise BadComponent(f"{path} is not among the files {root / 'model_index.json'} records: the folder was "
-                               "changed after it was written; remove the file, or re-create the checkpoint")
+                               "changed after it was written; move the file out of the component folder, or "
+                               "re-create the checkpoint")

@@ -142,6 +142,9 @@ def mask_batch(mask) -> list:
         mask = mask.numpy()
     if not isinstance(mask, np.ndarray):
         return [mask]
+    if mask.ndim == 3 and mask.shape[2] in (3, 4):  # no image is 3 or 4 pixels wide: an RGB(A) array, not B masks
+        raise ValueError(f"mask_image of shape {mask.shape} looks like an RGB(A) image; pass its grey level (H, W), "
+                         "or the PIL image (Image.fromarray(mask)), which is read by its grey level")
     if mask.ndim == 3:
         return [mask[..., 0]] if mask.shape[2] == 1 else list(mask)
     if mask.ndim == 4 and 1 in (mask.shape[1], mask.shape[3]):

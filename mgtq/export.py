@@ -103,6 +103,10 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
                 data = read_json(index)
                 if text_encoder is not None:
                     data.setdefault("text_encoder", ["transformers", "CLIPTextModelWithProjection"])
+                if "mgtq" not in data:  # an official source: its settings as mgtq reads them (step-index timesteps),
+                    from mgtq.pipeline import read_settings  # which a quantized checkpoint must carry
+
+                    data["mgtq"] = read_settings(source, verify=False).to_dict()
                 write_json(index, {**data, CHECKSUMS_KEY: pipeline_checksums(tmp, data.get("mgtq"))})
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the OS names the file copied from, not the one written

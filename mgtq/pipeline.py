@@ -29,7 +29,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
-                             check_recorded, pipeline_checksums, record_settings, stored_keys,
+                             check_recorded, check_recorded_settings, pipeline_checksums, record_settings, stored_keys,
                              verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.transformer import MeissonicTransformer
@@ -718,6 +718,7 @@ def set_default_sampler(path: str | os.PathLike, sampler: SamplerConfig) -> None
     if "mgtq" not in index:
         raise ValueError(f"{str(root)!r} is not an mgtq pipeline folder (no 'mgtq' settings in model_index.json); "
                          "save it with MGTPipeline.save_pretrained first")
+    check_recorded_settings(index, index_path)  # a hand edit is refused, never recorded as the folder's own
     settings = _settings(index["mgtq"], index_path)  # validates what is there before rewriting it
     settings.sampler = sampler
     index["mgtq"] = settings.to_dict()
@@ -789,8 +790,10 @@ def _load_text_encoder(root: Path, text_encoder, dtype, auto: bool = False):
             f"no text encoder at {folder}. The official Meissonic setup keeps CLIP ViT-H/14 in a separate "
             "folder: pass text_encoder=PATH (CLI: --text-encoder PATH) to a local CLIPTextModelWithProjection."
         )
-    # the pipeline's checksums were checked; a separate CLIP folder (the official set-up) records none
-    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype, checksums=False)
+    # the folder's own was checked with the pipeline's checksums; one passed in is held to those of the pipeline
+    # folder around it, if any (a separate CLIP, the official set-up, has none)
+    return load_component(CLIPTextModelWithProjection, folder, saved_dtype(folder) if auto else dtype,
+                          checksums=text_encoder is not None)
 
 
 def _load_tokenizer(root: Path, tokenizer):
@@ -799,6 +802,8 @@ def _load_tokenizer(root: Path, tokenizer):
     folder = Path(tokenizer) if tokenizer is not None else root / "tokenizer"
     if not folder.is_dir():
         raise FileNotFoundError(f"no tokenizer at {folder}; pass tokenizer=PATH to a local CLIPTokenizer folder")
+    if tokenizer is not None:
+        check_recorded(folder)  # a folder passed in: the checksums of the pipeline folder around it, if any
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.txt")):
         # The tokenizer libraries fail on bad bytes without naming the file; these files are small.
         try:

@@ -410,9 +410,9 @@ _AHEAD = threading.local()
 def hashed_ahead(paths: Iterable[str | os.PathLike]):
     """Hash `paths` in background threads, side by side, for the `sha256_file` calls inside the block.
 
-    A load verifies several big files (the quantized transformer's, the text encoder's) one check after another
-    and reads unhashed ones (a float transformer's) between them; sha256 and file reads release the GIL, so the
-    hashes run beside each other and beside that work (benchmarks/bench_load.py --compare-one-by-one). A check
+    A load verifies several big files (the transformer's, the text encoder's) one check after another and loads
+    components between them; sha256 and file reads release the GIL, so the hashes run beside each other and
+    beside that work (benchmarks/bench_load.py --compare-one-by-one). A check
     waits only for its own file's hash. A file is matched by path, inode, size and modification and change times:
     one changed after it was hashed ahead is hashed again. Missing or unreadable files are left to the checks,
     whose errors name them. Leaving the block stops the hashes nobody asked for.

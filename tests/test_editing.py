@@ -627,3 +627,10 @@ def test_the_callback_gets_each_samples_timestep_where_their_masks_make_them_dif
             callback_on_step_end=lambda p, i, t, kw: shapes.append(tuple(t.shape)) or steps.append(t.clone()) or kw)
     assert (2,) in shapes and all(s in ((), (2,)) for s in shapes)  # (2,) where the two samples' timesteps differ
     assert all(t.ndim == 0 or t[0] != t[1] for t in steps)
+
+
+def test_an_rgb_array_given_as_a_mask_is_named_as_one(random_pipeline, scene):
+    rgb = np.repeat((_box_mask() * 255).astype(np.uint8)[..., None], 3, axis=2)
+    with pytest.raises(ValueError, match=r"mask_image of shape \(64, 64, 3\) looks like an RGB\(A\) image"):
+        _inpaint(random_pipeline, scene, rgb)
+    assert _inpaint(random_pipeline, scene, Image.fromarray(rgb)).tokens.shape == (1, 16, 16)  # the PIL image reads

@@ -119,7 +119,7 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
 
     if not (path / "transformer").is_dir():
         raise FileNotFoundError(f"{path} has no transformer/ folder; is it a pipeline folder?")
-    settings = read_settings(path)
+    settings = read_settings(path, verify=False)  # the case builders load (and check) what they read
     quantized = checkpoint.is_quantized(path / "transformer")
     tokenizer_cfg = path / "tokenizer" / "tokenizer_config.json"
     text_length = int(read_json(tokenizer_cfg).get("model_max_length", 77)) if tokenizer_cfg.exists() else 77

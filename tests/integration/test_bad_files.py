@@ -442,3 +442,46 @@ def test_a_transformer_folder_of_pickles_only_says_so(model):
     weights.unlink()
     with pytest.raises(ValueError, match="has no .safetensors weights .*never pickle files"):
         MeissonicTransformer.from_pretrained(model / "transformer")
+
+
+def test_set_default_sampler_records_neither_a_hand_edit_nor_an_earlier_record_as_current(saved, tmp_path):
+    from mgtq.components import SETTINGS_ENTRY
+    from mgtq.pipeline import set_default_sampler
+
+    folder = shutil.copytree(saved / "float", tmp_path / "f")
+    index = _index(folder)
+    sampler = MGTPipeline.from_pretrained(folder, progress=False).settings.sampler
+    edited = json.loads(json.dumps(index))
+    edited["mgtq"]["image_range"] = "0,1"
+    _write_index(folder, edited)
+    with pytest.raises(ValueError, match="'mgtq' settings differ"):
+        set_default_sampler(folder, sampler.replace(num_steps=5))
+    earlier = {**index, "mgtq_files": {k: v for k, v in index["mgtq_files"].items()
+                                       if k != SETTINGS_ENTRY and not k.startswith("transformer/")}}
+    _write_index(folder, earlier)  # as an earlier mgtq recorded it
+    set_default_sampler(folder, sampler.replace(num_steps=5))
+    assert SETTINGS_ENTRY not in _index(folder)["mgtq_files"]  # still an earlier record: it loads, with its warning
+    with pytest.warns(UserWarning, match="an earlier mgtq recorded these checksums"):
+        assert MGTPipeline.from_pretrained(folder, progress=False).settings.sampler.num_steps == 5
+
+
+def test_a_checkpoints_own_text_encoder_or_tokenizer_passed_as_a_path_is_still_checked(saved, tmp_path):
+    folder = shutil.copytree(saved / "float", tmp_path / "f")
+    _flip_last_bit(folder / "text_encoder" / "model.safetensors")
+    with pytest.raises(ValueError, match="text_encoder/model.safetensors: sha256 differs"):
+        MGTPipeline.from_pretrained(folder, text_encoder=folder / "text_encoder", progress=False)
+    shutil.rmtree(folder / "text_encoder")
+    shutil.copytree(saved / "float" / "text_encoder", folder / "text_encoder")
+    _flip_last_bit(folder / "tokenizer" / "tokenizer.json")
+    with pytest.raises(ValueError, match="tokenizer/tokenizer.json: sha256 differs"):
+        MGTPipeline.from_pretrained(folder, tokenizer=folder / "tokenizer", progress=False)
+
+
+def test_a_component_folder_that_is_a_link_is_checked_as_a_folder(saved, tmp_path):
+    folder = shutil.copytree(saved / "float", tmp_path / "f")
+    shutil.move(folder / "text_encoder", tmp_path / "shared-clip")
+    (folder / "text_encoder").symlink_to(tmp_path / "shared-clip", target_is_directory=True)
+    MGTPipeline.from_pretrained(folder, progress=False)  # a linked folder whose files are the recorded ones
+    torch.save({"harmless": torch.zeros(1)}, tmp_path / "shared-clip" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="text_encoder/pytorch_model.bin is not among the files"):
+        MGTPipeline.from_pretrained(folder, progress=False)

@@ -341,3 +341,15 @@ def test_saving_damaged_scales_says_they_are_damaged_and_writes_nothing(tmp_path
                                          "nothing was written"):
         pipe.save_pretrained(tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_from_an_official_folder_carries_its_settings_and_loads(qpipe, random_pipeline_dir, tmp_path):
+    official = shutil.copytree(random_pipeline_dir, tmp_path / "official")
+    index = json.loads((official / "model_index.json").read_text())
+    for key in ("mgtq", CHECKSUMS_KEY):  # an official Meissonic folder records neither
+        index.pop(key)
+    (official / "model_index.json").write_text(json.dumps(index))
+    out = _write(qpipe, official, tmp_path / "ckpt")
+    loaded = mgtq.load(out)  # a quantized checkpoint without settings was refused: this one was unloadable
+    assert loaded.settings.sampler.timestep_convention == "step_index"  # the official pipeline's, as read
+    assert SETTINGS_ENTRY in json.loads((out / "model_index.json").read_text())[CHECKSUMS_KEY]
