@@ -98,7 +98,7 @@ def test_scq_gives_a8_to_the_lowest_magnitude_fraction():
 
 
 def test_calibration_prompts_run_the_pipeline(random_pipeline):
-    pipe = type(random_pipeline)(**random_pipeline.components, settings=random_pipeline.settings)
+    pipe = type(random_pipeline)(**random_pipeline.components)  # the modules and a copy of the settings
     pipe.transformer = copy.deepcopy(random_pipeline.transformer)
     done = quantize_(pipe, W4A8Config(), calibration_prompts=["a red circle", "two blue squares"])
     assert set(done.values()) == {"W4A8Linear"}
@@ -108,7 +108,7 @@ def test_calibration_prompts_run_the_pipeline(random_pipeline):
 
 
 def test_save_pretrained_writes_the_bytes_export_writes(random_pipeline, random_pipeline_dir, tmp_path):
-    pipe = type(random_pipeline)(**random_pipeline.components, settings=random_pipeline.settings)
+    pipe = type(random_pipeline)(**random_pipeline.components)  # the modules and a copy of the settings
     pipe.transformer = copy.deepcopy(random_pipeline.transformer)
     quantize_(pipe, W4A16Config(group_size=16))
     pipe.save_pretrained(tmp_path / "saved", progress=False)
