@@ -256,22 +256,29 @@ def test_changed_section_reruns_that_stage_and_after(tmp_path, run, random_pipel
     assert report["a8_layers"] == len(read_json(copy / "magnitudes" / "magnitudes.json")["magnitude"])
 
 
-def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch):
-    out = tmp_path / "run"
+def _interrupt_qat_after_step_8(model_dir, out, monkeypatch):
+    """Run calibrate into `out` until the 9th QAT training step, after the state of step 8 was saved; return the
+    real loss, put back in place."""
     real_loss, calls = qat.qat_loss, {"n": 0}
 
-    def flaky(*args, **kwargs):
+    def stop_in_step_9(*args, **kwargs):
         calls["n"] += torch.is_grad_enabled()  # count training steps, not the no-grad evaluations
-        if calls["n"] == 9:  # interrupted in the 9th training step, after the state of step 8 was saved
+        if calls["n"] == 9:
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(qat, "qat_loss", flaky)
+    monkeypatch.setattr(qat, "qat_loss", stop_in_step_9)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+        calibrate(_recipe(model_dir), out, progress=False)
+    monkeypatch.setattr(qat, "qat_loss", real_loss)
+    return real_loss
+
+
+def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch):
+    out = tmp_path / "run"
+    _interrupt_qat_after_step_8(random_pipeline_dir, out, monkeypatch)
     assert not (out / "qat").exists()  # nothing half-written
     assert read_json(out / "qat-state" / "trainer.json")["step"] == 8
-    monkeypatch.setattr(qat, "qat_loss", real_loss)
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert report["synth"] == "skipped" and report["qat"] == "ran"
     assert read_json(out / "qat" / "stage.json")["steps"] == 12
@@ -279,17 +286,7 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
 
 def test_a_qat_state_of_another_process_count_is_not_resumed(tmp_path, random_pipeline_dir, monkeypatch):
     out = tmp_path / "run"
-    real_loss, calls = qat.qat_loss, {"n": 0}
-
-    def stop_in_step_9(*args, **kwargs):
-        calls["n"] += torch.is_grad_enabled()
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(qat, "qat_loss", stop_in_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(_recipe(random_pipeline_dir), out, progress=False)
+    real_loss = _interrupt_qat_after_step_8(random_pipeline_dir, out, monkeypatch)
     marker = out / "qat-state" / "trainer.json"
     assert read_json(marker)["processes"] == 1
     resave_trainer_json(marker.parent, processes=2)  # as a 2-process torchrun run leaves it
@@ -302,18 +299,7 @@ def test_a_qat_state_of_another_process_count_is_not_resumed(tmp_path, random_pi
 
 def test_an_edited_qat_step_is_refused(tmp_path, random_pipeline_dir, monkeypatch):
     out = tmp_path / "run"
-    real_loss, calls = qat.qat_loss, {"n": 0}
-
-    def stop_in_step_9(*args, **kwargs):
-        calls["n"] += torch.is_grad_enabled()
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(qat, "qat_loss", stop_in_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(_recipe(random_pipeline_dir), out, progress=False)
-    monkeypatch.setattr(qat, "qat_loss", real_loss)
+    _interrupt_qat_after_step_8(random_pipeline_dir, out, monkeypatch)
     marker = out / "qat-state" / "trainer.json"
     write_json(marker, {**read_json(marker), "step": 11})  # 8 → 11: one step left instead of 4 (audit F8)
     with pytest.raises(ValueError, match=r"trainer.json is missing or does not match the sha256.*delete .*qat-state "
