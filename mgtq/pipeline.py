@@ -36,8 +36,8 @@ from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.sampling.config import flatten_overrides
-from mgtq.utils import (all_finite, atomic_entries, hashed_ahead, micro_conditions, parse_dtype, per_sample_generators,
-                        read_json, unwrapped, write_json)
+from mgtq.utils import (atomic_entries, hashed_ahead, micro_conditions, non_finite_tensor, parse_dtype,
+                        per_sample_generators, read_json, unwrapped, write_json)
 
 
 @dataclass
@@ -503,10 +503,10 @@ class MGTPipeline(DiffusionPipeline):
             # the sampler blames the guidance or noise scale; damaged weights (a module passed in, never checked
             # by a load) are the likelier cause, and one pass over them, on this error only, tells
             for name in ("transformer", "text_encoder"):
-                for key, tensor in unwrapped(getattr(self, name)).state_dict().items():
-                    if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
-                        raise FloatingPointError(f"the {name}'s tensor {key!r} holds NaN or infinite values, so the "
-                                                 "logits are not finite; load undamaged weights") from None
+                key = non_finite_tensor(unwrapped(getattr(self, name)))
+                if key is not None:
+                    raise FloatingPointError(f"the {name}'s tensor {key!r} holds NaN or infinite values, so the "
+                                             "logits are not finite; load undamaged weights") from None
             raise
 
     def _finish(self, result: SampleResult, output_type: str, return_dict: bool) -> MGTPipelineOutput | tuple:
@@ -630,10 +630,10 @@ def _callback_timestep(timestep: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_finite(module: torch.nn.Module, name: str) -> None:
     """Refuse to save a component holding NaN or infinite values, naming the tensor: a load would refuse it."""
-    for key, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
-            raise ValueError(f"{name}: tensor {key!r} holds NaN or infinite values, which a load of the saved folder "
-                             "would refuse; nothing was written: find what damaged the weights and save a good copy")
+    key = non_finite_tensor(module)
+    if key is not None:
+        raise ValueError(f"{name}: tensor {key!r} holds NaN or infinite values, which a load of the saved folder "
+                         "would refuse; nothing was written: find what damaged the weights and save a good copy")
 
 
 def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None,

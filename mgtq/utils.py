@@ -376,6 +376,15 @@ def _regular_files(root: Path) -> list[Path]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def non_finite_tensor(module: torch.nn.Module) -> str | None:
+    """The state-dict key of `module`'s first floating-point tensor holding NaN or ±inf (meta ones skipped), or
+    None: what a save refuses to write and a load refuses to read."""
+    for key, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
+            return key
+    return None
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element of the floating-point `tensor` is NaN or ±inf.
 

@@ -407,12 +407,12 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         if checkpoint.quantized_layers(self):
             checkpoint.save_pretrained(self, save_directory)
             return
-        from mgtq.utils import all_finite, atomic_entries
+        from mgtq.utils import atomic_entries, non_finite_tensor
 
-        for key, tensor in self.state_dict().items():  # a save that loads: the float loader refuses NaN/inf
-            if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
-                raise ValueError(f"cannot save the transformer: tensor {key!r} holds NaN or infinite values, which "
-                                 "a load would refuse; nothing was written")
+        key = non_finite_tensor(self)  # a save that loads: the float loader refuses NaN/inf
+        if key is not None:
+            raise ValueError(f"cannot save the transformer: tensor {key!r} holds NaN or infinite values, which a "
+                             "load would refuse; nothing was written")
         # each file replaced whole; weights files of an earlier save that this one does not write (other shards,
         # their index, which a load would read first) removed, as diffusers' writer removes them
         with atomic_entries(save_directory, stale=lambda name: name.startswith("diffusion_pytorch_model")) as tmp:
