@@ -763,19 +763,23 @@ def _settings(data, path: Path) -> PipelineSettings:
 
 
 def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
-    """The float dtype a component folder was saved in (its first floating safetensors tensor); None if it
-    holds none. torch_dtype="auto" loads in it."""
+    """The float dtype a component folder was saved in; None if it holds no float tensor. torch_dtype="auto"
+    loads in it. Mixed float dtypes (fp32 norms beside bf16 weights, say) load in float32, which holds them all
+    without loss (transformers' "auto" takes the first tensor's dtype, which rounds the others)."""
     folder = Path(folder)
     if checkpoint.is_quantized(folder):
         return checkpoint.read_manifest(folder).dtype
     stored_keys(folder)  # a damaged or unreadable weights file: named here, in one line
+    found = set()
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype in _SAFETENSORS_FLOATS:
-                    return _SAFETENSORS_FLOATS[dtype]
-    return None
+                dtype = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    found.add(dtype)
+    if len(found) > 1:
+        return torch.float32
+    return found.pop() if found else None
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -307,6 +307,19 @@ def test_torch_dtype_auto_is_the_saved_dtype(tmp_path):
         assert mgtq.load(tmp_path / "bf16", dtype="fp32", progress=False).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtypes, auto", [((torch.bfloat16, torch.float32), torch.float32),
+                                           ((torch.float16, torch.bfloat16), torch.float32),
+                                           ((torch.float16, torch.float16), torch.float16)])
+def test_torch_dtype_auto_of_mixed_float_dtypes_loses_nothing(tmp_path, dtypes, auto):
+    # the first tensor's dtype (transformers' "auto") would round the other tensors
+    from safetensors.torch import save_file
+
+    tensors = {"a.weight": torch.ones(2, dtype=dtypes[0]), "b.weight": torch.ones(2, dtype=dtypes[1]),
+               "c.index": torch.ones(2, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert mgtq.pipeline.saved_dtype(tmp_path) == auto
+
+
 def test_device_map_names_one_device():
     assert mgtq.load(device_map="cpu", progress=False).device == torch.device("cpu")
     with pytest.raises(ValueError, match="enable_model_cpu_offload"):

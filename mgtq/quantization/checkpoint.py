@@ -39,7 +39,7 @@ from torch import nn
 from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
-from mgtq.quantization.qlinear import QuantizedLinear, W4A8Linear, W4Linear
+from mgtq.quantization.qlinear import COMPUTE_DTYPES, QuantizedLinear, W4A8Linear, W4Linear
 from mgtq.utils import (DTYPE_NAMES, FloatDtype, all_finite, atomic_write_text, describe_path, parse_dtype,
                         sha256_file)
 
@@ -278,16 +278,23 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{path} {describe_path(path)}, not a manifest file; {REEXPORT}")
     data = _read_checkpoint_json(path)
-    # Each layer records its group size; manifests written before that also had a summary key.
-    data.pop("group_size", None)
+    # Each layer records its group size; manifests written before that also had a summary key, which must say
+    # what the layers say (the w4a16 layers' one group size, or null where they have none or several).
+    summary = data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
                          f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: "
                          f"{_version_fix(data.get('format'), data.get('format_version'))}")
     try:
-        return from_mapping(Manifest, data)
+        manifest = from_mapping(Manifest, data)
     except ValueError as err:
         raise ValueError(f"{path}: {err}; {REEXPORT}") from None
+    sizes = {layer.group_size for layer in manifest.layers.values() if layer.scheme == "w4a16"}
+    common = next(iter(sizes)) if len(sizes) == 1 else None
+    if summary != common:
+        raise ValueError(f"{path}: group_size is {summary!r} but the layers' is {common!r}: the file was edited or "
+                         f"damaged; {REEXPORT}")
+    return manifest
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -382,6 +389,9 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the transformer/ folder of a quantized checkpoint")
+    if dtype is not None and parse_dtype(dtype) not in COMPUTE_DTYPES:
+        raise ValueError(f"{folder}: quantized layers compute in float32, bfloat16 or float16; torch_dtype "
+                         f"{parse_dtype(dtype)} cannot run them (leave it out for the checkpoint's own dtype)")
     manifest = read_manifest(folder)
     weights = folder / WEIGHTS
     # Checkpoints written before config.json was hashed name the weights only.

@@ -163,12 +163,12 @@ class QuantizedLinear(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        if x.dtype not in _COMPUTE_DTYPES:
+        if x.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"quantized layers compute in float32, bfloat16 or float16, got a {x.dtype} input; cast "
                             "the model (pipe.to(torch.float32), say)")
 
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
 
 
 class W4Linear(QuantizedLinear):

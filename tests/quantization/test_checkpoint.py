@@ -127,16 +127,43 @@ def test_assign_layer_fills_an_empty_quantized_module_and_refuses_what_it_cannot
     assert torch.equal(empty(x), source(x))
 
 
+def _w4a16_group_size(data):
+    """The summary key an earlier mgtq wrote: the w4a16 layers' one group size, or None."""
+    sizes = {layer["group_size"] for layer in data["layers"].values() if layer["scheme"] == "w4a16"}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def test_a_manifest_with_the_older_top_level_group_size_still_loads(qpipe, exported, tmp_path):
     copy = shutil.copytree(exported, tmp_path / "older")
     data = _manifest(copy)
-    _set_manifest(copy, {**data, "group_size": None})
+    _set_manifest(copy, {**data, "group_size": _w4a16_group_size(data)})
     _as_an_earlier_mgtq_wrote_it(copy)
     assert ckpt.read_manifest(copy / "transformer") == ckpt.read_manifest(exported / "transformer")
     kwargs = dict(prompt="a red circle", seed=1, num_inference_steps=2, progress=False, output_type="tokens")
     with pytest.warns(UserWarning, match="an earlier mgtq recorded these checksums"):
         older = mgtq.load(copy)
     assert torch.equal(older(**kwargs).tokens, qpipe(**kwargs).tokens)
+
+
+def test_an_older_top_level_group_size_that_contradicts_the_layers_is_refused(exported, tmp_path):
+    copy = shutil.copytree(exported, tmp_path / "older")
+    data = _manifest(copy)
+    wrong = (_w4a16_group_size(data) or 16) * 2
+    _set_manifest(copy, {**data, "group_size": wrong})
+    with pytest.raises(ValueError, match=f"group_size is {wrong} but the layers' is"):
+        ckpt.read_manifest(copy / "transformer")
+
+
+def test_a_quantized_checkpoint_refuses_float64_before_it_loads(exported):
+    # float64 is a dtype a float model computes in, so only the quantized loaders can refuse it (the layers
+    # would refuse it at the first call)
+    from mgtq.models.transformer import MeissonicTransformer
+
+    for load in (lambda: mgtq.load(exported, torch_dtype=torch.float64, progress=False),
+                 lambda: MeissonicTransformer.from_pretrained(exported / "transformer", torch_dtype=torch.float64)):
+        with pytest.raises(ValueError, match="quantized layers compute in float32, bfloat16 or float16; torch_dtype "
+                                             "torch.float64"):
+            load()
 
 
 def test_float_folder_is_not_quantized(random_pipeline_dir):
