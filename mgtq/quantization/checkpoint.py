@@ -280,6 +280,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     data = _read_checkpoint_json(path)
     # Each layer records its group size; manifests written before that also had a summary key, which must say
     # what the layers say (the w4a16 layers' one group size, or null where they have none or several).
+    legacy = "group_size" in data
     summary = data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
@@ -291,7 +292,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         raise ValueError(f"{path}: {err}; {REEXPORT}") from None
     sizes = {layer.group_size for layer in manifest.layers.values() if layer.scheme == "w4a16"}
     common = next(iter(sizes)) if len(sizes) == 1 else None
-    if summary != common:
+    if legacy and summary != common:
         raise ValueError(f"{path}: group_size is {summary!r} but the layers' is {common!r}: the file was edited or "
                          f"damaged; {REEXPORT}")
     return manifest

@@ -145,8 +145,31 @@ def test_a_manifest_with_the_older_top_level_group_size_still_loads(qpipe, expor
     assert torch.equal(older(**kwargs).tokens, qpipe(**kwargs).tokens)
 
 
-def test_an_older_top_level_group_size_that_contradicts_the_layers_is_refused(exported, tmp_path):
-    copy = shutil.copytree(exported, tmp_path / "older")
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """A saved pipeline whose Linears are all W4A16 with 32-column groups (one group size, written per layer)."""
+    pipe = mgtq.load(progress=False)
+    mgtq.quantize_(pipe, mgtq.W4A16Config(group_size=32))
+    folder = tmp_path_factory.mktemp("grouped") / "w4a16-g32"
+    pipe.save_pretrained(folder, progress=False)
+    return folder
+
+
+def test_a_group_wise_checkpoint_loads_with_or_without_the_older_summary_key(grouped, tmp_path):
+    data = _manifest(grouped)
+    assert "group_size" not in data and _w4a16_group_size(data) == 32
+    kwargs = dict(prompt="a red circle", seed=1, num_inference_steps=2, progress=False, output_type="latent")
+    expected = mgtq.load(grouped, progress=False)(**kwargs).images
+    copy = shutil.copytree(grouped, tmp_path / "older")
+    _set_manifest(copy, {**data, "group_size": 32})
+    _as_an_earlier_mgtq_wrote_it(copy)
+    with pytest.warns(UserWarning, match="an earlier mgtq recorded these checksums"):
+        assert torch.equal(mgtq.load(copy, progress=False)(**kwargs).images, expected)
+
+
+@pytest.mark.parametrize("which", ["exported", "grouped"])
+def test_an_older_top_level_group_size_that_contradicts_the_layers_is_refused(which, request, tmp_path):
+    copy = shutil.copytree(request.getfixturevalue(which), tmp_path / "older")
     data = _manifest(copy)
     wrong = (_w4a16_group_size(data) or 16) * 2
     _set_manifest(copy, {**data, "group_size": wrong})
