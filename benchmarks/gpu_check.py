@@ -1,7 +1,7 @@
 """One-shot GPU check: mgtq's CUDA tests, then the meissonic-1024 bench on the GPU (about 8 minutes).
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine: writes benchmarks/results/gpu_<gpu>.{json,md}
-    python benchmarks/gpu_check.py --smoke --out DIR   # anywhere (CPU): the same steps, tiny and fast
+    python benchmarks/gpu_check.py                 # on a CUDA machine: writes benchmarks/results/gpu_<gpu>{,_bench}.{json,md}
+    python benchmarks/gpu_check.py --smoke --out DIR   # anywhere (CPU): steps 2 and 3, tiny and fast
 
 Steps:
 1. `pytest -m cuda` (tests marked `cuda` are skipped without a GPU): pass/fail/skip counts.
@@ -82,18 +82,16 @@ def kernel_choices(device: str) -> list[dict]:
     """choose_kernel's pick per scheme, row regime and compile setting on `device` (CPU class or GPU)."""
     from mgtq.quantization import kernels
 
-    x = torch.empty(0, device=device)
-    capability = torch.cuda.get_device_capability(x.device) if device.startswith("cuda") else None
-    cpu_class = kernels.cpu_class() if x.device.type == "cpu" else None
+    cpu_class = kernels.cpu_class() if torch.device(device).type == "cpu" else None
     # The opt-in W4A8 weight cache is oneDNN's prepacked weight only where kernels.weight_cache_backend
     # says so (amx-int8); elsewhere it is the plain int8 operand (the same kernel as without it).
     onednn_cache = cpu_class is not None and kernels.weight_cache_backend(cpu_class) == "onednn"
     rows = []
     for regime, m in KERNEL_ROWS.items():
+        # the context a real call of M rows gets (device, CPU class, mgtq's own kernels, AVX512-BF16)
+        x = torch.empty(m, 1024, dtype=torch.bfloat16, device=device)
         for compiling in (False, True):
-            ctx = kernels.KernelContext(device=x.device.type, m=m, k=1024, n=1024, dtype=torch.bfloat16,
-                                        group_size=1024, capability=capability, compiling=compiling,
-                                        cpu_class=cpu_class)
+            ctx = replace(kernels.context_for(x, k=1024, n=1024, group_size=1024), compiling=compiling)
             cached = replace(ctx, cache=onednn_cache)
             rows.append({"rows": regime, "m": m, "compiled": compiling, "cpu_class": ctx.cpu_class,
                          **{scheme: kernels.choose_kernel(scheme, ctx) for scheme in ("w4a16", "w4a8")},

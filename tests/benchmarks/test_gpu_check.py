@@ -10,10 +10,20 @@ def test_gpu_check_smoke(tmp_path, random_pipeline_dir, benchmark_script):
     assert [row["label"] for row in result["bench"]] == ["bf16", "w4a16"]
     assert all(row["status"] == "ok" and row["forward_s"] > 0 for row in result["bench"])
     assert (tmp_path / "gpu_smoke.md").read_text().startswith("# GPU check")
-    compiled = [row for row in result["kernels"] if row["compiled"] and row["rows"] == "tokens"]
-    assert compiled and compiled[0]["w4a8"] == "int_mm_chunked_inline" and compiled[0]["cpu_class"]
+    from dataclasses import replace
+
+    import torch
+
     from mgtq.quantization import kernels
 
-    onednn = kernels.weight_cache_backend(compiled[0]["cpu_class"]) == "onednn"
-    assert compiled[0]["w4a8_cached"] == ("onednn_inline" if onednn else "int_mm_chunked_inline")
+    # each row is what a real call of M bf16 rows is given on this machine (mgtq's own CPU kernels included)
+    assert {(row["rows"], row["compiled"]) for row in result["kernels"]} == {
+        (rows, compiled) for rows in ("tokens", "adaLN") for compiled in (False, True)}
+    for row in result["kernels"]:
+        x = torch.empty(row["m"], 1024, dtype=torch.bfloat16)
+        ctx = replace(kernels.context_for(x, k=1024, n=1024, group_size=1024), compiling=row["compiled"])
+        assert row["cpu_class"] == kernels.cpu_class()
+        assert (row["w4a16"], row["w4a8"]) == (kernels.choose_kernel("w4a16", ctx), kernels.choose_kernel("w4a8", ctx))
+        onednn = kernels.weight_cache_backend(row["cpu_class"]) == "onednn"
+        assert row["w4a8_cached"] == kernels.choose_kernel("w4a8", replace(ctx, cache=onednn))
     assert "W4A8 + weight cache" in (tmp_path / "gpu_smoke.md").read_text()
