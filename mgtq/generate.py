@@ -31,7 +31,8 @@ def generate_to_files(
     num_images: int = 1, progress: bool = True, batch_size: int | None = None, **call_kwargs,
 ) -> list[Path]:
     """Generate `num_images` images of each prompt and write them as PNG, prompt-major; image i (over all
-    prompts) uses seed + i, so it is the same whatever the batch size. batch_size: prompts per pipeline call."""
+    prompts) uses seed + i, its random numbers the same whatever the batch size (its pixels too, but for a rare near-tie
+    that another batch size's rounding turns; see `MGTPipeline.__call__`). batch_size: prompts per pipeline call."""
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)

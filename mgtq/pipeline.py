@@ -400,8 +400,10 @@ class MGTPipeline(DiffusionPipeline):
     ) -> MGTPipelineOutput | tuple:
         """Generate images. Steps/CFG default to the checkpoint's sampler settings.
 
-        Each image gets its own generator (seed, seed+1, … or the given list), so an image is
-        the same whatever else is in the batch.
+        Each image gets its own generator (seed, seed+1, … or the given list), so an image draws the same random
+        numbers whatever else is in the batch. The same call gives the same images; a batch of another size can,
+        rarely, give an image with other tokens: the GEMMs round differently with their row count, and a near-tie
+        in the sampler's ranking then falls the other way.
 
         sampler: a SamplerConfig, or a mapping of changes to the checkpoint's settings ({"noise": {"scale": 2.0}},
         `sampler_config`); default the checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a

@@ -485,13 +485,15 @@ def per_sample_generators(
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[torch.Generator]:
-    """One torch.Generator per sample, so each sample is reproducible whatever shares its batch.
+    """One torch.Generator per sample, so each sample draws the same random numbers whatever shares its batch.
 
     seed s → generators seeded s, s+1, …; a list of seeds, or of generators on `device`, is used as given; a single
-    generator draws one seed per sample (deterministic given its state), and so does each generator of a list
-    on another device (diffusers' `[torch.Generator("cpu").manual_seed(i) …]` for a CUDA pipeline): the sampler
-    draws from them every step, which on the CPU would mean copying each step's probabilities to the host;
-    nothing → seed 0.
+    generator on `device` is the first sample's, as in a list of one (diffusers' `generator=g` and `[g]` are the
+    same image, and so are `G(s)` and `seed=s`), and the others' seeds are drawn from a copy of its state, so sample
+    i is the same whatever the batch size. A generator on another device draws one seed per sample, and so does each
+    generator of a list on another device (diffusers' `[torch.Generator("cpu").manual_seed(i) …]` for a CUDA
+    pipeline): the sampler draws from them every step, which on the CPU would mean copying each step's
+    probabilities to the host; nothing → seed 0.
     """
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
@@ -509,6 +511,9 @@ def per_sample_generators(
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
                         "pass integer seeds as seed=")
     if isinstance(generator, torch.Generator):
+        if _same_device(generator.device, torch.device(device)):
+            copy = torch.Generator(device=generator.device).set_state(generator.get_state())
+            return [generator] + [_generator_on(device, s) for s in _draw_seeds(copy, batch_size)[1:]]
         seeds = _draw_seeds(generator, batch_size)
     elif isinstance(seed, (list, tuple)):
         if len(seed) != batch_size:

@@ -378,7 +378,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
             assert "default" in shown, f"{command} {action.option_strings}: {shown}"
     text = " ".join(sub.format_help().split())
     if command == "generate":
-        for shown in (r"reproducible alone \(default: 0\)", r"images per prompt[^()]*\(default: 1\)",
+        for shown in (r"same --batch-size\) \(default: 0\)", r"images per prompt[^()]*\(default: 1\)",
                       r"with --prompts\) \(default: 8\)", r"prompt-major \(default: mgtq-out.png\)"):
             assert re.search(shown, text), shown
 

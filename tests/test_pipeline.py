@@ -336,6 +336,24 @@ def test_device_map_cuda_matches_moving_later(quantized_dir):
 
 
 
+def test_a_generator_is_the_first_images_as_in_a_list_of_one():
+    """diffusers' `generator=g` and `[g]` are one image; mgtq's `seed=s` is `G(s)`. Image i does not depend on how
+    many images share the call, and a generator used again goes on from where it stopped."""
+    pipe = mgtq.load(progress=False)
+    kwargs = dict(output_type="latent", progress=False, **STEPS)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    alone = pipe("a red circle", seed=7, **kwargs).images
+    assert torch.equal(pipe("a red circle", generator=g(), **kwargs).images, alone)
+    assert torch.equal(pipe("a red circle", generator=[g()], **kwargs).images, alone)
+    two = pipe(["a red circle", "a red circle"], generator=g(), **kwargs).images
+    three = pipe(["a red circle", "a red circle", "a red circle"], generator=g(), **kwargs).images
+    assert torch.equal(two[:1], alone) and torch.equal(three[:2], two)
+    assert not torch.equal(two[0], two[1])  # the others have seeds of their own
+    used = g()
+    assert torch.equal(pipe("a red circle", generator=used, **kwargs).images, alone)
+    assert not torch.equal(pipe("a red circle", generator=used, **kwargs).images, alone)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_generators_and_cpu_generator_lists_on_a_cuda_pipeline(quantized_dir):
