@@ -771,9 +771,8 @@ def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     folder = Path(folder)
     if checkpoint.is_quantized(folder):
         return checkpoint.read_manifest(folder).dtype
-    stored_keys(folder)  # a damaged or unreadable weights file: named here, in one line
     found = set()
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in sorted(set(stored_keys(folder).values())):  # the files a load reads; a damaged one named in one line
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 dtype = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())

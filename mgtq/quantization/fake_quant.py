@@ -148,18 +148,14 @@ class FakeQuantLinear(FakeQuantizedLinear):
         input_scale: torch.Tensor | float | None = None,
     ) -> "FakeQuantLinear":
         """Wrap ``mod``; the new layer *shares* its weight/bias Parameters (optimizer state stays valid)."""
-        new = cls(
-            mod.in_features,
-            mod.out_features,
-            mod.bias is not None,
-            group_size=group_size,
-            input_scale=input_scale,
-            device=mod.weight.device,
-            dtype=mod.weight.dtype,
-        )
-        if mod.weight.device.type != "meta":
-            new.weight = mod.weight
-            new.bias = mod.bias
+        # built on meta: nn.Linear's own initialisation would draw from the caller's global RNG for weights
+        # that are replaced at once
+        new = cls(mod.in_features, mod.out_features, mod.bias is not None, group_size=group_size, device="meta",
+                  dtype=mod.weight.dtype)
+        new.weight = mod.weight
+        new.bias = mod.bias
+        if input_scale is not None:
+            new.set_input_scale(input_scale)
         return new
 
     def set_input_scale(self, scale: torch.Tensor | float) -> None:

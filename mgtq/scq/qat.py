@@ -26,6 +26,7 @@ from mgtq.scq.recipe import QATConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
+from mgtq.training.state import keeps_global_rng
 from mgtq.utils import atomic_write_text, save_safetensors, set_submodule
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -162,6 +163,7 @@ class QATResult:
     summary: dict
 
 
+@keeps_global_rng
 def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QATConfig, sampler: SamplerConfig,
               state_dir: Path, fingerprint: str, progress: bool = True, a8_layers=(),
               input_scales: dict[str, float] | None = None) -> QATResult:

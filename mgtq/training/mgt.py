@@ -35,6 +35,7 @@ from mgtq.text import build_word_tokenizer
 from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_token_loss
+from mgtq.training.state import keeps_global_rng
 from mgtq.utils import atomic_directory, micro_conditions, read_json, write_json
 from mgtq.vq import load_vq
 
@@ -211,6 +212,7 @@ class _MaskedTokenLoss(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- training
+@keeps_global_rng
 def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, config: MGTTrainConfig,
               progress: bool = True) -> dict:
     """Train (or resume) in `run`; write the pipeline to `out` when done. Returns a summary."""

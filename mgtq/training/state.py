@@ -14,6 +14,7 @@ so a corrupt or altered state is refused with a message rather than loaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -174,6 +175,20 @@ def _plain(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     raise TypeError(f"cannot store {type(value).__name__} in a training state")
+
+
+def keeps_global_rng(train):
+    """`train` with the caller's global RNG states (torch, CUDA, numpy, python) given back when it returns or
+    raises. A resumed state sets the ones it saved, so that a resumed run draws as the uninterrupted one would,
+    for the run only: the caller of a library function keeps its own streams."""
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        tensors, meta = _rng_state()
+        try:
+            return train(*args, **kwargs)
+        finally:
+            _set_rng_state(tensors, meta)
+    return run
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -39,7 +39,7 @@ from ..config import validate
 from ..shapes.world import render, sample_scene
 from ..utils import atomic_directory, recover_atomic_target, write_json
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
-from .state import load_training_state, save_training_state
+from .state import keeps_global_rng, load_training_state, save_training_state
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILES = ("trainer_state.json", "trainer_state.safetensors")  # covered by the training state's checks
@@ -229,6 +229,7 @@ def evaluate_roundtrip(vq, per_category: int = 64, batch_size: int = 64) -> dict
 # --------------------------------------------------------------------------------------------
 
 
+@keeps_global_rng
 def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
              seed: int = 0, resume: bool = True, export_to: str | os.PathLike | None = None,
              progress: bool = True, stop_after: int | None = None, **overrides):

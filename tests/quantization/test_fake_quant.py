@@ -113,7 +113,10 @@ def test_prepare_then_convert_passes(model):
         model(x)
     scales = input_scales_from_stats(stats)
     weight_before = model.proj_in.weight
+    rng = torch.get_rng_state()
     prepared = prepare_qat_(model, group_size=16, skip=["proj_out"], a8_layers=a8, input_scales=scales)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random numbers stay the caller's
+    assert model.block[0].activation_fake_quantizer.scale.device == weight_before.device
     assert prepared == ["proj_in", "block.0", "block.2"]
     assert model.proj_in.weight is weight_before  # parameters shared with the float model
     assert isinstance(model.proj_out, nn.Linear) and not isinstance(model.proj_out, FakeQuantLinear)

@@ -279,9 +279,18 @@ def test_resume_after_interrupted_qat(tmp_path, random_pipeline_dir, monkeypatch
     _interrupt_qat_after_step_8(random_pipeline_dir, out, monkeypatch)
     assert not (out / "qat").exists()  # nothing half-written
     assert read_json(out / "qat-state" / "trainer.json")["step"] == 8
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # the caller's streams, as a script sets them
+    streams = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert report["synth"] == "skipped" and report["qat"] == "ran"
     assert read_json(out / "qat" / "stage.json")["steps"] == 12
+    # the resume set the saved states for its run only (it overwrote the caller's with the interrupted run's)
+    assert torch.equal(torch.get_rng_state(), streams[0]) and (np.random.get_state()[1] == streams[1]).all()
+    assert random.getstate() == streams[2]
 
 
 def test_a_qat_state_of_another_process_count_is_not_resumed(tmp_path, random_pipeline_dir, monkeypatch):

@@ -93,9 +93,12 @@ def test_resume_continues_from_saved_step(tmp_path, vq_dir):
     assert read_json(run / "state" / "trainer.json")["step"] == 2
     # a finished run resumes to a no-op: no step is repeated, and its summary is the same
     log = (run / "log.jsonl").read_text()
+    torch.manual_seed(5)
+    stream = torch.get_rng_state()
     again = train_mgt(vq_dir, run, None, MGTTrainConfig(steps=2, **TINY), progress=False)
     assert (run / "log.jsonl").read_text() == log
     assert again == first
+    assert torch.equal(torch.get_rng_state(), stream)  # seeded and resumed for its run only, not the caller's
 
 
 def test_training_recipes_are_valid_configs_and_the_default_trains_from_scratch():
