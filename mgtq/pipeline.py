@@ -407,7 +407,8 @@ class MGTPipeline(DiffusionPipeline):
 
         sampler: a SamplerConfig, or a mapping of changes to the checkpoint's settings ({"noise": {"scale": 2.0}},
         `sampler_config`); default the checkpoint's. token_merging: TomeMGT for this call only, a `TomeConfig`, a
-        ratio (a TomeConfig with that ratio) or a `TomePlan`; default the one `apply_tomemgt` installed.
+        ratio (a TomeConfig with that ratio; 0 merges nothing, even where a plan is installed) or a `TomePlan`;
+        default the one `apply_tomemgt` installed.
         output_type: "pil", "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1] or "latent" (the token
         ids, no VQ decoding). return_dict=False returns `(images,)`. callback_on_step_end(pipe, step,
         timestep, callback_kwargs) runs after every sampler step with {name: tensor} of
@@ -839,7 +840,8 @@ def _shown(value) -> str:
 
 
 def _merging_plan(token_merging):
-    """The per-call TomeMGT plan: None, a TomePlan (anything with `bind`), a TomeConfig or a ratio."""
+    """The per-call TomeMGT plan: None (the installed one, if any), a TomePlan (anything with `bind`), a TomeConfig
+    or a ratio (0: no merging in this call, whatever is installed)."""
     token_merging = plain_scalar(token_merging)
     if token_merging is None or hasattr(token_merging, "bind"):
         return token_merging
@@ -848,7 +850,11 @@ def _merging_plan(token_merging):
     if isinstance(token_merging, TomeConfig):
         return TomePlan(token_merging)
     if isinstance(token_merging, (int, float)) and not isinstance(token_merging, bool):
-        return TomePlan(TomeConfig(ratio=token_merging)) if token_merging else None
+        if not token_merging:
+            from mgtq.models.hooks import EveryToken
+
+            return EveryToken()
+        return TomePlan(TomeConfig(ratio=token_merging))
     raise TypeError(f"token_merging must be a TomeConfig, a ratio in [0, 1) or a TomePlan, got "
                     f"{type(token_merging).__name__}")
 

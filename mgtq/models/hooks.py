@@ -107,3 +107,11 @@ class TokenHook(Protocol):
     """What `transformer.token_hook` holds: `bind` gives the plan of one forward."""
 
     def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> TokenPlan: ...
+
+
+class EveryToken:
+    """The token hook that computes every token. Passed per call it stands in for the installed one: a pipeline
+    call's `token_merging=0` on a transformer with TomeMGT installed (None would mean the installed hook)."""
+
+    def bind(self, grid: tuple[int, int], masked: torch.Tensor | None = None) -> TokenPlan:
+        return TokenPlan()

@@ -217,6 +217,26 @@ def test_pipeline_per_call_plan_and_decoded_images(pipe):
     assert pipe.transformer.token_hook is None and images[0].size == (64, 64)
 
 
+def test_a_call_with_ratio_0_merges_nothing_where_a_plan_is_installed():
+    import mgtq
+
+    pipe = mgtq.load(progress=False)
+    kwargs = dict(prompt="a red circle", seed=0, num_inference_steps=4, progress=False, output_type="latent")
+    plain = pipe(**kwargs).images
+    apply_tomemgt(pipe, 0.5)
+    try:
+        merged = pipe(**kwargs).images
+        assert not torch.equal(merged, plain)  # the installed plan merges
+        for off in (0, 0.0, TomeConfig(ratio=0.0)):
+            assert torch.equal(pipe(token_merging=off, **kwargs).images, plain)
+        assert torch.equal(pipe(token_merging=None, **kwargs).images, merged)  # None: the installed one
+        fast = pipe.settings.sampler.preset("fast")  # context reuse runs its full steps around the per-call hook
+        assert torch.equal(pipe(token_merging=0, sampler=fast, **kwargs).images,
+                           mgtq.load(progress=False)(sampler=fast, **kwargs).images)
+    finally:
+        remove_tomemgt(pipe)
+
+
 def test_tomemgt_under_inductor_compile_gives_the_eager_tokens():
     """pipe.compile() (Inductor, block by block) lowers the merged forward while r changes from step to step;
     it used to fail with "Exponent must be non-negative" (merge/unmerge views sized by the int r)."""
