@@ -32,15 +32,30 @@ def generate_shapebench(
     """
     items = shapebench_prompts(per_category or DEFAULT_PER_CATEGORY, split)
     items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
-    tokens, images, nfe = [], [], 0
+    tokens, images, cost = [], [], {}
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
         chunk = items[start : start + batch_size]
         out = pipe([it.prompt for it in chunk], seed=[it.seed + seed_offset for it in chunk], sampler=sampler,
                    progress=False, **call_kwargs)
         tokens.append(out.tokens.cpu())
         images += out.images
-        nfe = out.nfe  # per image: every sample of a batch takes the same transformer calls
-    return items, torch.cat(tokens), images, nfe
+        cost = _cost(out)  # per image: every sample of a batch takes the same transformer calls
+    return items, torch.cat(tokens), images, cost
+
+
+def _cost(out) -> dict:
+    """A call's transformer calls per image: all of them (nfe), context reuse's local steps among them, and the
+    calls counted by the image tokens they computed (token_nfe)."""
+    return {"nfe": out.nfe, "local_nfe": out.local_nfe, "token_nfe": out.token_nfe}
+
+
+def _what_ran(pipe: MGTPipeline, config: SamplerConfig, call_kwargs: dict) -> dict:
+    """The settings a result was made with: the sampler's, TomeMGT's (None: no merging) and the kernels."""
+    from dataclasses import asdict
+
+    merging = pipe.token_merging_config(call_kwargs.get("token_merging"))
+    return {"sampler": config.to_dict(), "token_merging": None if merging is None else asdict(merging),
+            "kernels": describe_kernels(pipe.device)}
 
 
 def evaluate_pipeline(
@@ -48,7 +63,8 @@ def evaluate_pipeline(
     progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, split: str = "test",
     per_category: int | None = None, **call_kwargs,
 ) -> dict:
-    """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "sampler", "seconds", "kernels", "per_prompt", ...}.
+    """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "local_nfe", "token_nfe", "sampler",
+    "token_merging", "seconds", "kernels", "per_prompt", ...}.
 
     "kernels": what ran it (``describe_kernels``), since a quantized model's score follows its kernels.
     With `reference_tokens` (from another model at the same seeds), also the token agreement: the
@@ -56,14 +72,10 @@ def evaluate_pipeline(
     """
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
-    items, tokens, images, nfe = generate_shapebench(pipe, limit, config, batch_size, progress, per_category,
-                                                     seed_offset=seed_offset, split=split, **call_kwargs)
+    items, tokens, images, cost = generate_shapebench(pipe, limit, config, batch_size, progress, per_category,
+                                                      seed_offset=seed_offset, split=split, **call_kwargs)
     result = evaluate(images, items)
-    result["split"] = split
-    result["nfe"] = nfe
-    result["seconds"] = time.perf_counter() - t0
-    result["sampler"] = config.to_dict()
-    result["kernels"] = describe_kernels(pipe.device)
+    result.update(split=split, **cost, seconds=time.perf_counter() - t0, **_what_ran(pipe, config, call_kwargs))
     result["tokens"] = tokens
     if reference_tokens is not None:
         if reference_tokens.shape != tokens.shape:
@@ -96,7 +108,7 @@ def evaluate_editing(
     for i, item in enumerate(items):  # one pipeline call takes one strength
         groups.setdefault(item.strength, []).append(i)
     chunks = [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
-    nfe = 0
+    cost: dict = {}
     for chunk in tqdm(chunks, desc=f"ShapeBench-Edit {task}", disable=not progress):
         chunk_items = [items[i] for i in chunk]
         inputs = [edit_inputs(it) for it in chunk_items]
@@ -112,10 +124,10 @@ def evaluate_editing(
             kept += int((out.tokens.cpu() == encoded)[keep].sum())
             total += int(keep.sum())
         outputs.update({i: image for i, image in zip(chunk, out.images)})
-        nfe = max(nfe, out.nfe)
+        cost = max(cost, _cost(out), key=lambda c: c.get("nfe", 0))  # the costliest strength's
     result = evaluate([outputs[i] for i in range(len(items))], items)
-    result.update(task=task, split=split, nfe=nfe, seconds=time.perf_counter() - t0, sampler=config.to_dict(),
-                  kernels=describe_kernels(pipe.device), preserved=kept / total if total else None)
+    result.update(task=task, split=split, **cost, seconds=time.perf_counter() - t0,
+                  **_what_ran(pipe, config, call_kwargs), preserved=kept / total if total else None)
     for row, item in zip(result["per_prompt"], items):
         row["strength"] = item.strength
     if task == "img2img":
@@ -131,7 +143,14 @@ def edit_summary_line(result: dict) -> str:
     extra = "".join(f"  strength {k}={v:.3f}" for k, v in result.get("per_strength", {}).items())
     kept = "" if result["preserved"] is None else f"  unmasked tokens kept={result['preserved']:.4f}"
     return (f"ShapeBench-Edit {result['task']}{split} accuracy={result['overall']:.3f} (n={result['n']}, "
-            f"NFE ≤ {result['nfe']}){kept}{extra}")
+            f"NFE ≤ {result['nfe']}{_accelerated(result)}){kept}{extra}")
+
+
+def _accelerated(result: dict) -> str:
+    """", 8 local, TomeMGT 0.5": what made a result's calls cheaper than full ones (results of earlier runs lack it)."""
+    local = f", {result['local_nfe']} local" if result.get("local_nfe") else ""
+    merging = result.get("token_merging")
+    return local + (f", TomeMGT {merging['ratio']}" if merging else "")
 
 
 def interleave_categories(items: list) -> list:
@@ -149,4 +168,5 @@ def summary_line(result: dict) -> str:
     cats = "  ".join(f"{c}={v:.3f}" for c, v in result["per_category"].items())
     split = "" if result.get("split", "test") == "test" else f" [{result['split']} split]"
     ran = f"\n  on {kernels_label(result['kernels'])}" if "kernels" in result else ""
-    return f"ShapeBench{split} overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']})  {cats}{ran}"
+    return (f"ShapeBench{split} overall={result['overall']:.3f} (n={result['n']}, NFE {result['nfe']}"
+            f"{_accelerated(result)})  {cats}{ran}")

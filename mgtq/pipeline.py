@@ -442,6 +442,15 @@ class MGTPipeline(DiffusionPipeline):
             return "latent"
         return output_type
 
+    def token_merging_config(self, token_merging=None):
+        """The TomeMGT settings (a TomeConfig) a call with this `token_merging` runs: the call's, else those of the
+        plan `apply_tomemgt` installed; None where nothing merges."""
+        plan = _merging_plan(token_merging)
+        if plan is None:
+            plan = getattr(unwrapped(self.transformer), "token_hook", None)
+        config = getattr(plan, "config", None)
+        return config if config is not None and config.ratio > 0 else None
+
     # The steps of a call, shared by text-to-image and the editing pipelines (mgtq.editing), which differ
     # only in the inputs they check and the sampler's start state.
     def sampler_config(self, sampler: SamplerConfig | dict | None = None) -> SamplerConfig:

@@ -242,6 +242,27 @@ def test_evaluate_validates_lengths_and_config():
         ShapeBenchPrompt("a red circle", 0, "colors")
 
 
+def test_an_evaluation_records_what_made_its_calls_cheaper(random_pipeline):
+    """Two results that differ only in TomeMGT or context reuse must not read as the same setting."""
+    from mgtq.evaluation import evaluate_editing, evaluate_pipeline, summary_line
+    from mgtq.merging import apply_tomemgt, remove_tomemgt
+
+    fast = random_pipeline.settings.sampler.preset("fast")
+    plain = evaluate_pipeline(random_pipeline, limit=2, progress=False)
+    assert plain["token_merging"] is None and plain["local_nfe"] == 0 and plain["token_nfe"] == plain["nfe"]
+    merged = evaluate_pipeline(random_pipeline, limit=2, sampler=fast, progress=False, token_merging=0.5)
+    assert merged["token_merging"]["ratio"] == 0.5 and 0 < merged["local_nfe"] < merged["nfe"]
+    assert merged["token_nfe"] < merged["nfe"]
+    assert "local, TomeMGT 0.5)" in summary_line(merged) and "local" not in summary_line(plain)
+    apply_tomemgt(random_pipeline, 0.25)
+    try:
+        assert evaluate_pipeline(random_pipeline, limit=1, progress=False)["token_merging"]["ratio"] == 0.25
+        assert evaluate_pipeline(random_pipeline, limit=1, progress=False, token_merging=0)["token_merging"] is None
+        assert evaluate_editing(random_pipeline, "inpaint", limit=1, progress=False)["token_merging"]["ratio"] == 0.25
+    finally:
+        remove_tomemgt(random_pipeline)
+
+
 def test_evaluation_is_reproducible_and_seed_offset_draws_again(random_pipeline):
     from mgtq.evaluation import evaluate_pipeline
     from mgtq.sampling import SamplerConfig
