@@ -236,6 +236,11 @@ class _EditingPipeline(MGTPipeline):
         self.token_grid(h, w)
         return arrays
 
+    def _size_advice(self, side: int) -> str:
+        """An editing call's size is its image's (an outpainted canvas: the image and its margins)."""
+        return (f"resize the image (and its mask) to sides that are multiples of {side}, or outpaint by margins that "
+                "make the canvas so (mgtq edit: --image, --outpaint)")
+
     def check_inputs(self, prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                      output_type, callback_on_step_end_tensor_inputs, token_merging) -> None:
         """MGTPipeline's checks (the size comes from the image), then the editing ones: one image (and

@@ -442,6 +442,10 @@ class MGTPipeline(DiffusionPipeline):
             return "latent"
         return output_type
 
+    def _size_advice(self, side: int) -> str:
+        """How a caller gets an image whose sides are multiples of `side` (text-to-image: the size asked for)."""
+        return f"use a width and height that are multiples of {side}"
+
     def token_merging_config(self, token_merging=None):
         """The TomeMGT settings (a TomeConfig) a call with this `token_merging` runs: the call's, else those of the
         plan `apply_tomemgt` installed; None where nothing merges."""
@@ -480,8 +484,8 @@ class MGTPipeline(DiffusionPipeline):
         if config.reuse.enabled and config.reuse.group == "cells" and (grid[0] % 2 or grid[1] % 2):
             side = 2 * self.vae_scale_factor
             raise ValueError(f"context reuse's group 'cells' decodes 2×2 token cells, which a {width}×{height} image "
-                             f"({grid[1]}×{grid[0]} tokens) does not tile: use a width and height that are multiples "
-                             f"of {side}, or the group 'confidence' (CLI: --reuse-group confidence; Python: "
+                             f"({grid[1]}×{grid[0]} tokens) does not tile: {self._size_advice(side)}, or the group "
+                             "'confidence' (CLI: --reuse-group confidence; Python: "
                              "sampler=config.with_overrides({'reuse.group': 'confidence'}))")
         device = self._execution_device
         generators = per_sample_generators(len(prompts), seed=seed, generator=generator, device=device)

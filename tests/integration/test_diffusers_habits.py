@@ -314,6 +314,13 @@ def test_context_reuse_by_cells_on_an_odd_token_grid_names_the_size_and_the_fix(
     fast = mgtq.SamplerConfig.preset("fast").with_overrides({"reuse.group": "confidence"})
     assert pipe("a red circle", width=68, height=64, sampler=fast, output_type="latent", progress=False,
                 **STEPS).images.shape == (1, 16, 17)
+    # an editing call takes no width or height: its advice is about the image (or outpainted canvas)
+    from PIL import Image
+
+    inpaint = mgtq.MGTInpaintPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match=r"does not tile: resize the image \(and its mask\).*outpaint"):
+        inpaint("a red circle", image=Image.new("RGB", (68, 64)), mask_image=Image.new("L", (68, 64), 255),
+                sampler=mgtq.SamplerConfig.preset("fast"), **STEPS)
 
 
 def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_changed_one(quantized_dir, tmp_path,
