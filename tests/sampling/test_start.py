@@ -201,6 +201,13 @@ def test_bad_starts_are_refused():
         _run(BASE, [0, 1], start=StartState(tokens=torch.full((2, *GRID), MASK), first_step=7))
     with pytest.raises(ValueError, match="fixed position holds the mask id"):
         _run(BASE, [0, 1], start=StartState(tokens=torch.full((2, *GRID), MASK), fixed=_repaint(2)))
+    # Z-sampling asked for at steps an edit never runs would do nothing, silently
+    z_early = CONFIGS["paper-combo"].with_overrides({"zsampling.steps": [0, 1]})
+    late_start = StartState(tokens=torch.full((2, *GRID), MASK), first_step=3)
+    with pytest.raises(ValueError, match=r"zsampling.steps \[0, 1\] all come before this edit's first step 3"):
+        _run(z_early, [0, 1], start=late_start)
+    _run(z_early.with_overrides({"zsampling.steps": [1, 4]}), [0, 1], start=late_start)  # step 4 runs
+    _run(z_early, [0, 1], start=StartState(tokens=torch.full((2, *GRID), MASK), first_step=1))
 
 
 def test_mask_ratio_timestep_is_the_masked_fraction_of_the_editable_tokens():
