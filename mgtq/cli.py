@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
-                   help="only the first N prompts (balanced over categories; per task with --task)")
+                   help="only the first N prompts (balanced over categories; per task with --task; default: all)")
     # The names of mgtq.shapes.shapebench.SPLITS, written out: importing it would slow every CLI start-up.
     e.add_argument("--split", choices=("test", "val"), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_argument(image)
     add_reuse_arguments(image)
     b.add_argument("--budget", type=argtypes.number(minimum=0, above=True), default=None,
-                   help="stop timing a config's forwards after S seconds")
+                   help="stop timing a config's forwards after S seconds (default: no limit, every repeat)")
     b.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
                    help="torch threads per config (default: all cores)")
     b.add_argument("--profile", action="store_true",
@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("cache", "list mgtq's compile cache (what --compile keeps for a later run), or remove it")
     k.add_argument("--clear", action="store_true", help="remove the cache's folders (all, or see --unused-days)")
     k.add_argument("--unused-days", type=argtypes.number(0), default=None, metavar="DAYS",
-                   help="with --clear: only the folders no run used for DAYS days")
+                   help="with --clear: only the folders no run used for DAYS days (default: every folder)")
     k.set_defaults(func=cmd_cache)
     return parser
 
