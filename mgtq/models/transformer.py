@@ -541,7 +541,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         if plan.computes_subset:
             # Every head layer is per token (the transposed 2×2 conv gives each token its own f×f cell), so
             # the computed tokens run side by side as one 1×(B·M) image: as a batch of 1×1 images, oneDNN
-            # took 6–16× longer for the same values.
+            # takes several times longer for the same values (a convolution call per tiny image).
             row = x.reshape(1, 1, -1, channels).permute(0, 3, 1, 2)  # (1, C, 1, B·M), channels last
             logits = self.mlm_layer(self.up_block(row))  # (1, V, f, f·B·M): token t's cell is columns f·t … f·t + f − 1
             f = logits.shape[2]
