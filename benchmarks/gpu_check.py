@@ -1,6 +1,6 @@
 """One-shot GPU check: mgtq's CUDA tests, then the meissonic-1024 bench on the GPU (about 8 minutes).
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine: writes benchmarks/results/gpu_<gpu>{,_bench}.{json,md}
+    python benchmarks/gpu_check.py     # on a CUDA machine: benchmarks/results/gpu_<gpu>{,_bench}.{json,md}
     python benchmarks/gpu_check.py --smoke --out DIR   # anywhere (CPU): steps 2 and 3, tiny and fast
 
 Steps:
@@ -12,7 +12,7 @@ Steps:
 3. The kernel each quantized layer kind gets on this device (`kernels.choose_kernel` at
    meissonic-1024's row counts, eager and compiled), so a reader sees which path the timings took.
 
-The smoke mode runs step 2 on the tiny-shapes model on CPU in-process (no pytest subprocess: CI
+The smoke mode runs steps 2 and 3 on the tiny-shapes model on CPU in-process (no pytest subprocess: CI
 already runs the test suite) so that CI exercises this script end to end.
 """
 
@@ -132,7 +132,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of every step (what CI exercises)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of steps 2 and 3 (what CI exercises)")
     parser.add_argument("--device", default="cuda", help="CUDA device (ignored with --smoke)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--model", default=None, help="bench model (default: meissonic-1024; tiny-shapes with --smoke)")

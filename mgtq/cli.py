@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a text file with one prompt per line (blank lines skipped): one batch run")
     g.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
     g.add_argument("--seed", type=argtypes.seed, default=0,
-                   help="seed of the first image; image i uses seed + i (the same image again at the same --batch-size)")
+                   help="seed of the first image; image i uses seed + i (the same image again at the same "
+                        "--batch-size)")
     g.add_argument("--height", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,
                    help=f"pixels, at most {MAX_RESOLUTION} (default: the model's resolution)")
     g.add_argument("--width", type=argtypes.integer(minimum=1, maximum=MAX_RESOLUTION), default=None,

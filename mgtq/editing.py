@@ -237,9 +237,8 @@ class _EditingPipeline(MGTPipeline):
         return arrays
 
     def _size_advice(self, side: int) -> str:
-        """An editing call's size is its image's (an outpainted canvas: the image and its margins)."""
-        return (f"resize the image (and its mask) to sides that are multiples of {side}, or outpaint by margins that "
-                "make the canvas so (mgtq edit: --image, --outpaint)")
+        """An editing call's size is its image's."""
+        return f"resize the image to sides that are multiples of {side} (mgtq edit: --image)"
 
     def check_inputs(self, prompt, image, mask_image, strength, negative_prompt, num_images_per_prompt, seed, sampler,
                      output_type, callback_on_step_end_tensor_inputs, token_merging) -> None:
@@ -266,6 +265,11 @@ class MGTInpaintPipeline(_EditingPipeline):
         # pipeline's. The call itself reads masks with mask_array (a token is repainted when any of its pixels is).
         self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
                                                 do_binarize=True, do_convert_grayscale=True)
+
+    def _size_advice(self, side: int) -> str:
+        """An inpainting call's size is its image's; an outpainted canvas is the image and its margins."""
+        return (f"resize the image (and its mask) to sides that are multiples of {side}, or outpaint by margins that "
+                "make the canvas so (mgtq edit: --image, --outpaint)")
 
     @torch.no_grad()  # not inference_mode: offload hooks re-wrap Parameters during the call
     def __call__(

@@ -7,6 +7,7 @@ What `mgtq eval` calls, and what the quality tables of SCQ, TomeMGT and the samp
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
@@ -51,8 +52,6 @@ def _cost(out) -> dict:
 
 def _what_ran(pipe: MGTPipeline, config: SamplerConfig, call_kwargs: dict) -> dict:
     """The settings a result was made with: the sampler's, TomeMGT's (None: no merging) and the kernels."""
-    from dataclasses import asdict
-
     merging = pipe.token_merging_config(call_kwargs.get("token_merging"))
     return {"sampler": config.to_dict(), "token_merging": None if merging is None else asdict(merging),
             "kernels": describe_kernels(pipe.device)}

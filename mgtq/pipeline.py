@@ -32,6 +32,7 @@ from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check
                              check_recorded, check_recorded_settings, pipeline_checksums, record_settings, stored_keys,
                              verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
+from mgtq.models.hooks import EveryToken
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
@@ -864,8 +865,6 @@ def _merging_plan(token_merging):
         return TomePlan(token_merging)
     if isinstance(token_merging, (int, float)) and not isinstance(token_merging, bool):
         if not token_merging:
-            from mgtq.models.hooks import EveryToken
-
             return EveryToken()
         return TomePlan(TomeConfig(ratio=token_merging))
     raise TypeError(f"token_merging must be a TomeConfig, a ratio in [0, 1) or a TomePlan, got "

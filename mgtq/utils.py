@@ -526,8 +526,11 @@ def per_sample_generators(
 
 
 def _draw_seeds(generator: torch.Generator, count: int) -> list[int]:
-    """`count` seeds drawn from `generator`, on its own device (a CUDA generator cannot draw a CPU tensor)."""
-    return torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
+    """`count` seeds drawn from `generator`, on its own device (a CUDA generator cannot draw a CPU tensor), one
+    draw each: seed i is then the same whatever the count (one draw of `count` values need not begin with the
+    values of a shorter one: CUDA's Philox spreads a long draw over threads)."""
+    draws = [torch.randint(0, 2**62, (1,), generator=generator, device=generator.device) for _ in range(count)]
+    return torch.cat(draws).tolist() if draws else []
 
 
 def _generator_on(device: str | torch.device, seed: int) -> torch.Generator:

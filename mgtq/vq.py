@@ -90,7 +90,7 @@ def build_vq(config: VQConfig, seed: int = 0):
     from diffusers import VQModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream init draws from, given back on exit
         return VQModel(**vq_model_kwargs(config))
 
 

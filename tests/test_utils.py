@@ -258,7 +258,14 @@ def test_generators_of_another_device_seed_generators_on_the_sampling_device(mon
     assert len(set(seeds)) == 2
     draws.clear()
     per_sample_generators(3, generator=torch.Generator().manual_seed(1), device="cuda")
-    assert draws == [torch.device("cpu")]  # on the generator's device, whatever the sampler's
+    assert draws == [torch.device("cpu")] * 3  # on the generator's device, whatever the sampler's; one per seed
+    # seed i is the same whatever the count (one draw each: a long draw need not begin with a short one's values)
+    made.clear()
+    per_sample_generators(2, generator=torch.Generator().manual_seed(1), device="cuda")
+    two = [s for _, s in made]
+    made.clear()
+    per_sample_generators(5, generator=torch.Generator().manual_seed(1), device="cuda")
+    assert [s for _, s in made][:2] == two
 
 
 def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_again(tmp_path, monkeypatch):

@@ -171,7 +171,7 @@ def _random_text_parts(source: ModelSource, dtype: torch.dtype, seed: int):
     config = transformer_config(source)
     tokenizer = build_word_tokenizer(vocabulary(), max_length=source.text_length)
     with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; keep the caller's stream
-        torch.manual_seed(seed + 1)
+        torch.default_generator.manual_seed(seed + 1)  # CPU only: the stream fork_rng gives back
         encoder = tiny_text_encoder(tokenizer, config["joint_attention_dim"], config["pooled_projection_dim"],
                                     layers=source.text_layers, heads=source.text_heads)
     return tokenizer, encoder.to(dtype).eval()

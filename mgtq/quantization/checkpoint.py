@@ -278,24 +278,18 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{path} {describe_path(path)}, not a manifest file; {REEXPORT}")
     data = _read_checkpoint_json(path)
-    # Each layer records its group size; manifests written before that also had a summary key, which must say
-    # what the layers say (the w4a16 layers' one group size, or null where they have none or several).
-    legacy = "group_size" in data
-    summary = data.pop("group_size", None)
+    # Each layer records its group size; manifests written before that also had a summary key, which no load reads
+    # (and the earlier writers filled in two ways: the layers' common size, or the recipe's, which a layer as wide
+    # as its group does not have), so it is dropped; the manifest's checksum covers it like the rest.
+    data.pop("group_size", None)
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {data.get('format')!r} version {data.get('format_version')!r}; this "
                          f"mgtq reads {FORMAT!r} version {FORMAT_VERSION}: "
                          f"{_version_fix(data.get('format'), data.get('format_version'))}")
     try:
-        manifest = from_mapping(Manifest, data)
+        return from_mapping(Manifest, data)
     except ValueError as err:
         raise ValueError(f"{path}: {err}; {REEXPORT}") from None
-    sizes = {layer.group_size for layer in manifest.layers.values() if layer.scheme == "w4a16"}
-    common = next(iter(sizes)) if len(sizes) == 1 else None
-    if legacy and summary != common:
-        raise ValueError(f"{path}: group_size is {summary!r} but the layers' is {common!r}: the file was edited or "
-                         f"damaged; {REEXPORT}")
-    return manifest
 
 
 def read_config(folder: str | os.PathLike) -> dict:

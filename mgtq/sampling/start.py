@@ -68,9 +68,10 @@ class StartState:
             raise ValueError(f"start step {self.first_step} is beyond the last step {config.num_steps - 1}")
         z_steps = config.zsampling.steps if config.zsampling.enabled else None
         if z_steps and max(z_steps) < self.first_step:  # a trick asked for that would silently never run
-            raise ValueError(f"zsampling.steps {list(z_steps)} all come before this edit's first step {self.first_step} "
-                             f"(its strength runs steps {self.first_step}..{config.num_steps - 1}): no Z-sampling "
-                             "step would run; give steps in that range, a higher strength, or zsampling.steps null")
+            raise ValueError(f"zsampling.steps {list(z_steps)} all come before this edit's first step "
+                             f"{self.first_step} (its strength runs steps {self.first_step}..{config.num_steps - 1}): "
+                             "no Z-sampling step would run; give steps in that range, a higher strength, or "
+                             "zsampling.steps null")
         masked = self.tokens == mask_id
         if not masked.flatten(1).any(-1).all():
             raise ValueError("every sample of a start state needs at least one masked token to generate")

@@ -234,7 +234,8 @@ def train_mgt(vq_path: str | Path, run: str | Path, out: str | Path | None, conf
     captions = list(data["caption"])
 
     tokenizer = build_word_tokenizer(vocabulary(), max_length=config.text_max_length)
-    torch.manual_seed(config.seed)  # module init uses the global generator; make it repeatable
+    # module init draws from the CPU generator; seeding only it leaves the GPUs' streams as they were
+    torch.default_generator.manual_seed(config.seed)
     transformer, text_encoder = build_models(config, tokenizer, vq.config.num_vq_embeddings)
     if config.init_from:
         write_json(run / "warm_start.json", _warm_start(transformer, text_encoder, tokenizer, Path(config.init_from)))
