@@ -489,11 +489,11 @@ def per_sample_generators(
 
     seed s → generators seeded s, s+1, …; a list of seeds, or of generators on `device`, is used as given; a single
     generator on `device` is the first sample's, as in a list of one (diffusers' `generator=g` and `[g]` are the
-    same image, and so are `G(s)` and `seed=s`), and the others' seeds are drawn from a copy of its state, so sample
-    i draws the same numbers whatever the batch size. A generator on another device draws one seed per sample, and so does each
-    generator of a list on another device (diffusers' `[torch.Generator("cpu").manual_seed(i) …]` for a CUDA
-    pipeline): the sampler draws from them every step, which on the CPU would mean copying each step's
-    probabilities to the host; nothing → seed 0.
+    same image, and so are `G(s)` and `seed=s`), and the others' seeds are drawn from a copy of its state, so
+    sample i draws the same numbers whatever the batch size. A generator on another device draws one seed per
+    sample, and so does each generator of a list on another device (diffusers' `[torch.Generator("cpu")
+    .manual_seed(i) …]` for a CUDA pipeline): the sampler draws from them every step, which on the CPU would mean
+    copying each step's probabilities to the host; nothing → seed 0.
     """
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
