@@ -226,7 +226,7 @@ class _EditingPipeline(MGTPipeline):
         sizes = {a.shape[:2] for a in arrays}
         if len(sizes) > 1:
             raise ValueError(f"the images of one call must share a size, got {sorted(sizes)} (H, W)")
-        (h, w), f = arrays[0].shape[:2], self.vae_scale_factor * self.transformer.grid_factor
+        (h, w), f = arrays[0].shape[:2], self.token_pixels
         if h % f or w % f:  # token_grid's message speaks of height and width, which an editing call does not take
             near = tiled_size(w, h, f)
             raise ValueError(f"image is {w}×{h} (W×H) but its sides must be multiples of {f} (VQ factor "
@@ -415,7 +415,7 @@ def edit_to_file(
     source = _open_image(image, "--image")
     mask_image = None if mask is None else _open_image(mask, "--mask")
     check_edit_sizes(image, source.size, mask, None if mask_image is None else mask_image.size, outpaint,
-                     pipe.vae_scale_factor * pipe.transformer.grid_factor)
+                     pipe.token_pixels)
     if mask is None and outpaint is None:
         if strength is None:
             raise ValueError("give --mask, --outpaint or --strength")

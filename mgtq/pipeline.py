@@ -139,7 +139,13 @@ class MGTPipeline(DiffusionPipeline):
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per VQ token side: 2^(number of VQ encoder blocks − 1) (16 for Meissonic)."""
-        return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+        return pixels_per_token(self.vqvae.config.block_out_channels, downsample=False)
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per transformer-grid side: the VQ factor × feature compression (32 for Meissonic); image sides
+        must be multiples of it."""
+        return pixels_per_token(self.vqvae.config.block_out_channels, self.transformer.config.downsample)
 
     @property
     def device(self) -> torch.device:
@@ -357,7 +363,7 @@ class MGTPipeline(DiffusionPipeline):
             raise TypeError(f"negative_prompt must be None, a str or a list of str, got {_shown(negative_prompt)}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
-        f = self.vae_scale_factor * self.transformer.grid_factor
+        f = self.token_pixels
         for name, side in (("height", height), ("width", width)):
             if side is not None and (not _is_int(side) or side <= 0 or side % f):
                 near = max(f, round(side / f) * f) if _is_int(side) else self.settings.resolution
@@ -566,7 +572,7 @@ class MGTPipeline(DiffusionPipeline):
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an image of height×width pixels; errors name valid sizes."""
-        f = self.vae_scale_factor * self.transformer.grid_factor
+        f = self.token_pixels
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(
                 f"height and width must be positive multiples of {f} (VQ factor {self.vae_scale_factor} × "
@@ -637,6 +643,12 @@ class MGTPipeline(DiffusionPipeline):
 
 
 # -------------------------------------------------------------------------------------- loading
+def pixels_per_token(block_out_channels, downsample: bool) -> int:
+    """Pixels per token side, from the configs alone: 2^(VQ encoder blocks − 1), × 2 with the transformer's
+    feature compression (`downsample`)."""
+    return 2 ** (len(block_out_channels) - 1) * (2 if downsample else 1)
+
+
 def _callback_timestep(timestep: torch.Tensor | None) -> torch.Tensor | None:
     """The step's timestep as diffusers' callbacks get it, one 0-d tensor (`if t < 500:` works for any batch),
     where every sample saw the same; (B,) where they differ (inpainting with a mask of its own per prompt)."""

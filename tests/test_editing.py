@@ -490,6 +490,14 @@ def test_an_opaque_rgba_image_reads_as_rgb_and_size_errors_say_the_fix(random_pi
         _inpaint(inpaint, scene[:60, :60], mask[:60, :60])
 
 
+def test_the_cli_checks_sizes_against_the_pipelines_token_pixels(random_pipeline, random_pipeline_dir):
+    from mgtq.cli import _model_tile  # mgtq edit's check before the weights load, from the config files alone
+
+    assert _model_tile(random_pipeline_dir) == random_pipeline.token_pixels == 8  # VQ factor 4 × compression 2
+    assert random_pipeline.token_pixels == random_pipeline.vae_scale_factor * random_pipeline.transformer.grid_factor
+    assert _model_tile(random_pipeline_dir / "missing") is None  # loading the model says why
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def test_cli_edit_mask_outpaint_and_strength(tmp_path, random_pipeline_dir, scene):
     image = tmp_path / "in.png"
