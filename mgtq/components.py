@@ -61,19 +61,25 @@ def check_layer_counts(config: dict, tensors: int, path: Path) -> None:
 
 def stored_keys(folder: str | Path) -> dict[str, Path]:
     """{tensor name: the safetensors file holding it} over a component folder's weights files."""
+    return {key: path for path, header in stored_headers(folder) for key in header}
+
+
+def stored_headers(folder: str | Path) -> list[tuple[Path, dict[str, str]]]:
+    """(file, {tensor name: safetensors dtype name, "F32", "BF16", "I8", …}) for each weights file of a component
+    folder, from the headers alone; a damaged file is named in one line."""
     from safetensors import safe_open
 
-    stored = {}
+    headers = []
     for path in weights_files(folder):
         if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
             raise BadComponent(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
         try:
             with safe_open(str(path), framework="pt") as f:
-                stored.update(dict.fromkeys(f.keys(), path))
+                headers.append((path, {key: f.get_slice(key).get_dtype() for key in f.keys()}))
         except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
             raise BadComponent(f"{path} is not a readable safetensors file ({str(err)[:200]}); it may be truncated: "
                                "re-create it") from None
-    return stored
+    return headers
 
 
 # The weights file names diffusers and transformers read (unsharded; sharded ones are listed by an index).

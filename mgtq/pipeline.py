@@ -25,12 +25,11 @@ from diffusers import DiffusionPipeline, VQModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from PIL import Image
-from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
-                             check_recorded, check_recorded_settings, pipeline_checksums, record_settings, stored_keys,
-                             verified_files)
+                             check_recorded, check_recorded_settings, pipeline_checksums, record_settings,
+                             stored_headers, verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.hooks import EveryToken
 from mgtq.models.transformer import MeissonicTransformer
@@ -798,13 +797,8 @@ def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     folder = Path(folder)
     if checkpoint.is_quantized(folder):
         return checkpoint.read_manifest(folder).dtype
-    found = set()
-    for path in sorted(set(stored_keys(folder).values())):  # the files a load reads; a damaged one named in one line
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                dtype = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())
-                if dtype is not None:
-                    found.add(dtype)
+    found = {_SAFETENSORS_FLOATS[d] for _, header in stored_headers(folder) for d in header.values()
+             if d in _SAFETENSORS_FLOATS}  # the files a load reads
     if len(found) > 1:
         return torch.float32
     return found.pop() if found else None
