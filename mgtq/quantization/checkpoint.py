@@ -384,9 +384,10 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the transformer/ folder of a quantized checkpoint")
-    if dtype is not None and parse_dtype(dtype) not in COMPUTE_DTYPES:
+    dtype = None if dtype is None else parse_dtype(dtype)
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise ValueError(f"{folder}: quantized layers compute in float32, bfloat16 or float16; torch_dtype "
-                         f"{parse_dtype(dtype)} cannot run them (leave it out for the checkpoint's own dtype)")
+                         f"{dtype} cannot run them (leave it out for the checkpoint's own dtype)")
     manifest = read_manifest(folder)
     weights = folder / WEIGHTS
     # Checkpoints written before config.json was hashed name the weights only.
@@ -416,7 +417,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     _check_tensors(tensors, model, manifest.dtype, weights)
     model.load_state_dict(tensors, assign=True, strict=True)
     if dtype is not None:
-        cast_float_(model, parse_dtype(dtype))
+        cast_float_(model, dtype)
     model.token_hook = None
     model.mgtq_manifest = manifest  # so save_pretrained keeps its provenance (describe)
     return model.eval().requires_grad_(False)
