@@ -31,18 +31,24 @@ OTHER_TOWER = ("vision_model.", "visual_projection.", "logit_scale")
 LAYER_COUNT = re.compile(r"num_\w*layers|num_hidden_layers|layers_per_block|num_\w*blocks")
 
 
-def check_files(folder: str | Path) -> dict[str, Path]:
-    """Check a component folder before `from_pretrained` builds anything from it: its weights files are
-    readable, its config.json is a bounded JSON object whose layer counts the weights can hold (a model of
-    `num_layers: 10**6` would be allocated before any weight is compared). Returns `stored_keys`."""
+def check_files(folder: str | Path, variant: str | None = None) -> dict[str, Path]:
+    """Check a component folder before `from_pretrained` builds anything from it: its weights files (of
+    `variant`, as diffusers names them) are readable, its config.json is a bounded JSON object whose layer counts
+    the weights can hold (a model of `num_layers: 10**6` would be allocated before any weight is compared).
+    Returns `stored_keys`."""
     from mgtq.config import read_data
 
     folder = Path(folder)
-    if not weights_files(folder):  # else the config's layer counts would be blamed for the missing weights
+    if not weights_files(folder, variant):  # else the config's layer counts would be blamed for the missing weights
         found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-        raise BadComponent(f"{folder} has no .safetensors weights (found {found}); mgtq loads safetensors only, never "
-                           "pickle files: convert the weights to safetensors")
-    stored = stored_keys(folder)
+        variants = [name for name in found if _VARIANT_FILE.fullmatch(name)]
+        if variants and variant is None:
+            raise BadComponent(f"{folder} holds a variant's weights only ({variants}): load it with variant=… "
+                               "(MeissonicTransformer.from_pretrained), or save it again without a variant")
+        of = "" if variant is None else f" of variant {variant!r}"
+        raise BadComponent(f"{folder} has no .safetensors weights{of} (found {found}); mgtq loads safetensors only, "
+                           "never pickle files: convert the weights to safetensors")
+    stored = stored_keys(folder, variant)
     config = read_data(folder / "config.json") if (folder / "config.json").exists() else {}
     if not isinstance(config, dict):
         raise BadComponent(f"{folder / 'config.json'} must hold a JSON object, got {type(config).__name__}; fix it")
@@ -59,18 +65,18 @@ def check_layer_counts(config: dict, tensors: int, path: Path) -> None:
                                "weights files can hold; fix config.json")
 
 
-def stored_keys(folder: str | Path) -> dict[str, Path]:
+def stored_keys(folder: str | Path, variant: str | None = None) -> dict[str, Path]:
     """{tensor name: the safetensors file holding it} over a component folder's weights files."""
-    return {key: path for path, header in stored_headers(folder) for key in header}
+    return {key: path for path, header in stored_headers(folder, variant) for key in header}
 
 
-def stored_headers(folder: str | Path) -> list[tuple[Path, dict[str, str]]]:
+def stored_headers(folder: str | Path, variant: str | None = None) -> list[tuple[Path, dict[str, str]]]:
     """(file, {tensor name: safetensors dtype name, "F32", "BF16", "I8", …}) for each weights file of a component
     folder, from the headers alone; a damaged file is named in one line."""
     from safetensors import safe_open
 
     headers = []
-    for path in weights_files(folder):
+    for path in weights_files(folder, variant):
         if not path.is_file():  # reading a device (a link to /dev/zero) would never end or say "too small"
             raise BadComponent(f"{path} {describe_path(path)}, not a weights file; replace it by the real file")
         try:
@@ -86,28 +92,42 @@ def stored_headers(folder: str | Path) -> list[tuple[Path, dict[str, str]]]:
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
-def weights_files(folder: str | Path) -> list[Path]:
+def weights_files(folder: str | Path, variant: str | None = None) -> list[Path]:
     """The safetensors files `from_pretrained` reads from `folder`: the ones a `*.safetensors.index.json` lists,
     else diffusers' or transformers' single weights file, else every `*.safetensors` (other files, such as a
-    user's own tensors beside the weights, are not the model's)."""
+    user's own tensors beside the weights, are not the model's). With a `variant` ("fp16"), the files of that
+    name as diffusers forms it: `*.safetensors.index.fp16.json`, `diffusion_pytorch_model.fp16.safetensors`."""
+    folder = Path(folder)
+    tag = "" if variant is None else f".{variant}"
+    for index in sorted(folder.glob(f"*.safetensors.index{tag}.json")):
+        return _indexed_files(index)
+    names = [name.replace(".safetensors", f"{tag}.safetensors") for name in WEIGHTS_NAMES]
+    single = [folder / name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    others = [p for p in sorted(folder.glob("*.safetensors")) if not _VARIANT_FILE.fullmatch(p.name)]
+    return single[:1] or ([] if variant else others)
+
+
+# diffusers' and transformers' weights of a variant (`diffusion_pytorch_model.fp16.safetensors`): read only when
+# that variant is asked for
+_VARIANT_FILE = re.compile(r"(diffusion_pytorch_model|model)\.[^.]+\.safetensors")
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    """The weights files a sharded checkpoint's index lists."""
     from mgtq.config import read_data
 
-    folder = Path(folder)
-    for index in sorted(folder.glob("*.safetensors.index.json")):
-        data = read_data(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise BadComponent(f"{index} has no weight_map; fix it or re-create the folder")
-        return [folder / name for name in sorted(set(map(str, weight_map.values())))]
-    single = [folder / name for name in WEIGHTS_NAMES if (folder / name).exists() or (folder / name).is_symlink()]
-    return single[:1] or sorted(folder.glob("*.safetensors"))
+    data = read_data(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise BadComponent(f"{index} has no weight_map; fix it or re-create the folder")
+    return [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
 
 
-def check_loaded(model: torch.nn.Module, folder: str | Path) -> None:
-    """Raise ValueError unless `model` holds exactly the tensors of `folder`'s files, all finite."""
+def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None = None) -> None:
+    """Raise ValueError unless `model` holds exactly the tensors of `folder`'s files (of `variant`), all finite."""
     folder = Path(folder)
     what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(type(model).__name__, "text encoder")
-    stored = stored_keys(folder)
+    stored = stored_keys(folder, variant)
     expected = model.state_dict()
     optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
     missing = sorted(set(expected) - set(stored) - optional)

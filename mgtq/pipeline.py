@@ -222,10 +222,11 @@ class MGTPipeline(DiffusionPipeline):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | str | None = None,
-        transformer: MeissonicTransformer | None = None,
-        vqvae: VQModel | None = None,
+        transformer: str | os.PathLike | MeissonicTransformer | None = None,
+        vqvae: str | os.PathLike | VQModel | None = None,
         device_map: str | torch.device | None = None,
         progress: bool = True,
+        **hub_options,
     ) -> "MGTPipeline":
         """Load a pipeline folder: official Meissonic layout or an mgtq checkpoint (float or quantized).
 
@@ -235,10 +236,13 @@ class MGTPipeline(DiffusionPipeline):
         `torch_dtype` applies to the transformer and text encoder; "auto" (or None, the default) keeps the
         dtype each was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
         or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
-        here is used as is instead of the folder's. progress=False hides the weight-loading bars.
+        here is used as is instead of the folder's; a folder path given for one is loaded (and held to the
+        checksums of the pipeline folder around it, if any). progress=False hides the weight-loading bars.
         `path` may also name an embedded model ("tiny-shapes", "tiny-shapes-16x16") where no folder of
-        that name exists, as a hub id would on diffusers.
+        that name exists, as a hub id would on diffusers. Of diffusers' hub options, `use_safetensors=True`,
+        `local_files_only` and `low_cpu_mem_usage` change nothing here; the others are refused.
         """
+        _check_hub_options(hub_options)
         if dtype is not None:
             if torch_dtype is not None:
                 raise ValueError("pass torch_dtype only (dtype= is its deprecated spelling), not both")
@@ -259,15 +263,17 @@ class MGTPipeline(DiffusionPipeline):
             # the other components' recorded files are checked after the transformer loads (which checks its own),
             # before any of them loads: their hashes run meanwhile
             settings = read_settings(root, given, verify=False)
-            if transformer is None:
-                folder = root / "transformer"
-                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype, checksums=False)
+            if not isinstance(transformer, torch.nn.Module):
+                folder = _component_folder(transformer, root, "transformer")
+                transformer = load_transformer(folder, dtype=saved_dtype(folder) if auto else dtype,
+                                               checksums=transformer is not None)
             check_checksums(read_json(root / "model_index.json"), root, given)
-            if vqvae is None:
-                vqvae = load_component(VQModel, _existing_dir(root / "vqvae", "vqvae"), checksums=False)
+            if not isinstance(vqvae, torch.nn.Module):
+                vqvae = load_component(VQModel, _component_folder(vqvae, root, "vqvae"), checksums=vqvae is not None)
             text_encoder = _load_text_encoder(root, text_encoder, dtype, auto)
             tokenizer = _load_tokenizer(root, tokenizer)
         pipe = cls(transformer, vqvae, text_encoder, tokenizer, settings)
+        pipe.register_to_config(_name_or_path=str(path))  # diffusers' `pipe.name_or_path`
         for module in (transformer, vqvae, text_encoder):
             module.eval()
         return pipe.to(device) if device is not None else pipe
@@ -332,6 +338,13 @@ class MGTPipeline(DiffusionPipeline):
                 "scheduler": ["mgtq", "Scheduler"],
                 "mgtq": self.settings.to_dict(),
             })
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Refused: diffusers' `save_config` would write a model_index.json without mgtq's settings and checksums,
+        and the folder would then load with the official defaults (1024 px, 48 steps, CFG 9)."""
+        raise NotImplementedError(f"{type(self).__name__}.save_config would write model_index.json without mgtq's "
+                                  "settings (resolution, sampler); save the pipeline with save_pretrained(DIR), which "
+                                  "writes the whole folder")
 
     # ---------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -715,6 +728,28 @@ def load_component(cls, folder: str | os.PathLike, dtype: torch.dtype | None = N
     return model
 
 
+def _component_folder(given, root: Path, name: str) -> Path:
+    """The folder to load component `name` from: a path given for it, else the pipeline folder's own."""
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        raise TypeError(f"{name}= takes a loaded module or a folder path, got {_shown(given)}")
+    return _existing_dir(root / name if given is None else given, name)
+
+
+# diffusers' from_pretrained options that ask for what mgtq does anyway (local safetensors files)
+_HUB_NO_OPS = {"use_safetensors": True, "local_files_only": None, "low_cpu_mem_usage": None}
+
+
+def _check_hub_options(options: dict) -> None:
+    """diffusers' download and variant options are errors that say what to do, never silently ignored."""
+    if options.get("use_safetensors", True) is False:
+        raise ValueError("mgtq loads safetensors only, never pickle files; leave use_safetensors out (or pass True)")
+    bad = sorted(k for k, v in options.items() if k not in _HUB_NO_OPS or _HUB_NO_OPS[k] not in (None, v))
+    if bad:
+        raise TypeError(f"mgtq's from_pretrained loads a local folder (safetensors, no variants or revisions) "
+                        f"and does not take {bad}: download a hub model with "
+                        "huggingface_hub.snapshot_download(repo_id) and pass the folder it returns")
+
+
 def _embedded_or_path(path: str | os.PathLike) -> str | os.PathLike:
     """An embedded model's folder for its name when no folder of that name exists; else `path` as given."""
     from mgtq.default_model import EMBEDDED_MODELS, model_folder
@@ -777,10 +812,20 @@ def read_settings(root: str | os.PathLike, provided: Iterable[str] = (), verify:
     if (root / "transformer").is_dir() and checkpoint.is_quantized(root / "transformer"):
         raise ValueError(f"{path} has no 'mgtq' settings, but {root / 'transformer'} is an mgtq quantized checkpoint, "
                          "whose folder always has them (resolution, sampler): restore the file or re-export")
+    if _written_by_mgtq(index):  # e.g. rewritten by diffusers' save_config: the official defaults would not fit it
+        raise ValueError(f"{path} names mgtq's classes but has no 'mgtq' settings (resolution, sampler), which every "
+                         "folder mgtq writes has: restore the file, or re-save the pipeline with save_pretrained")
     # An official Meissonic folder: its pipeline feeds the reversed step index as timestep.
     sched = root / "scheduler" / "scheduler_config.json"
     schedule = read_json(sched).get("masking_schedule", "cosine") if sched.exists() else "cosine"
     return PipelineSettings(sampler=SamplerConfig(schedule=schedule, timestep_convention="step_index"))
+
+
+def _written_by_mgtq(index: dict) -> bool:
+    """Whether a model_index.json names mgtq's pipeline or component classes (an official Meissonic one does not)."""
+    entries = [v for v in index.values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+    return str(index.get("_class_name", "")).startswith("MGT") or any(
+        library == "mgtq" or library.startswith("mgtq.") for library, _ in entries)
 
 
 def _settings(data, path: Path) -> PipelineSettings:

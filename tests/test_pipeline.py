@@ -13,6 +13,7 @@ import mgtq
 from mgtq.cli import main
 from mgtq.pipeline import MGTPipeline, MGTPipelineOutput, set_default_sampler
 from mgtq.sampling import SamplerConfig
+from testkit import as_official_folder
 
 
 def test_generates_images_and_tokens(random_pipeline):
@@ -57,14 +58,44 @@ def test_missing_text_encoder_is_clear_error(tmp_path, random_pipeline_dir):
 def test_official_layout_without_mgtq_settings_uses_official_sampler(tmp_path, random_pipeline_dir):
     folder = tmp_path / "official"
     shutil.copytree(random_pipeline_dir, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    index.pop("mgtq")
-    index.pop("mgtq_files")  # an official folder records neither
-    index["transformer"] = ["meissonic.transformer", "Transformer2DModel"]
-    (folder / "model_index.json").write_text(json.dumps(index))
+    as_official_folder(folder)
     pipe = MGTPipeline.from_pretrained(folder)
     assert pipe.settings.sampler.timestep_convention == "step_index"
     assert pipe.settings.sampler.num_steps == 48 and pipe.settings.sampler.guidance_scale == 9.0
+
+
+def test_save_config_is_refused_and_a_folder_mgtq_wrote_never_reads_as_official(tmp_path, random_pipeline,
+                                                                                  random_pipeline_dir):
+    folder = shutil.copytree(random_pipeline_dir, tmp_path / "ckpt")
+    before = (folder / "model_index.json").read_bytes()
+    with pytest.raises(NotImplementedError, match="save_config would write model_index.json without mgtq's "
+                                                  "settings .* save_pretrained"):
+        random_pipeline.save_config(folder)  # diffusers' would drop the settings: 1024 px, 48 steps, CFG 9 after
+    assert (folder / "model_index.json").read_bytes() == before
+    index = json.loads(before)
+    index.pop("mgtq")
+    index.pop("mgtq_files")  # what diffusers' save_config writes: the classes alone
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="names mgtq's classes but has no 'mgtq' settings"):
+        MGTPipeline.from_pretrained(folder)
+
+
+def test_diffusers_loading_habits_load_or_say_what_to_do(random_pipeline, random_pipeline_dir):
+    pipe = MGTPipeline.from_pretrained(random_pipeline_dir, use_safetensors=True, local_files_only=True,
+                                       low_cpu_mem_usage=False, progress=False)
+    assert pipe.name_or_path == str(random_pipeline_dir)
+    for options in ({"variant": "fp16"}, {"revision": "main"}, {"cache_dir": "x", "token": "t"}):
+        with pytest.raises(TypeError, match=r"loads a local folder .* huggingface_hub.snapshot_download"):
+            MGTPipeline.from_pretrained(random_pipeline_dir, **options)
+    with pytest.raises(ValueError, match="safetensors only"):
+        MGTPipeline.from_pretrained(random_pipeline_dir, use_safetensors=False)
+    # a component given as a folder loads, as text_encoder= and tokenizer= do
+    parts = MGTPipeline.from_pretrained(random_pipeline_dir, transformer=str(random_pipeline_dir / "transformer"),
+                                        vqvae=random_pipeline_dir / "vqvae", progress=False)
+    assert torch.equal(parts("a red circle", seed=1, num_inference_steps=2, progress=False).tokens,
+                       pipe("a red circle", seed=1, num_inference_steps=2, progress=False).tokens)
+    with pytest.raises(TypeError, match="transformer= takes a loaded module or a folder path, got int"):
+        MGTPipeline.from_pretrained(random_pipeline_dir, transformer=3)
 
 
 def test_cli_generate_writes_pngs(tmp_path, random_pipeline_dir):

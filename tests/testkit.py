@@ -104,6 +104,20 @@ def tiny_recipe_dict(model_dir, **sections) -> dict:
     return data
 
 
+def as_official_folder(folder) -> None:
+    """Rewrite the model_index.json of a pipeline folder mgtq wrote as an official Meissonic folder's reads: its
+    own class names, no mgtq settings, no checksums."""
+    import json
+
+    from mgtq.components import CHECKSUMS_KEY
+
+    path = folder / "model_index.json"
+    index = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("mgtq", CHECKSUMS_KEY)}
+    index.update({"_class_name": "Pipeline", "transformer": ["transformer", "Transformer2DModel"],
+                  "scheduler": ["scheduler", "Scheduler"]})
+    path.write_text(json.dumps(index))
+
+
 # ------------------------------------------------------------------------------------ training states
 
 

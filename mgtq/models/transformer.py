@@ -21,6 +21,7 @@ Techniques that compute fewer image tokens (token merging, context reuse) plug i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -393,18 +394,31 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
                 check_recorded(folder)  # the checksums of the pipeline folder around it, if it records them
         if folder.is_dir() and checkpoint.is_quantized(folder):
             return checkpoint.load_pretrained(pretrained_model_name_or_path, **kwargs)
+        variant = kwargs.get("variant")  # the files diffusers reads are the ones checked
         if folder.is_dir():  # a local float folder is held to mgtq's checks, as mgtq.load holds it
-            check_files(folder)  # layer counts the weights can hold, before anything is allocated
-        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if folder.is_dir():
-            check_loaded(model, folder)  # no tensor missing (random init), none ignored, none NaN
-        return model
+            check_files(folder, variant)  # layer counts the weights can hold, before anything is allocated
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if folder.is_dir():  # no tensor missing (random init), none ignored, none NaN
+            check_loaded(loaded[0] if isinstance(loaded, tuple) else loaded, folder, variant)  # output_loading_info
+        return loaded
 
     def save_pretrained(self, save_directory, **kwargs):
-        """diffusers' writer; a quantized model is written in mgtq's checkpoint format (manifest, sha256)."""
+        """diffusers' writer, local and safetensors only; a quantized model is written in mgtq's checkpoint format
+        (manifest, sha256), which takes no options."""
         from mgtq.quantization import checkpoint
 
+        if kwargs.get("safe_serialization", True) is False:
+            raise ValueError("mgtq writes safetensors only, never pickle files; leave safe_serialization out "
+                             "(or pass True); nothing was written")
+        if kwargs.get("push_to_hub"):
+            raise ValueError("MeissonicTransformer.save_pretrained writes a local folder only; save it, then upload "
+                             "the folder with huggingface_hub.upload_folder; nothing was written")
         if checkpoint.quantized_layers(self):
+            unsupported = sorted(k for k in kwargs if k != "safe_serialization")
+            if unsupported:
+                raise ValueError(f"a quantized transformer is saved in mgtq's checkpoint format (one weights file, "
+                                 f"its manifest), which takes no options: unsupported {unsupported}; nothing was "
+                                 "written")
             checkpoint.save_pretrained(self, save_directory)
             return
         from mgtq.utils import atomic_entries, non_finite_tensor
@@ -413,9 +427,11 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         if key is not None:
             raise ValueError(f"cannot save the transformer: tensor {key!r} holds NaN or infinite values, which a "
                              "load would refuse; nothing was written")
-        # each file replaced whole; weights files of an earlier save that this one does not write (other shards,
-        # their index, which a load would read first) removed, as diffusers' writer removes them
-        with atomic_entries(save_directory, stale=lambda name: name.startswith("diffusion_pytorch_model")) as tmp:
+        # each file replaced whole; weights files of an earlier save of the same variant that this one does not
+        # write (other shards, their index, which a load would read first) removed, as diffusers' writer removes
+        # them; another variant's (the plain weights beside an fp16 save) stay
+        own = _weights_names(kwargs.get("variant"))
+        with atomic_entries(save_directory, stale=lambda name: own.fullmatch(name) is not None) as tmp:
             super().save_pretrained(tmp, **kwargs)
         checkpoint.remove_stale_manifest(save_directory)
 
@@ -692,6 +708,13 @@ class _Resample(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- validation
+def _weights_names(variant: str | None) -> re.Pattern:
+    """The weights files diffusers writes for `variant`: single, sharded and their index (safetensors or .bin)."""
+    tag = "" if variant is None else re.escape(f".{variant}")
+    return re.compile(rf"diffusion_pytorch_model{tag}(-\d+-of-\d+)?\.(safetensors|bin)"
+                      rf"|diffusion_pytorch_model\.(safetensors|bin)\.index{tag}\.json")
+
+
 def _validate_config(dim, head_dim, pooled_dim, axes_dims_rope, vocab_size, codebook_size, downsample, upsample,
                      guidance_embeds, patch_size):
     if pooled_dim != dim:

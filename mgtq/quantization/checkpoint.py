@@ -428,7 +428,8 @@ def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, tor
     """`MeissonicTransformer.from_pretrained` of a quantized folder: `load`, with diffusers' dtype and device
     arguments. Options that only make sense for float weights are errors, never silently ignored."""
     ignored = {"local_files_only", "use_safetensors", "low_cpu_mem_usage"}
-    bad = sorted(k for k, v in unsupported.items() if k not in ignored and v is not None)
+    # diffusers' loaders pass their flags' defaults (disable_mmap=False, …): asking for nothing is no error
+    bad = sorted(k for k, v in unsupported.items() if k not in ignored and v is not None and v is not False)
     if bad:
         raise ValueError(f"{folder}: a quantized mgtq transformer loads with torch_dtype= and device_map= only; "
                          f"unsupported options {bad}")

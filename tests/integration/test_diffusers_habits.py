@@ -142,6 +142,21 @@ def test_transformer_from_pretrained_of_a_quantized_folder_is_the_quantized_mode
         plain_loader(quantized_dir / "transformer")
     with pytest.raises(ValueError, match="not split across devices; got 'auto'"):
         MeissonicTransformer.from_pretrained(quantized_dir / "transformer", device_map="auto")
+    # the defaults diffusers' loaders pass are no request; an option a quantized checkpoint cannot honour is refused
+    assert MeissonicTransformer.from_pretrained(quantized_dir / "transformer", disable_mmap=False) is not None
+    with pytest.raises(ValueError, match=r"unsupported options \['output_loading_info'\]"):
+        MeissonicTransformer.from_pretrained(quantized_dir / "transformer", output_loading_info=True)
+
+
+def test_a_quantized_transformers_save_takes_no_option_it_would_drop(quantized_dir, tmp_path):
+    model = MeissonicTransformer.from_pretrained(quantized_dir / "transformer")
+    for options in ({"variant": "fp16"}, {"max_shard_size": "1MB"}, {"push_to_hub": True, "repo_id": "me/x"}):
+        with pytest.raises(ValueError, match="nothing was written"):
+            model.save_pretrained(tmp_path / "t", **options)  # push_to_hub returned as if it had pushed
+        assert not (tmp_path / "t").exists()
+    model.save_pretrained(tmp_path / "t", safe_serialization=True)
+    manifest = "manifest.json"
+    assert (tmp_path / "t" / manifest).read_bytes() == (quantized_dir / "transformer" / manifest).read_bytes()
 
 
 def test_missing_diffusers_conventions(pipe, quantized_dir, capsys):

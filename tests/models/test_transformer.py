@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mgtq.fused
 from mgtq.fused import native_qk_norm_rope
@@ -92,6 +92,34 @@ def test_save_load_round_trip_identical(tmp_path):
     again = MeissonicTransformer.from_pretrained(tmp_path / "t").eval()
     with torch.no_grad():
         assert torch.equal(model(**inputs), again(**inputs))
+
+
+def test_diffusers_save_and_load_options_keep_safetensors_and_mgtqs_checks(tmp_path):
+    model, inputs, _ = _load_fixture("meissonic-tiny-a")
+    for options, match in (({"safe_serialization": False}, "safetensors only, never pickle files"),
+                           ({"push_to_hub": True, "repo_id": "me/x"}, "local folder only; .*upload_folder")):
+        with pytest.raises(ValueError, match=match):
+            model.save_pretrained(tmp_path / "refused", **options)
+        assert not (tmp_path / "refused").exists()
+    loaded, info = MeissonicTransformer.from_pretrained(FIXTURES / "meissonic-tiny-a", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # a variant is held to the checks on its own file, not the plain one beside it
+    model.save_pretrained(tmp_path / "t", safe_serialization=True)
+    model.save_pretrained(tmp_path / "t", safe_serialization=True, variant="fp16")
+    assert sorted(p.name for p in (tmp_path / "t").glob("*.safetensors")) == [
+        "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]  # as diffusers keeps both
+    with torch.no_grad():
+        assert torch.equal(MeissonicTransformer.from_pretrained(tmp_path / "t", variant="fp16").eval()(**inputs),
+                           model(**inputs))
+    variant = tmp_path / "t" / "diffusion_pytorch_model.fp16.safetensors"
+    tensors = load_file(variant)
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, variant)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.fp16.safetensors: tensor 'extra.weight' is not "
+                                         "part of the transformer"):
+        MeissonicTransformer.from_pretrained(tmp_path / "t", variant="fp16")
+    (tmp_path / "t" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds a variant's weights only .* variant="):
+        MeissonicTransformer.from_pretrained(tmp_path / "t")
 
 
 def test_a_float_save_of_damaged_weights_leaves_the_folder_as_it_was(tmp_path):

@@ -20,7 +20,7 @@ from mgtq.components import CHECKSUMS_KEY, SETTINGS_ENTRY
 from mgtq.export import write_checkpoint
 from mgtq.quantization import W4A8Linear, W4Linear
 from mgtq.quantization import checkpoint as ckpt
-from testkit import random_quantized_pipeline
+from testkit import as_official_folder, random_quantized_pipeline
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -387,10 +387,7 @@ def test_saving_damaged_scales_says_they_are_damaged_and_writes_nothing(tmp_path
 
 def test_an_export_from_an_official_folder_carries_its_settings_and_loads(qpipe, random_pipeline_dir, tmp_path):
     official = shutil.copytree(random_pipeline_dir, tmp_path / "official")
-    index = json.loads((official / "model_index.json").read_text())
-    for key in ("mgtq", CHECKSUMS_KEY):  # an official Meissonic folder records neither
-        index.pop(key)
-    (official / "model_index.json").write_text(json.dumps(index))
+    as_official_folder(official)  # no settings, no checksums
     out = _write(qpipe, official, tmp_path / "ckpt")
     loaded = mgtq.load(out)  # a quantized checkpoint without settings was refused: this one was unloadable
     assert loaded.settings.sampler.timestep_convention == "step_index"  # the official pipeline's, as read
