@@ -232,7 +232,7 @@ class MGTPipeline(DiffusionPipeline):
 
         The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
         tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
-        folder). Local folders only, safetensors only: nothing is downloaded or unpickled.
+        folder; None, unlike diffusers' "skip it", is the folder's own: a call takes prompts, not embeddings). Local folders only, safetensors only: nothing is downloaded or unpickled.
         `torch_dtype` applies to the transformer and text encoder; "auto" (or None, the default) keeps the
         dtype each was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
         or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
