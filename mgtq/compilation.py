@@ -406,6 +406,33 @@ class PrecompiledBlocks:
         return fn
 
 
+def compile_in_place(module: torch.nn.Module, **kwargs) -> None:
+    """`module.compile(fullgraph=True, **kwargs)` that still runs once hooks come (`HookAwareCompile`)."""
+    module._compiled_call_impl = HookAwareCompile(module, kwargs)
+
+
+class HookAwareCompile:
+    """A module's `_compiled_call_impl` (what `nn.Module.compile` sets) that traces its call in one graph
+    (fullgraph: mgtq's blocks have none to break, so a break is an error to hear of) while no submodule carries a
+    hook, and without fullgraph while one does: accelerate's sequential offload and diffusers' layerwise casting
+    wrap forwards in code Dynamo cannot put in a graph (a `torch.compiler.disable`d weight load, a Parameter
+    built), and the graph breaks around it. Offload may be enabled after compile, so it is decided per call."""
+
+    def __init__(self, module: torch.nn.Module, kwargs: dict):
+        self.module, self.kwargs = module, dict(kwargs)
+        self._compiled: dict[bool, object] = {}  # fullgraph -> torch.compile(module._call_impl), built on first use
+
+    def __deepcopy__(self, memo):  # copy.deepcopy(model): the copy's own, compiled on its first call
+        return HookAwareCompile(copy.deepcopy(self.module, memo), self.kwargs)
+
+    def __call__(self, *args, **kwargs):
+        whole = not any(_has_hooks(m) for m in self.module.modules())
+        fn = self._compiled.get(whole)
+        if fn is None:
+            fn = self._compiled[whole] = torch.compile(self.module._call_impl, **{"fullgraph": whole, **self.kwargs})
+        return fn(*args, **kwargs)
+
+
 class _PrecompiledCall:
     """A block's `_compiled_call_impl`: the store's function where it serves the call, else plain torch.compile."""
 

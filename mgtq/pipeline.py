@@ -27,6 +27,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from mgtq.compilation import compile_in_place
 from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
                              check_recorded, check_recorded_settings, pipeline_checksums, record_settings,
                              stored_headers, verified_files)
@@ -200,7 +201,8 @@ class MGTPipeline(DiffusionPipeline):
                         sub._hf_hook.execution_device = torch.device("cpu")
 
     def compile(self, regional: bool = True, **kwargs) -> "MGTPipeline":
-        """torch.compile the transformer in place (fullgraph: it has no graph breaks); compiled on first use.
+        """torch.compile the transformer in place (fullgraph: it has no graph breaks; a call under sequential offload
+        or layerwise casting, whose hooks Dynamo cannot trace in one graph, compiles without); on first use.
 
         regional: compile each transformer block (MeissonicTransformer.compile_blocks: minutes less
         compile time on large models); else the whole transformer as one graph. The module objects,
@@ -209,7 +211,7 @@ class MGTPipeline(DiffusionPipeline):
         if regional:
             self.transformer.compile_blocks(**kwargs)
         else:
-            self.transformer.compile(**{"fullgraph": True, **kwargs})
+            compile_in_place(unwrapped(self.transformer), **kwargs)
         return self
 
     # ---------------------------------------------------------------------------------- loading

@@ -343,6 +343,34 @@ def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(mon
         assert store.function_for(block, (BlockTokens(),), {}) is None
     assert not list(store.folder.rglob("*.bin"))
 
+@pytest.mark.parametrize("regional", [True, False])
+def test_a_compiled_transformer_runs_under_offload_and_casting_hooks_added_after_compile(regional):
+    import accelerate
+    import torch
+
+    from mgtq.models import build_transformer
+    from testkit import micro_forward_inputs
+
+    torch.manual_seed(0)
+    model = build_transformer("test-micro").eval()
+    inputs = micro_forward_inputs(model, grid=4)
+    with torch.no_grad():
+        eager = model(**inputs)
+        if regional:
+            model.compile_blocks(persistent_cache=False)
+        else:
+            compilation.compile_in_place(model)  # MGTPipeline.compile(regional=False)
+        torch.testing.assert_close(model(**inputs), eager)  # one graph per block (fullgraph)
+        # accelerate's sequential offload: a torch.compiler.disable'd weight load in every leaf's forward, which a
+        # fullgraph trace refuses (Dynamo `Unsupported`); the call goes through a graph with breaks instead
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        torch.testing.assert_close(model(**inputs), eager)
+        accelerate.hooks.remove_hook_from_submodules(model)
+        torch.testing.assert_close(model(**inputs), eager)
+        model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        torch.testing.assert_close(model(**inputs), eager, atol=0.1, rtol=0.1)  # bf16-stored weights
+
+
 def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_own_error(monkeypatch, tmp_path):
     import torch
 

@@ -583,16 +583,16 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         hook a block is given (none, merging, a full step of context reuse with or without merging
         inside, a local step) is another graph, so the recompile limit is raised to cover both.
         """
+        from mgtq.compilation import PrecompiledBlocks, compile_in_place, use_persistent_compile_cache
+
         store = None
         if persistent_cache:
-            from mgtq.compilation import PrecompiledBlocks, use_persistent_compile_cache
-
             folder = use_persistent_compile_cache()
             store = PrecompiledBlocks(folder, kwargs) if PrecompiledBlocks.supports(kwargs) else None
         blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
         for block in blocks:
-            block.compile(**{"fullgraph": True, **kwargs})
+            compile_in_place(block, **kwargs)  # fullgraph, but for calls under offload or casting hooks
             if store is not None:
                 store.install(block)
         self.precompiled = store
