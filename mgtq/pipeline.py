@@ -37,7 +37,7 @@ from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.sampling.config import flatten_overrides
-from mgtq.utils import (atomic_entries, hashed_ahead, micro_conditions, non_finite_tensor, parse_dtype,
+from mgtq.utils import (atomic_entries, cast_module, hashed_ahead, micro_conditions, non_finite_tensor, parse_dtype,
                         per_sample_generators, read_json, unwrapped, write_json)
 
 
@@ -184,11 +184,34 @@ class MGTPipeline(DiffusionPipeline):
         change = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if not change:
             return self
+        if device is not None:
+            self._check_weights_held("move it to another device")
         for module in (self.transformer, self.text_encoder):
-            module.to(**change)
+            cast_module(module, **change)
         if device is not None:
             self.vqvae.to(device)
         return self
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Not offered (a warning, as diffusers' call would change nothing here): attention runs in fused kernels
+        (torch's scaled_dot_product_attention or mgtq's own); for less memory use enable_model_cpu_offload()."""
+        warnings.warn("attention slicing changes nothing in mgtq: attention runs in fused kernels (torch's "
+                      "scaled_dot_product_attention or mgtq's own); for less memory use enable_model_cpu_offload() "
+                      "or enable_sequential_cpu_offload()", stacklevel=2)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """Not offered (a warning): mgtq's attention does not go through xformers (see enable_attention_slicing)."""
+        warnings.warn("mgtq's attention does not use xformers: it runs in fused kernels (torch's "
+                      "scaled_dot_product_attention or mgtq's own) already; nothing changed", stacklevel=2)
+
+    def _check_weights_held(self, action: str) -> None:
+        """Refuse what needs the weights while sequential offload holds them (on "meta" between forwards)."""
+        for name in ("transformer", "text_encoder", "vqvae"):
+            if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(self, name).modules()):
+                raise RuntimeError(f"the {name}'s weights are held by sequential offload hooks (enable_sequential_"
+                                   f"cpu_offload or accelerate.cpu_offload: on 'meta' between forwards), so the "
+                                   f"pipeline cannot {action}: call pipe.remove_all_hooks() first, which puts them "
+                                   "back")
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
         """diffusers' sequential offload (weights on "meta", each submodule's moved in for its forward). With
@@ -234,7 +257,8 @@ class MGTPipeline(DiffusionPipeline):
 
         The folder holds transformer/, vqvae/, tokenizer/, text_encoder/ (the text encoder and
         tokenizer may be given separately, as the official setup loads CLIP ViT-H/14 from its own
-        folder; None, unlike diffusers' "skip it", is the folder's own: a call takes prompts, not embeddings). Local folders only, safetensors only: nothing is downloaded or unpickled.
+        folder; None, unlike diffusers' "skip it", is the folder's own: a call takes prompts, not
+        embeddings). Local folders only, safetensors only: nothing is downloaded or unpickled.
         `torch_dtype` applies to the transformer and text encoder; "auto" (or None, the default) keeps the
         dtype each was saved in (`dtype=` is the deprecated spelling). `device_map` ("cpu", "cuda", "cuda:1")
         or `device` places the whole pipeline on one device. A `transformer` or `vqvae` module given
@@ -314,6 +338,7 @@ class MGTPipeline(DiffusionPipeline):
         progress=False hides the weight-writing bars.
         """
         _reject_save_options(unused)
+        self._check_weights_held("save them")
         transformer = unwrapped(self.transformer)  # pipe.transformer = torch.compile(...): keys without `_orig_mod.`
         for name in ("vqvae", "text_encoder"):  # a save that loads (the transformer's writers check their own)
             _check_finite(unwrapped(getattr(self, name)), name)

@@ -394,8 +394,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """
     if tensor.numel() == 0:
         return True
-    if tensor.element_size() == 1:  # float8: no aminmax kernel on the CPU
-        return bool(torch.isfinite(tensor).all())
+    if tensor.element_size() == 1:  # float8: no aminmax or isfinite kernel on the CPU; float16 holds every value
+        return all(all_finite(chunk.to(torch.float16)) for chunk in tensor.reshape(-1).split(1 << 24))
     return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
@@ -602,6 +602,23 @@ def derive_seed(*parts: int | str) -> int:
 
 
 # ---------------------------------------------------------------------------------- module surgery
+def cast_module(module: torch.nn.Module, **change) -> None:
+    """`module.to(**change)` without diffusers 0.42's warning that modules "should be kept in float32: []": it warns
+    on any dtype, even where no module is to be kept (`_keep_in_fp32_modules` empty), and a user then reads
+    advice meant for other models on every documented `pipe.to(dtype)`."""
+    import logging
+
+    def real(record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    logger.addFilter(real)
+    try:
+        module.to(**change)
+    finally:
+        logger.removeFilter(real)
+
+
 def unwrapped(module):
     """The module under `torch.compile(module)`'s wrapper (its `_orig_mod`), or `module` itself: what holds the
     state-dict keys and submodule names without the wrapper's `_orig_mod.` prefix."""

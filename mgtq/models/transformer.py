@@ -435,6 +435,17 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
             super().save_pretrained(tmp, **kwargs)
         checkpoint.remove_stale_manifest(save_directory)
 
+    def enable_layerwise_casting(self, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                                 compute_dtype: torch.dtype | None = None, *args, **kwargs) -> None:
+        """diffusers' layerwise casting. A compute dtype other than the model's casts the model to it first: the
+        modules diffusers leaves uncast (norms, embeddings) compute in it too, where their float32 output met a
+        bfloat16 layer ("expected m1 and m2 to have the same dtype")."""
+        if compute_dtype is not None and compute_dtype != self.dtype:
+            from mgtq.utils import cast_module
+
+            cast_module(self, dtype=compute_dtype)
+        super().enable_layerwise_casting(storage_dtype, compute_dtype, *args, **kwargs)
+
     # ------------------------------------------------------------------------------- properties
     @property
     def mask_token_id(self) -> int:

@@ -71,6 +71,51 @@ def test_layerwise_casting_fp8_storage_generates(tmp_path):
     assert pipe.transformer.compute_dtype == torch.float32 and pipe.dtype == torch.float32
     tokens = pipe("a red circle", seed=0, output_type="latent", progress=False, **STEPS).images
     assert tokens.shape == (1, 16, 16) and int(tokens.max()) < pipe.transformer.config.codebook_size
+    # a save of fp8-stored weights (no isfinite kernel for float8 on the CPU) loads back as the same model
+    pipe.save_pretrained(tmp_path / "fp8", progress=False)
+    again = mgtq.load(tmp_path / "fp8", progress=False)
+    assert torch.equal(again("a red circle", seed=0, output_type="latent", progress=False, **STEPS).images, tokens)
+
+
+def test_layerwise_casting_to_a_compute_dtype_other_than_the_loaded_one():
+    import logging
+
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("diffusers.models.modeling_utils").addHandler(handler)
+    try:
+        cast = mgtq.load(progress=False)
+        cast.transformer.to(torch.bfloat16)  # diffusers 0.42 warns of modules "to be kept in float32: []"
+        assert any("kept in float32: []" in message for message in warned)
+        warned.clear()
+        cast.to(torch.float16)  # mgtq's documented cast does not pass that on
+        assert not warned
+    finally:
+        logging.getLogger("diffusers.models.modeling_utils").removeHandler(handler)
+    pipe, reference = mgtq.load(progress=False), mgtq.load(progress=False)  # float32
+    # diffusers leaves norms and embeddings uncast: their float32 output met bfloat16 layers (m1 and m2 dtypes);
+    # the model is cast to the compute dtype first, as a user would cast it by hand
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    reference.transformer.to(torch.bfloat16)
+    reference.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16
+    kwargs = dict(prompt="a red circle", seed=0, output_type="latent", progress=False, **STEPS)
+    assert torch.equal(pipe(**kwargs).images, reference(**kwargs).images)
+
+
+def test_what_sequential_offload_holds_on_meta_is_refused_with_the_way_out(tmp_path):
+    pipe = mgtq.load(progress=False)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    for action, match in ((lambda: pipe.save_pretrained(tmp_path / "x", progress=False), "cannot save them"),
+                          (lambda: pipe.to("cpu"), "cannot move it to another device")):
+        with pytest.raises(RuntimeError, match=match + ": call pipe.remove_all_hooks"):
+            action()  # torch's "Cannot copy out of meta tensor; use to_empty()"
+    assert not (tmp_path / "x").exists()
+    pipe.to(torch.float32)  # a cast is no move: the hooks cast what they hold
+    pipe.remove_all_hooks()
+    pipe.save_pretrained(tmp_path / "x", progress=False)
+    assert mgtq.load(tmp_path / "x", progress=False) is not None
 
 
 def test_save_pretrained_of_a_loaded_quantized_pipeline_loads_back(quantized_dir, tmp_path):
@@ -373,3 +418,10 @@ def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_
         f.write(bytes([last[0] ^ 1]))
     with pytest.raises(ValueError, match="sha256"):
         mgtq.load(damaged, progress=False)
+
+
+def test_diffusers_memory_helpers_mgtq_has_no_use_for_say_so(pipe):
+    with pytest.warns(UserWarning, match="attention slicing changes nothing in mgtq"):
+        pipe.enable_attention_slicing()  # returned silently, no memory saved
+    with pytest.warns(UserWarning, match="does not use xformers"):
+        pipe.enable_xformers_memory_efficient_attention()
