@@ -140,7 +140,7 @@ def cmd_edit(args) -> int:
     _check_output_path(out, "--out")
     from mgtq.editing import check_edit_files, edit_to_file
 
-    check_edit_files(args.image, mask=args.mask, outpaint=args.outpaint, tile=_model_tile(args.model))
+    check_edit_files(args.image, mask=args.mask, outpaint=args.outpaint, tile=_model_tile(args.model), out=out)
     pipe = _load_pipe(args)
     out = edit_to_file(pipe, args.image, args.prompt, out, mask=args.mask, outpaint=args.outpaint,
                        strength=args.strength, seed=args.seed, negative_prompt=args.negative_prompt,
@@ -233,7 +233,8 @@ def cmd_quantize(args) -> int:
     from mgtq.ptq import calibration_prompts, check_target, config_from_name, quantize_pipeline
 
     config = config_from_name(args.config, args.group_size)
-    check_target(args.out, args.overwrite)  # now, before loading and calibrating
+    sources = {"the source model": args.model or default_model(), "the text encoder": args.text_encoder}
+    check_target(args.out, args.overwrite, sources)  # now, before loading and calibrating
     if args.threads:
         import torch
 

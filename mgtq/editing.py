@@ -412,6 +412,7 @@ def edit_to_file(
     if mask is not None and outpaint is not None:
         raise ValueError("give --mask or --outpaint, not both")
     out = output_paths(Path(out), 1)[0]  # before any work: a .jpg path is refused
+    check_out_is_no_input(out, image, mask)
     source = _open_image(image, "--image")
     mask_image = None if mask is None else _open_image(mask, "--mask")
     check_edit_sizes(image, source.size, mask, None if mask_image is None else mask_image.size, outpaint,
@@ -430,14 +431,25 @@ def edit_to_file(
 
 
 def check_edit_files(image: str | os.PathLike, mask: str | os.PathLike | None = None,
-                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None) -> None:
+                     outpaint: tuple[int, int, int, int] | None = None, tile: int | None = None,
+                     out: str | os.PathLike | None = None) -> None:
     """What `mgtq edit` checks before any weight loads, in its flags' words: the --image file reads as an RGB
     image (transparency refused), the --mask file as a mask of its size, and, with `tile` (the model's pixels per
-    token side, when known), that the image or the outpainting canvas tiles into tokens. Reads the files as
-    edit_to_file does (small next to loading a model)."""
+    token side, when known), that the image or the outpainting canvas tiles into tokens; `out` (the PNG path to
+    write) is neither of them. Reads the files as edit_to_file does (small next to loading a model)."""
+    if out is not None:
+        check_out_is_no_input(out, image, mask)
     source = _open_image(image, "--image")
     mask_size = None if mask is None else _open_image(mask, "--mask").size
     check_edit_sizes(image, source.size, mask, mask_size, outpaint, tile)
+
+
+def check_out_is_no_input(out: str | os.PathLike, image: str | os.PathLike, mask: str | os.PathLike | None) -> None:
+    """Refuse writing the edit over the image or mask it reads: the original would be lost."""
+    for flag, path in (("--image", image), ("--mask", mask)):
+        if path is not None and Path(out).exists() and Path(path).exists() and os.path.samefile(out, path):
+            raise ValueError(f"--out {out} is the {flag} file the edit reads, which writing it would replace; "
+                             "choose another path")
 
 
 def check_edit_sizes(image, size: tuple[int, int], mask=None, mask_size: tuple[int, int] | None = None,

@@ -43,6 +43,19 @@ def is_checkpoint(folder: str | Path) -> bool:
         return False
 
 
+def check_no_overlap(out: str | Path, protected: dict[str, Path]) -> None:
+    """Refuse an `out` that is, holds or lies inside a folder a write must not touch ({what: path}), or that lies
+    inside another pipeline folder (a checkpoint written into one makes its checksums fail)."""
+    out = Path(out).resolve()
+    for what, path in protected.items():
+        path = Path(path).resolve()
+        if out == path or path in out.parents or out in path.parents:
+            raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
+    inside = next((parent for parent in out.parents if (parent / "model_index.json").is_file()), None)
+    if inside is not None:
+        raise ValueError(f"--out {out} is inside the pipeline folder {inside}; choose a folder outside it")
+
+
 def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> None:
     """Raise (one line, nothing touched) unless export may write `out`: see the module docstring."""
     run, out = Path(run).resolve(), Path(out).resolve()
@@ -54,9 +67,7 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
     text_encoder = _recipe_text_encoder(run)
     if text_encoder is not None:
         protected["the recipe's text encoder"] = Path(text_encoder).resolve()
-    for what, path in protected.items():
-        if out == path or path in out.parents or out in path.parents:
-            raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
+    check_no_overlap(out, protected)
     if not out.exists() and not out.is_symlink():
         existing = next(parent for parent in out.parents if parent.exists())
         if not existing.is_dir():
@@ -90,7 +101,7 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
     source, out = Path(source), Path(out)
     replaced = {"transformer"} | ({"text_encoder"} if text_encoder is not None else set())
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, keep_others=True) as tmp:  # over a checkpoint (--overwrite): the user's files stay
             for item in sorted(source.iterdir()):
                 if item.name in replaced or item.name.startswith("."):
                     continue

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mgtq.export import is_checkpoint
+from mgtq.export import check_no_overlap, is_checkpoint
 from mgtq.quantization.api import CONFIGS, SCQConfig, W4A8Config, W4A16Config
+from mgtq.utils import atomic_directory
 
 __all__ = ["config_from_name", "calibration_prompts", "quantize_pipeline"]
 
@@ -39,9 +40,11 @@ def calibration_prompts(count: int) -> list[str]:
     return [item.prompt for item in items[:count]]
 
 
-def check_target(out: str | Path, overwrite: bool = False) -> None:
-    """Raise (nothing touched) unless `out` is a new path, or an mgtq checkpoint and overwrite=True."""
+def check_target(out: str | Path, overwrite: bool = False, sources: dict[str, str | Path | None] | None = None) -> None:
+    """Raise (nothing touched) unless `out` is a new path, or an mgtq checkpoint and overwrite=True, and overlaps
+    none of the folders read ({what: path}: the model, a separate text encoder) nor lies inside a pipeline."""
     out = Path(out)
+    check_no_overlap(out, {what: Path(path) for what, path in (sources or {}).items() if path is not None})
     if not out.exists() and not out.is_symlink():
         return
     if not is_checkpoint(out):
@@ -60,10 +63,14 @@ def quantize_pipeline(model: str | Path, config, out: str | Path, calibration: l
     from mgtq.pipeline import load
     from mgtq.quantization.api import quantize_
 
-    check_target(out, overwrite)
+    sources = {"the source model": model, "the text encoder": load_kwargs.get("text_encoder")}
+    check_target(out, overwrite, sources)
     pipe = load(model, progress=progress, **load_kwargs)
     needs = not isinstance(config, W4A16Config)
     done = quantize_(pipe, config, calibration_prompts=calibration if needs else None)
-    check_target(out, overwrite)  # again: calibration takes a while, the folder may have appeared meanwhile
-    pipe.save_pretrained(out, progress=progress)
+    check_target(out, overwrite, sources)  # again: calibration takes a while, the folder may have appeared meanwhile
+    # one swap of the whole folder: a checkpoint written over (--overwrite) and stopped part-way is the old one,
+    # never a mix of old and new parts (save_pretrained replaces a folder's entries one at a time)
+    with atomic_directory(out, keep_others=True) as tmp:
+        pipe.save_pretrained(tmp, progress=progress)
     return done

@@ -23,8 +23,12 @@ import torch
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
+def atomic_directory(target: str | os.PathLike, overwrite: bool = True, keep_others: bool = False):
     """Yield a temporary sibling folder; on success it replaces `target`.
+
+    keep_others: entries of the folder being replaced that the new one does not have (a clone's `.git`, a model
+    card) are carried into it first, as hard links (copies where the file system has none), so the whole
+    folder is still swapped in one step and nothing of the user's is lost.
 
     On any exception the temporary folder is removed and `target` is left as it was, so a reader
     never sees a half-written folder. The swap exchanges the two folders in one step where the OS can
@@ -45,11 +49,30 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True):
     tmp.mkdir()  # mode 0o777 & ~umask
     try:
         yield tmp
+        _normal_permissions(tmp)  # before the carried entries: they are the user's files, modes and all
+        if keep_others and target.is_dir():
+            for entry in sorted(target.iterdir()):
+                if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink():
+                    _link_copy(entry, tmp / entry.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _normal_permissions(tmp)
     _swap_in(tmp, target)
+
+
+def _link_copy(source: Path, dest: Path) -> None:
+    """`source` at `dest` without copying data: hard links for files (a copy across file systems or where
+    links are refused), links as links, folders recreated."""
+    def link(src, dst):
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, dest, symlinks=True, copy_function=link)
+    else:
+        link(source, dest)
 
 
 @contextlib.contextmanager

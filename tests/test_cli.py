@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import re
+import stat
 import sys
 import types
 
@@ -424,6 +425,39 @@ def test_quantize_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path, capsys)
     assert main(["quantize", "--config", "w4a16", "--out", str(tmp_path / "other")]) == 2
     assert "not an mgtq checkpoint" in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    # over a checkpoint with --overwrite: the whole folder at once, the user's files in it kept (as hard links)
+    (out / "README.md").write_text("my model card")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    os.chmod(out / ".git" / "HEAD", 0o600)
+    interrupted = []
+
+    swap = mgtq.utils._swap_in
+
+    def swap_then_stop(new, place):  # a Ctrl-C as the new folder is swapped in: the old one must stay whole
+        if place != out:
+            return swap(new, place)
+        interrupted.append(place)
+        raise KeyboardInterrupt
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mgtq.utils._swap_in", swap_then_stop)
+        assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 130
+    assert interrupted == [out] and {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert (out / "README.md").read_text() == "my model card"
+    assert stat.S_IMODE((out / ".git" / "HEAD").stat().st_mode) == 0o600  # the user's file, its mode too
+    assert not any(m.group_size == 32 for m in mgtq.load(out, progress=False).transformer.modules()
+                   if hasattr(m, "weight_packed"))  # the new checkpoint (per-channel), not the group-wise one
+
+
+def test_quantize_refuses_an_out_inside_the_model_it_reads(tmp_path, capsys, random_pipeline_dir):
+    for out in (random_pipeline_dir / "vqvae" / "q", random_pipeline_dir):
+        before = sorted(p.name for p in random_pipeline_dir.rglob("*"))
+        assert main(["quantize", "--config", "w4a16", "--model", str(random_pipeline_dir), "--out", str(out)]) == 2
+        assert "overlaps the source model" in capsys.readouterr().err
+        assert sorted(p.name for p in random_pipeline_dir.rglob("*")) == before
 
 
 def test_quantize_w4a8_with_group_size_is_refused_before_loading(tmp_path, capsys, monkeypatch):

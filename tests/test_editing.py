@@ -543,6 +543,14 @@ def test_cli_edit_errors(tmp_path, random_pipeline_dir, scene, capsys):
     assert main(base + ["--outpaint", "4,0,0,0"]) == 2
     assert "try --outpaint 4,4,0,0" in capsys.readouterr().err  # 68 px wide is not a multiple of 8
     assert not (tmp_path / "o.png").exists()
+    mask = tmp_path / "mask.png"
+    Image.fromarray(_box_mask()).save(mask)
+    before = image.read_bytes(), mask.read_bytes()
+    # writing the edit over a file it reads would lose the original
+    for flag, out, extra in (("--image", image, ["--strength", "0.5"]), ("--mask", mask, ["--mask", str(mask)])):
+        assert main(base[:-3] + ["--out", str(out), "--no-progress"] + extra) == 2
+        assert f"is the {flag} file the edit reads" in capsys.readouterr().err
+    assert (image.read_bytes(), mask.read_bytes()) == before
     args = ["edit", "--image", str(image), "--strength", "0.5", "--prompt", "a red circle", "--compile",
             "--tome", "0.5"]
     from mgtq.cli import build_parser

@@ -139,3 +139,14 @@ def test_overwriting_a_symlinked_out_keeps_the_link(a_checkpoint, source_copy, t
     link.symlink_to(real)
     _write(source_copy, link)
     assert link.is_symlink() and is_checkpoint(real)
+
+
+def test_overwriting_a_checkpoint_keeps_the_users_files_in_it(a_checkpoint, source_copy, tmp_path):
+    out = shutil.copytree(a_checkpoint, tmp_path / "repo")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "notes.md").write_text("my notes")  # a file the source model does not have
+    _write(source_copy, out)  # mgtq export --overwrite: one swap of the whole folder
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (out / "notes.md").read_text() == "my notes"
+    assert is_checkpoint(out)
