@@ -839,6 +839,7 @@ def read_settings(root: str | os.PathLike, provided: Iterable[str] = (), verify:
     if (root / "transformer").is_dir() and checkpoint.is_quantized(root / "transformer"):
         raise ValueError(f"{path} has no 'mgtq' settings, but {root / 'transformer'} is an mgtq quantized checkpoint, "
                          "whose folder always has them (resolution, sampler): restore the file or re-export")
+    check_recorded_settings(index, path)  # settings its checksums record: "lost", in those words
     if _written_by_mgtq(index):  # e.g. rewritten by diffusers' save_config: the official defaults would not fit it
         raise ValueError(f"{path} names mgtq's classes but has no 'mgtq' settings (resolution, sampler), which every "
                          "folder mgtq writes has: restore the file, or re-save the pipeline with save_pretrained")
