@@ -16,6 +16,7 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 __all__ = ["finite_float", "number", "integer", "seed", "ratio", "existing_folder", "existing_file",
            "comma_list", "device"]
@@ -52,16 +53,18 @@ def number(minimum: float | None = None, maximum: float | None = None, *, above:
     return parse
 
 
-def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """A whole number in [minimum, maximum] ('2.5' and '1e3' are refused, not truncated)."""
-    allowed = _range_text("an integer", minimum, maximum, False, False)
+def integer(minimum: int | None = None, maximum: int | None = None, *,
+            parity: Literal["even", "odd"] | None = None) -> Callable[[str], int]:
+    """A whole number in [minimum, maximum] ('2.5' and '1e3' are refused, not truncated); `parity`: only even
+    or only odd ones (an int4 group size, a window side)."""
+    allowed = _range_text(f"an {parity} integer" if parity else "an integer", minimum, maximum, False, False)
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if not _in_range(value, minimum, maximum, False, False):
+        if not _in_range(value, minimum, maximum, False, False) or (parity and value % 2 != (parity == "odd")):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value
 

@@ -14,6 +14,9 @@ from mgtq import argtypes
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
 
 
+# The commands, for a Ctrl-C that comes before the command line is parsed (the parser's imports take seconds).
+COMMANDS = ("generate", "edit", "eval", "calibrate", "quantize", "export", "bench", "cache")
+
 # The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
 EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
 
@@ -50,17 +53,23 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tome_option_args(p: argparse.ArgumentParser) -> None:
-    """TomeConfig's other fields as flags (validated by TomeConfig; unset = its default, said in the help)."""
+    """TomeConfig's other fields as flags (unset = its default, said in the help). Their values are checked
+    here, as TomeConfig checks them, so a bad one is refused before the model loads, naming the flag."""
+    from typing import get_args
+
     from mgtq.merging import TomeConfig
+    from mgtq.merging.patch import MergeSchedule, Sources
+    from mgtq.merging.tome import LOCALITIES
 
     d = TomeConfig()
-    p.add_argument("--tome-locality", default=None,
+    p.add_argument("--tome-locality", choices=LOCALITIES, default=None,
                    help=f"TomeMGT: where a source may merge: cell, window or global (default: {d.locality})")
-    p.add_argument("--tome-window", type=int, default=None,
-                   help=f"TomeMGT: window side for --tome-locality window (default: {d.window})")
-    p.add_argument("--tome-sources", default=None,
-                   help=f"TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first (default: {d.sources})")
-    p.add_argument("--tome-schedule", default=None,
+    p.add_argument("--tome-window", type=argtypes.integer(minimum=3, parity="odd"), default=None,
+                   help=f"TomeMGT: window side for --tome-locality window, odd (default: {d.window})")
+    p.add_argument("--tome-sources", choices=get_args(Sources), default=None,
+                   help="TomeMGT: tokens that may merge away: all, decoded, masked or decoded-first "
+                        f"(default: {d.sources})")
+    p.add_argument("--tome-schedule", choices=get_args(MergeSchedule), default=None,
                    help="TomeMGT: ratio over sampling by the masked fraction σ: constant, decoded (·(1−σ)) or "
                         f"masked (·σ) (default: {d.schedule})")
     p.add_argument("--tome-mlp", action="store_true", default=None,
@@ -123,13 +132,12 @@ def cmd_generate(args) -> int:
     for path in output_paths(args.out, args.num_images * len(prompts)):
         _check_output_path(path, "--out")
     pipe = _load_pipe(args)
-    paths = generate_to_files(
+    generate_to_files(
         pipe, prompts if args.prompts else args.prompt, out=args.out, negative_prompt=args.negative_prompt,
         seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
         progress=not args.no_progress, sampler=_sampler(args, pipe), batch_size=args.batch_size,
+        on_write=lambda path: print(path, flush=True),  # each as it is written: a Ctrl-C later leaves the list
     )
-    for path in paths:
-        print(path)
     return 0
 
 
@@ -408,6 +416,22 @@ def _recipe(text: str) -> Path:
 def _prompt(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty; describe the image, e.g. --prompt \"a red circle\"")
+    return _utf8(text)
+
+
+def _negative_prompt(text: str) -> str:
+    """--negative-prompt: any UTF-8 text, the empty one included (unlike --prompt)."""
+    return _utf8(text)
+
+
+def _utf8(text: str) -> str:
+    """Python reads argv bytes that are not UTF-8 as lone surrogates, which the tokenizer fails on after the
+    model has loaded: refused now, as `--prompts FILE` refuses a file that is not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not UTF-8 text (the command line held bytes in another encoding); "
+                                         "give it in UTF-8") from None
     return text
 
 
@@ -436,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices  # each command's own parser: main's checks report errors through it
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[debug],
@@ -448,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", type=_prompt, help="what the image shows")
     what.add_argument("--prompts", type=argtypes.existing_file("prompts"), metavar="FILE",
                       help="a text file with one prompt per line (blank lines skipped): one batch run")
-    g.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
+    g.add_argument("--negative-prompt", type=_negative_prompt, default=None,
+                   help="what the image should not show (the CFG's other branch)")
     g.add_argument("--seed", type=argtypes.seed, default=0,
                    help="seed of the first image; image i uses seed + i (the same image again at the same "
                         "--batch-size)")
@@ -479,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the share of the steps run, as in diffusers (0.5: the last half), in (0, 1]; alone: "
                         "img2img from the image; with --mask or --outpaint: the inpainting's (default 1)")
     d.add_argument("--prompt", type=_prompt, required=True, help="what the edited image shows")
-    d.add_argument("--negative-prompt", default=None, help="what the image should not show (the CFG's other branch)")
+    d.add_argument("--negative-prompt", type=_negative_prompt, default=None,
+                   help="what the image should not show (the CFG's other branch)")
     d.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the edit (the same seed, the same image)")
     d.add_argument("--out", type=Path, default=Path("mgtq-edit.png"),
                    help="PNG path, or a folder (the image is then 0.png in it), as generate's --out")
@@ -520,8 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", choices=["w4a16", "w4a8", "scq"], required=True,
                    help="w4a16: int4 weights; w4a8: + int8 activations everywhere; scq: int8 activations on the "
                         "lowest-magnitude third only")
-    q.add_argument("--group-size", type=argtypes.integer(minimum=2), default=None,
-                   help="input columns per int4 scale of the A16 layers (default: one scale per output channel)")
+    q.add_argument("--group-size", type=argtypes.integer(minimum=2, parity="even"), default=None,
+                   help="input columns per int4 scale of the A16 layers: an even number such as 32, 64 or 128 "
+                        "(default: one scale per output channel)")
     q.add_argument("--calibration-prompts", type=argtypes.integer(minimum=1), default=32,
                    help="ShapeBench val prompts that calibrate int8 activation scales (w4a8, scq)")
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -601,18 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_tome_flags(parser: argparse.ArgumentParser, args) -> None:
-    """TomeMGT's option flags without --tome would be ignored: an error instead (generate, edit, eval)."""
+def _check_tome_flags(command: argparse.ArgumentParser, args) -> None:
+    """TomeMGT's option flags without --tome would be ignored: an error instead (generate, edit, eval).
+    `command`: the subcommand's parser, whose errors name it ("mgtq generate: error: … (see mgtq generate
+    --help)")."""
     if args.command == "bench" or getattr(args, "tome", None) or not _tome_options(args):
         return
     flags = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(_tome_options_flags(args)))
-    parser.error(f"{args.command}: {flags}: TomeMGT's options apply only with --tome RATIO; add --tome 0.5, say")
+    command.error(f"{flags}: TomeMGT's options apply only with --tome RATIO; add --tome 0.5, say")
 
 
-def _check_edit_flags(parser: argparse.ArgumentParser, args) -> None:
+def _check_edit_flags(command: argparse.ArgumentParser, args) -> None:
     """`mgtq edit` needs --mask, --outpaint or --strength (argparse's groups cannot say "at least one of")."""
     if args.command == "edit" and args.mask is None and args.outpaint is None and args.strength is None:
-        parser.error("edit: give --mask (inpaint), --outpaint L,R,T,B or --strength alone (img2img)")
+        command.error("give --mask (inpaint), --outpaint L,R,T,B or --strength alone (img2img)")
 
 
 def _tome_options_flags(args) -> list[str]:
@@ -620,21 +650,39 @@ def _tome_options_flags(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; every expected failure is one line on stderr and a non-zero exit code."""
-    parser = build_parser()
+    """Run one command; every expected failure is one line on stderr and a non-zero exit code, and a Ctrl-C is
+    one line and exit code 130 at any moment, also while the parser is built (its imports take seconds)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, running = None, False
     try:
-        args = parser.parse_args(argv)
-        _check_tome_flags(parser, args)
-        _check_edit_flags(parser, args)
-    except SystemExit as stop:  # argparse printed --help or its one-line error
-        return stop.code
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+            _check_tome_flags(parser.commands[args.command], args)
+            _check_edit_flags(parser.commands[args.command], args)
+        except SystemExit as stop:  # argparse printed --help or its one-line error
+            return stop.code
+        running = True
+        return _run(args)
+    except KeyboardInterrupt:
+        return _stopped(args, argv, running)
+
+
+def _stopped(args, argv: list[str], running: bool) -> int:
+    """Ctrl-C: "mgtq CMD: stopped" (calibrate's says how to resume), exit code 130 as a shell's; before the
+    command line is parsed, its first word that is not an option names the command, if it is one."""
+    if args.debug if args is not None else "--debug" in argv:
+        traceback.print_exc()
+    command = args.command if args is not None else next((a for a in argv if not a.startswith("-")), None)
+    command = command if command in COMMANDS else None
+    what = _STOPPED.get(command, "stopped") if running else "stopped"
+    print(f"mgtq{f' {command}' if command else ''}: {what}", file=sys.stderr)
+    return 130
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            traceback.print_exc()
-        print(f"mgtq {args.command}: {_STOPPED.get(args.command, 'stopped')}", file=sys.stderr)
-        return 130
     except (*_EXPECTED, RuntimeError) as err:
         if isinstance(err, RuntimeError) and not _out_of_memory(err):
             raise

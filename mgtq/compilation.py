@@ -19,6 +19,7 @@ import copy
 import functools
 import hashlib
 import os
+import re
 import shutil
 import time
 import warnings
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mgtq.utils import _writer_alive
 
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -103,7 +106,8 @@ def use_persistent_compile_cache() -> Path:
 class CacheEntry:
     """One folder of the compile cache: torch.compile's own caches for one torch version and set of mgtq op
     schemas ("inductor", the precompiled blocks inside it not counted), or the precompiled blocks of one set
-    of settings ("precompiled"). size in bytes; last_used in seconds since the epoch."""
+    of settings ("precompiled"); "half-removed" in what `clear_cache` returns: a folder a killed `clear_cache`
+    left. size in bytes; last_used in seconds since the epoch."""
 
     path: Path
     kind: str
@@ -129,13 +133,19 @@ def _folder_size(folder: Path) -> int:
     return total
 
 
+def _folders(parent: Path) -> list[Path]:
+    """The cache's folders in `parent`, sorted; hidden ones are not: a `.NAME.removing-PID` that `clear_cache`
+    was removing when it was killed is no cache a run uses (`clear_cache` removes it)."""
+    return sorted(p for p in parent.glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
 def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     """The folders of mgtq's compile cache under `root` (default `cache_dir()`), precompiled ones first
     within each torch folder. A TORCHINDUCTOR_CACHE_DIR of the user's own is not mgtq's and not listed."""
     base = (cache_dir() if root is None else Path(root)) / "torch-compile"
     entries = []
-    for inductor in sorted(p for p in base.glob("*") if p.is_dir()):
-        children = sorted(p for p in (inductor / PRECOMPILED_FOLDER).glob("*") if p.is_dir())
+    for inductor in _folders(base):
+        children = _folders(inductor / PRECOMPILED_FOLDER)
         sizes = [_folder_size(p) for p in children]
         entries += [CacheEntry(p, "precompiled", size, p.stat().st_mtime) for p, size in zip(children, sizes)]
         entries.append(CacheEntry(inductor, "inductor", _folder_size(inductor) - sum(sizes), inductor.stat().st_mtime))
@@ -145,7 +155,8 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
 def clear_cache(unused_days: float | None = None, root: Path | None = None) -> list[CacheEntry]:
     """Remove the compile cache's folders that no process used for `unused_days` days (all with None); the
     removed entries. Always safe: a later compile builds what it needs again. A torch folder takes its
-    precompiled blocks with it (each use of those renews it too)."""
+    precompiled blocks with it (each use of those renews it too). What an earlier, killed call left half
+    removed goes too, whatever `unused_days` says (no run uses it), unless that call is still running."""
     if unused_days is not None and unused_days < 0:
         raise ValueError(f"unused_days must be ≥ 0, got {unused_days}")
     cutoff = None if unused_days is None else time.time() - unused_days * 86400
@@ -157,7 +168,27 @@ def clear_cache(unused_days: float | None = None, root: Path | None = None) -> l
             os.replace(entry.path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(entry)
+    for entry in _half_removed(root):  # whatever their age: no run uses them
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry)
     return removed
+
+
+_HALF_REMOVED = re.compile(r"\..+\.removing-(\d+)")
+
+
+def _half_removed(root: Path | None) -> list[CacheEntry]:
+    """The `.NAME.removing-PID` folders (torch folders, and precompiled ones inside them) whose `clear_cache`
+    was killed before it finished: those of a pid that no longer runs (a live one is removing it now)."""
+    base = (cache_dir() if root is None else Path(root)) / "torch-compile"
+    parents = [base] + [inductor / PRECOMPILED_FOLDER for inductor in _folders(base)]
+    found = []
+    for parent in parents:
+        for path in sorted(parent.glob(".*")):
+            match = _HALF_REMOVED.fullmatch(path.name)
+            if match and path.is_dir() and not _writer_alive(int(match[1])):
+                found.append(CacheEntry(path, "half-removed", _folder_size(path), path.stat().st_mtime))
+    return found
 
 
 # ---------------------------------------------------------------------------------------- precompiled blocks

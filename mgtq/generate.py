@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,9 @@ def output_paths(out: Path, count: int) -> list[Path]:
         raise ValueError(f"--out {out}: mgtq writes PNG images; give a .png path or a folder")
     if out.suffix.lower() != ".png":  # a folder
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"--out {out} is a file, not a folder; give a .png path or a folder")
+            from mgtq.utils import describe_path  # only here: mgtq.utils imports torch
+
+            raise NotADirectoryError(f"--out {out} {describe_path(out)}, not a folder; give a .png path or a folder")
         return [out / f"{i}.png" for i in range(count)]
     if count == 1:
         return [out]
@@ -28,11 +31,14 @@ def output_paths(out: Path, count: int) -> list[Path]:
 def generate_to_files(
     pipe: MGTPipeline, prompt: str | list[str], out: Path, negative_prompt: str | None = None, steps: int | None = None,
     cfg: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
-    num_images: int = 1, progress: bool = True, batch_size: int | None = None, **call_kwargs,
+    num_images: int = 1, progress: bool = True, batch_size: int | None = None,
+    on_write: Callable[[Path], object] | None = None, **call_kwargs,
 ) -> list[Path]:
     """Generate `num_images` images of each prompt and write them as PNG, prompt-major; image i (over all
     prompts) uses seed + i, its random numbers the same whatever the batch size (its pixels too, but for a rare near-tie
-    that another batch size's rounding turns; see `MGTPipeline.__call__`). batch_size: prompts per pipeline call."""
+    that another batch size's rounding turns; see `MGTPipeline.__call__`). batch_size: prompts per pipeline call.
+    on_write: called with each path once its PNG is written (`mgtq generate` prints it then, so a run stopped
+    part-way has said which images it finished)."""
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -47,6 +53,8 @@ def generate_to_files(
                       **call_kwargs)
         for image, path in zip(result.images, paths[first:first + len(seeds)]):
             write_png(image, path)
+            if on_write is not None:
+                on_write(path)
     return paths
 
 

@@ -103,6 +103,27 @@ BAD_FLAGS = [
     (["bench", "--sampler", "turbo"], "argument --sampler: invalid choice: 'turbo'"),
     (["generate", "--prompt", "x", "--seed", str(2**63 - 1)], "argument --seed: must be an integer in [0, "),
     (["edit", "--image", sys.executable, "--strength", "0.5", "--prompt", " "], "argument --prompt: the prompt is empty"),
+    # bytes that are not UTF-8 reach Python as lone surrogates; the tokenizer failed on them after the model loaded
+    (["generate", "--prompt", "\udcff\udcfe caf\udce9"], "argument --prompt: is not UTF-8 text"),
+    (["generate", "--prompt", "x", "--negative-prompt", "\udcff"], "argument --negative-prompt: is not UTF-8 text"),
+    (["edit", "--image", sys.executable, "--strength", "0.5", "--prompt", "caf\udce9"],
+     "argument --prompt: is not UTF-8 text"),
+    (["edit", "--image", sys.executable, "--strength", "0.5", "--prompt", "x", "--negative-prompt", "\udce9"],
+     "argument --negative-prompt: is not UTF-8 text"),
+    (["quantize", "--config", "w4a16", "--group-size", "7", "--out", "x"],
+     "argument --group-size: must be an even integer ≥ 2, got '7'"),
+    (["quantize", "--config", "w4a16", "--group-size", "0", "--out", "x"],
+     "argument --group-size: must be an even integer ≥ 2, got '0'"),
+    (["generate", "--prompt", "x", "--tome", "0.5", "--tome-locality", "bogus"],
+     "argument --tome-locality: invalid choice: 'bogus'"),
+    (["generate", "--prompt", "x", "--tome", "0.5", "--tome-window", "-3"],
+     "argument --tome-window: must be an odd integer ≥ 3, got '-3'"),
+    (["bench", "--tome-window", "4"], "argument --tome-window: must be an odd integer ≥ 3, got '4'"),
+    (["eval", "--tome", "0.5", "--tome-sources", "some"], "argument --tome-sources: invalid choice: 'some'"),
+    (["eval", "--tome", "0.5", "--tome-schedule", "often"], "argument --tome-schedule: invalid choice: 'often'"),
+    # a negative pixel count: with "=" the type says what is allowed (without it argparse reads -1,… as an option)
+    (["edit", "--image", sys.executable, "--prompt", "x", "--outpaint=-1,2,3,4"],
+     "argument --outpaint: each entry must be an integer ≥ 0, got '-1'"),
 ]
 
 
@@ -115,8 +136,32 @@ def test_bad_flag_is_one_line_naming_it(capsys, no_model, argv, message):
 
 
 def test_tome_options_without_tome_are_refused_before_loading(capsys, no_model):
-    err = one_line_error(capsys, ["generate", "--prompt", "x", "--tome-locality", "bogus", "--tome-window", "-7"])
-    assert "--tome-locality, --tome-window: TomeMGT's options apply only with --tome RATIO" in err
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--tome-locality", "window", "--tome-window", "5"])
+    # the command's own parser reports it, as argparse's errors: "mgtq generate: …", its --help
+    assert re.fullmatch(r"mgtq generate: error: --tome-locality, --tome-window: TomeMGT's options apply only "
+                        r"with --tome RATIO; .* \(see mgtq generate --help\)", err), err
+
+
+def test_edit_without_mask_outpaint_or_strength_names_the_edit_command(capsys, no_model):
+    err = one_line_error(capsys, ["edit", "--image", sys.executable, "--prompt", "x"])
+    assert re.fullmatch(r"mgtq edit: error: give --mask \(inpaint\), --outpaint L,R,T,B or --strength alone "
+                        r"\(img2img\) \(see mgtq edit --help\)", err), err
+
+
+def test_negative_prompt_may_be_empty():
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--negative-prompt", ""]).negative_prompt == ""
+
+
+def test_group_size_help_says_even():
+    quantize = build_parser().commands["quantize"]
+    assert "an even number" in next(a.help for a in quantize._actions if a.dest == "group_size")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
+def test_generate_out_that_is_a_device_is_called_a_device(capsys, no_model):
+    err = one_line_error(capsys, ["generate", "--prompt", "x", "--out", "/dev/null"])
+    assert err == ("mgtq generate: error: --out /dev/null is a character device, not a folder; give a .png path "
+                   "or a folder")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
@@ -295,6 +340,61 @@ def test_ctrl_c_in_calibrate_says_how_to_resume(capsys, monkeypatch, tmp_path):
 def test_ctrl_c_elsewhere_says_stopped(capsys, monkeypatch, tmp_path):
     _raise_in_work(monkeypatch, KeyboardInterrupt())
     assert one_line_error(capsys, generate(tmp_path), code=130) == "mgtq generate: stopped"
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["generate", "--prompt", "x"], "mgtq generate: stopped"),
+    (["calibrate", "--no-progress"], "mgtq calibrate: stopped"),  # nothing to resume yet
+    (["--version"], "mgtq: stopped"),
+    (["gnerate", "--prompt", "x"], "mgtq: stopped"),  # not a command: not named as one
+])
+def test_ctrl_c_while_the_parser_is_built_says_stopped(capsys, monkeypatch, argv, line):
+    # building the parser imports torch, diffusers and transformers: seconds in which a Ctrl-C is likely
+    monkeypatch.setattr(mgtq.cli, "build_parser", _interrupted)
+    assert one_line_error(capsys, argv, code=130) == line
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_says_stopped(capsys, monkeypatch):
+    monkeypatch.setattr(mgtq.cli, "_prompt", _interrupted)  # argparse calls the flags' types as it parses
+    argv = ["edit", "--image", sys.executable, "--prompt", "x"]
+    assert one_line_error(capsys, argv, code=130) == "mgtq edit: stopped"
+    assert main(["--debug", "generate", "--prompt", "x"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith("mgtq generate: stopped")
+
+
+def test_the_commands_ctrl_c_can_name_are_the_parsers():
+    assert set(build_parser().commands) == set(mgtq.cli.COMMANDS)
+
+
+def test_ctrl_c_in_generate_has_printed_the_images_already_written(capsys, monkeypatch, tmp_path):
+    from mgtq.sampling import SamplerConfig
+
+    class Pipe:
+        """A stand-in pipeline whose second batch is stopped by a Ctrl-C."""
+
+        settings = types.SimpleNamespace(sampler=SamplerConfig())
+        calls = 0
+
+        def __call__(self, prompts, seed, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return types.SimpleNamespace(images=[Image.new("RGB", (8, 8)) for _ in seed])
+
+    monkeypatch.setattr(mgtq.cli, "_load_pipe", lambda args: Pipe())
+    (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
+    argv = ["generate", "--prompts", str(tmp_path / "p.txt"), "--num-images", "2", "--batch-size", "1",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 130
+    done = capsys.readouterr()
+    assert done.out.split() == [str(tmp_path / "out" / f"{i}.png") for i in (0, 1)]
+    assert all((tmp_path / "out" / f"{i}.png").is_file() for i in (0, 1))
+    assert done.err.strip() == "mgtq generate: stopped"
 
 
 @pytest.mark.parametrize("exc, message", [

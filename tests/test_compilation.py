@@ -482,6 +482,29 @@ def test_cache_entries_list_each_folder_with_its_size_and_clear_removes_the_unus
     assert compilation.cache_entries() == []
 
 
+def test_what_a_killed_clear_left_is_not_listed_and_the_next_clear_removes_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)  # a pid that ran and has exited
+    base = tmp_path / "torch-compile"
+    kept = _fake_cache(tmp_path, "torch-2.13.0-ops-bbb", ["k3", "k4"], days_ago=1)
+    # a clear_cache killed mid-rmtree: its folders renamed, last touched at the kill (just now)
+    killed = _fake_cache(tmp_path, "torch-2.12.0-ops-aaa", ["k1"], days_ago=0)
+    os.replace(killed, base / f".{killed.name}.removing-{dead}")
+    precompiled = kept / compilation.PRECOMPILED_FOLDER
+    os.replace(precompiled / "k3", precompiled / f".k3.removing-{dead}")
+    busy = base / f".torch-2.11.0-ops-ccc.removing-{os.getpid()}"  # a clear_cache still running: its own
+    busy.mkdir()
+    assert [(e.path.name, e.kind) for e in compilation.cache_entries()] == [
+        ("k4", "precompiled"), (kept.name, "inductor")]
+    removed = compilation.clear_cache(unused_days=30)  # nothing is 30 days old: only the leftovers go
+    assert [(e.path.name, e.kind) for e in removed] == [
+        (f".{killed.name}.removing-{dead}", "half-removed"), (f".k3.removing-{dead}", "half-removed")]
+    assert removed[0].size == 1300
+    assert sorted(p.name for p in base.iterdir()) == [busy.name, kept.name]
+    assert [p.name for p in precompiled.iterdir()] == ["k4"]
+
+
 def test_using_the_cache_renews_its_folders(monkeypatch, tmp_path):
     import time
 

@@ -51,7 +51,9 @@ class StageContext:
 
     @cached_property
     def pipe(self) -> MGTPipeline:
-        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device)
+        # progress too: `mgtq calibrate --no-progress` hides the weight-loading bar as well
+        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device,
+                                           progress=self.progress)
 
     @cached_property
     def sampler(self) -> SamplerConfig:
@@ -96,7 +98,22 @@ def _synthesize(ctx: StageContext) -> StageOutput:
                               desc="SCQ 1/4 synthesize")
     summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": ctx.sampler.to_dict(),
                "resolution": res}
-    return StageOutput(summary, lambda folder: ds.save_to_disk(str(folder / RunFolder.DATASET)))
+    return StageOutput(summary, lambda folder: save_dataset(ds, folder / RunFolder.DATASET, ctx.progress))
+
+
+def save_dataset(ds, path: Path, progress: bool) -> None:
+    """`ds.save_to_disk(path)`; its "Saving the dataset" bar obeys only datasets' global switch, so that switch
+    is off for the call when `progress` is (`mgtq calibrate --no-progress` promises no bars)."""
+    import datasets
+
+    hide = not progress and not datasets.are_progress_bars_disabled()
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if hide:
+            datasets.enable_progress_bars()
 
 
 def choose_a8(ctx: StageContext, model, desc: str) -> tuple[list[str], dict[str, float]]:

@@ -1,0 +1,27 @@
+"""mgtq.scq.stages: `mgtq calibrate --no-progress` shows no progress bar, the libraries' bars included."""
+
+import datasets
+import pytest
+
+from mgtq.scq import stages
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_stage_pipeline_loads_with_the_runs_progress_setting(progress, monkeypatch, tmp_path):
+    from mgtq.scq.recipe import recipe_from_dict
+
+    calls = []
+    monkeypatch.setattr(stages.MGTPipeline, "from_pretrained", lambda *args, **kwargs: calls.append(kwargs))
+    ctx = stages.StageContext(recipe_from_dict({}), run=None, model_dir=tmp_path, fingerprints={}, progress=progress)
+    ctx.pipe
+    assert calls[0]["progress"] is progress  # its "Loading weights" bar showed under --no-progress
+
+
+def test_saving_the_synthesized_set_without_progress_shows_no_bar(capsys, tmp_path):
+    ds = datasets.Dataset.from_dict({"prompt": ["a red circle", "a blue square"]})
+    stages.save_dataset(ds, tmp_path / "quiet", progress=False)
+    assert "Saving the dataset" not in capsys.readouterr().err
+    assert datasets.load_from_disk(str(tmp_path / "quiet"))["prompt"] == ["a red circle", "a blue square"]
+    assert not datasets.are_progress_bars_disabled()  # the global switch is back as it was
+    stages.save_dataset(ds, tmp_path / "shown", progress=True)
+    assert "Saving the dataset" in capsys.readouterr().err
