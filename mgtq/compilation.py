@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.utils import _writer_alive
+from mgtq.utils import writer_alive
 
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -186,7 +186,7 @@ def _half_removed(root: Path | None) -> list[CacheEntry]:
     for parent in parents:
         for path in sorted(parent.glob(".*")):
             match = _HALF_REMOVED.fullmatch(path.name)
-            if match and path.is_dir() and not _writer_alive(int(match[1])):
+            if match and path.is_dir() and not writer_alive(int(match[1])):
                 found.append(CacheEntry(path, "half-removed", _folder_size(path), path.stat().st_mtime))
     return found
 

@@ -172,7 +172,7 @@ def recover_directory(target: str | os.PathLike) -> None:
         return
     olds = []
     for path, kind, pid in _debris(target):
-        if _writer_alive(pid):
+        if writer_alive(pid):
             continue
         if kind == "tmp":
             _remove(path)
@@ -200,7 +200,7 @@ def _debris(target: Path):
             yield target.parent / name, match[1], int(match[2])
 
 
-def _writer_alive(pid: int) -> bool:
+def writer_alive(pid: int) -> bool:
     """Whether the writer whose pid a debris name carries is a running process."""
     if pid == os.getpid():
         return True
