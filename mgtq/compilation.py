@@ -15,7 +15,6 @@ Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import os
@@ -265,7 +264,10 @@ def _varying_tokens(value) -> bool:
 def _has_hooks(module: torch.nn.Module) -> bool:
     from torch.nn.modules import module as nn_module
 
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+    forward = module.__dict__.get("forward")  # accelerate wraps it there; removing its hook puts back the original
+    wrapped = forward is not None and not (getattr(forward, "__func__", None) is type(module).forward
+                                           and getattr(forward, "__self__", None) is module)
+    return bool(module._forward_hooks or module._forward_pre_hooks or wrapped
                 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
@@ -453,9 +455,6 @@ class HookAwareCompile:
         self.module, self.kwargs = module, dict(kwargs)
         self._compiled: dict[bool, object] = {}  # fullgraph -> torch.compile(module._call_impl), built on first use
 
-    def __deepcopy__(self, memo):  # copy.deepcopy(model): the copy's own, compiled on its first call
-        return HookAwareCompile(copy.deepcopy(self.module, memo), self.kwargs)
-
     def __call__(self, *args, **kwargs):
         whole = not any(_has_hooks(m) for m in self.module.modules())
         fn = self._compiled.get(whole)
@@ -469,9 +468,6 @@ class _PrecompiledCall:
 
     def __init__(self, block: torch.nn.Module, store: PrecompiledBlocks, fallback):
         self.block, self.store, self.fallback = block, store, fallback
-
-    def __deepcopy__(self, memo):  # copy.deepcopy(model): the copy's block, the same store
-        return _PrecompiledCall(copy.deepcopy(self.block, memo), self.store, copy.deepcopy(self.fallback, memo))
 
     def __call__(self, *args, **kwargs):
         store = self.store

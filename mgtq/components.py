@@ -43,8 +43,8 @@ def check_files(folder: str | Path, variant: str | None = None) -> dict[str, Pat
         found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         variants = [name for name in found if _VARIANT_FILE.fullmatch(name)]
         if variants and variant is None:
-            raise BadComponent(f"{folder} holds a variant's weights only ({variants}): load it with variant=… "
-                               "(MeissonicTransformer.from_pretrained), or save it again without a variant")
+            raise BadComponent(f"{folder} holds a variant's weights only ({variants}): save it again without a "
+                               "variant (only MeissonicTransformer.from_pretrained takes variant=)")
         of = "" if variant is None else f" of variant {variant!r}"
         raise BadComponent(f"{folder} has no .safetensors weights{of} (found {found}); mgtq loads safetensors only, "
                            "never pickle files: convert the weights to safetensors")

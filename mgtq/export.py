@@ -30,7 +30,7 @@ import torch
 from mgtq.quantization import checkpoint
 from mgtq.scq.quantize import quantize_from_run
 from mgtq.scq.run import RunFolder
-from mgtq.components import CHECKSUMS_KEY, pipeline_checksums
+from mgtq.components import CHECKSUMS_KEY, PIPELINE_COMPONENTS, pipeline_checksums
 from mgtq.utils import atomic_directory, read_json, write_json
 
 
@@ -45,15 +45,18 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 def check_no_overlap(out: str | Path, protected: dict[str, Path]) -> None:
     """Refuse an `out` that is, holds or lies inside a folder a write must not touch ({what: path}), or that lies
-    inside another pipeline folder (a checkpoint written into one makes its checksums fail)."""
+    inside a component folder of a pipeline (files a load reads there would not be the component's, and its
+    checksums would fail)."""
     out = Path(out).resolve()
     for what, path in protected.items():
         path = Path(path).resolve()
         if out == path or path in out.parents or out in path.parents:
             raise ValueError(f"--out {out} overlaps {what} ({path}); choose a new folder for the checkpoint")
-    inside = next((parent for parent in out.parents if (parent / "model_index.json").is_file()), None)
+    inside = next((parent for parent in out.parents
+                   if parent.name in PIPELINE_COMPONENTS and (parent.parent / "model_index.json").is_file()), None)
     if inside is not None:
-        raise ValueError(f"--out {out} is inside the pipeline folder {inside}; choose a folder outside it")
+        raise ValueError(f"--out {out} is inside {inside}, a component folder of a pipeline; choose a folder "
+                         "outside it")
 
 
 def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> None:

@@ -195,6 +195,8 @@ class MGTPipeline(DiffusionPipeline):
     def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
         """Not offered (a warning, as diffusers' call would change nothing here): attention runs in fused kernels
         (torch's scaled_dot_product_attention or mgtq's own); for less memory use enable_model_cpu_offload()."""
+        if slice_size is None:  # diffusers' disable_attention_slicing(): nothing to say
+            return
         warnings.warn("attention slicing changes nothing in mgtq: attention runs in fused kernels (torch's "
                       "scaled_dot_product_attention or mgtq's own); for less memory use enable_model_cpu_offload() "
                       "or enable_sequential_cpu_offload()", stacklevel=2)
@@ -763,14 +765,15 @@ def _component_folder(given, root: Path, name: str) -> Path:
 
 
 # diffusers' from_pretrained options that ask for what mgtq does anyway (local safetensors files)
-_HUB_NO_OPS = {"use_safetensors": True, "local_files_only": None, "low_cpu_mem_usage": None}
+_HUB_NO_OPS = {"use_safetensors", "local_files_only", "low_cpu_mem_usage"}
 
 
 def _check_hub_options(options: dict) -> None:
     """diffusers' download and variant options are errors that say what to do, never silently ignored."""
     if options.get("use_safetensors", True) is False:
         raise ValueError("mgtq loads safetensors only, never pickle files; leave use_safetensors out (or pass True)")
-    bad = sorted(k for k, v in options.items() if k not in _HUB_NO_OPS or _HUB_NO_OPS[k] not in (None, v))
+    # None and False ask for nothing (diffusers' own defaults, as a wrapper passes them on)
+    bad = sorted(k for k, v in options.items() if k not in _HUB_NO_OPS and v is not None and v is not False)
     if bad:
         raise TypeError(f"mgtq's from_pretrained loads a local folder (safetensors, no variants or revisions) "
                         f"and does not take {bad}: download a hub model with "

@@ -9,6 +9,7 @@ For SCQ proper (QAT on the model's own images, then the secondary A8 rule) use `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mgtq.export import check_no_overlap, is_checkpoint
@@ -42,9 +43,12 @@ def calibration_prompts(count: int) -> list[str]:
 
 def check_target(out: str | Path, overwrite: bool = False, sources: dict[str, str | Path | None] | None = None) -> None:
     """Raise (nothing touched) unless `out` is a new path, or an mgtq checkpoint and overwrite=True, and overlaps
-    none of the folders read ({what: path}: the model, a separate text encoder) nor lies inside a pipeline."""
+    none of the folders read ({what: path}: the model, a separate text encoder) nor lies in a pipeline's component
+    folder."""
     out = Path(out)
-    check_no_overlap(out, {what: Path(path) for what, path in (sources or {}).items() if path is not None})
+    # a loaded module given for the text encoder is no folder to protect
+    check_no_overlap(out, {what: Path(path) for what, path in (sources or {}).items()
+                           if isinstance(path, (str, os.PathLike))})
     if not out.exists() and not out.is_symlink():
         return
     if not is_checkpoint(out):
@@ -54,6 +58,11 @@ def check_target(out: str | Path, overwrite: bool = False, sources: dict[str, st
     if not overwrite:
         raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
                          "new path")
+    # the new checkpoint is written beside it and swapped in whole: known now, not after minutes of calibration
+    real = out.resolve()
+    if os.path.ismount(real) or not os.access(real.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is replaced by a folder written beside it, but {real.parent} is not writable "
+                         f"or {real} is a mount point; choose a new path")
 
 
 def quantize_pipeline(model: str | Path, config, out: str | Path, calibration: list[str] | None = None,

@@ -540,11 +540,14 @@ def test_quantize_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path, capsys)
         interrupted.append(place)
         raise KeyboardInterrupt
 
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def files():
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("mgtq.utils._swap_in", swap_then_stop)
         assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 130
-    assert interrupted == [out] and {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert interrupted == [out] and files() == before
     assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 0
     assert (out / "README.md").read_text() == "my model card"
     assert stat.S_IMODE((out / ".git" / "HEAD").stat().st_mode) == 0o600  # the user's file, its mode too

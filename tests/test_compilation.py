@@ -267,7 +267,8 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
         first = model(**inputs)
     assert torch.equal(first, plain)
     store = model.precompiled
-    twin = copy.deepcopy(model)  # the copy computes with its own weights, through the same store
+    twin = copy.deepcopy(model)  # the copy computes with its own weights, eagerly: torch drops a compiled call
+    assert twin.transformer_blocks[0]._compiled_call_impl is None  # (compile_blocks on the copy compiles it)
     with torch.no_grad():
         next(p for p in twin.transformer_blocks[0].parameters() if p.is_floating_point()).add_(1.0)
         assert not torch.equal(twin(**inputs), first) and torch.equal(model(**inputs), first)
@@ -360,13 +361,20 @@ def test_a_compiled_transformer_runs_under_offload_and_casting_hooks_added_after
             model.compile_blocks(persistent_cache=False)
         else:
             compilation.compile_in_place(model)  # MGTPipeline.compile(regional=False)
-        torch.testing.assert_close(model(**inputs), eager)  # one graph per block (fullgraph)
+        torch.testing.assert_close(model(**inputs), eager)
+        compiled = model.transformer_blocks[0] if regional else model
+        assert sorted(compiled._compiled_call_impl._compiled) == [True]  # one graph (fullgraph) while no hooks
         # accelerate's sequential offload: a torch.compiler.disable'd weight load in every leaf's forward, which a
         # fullgraph trace refuses (Dynamo `Unsupported`); the call goes through a graph with breaks instead
         accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         torch.testing.assert_close(model(**inputs), eager)
+        assert sorted(compiled._compiled_call_impl._compiled) == [False, True]
         accelerate.hooks.remove_hook_from_submodules(model)
+        calls = []
+        whole = compiled._compiled_call_impl._compiled[True]
+        compiled._compiled_call_impl._compiled[True] = lambda *a, **k: calls.append(1) or whole(*a, **k)
         torch.testing.assert_close(model(**inputs), eager)
+        assert calls  # without hooks again: back to the one-graph variant
         model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
         torch.testing.assert_close(model(**inputs), eager, atol=0.1, rtol=0.1)  # bf16-stored weights
 

@@ -150,3 +150,15 @@ def test_overwriting_a_checkpoint_keeps_the_users_files_in_it(a_checkpoint, sour
     assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
     assert (out / "notes.md").read_text() == "my notes"
     assert is_checkpoint(out)
+
+
+def test_an_out_inside_a_pipelines_component_folder_is_refused_beside_it_not(tmp_path):
+    from mgtq.export import check_no_overlap
+
+    pipeline = tmp_path / "clone"
+    (pipeline / "vqvae").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is inside .*vqvae, a component folder of a pipeline"):
+        check_no_overlap(pipeline / "vqvae" / "q", {})  # the vqvae's checksums and loads would meet its files
+    check_no_overlap(pipeline / "exports" / "q", {})  # beside the components: a load never reads there
+    check_no_overlap(tmp_path / "q", {"the source model": pipeline})

@@ -83,6 +83,8 @@ def test_save_config_is_refused_and_a_folder_mgtq_wrote_never_reads_as_official(
 def test_diffusers_loading_habits_load_or_say_what_to_do(random_pipeline, random_pipeline_dir):
     pipe = MGTPipeline.from_pretrained(random_pipeline_dir, use_safetensors=True, local_files_only=True,
                                        low_cpu_mem_usage=False, progress=False)
+    MGTPipeline.from_pretrained(random_pipeline_dir, variant=None, revision=None, use_safetensors=None,
+                                progress=False)  # diffusers' defaults, as a wrapper passes them on, ask for nothing
     assert pipe.name_or_path == str(random_pipeline_dir)
     for options in ({"variant": "fp16"}, {"revision": "main"}, {"cache_dir": "x", "token": "t"}):
         with pytest.raises(TypeError, match=r"loads a local folder .* huggingface_hub.snapshot_download"):

@@ -425,3 +425,8 @@ def test_diffusers_memory_helpers_mgtq_has_no_use_for_say_so(pipe):
         pipe.enable_attention_slicing()  # returned silently, no memory saved
     with pytest.warns(UserWarning, match="does not use xformers"):
         pipe.enable_xformers_memory_efficient_attention()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.disable_attention_slicing()  # diffusers' enable_attention_slicing(None): nothing to warn of
