@@ -138,10 +138,15 @@ def _folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.glob("*") if p.is_dir() and not p.name.startswith("."))
 
 
+def _torch_folders(root: Path | None) -> Path:
+    """The folder holding one torch folder per torch version and op set, under `root` (default `cache_dir()`)."""
+    return (cache_dir() if root is None else Path(root)) / "torch-compile"
+
+
 def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     """The folders of mgtq's compile cache under `root` (default `cache_dir()`), precompiled ones first
     within each torch folder. A TORCHINDUCTOR_CACHE_DIR of the user's own is not mgtq's and not listed."""
-    base = (cache_dir() if root is None else Path(root)) / "torch-compile"
+    base = _torch_folders(root)
     entries = []
     for inductor in _folders(base):
         children = _folders(inductor / PRECOMPILED_FOLDER)
@@ -179,7 +184,7 @@ _HALF_REMOVED = re.compile(r"\..+\.removing-(\d+)")
 def _half_removed(root: Path | None) -> list[CacheEntry]:
     """The `.NAME.removing-PID` folders (torch folders, and precompiled ones inside them) whose `clear_cache`
     was killed before it finished: those of a pid that no longer runs (a live one is removing it now)."""
-    base = (cache_dir() if root is None else Path(root)) / "torch-compile"
+    base = _torch_folders(root)
     parents = [base] + [inductor / PRECOMPILED_FOLDER for inductor in _folders(base)]
     found = []
     for parent in parents:

@@ -127,7 +127,9 @@ def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None
     """Raise ValueError unless `model` holds exactly the tensors of `folder`'s files (of `variant`), all finite."""
     folder = Path(folder)
     what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(type(model).__name__, "text encoder")
-    stored = stored_keys(folder, variant)
+    headers = stored_headers(folder, variant)
+    stored = {key: path for path, header in headers for key in header}
+    floats = {key for _, header in headers for key, dtype in header.items() if dtype in _FLOAT_TYPES}
     expected = model.state_dict()
     optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
     missing = sorted(set(expected) - set(stored) - optional)
@@ -139,7 +141,6 @@ def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None
         raise BadComponent(f"{stored[unexpected[0]]}: tensor {unexpected[0]!r} is not part of the {what} that "
                            f"{folder / 'config.json'} describes ({len(unexpected)} such); fix config.json or re-create "
                            "the folder")
-    floats = _stored_float_keys(stored)
     for name, tensor in expected.items():
         if tensor.is_floating_point() and name in stored and name not in floats:
             raise BadComponent(f"{stored[name]}: tensor {name!r} of the {what} is stored as an integer or bool type, "
@@ -153,17 +154,6 @@ def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None
 
 
 _FLOAT_TYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-
-def _stored_float_keys(stored: dict[str, Path]) -> set[str]:
-    """The keys of `stored` whose safetensors header says a floating-point type (read from the headers only)."""
-    from safetensors import safe_open
-
-    found = set()
-    for path in sorted(set(stored.values())):
-        with safe_open(str(path), framework="pt") as f:
-            found |= {k for k in f.keys() if f.get_slice(k).get_dtype() in _FLOAT_TYPES}
-    return found
 
 
 def check_index(index, path: Path) -> None:
