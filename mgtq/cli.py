@@ -8,14 +8,25 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Collection
 from pathlib import Path
 
 from mgtq import argtypes
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_RESOLUTION, MAX_STEPS
 
 
-# The commands, for a Ctrl-C that comes before the command line is parsed (the parser's imports take seconds).
-COMMANDS = ("generate", "edit", "eval", "calibrate", "quantize", "export", "bench", "cache")
+# Each command's one-line help (`mgtq --help` lists them) in its order; _ADD_ARGUMENTS adds its flags.
+_HELP = {
+    "generate": "generate images from a prompt",
+    "edit": "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt",
+    "eval": "score a model on ShapeBench (generated pixels, per category)",
+    "calibrate": "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration",
+    "quantize": "post-training quantization (no QAT, minutes) of a pipeline into a checkpoint",
+    "export": "export a calibration run to a packed W4A8 checkpoint",
+    "bench": "memory and latency of every format × TomeMGT × offloading (with a checkout: beside peers)",
+    "cache": "list mgtq's compile cache (what --compile keeps for a later run), or remove it",
+}
+COMMANDS = tuple(_HELP)
 
 # The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
 EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
@@ -447,9 +458,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The whole command line; `commands`: those whose flags are added (the others are listed, without flags).
+    main adds only the command it runs: the flags' choices come from modules that import torch (seconds), which
+    `mgtq --help`, `mgtq --version` and a mistyped command do not need."""
     from mgtq import __version__
-    from mgtq.default_model import RECIPES, shipped_recipes
 
     parser = _Parser(prog="mgtq", description="Compress and run masked generative transformers.",
                      formatter_class=_HelpFormatter)
@@ -462,11 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.commands = sub.choices  # each command's own parser: main's checks report errors through it
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[debug],
-                              formatter_class=_HelpFormatter)
+    for name, help in _HELP.items():
+        command = sub.add_parser(name, help=help, description=help, parents=[debug], formatter_class=_HelpFormatter)
+        if name in commands:
+            _ADD_ARGUMENTS[name](command)
+    return parser
 
-    g = command("generate", "generate images from a prompt")
+
+def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     _add_model_args(g)
     _add_sampler_args(g)
     what = g.add_mutually_exclusive_group(required=True)
@@ -491,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     g.set_defaults(func=cmd_generate)
 
-    d = command("edit", "inpaint (--mask), outpaint (--outpaint) or re-draw (--strength) an image from a prompt")
+
+def _add_edit_arguments(d: argparse.ArgumentParser) -> None:
     _add_model_args(d)
     _add_sampler_args(d)
     d.add_argument("--image", type=argtypes.existing_file("image"), required=True,
@@ -513,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     d.set_defaults(func=cmd_edit)
 
-    e = command("eval", "score a model on ShapeBench (generated pixels, per category)")
+
+def _add_eval_arguments(e: argparse.ArgumentParser) -> None:
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
@@ -529,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="hide the progress bars (sampling and weight loading)")
     e.set_defaults(func=cmd_eval)
 
-    c = command("calibrate", "SCQ: synthesize → W4 QAT → magnitudes → secondary A8 calibration")
+
+def _add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
+    from mgtq.default_model import RECIPES, shipped_recipes
+
     c.add_argument("--recipe", type=_recipe, default=None,
                    help="recipe YAML file, or a shipped recipe's name: " + ", ".join(shipped_recipes())
                         + f" (the files in {RECIPES}; default: tiny-shapes-w4a8-scq, the embedded model's)")
@@ -539,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     c.set_defaults(func=cmd_calibrate)
 
-    q = command("quantize", "post-training quantization (no QAT, minutes) of a pipeline into a checkpoint")
+
+def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")
     q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
@@ -561,16 +583,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    x = command("export", "export a calibration run to a packed W4A8 checkpoint")
+
+def _add_export_arguments(x: argparse.ArgumentParser) -> None:
     x.add_argument("run", type=argtypes.existing_folder("calibration run"), help="calibration run folder")
     x.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (a new path)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mgtq checkpoint")
     x.set_defaults(func=cmd_export)
 
-    from mgtq.bench.formats import DEFAULT_FORMATS, HELP as FORMATS_HELP  # no torch: cheap at start-up
+
+def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    from mgtq.bench.formats import DEFAULT_FORMATS, HELP as FORMATS_HELP
+    from mgtq.sampling.cli_args import add_preset_argument, add_reuse_arguments
 
     lab = "needs a checkout of mgtq's repository (benchmarks/)"
-    b = command("bench", "memory and latency of every format × TomeMGT × offloading (with a checkout: beside peers)")
     b.add_argument("--memory", action="store_true", help="measure memory (default: memory and latency)")
     b.add_argument("--latency", action="store_true", help="measure latency (default: memory and latency)")
     b.add_argument("--model", default="tiny-shapes",
@@ -601,8 +626,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=argtypes.integer(minimum=0), default=1, help="untimed forwards before timing")
     b.add_argument("--steps", type=argtypes.integer(minimum=1), default=2,
                    help="sampler steps of the timed whole-image run")
-    from mgtq.sampling.cli_args import add_preset_argument, add_reuse_arguments
-
     image = b.add_argument_group("whole image", "the sampler of the timed whole image (forwards stay plain full "
                                                 "forwards)")
     add_preset_argument(image)
@@ -621,12 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="hide the per-config progress lines")
     b.set_defaults(func=cmd_bench)
 
-    k = command("cache", "list mgtq's compile cache (what --compile keeps for a later run), or remove it")
+
+def _add_cache_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--clear", action="store_true", help="remove the cache's folders (all, or see --unused-days)")
     k.add_argument("--unused-days", type=argtypes.number(0), default=None, metavar="DAYS",
                    help="with --clear: only the folders no run used for DAYS days (default: every folder)")
     k.set_defaults(func=cmd_cache)
-    return parser
+
+
+_ADD_ARGUMENTS = {"generate": _add_generate_arguments, "edit": _add_edit_arguments, "eval": _add_eval_arguments,
+                  "calibrate": _add_calibrate_arguments, "quantize": _add_quantize_arguments,
+                  "export": _add_export_arguments, "bench": _add_bench_arguments, "cache": _add_cache_arguments}
 
 
 def _check_tome_flags(command: argparse.ArgumentParser, args) -> None:
@@ -655,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, running = None, False
     try:
-        parser = build_parser()
+        parser = build_parser(commands=[c for c in [_command_word(argv)] if c in COMMANDS])
         try:
             args = parser.parse_args(argv)
             _check_tome_flags(parser.commands[args.command], args)
@@ -668,12 +696,18 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(args, argv, running)
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The command a command line runs, before it is parsed: its first word that is not an option (mgtq's own
+    options, --debug, --help and --version, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _stopped(args, argv: list[str], running: bool) -> int:
     """Ctrl-C: "mgtq CMD: stopped" (calibrate's says how to resume), exit code 130 as a shell's; before the
     command line is parsed, its first word that is not an option names the command, if it is one."""
     if args.debug if args is not None else "--debug" in argv:
         traceback.print_exc()
-    command = args.command if args is not None else next((a for a in argv if not a.startswith("-")), None)
+    command = args.command if args is not None else _command_word(argv)
     command = command if command in COMMANDS else None
     what = _STOPPED.get(command, "stopped") if running else "stopped"
     print(f"mgtq{f' {command}' if command else ''}: {what}", file=sys.stderr)

@@ -219,11 +219,24 @@ class MGTPipeline(DiffusionPipeline):
         """diffusers' sequential offload (weights on "meta", each submodule's moved in for its forward). With
         device="cpu" (CPU-only machines, tests) the hooks run on "cpu": accelerate cannot re-offload to "cpu:0"."""
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
-        if self._offload_device.type == "cpu":
-            for module in (self.transformer, self.text_encoder, self.vqvae):
-                for sub in module.modules():
-                    if getattr(getattr(sub, "_hf_hook", None), "execution_device", None) is not None:
-                        sub._hf_hook.execution_device = torch.device("cpu")
+        self._offload_to_plain_cpu()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """diffusers' model offload (each component moved in whole for its forward). With device="cpu" the hooks
+        and `pipe.device` say "cpu", the device tensors report (diffusers names it "cpu:0")."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self._offload_to_plain_cpu()
+
+    def _offload_to_plain_cpu(self) -> None:
+        """diffusers numbers the offload device, "cpu:0" for the CPU; torch's CPU tensors are on "cpu", which
+        accelerate's sequential hooks need to re-offload and which `pipe.device == torch.device("cpu")` compares."""
+        if self._offload_device.type != "cpu":
+            return
+        self._offload_device = torch.device("cpu")
+        for module in (self.transformer, self.text_encoder, self.vqvae):
+            for sub in module.modules():
+                if getattr(getattr(sub, "_hf_hook", None), "execution_device", None) is not None:
+                    sub._hf_hook.execution_device = torch.device("cpu")
 
     def compile(self, regional: bool = True, **kwargs) -> "MGTPipeline":
         """torch.compile the transformer in place (fullgraph: it has no graph breaks; a call under sequential offload

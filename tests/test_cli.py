@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+import subprocess
 import sys
 import types
 
@@ -353,7 +354,7 @@ def _interrupted(*args, **kwargs):
     (["gnerate", "--prompt", "x"], "mgtq: stopped"),  # not a command: not named as one
 ])
 def test_ctrl_c_while_the_parser_is_built_says_stopped(capsys, monkeypatch, argv, line):
-    # building the parser imports torch, diffusers and transformers: seconds in which a Ctrl-C is likely
+    # a command's flags import torch, diffusers and transformers: seconds in which a Ctrl-C is likely
     monkeypatch.setattr(mgtq.cli, "build_parser", _interrupted)
     assert one_line_error(capsys, argv, code=130) == line
 
@@ -367,8 +368,24 @@ def test_ctrl_c_while_the_arguments_are_parsed_says_stopped(capsys, monkeypatch)
     assert "Traceback (most recent call last)" in err and err.strip().endswith("mgtq generate: stopped")
 
 
-def test_the_commands_ctrl_c_can_name_are_the_parsers():
-    assert set(build_parser().commands) == set(mgtq.cli.COMMANDS)
+def test_help_version_and_a_mistyped_command_answer_without_importing_torch():
+    # a command's flags come from modules that import torch (seconds); these answer before any command runs
+    code = ("import contextlib, io, sys\nfrom mgtq.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            "    codes = [main(argv) for argv in (['--help'], ['--version'], [], ['gnerate'], ['--debug'])]\n"
+            "print(codes, 'torch' in sys.modules, 'generate' in out.getvalue(), \"invalid choice: 'gnerate'\" in "
+            "err.getvalue())")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ran.stdout.split() == ["[0,", "0,", "2,", "2,", "2]", "False", "True", "True"]
+
+
+def test_the_parser_main_builds_for_one_command_lists_them_all_with_only_its_flags(tmp_path):
+    parser = build_parser(commands=["export"])
+    assert list(parser.commands) == list(mgtq.cli.COMMANDS)
+    assert build_parser(commands=[]).parse_args(["cache"]).command == "cache"  # a command without its flags
+    assert parser.parse_args(["export", str(tmp_path), "--out", "x"]).out.name == "x"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cache", "--clear"])
 
 
 def test_ctrl_c_in_generate_has_printed_the_images_already_written(capsys, monkeypatch, tmp_path):

@@ -316,7 +316,9 @@ def test_offload_with_tomemgt_gives_the_same_tokens(pipe, offload):
     else:
         cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
     assert torch.equal(pipe(**kwargs).images, expected)
-    assert pipe.device.type == "cpu"
+    assert pipe.device == torch.device("cpu")  # as tensors say, not diffusers' "cpu:0"
+    assert torch.equal(pipe(**kwargs).images, expected)  # a second call: diffusers re-adds model offload's hooks
+    assert pipe.device == torch.device("cpu")
 
 
 def test_to_dtype_and_device_spellings(pipe):

@@ -446,6 +446,17 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
             cast_module(self, dtype=compute_dtype)
         super().enable_layerwise_casting(storage_dtype, compute_dtype, *args, **kwargs)
 
+    def requires_grad_(self, requires_grad: bool = True) -> "MeissonicTransformer":
+        """nn.Module's, saying what to do where a quantized layer's packed integer weights cannot take gradients
+        (torch's own error names no parameter: "only Tensors of floating point dtype can require gradients")."""
+        packed = [name for name, p in self.named_parameters() if not p.is_floating_point()]
+        if requires_grad and packed:
+            raise ValueError(f"this quantized transformer holds packed integer weights ({packed[0]} and "
+                             f"{len(packed) - 1} more), which cannot take gradients: train the float model (mgtq "
+                             "calibrate runs SCQ's quantization-aware training on it), or train only the float "
+                             "parameters: for p in model.parameters(): p.requires_grad_(p.is_floating_point())")
+        return super().requires_grad_(requires_grad)
+
     # ------------------------------------------------------------------------------- properties
     @property
     def mask_token_id(self) -> int:

@@ -204,6 +204,19 @@ def test_a_quantized_transformers_save_takes_no_option_it_would_drop(quantized_d
     assert (tmp_path / "t" / manifest).read_bytes() == (quantized_dir / "transformer" / manifest).read_bytes()
 
 
+def test_requires_grad_on_a_quantized_transformer_names_the_packed_weights_and_what_to_do(quantized_dir):
+    model = MeissonicTransformer.from_pretrained(quantized_dir / "transformer")
+    with pytest.raises(ValueError, match=r"packed integer weights \(.*weight_packed and \d+ more\).*is_floating_point"):
+        model.requires_grad_(True)
+    assert not any(p.requires_grad for p in model.parameters())  # nothing half-set
+    assert model.requires_grad_(False) is model
+    for p in model.parameters():  # the way out it names works
+        p.requires_grad_(p.is_floating_point())
+    assert any(p.requires_grad for p in model.parameters())
+    float_model = mgtq.load(progress=False).transformer
+    assert all(p.requires_grad for p in float_model.requires_grad_(True).parameters())
+
+
 def test_missing_diffusers_conventions(pipe, quantized_dir, capsys):
     assert isinstance(pipe, DiffusionPipeline)
     assert set(pipe.components) == {"transformer", "vqvae", "text_encoder", "tokenizer", "settings"}
