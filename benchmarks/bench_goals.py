@@ -1,9 +1,13 @@
 """The project's goals for `mgtq bench`, checked against a bench JSON (goals are not library code).
 
     python benchmarks/bench_goals.py benchmarks/results/bench_meissonic-1024_1thread.json
+    python benchmarks/bench_goals.py RUN1.json RUN2.json      # the same goals over runs of one command
 
 Prints a Markdown table: each goal this run has data for, its value, its target and whether it is met.
-The goals were set for meissonic-1024; on other models they are for information.
+Given several runs, each goal's value in each run, the min–max over every round of every run, and in how many
+runs it is met: a bench keeps each config in one process across its rounds, so what a process's placement
+costs it is in all its rounds and shows only between runs. The goals were set for meissonic-1024; on other
+models they are for information.
 """
 
 from __future__ import annotations
@@ -82,11 +86,37 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def across_runs(runs: list[list[dict]]) -> list[dict]:
+    """One row per goal of the first run: its value in every run that has it, the min–max over all their rounds
+    (a run without per-round spread counts its value) and how many of those runs meet it."""
+    rows = []
+    for first in runs[0]:
+        seen = [g for run in runs for g in run if g["name"] == first["name"]]
+        lows = [g["spread"]["min"] if g.get("spread") else g["value"] for g in seen]
+        highs = [g["spread"]["max"] if g.get("spread") else g["value"] for g in seen]
+        rows.append({**first, "values": [g["value"] for g in seen], "met_runs": sum(g["met"] for g in seen),
+                     "low": min(lows), "high": max(highs),
+                     "rounds": sum(g["spread"]["rounds"] for g in seen if g.get("spread"))})
+    return rows
+
+
+def runs_to_markdown(rows: list[dict]) -> str:
+    lines = ["| goal | value per run | min–max over all rounds | target | met in |", "|---|---:|---:|---:|---|"]
+    for g in rows:
+        values = ", ".join(f"{v:.3f}" for v in g["values"])
+        spread = f"{g['low']:.3f}–{g['high']:.3f} ({g['rounds']} rounds)" if g["rounds"] else "–"
+        lines.append(f"| {g['description']} | {values} | {spread} | "
+                     f"{g['op']} {g['target']:g} | {g['met_runs']} of {len(g['values'])} runs |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="a JSON written by `mgtq bench`")
+    parser.add_argument("json", type=Path, nargs="+", help="JSON written by `mgtq bench`; several: runs of one "
+                                                           "command, read side by side")
     args = parser.parse_args(argv)
-    print(to_markdown(goals(json.loads(args.json.read_text()))), end="")
+    runs = [goals(json.loads(path.read_text())) for path in args.json]
+    print(to_markdown(runs[0]) if len(runs) == 1 else runs_to_markdown(across_runs(runs)), end="")
     return 0
 
 

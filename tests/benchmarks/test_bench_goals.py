@@ -34,3 +34,32 @@ def test_compiled_cached_goals_read_the_round_medians(benchmark_script):
     assert (w4a8["value"], w4a8["target"], w4a8["met"], w4a8["spread"]) == (0.82, 0.60, False, spread)
     assert scq["met"] and scq["target"] == 0.75
     assert "compiled w4a8-cached forward / compiled bf16" in bench_goals.to_markdown(list(rows.values()))
+
+
+def test_runs_read_side_by_side_pool_their_rounds_and_count_the_runs_that_meet_a_goal(benchmark_script, tmp_path):
+    import json
+
+    bench_goals = benchmark_script("bench_goals")
+
+    def run(value, low, high):
+        return {"results": [], "ratios": {
+            "w4a8+compile": {"forward_vs_bf16": value, "forward_vs_bf16_spread": {"min": low, "max": high,
+                                                                                  "rounds": 5}},
+            "scq": {"weights_vs_bf16": 0.272}}}
+
+    runs = [run(0.594, 0.582, 0.597), run(0.625, 0.622, 0.632)]
+    rows = {g["name"]: g for g in bench_goals.across_runs([bench_goals.goals(r) for r in runs])}
+    w4a8 = rows["compile_w4a8_forward"]
+    assert (w4a8["values"], w4a8["met_runs"], w4a8["low"], w4a8["high"], w4a8["rounds"]) == (
+        [0.594, 0.625], 1, 0.582, 0.632, 10)
+    assert rows["scq_weights"]["rounds"] == 0 and rows["scq_weights"]["met_runs"] == 2
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "bench_goals.py", *paths],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("| compiled W4A8 forward / compiled bf16 | 0.594, 0.625 | 0.582–0.632 (10 rounds) | <= 0.6 | 1 of 2 runs |"
+            in done.stdout)
+    assert "| SCQ transformer weights / bf16 | 0.272, 0.272 | – | <= 0.28 | 2 of 2 runs |" in done.stdout
