@@ -8,30 +8,22 @@ Folders load through `mgtq.pipeline` (float or `mgtq.quantization.checkpoint`).
 
 from __future__ import annotations
 
-import random
-
 import torch
 from torch import nn
 
 from mgtq.bench.formats import Format
 from mgtq.bench.source import ModelSource, forward_inputs, transformer_config
 from mgtq.models.random import empty_transformer, random_float_transformer, random_quantized_transformer
+from mgtq.quantization.selection import A8_FRACTION, select_a8_layers
 from mgtq.utils import parse_dtype
 
-SCQ_FRACTION = 1 / 3
-
-
-def a8_layers_for(base: str, names: list[str], seed: int, fraction: float = SCQ_FRACTION) -> set[str]:
-    """Layers that run W4A8: all for w4a8, a seeded random `fraction` for scq, none otherwise.
-
-    On random weights magnitudes mean nothing, so a random third stands in for SCQ's lowest-magnitude
-    third; the count is what matters for speed and size.
-    """
-    if base == "w4a8":
-        return set(names)
-    if base == "scq":
-        return set(random.Random(seed).sample(sorted(names), round(fraction * len(names))))
-    return set()
+def a8_layers_for(base: str, names: list[str], seed: int) -> set[str]:
+    """Layers that run W4A8: all for w4a8, for scq SCQ's count drawn at random (its "random" selection),
+    none otherwise. On random weights magnitudes mean nothing; the count is what matters for speed and size."""
+    if base not in ("w4a8", "scq"):
+        return set()
+    return set(select_a8_layers(dict.fromkeys(names, 0.0), A8_FRACTION, "all" if base == "w4a8" else "random",
+                                seed))
 
 
 def needs_input_scales(source: ModelSource, formats: tuple[str, ...]) -> bool:

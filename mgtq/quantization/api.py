@@ -23,6 +23,7 @@ from mgtq.utils import set_submodule, unwrapped
 
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
+from .selection import A8_FRACTION, select_a8_layers
 
 __all__ = [
     "quantize_",
@@ -169,7 +170,7 @@ class SCQConfig:
     magnitude (selection "lowest"; "random" is the paper's ablation) get W4A8, the rest W4A16 with
     `group_size`. For the full method (QAT on the model's own images first) use `mgtq calibrate`."""
 
-    fraction: float = 1 / 3
+    fraction: float = A8_FRACTION
     selection: Literal["lowest", "random"] = "lowest"
     group_size: int | None = None
     scale_method: Literal["absmax", "percentile"] = "absmax"
@@ -286,16 +287,12 @@ def _resolve(plan: Mapping[str, QuantConfig], stats, input_scales) -> dict[str, 
 
 
 def _select_lowest(names: list[str], stats, config: SCQConfig) -> list[str]:
-    """SCQ's rule: round(fraction·L) layers of lowest mean |input| (or at random, the paper's ablation)."""
-    k = round(config.fraction * len(names))
-    if config.selection == "random":
-        import random
-
-        return sorted(random.Random(config.seed).sample(sorted(names), k))
-    if stats is None or any(n not in stats or not stats[n].count for n in names):
+    """SCQ's rule (mgtq.quantization.selection) on the calibration prompts' mean |input| per layer."""
+    if config.selection != "random" and (stats is None or any(n not in stats or not stats[n].count for n in names)):
         raise ValueError("SCQConfig selects layers by input magnitude: pass calibration_prompts or activation_stats "
                          "covering every layer")
-    return sorted(sorted(names, key=lambda n: (stats[n].mean_abs, n))[:k])
+    scores = {n: stats[n].mean_abs if config.selection != "random" else 0.0 for n in names}
+    return select_a8_layers(scores, config.fraction, config.selection, config.seed)
 
 
 def _builders() -> dict:

@@ -24,6 +24,7 @@ import yaml
 
 from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
+from mgtq.quantization.selection import A8_FRACTION
 from mgtq.utils import FloatDtype
 
 
@@ -173,7 +174,7 @@ class SecondaryConfig:
     percentile of |x|.
     """
 
-    fraction: float = 1 / 3
+    fraction: float = A8_FRACTION
     selection: Literal["lowest", "random", "sensitivity", "all"] = "lowest"
     seed: int = 0
     scale_method: Literal["absmax", "percentile"] = "absmax"

@@ -1,15 +1,14 @@
 """SCQ step 4 (paper §4.1): secondary calibration — which layers get int8 activations, and their scales.
 
 SCQ gives int8 activations to the `fraction` of layers with the lowest input magnitude (step 3) —
-or the lowest measured sensitivity, or a random set — switches those layers to per-channel int4
-weights (what the int8 GEMM rescales by), and calibrates a static per-tensor input scale for each on
-the calibration data.
+or the lowest measured sensitivity, or a random set; the rule: mgtq.quantization.selection — switches
+those layers to per-channel int4 weights (what the int8 GEMM rescales by), and calibrates a static
+per-tensor input scale for each on the calibration data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import torch
@@ -23,23 +22,6 @@ from mgtq.scq.recipe import MagnitudeConfig, SecondaryConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training.objective import masked_distillation_loss
 from mgtq.utils import atomic_file, set_submodule
-
-
-def select_a8_layers(scores: dict[str, float], fraction: float, selection: str, seed: int = 0) -> list[str]:
-    """The layers that get int8 activations: the round(fraction·L) of lowest score.
-
-    scores are magnitudes ("lowest", SCQ's rule) or measured sensitivities ("sensitivity"); "random"
-    draws as many at random (the paper's ablation); "all" takes every layer.
-    """
-    names = sorted(scores)
-    if selection == "all":
-        return names
-    k = round(fraction * len(names))
-    if selection == "random":
-        return sorted(random.Random(seed).sample(names, k))
-    if selection in ("lowest", "sensitivity"):
-        return sorted(sorted(names, key=lambda n: (scores[n], n))[:k])
-    raise ValueError(f"unknown selection {selection!r}")
 
 
 def measure_a8_sensitivity(model: torch.nn.Module, names: list[str], data: CalibrationData, cfg: SecondaryConfig,

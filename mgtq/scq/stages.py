@@ -24,6 +24,7 @@ import torch
 
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import linear_names
+from mgtq.quantization.selection import select_a8_layers
 from mgtq.sampling import SamplerConfig
 from mgtq.scq import magnitudes, qat, secondary, synthesis
 from mgtq.scq.recipe import Recipe
@@ -130,7 +131,7 @@ def choose_a8(ctx: StageContext, model, desc: str) -> tuple[list[str], dict[str,
                                                desc=desc)[0]
     else:
         scores = {}
-    return secondary.select_a8_layers(scores or dict.fromkeys(names, 0.0), cfg.fraction, cfg.selection,
+    return select_a8_layers(scores or dict.fromkeys(names, 0.0), cfg.fraction, cfg.selection,
                                       cfg.seed), scores
 
 
@@ -188,7 +189,7 @@ def _secondary(ctx: StageContext) -> StageOutput:
     elif cfg.selection == "sensitivity":
         a8, extra["sensitivity"] = choose_a8(ctx, ctx.fake_quant_qat_model(), "SCQ 4/4 sensitivity")
     else:
-        a8 = secondary.select_a8_layers(mags, cfg.fraction, cfg.selection, cfg.seed)
+        a8 = select_a8_layers(mags, cfg.fraction, cfg.selection, cfg.seed)
     model = ctx.fake_quant_qat_model()
     scales = secondary.calibrate_input_scales_(model, a8, ctx.data, cfg, recipe.magnitudes, ctx.sampler,
                                                ctx.progress, desc="SCQ 4/4 secondary")

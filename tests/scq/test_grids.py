@@ -8,6 +8,7 @@ import torch
 
 from mgtq.quantization import FakeQuantLinear, linear_names
 from mgtq.quantization.checkpoint import quantized_layers
+from mgtq.quantization.selection import select_a8_layers
 from mgtq.scq import qat, secondary
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.quantize import quantize_from_run
@@ -74,7 +75,7 @@ def test_sensitivity_ranks_layers_and_leaves_the_model_as_it_was(random_pipeline
     assert len(set(damage.values())) > 1  # a real measurement, not a constant
     assert all(model.get_submodule(n) is before[n] for n in names)
     assert all(model.get_submodule(n).activation_fake_quantizer is None for n in names)
-    chosen = secondary.select_a8_layers(damage, 1 / 3, "sensitivity")
+    chosen = select_a8_layers(damage, 1 / 3, "sensitivity")
     k = round(len(names) / 3)
     assert chosen == sorted(sorted(names, key=lambda n: damage[n])[:k])
 
@@ -100,7 +101,7 @@ def test_groupwise_run_with_a8_in_the_loop_exports_the_grids_qat_trained(tmp_pat
     plan, chosen = read_json(run.a8_plan_file), read_json(run.selection_file)
     assert chosen["a8_layers"] == plan["a8_layers"] and chosen["chosen_before_qat"]
     assert len(plan["a8_layers"]) == round(len(plan["scores"]) / 3)
-    assert plan["a8_layers"] == secondary.select_a8_layers(plan["scores"], 1 / 3, "sensitivity")
+    assert plan["a8_layers"] == select_a8_layers(plan["scores"], 1 / 3, "sensitivity")
     assert set(plan["input_scales"]) == set(plan["a8_layers"])  # calibrated before QAT, for the loop
     assert run.stage_summary("qat")["activations_in_loop"] is True
     model, _ = quantize_from_run(run.root)
@@ -120,7 +121,7 @@ def test_sensitivity_after_qat_when_qat_does_not_need_the_a8_set(tmp_path, rando
     run = RunFolder(tmp_path / "run")
     chosen = read_json(run.selection_file)
     assert not run.a8_plan_file.exists() and "chosen_before_qat" not in chosen
-    assert chosen["a8_layers"] == secondary.select_a8_layers(chosen["sensitivity"], 1 / 3, "sensitivity")
+    assert chosen["a8_layers"] == select_a8_layers(chosen["sensitivity"], 1 / 3, "sensitivity")
     layers = quantized_layers(quantize_from_run(run.root)[0])
     assert {n for n, layer in layers.items() if layer.scheme == "w4a8"} == set(chosen["a8_layers"])
     assert all(layer.group_size is None for layer in layers.values())

@@ -1,6 +1,6 @@
 """mgtq.scq.secondary: the W4A8 layers are exactly the chosen fraction of the magnitudes."""
 
-from mgtq.scq.secondary import select_a8_layers
+from mgtq.quantization.selection import select_a8_layers
 
 
 def test_a8_set_is_exactly_the_lowest_fraction():
