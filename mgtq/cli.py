@@ -238,7 +238,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _check_output_path(args.out, "--out", folder=True)
     from mgtq.export import export_run
 
     out = export_run(args.run, args.out, overwrite=args.overwrite)
@@ -247,13 +246,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    _check_output_path(args.out, "--out", folder=True)
     from mgtq.default_model import default_model
-    from mgtq.ptq import calibration_prompts, check_target, config_from_name, quantize_pipeline
+    from mgtq.ptq import calibration_prompts, config_from_name, quantize_pipeline
 
     config = config_from_name(args.config, args.group_size)
-    sources = {"the source model": args.model or default_model(), "the text encoder": args.text_encoder}
-    check_target(args.out, args.overwrite, sources)  # now, before loading and calibrating
     if args.threads:
         import torch
 

@@ -59,9 +59,38 @@ def check_no_overlap(out: str | Path, protected: dict[str, Path]) -> None:
                          "outside it")
 
 
+def check_checkpoint_target(out: str | Path, overwrite: bool, protected: dict[str, Path], writer: str) -> None:
+    """Raise (one line, nothing touched) unless a checkpoint may be written at `out`: a new path under a folder one
+    may write in, or an mgtq checkpoint with overwrite=True that can be swapped for the new one (a folder written
+    beside it, then renamed: its parent writable, itself no mount point); never overlapping `protected` ({what:
+    path}) nor inside a pipeline's component folder. `writer` names the command in the messages. Both writers,
+    `mgtq export` and `mgtq quantize`, ask here, from the CLI or from a script."""
+    out = Path(out)
+    check_no_overlap(out, protected)
+    real = out.resolve()
+    if not out.exists() and not out.is_symlink():
+        existing = next(parent for parent in real.parents if parent.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"--out {out}: no permission to write in {existing}; choose another path")
+        return
+    if not is_checkpoint(out):
+        raise ValueError(f"--out {out} is an existing {'folder' if out.is_dir() else 'file'} that is not an mgtq "
+                         f"checkpoint; {writer} writes only to a new path (or over an mgtq checkpoint with "
+                         "--overwrite): choose a new path")
+    if not overwrite:
+        raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
+                         "new path")
+    if os.path.ismount(real) or not os.access(real.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is replaced by a folder written beside it, but {real.parent} is not writable "
+                         f"or {real} is a mount point; choose a new path")
+
+
 def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> None:
-    """Raise (one line, nothing touched) unless export may write `out`: see the module docstring."""
-    run, out = Path(run).resolve(), Path(out).resolve()
+    """Raise (one line, nothing touched) unless export may write `out`: see check_checkpoint_target; the run, its
+    source model and the recipe's text encoder are not to be touched."""
+    run = Path(run).resolve()
     protected = {"the calibration run": run}
     if (run / "run.json").is_file():
         model = read_json(run / "run.json").get("model")
@@ -70,21 +99,7 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
     text_encoder = _recipe_text_encoder(run)
     if text_encoder is not None:
         protected["the recipe's text encoder"] = Path(text_encoder).resolve()
-    check_no_overlap(out, protected)
-    if not out.exists() and not out.is_symlink():
-        existing = next(parent for parent in out.parents if parent.exists())
-        if not existing.is_dir():
-            raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"--out {out}: {existing} is not writable; choose a folder you can write to")
-        return
-    if not is_checkpoint(out):
-        kind = "folder" if out.is_dir() else "file"
-        raise ValueError(f"--out {out} is an existing {kind} that is not an mgtq checkpoint; export writes only to "
-                         "a new path (or over an mgtq checkpoint with --overwrite): choose a new path")
-    if not overwrite:
-        raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
-                         "new path")
+    check_checkpoint_target(out, overwrite, protected, "export")
 
 
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mgtq.export import check_no_overlap, is_checkpoint
+from mgtq.export import check_checkpoint_target
 from mgtq.quantization.api import CONFIGS, SCQConfig, W4A8Config, W4A16Config
 from mgtq.utils import atomic_directory
 
@@ -42,27 +42,11 @@ def calibration_prompts(count: int) -> list[str]:
 
 
 def check_target(out: str | Path, overwrite: bool = False, sources: dict[str, str | Path | None] | None = None) -> None:
-    """Raise (nothing touched) unless `out` is a new path, or an mgtq checkpoint and overwrite=True, and overlaps
-    none of the folders read ({what: path}: the model, a separate text encoder) nor lies in a pipeline's component
-    folder."""
-    out = Path(out)
+    """Raise (nothing touched) unless quantize may write `out` (mgtq.export.check_checkpoint_target); `sources`
+    ({what: path}: the model, a separate text encoder) are not to be touched."""
     # a loaded module given for the text encoder is no folder to protect
-    check_no_overlap(out, {what: Path(path) for what, path in (sources or {}).items()
-                           if isinstance(path, (str, os.PathLike))})
-    if not out.exists() and not out.is_symlink():
-        return
-    if not is_checkpoint(out):
-        raise ValueError(f"--out {out} is an existing {'folder' if out.is_dir() else 'file'} that is not an mgtq "
-                         "checkpoint; quantize writes only to a new path (or over an mgtq checkpoint with "
-                         "--overwrite): choose a new path")
-    if not overwrite:
-        raise ValueError(f"--out {out} is an existing mgtq checkpoint; pass --overwrite to replace it, or choose a "
-                         "new path")
-    # the new checkpoint is written beside it and swapped in whole: known now, not after minutes of calibration
-    real = out.resolve()
-    if os.path.ismount(real) or not os.access(real.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out} is replaced by a folder written beside it, but {real.parent} is not writable "
-                         f"or {real} is a mount point; choose a new path")
+    protected = {what: Path(path) for what, path in (sources or {}).items() if isinstance(path, (str, os.PathLike))}
+    check_checkpoint_target(out, overwrite, protected, "quantize")
 
 
 def quantize_pipeline(model: str | Path, config, out: str | Path, calibration: list[str] | None = None,

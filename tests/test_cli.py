@@ -305,9 +305,11 @@ def test_unwritable_output_folder_is_named(capsys, no_model, monkeypatch, tmp_pa
     # reports itself not writable.
     real_access = os.access
     monkeypatch.setattr(mgtq.cli.os, "access", lambda p, mode: real_access(p, mode) and str(p) != str(tmp_path))
+    (tmp_path / "run").mkdir()
     cases = [["eval", "--json", str(tmp_path / "r.json")], ["generate", "--prompt", "x", "--out", str(tmp_path / "a.png")],
-             ["calibrate", "--out", str(tmp_path / "run")], ["bench", "--json", str(tmp_path / "b.json")],
-             ["export", str(tmp_path), "--out", str(tmp_path / "ck")]]
+             ["calibrate", "--out", str(tmp_path / "run2")], ["bench", "--json", str(tmp_path / "b.json")],
+             ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ck")],
+             ["quantize", "--config", "w4a16", "--out", str(tmp_path / "ck")]]
     for argv in cases:
         err = one_line_error(capsys, argv)
         assert f"no permission to write in {tmp_path}; choose another path" in err

@@ -80,6 +80,22 @@ def test_an_existing_checkpoint_needs_overwrite(run, a_checkpoint):
     assert is_checkpoint(a_checkpoint)
 
 
+def test_overwrite_checks_up_front_that_the_checkpoint_can_be_swapped(run, a_checkpoint, monkeypatch):
+    # export's --overwrite writes the new checkpoint beside the old one and swaps them, as quantize's does: an
+    # unwritable parent (or a mount point) is refused before the minutes of quantizing, as quantize refused it
+    import os
+
+    real_access = os.access
+    parent = str(a_checkpoint.resolve().parent)
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and str(p) != parent)
+    with pytest.raises(ValueError, match="is replaced by a folder written beside it"):
+        check_target(run, a_checkpoint, overwrite=True)
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(a_checkpoint.resolve()))
+    monkeypatch.setattr(os, "access", real_access)
+    with pytest.raises(ValueError, match="is a mount point"):
+        check_target(run, a_checkpoint, overwrite=True)
+
+
 def test_a_checkpoint_without_manifest_is_not_overwritten(run, a_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(a_checkpoint, broken)
