@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.utils import writer_alive
+from mgtq.utils import atomic_file, writer_alive
 
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -292,9 +292,8 @@ def _structure(module: torch.nn.Module) -> tuple:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # a failed write (a full disk) leaves no partial file behind
+        Path(tmp).write_bytes(data)
 
 
 class PrecompiledBlocks:

@@ -154,7 +154,8 @@ def _timing(t: dict | None) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    """Human-readable tables: results with ratios vs bf16, goals, profiles, skipped peers."""
+    """Human-readable tables: results with ratios vs bf16, profiles, skipped peers (the goals: benchmarks/
+    bench_goals.py)."""
     m, model, s = report["machine"], report["model"], report["settings"]
     measure = s["measure"]
     lines = [

@@ -40,10 +40,9 @@ The opt-in W4A8 weight cache (:func:`weight_cache_backend`) is oneDNN's prepacke
 int8 layout on ``amx-int8``, where oneDNN's int8 GEMM runs on AMX tiles and beats
 both ``_int_mm`` (VNNI) and the bf16 GEMM; on the other classes it is the plain
 unpacked int8 weight for ``int_mm_chunked`` (where mgtq's VNNI kernel is built, that kernel
-runs instead and the cache is not read).  Without AMX, oneDNN's int8 linear took
-seconds per call where ``_int_mm`` took milliseconds, both on an AMX machine with oneDNN
-capped (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``) and on a real ``avx512-vnni`` CPU (AMD
-EPYC, Zen 4): ``avx512-vnni`` never takes the oneDNN path.
+runs instead and the cache is not read).  Without AMX, oneDNN's int8 linear is orders of
+magnitude slower than ``_int_mm`` (on a real ``avx512-vnni`` CPU, and on an AMX one with oneDNN
+capped at VNNI), so ``avx512-vnni`` never takes the oneDNN path.
 
 Kernels:
 
@@ -56,8 +55,7 @@ Kernels:
   custom op would make it run the unfused eager code);
 * ``dequant_fp32``: dequantize to fp32 + fp32 GEMM, the output cast back to
   the activation dtype: on ``avx2`` CPUs oneDNN emulates bf16 / fp16 GEMMs
-  (no such dot products), about 8x slower than its fp32 GEMM (1 thread,
-  2202 x 1024 x 1024, oneDNN capped at AVX2 on an AMX machine); more
+  (no such dot products), several times slower than its fp32 GEMM; more
   accurate than the half-precision GEMM, not bit-equal to it;
 * ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
   the opt-in :func:`prepare_tinygemm`;
@@ -113,14 +111,11 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
   a column-chunked ``_int_mm`` (its int32 accumulator stays in cache) for W4A8.
 * AMX-int8 CPUs: none of torch's kernels reads int4 weights into AMX tiles, so
   mgtq's own (:mod:`mgtq.native.amx`) do, for every row count: per layer at Meissonic-1024
-  shapes (2202 rows, 1 thread) W4A8 takes about 0.6x the bf16 linear's time, where
-  the chunked ``_int_mm`` took up to 2x, and W4A16 about 1.0x where dequantize +
-  bf16 GEMM took 1.1-1.3x (at 98 rows, a local step of context reuse, about half
-  the time of dequantize + GEMM). The oneDNN cache keeps its row: a user who made
-  it chose it.
-* AVX512-BF16 CPUs without AMX (AMD Zen 4): mgtq's ``avx512`` W4A16 takes about 0.9x the bf16
-  linear's time at those shapes where dequantize + oneDNN's GEMM took 1.05x
-  (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``); at 2 rows
+  shapes they beat the chunked ``_int_mm`` and dequantize + bf16 GEMM, at a full forward's rows and at a
+  local step's (``benchmarks/results/linear_kernels_amx_meissonic-1024_1thread.md``, ``..._98rows_1thread.md``).
+  The oneDNN cache keeps its row: a user who made it chose it.
+* AVX512-BF16 CPUs without AMX (AMD Zen 4): mgtq's ``avx512`` W4A16 beats dequantize + oneDNN's GEMM at
+  those shapes (``benchmarks/results/linear_kernels_avx512-vnni_meissonic-1024_1thread.md``); at 2 rows
   (adaLN) ``int8pack`` is at least as fast, so few per-channel rows keep ``int8pack``.
 * Few rows (adaLN, embedders: M = batch): the weight is read once, so reading
   it as int8 beats materialising a float weight; for W4A8 on CPU one

@@ -15,14 +15,10 @@ them; this module imports nothing from the sampler, so the two cannot form an im
     the paper's combination tables do not use: it shows whether the best schedule and the best tricks
     add up (benchmarks/ablations_sampler.py runs both).
 - "fast": vanilla with context reuse: the first 6 steps full, then a full step every 4, local steps
-    decoding their group in whole 2×2 cells. Chosen on 1280 ShapeBench val prompts
-    (benchmarks/results/reuse_select_val1280.md) by one rule: of the settings within 0.02 of no
-    acceleration there (0.752), the one with the fewest full steps at 48 steps (16, against 19 for
-    every 3 with 4 full first, 0.741); it scores 0.740. Earlier picks came from 80 val prompts, whose
-    noise (about ±0.05) let every 3 with 3 full first match no acceleration there (0.787) and lose
-    0.023 on these 1280 (0.729); TomeMGT inside its full steps lost on those 80, so `fast` leaves it
-    out. Reuse does not beat fewer plain steps at the same token cost (12 steps: 0.738 on val, README
-    "Context reuse"): opt-in, not a default.
+    decoding their group in whole 2×2 cells. Chosen on ShapeBench val by one rule: of the settings within
+    0.02 of no acceleration, the one with the fewest full steps at 48 steps
+    (benchmarks/results/reuse_select_val1280.md). Opt-in, not a default: it does not beat fewer plain
+    steps at the same token cost (README "Context reuse").
 The momentum solver is in no preset: the paper studies it to accelerate sampling, not as part of
 the combination.
 """

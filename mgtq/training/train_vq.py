@@ -273,7 +273,8 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
     if resume and checkpoint.exists():
         load_training_state(checkpoint, accelerator, vq, optimizer, scheduler, extra=TRAINER_FILES)
         start, usage = load_trainer_state(checkpoint)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", asdict(config))
     if stop_after is not None and start >= min(stop_after, config.steps) and start < config.steps:
         return model
 
