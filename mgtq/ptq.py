@@ -32,12 +32,16 @@ def config_from_name(name: str, group_size: int | None = None):
 
 
 def calibration_prompts(count: int) -> list[str]:
-    """The first `count` ShapeBench validation prompts (never the test split that `mgtq eval` reports)."""
-    from mgtq.shapes.shapebench import shapebench_prompts
+    """`count` ShapeBench validation prompts (never the test split that `mgtq eval` reports), round-robin over
+    the categories as SCQ's synthesis takes them: the list is category after category, so its first 32 were
+    all one-object prompts, and the activation scales never saw two objects, colours or counts."""
+    from mgtq.evaluation import interleave_categories
+    from mgtq.shapes.shapebench import CATEGORIES, DEFAULT_PER_CATEGORY, shapebench_prompts
 
-    items = shapebench_prompts(split="val")
-    if not 1 <= count <= len(items):
-        raise ValueError(f"--calibration-prompts must be between 1 and {len(items)}, got {count}")
+    most = len(CATEGORIES) * DEFAULT_PER_CATEGORY
+    if not 1 <= count <= most:
+        raise ValueError(f"--calibration-prompts must be between 1 and {most}, got {count}")
+    items = interleave_categories(shapebench_prompts(-(-count // len(CATEGORIES)), split="val"))
     return [item.prompt for item in items[:count]]
 
 
