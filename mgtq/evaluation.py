@@ -16,6 +16,7 @@ from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import evaluate, shapebench_prompts
+from mgtq.shapes.scorer import ScorerConfig
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 
 
@@ -28,8 +29,9 @@ def generate_shapebench(
 
     `limit` keeps the first `limit` prompts of an interleaved order, so small limits still cover
     every category. `seed_offset` shifts every seed: another draw of the same prompts, to measure
-    how much of a difference between two models is sampling noise. `split="val"` draws disjoint
-    prompts, for choosing settings without touching the reported ones.
+    how much of a difference between two models is sampling noise. `split="val"` draws other seeds and
+    scenes (captions repeat across splits: the grammar has few), for choosing settings without touching
+    the reported ones.
     """
     items = shapebench_prompts(per_category or DEFAULT_PER_CATEGORY, split)
     items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
@@ -50,11 +52,16 @@ def _cost(out) -> dict:
     return {"nfe": out.nfe, "local_nfe": out.local_nfe, "token_nfe": out.token_nfe}
 
 
-def _what_ran(pipe: MGTPipeline, config: SamplerConfig, call_kwargs: dict) -> dict:
-    """The settings a result was made with: the sampler's, TomeMGT's (None: no merging) and the kernels."""
+def _what_ran(pipe: MGTPipeline, config: SamplerConfig, call_kwargs: dict, batch_size: int) -> dict:
+    """What a result was made with, to make it again: the model (its folder, None for one built in memory), mgtq's
+    version, the sampler's settings, TomeMGT's (None: no merging), the kernels, the batch size (a batch of
+    another size can turn a rare near-tie; README "Use it like diffusers") and the scorer's settings."""
+    from mgtq import __version__
+
     merging = pipe.token_merging_config(call_kwargs.get("token_merging"))
-    return {"sampler": config.to_dict(), "token_merging": None if merging is None else asdict(merging),
-            "kernels": describe_kernels(pipe.device)}
+    return {"model": pipe.name_or_path or None, "mgtq_version": __version__, "sampler": config.to_dict(),
+            "token_merging": None if merging is None else asdict(merging), "kernels": describe_kernels(pipe.device),
+            "batch_size": batch_size, "scorer": asdict(ScorerConfig())}
 
 
 def evaluate_pipeline(
@@ -63,7 +70,8 @@ def evaluate_pipeline(
     per_category: int | None = None, **call_kwargs,
 ) -> dict:
     """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "local_nfe", "token_nfe", "sampler",
-    "token_merging", "seconds", "kernels", "per_prompt", ...}.
+    "token_merging", "seconds", "kernels", "model", "mgtq_version", "batch_size", "scorer", "seed_offset",
+    "per_prompt", ...}; each per_prompt row's "image_seed" is its prompt's seed + seed_offset.
 
     "kernels": what ran it (``describe_kernels``), since a quantized model's score follows its kernels.
     With `reference_tokens` (from another model at the same seeds), also the token agreement: the
@@ -74,7 +82,10 @@ def evaluate_pipeline(
     items, tokens, images, cost = generate_shapebench(pipe, limit, config, batch_size, progress, per_category,
                                                       seed_offset=seed_offset, split=split, **call_kwargs)
     result = evaluate(images, items)
-    result.update(split=split, **cost, seconds=time.perf_counter() - t0, **_what_ran(pipe, config, call_kwargs))
+    result.update(split=split, **cost, seconds=time.perf_counter() - t0,
+                  **_what_ran(pipe, config, call_kwargs, batch_size), seed_offset=seed_offset)
+    for row in result["per_prompt"]:  # "seed" is the prompt's (its scene's); the image was drawn with this one
+        row["image_seed"] = row["seed"] + seed_offset
     result["tokens"] = tokens
     if reference_tokens is not None:
         if reference_tokens.shape != tokens.shape:
@@ -126,7 +137,7 @@ def evaluate_editing(
         cost = max(cost, _cost(out), key=lambda c: c.get("nfe", 0))  # the costliest strength's
     result = evaluate([outputs[i] for i in range(len(items))], items)
     result.update(task=task, split=split, **cost, seconds=time.perf_counter() - t0,
-                  **_what_ran(pipe, config, call_kwargs), preserved=kept / total if total else None)
+                  **_what_ran(pipe, config, call_kwargs, batch_size), preserved=kept / total if total else None)
     for row, item in zip(result["per_prompt"], items):
         row["strength"] = item.strength
     if task == "img2img":

@@ -1,11 +1,14 @@
 """ShapeBench prompts and the pixel-only scorer."""
 
+import dataclasses
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+
+import mgtq
 
 from mgtq.shapes.shapebench import ShapeBenchPrompt, shapebench_scene, render_ground_truth, shapebench_prompts
 from mgtq.shapes.scorer import (
@@ -275,3 +278,8 @@ def test_evaluation_is_reproducible_and_seed_offset_draws_again(random_pipeline)
     assert again["token_agreement"] == 1.0
     assert other["token_agreement"] < 0.9
     assert first["n"] == other["n"] == 5
+    # what it takes to make a result again: the offset, each image's own seed, the batch size, the scorer, mgtq
+    assert (first["seed_offset"], other["seed_offset"], other["batch_size"]) == (0, 1_000_000, 16)
+    assert [r["image_seed"] - r["seed"] for r in other["per_prompt"]] == [1_000_000] * 5
+    assert first["scorer"] == dataclasses.asdict(ScorerConfig()) and first["mgtq_version"] == mgtq.__version__
+    assert "model" in first  # the folder it was loaded from; None for a pipeline built in memory
