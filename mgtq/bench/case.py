@@ -186,8 +186,9 @@ class CaseSession:
         self.phases = memory.PhasePeaks()
         self.mem["peak_reset_supported"] = self.phases.supported
         self._phase.enter_context(self.phases.phase("forwards"))
-        # Untimed warm-up (offload mode too, so its steps compare; it also puts a forward in the peak).
-        warm_up = measure.warmup if measure.latency and not case.offload else max(1, measure.warmup)
+        # Untimed warm-up (offload mode too, so its steps compare; it also puts a forward in the peak). A compiled
+        # case always warms up: its first forward compiles, which --warmup 0 put into the first timed round.
+        warm_up = measure.warmup if measure.latency and not (case.offload or case.compile) else max(1, measure.warmup)
         self.warmup_s = [time_call(self._forward, self.sync)[0] for _ in range(warm_up)]  # the first compiles
 
     def _forward(self):
@@ -206,7 +207,12 @@ class CaseSession:
         self.release()
         self.samples += timing.samples
         self.cpu_samples += timing.cpu_samples
-        self.rounds += [len(self.rounds) if round_index is None else round_index] * len(timing.samples)
+        # round indices only for interleaved rounds: a sequential run's ratio is that of its medians (round_ratios
+        # would pair its samples as if they had been taken side by side)
+        if round_index is None or self.rounds is None:
+            self.rounds = None
+        else:
+            self.rounds += [round_index] * len(timing.samples)
         return list(timing.samples)
 
     def finish(self) -> dict:

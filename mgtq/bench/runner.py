@@ -14,6 +14,7 @@ Memory: all cases are resident together. Sequential: one case after another, eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -81,8 +82,11 @@ class Worker:
         return answer
 
     def _ask(self, request: dict) -> dict:
-        self._process.stdin.write(json.dumps(request) + "\n")
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(json.dumps(request) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:  # the process is gone: _read says how it ended
+            pass
         return self._read()
 
     def time_forwards(self, n: int, round_index: int | None, budget_s: float | None) -> list[float]:
@@ -101,7 +105,8 @@ class Worker:
 
     def close(self) -> None:
         if self._process is not None:
-            self._process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # a process that died leaves its pipe broken
+                self._process.stdin.close()
             self._process.wait()
             self._process = None
 
@@ -132,24 +137,36 @@ def run_cases(cases: list[BenchCase], payloads: list[dict], config: BenchConfig,
             except ChildError as err:
                 results[i] = _failed(cases[i], err, log)
 
+    def time_forwards(i: int, n: int, round_index: int | None) -> list[float]:
+        """Case i's timed forwards; a case process that dies meanwhile (the OOM killer, say) is reported as
+        failed and the others go on, as one that fails while building is."""
+        try:
+            return workers[i].time_forwards(n, round_index, measure.budget_s)
+        except ChildError as err:
+            results[i] = _failed(cases[i], err, log)
+            workers[i].close()
+            workers[i] = None
+            return []
+
     try:
         if not interleave:
             for i, (case, payload) in enumerate(zip(cases, payloads)):
                 start(case, payload)
                 if workers[i] is not None:
-                    workers[i].time_forwards(measure.repeats, None, measure.budget_s)
+                    time_forwards(i, measure.repeats, None)
                 finish(i)
             return results, loadavgs
         for case, payload in zip(cases, payloads):
             start(case, payload)
-        timed = [w for w in workers if w is not None and w.timed]
+        timed = [i for i, w in enumerate(workers) if w is not None and w.timed]
         for r in range(measure.repeats if timed else 0):
             loadavgs.append(memory.loadavg())
             seconds = {}
-            for i in round_order(len(timed), r):
-                seconds[i] = timed[i].time_forwards(1, r, measure.budget_s)
+            for k in round_order(len(timed), r):
+                i = timed[k]
+                seconds[k] = time_forwards(i, 1, r) if workers[i] is not None else []
             log(f"round {r + 1}/{measure.repeats}: " + ", ".join(
-                f"{seconds[i][0]:.3g} s" if seconds[i] else "–" for i in range(len(timed))))
+                f"{seconds[k][0]:.3g} s" if seconds[k] else "–" for k in range(len(timed))))
         for i in range(len(cases)):
             finish(i)
         return results, loadavgs
@@ -160,8 +177,9 @@ def run_cases(cases: list[BenchCase], payloads: list[dict], config: BenchConfig,
 
 
 def round_order(n: int, r: int) -> list[int]:
-    """The order in which round `r` times `n` configs: each one first in turn, so that whatever the first
-    forward of a round pays (its process waited through every other config's forward) does not land on
+    """The order in which round `r` times `n` configs: it starts at config r mod n (over n rounds each leads
+    once; with fewer rounds than configs, the first ones lead), so that whatever a place in the round costs
+    (the first forward after the round's bookkeeping, the one whose process waited longest) does not land on
     one config, the bf16 baseline above all, every round."""
     return [(r + i) % n for i in range(n)] if n else []
 

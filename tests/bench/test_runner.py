@@ -131,6 +131,42 @@ def test_a_failing_case_process_is_reported_and_the_next_one_runs(tmp_path):
     assert baseline["rss"] > 0 and baseline["imports"] == ["torch", "mgtq"]
 
 
+def test_a_case_process_killed_between_rounds_is_reported_failed_and_the_run_goes_on(monkeypatch):
+    import os
+    import signal
+
+    from mgtq.bench import runner
+
+    original = runner.Worker.time_forwards
+
+    def killing(self, n, round_index, budget_s):
+        if round_index == 1 and self is killing.victim:
+            os.kill(self._process.pid, signal.SIGKILL)  # as the OOM killer would
+            self._process.wait()
+        return original(self, n, round_index, budget_s)
+
+    original_init = runner.Worker.__init__
+
+    def init(self, payload, in_process, folder):
+        original_init(self, payload, in_process, folder)
+        if (payload.get("case") or {}).get("target") == "w4a8":
+            killing.victim = self
+
+    killing.victim = None
+    monkeypatch.setattr(runner.Worker, "time_forwards", killing)
+    monkeypatch.setattr(runner.Worker, "__init__", init)
+    config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), threads=1,
+                         measure=MeasureSettings(repeats=3, steps=1, warmup=0, memory=False))
+    report = run_bench(config, write=False, log=lambda _: None)
+    assert killing.victim is not None
+    status = {r["label"]: r["status"] for r in report["results"]}
+    assert status == {"bf16": "ok", "w4a8": "failed"}
+    w4a8 = next(r for r in report["results"] if r["label"] == "w4a8")
+    assert "exited with code -9 (killed: out of memory?)" in w4a8["message"]
+    bf16 = next(r for r in report["results"] if r["label"] == "bf16")
+    assert bf16["latency"]["forward"]["rounds"] == [0, 1, 2]  # its rounds went on
+
+
 def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     messages = []
     config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
@@ -142,6 +178,29 @@ def test_interleaved_rounds_time_each_case_once_per_round_after_all_are_built():
     assert sum(m.endswith("building and warming up …") for m in messages[:first_round]) == 2
     assert report["ratios"]["w4a8"]["forward_vs_bf16_spread"]["rounds"] == 3
     assert len(report["machine"]["loadavg_rounds"]) == 3 and "interleaved" in report["machine"]["timing"]
+
+
+def test_a_sequential_run_reads_the_ratio_of_its_medians_without_a_per_round_spread():
+    # its samples were recorded as round 0 each, so the ratio paired the two configs' last samples only
+    import statistics
+
+    config = BenchConfig(model="tiny-shapes", formats=("bf16", "w4a8"), isolation="none", threads=1,
+                         measure=MeasureSettings(repeats=3, steps=1, warmup=0, memory=False, interleave=False))
+    report = run_bench(config, write=False, log=lambda _: None)
+    forward = {r["label"]: r["latency"]["forward"] for r in report["results"]}
+    assert all(f["rounds"] is None and len(f["samples"]) == 3 for f in forward.values())
+    medians = {label: statistics.median(f["samples"]) for label, f in forward.items()}
+    assert report["ratios"]["w4a8"]["forward_vs_bf16"] == pytest.approx(medians["w4a8"] / medians["bf16"])
+    assert "forward_vs_bf16_spread" not in report["ratios"]["w4a8"]
+
+
+def test_a_compiled_case_warms_up_even_with_warmup_0():
+    # its first forward compiles: with --warmup 0 that landed in its first timed round
+    config = BenchConfig(model="tiny-shapes", formats=("bf16",), compile=True, isolation="none", threads=1,
+                         measure=MeasureSettings(repeats=1, steps=1, warmup=0, memory=False))
+    report = run_bench(config, write=False, log=lambda _: None)
+    warmups = {r["label"]: r["latency"]["warmup_s"] for r in report["results"]}
+    assert len(warmups["bf16"]) == 0 and len(warmups["bf16+compile"]) == 1
 
 
 def test_each_config_leads_a_round_in_turn():
