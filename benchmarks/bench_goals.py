@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+
+from mgtq.bench.latency import round_ratios
 
 from bench_peers import W4A8_PEERS  # this folder's; mgtq's W4A8 must be faster and smaller than each of them
 
@@ -41,43 +44,73 @@ RATIO_GOALS = (
 TOME_SPEEDUP = 1.4  # forward without merging / with TomeMGT 0.5
 
 
-def _goal(name, description, value, op, target, spread=None):
+def _goal(name, description, value, op, target, spread=None, not_evaluated=None):
+    """A goal row; `not_evaluated` (why) where the run has the case but no value for it."""
+    if not_evaluated is not None:
+        return {"name": name, "description": description, "value": None, "op": op, "target": target, "met": None,
+                "miss": None, "spread": None, "not_evaluated": not_evaluated}
     if value is None:
         return None
     met = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
     return {"name": name, "description": description, "value": value, "op": op, "target": target, "met": met,
-            "miss": 0.0 if met else abs(value - target) / target, "spread": spread}
+            "miss": 0.0 if met else abs(value - target) / target, "spread": spread, "not_evaluated": None}
 
 
-def _forward(result: dict) -> float:
-    return result["latency"]["forward"]["median"]
+def _why_not(result: dict | None) -> str | None:
+    """Why a case of the run gives no value: failed or skipped (with its message); None where it ran."""
+    if result is None or result["status"] == "ok":
+        return None
+    return f"{result['label']} {result['status']}" + (f": {result['message']}" if result.get("message") else "")
+
+
+def _forward_ratio(mine: dict, theirs: dict) -> tuple[float | None, dict | None]:
+    """mine / theirs forward latency as the ratio goals read it: the median of per-round ratios (interleaved
+    rounds), else the ratio of the medians; None where either has no timed forward (a memory-only run)."""
+    a, b = mine["latency"].get("forward"), theirs["latency"].get("forward")
+    if not a or not b:
+        return None, None
+    per_round = round_ratios(a, b)
+    if per_round:
+        return statistics.median(per_round), {"min": min(per_round), "max": max(per_round), "rounds": len(per_round)}
+    return a["median"] / b["median"], None
 
 
 def goals(report: dict) -> list[dict]:
     ratios = report["ratios"]
-    out = [_goal(n, d, ratios.get(label, {}).get(key), op, t, ratios.get(label, {}).get(key + "_spread"))
-           for n, d, label, key, op, t in RATIO_GOALS]
     # Plain dicts, not CaseResult: results written by older mgtq versions carry other keys.
-    ok = {r["label"]: r for r in report["results"] if r["status"] == "ok"}
+    by_label = {r["label"]: r for r in report["results"]}
+    out = [_goal(n, d, ratios.get(label, {}).get(key), op, t, ratios.get(label, {}).get(key + "_spread"),
+                 _why_not(by_label.get(label)) or _why_not(by_label.get("bf16")))
+           for n, d, label, key, op, t in RATIO_GOALS]
+    ok = {label: r for label, r in by_label.items() if r["status"] == "ok"}
     for label, r in ok.items():
         if r["tome"] == 0.5 and not r["offload"]:
             out.append(_goal(f"tome_speedup_{label}", f"{r['target']}: forward without merging / with TomeMGT 0.5 "
                              f"({r.get('tome_blocks', 'joint')} blocks)",
                              ratios[label].get("forward_speedup_vs_no_tome"), ">=", TOME_SPEEDUP,
                              ratios[label].get("forward_speedup_vs_no_tome_spread")))
-    mine = ok.get("w4a8")
+    mine = by_label.get("w4a8")
     for peer in W4A8_PEERS:
-        if mine is not None and peer in ok:
-            out.append(_goal(f"w4a8_vs_{peer}_forward", f"mgtq w4a8 forward / {peer} forward",
-                             _forward(mine) / _forward(ok[peer]), "<", 1.0))
-            out.append(_goal(f"w4a8_vs_{peer}_weights", f"mgtq w4a8 weight bytes / {peer} weight bytes",
-                             mine["weights"]["transformer_bytes"] / ok[peer]["weights"]["transformer_bytes"], "<", 1.0))
+        if mine is None or peer not in by_label:
+            continue
+        why = _why_not(mine) or _why_not(by_label[peer])
+        forward, spread = (None, None) if why else _forward_ratio(mine, by_label[peer])
+        out.append(_goal(f"w4a8_vs_{peer}_forward", f"mgtq w4a8 forward / {peer} forward", forward, "<", 1.0,
+                         spread, why))
+        weights = None if why else (mine["weights"]["transformer_bytes"]
+                                    / by_label[peer]["weights"]["transformer_bytes"])
+        out.append(_goal(f"w4a8_vs_{peer}_weights", f"mgtq w4a8 weight bytes / {peer} weight bytes", weights, "<",
+                         1.0, None, why))
     return [g for g in out if g is not None]
 
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| goal | value | per-round min–max | target | met |", "|---|---:|---:|---:|---|"]
     for g in rows:
+        if g["not_evaluated"]:
+            lines.append(f"| {g['description']} | – | – | {g['op']} {g['target']:g} | not evaluated "
+                         f"({g['not_evaluated']}) |")
+            continue
         verdict = "yes" if g["met"] else f"**no** (off by {100 * g['miss']:.0f}%)"
         spread = g.get("spread")
         spread_text = f"{spread['min']:.3f}–{spread['max']:.3f} ({spread['rounds']} rounds)" if spread else "–"
@@ -86,24 +119,48 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What must be the same for runs to be read side by side: the model, the machine's kernel class and threads, and
+# every setting of the command but where its JSON went.
+def _run_identity(report: dict) -> dict:
+    return {"model": report["model"]["name"], "cpu_class": report["machine"].get("cpu_class"),
+            "threads": report["machine"].get("torch_threads"),
+            "settings": {k: v for k, v in report["settings"].items() if k != "json"}}
+
+
+def check_same_command(reports: list[dict]) -> None:
+    """Refuse runs that are not of one command on one kind of machine: their goals do not pool."""
+    first = _run_identity(reports[0])
+    for i, report in enumerate(reports[1:], 2):
+        other = _run_identity(report)
+        differ = [k for k in first if first[k] != other[k]]
+        if differ:
+            raise ValueError(f"run {i} differs from run 1 in {', '.join(differ)}: read side by side only runs of one "
+                             "command on one kind of machine")
+
+
 def across_runs(runs: list[list[dict]]) -> list[dict]:
-    """One row per goal of the first run: its value in every run that has it, the min–max over all their rounds
-    (a run without per-round spread counts its value) and how many of those runs meet it."""
+    """One row per goal any run has, in first-seen order: its value in each run (None where a run has none), the
+    min–max over all their rounds (a run without per-round spread counts its value) and in how many of the runs
+    it is met."""
+    names = list(dict.fromkeys(g["name"] for run in runs for g in run))
     rows = []
-    for first in runs[0]:
-        seen = [g for run in runs for g in run if g["name"] == first["name"]]
+    for name in names:
+        per_run = [next((g for g in run if g["name"] == name), None) for run in runs]
+        seen = [g for g in per_run if g is not None and not g["not_evaluated"]]
+        first = next(g for g in per_run if g is not None)
         lows = [g["spread"]["min"] if g.get("spread") else g["value"] for g in seen]
         highs = [g["spread"]["max"] if g.get("spread") else g["value"] for g in seen]
-        rows.append({**first, "values": [g["value"] for g in seen], "met_runs": sum(g["met"] for g in seen),
-                     "low": min(lows), "high": max(highs),
-                     "rounds": sum(g["spread"]["rounds"] for g in seen if g.get("spread"))})
+        rows.append({**first, "values": [g["value"] if g is not None else None for g in per_run],
+                     "met_runs": sum(bool(g["met"]) for g in seen), "low": min(lows, default=None),
+                     "high": max(highs, default=None), "rounds": sum(g["spread"]["rounds"] for g in seen
+                                                                        if g.get("spread"))})
     return rows
 
 
 def runs_to_markdown(rows: list[dict]) -> str:
     lines = ["| goal | value per run | min–max over all rounds | target | met in |", "|---|---:|---:|---:|---|"]
     for g in rows:
-        values = ", ".join(f"{v:.3f}" for v in g["values"])
+        values = ", ".join("–" if v is None else f"{v:.3f}" for v in g["values"])
         spread = f"{g['low']:.3f}–{g['high']:.3f} ({g['rounds']} rounds)" if g["rounds"] else "–"
         lines.append(f"| {g['description']} | {values} | {spread} | "
                      f"{g['op']} {g['target']:g} | {g['met_runs']} of {len(g['values'])} runs |")
@@ -115,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", type=Path, nargs="+", help="JSON written by `mgtq bench`; several: runs of one "
                                                            "command, read side by side")
     args = parser.parse_args(argv)
-    runs = [goals(json.loads(path.read_text())) for path in args.json]
+    reports = [json.loads(path.read_text()) for path in args.json]
+    try:
+        check_same_command(reports)
+    except ValueError as err:
+        parser.error(str(err))
+    runs = [goals(report) for report in reports]
     print(to_markdown(runs[0]) if len(runs) == 1 else runs_to_markdown(across_runs(runs)), end="")
     return 0
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,10 +44,11 @@ def test_runs_read_side_by_side_pool_their_rounds_and_count_the_runs_that_meet_a
     bench_goals = benchmark_script("bench_goals")
 
     def run(value, low, high):
-        return {"results": [], "ratios": {
-            "w4a8+compile": {"forward_vs_bf16": value, "forward_vs_bf16_spread": {"min": low, "max": high,
-                                                                                  "rounds": 5}},
-            "scq": {"weights_vs_bf16": 0.272}}}
+        return {"results": [], "model": {"name": "meissonic-1024"}, "settings": {"json": "x", "threads": 1},
+                "machine": {"cpu_class": "avx512-vnni", "torch_threads": 1}, "ratios": {
+                    "w4a8+compile": {"forward_vs_bf16": value, "forward_vs_bf16_spread": {"min": low, "max": high,
+                                                                                          "rounds": 5}},
+                    "scq": {"weights_vs_bf16": 0.272}}}
 
     runs = [run(0.594, 0.582, 0.597), run(0.625, 0.622, 0.632)]
     rows = {g["name"]: g for g in bench_goals.across_runs([bench_goals.goals(r) for r in runs])}
@@ -63,3 +66,55 @@ def test_runs_read_side_by_side_pool_their_rounds_and_count_the_runs_that_meet_a
     assert ("| compiled W4A8 forward / compiled bf16 | 0.594, 0.625 | 0.582–0.632 (10 rounds) | <= 0.6 | 1 of 2 runs |"
             in done.stdout)
     assert "| SCQ transformer weights / bf16 | 0.272, 0.272 | – | <= 0.28 | 2 of 2 runs |" in done.stdout
+
+
+def test_runs_of_other_commands_are_refused_and_a_goal_one_run_lacks_counts_all_runs(benchmark_script, tmp_path):
+    import json
+
+    bench_goals = benchmark_script("bench_goals")
+    base = {"results": [], "model": {"name": "meissonic-1024"}, "settings": {"json": "a", "threads": 1},
+            "machine": {"cpu_class": "avx512-vnni", "torch_threads": 1}}
+    first = {**base, "ratios": {"scq": {"weights_vs_bf16": 0.272}}}
+    second = {**base, "settings": {"json": "b", "threads": 1},
+              "ratios": {"scq": {"weights_vs_bf16": 0.272}, "w4a8": {"forward_vs_bf16": 0.62}}}
+    bench_goals.check_same_command([first, second])  # only where the JSON went differs
+    rows = {g["name"]: g for g in bench_goals.across_runs([bench_goals.goals(first), bench_goals.goals(second)])}
+    assert rows["w4a8_forward"]["values"] == [None, 0.62] and rows["w4a8_forward"]["met_runs"] == 1
+    assert "| 0.272, 0.272 |" in bench_goals.runs_to_markdown(list(rows.values()))
+    assert "| –, 0.620 |" in bench_goals.runs_to_markdown(list(rows.values()))
+    other = {**second, "machine": {"cpu_class": "amx-int8", "torch_threads": 1}}
+    with pytest.raises(ValueError, match="differs from run 1 in cpu_class"):
+        bench_goals.check_same_command([first, other])
+    paths = [tmp_path / "1.json", tmp_path / "2.json"]
+    for path, report in zip(paths, (first, other)):
+        path.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "bench_goals.py", *paths],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "differs from run 1 in cpu_class" in done.stderr
+
+
+def test_a_failed_case_or_peer_is_said_and_a_memory_only_run_has_no_forward_goals(benchmark_script):
+    bench_goals = benchmark_script("bench_goals")
+
+    def result(label, status="ok", forward=None, weights=100):
+        return {"label": label, "status": status, "message": "out of memory" if status != "ok" else "",
+                "tome": 0.0, "offload": False, "target": label, "weights": {"transformer_bytes": weights},
+                "latency": {"forward": forward}}
+
+    memory_only = {"ratios": {}, "results": [result("bf16"), result("w4a8", weights=50),
+                                             result("torchao-w4a8", weights=80)]}
+    rows = {g["name"]: g for g in bench_goals.goals(memory_only)}  # it crashed on the missing forwards
+    assert "w4a8_vs_torchao-w4a8_forward" not in rows
+    assert rows["w4a8_vs_torchao-w4a8_weights"]["value"] == pytest.approx(50 / 80)
+    failed = {"ratios": {}, "results": [result("bf16"), result("scq", "failed"), result("w4a8"),
+                                        result("quanto-w4a8", "skipped")]}
+    rows = {g["name"]: g for g in bench_goals.goals(failed)}
+    assert rows["scq_forward"]["not_evaluated"] == "scq failed: out of memory"
+    assert rows["w4a8_vs_quanto-w4a8_forward"]["not_evaluated"].startswith("quanto-w4a8 skipped")
+    assert "not evaluated (scq failed: out of memory)" in bench_goals.to_markdown(list(rows.values()))
+    # a peer's forward goal reads the median of per-round ratios, as the others do
+    a = {"median": 2.0, "samples": [1.0, 3.0, 2.0], "rounds": [0, 1, 2]}
+    b = {"median": 2.0, "samples": [2.0, 2.0, 4.0], "rounds": [0, 1, 2]}
+    interleaved = {"ratios": {}, "results": [result("w4a8", forward=a), result("torchao-w4a8", forward=b)]}
+    rows = {g["name"]: g for g in bench_goals.goals(interleaved)}
+    assert rows["w4a8_vs_torchao-w4a8_forward"]["value"] == pytest.approx(0.5)  # per round 0.5, 1.5, 0.5
