@@ -5,7 +5,8 @@ JSON (bytes and seconds everywhere; ratios are plain numbers):
     schema        "mgtq-bench/2"
     created       ISO-8601 UTC time; wall_s: seconds the whole run took
     machine       cpu_count, cpu_model, isa [flags], cpu_class (mgtq's kernel class), torch_threads,
-                  torch_version, mgtq_version, torchao_version, optimum_quanto_version, python, platform,
+                  torch_version, mgtq_version, mgtq_commit (a checkout's, +dirty; None from a wheel),
+                  torchao_version, optimum_quanto_version, python, platform,
                   device, cuda_device, isolation (how cases were separated), memory_total_bytes,
                   loadavg_start / loadavg_end [1, 5, 15 min], timing (interleaved or sequential),
                   loadavg_rounds [[1, 5, 15 min] at each interleaved round's start]
@@ -167,7 +168,8 @@ def to_markdown(report: dict) -> str:
         f"{model['text_tokens']} text tokens, CFG batch {_first_batch(report)}.",
         f"Machine: {m['cpu_count']} CPUs ({m.get('cpu_model') or 'unknown CPU'}; {', '.join(m.get('isa') or [])}; "
         f"kernel class {m.get('cpu_class') or '–'}), "
-        f"{m['torch_threads']} torch threads, torch {m['torch_version']}, device {m['device']}; load average "
+        f"{m['torch_threads']} torch threads, torch {m['torch_version']}"
+        + (f", mgtq at {m['mgtq_commit']}" if m.get("mgtq_commit") else "") + f", device {m['device']}; load average "
         f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end"
         + (f", 1-min load at each round's start {[round(x[0], 2) for x in m['loadavg_rounds'] if x]}"
            if m.get("loadavg_rounds") else "") + f". Isolation: {m['isolation']}.",

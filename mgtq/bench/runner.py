@@ -214,6 +214,7 @@ def machine_info(config: BenchConfig) -> dict:
     return {
         "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "isa": cpu_isa(), "cpu_class": cpu_class(),
         "torch_threads": config.num_threads, "torch_version": torch.__version__, "mgtq_version": installed("mgtq"),
+        "mgtq_commit": source_commit(),
         "torchao_version": installed("torchao"), "optimum_quanto_version": installed("optimum-quanto"),
         "python": platform.python_version(), "platform": platform.platform(), "device": config.device,
         "cuda_device": (torch.cuda.get_device_name(torch.device(config.device)) if config.device.startswith("cuda")
@@ -221,6 +222,24 @@ def machine_info(config: BenchConfig) -> dict:
         "isolation": ISOLATION[config.isolation], "memory_total_bytes": total_memory,
         "loadavg_start": memory.loadavg(),
     }
+
+
+def source_commit() -> str | None:
+    """The commit of the checkout mgtq runs from ("+dirty" with uncommitted changes to tracked files), so a report
+    says which code made it; None for an installed wheel or where git is not at hand."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def model_info(source: ModelSource) -> dict:

@@ -203,6 +203,21 @@ def test_a_compiled_case_warms_up_even_with_warmup_0():
     assert len(warmups["bf16"]) == 0 and len(warmups["bf16+compile"]) == 1
 
 
+def test_a_report_names_the_commit_of_the_checkout_it_ran_from(smoke_report):
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    commit = json.loads(smoke_report.read_text())["machine"]["mgtq_commit"]
+    if not (root / ".git").exists():
+        assert commit is None
+        return
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert re.fullmatch(re.escape(head) + r"(\+dirty)?", commit)
+
+
 def test_each_config_leads_a_round_in_turn():
     from mgtq.bench.runner import round_order
 
