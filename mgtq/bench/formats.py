@@ -60,5 +60,6 @@ class Format:
         if self.group_size:
             text += f"; W4A16 layers in groups of {self.group_size} input columns"
         if self.cached:
-            text += "; the opt-in int8 weight cache on its W4A8 layers (oneDNN prepacked)"
+            text += ("; the opt-in int8 weight cache on its W4A8 layers (oneDNN's prepacked layout on amx-int8 CPUs, "
+                     "the plain int8 weight elsewhere: mgtq.quantization.kernels.weight_cache_backend)")
         return text

@@ -173,11 +173,12 @@ def to_markdown(report: dict) -> str:
         f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end"
         + (f", 1-min load at each round's start {[round(x[0], 2) for x in m['loadavg_rounds'] if x]}"
            if m.get("loadavg_rounds") else "") + f". Isolation: {m['isolation']}.",
-        f"Timing: {m.get('timing', 'sequential')}; {measure['warmup']} warm-up + up to {measure['repeats']} timed "
-        f"forwards per config (median [min–max] ×samples); ×bf16 of forwards timed in interleaved rounds: median "
-        f"of the per-round ratios [min–max]; whole image = text encoding + {measure['steps']} sampler steps + VQ decode, "
-        f"48-step image extrapolated as text + 48 × per-step + decode. Created {report['created']}, run took "
-        f"{report['wall_s'] / 60:.1f} min.",
+        (f"Timing: {m.get('timing', 'sequential')}; {measure['warmup']} warm-up + up to {measure['repeats']} timed "
+         f"forwards per config (median [min–max] ×samples); ×bf16 of forwards timed in interleaved rounds: median "
+         f"of the per-round ratios [min–max], else the ratio of the medians; whole image = text encoding + "
+         f"{measure['steps']} sampler steps + VQ decode, 48-step image extrapolated as text + 48 × per-step + "
+         f"decode. " if measure.get("latency", True) else "Timing: none (a memory-only run). ")
+        + f"Created {report['created']}, run took {report['wall_s'] / 60:.1f} min.",
         _sampler_line(measure),
     ]
     if report["baseline"]:

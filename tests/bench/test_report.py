@@ -62,3 +62,22 @@ def test_interleaved_ratio_is_the_median_of_per_round_ratios_not_of_medians():
         r.latency["forward"]["rounds"] = None
     assert compute_ratios(sequential)["scq"]["forward_vs_bf16"] == pytest.approx(0.9)  # medians 0.9 / 1.0
     assert "forward_vs_bf16_spread" not in compute_ratios(sequential)["scq"]
+
+
+def test_a_memory_only_report_says_nothing_was_timed_and_the_cached_formats_name_both_caches():
+    import copy
+    import json
+    from pathlib import Path
+
+    from mgtq.bench.formats import Format
+    from mgtq.bench.report import to_markdown
+
+    report = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+                         "bench_tiny-shapes.json").read_text())
+    assert "timed forwards per config" in to_markdown(report)
+    memory_only = copy.deepcopy(report)
+    memory_only["settings"]["measure"]["latency"] = False
+    text = to_markdown(memory_only)
+    assert "Timing: none (a memory-only run)." in text and "timed forwards per config" not in text
+    scheme = Format.parse("w4a8-cached").scheme  # the cache is oneDNN's only on amx-int8 CPUs
+    assert "oneDNN's prepacked layout on amx-int8 CPUs" in scheme and "the plain int8 weight elsewhere" in scheme
