@@ -89,18 +89,20 @@ def goals(report: dict) -> list[dict]:
                              f"({r.get('tome_blocks', 'joint')} blocks)",
                              ratios[label].get("forward_speedup_vs_no_tome"), ">=", TOME_SPEEDUP,
                              ratios[label].get("forward_speedup_vs_no_tome_spread")))
-    mine = by_label.get("w4a8")
-    for peer in W4A8_PEERS:
-        if mine is None or peer not in by_label:
-            continue
-        why = _why_not(mine) or _why_not(by_label[peer])
-        forward, spread = (None, None) if why else _forward_ratio(mine, by_label[peer])
-        out.append(_goal(f"w4a8_vs_{peer}_forward", f"mgtq w4a8 forward / {peer} forward", forward, "<", 1.0,
-                         spread, why))
-        weights = None if why else (mine["weights"]["transformer_bytes"]
-                                    / by_label[peer]["weights"]["transformer_bytes"])
-        out.append(_goal(f"w4a8_vs_{peer}_weights", f"mgtq w4a8 weight bytes / {peer} weight bytes", weights, "<",
-                         1.0, None, why))
+    for suffix in ("", "+compile"):  # eager against eager, compiled against compiled
+        mine = by_label.get("w4a8" + suffix)
+        for peer in (p + suffix for p in W4A8_PEERS):
+            if mine is None or peer not in by_label:
+                continue
+            why = _why_not(mine) or _why_not(by_label[peer])
+            forward, spread = (None, None) if why else _forward_ratio(mine, by_label[peer])
+            out.append(_goal(f"w4a8{suffix}_vs_{peer}_forward", f"mgtq w4a8{suffix} forward / {peer} forward",
+                             forward, "<", 1.0, spread, why))
+            if not suffix:  # the same bytes compiled or not
+                weights = None if why else (mine["weights"]["transformer_bytes"]
+                                            / by_label[peer]["weights"]["transformer_bytes"])
+                out.append(_goal(f"w4a8_vs_{peer}_weights", f"mgtq w4a8 weight bytes / {peer} weight bytes",
+                                 weights, "<", 1.0, None, why))
     return [g for g in out if g is not None]
 
 

@@ -607,7 +607,7 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
     _add_tome_option_args(b)
     b.add_argument("--offload", action="store_true", help="also run each format in the CPU-offloading mode")
     b.add_argument("--compile", action="store_true",
-                   help="also run each format with the transformer under torch.compile(fullgraph=True)")
+                   help="also run each format (and peer) with the transformer under torch.compile(fullgraph=True)")
     b.add_argument("--peers", nargs="?", const="all", default=None,
                    help=f"run optimum-quanto / torchao beside mgtq: all (bare flag) or a comma list of names; {lab} "
                         "and optimum-quanto (pip install -e '.[bench]')")

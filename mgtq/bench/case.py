@@ -176,7 +176,9 @@ class CaseSession:
             apply_tomemgt(self.pipe, ratio=case.tome, blocks=case.tome_blocks, **case.tome_options)
             notes.append(_TOME_NOTES[case.tome_blocks])
         if case.compile:
-            self.pipe.compile()  # in place, per block: compiled by the warm-up forward
+            # in place, per block: compiled by the warm-up forward; a peer's blocks are not kept in mgtq's
+            # precompiled store (its tensor subclasses are the library's to serialize), so it compiles every run
+            self.pipe.compile(persistent_cache=not self.peer)
             notes.append("+compile: every transformer block under torch.compile(fullgraph=True) "
                          "(MGTPipeline.compile); compile time in the untimed warm-up")
         result.build_s, result.notes = time.perf_counter() - start, notes

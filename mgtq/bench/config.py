@@ -179,12 +179,14 @@ class BenchConfig:
         return self.threads or os.cpu_count() or 1
 
     def cases(self) -> list[BenchCase]:
-        """Every format at every ratio (× block set), then the offload and compiled cases, then the peers."""
+        """Every format at every ratio (× block set), then the offload and compiled cases, then the peers, compiled
+        too with `compile` (torchao's CPU int8 path is written for Inductor: eager alone would understate it)."""
         cases = [BenchCase(f, tome=t, tome_blocks=b, tome_options=dict(self.tome_options) if t else {})
                  for f in self.formats for t in self.tome for b in (self.tome_blocks if t else ("joint",))]
         cases += [BenchCase(f, offload=True) for f in self.formats if self.offload]
         cases += [BenchCase(f, compile=True) for f in self.formats if self.compile]
-        return cases + [BenchCase(p) for p in self.peers]
+        cases += [BenchCase(p) for p in self.peers]
+        return cases + [BenchCase(p, compile=True) for p in self.peers if self.compile]
 
     def output_paths(self, model_slug: str) -> dict[str, Path]:
         """{"json", "md"}: `json` and the Markdown beside it; default bench_<model>.json in the working folder."""

@@ -17,15 +17,21 @@ def test_bench_compile_cases_compare_with_compiled_bf16():
 
     labels = [c.label for c in BenchConfig(formats=("bf16", "scq"), compile=True).cases()]
     assert labels == ["bf16", "scq", "bf16+compile", "scq+compile"]
+    # peers are compiled too (torchao's CPU int8 path is written for Inductor), and compared with compiled bf16
+    labels = [c.label for c in BenchConfig(formats=("bf16",), compile=True, peers=("torchao-w8a8",)).cases()]
+    assert labels == ["bf16", "bf16+compile", "torchao-w8a8", "torchao-w8a8+compile"]
 
     def result(label, forward):
         target = label.split("+")[0]
         return CaseResult(label=label, target=target, kind="mgtq", compile=label.endswith("+compile"),
                           latency={"forward": {"median": forward}, "image": None})
 
+    peer = CaseResult(label="torchao-w8a8+compile", target="torchao-w8a8", kind="peer", compile=True,
+                      latency={"forward": {"median": 6.0}, "image": None})
     ratios = compute_ratios([result("bf16", 10.0), result("scq", 12.0), result("bf16+compile", 5.0),
-                             result("scq+compile", 4.0)])
+                             result("scq+compile", 4.0), peer])
     assert ratios["scq+compile"]["forward_vs_bf16"] == 0.8  # against compiled bf16, not eager
+    assert ratios["torchao-w8a8+compile"]["forward_vs_bf16"] == 1.2
     assert ratios["bf16+compile"]["forward_speedup_vs_eager"] == 2.0
 
 
