@@ -10,10 +10,15 @@ embedding, convs and norms stay bf16) of the same bf16 model:
     torchao-w8a16       torchao Int8WeightOnlyConfig
     torchao-w4a16       torchao IntxWeightOnlyConfig(int4, per channel): on x86 the int4 values are
                         stored one per byte ("unpacked_to_int8"); counted as stored
-    torchao-w4a8        torchao Int8DynamicActivationIntxWeightConfig(int4 per channel, dynamic
-                        int8 activations): same storage caveat
-    torchao-w4a16-int4  torchao Int4WeightOnlyConfig (its real 4-bit path): expected to be skipped
-                        on CPU in torchao 0.18 (needs the mslk kernels); kept so the report says so
+    torchao-w4a8        torchao Int8DynamicActivationIntxWeightConfig(int4 per channel): on x86 its
+                        reference/export format (activations quantized and dequantized, weights
+                        dequantized, a bf16 GEMM: no integer GEMM), same storage caveat
+    torchao-w4a16-packed  torchao PrototypeInt4WeightOnlyConfig(group_size=128): its packed int4 CPU
+                        path (Int4OpaqueTensor, `_weight_int4pack_mm_for_cpu`)
+    torchao-w4a8-da8w4  torchao's prototype Int8DynamicActivationInt4WeightConfig, its W4A8 with an
+                        int8 GEMM (the da8w4 CPU kernel): skipped where its wheel lacks that kernel
+    torchao-w4a16-int4  torchao Int4WeightOnlyConfig: its CUDA path (needs the mslk kernels), expected
+                        to be skipped on CPU; kept so the report says so
 
 A peer whose package is missing, or whose config does not run on this device, is skipped with a
 message (`unavailable_reason`), never a crash. mgtq's harness loads this file from the checkout
@@ -101,6 +106,14 @@ def _ao_int4():
     return import_module("torchao.quantization").Int4WeightOnlyConfig()
 
 
+def _ao_int4_packed():
+    return import_module("torchao.prototype.quantization.int4").PrototypeInt4WeightOnlyConfig(group_size=128)
+
+
+def _ao_da8w4():
+    return import_module("torchao.prototype.quantization.int4").Int8DynamicActivationInt4WeightConfig()
+
+
 _QUANTO = dict(family="optimum-quanto", package="optimum.quanto", install="pip install -e '.[bench]'")
 _TORCHAO = dict(family="torchao", package="torchao.quantization", install="pip install torchao")
 
@@ -112,12 +125,19 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("torchao-w8a16", scheme="Int8WeightOnlyConfig", apply=_torchao(_ao_w8a16), **_TORCHAO),
     Peer("torchao-w4a16", scheme="IntxWeightOnlyConfig(int4, per channel; one value per byte on x86)",
          apply=_torchao(_ao_w4a16), **_TORCHAO),
-    Peer("torchao-w4a8", scheme="Int8DynamicActivationIntxWeightConfig(int4 per channel, dynamic int8 "
-         "activations; one value per byte on x86)", apply=_torchao(_ao_w4a8), **_TORCHAO),
-    Peer("torchao-w4a16-int4", scheme="Int4WeightOnlyConfig (packed 4-bit)", apply=_torchao(_ao_int4), **_TORCHAO),
+    Peer("torchao-w4a8", scheme="Int8DynamicActivationIntxWeightConfig(int4 per channel; on x86 its reference/"
+         "export format: activations quantized and dequantized, weights dequantized, a bf16 GEMM; one value per "
+         "byte)", apply=_torchao(_ao_w4a8), **_TORCHAO),
+    Peer("torchao-w4a16-packed", scheme="PrototypeInt4WeightOnlyConfig(group_size=128): packed int4, "
+         "_weight_int4pack_mm_for_cpu", apply=_torchao(_ao_int4_packed), **_TORCHAO),
+    Peer("torchao-w4a8-da8w4", scheme="prototype Int8DynamicActivationInt4WeightConfig: packed int4, dynamic int8 "
+         "activations, the da8w4 int8 GEMM", apply=_torchao(_ao_da8w4), **_TORCHAO),
+    Peer("torchao-w4a16-int4", scheme="Int4WeightOnlyConfig (packed 4-bit, CUDA's mslk kernels)",
+         apply=_torchao(_ao_int4), **_TORCHAO),
 )}
-# The peers that compete with mgtq's W4A8 (goal: mgtq faster and smaller than each).
-W4A8_PEERS = ("quanto-w4a8", "torchao-w4a8")
+# The peers that compete with mgtq's W4A8 with an int8 GEMM (goal: mgtq faster and smaller than each);
+# torchao-w4a8 runs no integer GEMM on x86, so beating it says nothing.
+W4A8_PEERS = ("quanto-w4a8", "torchao-w4a8-da8w4")
 
 
 def unavailable_reason(name: str, device: str = "cpu") -> str | None:

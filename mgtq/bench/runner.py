@@ -288,8 +288,8 @@ def run_bench(config: BenchConfig, write: bool = True, log: Callable[[str], None
         interleave = config.measure.interleave and config.measure.latency
         if interleave:
             machine["timing"] = (f"interleaved rounds: {config.measure.repeats} rounds, one timed forward per config "
-                                 "per round, each config first in turn (round r starts at config r), every config held "
-                                 "in its own live process across the rounds")
+                                 "per round, round r starting at config r mod n (with as many rounds as configs, each "
+                                 "leads once), every config held in its own live process across the rounds")
         else:
             machine["timing"] = "sequential: each config times all its forwards in a row, one config after another"
         results, loadavgs = run_cases(cases, [payload("case", c, scales) for c in cases], config, folder, log)
