@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         res = evaluate_pipeline(pipe, args.limit, base.with_overrides({"num_steps": steps}), progress=False,
                                 split="test")
         data["points"][str(steps)] = {"steps": steps, "overall": res["overall"],
-                                      "per_category": res["per_category"], "n": res["n"]}
+                                      "per_category": res["per_category"], "n": res["n"],
+                                      "ok": [row["ok"] for row in res["per_prompt"]]}
         data["n"] = res["n"]
         print(f"{steps} steps: {res['overall']:.3f}", flush=True)
         write_json(args.out, data)

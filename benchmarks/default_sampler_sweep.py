@@ -102,7 +102,8 @@ def main(argv=None) -> int:
             sampler = base.with_overrides({"guidance_scale": cfg, "gumbel_temperature": (tau, 0.0)})
             res = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split="val")
             data["points"][key] = {"cfg": cfg, "tau": tau, "overall": res["overall"],
-                                   "per_category": res["per_category"], "n": res["n"]}
+                                   "per_category": res["per_category"], "n": res["n"],
+                                   "ok": [row["ok"] for row in res["per_prompt"]]}
             data["n"] = res["n"]
             print(f"{key}: {res['overall']:.3f}", flush=True)
             write_json(args.out, data)

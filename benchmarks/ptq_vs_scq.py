@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         result = evaluate_pipeline(pipe, limit=args.limit, progress=False, reference_tokens=reference)
         tokens = result.pop("tokens")
         reference = tokens if reference is None else reference
-        result.pop("per_prompt", None)
+        result["ok"] = [row["ok"] for row in result.pop("per_prompt")]  # per prompt, for paired comparisons
         results[name] = {"model": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
                          "linear_weight_bytes": model_weight_nbytes(pipe.transformer), **result}
         print(f"{name}: {result['overall']:.3f}")

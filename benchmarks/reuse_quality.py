@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         data["n"] = result["n"]
         data["settings"][name] = {"name": name, "overall": result["overall"], "per_category": result["per_category"],
                                   "token_agreement": result.get("token_agreement", 1.0), "nfe": result["nfe"],
-                                  "local_nfe": local_nfe, "token_nfe": token_nfe, "sampler": sampler.to_dict()}
+                                  "local_nfe": local_nfe, "token_nfe": token_nfe, "sampler": sampler.to_dict(),
+                                  "ok": [row["ok"] for row in result["per_prompt"]]}  # for paired comparisons
         print(f"{name}: {result['overall']:.3f} (agreement {data['settings'][name]['token_agreement']:.3f})", flush=True)
         write_json(args.json, data)
     atomic_write_text(args.json.with_suffix(".md"), to_markdown(data))

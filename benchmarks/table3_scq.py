@@ -229,7 +229,8 @@ def main(argv=None) -> int:
                         "per_category": runs[0]["per_category"],
                         "token_agreement": sum(r["token_agreement"] for r in runs) / len(runs),
                         "linear_weight_bytes": linear_bytes, "transformer_bytes": all_bytes, "n": runs[0]["n"],
-                        "kernels": kernels, "seconds": time.perf_counter() - t0})
+                        "kernels": kernels, "seconds": time.perf_counter() - t0,
+                        "ok_per_seed_set": [[row["ok"] for row in r["per_prompt"]] for r in runs]})  # paired comparisons
         print(f"{name:30s} acc={results[-1]['shapebench']:.3f} {per_set} agree={results[-1]['token_agreement']:.3f} "
               f"bytes={all_bytes}", flush=True)
         write_json(json_path, {"model": model_name, "sampler": sampler, "limit": args.limit,

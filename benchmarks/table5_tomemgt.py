@@ -179,7 +179,7 @@ def _row(model, args, key, config, res, agreement) -> dict:
             "ratio": config.ratio if config else 0.0, "variant": variant_name(config) if config else "no merging",
             "config": asdict(config) if config else None, "accuracy": res["overall"],
             "per_category": res["per_category"], "token_agreement": agreement, "n": res["n"],
-            "seconds": round(res["seconds"], 1)}
+            "seconds": round(res["seconds"], 1), "ok": [row["ok"] for row in res["per_prompt"]]}
 
 
 def _save(path: Path, payload: dict, pipe) -> None:

@@ -34,6 +34,9 @@ def test_a_rerun_keeps_the_settings_it_measured(quality, tmp_path, monkeypatch):
     out = tmp_path / "q.json"
     assert quality.main(["--limit", "2", "--threads", "1", "--settings", "none,steps-8", "--json", str(out)]) == 0
     first = quality.read_json(out)["settings"]
+    # each prompt's verdict is kept, so two settings can be compared prompt by prompt
+    assert all(len(row["ok"]) == 2 and all(isinstance(ok, bool) for ok in row["ok"]) for row in first.values())
+    assert first["none"]["overall"] == sum(first["none"]["ok"]) / 2
     measured = []
     real = quality.evaluate_pipeline
     monkeypatch.setattr(quality, "evaluate_pipeline",
