@@ -5,6 +5,8 @@
     python benchmarks/reuse_quality.py --model checkpoints/tiny-shapes-w4a8-scq --split test --json scq.json
     python benchmarks/reuse_quality.py --split val --per-category 256 --json val1280.json  # 1280 prompts: less noise
     python benchmarks/reuse_quality.py --split val --steps 48 --json val48.json           # at 48 steps
+    python benchmarks/reuse_quality.py --split val --start 256 --json confirm.json        # val prompts 256+ of each
+                                                                                           # category: a fresh draw
 
 Settings (--settings, comma list; the model's own sampler is the base):
     none            no acceleration
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-category", type=int, default=None,
                    help=f"prompts per category (default {DEFAULT_PER_CATEGORY}: ShapeBench's 320); more on val "
                         "tells settings apart that differ by less than the 320's noise")
+    p.add_argument("--start", type=int, default=0,
+                   help="skip each category's first prompts (default 0): e.g. --split val --start 256, val prompts "
+                        "no run with --per-category 256 has seen, to confirm a choice made on those")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps of every setting but steps-N (default: the model's, 16 for the embedded one)")
     p.add_argument("--threads", type=int, default=2)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # What a kept setting must share with this run, as the JSON reads it back (lists, not tuples).
     identity = json.loads(json.dumps({"model_sha256": model_fingerprint(model_dir), "split": args.split,
                                       "limit": args.limit, **({"per_category": args.per_category} if args.per_category else {}),
+                                      **({"start": args.start} if args.start else {}),
                                       "base_sampler": base.to_dict(), "kernels": describe_kernels(pipe.device)}))
     data = read_json(args.json) if args.json.is_file() else {}
     tokens_path = args.json.with_suffix(".none_tokens.safetensors")  # `none`'s tokens: agreement after a resume
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: kept from {args.json.name}", flush=True)
             continue
         result = evaluate_pipeline(pipe, args.limit, sampler, progress=False, split=args.split, reference_tokens=reference,
-                                   per_category=args.per_category,
+                                   per_category=args.per_category, start=args.start,
                                    **({"token_merging": tome} if tome is not None else {}))
         if reference is None:
             reference = result["tokens"]

@@ -23,7 +23,7 @@ from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 def generate_shapebench(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, per_category: int | None = None, seed_offset: int = 0, split: str = "test",
-    **call_kwargs,
+    start: int = 0, **call_kwargs,
 ) -> tuple[list, torch.Tensor, list, int]:
     """Generate the ShapeBench images (each with its prompt's seed). Returns (items, tokens, images, NFE).
 
@@ -31,9 +31,9 @@ def generate_shapebench(
     every category. `seed_offset` shifts every seed: another draw of the same prompts, to measure
     how much of a difference between two models is sampling noise. `split="val"` draws other seeds and
     scenes (captions repeat across splits: the grammar has few), for choosing settings without touching
-    the reported ones.
+    the reported ones; `start` skips each category's first prompts (shapebench_prompts).
     """
-    items = shapebench_prompts(per_category or DEFAULT_PER_CATEGORY, split)
+    items = shapebench_prompts(per_category or DEFAULT_PER_CATEGORY, split, start)
     items = interleave_categories(items)[:limit] if limit else interleave_categories(items)
     tokens, images, cost = [], [], {}
     for start in tqdm(range(0, len(items), batch_size), desc="ShapeBench", disable=not progress):
@@ -67,7 +67,7 @@ def _what_ran(pipe: MGTPipeline, config: SamplerConfig, call_kwargs: dict, batch
 def evaluate_pipeline(
     pipe: MGTPipeline, limit: int | None = None, sampler: SamplerConfig | None = None, batch_size: int = 16,
     progress: bool = True, reference_tokens: torch.Tensor | None = None, seed_offset: int = 0, split: str = "test",
-    per_category: int | None = None, **call_kwargs,
+    per_category: int | None = None, start: int = 0, **call_kwargs,
 ) -> dict:
     """ShapeBench accuracy: {"overall", "per_category", "n", "nfe", "local_nfe", "token_nfe", "sampler",
     "token_merging", "seconds", "kernels", "model", "mgtq_version", "batch_size", "scorer", "seed_offset",
@@ -80,10 +80,11 @@ def evaluate_pipeline(
     config = sampler or pipe.settings.sampler
     t0 = time.perf_counter()
     items, tokens, images, cost = generate_shapebench(pipe, limit, config, batch_size, progress, per_category,
-                                                      seed_offset=seed_offset, split=split, **call_kwargs)
+                                                      seed_offset=seed_offset, split=split, start=start,
+                                                      **call_kwargs)
     result = evaluate(images, items)
     result.update(split=split, **cost, seconds=time.perf_counter() - t0,
-                  **_what_ran(pipe, config, call_kwargs, batch_size), seed_offset=seed_offset)
+                  **_what_ran(pipe, config, call_kwargs, batch_size), seed_offset=seed_offset, start=start)
     for row in result["per_prompt"]:  # "seed" is the prompt's (its scene's); the image was drawn with this one
         row["image_seed"] = row["seed"] + seed_offset
     result["tokens"] = tokens

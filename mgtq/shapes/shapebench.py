@@ -43,21 +43,25 @@ def shapebench_scene(item: ShapeBenchPrompt) -> Scene:
     return sample_scene(np.random.default_rng(item.seed), item.category)
 
 
-def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "test") -> list[ShapeBenchPrompt]:
+def shapebench_prompts(per_category: int = DEFAULT_PER_CATEGORY, split: str = "test",
+                       start: int = 0) -> list[ShapeBenchPrompt]:
     """The ShapeBench prompt list, ``per_category`` prompts per category in :data:`CATEGORIES` order.
 
-    ``split`` is "test" (the benchmark) or "val" (disjoint seeds, for tuning). Deterministic: the
-    same arguments always give the same list. Captions can repeat across seeds (e.g. 'single' has
-    only 18 distinct captions); each item is still a distinct scene and seed.
+    ``split`` is "test" (the benchmark) or "val" (other seeds, for tuning). ``start`` skips the first
+    prompts of each category: a later stretch of the split, drawn as the first one is, e.g. val prompts
+    no earlier run has seen, to confirm a choice made on the first ones. Deterministic: the same
+    arguments always give the same list. Captions can repeat across seeds (e.g. 'single' has only 18
+    distinct captions); each item is still a distinct scene and seed.
     """
-    if per_category <= 0 or per_category > MAX_PER_CATEGORY:
-        raise ValueError(f"per_category must be in [1, {MAX_PER_CATEGORY}], got {per_category}")
+    if per_category <= 0 or start < 0 or start + per_category > MAX_PER_CATEGORY:
+        raise ValueError(f"per_category ≥ 1 and start ≥ 0 must end within the split's {MAX_PER_CATEGORY} prompts "
+                         f"per category, got per_category {per_category}, start {start}")
     if split not in SPLITS:
         raise ValueError(f"unknown ShapeBench split {split!r}; choose one of {sorted(SPLITS)}")
     base_seed = SPLITS[split]
     items = []
     for k, category in enumerate(CATEGORIES):
-        for i in range(per_category):
+        for i in range(start, start + per_category):
             seed = base_seed + SEED_STRIDE * k + i
             scene = sample_scene(np.random.default_rng(seed), category)
             items.append(ShapeBenchPrompt(caption(scene), seed, category))

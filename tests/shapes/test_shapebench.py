@@ -57,6 +57,14 @@ def test_prefix_stability():
     big = shapebench_prompts(per_category=64)
     for k, category in enumerate(CATEGORIES):
         assert small[5 * k : 5 * k + 5] == big[64 * k : 64 * k + 5]
+    # start: a later stretch of each category, drawn as the first one is (a fresh draw for a confirmation)
+    later = shapebench_prompts(per_category=4, split="val", start=60)
+    val = shapebench_prompts(per_category=64, split="val")
+    for k, category in enumerate(CATEGORIES):
+        assert later[4 * k : 4 * k + 4] == val[64 * k + 60 : 64 * k + 64]
+    for bad in ({"start": -1}, {"start": 50_000}, {"per_category": 0}):
+        with pytest.raises(ValueError, match="must end within the split"):
+            shapebench_prompts(**{"per_category": 1, **bad})
 
 
 def test_val_split_is_disjoint_from_test_and_same_in_kind(bench):
