@@ -49,6 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    from mgtq.merging.patch import BLOCK_SET_NAMES
     from mgtq.sampling.cli_args import add_sampler_arguments
 
     p.add_argument("--steps", type=argtypes.integer(minimum=1, maximum=MAX_STEPS), default=None,
@@ -58,7 +59,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (default: 0, off)")
-    p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
+    p.add_argument("--tome-blocks", choices=BLOCK_SET_NAMES, default="joint",
                    help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
     _add_tome_option_args(p)
 

@@ -15,10 +15,10 @@ from typing import Literal
 
 from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
+from mgtq.merging.patch import BLOCK_SET_NAMES, BlockSet
 from mgtq.reuse.config import ReuseConfig
 from mgtq.sampling.presets import PRESET_NAMES
 
-TomeBlocks = Literal["joint", "single", "all"]  # where TomeMGT merges; "joint" is the paper's setting
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
 EXTRAPOLATE_STEPS = 48
 
@@ -88,7 +88,7 @@ class BenchCase:
     target: str
     tome: float = 0.0
     offload: bool = False
-    tome_blocks: TomeBlocks = "joint"
+    tome_blocks: BlockSet = "joint"
     tome_options: dict = field(default_factory=dict)
     compile: bool = False
 
@@ -140,7 +140,7 @@ class BenchConfig:
     text_encoder: str | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     tome: tuple[float, ...] = (0.0,)
-    tome_blocks: tuple[TomeBlocks, ...] = ("joint",)
+    tome_blocks: tuple[BlockSet, ...] = ("joint",)
     tome_options: dict = field(default_factory=dict)
     offload: bool = False
     compile: bool = False
@@ -167,7 +167,7 @@ class BenchConfig:
         if not self.tome or not all(0 <= t < 1 for t in self.tome):
             raise ValueError(f"tome ratios must be in [0, 1), got {list(self.tome)}")
         if not self.tome_blocks:
-            raise ValueError("tome_blocks must name at least one of joint, single, all")
+            raise ValueError(f"tome_blocks must name at least one of {', '.join(BLOCK_SET_NAMES)}")
         _check_tome_options(self.tome_options)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be an integer ≥ 1, got {self.threads}")
