@@ -33,6 +33,8 @@ EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from mgtq.utils import SHORT_DTYPES
+
     p.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="pipeline folder or embedded model name (default: the embedded tiny-shapes model; "
                         "also tiny-shapes-16x16)")
@@ -40,7 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
     p.add_argument("--device", type=argtypes.device, default=None,
                    help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--dtype", choices=SHORT_DTYPES, default=None,
                    help="transformer/text encoder dtype (default: as saved)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer (fullgraph; the first step pays the compile time)")
@@ -563,6 +565,8 @@ def _add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
+    from mgtq.utils import SHORT_DTYPES
+
     q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")
     q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
@@ -575,7 +579,7 @@ def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
                         "(default: one scale per output channel)")
     q.add_argument("--calibration-prompts", type=argtypes.integer(minimum=1), default=32,
                    help="ShapeBench val prompts that calibrate int8 activation scales (w4a8, scq)")
-    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    q.add_argument("--dtype", choices=SHORT_DTYPES, default=None,
                    help="float dtype of the non-quantized parts (default: as saved)")
     q.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
                    help="CPU threads torch may use (default: torch's choice, all cores)")
