@@ -565,13 +565,14 @@ def _add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
+    from mgtq.quantization.api import CONFIGS
     from mgtq.utils import SHORT_DTYPES
 
     q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")
     q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
-    q.add_argument("--config", choices=["w4a16", "w4a8", "scq"], required=True,
+    q.add_argument("--config", choices=tuple(CONFIGS), required=True,
                    help="w4a16: int4 weights; w4a8: + int8 activations everywhere; scq: int8 activations on the "
                         "lowest-magnitude third only")
     q.add_argument("--group-size", type=argtypes.integer(minimum=2, parity="even"), default=None,
@@ -597,6 +598,7 @@ def _add_export_arguments(x: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    from mgtq.bench.config import ISOLATIONS
     from mgtq.bench.formats import DEFAULT_FORMATS, HELP as FORMATS_HELP
     from mgtq.sampling.cli_args import add_preset_argument, add_reuse_arguments
 
@@ -643,7 +645,7 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
                    help=f"also profile one forward per config (time split by operator category); {lab}")
     b.add_argument("--device", type=argtypes.device, default="cpu", help="cpu or cuda[:i]")
     b.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the timed whole-image run")
-    b.add_argument("--isolation", choices=["spawn", "none", "forkserver"], default="spawn",
+    b.add_argument("--isolation", choices=ISOLATIONS, default="spawn",
                    help="one fresh process per config (spawn) or none (fast, memory not per config); forkserver is "
                         "deprecated and runs as spawn")
     b.add_argument("--no-progress", action="store_true", help="hide the per-config progress lines")

@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
@@ -19,6 +19,9 @@ from mgtq.merging.patch import BLOCK_SET_NAMES, BlockSet
 from mgtq.reuse.config import ReuseConfig
 from mgtq.sampling.presets import PRESET_NAMES
 
+# How cases are kept apart: a fresh process per case, or none; "forkserver" is deprecated and runs as "spawn".
+Isolation = Literal["spawn", "none", "forkserver"]
+ISOLATIONS = get_args(Isolation)
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
 EXTRAPOLATE_STEPS = 48
 
@@ -147,7 +150,7 @@ class BenchConfig:
     peers: tuple[str, ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     threads: int | None = None
-    isolation: Literal["spawn", "none", "forkserver"] = "spawn"
+    isolation: Isolation = "spawn"
     json: str | None = None
     device: str = "cpu"
     seed: int = 0
