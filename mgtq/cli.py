@@ -28,9 +28,6 @@ _HELP = {
 }
 COMMANDS = tuple(_HELP)
 
-# The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
-EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from mgtq.utils import SHORT_DTYPES
@@ -202,6 +199,7 @@ def cmd_eval(args) -> int:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
     from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
     from mgtq.quantization.kernels import kernels_label
+    from mgtq.shapes.edit import EDIT_TASKS
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
@@ -535,12 +533,14 @@ def _add_edit_arguments(d: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_arguments(e: argparse.ArgumentParser) -> None:
+    from mgtq.shapes.edit import EDIT_TASKS
+    from mgtq.shapes.shapebench import SPLITS
+
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
                    help="only the first N prompts (balanced over categories; per task with --task; default: all)")
-    # The names of mgtq.shapes.shapebench.SPLITS, written out: importing it would slow every CLI start-up.
-    e.add_argument("--split", choices=("test", "val"), default="test",
+    e.add_argument("--split", choices=tuple(SPLITS), default="test",
                    help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
     e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
                    help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
