@@ -17,13 +17,14 @@ from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
 from mgtq.merging.patch import BLOCK_SET_NAMES, BlockSet
 from mgtq.reuse.config import ReuseConfig
+from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 
 # How cases are kept apart: a fresh process per case, or none; "forkserver" is deprecated and runs as "spawn".
 Isolation = Literal["spawn", "none", "forkserver"]
 ISOLATIONS = get_args(Isolation)
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
-EXTRAPOLATE_STEPS = 48
+EXTRAPOLATE_STEPS = SamplerConfig.num_steps
 
 
 @dataclass(frozen=True)
