@@ -40,6 +40,7 @@ from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.models.transformer import MeissonicTransformer, plain_config
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import COMPUTE_DTYPES, QuantizedLinear, W4A8Linear, W4Linear
+from mgtq.quantization.qtensor import check_group_size
 from mgtq.utils import (DTYPE_NAMES, FloatDtype, all_finite, atomic_write_text, describe_path, parse_dtype,
                         sha256_file)
 
@@ -71,8 +72,7 @@ class LayerScheme:
 
     def __post_init__(self):
         validate(self, "layer")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
+        check_group_size(self.group_size, "group_size", none="null")
         if self.scheme == "w4a8" and self.group_size is not None:
             raise ValueError(f"a w4a8 layer has per-channel weight scales: group_size must be null, got "
                              f"{self.group_size}")

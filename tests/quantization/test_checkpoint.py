@@ -291,6 +291,8 @@ BAD = {
     "unknown float dtype": (_edit_manifest(lambda d: d.update(float_dtype="int8")), ValueError, "float_dtype"),
     "group_size a string": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(group_size="abc")),
                             ValueError, r"layers\.[\w.]+\.group_size must be an integer"),
+    "odd group_size": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(group_size=3)), ValueError,
+                       r"manifest.json: group_size must be null .* even integer ≥ 2 .*got 3; re-export"),
     "unknown scheme": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(scheme="w3a8")), ValueError,
                        r"layers\.[\w.]+\.scheme"),
     "layer that does not exist": (_edit_manifest(lambda d: d["layers"].update(nope={"scheme": "w4a16"})), ValueError,
