@@ -727,7 +727,7 @@ def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None 
     if checkpoint.is_quantized(folder):
         if checksums:
             check_recorded(folder)
-        return checkpoint.load(folder, dtype=dtype)
+        return checkpoint.load(folder, MeissonicTransformer, dtype=dtype)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a diffusers-layout transformer folder?")
