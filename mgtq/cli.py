@@ -28,11 +28,10 @@ _HELP = {
 }
 COMMANDS = tuple(_HELP)
 
-# The names of mgtq.shapes.edit.EDIT_TASKS, written out: importing it would slow every CLI start-up.
-EDIT_TASKS = ("inpaint", "replace", "outpaint", "img2img")
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from mgtq.utils import SHORT_DTYPES
+
     p.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="pipeline folder or embedded model name (default: the embedded tiny-shapes model; "
                         "also tiny-shapes-16x16)")
@@ -40,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
     p.add_argument("--device", type=argtypes.device, default=None,
                    help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--dtype", choices=SHORT_DTYPES, default=None,
                    help="transformer/text encoder dtype (default: as saved)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer (fullgraph; the first step pays the compile time)")
@@ -49,6 +48,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    from mgtq.merging.patch import BLOCK_SET_NAMES
     from mgtq.sampling.cli_args import add_sampler_arguments
 
     p.add_argument("--steps", type=argtypes.integer(minimum=1, maximum=MAX_STEPS), default=None,
@@ -58,7 +58,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--tome", type=argtypes.ratio, default=None, metavar="RATIO",
                    help="TomeMGT token merging: merge this fraction of image tokens per block (default: 0, off)")
-    p.add_argument("--tome-blocks", choices=["joint", "single", "all"], default="joint",
+    p.add_argument("--tome-blocks", choices=BLOCK_SET_NAMES, default="joint",
                    help="blocks that merge (joint = multi-modal blocks, the paper's setting)")
     _add_tome_option_args(p)
 
@@ -199,6 +199,7 @@ def cmd_eval(args) -> int:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
     from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
     from mgtq.quantization.kernels import kernels_label
+    from mgtq.shapes.edit import EDIT_TASKS
     from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
@@ -528,13 +529,15 @@ def _add_edit_arguments(d: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_arguments(e: argparse.ArgumentParser) -> None:
+    from mgtq.shapes.edit import EDIT_TASKS
+    from mgtq.shapes.shapebench import SPLITS
+
     _add_model_args(e)
     _add_sampler_args(e)
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
                    help="only the first N prompts (balanced over categories; per task with --task; default: all)")
-    # The names of mgtq.shapes.shapebench.SPLITS, written out: importing it would slow every CLI start-up.
-    e.add_argument("--split", choices=("test", "val"), default="test",
-                   help="test = ShapeBench (report this); val = disjoint prompts for choosing settings")
+    e.add_argument("--split", choices=tuple(SPLITS), default="test",
+                   help="test = ShapeBench (report this); val = other seeds and scenes (captions repeat), for choosing settings")
     e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
                    help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
                         "ShapeBench-Edit task; all = the four editing tasks")
@@ -558,11 +561,14 @@ def _add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
+    from mgtq.quantization.api import CONFIGS
+    from mgtq.utils import SHORT_DTYPES
+
     q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")
     q.add_argument("--text-encoder", type=argtypes.existing_folder("text encoder"), default=None,
                    help="separate CLIP text encoder folder (the official Meissonic setup keeps it apart)")
-    q.add_argument("--config", choices=["w4a16", "w4a8", "scq"], required=True,
+    q.add_argument("--config", choices=tuple(CONFIGS), required=True,
                    help="w4a16: int4 weights; w4a8: + int8 activations everywhere; scq: int8 activations on the "
                         "lowest-magnitude third only")
     q.add_argument("--group-size", type=argtypes.integer(minimum=2, parity="even"), default=None,
@@ -570,7 +576,7 @@ def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
                         "(default: one scale per output channel)")
     q.add_argument("--calibration-prompts", type=argtypes.integer(minimum=1), default=32,
                    help="ShapeBench val prompts that calibrate int8 activation scales (w4a8, scq)")
-    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    q.add_argument("--dtype", choices=SHORT_DTYPES, default=None,
                    help="float dtype of the non-quantized parts (default: as saved)")
     q.add_argument("--threads", type=argtypes.integer(minimum=1), default=None,
                    help="CPU threads torch may use (default: torch's choice, all cores)")
@@ -588,6 +594,7 @@ def _add_export_arguments(x: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    from mgtq.bench.config import ISOLATIONS
     from mgtq.bench.formats import DEFAULT_FORMATS, HELP as FORMATS_HELP
     from mgtq.sampling.cli_args import add_preset_argument, add_reuse_arguments
 
@@ -634,7 +641,7 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
                    help=f"also profile one forward per config (time split by operator category); {lab}")
     b.add_argument("--device", type=argtypes.device, default="cpu", help="cpu or cuda[:i]")
     b.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the timed whole-image run")
-    b.add_argument("--isolation", choices=["spawn", "none", "forkserver"], default="spawn",
+    b.add_argument("--isolation", choices=ISOLATIONS, default="spawn",
                    help="one fresh process per config (spawn) or none (fast, memory not per config); forkserver is "
                         "deprecated and runs as spawn")
     b.add_argument("--no-progress", action="store_true", help="hide the per-config progress lines")

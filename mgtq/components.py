@@ -129,7 +129,7 @@ def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None
     what = {"MeissonicTransformer": "transformer", "VQModel": "VQ model"}.get(type(model).__name__, "text encoder")
     headers = stored_headers(folder, variant)
     stored = {key: path for path, header in headers for key in header}
-    floats = {key for _, header in headers for key, dtype in header.items() if dtype in _FLOAT_TYPES}
+    floats = {key for _, header in headers for key, dtype in header.items() if dtype in SAFETENSORS_FLOATS}
     expected = model.state_dict()
     optional = {name for name, _ in model.named_buffers()}  # e.g. CLIP's position ids: saved by some versions
     missing = sorted(set(expected) - set(stored) - optional)
@@ -153,7 +153,9 @@ def check_loaded(model: torch.nn.Module, folder: str | Path, variant: str | None
                                "values; the weights are damaged: re-create them")
 
 
-_FLOAT_TYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# The floating-point types a safetensors header names, and the torch dtype of each.
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def check_index(index, path: Path) -> None:

@@ -249,6 +249,12 @@ def _finite(value: Any, name: str, text_numbers: bool = True) -> float:
     return float(value)
 
 
+def plain_config(config) -> dict:
+    """The constructor arguments of a diffusers model's config (no bookkeeping keys such as `_class_name`; tuples as
+    lists), as its config.json holds them."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def plain_scalar(value: Any) -> Any:
     """A numpy scalar (np.int64, np.float32, np.bool_) or a 0-d torch tensor as the Python value it holds (what
     users pass from arrays and tensors, e.g. ``strength=np.float32(0.5)``); anything else as it is."""

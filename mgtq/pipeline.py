@@ -28,17 +28,17 @@ from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from mgtq.compilation import compile_in_place
-from mgtq.components import (CHECKSUMS_KEY, BadComponent, check_checksums, check_files, check_index, check_loaded,
-                             check_recorded, check_recorded_settings, pipeline_checksums, record_settings,
-                             stored_headers, verified_files)
+from mgtq.components import (CHECKSUMS_KEY, SAFETENSORS_FLOATS, BadComponent, check_checksums, check_files,
+                             check_index, check_loaded, check_recorded, check_recorded_settings, pipeline_checksums,
+                             record_settings, stored_headers, verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
 from mgtq.models.hooks import EveryToken
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.sampling.config import flatten_overrides
-from mgtq.utils import (atomic_entries, cast_module, hashed_ahead, micro_conditions, non_finite_tensor, parse_dtype,
-                        per_sample_generators, read_json, unwrapped, write_json)
+from mgtq.utils import (DTYPE_NAMES, atomic_entries, cast_module, hashed_ahead, micro_conditions, non_finite_tensor,
+                        parse_dtype, per_sample_generators, read_json, unwrapped, write_json)
 
 
 @dataclass
@@ -727,7 +727,7 @@ def load_transformer(folder: str | os.PathLike, dtype: torch.dtype | str | None 
     if checkpoint.is_quantized(folder):
         if checksums:
             check_recorded(folder)
-        return checkpoint.load(folder, dtype=dtype)
+        return checkpoint.load(folder, MeissonicTransformer, dtype=dtype)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a diffusers-layout transformer folder?")
@@ -886,14 +886,12 @@ def saved_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     folder = Path(folder)
     if checkpoint.is_quantized(folder):
         return checkpoint.read_manifest(folder).dtype
-    found = {_SAFETENSORS_FLOATS[d] for _, header in stored_headers(folder) for d in header.values()
-             if d in _SAFETENSORS_FLOATS}  # the files a load reads
+    # the float dtypes of the files a load reads that a model computes in (fp64 and fp8 tensors do not count)
+    found = {SAFETENSORS_FLOATS.get(d) for _, header in stored_headers(folder) for d in header.values()}
+    found &= set(DTYPE_NAMES)
     if len(found) > 1:
         return torch.float32
     return found.pop() if found else None
-
-
-_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _load_text_encoder(root: Path, text_encoder, dtype, auto: bool = False):

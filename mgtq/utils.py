@@ -568,13 +568,13 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 # ------------------------------------------------------------------------------------ dtype names
 # One spelling table for every place a dtype is named (CLI flags, recipes, manifests, bench formats).
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-# The canonical names, as a config annotation (recipes, manifests) and as the dtype → name table.
+# The canonical names, as a config annotation (recipes, manifests), and the short ones the CLI's --dtype offers:
+# the same three dtypes, in the same order.
 FloatDtype = Literal["float32", "bfloat16", "float16"]
+ShortDtype = Literal["fp32", "bf16", "fp16"]
+SHORT_DTYPES = get_args(ShortDtype)
+DTYPES: dict[str, torch.dtype] = {name: dtype for names in (get_args(FloatDtype), SHORT_DTYPES)
+                                  for name, dtype in zip(names, (torch.float32, torch.bfloat16, torch.float16))}
 DTYPE_NAMES: dict[torch.dtype, str] = {DTYPES[name]: name for name in get_args(FloatDtype)}
 
 

@@ -49,7 +49,7 @@ def random_quantized_pipeline(fraction_a8: float = 1 / 3, seed: int = 0, **kwarg
     (float parts fp32; a seeded `fraction_a8` of the Linears W4A8 with input scale 0.05)."""
     import random
 
-    from mgtq.models.transformer import plain_config
+    from mgtq.config import plain_config
     from mgtq.quantization import linear_names
 
     pipe = build_random_pipeline(seed=seed, **kwargs)

@@ -11,16 +11,20 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from mgtq.bench.formats import DEFAULT_FORMATS, FORMATS, Format
 from mgtq.config import from_mapping, validate
+from mgtq.merging.patch import BLOCK_SET_NAMES, BlockSet
 from mgtq.reuse.config import ReuseConfig
+from mgtq.sampling.config import SamplerConfig
 from mgtq.sampling.presets import PRESET_NAMES
 
-TomeBlocks = Literal["joint", "single", "all"]  # where TomeMGT merges; "joint" is the paper's setting
+# How cases are kept apart: a fresh process per case, or none; "forkserver" is deprecated and runs as "spawn".
+Isolation = Literal["spawn", "none", "forkserver"]
+ISOLATIONS = get_args(Isolation)
 # Meissonic's default sampler runs 48 steps: whole-image times are also extrapolated to that many.
-EXTRAPOLATE_STEPS = 48
+EXTRAPOLATE_STEPS = SamplerConfig.num_steps
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class BenchCase:
     target: str
     tome: float = 0.0
     offload: bool = False
-    tome_blocks: TomeBlocks = "joint"
+    tome_blocks: BlockSet = "joint"
     tome_options: dict = field(default_factory=dict)
     compile: bool = False
 
@@ -140,14 +144,14 @@ class BenchConfig:
     text_encoder: str | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     tome: tuple[float, ...] = (0.0,)
-    tome_blocks: tuple[TomeBlocks, ...] = ("joint",)
+    tome_blocks: tuple[BlockSet, ...] = ("joint",)
     tome_options: dict = field(default_factory=dict)
     offload: bool = False
     compile: bool = False
     peers: tuple[str, ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     threads: int | None = None
-    isolation: Literal["spawn", "none", "forkserver"] = "spawn"
+    isolation: Isolation = "spawn"
     json: str | None = None
     device: str = "cpu"
     seed: int = 0
@@ -167,7 +171,7 @@ class BenchConfig:
         if not self.tome or not all(0 <= t < 1 for t in self.tome):
             raise ValueError(f"tome ratios must be in [0, 1), got {list(self.tome)}")
         if not self.tome_blocks:
-            raise ValueError("tome_blocks must name at least one of joint, single, all")
+            raise ValueError(f"tome_blocks must name at least one of {', '.join(BLOCK_SET_NAMES)}")
         _check_tome_options(self.tome_options)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be an integer ≥ 1, got {self.threads}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from mgtq.bench.config import EXTRAPOLATE_STEPS
 from mgtq.bench.latency import round_ratios
 from mgtq.bench.result import CaseResult, mb_text, message_line
 
@@ -176,8 +177,9 @@ def to_markdown(report: dict) -> str:
         (f"Timing: {m.get('timing', 'sequential')}; {measure['warmup']} warm-up + up to {measure['repeats']} timed "
          f"forwards per config (median [min–max] ×samples); ×bf16 of forwards timed in interleaved rounds: median "
          f"of the per-round ratios [min–max], else the ratio of the medians; whole image = text encoding + "
-         f"{measure['steps']} sampler steps + VQ decode, 48-step image extrapolated as text + 48 × per-step + "
-         f"decode. " if measure.get("latency", True) else "Timing: none (a memory-only run). ")
+         f"{measure['steps']} sampler steps + VQ decode, {EXTRAPOLATE_STEPS}-step image extrapolated as text + "
+         f"{EXTRAPOLATE_STEPS} × per-step + decode. " if measure.get("latency", True)
+         else "Timing: none (a memory-only run). ")
         + f"Created {report['created']}, run took {report['wall_s'] / 60:.1f} min.",
         _sampler_line(measure),
     ]
@@ -199,7 +201,8 @@ def to_markdown(report: dict) -> str:
                  "×bf16 CPU time there is mostly the host waiting for the GPU." if on_gpu else ""), "",
               "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB |"
               + (" GPU peak MB | ×bf16 |" if on_gpu else "")
-              + " forward s | ×bf16 | ×bf16 CPU time | per step s | image s | 48-step image s (extrap.) "
+              + " forward s | ×bf16 | ×bf16 CPU time | per step s | image s | "
+              f"{EXTRAPOLATE_STEPS}-step image s (extrap.) "
               "| image NFE (local) |",
               "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if on_gpu else "")
               + "---|---:|---:|---:|---:|---:|---:|"]

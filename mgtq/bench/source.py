@@ -14,6 +14,10 @@ import torch
 
 from mgtq.config import from_mapping, validate
 from mgtq.default_model import EMBEDDED_MODELS, embedded_model
+from mgtq.sampling.config import SamplerConfig
+
+# The official sampler's CFG scale: the benchmark's, so each transformer call is a CFG batch of 2.
+GUIDANCE_SCALE = SamplerConfig.guidance_scale
 
 BENCH_PROMPT = "a red circle above a blue square"
 
@@ -41,7 +45,7 @@ class ModelSource:
     text_length: int = 32
     text_layers: int = 2
     text_heads: int = 4
-    guidance_scale: float = 9.0
+    guidance_scale: float = GUIDANCE_SCALE
     text_encoder: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -71,12 +75,12 @@ class ModelSource:
 
 def _meissonic_1024() -> ModelSource:
     # 1024 px, VQ f = 16 → a 64×64 token grid → 32×32 = 1024 transformer tokens after the 2× feature
-    # compression; 77 CLIP tokens; CFG 9 as the official sampler. The VQ has Meissonic's factor and
+    # compression; 77 CLIP tokens; the official sampler's CFG. The VQ has Meissonic's factor and
     # codebook but few channels (speed/size of the *transformer* are what this preset is about).
     return ModelSource(
         name="meissonic-1024", kind="preset", preset="meissonic-1024", resolution=1024, vq_factor=16,
         vq_channels=(32, 32, 32, 32, 32), vq_latent_channels=16, text_length=77, text_layers=2, text_heads=8,
-        guidance_scale=9.0,
+        guidance_scale=GUIDANCE_SCALE,
         notes=("transformer: the released Meissonic-1024 config (1.0B params) with random weights, built on the "
                "meta device and filled layer by layer (speed and size do not depend on weight values)",
                "text encoder and VQ: small random stand-ins (2-layer CLIP of width 1024; VQ with f=16, 32 "
@@ -125,13 +129,14 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
     text_length = int(read_json(tokenizer_cfg).get("model_max_length", 77)) if tokenizer_cfg.exists() else 77
     vq_cfg = read_json(path / "vqvae" / "config.json")
     vq_factor = 2 ** (len(vq_cfg["block_out_channels"]) - 1)
-    guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else 9.0
+    guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else GUIDANCE_SCALE
     shown = shown or _shown(path)
     notes = [(f"embedded model {shown}" if shown in EMBEDDED_MODELS else f"pipeline folder {shown}")
              + (" (quantized transformer: its manifest says which layers are A8)" if quantized
                 else " (float transformer)")]
     if not settings.sampler.use_cfg:
-        notes.append("the checkpoint's sampler has CFG off; the benchmark uses CFG 9 so each step is a batch of 2")
+        notes.append(f"the checkpoint's sampler has CFG off; the benchmark uses CFG {GUIDANCE_SCALE:g} so each step "
+                     "is a batch of 2")
     return ModelSource(name=display or shown, kind="quantized-dir" if quantized else "float-dir", path=shown,
                        resolution=settings.resolution, vq_factor=vq_factor, text_length=text_length,
                        guidance_scale=guidance, notes=tuple(notes),

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-from mgtq.merging.tome import cell_destinations, match_2x2
+from mgtq.merging.tome import Locality, cell_destinations, match_2x2
 from mgtq.merging.token_merge import TokenMerge
 from mgtq.models.hooks import TokenPlan
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.config import from_mapping, validate
 from mgtq.utils import derive_seed, unwrapped
 
-BLOCK_SETS = {"joint": ("joint",), "single": ("single",), "all": ("joint", "single")}
-_KIND_IDS = {"joint": 1, "single": 2}
+_KIND_IDS = {"joint": 1, "single": 2}  # the transformer's block kinds
+BlockSet = Literal["joint", "single", "all"]  # the blocks TomeMGT merges in; "joint" is the paper's setting
+BLOCK_SET_NAMES = get_args(BlockSet)
+# The block kinds of each set: "all" is both kinds, the others their own.
+BLOCK_SETS = {name: tuple(_KIND_IDS) if name == "all" else (name,) for name in BLOCK_SET_NAMES}
 Sources = Literal["all", "decoded", "masked", "decoded-first"]
 MergeSchedule = Literal["constant", "decoded", "masked"]
 
@@ -69,8 +72,8 @@ class TomeConfig:
     """
 
     ratio: float = 0.5
-    blocks: Literal["joint", "single", "all"] = "joint"  # the keys of BLOCK_SETS
-    locality: Literal["cell", "window", "global"] = "cell"  # mgtq.merging.tome.LOCALITIES
+    blocks: BlockSet = "joint"
+    locality: Locality = "cell"
     window: int = 3
     sources: Sources = "all"
     # Default "decoded": merging while the image is mostly [MASK] is what costs quality (chosen on

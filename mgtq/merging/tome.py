@@ -12,7 +12,7 @@ a `torch.Generator` passed in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from mgtq.merging.token_merge import TokenMerge
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
-LOCALITIES = ("cell", "window", "global")
+Locality = Literal["cell", "window", "global"]  # where a source may merge (match_2x2)
+LOCALITIES = get_args(Locality)
 # Cosines this close to a source's best count as ties (float32 rounding of identical rows).
 TIE_TOLERANCE = 1e-6
 

@@ -15,6 +15,7 @@ from diffusers import VQModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
 from mgtq.utils import derive_seed
 
@@ -113,8 +114,6 @@ def empty_transformer(config: dict, dtype: torch.dtype) -> nn.Module:
     """The transformer on the meta device (no memory), cast to `dtype` there."""
     from accelerate import init_empty_weights
 
-    from mgtq.models import MeissonicTransformer
-
     with init_empty_weights(include_buffers=True):
         model = MeissonicTransformer(**config)
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules this model lacks.
@@ -141,7 +140,8 @@ def random_quantized_transformer(config: dict, a8_layers: set[str], input_scales
         raise KeyError(f"layer {missing[0]} is W4A8 but has no calibrated input scale")
     layers = {n: checkpoint.LayerScheme("w4a8") if n in a8_layers else checkpoint.LayerScheme("w4a16", group_size)
               for n in names}
-    model = nn.Module.to(checkpoint.build_empty(config, checkpoint.Manifest(layers=layers)), float_dtype)
+    empty = checkpoint.build_empty(MeissonicTransformer, config, checkpoint.Manifest(layers=layers))
+    model = nn.Module.to(empty, float_dtype)
     for name in names:
         layer = model.get_submodule(name)
         checkpoint.assign_layer_(

@@ -34,6 +34,7 @@ from torch import nn
 from mgtq.fused import attention, native_qk_norm_rope, qk_norm_rope
 from mgtq.models.hooks import BlockTokens, TokenPlan
 from mgtq.models.layers import Linear, PatchConv2d, PointwiseConv2d, RMSNorm, linear_act
+from mgtq.quantization import checkpoint
 
 # Fixed by the official architecture (inherited from aMUSEd): five micro-conditions, each embedded
 # sinusoidally to 256 channels; norms use eps 1e-6; the conv/projection layers around the
@@ -380,8 +381,6 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         (diffusers would build random float weights for its packed Linears). A local folder inside a pipeline
         folder whose model_index.json records checksums is held to them, unless `checksums=False` (a caller that
         checks them itself: mgtq.load hashes them beside the load and checks them before it returns)."""
-        from mgtq.quantization import checkpoint  # it imports this module
-
         from mgtq.components import check_files, check_loaded, check_recorded
 
         folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
@@ -393,7 +392,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
             if kwargs.pop("checksums", True):
                 check_recorded(folder)  # the checksums of the pipeline folder around it, if it records them
         if folder.is_dir() and checkpoint.is_quantized(folder):
-            return checkpoint.load_pretrained(pretrained_model_name_or_path, **kwargs)
+            return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
         variant = kwargs.get("variant")  # the files diffusers reads are the ones checked
         if folder.is_dir():  # a local float folder is held to mgtq's checks, as mgtq.load holds it
             check_files(folder, variant)  # layer counts the weights can hold, before anything is allocated
@@ -405,8 +404,6 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' writer, local and safetensors only; a quantized model is written in mgtq's checkpoint format
         (manifest, sha256), which takes no options."""
-        from mgtq.quantization import checkpoint
-
         if kwargs.get("safe_serialization", True) is False:
             raise ValueError("mgtq writes safetensors only, never pickle files; leave safe_serialization out "
                              "(or pass True); nothing was written")
@@ -777,8 +774,3 @@ def _reject_unsupported(unused: dict) -> None:
         if value is not None:
             raise ValueError(f"'{name}' is not supported by mgtq's Meissonic transformer; pass None")
 
-
-
-def plain_config(config) -> dict:
-    """The constructor arguments of a MeissonicTransformer config (no diffusers bookkeeping keys)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}

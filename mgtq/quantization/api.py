@@ -22,7 +22,7 @@ from mgtq.config import validate
 from mgtq.utils import set_submodule, unwrapped
 
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
-from .qtensor import INT8_MM_CHUNK_N, choose_int8_scale, tensor_nbytes
+from .qtensor import INT8_MM_CHUNK_N, check_group_size, choose_int8_scale, tensor_nbytes
 from .selection import A8_FRACTION, select_a8_layers
 
 __all__ = [
@@ -128,12 +128,6 @@ def convert_qat_(model: nn.Module, chunk_n: int = INT8_MM_CHUNK_N) -> dict[str, 
 
 # ------------------------------------------------------------------- configs, quantize_
 
-def _check_group_size(where: str, group_size: int | None) -> None:
-    if group_size is not None and (group_size <= 0 or group_size % 2):
-        raise ValueError(f"{where}.group_size must be None (one scale per output channel) or a positive even "
-                         f"integer such as 32, 64 or 128, got {group_size!r}")
-
-
 def _check_percentile(where: str, percentile: float) -> None:
     if not 0 < percentile <= 100:
         raise ValueError(f"{where}.percentile must be a number in (0, 100], got {percentile!r}")
@@ -148,7 +142,7 @@ class W4A16Config:
 
     def __post_init__(self):
         validate(self, "W4A16Config")
-        _check_group_size("W4A16Config", self.group_size)
+        check_group_size(self.group_size, "W4A16Config.group_size")
 
 
 @dataclass(frozen=True)
@@ -181,7 +175,7 @@ class SCQConfig:
         validate(self, "SCQConfig")
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"SCQConfig.fraction must be a number in [0, 1], got {self.fraction!r}")
-        _check_group_size("SCQConfig", self.group_size)
+        check_group_size(self.group_size, "SCQConfig.group_size")
         _check_percentile("SCQConfig", self.percentile)
 
 

@@ -2,7 +2,7 @@
 
 A quantized `transformer/` folder holds three files, and nothing else in mgtq knows their names:
 
-    config.json                            the MeissonicTransformer constructor arguments, and a
+    config.json                            the model's constructor arguments (MeissonicTransformer's), and a
                                            `quantization_config` (quant_method "mgtq", format version,
                                            schemes) so that loaders that do not know mgtq refuse it
     manifest.json                          `Manifest`: format version, per-layer `LayerScheme`, the
@@ -29,17 +29,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mgtq.config import from_mapping, read_mapping, validate
-from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.config import from_mapping, plain_config, read_mapping, validate
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import COMPUTE_DTYPES, QuantizedLinear, W4A8Linear, W4Linear
+from mgtq.quantization.qtensor import check_group_size
 from mgtq.utils import (DTYPE_NAMES, FloatDtype, all_finite, atomic_write_text, describe_path, parse_dtype,
                         sha256_file)
 
@@ -57,6 +57,9 @@ _OWN_DTYPE = {"weight_packed": torch.uint8, "weight_scale": torch.float32, "inpu
 _SCALES = ("weight_scale", "input_scale")
 REEXPORT = "re-export the checkpoint (`mgtq export RUN --out DIR`)"
 QUANT_METHOD = "mgtq"  # config.json's quantization_config.quant_method, as diffusers' quantizers name theirs
+# The model class a checkpoint is read into (MeissonicTransformer): its callers pass it, so this format imports no
+# model (mgtq.models.transformer imports this module).
+Model = TypeVar("Model", bound=nn.Module)
 
 
 # ------------------------------------------------------------------------------------ the format
@@ -71,8 +74,7 @@ class LayerScheme:
 
     def __post_init__(self):
         validate(self, "layer")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
+        check_group_size(self.group_size, "group_size", none="null")
         if self.scheme == "w4a8" and self.group_size is not None:
             raise ValueError(f"a w4a8 layer has per-channel weight scales: group_size must be null, got "
                              f"{self.group_size}")
@@ -186,7 +188,7 @@ def quantization_config(manifest: Manifest) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- write
-def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathLike) -> Manifest:
+def save(model: nn.Module, manifest: Manifest, folder: str | os.PathLike) -> Manifest:
     """Write `model` (quantized, float parts already in `manifest.float_dtype`) into the new or empty
     `folder`; returns the manifest as written (with the weights file's sha256).
 
@@ -214,7 +216,7 @@ def save(model: MeissonicTransformer, manifest: Manifest, folder: str | os.PathL
     return written
 
 
-def save_pretrained(model: MeissonicTransformer, folder: str | os.PathLike) -> Manifest:
+def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Manifest:
     """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `describe(model)`. As diffusers'
     writer, into `folder`, leaving files of others alone; its own three files are each replaced by a rename,
     and weight files an earlier save left (`diffusion_pytorch_model*`: a float model's shards) are removed."""
@@ -292,8 +294,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         raise ValueError(f"{path}: {err}; {REEXPORT}") from None
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """MeissonicTransformer constructor arguments from config.json (unknown keys are errors)."""
+def read_config(folder: str | os.PathLike, cls: type[nn.Module]) -> dict:
+    """`cls`'s constructor arguments from config.json (unknown keys are errors)."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {REEXPORT}")
@@ -307,7 +309,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     if method != QUANT_METHOD:
         raise ValueError(f"{path}: quantization_config.quant_method is {method!r}; mgtq reads its own "
                          f"({QUANT_METHOD!r}) checkpoints only")
-    known = set(inspect.signature(MeissonicTransformer.__init__).parameters) - {"self"}
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: {sorted(known)}); fix the file or {REEXPORT}")
@@ -322,13 +324,13 @@ def _read_checkpoint_json(path: Path) -> dict:
         raise ValueError(f"{err}; {REEXPORT}") from None
 
 
-def build_empty(config: Mapping, manifest: Manifest) -> MeissonicTransformer:
-    """The transformer on the meta device (no memory) with the manifest's quantized modules in place."""
+def build_empty(cls: type[Model], config: Mapping, manifest: Manifest) -> Model:
+    """`cls(**config)` on the meta device (no memory) with the manifest's quantized modules in place."""
     try:
         from accelerate import init_empty_weights
 
         with init_empty_weights():
-            model = MeissonicTransformer(**config)
+            model = cls(**config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"config: {err}; {REEXPORT}") from None
     return install_quantized_(model, manifest.layers)
@@ -376,8 +378,9 @@ def assign_layer_(layer: QuantizedLinear, codes: torch.Tensor, scales: torch.Ten
     return layer
 
 
-def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> MeissonicTransformer:
-    """The quantized transformer of `folder`, validated (see module docstring), in eval mode.
+def load(folder: str | os.PathLike, cls: type[Model], dtype: torch.dtype | str | None = None) -> Model:
+    """The quantized transformer of `folder`, a `cls` (MeissonicTransformer), validated (see module docstring), in
+    eval mode.
 
     `dtype` casts the float parts after loading (int4 codes and scales are never cast).
     """
@@ -402,11 +405,11 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
         if digest != expected:
             raise ValueError(f"{path}: sha256 {digest[:16]}… differs from files.{name} in {MANIFEST} "
                              f"({expected[:16]}…): the file was modified or damaged; {REEXPORT}")
-    config = read_config(folder)
+    config = read_config(folder, cls)
     _check_metadata(weights)
     _check_layer_counts(config, weights)
     try:
-        model = build_empty(config, manifest)
+        model = build_empty(cls, config, manifest)
     except ValueError as err:
         where = folder / (CONFIG if str(err).startswith("config:") else MANIFEST)
         raise ValueError(f"{where}: {str(err).removeprefix('config: ')}") from None
@@ -423,8 +426,8 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> M
     return model.eval().requires_grad_(False)
 
 
-def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, torch_dtype=None, device_map=None,
-                    **unsupported) -> MeissonicTransformer:
+def load_pretrained(cls: type[Model], folder: str | os.PathLike, subfolder: str | None = None, torch_dtype=None,
+                    device_map=None, **unsupported) -> Model:
     """`MeissonicTransformer.from_pretrained` of a quantized folder: `load`, with diffusers' dtype and device
     arguments. Options that only make sense for float weights are errors, never silently ignored."""
     ignored = {"local_files_only", "use_safetensors", "low_cpu_mem_usage"}
@@ -434,7 +437,7 @@ def load_pretrained(folder: str | os.PathLike, subfolder: str | None = None, tor
         raise ValueError(f"{folder}: a quantized mgtq transformer loads with torch_dtype= and device_map= only; "
                          f"unsupported options {bad}")
     folder = Path(folder) / subfolder if subfolder else Path(folder)
-    model = load(folder, dtype=None if torch_dtype == "auto" else torch_dtype)
+    model = load(folder, cls, dtype=None if torch_dtype == "auto" else torch_dtype)
     if device_map is not None:
         try:
             device = torch.device(device_map) if isinstance(device_map, (str, torch.device)) else None

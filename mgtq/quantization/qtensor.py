@@ -39,6 +39,7 @@ __all__ = [
     "INT8_MIN",
     "INT8_MAX",
     "MappingLike",
+    "check_group_size",
     "quantize_int4_weight",
     "dequantize_int4_weight",
     "choose_int8_scale",
@@ -86,6 +87,16 @@ def mapping_name(mapping_type: MappingLike) -> str:
 
 
 # --------------------------------------------------------------------------- weights
+
+
+def check_group_size(value: int | None, where: str, none: str = "None") -> None:
+    """The one rule for a configured int4 group size: ``None`` (one scale per output channel) or an even integer
+    ≥ 2; whether it divides a layer's K is `resolve_group_size`'s check. ``where`` names the setting in the
+    ValueError ("W4A16Config.group_size", "qat.group_size"); ``none`` is how its source spells None ("null" in
+    a YAML recipe or a JSON manifest)."""
+    if value is not None and (value < 2 or value % 2):
+        raise ValueError(f"{where} must be {none} (one scale per output channel) or an even integer ≥ 2 such as "
+                         f"32, 64 or 128, got {value!r}")
 
 
 def resolve_group_size(in_features: int, group_size: int | None) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from mgtq.config import validate
 
 GroupRule = Literal["confidence", "cells", "masked"]
-GROUP_RULES = ("confidence", "cells", "masked")
+GROUP_RULES = get_args(GroupRule)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgtq.models.transformer import MeissonicTransformer, plain_config
+from mgtq.config import plain_config
+from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import FakeQuantLinear, linear_names, prepare_qat_
 from mgtq.quantization.api import unmatched_patterns
 from mgtq.sampling import SamplerConfig

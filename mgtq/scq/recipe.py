@@ -24,6 +24,7 @@ import yaml
 
 from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
+from mgtq.quantization.qtensor import check_group_size
 from mgtq.quantization.selection import A8_FRACTION
 from mgtq.utils import FloatDtype
 
@@ -129,8 +130,7 @@ class QATConfig:
         _at_least(self, "qat", 1, "batch_size", "gradient_accumulation", "save_every")
         if self.lr <= 0:
             raise ValueError(f"qat.lr must be positive, got {self.lr}")
-        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
-            raise ValueError(f"qat.group_size must be null or an even integer ≥ 2, got {self.group_size}")
+        check_group_size(self.group_size, "qat.group_size", none="null")
         if not 0 <= self.cond_drop < 1:
             raise ValueError(f"qat.cond_drop must be in [0, 1), got {self.cond_drop}")
 

@@ -16,6 +16,7 @@ line) is also the same after a resume.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,16 @@ class LoopSettings:
         validate(self, "loop")
         if self.steps < 0 or self.save_every < 1 or self.accumulation < 1:
             raise ValueError(f"loop settings need steps ≥ 0, save_every ≥ 1 and accumulation ≥ 1, got {self}")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The learning-rate factor of optimizer step `step` (from 0) of `total`: linear warm-up to 1 over the first
+    `warmup` steps, then cosine decay to `min_ratio` at step `total` (and `min_ratio` after it). A LambdaLR's
+    lambda; the MGT and VQ trainers share it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resume(accelerator, state_dir: Path, model, optimizer, scheduler=None,

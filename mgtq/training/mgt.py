@@ -188,11 +188,8 @@ def _warm_start(transformer, text_encoder, tokenizer, folder: Path) -> dict:
 
 
 def lr_at(step: int, config: MGTTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio·lr."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up, then cosine decay to min_lr_ratio·lr (loop.warmup_cosine of the config's steps)."""
+    return loop.warmup_cosine(step, config.steps, config.warmup, config.min_lr_ratio)
 
 
 class _MaskedTokenLoss(torch.nn.Module):

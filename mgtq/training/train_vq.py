@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from ..config import validate
 from ..shapes.world import render, sample_scene
 from ..utils import atomic_directory, recover_atomic_target, write_json
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
+from .loop import warmup_cosine
 from .state import keeps_global_rng, load_training_state, save_training_state
 
 CHECKPOINT_DIR = "checkpoint"
@@ -95,14 +95,6 @@ def world_batch(seed: int, step: int, batch_size: int) -> np.ndarray:
     """The training images of ``step``: uint8 (B, 64, 64, 3), a pure function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
     return np.stack([render(sample_scene(rng)) for _ in range(batch_size)])
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay from 1 to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def vq_forward(vq, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,7 +250,7 @@ def train_vq(out_dir: str | os.PathLike, steps: int = 3000, batch_size: int = 16
     vq.quantize.legacy = False  # see module docstring: standard VQ-VAE loss weighting
     optimizer = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)
+        optimizer, lambda s: warmup_cosine(s, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
     vq, optimizer, scheduler = accelerator.prepare(vq, optimizer, scheduler)
     model = accelerator.unwrap_model(vq)

@@ -45,8 +45,10 @@ def test_grouped_formats_add_exactly_their_group_scales():
     assert all(grouped.get_submodule(n).weight_scale.shape[1] == 1 for n in a8)
     extra = sum(m.out_features * (m.in_features // 16 - 1) * 4 for m in a16)  # fp32 scales
     assert transformer_weight_nbytes(grouped)[0] == transformer_weight_nbytes(per_channel)[0] + extra
-    with pytest.raises(ValueError, match="group_size 7 must divide"):
-        random_quantized_transformer(config, set(), None, group_size=7)
+    with pytest.raises(ValueError, match="group_size 6 must divide"):
+        random_quantized_transformer(config, set(), None, group_size=6)
+    with pytest.raises(ValueError, match="group_size must be null .* an even integer ≥ 2 .*got 7"):
+        random_quantized_transformer(config, set(), None, group_size=7)  # the manifest's rule, as a load's
 
 
 def test_storage_of_tensor_subclasses_counts_inner_tensors():

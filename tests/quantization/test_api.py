@@ -21,6 +21,8 @@ def micro():
 
 @pytest.mark.parametrize("build, match", [
     (lambda: W4A16Config(group_size=3), "group_size"),
+    (lambda: W4A16Config(group_size=0), r"W4A16Config.group_size must be None \(one scale per output channel\)"),
+    (lambda: SCQConfig(group_size=-2), r"SCQConfig.group_size must be None .* even integer ≥ 2 .*got -2"),
     (lambda: W4A16Config(group_size=True), "group_size"),
     (lambda: W4A8Config(scale_method="max"), "scale_method"),
     (lambda: W4A8Config(scale_method="percentile", percentile=0), "percentile"),

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import mgtq
 from mgtq.components import CHECKSUMS_KEY, SETTINGS_ENTRY
 from mgtq.export import write_checkpoint
+from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import W4A8Linear, W4Linear
 from mgtq.quantization import checkpoint as ckpt
 from testkit import as_official_folder, random_quantized_pipeline
@@ -51,7 +52,7 @@ def test_round_trip_generates_the_same_tokens(qpipe, exported):
 
 
 def test_load_casts_float_parts_but_not_scales(exported):
-    model = ckpt.load(exported / "transformer", dtype="bf16")
+    model = ckpt.load(exported / "transformer", MeissonicTransformer, dtype="bf16")
     layer = next(m for m in model.modules() if isinstance(m, W4A8Linear))
     assert model.embed.embeddings.weight.dtype == torch.bfloat16
     assert layer.weight_scale.dtype == torch.float32 and layer.input_scale.dtype == torch.float32
@@ -107,12 +108,13 @@ def test_describe_reads_the_manifest_off_the_model_and_keeps_the_loaded_provenan
 
 
 def test_assign_layer_fills_an_empty_quantized_module_and_refuses_what_it_cannot_hold(qpipe):
-    from mgtq.models.transformer import plain_config
+    from mgtq.config import plain_config
 
     layers = ckpt.quantized_layers(qpipe.transformer)
     a8 = next(n for n, layer in layers.items() if layer.scheme == "w4a8")
     source = qpipe.transformer.get_submodule(a8)
-    empty = ckpt.build_empty(plain_config(qpipe.transformer.config), ckpt.describe(qpipe.transformer)).get_submodule(a8)
+    empty = ckpt.build_empty(MeissonicTransformer, plain_config(qpipe.transformer.config),
+                             ckpt.describe(qpipe.transformer)).get_submodule(a8)
     assert empty.weight_packed.is_meta
     bias = None if source.bias is None else source.bias.detach().clone()
     args = dict(codes=source.weight_packed.clone(), scales=source.weight_scale.clone(), bias=bias)
@@ -291,6 +293,8 @@ BAD = {
     "unknown float dtype": (_edit_manifest(lambda d: d.update(float_dtype="int8")), ValueError, "float_dtype"),
     "group_size a string": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(group_size="abc")),
                             ValueError, r"layers\.[\w.]+\.group_size must be an integer"),
+    "odd group_size": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(group_size=3)), ValueError,
+                       r"manifest.json: group_size must be null .* even integer ≥ 2 .*got 3; re-export"),
     "unknown scheme": (_edit_manifest(lambda d: d["layers"][_first(d, "w4a16")].update(scheme="w3a8")), ValueError,
                        r"layers\.[\w.]+\.scheme"),
     "layer that does not exist": (_edit_manifest(lambda d: d["layers"].update(nope={"scheme": "w4a16"})), ValueError,

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
     ({"qat": {"batch_size": 0}}, "qat.batch_size must be ≥ 1, got 0"),
     ({"qat": {"save_every": True}}, "qat.save_every must be an integer, got True"),
     ({"qat": {"cond_drop": 1.0}}, "qat.cond_drop must be in [0, 1), got 1.0"),
-    ({"qat": {"group_size": 3}}, "qat.group_size must be null or an even integer ≥ 2, got 3"),
+    ({"qat": {"group_size": 3}}, "qat.group_size must be null (one scale per output channel) or an even integer ≥ 2 "
+                                 "such as 32, 64 or 128, got 3"),
+    ({"qat": {"group_size": 0}}, "or an even integer ≥ 2 such as 32, 64 or 128, got 0"),
     ({"qat": {"skip": "to_q"}}, "qat.skip must be a list, got 'to_q'"),
     ({"qat": {"mixed_precision": "int8"}}, "qat.mixed_precision must be one of ['no', 'bf16', 'fp16'], got 'int8'"),
     ({"prompts": {"count": 2.5}}, "prompts.count must be an integer, got 2.5"),

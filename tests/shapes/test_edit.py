@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from mgtq.cli import EDIT_TASKS as CLI_TASKS
-from mgtq.cli import main
+from mgtq.cli import build_parser, main
 from mgtq.evaluation import evaluate_editing
 from mgtq.shapes import BACKGROUND, parse_prompt, render, score_image, shapebench_prompts
+from mgtq.shapes.shapebench import SPLITS
 from mgtq.shapes.edit import (EDIT_TASKS, IMG2IMG_STRENGTHS, EditItem, edit_inputs, edit_scene, object_region,
                               shapebench_edit_items, target_scene)
 
@@ -26,7 +26,12 @@ def test_items_are_seeded_and_splits_disjoint():
     assert len(every) == len(set(every))  # disjoint across tasks too
     shapebench = {it.seed for split in ("test", "val") for it in shapebench_prompts(split=split)}
     assert not shapebench & set(every)
-    assert CLI_TASKS == EDIT_TASKS
+
+
+def test_mgtq_eval_offers_every_editing_task_and_split():
+    choices = {a.dest: a.choices for a in build_parser(commands=["eval"]).commands["eval"]._actions if a.choices}
+    assert tuple(choices["task"]) == ("shapebench", *EDIT_TASKS, "all")
+    assert tuple(choices["split"]) == tuple(SPLITS)
 
 
 def test_img2img_has_each_scene_at_both_strengths():

@@ -162,3 +162,20 @@ def test_the_accelerator_must_accumulate_as_the_loop_settings_say(tmp_path):
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2"):
         loop.train(accelerator, model, optimizer, lambda step, micro: model.weight.sum(), SETTINGS, tmp_path / "s",
                    progress=False)
+
+
+def test_warmup_cosine_warms_up_linearly_then_decays_to_min_ratio_at_the_last_step():
+    assert loop.warmup_cosine(0, 100, 10, 0.1) == pytest.approx(0.1)  # step 0: 1/warmup
+    assert loop.warmup_cosine(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert loop.warmup_cosine(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert loop.warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert loop.warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert loop.warmup_cosine(130, 100, 10, 0.1) == pytest.approx(0.1)  # held after the last step
+    assert loop.warmup_cosine(0, 4, 0, 0.05) == pytest.approx(1.0)  # no warm-up
+
+
+def test_mgt_training_schedules_its_learning_rate_with_warmup_cosine():
+    from mgtq.training import mgt
+
+    config = mgt.MGTTrainConfig(steps=50, warmup=5, min_lr_ratio=0.2)
+    assert [mgt.lr_at(s, config) for s in range(60)] == [loop.warmup_cosine(s, 50, 5, 0.2) for s in range(60)]

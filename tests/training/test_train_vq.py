@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgtq.training.train_vq import VQTrainConfig, lr_factor, reinit_codes, train_vq, vq_forward, world_batch
+from mgtq.training.loop import warmup_cosine
+from mgtq.training.train_vq import VQTrainConfig, reinit_codes, train_vq, vq_forward, world_batch
 from mgtq.vq import (
     VQConfig,
     build_vq,
@@ -65,12 +66,6 @@ def test_world_batch_is_a_pure_function_of_seed_and_step():
     assert not np.array_equal(a, world_batch(3, 8, 4))
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
-    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
-
-
 def test_reinit_codes_replaces_only_the_given_rows_with_latents():
     emb = torch.zeros(8, 4)
     z = torch.randn(2, 4, 3, 3)
@@ -97,6 +92,9 @@ def test_train_smoke_resume_and_export(tmp_path):
 
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # the learning rate after each step: the shared schedule's (warm-up, then cosine down to min_lr_ratio)
+    assert [r["lr"] for r in log] == pytest.approx(
+        [TRAIN["lr"] * warmup_cosine(r["step"], 4, TRAIN["warmup_steps"], VQTrainConfig.min_lr_ratio) for r in log])
     assert all(np.isfinite(r["loss"]) for r in log)
 
     for folder in (tmp_path / "a" / "final", tmp_path / "export"):
