@@ -537,7 +537,8 @@ def _add_eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=argtypes.integer(minimum=1), default=None,
                    help="only the first N prompts (balanced over categories; per task with --task; default: all)")
     e.add_argument("--split", choices=tuple(SPLITS), default="test",
-                   help="test = ShapeBench (report this); val = other seeds and scenes (captions repeat), for choosing settings")
+                   help="test = ShapeBench (report this); val = other seeds and scenes (captions repeat), for "
+                        "choosing settings")
     e.add_argument("--task", choices=("shapebench", *EDIT_TASKS, "all"), default="shapebench",
                    help="shapebench = text-to-image ShapeBench; inpaint, replace, outpaint, img2img = a "
                         "ShapeBench-Edit task; all = the four editing tasks")
