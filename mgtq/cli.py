@@ -173,14 +173,10 @@ def _model_tile(model: Path | None) -> int | None:
     files alone, so `mgtq edit` can check the image's size before the weights load; None when they do not read
     (loading the model then says why)."""
     from mgtq.default_model import default_model
-    from mgtq.pipeline import pixels_per_token
-    from mgtq.utils import read_json
+    from mgtq.pipeline import folder_pixels_per_token
 
     try:
-        folder = Path(model or default_model())
-        channels = read_json(folder / "vqvae" / "config.json")["block_out_channels"]
-        # MeissonicTransformer's default when the key is absent: compression on
-        return pixels_per_token(channels, read_json(folder / "transformer" / "config.json").get("downsample", True))
+        return folder_pixels_per_token(model or default_model())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

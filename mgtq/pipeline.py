@@ -12,6 +12,7 @@ only, quantized transformers through `mgtq.quantization.checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState,
 from mgtq.sampling.config import flatten_overrides
 from mgtq.utils import (DTYPE_NAMES, atomic_entries, cast_module, hashed_ahead, micro_conditions, non_finite_tensor,
                         parse_dtype, per_sample_generators, read_json, unwrapped, write_json)
+from mgtq.vq import vq_factor
 
 
 @dataclass
@@ -698,9 +700,22 @@ class MGTPipeline(DiffusionPipeline):
 
 # -------------------------------------------------------------------------------------- loading
 def pixels_per_token(block_out_channels, downsample: bool) -> int:
-    """Pixels per token side, from the configs alone: 2^(VQ encoder blocks − 1), × 2 with the transformer's
-    feature compression (`downsample`)."""
-    return 2 ** (len(block_out_channels) - 1) * (2 if downsample else 1)
+    """Pixels per token side, from the configs alone: the VQ's factor (mgtq.vq.vq_factor), × 2 with the
+    transformer's feature compression (`downsample`)."""
+    return vq_factor(block_out_channels) * (2 if downsample else 1)
+
+
+def folder_pixels_per_token(folder: str | os.PathLike) -> int:
+    """pixels_per_token of a pipeline folder from its vqvae/ and transformer/ config files, no weights read (so a
+    size can be checked before a load); a transformer config without `downsample` has MeissonicTransformer's
+    default. OSError, ValueError or KeyError where the configs do not read."""
+    folder = Path(folder)
+    channels = read_json(folder / "vqvae" / "config.json")["block_out_channels"]
+    downsample = read_json(folder / "transformer" / "config.json").get("downsample", _TRANSFORMER_DOWNSAMPLE)
+    return pixels_per_token(channels, downsample)
+
+
+_TRANSFORMER_DOWNSAMPLE = inspect.signature(MeissonicTransformer.__init__).parameters["downsample"].default
 
 
 def _callback_timestep(timestep: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,6 +19,12 @@ import torch
 from mgtq.config import validate
 
 
+def vq_factor(block_out_channels) -> int:
+    """Pixels per VQ token side: the encoder halves the image between its blocks, 2^(blocks − 1) (16 for
+    Meissonic's VQ, 4 for the embedded one)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @dataclass(frozen=True)
 class VQConfig:
     """Architecture of the VQ tokenizer (maps onto ``diffusers.VQModel`` kwargs).
@@ -53,7 +59,7 @@ class VQConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return vq_factor(self.block_out_channels)
 
     @property
     def token_grid(self) -> int:

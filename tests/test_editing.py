@@ -498,6 +498,24 @@ def test_the_cli_checks_sizes_against_the_pipelines_token_pixels(random_pipeline
     assert _model_tile(random_pipeline_dir / "missing") is None  # loading the model says why
 
 
+def test_a_folder_without_downsample_in_its_transformer_config_has_the_transformers_default(random_pipeline_dir,
+                                                                                           tmp_path):
+    import shutil
+
+    from mgtq.pipeline import folder_pixels_per_token
+    from mgtq.utils import read_json, write_json
+
+    for part in ("vqvae", "transformer"):
+        (tmp_path / part).mkdir()
+        shutil.copy(random_pipeline_dir / part / "config.json", tmp_path / part / "config.json")
+    config = read_json(tmp_path / "transformer" / "config.json")
+    assert config.pop("downsample") is True
+    write_json(tmp_path / "transformer" / "config.json", config)
+    assert folder_pixels_per_token(tmp_path) == folder_pixels_per_token(random_pipeline_dir) == 8
+    write_json(tmp_path / "transformer" / "config.json", {**config, "downsample": False})
+    assert folder_pixels_per_token(tmp_path) == 4  # the VQ's factor alone
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def test_cli_edit_mask_outpaint_and_strength(tmp_path, random_pipeline_dir, scene):
     image = tmp_path / "in.png"

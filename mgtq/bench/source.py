@@ -120,6 +120,7 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
     from mgtq.pipeline import read_settings
     from mgtq.quantization import checkpoint
     from mgtq.utils import read_json
+    from mgtq.vq import vq_factor as vq_factor_of
 
     if not (path / "transformer").is_dir():
         raise FileNotFoundError(f"{path} has no transformer/ folder; is it a pipeline folder?")
@@ -128,7 +129,7 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
     tokenizer_cfg = path / "tokenizer" / "tokenizer_config.json"
     text_length = int(read_json(tokenizer_cfg).get("model_max_length", 77)) if tokenizer_cfg.exists() else 77
     vq_cfg = read_json(path / "vqvae" / "config.json")
-    vq_factor = 2 ** (len(vq_cfg["block_out_channels"]) - 1)
+    vq_factor = vq_factor_of(vq_cfg["block_out_channels"])
     guidance = settings.sampler.guidance_scale if settings.sampler.use_cfg else GUIDANCE_SCALE
     shown = shown or _shown(path)
     notes = [(f"embedded model {shown}" if shown in EMBEDDED_MODELS else f"pipeline folder {shown}")
