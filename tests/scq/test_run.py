@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from mgtq.cli import main
+from mgtq.models import MeissonicTransformer
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import W4A8Linear, W4Linear, prepare_qat_
 from mgtq.quantization.checkpoint import FORMAT_VERSION, load as load_quantized_transformer
@@ -404,11 +405,9 @@ def test_export_load_same_logits_as_calibrated_model(exported, run):
     out, _ = run
     recipe = load_recipe_from_run(out)
     sel = read_json(out / "secondary" / "selection.json")
-    from mgtq.models import MeissonicTransformer
-
     fake = MeissonicTransformer.from_pretrained(out / "qat" / "transformer").eval()
     prepare_qat_(fake, group_size=recipe.qat.group_size, a8_layers=sel["a8_layers"], input_scales=sel["input_scales"])
-    real = load_quantized_transformer(exported / "transformer")
+    real = load_quantized_transformer(exported / "transformer", MeissonicTransformer)
     assert sum(isinstance(m, W4A8Linear) for m in real.modules()) == len(sel["a8_layers"])
     assert sum(isinstance(m, (W4Linear, W4A8Linear)) for m in real.modules()) == len(read_json(
         exported / "transformer" / "manifest.json")["layers"])
@@ -443,7 +442,7 @@ def test_unknown_format_version_is_clear_error(tmp_path, exported):
     manifest["format_version"] = 99
     (copy / "transformer" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="version 99"):
-        load_quantized_transformer(copy / "transformer")
+        load_quantized_transformer(copy / "transformer", MeissonicTransformer)
 
 
 def test_tampered_safetensors_is_clear_error(tmp_path, exported):
@@ -457,10 +456,10 @@ def test_tampered_safetensors_is_clear_error(tmp_path, exported):
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, str(weights))
     with pytest.raises(ValueError, match="sha256"):  # shapes, dtypes, values: tests/quantization/test_checkpoint.py
-        load_quantized_transformer(copy / "transformer")
+        load_quantized_transformer(copy / "transformer", MeissonicTransformer)
     weights.write_bytes(weights.read_bytes()[:2000])
     with pytest.raises(ValueError, match="sha256"):
-        load_quantized_transformer(copy / "transformer")
+        load_quantized_transformer(copy / "transformer", MeissonicTransformer)
 
 
 def test_export_waits_for_no_one_and_refuses_a_run_a_calibrate_holds(tmp_path, run, capsys):
@@ -507,8 +506,6 @@ def test_accelerate_launch_and_torchrun_give_the_same_artifacts(tmp_path, random
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibrate_on_a_gpu_computes_every_stage_there(tmp_path, random_pipeline_dir, monkeypatch):
-    from mgtq.models import MeissonicTransformer
-
     devices = []
     forward = MeissonicTransformer.forward
     monkeypatch.setattr(MeissonicTransformer, "forward",
