@@ -46,6 +46,10 @@ DEFAULT_MICRO_CONDS = (1024.0, 1024.0, 0.0, 0.0, 6.0)
 
 
 # ----------------------------------------------------------------------------------------- RoPE
+# Device types without float64 tensors (Apple's MPS framework has none).
+NO_FLOAT64_DEVICES = ("mps",)
+
+
 def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary cos/sin tables of FLUX-style multi-axis RoPE.
 
@@ -54,6 +58,9 @@ def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 100
     """
     if ids.shape[-1] != len(axes_dim):
         raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dims_rope has {len(axes_dim)}")
+    device = ids.device
+    if device.type in NO_FLOAT64_DEVICES:  # built on the host, the same float64 math, then moved
+        ids = ids.cpu()
     cos_parts, sin_parts = [], []
     pos = ids.to(torch.float64)
     for axis, dim in enumerate(axes_dim):
@@ -61,7 +68,8 @@ def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 100
         angles = torch.outer(pos[:, axis], freqs)  # (N, dim/2)
         cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
         sin_parts.append(angles.sin().repeat_interleave(2, dim=1))
-    return torch.cat(cos_parts, dim=-1).float(), torch.cat(sin_parts, dim=-1).float()
+    return (torch.cat(cos_parts, dim=-1).to(device, torch.float32),
+            torch.cat(sin_parts, dim=-1).to(device, torch.float32))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

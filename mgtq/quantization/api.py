@@ -422,7 +422,8 @@ class ActivationStats:
         if not math.isfinite(bmax):
             raise ValueError("non-finite activation seen during calibration")
         self.absmax = max(self.absmax, bmax)
-        self.sum_abs += float(a.sum(dtype=torch.float64))
+        # float64 where the device has it (MPS has none: its float32 sum is ample for ranking layers)
+        self.sum_abs += float(a.sum(dtype=torch.float32 if a.device.type == "mps" else torch.float64))
         self.count += a.numel()
         self.batches += 1
         self._update_histogram(a, bmax)

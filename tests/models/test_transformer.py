@@ -11,6 +11,9 @@ import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import mgtq.fused
 from mgtq.fused import native_qk_norm_rope
@@ -201,6 +204,31 @@ def test_rope_tables_rotate_pairs():
     y = apply_rope(x, cos, sin)
     assert torch.allclose(y.norm(), x.norm(), atol=1e-6)  # rotations keep the norm
     assert torch.allclose(y[..., :2], x[..., :2])  # axis 0 has position 0: identity
+
+
+class _TensorsMade(TorchDispatchMode):
+    """Records (device type, dtype) of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made |= {(t.device.type, t.dtype) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_rope_tables_for_an_mps_model_make_no_float64_tensor_there():
+    # MPS has no float64 ("Cannot convert a MPS Tensor to float64"): the tables are built on the host and moved.
+    # Fake tensors stand for MPS ones (building them on "mps" itself fails at the first factory call here).
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ids = torch.zeros(10, 3, device="mps")
+        made = _TensorsMade()
+        with made:
+            cos, sin = rope_tables(ids, (4, 6, 6))
+    assert (cos.device.type, cos.dtype, sin.device.type, sin.dtype) == ("mps", torch.float32, "mps", torch.float32)
+    assert ("cpu", torch.float64) in made.made and ("mps", torch.float64) not in made.made
 
 
 def _official_rope(x, cos, sin):
