@@ -2,9 +2,11 @@
 
     python benchmarks/gpu_check.py     # on a CUDA machine: benchmarks/results/gpu_<gpu>{,_bench}.{json,md}
     python benchmarks/gpu_check.py --smoke --out DIR   # anywhere (CPU): steps 2 and 3, tiny and fast
+    python benchmarks/gpu_check.py --compile    # then, time permitting: the compiled cases beside the eager ones
 
 Steps:
-1. `pytest -m cuda` (tests marked `cuda` are skipped without a GPU): pass/fail/skip counts.
+1. `pytest -m "cuda and not slow"` (tests marked `cuda` are skipped without a GPU; the `slow` ones compile
+   whole models, past this check's budget): pass/fail/skip counts, and the last lines printed if it times out.
 2. `mgtq bench` (`run_bench`) on meissonic-1024 with random weights: bf16 (and fp16 where the bench
    has it), w4a16, w4a8, scq and the torchao int4 weight-only / int8 peers; eager, transformer
    forward latency (interleaved rounds, the bench's default), the 48-step image,
@@ -47,29 +49,38 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+CUDA_TESTS = ("-m", "cuda and not slow")  # the slow ones compile whole models: too long for this check's budget
+
+
 def run_cuda_tests(timeout_s: float) -> dict:
-    """`pytest -m cuda` in a subprocess: counts parsed from its summary line."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"]
+    """`pytest -m "cuda and not slow"` in a subprocess: counts parsed from its summary line; on a timeout, the
+    last lines it printed (which tests passed before it stopped)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=5", *CUDA_TESTS, "tests"]
+    command = "python -m pytest -q -rfE --durations=5 -m 'cuda and not slow' tests"
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"command": " ".join(cmd[1:]), "status": "timeout", "wall_s": time.perf_counter() - start}
+    except subprocess.TimeoutExpired as err:
+        printed = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return {"command": command, "status": "timeout", "wall_s": time.perf_counter() - start,
+                "summary": f"timed out after {timeout_s:.0f} s", "output_tail": printed.strip().splitlines()[-20:]}
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", tail)}
-    return {"command": "python -m pytest -q -m cuda tests", "returncode": proc.returncode, "summary": tail,
+    return {"command": command, "returncode": proc.returncode, "summary": tail,
+            "output_tail": proc.stdout.strip().splitlines()[-20:],
             "counts": counts, "wall_s": time.perf_counter() - start,
             "status": "ok" if proc.returncode in (0, 5) else "failed"}  # 5: nothing collected
 
 
-def bench_config(smoke: bool, device: str, out: Path, name: str, model: str | None = None) -> BenchConfig:
+def bench_config(smoke: bool, device: str, out: Path, name: str, model: str | None = None,
+                 compile: bool = False) -> BenchConfig:
     formats = tuple(f for f in GPU_FORMATS if f in FORMATS)  # fp16 only once the bench offers it
     if smoke:
         return BenchConfig(model=model or "tiny-shapes", formats=("bf16", "w4a16"), device="cpu", threads=1,
                            isolation="none", json=str(out / f"gpu_{name}_bench.json"),
                            measure=MeasureSettings(warmup=0, repeats=1, steps=1, memory=False))
     return BenchConfig(model=model or "meissonic-1024", formats=formats, peers=GPU_PEERS, device=device,
-                       json=str(out / f"gpu_{name}_bench.json"),
+                       json=str(out / f"gpu_{name}_bench.json"), compile=compile,
                        measure=MeasureSettings(warmup=1, repeats=3, steps=48, budget_s=20.0))
 
 
@@ -136,18 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="CUDA device (ignored with --smoke)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--model", default=None, help="bench model (default: meissonic-1024; tiny-shapes with --smoke)")
+    parser.add_argument("--compile", action="store_true",
+                        help="a second run's job: every case also under torch.compile (cold compiles take minutes)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; run with --smoke for the CPU check, or on a GPU machine")
     start = time.perf_counter()
     device = "cpu" if args.smoke else args.device
-    name = "smoke" if args.smoke else slug(gpu_name(device))
+    name = ("smoke" if args.smoke else slug(gpu_name(device))) + "_compiled" * args.compile
     args.out.mkdir(parents=True, exist_ok=True)
-    tests = ({"command": "python -m pytest -q -m cuda tests", "status": "not run (smoke)"} if args.smoke
+    tests = ({"command": "pytest " + " ".join(CUDA_TESTS), "status": "not run (smoke)"} if args.smoke
              else run_cuda_tests(timeout_s=TIME_LIMIT_S / 4))
-    report = run_bench(bench_config(args.smoke, device, args.out, name, args.model))
-    result = {"device_name": gpu_name(device), "command": "python benchmarks/gpu_check.py"
-              + (" --smoke" if args.smoke else ""), "torch": torch.__version__, "cuda": torch.version.cuda,
+    report = run_bench(bench_config(args.smoke, device, args.out, name, args.model, compile=args.compile))
+    command = "python benchmarks/gpu_check.py" + " --smoke" * args.smoke + " --compile" * args.compile
+    result = {"device_name": gpu_name(device), "command": command, "torch": torch.__version__,
+              "cuda": torch.version.cuda,
               "tests": tests, "bench": summarize(report), "kernels": kernel_choices(device),
               "wall_s": time.perf_counter() - start,
               "time_limit_s": TIME_LIMIT_S}

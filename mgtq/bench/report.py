@@ -197,7 +197,9 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Results (ratios vs bf16 of the same run; latency ratio < 1 = faster)", "",
               "Peak RSS: whole case process (build + inference). Inference peak: after the build, freed heap "
               "returned to the OS (malloc_trim) and the peak reset; what the built pipeline needs to run."
-              + (" GPU peak: torch.cuda.max_memory_allocated over build and inference, what the GPU must hold; "
+              + (" GPU peak: torch.cuda.max_memory_allocated over build and inference, the tensors' peak: a lower "
+                 "bound of what the GPU must hold (the CUDA context, kernels' modules and the allocator's reserve, "
+                 "max_memory_reserved in the JSON, come on top); "
                  "×bf16 CPU time there is mostly the host waiting for the GPU." if on_gpu else ""), "",
               "| config | weights MB | ×bf16 | peak RSS MB | ×bf16 | inference peak RSS MB |"
               + (" GPU peak MB | ×bf16 |" if on_gpu else "")

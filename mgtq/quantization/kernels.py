@@ -30,9 +30,13 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
 | cuda   | W4A16  | bf16, sm80+, tinygemm layout prepared (opt-in) | tinygemm         |
 | cuda   | W4A16  | M <= 16, per-channel                           | int8pack         |
+| cuda   | W4A16  | compiling                                      | dequant_inline   |
 | cuda   | W4A16  | otherwise                                      | dequant          |
+| cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0,| int_mm_inline    |
+|        |        | compiling                                      |                  |
 | cuda   | W4A8   | _int_mm supported, M > 16, K % 8 == N % 8 == 0 | int_mm           |
-| cuda   | W4A8   | otherwise (few rows, older GPU, odd shapes)    | int8pack_exact   |
+| cuda   | W4A8   | K <= 16384 (few rows, older GPU, odd shapes)   | int8pack_exact   |
+| cuda   | W4A8   | otherwise                                      | fp32_exact       |
 | other  | W4A16  | any (Apple's mps, Intel's xpu, …)              | dequant          |
 | other  | W4A8   | any                                            | fp32_exact       |
 
@@ -93,6 +97,9 @@ Kernels:
   producing the input (one pass fewer over the activations per layer);
 * ``int_mm``: quantize, ONE ``torch._int_mm`` on the whole layer, rescale
   epilogue (each one fused kernel on CUDA);
+* ``int_mm_inline``: the same as plain torch ops under ``torch.compile`` on CUDA, so that Inductor fuses the
+  activation quantization into its producer, the unpack into one pass and the rescale into the GEMM's consumer
+  (the custom ops of ``int_mm`` are opaque to it);
 * ``fp32_exact``: devices other than the CPU and CUDA, where neither torch's integer GEMMs nor mgtq's kernels
   are known to run: the int8 activations and int4 weights as fp32 through ``torch.matmul`` (exact integer
   sums, see :func:`exact_int_sums`), then the W4A8 rescale; plain torch ops only, so it runs wherever torch
@@ -100,7 +107,8 @@ Kernels:
 
 ``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
 (:func:`int_mm_supported`); otherwise, and for M <= 16 (``_int_mm``'s CUDA
-minimum), ``int8pack_exact`` runs without padding or weight copies.
+minimum), ``int8pack_exact`` runs without padding or weight copies, where K keeps its fp32 sums exact
+(``EXACT_FP32_MAX_K``; Meissonic's largest K is 4096), and ``fp32_exact`` (which sums longer rows in pieces) beyond.
 
 Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per layer shape):
 
@@ -127,7 +135,8 @@ Why these (``benchmarks/bench_linear_kernels.py`` times every candidate per laye
 * CUDA: every elementwise step (activation quantization, int4 unpack,
   int32 rescale + bias + cast, dequantize) is one fused kernel (a
   ``torch.compile``-d pointwise function, Triton), registered as a custom op
-  so the model itself compiles with ``fullgraph=True`` on every device.
+  so the model itself compiles with ``fullgraph=True`` on every device; under a
+  whole-model ``torch.compile`` the ``*_inline`` kernels give those steps to Inductor instead.
 * ``tinygemm`` needs its own tiled copy of the weight (int4, the same bytes
   again), so it is opt-in; the state dict keeps ``weight_packed``.
 
@@ -181,7 +190,7 @@ __all__ = [
 
 KERNELS = ("int8pack", "dequant", "dequant_inline", "dequant_fp32", "tinygemm", "onednn", "onednn_inline",
            "amx", "vnni", "avx512", "int8pack_exact", "int_mm_chunked", "int_mm_chunked_inline", "int_mm",
-           "fp32_exact")
+           "int_mm_inline", "fp32_exact")
 # Classes where the W4A8 weight cache is oneDNN's prepacked weight and its GEMM the fastest W4A8
 # path (AMX int8 tiles; see the module docstring for why not avx512-vnni).
 ONEDNN_INT8_CLASSES = ("amx-int8",)
@@ -189,7 +198,8 @@ ONEDNN_INT8_CLASSES = ("amx-int8",)
 # whose W4A16 runs its AVX512-BF16 kernel (w4a16_avx512_linear) where the CPU has AVX512-BF16.
 VNNI_NATIVE_CLASSES = ("amx-bf16", "avx512-vnni")
 # torch._weight_int4pack_mm (tinygemm) supports these group sizes; a per-channel
-# weight is fed to it as groups of 256 carrying the same scale (exact).
+# weight is fed to it as groups of 256 carrying the same scale. tinygemm reads its scales in bf16, so its
+# weights are q * bf16(scale): within one bf16 step of the dequant path's q * scale (fp32 product, one rounding).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 TINYGEMM_INNER_K_TILES = 8
 # Devices whose kernels are torch's integer GEMMs or mgtq's; any other (mps, xpu, ...) runs plain torch ops
@@ -276,7 +286,7 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
             return "avx512"  # after int8pack: its dequantized chunks cost more than int8pack's GEMV at few rows
         if ctx.device == "cpu" and ctx.cpu_class == "avx2" and ctx.dtype in (torch.bfloat16, torch.float16):
             return "dequant_fp32"  # no bf16/fp16 dot products: oneDNN's half-precision GEMM is emulated
-        return "dequant_inline" if ctx.device == "cpu" and ctx.compiling else "dequant"
+        return "dequant_inline" if ctx.compiling else "dequant"
     if scheme == "w4a8":
         # The cache is built for this machine's class (weight_cache_backend); a context without a class
         # (tests of other rows) trusts it.
@@ -290,7 +300,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)
-            return "int_mm" if ok else "int8pack_exact"
+            if ok:
+                return "int_mm_inline" if ctx.compiling else "int_mm"
+            return "int8pack_exact" if ctx.k <= EXACT_FP32_MAX_K else "fp32_exact"
         # Few rows: the (M, N) accumulator is tiny, so one unchunked _int_mm (no CUDA-style limits on CPU);
         # torch's fp32 _weight_int8pack_mm is unvectorised on CPU, so int8pack_exact is CUDA-only.
         if small:
@@ -399,38 +411,58 @@ def _dequantize_ref(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return w.view(n, k).to(dtype)
 
 
+# The runner of each fused kernel by name: compiled, or the eager reference where compiling failed.
 _COMPILED: dict[str, object] = {}
+# (name, argument signature) pairs past Dynamo's recompile limit: those run the reference.
+_PAST_LIMIT: set[tuple] = set()
 
 
 def _fused(name: str, fn):
-    """``fn`` compiled into one CUDA kernel (once per process); ``fn`` itself, with one warning, where compiling
-    fails (no Triton, no C compiler, a GPU Triton does not support): the eager reference gives the same results."""
-    if name not in _COMPILED:
-        _COMPILED[name] = _compiled_or_eager(name, fn)
-    return _COMPILED[name]
+    """``fn`` compiled into one CUDA kernel; ``fn`` itself, with one warning, where compiling fails (no Triton,
+    no C compiler, a GPU Triton does not support): the eager reference gives the same results."""
+    return functools.partial(_run_fused, name, fn)
+
+
+def _signature(arg) -> object:
+    """What a compiled graph specializes on: a tensor's device, dtype and rank; any other argument's value."""
+    return (arg.device, arg.dtype, arg.dim()) if isinstance(arg, torch.Tensor) else arg
+
+
+def _run_fused(name: str, fn, *args):
+    """``name``'s runner on ``args``. torch.compile is lazy, so a backend that cannot compile fails when a graph is
+    first made, on any call that brings a new signature, not only the first: such a failure hands the kernel to
+    its reference for good. Dynamo counts graphs per function and, under ``fullgraph=True``, raises past its
+    recompile limit (bias or none, model dtype, device index, … multiply them); that signature alone then runs
+    the reference, and the signatures compiled before keep their graphs."""
+    runner = _COMPILED.get(name)
+    if runner is None:
+        runner = _COMPILED[name] = _compiled_or_eager(name, fn)
+    if runner is fn:
+        return fn(*args)
+    key = (name, *map(_signature, args))
+    if key in _PAST_LIMIT:
+        return fn(*args)
+    try:
+        return runner(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # not a TorchDynamoException
+        warnings.warn(f"mgtq: the fused {name!r} kernel reached torch._dynamo.config.recompile_limit "
+                      f"({torch._dynamo.config.recompile_limit} argument signatures in this process); calls with "
+                      "new signatures run its eager reference: same results, slower", RuntimeWarning, stacklevel=3)
+        _PAST_LIMIT.add(key)
+    except torch._dynamo.exc.TorchDynamoException as err:
+        _fallback_warning(name, err)
+        _COMPILED[name] = fn
+    return fn(*args)
 
 
 def _compiled_or_eager(name: str, fn):
-    """The first call's runner: torch.compile is lazy, so a backend that cannot compile fails only when it is
-    first called, and that is where the eager `fn` takes over (as it does at once where torch.compile itself
-    refuses, e.g. a Python that Dynamo does not support)."""
+    """``fn`` compiled, or ``fn`` with a warning where torch.compile refuses at once (a Python Dynamo does not
+    support)."""
     try:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return torch.compile(fn, dynamic=True, fullgraph=True)
     except Exception as err:  # noqa: BLE001 (any refusal: the eager reference is right everywhere)
         _fallback_warning(name, err)
         return fn
-
-    def first_call(*args):
-        try:
-            out = compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            _fallback_warning(name, err)
-            _COMPILED[name] = fn
-            return fn(*args)
-        _COMPILED[name] = compiled
-        return out
-
-    return first_call
 
 
 def _fallback_warning(name: str, err: Exception) -> None:
@@ -446,9 +478,10 @@ def _native_quantizer(x: torch.Tensor) -> bool:
 @torch.library.custom_op("mgtq::quantize_int8_rows", mutates_args=())
 def quantize_int8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) float, static scale () -> int8 (M, K), round-half-even of ``x_fp32 * (1/scale)``."""
-    if x.device.type == "cuda":
+    if x.device.type != "cpu":
         inv = torch.reciprocal(scale.to(torch.float32))  # IEEE reciprocal, as on CPU
-        return _fused("quantize", _quantize_rows_ref)(x, inv)
+        # The CPU's cache-blocked version suits no other device: one fused kernel on CUDA, plain ops elsewhere.
+        return _fused("quantize", _quantize_rows_ref)(x, inv) if x.device.type == "cuda" else _quantize_rows_ref(x, inv)
     if _native_quantizer(x):
         return amx.quantize_int8(x, scale)  # one vectorised pass instead of four cache-blocked torch ops
     return quantize_int8_per_tensor(x, scale).reshape(-1, x.shape[-1])
@@ -506,6 +539,8 @@ def dequantize_int4_op(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     """Packed int4 (N, K/2) + scales (N, G) -> float (N, K) in ``dtype`` (exact fp32 product, one rounding)."""
     if packed.device.type == "cuda":
         return _fused("dequantize", _dequantize_ref)(packed, scale, dtype)
+    if packed.device.type != "cpu":  # the CPU's cache-blocked loop would be many small launches on mps / xpu
+        return _dequantize_ref(packed, scale, dtype)
     return dequantize_int4_weight(packed, scale, dtype)
 
 
@@ -604,7 +639,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         return y.reshape(*x.shape[:-1], n)  # the activation applied in the kernel's epilogue
     if kernel == "tinygemm":
         weight, scales_zeros = tinygemm
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(-1, k).contiguous()  # the CUDA kernel refuses a strided A
         y = torch._weight_int4pack_mm(x2, weight, k // scales_zeros.shape[0], scales_zeros)
         y = y if bias is None else y + bias.to(y.dtype)
         return apply_activation(y.reshape(*x.shape[:-1], n), activation)
@@ -645,7 +680,7 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
     n, k = packed.shape[0], packed.shape[1] * 2
     ctx = context_for(x, k, n, k, cache=onednn_weight is not None, force_device=force_device)
     kernel = choose_kernel("w4a8", ctx)
-    if kernel in ("int_mm_chunked_inline", "onednn_inline"):
+    if kernel in ("int_mm_chunked_inline", "onednn_inline", "int_mm_inline"):
         # IEEE reciprocal then one fp32 product and round-half-even: the eager kernel's exact rounding.
         x_q = _quantize_rows_ref(x, torch.reciprocal(input_scale.to(torch.float32)))
     else:
@@ -654,6 +689,10 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tenso
         q_times16 = unpack_int4_times16_op(packed) if weight_times16 is None else weight_times16
         acc = torch._int_mm(x_q, q_times16.t())  # 16 * exact int32, (M, N)
         y = rescale_acc(acc, weight_scale, input_scale, bias, x.dtype, 1.0 / 16.0)
+    elif kernel == "int_mm_inline":  # the same ops, visible to Inductor
+        q_times16 = unpack_int4_times16(packed) if weight_times16 is None else weight_times16
+        acc = torch._int_mm(x_q, q_times16.t())
+        y = _rescale_ref(acc, weight_scale, input_scale, bias, x.dtype, 1.0 / 16.0)
     elif kernel == "int8pack_exact":
         # Unit scales: the kernel returns the exact integer sums (fp32 holds them exactly for
         # K <= EXACT_FP32_MAX_K), rescaled once below exactly like the int32 GEMM's accumulator.

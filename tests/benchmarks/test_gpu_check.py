@@ -27,3 +27,18 @@ def test_gpu_check_smoke(tmp_path, random_pipeline_dir, benchmark_script):
         onednn = kernels.weight_cache_backend(row["cpu_class"]) == "onednn"
         assert row["w4a8_cached"] == kernels.choose_kernel("w4a8", replace(ctx, cache=onednn))
     assert "W4A8 + weight cache" in (tmp_path / "gpu_smoke.md").read_text()
+
+
+def test_a_cuda_test_run_past_its_time_says_so_with_what_it_printed(monkeypatch, benchmark_script):
+    import subprocess
+
+    gpu_check = benchmark_script("gpu_check")
+
+    def too_slow(cmd, **kwargs):
+        assert cmd[-3:] == ["-m", "cuda and not slow", "tests"]
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"tests/a.py ..\ntests/b.py .F")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", too_slow)
+    result = gpu_check.run_cuda_tests(timeout_s=3)
+    assert result["status"] == "timeout" and result["output_tail"] == ["tests/a.py ..", "tests/b.py .F"]
+    assert "timed out after 3 s" in result["summary"]

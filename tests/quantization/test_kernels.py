@@ -42,6 +42,11 @@ def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, 
     ("w4a8", ctx("cuda", m=16, capability=(9, 0)), "int8pack_exact"),  # _int_mm needs M > 16
     ("w4a8", ctx("cuda", n=1020, capability=(8, 0)), "int8pack_exact"),  # ... and N % 8 == 0
     ("w4a8", ctx("cuda", capability=(6, 1)), "int8pack_exact"),
+    ("w4a8", ctx("cuda", m=4, k=16384, capability=(9, 0)), "int8pack_exact"),  # fp32 sums exact up to K = 2**14
+    ("w4a8", ctx("cuda", m=4, k=16416, capability=(9, 0)), "fp32_exact"),  # ... beyond: summed in pieces
+    ("w4a8", ctx("cuda", capability=(8, 0), compiling=True), "int_mm_inline"),
+    ("w4a8", ctx("cuda", m=16, capability=(8, 0), compiling=True), "int8pack_exact"),
+    ("w4a16", ctx("cuda", capability=(8, 0), compiling=True), "dequant_inline"),
     ("w4a16", ctx("cuda", capability=(8, 0)), "dequant"),
     ("w4a16", ctx("cuda", capability=(8, 0), tinygemm=True), "tinygemm"),
     ("w4a16", ctx("cuda", dtype=torch.float16, capability=(8, 0), tinygemm=True), "dequant"),
@@ -500,6 +505,83 @@ def test_a_fused_cuda_kernel_that_cannot_compile_falls_back_to_its_eager_referen
         out = kernels._fused("quantize", kernels._quantize_rows_ref)(x, inv)
     assert torch.equal(out, kernels._quantize_rows_ref(x, inv))
     assert kernels._COMPILED["quantize"] is kernels._quantize_rows_ref  # later calls go straight to it
+
+
+def test_a_fused_cuda_kernel_that_fails_to_compile_a_later_signature_falls_back_then(monkeypatch):
+    """A graph is made whenever a call brings a new signature (here bf16 after fp32), so a backend can fail
+    after the first call (Triton on a GPU without bf16, say): the reference answers that call and the ones after."""
+    real_compile = torch.compile
+    compiled = []
+
+    def fails_on_bf16(gm, example_inputs):
+        if any(getattr(t, "dtype", None) == torch.bfloat16 for t in example_inputs):
+            raise RuntimeError("simulated: ptxas does not support bf16 on this GPU")
+        compiled.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": fails_on_bf16}))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    g = torch.Generator().manual_seed(0)
+    x, inv = torch.randn(4, 64, generator=g), torch.tensor(10.0)
+    def quantize(*args):  # as the custom op calls it
+        return kernels._fused("quantize", kernels._quantize_rows_ref)(*args)
+
+    assert torch.equal(quantize(x, inv), kernels._quantize_rows_ref(x, inv)) and len(compiled) == 1
+    with pytest.warns(RuntimeWarning, match="compiling the fused 'quantize' kernel failed"):
+        out = quantize(x.bfloat16(), inv)
+    assert torch.equal(out, kernels._quantize_rows_ref(x.bfloat16(), inv))
+    assert kernels._COMPILED["quantize"] is kernels._quantize_rows_ref
+
+
+def test_a_fused_cuda_kernel_past_the_recompile_limit_runs_new_signatures_on_its_reference(monkeypatch):
+    """Dynamo counts graphs per function and, under fullgraph=True, raises past its recompile limit (an error
+    that is no TorchDynamoException): the signature past it runs the reference, those compiled before keep
+    their graphs."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_PAST_LIMIT", set())
+    torch._dynamo.reset()
+    acc, ws, xs = torch.ones(4, 8, dtype=torch.int32), torch.rand(8, 1), torch.tensor(0.5)
+    def rescale(*args):
+        return kernels._fused("rescale", kernels._rescale_ref)(*args)
+
+    calls = [(acc, ws, xs, None, dtype, 1.0) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for args in calls[:2]:
+            assert torch.equal(rescale(*args), kernels._rescale_ref(*args))
+        with pytest.warns(RuntimeWarning, match="recompile_limit"):
+            out = rescale(*calls[2])
+        assert torch.equal(out, kernels._rescale_ref(*calls[2]))
+        assert kernels._PAST_LIMIT == {("rescale", *map(kernels._signature, calls[2]))}
+        assert kernels._COMPILED["rescale"] is not kernels._rescale_ref  # the first two keep their graphs
+        for args in calls:
+            assert torch.equal(rescale(*args), kernels._rescale_ref(*args))
+    torch._dynamo.reset()
+
+
+def test_the_cuda_w4a8_under_torch_compile_gives_inductor_plain_ops_with_the_same_result(layers):
+    # int_mm_inline: the int_mm kernel's steps as plain torch ops (no opaque mgtq op in the graph), same numbers.
+    _, _, a8 = layers
+    x = torch.randn(2, 20, K, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2)) * 3
+    args = (a8.weight_packed, a8.weight_scale, a8.input_scale, a8.bias)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(t):
+        return kernels.w4a8_linear(t, *args, force_device="cuda")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(fn, backend=record, fullgraph=True)(x)
+        eager = fn(x)
+    torch._dynamo.reset()
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any("_int_mm" in t for t in targets) and not any("mgtq" in t for t in targets), targets
+    assert torch.equal(compiled, eager)
 
 
 def test_a_fused_cuda_kernel_falls_back_where_torch_compile_refuses_at_once(monkeypatch):
