@@ -1,11 +1,13 @@
 """Enhanced-sampler ablations on ShapeBench (paper Tables 2, 8–11, 13–15, Fig. 8), float and SCQ checkpoints.
 
 For every configuration: ShapeBench accuracy, the per-prompt win/loss against vanilla at the same
-steps and seeds, and NFE (transformer calls per image).
+steps and seeds with the paired accuracy difference and its 95% interval (benchmarks/paired.py), and
+NFE (transformer calls per image).
 
     python benchmarks/ablations_sampler.py --limit 160 --threads 1                 # float model
     python benchmarks/ablations_sampler.py --limit 160 --threads 1 --model DIR --tag scq
     python benchmarks/ablations_sampler.py --limit 160 --only presets,noise:3      # some groups (noise: its first 3 rows)
+    python benchmarks/ablations_sampler.py --tag scq --render                      # the tables again, no generation
 
 Resumable: every evaluation is written to benchmarks/results/ablations_<tag>.json as soon as it ends,
 keyed by its sampler settings, and a rerun skips the settings already there (a setting shared by two
@@ -32,6 +34,8 @@ from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
+
+from paired import paired_cell, paired_difference, paired_or_none  # this folder's
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,9 +133,10 @@ def table_rows(selected: dict, evaluations: dict, base: SamplerConfig) -> dict[s
                 continue
             ref = evaluations.get(setting_key(vanilla_at(base, cfg.num_steps)))
             if res["ok"] is not None and ref is not None and ref["ok"] is not None:
-                versus = win_loss(res["ok"], ref["ok"]) | {"vanilla_accuracy": ref["accuracy"]}
+                versus = win_loss(res["ok"], ref["ok"]) | {"vanilla_accuracy": ref["accuracy"],
+                                                           "paired_vs_vanilla": paired_difference(ref["ok"], res["ok"])}
             elif res.get("legacy"):
-                versus = res["legacy"]
+                versus = res["legacy"] | {"paired_vs_vanilla": None}
             else:
                 continue
             rows.append({"label": label, "steps": cfg.num_steps, "sampler": cfg.to_dict(), **versus,
@@ -145,27 +150,67 @@ def vanilla_at(base: SamplerConfig, steps: int) -> SamplerConfig:
     return SamplerConfig.preset("vanilla", base=base, num_steps=steps)
 
 
-def write_results(tag: str, payload: dict, selected: dict, base: SamplerConfig) -> None:
-    rows = table_rows(selected, payload["evaluations"], base)
-    write_json(RESULTS / f"ablations_{tag}.json", {**payload, "groups": rows})
+def with_paired(data: dict) -> dict:
+    """A results file's table rows (`groups`) with each row's paired difference against vanilla at the same steps,
+    from the per-prompt verdicts of `evaluations` (None for a carried-over row, which has none).
+
+    The rows are kept as written; an evaluation is found by its sampler settings as this code spells them now (the
+    keys of an older file lack fields added since), and must agree with the row's wins and losses.
+    """
+    def current(config: dict) -> str | None:
+        try:
+            return setting_key(SamplerConfig.from_dict(config))
+        except ValueError:
+            return None  # a setting that no longer exists
+
+    verdicts = {current(json.loads(key)): res.get("ok") for key, res in data["evaluations"].items()}
+    base = SamplerConfig.from_dict(data["base_sampler"])
+    groups = {}
+    for group, rows in data["groups"].items():
+        groups[group] = []
+        for row in rows:
+            ok = None if row["carried_over"] else verdicts.get(current(row["sampler"]))
+            paired = paired_or_none(verdicts.get(setting_key(vanilla_at(base, row["steps"]))), ok)
+            if paired is not None and (paired["b_only"], paired["a_only"]) != (row["wins"], row["losses"]):
+                raise ValueError(f"{group} / {row['label']}: the verdicts found give {paired['b_only']} / "
+                                 f"{paired['a_only']}, the row says {row['wins']} / {row['losses']}")
+            groups[group].append({**row, "paired_vs_vanilla": paired})
+    return {**data, "groups": groups}
+
+
+def to_markdown(payload: dict) -> str:
+    """The tables of a results file (its `groups` rows, as `with_paired` leaves them), groups in the default run
+    order (the JSON keeps them sorted)."""
+    order = list(groups(SamplerConfig()))
+    rows = dict(sorted(payload["groups"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     lines = [f"ShapeBench {payload['split']} split, first n={payload['n']} prompts (balanced over categories), "
-             f"CFG {base.guidance_scale:g}, model: {payload['model']}", "",
+             f"CFG {payload['base_sampler']['guidance_scale']:g}, model: {payload['model']}", "",
              "Commands (each run adds the settings it lacks): " + "; ".join(f"`{c}`" for c in payload["commands"]), "",
-             f"Kernels: {kernels_label(payload['kernels'])}", ""]
+             *([f"Kernels: {kernels_label(payload['kernels'])}", ""] if payload.get("kernels") else []),
+             "Δ vs vanilla: paired accuracy difference on the same prompts and seeds, with its 95% interval "
+             "(Newcombe's method 10).", ""]
     if any(r["carried_over"] for group in rows.values() for r in group):
         lines += ["Rows marked * were measured by an earlier run of this script on the same model and prompts "
                   "(before the results file kept per-prompt outcomes) and carried over unchanged.", ""]
     for group, group_rows in rows.items():
         if not group_rows:
             continue
-        lines += [f"### {group}", "", "| setting | steps | NFE | accuracy | vanilla (same steps) | wins / losses vs vanilla |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"### {group}", "",
+                  "| setting | steps | NFE | accuracy | vanilla (same steps) | wins / losses vs vanilla "
+                  "| Δ vs vanilla [95% CI] |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['label']}{' *' if r['carried_over'] else ''} | {r['steps']} | {r['nfe']} | {r['accuracy']:.3f} | "
-                  f"{r['vanilla_accuracy']:.3f} | {r['wins']} / {r['losses']} |" for r in group_rows]
+                  f"{r['vanilla_accuracy']:.3f} | {r['wins']} / {r['losses']} | {paired_cell(r['paired_vs_vanilla'])} |"
+                  for r in group_rows]
         lines.append("")
-    atomic_write_text(RESULTS / f"ablations_{tag}.md", "\n".join(lines))
-    if sum(r["sampler"]["schedule"] in ("pow", "root") for r in rows.get("rho", [])) >= 2:
-        plot_rho(rows["rho"], RESULTS / f"ablations_{tag}_rho.png")
+    return "\n".join(lines)
+
+
+def write_results(tag: str, payload: dict, selected: dict, base: SamplerConfig) -> None:
+    data = {**payload, "groups": table_rows(selected, payload["evaluations"], base)}
+    write_json(RESULTS / f"ablations_{tag}.json", data)
+    atomic_write_text(RESULTS / f"ablations_{tag}.md", to_markdown(data))
+    if sum(r["sampler"]["schedule"] in ("pow", "root") for r in data["groups"].get("rho", [])) >= 2:
+        plot_rho(data["groups"]["rho"], RESULTS / f"ablations_{tag}_rho.png")
 
 
 def main(argv=None) -> int:
@@ -179,7 +224,15 @@ def main(argv=None) -> int:
     p.add_argument("--redo", default="", help="comma-separated groups whose settings are measured again")
     p.add_argument("--fresh", action="store_true", help="discard the results file of this tag")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", action="store_true",
+                   help="only add the paired comparisons to ablations_<tag>.json and rewrite its Markdown "
+                        "(no generation)")
     args = p.parse_args(argv)
+    if args.render:
+        data = with_paired(read_json(RESULTS / f"ablations_{args.tag}.json"))
+        write_json(RESULTS / f"ablations_{args.tag}.json", data)
+        atomic_write_text(RESULTS / f"ablations_{args.tag}.md", to_markdown(data))
+        return 0
     torch.set_num_threads(args.threads)
 
     model = args.model or default_model()

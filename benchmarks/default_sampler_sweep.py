@@ -1,6 +1,7 @@
 """Choose the default model's vanilla-sampler settings on ShapeBench's validation split.
 
     python benchmarks/default_sampler_sweep.py --threads 2
+    python benchmarks/default_sampler_sweep.py --render     # the tables again from the JSON, no generation
 
 Sweeps the CFG scale and the starting Gumbel temperature of the official sampler (16 steps,
 cosine schedule, temperature linear to 0) on the "val" prompts, which share no seed with the
@@ -22,6 +23,8 @@ from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import MGTPipeline, set_default_sampler
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
+
+from paired import paired_cell, paired_or_none  # this folder's
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,8 +50,24 @@ def to_markdown(data: dict) -> str:
         lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     best = best_point(data["points"])
     cats = ", ".join(f"{k} {v:.3f}" for k, v in best["per_category"].items())
-    lines += ["", f"Best: CFG {best['cfg']:g}, τ {best['tau']:g} → {best['overall']:.3f} ({cats})."]
+    lines += ["", f"Best: CFG {best['cfg']:g}, τ {best['tau']:g} → {best['overall']:.3f} ({cats}).", "",
+              "Each point against the best: paired accuracy difference on the same prompts and seeds, with its 95% "
+              "interval (Newcombe's method 10).", "",
+              "| CFG | τ | overall | Δ vs best [95% CI] |", "| ---: | ---: | ---: | ---: |"]
+    for p in sorted(data["points"].values(), key=lambda p: (p["cfg"], p["tau"])):
+        if p is not best:
+            lines.append(f"| {p['cfg']:g} | {p['tau']:g} | {p['overall']:.3f} | "
+                         f"{paired_cell(paired_or_none(best.get('ok'), p.get('ok')))} |")
     return "\n".join(lines) + "\n"
+
+
+def with_paired(data: dict) -> dict:
+    """`data` with each point's paired accuracy difference against the best point on the same prompts
+    (`paired_vs_best`, from the per-prompt verdicts; None where a side lacks them)."""
+    best = best_point(data["points"])
+    return {**data, "points": {key: {k: v for k, v in p.items() if k != "paired_vs_best"} if p is best else
+                               {**p, "paired_vs_best": paired_or_none(best.get("ok"), p.get("ok"))}
+                               for key, p in data["points"].items()}}
 
 
 def plot(data: dict, out: Path) -> None:
@@ -82,7 +101,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--apply", action="store_true", help="write the best setting into the model's model_index.json")
     p.add_argument("--out", type=Path, default=RESULTS / "default_sampler_sweep.json")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite --out's paired comparisons and its Markdown from it (no generation)")
     args = p.parse_args(argv)
+    if args.render:
+        data = with_paired(read_json(args.out))
+        write_json(args.out, data)
+        atomic_write_text(args.out.with_suffix(".md"), to_markdown(data))
+        return 0
     torch.set_num_threads(args.threads)
 
     model_dir = Path(args.model or default_model())
@@ -107,6 +133,7 @@ def main(argv=None) -> int:
             data["n"] = res["n"]
             print(f"{key}: {res['overall']:.3f}", flush=True)
             write_json(args.out, data)
+    data = with_paired(data)
     data["best"] = best_point(data["points"])
     write_json(args.out, data)
     atomic_write_text(args.out.with_suffix(".md"), to_markdown(data))

@@ -3,11 +3,13 @@
 Rows: the float embedded model; `mgtq quantize --config w4a16`, `--config w4a16 --group-size 64`,
 `--config w4a8` and `--config scq` (post-training, activation scales from ShapeBench *val* prompts); and an
 SCQ checkpoint from a finished calibration run. Columns: ShapeBench accuracy per category, token agreement
-with the float model at the same seeds, transformer Linear weight bytes.
+with the float model at the same seeds, transformer Linear weight bytes, and the paired accuracy difference
+against fp32 with its 95% interval (benchmarks/paired.py).
 
     mgtq calibrate && mgtq export calibration/tiny-shapes-w4a8-scq --out checkpoints/tiny-shapes-w4a8-scq
     python benchmarks/ptq_vs_scq.py --scq checkpoints/tiny-shapes-w4a8-scq            # full test split (320)
     python benchmarks/ptq_vs_scq.py --scq checkpoints/tiny-shapes-w4a8-scq --limit 8  # smoke run
+    python benchmarks/ptq_vs_scq.py --render                                          # OUT.md again from OUT.json
 
 Each PTQ checkpoint is written by the `mgtq quantize` command itself (under --work, reused if present).
 """
@@ -26,7 +28,10 @@ from mgtq.evaluation import evaluate_pipeline
 from mgtq.pipeline import load
 from mgtq.quantization import model_weight_nbytes
 from mgtq.quantization.kernels import kernels_label
-from mgtq.utils import write_json
+from mgtq.shapes import CATEGORIES
+from mgtq.utils import atomic_write_text, read_json, write_json
+
+from paired import paired_cell, paired_or_none  # this folder's
 
 REPO = Path(__file__).resolve().parent.parent
 PTQ_ROWS = {  # row name: `mgtq quantize` flags
@@ -58,7 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ptq_vs_scq",
                    help="results path without suffix (.json and .md are written)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", action="store_true", help="only rewrite OUT.json's paired comparisons and OUT.md "
+                   "from OUT.json (no quantization or generation)")
     args = p.parse_args(argv)
+    if args.render:
+        write_results(args.out, read_json(args.out.with_suffix(".json")))
+        return 0
     torch.set_num_threads(args.threads)
 
     model = args.model or default_model()
@@ -83,17 +93,49 @@ def main(argv=None) -> int:
                "command": " ".join(["python benchmarks/ptq_vs_scq.py", *(sys.argv[1:] if argv is None else argv)]),
                "rows": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), payload)
-    categories = list(next(iter(results.values()))["per_category"])
-    lines = [f"ShapeBench test ({next(iter(results.values()))['n']} prompts), `{payload['command']}`", "",
-             f"Kernels: {kernels_label(next(iter(results.values()))['kernels'])}", "",
-             "| row | overall | " + " | ".join(categories) + " | token agreement with fp32 | Linear weight MB |",
-             "|---" * (len(categories) + 4) + "|"]
+    write_results(args.out, payload)
+    return 0
+
+
+def row_order(name: str) -> int:
+    """fp32 first, then the PTQ rows, then SCQ: the order of a run (the JSON keeps the rows sorted by name)."""
+    return 0 if name.startswith("fp32") else 1 + list(PTQ_ROWS).index(name) if name in PTQ_ROWS else 1 + len(PTQ_ROWS)
+
+
+def with_paired(payload: dict) -> dict:
+    """`payload` with each row's paired accuracy difference against fp32 on the same prompts (`paired_vs_fp32`,
+    from the per-prompt verdicts; None where a side lacks them)."""
+    reference = next(r for name, r in payload["rows"].items() if name.startswith("fp32")).get("ok")
+    return {**payload, "rows": {name: {k: v for k, v in r.items() if k != "paired_vs_fp32"} if name.startswith("fp32")
+                                else {**r, "paired_vs_fp32": paired_or_none(reference, r.get("ok"))}
+                                for name, r in payload["rows"].items()}}
+
+
+def to_markdown(payload: dict) -> str:
+    results = dict(sorted(payload["rows"].items(), key=lambda item: row_order(item[0])))
+    first = next(iter(results.values()))
+    categories = sorted(first["per_category"], key=lambda c: (CATEGORIES + (c,)).index(c))  # ShapeBench's order
+    lines = [f"ShapeBench test ({first['n']} prompts), `{payload['command']}`", "",
+             *([f"Kernels: {kernels_label(first['kernels'])}", ""] if first.get("kernels") else []),
+             "Δ vs fp32: paired accuracy difference on the same prompts and seeds, with its 95% interval "
+             "(Newcombe's method 10).", "",
+             "| row | overall | Δ vs fp32 [95% CI] | " + " | ".join(categories)
+             + " | token agreement with fp32 | Linear weight MB |",
+             "|---" * (len(categories) + 5) + "|"]
     for name, r in results.items():
         agreement = f"{r['token_agreement']:.3f}" if "token_agreement" in r else "—"
-        lines.append(f"| {name} | {r['overall']:.3f} | " + " | ".join(f"{r['per_category'][c]:.3f}" for c in categories)
+        versus = paired_cell(r["paired_vs_fp32"]) if "paired_vs_fp32" in r else ""
+        lines.append(f"| {name} | {r['overall']:.3f} | {versus} | "
+                     + " | ".join(f"{r['per_category'][c]:.3f}" for c in categories)
                      + f" | {agreement} | {r['linear_weight_bytes'] / 2**20:.2f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, payload: dict) -> None:
+    """OUT.json and OUT.md from the measured rows (fp32 first)."""
+    payload = with_paired(payload)
+    write_json(out.with_suffix(".json"), payload)
+    atomic_write_text(out.with_suffix(".md"), to_markdown(payload))
     return 0
 
 

@@ -7,6 +7,7 @@
     python benchmarks/reuse_quality.py --split val --steps 48 --json val48.json           # at 48 steps
     python benchmarks/reuse_quality.py --split val --start 256 --json confirm.json        # val prompts 256+ of each
                                                                                            # category: a fresh draw
+    python benchmarks/reuse_quality.py --json confirm.json --render   # the tables again from the JSON, no generation
 
 Settings (--settings, comma list; the model's own sampler is the base):
     none            no acceleration
@@ -19,17 +20,21 @@ Settings (--settings, comma list; the model's own sampler is the base):
     reuse-K-rR      ... with selective K/V refresh of the fraction R of the decoded tokens (reuse-3-cells-w2-r0.1)
     reuse-K-...-tome  ... with TomeMGT at its defaults inside the full steps (reuse-3-cells-w2-tome)
 For each: overall and per-category accuracy, token agreement with `none` (same seeds), the NFE, how
-many of them were local steps, and the token NFE (a local step counted as the fraction of image tokens
-it computed; mean over 8 prompts). The speed of a setting is bench_reuse.py's (meissonic-1024): this script
-measures quality only. Writes the JSON and a Markdown table beside it (.md). Resumable: a setting already in
-the JSON for the same model, split, prompt count, base sampler and kernels is kept (`none`'s tokens are kept
-beside it); a quantized model's scores follow the CPU class's kernels, so another machine starts over.
+many of them were local steps, the token NFE (a local step counted as the fraction of image tokens it
+computed; mean over 8 prompts), and the paired accuracy difference with its 95% interval
+(benchmarks/paired.py) against `none` and, for a reuse setting, against the steps-N setting of the run
+nearest its token NFE from above (fewer steps at the same cost: the bar reuse has to clear). The speed of
+a setting is bench_reuse.py's (meissonic-1024): this script measures quality only. Writes the JSON and a
+Markdown table beside it (.md). Resumable: a setting already in the JSON for the same model, split, prompt
+count, base sampler and kernels is kept (`none`'s tokens are kept beside it); a quantized model's scores
+follow the CPU class's kernels, so another machine starts over.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,6 +50,8 @@ from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
 from mgtq.utils import atomic_write_text, model_fingerprint, read_json, save_safetensors, write_json
+
+from paired import paired_cell, paired_or_none  # this folder's
 
 DEFAULT_SETTINGS = "none,steps-12,steps-8,tome,reuse-2,reuse-3,reuse-3-cells,reuse-4-cells,reuse-3-masked"
 
@@ -76,16 +83,59 @@ def parse_setting(name: str, base: SamplerConfig) -> tuple[SamplerConfig, TomeCo
     raise ValueError(f"unknown setting {name!r}: none, steps-N, tome, reuse-K[-cells|-masked][-wW][-rR][-tome]")
 
 
+def fewer_steps_at_cost(name: str, settings: dict) -> str | None:
+    """The steps-N setting of the run nearest a reuse setting's token NFE from above: issue 27's bar is reuse beating
+    fewer steps at the same cost, and the cheapest steps-N costing at least as much is the fair (generous) match."""
+    if not name.startswith("reuse-"):
+        return None
+    cost = settings[name]["token_nfe"]
+    dearer = [other for other in settings if other.startswith("steps-") and settings[other]["token_nfe"] >= cost]
+    return min(dearer, key=lambda other: settings[other]["token_nfe"], default=None)
+
+
+def with_paired(data: dict) -> dict:
+    """`data` with each setting's paired differences from the per-prompt verdicts (`paired_vs_<reference>`, None
+    where a side lacks `ok`): against `none`, and a reuse setting's against `fewer_steps_at_cost` too."""
+    settings = {}
+    for name, row in data["settings"].items():
+        row = {k: v for k, v in row.items() if not k.startswith("paired_vs_") and k != "fewer_steps_at_cost"}
+        for reference in ([] if name == "none" else ["none"]) + [fewer_steps_at_cost(name, data["settings"])]:
+            if reference in data["settings"]:
+                row[f"paired_vs_{reference}"] = paired_or_none(data["settings"][reference].get("ok"), row.get("ok"))
+        if name.startswith("reuse-"):
+            row["fewer_steps_at_cost"] = fewer_steps_at_cost(name, data["settings"])
+        settings[name] = row
+    return {**data, "settings": settings}
+
+
+def asked_order(command: str) -> list[str]:
+    """The settings in the order the run's command asked for them (`none` first): the JSON keeps them sorted."""
+    words = shlex.split(command)
+    asked = next((w.partition("=")[2] for w in words if w.startswith("--settings=")), None)
+    if asked is None and "--settings" in words[:-1]:
+        asked = words[words.index("--settings") + 1]
+    return ["none", *[n for n in (asked or DEFAULT_SETTINGS).split(",") if n and n != "none"]]
+
+
 def to_markdown(data: dict) -> str:
-    rows = list(data["settings"].values())
+    data = with_paired(data)
+    order = asked_order(data["command"])
+    rows = sorted(data["settings"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     kernels = data.get("identity", {}).get("kernels")
     lines = [f"# Context reuse on ShapeBench {data['split']} (n = {data['n']}, {data['model']})", "",
              f"`{data['command']}`", "", *([f"Kernels: {kernels_label(kernels)}", ""] if kernels else []),
-             "| setting | overall | token agreement | NFE | of which local | token NFE |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "Δ: paired accuracy difference on the same prompts and seeds, with its 95% interval (Newcombe's "
+             "method 10); fewer steps: the steps-N setting of this run nearest the row's token NFE from above.", "",
+             "| setting | overall | Δ vs none [95% CI] | token agreement | NFE | of which local | token NFE | "
+             "Δ vs fewer steps at ≥ its token NFE [95% CI] |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['overall']:.3f} | {row['token_agreement']:.3f} | {row['nfe']} | "
-                     f"{row['local_nfe']} | {row['token_nfe']:.1f} |")
+        versus_none = paired_cell(row["paired_vs_none"]) if "paired_vs_none" in row else ""
+        fewer = row.get("fewer_steps_at_cost")
+        versus_fewer = ("" if not row["name"].startswith("reuse-") else "no steps-N at its cost in this run"
+                        if fewer is None else f"{fewer}: {paired_cell(row[f'paired_vs_{fewer}'])}")
+        lines.append(f"| {row['name']} | {row['overall']:.3f} | {versus_none} | {row['token_agreement']:.3f} | "
+                     f"{row['nfe']} | {row['local_nfe']} | {row['token_nfe']:.1f} | {versus_fewer} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampling steps of every setting but steps-N (default: the model's, 16 for the embedded one)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--render", action="store_true",
+                   help="only recompute the paired comparisons in --json and rewrite its Markdown (no generation)")
     args = p.parse_args(argv)
+    if args.render:
+        data = with_paired(read_json(args.json))
+        write_json(args.json, data)
+        atomic_write_text(args.json.with_suffix(".md"), to_markdown(data))
+        return 0
     torch.set_num_threads(args.threads)
     pipe = MGTPipeline.from_pretrained(args.model or default_model())
     base = pipe.settings.sampler if args.steps is None else pipe.settings.sampler.replace(num_steps=args.steps)
@@ -144,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "token_agreement": result.get("token_agreement", 1.0), "nfe": result["nfe"],
                                   "local_nfe": local_nfe, "token_nfe": token_nfe, "sampler": sampler.to_dict(),
                                   "ok": [row["ok"] for row in result["per_prompt"]]}  # for paired comparisons
-        print(f"{name}: {result['overall']:.3f} (agreement {data['settings'][name]['token_agreement']:.3f})", flush=True)
+        row = data["settings"][name]
+        versus = paired_or_none(data["settings"]["none"].get("ok"), row["ok"])
+        versus = "" if name == "none" else f", vs none {paired_cell(versus)}"
+        print(f"{name}: {row['overall']:.3f} (agreement {row['token_agreement']:.3f}{versus})", flush=True)
         write_json(args.json, data)
+    data = with_paired(data)
+    write_json(args.json, data)
     atomic_write_text(args.json.with_suffix(".md"), to_markdown(data))
     return 0
 

@@ -8,7 +8,8 @@ model at the same seeds, plus QAT's own fit (KL to the float model's masked-toke
 fixed set of masks, `qat/stage.json`).
 
     python benchmarks/scq_a8_curve.py --threads 1                  # the whole grid (resumable)
-    python benchmarks/scq_a8_curve.py --render-only                 # rewrite OUT.md / OUT.png from OUT.json
+    python benchmarks/scq_a8_curve.py --render-only                 # rewrite OUT.md / OUT.png from OUT.json (and its
+                                                                    # paired differences against the float model)
 
 Fraction 0 (no A8 layer) and 1 (every layer A8) do not depend on the selection method and run once.
 Each run copies the synthesized calibration set of BASE_RUN (a finished run of the default recipe;
@@ -36,6 +37,8 @@ from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.run import RunFolder
 from mgtq.utils import atomic_directory, atomic_write_text, read_json, write_json
+
+from paired import paired_cell, paired_or_none  # this folder's
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -113,7 +116,9 @@ def main(argv=None) -> int:
     payload = read_json(json_path) if json_path.exists() else {"points": [], "float": {}}
     if not args.render_only:
         run_grid(args, payload, json_path)
+    payload = with_paired(payload)
     render(payload, args.out)
+    write_json(json_path, payload)
     return 0
 
 
@@ -171,6 +176,18 @@ def run_grid(args, payload: dict, json_path: Path) -> None:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def with_paired(payload: dict) -> dict:
+    """`payload` with each point's paired accuracy difference against the float model on each split
+    (`paired_vs_float`, from the per-prompt verdicts; None where a side lacks them)."""
+    floats = {(key.partition(":")[0], result["n"]): result.get("per_prompt")
+              for key, result in payload["float"].items()}
+    points = [{**p, **{split: {**p[split], "paired_vs_float": paired_or_none(floats.get((split, p[split]["n"])),
+                                                                             p[split].get("per_prompt"))}
+                       for split in ("val", "test") if split in p}}
+              for p in payload["points"]]
+    return {**payload, "points": points}
+
+
 def render(payload: dict, out: Path) -> None:
     pts = sorted(payload["points"], key=lambda p: (p["fraction"], p["selection"]))
     if not pts:
@@ -188,12 +205,16 @@ def render(payload: dict, out: Path) -> None:
         f"Command: `{payload['command']}`", "",
         *([f"Kernels: {kernels_label(payload['kernels'])}", ""] if payload.get("kernels") else []),
         f"Float model: val {fv['accuracy']:.3f}, test {ft['accuracy']:.3f}.", "",
-        "| A8 fraction | selection | A8 layers | val acc. | test acc. | Δ test vs float | test token agreement | QAT KL | Linear weight bytes |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        "Δ test vs float [95% CI]: paired accuracy difference on the same test prompts and seeds, with its 95% "
+        "interval (Newcombe's method 10).", "",
+        "| A8 fraction | selection | A8 layers | val acc. | test acc. | Δ test vs float | Δ test vs float [95% CI] "
+        "| test token agreement | QAT KL | Linear weight bytes |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in pts:
         lines.append(f"| {p['fraction']:.2f} | {p['selection'] if 0 < p['fraction'] < 1 else '-'} | {p['a8_layers']} | "
                      f"{p['val']['accuracy']:.3f} | {p['test']['accuracy']:.3f} | "
-                     f"{p['test']['accuracy'] - ft['accuracy']:+.3f} | {p['test']['token_agreement']:.3f} | "
+                     f"{p['test']['accuracy'] - ft['accuracy']:+.3f} | "
+                     f"{paired_cell(p['test'].get('paired_vs_float'))} | {p['test']['token_agreement']:.3f} | "
                      f"{p['kl_after']:.4f} | {p['linear_weight_bytes']:,} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     plot(pts, ft, fv, out.with_suffix(".png"))

@@ -1,11 +1,13 @@
 """The paper's Table 3 (SCQ ablation) on mgtq's embedded tiny-shapes model.
 
 Rows: fp32, bf16, W4A16 PTQ, W4A8 PTQ (every layer A8, no QAT), W4A8 QAT + a random third on A8,
-W4A8 SCQ (the lowest-magnitude third on A8). Columns: ShapeBench accuracy, token agreement with fp32
-at the same seeds, transformer Linear weight bytes, transformer bytes in all.
+W4A8 SCQ (the lowest-magnitude third on A8). Columns: ShapeBench accuracy, its paired difference from fp32
+with a 95% interval (benchmarks/paired.py), token agreement with fp32 at the same seeds, transformer Linear
+weight bytes, transformer bytes in all.
 
     python benchmarks/table3_scq.py                       # full ShapeBench (320 prompts)
     python benchmarks/table3_scq.py --limit 40            # quick look
+    python benchmarks/table3_scq.py --render              # OUT.md again from OUT.json, no generation
     python benchmarks/table3_scq.py --rows main --recipe recipes/tiny-shapes-16x16-w4a8-scq.yaml \
         --work calibration/table3-16x16 --out benchmarks/results/table3_scq_16x16 --seed-sets 1
 
@@ -41,7 +43,9 @@ from mgtq.scq.magnitudes import record_activation_stats
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import load_calibration_data
 from mgtq.scq.synthesis import synthesis_sampler
-from mgtq.utils import model_fingerprint, read_json, write_json
+from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
+
+from paired import paired_cell, paired_or_none  # this folder's
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"
@@ -132,6 +136,49 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+def with_paired(payload: dict) -> dict:
+    """`payload` with each row's paired accuracy difference against fp32 (`paired_vs_fp32`; None where a side
+    lacks per-prompt verdicts): every (prompt, seed set) is one pair, the seed sets drawing other images."""
+    def pooled(row: dict) -> list[bool] | None:
+        sets = row.get("ok_per_seed_set")
+        return None if sets is None else [ok for seed_set in sets for ok in seed_set]
+
+    reference = pooled(next(r for r in payload["rows"] if r["row"] == "fp32"))
+    return {**payload, "rows": [r if r["row"] == "fp32" else
+                                {**r, "paired_vs_fp32": paired_or_none(reference, pooled(r))} for r in payload["rows"]]}
+
+
+def to_markdown(payload: dict) -> str:
+    results, sampler = payload["rows"], payload["sampler"]
+    seed_sets, fp32_bytes = len(results[0]["shapebench_per_seed_set"]), results[0]["transformer_bytes"]
+    lines = [f"ShapeBench (n={results[0]['n']} prompts × {seed_sets} seed sets), {sampler['num_steps']} steps, "
+             f"CFG {sampler['guidance_scale']}, the same seeds for every row. Accuracy is the mean over the seed "
+             "sets (each set's value in brackets); token agreement is the fraction of tokens equal to fp32's at "
+             "the same seed; Δ vs fp32: the paired accuracy difference over every prompt of every seed set, with "
+             "its 95% interval (Newcombe's method 10).", "",
+             f"Command: `{payload['command']}`", "",
+             *([f"Kernels: {kernels_label(payload['kernels'])}", ""] if payload.get("kernels") else []),
+             "| format | ShapeBench acc. | Δ vs fp32 [95% CI] | token agreement vs fp32 | Linear weight bytes "
+             "| transformer bytes (× fp32) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        per_set = ", ".join(f"{a:.3f}" for a in r["shapebench_per_seed_set"])
+        versus = paired_cell(r["paired_vs_fp32"]) if "paired_vs_fp32" in r else ""
+        lines.append(f"| {r['row']} | {r['shapebench']:.3f} ({per_set}) | {versus} | {r['token_agreement']:.3f} | "
+                     f"{r['linear_weight_bytes']:,} | {r['transformer_bytes']:,} "
+                     f"({r['transformer_bytes'] / fp32_bytes:.3f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, payload: dict) -> str:
+    """OUT.json and OUT.md from the measured rows (fp32 first); the Markdown."""
+    payload = with_paired(payload)
+    write_json(out.with_suffix(".json"), payload)
+    markdown = to_markdown(payload)
+    atomic_write_text(out.with_suffix(".md"), markdown)
+    return markdown
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None)
@@ -144,7 +191,12 @@ def main(argv=None) -> int:
     p.add_argument("--rows", choices=("all", "main"), default="all",
                    help="main: fp32, W4A16 PTQ and SCQ only (no extra calibrations)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite OUT.json's paired comparisons and OUT.md from OUT.json (no generation)")
     args = p.parse_args(argv)
+    if args.render:
+        print(write_results(args.out, read_json(args.out.with_suffix(".json"))), end="")
+        return 0
     torch.set_num_threads(args.threads)
 
     recipe = load_recipe(args.recipe)
@@ -241,21 +293,7 @@ def main(argv=None) -> int:
     payload = {"model": model_name, "sampler": sampler, "limit": args.limit, "recipe": recipe.to_dict(),
                "rows": results, "qat": qat_metrics(args.work), "command": command_line(args), "kernels": kernels}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), payload)
-    fp32_bytes = results[0]["transformer_bytes"]
-    lines = [f"ShapeBench (n={results[0]['n']} prompts × {args.seed_sets} seed sets), {sampler['num_steps']} steps, "
-             f"CFG {sampler['guidance_scale']}, the same seeds for every row. Accuracy is the mean over the seed "
-             "sets (each set's value in brackets); token agreement is the fraction of tokens equal to fp32's at "
-             "the same seed.", "",
-             f"Command: `{payload['command']}`", "", f"Kernels: {kernels_label(kernels)}", "",
-             "| format | ShapeBench acc. | token agreement vs fp32 | Linear weight bytes | transformer bytes (× fp32) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        per_set = ", ".join(f"{a:.3f}" for a in r["shapebench_per_seed_set"])
-        lines.append(f"| {r['row']} | {r['shapebench']:.3f} ({per_set}) | {r['token_agreement']:.3f} | "
-                     f"{r['linear_weight_bytes']:,} | {r['transformer_bytes']:,} ({r['transformer_bytes'] / fp32_bytes:.3f}×) |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.out, payload), end="")
     return 0
 
 

@@ -34,6 +34,8 @@ from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.utils import atomic_write_text, sha256_file, write_json
 
+from paired import paired_cell, paired_or_none  # this folder's
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Plain (not mask-aware) matching, whatever TomeConfig's defaults are; "default" keeps those.
 SHORTHANDS = {"global": {"locality": "global", "sources": "all", "schedule": "constant", "proportional_attention": False},
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     payload = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
     if not args.render_only:
         run(args, payload, command, json_path)
+    payload = with_paired(payload)
+    if payload["rows"]:
+        write_json(json_path, payload)
     write_markdown(args.out.with_suffix(".md"), payload)
     if args.plot:
         plot(args.out.with_suffix(".png"), payload, json.loads((RESULTS / "tomemgt_latency.json").read_text()))
@@ -188,9 +193,19 @@ def _save(path: Path, payload: dict, pipe) -> None:
     write_json(path, payload)
 
 
+def with_paired(payload: dict) -> dict:
+    """`payload` with each merged row's paired accuracy difference against the same model without merging on the
+    same prompts (`paired_vs_none`, from the per-prompt verdicts; None where a side lacks them)."""
+    unmerged = {(r["model"], r["split"], r["limit"]): r.get("ok") for r in payload["rows"] if r["key"] == "none"}
+    rows = [r if r["key"] == "none" else {**r, "paired_vs_none": paired_or_none(
+                unmerged.get((r["model"], r["split"], r["limit"])), r.get("ok"))} for r in payload["rows"]]
+    return {**payload, "rows": rows}
+
+
 def write_markdown(path: Path, payload: dict) -> None:
     lines = ["ShapeBench accuracy; token agreement = fraction of tokens equal to the same model without merging at "
-             "the same seeds. Variant = the TomeConfig fields that differ from the current default "
+             "the same seeds; Δ [95% CI]: the paired accuracy difference on the same prompts and seeds with its 95% "
+             "interval (Newcombe's method 10). Variant = the TomeConfig fields that differ from the current default "
              f"({_describe(asdict(TomeConfig()))}).", "",
              "Commands: " + "; ".join(f"`{c}`" for c in payload.get("commands", [])), "",
              *[f"Kernels: {label}" for label in sorted({kernels_label(r["kernels"]) for r in payload["rows"]
@@ -200,13 +215,15 @@ def write_markdown(path: Path, payload: dict) -> None:
         groups.setdefault((r["model"], r["split"], r["limit"]), []).append(r)
     for (model, split, limit), rows in groups.items():
         lines += [f"### {model}, {split} split, n = {rows[0]['n']}" + (f" (first {limit})" if limit else ""), "",
-                  "| blocks | ratio | variant | ShapeBench acc. | Δ vs no merging | token agreement |",
-                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+                  "| blocks | ratio | variant | ShapeBench acc. | Δ vs no merging | Δ vs no merging [95% CI] "
+                  "| token agreement |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         base = next((r["accuracy"] for r in rows if r["key"] == "none"), None)
         for r in sorted(rows, key=lambda r: (r["key"] != "none", r["blocks"], r["ratio"])):
             delta = f"{r['accuracy'] - base:+.3f}" if base is not None and r["key"] != "none" else ""
             variant = variant_name(TomeConfig(**r["config"])) if r["config"] else r["variant"]
-            lines.append(f"| {r['blocks']} | {r['ratio']} | {variant} | {r['accuracy']:.3f} | {delta} | "
+            paired = "" if r["key"] == "none" else paired_cell(r.get("paired_vs_none"))
+            lines.append(f"| {r['blocks']} | {r['ratio']} | {variant} | {r['accuracy']:.3f} | {delta} | {paired} | "
                          f"{r['token_agreement']:.3f} |")
         lines.append("")
     atomic_write_text(path, "\n".join(lines))

@@ -93,3 +93,35 @@ def test_the_committed_16x16_test_run_still_reproduces_token_for_token():
     pipe = MGTPipeline.from_pretrained(model_folder("tiny-shapes-16x16"))
     result = evaluate_pipeline(pipe, 16, progress=False, split="test", reference_tokens=reference)  # its batches of 16
     assert result["token_agreement"] == 1.0
+
+
+def test_render_adds_paired_comparisons_from_the_json_alone(quality, benchmark_script, tmp_path, monkeypatch):
+    def setting(name, nfe, token_nfe, ok=None):
+        return {"name": name, "overall": 0.5, "token_agreement": 1.0, "nfe": nfe, "local_nfe": 0,
+                "token_nfe": token_nfe, **({"ok": ok} if ok is not None else {})}
+
+    settings = [setting("none", 16, 16.0, [True, True, True, False]),
+                setting("steps-11", 11, 11.0, [True, False, True, False]),
+                setting("steps-12", 12, 12.0, [True, True, False, False]),
+                setting("tome", 16, 16.0),  # an older row: no `ok`
+                setting("reuse-4-cells-w5", 16, 11.5, [True] * 4), setting("reuse-2", 16, 13.0, [True] * 4)]
+    out = tmp_path / "q.json"
+    quality.write_json(out, {"split": "val", "n": 4, "model": "embedded default",
+                             "settings": {s["name"]: s for s in settings},
+                             "command": "python benchmarks/reuse_quality.py --settings steps-11,steps-12,tome,"
+                                        "reuse-4-cells-w5,reuse-2 --json q.json"})
+    monkeypatch.setattr(quality.MGTPipeline, "from_pretrained", lambda *a, **k: pytest.fail("--render generated"))
+    assert quality.main(["--json", str(out), "--render"]) == 0
+    rows = quality.read_json(out)["settings"]
+    fast = rows["reuse-4-cells-w5"]
+    assert fast["fewer_steps_at_cost"] == "steps-12"  # the cheapest steps-N costing at least its 11.5 token NFE
+    assert fast["paired_vs_none"] == benchmark_script("paired").paired_difference([True, True, True, False], [True] * 4)
+    assert fast["paired_vs_steps-12"]["b_only"] == 2 and fast["paired_vs_steps-12"]["a_only"] == 0
+    assert rows["reuse-2"]["fewer_steps_at_cost"] is None  # no steps-N at 13 token NFE or more in this run
+    assert rows["tome"]["paired_vs_none"] is None and "paired_vs_none" not in rows["none"]
+    table = out.with_suffix(".md").read_text().splitlines()
+    names = [line.split(" | ")[0][2:] for line in table if line.startswith("| ") and " | 0.500 | " in line]
+    assert names == ["none", "steps-11", "steps-12", "tome", "reuse-4-cells-w5", "reuse-2"]  # the order asked for
+    assert f"| steps-12: {quality.paired_cell(fast['paired_vs_steps-12'])} |" in table[-2]
+    assert "no steps-N at its cost in this run" in table[-1]
+    assert next(line for line in table if line.startswith("| tome ")).count("n/a (no per-prompt verdicts)") == 1
