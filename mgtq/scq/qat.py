@@ -156,6 +156,19 @@ def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.
     return {k: sd[k].detach().contiguous().cpu() for k in reference_keys}
 
 
+def qat_student(transformer: MeissonicTransformer, cfg: QATConfig, a8_layers=(),
+                input_scales: dict[str, float] | None = None) -> MeissonicTransformer:
+    """The model QAT trains: an fp32 copy of `transformer` in training mode with fake quant on each layer's export
+    grid (:func:`prepare_fake_quant_`), every parameter trainable, blocks checkpointed as `cfg` says."""
+    student = copy.deepcopy(transformer).float().train()
+    prepare_fake_quant_(student, cfg, a8_layers, input_scales)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
 @dataclass
 class QATResult:
     """The trained float (latent) weights under the plain model's keys, and what stage.json records."""
@@ -179,14 +192,11 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation)
-    student = copy.deepcopy(transformer).float().train()
-    reference_keys = list(student.state_dict().keys())
+    reference_keys = list(transformer.state_dict().keys())
     # The float model, frozen: the distillation teacher, and the yardstick of how far QAT drifts from it.
     # Only distillation pays for this copy (a 1B-parameter model's is 4 GB in fp32).
-    teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg.objective != "ce" else None
-    prepare_fake_quant_(student, cfg, a8_layers, input_scales)
-    for p in student.parameters():
-        p.requires_grad_(True)
+    teacher = copy.deepcopy(transformer).float().eval().requires_grad_(False) if cfg.objective != "ce" else None
+    student = qat_student(transformer, cfg, a8_layers, input_scales)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(student, optimizer)
     device = accelerator.device

@@ -77,6 +77,13 @@ def test_recipe_files(tmp_path):
         load_recipe(typo)
 
 
+def test_gradient_checkpointing_is_outside_the_fingerprint():
+    # it changes memory and time, not the result: switching it on resumes a run instead of starting its QAT over
+    on = recipe_from_dict({"qat": {"gradient_checkpointing": True}})
+    assert on.qat.gradient_checkpointing and not Recipe().qat.gradient_checkpointing
+    assert on.section_fingerprint("qat") == Recipe().section_fingerprint("qat")
+
+
 def test_differences_name_dotted_keys():
     a = recipe_from_dict({"qat": {"steps": 3}})
     b = recipe_from_dict({"qat": {"steps": 4}, "secondary": {"selection": "all"}})
@@ -89,7 +96,7 @@ def test_shipped_recipes_load():
     assert tiny.qat.weight_bits == 4 and abs(tiny.secondary.fraction - 1 / 3) < 1e-9
     paper = load_recipe(REPO / "recipes" / "meissonic-1024-w4a8-scq.yaml")
     assert (paper.synthesis.num_steps, paper.synthesis.guidance_scale) == (64, 9.0)
-    assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32)
+    assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32) and paper.qat.gradient_checkpointing
 
 
 @pytest.mark.parametrize("bad,match", [
