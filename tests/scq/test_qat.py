@@ -3,6 +3,7 @@ changes its memory, not its result."""
 
 import copy
 
+import pytest
 import torch
 
 from mgtq.scq.qat import train_qat
@@ -54,3 +55,64 @@ def test_gradient_checkpointing_trains_through_the_blocks_checkpointed_to_the_sa
     assert not transformer.gradient_checkpointing  # the copy trained so, not the model handed in
     assert checkpointed.summary == plain.summary
     assert all(torch.equal(checkpointed.weights[k], plain.weights[k]) for k in plain.weights)
+
+
+def test_the_evaluation_in_chunks_is_the_one_batch_mean(random_pipeline):
+    from mgtq.scq.qat import eval_chunk, fixed_eval_metrics, prepare_fake_quant_, qat_terms
+
+    teacher = copy.deepcopy(random_pipeline.transformer).float().eval()
+    student = copy.deepcopy(teacher)
+    prepare_fake_quant_(student, QATConfig())
+    data, sampler = _data(teacher, samples=6), random_pipeline.settings.sampler
+    gen = torch.Generator().manual_seed(1234)  # the single batch the evaluation was before it had chunks
+    idx = torch.randint(0, 6, (10,), generator=gen)
+    with torch.no_grad():
+        one_batch = {k: float(v) for k, v in qat_terms(student, data, idx, torch.zeros(10, dtype=torch.bool), gen,
+                                                       sampler, "cpu", ("ce", "kl_to_float"), teacher).items()}
+    assert fixed_eval_metrics(student, data, sampler, "cpu", n=10, teacher=teacher) == one_batch  # one chunk: as was
+    for chunk in (1, 3, 4):
+        chunked = fixed_eval_metrics(student, data, sampler, "cpu", n=10, teacher=teacher, chunk=chunk)
+        assert chunked.keys() == one_batch.keys() and one_batch["kl_to_float"] > 0
+        assert all(abs(chunked[k] - one_batch[k]) <= 1e-5 * abs(one_batch[k]) for k in one_batch), (chunk, chunked)
+    assert eval_chunk(8192 * 64 * 64) == 4  # meissonic-1024: 4 of the 64 samples a forward
+    assert eval_chunk(264 * 8 * 8) >= 64 and eval_chunk(1 << 30) == 1  # tiny-shapes: all 64 in one
+
+
+def test_a_failure_in_the_closing_evaluation_resumes_to_it_without_training_again(tmp_path, random_pipeline,
+                                                                                   monkeypatch):
+    import weakref
+
+    from mgtq.scq import qat
+
+    transformer = random_pipeline.transformer
+    data, sampler = _data(transformer), random_pipeline.settings.sampler
+    cfg = QATConfig(steps=3, lr=1e-2, batch_size=2, save_every=2)
+    optimizers, evaluate, trained, evaluations = [], qat.fixed_eval_metrics, [], []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(weakref.ref(self))
+
+    def out_of_memory_at_the_end(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:  # the closing evaluation
+            import gc
+
+            gc.collect()
+            assert [ref() for ref in optimizers] == [None]  # the optimizer's state was freed before it
+            raise RuntimeError("CUDA out of memory")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(qat, "fixed_eval_metrics", out_of_memory_at_the_end)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_qat(transformer, data, cfg, sampler, tmp_path / "state", "fp", progress=False)
+    monkeypatch.setattr(qat, "fixed_eval_metrics", evaluate)
+    loss = qat.qat_loss
+    monkeypatch.setattr(qat, "qat_loss", lambda *a, **k: trained.append(1) or loss(*a, **k))
+    resumed = train_qat(transformer, data, cfg, sampler, tmp_path / "state", "fp", progress=False)
+    assert trained == []  # the state after the last step was saved before the evaluation
+    reference = train_qat(transformer, data, cfg, sampler, tmp_path / "reference", "fp", progress=False)
+    assert resumed.summary == reference.summary
+    assert all(torch.equal(resumed.weights[k], reference.weights[k]) for k in reference.weights)
