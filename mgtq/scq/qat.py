@@ -210,6 +210,16 @@ def qat_student(transformer: MeissonicTransformer, cfg: QATConfig, a8_layers=(),
     return student
 
 
+def adamw_options(device_type: str) -> dict:
+    """torch.optim.AdamW's keyword arguments for parameters on `device_type`.
+
+    CUDA: the fused kernel. torch's default there (foreach) allocates a temporary the size of all the weights at
+    each step (3.75 GiB at Meissonic's 1B parameters) and launches more kernels. Elsewhere torch's default, which
+    keeps CPU runs (and the published tiny-model figures) bit-identical to those before this choice.
+    """
+    return {"fused": True} if device_type == "cuda" else {}
+
+
 @dataclass
 class QATResult:
     """The trained float (latent) weights under the plain model's keys, and what stage.json records."""
@@ -238,7 +248,8 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
     # Only distillation pays for this copy (a 1B-parameter model's is 4 GB in fp32).
     teacher = copy.deepcopy(transformer).float().eval().requires_grad_(False) if cfg.objective != "ce" else None
     student = qat_student(transformer, cfg, a8_layers, input_scales)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **adamw_options(accelerator.device.type))
     model, optimizer = accelerator.prepare(student, optimizer)
     device = accelerator.device
     if teacher is not None:

@@ -116,3 +116,16 @@ def test_a_failure_in_the_closing_evaluation_resumes_to_it_without_training_agai
     reference = train_qat(transformer, data, cfg, sampler, tmp_path / "reference", "fp", progress=False)
     assert resumed.summary == reference.summary
     assert all(torch.equal(resumed.weights[k], reference.weights[k]) for k in reference.weights)
+
+
+def test_adamw_is_fused_on_cuda_only(tmp_path, random_pipeline, monkeypatch):
+    from mgtq.scq import qat
+
+    assert qat.adamw_options("cuda") == {"fused": True}  # no full-size foreach temporary at each step
+    assert qat.adamw_options("cpu") == {}  # torch's default: CPU results as before
+    asked = []
+    monkeypatch.setattr(qat, "adamw_options", lambda device_type: asked.append(device_type) or {})
+    transformer = random_pipeline.transformer
+    train_qat(transformer, _data(transformer), QATConfig(steps=1, batch_size=2), random_pipeline.settings.sampler,
+              tmp_path / "state", "fp", progress=False)
+    assert asked == ["cpu"]  # chosen for the device accelerate trains on
