@@ -62,7 +62,12 @@ class StageContext:
 
     @cached_property
     def data(self) -> synthesis.CalibrationData:
-        return load_calibration_data(self.run, self.pipe)
+        data = load_calibration_data(self.run, self.pipe)  # the prompts encoded while the text encoder is on the device
+        # then the pipeline leaves it: the stages that read the data train or measure a transformer of their own
+        # there, and beside it the pipeline (~5 GiB at Meissonic's size) would only take memory (in a run resumed
+        # after QAT, it is loaded for this alone)
+        self.pipe.to("cpu")
+        return data
 
     @cached_property
     def planned_a8(self) -> list[str]:
@@ -152,8 +157,7 @@ def _plan_a8(ctx: StageContext) -> dict:
 
 def _qat(ctx: StageContext) -> StageOutput:
     plan = _plan_a8(ctx) if ctx.recipe.qat.needs_a8_set else None
-    data = ctx.data  # the prompts encoded while the text encoder is on the device
-    ctx.pipe.to("cpu")  # QAT trains a copy on accelerate's device: the pipeline's would only take its memory
+    data = ctx.data  # the prompts encoded, the pipeline off the device: QAT trains a copy on accelerate's device
     result = qat.train_qat(ctx.pipe.transformer, data, ctx.recipe.qat, ctx.sampler, ctx.run.qat_state,
                            ctx.fingerprints["qat"], ctx.progress, a8_layers=plan["a8_layers"] if plan else (),
                            input_scales=plan["input_scales"] if plan else None)
