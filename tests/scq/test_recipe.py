@@ -97,6 +97,7 @@ def test_shipped_recipes_load():
     paper = load_recipe(REPO / "recipes" / "meissonic-1024-w4a8-scq.yaml")
     assert (paper.synthesis.num_steps, paper.synthesis.guidance_scale) == (64, 9.0)
     assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32) and paper.qat.gradient_checkpointing
+    assert paper.qat.save_every == 200  # a state is ~12 GB at this size: 4 saves and the last, not 20
 
 
 @pytest.mark.parametrize("bad,match", [
