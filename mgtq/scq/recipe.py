@@ -69,12 +69,20 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """How the float model synthesizes its own calibration images (its vanilla sampler)."""
+    """How the float model synthesizes its own calibration images (its vanilla sampler).
+
+    dtype: what the transformer and text encoder sample in ("auto": as saved); for this stage only, the later
+    ones train and encode with the model as saved. bfloat16 samples an fp32 checkpoint several times faster on a
+    GPU. keep_images: also decode the images and keep them in the synthesized set; no later stage reads them
+    (they use the tokens and prompts), and at 1024 px the VQ decode is the stage's largest memory.
+    """
 
     num_steps: int = 16
     guidance_scale: float = 3.0
     batch_size: int = 16
     resolution: int | None = None  # None = the model's default
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_images: bool = True
 
     def __post_init__(self):
         validate(self, "synthesis")
@@ -252,7 +260,8 @@ def _diff(a, b, where: str) -> list[str]:
 
 # (section, field) → the default at which the field changes nothing a recipe without it computes. Left out
 # of the fingerprint there, so a run folder whose recipe.yaml lacks the field stays complete.
-_OPTIONAL_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16}
+_OPTIONAL_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16,
+                    ("synthesis", "dtype"): "auto", ("synthesis", "keep_images"): True}
 # (section, field)s that change how a stage computes (memory, time), never what: outside the fingerprint, so
 # switching one on (e.g. after running out of memory) resumes the run's stages and training state.
 _HOW_FIELDS = (("qat", "gradient_checkpointing"),)

@@ -56,6 +56,15 @@ class StageContext:
         return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device,
                                            progress=self.progress)
 
+    def synthesis_pipe(self) -> MGTPipeline:
+        """The pipeline that synthesizes: `pipe`, or one in `synthesis.dtype` loaded for that stage alone (the
+        later stages train and encode prompts with the model as saved)."""
+        dtype = self.recipe.synthesis.dtype
+        if dtype == "auto":
+            return self.pipe
+        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device,
+                                           torch_dtype=dtype, progress=self.progress)
+
     @cached_property
     def sampler(self) -> SamplerConfig:
         return synthesis.synthesis_sampler(self.pipe.settings.sampler, self.recipe.synthesis)
@@ -97,12 +106,13 @@ class Stage:
 
 
 def _synthesize(ctx: StageContext) -> StageOutput:
-    recipe, pipe = ctx.recipe, ctx.pipe
+    recipe, pipe = ctx.recipe, ctx.synthesis_pipe()
     pairs = synthesis.calibration_prompts(recipe.prompts)
     res = recipe.synthesis.resolution or pipe.settings.resolution
-    ds = synthesis.synthesize(pipe, pairs, ctx.sampler, res, recipe.synthesis.batch_size, ctx.progress,
-                              desc="SCQ 1/4 synthesize")
-    summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": ctx.sampler.to_dict(),
+    sampler = synthesis.synthesis_sampler(pipe.settings.sampler, recipe.synthesis)  # ctx.sampler, from this pipe
+    ds = synthesis.synthesize(pipe, pairs, sampler, res, recipe.synthesis.batch_size, ctx.progress,
+                              desc="SCQ 1/4 synthesize", keep_images=recipe.synthesis.keep_images)
+    summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": sampler.to_dict(),
                "resolution": res}
     return StageOutput(summary, lambda folder: save_dataset(ds, folder / RunFolder.DATASET, ctx.progress))
 

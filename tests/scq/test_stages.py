@@ -49,3 +49,21 @@ def test_the_pipeline_leaves_the_device_once_the_prompts_are_encoded(monkeypatch
     ctx.__dict__["pipe"] = pipe = Pipe()  # as the cached property holds it once loaded on the device
     assert ctx.data == "data" and ctx.data == "data"
     assert events == [("encode", pipe), ("to", "cpu")]
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_synthesis_samples_in_its_dtype_and_the_later_stages_get_the_model_as_saved(dtype, random_pipeline_dir,
+                                                                                       monkeypatch):
+    import torch
+
+    from mgtq.scq.recipe import recipe_from_dict
+
+    used = []
+    monkeypatch.setattr(stages.synthesis, "synthesize", lambda pipe, *args, **kwargs: used.append(pipe) or
+                        datasets.Dataset.from_dict({"prompt": ["a red circle"]}))
+    recipe = recipe_from_dict({"prompts": {"count": 1}, "synthesis": {"dtype": dtype}})
+    ctx = stages.StageContext(recipe, run=None, model_dir=random_pipeline_dir, fingerprints={}, progress=False)
+    summary = stages._synthesize(ctx).summary
+    assert used[0].dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # saved in float32
+    assert (used[0] is ctx.__dict__.get("pipe")) == (dtype == "auto")  # else loaded for the stage alone
+    assert ctx.pipe.dtype == torch.float32 and summary["sampler"] == ctx.sampler.to_dict()
