@@ -99,15 +99,8 @@ def _conditioning(data: CalibrationData, idx: torch.Tensor, drop: torch.Tensor):
     return text, pooled
 
 
-def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
-              terms=("ce",), teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Loss terms on synthesized tokens from one student forward, timesteps in the sampler's convention.
-
-    "ce" is the masked-token cross-entropy on the synthesized tokens; "kl_to_float" needs `teacher`,
-    the float transformer, run on the same masked inputs.
-    """
-    if "kl_to_float" in terms and teacher is None:
-        raise ValueError("the distillation term needs the float teacher model (qat.objective distill or ce+distill)")
+def _masked_inputs(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device):
+    """(the model's keyword inputs, target tokens, mask) of samples `idx` with freshly drawn masks."""
     tokens = data.tokens[idx].to(device)
     text, pooled = _conditioning(data, idx, drop)
     transformer = model.module if hasattr(model, "module") else model
@@ -117,6 +110,10 @@ def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: Sampl
     inputs = dict(hidden_states=masked, encoder_hidden_states=text.to(device), pooled_projections=pooled.to(device),
                   timestep=torch.as_tensor(timestep, device=device),
                   micro_conds=data.micro_conds.to(device).expand(len(idx), 5))
+    return inputs, tokens, mask
+
+
+def _terms(model, inputs: dict, tokens, mask, terms, teacher) -> dict[str, torch.Tensor]:
     logits = model(**inputs)
     out = {}
     if "ce" in terms:
@@ -128,6 +125,18 @@ def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: Sampl
     return out
 
 
+def qat_terms(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
+              terms=("ce",), teacher: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms on synthesized tokens from one student forward, timesteps in the sampler's convention.
+
+    "ce" is the masked-token cross-entropy on the synthesized tokens; "kl_to_float" needs `teacher`,
+    the float transformer, run on the same masked inputs.
+    """
+    if "kl_to_float" in terms and teacher is None:
+        raise ValueError("the distillation term needs the float teacher model (qat.objective distill or ce+distill)")
+    return _terms(model, *_masked_inputs(model, data, idx, drop, generator, sampler, device), terms, teacher)
+
+
 def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: SamplerConfig, device,
              objective: str = "ce", teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """The QAT objective (see QATConfig.objective): the sum of its terms from :func:`qat_terms`."""
@@ -135,16 +144,48 @@ def qat_loss(model, data: CalibrationData, idx, drop, generator, sampler: Sample
                          teacher).values())
 
 
+# Logit elements one evaluation forward may produce (512 MiB in fp32): a few samples a forward at 1024 px
+# (8192 × 64 × 64 each), where all 64 at once need ~17 GiB with the loss's copies; a small model's whole set fits
+# in one forward, so its figures are those of a single batch.
+EVAL_LOGITS = 1 << 27
+
+
+def eval_chunk(sample_logits: int, budget: int = EVAL_LOGITS) -> int:
+    """Samples per evaluation forward when one sample's logits have `sample_logits` elements."""
+    return max(1, budget // sample_logits)
+
+
 def fixed_eval_metrics(model, data: CalibrationData, sampler: SamplerConfig, device, n: int = 64, seed: int = 1234,
-                       teacher: torch.nn.Module | None = None) -> dict[str, float]:
+                       teacher: torch.nn.Module | None = None, chunk: int | None = None) -> dict[str, float]:
     """CE (the fit to the calibration set) and, given the float `teacher`, the KL to it, on a fixed set
-    of masks (the same every call), from one student forward."""
+    of masks (the same every call): each the mean over all masked positions of the n samples, as one
+    batch gives it, computed `chunk` samples a forward (default :func:`eval_chunk`'s)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, data.tokens.shape[0], (n,), generator=gen)
     terms = ("ce",) if teacher is None else ("ce", "kl_to_float")
     with torch.no_grad():
-        values = qat_terms(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler, device, terms, teacher)
-    return {k: float(v) for k, v in values.items()}
+        inputs, tokens, mask = _masked_inputs(model, data, idx, torch.zeros(n, dtype=torch.bool), gen, sampler,
+                                              device)
+        transformer = model.module if hasattr(model, "module") else model
+        chunk = chunk or eval_chunk(transformer.config.codebook_size * tokens[0].numel())
+        sums = dict.fromkeys(terms, 0.0)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            values = _terms(model, {k: _rows(v, rows, n) for k, v in inputs.items()}, tokens[rows], mask[rows],
+                            terms, teacher)
+            # each term is a mean over the chunk's masked positions (at least one a sample): weighted by their
+            # count, the sum is the whole set's (and one chunk's value comes back unchanged: float64 holds the
+            # product of a float32 and a count exactly)
+            count = int(mask[rows].sum())
+            for k, v in values.items():
+                sums[k] += float(v) * count
+    total = int(mask.sum())
+    return {k: v / total for k, v in sums.items()}
+
+
+def _rows(value: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """The samples `rows` of a per-sample input; one shared by all samples (a 0-d timestep) as it is."""
+    return value[rows] if value.dim() and value.shape[0] == n else value
 
 
 def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.Tensor]:
@@ -154,6 +195,29 @@ def float_state_dict(model: torch.nn.Module, reference_keys) -> dict[str, torch.
     if missing:
         raise RuntimeError(f"QAT model lost parameters: {sorted(missing)[:5]}")
     return {k: sd[k].detach().contiguous().cpu() for k in reference_keys}
+
+
+def qat_student(transformer: MeissonicTransformer, cfg: QATConfig, a8_layers=(),
+                input_scales: dict[str, float] | None = None) -> MeissonicTransformer:
+    """The model QAT trains: an fp32 copy of `transformer` in training mode with fake quant on each layer's export
+    grid (:func:`prepare_fake_quant_`), every parameter trainable, blocks checkpointed as `cfg` says."""
+    student = copy.deepcopy(transformer).float().train()
+    prepare_fake_quant_(student, cfg, a8_layers, input_scales)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def adamw_options(device_type: str) -> dict:
+    """torch.optim.AdamW's keyword arguments for parameters on `device_type`.
+
+    CUDA: the fused kernel. torch's default there (foreach) allocates a temporary the size of all the weights at
+    each step (3.75 GiB at Meissonic's 1B parameters) and launches more kernels. Elsewhere torch's default, which
+    keeps CPU runs (and the published tiny-model figures) bit-identical to those before this choice.
+    """
+    return {"fused": True} if device_type == "cuda" else {}
 
 
 @dataclass
@@ -179,15 +243,13 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation)
-    student = copy.deepcopy(transformer).float().train()
-    reference_keys = list(student.state_dict().keys())
+    reference_keys = list(transformer.state_dict().keys())
     # The float model, frozen: the distillation teacher, and the yardstick of how far QAT drifts from it.
     # Only distillation pays for this copy (a 1B-parameter model's is 4 GB in fp32).
-    teacher = copy.deepcopy(student).eval().requires_grad_(False) if cfg.objective != "ce" else None
-    prepare_fake_quant_(student, cfg, a8_layers, input_scales)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher = copy.deepcopy(transformer).float().eval().requires_grad_(False) if cfg.objective != "ce" else None
+    student = qat_student(transformer, cfg, a8_layers, input_scales)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **adamw_options(accelerator.device.type))
     model, optimizer = accelerator.prepare(student, optimizer)
     device = accelerator.device
     if teacher is not None:
@@ -198,8 +260,10 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     # each process draws its own batches: a state saved under another process count would go on as neither run
     identity = {"fingerprint": fingerprint, "processes": accelerator.num_processes}
+    # save_final: the state after the last step is kept before the closing evaluation, so a run that fails there
+    # (out of memory, killed) resumes to that evaluation instead of training the steps since the last save again
     settings = loop.LoopSettings(steps=cfg.steps, save_every=cfg.save_every, accumulation=cfg.gradient_accumulation,
-                                 desc="SCQ 2/4 QAT",
+                                 save_final=True, desc="SCQ 2/4 QAT",
                                  nan_hint="lower qat.lr in the recipe and run `mgtq calibrate` again to resume")
     start, saved = loop.resume(accelerator, state_dir, model, optimizer, identity=identity, settings=settings)
     loss_before = saved["loss_before"] if start else fixed_metrics(model)
@@ -215,6 +279,8 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
 
     losses = loop.train(accelerator, model, optimizer, loss_fn, settings, state_dir, start,
                         {**saved, **identity, "loss_before": loss_before}, progress=progress)
+    del optimizer  # its state (twice the weights in fp32) is no use to the closing evaluation: freed before it
+    accelerator.free_memory()
     unwrapped = accelerator.unwrap_model(model)
     loss_after = fixed_metrics(unwrapped)
     summary = {"steps": cfg.steps, "processes": accelerator.num_processes, "objective": cfg.objective,

@@ -69,12 +69,20 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """How the float model synthesizes its own calibration images (its vanilla sampler)."""
+    """How the float model synthesizes its own calibration images (its vanilla sampler).
+
+    dtype: what the transformer and text encoder sample in ("auto": as saved); for this stage only, the later
+    ones train and encode with the model as saved. bfloat16 samples an fp32 checkpoint several times faster on a
+    GPU. keep_images: also decode the images and keep them in the synthesized set; no later stage reads them
+    (they use the tokens and prompts), and at 1024 px the VQ decode is the stage's largest memory.
+    """
 
     num_steps: int = 16
     guidance_scale: float = 3.0
     batch_size: int = 16
     resolution: int | None = None  # None = the model's default
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_images: bool = True
 
     def __post_init__(self):
         validate(self, "synthesis")
@@ -105,6 +113,10 @@ class QATConfig:
     the pre-QAT W4 model) and kept: the exported grids are then the ones QAT trained on. The other way,
     re-fitting A8 layers per channel after a group-wise QAT, would need a second training pass.
     skip: fnmatch patterns of Linear names left in float.
+    gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of keeping
+    them (fake quant keeps an fp32 copy of every weight per micro-batch: most of a large model's training memory).
+    The same losses and gradients, more compute; it changes no result, so it is not part of the run's fingerprint
+    and can be switched on to resume a run that ran out of memory.
     """
 
     steps: int = 300
@@ -121,6 +133,7 @@ class QATConfig:
     save_every: int = 50  # steps between resumable QAT states
     seed: int = 0
     activations_in_loop: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         validate(self, "qat")
@@ -224,12 +237,14 @@ class Recipe:
     def section_fingerprint(self, *names: str) -> str:
         """Hash of the named sections (stage outputs are reused only while these are unchanged).
 
-        The fields of _OPTIONAL_FIELDS count only when set away from their default.
+        The fields of _OPTIONAL_FIELDS count only when set away from their default, those of _HOW_FIELDS never.
         """
         data = {n: self.to_dict()[n] for n in names}
         for (section, key), default in _OPTIONAL_FIELDS.items():
             if section in data and data[section].get(key) == default:
                 del data[section][key]
+        for section, key in _HOW_FIELDS:
+            data.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: Recipe) -> list[str]:
@@ -245,7 +260,11 @@ def _diff(a, b, where: str) -> list[str]:
 
 # (section, field) → the default at which the field changes nothing a recipe without it computes. Left out
 # of the fingerprint there, so a run folder whose recipe.yaml lacks the field stays complete.
-_OPTIONAL_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16}
+_OPTIONAL_FIELDS = {("qat", "activations_in_loop"): False, ("secondary", "sensitivity_samples"): 16,
+                    ("synthesis", "dtype"): "auto", ("synthesis", "keep_images"): True}
+# (section, field)s that change how a stage computes (memory, time), never what: outside the fingerprint, so
+# switching one on (e.g. after running out of memory) resumes the run's stages and training state.
+_HOW_FIELDS = (("qat", "gradient_checkpointing"),)
 
 _SECTIONS = ("prompts", "synthesis", "qat", "magnitudes", "secondary", "export")
 

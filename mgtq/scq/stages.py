@@ -56,13 +56,27 @@ class StageContext:
         return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device,
                                            progress=self.progress)
 
+    def synthesis_pipe(self) -> MGTPipeline:
+        """The pipeline that synthesizes: `pipe`, or one in `synthesis.dtype` loaded for that stage alone (the
+        later stages train and encode prompts with the model as saved)."""
+        dtype = self.recipe.synthesis.dtype
+        if dtype == "auto":
+            return self.pipe
+        return MGTPipeline.from_pretrained(self.model_dir, text_encoder=self.recipe.text_encoder, device=self.device,
+                                           torch_dtype=dtype, progress=self.progress)
+
     @cached_property
     def sampler(self) -> SamplerConfig:
         return synthesis.synthesis_sampler(self.pipe.settings.sampler, self.recipe.synthesis)
 
     @cached_property
     def data(self) -> synthesis.CalibrationData:
-        return load_calibration_data(self.run, self.pipe)
+        data = load_calibration_data(self.run, self.pipe)  # the prompts encoded while the text encoder is on the device
+        # then the pipeline leaves it: the stages that read the data train or measure a transformer of their own
+        # there, and beside it the pipeline (~5 GiB at Meissonic's size) would only take memory (in a run resumed
+        # after QAT, it is loaded for this alone)
+        self.pipe.to("cpu")
+        return data
 
     @cached_property
     def planned_a8(self) -> list[str]:
@@ -92,12 +106,13 @@ class Stage:
 
 
 def _synthesize(ctx: StageContext) -> StageOutput:
-    recipe, pipe = ctx.recipe, ctx.pipe
+    recipe, pipe = ctx.recipe, ctx.synthesis_pipe()
     pairs = synthesis.calibration_prompts(recipe.prompts)
     res = recipe.synthesis.resolution or pipe.settings.resolution
-    ds = synthesis.synthesize(pipe, pairs, ctx.sampler, res, recipe.synthesis.batch_size, ctx.progress,
-                              desc="SCQ 1/4 synthesize")
-    summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": ctx.sampler.to_dict(),
+    sampler = synthesis.synthesis_sampler(pipe.settings.sampler, recipe.synthesis)  # ctx.sampler, from this pipe
+    ds = synthesis.synthesize(pipe, pairs, sampler, res, recipe.synthesis.batch_size, ctx.progress,
+                              desc="SCQ 1/4 synthesize", keep_images=recipe.synthesis.keep_images)
+    summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": sampler.to_dict(),
                "resolution": res}
     return StageOutput(summary, lambda folder: save_dataset(ds, folder / RunFolder.DATASET, ctx.progress))
 
@@ -152,8 +167,7 @@ def _plan_a8(ctx: StageContext) -> dict:
 
 def _qat(ctx: StageContext) -> StageOutput:
     plan = _plan_a8(ctx) if ctx.recipe.qat.needs_a8_set else None
-    data = ctx.data  # the prompts encoded while the text encoder is on the device
-    ctx.pipe.to("cpu")  # QAT trains a copy on accelerate's device: the pipeline's would only take its memory
+    data = ctx.data  # the prompts encoded, the pipeline off the device: QAT trains a copy on accelerate's device
     result = qat.train_qat(ctx.pipe.transformer, data, ctx.recipe.qat, ctx.sampler, ctx.run.qat_state,
                            ctx.fingerprints["qat"], ctx.progress, a8_layers=plan["a8_layers"] if plan else (),
                            input_scales=plan["input_scales"] if plan else None)

@@ -1,7 +1,8 @@
 """SCQ step 1 (paper §4.1): the float model synthesizes its own calibration set.
 
 Prompt sources (ShapeBench's validation prompts, the shapes grammar, a text file), the synthesis
-itself (the model's vanilla sampler → a `datasets` Dataset of prompt, seed, image, tokens), and
+itself (the model's vanilla sampler → a `datasets` Dataset of prompt, seed, image (unless the recipe drops it),
+tokens), and
 `CalibrationData`: those tokens with the text features the later steps condition on.
 """
 
@@ -55,22 +56,25 @@ def synthesis_sampler(base: SamplerConfig, cfg: SynthesisConfig) -> SamplerConfi
 
 
 def synthesize(pipe: MGTPipeline, pairs: list[tuple[str, int]], sampler: SamplerConfig, resolution: int,
-               batch_size: int, progress: bool = True, desc: str = "synthesize"):
-    """Generate one image per (prompt, seed) → `datasets.Dataset` (prompt, seed, image, tokens (h·w))."""
+               batch_size: int, progress: bool = True, desc: str = "synthesize", keep_images: bool = True):
+    """Generate one image per (prompt, seed) → `datasets.Dataset` (prompt, seed, image, tokens (h·w)); without
+    `keep_images`, the tokens only (no VQ decoding, no image column)."""
     from datasets import Dataset, Features, Image, Sequence, Value
 
-    rows = {"prompt": [], "seed": [], "image": [], "tokens": []}
+    columns = {"prompt": Value("string"), "seed": Value("int64"), "image": Image(), "tokens": Sequence(Value("int32"))}
+    if not keep_images:
+        del columns["image"]
+    rows = {name: [] for name in columns}
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress):
         chunk = pairs[start : start + batch_size]
         result = pipe([p for p, _ in chunk], seed=[s for _, s in chunk], sampler=sampler, height=resolution,
-                      width=resolution, progress=False)
+                      width=resolution, progress=False, output_type="pil" if keep_images else "latent")
         rows["prompt"] += [p for p, _ in chunk]
         rows["seed"] += [s for _, s in chunk]
-        rows["image"] += result.images
+        if keep_images:
+            rows["image"] += result.images
         rows["tokens"] += result.tokens.flatten(1).tolist()
-    features = Features({"prompt": Value("string"), "seed": Value("int64"), "image": Image(),
-                         "tokens": Sequence(Value("int32"))})
-    return Dataset.from_dict(rows, features=features)
+    return Dataset.from_dict(rows, features=Features(columns))
 
 
 @dataclass

@@ -45,6 +45,11 @@ def test_optional_fields_at_their_default_keep_the_fingerprints_of_recipes_witho
     assert Recipe().section_fingerprint("qat", "magnitudes", "secondary") == "3e466edbff599ef0"
     assert recipe_from_dict({"qat": {"activations_in_loop": True}}).section_fingerprint("qat") != \
         Recipe().section_fingerprint("qat")
+    # and before synthesis.dtype / synthesis.keep_images existed
+    assert (Recipe().section_fingerprint("prompts", "synthesis"), shipped.section_fingerprint("prompts", "synthesis")) \
+        == ("fcb15437dac34a32", "5a8569e866a0c6d7")
+    assert recipe_from_dict({"synthesis": {"keep_images": False}}).section_fingerprint("synthesis") != \
+        Recipe().section_fingerprint("synthesis")
 
 
 def test_qat_depends_on_the_a8_recipe_only_when_it_needs_the_a8_set():

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
     ({"prompts": {"file": "prompts.txt"}}, "prompts.file is set but prompts.source is 'shapebench': set source: file"),
     ({"synthesis": {"resolution": 0}}, "synthesis.resolution must be ≥ 1, got 0"),
     ({"synthesis": {"guidance_scale": float("nan")}}, "synthesis.guidance_scale must be a finite number, got nan"),
+    ({"synthesis": {"dtype": "int8"}}, "synthesis.dtype must be one of ['auto', 'float32', 'bfloat16', 'float16'], "
+                                       "got 'int8'"),
+    ({"synthesis": {"keep_images": "no"}}, "synthesis.keep_images must be true or false, got 'no'"),
     ({"secondary": {"fraction": "a third"}}, "secondary.fraction must be a number, got 'a third'"),
     ({"secondary": {"fraction": 1.5}}, "secondary.fraction must be in [0, 1], got 1.5"),
     ({"magnitudes": {"mask_ratios": 0.5}}, "magnitudes.mask_ratios must be a list, got 0.5"),
@@ -77,6 +80,13 @@ def test_recipe_files(tmp_path):
         load_recipe(typo)
 
 
+def test_gradient_checkpointing_is_outside_the_fingerprint():
+    # it changes memory and time, not the result: switching it on resumes a run instead of starting its QAT over
+    on = recipe_from_dict({"qat": {"gradient_checkpointing": True}})
+    assert on.qat.gradient_checkpointing and not Recipe().qat.gradient_checkpointing
+    assert on.section_fingerprint("qat") == Recipe().section_fingerprint("qat")
+
+
 def test_differences_name_dotted_keys():
     a = recipe_from_dict({"qat": {"steps": 3}})
     b = recipe_from_dict({"qat": {"steps": 4}, "secondary": {"selection": "all"}})
@@ -89,7 +99,9 @@ def test_shipped_recipes_load():
     assert tiny.qat.weight_bits == 4 and abs(tiny.secondary.fraction - 1 / 3) < 1e-9
     paper = load_recipe(REPO / "recipes" / "meissonic-1024-w4a8-scq.yaml")
     assert (paper.synthesis.num_steps, paper.synthesis.guidance_scale) == (64, 9.0)
-    assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32)
+    assert (paper.qat.lr, paper.qat.gradient_accumulation) == (5e-6, 32) and paper.qat.gradient_checkpointing
+    assert paper.qat.save_every == 200  # a state is ~12 GB at this size: 4 saves and the last, not 20
+    assert paper.synthesis.dtype == "bfloat16" and not paper.synthesis.keep_images
 
 
 @pytest.mark.parametrize("bad,match", [

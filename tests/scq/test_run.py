@@ -224,6 +224,19 @@ def test_synthesized_dataset_has_prompt_seed_image_tokens(run):
     assert ds["seed"] == list(range(8))
 
 
+def test_a_run_synthesizing_tokens_only_in_bfloat16_calibrates_and_exports(tmp_path, random_pipeline_dir):
+    from datasets import load_from_disk
+
+    from mgtq.export import export_run
+
+    out = tmp_path / "run"
+    report = calibrate(_recipe(random_pipeline_dir, synthesis={"keep_images": False, "dtype": "bfloat16"}), out,
+                       progress=False)
+    assert [report[s] for s in STAGES] == ["ran"] * 4  # every stage reads the set without its images
+    assert set(load_from_disk(str(out / "synth" / "dataset")).column_names) == {"prompt", "seed", "tokens"}
+    assert (export_run(out, tmp_path / "ckpt") / "model_index.json").is_file()
+
+
 def test_rerun_skips_completed_stages(run, random_pipeline_dir):
     out, _ = run
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)
@@ -316,7 +329,8 @@ def test_an_edited_qat_step_is_refused(tmp_path, random_pipeline_dir, monkeypatc
                                          r"to start this training over, or restore"):
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     resave_trainer_json(marker.parent, step=11)  # checksums made to fit: the step itself is still refused
-    with pytest.raises(ValueError, match=r"step 11 is not one SCQ 2/4 QAT saves a state at \(every 4 of 12 steps\)"):
+    with pytest.raises(ValueError, match=r"step 11 is not one SCQ 2/4 QAT saves a state at \(every 4 of 12 "
+                                         r"steps, and the last\)"):
         calibrate(_recipe(random_pipeline_dir), out, progress=False)
     assert not (out / "qat").exists()
 

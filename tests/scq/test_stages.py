@@ -1,4 +1,5 @@
-"""mgtq.scq.stages: `mgtq calibrate --no-progress` shows no progress bar, the libraries' bars included."""
+"""mgtq.scq.stages: `mgtq calibrate --no-progress` shows no progress bar, the libraries' bars included; the pipeline
+leaves the device once it has encoded the prompts."""
 
 import datasets
 import pytest
@@ -25,3 +26,44 @@ def test_saving_the_synthesized_set_without_progress_shows_no_bar(capsys, tmp_pa
     assert not datasets.are_progress_bars_disabled()  # the global switch is back as it was
     stages.save_dataset(ds, tmp_path / "shown", progress=True)
     assert "Saving the dataset" in capsys.readouterr().err
+
+
+def test_the_pipeline_leaves_the_device_once_the_prompts_are_encoded(monkeypatch, tmp_path):
+    # A run resumed at magnitudes or secondary loads the pipeline only to encode the prompts; it must not stay on
+    # the GPU beside the QAT model those stages measure.
+    from mgtq.scq.recipe import recipe_from_dict
+
+    events = []
+
+    class Pipe:
+        def to(self, device):
+            events.append(("to", device))
+            return self
+
+    def encode(run, pipe):
+        events.append(("encode", pipe))
+        return "data"
+
+    monkeypatch.setattr(stages, "load_calibration_data", encode)
+    ctx = stages.StageContext(recipe_from_dict({}), run=None, model_dir=tmp_path, fingerprints={}, device="cuda")
+    ctx.__dict__["pipe"] = pipe = Pipe()  # as the cached property holds it once loaded on the device
+    assert ctx.data == "data" and ctx.data == "data"
+    assert events == [("encode", pipe), ("to", "cpu")]
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_synthesis_samples_in_its_dtype_and_the_later_stages_get_the_model_as_saved(dtype, random_pipeline_dir,
+                                                                                       monkeypatch):
+    import torch
+
+    from mgtq.scq.recipe import recipe_from_dict
+
+    used = []
+    monkeypatch.setattr(stages.synthesis, "synthesize", lambda pipe, *args, **kwargs: used.append(pipe) or
+                        datasets.Dataset.from_dict({"prompt": ["a red circle"]}))
+    recipe = recipe_from_dict({"prompts": {"count": 1}, "synthesis": {"dtype": dtype}})
+    ctx = stages.StageContext(recipe, run=None, model_dir=random_pipeline_dir, fingerprints={}, progress=False)
+    summary = stages._synthesize(ctx).summary
+    assert used[0].dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # saved in float32
+    assert (used[0] is ctx.__dict__.get("pipe")) == (dtype == "auto")  # else loaded for the stage alone
+    assert ctx.pipe.dtype == torch.float32 and summary["sampler"] == ctx.sampler.to_dict()

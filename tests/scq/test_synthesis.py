@@ -1,4 +1,5 @@
-"""mgtq.scq.synthesis: calibration prompts come from ShapeBench's val split, not the scored one."""
+"""mgtq.scq.synthesis: calibration prompts come from ShapeBench's val split, not the scored one; the set without
+images holds the same tokens."""
 
 from mgtq.scq.recipe import recipe_from_dict
 from mgtq.scq.synthesis import calibration_prompts
@@ -14,3 +15,23 @@ def test_shapebench_calibration_prompts_are_not_the_scored_ones():
     val = [it.prompt for it in shapebench_prompts(split="val")]
     assert {p for p, _ in pairs} <= set(val)
     assert [p for p, _ in pairs] != [p for p in scored[: len(pairs)]]
+
+
+def test_without_images_the_set_has_the_same_tokens_and_nothing_is_decoded(random_pipeline, monkeypatch):
+    import torch
+
+    from mgtq.scq.synthesis import calibration_data, synthesize
+
+    pairs, sampler = [("a red circle", 0), ("a blue square", 1)], random_pipeline.settings.sampler.replace(num_steps=2)
+    full = synthesize(random_pipeline, pairs, sampler, 64, 2, progress=False)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the VQ decoder ran")
+
+    monkeypatch.setattr(type(random_pipeline), "decode_tokens", no_decoding)
+    tokens_only = synthesize(random_pipeline, pairs, sampler, 64, 2, progress=False, keep_images=False)
+    assert set(full.column_names) - set(tokens_only.column_names) == {"image"}
+    assert tokens_only["tokens"] == full["tokens"] and tokens_only["prompt"] == full["prompt"]
+    grid = random_pipeline.token_grid(64, 64)
+    a, b = calibration_data(full, random_pipeline, grid, 64), calibration_data(tokens_only, random_pipeline, grid, 64)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.text, b.text)
