@@ -19,8 +19,9 @@ import torch
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
+from mgtq.files import atomic_write_text, read_json, write_json
+from mgtq.hashing import model_fingerprint
 from mgtq.pipeline import MGTPipeline
-from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OVERALL_GOAL = 0.75  # the default model's target at ≤16 steps (README, "The embedded default model")

@@ -23,10 +23,10 @@ import torch
 from mgtq.cli import main as mgtq_cli
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
+from mgtq.files import write_json
 from mgtq.pipeline import load
 from mgtq.quantization import model_weight_nbytes
 from mgtq.quantization.kernels import kernels_label
-from mgtq.utils import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 PTQ_ROWS = {  # row name: `mgtq quantize` flags

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
+from mgtq.files import read_json, write_json
+from mgtq.hashing import model_fingerprint
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import (W4A8Config, W4A16Config, input_scales_from_stats, linear_names, model_weight_nbytes,
                                prepare_qat_, quantize_)
@@ -41,7 +43,6 @@ from mgtq.scq.magnitudes import record_activation_stats
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import load_calibration_data
 from mgtq.scq.synthesis import synthesis_sampler
-from mgtq.utils import model_fingerprint, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-shapes-w4a8-scq.yaml"

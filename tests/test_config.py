@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mgtq.config import from_mapping, read_mapping, validate
-from mgtq.utils import derive_seed, dtype_name, parse_dtype, set_submodule
+from mgtq.dtypes import dtype_name, parse_dtype
+from mgtq.modules import set_submodule
+from mgtq.seeding import derive_seed
 
 
 @dataclass(frozen=True)

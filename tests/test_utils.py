@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgtq.utils import (all_finite, atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory,
-                        write_json)
+from mgtq.files import atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory, write_json
+from mgtq.finite import all_finite
 
 
 def _umask():
@@ -145,7 +145,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
 
 
 def test_atomic_entries_replaces_only_what_it_writes_and_a_failed_write_changes_nothing(tmp_path):
-    from mgtq.utils import atomic_entries
+    from mgtq.files import atomic_entries
 
     target = tmp_path / "repo"
     (target / "part").mkdir(parents=True)
@@ -198,7 +198,7 @@ def test_all_finite_agrees_with_isfinite_and_takes_empty_and_extreme_tensors():
 
 
 def _exchange_supported(tmp_path) -> bool:
-    from mgtq.utils import _exchange
+    from mgtq.files import _exchange
 
     a, b = tmp_path / "probe" / "a", tmp_path / "probe" / "b"
     a.mkdir(parents=True), b.mkdir()
@@ -224,9 +224,9 @@ def test_a_replaced_folder_is_never_missing(tmp_path, monkeypatch):
 
 
 def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypatch):
-    import mgtq.utils
+    import mgtq.files
 
-    monkeypatch.setattr(mgtq.utils, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(mgtq.files, "_exchange", lambda a, b: False)
     target = tmp_path / "out"
     for text in ("one", "two"):
         with atomic_directory(target) as tmp:
@@ -237,11 +237,11 @@ def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypa
 def test_generators_of_another_device_seed_generators_on_the_sampling_device(monkeypatch):
     """A CUDA generator draws its seeds on its own device (a CPU draw from it is an error), and generators on
     another device than the sampler's seed one each there, so no step samples on the host."""
-    import mgtq.utils
-    from mgtq.utils import per_sample_generators
+    import mgtq.seeding
+    from mgtq.seeding import per_sample_generators
 
     made, draws = [], []
-    monkeypatch.setattr(mgtq.utils, "_generator_on", lambda device, seed: made.append((str(device), seed)) or seed)
+    monkeypatch.setattr(mgtq.seeding, "_generator_on", lambda device, seed: made.append((str(device), seed)) or seed)
     real_randint = torch.randint
 
     def randint(*args, generator=None, device=None, **kw):
@@ -272,15 +272,15 @@ def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_aga
     import hashlib
     import time
 
-    import mgtq.utils
-    from mgtq.utils import hashed_ahead, sha256_file
+    import mgtq.hashing
+    from mgtq.hashing import hashed_ahead, sha256_file
 
     files = [tmp_path / f"{name}.bin" for name in "abc"]
     for i, path in enumerate(files):
         path.write_bytes(bytes([i]) * (1 << 20))
     reads = []
-    real_feed = mgtq.utils._feed_file
-    monkeypatch.setattr(mgtq.utils, "_feed_file",
+    real_feed = mgtq.hashing._feed_file
+    monkeypatch.setattr(mgtq.hashing, "_feed_file",
                         lambda h, p, stop=None: reads.append(p.name) or real_feed(h, p, stop))
     with hashed_ahead(files + [tmp_path / "missing.bin"]):  # a missing file is left to the checks
         assert [sha256_file(p) for p in files] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
@@ -294,7 +294,7 @@ def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_aga
 def test_a_file_rewritten_with_its_old_size_and_time_is_not_taken_for_its_hash_ahead(tmp_path):
     import hashlib
 
-    from mgtq.utils import hashed_ahead, sha256_file
+    from mgtq.hashing import hashed_ahead, sha256_file
 
     path = tmp_path / "w.bin"
     path.write_bytes(b"a" * 4096)
@@ -317,8 +317,8 @@ def test_hashes_ahead_run_beside_the_block_and_stop_when_it_ends(tmp_path, monke
     import hashlib
     import threading
 
-    import mgtq.utils
-    from mgtq.utils import hashed_ahead, sha256_file
+    import mgtq.hashing
+    from mgtq.hashing import hashed_ahead, sha256_file
 
     slow, quick = tmp_path / "slow.bin", tmp_path / "quick.bin"
     slow.write_bytes(b"s" * (3 << 24))  # three chunks
@@ -340,7 +340,7 @@ def test_hashes_ahead_run_beside_the_block_and_stop_when_it_ends(tmp_path, monke
         def hexdigest(self):
             return self.h.hexdigest()
 
-    monkeypatch.setattr(mgtq.utils.hashlib, "sha256", Gated)
+    monkeypatch.setattr(mgtq.hashing.hashlib, "sha256", Gated)
     with hashed_ahead([slow, quick]):
         assert started.wait(5)  # the block runs while the slow hash is under way
         assert sha256_file(quick) == real_update(b"q" * 100).hexdigest()  # another file's check does not wait
