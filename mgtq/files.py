@@ -1,8 +1,9 @@
 """mgtq's one file writer and its recovery: every file and folder mgtq writes is written whole beside its
 target and renamed into place (`atomic_file`, `atomic_write_text`, `write_json`, `save_safetensors`; folders:
-`atomic_directory`, `atomic_entries` for a folder that holds files of the user's), never over a device, FIFO,
-socket or link (`writable_file`, `describe_path`), and what a killed writer left beside its target is cleaned
-up or restored (`recover_directory`, `recover_atomic_target`); `read_json` reads back what `write_json` wrote."""
+`atomic_directory`, `atomic_entries` for a folder that holds files of the user's), never in place of a device,
+FIFO, socket or link (a link is written through: `writable_file`; `describe_path` says what is there), and what
+a killed writer left beside its target is cleaned up or restored (`recover_directory`, `recover_atomic_target`);
+`read_json` reads back what `write_json` wrote."""
 
 from __future__ import annotations
 
