@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mgtq.utils import atomic_write_text, write_json
+from mgtq.files import atomic_write_text, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,10 +35,10 @@ from torch import nn
 
 from mgtq.bench.build import quantize_in_format_, with_weight_cache
 from mgtq.bench.formats import Format
+from mgtq.files import atomic_write_text, write_json
 from mgtq.models.presets import PRESETS
 from mgtq.models.transformer import MMDiTBlock, SingleStreamBlock, rope_tables
 from mgtq.quantization import kernels, model_weight_nbytes
-from mgtq.utils import atomic_write_text, write_json
 
 FORMATS = ("bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
 

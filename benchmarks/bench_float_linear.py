@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mgtq.files import atomic_write_text, write_json
 from mgtq.quantization import kernels
-from mgtq.utils import atomic_write_text, write_json
 
 from bench_timing import interleaved_rounds, spread  # this folder's
 

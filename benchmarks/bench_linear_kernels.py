@@ -51,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgtq.files import atomic_write_text
 from mgtq.quantization import W4A8Linear, W4Linear, choose_int8_scale
 from mgtq.fused import float_linear
 from mgtq.native import amx
 from mgtq.quantization import kernels
-from mgtq.utils import atomic_write_text
 
 from bench_timing import interleaved_rounds  # this folder's
 

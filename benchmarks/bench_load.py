@@ -11,9 +11,9 @@ tensors that load read:
 - import: `import mgtq.pipeline` (diffusers, transformers), timed apart from the load;
 - hashing: sha256 of every file the load verifies (`mgtq.components.verified_files`: the quantized transformer's
   manifest files, the other components' files `model_index.json` records), one after another, from the page cache;
-  the load itself hashes them side by side (`mgtq.utils.hashed_ahead`);
+  the load itself hashes them side by side (`mgtq.hashing.hashed_ahead`);
 - finite check: every floating-point tensor of the loaded components checked for NaN/inf, with mgtq's
-  one-pass check (`mgtq.utils.all_finite`, aminmax) and with `isfinite().all()`, side by side in the process.
+  one-pass check (`mgtq.finite.all_finite`, aminmax) and with `isfinite().all()`, side by side in the process.
 Writes benchmarks/results/load_<model>_<cpu class>.json and .md (median [min–max] over the rounds).
 """
 
@@ -69,7 +69,8 @@ def measure(folder: Path, threads: int, checks: int, one_by_one: bool = False) -
     import mgtq
     import mgtq.pipeline  # noqa: F401  (diffusers and transformers: imported once per process, timed apart)
     from mgtq.components import verified_files
-    from mgtq.utils import all_finite, sha256_file
+    from mgtq.finite import all_finite
+    from mgtq.hashing import sha256_file
 
     if one_by_one:
         mgtq.pipeline.hashed_ahead = lambda paths: contextlib.nullcontext()
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         pairs = zip(samples[fmt], samples[label(fmt, True)])
         report["load_vs_one_by_one"][fmt] = summary([a["load_s"] / b["load_s"] for a, b in pairs])
     out = args.out or RESULTS / f"load_{args.model}_{cpu_class()}"
-    from mgtq.utils import atomic_write_text, write_json
+    from mgtq.files import atomic_write_text, write_json
 
     write_json(out.with_suffix(".json"), report)
     atomic_write_text(out.with_suffix(".md"), to_markdown(report))

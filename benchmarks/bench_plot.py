@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mgtq.bench.result import MB, CaseResult
 from mgtq.config import read_mapping
-from mgtq.utils import atomic_file
+from mgtq.files import atomic_file
 
 _COLORS = {"mgtq": "#1f77b4", "optimum-quanto": "#ff7f0e", "torchao": "#2ca02c"}
 

@@ -38,6 +38,7 @@ import torch
 from mgtq import argtypes
 from mgtq.bench.build import quantize_in_format_, with_weight_cache
 from mgtq.bench.formats import Format
+from mgtq.files import write_json
 from mgtq.models.presets import preset_config
 from mgtq.models.random import random_float_transformer
 from mgtq.reuse import ContextCache, active_tokens
@@ -45,7 +46,6 @@ from mgtq.sampling import SamplerConfig, classifier_free_guidance
 from mgtq.sampling.cli_args import add_sampler_arguments, sampler_config_from_args
 from mgtq.sampling.maskgit import num_to_mask, sample
 from mgtq.sampling.tricks.reuse import most_confident_cells
-from mgtq.utils import write_json
 
 FORMATS = ("fp32", "bf16", "w4a16", "w4a8", "scq", "w4a8-cached", "scq-cached")
 TEXT_TOKENS = 77

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from mgtq import argtypes
+from mgtq.files import write_json
 from mgtq.sampling import SamplerConfig, classifier_free_guidance
 from mgtq.sampling.maskgit import sample
-from mgtq.utils import write_json
 
 
 def stub_model(grid: int, codebook: int, scale: float, seed: int):

@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from table5_tomemgt import parse_setting, table5_settings, variant_name  # noqa: E402
 
+from mgtq.files import atomic_write_text, write_json  # noqa: E402
 from mgtq.merging import TomePlan, apply_tomemgt, remove_tomemgt  # noqa: E402
 from mgtq.merging.tome import bipartite_soft_matching_2x2, cell_destinations  # noqa: E402
 from mgtq.models.presets import preset_config  # noqa: E402
 from mgtq.models.random import random_float_transformer  # noqa: E402
-from mgtq.utils import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEPS, TOTAL_STEPS = (2, 6, 10, 14), 16

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="mgtq cache folder (default: a new temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (.md beside it)")
     args = parser.parse_args(argv)
-    from mgtq.utils import atomic_write_text
+    from mgtq.files import atomic_write_text
 
     if args.sampler is not None:
         from mgtq.sampling import SamplerConfig

@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from mgtq.default_model import default_model
+from mgtq.files import write_json
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import score_image
-from mgtq.utils import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -21,9 +21,10 @@ import torch
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
+from mgtq.files import atomic_write_text, read_json, write_json
+from mgtq.hashing import model_fingerprint
 from mgtq.pipeline import MGTPipeline
 from mgtq.shapes import CATEGORIES
-from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

@@ -33,7 +33,7 @@ import torch
 from mgtq.bench import BenchConfig, MeasureSettings, run_bench
 from mgtq.bench.config import FORMATS
 from mgtq.bench.report import results_of
-from mgtq.utils import write_json
+from mgtq.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_FORMATS = ("bf16", "fp16", "w4a16", "w4a8", "scq")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mgtq.utils import atomic_file, atomic_write_text, read_json
+from mgtq.files import atomic_file, atomic_write_text, read_json
 
 REUSE_KEYS = ("interval", "group", "warmup", "refresh")
 

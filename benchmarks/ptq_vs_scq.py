@@ -25,11 +25,11 @@ import torch
 from mgtq.cli import main as mgtq_cli
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
+from mgtq.files import atomic_write_text, read_json, write_json
 from mgtq.pipeline import load
 from mgtq.quantization import model_weight_nbytes
 from mgtq.quantization.kernels import kernels_label
 from mgtq.shapes import CATEGORIES
-from mgtq.utils import atomic_write_text, read_json, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

@@ -43,13 +43,14 @@ from safetensors.torch import load_file
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline, interleave_categories
+from mgtq.files import atomic_write_text, read_json, save_safetensors, write_json
+from mgtq.hashing import model_fingerprint
 from mgtq.merging import TomeConfig
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling import SamplerConfig
 from mgtq.shapes import shapebench_prompts
 from mgtq.shapes.shapebench import DEFAULT_PER_CATEGORY
-from mgtq.utils import atomic_write_text, model_fingerprint, read_json, save_safetensors, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

@@ -30,13 +30,13 @@ import torch
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
+from mgtq.files import atomic_directory, atomic_write_text, read_json, write_json
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import model_weight_nbytes
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import load_recipe, recipe_from_dict
 from mgtq.scq.run import RunFolder
-from mgtq.utils import atomic_directory, atomic_write_text, read_json, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

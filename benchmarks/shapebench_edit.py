@@ -29,13 +29,14 @@ from PIL import Image, ImageDraw
 from mgtq.default_model import default_model
 from mgtq.editing import MGTImg2ImgPipeline, MGTInpaintPipeline
 from mgtq.evaluation import edit_summary_line, evaluate_editing
+from mgtq.files import atomic_write_text, read_json, write_json
 from mgtq.generate import write_png
+from mgtq.hashing import model_fingerprint
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
 from mgtq.sampling.schedules import SCHEDULES
 from mgtq.shapes import evaluate, score_image
 from mgtq.shapes.edit import DEFAULT_PER_TASK, EDIT_TASKS, edit_inputs, shapebench_edit_items
-from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

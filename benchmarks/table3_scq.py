@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from mgtq.evaluation import evaluate_pipeline
 from mgtq.export import export_run
+from mgtq.files import atomic_write_text, read_json, write_json
+from mgtq.hashing import model_fingerprint
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import (W4A8Config, W4A16Config, input_scales_from_stats, linear_names, model_weight_nbytes,
                                prepare_qat_, quantize_)
@@ -43,7 +45,6 @@ from mgtq.scq.magnitudes import record_activation_stats
 from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import load_calibration_data
 from mgtq.scq.synthesis import synthesis_sampler
-from mgtq.utils import atomic_write_text, model_fingerprint, read_json, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

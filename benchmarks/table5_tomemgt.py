@@ -29,10 +29,11 @@ import torch
 
 from mgtq.default_model import default_model
 from mgtq.evaluation import evaluate_pipeline
+from mgtq.files import atomic_write_text, write_json
+from mgtq.hashing import sha256_file
 from mgtq.merging import TomeConfig, apply_tomemgt, remove_tomemgt
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization.kernels import describe_kernels, kernels_label
-from mgtq.utils import atomic_write_text, sha256_file, write_json
 
 from paired import paired_cell, paired_or_none  # this folder's
 

@@ -30,7 +30,7 @@ COMMANDS = tuple(_HELP)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from mgtq.utils import SHORT_DTYPES
+    from mgtq.dtypes import SHORT_DTYPES
 
     p.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="pipeline folder or embedded model name (default: the embedded tiny-shapes model; "
@@ -194,9 +194,9 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_output_path(args.json, "--json")  # now, not after the whole evaluation
     from mgtq.evaluation import edit_summary_line, evaluate_editing, evaluate_pipeline, summary_line
+    from mgtq.files import write_json
     from mgtq.quantization.kernels import kernels_label
     from mgtq.shapes.edit import EDIT_TASKS
-    from mgtq.utils import write_json
 
     pipe = _load_pipe(args)
     common = dict(limit=args.limit, sampler=_sampler(args, pipe), batch_size=args.batch_size,
@@ -345,7 +345,7 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
-    from mgtq.utils import writable_file
+    from mgtq.files import writable_file
 
     path = Path(path)
     if path.is_dir() and not folder:
@@ -559,7 +559,7 @@ def _add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
 
 def _add_quantize_arguments(q: argparse.ArgumentParser) -> None:
     from mgtq.quantization.api import CONFIGS
-    from mgtq.utils import SHORT_DTYPES
+    from mgtq.dtypes import SHORT_DTYPES
 
     q.add_argument("--model", type=argtypes.pipeline_folder, default=None,
                    help="float pipeline folder or embedded model name (default: the embedded tiny-shapes model)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.utils import atomic_file, writer_alive
+from mgtq.files import atomic_file, writer_alive
 
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"

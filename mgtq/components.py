@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from mgtq.files import describe_path
+from mgtq.finite import all_finite
+from mgtq.hashing import sha256_file
 from mgtq.limits import MAX_RESOLUTION
-from mgtq.utils import all_finite, describe_path, sha256_file
 
 
 class BadComponent(ValueError):

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from mgtq.files import atomic_directory, read_json, write_json
 from mgtq.quantization import checkpoint
 from mgtq.scq.quantize import quantize_from_run
 from mgtq.scq.run import RunFolder
 from mgtq.components import CHECKSUMS_KEY, PIPELINE_COMPONENTS, pipeline_checksums
-from mgtq.utils import atomic_directory, read_json, write_json
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -19,7 +19,7 @@ def output_paths(out: Path, count: int) -> list[Path]:
         raise ValueError(f"--out {out}: mgtq writes PNG images; give a .png path or a folder")
     if out.suffix.lower() != ".png":  # a folder
         if out.exists() and not out.is_dir():
-            from mgtq.utils import describe_path  # only here: mgtq.utils imports torch
+            from mgtq.files import describe_path
 
             raise NotADirectoryError(f"--out {out} {describe_path(out)}, not a folder; give a .png path or a folder")
         return [out / f"{i}.png" for i in range(count)]
@@ -61,7 +61,7 @@ def generate_to_files(
 def write_png(image, path: Path) -> None:
     """Save a PIL image as PNG through mgtq's one file writer: never a half-written PNG, nor a leftover
     temporary file, and never a replaced device, FIFO or link."""
-    from mgtq.utils import atomic_file
+    from mgtq.files import atomic_file
 
     with atomic_file(Path(path)) as tmp:
         image.save(tmp, format="PNG")

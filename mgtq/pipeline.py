@@ -33,13 +33,17 @@ from mgtq.components import (CHECKSUMS_KEY, SAFETENSORS_FLOATS, BadComponent, ch
                              check_index, check_loaded, check_recorded, check_recorded_settings, pipeline_checksums,
                              record_settings, stored_headers, verified_files)
 from mgtq.config import from_mapping, plain_scalar, validate
+from mgtq.dtypes import DTYPE_NAMES, parse_dtype
+from mgtq.files import atomic_entries, read_json, write_json
+from mgtq.finite import non_finite_tensor
+from mgtq.hashing import hashed_ahead
 from mgtq.models.hooks import EveryToken
 from mgtq.models.transformer import MeissonicTransformer
+from mgtq.modules import cast_module, unwrapped
 from mgtq.quantization import checkpoint
 from mgtq.sampling import SampleResult, SamplerConfig, SamplerHooks, StartState, classifier_free_guidance, sample
 from mgtq.sampling.config import flatten_overrides
-from mgtq.utils import (DTYPE_NAMES, atomic_entries, cast_module, hashed_ahead, micro_conditions, non_finite_tensor,
-                        parse_dtype, per_sample_generators, read_json, unwrapped, write_json)
+from mgtq.seeding import per_sample_generators
 from mgtq.vq import vq_factor
 
 
@@ -696,6 +700,13 @@ class MGTPipeline(DiffusionPipeline):
         if self.settings.image_range == "-1,1":
             images = (images + 1) / 2
         return self.image_processor.postprocess(images.clamp(0, 1), output_type=output_type)
+
+
+# ----------------------------------------------------------------------------- micro-conditions
+def micro_conditions(width: int, height: int, aesthetic_score: float = 6.0, crop_top: int = 0,
+                     crop_left: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Meissonic's micro-conditions (1, 5): [orig_w, orig_h, crop_top, crop_left, aesthetic score]."""
+    return torch.tensor([[width, height, crop_top, crop_left, aesthetic_score]], dtype=torch.float32, device=device)
 
 
 # -------------------------------------------------------------------------------------- loading

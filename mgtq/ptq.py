@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from mgtq.export import check_checkpoint_target
+from mgtq.files import atomic_directory
 from mgtq.quantization.api import CONFIGS, SCQConfig, W4A8Config, W4A16Config
-from mgtq.utils import atomic_directory
 
 __all__ = ["config_from_name", "calibration_prompts", "quantize_pipeline"]
 

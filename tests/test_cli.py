@@ -551,7 +551,7 @@ def test_quantize_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path, capsys)
     os.chmod(out / ".git" / "HEAD", 0o600)
     interrupted = []
 
-    swap = mgtq.utils._swap_in
+    swap = mgtq.files._swap_in
 
     def swap_then_stop(new, place):  # a Ctrl-C as the new folder is swapped in: the old one must stay whole
         if place != out:
@@ -564,7 +564,7 @@ def test_quantize_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path, capsys)
 
     before = files()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("mgtq.utils._swap_in", swap_then_stop)
+        patch.setattr("mgtq.files._swap_in", swap_then_stop)
         assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 130
     assert interrupted == [out] and files() == before
     assert main(["quantize", "--config", "w4a16", "--out", str(out), "--overwrite", "--no-progress"]) == 0

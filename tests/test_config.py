@@ -1,13 +1,11 @@
-"""mgtq.config: strict typed loading of config dataclasses; mgtq.utils: shared small helpers."""
+"""mgtq.config: strict typed loading of config dataclasses."""
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-import torch
 
 from mgtq.config import from_mapping, read_mapping, validate
-from mgtq.utils import derive_seed, dtype_name, parse_dtype, set_submodule
 
 
 @dataclass(frozen=True)
@@ -55,21 +53,6 @@ def test_values_are_normalized():
     assert cfg.lr == 1e-4 and cfg.ratios == (1.0, 0.25) and isinstance(cfg.inner, Inner) and cfg.inner.fraction == 1.0
     with pytest.raises(ValueError, match="must be a mapping"):
         from_mapping(Outer, [1, 2], "qat")
-
-
-def test_dtype_names_and_seeds():
-    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
-    assert parse_dtype(None) is None and dtype_name(torch.float16) == "float16"
-    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
-        parse_dtype("int3")
-    assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
-    assert 0 <= derive_seed(2**70) < 2**63
-
-
-def test_set_submodule():
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    set_submodule(model, "1.0", torch.nn.Identity())
-    assert isinstance(model[1][0], torch.nn.Identity)
 
 
 @dataclass(frozen=True)

@@ -503,7 +503,7 @@ def test_a_folder_without_downsample_in_its_transformer_config_has_the_transform
     import shutil
 
     from mgtq.pipeline import folder_pixels_per_token
-    from mgtq.utils import read_json, write_json
+    from mgtq.files import read_json, write_json
 
     for part in ("vqvae", "transformer"):
         (tmp_path / part).mkdir()

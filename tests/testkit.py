@@ -14,8 +14,8 @@ from mgtq.models.presets import build_transformer
 from mgtq.models.random import random_quantized_transformer, tiny_text_encoder, tiny_vqmodel
 from mgtq.pipeline import MGTPipeline, PipelineSettings
 from mgtq.sampling import SamplerConfig
+from mgtq.seeding import derive_seed
 from mgtq.text import build_word_tokenizer
-from mgtq.utils import derive_seed
 
 
 # ------------------------------------------------------------------------------------ pipelines
@@ -125,7 +125,8 @@ def resave_trainer_json(state_dir, **changes) -> None:
     """trainer.json of the training state in `state_dir` with `changes`, its sha256 and state.json's digest
     written as mgtq's writer writes them: the state another run (another process count, say) would leave."""
     from mgtq.training import loop, state
-    from mgtq.utils import read_json, sha256_file, write_json
+    from mgtq.files import read_json, write_json
+    from mgtq.hashing import sha256_file
 
     marker = state_dir / loop.TRAINER_FILE
     write_json(marker, {**read_json(marker), **changes})

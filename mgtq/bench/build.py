@@ -13,9 +13,9 @@ from torch import nn
 
 from mgtq.bench.formats import Format
 from mgtq.bench.source import ModelSource, forward_inputs, transformer_config
+from mgtq.dtypes import parse_dtype
 from mgtq.models.random import empty_transformer, random_float_transformer, random_quantized_transformer
 from mgtq.quantization.selection import A8_FRACTION, select_a8_layers
-from mgtq.utils import parse_dtype
 
 def a8_layers_for(base: str, names: list[str], seed: int) -> set[str]:
     """Layers that run W4A8: all for w4a8, for scq SCQ's count drawn at random (its "random" selection),

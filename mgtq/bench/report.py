@@ -301,7 +301,7 @@ def write_outputs(report: dict, paths: dict[str, Path]) -> None:
     """Write the JSON and the Markdown (each atomically: a reader never sees half a file)."""
     import json
 
-    from mgtq.utils import atomic_write_text
+    from mgtq.files import atomic_write_text
 
     validate_report(report)
     atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")  # in run order, unlike write_json

@@ -117,9 +117,9 @@ def _shown(path: Path) -> str:
 
 def _folder_source(path: Path, display: str | None = None, text_encoder: str | Path | None = None,
                    shown: str | None = None) -> ModelSource:
+    from mgtq.files import read_json
     from mgtq.pipeline import read_settings
     from mgtq.quantization import checkpoint
-    from mgtq.utils import read_json
     from mgtq.vq import vq_factor as vq_factor_of
 
     if not (path / "transformer").is_dir():
@@ -147,7 +147,7 @@ def _folder_source(path: Path, display: str | None = None, text_encoder: str | P
 def transformer_config(source: ModelSource) -> dict:
     """Constructor kwargs of the source's MeissonicTransformer."""
     from mgtq.models import preset_config
-    from mgtq.utils import read_json
+    from mgtq.files import read_json
 
     if source.kind == "preset":
         return preset_config(source.preset)

@@ -34,7 +34,8 @@ from mgtq.merging.token_merge import TokenMerge
 from mgtq.models.hooks import TokenPlan
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.config import from_mapping, validate
-from mgtq.utils import derive_seed, unwrapped
+from mgtq.modules import unwrapped
+from mgtq.seeding import derive_seed
 
 _KIND_IDS = {"joint": 1, "single": 2}  # the transformer's block kinds
 BlockSet = Literal["joint", "single", "all"]  # the blocks TomeMGT merges in; "joint" is the paper's setting

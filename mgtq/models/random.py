@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint
-from mgtq.utils import derive_seed
+from mgtq.seeding import derive_seed
 
 # Random weights: uniform with std 0.02 (like common transformer inits), so activations stay finite
 # through 42 blocks and a calibration pass sees ordinary magnitudes.

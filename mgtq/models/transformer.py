@@ -426,7 +426,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
                                  "written")
             checkpoint.save_pretrained(self, save_directory)
             return
-        from mgtq.utils import atomic_entries, non_finite_tensor
+        from mgtq.files import atomic_entries
+        from mgtq.finite import non_finite_tensor
 
         key = non_finite_tensor(self)  # a save that loads: the float loader refuses NaN/inf
         if key is not None:
@@ -446,7 +447,7 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         modules diffusers leaves uncast (norms, embeddings) compute in it too, where their float32 output met a
         bfloat16 layer ("expected m1 and m2 to have the same dtype")."""
         if compute_dtype is not None and compute_dtype != self.dtype:
-            from mgtq.utils import cast_module
+            from mgtq.modules import cast_module
 
             cast_module(self, dtype=compute_dtype)
         super().enable_layerwise_casting(storage_dtype, compute_dtype, *args, **kwargs)

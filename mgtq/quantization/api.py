@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mgtq.config import validate
-from mgtq.utils import set_submodule, unwrapped
+from mgtq.modules import set_submodule, unwrapped
 
 from .qlinear import QuantizedLinear, W4A8Linear, W4Linear
 from .qtensor import INT8_MM_CHUNK_N, check_group_size, choose_int8_scale, tensor_nbytes

@@ -37,11 +37,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgtq.config import from_mapping, plain_config, read_mapping, validate
+from mgtq.dtypes import DTYPE_NAMES, FloatDtype, parse_dtype
+from mgtq.files import atomic_write_text, describe_path
+from mgtq.finite import all_finite
+from mgtq.hashing import sha256_file
 from mgtq.quantization.api import replace_linears_
 from mgtq.quantization.qlinear import COMPUTE_DTYPES, QuantizedLinear, W4A8Linear, W4Linear
 from mgtq.quantization.qtensor import check_group_size
-from mgtq.utils import (DTYPE_NAMES, FloatDtype, all_finite, atomic_write_text, describe_path, parse_dtype,
-                        sha256_file)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PROVENANCE", "LayerScheme", "Manifest", "build_empty", "cast_float_",
            "assign_layer_", "describe", "install_quantized_", "is_quantized", "load", "load_pretrained",
@@ -192,7 +194,7 @@ def save(model: nn.Module, manifest: Manifest, folder: str | os.PathLike) -> Man
     """Write `model` (quantized, float parts already in `manifest.float_dtype`) into the new or empty
     `folder`; returns the manifest as written (with the weights file's sha256).
 
-    The caller makes the whole write atomic (`mgtq.utils.atomic_directory`). Everything `load` checks
+    The caller makes the whole write atomic (`mgtq.files.atomic_directory`). Everything `load` checks
     is checked here first, so a checkpoint that saves also loads.
     """
     folder = Path(folder)
@@ -220,7 +222,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Manifest:
     """`MeissonicTransformer.save_pretrained` of a quantized model: `save` with `describe(model)`. As diffusers'
     writer, into `folder`, leaving files of others alone; its own three files are each replaced by a rename,
     and weight files an earlier save left (`diffusion_pytorch_model*`: a float model's shards) are removed."""
-    from mgtq.utils import atomic_entries
+    from mgtq.files import atomic_entries
 
     with atomic_entries(folder, stale=lambda name: name.startswith("diffusion_pytorch_model")) as tmp:
         return save(model, describe(model), tmp)

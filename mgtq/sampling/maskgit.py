@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mgtq.finite import all_finite
 from mgtq.reuse.cache import ContextCache
 from mgtq.sampling.tricks.reuse import decoded_until, most_confident, most_confident_cells
 from mgtq.sampling.config import SamplerConfig
@@ -40,7 +41,6 @@ from mgtq.sampling.tricks.differential import differential_probs
 from mgtq.sampling.tricks.momentum import second_order_coefficient, second_order_probs
 from mgtq.sampling.tricks.noise import noise_intensity, regularize_logits, step_progress
 from mgtq.sampling.tricks.zsampling import invert_by_remasking, z_step_applies
-from mgtq.utils import all_finite
 
 __all__ = ["ModelFn", "classifier_free_guidance", "StepState", "SamplerHooks", "SampleResult", "sample", "gumbel_noise",
            "sample_tokens", "remask_lowest", "num_to_mask", "gumbel_temperature"]

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from mgtq.config import plain_config
+from mgtq.files import atomic_write_text, save_safetensors
 from mgtq.models.transformer import MeissonicTransformer
+from mgtq.modules import set_submodule
 from mgtq.quantization import FakeQuantLinear, linear_names, prepare_qat_
 from mgtq.quantization.api import unmatched_patterns
 from mgtq.sampling import SamplerConfig
@@ -28,7 +30,6 @@ from mgtq.scq.synthesis import CalibrationData
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_distillation_loss, masked_token_loss
 from mgtq.training.state import keeps_global_rng
-from mgtq.utils import atomic_write_text, save_safetensors, set_submodule
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -271,7 +272,7 @@ def train_qat(transformer: MeissonicTransformer, data: CalibrationData, cfg: QAT
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         # Per process, step and micro-batch: reproducible after a resume, distinct across processes.
         # hash() of a tuple of ints is deterministic (only str hashes are salted); it is kept rather than
-        # mgtq.utils.derive_seed so runs and the published SCQ figures stay byte-identical.
+        # mgtq.seeding.derive_seed so runs and the published SCQ figures stay byte-identical.
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**62)
         idx = torch.randint(0, data.tokens.shape[0], (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mgtq.dtypes import parse_dtype
+from mgtq.files import read_json
+from mgtq.hashing import model_fingerprint
 from mgtq.models.transformer import MeissonicTransformer
 from mgtq.quantization import checkpoint, convert_qat_, prepare_qat_
 from mgtq.scq.calibrate import check_run_current
 from mgtq.scq.run import RunFolder
-from mgtq.utils import model_fingerprint, parse_dtype, read_json
 
 
 def quantize_from_run(run: str | Path) -> tuple[MeissonicTransformer, dict]:

@@ -23,10 +23,10 @@ from typing import Literal
 import yaml
 
 from mgtq.config import from_mapping, read_mapping, validate
+from mgtq.dtypes import FloatDtype
 from mgtq.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPTS, MAX_RESOLUTION, MAX_STEPS
 from mgtq.quantization.qtensor import check_group_size
 from mgtq.quantization.selection import A8_FRACTION
-from mgtq.utils import FloatDtype
 
 
 def _at_most(section, where: str, maximum: int | float, *names: str) -> None:

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mgtq.config import read_mapping
+from mgtq.files import atomic_directory, atomic_write_text, read_json, recover_atomic_target, write_json
+from mgtq.hashing import files_fingerprint
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
-from mgtq.utils import (atomic_directory, atomic_write_text, files_fingerprint, read_json, recover_atomic_target,
-                        write_json)
 
 STAGES = ("synth", "qat", "magnitudes", "secondary")  # folder names, in the order of the flow
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from mgtq.files import atomic_file
 from mgtq.models.transformer import MeissonicTransformer
+from mgtq.modules import set_submodule
 from mgtq.quantization import FakeQuantLinear, input_scales_from_stats
 from mgtq.sampling import SamplerConfig
 from mgtq.scq.magnitudes import calibration_inputs, device_of, record_activation_stats
@@ -21,7 +23,6 @@ from mgtq.scq.qat import use_per_channel_weights_
 from mgtq.scq.recipe import MagnitudeConfig, SecondaryConfig
 from mgtq.scq.synthesis import CalibrationData
 from mgtq.training.objective import masked_distillation_loss
-from mgtq.utils import atomic_file, set_submodule
 
 
 def measure_a8_sensitivity(model: torch.nn.Module, names: list[str], data: CalibrationData, cfg: SecondaryConfig,

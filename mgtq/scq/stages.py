@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mgtq.files import read_json, write_json
+from mgtq.hashing import files_fingerprint
 from mgtq.pipeline import MGTPipeline
 from mgtq.quantization import linear_names
 from mgtq.quantization.selection import select_a8_layers
@@ -30,7 +32,6 @@ from mgtq.scq import magnitudes, qat, secondary, synthesis
 from mgtq.scq.recipe import Recipe
 from mgtq.scq.run import STAGES as STAGE_NAMES
 from mgtq.scq.run import RunFolder
-from mgtq.utils import files_fingerprint, read_json, write_json
 
 
 def load_calibration_data(run: RunFolder, pipe: MGTPipeline) -> synthesis.CalibrationData:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mgtq.pipeline import MGTPipeline
+from mgtq.files import describe_path
+from mgtq.pipeline import MGTPipeline, micro_conditions
 from mgtq.sampling import SamplerConfig
 from mgtq.scq.recipe import PromptsConfig, SynthesisConfig
-from mgtq.utils import describe_path, micro_conditions
 
 # Seeds of grammar scenes: far from ShapeBench's, so the calibration scenes are not benchmark scenes.
 GRAMMAR_SEED_OFFSET = 7_000_000_000

@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mgtq.config import validate
+from mgtq.files import atomic_directory, read_json, recover_atomic_target, write_json
 from mgtq.training.state import (STATE_FILE, OutdatedTrainingState, checked_meta, load_training_state,
                                  save_training_state)
-from mgtq.utils import atomic_directory, read_json, recover_atomic_target, write_json
 
 TRAINER_FILE = "trainer.json"
 LOSS_HISTORY = 1000  # losses kept in the state: enough for any log window

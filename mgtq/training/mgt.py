@@ -26,17 +26,17 @@ from accelerate import Accelerator
 from diffusers import VQModel
 from tqdm.auto import tqdm
 
+from mgtq.files import atomic_directory, read_json, write_json
 from mgtq.models.random import tiny_text_encoder
 from mgtq.models.presets import preset_config
 from mgtq.models.transformer import MeissonicTransformer
-from mgtq.pipeline import MGTPipeline, PipelineSettings
+from mgtq.pipeline import MGTPipeline, PipelineSettings, micro_conditions
 from mgtq.sampling import SamplerConfig
 from mgtq.text import build_word_tokenizer
 from mgtq.config import from_mapping, read_mapping, validate
 from mgtq.training import loop
 from mgtq.training.objective import mask_tokens, masked_token_loss
 from mgtq.training.state import keeps_global_rng
-from mgtq.utils import atomic_directory, micro_conditions, read_json, write_json
 from mgtq.vq import load_vq
 
 IMAGE_SIZE = 64

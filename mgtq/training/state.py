@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from mgtq.utils import read_json, save_safetensors, sha256_file, write_json
+from mgtq.files import read_json, save_safetensors, write_json
+from mgtq.hashing import sha256_file
 
 STATE_FILE = "state.json"
 FORMAT = "mgtq-training-state"

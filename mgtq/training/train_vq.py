@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import validate
+from ..files import atomic_directory, recover_atomic_target, write_json
 from ..shapes.world import render, sample_scene
-from ..utils import atomic_directory, recover_atomic_target, write_json
 from ..vq import VQConfig, build_vq, images_to_tensor, load_vq, roundtrip
 from .loop import warmup_cosine
 from .state import keeps_global_rng, load_training_state, save_training_state

@@ -11,12 +11,12 @@ import torch
 
 from mgtq.cli import main
 from mgtq.config import MAX_DEPTH, read_data
+from mgtq.files import read_json, save_safetensors
 from mgtq.pipeline import MGTPipeline, read_settings
 from mgtq.quantization.checkpoint import read_manifest
 from mgtq.sampling.cli_args import load_sampler_file
 from mgtq.scq.recipe import load_recipe
 from mgtq.scq.run import RunFolder
-from mgtq.utils import read_json, save_safetensors
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
 DEEP_YAML = "".join("  " * i + "a:\n" for i in range(2000))
@@ -408,7 +408,7 @@ def test_the_transformer_class_loader_never_unpickles(model):
 
 
 def test_load_vq_holds_the_vq_to_the_loaders_checks(model):
-    from mgtq.utils import save_safetensors
+    from mgtq.files import save_safetensors
     from mgtq.vq import load_vq
     from safetensors.torch import load_file
 

@@ -400,7 +400,7 @@ def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_
                                                                                             monkeypatch):
     import shutil
 
-    import mgtq.utils
+    import mgtq.hashing
     from mgtq.components import verified_files
 
     files = verified_files(quantized_dir)
@@ -409,14 +409,14 @@ def test_a_load_hashes_each_verified_file_once_side_by_side_and_still_refuses_a_
     assert any(n.startswith("text_encoder/") for n in names) and any(n.startswith("vqvae/") for n in names)
     own_text_encoder = mgtq.load(progress=False).text_encoder
     reads, threads = [], set()
-    real_feed = mgtq.utils._feed_file
+    real_feed = mgtq.hashing._feed_file
 
     def feed(h, path, stop=None):
         reads.append(path)
         threads.add(threading.current_thread() is threading.main_thread())
         return real_feed(h, path, stop)
 
-    monkeypatch.setattr(mgtq.utils, "_feed_file", feed)
+    monkeypatch.setattr(mgtq.hashing, "_feed_file", feed)
     mgtq.load(quantized_dir, progress=False)
     assert sorted(reads) == sorted(files) and threads == {False}  # each once, side by side in worker threads
     reads.clear()

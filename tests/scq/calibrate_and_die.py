@@ -56,9 +56,9 @@ def install(point: str) -> None:
 
         state.write_json = write_json
     elif point == "qat-exchanged":
-        import mgtq.utils
+        import mgtq.files
 
-        real_exchange = mgtq.utils._exchange
+        real_exchange = mgtq.files._exchange
 
         def exchange(a, b):
             done = real_exchange(a, b)
@@ -66,11 +66,11 @@ def install(point: str) -> None:
                 die()  # the new state is in place, the old one under the temporary name, not yet deleted
             return done
 
-        mgtq.utils._exchange = exchange
+        mgtq.files._exchange = exchange
     elif point == "qat-swap":
-        import mgtq.utils
+        import mgtq.files
 
-        mgtq.utils._exchange = lambda a, b: False  # the two renames of systems without an atomic exchange
+        mgtq.files._exchange = lambda a, b: False  # the two renames of systems without an atomic exchange
         real_replace = os.replace
 
         class Os:
@@ -83,7 +83,7 @@ def install(point: str) -> None:
                 if os.path.basename(dst).startswith(".qat-state.old-"):
                     die()  # the old state is moved aside, the new one not yet in place
 
-        mgtq.utils.os = Os()
+        mgtq.files.os = Os()
     elif point.startswith("qat-step:"):
         n, real_loss, calls = int(point.split(":")[1]), qat.qat_loss, {"n": 0}
 

@@ -17,7 +17,7 @@ from mgtq.scq.run import RunFolder
 from mgtq.scq.stages import stage_fingerprints
 from mgtq.scq.synthesis import CalibrationData
 from testkit import tiny_recipe_dict
-from mgtq.utils import read_json
+from mgtq.files import read_json
 
 
 GROUP = 16  # divides every in_features of the test-micro transformer (32 … 1312)

@@ -22,7 +22,7 @@ from mgtq.scq.calibrate import calibrate
 from mgtq.scq.recipe import dump_recipe, load_recipe, recipe_from_dict
 from mgtq.scq.run import STAGES, RunFolder, RunFolderBusy
 from testkit import resave_trainer_json, tiny_recipe_dict
-from mgtq.utils import read_json, recover_atomic_target, write_json
+from mgtq.files import read_json, recover_atomic_target, write_json
 
 
 def test_a_second_calibrate_on_a_held_folder_fails_at_once_naming_the_holder(tmp_path, capsys):

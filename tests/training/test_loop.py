@@ -7,8 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mgtq.files import read_json, write_json
 from mgtq.training import loop, state
-from mgtq.utils import read_json, write_json
 from testkit import resave_trainer_json
 
 

@@ -88,7 +88,7 @@ def test_resume_continues_from_saved_step(tmp_path, vq_dir):
     first = train_mgt(vq_dir, run, None, MGTTrainConfig(steps=2, **TINY), progress=False)
     with pytest.raises(ValueError, match="different config"):
         train_mgt(vq_dir, run, None, MGTTrainConfig(steps=2, lr=1e-2, **TINY), progress=False)
-    from mgtq.utils import read_json
+    from mgtq.files import read_json
 
     assert read_json(run / "state" / "trainer.json")["step"] == 2
     # a finished run resumes to a no-op: no step is repeated, and its summary is the same
@@ -150,7 +150,7 @@ def test_bad_category_weights_are_rejected(weights, match):
 
 
 def test_weighted_data_is_cached_apart_from_unweighted(tmp_path, vq_dir):
-    from mgtq.utils import read_json
+    from mgtq.files import read_json
 
     config = MGTTrainConfig(steps=1, category_weights={"counting": 1}, **TINY)
     train_mgt(vq_dir, tmp_path / "run", None, config, progress=False)

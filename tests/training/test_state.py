@@ -4,8 +4,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mgtq.files import read_json, write_json
 from mgtq.training import state
-from mgtq.utils import read_json, write_json
 
 
 def _parts():

@@ -1,4 +1,5 @@
-"""Atomic writes: nothing half-written, debris of killed writers recovered, normal permissions; the finite check."""
+"""mgtq.files: atomic writes: nothing half-written, debris of killed writers recovered, normal permissions,
+never over a device, FIFO or folder; links stay links."""
 
 import os
 import shutil
@@ -8,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from mgtq.utils import (all_finite, atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory,
-                        write_json)
+from mgtq.files import atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory, write_json
 
 
 def _umask():
@@ -145,7 +144,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
 
 
 def test_atomic_entries_replaces_only_what_it_writes_and_a_failed_write_changes_nothing(tmp_path):
-    from mgtq.utils import atomic_entries
+    from mgtq.files import atomic_entries
 
     target = tmp_path / "repo"
     (target / "part").mkdir(parents=True)
@@ -175,30 +174,8 @@ def test_atomic_entries_replaces_only_what_it_writes_and_a_failed_write_changes_
     assert (tmp_path / "new" / "a.txt").read_text() == "a"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("where", [0, 4097, -1])
-def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype, bad, where):
-    t = torch.randn(3, 4099, generator=torch.Generator().manual_seed(0)).to(dtype)
-    assert all_finite(t) and all_finite(t.t())  # a strided view too
-    t.view(-1)[where] = bad
-    assert not all_finite(t) and not all_finite(t.t())
-    assert not all_finite(t.view(-1)[where:][:1])
-
-
-def test_all_finite_agrees_with_isfinite_and_takes_empty_and_extreme_tensors():
-    big = torch.full((5,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
-    assert all_finite(big) and all_finite(-big)  # finite extremes are finite (no sum that could overflow)
-    assert all_finite(torch.empty(0, 3))
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        t = torch.randn(64, generator=gen)
-        t[torch.rand(64, generator=gen) < 0.05] = float("nan")
-        assert all_finite(t) == bool(torch.isfinite(t).all())
-
-
 def _exchange_supported(tmp_path) -> bool:
-    from mgtq.utils import _exchange
+    from mgtq.files import _exchange
 
     a, b = tmp_path / "probe" / "a", tmp_path / "probe" / "b"
     a.mkdir(parents=True), b.mkdir()
@@ -224,125 +201,11 @@ def test_a_replaced_folder_is_never_missing(tmp_path, monkeypatch):
 
 
 def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypatch):
-    import mgtq.utils
+    import mgtq.files
 
-    monkeypatch.setattr(mgtq.utils, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(mgtq.files, "_exchange", lambda a, b: False)
     target = tmp_path / "out"
     for text in ("one", "two"):
         with atomic_directory(target) as tmp:
             (tmp / "a.txt").write_text(text)
     assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_generators_of_another_device_seed_generators_on_the_sampling_device(monkeypatch):
-    """A CUDA generator draws its seeds on its own device (a CPU draw from it is an error), and generators on
-    another device than the sampler's seed one each there, so no step samples on the host."""
-    import mgtq.utils
-    from mgtq.utils import per_sample_generators
-
-    made, draws = [], []
-    monkeypatch.setattr(mgtq.utils, "_generator_on", lambda device, seed: made.append((str(device), seed)) or seed)
-    real_randint = torch.randint
-
-    def randint(*args, generator=None, device=None, **kw):
-        draws.append(device)
-        return real_randint(*args, generator=generator, device=device, **kw)
-
-    monkeypatch.setattr(torch, "randint", randint)
-    cpu = [torch.Generator().manual_seed(i) for i in (7, 8)]
-    assert per_sample_generators(2, generator=cpu, device="cpu") == cpu and not made  # same device: as given
-    seeds = per_sample_generators(2, generator=[torch.Generator().manual_seed(i) for i in (7, 8)], device="cuda")
-    assert [d for d, _ in made] == ["cuda", "cuda"] and seeds == [s for _, s in made]
-    assert seeds == per_sample_generators(2, generator=[torch.Generator().manual_seed(i) for i in (7, 8)],
-                                          device="cuda:0")  # the same seeds: reproducible
-    assert len(set(seeds)) == 2
-    draws.clear()
-    per_sample_generators(3, generator=torch.Generator().manual_seed(1), device="cuda")
-    assert draws == [torch.device("cpu")] * 3  # on the generator's device, whatever the sampler's; one per seed
-    # seed i is the same whatever the count (one draw each: a long draw need not begin with a short one's values)
-    made.clear()
-    per_sample_generators(2, generator=torch.Generator().manual_seed(1), device="cuda")
-    two = [s for _, s in made]
-    made.clear()
-    per_sample_generators(5, generator=torch.Generator().manual_seed(1), device="cuda")
-    assert [s for _, s in made][:2] == two
-
-
-def test_files_hashed_ahead_are_read_once_and_a_file_changed_since_is_hashed_again(tmp_path, monkeypatch):
-    import hashlib
-    import time
-
-    import mgtq.utils
-    from mgtq.utils import hashed_ahead, sha256_file
-
-    files = [tmp_path / f"{name}.bin" for name in "abc"]
-    for i, path in enumerate(files):
-        path.write_bytes(bytes([i]) * (1 << 20))
-    reads = []
-    real_feed = mgtq.utils._feed_file
-    monkeypatch.setattr(mgtq.utils, "_feed_file",
-                        lambda h, p, stop=None: reads.append(p.name) or real_feed(h, p, stop))
-    with hashed_ahead(files + [tmp_path / "missing.bin"]):  # a missing file is left to the checks
-        assert [sha256_file(p) for p in files] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
-        assert sorted(reads) == ["a.bin", "b.bin", "c.bin"]  # answered from the hashes made ahead
-        time.sleep(0.01)
-        files[0].write_bytes(b"changed")  # after it was hashed ahead: hashed again, as it is now
-        assert sha256_file(files[0]) == hashlib.sha256(b"changed").hexdigest() and len(reads) == 4
-    assert sha256_file(files[1]) == hashlib.sha256(files[1].read_bytes()).hexdigest() and len(reads) == 5
-
-
-def test_a_file_rewritten_with_its_old_size_and_time_is_not_taken_for_its_hash_ahead(tmp_path):
-    import hashlib
-
-    from mgtq.utils import hashed_ahead, sha256_file
-
-    path = tmp_path / "w.bin"
-    path.write_bytes(b"a" * 4096)
-    with hashed_ahead([path]):
-        before = path.stat()
-        with open(path, "r+b") as f:  # rewritten in place, same size, modification time put back
-            f.write(b"b" * 100)
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert sha256_file(path) == hashlib.sha256(b"b" * 100 + b"a" * 3996).hexdigest()
-
-
-def test_all_finite_takes_one_byte_floats():
-    t = torch.zeros(8).to(torch.float8_e5m2)
-    assert all_finite(t)
-    t[3] = float("inf")
-    assert not all_finite(t)
-
-
-def test_hashes_ahead_run_beside_the_block_and_stop_when_it_ends(tmp_path, monkeypatch):
-    import hashlib
-    import threading
-
-    import mgtq.utils
-    from mgtq.utils import hashed_ahead, sha256_file
-
-    slow, quick = tmp_path / "slow.bin", tmp_path / "quick.bin"
-    slow.write_bytes(b"s" * (3 << 24))  # three chunks
-    quick.write_bytes(b"q" * 100)
-    started, release, chunks = threading.Event(), threading.Event(), []
-    real_update = hashlib.sha256
-
-    class Gated:  # the slow file's hash waits after its first chunk until the test lets it go on
-        def __init__(self):
-            self.h = real_update()
-
-        def update(self, chunk):
-            if chunk[:1] == b"s":
-                chunks.append(len(chunk))
-                started.set()
-                release.wait(5)
-            self.h.update(chunk)
-
-        def hexdigest(self):
-            return self.h.hexdigest()
-
-    monkeypatch.setattr(mgtq.utils.hashlib, "sha256", Gated)
-    with hashed_ahead([slow, quick]):
-        assert started.wait(5)  # the block runs while the slow hash is under way
-        assert sha256_file(quick) == real_update(b"q" * 100).hexdigest()  # another file's check does not wait
-        threading.Timer(0.2, release.set).start()  # lets the first chunk through once the block is left
-    assert chunks == [1 << 24]  # leaving the block stopped the hash nobody asked for: no second chunk read
