@@ -757,6 +757,9 @@ def prepare_tinygemm(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.T
     Needs N % 8 == 0 and K % (16 * inner k tiles) == 0 (PyTorch's
     ``_convert_weight_to_int4pack``); raises ValueError otherwise.
     """
+    if packed.device.type == "meta":  # accelerate's sequential offload keeps the weights off the module
+        raise ValueError("tinygemm needs the weights on the GPU, and sequential CPU offload keeps them elsewhere: "
+                         "prepare it before enabling offload (its copy then stays on the GPU), or run without it")
     if packed.device.type != "cuda":
         raise ValueError("tinygemm (torch._weight_int4pack_mm) runs on CUDA only; move the model to a GPU first")
     n, k = packed.shape[0], packed.shape[1] * 2
