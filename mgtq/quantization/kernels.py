@@ -428,6 +428,10 @@ def _signature(arg) -> object:
     return (arg.device, arg.dtype, arg.dim()) if isinstance(arg, torch.Tensor) else arg
 
 
+def _key(name: str, args: tuple) -> tuple:
+    return (name, *map(_signature, args))
+
+
 def _run_fused(name: str, fn, *args):
     """``name``'s runner on ``args``. torch.compile is lazy, so a backend that cannot compile fails when a graph is
     first made, on any call that brings a new signature, not only the first: such a failure hands the kernel to
@@ -437,10 +441,7 @@ def _run_fused(name: str, fn, *args):
     runner = _COMPILED.get(name)
     if runner is None:
         runner = _COMPILED[name] = _compiled_or_eager(name, fn)
-    if runner is fn:
-        return fn(*args)
-    key = (name, *map(_signature, args))
-    if key in _PAST_LIMIT:
+    if runner is fn or (_PAST_LIMIT and _key(name, args) in _PAST_LIMIT):  # the key only once any is past it
         return fn(*args)
     try:
         return runner(*args)
@@ -448,7 +449,7 @@ def _run_fused(name: str, fn, *args):
         warnings.warn(f"mgtq: the fused {name!r} kernel reached torch._dynamo.config.recompile_limit "
                       f"({torch._dynamo.config.recompile_limit} argument signatures in this process); calls with "
                       "new signatures run its eager reference: same results, slower", RuntimeWarning, stacklevel=3)
-        _PAST_LIMIT.add(key)
+        _PAST_LIMIT.add(_key(name, args))
     except torch._dynamo.exc.TorchDynamoException as err:
         _fallback_warning(name, err)
         _COMPILED[name] = fn
