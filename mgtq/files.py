@@ -271,6 +271,18 @@ def recover_atomic_target(target: str | os.PathLike) -> None:
             debris.unlink(missing_ok=True)
 
 
+def remove_directory(target: str | os.PathLike) -> None:
+    """Remove a folder mgtq wrote, all or nothing under its name: it is first renamed to a temporary sibling, so a
+    process killed while deleting leaves debris that `recover_atomic_target` removes, never half a folder that a
+    reader would take for the whole."""
+    target = Path(target)
+    if not target.is_dir() or target.is_symlink():
+        return
+    aside = _debris_name(target, "tmp")
+    os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield a temporary sibling path to write; on success it replaces `path`, on failure it is removed.

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mgtq.files import atomic_directory, atomic_file, atomic_write_text, read_json, recover_directory, write_json
+from mgtq.files import (atomic_directory, atomic_file, atomic_write_text, read_json, recover_atomic_target,
+                        recover_directory, remove_directory, write_json)
 
 
 def _umask():
@@ -35,6 +36,27 @@ def test_failure_inside_leaves_the_target_as_it_was(tmp_path):
             raise RuntimeError("killed")
     assert (target / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_removal_killed_part_way_leaves_no_half_folder_and_its_debris_is_cleaned(tmp_path, monkeypatch):
+    target = tmp_path / "qat-state"
+    target.mkdir()
+    (target / "a").write_text("1")
+    (target / "b").write_text("2")
+    import mgtq.files
+
+    def killed(path, ignore_errors=False):
+        os.unlink(os.path.join(path, "a"))  # part of it deleted, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mgtq.files.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_directory(target)
+    monkeypatch.undo()
+    assert not target.exists()  # never half of it under its name
+    recover_atomic_target(target)  # what a resumed run does first: the debris goes, nothing comes back
+    assert list(tmp_path.iterdir()) == []
+    remove_directory(target)  # nothing to remove: nothing happens
 
 
 def test_stale_temporary_and_old_folders_are_cleaned(tmp_path):

@@ -5,9 +5,10 @@
       run.json               source model folder and each stage's fingerprint
       .lock                  held by the `mgtq calibrate` working in RUN (names its holder)
       synth/      stage.json, dataset/               the synthesized calibration set
+      synth-progress/  shards of a synthesis under way (removed once synth/ is written)
       qat/        stage.json, transformer/           the QAT float (latent) weights
                   [a8-plan.json]                     the A8 set chosen before QAT (QATConfig.needs_a8_set)
-      qat-state/  accelerate state + trainer.json    resumable QAT progress
+      qat-state/  accelerate state + trainer.json    resumable QAT progress (removed once qat/ is written)
       magnitudes/ stage.json, magnitudes.json        per-layer input magnitudes
       secondary/  stage.json, selection.json, magnitudes.png   the A8 set and its input scales
 
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mgtq.config import read_mapping
-from mgtq.files import atomic_directory, atomic_write_text, read_json, recover_atomic_target, write_json
+from mgtq.files import (atomic_directory, atomic_write_text, read_json, recover_atomic_target, remove_directory,
+                        write_json)
 from mgtq.hashing import files_fingerprint
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
 
@@ -48,6 +50,7 @@ class RunFolder:
     LOCK = ".lock"
     MARKER = "stage.json"
     QAT_STATE = "qat-state"
+    SYNTH_PROGRESS = "synth-progress"
     # files inside the stage folders
     DATASET = "dataset"
     QAT_WEIGHTS = "transformer"
@@ -79,6 +82,15 @@ class RunFolder:
     @property
     def qat_state(self) -> Path:
         return self.root / self.QAT_STATE
+
+    @property
+    def synth_progress(self) -> Path:
+        return self.root / self.SYNTH_PROGRESS
+
+    def progress_dir(self, stage: str) -> Path | None:
+        """Where a stage keeps its work while under way (what a killed run resumes from), if it keeps any."""
+        self.stage_dir(stage)  # a stage's name or ValueError
+        return {"synth": self.synth_progress, "qat": self.qat_state}.get(stage)
 
     @property
     def a8_plan_file(self) -> Path:
@@ -163,10 +175,15 @@ class RunFolder:
                                  f"{self.root / self.RECIPE} --out {self.root}` to finish it")
 
     def write_stage(self, stage: str, fingerprint: str, summary: dict, write: Callable[[Path], None]) -> None:
-        """Write a stage's folder atomically: `write(tmp)` puts its files, then the marker."""
+        """Write a stage's folder atomically: `write(tmp)` puts its files, then the marker; then remove the work
+        it kept while under way (at Meissonic's size QAT's state is about 12 GB), which nothing reads once the
+        stage is complete: a stage that must run again starts over."""
         with atomic_directory(self.stage_dir(stage)) as tmp:
             write(tmp)
             write_json(tmp / self.MARKER, {"fingerprint": fingerprint, "outputs": _outputs_fingerprint(tmp), **summary})
+        progress = self.progress_dir(stage)
+        if progress is not None:
+            remove_directory(progress)
 
     # --------------------------------------------------------------------- starting and locking
     def check_takeable(self, model_dir: str | os.PathLike) -> None:
@@ -240,7 +257,7 @@ class RunFolder:
         """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,
         refuse a different recipe unless `restart`, record recipe and run.json."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in (*STAGES, self.QAT_STATE, self.RECIPE, self.INFO):
+        for name in (*STAGES, self.QAT_STATE, self.SYNTH_PROGRESS, self.RECIPE, self.INFO):
             recover_atomic_target(self.root / name)
         if (self.root / self.RECIPE).exists() and not restart:
             try:

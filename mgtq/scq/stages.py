@@ -112,25 +112,11 @@ def _synthesize(ctx: StageContext) -> StageOutput:
     res = recipe.synthesis.resolution or pipe.settings.resolution
     sampler = synthesis.synthesis_sampler(pipe.settings.sampler, recipe.synthesis)  # ctx.sampler, from this pipe
     ds = synthesis.synthesize(pipe, pairs, sampler, res, recipe.synthesis.batch_size, ctx.progress,
-                              desc="SCQ 1/4 synthesize", keep_images=recipe.synthesis.keep_images)
+                              desc="SCQ 1/4 synthesize", keep_images=recipe.synthesis.keep_images,
+                              shards=ctx.run.synth_progress, fingerprint=ctx.fingerprints["synth"])
     summary = {"count": len(pairs), "token_grid": list(pipe.token_grid(res, res)), "sampler": sampler.to_dict(),
                "resolution": res}
-    return StageOutput(summary, lambda folder: save_dataset(ds, folder / RunFolder.DATASET, ctx.progress))
-
-
-def save_dataset(ds, path: Path, progress: bool) -> None:
-    """`ds.save_to_disk(path)`; its "Saving the dataset" bar obeys only datasets' global switch, so that switch
-    is off for the call when `progress` is (`mgtq calibrate --no-progress` promises no bars)."""
-    import datasets
-
-    hide = not progress and not datasets.are_progress_bars_disabled()
-    if hide:
-        datasets.disable_progress_bars()
-    try:
-        ds.save_to_disk(str(path))
-    finally:
-        if hide:
-            datasets.enable_progress_bars()
+    return StageOutput(summary, lambda folder: synthesis.save_dataset(ds, folder / RunFolder.DATASET, ctx.progress))
 
 
 def choose_a8(ctx: StageContext, model, desc: str) -> tuple[list[str], dict[str, float]]:

@@ -6,7 +6,8 @@ A child is killed by SIGKILL, so no cleanup of any kind runs (as with `kill -9` 
 next child resumes the same run folder. The children are forked from this process after it has
 imported mgtq, so each kill point costs the calibration work only, not a Python start-up.
 
-POINT: synth (second synthesis batch), qat-save (while the second QAT state of this process is
+POINT: synth (second synthesis batch, after the first batch's shard is written: every child synthesizes
+one batch a shard), qat-save (while the second QAT state of this process is
 written), qat-swap (between the two renames that put a QAT state in place where folders cannot be
 exchanged in one step), qat-exchanged (right after the exchange that put one in place, the old state not yet
 deleted), qat-step:N (in the N-th
@@ -135,6 +136,9 @@ if __name__ == "__main__":
     import mgtq.cli  # noqa: F401 — everything the children need, imported once
     import mgtq.pipeline  # noqa: F401
     import mgtq.scq.calibrate  # noqa: F401
+    from mgtq.scq import synthesis
+
+    synthesis.SHARD_PROMPTS = 1  # rounded up to one batch a shard: the synth kill lands after a shard is written
 
     recipe, *children = sys.argv[1:]
     print(json.dumps([run_child(child.rpartition("=")[2], recipe, child.rpartition("=")[0]) for child in children]))

@@ -237,6 +237,13 @@ def test_a_run_synthesizing_tokens_only_in_bfloat16_calibrates_and_exports(tmp_p
     assert (export_run(out, tmp_path / "ckpt") / "model_index.json").is_file()
 
 
+def test_a_finished_run_keeps_none_of_the_work_it_resumed_from(run):
+    out, _ = run
+    # synthesis shards and QAT's state (at Meissonic's size about 12 GB) are gone once their stages are written
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "magnitudes", "qat", "recipe.yaml", "run.json",
+                                                     "secondary", "synth"]
+
+
 def test_rerun_skips_completed_stages(run, random_pipeline_dir):
     out, _ = run
     report = calibrate(_recipe(random_pipeline_dir), out, progress=False)

@@ -1,5 +1,5 @@
-"""mgtq.scq.stages: `mgtq calibrate --no-progress` shows no progress bar, the libraries' bars included; the pipeline
-leaves the device once it has encoded the prompts."""
+"""mgtq.scq.stages: `mgtq calibrate --no-progress` hides the pipeline's loading bar; the pipeline leaves the device
+once it has encoded the prompts."""
 
 import datasets
 import pytest
@@ -16,16 +16,6 @@ def test_the_stage_pipeline_loads_with_the_runs_progress_setting(progress, monke
     ctx = stages.StageContext(recipe_from_dict({}), run=None, model_dir=tmp_path, fingerprints={}, progress=progress)
     ctx.pipe
     assert calls[0]["progress"] is progress  # its "Loading weights" bar showed under --no-progress
-
-
-def test_saving_the_synthesized_set_without_progress_shows_no_bar(capsys, tmp_path):
-    ds = datasets.Dataset.from_dict({"prompt": ["a red circle", "a blue square"]})
-    stages.save_dataset(ds, tmp_path / "quiet", progress=False)
-    assert "Saving the dataset" not in capsys.readouterr().err
-    assert datasets.load_from_disk(str(tmp_path / "quiet"))["prompt"] == ["a red circle", "a blue square"]
-    assert not datasets.are_progress_bars_disabled()  # the global switch is back as it was
-    stages.save_dataset(ds, tmp_path / "shown", progress=True)
-    assert "Saving the dataset" in capsys.readouterr().err
 
 
 def test_the_pipeline_leaves_the_device_once_the_prompts_are_encoded(monkeypatch, tmp_path):
@@ -53,7 +43,7 @@ def test_the_pipeline_leaves_the_device_once_the_prompts_are_encoded(monkeypatch
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_synthesis_samples_in_its_dtype_and_the_later_stages_get_the_model_as_saved(dtype, random_pipeline_dir,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, tmp_path):
     import torch
 
     from mgtq.scq.recipe import recipe_from_dict
@@ -62,7 +52,8 @@ def test_synthesis_samples_in_its_dtype_and_the_later_stages_get_the_model_as_sa
     monkeypatch.setattr(stages.synthesis, "synthesize", lambda pipe, *args, **kwargs: used.append(pipe) or
                         datasets.Dataset.from_dict({"prompt": ["a red circle"]}))
     recipe = recipe_from_dict({"prompts": {"count": 1}, "synthesis": {"dtype": dtype}})
-    ctx = stages.StageContext(recipe, run=None, model_dir=random_pipeline_dir, fingerprints={}, progress=False)
+    ctx = stages.StageContext(recipe, run=stages.RunFolder(tmp_path / "run"), model_dir=random_pipeline_dir,
+                              fingerprints={"synth": "fp"}, progress=False)
     summary = stages._synthesize(ctx).summary
     assert used[0].dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # saved in float32
     assert (used[0] is ctx.__dict__.get("pipe")) == (dtype == "auto")  # else loaded for the stage alone
