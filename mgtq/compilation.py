@@ -460,11 +460,60 @@ class HookAwareCompile:
         self._compiled: dict[bool, object] = {}  # fullgraph -> torch.compile(module._call_impl), built on first use
 
     def __call__(self, *args, **kwargs):
+        if _TOOLCHAIN["failure"] is not None:
+            return self.module._call_impl(*args, **kwargs)
         whole = not any(_has_hooks(m) for m in self.module.modules())
         fn = self._compiled.get(whole)
         if fn is None:
             fn = self._compiled[whole] = torch.compile(self.module._call_impl, **{"fullgraph": whole, **self.kwargs})
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 (only a toolchain failure is handled; anything else is raised)
+            if not note_toolchain_failure(err):
+                raise
+        return self.module._call_impl(*args, **kwargs)
+
+
+# Set once torch.compile has failed for want of a toolchain: everything mgtq compiles then runs eager (each would fail
+# the same way, and a failed build can take seconds).
+_TOOLCHAIN: dict[str, str | None] = {"failure": None}
+
+
+def toolchain_failure() -> str | None:
+    """Why torch.compile could not build code in this process (then what mgtq compiles runs eager), or None."""
+    return _TOOLCHAIN["failure"]
+
+
+def note_toolchain_failure(err: BaseException) -> bool:
+    """Whether `err` says torch.compile cannot build code here; if so it is recorded and said once, with what to
+    install, and from then on mgtq's compiled blocks and fused kernels run eager."""
+    cause = _toolchain_cause(err)
+    if cause is None:
+        return False
+    if _TOOLCHAIN["failure"] is None:
+        _TOOLCHAIN["failure"] = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+        warnings.warn(f"torch.compile cannot build code on this machine ({_TOOLCHAIN['failure']}); mgtq runs eager "
+                      "instead: the same results, not faster. To compile: on Windows, run from Visual Studio's 'x64 "
+                      "Native Tools' prompt (MSVC); on macOS, `xcode-select --install` and `brew install libomp`; on "
+                      "Linux, install g++; on a CUDA GPU, Triton must be installed and support the GPU (none on "
+                      "Windows: use WSL2).", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _toolchain_cause(err: BaseException) -> BaseException | None:
+    """The exception in `err`'s chain that says torch could not build compiled code at all: no C++ compiler
+    (Windows outside a Visual Studio prompt, slim images), a compiler that cannot build Inductor's code (macOS
+    without OpenMP), no Triton for the GPU (CUDA on Windows, GPUs Triton does not support). Inductor wraps them."""
+    from torch._inductor import exc
+
+    kinds = (exc.InvalidCxxCompiler, exc.CppCompileError, exc.TritonMissing)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None
 
 
 class _PrecompiledCall:
@@ -474,6 +523,8 @@ class _PrecompiledCall:
         self.block, self.store, self.fallback = block, store, fallback
 
     def __call__(self, *args, **kwargs):
+        if _TOOLCHAIN["failure"] is not None:  # nothing can be compiled here: the fallback runs eager
+            return self.fallback(*args, **kwargs)
         store = self.store
         fn = store.function_for(self.block, args, kwargs)
         if fn is not None:
@@ -484,8 +535,9 @@ class _PrecompiledCall:
         out = self.fallback(*args, **kwargs)  # an error of the call itself (bad inputs) is raised here, as before
         if failure is not None:  # plain torch.compile ran what the ahead-of-time compile could not: a limit of
             store.disabled = failure  # the latter, so plain torch.compile from now on
-            _warn_once(f"torch's ahead-of-time compile failed ({failure}); compiling blocks with plain torch.compile "
-                       "(no precompiled warm start)")
+            if _TOOLCHAIN["failure"] is None:  # (no toolchain at all was said once, with what to do)
+                _warn_once(f"torch's ahead-of-time compile failed ({failure}); compiling blocks with plain "
+                           "torch.compile (no precompiled warm start)")
         return out
 
 

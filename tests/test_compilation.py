@@ -1,4 +1,5 @@
-"""mgtq.compilation: torch.compile's caches in mgtq's user cache folder, and a warm start that uses them."""
+"""mgtq.compilation: torch.compile's caches in mgtq's user cache folder, a warm start that uses them, and eager where
+no toolchain can build compiled code."""
 
 import copy
 import io
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mgtq import compilation
 
@@ -541,3 +543,58 @@ def test_mgtq_cache_lists_and_clears(monkeypatch, tmp_path, capsys):
     assert main(["cache", "--clear", "--unused-days", "60"]) == 0 and "removed 0 folder(s)" in capsys.readouterr().out
     assert main(["cache", "--clear", "--unused-days", "30"]) == 0 and "removed 2 folder(s)" in capsys.readouterr().out
     assert compilation.cache_entries() == []
+
+
+class _Block(torch.nn.Module):
+    """A module of this file's (torch.nn's own modules are in Dynamo's skip list: nothing of theirs compiles)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(x @ self.weight)
+
+
+def _no_toolchain(calls):
+    """A torch.compile backend that fails as Inductor does without a C++ compiler (or Triton): counted."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def backend(gm, example_inputs):
+        calls.append(gm)
+        raise InvalidCxxCompiler("simulated")
+
+    return backend
+
+
+def test_without_a_toolchain_compiled_modules_run_eager_after_one_warning(monkeypatch):
+    monkeypatch.setitem(compilation._TOOLCHAIN, "failure", None)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    modules = [_Block(seed) for seed in range(2)]
+    x = torch.randn(3, 8, generator=g)
+    expected = [m(x) for m in modules]
+    calls = []
+    for m in modules:
+        compilation.compile_in_place(m, backend=_no_toolchain(calls))
+    with pytest.warns(RuntimeWarning, match=r"cannot build code on this machine \(InvalidCxxCompiler.*runs eager"):
+        outputs = [m(x) for m in modules]
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))  # answered eager, not raised
+    assert len(calls) == 1  # the second module did not try again
+    assert compilation.toolchain_failure().startswith("InvalidCxxCompiler")
+    torch._dynamo.reset()
+
+
+def test_a_compile_error_that_is_not_the_toolchains_is_raised(monkeypatch):
+    monkeypatch.setitem(compilation._TOOLCHAIN, "failure", None)
+    torch._dynamo.reset()
+
+    def buggy(gm, example_inputs):
+        raise RuntimeError("simulated: a bug in a backend")
+
+    m = _Block(0)
+    compilation.compile_in_place(m, backend=buggy)
+    with pytest.raises(Exception, match="a bug in a backend"):
+        m(torch.ones(2, 8))
+    assert compilation.toolchain_failure() is None
+    torch._dynamo.reset()

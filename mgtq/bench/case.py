@@ -32,6 +32,7 @@ from mgtq.bench.formats import Format
 from mgtq.bench.latency import CallTimer, Timing, time_call, time_repeated
 from mgtq.bench.result import CaseResult
 from mgtq.bench.source import BENCH_PROMPT, ModelSource, forward_inputs
+from mgtq.compilation import toolchain_failure
 
 _TOME_NOTES = {
     "joint": "TomeMGT on the 14 joint (MMDiT) blocks only: the paper's setting",
@@ -192,6 +193,10 @@ class CaseSession:
         # case always warms up: its first forward compiles, which --warmup 0 put into the first timed round.
         warm_up = measure.warmup if measure.latency and not (case.offload or case.compile) else max(1, measure.warmup)
         self.warmup_s = [time_call(self._forward, self.sync)[0] for _ in range(warm_up)]  # the first compiles
+        if case.compile and toolchain_failure() is not None:  # the blocks fell back to eager: not what was asked
+            raise RuntimeError(f"--compile: torch.compile cannot build code on this machine ({toolchain_failure()}), "
+                               "so this case would time eager code; run without --compile, or install what "
+                               "compiling needs (see the warning above)")
 
     def _forward(self):
         with torch.inference_mode():

@@ -155,6 +155,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mgtq.compilation import note_toolchain_failure, toolchain_failure
 from mgtq.fused import apply_activation, check_activation, float_linear
 
 from mgtq.native import amx
@@ -440,7 +441,7 @@ def _run_fused(name: str, fn, *args):
     the reference, and the signatures compiled before keep their graphs."""
     runner = _COMPILED.get(name)
     if runner is None:
-        runner = _COMPILED[name] = _compiled_or_eager(name, fn)
+        runner = _COMPILED[name] = fn if toolchain_failure() else _compiled_or_eager(name, fn)
     if runner is fn or (_PAST_LIMIT and _key(name, args) in _PAST_LIMIT):  # the key only once any is past it
         return fn(*args)
     try:
@@ -451,7 +452,8 @@ def _run_fused(name: str, fn, *args):
                       "new signatures run its eager reference: same results, slower", RuntimeWarning, stacklevel=3)
         _PAST_LIMIT.add(_key(name, args))
     except torch._dynamo.exc.TorchDynamoException as err:
-        _fallback_warning(name, err)
+        if not note_toolchain_failure(err):  # no compiler or Triton at all is said once, for every kernel
+            _fallback_warning(name, err)
         _COMPILED[name] = fn
     return fn(*args)
 

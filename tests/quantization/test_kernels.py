@@ -513,6 +513,33 @@ def test_a_fused_cuda_kernel_that_cannot_compile_falls_back_to_its_eager_referen
     assert kernels._COMPILED["quantize"] is kernels._quantize_rows_ref  # later calls go straight to it
 
 
+def test_without_a_toolchain_every_fused_cuda_kernel_runs_its_reference_after_one_warning(monkeypatch):
+    """No C compiler or Triton at all (CUDA on Windows, say): said once for every kernel, not once per kernel, and
+    the kernels not yet called do not try to compile."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from mgtq import compilation
+
+    real_compile, attempts = torch.compile, []
+
+    def no_toolchain(gm, example_inputs):
+        attempts.append(gm)
+        raise InvalidCxxCompiler("simulated")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": no_toolchain}))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setitem(compilation._TOOLCHAIN, "failure", None)
+    x, inv = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), torch.tensor(10.0)
+    acc, ws = torch.ones(4, 8, dtype=torch.int32), torch.rand(8, 1)
+    with pytest.warns(RuntimeWarning, match="cannot build code on this machine") as said:
+        out = kernels._fused("quantize", kernels._quantize_rows_ref)(x, inv)
+        y = kernels._fused("rescale", kernels._rescale_ref)(acc, ws, inv, None, torch.float32, 1.0)
+    assert len(said) == 1 and len(attempts) == 1
+    assert torch.equal(out, kernels._quantize_rows_ref(x, inv))
+    assert torch.equal(y, kernels._rescale_ref(acc, ws, inv, None, torch.float32, 1.0))
+    assert kernels._COMPILED == {"quantize": kernels._quantize_rows_ref, "rescale": kernels._rescale_ref}
+
+
 def test_a_fused_cuda_kernel_that_fails_to_compile_a_later_signature_falls_back_then(monkeypatch):
     """A graph is made whenever a call brings a new signature (here bf16 after fp32), so a backend can fail
     after the first call (Triton on a GPU without bf16, say): the reference answers that call and the ones after."""
