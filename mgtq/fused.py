@@ -24,19 +24,18 @@ token grids around the transformer (:class:`mgtq.models.layers.RMSNorm`).
 
 from __future__ import annotations
 
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from mgtq.native import amx
-from mgtq.native.cpu import cpu_class
+from mgtq.native.cpu import cpu_class, is_x86
 
 # Activation name -> (oneDNN post-op name, algorithm). "gelu_tanh" is F.gelu(approximate="tanh").
 ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh")}
 
 # oneDNN's x86 kernels: elsewhere (aarch64 builds run oneDNN through ACL) F.linear stays the default.
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_X86 = is_x86()
 
 
 def check_activation(activation: str | None) -> None:
@@ -127,9 +126,9 @@ def _native_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 def _bf16_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether mgtq's AVX512-BF16 kernels (the one-pass norms; no AMX tiles) may take a call: :func:`_native_inference`
-    on a CPU with AVX512-BF16 and the kernels built, whose class is not forced to ``avx2`` (which turns off every mgtq
-    kernel)."""
-    return _native_inference(x, *others) and cpu_class() != "avx2" and amx.avx512_bf16_available()
+    on a CPU with AVX512-BF16 and the kernels built, whose class is not forced to ``avx2`` or ``generic`` (which turn
+    off every mgtq kernel)."""
+    return _native_inference(x, *others) and cpu_class() not in ("avx2", "generic") and amx.avx512_bf16_available()
 
 
 def _amx_inference(x: torch.Tensor, *others: torch.Tensor | None) -> bool:

@@ -55,6 +55,7 @@ import ctypes
 import functools
 import logging
 import platform
+import warnings
 
 import torch
 
@@ -914,7 +915,8 @@ def _has_avx512_bf16() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
-    """The built kernel library, or None where it cannot run here (logged once, at debug level)."""
+    """The built kernel library, or None where it cannot run here (a CPU that has what the kernels need but
+    cannot build them is said once: it loses most of mgtq's CPU speed)."""
     if not _has_avx512_vnni():
         return None
     try:
@@ -922,7 +924,9 @@ def _library() -> ctypes.CDLL | None:
 
         lib = CppCodeCache.load(_SOURCE)
     except Exception as err:  # no compiler, headers or Inductor: torch's kernels still run
-        log.debug("mgtq CPU kernels unavailable (%s); using torch's kernels", err)
+        warnings.warn(f"mgtq's AVX-512 CPU kernels cannot be built here ({(str(err).splitlines() or [''])[0][:200]}); "
+                      "torch's kernels run instead: the same results within rounding, slower. Install a C++ "
+                      "compiler (g++) for them", RuntimeWarning, stacklevel=2)
         return None
     lib.mgtq_w4a8_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
     lib.mgtq_w4a8_amx.restype = None

@@ -4,7 +4,7 @@
 :func:`w4a8_linear` run its choice.  ``M`` is the number of rows (tokens times
 batch) of the call; "per-channel" means one weight scale per output channel.
 The CPU class (:func:`cpu_class`: ``amx-int8``, ``amx-bf16``, ``avx512-vnni``,
-``avx2``) is read once from the CPU at run time; ``MGTQ_CPU_CLASS`` overrides it
+``avx2``, ``generic`` for CPUs that are not x86) is read once from the CPU at run time; ``MGTQ_CPU_CLASS`` overrides it
 and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 
 | device | scheme | condition                                      | kernel           |
@@ -15,7 +15,7 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 | cpu    | W4A16  | avx512-vnni / amx-bf16 with AVX512-BF16,       | avx512           |
 |        |        | mgtq's kernels built, bf16, K % 128 == 0,      |                  |
 |        |        | N % 64 == 0, group % 16 == 0                   |                  |
-| cpu    | W4A16  | avx2, bf16 / fp16 activations                  | dequant_fp32     |
+| cpu    | W4A16  | avx2 / generic, bf16 / fp16 activations        | dequant_fp32     |
 | cpu    | W4A16  | compiling                                      | dequant_inline   |
 | cpu    | W4A16  | otherwise                                      | dequant          |
 | cpu    | W4A8   | oneDNN weight cache (amx-int8), compiling,     | onednn_inline    |
@@ -25,6 +25,7 @@ and tests pass it in :class:`KernelContext`, as they force the CUDA branch.
 |        |        | K % 128 == 0, N % 32 == 0                      |                  |
 | cpu    | W4A8   | avx512-vnni / amx-bf16, mgtq's kernels built,  | vnni             |
 |        |        | K % 128 == 0, N % 64 == 0                      |                  |
+| cpu    | W4A8   | generic                                        | fp32_exact       |
 | cpu    | W4A8   | M <= 16                                        | int_mm           |
 | cpu    | W4A8   | compiling                                      | int_mm_chunked_inline |
 | cpu    | W4A8   | otherwise                                      | int_mm_chunked   |
@@ -59,7 +60,8 @@ Kernels:
   custom op would make it run the unfused eager code);
 * ``dequant_fp32``: dequantize to fp32 + fp32 GEMM, the output cast back to
   the activation dtype: on ``avx2`` CPUs oneDNN emulates bf16 / fp16 GEMMs
-  (no such dot products), several times slower than its fp32 GEMM; more
+  (no such dot products), several times slower than its fp32 GEMM; on ``generic`` CPUs
+  (aarch64, Apple silicon) the fp32 GEMM is the one every BLAS there is tuned for; more
   accurate than the half-precision GEMM, not bit-equal to it;
 * ``tinygemm``: ``torch._weight_int4pack_mm`` on its tiled layout, made by
   the opt-in :func:`prepare_tinygemm`;
@@ -100,9 +102,10 @@ Kernels:
 * ``int_mm_inline``: the same as plain torch ops under ``torch.compile`` on CUDA, so that Inductor fuses the
   activation quantization into its producer, the unpack into one pass and the rescale into the GEMM's consumer
   (the custom ops of ``int_mm`` are opaque to it);
-* ``fp32_exact``: devices other than the CPU and CUDA, where neither torch's integer GEMMs nor mgtq's kernels
-  are known to run: the int8 activations and int4 weights as fp32 through ``torch.matmul`` (exact integer
-  sums, see :func:`exact_int_sums`), then the W4A8 rescale; plain torch ops only, so it runs wherever torch
+* ``fp32_exact``: devices other than the CPU and CUDA, and ``generic`` CPUs (off x86 torch's CPU ``_int_mm``
+  has no oneDNN int8 GEMM to call and runs its reference loops), where neither torch's integer GEMMs nor
+  mgtq's kernels are known to run fast: the int8 activations and int4 weights as fp32 through ``torch.matmul``
+  (exact integer sums, see :func:`exact_int_sums`), then the W4A8 rescale; plain torch ops only, so it runs wherever torch
   does, bit-equal to the integer GEMMs where the device's fp32 matmul is IEEE fp32.
 
 ``_int_mm`` supported: sm80+, or sm70 / sm75 with CUDA >= 12.3
@@ -285,8 +288,9 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native and ctx.avx512_bf16
                 and amx.supports_w4a16_avx512(ctx.k, ctx.n, ctx.group_size, ctx.dtype)):
             return "avx512"  # after int8pack: its dequantized chunks cost more than int8pack's GEMV at few rows
-        if ctx.device == "cpu" and ctx.cpu_class == "avx2" and ctx.dtype in (torch.bfloat16, torch.float16):
-            return "dequant_fp32"  # no bf16/fp16 dot products: oneDNN's half-precision GEMM is emulated
+        half = ctx.dtype in (torch.bfloat16, torch.float16)
+        if ctx.device == "cpu" and ctx.cpu_class in ("avx2", "generic") and half:
+            return "dequant_fp32"  # avx2: no bf16/fp16 dot products, oneDNN emulates them; generic: see the docstring
         return "dequant_inline" if ctx.compiling else "dequant"
     if scheme == "w4a8":
         # The cache is built for this machine's class (weight_cache_backend); a context without a class
@@ -298,6 +302,8 @@ def choose_kernel(scheme: str, ctx: KernelContext) -> str:
         if (ctx.device == "cpu" and ctx.cpu_class in VNNI_NATIVE_CLASSES and ctx.native
                 and amx.supports_vnni(ctx.k, ctx.n, ctx.dtype)):
             return "vnni"
+        if ctx.device == "cpu" and ctx.cpu_class == "generic":
+            return "fp32_exact"  # the exact integer sums through the fp32 GEMM (see the docstring)
         if ctx.device == "cuda":
             ok = (int_mm_supported(ctx.capability, torch.version.cuda) and ctx.m > 16
                   and ctx.k % 8 == 0 and ctx.n % 8 == 0)

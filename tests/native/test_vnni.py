@@ -167,3 +167,25 @@ def test_bad_operands_are_refused():
         amx.w4a8_vnni_linear(x_q, packed, col_scale, bias, torch.float16)
     with pytest.raises(ValueError, match="int8 x"):
         amx.w4a8_vnni_linear(x_q.float(), packed, col_scale, bias, torch.bfloat16)
+
+
+def test_a_cpu_that_cannot_build_the_kernels_says_so_once(monkeypatch):
+    import warnings
+
+    from torch._inductor import codecache
+
+    def no_compiler(cls, source):
+        raise RuntimeError("simulated: no working C++ compiler")
+
+    monkeypatch.setattr(amx, "_has_avx512_vnni", lambda: True)  # a CPU the kernels are for
+    monkeypatch.setattr(codecache.CppCodeCache, "load", classmethod(no_compiler))
+    amx._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"cannot be built here \(simulated: no working C\+\+ compiler\); "
+                                                r"torch's kernels run instead.*Install a C\+\+ compiler"):
+            assert amx._library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert amx._library() is None  # once a process: no second attempt, no second warning
+    finally:
+        amx._library.cache_clear()  # the real library again for the tests after this one

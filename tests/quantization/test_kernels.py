@@ -63,6 +63,8 @@ def test_choice_table(scheme, context, expected):
     ("avx512-vnni", False, 2202, "int_mm_chunked"), ("avx512-vnni", True, 2202, "int_mm_chunked_inline"),
     ("amx-bf16", False, 2202, "int_mm_chunked"), ("amx-bf16", True, 2202, "int_mm_chunked_inline"),
     ("avx2", False, 2202, "int_mm_chunked"), ("avx2", True, 2202, "int_mm_chunked_inline"), ("avx2", False, 2, "int_mm"),
+    # off x86 torch's _int_mm runs reference loops: exact sums through the fp32 GEMM, cache or not, at any row count
+    ("generic", False, 2202, "fp32_exact"), ("generic", True, 2202, "fp32_exact"), ("generic", False, 2, "fp32_exact"),
 ])
 def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, expected):
     cache = kernels.weight_cache_backend(cls) == "onednn"
@@ -77,6 +79,8 @@ def test_w4a8_choice_by_cpu_class_with_the_weight_cache(cls, compiling, rows, ex
     ("avx2", torch.bfloat16, 2, False, "int8pack"),  # few rows: the weight read once as int8 still wins
     ("amx-int8", torch.bfloat16, 2202, False, "dequant"), ("amx-bf16", torch.bfloat16, 2202, True, "dequant_inline"),
     ("avx512-vnni", torch.bfloat16, 2202, False, "dequant"),
+    ("generic", torch.bfloat16, 2202, False, "dequant_fp32"), ("generic", torch.float32, 2202, True, "dequant_inline"),
+    ("generic", torch.bfloat16, 2, False, "int8pack"),
 ])
 def test_w4a16_choice_by_cpu_class(cls, dtype, rows, compiling, expected):
     assert choose_kernel("w4a16", ctx(m=rows, dtype=dtype, compiling=compiling, cpu_class=cls)) == expected
@@ -107,8 +111,17 @@ def test_avx2_w4a16_multiplies_in_fp32(monkeypatch, layers):
     ({"avx2", "avx_vnni"}, "avx2"),
 ])
 def test_cpu_class_from_flags_and_its_weight_cache(flags, expected):
-    assert kernels.detect_cpu_class(flags) == expected
+    assert kernels.detect_cpu_class(flags, machine="x86_64") == expected
     assert kernels.weight_cache_backend(expected) == ("onednn" if expected == "amx-int8" else "int8")
+
+
+@pytest.mark.parametrize("machine, expected", [
+    ("aarch64", "generic"), ("arm64", "generic"), ("ppc64le", "generic"), ("AMD64", "avx512-vnni"),
+    ("x86_64", "avx512-vnni"),
+])
+def test_a_cpu_that_is_not_x86_is_generic_whatever_its_flags_say(machine, expected):
+    # an aarch64 /proc/cpuinfo has "Features", not "flags"; and torch's probes are x86 ones
+    assert kernels.detect_cpu_class({"avx2", "avx512f", "avx512_vnni"}, machine=machine) == expected
 
 
 @pytest.mark.parametrize("cls", kernels.CPU_CLASSES)
@@ -123,7 +136,8 @@ def test_forced_cpu_class_reaches_the_context_and_the_weight_cache(monkeypatch, 
     assert a8.weight_cache == expected
     x = torch.randn(40, K)
     context = kernels.context_for(x, K, N, K, cache=a8.weight_cache == "onednn")
-    assert choose_kernel("w4a8", context) == ("onednn" if expected == "onednn" else "int_mm_chunked")
+    assert choose_kernel("w4a8", context) == ("onednn" if expected == "onednn" else
+                                              "fp32_exact" if cls == "generic" else "int_mm_chunked")
     torch.testing.assert_close(a8(x), _w4a8_reference(layers[0], x), rtol=1e-6, atol=1e-6)
     monkeypatch.setenv(kernels.CPU_CLASS_ENV, "sse2")
     with pytest.raises(ValueError, match="MGTQ_CPU_CLASS"):
@@ -139,7 +153,7 @@ def test_cpu_isa_names_the_extensions_the_kernels_choose_between():
     assert cpu_isa(set()) == []
 
 
-@pytest.mark.parametrize("cls", ["avx2", "avx512-vnni", "amx-int8"])
+@pytest.mark.parametrize("cls", ["avx2", "avx512-vnni", "amx-int8", "generic"])
 def test_describe_kernels_says_which_class_ran(monkeypatch, cls):
     # What a quality result records beside its figures: a forced class is what its kernels follow.
     from mgtq.native.cpu import cpu_flags, cpu_isa
@@ -151,7 +165,7 @@ def test_describe_kernels_says_which_class_ran(monkeypatch, cls):
     assert described["isa"] == cpu_isa(cpu_flags())
     label = kernels.kernels_label(described)
     assert f"class {cls}" in label and ("mgtq's kernels" if described["native"] else "torch's kernels only") in label
-    assert cls != "avx2" or not described["native"]  # avx2 has no mgtq kernels: the label must not claim them
+    assert cls not in ("avx2", "generic") or not described["native"]  # no mgtq kernels: the label must not claim them
 
 
 def test_kernels_label_of_a_gpu():
