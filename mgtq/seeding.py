@@ -24,10 +24,12 @@ def per_sample_generators(
     sample i draws the same numbers whatever the batch size. A generator on another device draws one seed per
     sample, and so does each generator of a list on another device (diffusers' `[torch.Generator("cpu")
     .manual_seed(i) …]` for a CUDA pipeline): the sampler draws from them every step, which on the CPU would mean
-    copying each step's probabilities to the host; nothing → seed 0.
+    copying each step's probabilities to the host; nothing → seed 0. For a model on Apple's `mps` the generators are
+    the host's (:func:`generator_device`).
     """
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
+    device = generator_device(device)
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} samples")
@@ -62,6 +64,15 @@ def _draw_seeds(generator: torch.Generator, count: int) -> list[int]:
     values of a shorter one: CUDA's Philox spreads a long draw over threads)."""
     draws = [torch.randint(0, 2**62, (1,), generator=generator, device=generator.device) for _ in range(count)]
     return torch.cat(draws).tolist() if draws else []
+
+
+def generator_device(device: str | torch.device) -> torch.device:
+    """Where the sampler's generators live for a model on `device`: there, but on the host for Apple's `mps`, whose
+    `torch.multinomial` has drawn ids outside the vocabulary (pytorch/pytorch#136623, fixed in Dec 2025) and ids of
+    zero probability (#192577, seen on torch 2.13): a masked-out or the mask token drawn would be a wrong image, not
+    an error. The draws' results move to the device; only the probabilities cross to the host, once a step."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _generator_on(device: str | torch.device, seed: int) -> torch.Generator:
