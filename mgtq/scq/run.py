@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,7 +184,11 @@ class RunFolder:
             write_json(tmp / self.MARKER, {"fingerprint": fingerprint, "outputs": _outputs_fingerprint(tmp), **summary})
         progress = self.progress_dir(stage)
         if progress is not None:
-            remove_directory(progress)
+            try:
+                remove_directory(progress)
+            except OSError as err:  # Windows refuses to move a folder whose files a process still maps
+                warnings.warn(f"{progress} could not be removed ({err.strerror or err}); nothing reads it any more: "
+                              "delete it", RuntimeWarning, stacklevel=2)
 
     # --------------------------------------------------------------------- starting and locking
     def check_takeable(self, model_dir: str | os.PathLike) -> None:

@@ -535,3 +535,19 @@ def test_calibrate_on_a_gpu_computes_every_stage_there(tmp_path, random_pipeline
     assert devices and set(devices) == {"cuda"}  # synthesis, QAT, magnitudes, secondary
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "ckpt")]) == 0
     assert MGTPipeline.from_pretrained(tmp_path / "ckpt", device="cuda")("a red circle", progress=False).images
+
+
+def test_work_that_cannot_be_removed_once_its_stage_is_written_is_said_not_fatal(tmp_path, monkeypatch):
+    import mgtq.scq.run
+
+    run = RunFolder(tmp_path / "run")
+    (run.qat_state / "trainer.json").parent.mkdir(parents=True)
+    (run.qat_state / "trainer.json").write_text("{}")
+
+    def in_use(path):
+        raise PermissionError(13, "Access is denied")  # as Windows answers for a folder whose files are mapped
+
+    monkeypatch.setattr(mgtq.scq.run, "remove_directory", in_use)
+    with pytest.warns(RuntimeWarning, match=r"qat-state could not be removed \(Access is denied\).*delete it"):
+        run.write_stage("qat", "fp", {}, lambda folder: (folder / "weights").write_text("w"))
+    assert run.stage_ran("qat", "fp") and run.qat_state.is_dir()
