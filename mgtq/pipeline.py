@@ -192,6 +192,7 @@ class MGTPipeline(DiffusionPipeline):
             return self
         if device is not None:
             self._check_weights_held("move it to another device")
+        _check_mps_dtype(device or self.device, dtype or self.transformer.dtype)
         for module in (self.transformer, self.text_encoder):
             cast_module(module, **change)
         if device is not None:
@@ -703,6 +704,14 @@ class MGTPipeline(DiffusionPipeline):
 
 
 # ----------------------------------------------------------------------------- micro-conditions
+def _check_mps_dtype(device: str | torch.device, dtype: torch.dtype) -> None:
+    """Refuse bfloat16 on Apple's mps before macOS 14, which lacks it (torch's own error names neither way out)."""
+    if (torch.device(device).type == "mps" and dtype == torch.bfloat16
+            and not torch.backends.mps.is_macos_or_newer(14, 0)):
+        raise ValueError("bfloat16 on mps needs macOS 14 or newer: load with torch_dtype=torch.float16 (or float32), "
+                         "or update macOS")
+
+
 def micro_conditions(width: int, height: int, aesthetic_score: float = 6.0, crop_top: int = 0,
                      crop_left: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
     """Meissonic's micro-conditions (1, 5): [orig_w, orig_h, crop_top, crop_left, aesthetic score]."""

@@ -480,3 +480,19 @@ def test_non_finite_logits_from_damaged_weights_name_the_weights_not_the_guidanc
         pipe.transformer.project_from_hidden.weight[0, 0] = float("nan")  # a module damaged after loading
     with pytest.raises(FloatingPointError, match="transformer's tensor 'project_from_hidden.weight' holds NaN"):
         pipe("a red circle", seed=0, output_type="latent", progress=False, num_inference_steps=2)
+
+
+def test_bfloat16_on_mps_before_macos_14_is_refused_with_what_to_do(random_pipeline, monkeypatch):
+    import torch
+
+    from mgtq.pipeline import _check_mps_dtype
+
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    before = random_pipeline.transformer.dtype
+    with pytest.raises(ValueError, match=r"bfloat16 on mps needs macOS 14 or newer: load with torch_dtype=torch"):
+        random_pipeline.to("mps", torch.bfloat16)
+    assert random_pipeline.transformer.dtype == before and random_pipeline.device.type == "cpu"  # nothing moved
+    _check_mps_dtype("mps", torch.float16)  # float16 is there on every macOS
+    _check_mps_dtype("cpu", torch.bfloat16)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0))
+    _check_mps_dtype("mps", torch.bfloat16)  # macOS 14: bfloat16 is there
