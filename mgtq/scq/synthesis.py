@@ -106,7 +106,7 @@ def _features(keep_images: bool):
 def _sample(pipe: MGTPipeline, pairs: list[tuple[str, int]], sampler: SamplerConfig, resolution: int,
             batch_size: int, keep_images: bool, bar) -> dict[str, list]:
     """The rows of `pairs`, sampled `batch_size` at a time."""
-    rows = {"prompt": [], "seed": [], "tokens": []} | ({"image": []} if keep_images else {})
+    rows = {"prompt": [], "seed": [], **({"image": []} if keep_images else {}), "tokens": []}  # the columns' order
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         result = pipe([p for p, _ in chunk], seed=[s for _, s in chunk], sampler=sampler, height=resolution,
@@ -155,8 +155,12 @@ def _resumable_shards(folder: Path, spans: list[tuple[int, int]], pairs: list[tu
     keep = {_shard_name(*span) for span in spans[: len(kept)]}
     if folder.is_dir():
         for entry in folder.iterdir():
-            if entry.name not in keep:
-                remove_directory(entry) if entry.is_dir() else entry.unlink()
+            if entry.name in keep:
+                continue
+            if entry.is_dir():
+                remove_directory(entry)
+            else:
+                entry.unlink()
     return kept
 
 
