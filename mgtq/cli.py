@@ -345,7 +345,7 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
-    from mgtq.files import writable_file
+    from mgtq.files import existing_parent, writable_file
 
     path = Path(path)
     if path.is_dir() and not folder:
@@ -357,9 +357,10 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
             raise ValueError(f"{flag} {err}") from None
     if path.exists() and not path.is_dir() and folder:
         raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    try:
+        parent = existing_parent(path.absolute())
+    except ValueError as err:
+        raise ValueError(f"{flag} {path}: {err}") from None
     if not parent.is_dir():
         raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder")
     for where in [parent] + ([path] if folder and path.is_dir() else []):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mgtq.files import atomic_directory, read_json, write_json
+from mgtq.files import atomic_directory, existing_parent, read_json, write_json
 from mgtq.quantization import checkpoint
 from mgtq.components import CHECKSUMS_KEY, PIPELINE_COMPONENTS, pipeline_checksums
 
@@ -67,7 +67,10 @@ def check_checkpoint_target(out: str | Path, overwrite: bool, protected: dict[st
     check_no_overlap(out, protected)
     real = out.resolve()
     if not out.exists() and not out.is_symlink():
-        existing = next(parent for parent in real.parents if parent.exists())
+        try:
+            existing = existing_parent(real)
+        except ValueError as err:
+            raise ValueError(f"--out {out}: {err}") from None
         if not existing.is_dir():
             raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
         if not os.access(existing, os.W_OK | os.X_OK):

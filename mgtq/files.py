@@ -370,6 +370,19 @@ def writable_file(path: str | os.PathLike) -> Path:
     return _through_link(path)
 
 
+def existing_parent(path: Path) -> Path:
+    """The nearest folder above `path` that exists (where a write to `path` would create what is missing);
+    ValueError when not even its root does: on Windows a drive letter that is not there, or a network share that
+    cannot be reached (the parent of such a root is the root itself, so climbing on would never end)."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            raise ValueError(f"{parent} does not exist (a drive that is not there, or a network share that cannot "
+                             "be reached?); choose a path on a drive that exists")
+        parent = parent.parent
+    return parent
+
+
 def _through_link(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 

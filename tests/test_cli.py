@@ -239,6 +239,36 @@ def test_output_below_a_file_fails_before_any_work(capsys, no_model, tmp_path):
     assert file.read_text() == "mine"
 
 
+def _no_path_exists(monkeypatch):
+    """Every path missing, its root too (as a drive letter that is not there on Windows); a climb that goes on
+    past the root fails instead of spinning."""
+    from pathlib import Path
+
+    calls = []
+
+    def exists(self, *a, **k):
+        calls.append(self)
+        assert len(calls) < 1000, f"still climbing at {self} after 1000 steps"
+        return False
+
+    monkeypatch.setattr(Path, "exists", exists)
+
+
+def test_an_output_path_whose_root_does_not_exist_is_one_line_not_a_hang(monkeypatch, tmp_path):
+    from mgtq.export import check_checkpoint_target
+
+    out = tmp_path / "renders" / "r.json"
+    root = out.anchor
+    with monkeypatch.context() as m:
+        _no_path_exists(m)
+        with pytest.raises(ValueError) as json_error:
+            mgtq.cli._check_output_path(out, "--json")
+        with pytest.raises(ValueError) as out_error:
+            check_checkpoint_target(out.parent / "ckpt", False, {}, "quantize")
+    assert str(json_error.value).startswith(f"--json {out}: {root} does not exist (a drive that is not there")
+    assert str(out_error.value).startswith(f"--out {out.parent / 'ckpt'}: {root} does not exist (a drive")
+
+
 def test_generate_out_png_that_is_a_folder(capsys, no_model, tmp_path):
     (tmp_path / "img.png").mkdir()
     err = one_line_error(capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "img.png")])

@@ -337,3 +337,28 @@ def test_on_windows_a_writer_is_looked_up_and_never_signalled(tmp_path, monkeypa
         (tmp_path / f".out.png.tmp-{pid}-0123abcd.png").write_bytes(b"half")
     atomic_write_text(tmp_path / "out.png", "whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.png.tmp-4242-0123abcd.png", "out.png"]
+
+
+def test_the_climb_to_an_existing_folder_stops_at_a_missing_drive_or_share():
+    """On Windows the parent of `Z:\\` is `Z:\\` itself, and of `\\\\nas\\share\\` that share root: a missing drive
+    or unreachable share must end the climb with a one-line error, not loop forever."""
+    from pathlib import PureWindowsPath
+
+    from mgtq.files import existing_parent
+
+    class MissingWindowsPath(PureWindowsPath):
+        def exists(self):
+            return False
+
+    for path, root in ((r"Z:\renders\out.png", "Z:\\"), (r"\\nas\share\renders\out.png", "\\\\nas\\share\\")):
+        with pytest.raises(ValueError) as caught:
+            existing_parent(MissingWindowsPath(path))
+        assert str(caught.value) == (f"{root} does not exist (a drive that is not there, or a network share that "
+                                     "cannot be reached?); choose a path on a drive that exists")
+
+
+def test_the_nearest_existing_folder_is_found(tmp_path):
+    from mgtq.files import existing_parent
+
+    assert existing_parent(tmp_path / "a" / "b" / "c.png") == tmp_path
+    assert existing_parent(tmp_path / "c.png") == tmp_path
