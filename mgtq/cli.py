@@ -204,16 +204,17 @@ def cmd_eval(args) -> int:
     if args.task == "shapebench":
         result = evaluate_pipeline(pipe, **common)
         result.pop("tokens")
-        print(summary_line(result))
+        lines = [summary_line(result)]
     else:
         tasks = EDIT_TASKS if args.task == "all" else (args.task,)
         result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
-        for task_result in result["tasks"].values():
-            print(edit_summary_line(task_result))
-        print(f"  on {kernels_label(task_result['kernels'])}")  # one pipeline: the same for every task
-    if args.json:
+        done = list(result["tasks"].values())
+        lines = [edit_summary_line(task_result) for task_result in done]
+        lines.append(f"  on {kernels_label(done[-1]['kernels'])}")  # one pipeline: the same for every task
+    if args.json:  # before any print: one that fails (a closed pipe) must not lose the whole evaluation
         write_json(args.json, result)
-        print(f"wrote {args.json}")
+        lines.append(f"wrote {args.json}")
+    print("\n".join(lines))
     return 0
 
 
@@ -681,6 +682,7 @@ def _tome_options_flags(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure is one line on stderr and a non-zero exit code, and a Ctrl-C is
     one line and exit code 130 at any moment, also while the parser is built (its imports take seconds)."""
+    _tolerant_output(sys.stdout)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, running = None, False
     try:
@@ -695,6 +697,23 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         return _stopped(args, argv, running)
+
+
+def _tolerant_output(stream) -> None:
+    """Let `stream` print what its encoding lacks as "?" rather than fail: a redirected stdout on Windows encodes in
+    the ANSI code page (cp1252, …) strictly, and help and summaries hold "→", "σ", "≤". A UTF-8 stream, or one
+    whose error handling was chosen (PYTHONIOENCODING=…:backslashreplace), is left as it is."""
+    import codecs
+
+    encoding, reconfigure = getattr(stream, "encoding", None), getattr(stream, "reconfigure", None)
+    if not encoding or reconfigure is None or getattr(stream, "errors", "strict") != "strict":
+        return
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return
+    if not name.startswith("utf"):
+        reconfigure(errors="replace")
 
 
 def _command_word(argv: list[str]) -> str | None:

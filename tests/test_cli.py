@@ -8,6 +8,7 @@ long work with monkeypatch; the tests after them run the embedded model.
 
 import argparse
 import errno
+import json
 import os
 import re
 import stat
@@ -682,3 +683,53 @@ def test_bench_with_a_failed_case_prints_the_report_and_exits_non_zero(capsys, m
     out, err = capsys.readouterr()
     assert "the report" in out
     assert err.strip() == "mgtq bench: error: 1 case(s) failed (scq); see Skipped above for why"
+
+
+# ------------------------------------------------------------------ a stdout that cannot encode everything
+def test_only_a_strict_stdout_that_cannot_encode_unicode_is_made_tolerant():
+    import io
+
+    from mgtq.cli import _tolerant_output
+
+    streams = {(encoding, errors): io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors=errors)
+               for encoding, errors in [("utf-8", "strict"), ("UTF8", "strict"), ("cp1252", "strict"),
+                                        ("cp1252", "backslashreplace"), ("ascii", "strict")]}
+    for stream in streams.values():
+        _tolerant_output(stream)
+    assert {key: stream.errors for key, stream in streams.items()} == {
+        ("utf-8", "strict"): "strict", ("UTF8", "strict"): "strict", ("cp1252", "strict"): "replace",
+        ("cp1252", "backslashreplace"): "backslashreplace", ("ascii", "strict"): "replace"}
+    assert {stream.encoding for stream in streams.values()} == {"utf-8", "UTF8", "cp1252", "ascii"}
+
+
+def test_help_and_eval_print_to_a_windows_code_page_stdout(tmp_path):
+    """A redirected stdout on Windows encodes in the ANSI code page, strictly: "→", "σ", "≤" are printed as "?"
+    rather than failing --help, or an evaluation at its very end."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "OMP_NUM_THREADS": "1"}
+    for argv in ([], ["generate"], ["calibrate"]):
+        done = subprocess.run([sys.executable, "-m", "mgtq.cli", *argv, "--help"], capture_output=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    out = tmp_path / "e.json"
+    done = subprocess.run([sys.executable, "-m", "mgtq.cli", "eval", "--task", "inpaint", "--limit", "1", "--steps",
+                           "2", "--no-progress", "--json", str(out)], capture_output=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    assert "NFE ? 2" in done.stdout.decode("cp1252") and "inpaint" in json.loads(out.read_text())["tasks"]
+
+
+def test_eval_writes_its_json_before_it_prints(tmp_path, monkeypatch, capsys):
+    """A print that fails (a pipe closed by `| head`, an encoding) must not lose the evaluation."""
+    import builtins
+
+    def closed_pipe(*args, file=None, **kwargs):
+        if file is None:  # stdout; the error line goes to stderr as ever
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        builtins.print(*args, file=file, **kwargs)
+
+    out = tmp_path / "e.json"
+    monkeypatch.setattr(mgtq.cli, "print", closed_pipe, raising=False)
+    assert main(["eval", "--task", "inpaint", "--limit", "1", "--steps", "2", "--no-progress", "--json", str(out),
+                 "--device", "cpu"]) == 2
+    assert "broken pipe" in capsys.readouterr().err
+    assert "inpaint" in json.loads(out.read_text())["tasks"]
