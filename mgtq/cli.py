@@ -369,12 +369,18 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
             raise PermissionError(f"{flag} {path}: no permission to write in {where}; choose another path")
 
 
+_WINDOWS = os.name == "nt"
+
+
 def describe_error(err: BaseException) -> str:
     """One line for an expected failure: our own messages as they are, OS errors with what to do."""
     if isinstance(err, OSError) and err.strerror:  # raised by the OS, not by mgtq with a message
         where = f"{err.filename}: " if err.filename else ""
-        hint = {errno.EACCES: "; check its permissions or choose another path",
-                errno.EPERM: "; check its permissions or choose another path",
+        # Windows refuses a file another program has open (an image viewer, a loaded model) with the same errors
+        refused = "; " + ("close the program using it, check its permissions," if _WINDOWS else
+                          "check its permissions") + " or choose another path"
+        hint = {errno.EACCES: refused,
+                errno.EPERM: refused,
                 errno.ENOSPC: "; free some space and rerun",
                 errno.EROFS: "; choose a path on a writable disk",
                 errno.ENOTDIR: " (a part of the path is a file)",

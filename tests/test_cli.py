@@ -464,6 +464,24 @@ def test_errors_during_the_work_are_one_line(capsys, monkeypatch, tmp_path, exc,
     assert one_line_error(capsys, generate(tmp_path)) == f"mgtq generate: error: {message}"
 
 
+def test_a_refused_file_on_windows_may_be_open_in_another_program():
+    """Windows refuses to replace or delete a file another program has open (an image viewer, a loaded model)
+    with the errno of a permission problem; elsewhere the hint stays the permissions one."""
+    from mgtq.cli import describe_error
+
+    errors = [PermissionError(errno.EACCES, "Permission denied", "out/x.png"),
+              PermissionError(errno.EPERM, "Operation not permitted", "out/x.png")]
+    assert [describe_error(err) for err in errors] == [
+        "out/x.png: permission denied; check its permissions or choose another path",
+        "out/x.png: operation not permitted; check its permissions or choose another path"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mgtq.cli, "_WINDOWS", True)
+        assert [describe_error(err) for err in errors] == [
+            "out/x.png: permission denied; close the program using it, check its permissions, or choose another path",
+            "out/x.png: operation not permitted; close the program using it, check its permissions, or choose "
+            "another path"]
+
+
 def test_torch_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
     _raise_in_work(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore"))
     err = one_line_error(capsys, generate(tmp_path))
