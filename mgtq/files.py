@@ -151,7 +151,8 @@ def _replace_all(pairs: list[tuple[Path, Path]]) -> None:
     mapped: replaced one by one, a save into the folder it was loaded from would stop half-way, leaving new
     parts beside a `model_index.json` whose checksums are the old ones. So every old entry is first renamed
     aside; if one cannot be, those already moved go back before anything new is in place, and the error says
-    so. A kill between the renames leaves `.old` debris that `recover_directory` puts back.
+    so. A kill between the renames leaves `.old` debris, which the next write's `recover_directory` puts back
+    where nothing new took its place.
     """
     aside: list[tuple[Path, Path]] = []  # (where it went, where it was)
     try:
