@@ -204,16 +204,17 @@ def cmd_eval(args) -> int:
     if args.task == "shapebench":
         result = evaluate_pipeline(pipe, **common)
         result.pop("tokens")
-        print(summary_line(result))
+        lines = [summary_line(result)]
     else:
         tasks = EDIT_TASKS if args.task == "all" else (args.task,)
         result = {"tasks": {task: evaluate_editing(pipe, task, **common) for task in tasks}}
-        for task_result in result["tasks"].values():
-            print(edit_summary_line(task_result))
-        print(f"  on {kernels_label(task_result['kernels'])}")  # one pipeline: the same for every task
-    if args.json:
+        done = list(result["tasks"].values())
+        lines = [edit_summary_line(task_result) for task_result in done]
+        lines.append(f"  on {kernels_label(done[-1]['kernels'])}")  # one pipeline: the same for every task
+    if args.json:  # before any print: one that fails (a closed pipe) must not lose the whole evaluation
         write_json(args.json, result)
-        print(f"wrote {args.json}")
+        lines.append(f"wrote {args.json}")
+    print("\n".join(lines))
     return 0
 
 
@@ -345,7 +346,7 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
     Every file mgtq writes goes through a temporary sibling and a rename, so what must be writable
     is the nearest existing folder above `path` (and `path` itself, for a folder that is written into).
     """
-    from mgtq.files import writable_file
+    from mgtq.files import existing_parent, writable_file
 
     path = Path(path)
     if path.is_dir() and not folder:
@@ -357,9 +358,10 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
             raise ValueError(f"{flag} {err}") from None
     if path.exists() and not path.is_dir() and folder:
         raise NotADirectoryError(f"{flag} {path} is a file; give a folder path")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    try:
+        parent = existing_parent(path.absolute())
+    except ValueError as err:
+        raise ValueError(f"{flag} {path}: {err}") from None
     if not parent.is_dir():
         raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder")
     for where in [parent] + ([path] if folder and path.is_dir() else []):
@@ -367,12 +369,18 @@ def _check_output_path(path: Path, flag: str, folder: bool = False) -> None:
             raise PermissionError(f"{flag} {path}: no permission to write in {where}; choose another path")
 
 
+_WINDOWS = os.name == "nt"
+
+
 def describe_error(err: BaseException) -> str:
     """One line for an expected failure: our own messages as they are, OS errors with what to do."""
     if isinstance(err, OSError) and err.strerror:  # raised by the OS, not by mgtq with a message
         where = f"{err.filename}: " if err.filename else ""
-        hint = {errno.EACCES: "; check its permissions or choose another path",
-                errno.EPERM: "; check its permissions or choose another path",
+        # Windows refuses a file another program has open (an image viewer, a loaded model) with the same errors
+        refused = "; " + ("close the program using it, check its permissions," if _WINDOWS else
+                          "check its permissions") + " or choose another path"
+        hint = {errno.EACCES: refused,
+                errno.EPERM: refused,
                 errno.ENOSPC: "; free some space and rerun",
                 errno.EROFS: "; choose a path on a writable disk",
                 errno.ENOTDIR: " (a part of the path is a file)",
@@ -680,6 +688,7 @@ def _tome_options_flags(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure is one line on stderr and a non-zero exit code, and a Ctrl-C is
     one line and exit code 130 at any moment, also while the parser is built (its imports take seconds)."""
+    _tolerant_output(sys.stdout)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, running = None, False
     try:
@@ -694,6 +703,23 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         return _stopped(args, argv, running)
+
+
+def _tolerant_output(stream) -> None:
+    """Let `stream` print what its encoding lacks as "?" rather than fail: a redirected stdout on Windows encodes in
+    the ANSI code page (cp1252, …) strictly, and help and summaries hold "→", "σ", "≤". A UTF-8 stream, or one
+    whose error handling was chosen (PYTHONIOENCODING=…:backslashreplace), is left as it is."""
+    import codecs
+
+    encoding, reconfigure = getattr(stream, "encoding", None), getattr(stream, "reconfigure", None)
+    if not encoding or reconfigure is None or getattr(stream, "errors", "strict") != "strict":
+        return
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return
+    if not name.startswith("utf"):
+        reconfigure(errors="replace")
 
 
 def _command_word(argv: list[str]) -> str | None:

@@ -9,8 +9,8 @@ same model and shapes loads the compiled code instead of building it; only Dynam
 distinct block is paid again. Nothing is written into the repository or the install folder. The
 folder's name carries a digest of mgtq's custom-op schemas (`ops_digest`), which torch's keys miss.
 
-Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq`. A
-`TORCHINDUCTOR_CACHE_DIR` the user set wins over all of them (torch's own knob keeps its meaning).
+Where: `$MGTQ_CACHE_DIR`, else `$XDG_CACHE_HOME/mgtq`, else `~/.cache/mgtq` (on Windows `%LOCALAPPDATA%\\mgtq`).
+A `TORCHINDUCTOR_CACHE_DIR` the user set wins over all of them (torch's own knob keeps its meaning).
 """
 
 from __future__ import annotations
@@ -31,17 +31,22 @@ from mgtq.files import atomic_file, writer_alive
 
 CACHE_ENV = "MGTQ_CACHE_DIR"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+_WINDOWS = os.name == "nt"
 
 __all__ = ["CACHE_ENV", "CacheEntry", "PrecompiledBlocks", "cache_dir", "cache_entries", "clear_cache",
            "compile_cache_dir", "ops_digest", "source_digest", "use_persistent_compile_cache"]
 
 
 def cache_dir() -> Path:
-    """mgtq's user cache folder (not created here): $MGTQ_CACHE_DIR, $XDG_CACHE_HOME/mgtq or ~/.cache/mgtq."""
+    """mgtq's user cache folder (not created here): $MGTQ_CACHE_DIR, $XDG_CACHE_HOME/mgtq, else where the system
+    keeps a user's caches: %LOCALAPPDATA%\\mgtq on Windows, ~/.cache/mgtq elsewhere."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mgtq"
+    if xdg:
+        return Path(xdg).expanduser() / "mgtq"
+    local = os.environ.get("LOCALAPPDATA") if _WINDOWS else None  # where Windows programs keep caches (not roamed)
+    return Path(local) / "mgtq" if local else Path.home() / ".cache" / "mgtq"
 
 
 def compile_cache_dir() -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 
@@ -258,9 +258,12 @@ def verified_files(root: str | Path, skip: Iterable[str] = ()) -> list[Path]:
 
 
 def _inside(name: str) -> bool:
-    """Whether a recorded relative path names a file inside its folder (not the folder, nothing above it)."""
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+    """Whether a recorded relative path names a file inside its folder (not the folder, nothing above it), read as
+    a path of this system and as a Windows one: there "C:x" (drive-relative) and "\\x" (rooted) are not absolute,
+    yet leave the folder, and a backslash separates."""
+    parts, windows = Path(name).parts, PureWindowsPath(name)
+    return (bool(parts) and not Path(name).is_absolute() and ".." not in parts
+            and not windows.anchor and ".." not in windows.parts)
 
 
 def check_checksums(index: dict, root: str | Path, provided: Iterable[str] = ()) -> None:

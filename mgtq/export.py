@@ -27,10 +27,8 @@ from pathlib import Path
 
 import torch
 
-from mgtq.files import atomic_directory, read_json, write_json
+from mgtq.files import atomic_directory, existing_parent, read_json, write_json
 from mgtq.quantization import checkpoint
-from mgtq.scq.quantize import quantize_from_run
-from mgtq.scq.run import RunFolder
 from mgtq.components import CHECKSUMS_KEY, PIPELINE_COMPONENTS, pipeline_checksums
 
 
@@ -69,7 +67,10 @@ def check_checkpoint_target(out: str | Path, overwrite: bool, protected: dict[st
     check_no_overlap(out, protected)
     real = out.resolve()
     if not out.exists() and not out.is_symlink():
-        existing = next(parent for parent in real.parents if parent.exists())
+        try:
+            existing = existing_parent(real)
+        except ValueError as err:
+            raise ValueError(f"--out {out}: {err}") from None
         if not existing.is_dir():
             raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose a path inside a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
@@ -104,6 +105,8 @@ def check_target(run: str | Path, out: str | Path, overwrite: bool = False) -> N
 
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`mgtq export RUN --out DIR [--overwrite]`: the quantized transformer plus the source model's other parts."""
+    from mgtq.scq.quantize import quantize_from_run  # here: `mgtq quantize` imports this module, and needs no SCQ
+
     check_target(run, out, overwrite)
     model, provenance = quantize_from_run(run)
     manifest = checkpoint.describe(model, provenance)
@@ -146,6 +149,8 @@ def write_checkpoint(source: str | Path, model: torch.nn.Module, manifest: check
 
 def _recipe_text_encoder(run: Path) -> str | None:
     """The `text_encoder:` of the run's recipe, or None (none named, or no readable recipe: quantizing says why)."""
+    from mgtq.scq.run import RunFolder
+
     try:
         return RunFolder(run).recipe().text_encoder
     except (OSError, ValueError):

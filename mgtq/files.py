@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # only an annotation: writing files does not import torch (`mgtq --help`, the CLI's checks)
     import torch
 
+_WINDOWS = os.name == "nt"
+
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = True, keep_others: bool = False):
@@ -85,7 +87,8 @@ def atomic_entries(target: str | os.PathLike, stale: Callable[[str], bool] | Non
     one did not write) are removed. Nothing else in `target` is touched, as with diffusers' `save_pretrained`.
 
     Each entry is replaced atomically (written whole beside it, then renamed in; folders before files, so a
-    pipeline's `model_index.json` comes last). A new or empty `target` is swapped in whole (`atomic_directory`).
+    pipeline's `model_index.json` comes last). Where the OS cannot exchange entries in one step, the entries are
+    replaced all or none (`_replace_all`). A new or empty `target` is swapped in whole (`atomic_directory`).
     """
     target = _through_link(Path(target))
     if not target.is_dir() or not any(target.iterdir()):
@@ -104,10 +107,14 @@ def atomic_entries(target: str | os.PathLike, stale: Callable[[str], bool] | Non
             if (place.exists() or place.is_symlink()) and place.is_dir() != entry.is_dir():
                 raise ValueError(f"{place} is {_kind(place)}, where the save writes a "
                                  f"{'folder' if entry.is_dir() else 'file'}; move it away or save elsewhere")
-        for entry in written:
-            place = _through_link(target / entry.name)
+        pairs = [(entry, _through_link(target / entry.name)) for entry in written]
+        for _, place in pairs:
             recover_directory(place)
-            _swap_in(entry, place)
+        if _renameat2() is None:
+            _replace_all(pairs)
+        else:
+            for entry, place in pairs:
+                _swap_in(entry, place)
         names = {entry.name for entry in written}
         for path in target.iterdir():
             if stale is not None and path.name not in names and stale(path.name):
@@ -135,6 +142,49 @@ def _swap_in(new: Path, place: Path) -> None:
     os.replace(place, old)
     os.replace(new, place)
     _remove(old)
+
+
+def _replace_all(pairs: list[tuple[Path, Path]]) -> None:
+    """Put each finished entry `new` at its `place`, all or none, where entries cannot be exchanged in one step.
+
+    Windows refuses to rename a file in use, or a folder holding one, and a loaded pipeline keeps its weights
+    mapped: replaced one by one, a save into the folder it was loaded from would stop half-way, leaving new
+    parts beside a `model_index.json` whose checksums are the old ones. So every old entry is first renamed
+    aside; if one cannot be, those already moved go back before anything new is in place, and the error says
+    so. A kill between the renames leaves `.old` debris, which the next write's `recover_directory` puts back
+    where nothing new took its place.
+    """
+    aside: list[tuple[Path, Path]] = []  # (where it went, where it was)
+    try:
+        for _, place in pairs:
+            if place.exists() or place.is_symlink():
+                old = _debris_name(place, "old")
+                os.replace(place, old)
+                aside.append((old, place))
+    except OSError as err:
+        _move_back(aside)
+        if isinstance(err, PermissionError):
+            raise PermissionError(f"{place} is in use (loaded by a running program?): close it and "
+                                  f"retry; nothing in {place.parent} was replaced") from err
+        raise
+    placed: list[tuple[Path, Path]] = []
+    try:
+        for new, place in pairs:
+            os.replace(new, place)
+            placed.append((place, new))
+    except BaseException:
+        _move_back(aside + placed)  # last first: the new entries back out, then the old ones back in
+        raise
+    for old, _ in aside:
+        _remove(old)
+
+
+def _move_back(moves: list[tuple[Path, Path]]) -> None:
+    """Undo renames ((where it went, where it was)), last first. One that fails leaves its entry where it went:
+    an `.old` copy that recover_directory puts back at the next write, a new entry that it deletes."""
+    for went, was in reversed(moves):
+        with contextlib.suppress(OSError):
+            os.replace(went, was)
 
 
 _AT_FDCWD = -100  # linux/fcntl.h
@@ -203,14 +253,19 @@ def _debris(target: Path):
 
 
 def writer_alive(pid: int) -> bool:
-    """Whether the writer whose pid a debris name carries is a running process."""
+    """Whether the writer whose pid a debris name carries is a running process; True where that cannot be told
+    (its debris is then left alone, never deleted under a live writer)."""
     if pid == os.getpid():
         return True
+    if _WINDOWS:  # os.kill(pid, 0) there sends CTRL_C_EVENT (signal 0) to the pid's console group
+        import psutil
+
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:  # EPERM: someone else's process; anything else: unknown
         return True
     return True
 
@@ -314,6 +369,19 @@ def writable_file(path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is {_kind(path)}; mgtq writes regular files only and never replaces anything "
                          "else: give the path of a file")
     return _through_link(path)
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest folder above `path` that exists (where a write to `path` would create what is missing);
+    ValueError when not even its root does: on Windows a drive letter that is not there, or a network share that
+    cannot be reached (the parent of such a root is the root itself, so climbing on would never end)."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            raise ValueError(f"{parent} does not exist (a drive that is not there, or a network share that cannot "
+                             "be reached?); choose a path on a drive that exists")
+        parent = parent.parent
+    return parent
 
 
 def _through_link(path: Path) -> Path:

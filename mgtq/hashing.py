@@ -40,19 +40,22 @@ def files_fingerprint(parts: dict[str, str | os.PathLike]) -> str:
         files = _regular_files(root)
         h.update(f"{name}:{len(files)}\n".encode())
         for path in files:
-            h.update(f"{path.relative_to(root) if path != root else ''}:{path.stat().st_size}\n".encode())
+            h.update(f"{path.relative_to(root).as_posix() if path != root else ''}:{path.stat().st_size}\n".encode())
             _feed_file(h, path)
     return h.hexdigest()[:16]
 
 
 def _regular_files(root: Path) -> list[Path]:
-    """`root` if it is a file; else the files under it, sorted, hidden names left out, links not followed."""
+    """`root` if it is a file; else the files under it, hidden names left out, links not followed, in the order
+    of their relative path's components compared as strings: the order of POSIX paths, on every system (Windows
+    paths compare without case), so that a run folder moved between systems keeps its fingerprints."""
     if root.is_file():
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted((p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).parts)
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in blocks (weights files are gigabytes); inside `hashed_ahead`, the

@@ -8,6 +8,7 @@ long work with monkeypatch; the tests after them run the embedded model.
 
 import argparse
 import errno
+import json
 import os
 import re
 import stat
@@ -239,6 +240,36 @@ def test_output_below_a_file_fails_before_any_work(capsys, no_model, tmp_path):
     assert file.read_text() == "mine"
 
 
+def _no_path_exists(monkeypatch):
+    """Every path missing, its root too (as a drive letter that is not there on Windows); a climb that goes on
+    past the root fails instead of spinning."""
+    from pathlib import Path
+
+    calls = []
+
+    def exists(self, *a, **k):
+        calls.append(self)
+        assert len(calls) < 1000, f"still climbing at {self} after 1000 steps"
+        return False
+
+    monkeypatch.setattr(Path, "exists", exists)
+
+
+def test_an_output_path_whose_root_does_not_exist_is_one_line_not_a_hang(monkeypatch, tmp_path):
+    from mgtq.export import check_checkpoint_target
+
+    out = tmp_path / "renders" / "r.json"
+    root = out.anchor
+    with monkeypatch.context() as m:
+        _no_path_exists(m)
+        with pytest.raises(ValueError) as json_error:
+            mgtq.cli._check_output_path(out, "--json")
+        with pytest.raises(ValueError) as out_error:
+            check_checkpoint_target(out.parent / "ckpt", False, {}, "quantize")
+    assert str(json_error.value).startswith(f"--json {out}: {root} does not exist (a drive that is not there")
+    assert str(out_error.value).startswith(f"--out {out.parent / 'ckpt'}: {root} does not exist (a drive")
+
+
 def test_generate_out_png_that_is_a_folder(capsys, no_model, tmp_path):
     (tmp_path / "img.png").mkdir()
     err = one_line_error(capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "img.png")])
@@ -431,6 +462,24 @@ def test_ctrl_c_in_generate_has_printed_the_images_already_written(capsys, monke
 def test_errors_during_the_work_are_one_line(capsys, monkeypatch, tmp_path, exc, message):
     _raise_in_work(monkeypatch, exc)
     assert one_line_error(capsys, generate(tmp_path)) == f"mgtq generate: error: {message}"
+
+
+def test_a_refused_file_on_windows_may_be_open_in_another_program():
+    """Windows refuses to replace or delete a file another program has open (an image viewer, a loaded model)
+    with the errno of a permission problem; elsewhere the hint stays the permissions one."""
+    from mgtq.cli import describe_error
+
+    errors = [PermissionError(errno.EACCES, "Permission denied", "out/x.png"),
+              PermissionError(errno.EPERM, "Operation not permitted", "out/x.png")]
+    assert [describe_error(err) for err in errors] == [
+        "out/x.png: permission denied; check its permissions or choose another path",
+        "out/x.png: operation not permitted; check its permissions or choose another path"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mgtq.cli, "_WINDOWS", True)
+        assert [describe_error(err) for err in errors] == [
+            "out/x.png: permission denied; close the program using it, check its permissions, or choose another path",
+            "out/x.png: operation not permitted; close the program using it, check its permissions, or choose "
+            "another path"]
 
 
 def test_torch_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
@@ -652,3 +701,53 @@ def test_bench_with_a_failed_case_prints_the_report_and_exits_non_zero(capsys, m
     out, err = capsys.readouterr()
     assert "the report" in out
     assert err.strip() == "mgtq bench: error: 1 case(s) failed (scq); see Skipped above for why"
+
+
+# ------------------------------------------------------------------ a stdout that cannot encode everything
+def test_only_a_strict_stdout_that_cannot_encode_unicode_is_made_tolerant():
+    import io
+
+    from mgtq.cli import _tolerant_output
+
+    streams = {(encoding, errors): io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors=errors)
+               for encoding, errors in [("utf-8", "strict"), ("UTF8", "strict"), ("cp1252", "strict"),
+                                        ("cp1252", "backslashreplace"), ("ascii", "strict")]}
+    for stream in streams.values():
+        _tolerant_output(stream)
+    assert {key: stream.errors for key, stream in streams.items()} == {
+        ("utf-8", "strict"): "strict", ("UTF8", "strict"): "strict", ("cp1252", "strict"): "replace",
+        ("cp1252", "backslashreplace"): "backslashreplace", ("ascii", "strict"): "replace"}
+    assert {stream.encoding for stream in streams.values()} == {"utf-8", "UTF8", "cp1252", "ascii"}
+
+
+def test_help_and_eval_print_to_a_windows_code_page_stdout(tmp_path):
+    """A redirected stdout on Windows encodes in the ANSI code page, strictly: "→", "σ", "≤" are printed as "?"
+    rather than failing --help, or an evaluation at its very end."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "OMP_NUM_THREADS": "1"}
+    for argv in ([], ["generate"], ["calibrate"]):
+        done = subprocess.run([sys.executable, "-m", "mgtq.cli", *argv, "--help"], capture_output=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    out = tmp_path / "e.json"
+    done = subprocess.run([sys.executable, "-m", "mgtq.cli", "eval", "--task", "inpaint", "--limit", "1", "--steps",
+                           "2", "--no-progress", "--json", str(out)], capture_output=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    assert "NFE ? 2" in done.stdout.decode("cp1252") and "inpaint" in json.loads(out.read_text())["tasks"]
+
+
+def test_eval_writes_its_json_before_it_prints(tmp_path, monkeypatch, capsys):
+    """A print that fails (a pipe closed by `| head`, an encoding) must not lose the evaluation."""
+    import builtins
+
+    def closed_pipe(*args, file=None, **kwargs):
+        if file is None:  # stdout; the error line goes to stderr as ever
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        builtins.print(*args, file=file, **kwargs)
+
+    out = tmp_path / "e.json"
+    monkeypatch.setattr(mgtq.cli, "print", closed_pipe, raising=False)
+    assert main(["eval", "--task", "inpaint", "--limit", "1", "--steps", "2", "--no-progress", "--json", str(out),
+                 "--device", "cpu"]) == 2
+    assert "broken pipe" in capsys.readouterr().err
+    assert "inpaint" in json.loads(out.read_text())["tasks"]

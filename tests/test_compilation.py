@@ -28,6 +28,23 @@ def test_cache_dir_follows_mgtq_then_xdg_then_home(monkeypatch, tmp_path):
     assert compilation.compile_cache_dir().parent == tmp_path / "mine" / "torch-compile"
 
 
+def test_cache_dir_on_windows_is_under_localappdata_unless_mgtq_or_xdg_say_otherwise(monkeypatch, tmp_path):
+    monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    assert compilation.cache_dir() == Path.home() / ".cache" / "mgtq"  # the variable means nothing elsewhere
+    monkeypatch.setattr(compilation, "_WINDOWS", True)
+    assert compilation.cache_dir() == tmp_path / "AppData" / "Local" / "mgtq"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compilation.cache_dir() == tmp_path / "xdg" / "mgtq"
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path / "mine"))
+    assert compilation.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(compilation.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("LOCALAPPDATA")
+    assert compilation.cache_dir() == Path.home() / ".cache" / "mgtq"
+
+
 def test_cache_folder_changes_with_the_custom_op_schemas():
     # A cached graph calls mgtq's ops by their argument names: a schema change must not load it.
     import torch

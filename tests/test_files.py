@@ -231,3 +231,134 @@ def test_without_exchange_a_folder_is_replaced_by_two_renames(tmp_path, monkeypa
         with atomic_directory(target) as tmp:
             (tmp / "a.txt").write_text(text)
     assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` (relative, POSIX) → its bytes (None for a folder)."""
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _saved_pipeline(target: Path) -> None:
+    for part in ("scheduler", "text_encoder", "transformer"):
+        (target / part).mkdir(parents=True)
+        (target / part / "config.json").write_text(f"old {part}")
+    (target / "model_index.json").write_text("old checksums")
+    (target / "README.md").write_text("the user's")
+
+
+def _save_again(target: Path) -> None:
+    from mgtq.files import atomic_entries
+
+    with atomic_entries(target) as tmp:
+        for part in ("scheduler", "text_encoder", "transformer"):
+            (tmp / part).mkdir()
+            (tmp / part / "config.json").write_text(f"new {part}")
+        (tmp / "model_index.json").write_text("new checksums")
+
+
+def test_without_exchange_a_refused_rename_of_the_second_entry_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """As on Windows: no atomic exchange, and a folder holding a file in use (a loaded pipeline maps its weights)
+    cannot be renamed. A save into that folder must not stop half-way with some parts new and model_index.json
+    old."""
+    import mgtq.files
+
+    target = tmp_path / "pipe"
+    _saved_pipeline(target)
+    before = _tree(tmp_path)
+    monkeypatch.setattr(mgtq.files, "_renameat2", lambda: None)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == target / "text_encoder":  # the second entry (folders first, by name)
+            raise PermissionError(13, "Access is denied", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError, match=r"text_encoder is in use \(loaded by a running program\?\): close it "
+                                              r"and retry; nothing in .*pipe was replaced"):
+        _save_again(target)
+    assert _tree(tmp_path) == before  # no new part, no old one moved away, no debris
+    monkeypatch.setattr(os, "replace", real_replace)  # the program closed: the same save goes through
+    _save_again(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    assert {name: text for name, text in _tree(target).items() if text is not None} == {
+        "README.md": b"the user's", "model_index.json": b"new checksums", "scheduler/config.json": b"new scheduler",
+        "text_encoder/config.json": b"new text_encoder", "transformer/config.json": b"new transformer"}
+
+
+def test_without_exchange_a_failure_putting_the_new_entries_in_puts_the_old_ones_back(tmp_path, monkeypatch):
+    import mgtq.files
+
+    target = tmp_path / "pipe"
+    _saved_pipeline(target)
+    before = _tree(tmp_path)
+    monkeypatch.setattr(mgtq.files, "_renameat2", lambda: None)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == target / "transformer" and Path(src).parent != target:  # the new one, not the old back
+            raise PermissionError(13, "Access is denied", str(src))  # Windows: an antivirus scanning the new file
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError, match="Access is denied"):
+        _save_again(target)
+    assert _tree(tmp_path) == before
+
+
+def test_a_writer_whose_liveness_cannot_be_told_is_taken_for_alive(monkeypatch):
+    import errno
+
+    import mgtq.files
+
+    def kill(pid, signal):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert mgtq.files.writer_alive(_dead_pid())
+    monkeypatch.setattr(os, "kill", lambda pid, signal: (_ for _ in ()).throw(ProcessLookupError()))
+    assert not mgtq.files.writer_alive(12345)
+
+
+def test_on_windows_a_writer_is_looked_up_and_never_signalled(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on Windows sends Ctrl+C to the pid's console group (signal 0 is CTRL_C_EVENT there)."""
+    import types
+
+    import mgtq.files
+
+    def kill(pid, signal):
+        raise AssertionError("os.kill called on Windows")
+
+    alive = {4242}
+    monkeypatch.setattr(mgtq.files, "_WINDOWS", True)
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(pid_exists=lambda pid: pid in alive))
+    for pid in (4242, 4343):
+        (tmp_path / f".out.png.tmp-{pid}-0123abcd.png").write_bytes(b"half")
+    atomic_write_text(tmp_path / "out.png", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.png.tmp-4242-0123abcd.png", "out.png"]
+
+
+def test_the_climb_to_an_existing_folder_stops_at_a_missing_drive_or_share():
+    """On Windows the parent of `Z:\\` is `Z:\\` itself, and of `\\\\nas\\share\\` that share root: a missing drive
+    or unreachable share must end the climb with a one-line error, not loop forever."""
+    from pathlib import PureWindowsPath
+
+    from mgtq.files import existing_parent
+
+    class MissingWindowsPath(PureWindowsPath):
+        def exists(self):
+            return False
+
+    for path, root in ((r"Z:\renders\out.png", "Z:\\"), (r"\\nas\share\renders\out.png", "\\\\nas\\share\\")):
+        with pytest.raises(ValueError) as caught:
+            existing_parent(MissingWindowsPath(path))
+        assert str(caught.value) == (f"{root} does not exist (a drive that is not there, or a network share that "
+                                     "cannot be reached?); choose a path on a drive that exists")
+
+
+def test_the_nearest_existing_folder_is_found(tmp_path):
+    from mgtq.files import existing_parent
+
+    assert existing_parent(tmp_path / "a" / "b" / "c.png") == tmp_path
+    assert existing_parent(tmp_path / "c.png") == tmp_path

@@ -74,3 +74,49 @@ def test_hashes_ahead_run_beside_the_block_and_stop_when_it_ends(tmp_path, monke
         assert sha256_file(quick) == real_update(b"q" * 100).hexdigest()  # another file's check does not wait
         threading.Timer(0.2, release.set).start()  # lets the first chunk through once the block is left
     assert chunks == [1 << 24]  # leaving the block stopped the hash nobody asked for: no second chunk read
+
+
+def _run_like_tree(root):
+    """Names whose order differs between component-wise, whole-string and case-blind comparison."""
+    files = {"a/x": b"ax", "a-b/x": b"abx", "a.b": b"dot", "B": b"upper", "a/B/y": b"aBy", "a/b/y": b"aby",
+             "Z/z": b"zz", "a/x-y": b"axy", ".hidden": b"left out", "a/.swp": b"left out"}
+    for name, data in files.items():
+        path = root / "tree" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "prompts.txt").write_bytes(b"a red circle\n")
+    return {"tree": root / "tree", "prompts": root / "prompts.txt", "missing": root / "none"}
+
+
+def test_a_folders_fingerprint_is_the_one_earlier_versions_computed_on_linux(tmp_path):
+    from mgtq.hashing import files_fingerprint
+
+    parts = _run_like_tree(tmp_path)
+    # computed by mgtq before fingerprints were made the same on every system: runs calibrated since stay current
+    assert files_fingerprint(parts) == "593ceac5bb7f1917"
+    assert files_fingerprint({"tree": parts["tree"]}) == "e5f68b735500cbed"
+
+
+def test_a_folders_fingerprint_is_the_same_where_paths_print_and_sort_as_on_windows(tmp_path, monkeypatch):
+    """A run calibrated on Linux and exported on Windows: there a path prints with backslashes and paths sort
+    without case ("a" before "B"); neither may change what the run's stages were fingerprinted with."""
+    from pathlib import PurePath
+
+    from mgtq.hashing import files_fingerprint
+
+    parts = _run_like_tree(tmp_path)
+    here = files_fingerprint(parts)
+
+    def without_case(self, other):
+        return [part.casefold() for part in self.parts] < [part.casefold() for part in other.parts]
+
+    def with_backslashes(self, spec):
+        return format(str(self).replace("/", "\\"), spec)
+
+    with monkeypatch.context() as m:
+        m.setattr(PurePath, "__lt__", without_case)
+        m.setattr(PurePath, "__format__", with_backslashes)
+        assert sorted([PurePath("B"), PurePath("a")]) == [PurePath("a"), PurePath("B")]  # the simulation holds
+        assert f"{PurePath('a/x')}" == "a\\x"
+        windows = files_fingerprint(parts)
+    assert windows == here

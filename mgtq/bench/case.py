@@ -257,7 +257,7 @@ class CaseSession:
         mem = self.mem
         mem["phase_peaks"] = dict(phases.peaks)
         mem["peak_rss_inference"] = phases.overall if phases.supported else None
-        mem["peak_rss_process"] = max(mem["peak_rss_build"], phases.overall)
+        mem["peak_rss_process"] = memory.highest(mem["peak_rss_build"], phases.overall)
         if device.type == "cuda":
             mem["cuda_inference"] = memory.cuda_peaks(device)
         result.memory = mem

@@ -5,21 +5,22 @@ layers); for anything else (peers' tensor subclasses) `storage_nbytes` sums the 
 subclass is made of (`__tensor_flatten__`), so an int4 weight stored one value per byte counts one
 byte per value, as it really does.
 
-Peak memory on CPU is the process's peak resident set (VmHWM on Linux). It can be reset
-(`reset_peak_rss`, Linux ≥ 4.0) so that a phase's own peak can be read. On CUDA:
+Peak memory on CPU is the process's peak resident set (VmHWM on Linux, the peak working set on Windows,
+ru_maxrss elsewhere; None where none can be had). It can be reset (`reset_peak_rss`, Linux ≥ 4.0) so that a
+phase's own peak can be read. On CUDA:
 `torch.cuda.max_memory_reserved` / `max_memory_allocated` (what the paper reports).
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import sys
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+_WINDOWS = os.name == "nt"
 
 def storage_nbytes(t: torch.Tensor | None) -> int:
     """Bytes a tensor really holds: plain tensors numel·itemsize; subclasses the sum of their parts."""
@@ -70,9 +71,10 @@ def transformer_weight_nbytes(model: nn.Module) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------- process
 def loadavg() -> list[float] | None:
-    """The machine's 1/5/15-minute load averages (what else ran while measuring), or None."""
+    """The machine's 1/5/15-minute load averages (what else ran while measuring), or None (Windows has none)."""
+    getloadavg = getattr(os, "getloadavg", None)
     try:
-        return [round(x, 2) for x in os.getloadavg()]
+        return [round(x, 2) for x in getloadavg()] if getloadavg is not None else None
     except OSError:
         return None
 
@@ -98,17 +100,32 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process (since start or the last `reset_peak_rss`).
+def peak_rss_bytes() -> int | None:
+    """Peak resident set of this process (since start or the last `reset_peak_rss`), or None where the system
+    gives none.
 
     Linux: VmHWM of this process's own address space (unlike ru_maxrss, it never inherits a forked
-    parent's peak). Elsewhere: ru_maxrss (bytes on macOS, KiB on other systems).
+    parent's peak). Windows (no `resource` module): the peak working set. Elsewhere: ru_maxrss (bytes on
+    macOS, KiB on other systems).
     """
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib * 1024
+    if _WINDOWS:
+        import psutil
+
+        return getattr(psutil.Process().memory_info(), "peak_wset", None)
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def highest(*peaks: int | None) -> int | None:
+    """The highest of the peaks that are known (None where none is)."""
+    return max((p for p in peaks if p is not None), default=None)
 
 
 def release_free_heap() -> bool:
@@ -161,8 +178,8 @@ class PhasePeaks:
 
     @property
     def overall(self) -> int | None:
-        """The highest phase peak (None before any phase ran)."""
-        return max(self.peaks.values()) if self.peaks else None
+        """The highest phase peak (None before any phase ran, or where no peak can be read)."""
+        return highest(*self.peaks.values())
 
 
 def cuda_peaks(device: torch.device) -> dict[str, int]:

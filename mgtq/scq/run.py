@@ -22,7 +22,6 @@ This module is the only one that knows these names.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -39,6 +38,14 @@ from mgtq.hashing import files_fingerprint
 from mgtq.scq.recipe import Recipe, dump_recipe, recipe_from_dict
 
 STAGES = ("synth", "qat", "magnitudes", "secondary")  # folder names, in the order of the flow
+
+_WINDOWS = os.name == "nt"
+# The lock file holds its holder's record in its first _HOLDER_BYTES bytes (what a refused process reads to name
+# it). On Windows the lock is one locked byte, and byte locks there are mandatory (a locked byte cannot be read
+# through another handle), so that byte lies just past the record rather than on it; locking past a file's end
+# is allowed there.
+_HOLDER_BYTES = 4096
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows opens in text mode unless told otherwise
 
 
 class RunFolderBusy(ValueError):
@@ -217,46 +224,57 @@ class RunFolder:
     def lock(self):
         """Hold the run folder for this process: a second `mgtq calibrate` on it fails at once.
 
-        An advisory lock (flock) the kernel drops when the holder dies, so a killed run never leaves
-        the folder locked.
+        A lock the system drops when the holder dies (flock; a byte lock on Windows), so a killed run never
+        leaves the folder locked.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / self.LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
         try:
-            self._flock(fd, fcntl.LOCK_EX, "or calibrate into another --out folder")
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "command": " ".join(sys.argv)[:300]}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
-            yield self
+            self._take(fd, exclusive=True, then="or calibrate into another --out folder")
+            try:
+                holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, json.dumps(holder).encode())
+                yield self
+            finally:
+                _unlock(fd)
         finally:
-            os.close(fd)  # releases the lock
+            os.close(fd)
 
     @contextlib.contextmanager
     def reading(self):
         """Hold the run folder against a `mgtq calibrate` while reading it (export): a shared lock, so exports
-        may run side by side and a read-only folder can be read; a calibrate at work makes it fail at once."""
+        may run side by side and a read-only folder can be read; a calibrate at work makes it fail at once.
+
+        Windows has no shared byte lock: there an export holds the same exclusive lock as calibrate for as long
+        as it reads, so a second export of the run at that moment is refused (and told to wait) rather than a
+        calibrate being let in to replace stages under a reading export."""
         path = self.root / self.LOCK
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | _O_BINARY)
         except FileNotFoundError:  # no calibrate ever held it
             yield self
             return
         try:
-            self._flock(fd, fcntl.LOCK_SH, "then export")
-            yield self
+            self._take(fd, exclusive=False, then="then export")
+            try:
+                yield self
+            finally:
+                _unlock(fd)
         finally:
             os.close(fd)
 
-    def _flock(self, fd: int, mode: int, then: str) -> None:
-        """flock `mode` on the lock file, at once or RunFolderBusy naming the holder it records."""
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            reader = " or by an `mgtq export` reading it" if mode == fcntl.LOCK_EX else ""  # exports record nothing
-            raise RunFolderBusy(f"{self.root} is in use by {_holder(os.pread(fd, 4096, 0))}{reader}; wait for it to "
-                                f"finish (or stop it), {then}") from None
+    def _take(self, fd: int, exclusive: bool, then: str) -> None:
+        """Lock the lock file (`exclusive` or shared), at once or RunFolderBusy naming the holder it records."""
+        if _try_lock(fd, exclusive):
+            return
+        # exports record nothing: a refusal where one may hold the lock says so
+        reader = " or by an `mgtq export` reading it" if exclusive or _WINDOWS else ""
+        raise RunFolderBusy(f"{self.root} is in use by {_holder(_read_start(fd))}{reader}; wait for it to finish "
+                            f"(or stop it), {then}")
 
     def start(self, recipe: Recipe, model_dir: Path, fingerprints: dict[str, str], restart: bool = False) -> None:
         """Take up the folder for `recipe` (call under :meth:`lock`): clean debris of killed writes,
@@ -283,6 +301,44 @@ class RunFolder:
 def _outputs_fingerprint(folder: Path) -> str:
     """Fingerprint of a stage folder's files, its marker left out."""
     return files_fingerprint({p.name: p for p in folder.iterdir() if p.name != RunFolder.MARKER})
+
+
+def _try_lock(fd: int, exclusive: bool) -> bool:
+    """Lock `fd`'s file without waiting (shared where not `exclusive`, except on Windows: see
+    RunFolder.reading); False when another open of it holds the lock."""
+    if _WINDOWS:
+        import msvcrt
+
+        os.lseek(fd, _HOLDER_BYTES, os.SEEK_SET)  # msvcrt locks from the file position
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except PermissionError:  # EACCES: the byte is locked through another handle
+            return False
+        return True
+    import fcntl  # POSIX only
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    """Release _try_lock's lock. A flock goes with the descriptor's close; Windows may release a byte lock only
+    some time after the close, so it is unlocked here at once."""
+    if _WINDOWS:
+        import msvcrt
+
+        os.lseek(fd, _HOLDER_BYTES, os.SEEK_SET)
+        with contextlib.suppress(OSError):  # the close that follows releases it too, only later
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+def _read_start(fd: int) -> bytes:
+    """The holder record: the first _HOLDER_BYTES bytes of the lock file."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, _HOLDER_BYTES)
 
 
 def _holder(raw: bytes) -> str:

@@ -62,3 +62,51 @@ def test_storage_of_tensor_subclasses_counts_inner_tensors():
     assert 256 * 128 <= storage_nbytes(weight) < 256 * 128 * 1.2
     nbytes, method = transformer_weight_nbytes(model)
     assert "__tensor_flatten__" in method and nbytes >= storage_nbytes(weight)
+
+
+# ----------------------------------------------------------------------------- off Linux (Windows)
+def test_peak_rss_on_windows_is_the_peak_working_set(monkeypatch):
+    import collections
+    import sys
+    import types
+
+    from mgtq.bench import memory
+
+    monkeypatch.setattr(memory, "_status_kib", lambda field: None)  # no /proc
+    monkeypatch.setattr(memory, "_WINDOWS", True)
+    monkeypatch.setitem(sys.modules, "resource", None)  # Windows has no resource module
+    pmem = collections.namedtuple("pmem", "rss vms peak_wset wset")  # psutil's on Windows (fields trimmed)
+    process = types.SimpleNamespace(memory_info=lambda: pmem(10, 20, 4_000_000, 3_000_000))
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(Process=lambda: process))
+    assert memory.peak_rss_bytes() == 4_000_000
+
+
+def test_a_figure_the_system_cannot_give_is_recorded_as_unavailable(monkeypatch):
+    import os
+    import sys
+
+    from mgtq.bench import memory
+
+    monkeypatch.delattr(os, "getloadavg")  # Windows has none
+    assert memory.loadavg() is None
+    monkeypatch.setattr(memory, "_status_kib", lambda field: None)
+    monkeypatch.setitem(sys.modules, "resource", None)  # a system with neither /proc nor resource
+    assert memory.peak_rss_bytes() is None
+    phases = memory.PhasePeaks()
+    with phases.phase("sampling"):
+        pass
+    assert phases.peaks == {"sampling": None} and phases.overall is None
+    assert memory.highest(None, 5, None, 7) == 7 and memory.highest(None, None) is None
+
+
+def test_the_bench_imports_without_resource():
+    import os
+    import subprocess
+    import sys
+
+    # As on Windows: torch and the libraries take their own platform's branches, then mgtq sees no resource.
+    code = ("import sys, torch, diffusers, transformers; sys.modules['resource'] = None; "
+            "import mgtq.bench.runner, mgtq.bench.case, mgtq.bench.memory")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]

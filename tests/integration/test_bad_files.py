@@ -276,7 +276,10 @@ def test_a_damaged_vq_or_text_encoder_of_an_mgtq_checkpoint_is_refused(model, tm
         MGTPipeline.from_pretrained(tmp_path / "q")
 
 
-@pytest.mark.parametrize("name", [".", "", "../outside.bin", "/etc/hostname"])
+@pytest.mark.parametrize("name", [".", "", "../outside.bin", "/etc/hostname",
+                                  # outside the folder on Windows: drive-relative, on a drive, rooted, up by "\\"
+                                  "C:outside.bin", "C:\\Windows\\win.ini", "\\outside.bin",
+                                  "vqvae\\..\\..\\outside.bin"])
 def test_a_recorded_checksum_naming_no_file_of_the_folder_is_the_checks_error(model, name):
     """The load lists the files to hash ahead from model_index.json before any check: a key naming the folder
     itself or something outside it must reach the checks' error, not an IndexError."""

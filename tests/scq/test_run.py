@@ -42,6 +42,83 @@ def test_a_second_calibrate_on_a_held_folder_fails_at_once_naming_the_holder(tmp
         pass
 
 
+class _WindowsByteLocks:
+    """msvcrt.locking as Windows behaves: a byte locked through one handle cannot be locked through another (of any
+    process), nor read through it (byte locks there are mandatory), until unlocked."""
+
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self, monkeypatch):
+        self.held = {}  # (device, inode, offset) → fd holding it
+        self._read = os.read
+        monkeypatch.setattr(os, "read", self.read)
+
+    def _bytes(self, fd, count):
+        st, at = os.fstat(fd), os.lseek(fd, 0, os.SEEK_CUR)
+        return [(st.st_dev, st.st_ino, at + i) for i in range(count)]
+
+    def locking(self, fd, mode, count):
+        keys = self._bytes(fd, count)
+        if mode == self.LK_UNLCK:
+            for key in keys:
+                self.held.pop(key)
+        elif mode == self.LK_NBLCK:
+            if any(key in self.held for key in keys):
+                raise PermissionError(13, "Permission denied")
+            self.held.update(dict.fromkeys(keys, fd))
+        else:
+            raise AssertionError(f"mgtq must not wait for a lock (mode {mode})")
+
+    def read(self, fd, count):
+        if any(self.held.get(key, fd) != fd for key in self._bytes(fd, count)):
+            raise PermissionError(13, "The process cannot access the file because another process has locked a "
+                                      "portion of the file")
+        return self._read(fd, count)
+
+
+def test_on_windows_the_run_folder_is_held_with_a_byte_lock_that_leaves_the_holder_readable(tmp_path, monkeypatch):
+    import types
+
+    import mgtq.scq.run as run_module
+
+    locks = _WindowsByteLocks(monkeypatch)
+    monkeypatch.setattr(run_module, "_WINDOWS", True)
+    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(
+        LK_UNLCK=locks.LK_UNLCK, LK_NBLCK=locks.LK_NBLCK, locking=locks.locking))
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # not on Windows
+    for unix_only in ("pread", "pwrite"):
+        monkeypatch.delattr(os, unix_only, raising=False)
+    run = RunFolder(tmp_path / "run")
+    with run.lock():
+        with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()} on .* since .*or calibrate into"):
+            with RunFolder(run.root).lock():
+                pass
+        with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()} on .*; wait for it .*then export"):
+            with RunFolder(run.root).reading():
+                pass
+    assert not locks.held
+    # no shared lock there: an export holds the folder as calibrate does, and a second one is told to wait
+    with RunFolder(run.root).reading():
+        with pytest.raises(RunFolderBusy, match="or by an `mgtq export` reading it; wait"):
+            with RunFolder(run.root).lock():
+                pass
+        with pytest.raises(RunFolderBusy, match="or by an `mgtq export` reading it; wait"):
+            with RunFolder(run.root).reading():
+                pass
+    with RunFolder(run.root).lock():  # released with its holder
+        assert len(locks.held) == 1
+
+
+def test_the_commands_that_use_a_run_folder_import_without_fcntl_and_quantize_without_scq():
+    # As on Windows: torch and the libraries take their own platform's branches, then mgtq sees no fcntl.
+    code = ("import sys, torch, diffusers, transformers, datasets, accelerate; sys.modules['fcntl'] = None; "
+            "import mgtq.ptq; bad = sorted(m for m in sys.modules if m.startswith('mgtq.scq')); assert not bad, bad; "
+            "import mgtq.export, mgtq.scq.calibrate, mgtq.scq.run, mgtq.cli")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_a_run_folder_keeps_its_recipe_unless_restarted(tmp_path):
     run = RunFolder(tmp_path / "run")
     first, second = recipe_from_dict({"qat": {"steps": 3}}), recipe_from_dict({"qat": {"steps": 4}})
