@@ -256,16 +256,21 @@ def _save_again(target: Path) -> None:
         (tmp / "model_index.json").write_text("new checksums")
 
 
-def test_without_exchange_a_refused_rename_of_the_second_entry_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
-    """As on Windows: no atomic exchange, and a folder holding a file in use (a loaded pipeline maps its weights)
-    cannot be renamed. A save into that folder must not stop half-way with some parts new and model_index.json
-    old."""
+def _pipeline_without_exchange(tmp_path, monkeypatch):
+    """A saved pipeline folder and the tree around it, on a system without an atomic exchange (as Windows)."""
     import mgtq.files
 
     target = tmp_path / "pipe"
     _saved_pipeline(target)
-    before = _tree(tmp_path)
     monkeypatch.setattr(mgtq.files, "_renameat2", lambda: None)
+    return target, _tree(tmp_path)
+
+
+def test_without_exchange_a_refused_rename_of_the_second_entry_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """As on Windows: no atomic exchange, and a folder holding a file in use (a loaded pipeline maps its weights)
+    cannot be renamed. A save into that folder must not stop half-way with some parts new and model_index.json
+    old."""
+    target, before = _pipeline_without_exchange(tmp_path, monkeypatch)
     real_replace = os.replace
 
     def replace(src, dst):
@@ -287,12 +292,7 @@ def test_without_exchange_a_refused_rename_of_the_second_entry_leaves_the_folder
 
 
 def test_without_exchange_a_failure_putting_the_new_entries_in_puts_the_old_ones_back(tmp_path, monkeypatch):
-    import mgtq.files
-
-    target = tmp_path / "pipe"
-    _saved_pipeline(target)
-    before = _tree(tmp_path)
-    monkeypatch.setattr(mgtq.files, "_renameat2", lambda: None)
+    target, before = _pipeline_without_exchange(tmp_path, monkeypatch)
     real_replace = os.replace
 
     def replace(src, dst):
