@@ -22,6 +22,7 @@ from torch import nn
 
 _WINDOWS = os.name == "nt"
 
+
 def storage_nbytes(t: torch.Tensor | None) -> int:
     """Bytes a tensor really holds: plain tensors numel·itemsize; subclasses the sum of their parts."""
     if t is None:
