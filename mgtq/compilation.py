@@ -15,6 +15,7 @@ A `TORCHINDUCTOR_CACHE_DIR` the user set wins over all of them (torch's own knob
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -34,7 +35,8 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _WINDOWS = os.name == "nt"
 
 __all__ = ["CACHE_ENV", "CacheEntry", "PrecompiledBlocks", "cache_dir", "cache_entries", "clear_cache",
-           "compile_cache_dir", "ops_digest", "source_digest", "use_persistent_compile_cache"]
+           "compile_cache_dir", "inductor_cache_for_builds", "ops_digest", "source_digest",
+           "use_persistent_compile_cache"]
 
 
 def cache_dir() -> Path:
@@ -100,6 +102,37 @@ def use_persistent_compile_cache() -> Path:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     return folder
+
+
+@contextlib.contextmanager
+def inductor_cache_for_builds():
+    """Inductor's cache folder at `compile_cache_dir()` while the block runs, then as it was.
+
+    For C++ that mgtq builds through Inductor outside a compiled forward (`mgtq.native.amx`): in the default
+    folder in tmp, a reboot or a tmp cleaner would make every eager process after it build again; pointing
+    the whole process there (`use_persistent_compile_cache`) would move the caches of a user's own
+    torch.compile calls too. A TORCHINDUCTOR_CACHE_DIR the user set is kept, and so is tmp where mgtq's
+    folder cannot be made (a read-only home still builds).
+    """
+    if _user_set_inductor_dir():
+        yield
+        return
+    folder = compile_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield
+        return
+    _mark_used(folder)
+    before = os.environ.get(INDUCTOR_CACHE_ENV)
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(INDUCTOR_CACHE_ENV, None)
+        else:
+            os.environ[INDUCTOR_CACHE_ENV] = before
 
 
 # ------------------------------------------------------------------------------------------- cache folders

@@ -68,6 +68,54 @@ def test_persistent_cache_goes_to_the_user_folder_unless_torch_s_own_knob_is_set
     assert compilation.use_persistent_compile_cache() == tmp_path / "users-own"
 
 
+def test_builds_outside_a_compile_go_to_the_user_folder_and_leave_the_process_as_it_was(monkeypatch, tmp_path):
+    # mgtq's C++ kernels are built in eager processes too: tmp would lose them at the next reboot.
+    seen = []
+
+    def build():
+        with compilation.inductor_cache_for_builds():
+            seen.append(os.environ.get(compilation.INDUCTOR_CACHE_ENV))
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path / "mgtq"))
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
+    build()
+    assert seen[-1] == str(compilation.compile_cache_dir()) and compilation.compile_cache_dir().is_dir()
+    assert compilation.INDUCTOR_CACHE_ENV not in os.environ  # a user's own torch.compile keeps torch's folder
+    monkeypatch.setenv(compilation.INDUCTOR_CACHE_ENV, str(tmp_path / "users-own"))
+    build()
+    assert seen[-1] == str(tmp_path / "users-own") == os.environ[compilation.INDUCTOR_CACHE_ENV]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv(compilation.CACHE_ENV, str(blocked / "mgtq"))  # cannot be made: torch's folder, no error
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV)
+    build()
+    assert seen[-1] is None
+
+
+def test_mgtq_s_native_kernels_are_built_in_the_user_folder(monkeypatch, tmp_path):
+    from torch._inductor import codecache
+
+    from mgtq.native import amx
+
+    seen = []
+
+    def record(cls, source):
+        seen.append(os.environ.get(compilation.INDUCTOR_CACHE_ENV))
+        raise RuntimeError("simulated: recorded where it would build")
+
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(compilation.INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.setattr(amx, "_has_avx512_vnni", lambda: True)
+    monkeypatch.setattr(codecache.CppCodeCache, "load", classmethod(record))
+    amx._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="simulated"):
+            assert amx._library() is None
+    finally:
+        amx._library.cache_clear()  # the real library again for the tests after this one
+    assert seen == [str(compilation.compile_cache_dir())]
+
+
 def test_compile_blocks_uses_the_persistent_cache(monkeypatch, tmp_path):
     from mgtq.models.presets import build_transformer
 

@@ -43,9 +43,10 @@ over the AMX W4A16 kernel's dequantized chunks (2 inputs of 16 columns per 64-by
 operand), so the bf16 weight is never written out whole as dequantize + oneDNN's GEMM does.
 
 Built at first use on x86-64 Linux CPUs with AVX512-VNNI, with the C++ compiler ``torch.compile`` uses on
-CPU (Inductor's ``CppCodeCache``, cached on disk by source hash). Where the build fails (no compiler,
-another CPU) :func:`vnni_available` and :func:`available` are False; where the CPU has no AMX-int8 or the
-kernel may not use AMX tiles (``arch_prctl`` permission), :func:`available` is False. Then
+CPU (Inductor's ``CppCodeCache``, cached by source hash in mgtq's compile cache folder, which a reboot
+keeps). Where the build fails (no compiler, another CPU) :func:`vnni_available` and :func:`available` are
+False; where the CPU has no AMX-int8 or the kernel may not use AMX tiles (``arch_prctl`` permission),
+:func:`available` is False. Then
 :func:`mgtq.quantization.kernels.choose_kernel` and :func:`mgtq.fused.attention` keep torch's kernels.
 """
 
@@ -922,7 +923,10 @@ def _library() -> ctypes.CDLL | None:
     try:
         from torch._inductor.codecache import CppCodeCache
 
-        lib = CppCodeCache.load(_SOURCE)
+        from mgtq.compilation import inductor_cache_for_builds
+
+        with inductor_cache_for_builds():  # built once per torch version, kept across reboots
+            lib = CppCodeCache.load(_SOURCE)
     except Exception as err:  # no compiler, headers or Inductor: torch's kernels still run
         warnings.warn(f"mgtq's AVX-512 CPU kernels cannot be built here ({(str(err).splitlines() or [''])[0][:200]}); "
                       "torch's kernels run instead: the same results within rounding, slower. Install a C++ "
