@@ -386,6 +386,8 @@ def describe_error(err: BaseException) -> str:
                 errno.ENOTDIR: " (a part of the path is a file)",
                 errno.EISDIR: " (a file was expected)"}.get(err.errno, "")
         text = f"{where}{err.strerror.lower()}{hint}"
+    elif isinstance(err, ImportError):
+        text = f"a package mgtq needs did not import ({err}); {_reinstall_hint(err)}"
     elif _out_of_memory(err):
         first = (str(err).splitlines() or [""])[0]
         text = f"out of memory{f' ({first})' if first else ''}; try a smaller --batch-size / image size, or free memory"
@@ -394,15 +396,32 @@ def describe_error(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _reinstall_hint(err: ImportError) -> str:
+    """What to install for a failed import: the distribution that provides the missing module (PIL is pillow's),
+    else a reinstall of what the message names (a package that imports but refuses its neighbour's version)."""
+    from importlib.metadata import packages_distributions
+
+    top = (err.name or "").partition(".")[0]
+    if not top:
+        return "install the versions it asks for (pip install -U ...), or rerun with --debug to see where"
+    dist = (packages_distributions().get(top) or [top])[0]
+    return f"pip install -U {dist.lower()}"  # pip's names are case-blind; Pillow's metadata spelled it "Pillow"
+
+
+def _own_import_failed(err: BaseException) -> bool:
+    # mgtq's own module missing is a broken install or a bug, not the user's environment: keep the traceback.
+    return isinstance(err, ImportError) and (err.name or "").partition(".")[0] == "mgtq"
+
+
 def _out_of_memory(err: BaseException) -> bool:
     """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
     return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
             or (isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)))
 
 
-# Failures a user can cause and fix (bad input, files, devices, memory); anything else is a bug and
-# keeps its traceback.
-_EXPECTED = (OSError, ValueError, FloatingPointError, MemoryError)
+# Failures a user can cause and fix (bad input, files, devices, memory, a broken package); anything else is a bug
+# and keeps its traceback.
+_EXPECTED = (OSError, ValueError, FloatingPointError, MemoryError, ImportError)
 _STOPPED = {"calibrate": "stopped; rerun the same command to resume"}
 
 
@@ -744,7 +763,7 @@ def _run(args) -> int:
     try:
         return args.func(args)
     except (*_EXPECTED, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not _out_of_memory(err):
+        if (isinstance(err, RuntimeError) and not _out_of_memory(err)) or _own_import_failed(err):
             raise
         if args.debug:
             traceback.print_exc()

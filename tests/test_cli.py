@@ -512,6 +512,21 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     _raise_in_work(monkeypatch, RuntimeError("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         main(generate(tmp_path))
+    _raise_in_work(monkeypatch, ModuleNotFoundError("No module named 'mgtq.gone'", name="mgtq.gone"))
+    with pytest.raises(ModuleNotFoundError):  # mgtq's own module: a broken install or a bug
+        main(generate(tmp_path))
+
+
+@pytest.mark.parametrize("exc, hint", [
+    (ModuleNotFoundError("No module named 'PIL'", name="PIL"), "pip install -U pillow"),  # module ≠ package name
+    (ModuleNotFoundError("No module named 'left_out'", name="left_out.sub"), "pip install -U left_out"),
+    (ImportError("pyarrow requires NumPy 2.0 or newer, found 1.26.4"),  # a package refusing its neighbour's version
+     "install the versions it asks for (pip install -U ...), or rerun with --debug to see where"),
+])
+def test_a_package_that_does_not_import_is_one_line_with_what_to_install(capsys, monkeypatch, tmp_path, exc, hint):
+    _raise_in_work(monkeypatch, exc)
+    assert one_line_error(capsys, generate(tmp_path)) == (
+        f"mgtq generate: error: a package mgtq needs did not import ({exc}); {hint}")
 
 
 def test_help_exits_zero(capsys):
