@@ -37,6 +37,11 @@ ISOLATION = {"spawn": "fresh Python interpreter per case",
              "none": "all cases in one process (peak memory is NOT per case)"}
 
 
+# How a process that ran out of memory ends: SIGKILL (Linux's OOM killer, macOS's memory pressure), as a shell
+# reports it (128 + 9), or Windows' STATUS_NO_MEMORY (no OOM killer there: a commit the page file cannot back).
+_OUT_OF_MEMORY_EXITS = frozenset({-9, 137, 0xC0000017})
+
+
 class ChildError(RuntimeError):
     """A case process failed; the message carries its traceback or exit code."""
 
@@ -73,7 +78,7 @@ class Worker:
         line = self._process.stdout.readline()
         if not line:
             code = self._process.wait()
-            hint = " (killed: out of memory?)" if code in (-9, 137) else ""
+            hint = " (killed: out of memory?)" if code in _OUT_OF_MEMORY_EXITS else ""
             raise ChildError(f"case process exited with code {code}{hint} without a result")
         answer = json.loads(line)
         if "error" in answer:

@@ -262,3 +262,23 @@ def test_a_cuda_run_reports_the_gpu_peak_beside_host_memory(smoke_report):
     assert "GPU peak MB" in table[0]
     assert "| 1,000 | 0.25 |" in next(line for line in table if line.startswith("| scq |"))
     assert len({line.count("|") for line in table}) == 1  # every row, a failed one too, has the header's columns
+
+
+@pytest.mark.parametrize("code, hint", [(-9, True), (137, True), (0xC0000017, True), (1, False), (-11, False)])
+def test_a_case_process_that_ran_out_of_memory_is_said_so_on_every_system(code, hint):
+    # -9 / 137: SIGKILL from Linux's OOM killer (a shell's 128 + 9); 0xC0000017: Windows' STATUS_NO_MEMORY.
+    import io
+
+    from mgtq.bench import runner
+
+    class Ended:
+        stdout = io.StringIO("")
+
+        def wait(self):
+            return code
+
+    worker = runner.Worker.__new__(runner.Worker)
+    worker._process = Ended()
+    with pytest.raises(runner.ChildError, match=rf"exited with code {code}") as failed:
+        worker._read()
+    assert ("(killed: out of memory?)" in str(failed.value)) == hint
