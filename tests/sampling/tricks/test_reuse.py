@@ -59,7 +59,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 
 
 # mask ratios as timesteps: on this random model they make the context matter more than step indices do (the
-# [masked] schedule below changes 4 to 14 of the 512 tokens for seeds 0 to 3 with them, none with step indices)
+# [masked] schedule below changes 5 of the 512 tokens at seed 0 with them, none with step indices)
 BASE = SamplerConfig(num_steps=8, guidance_scale=3.0, timestep_convention="mask_ratio")
 
 
