@@ -390,7 +390,8 @@ def test_compile_blocks_with_the_onednn_weight_cache():
     assert all(layer.weight_cache == "onednn" for layer in layers)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     # oneDNN's prepacked weights cannot be traced ahead of time: plain torch.compile, nothing saved, no warning
-    assert model.precompiled.counts["compiled"] == 0 and model.precompiled.counts["fallback_calls"] > 0
+    store = model.precompiled  # (None where torch lacks the store's ahead-of-time compile)
+    assert store is None or (store.counts["compiled"] == 0 and store.counts["fallback_calls"] > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
