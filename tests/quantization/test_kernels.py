@@ -6,6 +6,8 @@ ops (the int8 quantizer's included: which tensors may take mgtq's CPU kernel is 
 `cuda` run them on a GPU.
 """
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgtq.quantization import W4A8Linear, W4Linear, quantize_int4_weight, quantize_int8_per_tensor
-from mgtq.quantization import kernels
+from mgtq.quantization import kernels, qtensor
 from mgtq.quantization.kernels import KernelContext, choose_kernel, int_mm_supported
 from mgtq.quantization.qtensor import dequantize_int4_weight, onednn_int8_linear_available
 
@@ -415,6 +417,38 @@ def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
             torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
 
 
+def test_where_this_torch_cannot_run_the_onednn_cache_auto_picks_int8_and_onednn_says_why(monkeypatch, layers):
+    # torch < 2.11 has oneDNN's ops but fails at the first cached forward: never offered there
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, kernels.ONEDNN_INT8_CLASSES[0])
+    monkeypatch.setattr(qtensor, "_onednn_weight_cache_runs", lambda: False)
+    _, _, a8 = layers
+    assert not onednn_int8_linear_available()
+    a8.enable_weight_cache("auto")
+    assert a8.weight_cache == "int8"
+    with pytest.raises(RuntimeError, match=r"oneDNN weight cache cannot be used: .*needs torch 2\.11 or newer"):
+        a8.enable_weight_cache("onednn")
+
+
+@pytest.fixture
+def fresh_onednn_check():
+    """`_onednn_weight_cache_runs` tried again (it is cached for the process), before and after the test."""
+    qtensor._onednn_weight_cache_runs.cache_clear()
+    yield qtensor._onednn_weight_cache_runs
+    qtensor._onednn_weight_cache_runs.cache_clear()
+
+
+def test_the_onednn_cache_check_runs_mgtq_s_op_on_a_prepacked_weight(monkeypatch, fresh_onednn_check):
+    def opaque_refused(*args):  # torch 2.9 / 2.10 on a custom op's opaque argument
+        raise NotImplementedError("Cannot access storage of OpaqueTensorImpl")
+
+    monkeypatch.setattr(kernels, "onednn_int8_linear_op", opaque_refused)
+    assert not fresh_onednn_check()
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        monkeypatch.undo()
+        fresh_onednn_check.cache_clear()
+        assert fresh_onednn_check() == (torch.__version__ >= (2, 11))  # the version only as the test's expectation
+
+
 @pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [False, True])
@@ -538,7 +572,7 @@ def test_without_a_toolchain_every_fused_cuda_kernel_runs_its_reference_after_on
 
     def no_toolchain(gm, example_inputs):
         attempts.append(gm)
-        raise InvalidCxxCompiler("simulated")
+        raise InvalidCxxCompiler()  # (a message argument is accepted from torch 2.13 only)
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": no_toolchain}))
     monkeypatch.setattr(kernels, "_COMPILED", {})
