@@ -376,7 +376,7 @@ def test_compile_blocks_with_the_onednn_weight_cache():
     from mgtq.quantization.qtensor import onednn_int8_linear_available
 
     if not onednn_int8_linear_available():
-        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+        pytest.skip("needs the oneDNN weight cache (an x86 CPU build of torch 2.11 or newer)")
     model = quantized_micro_transformer()
     layers = [m for m in model.modules() if isinstance(m, W4A8Linear)]
     assert layers

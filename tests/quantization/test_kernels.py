@@ -20,6 +20,7 @@ from mgtq.quantization.kernels import KernelContext, choose_kernel, int_mm_suppo
 from mgtq.quantization.qtensor import dequantize_int4_weight, onednn_int8_linear_available
 
 K, N = 128, 48
+NO_ONEDNN = "needs the oneDNN weight cache (an x86 CPU build of torch 2.11 or newer)"
 
 
 def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, **kw):
@@ -449,7 +450,7 @@ def test_the_onednn_cache_check_runs_mgtq_s_op_on_a_prepacked_weight(monkeypatch
         assert fresh_onednn_check() == (torch.__version__ >= (2, 11))  # the version only as the test's expectation
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [False, True])
 def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, layers, dtype, native):
@@ -486,7 +487,7 @@ def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, laye
         torch.testing.assert_close(a8(x[0]), _w4a8_reference(linear, x[0]).to(dtype), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 def test_compiled_onednn_layers_share_one_graph():
     # Regional compilation compiles a block once for all blocks: the per-layer prepacked weights must be
     # graph inputs, not constants that Dynamo guards on (which would recompile for every layer).
@@ -514,7 +515,7 @@ def test_fused_activation_equals_the_activation_of_the_output(layers, dtype, cac
     # composition; every other kernel applies it to the output and is exactly the composition.
     _, w4, a8 = layers
     if cache == "onednn" and not onednn_int8_linear_available():
-        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+        pytest.skip(NO_ONEDNN)
     if cache is not None:
         a8.enable_weight_cache(cache)
     x = (torch.randn(2, 40, K) * 3).to(dtype)
@@ -532,7 +533,7 @@ def test_fused_activation_equals_the_activation_of_the_output(layers, dtype, cac
         a8(x, activation="relu")
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 def test_compiled_onednn_cache_fuses_the_activation_and_equals_eager(layers):
     _, _, a8 = layers
     a8.enable_weight_cache("onednn")
