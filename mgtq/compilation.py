@@ -35,7 +35,7 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _WINDOWS = os.name == "nt"
 
 __all__ = ["CACHE_ENV", "CacheEntry", "PrecompiledBlocks", "cache_dir", "cache_entries", "clear_cache",
-           "compile_cache_dir", "inductor_cache_for_builds", "ops_digest", "source_digest",
+           "compile_cache_dir", "inductor_cache_for_builds", "ops_digest", "precompile_supported", "source_digest",
            "use_persistent_compile_cache"]
 
 
@@ -239,11 +239,30 @@ def _half_removed(root: Path | None) -> list[CacheEntry]:
 # layers differently, has 37 distinct blocks at meissonic-1024. torch's ahead-of-time compile
 # (`torch.compile(...).aot_compile`, `AOTCompiledFunction`) serializes Dynamo's output too: the rewritten
 # bytecode, the guards and the compiled graph. Loading one takes a tenth of a second and no tracing. It is
-# experimental in torch, so everything here falls back to plain torch.compile when it is unavailable or fails.
+# experimental in torch, so everything here falls back to plain torch.compile when it is unavailable or fails;
+# a torch without the API the store uses (`precompile_supported`) never builds a store at all.
 PRECOMPILED_FOLDER = "mgtq-precompiled"
 PRECOMPILED_MAGIC = b"mgtq-precompiled-v1\n"
 PRECOMPILED_PER_GROUP = 8  # artifacts kept for one block structure and input signature (guards pick one)
 _PRECOMPILE_OPTIONS = {"mode", "options"}  # torch.compile kwargs the store keys on; others: plain torch.compile
+
+
+@functools.lru_cache(maxsize=None)
+def precompile_supported() -> bool:
+    """Whether this torch has the ahead-of-time compile API the store is written against, decided once.
+
+    `torch._dynamo.aot_compile` came in torch 2.9, but in 2.9 and 2.10 `serialize` returns bare bytes of an
+    earlier format (2.9 lacks `disable_guard_check` too); the store is written for the `AOTCompileSaveResult`
+    that `serialize` returns from 2.11. Checked by name, not version: without it `compile_blocks` uses plain
+    torch.compile and says nothing (the same results; only a later process's warm start is lost)."""
+    try:
+        from torch._dynamo import aot_compile
+    except ImportError:  # torch < 2.9
+        return False
+    function = getattr(aot_compile, "AOTCompiledFunction", None)
+    methods = ("serialize", "deserialize", "guard_check", "disable_guard_check")
+    return (hasattr(aot_compile, "AOTCompileSaveResult") and hasattr(torch._dynamo.config, "enable_aot_compile")
+            and function is not None and all(hasattr(function, name) for name in methods))
 
 
 class _Ineligible(Exception):
@@ -368,9 +387,11 @@ class PrecompiledBlocks:
 
     @staticmethod
     def supports(compile_kwargs: dict) -> bool:
-        """Whether torch.compile with these kwargs can be precompiled here (Inductor; mode and options only)."""
+        """Whether torch.compile with these kwargs can be precompiled here (Inductor; mode and options only; a
+        torch with the API the store uses, `precompile_supported`)."""
         backend = compile_kwargs.get("backend", "inductor")
-        return backend == "inductor" and set(compile_kwargs) - {"backend"} <= _PRECOMPILE_OPTIONS
+        return (backend == "inductor" and set(compile_kwargs) - {"backend"} <= _PRECOMPILE_OPTIONS
+                and precompile_supported())
 
     def install(self, block: torch.nn.Module) -> None:
         """Route `block`'s calls through the store; `block.compile(...)` must have run (the fallback)."""
@@ -466,10 +487,10 @@ class PrecompiledBlocks:
                                          **({"dynamic": True} if dynamic else {}))
                 fn = compiled.aot_compile((args, kwargs))
             payload = AOTCompiledFunction.serialize(fn).serialized_data
+            fn.disable_guard_check()  # function_for checks the guards once per call itself
         except Exception as err:  # noqa: BLE001 (experimental in torch): _PrecompiledCall decides, see there
             self.failure = f"{type(err).__name__}: {err}"
             return None
-        fn.disable_guard_check()
         try:
             folder = self.folder / key
             folder.mkdir(parents=True, exist_ok=True)

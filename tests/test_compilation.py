@@ -14,6 +14,11 @@ import torch
 
 from mgtq import compilation
 
+# The precompiled store needs torch's ahead-of-time compile API as of 2.11; older torch compiles the plain way.
+needs_precompile = pytest.mark.skipif(not compilation.precompile_supported(),
+                                      reason="this torch lacks the ahead-of-time compile API of the precompiled "
+                                             "store (torch 2.11+): blocks compile with plain torch.compile")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -187,6 +192,7 @@ def _run_in_fresh_process(script: str, cache: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
+@needs_precompile
 def test_a_second_process_loads_the_precompiled_blocks_without_tracing(tmp_path):
     import torch
 
@@ -227,6 +233,7 @@ print(json.dumps({"counts": counts, "graphs": counters["stats"]["unique_graphs"]
 
 
 @pytest.mark.slow
+@needs_precompile
 def test_context_reuse_steps_are_precompiled_once_for_every_token_count(tmp_path):
     # --sampler fast --compile: full steps and local steps of any token count load in a second process.
     import torch
@@ -271,6 +278,7 @@ print(json.dumps({"counts": counts, "graphs": counters["stats"]["unique_graphs"]
 
 
 @pytest.mark.slow
+@needs_precompile
 def test_tomemgt_merges_are_precompiled_once_for_every_merged_count(tmp_path):
     # --tome --compile: every step's merged count is served by one function per block kind, loaded next time.
     import torch
@@ -320,6 +328,7 @@ def _micro(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@needs_precompile
 def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_compiled_again(monkeypatch, tmp_path):
     import torch
 
@@ -360,6 +369,7 @@ def test_precompiled_blocks_equal_plain_torch_compile_and_a_damaged_file_is_comp
 
 
 @pytest.mark.slow
+@needs_precompile
 def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_blocks(monkeypatch, tmp_path):
     # The user's path: pipe.compile(), then the sampler calls the transformer in inference mode, CFG batch 2;
     # with the fast preset, context reuse's full and local steps (token hooks) are served too.
@@ -383,6 +393,7 @@ def test_a_compiled_pipeline_s_sampler_calls_are_served_by_the_precompiled_block
         assert (compiled == expected).float().mean() > 0.9  # Inductor's last bits may flip a near-tie draw
 
 
+@needs_precompile
 def test_calls_the_precompiled_path_does_not_serve_go_to_plain_torch_compile(monkeypatch, tmp_path):
     import torch
 
@@ -446,6 +457,7 @@ def test_a_compiled_transformer_runs_under_offload_and_casting_hooks_added_after
         torch.testing.assert_close(model(**inputs), eager, atol=0.1, rtol=0.1)  # bf16-stored weights
 
 
+@needs_precompile
 def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_own_error(monkeypatch, tmp_path):
     import torch
 
@@ -473,6 +485,42 @@ def test_an_ahead_of_time_compile_failure_falls_back_and_bad_inputs_raise_their_
     torch.testing.assert_close(out, quantized_eager(inputs), rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture
+def fresh_precompile_check():
+    """`precompile_supported` decided again (it is cached for the process), before and after the test."""
+    compilation.precompile_supported.cache_clear()
+    yield compilation.precompile_supported
+    compilation.precompile_supported.cache_clear()
+
+
+def test_precompile_support_is_read_from_torch_s_api(monkeypatch, fresh_precompile_check):
+    try:
+        import torch._dynamo.aot_compile as aot_compile
+    except ImportError:  # torch < 2.9
+        aot_compile = None
+    assert fresh_precompile_check() == hasattr(aot_compile, "AOTCompileSaveResult")
+    if aot_compile is not None:
+        fresh_precompile_check.cache_clear()
+        # torch 2.9 and 2.10: the module is there, but serialize returns bare bytes (no AOTCompileSaveResult)
+        monkeypatch.delattr(aot_compile, "AOTCompileSaveResult", raising=False)
+        assert not fresh_precompile_check()
+    fresh_precompile_check.cache_clear()
+    monkeypatch.setitem(sys.modules, "torch._dynamo.aot_compile", None)  # torch < 2.9: no such module
+    monkeypatch.delattr(torch._dynamo, "aot_compile", raising=False)
+    assert not fresh_precompile_check()
+
+
+def test_without_torch_s_ahead_of_time_compile_blocks_compile_the_plain_way_and_quietly(monkeypatch, tmp_path):
+    # torch 2.7 to 2.10: no store at all (no import error at the first forward, no warning per call); the
+    # persistent Inductor cache still serves
+    model, inputs = _micro(monkeypatch, tmp_path)
+    monkeypatch.setattr(compilation, "precompile_supported", lambda: False)
+    model.compile_blocks()
+    assert model.precompiled is None
+    assert all(isinstance(b._compiled_call_impl, compilation.HookAwareCompile) for b in model.transformer_blocks)
+    assert os.environ[compilation.INDUCTOR_CACHE_ENV] == str(compilation.compile_cache_dir())
+
+
 def quantized_eager(inputs):
     import torch
 
@@ -491,13 +539,17 @@ def test_precompiled_folder_changes_with_what_the_saved_guards_leave_out(monkeyp
     assert PrecompiledBlocks(tmp_path, {"mode": "max-autotune"}).folder != base
     monkeypatch.setenv("MGTQ_CPU_CLASS", "avx2")  # another kernel choice, read through a global
     assert PrecompiledBlocks(tmp_path, {}).folder != base
+    monkeypatch.setattr(compilation, "precompile_supported", lambda: True)  # the kwargs' part, whatever this torch
     assert PrecompiledBlocks.supports({}) and PrecompiledBlocks.supports({"mode": "max-autotune"})
     assert not PrecompiledBlocks.supports({"backend": "eager"}) and not PrecompiledBlocks.supports({"dynamic": True})
+    monkeypatch.setattr(compilation, "precompile_supported", lambda: False)
+    assert not PrecompiledBlocks.supports({})
     assert len(compilation.source_digest()) == 12
 
 
 @pytest.mark.cuda
 @pytest.mark.slow
+@needs_precompile
 def test_precompiled_blocks_on_cuda(monkeypatch, tmp_path):
     # Triton kernels in the saved functions: a second model in this process loads them from disk and gives
     # the first one's output (benchmarks/gpu_check.py runs the tests marked cuda).
@@ -627,7 +679,7 @@ def _no_toolchain(calls):
 
     def backend(gm, example_inputs):
         calls.append(gm)
-        raise InvalidCxxCompiler("simulated")
+        raise InvalidCxxCompiler()  # (a message argument is accepted from torch 2.13 only)
 
     return backend
 

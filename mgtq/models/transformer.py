@@ -602,7 +602,8 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         persistent_cache: keep the compiled code in mgtq's user cache folder (mgtq.compilation), so a
         later process compiling the same blocks at the same shapes loads it instead of building it; with
         Inductor's default options, whole blocks are saved ahead of time (`PrecompiledBlocks`: Dynamo's
-        bytecode and guards too), so a later process does not trace them either.
+        bytecode and guards too), so a later process does not trace them either; a torch without the
+        ahead-of-time compile API that needs (before 2.11, `precompile_supported`) skips that part.
 
         Blocks of one kind share their compiled code (Dynamo guards on tensor properties, not on
         which block), so compiling costs about two blocks instead of the whole model; what stays

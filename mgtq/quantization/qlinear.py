@@ -35,6 +35,7 @@ from .qtensor import (
     MappingLike,
     dequantize_int4_weight,
     onednn_int8_linear_available,
+    onednn_int8_linear_problem,
     onednn_prepack_int8_weight,
     quantize_int4_weight,
     resolve_group_size,
@@ -347,8 +348,10 @@ class W4A8Linear(QuantizedLinear):
             backend = ("onednn" if on_cpu and onednn_int8_linear_available(self.weight_packed.device)
                        and kernels.weight_cache_backend(kernels.cpu_class()) == "onednn" else "int8")
         if backend == "onednn":
-            if not onednn_int8_linear_available(self.weight_packed.device):
-                raise RuntimeError("oneDNN int8 linear is not available for this device / build")
+            problem = onednn_int8_linear_problem(self.weight_packed.device)
+            if problem is not None:
+                raise RuntimeError(f"the oneDNN weight cache cannot be used: {problem}; backend='auto' falls back "
+                                   "to the int8 cache")
             self._onednn_weight = onednn_prepack_int8_weight(self.weight_packed)
         elif backend == "int8":
             self._weight_times16 = unpack_int4_times16(self.weight_packed)

@@ -26,6 +26,7 @@ where is decided in :mod:`mgtq.quantization.kernels`):
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import Union
 
@@ -48,6 +49,7 @@ __all__ = [
     "int8_mm",
     "int8_int4_linear",
     "onednn_int8_linear_available",
+    "onednn_int8_linear_problem",
     "onednn_prepack_int8_weight",
     "onednn_int8_linear",
 ]
@@ -344,13 +346,41 @@ def int8_int4_linear(
 
 
 def onednn_int8_linear_available(device: torch.device | str = "cpu") -> bool:
-    """Whether :func:`onednn_prepack_int8_weight` can be used (CPU with oneDNN int8 linear ops)."""
-    return (
-        torch.device(device).type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.onednn, "qlinear_prepack")
-        and hasattr(torch.ops.onednn, "qlinear_pointwise")
-    )
+    """Whether :func:`onednn_prepack_int8_weight` and mgtq's op over it can be used (see
+    :func:`onednn_int8_linear_problem`)."""
+    return onednn_int8_linear_problem(device) is None
+
+
+def onednn_int8_linear_problem(device: torch.device | str = "cpu") -> str | None:
+    """Why the opt-in oneDNN int8 weight cache cannot run on ``device`` here, or None where it can."""
+    if torch.device(device).type != "cpu":
+        return "oneDNN's int8 linear runs on the CPU only"
+    has_ops = all(hasattr(torch.ops.onednn, name) for name in ("qlinear_prepack", "qlinear_pointwise"))
+    if not (torch.backends.mkldnn.is_available() and has_ops):
+        return "this torch build has no oneDNN int8 linear (an x86 CPU build of torch has it)"
+    if not _onednn_weight_cache_runs():
+        return (f"torch {torch.__version__} cannot run it: it needs torch 2.11 or newer (oneDNN's linear takes int8 "
+                "activations from 2.7, a custom op takes its prepacked weight from 2.11)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_weight_cache_runs() -> bool:
+    """Whether one tiny int8 linear runs through mgtq's op on a prepacked weight, as the cache's kernels call it.
+
+    The ops exist in older torch, which fails only when called: before 2.7 oneDNN's linear takes uint8 activations
+    only, before 2.11 a custom op cannot take its opaque prepacked weight ("Cannot access storage of
+    OpaqueTensorImpl"). Tried once, on what the cache needs, rather than read from the version.
+    """
+    from .kernels import onednn_int8_linear_op  # (kernels imports this module)
+
+    try:
+        weight = onednn_prepack_int8_weight(torch.zeros(8, 16, dtype=torch.uint8))  # int4 (N=8, K=32), packed
+        onednn_int8_linear_op(torch.ones(1, 32, dtype=torch.int8), torch.tensor(1.0), weight, torch.ones(8), None,
+                              torch.float32, "")
+    except Exception:  # noqa: BLE001 (whatever this torch raises, the cache cannot run here)
+        return False
+    return True
 
 
 def onednn_prepack_int8_weight(packed: torch.Tensor) -> torch.Tensor:

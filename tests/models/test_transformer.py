@@ -376,7 +376,7 @@ def test_compile_blocks_with_the_onednn_weight_cache():
     from mgtq.quantization.qtensor import onednn_int8_linear_available
 
     if not onednn_int8_linear_available():
-        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+        pytest.skip("needs the oneDNN weight cache (an x86 CPU build of torch 2.11 or newer)")
     model = quantized_micro_transformer()
     layers = [m for m in model.modules() if isinstance(m, W4A8Linear)]
     assert layers
@@ -390,7 +390,8 @@ def test_compile_blocks_with_the_onednn_weight_cache():
     assert all(layer.weight_cache == "onednn" for layer in layers)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     # oneDNN's prepacked weights cannot be traced ahead of time: plain torch.compile, nothing saved, no warning
-    assert model.precompiled.counts["compiled"] == 0 and model.precompiled.counts["fallback_calls"] > 0
+    store = model.precompiled  # (None where torch lacks the store's ahead-of-time compile)
+    assert store is None or (store.counts["compiled"] == 0 and store.counts["fallback_calls"] > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

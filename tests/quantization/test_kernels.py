@@ -6,6 +6,8 @@ ops (the int8 quantizer's included: which tensors may take mgtq's CPU kernel is 
 `cuda` run them on a GPU.
 """
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,11 +15,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgtq.quantization import W4A8Linear, W4Linear, quantize_int4_weight, quantize_int8_per_tensor
-from mgtq.quantization import kernels
+from mgtq.quantization import kernels, qtensor
 from mgtq.quantization.kernels import KernelContext, choose_kernel, int_mm_supported
 from mgtq.quantization.qtensor import dequantize_int4_weight, onednn_int8_linear_available
 
 K, N = 128, 48
+NO_ONEDNN = "needs the oneDNN weight cache (an x86 CPU build of torch 2.11 or newer)"
 
 
 def ctx(device="cpu", m=2202, k=1024, n=1024, dtype=torch.bfloat16, group=None, **kw):
@@ -415,7 +418,39 @@ def test_inductor_compiled_quantized_layers_equal_eager(layers, dtype):
             torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+def test_where_this_torch_cannot_run_the_onednn_cache_auto_picks_int8_and_onednn_says_why(monkeypatch, layers):
+    # torch < 2.11 has oneDNN's ops but fails at the first cached forward: never offered there
+    monkeypatch.setenv(kernels.CPU_CLASS_ENV, kernels.ONEDNN_INT8_CLASSES[0])
+    monkeypatch.setattr(qtensor, "_onednn_weight_cache_runs", lambda: False)
+    _, _, a8 = layers
+    assert not onednn_int8_linear_available()
+    a8.enable_weight_cache("auto")
+    assert a8.weight_cache == "int8"
+    with pytest.raises(RuntimeError, match=r"oneDNN weight cache cannot be used: .*needs torch 2\.11 or newer"):
+        a8.enable_weight_cache("onednn")
+
+
+@pytest.fixture
+def fresh_onednn_check():
+    """`_onednn_weight_cache_runs` tried again (it is cached for the process), before and after the test."""
+    qtensor._onednn_weight_cache_runs.cache_clear()
+    yield qtensor._onednn_weight_cache_runs
+    qtensor._onednn_weight_cache_runs.cache_clear()
+
+
+def test_the_onednn_cache_check_runs_mgtq_s_op_on_a_prepacked_weight(monkeypatch, fresh_onednn_check):
+    def opaque_refused(*args):  # torch 2.9 / 2.10 on a custom op's opaque argument
+        raise NotImplementedError("Cannot access storage of OpaqueTensorImpl")
+
+    monkeypatch.setattr(kernels, "onednn_int8_linear_op", opaque_refused)
+    assert not fresh_onednn_check()
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        monkeypatch.undo()
+        fresh_onednn_check.cache_clear()
+        assert fresh_onednn_check() == (torch.__version__ >= (2, 11))  # the version only as the test's expectation
+
+
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [False, True])
 def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, layers, dtype, native):
@@ -452,7 +487,7 @@ def test_compiled_onednn_cache_reaches_onednn_and_equals_eager(monkeypatch, laye
         torch.testing.assert_close(a8(x[0]), _w4a8_reference(linear, x[0]).to(dtype), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 def test_compiled_onednn_layers_share_one_graph():
     # Regional compilation compiles a block once for all blocks: the per-layer prepacked weights must be
     # graph inputs, not constants that Dynamo guards on (which would recompile for every layer).
@@ -480,7 +515,7 @@ def test_fused_activation_equals_the_activation_of_the_output(layers, dtype, cac
     # composition; every other kernel applies it to the output and is exactly the composition.
     _, w4, a8 = layers
     if cache == "onednn" and not onednn_int8_linear_available():
-        pytest.skip("needs oneDNN's int8 linear (x86 CPU build)")
+        pytest.skip(NO_ONEDNN)
     if cache is not None:
         a8.enable_weight_cache(cache)
     x = (torch.randn(2, 40, K) * 3).to(dtype)
@@ -498,7 +533,7 @@ def test_fused_activation_equals_the_activation_of_the_output(layers, dtype, cac
         a8(x, activation="relu")
 
 
-@pytest.mark.skipif(not onednn_int8_linear_available(), reason="needs oneDNN's int8 linear (x86 CPU build)")
+@pytest.mark.skipif(not onednn_int8_linear_available(), reason=NO_ONEDNN)
 def test_compiled_onednn_cache_fuses_the_activation_and_equals_eager(layers):
     _, _, a8 = layers
     a8.enable_weight_cache("onednn")
@@ -538,7 +573,7 @@ def test_without_a_toolchain_every_fused_cuda_kernel_runs_its_reference_after_on
 
     def no_toolchain(gm, example_inputs):
         attempts.append(gm)
-        raise InvalidCxxCompiler("simulated")
+        raise InvalidCxxCompiler()  # (a message argument is accepted from torch 2.13 only)
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": no_toolchain}))
     monkeypatch.setattr(kernels, "_COMPILED", {})
