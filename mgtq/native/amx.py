@@ -46,8 +46,8 @@ Built at first use on x86-64 Linux CPUs with AVX512-VNNI, with the C++ compiler 
 CPU (Inductor's ``CppCodeCache``, cached by source hash in mgtq's compile cache folder, which a reboot
 keeps). Where the build fails (no compiler, another CPU) :func:`vnni_available` and :func:`available` are
 False; where the CPU has no AMX-int8 or the kernel may not use AMX tiles (``arch_prctl`` permission),
-:func:`available` is False. Then
-:func:`mgtq.quantization.kernels.choose_kernel` and :func:`mgtq.fused.attention` keep torch's kernels.
+:func:`available` is False. Then :func:`mgtq.quantization.kernels.choose_kernel` and
+:func:`mgtq.fused.attention` keep torch's kernels.
 """
 
 from __future__ import annotations
